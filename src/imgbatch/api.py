@@ -1,0 +1,282 @@
+"""The library's front door: plan and apply a manifest from Python.
+
+Takes a manifest path and options; gives a `Plan` (what would happen) or an `ApplyReport` (what
+happened, with the path of results.json). The CLI is a thin shell over these two functions, and a
+pipeline can call them directly:
+
+    >>> from imgbatch import apply, ApplyOptions
+    >>> report = apply("shots.yaml", ApplyOptions(provider="placeholder"))
+    >>> [entry.file for entry in report.entries if entry.status != "failed"]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import filelock
+
+from imgbatch.errors import ConfigError, LockedError, StoreError
+from imgbatch.executor import Executor, Listener, RunOutcome
+from imgbatch.expand import Expansion, expand
+from imgbatch.manifest import Manifest, load_manifest
+from imgbatch.pacing import Clock, Pacer, RetryPolicy
+from imgbatch.plan import Plan
+from imgbatch.plan import make_plan as plan_shots
+from imgbatch.providers import Provider, create_provider
+from imgbatch.providers.dashscope import resolve_api_key
+from imgbatch.request import KEY_FORMAT_VERSION
+from imgbatch.results import Journal, ResultEntry, load_state, write_results
+from imgbatch.store import STATE_DIR, ImageCache
+
+DEFAULT_PROVIDER = "dashscope"
+
+
+@dataclass(frozen=True)
+class ApplyOptions:
+    """How to run; None means: from the manifest, else imgbatch's default."""
+
+    provider: str | None = None
+    rps: float | None = None
+    concurrency: int | None = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    environ: Mapping[str, str] | None = None
+    home: Path | None = None
+    # After Ctrl-C, how long requests in flight may take before they are abandoned.
+    grace_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class ApplyReport:
+    plan: Plan
+    results_path: Path
+    entries: tuple[ResultEntry, ...]
+    stopped: str | None
+    interrupted: bool
+    requests: int
+    throttled: int
+    retries: int
+    rate: float | None
+    rate_discovered: bool
+    elapsed: float
+
+    def count(self, status: str) -> int:
+        return sum(1 for entry in self.entries if entry.status == status)
+
+    @property
+    def ok(self) -> bool:
+        return self.stopped is None and self.count("failed") == 0
+
+
+def provider_name(
+    manifest: Manifest,
+    override: str | None,
+    environ: Mapping[str, str] | None = None,
+    home: Path | None = None,
+) -> str:
+    """The provider to use; `auto` is dashscope when a key is configured, else placeholder."""
+    name = override or manifest.provider or DEFAULT_PROVIDER
+    if name != "auto":
+        return name
+    try:
+        resolve_api_key(os.environ if environ is None else environ, home)
+    except ConfigError:
+        return "placeholder"
+    return "dashscope"
+
+
+def load_and_expand(
+    path: str | Path,
+    provider: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    home: Path | None = None,
+) -> tuple[Manifest, Expansion]:
+    manifest = load_manifest(path)
+    name = provider_name(manifest, provider, environ, home)
+    return manifest, expand(manifest, provider=name, environ=environ)
+
+
+def make_plan(
+    path: str | Path,
+    *,
+    provider: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    home: Path | None = None,
+) -> Plan:
+    """What `apply` would do for each shot, reading the output folder but changing nothing."""
+    _, expansion = load_and_expand(path, provider, environ, home)
+    return _plan(expansion, load_state(expansion.output_dir))
+
+
+def _plan(expansion: Expansion, state: Mapping[str, ResultEntry]) -> Plan:
+    output_dir = expansion.output_dir
+    return plan_shots(
+        output_dir, expansion.shots, state, ImageCache(output_dir), provider=expansion.provider
+    )
+
+
+def apply(
+    path: str | Path,
+    options: ApplyOptions | None = None,
+    *,
+    provider: Provider | None = None,
+    listener: Listener | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
+) -> ApplyReport:
+    """Generate what changed and write results.json; see `apply_async`."""
+    return asyncio.run(
+        apply_async(path, options, provider=provider, listener=listener, on_plan=on_plan)
+    )
+
+
+async def apply_async(
+    path: str | Path,
+    options: ApplyOptions | None = None,
+    *,
+    provider: Provider | None = None,
+    listener: Listener | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
+    clock: Clock | None = None,
+) -> ApplyReport:
+    """Plan, then make every shot that needs it, under one lock on the output folder.
+
+    `on_plan` sees the plan before anything is sent; `listener` sees every finished shot and
+    every retry as it happens.
+    """
+    options = options or ApplyOptions()
+    environ = os.environ if options.environ is None else options.environ
+    manifest, expansion = load_and_expand(path, options.provider, environ, options.home)
+    # Credentials are checked before anything is written.
+    provider = provider or create_provider(expansion.provider, environ, options.home)
+    output_dir = expansion.output_dir
+    started = time.monotonic()
+    with _exclusive(output_dir):
+        state = load_state(output_dir)
+        cache = ImageCache(output_dir)
+        plan = _plan(expansion, state)
+        if on_plan:
+            on_plan(plan)
+        pacer = Pacer(
+            options.rps or manifest.limits.rps, clock=clock, unlimited=not provider.metered
+        )
+        journal = Journal(output_dir)
+        try:
+            async with provider:
+                executor = Executor(
+                    provider,
+                    cache,
+                    journal.record,
+                    pacer=pacer,
+                    concurrency=options.concurrency or manifest.limits.concurrency,
+                    retry=options.retry,
+                    clock=clock,
+                    listener=listener,
+                )
+                outcome, interrupted = await _run_interruptible(executor, plan, options)
+        finally:
+            journal.close()
+        entries = tuple(_final_entry(item.id, outcome, state) for item in plan.shots)
+        orphans = [item.previous for item in plan.orphans if item.previous is not None]
+        meta = {
+            "manifest": str(Path(path).resolve()),
+            "provider": provider.name,
+            "key_format": KEY_FORMAT_VERSION,
+            "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        results = write_results(output_dir, entries, orphans, meta)
+    return ApplyReport(
+        plan=plan,
+        results_path=results,
+        entries=entries,
+        stopped=outcome.stopped,
+        interrupted=interrupted,
+        requests=outcome.requests,
+        throttled=outcome.throttled,
+        retries=outcome.retries,
+        rate=outcome.rate,
+        rate_discovered=outcome.rate_discovered,
+        elapsed=time.monotonic() - started,
+    )
+
+
+def _final_entry(
+    shot_id: str, outcome: RunOutcome, state: Mapping[str, ResultEntry]
+) -> ResultEntry:
+    entry = outcome.entries.get(shot_id)
+    if entry is not None:
+        return entry
+    previous = state[shot_id] if shot_id in state else None
+    # Abandoned in flight after a second Ctrl-C: nothing new is known about it.
+    if previous is not None:
+        return previous
+    raise StoreError(f"internal error: shot {shot_id} has no result")
+
+
+async def _run_interruptible(
+    executor: Executor, plan: Plan, options: ApplyOptions
+) -> tuple[RunOutcome, bool]:
+    """Run the plan; a first Ctrl-C stops sending, a second (or the grace time) abandons."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(executor.run(plan))
+    interrupts = 0
+
+    def on_interrupt() -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts == 1:
+            executor.stop("interrupted (Ctrl-C)")
+            loop.call_later(options.grace_seconds, task.cancel)
+        else:
+            task.cancel()
+
+    with _signal_handler(loop, on_interrupt):
+        try:
+            await task
+        except asyncio.CancelledError:
+            if interrupts == 0:
+                raise
+    return executor.outcome, interrupts > 0
+
+
+@contextlib.contextmanager
+def _signal_handler(loop: asyncio.AbstractEventLoop, handler: object) -> Iterator[None]:
+    installed = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(signum, handler)  # type: ignore[arg-type]
+            installed.append(signum)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass  # not the main thread, or a platform without loop signal handlers
+    try:
+        yield
+    finally:
+        for signum in installed:
+            loop.remove_signal_handler(signum)
+
+
+@contextlib.contextmanager
+def _exclusive(output_dir: Path) -> Iterator[None]:
+    """One apply per output folder at a time; the second is refused, never interleaved."""
+    try:
+        (output_dir / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot create the output folder {output_dir}: {exc}") from None
+    lock = filelock.FileLock(str(output_dir / STATE_DIR / "lock"), timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise LockedError(
+            f"another imgbatch apply is writing to {output_dir}; wait for it to finish "
+            "(the lock is released when that process exits, even if it crashed)"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()

@@ -1,0 +1,146 @@
+"""The `imgbatch` command: parse flags, call one library function, print, return an exit code.
+
+Exit codes: 0 all shots good; 1 some shots failed or the run stopped; 2 invalid manifest,
+options or credentials; 130 interrupted. Known errors print one clean message, never a
+traceback; an unexpected error prints one line and the path of a log with the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from imgbatch.api import ApplyOptions, apply, load_and_expand, make_plan
+from imgbatch.errors import ConfigError, ImgbatchError, ManifestError
+from imgbatch.plan import Action, Plan
+from imgbatch.providers import PROVIDER_CHOICES
+from imgbatch.report import Progress, apply_summary, plan_summary, plan_table
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+F = TypeVar("F", bound=Callable[..., int])
+
+
+def error_boundary(command: F) -> F:
+    """Turn every error into a message and an exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> int:
+        try:
+            code = command(*args, **kwargs)
+        except (ManifestError, ConfigError) as exc:
+            click.echo(f"error: {exc}", err=True)
+            code = EXIT_USAGE
+        except ImgbatchError as exc:
+            click.echo(f"error: {exc}", err=True)
+            code = EXIT_FAILED
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            code = EXIT_INTERRUPTED
+        except Exception as exc:  # noqa: BLE001 - the boundary: nothing escapes as a traceback
+            log = _write_crash_log()
+            click.echo(f"error: unexpected {type(exc).__name__}; details in {log}", err=True)
+            code = EXIT_FAILED
+        sys.exit(code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _write_crash_log() -> str:
+    text = traceback.format_exc()
+    key = os.environ.get("DASHSCOPE_API_KEY", "").strip()
+    if key:
+        text = text.replace(key, "***")
+    handle, path = tempfile.mkstemp(prefix="imgbatch-crash-", suffix=".log")
+    with os.fdopen(handle, "w", encoding="utf-8") as log:
+        log.write(text)
+    return path
+
+
+manifest_argument = click.argument(
+    "manifest", type=click.Path(dir_okay=False, path_type=Path)
+)
+provider_option = click.option(
+    "--provider",
+    type=click.Choice(PROVIDER_CHOICES),
+    default=None,
+    help="Image provider; auto = dashscope when an API key is configured, else the offline "
+    "placeholder (default: the manifest's provider:, else dashscope).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="imgbatch")
+def main() -> None:
+    """Declarative batch image generation with Qwen Image models on DashScope."""
+
+
+@main.command()
+@manifest_argument
+@error_boundary
+def validate(manifest: Path) -> int:
+    """Check a shot list against the schema and the model rules."""
+    _, expansion = load_and_expand(manifest)
+    count = len(expansion.shots)
+    click.echo(f"{manifest}: valid, {count} shot{'s' if count != 1 else ''}")
+    return EXIT_OK
+
+
+@main.command()
+@manifest_argument
+@provider_option
+@error_boundary
+def plan(manifest: Path, provider: str | None) -> int:
+    """Show what apply would do for each shot, and why."""
+    result = make_plan(manifest, provider=provider)
+    click.echo(plan_table(result))
+    click.echo(plan_summary(result))
+    return EXIT_OK
+
+
+@main.command("apply")
+@manifest_argument
+@provider_option
+@click.option("--rps", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Requests started per second at most (default: the manifest's limits.rps, "
+                   "else found by probing the quota).")
+@click.option("--concurrency", type=click.IntRange(min=1), default=None,
+              help="Requests in flight at most (default: the manifest's limits.concurrency, "
+                   "else 64).")
+@error_boundary
+def apply_command(
+    manifest: Path, provider: str | None, rps: float | None, concurrency: int | None
+) -> int:
+    """Generate the shots whose request changed; write images and results.json."""
+    progress = Progress(0)
+
+    def announce(planned: Plan) -> None:
+        if planned.provider == "placeholder":
+            click.echo(
+                "Using the offline placeholder provider: labelled stand-in images, no API calls, "
+                "no cost.",
+                err=True,
+            )
+        click.echo(plan_summary(planned), err=True)
+        progress.total = sum(1 for item in planned.shots if item.action is not Action.UNCHANGED)
+
+    try:
+        report = apply(
+            manifest,
+            ApplyOptions(provider=provider, rps=rps, concurrency=concurrency),
+            listener=progress,
+            on_plan=announce,
+        )
+    finally:
+        progress.close()
+    click.echo(apply_summary(report))
+    if report.interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_OK if report.ok else EXIT_FAILED

@@ -1,0 +1,105 @@
+"""One exception tree for everything imgbatch reports to a user.
+
+    ImgbatchError                 every error imgbatch raises on purpose; str() is the message
+    ├── ManifestError             a shot list that cannot be run: all problems found, each with
+    │                             file:line:col, shot id and field (exit code 2)
+    ├── ConfigError               bad options or environment: missing key, unknown provider (exit 2)
+    ├── LockedError               another apply holds the output folder (exit 1)
+    ├── StoreError                the output folder or cache cannot be read or written (exit 1)
+    └── ProviderError             the image service refused or failed a request
+        ├── TransientError        429, 408, 5xx, dropped connections: retried with backoff
+        ├── PermanentError        400 (bad parameter, moderation): that shot fails, others go on
+        └── AuthError             401/403: every request would fail, so the run stops
+
+Retry decisions follow the class, never the message text. No message ever contains the API key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class ImgbatchError(Exception):
+    """Base of every error imgbatch raises on purpose; its str() is meant for the user."""
+
+
+@dataclass(frozen=True)
+class ManifestProblem:
+    """One problem in a manifest, located as precisely as the YAML allows."""
+
+    file: str
+    line: int
+    column: int
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.column}: {self.where}: {self.message}"
+
+
+class ManifestError(ImgbatchError):
+    """A manifest that cannot be run; holds every problem found, not only the first."""
+
+    def __init__(self, problems: Sequence[ManifestProblem]) -> None:
+        self.problems = tuple(problems)
+        count = len(self.problems)
+        head = f"{count} problem{'s' if count != 1 else ''} in the manifest:"
+        super().__init__("\n".join([head, *(f"  {p}" for p in self.problems)]))
+
+
+class ConfigError(ImgbatchError):
+    """Options, environment or credentials that keep imgbatch from starting."""
+
+
+class LockedError(ImgbatchError):
+    """Another imgbatch process is applying to the same output folder."""
+
+
+class StoreError(ImgbatchError):
+    """The output folder, the cache or the results file could not be read or written."""
+
+
+class ProviderError(ImgbatchError):
+    """The image service answered with an error, or could not be reached."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        self.status = status
+        self.code = code
+        self.request_id = request_id
+        self.detail = message
+        prefix = " ".join(str(part) for part in (status, code) if part)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+
+
+class TransientError(ProviderError):
+    """Worth retrying: throttling, timeouts, server errors, dropped connections."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        request_id: str | None = None,
+        retry_after: float | None = None,
+        throttled: bool = False,
+    ) -> None:
+        super().__init__(message, status=status, code=code, request_id=request_id)
+        self.retry_after = retry_after
+        self.throttled = throttled
+
+
+class PermanentError(ProviderError):
+    """The request itself is refused; sending it again gives the same answer."""
+
+
+class AuthError(ProviderError):
+    """The key is refused; every other request would be refused too."""

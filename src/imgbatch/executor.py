@@ -1,0 +1,270 @@
+"""Carry out a plan: restore from the cache, generate what is missing, record each shot.
+
+Takes a `Plan`, a provider, the image cache and a journal; gives a `RunOutcome` with one
+`ResultEntry` per shot. Workers pull shots one at a time (memory does not grow with the manifest);
+paid requests wait for the `Pacer`, transient failures are retried with backoff, a 400 fails that
+shot only, a 401/403 stops the run: nothing new is sent, requests in flight finish. Every image is
+downloaded right after it is generated (its URL expires), verified to decode at the reported
+size, put in the cache and copied into place before its entry is journaled, so a crash loses only
+shots in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from imgbatch.errors import AuthError, PermanentError, ProviderError, TransientError
+from imgbatch.expand import Shot
+from imgbatch.pacing import Clock, Pacer, RetryPolicy
+from imgbatch.plan import Action, Plan, PlannedShot
+from imgbatch.providers import Provider
+from imgbatch.request import GeneratedImage
+from imgbatch.results import ResultEntry
+from imgbatch.store import ImageCache, verify_image
+
+DEFAULT_CONCURRENCY = 64
+
+
+@dataclass(frozen=True)
+class Retrying:
+    shot_id: str
+    attempt: int
+    delay: float
+    error: ProviderError
+
+
+@dataclass
+class RunOutcome:
+    entries: dict[str, ResultEntry] = field(default_factory=dict)
+    stopped: str | None = None
+    requests: int = 0
+    throttled: int = 0
+    retries: int = 0
+    rate: float | None = None
+    rate_discovered: bool = False
+
+
+Listener = Callable[[ResultEntry | Retrying], None]
+
+
+class Executor:
+    def __init__(
+        self,
+        provider: Provider,
+        cache: ImageCache,
+        record: Callable[[ResultEntry], None],
+        *,
+        pacer: Pacer,
+        concurrency: int | None = None,
+        retry: RetryPolicy | None = None,
+        clock: Clock | None = None,
+        listener: Listener | None = None,
+    ) -> None:
+        self.provider = provider
+        self.cache = cache
+        self.record = record
+        self.pacer = pacer
+        self.concurrency = concurrency or DEFAULT_CONCURRENCY
+        self.retry = retry or RetryPolicy()
+        self.clock = clock or pacer.clock
+        self.listener = listener
+        self.stop_requested = asyncio.Event()
+        self.outcome = RunOutcome()
+
+    def stop(self, reason: str) -> None:
+        """Send nothing new; shots already in flight finish."""
+        if self.outcome.stopped is None:
+            self.outcome.stopped = reason
+        self.stop_requested.set()
+
+    async def run(self, plan: Plan) -> RunOutcome:
+        pending = iter(item for item in plan.shots if item.action is not Action.UNCHANGED)
+        for item in plan.shots:
+            if item.action is Action.UNCHANGED and item.previous is not None:
+                self.outcome.entries[item.id] = replace(item.previous, status="cached")
+        workers = [
+            asyncio.create_task(self._worker(plan.output_dir, pending))
+            for _ in range(self.concurrency)
+        ]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for worker in workers:
+                worker.cancel()
+        self.outcome.throttled = self.pacer.throttled_count
+        self.outcome.rate = self.pacer.rate
+        self.outcome.rate_discovered = self.pacer.discovered
+        return self.outcome
+
+    async def _worker(self, output_dir: Path, pending: Iterator[PlannedShot]) -> None:
+        for item in pending:
+            assert item.shot is not None
+            if self.stop_requested.is_set():
+                reason = self.outcome.stopped or "stopped"
+                self._finish(_failed(item.shot, f"not run: {reason}", None, 0), journal=False)
+                continue
+            if item.action is Action.RESTORE:
+                await self._restore(output_dir, item.shot, item.previous)
+            else:
+                await self._generate(output_dir, item.shot)
+
+    def _finish(self, entry: ResultEntry, *, journal: bool = True) -> None:
+        self.outcome.entries[entry.id] = entry
+        if journal:
+            self.record(entry)
+        if self.listener:
+            self.listener(entry)
+
+    async def _restore(self, output_dir: Path, shot: Shot, previous: ResultEntry | None) -> None:
+        key = shot.request.key
+        target = output_dir / shot.file
+        await asyncio.to_thread(self.cache.copy_to, key, target)
+        if previous is not None and previous.key == key and previous.status != "failed":
+            # Same request as before: keep its provenance (URL, request id) from the results.
+            self._finish(replace(previous, status="cached", file=shot.file))
+            return
+        digest = await asyncio.to_thread(_sha256_file, target)
+        width, height = shot.request.dimensions
+        entry = _entry(
+            shot, "cached", None, width, height, digest, target.stat().st_size, attempts=0
+        )
+        self._finish(entry)
+
+    async def _generate(self, output_dir: Path, shot: Shot) -> None:
+        attempt = 0
+        while True:
+            if self.stop_requested.is_set():
+                reason = self.outcome.stopped or "stopped"
+                self._finish(_failed(shot, f"not run: {reason}", None, attempt), journal=False)
+                return
+            attempt += 1
+            await self.pacer.wait_turn()
+            if self.stop_requested.is_set():
+                continue
+            self.outcome.requests += 1
+            try:
+                image = await self.provider.generate(shot.request, label=shot.id)
+            except AuthError as exc:
+                self.stop(f"the service refused the credentials: {exc}")
+                self._finish(_failed(shot, str(exc), exc, attempt))
+                return
+            except PermanentError as exc:
+                self._finish(_failed(shot, str(exc), exc, attempt))
+                return
+            except TransientError as exc:
+                if exc.throttled:
+                    self.pacer.on_throttled(exc.retry_after)
+                if attempt >= self.retry.max_attempts:
+                    message = f"gave up after {attempt} tries: {exc}"
+                    self._finish(_failed(shot, message, exc, attempt))
+                    return
+                delay = self.retry.backoff(attempt, exc.retry_after)
+                self.outcome.retries += 1
+                if self.listener:
+                    self.listener(Retrying(shot.id, attempt, delay, exc))
+                await self.clock.sleep(delay)
+                continue
+            self.pacer.on_success()
+            await self._keep(output_dir, shot, image, attempt)
+            return
+
+    async def _keep(
+        self, output_dir: Path, shot: Shot, image: GeneratedImage, attempts: int
+    ) -> None:
+        """Download, verify, cache and place a paid-for image; never regenerate to get it."""
+        failure: ProviderError | ValueError | None = None
+        for download_attempt in range(1, self.retry.download_attempts + 1):
+            try:
+                data = await self.provider.fetch(image)
+                await asyncio.to_thread(verify_image, data, image.width, image.height)
+                break
+            except (TransientError, ValueError) as exc:
+                failure = exc
+                if download_attempt < self.retry.download_attempts:
+                    await self.clock.sleep(self.retry.backoff(download_attempt))
+        else:
+            message = (
+                f"generated (request {image.request_id or 'unknown'}) but the image could not be "
+                f"downloaded: {failure}"
+            )
+            error = failure if isinstance(failure, ProviderError) else None
+            self._finish(_failed(shot, message, error, attempts, image_url=image.image_url))
+            return
+        key = shot.request.key
+        await asyncio.to_thread(self.cache.put, key, data)
+        await asyncio.to_thread(self.cache.copy_to, key, output_dir / shot.file)
+        entry = _entry(
+            shot,
+            "generated",
+            image,
+            image.width,
+            image.height,
+            hashlib.sha256(data).hexdigest(),
+            len(data),
+            attempts=attempts,
+        )
+        self._finish(entry)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _entry(
+    shot: Shot,
+    status: str,
+    image: GeneratedImage | None,
+    width: int | None,
+    height: int | None,
+    sha256: str | None,
+    size_bytes: int | None,
+    *,
+    attempts: int,
+) -> ResultEntry:
+    request = shot.request
+    return ResultEntry(
+        id=shot.id,
+        status=status,  # type: ignore[arg-type]
+        file=shot.file if status != "failed" else None,
+        key=request.key,
+        width=width,
+        height=height,
+        seed=request.seed,
+        model=request.model,
+        size=request.size,
+        prompt=request.prompt,
+        image_url=image.image_url if image else None,
+        request_id=image.request_id if image else None,
+        negative_prompt=request.negative_prompt,
+        style=request.style,
+        sha256=sha256,
+        bytes=size_bytes,
+        attempts=attempts,
+        request=request.canonical(),
+    )
+
+
+def _failed(
+    shot: Shot,
+    message: str,
+    error: ProviderError | None,
+    attempts: int,
+    *,
+    image_url: str | None = None,
+) -> ResultEntry:
+    entry = _entry(shot, "failed", None, None, None, None, None, attempts=attempts)
+    return replace(
+        entry,
+        error=message,
+        error_code=error.code if error else None,
+        request_id=error.request_id if error else None,
+        image_url=image_url,
+    )

@@ -1,0 +1,120 @@
+"""Compare the shots with what was made before, and decide what each one needs.
+
+Takes the expanded shots, the state from results.json (plus journal) and the image cache; gives a
+`Plan`: one `PlannedShot` per shot in manifest order, and the orphans (shots in the results that
+the manifest no longer has). Reads each file's metadata once and never an image's bytes, so a
+no-op plan of thousands of shots stays fast.
+
+    create     never generated (or failed last time): one paid request
+    replace    its request changed since its image was made: one paid request, the old image
+               stays in the cache so reverting the edit costs nothing
+    unchanged  its image on disk matches: nothing to do
+    restore    an image for this exact request is in the cache: copied into place, no request
+    orphan     in the results but no longer in the manifest: left on disk, listed
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from imgbatch.expand import Shot
+from imgbatch.request import changed_fields
+from imgbatch.results import ResultEntry
+from imgbatch.store import ImageCache
+
+
+class Action(StrEnum):
+    CREATE = "create"
+    REPLACE = "replace"
+    UNCHANGED = "unchanged"
+    RESTORE = "restore"
+    ORPHAN = "orphan"
+
+
+PAID_ACTIONS = frozenset({Action.CREATE, Action.REPLACE})
+
+
+@dataclass(frozen=True)
+class PlannedShot:
+    id: str
+    action: Action
+    reason: str
+    shot: Shot | None
+    previous: ResultEntry | None
+
+
+@dataclass(frozen=True)
+class Plan:
+    output_dir: Path
+    shots: tuple[PlannedShot, ...]
+    orphans: tuple[PlannedShot, ...]
+    provider: str
+
+    def count(self, action: Action) -> int:
+        return sum(1 for item in (*self.shots, *self.orphans) if item.action is action)
+
+    @property
+    def paid_requests(self) -> int:
+        return sum(1 for item in self.shots if item.action in PAID_ACTIONS)
+
+    @property
+    def has_changes(self) -> bool:
+        return any(item.action is not Action.UNCHANGED for item in (*self.shots, *self.orphans))
+
+
+def make_plan(
+    output_dir: Path,
+    shots: tuple[Shot, ...],
+    state: Mapping[str, ResultEntry],
+    cache: ImageCache,
+    *,
+    provider: str,
+) -> Plan:
+    planned = tuple(_plan_shot(output_dir, shot, state.get(shot.id), cache) for shot in shots)
+    wanted = {shot.id for shot in shots}
+    orphans = tuple(
+        PlannedShot(entry.id, Action.ORPHAN, "no longer in the manifest; its file is kept",
+                    None, entry)
+        for shot_id, entry in state.items()
+        if shot_id not in wanted
+    )
+    return Plan(output_dir, planned, orphans, provider)
+
+
+def _plan_shot(
+    output_dir: Path, shot: Shot, previous: ResultEntry | None, cache: ImageCache
+) -> PlannedShot:
+    key = shot.request.key
+    made_before = previous is not None and previous.status != "failed"
+    if made_before and previous is not None and previous.key == key:
+        if _file_matches(output_dir / shot.file, previous):
+            return PlannedShot(shot.id, Action.UNCHANGED, "image matches", shot, previous)
+    if cache.has(key):
+        if previous is not None and previous.key == key:
+            reason = "file missing or modified; restored from the cache"
+        else:
+            reason = "this exact request was made before; restored from the cache"
+        return PlannedShot(shot.id, Action.RESTORE, reason, shot, previous)
+    if previous is not None and previous.key != key and previous.request:
+        changed = changed_fields(dict(previous.request), shot.request.canonical())
+        reason = f"changed: {', '.join(changed)}" if changed else "request format changed"
+        return PlannedShot(shot.id, Action.REPLACE, reason, shot, previous)
+    if previous is None:
+        reason = "new shot"
+    elif previous.status == "failed":
+        reason = f"failed last time: {previous.error or 'unknown error'}"
+    else:
+        reason = "image missing from disk and cache"
+    return PlannedShot(shot.id, Action.CREATE, reason, shot, previous)
+
+
+def _file_matches(path: Path, previous: ResultEntry) -> bool:
+    # Size, not a hash: a no-op plan must not read every image. A truncated or replaced file
+    # almost always changes size; `apply --verify` style hashing can come later.
+    try:
+        return path.stat().st_size == previous.bytes
+    except OSError:
+        return False

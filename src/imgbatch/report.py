@@ -1,0 +1,114 @@
+"""What the user reads: the plan table, live progress, the end-of-run summary.
+
+Takes plans, result entries and run reports; gives text for a terminal. Nothing here decides
+anything, so the same library calls can be rendered differently by another front end.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+import click
+
+from imgbatch.api import ApplyReport
+from imgbatch.executor import Retrying
+from imgbatch.plan import Action, Plan
+from imgbatch.results import ResultEntry
+
+_ACTION_STYLE = {
+    Action.CREATE: "green",
+    Action.REPLACE: "yellow",
+    Action.UNCHANGED: None,
+    Action.RESTORE: "cyan",
+    Action.ORPHAN: "magenta",
+}
+
+
+def plan_table(plan: Plan) -> str:
+    rows = [(item.id, item.action, item.reason) for item in (*plan.shots, *plan.orphans)]
+    width = max([len("shot"), *(len(shot_id) for shot_id, _, _ in rows)])
+    lines = [f"{'shot'.ljust(width)}  {'action':<9}  why"]
+    for shot_id, action, reason in rows:
+        label = click.style(f"{action.value:<9}", fg=_ACTION_STYLE[action])
+        lines.append(f"{shot_id.ljust(width)}  {label}  {reason}")
+    return "\n".join(lines)
+
+
+def plan_summary(plan: Plan) -> str:
+    counts = ", ".join(
+        f"{plan.count(action)} {action.value}" for action in Action if plan.count(action)
+    )
+    paid = plan.paid_requests
+    return f"Plan: {counts}. {paid} paid request{'s' if paid != 1 else ''}."
+
+
+class Progress:
+    """Live done/total, failures and rate on stderr: one rewritten line on a terminal, a line
+    every few seconds in CI logs."""
+
+    def __init__(self, total: int, stream: TextIO | None = None, interval: float = 5.0) -> None:
+        self.total = total
+        self.stream = stream or sys.stderr
+        self.interactive = self.stream.isatty()
+        self.interval = interval if not self.interactive else 0.1
+        self.started = time.monotonic()
+        self.last_shown = 0.0
+        self.done = self.failed = self.generated = self.retries = 0
+
+    def __call__(self, event: ResultEntry | Retrying) -> None:
+        if isinstance(event, Retrying):
+            self.retries += 1
+            return
+        self.done += 1
+        if event.status == "failed":
+            self.failed += 1
+            self._line(f"failed {event.id}: {event.error}", permanent=True)
+        elif event.status == "generated":
+            self.generated += 1
+        now = time.monotonic()
+        if now - self.last_shown >= self.interval or self.done == self.total:
+            self.last_shown = now
+            self._line(self.status(now), permanent=not self.interactive)
+
+    def status(self, now: float) -> str:
+        elapsed = max(now - self.started, 1e-9)
+        return (
+            f"[{self.done}/{self.total}] {self.generated} generated, {self.failed} failed, "
+            f"{self.retries} retries, {self.generated / elapsed:.1f} images/s"
+        )
+
+    def _line(self, text: str, *, permanent: bool) -> None:
+        if self.interactive:
+            self.stream.write("\r\033[K" + text + ("\n" if permanent else ""))
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.interactive and self.done:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def apply_summary(report: ApplyReport) -> str:
+    parts = [
+        f"{report.count('generated')} generated",
+        f"{report.count('cached')} cached",
+        f"{report.count('failed')} failed",
+    ]
+    lines = [
+        f"Done in {report.elapsed:.1f} s: {', '.join(parts)}; {report.requests} paid "
+        f"request{'s' if report.requests != 1 else ''}, {report.retries} retries, "
+        f"{report.throttled} throttled (429)."
+    ]
+    if report.rate_discovered and report.rate:
+        lines.append(
+            f"The quota allowed about {report.rate:.1f} requests/s; pin it with --rps "
+            f"{report.rate:.1f} to start at that rate next time."
+        )
+    if report.stopped:
+        lines.append(f"Stopped: {report.stopped}")
+    lines.append(f"Results: {report.results_path}")
+    return "\n".join(lines)

@@ -1,0 +1,154 @@
+"""The normalized image request, its cache key, and the generated image it gives.
+
+Takes the merged fields of one shot; gives an `ImageRequest` whose `key` names its image in the
+cache. The key covers exactly what determines the image: provider, model, the text sent, negative
+prompt, size, seed, the reference image's content hash (never its path or URL) and the provider
+parameters. Fields left unset are omitted from the canonical form, so adding an optional field in
+a later version does not change the keys of existing shots.
+
+    >>> ImageRequest(prompt="a red bicycle", size="1328*1328", seed=7).key[:12]
+    '...'
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from imgbatch.models import DEFAULT_MODEL, parse_size
+
+# Bump when the canonical form changes meaning: every key changes, every shot regenerates.
+KEY_FORMAT_VERSION = 1
+DEFAULT_SIZE = "1664*928"
+
+
+@dataclass(frozen=True)
+class ReferenceImage:
+    """A reference image, identified by what it contains.
+
+    `source` is where it came from (an absolute path, an http(s) URL, or "<bytes>"); only
+    `sha256` enters the key, so moving the file does not regenerate anything.
+    """
+
+    sha256: str
+    source: str
+    media_type: str = "image/png"
+    data: bytes | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "<bytes>") -> ReferenceImage:
+        return cls(hashlib.sha256(data).hexdigest(), source, sniff_media_type(data), data)
+
+    @classmethod
+    def from_path(cls, path: Path) -> ReferenceImage:
+        data = path.read_bytes()
+        # The bytes are read again when the request is sent: 100,000 shots sharing one
+        # reference must not hold 100,000 copies.
+        return cls(hashlib.sha256(data).hexdigest(), str(path), sniff_media_type(data))
+
+    @property
+    def is_url(self) -> bool:
+        return self.source.startswith(("http://", "https://"))
+
+    def message_value(self) -> str:
+        """What goes into the API message: the URL itself, else the bytes as a data URI."""
+        if self.is_url:
+            return self.source
+        data = self.data if self.data is not None else Path(self.source).read_bytes()
+        return f"data:{self.media_type};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def sniff_media_type(data: bytes) -> str:
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return "image/png"
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """Everything that determines one generated image."""
+
+    prompt: str
+    model: str = DEFAULT_MODEL
+    size: str = DEFAULT_SIZE
+    negative_prompt: str | None = None
+    style: str | None = None
+    seed: int | None = None
+    reference: ReferenceImage | None = None
+    # The API defaults prompt_extend to true: the server rewrites the prompt differently on each
+    # call, so the same key would not mean the same picture. imgbatch sends both explicitly.
+    prompt_extend: bool = False
+    watermark: bool = False
+    provider: str = "dashscope"
+
+    @property
+    def text(self) -> str:
+        """The prompt as sent. The models have no style parameter, so a style is appended."""
+        if not self.style:
+            return self.prompt
+        return f"{self.prompt.rstrip()}\nStyle: {self.style}"
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        parsed = parse_size(self.size)
+        if parsed is None:
+            raise ValueError(f"size {self.size!r} is not W*H")
+        return parsed
+
+    def canonical(self) -> dict[str, Any]:
+        """The fields that determine the image, as plain JSON values; unset ones left out."""
+        fields: dict[str, Any] = {
+            "provider": self.provider,
+            "model": self.model,
+            "text": self.text,
+            "size": self.size,
+            "negative_prompt": self.negative_prompt,
+            "seed": self.seed,
+            "reference_sha256": self.reference.sha256 if self.reference else None,
+            "prompt_extend": self.prompt_extend,
+            "watermark": self.watermark,
+        }
+        return {name: value for name, value in fields.items() if value is not None}
+
+    @cached_property
+    def key(self) -> str:
+        payload = {"key_format": KEY_FORMAT_VERSION, **self.canonical()}
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    def parameters(self) -> dict[str, Any]:
+        """The API's `parameters` object for this request."""
+        params: dict[str, Any] = {
+            "size": self.size,
+            "prompt_extend": self.prompt_extend,
+            "watermark": self.watermark,
+        }
+        if self.negative_prompt:
+            params["negative_prompt"] = self.negative_prompt
+        if self.seed is not None:
+            params["seed"] = self.seed
+        return params
+
+
+def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Names of canonical fields that differ between two requests, in a stable order."""
+    names = list(dict.fromkeys([*new, *old]))
+    return [name for name in names if old.get(name) != new.get(name)]
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """The provider's answer: where the image is and what it says about it."""
+
+    image_url: str
+    width: int
+    height: int
+    seed: int | None
+    request_id: str | None

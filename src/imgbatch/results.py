@@ -1,0 +1,145 @@
+"""The results manifest and the crash-safe journal behind it.
+
+Takes finished shots as `ResultEntry`s; gives `<output>/results.json` (the **contract**: one entry
+per shot in manifest order) and reads it back as the state the next plan compares against.
+
+Each finished shot is appended to `<output>/.imgbatch/journal.jsonl` and fsynced the moment it
+finishes, after its image is in the cache and in place; `results.json` is rewritten atomically at
+the end of a run and the journal then emptied. A run killed at any point therefore loses only the
+shots in flight: the next load replays the journal over the last results file. A torn last line
+(the kill came mid-append) is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from imgbatch.errors import StoreError
+from imgbatch.store import STATE_DIR, atomic_write
+
+RESULTS_FILE = "results.json"
+RESULTS_FORMAT_VERSION = 1
+Status = Literal["generated", "cached", "failed"]
+
+
+@dataclass(frozen=True)
+class ResultEntry:
+    """One shot's line in results.json."""
+
+    id: str
+    status: Status
+    file: str | None
+    key: str
+    width: int | None
+    height: int | None
+    seed: int | None
+    model: str
+    size: str
+    prompt: str
+    image_url: str | None
+    request_id: str | None
+    error: str | None = None
+    error_code: str | None = None
+    negative_prompt: str | None = None
+    style: str | None = None
+    sha256: str | None = None
+    bytes: int | None = None
+    attempts: int = 0
+    request: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ResultEntry:
+        known = cls.__dataclass_fields__
+        return cls(**{name: value for name, value in data.items() if name in known})
+
+
+def results_path(output_dir: Path) -> Path:
+    return output_dir / RESULTS_FILE
+
+
+def journal_path(output_dir: Path) -> Path:
+    return output_dir / STATE_DIR / "journal.jsonl"
+
+
+def load_state(output_dir: Path) -> dict[str, ResultEntry]:
+    """Every shot's last known result: results.json, then the journal of an unfinished run."""
+    state: dict[str, ResultEntry] = {}
+    path = results_path(output_dir)
+    if path.is_file():
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+            for raw in [*document.get("shots", []), *document.get("orphans", [])]:
+                entry = ResultEntry.from_json(raw)
+                state[entry.id] = entry
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            raise StoreError(
+                f"{path} cannot be read ({exc}); move it aside and run apply again: "
+                "images already in the cache are restored without new requests"
+            ) from None
+    for entry in read_journal(output_dir):
+        state[entry.id] = entry
+    return state
+
+
+def read_journal(output_dir: Path) -> list[ResultEntry]:
+    path = journal_path(output_dir)
+    if not path.is_file():
+        return []
+    entries = []
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                entries.append(ResultEntry.from_json(json.loads(line)))
+            except (ValueError, TypeError):
+                continue  # the torn tail of a run killed mid-append
+    return entries
+
+
+class Journal:
+    """Append-only record of shots finished by the current run, durable line by line."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.path = journal_path(output_dir)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = self.path.open("a", encoding="utf-8")
+
+    def record(self, entry: ResultEntry) -> None:
+        self._handle.write(json.dumps(entry.to_json(), ensure_ascii=False) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def write_results(
+    output_dir: Path,
+    entries: Iterable[ResultEntry],
+    orphans: Iterable[ResultEntry],
+    meta: Mapping[str, Any],
+) -> Path:
+    """Write results.json atomically, then drop the journal it now includes."""
+    shots = [entry.to_json() for entry in entries]
+    counts = {status: 0 for status in ("generated", "cached", "failed")}
+    for shot in shots:
+        counts[shot["status"]] += 1
+    document = {
+        "version": RESULTS_FORMAT_VERSION,
+        **meta,
+        "summary": {"shots": len(shots), **counts},
+        "shots": shots,
+        "orphans": [entry.to_json() for entry in orphans],
+    }
+    path = results_path(output_dir)
+    text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+    atomic_write(path, text.encode("utf-8"))
+    journal_path(output_dir).unlink(missing_ok=True)
+    return path

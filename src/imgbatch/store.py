@@ -1,0 +1,88 @@
+"""Bytes on disk: atomic writes, the content-addressed image cache, image verification.
+
+Takes image bytes and keys; gives files that are either whole or absent. Every write goes to a
+temporary file in the same folder, is flushed to disk, then renamed over the target, so a reader
+(or a crash) never sees half an image. The cache keeps one PNG per request key under
+`<output>/.imgbatch/cache/ab/<key>.png`; the executor never learns where bytes live beyond this
+interface, so an object-store cache can replace it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+from PIL import Image
+
+STATE_DIR = ".imgbatch"
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that `path` is always either the old or the new content."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_copy(source: Path, target: Path) -> None:
+    """Copy `source` to `target` with the same whole-or-absent guarantee as `atomic_write`."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle, source.open("rb") as reader:
+            shutil.copyfileobj(reader, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def verify_image(data: bytes, width: int, height: int) -> None:
+    """Raise ValueError unless `data` decodes fully as an image of `width` x `height`."""
+    try:
+        with warnings.catch_warnings():
+            # A truncated or bomb-sized download is an error here, never a warning.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                size = image.size
+                image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
+        raise ValueError(f"downloaded bytes are not a whole image ({exc})") from None
+    if size != (width, height):
+        raise ValueError(
+            f"downloaded image is {size[0]}*{size[1]}, but the API reported {width}*{height}"
+        )
+
+
+class ImageCache:
+    """One verified PNG per request key, never overwritten once written."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.root = output_dir / STATE_DIR / "cache"
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.png"
+
+    def has(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def put(self, key: str, data: bytes) -> None:
+        atomic_write(self.path(key), data)
+
+    def copy_to(self, key: str, target: Path) -> None:
+        # A copy, not a hard link: editing the output file in place must not alter the cache.
+        atomic_copy(self.path(key), target)

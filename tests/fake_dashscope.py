@@ -1,0 +1,757 @@
+"""A fake DashScope server for Qwen Image generation, for tests and benchmarks.
+
+Takes: HTTP requests in the real wire format of
+``POST {base}/services/aigc/multimodal-generation/generation`` (Bearer key, JSON body with
+``model``, ``input.messages`` and ``parameters``), plus scripted faults set by the test
+(queued errors, dropped connections, corrupt or wrongly sized images, a rate quota, random 500s).
+Gives: DashScope-shaped JSON answers whose image URLs point at a second listener that plays the
+OSS bucket (a different host name, ``localhost``, with a signed-looking query string) and serves
+real PNGs of the reported size; and a record of every request either listener received.
+
+Three ways to run it:
+
+* ``with FakeDashScope() as server:`` runs both listeners in a background thread with its own
+  event loop (for sync tests);
+* ``async with FakeDashScope() as server:`` runs them in the current event loop;
+* ``python tests/fake_dashscope.py --port 0 --latency 0.5`` prints one JSON line with
+  ``base_url`` and ``image_base_url`` once listening, then serves until SIGTERM or SIGINT.
+
+Only 127.0.0.1 is ever bound and nothing else is contacted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import io
+import json
+import random
+import secrets
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from PIL import Image
+
+API_PREFIX = "/api/v1"
+GENERATION_PATH = f"{API_PREFIX}/services/aigc/multimodal-generation/generation"
+MODELS = frozenset(
+    {
+        "qwen-image-max",
+        "qwen-image-max-2025-12-30",
+        "qwen-image-plus",
+        "qwen-image-plus-2026-01-09",
+    }
+)
+SIZES: dict[str, tuple[int, int]] = {
+    "1664*928": (1664, 928),
+    "1472*1104": (1472, 1104),
+    "1328*1328": (1328, 1328),
+    "1104*1472": (1104, 1472),
+    "928*1664": (928, 1664),
+}
+DEFAULT_SIZE = "1664*928"
+MAX_PROMPT_CHARS = 800
+MAX_NEGATIVE_PROMPT_CHARS = 500
+MAX_SEED = 2_147_483_647
+# Images in the real service stay downloadable for 24 hours.
+URL_LIFETIME_S = 24 * 3600
+# A small palette keeps the PNG cache tiny: at most len(PALETTE) * len(SIZES) encodes, ever.
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200),
+    (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230),
+    (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
+    (170, 110, 40), (255, 250, 200), (128, 0, 0), (0, 0, 128),
+)  # fmt: skip
+RATE_LIMIT_MESSAGE = "Requests rate limit exceeded, please try again later."
+MODERATION_MESSAGE = "Input data may contain inappropriate content."
+INTERNAL_ERROR_MESSAGE = "An internal error has occurred, please try again later."
+ASYNC_MESSAGE = "current user api does not support asynchronous calls"
+# In-flight requests get this long to finish when the server stops; a test that closes the
+# server under load should not wait out the simulated latency.
+SHUTDOWN_GRACE_S = 0.25
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request a listener received, with the status it answered.
+
+    ``headers`` keys are lower-cased, since HTTP header names are case-insensitive.
+    ``status`` is None when the connection was dropped (or the server stopped) instead.
+    """
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+    status: int | None
+    query: str = ""
+    received_at: float = 0.0  # time.monotonic() on arrival
+
+
+class ApiError(Exception):
+    """An answer in DashScope's error shape: HTTP status plus JSON ``code`` and ``message``."""
+
+    def __init__(
+        self, status: int, code: str, message: str, retry_after: float | None = None
+    ) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+
+class _Disconnect:
+    """Queued fault: drop the connection instead of answering."""
+
+
+_Fault = ApiError | _Disconnect
+
+
+@dataclass(frozen=True)
+class _Generation:
+    model: str
+    prompt: str
+    width: int
+    height: int
+    seed: int | None
+
+
+@dataclass(frozen=True)
+class _StoredImage:
+    width: int
+    height: int
+    colour: int
+    signature: str
+    corrupt: bool
+
+
+class _TokenBucket:
+    """Server-wide rate quota: ``rate`` tokens per second, holding at most ``burst``."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._last = time.monotonic()
+
+    def try_take(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+
+class FakeDashScope:
+    """Fake DashScope API plus fake OSS image host; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        api_key: str = "sk-test-fake-key",
+        latency: float = 0.0,
+        quota_rps: float | None = None,
+        quota_burst: int | None = None,
+        retry_after: float | None = None,
+        error_rate: float = 0.0,
+        seed: int = 0,
+        moderation_words: Sequence[str] = ("FORBIDDEN",),
+        reject_download_auth: bool = True,
+        port: int = 0,
+        image_port: int = 0,
+    ) -> None:
+        if quota_burst is not None and quota_rps is None:
+            raise ValueError("quota_burst needs quota_rps")
+        if quota_rps is not None and quota_rps <= 0:
+            raise ValueError("quota_rps must be positive")
+        if not 0.0 <= error_rate <= 1.0:
+            raise ValueError("error_rate must be within [0, 1]")
+        self.api_key = api_key
+        self.latency = latency
+        self.retry_after = retry_after
+        self.error_rate = error_rate
+        self.moderation_words = tuple(moderation_words)
+        self.reject_download_auth = reject_download_auth
+        self.requests: list[RecordedRequest] = []
+        self.downloads: list[RecordedRequest] = []
+        self._quota = _make_bucket(quota_rps, quota_burst)
+        self._rng = random.Random(seed)
+        self._port = port
+        self._image_port = image_port
+        # Test threads enqueue faults while the server loop consumes them.
+        self._lock = threading.Lock()
+        self._faults: deque[_Fault] = deque()
+        self._pending: Counter[str] = Counter()  # "corrupt" / "wrong_size" toggles still due
+        self._images: dict[str, _StoredImage] = {}
+        self._png_cache: dict[tuple[int, int, int], bytes] = {}
+        self._runners: list[web.AppRunner] = []
+        self._base_url: str | None = None
+        self._image_base_url: str | None = None
+        self._thread: threading.Thread | None = None
+        self._thread_loop: asyncio.AbstractEventLoop | None = None
+        self._thread_stop: asyncio.Event | None = None
+        self._thread_error: BaseException | None = None
+
+    # ----- addresses and records -------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:PORT/api/v1``: what DashScope clients call ``base_address``."""
+        if self._base_url is None:
+            raise RuntimeError("FakeDashScope is not running")
+        return self._base_url
+
+    @property
+    def image_base_url(self) -> str:
+        """``http://localhost:PORT2``: the fake OSS host the image URLs point at."""
+        if self._image_base_url is None:
+            raise RuntimeError("FakeDashScope is not running")
+        return self._image_base_url
+
+    @property
+    def generation_url(self) -> str:
+        return self.base_url + GENERATION_PATH.removeprefix(API_PREFIX)
+
+    @property
+    def generation_count(self) -> int:
+        """Generation POSTs received, whatever they were answered (or not)."""
+        return sum(1 for r in list(self.requests) if _is_generation(r.method, r.path))
+
+    @property
+    def status_counts(self) -> Counter[int | None]:
+        """API answers by HTTP status; None counts dropped connections."""
+        return Counter(r.status for r in list(self.requests))
+
+    @property
+    def successes(self) -> int:
+        """Generations answered 200, i.e. images that would have been billed."""
+        return self.status_counts[200]
+
+    def reset(self) -> None:
+        """Forget records and pending scripted faults (not the quota, rng or images)."""
+        with self._lock:
+            self.requests.clear()
+            self.downloads.clear()
+            self._faults.clear()
+            self._pending.clear()
+
+    # ----- scripted faults ---------------------------------------------------------------------
+
+    def enqueue_error(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        times: int = 1,
+        retry_after: float | None = None,
+    ) -> None:
+        """Answer the next ``times`` authenticated generation requests with this error.
+
+        Queued faults (errors and disconnects) are served in the order they were queued, right
+        after the API key check and before quota, validation and latency.
+        """
+        with self._lock:
+            self._faults.extend(ApiError(status, code, message, retry_after) for _ in range(times))
+
+    def enqueue_disconnect(self, times: int = 1) -> None:
+        """Drop the connection of the next ``times`` authenticated generation requests.
+
+        The body is read and the latency waited first, as if the server took the job and the
+        connection died before the answer; the request is recorded with status None.
+        """
+        with self._lock:
+            self._faults.extend(_Disconnect() for _ in range(times))
+
+    def corrupt_next_image(self, times: int = 1) -> None:
+        """Serve truncated PNG bytes for the images of the next ``times`` successes."""
+        with self._lock:
+            self._pending["corrupt"] += times
+
+    def wrong_size_next(self, times: int = 1) -> None:
+        """Report half the real width and height in ``usage`` for the next ``times`` successes."""
+        with self._lock:
+            self._pending["wrong_size"] += times
+
+    def forget_images(self) -> None:
+        """Make every image URL handed out so far answer 404, like an expired result."""
+        with self._lock:
+            self._images.clear()
+
+    # ----- running in the current loop ---------------------------------------------------------
+
+    async def astart(self) -> FakeDashScope:
+        """Start both listeners in the running event loop."""
+        if self._runners:
+            raise RuntimeError("FakeDashScope is already running")
+        try:
+            api_port = await self._listen(self._api_app(), self._port)
+            image_port = await self._listen(self._image_app(), self._image_port)
+        except BaseException:
+            await self.astop()
+            raise
+        self._base_url = f"http://127.0.0.1:{api_port}{API_PREFIX}"
+        # Another host name than the API's, so clients that leak API headers to it get caught.
+        self._image_base_url = f"http://localhost:{image_port}"
+        return self
+
+    async def astop(self) -> None:
+        """Stop both listeners; in-flight requests get SHUTDOWN_GRACE_S to finish."""
+        runners, self._runners = self._runners, []
+        # Together, so the shutdown grace periods of the two hosts overlap.
+        await asyncio.gather(*(runner.cleanup() for runner in runners))
+        self._base_url = None
+        self._image_base_url = None
+
+    async def __aenter__(self) -> FakeDashScope:
+        return await self.astart()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.astop()
+
+    async def _listen(self, app: web.Application, port: int) -> int:
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
+        await runner.setup()
+        self._runners.append(runner)
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        return int(runner.addresses[0][1])
+
+    # ----- running in a background thread ------------------------------------------------------
+
+    def start(self) -> FakeDashScope:
+        """Start both listeners on a background thread with its own event loop."""
+        if self._thread is not None:
+            raise RuntimeError("FakeDashScope is already running")
+        ready = threading.Event()
+        self._thread_error = None
+        self._thread = threading.Thread(
+            target=self._thread_main, args=(ready,), name="fake-dashscope", daemon=True
+        )
+        self._thread.start()
+        ready.wait()
+        if self._thread_error is not None:
+            self._thread.join()
+            self._thread = None
+            raise self._thread_error
+        return self
+
+    def stop(self) -> None:
+        """Stop the background thread's listeners and join it."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        if self._thread_loop is not None and self._thread_stop is not None:
+            self._thread_loop.call_soon_threadsafe(self._thread_stop.set)
+        thread.join()
+
+    def __enter__(self) -> FakeDashScope:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _thread_main(self, ready: threading.Event) -> None:
+        try:
+            # asyncio.run also cancels leftovers and closes the loop, so nothing leaks a warning.
+            asyncio.run(self._serve_in_thread(ready))
+        except Exception as exc:
+            self._thread_error = exc
+        finally:
+            self._thread_loop = None
+            self._thread_stop = None
+            ready.set()
+
+    async def _serve_in_thread(self, ready: threading.Event) -> None:
+        self._thread_loop = asyncio.get_running_loop()
+        self._thread_stop = asyncio.Event()
+        async with self:
+            ready.set()
+            await self._thread_stop.wait()
+
+    # ----- the API host ------------------------------------------------------------------------
+
+    def _api_app(self) -> web.Application:
+        app = web.Application()
+        # One catch-all route so that every request, even a wrong path, lands in the records.
+        app.router.add_route("*", "/{tail:.*}", self._handle_api)
+        return app
+
+    async def _handle_api(self, request: web.Request) -> web.StreamResponse:
+        received_at = time.monotonic()
+        raw = await request.read()
+        body = _parse_json(raw)
+        status: int | None = None
+        try:
+            response = await self._answer_api(request, raw, body)
+            status = None if response is None else response.status
+        finally:
+            self._record(self.requests, request, body, status, received_at)
+        if response is None:
+            # Returning a response to a closed transport is the quiet way out of the handler:
+            # aiohttp treats the failed write as a client that went away.
+            return web.Response(status=499)
+        return response
+
+    async def _answer_api(
+        self, request: web.Request, raw: bytes, body: Any
+    ) -> web.StreamResponse | None:
+        if not _is_generation(request.method, request.path):
+            return _error_response(ApiError(404, "NotFound", f"Not found: {request.path}"))
+        try:
+            return await self._generate(request, raw, body)
+        except ApiError as exc:
+            if exc.status == 429 and exc.retry_after is None:
+                exc.retry_after = self.retry_after
+            return _error_response(exc)
+
+    async def _generate(
+        self, request: web.Request, raw: bytes, body: Any
+    ) -> web.StreamResponse | None:
+        self._check_api_key(request.headers.get("Authorization"))
+        fault = self._pop_fault()
+        if isinstance(fault, _Disconnect):
+            await asyncio.sleep(self.latency)
+            _drop_connection(request)
+            return None
+        if fault is not None:
+            raise fault
+        if self._quota is not None and not self._quota.try_take():
+            raise ApiError(429, "Throttling.RateQuota", RATE_LIMIT_MESSAGE)
+        if request.headers.get("X-DashScope-Async", "").lower() == "enable":
+            raise ApiError(403, "AccessDenied", ASYNC_MESSAGE)
+        generation = _parse_generation(raw, body)
+        self._moderate(generation.prompt)
+        # Draw at arrival, so a sequential client sees the same outcomes for the same seed.
+        fails = self._rng.random() < self.error_rate
+        await asyncio.sleep(self.latency)
+        if fails:
+            raise ApiError(500, "InternalError", INTERNAL_ERROR_MESSAGE)
+        return web.json_response(self._success_body(generation))
+
+    def _check_api_key(self, header: str | None) -> None:
+        if not header:
+            raise ApiError(401, "InvalidApiKey", "No API-key provided.")
+        if header != f"Bearer {self.api_key}":
+            raise ApiError(401, "InvalidApiKey", "Invalid API-key provided.")
+
+    def _pop_fault(self) -> _Fault | None:
+        with self._lock:
+            return self._faults.popleft() if self._faults else None
+
+    def _moderate(self, prompt: str) -> None:
+        if any(word in prompt for word in self.moderation_words):
+            raise ApiError(400, "DataInspectionFailed", MODERATION_MESSAGE)
+
+    def _success_body(self, generation: _Generation) -> dict[str, Any]:
+        url, (width, height) = self._store_image(generation)
+        return {
+            "output": {
+                "choices": [
+                    {
+                        "finish_reason": "stop",
+                        "message": {"role": "assistant", "content": [{"image": url}]},
+                    }
+                ]
+            },
+            "usage": {"width": width, "height": height, "image_count": 1},
+            "request_id": str(uuid.uuid4()),
+        }
+
+    def _store_image(self, generation: _Generation) -> tuple[str, tuple[int, int]]:
+        """Keep a new image; give its signed URL and the size ``usage`` should report."""
+        image_id = str(uuid.uuid4())
+        signature = secrets.token_urlsafe(18)
+        colour = _colour_index(generation.prompt, generation.seed)
+        width, height = generation.width, generation.height
+        with self._lock:
+            corrupt = self._consume_toggle("corrupt")
+            wrong_size = self._consume_toggle("wrong_size")
+            self._images[image_id] = _StoredImage(width, height, colour, signature, corrupt)
+        expires = int(time.time()) + URL_LIFETIME_S
+        url = (
+            f"{self.image_base_url}/results/{image_id}.png"
+            f"?Expires={expires}&OSSAccessKeyId=fake&Signature={signature}"
+        )
+        reported = (width // 2, height // 2) if wrong_size else (width, height)
+        return url, reported
+
+    def _consume_toggle(self, name: str) -> bool:
+        """Use up one pending toggle; the caller holds the lock."""
+        if self._pending[name] <= 0:
+            return False
+        self._pending[name] -= 1
+        return True
+
+    # ----- the image host ----------------------------------------------------------------------
+
+    def _image_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle_image)
+        return app
+
+    async def _handle_image(self, request: web.Request) -> web.StreamResponse:
+        received_at = time.monotonic()
+        response = self._answer_image(request)
+        self._record(self.downloads, request, None, response.status, received_at)
+        return response
+
+    def _answer_image(self, request: web.Request) -> web.Response:
+        if request.method not in ("GET", "HEAD"):
+            return _oss_error(405, "MethodNotAllowed", "The specified method is not allowed.")
+        if self.reject_download_auth and "Authorization" in request.headers:
+            # A signed URL plus an Authorization header is two auth mechanisms; OSS refuses,
+            # and sending the DashScope key to the bucket host would leak it anyway.
+            return _oss_error(400, "InvalidArgument", "Authorization header is not expected.")
+        stored = self._find_image(request.path)
+        if stored is None:
+            return _oss_error(404, "NoSuchKey", "The specified key does not exist.")
+        if request.query.get("Signature") != stored.signature:
+            return _oss_error(403, "SignatureDoesNotMatch", "The request signature is wrong.")
+        png = self._png(stored.width, stored.height, stored.colour)
+        if stored.corrupt:
+            png = png[: len(png) // 2]
+        return web.Response(body=png, content_type="image/png")
+
+    def _find_image(self, path: str) -> _StoredImage | None:
+        prefix, suffix = "/results/", ".png"
+        if not (path.startswith(prefix) and path.endswith(suffix)):
+            return None
+        with self._lock:
+            return self._images.get(path[len(prefix) : -len(suffix)])
+
+    def _png(self, width: int, height: int, colour: int) -> bytes:
+        key = (width, height, colour)
+        png = self._png_cache.get(key)
+        if png is None:
+            png = _encode_png(width, height, PALETTE[colour])
+            self._png_cache[key] = png
+        return png
+
+    def _record(
+        self,
+        records: list[RecordedRequest],
+        request: web.Request,
+        body: Any,
+        status: int | None,
+        received_at: float,
+    ) -> None:
+        record = RecordedRequest(
+            method=request.method,
+            path=request.path,
+            headers={k.lower(): v for k, v in request.headers.items()},
+            body=body,
+            status=status,
+            query=request.query_string,
+            received_at=received_at,
+        )
+        with self._lock:
+            records.append(record)
+
+
+# ----- request parsing ---------------------------------------------------------------------------
+
+
+def _parse_generation(raw: bytes, body: Any) -> _Generation:
+    """Validate a generation body the way the service does; raise 400 InvalidParameter."""
+    if not isinstance(body, dict):
+        detail = "body is not valid JSON" if raw else "body is empty"
+        raise _invalid(f"Request {detail}.")
+    model = body.get("model")
+    if model not in MODELS:
+        raise _invalid("Model not exist.")
+    prompt = _parse_messages(body.get("input"))
+    parameters = body.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise _invalid("parameters must be an object.")
+    width, height = _parse_size(parameters.get("size", DEFAULT_SIZE))
+    _check_negative_prompt(parameters.get("negative_prompt"))
+    seed = _parse_seed(parameters.get("seed"))
+    _check_flags(parameters)
+    return _Generation(model, prompt, width, height, seed)
+
+
+def _parse_messages(input_: Any) -> str:
+    """Give the prompt: the single text item of the single user message."""
+    messages = input_.get("messages") if isinstance(input_, dict) else None
+    if not isinstance(messages, list) or len(messages) != 1:
+        raise _invalid("input.messages must hold exactly one message.")
+    message = messages[0]
+    if not isinstance(message, dict) or message.get("role") != "user":
+        raise _invalid("input.messages[0] must be a user message.")
+    content = message.get("content")
+    if not isinstance(content, list):
+        raise _invalid("input.messages[0].content must be a list.")
+    texts = [item["text"] for item in content if isinstance(item, dict) and "text" in item]
+    images = [item["image"] for item in content if isinstance(item, dict) and "image" in item]
+    if len(texts) + len(images) != len(content):
+        raise _invalid("Each content item must be a text or an image.")
+    if len(texts) != 1 or not isinstance(texts[0], str) or not texts[0].strip():
+        raise _invalid("The content must hold exactly one non-empty text.")
+    if not all(isinstance(url, str) and url.startswith(_IMAGE_SCHEMES) for url in images):
+        raise _invalid("Image inputs must be http(s), oss or data URLs.")
+    if len(texts[0]) > MAX_PROMPT_CHARS:
+        raise _invalid(f"The prompt is longer than {MAX_PROMPT_CHARS} characters.")
+    return texts[0]
+
+
+_IMAGE_SCHEMES = ("http://", "https://", "oss://", "data:")
+
+
+def _parse_size(size: Any) -> tuple[int, int]:
+    if not isinstance(size, str) or size not in SIZES:
+        raise _invalid(f"size must be one of {', '.join(SIZES)}.")
+    return SIZES[size]
+
+
+def _check_negative_prompt(negative_prompt: Any) -> None:
+    if negative_prompt is None:
+        return
+    if not isinstance(negative_prompt, str):
+        raise _invalid("negative_prompt must be a string.")
+    if len(negative_prompt) > MAX_NEGATIVE_PROMPT_CHARS:
+        raise _invalid(f"negative_prompt is longer than {MAX_NEGATIVE_PROMPT_CHARS} characters.")
+
+
+def _parse_seed(seed: Any) -> int | None:
+    if seed is None:
+        return None
+    # bool is an int subclass, but JSON true is no seed.
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise _invalid(f"seed must be an integer in [0, {MAX_SEED}].")
+    return seed
+
+
+def _check_flags(parameters: dict[str, Any]) -> None:
+    for name in ("prompt_extend", "watermark"):
+        if name in parameters and not isinstance(parameters[name], bool):
+            raise _invalid(f"{name} must be a boolean.")
+    n = parameters.get("n", 1)
+    if isinstance(n, bool) or n != 1:
+        raise _invalid("n must be 1 for this model.")
+
+
+def _invalid(message: str) -> ApiError:
+    return ApiError(400, "InvalidParameter", message)
+
+
+def _parse_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return None
+
+
+def _is_generation(method: str, path: str) -> bool:
+    return method == "POST" and path == GENERATION_PATH
+
+
+# ----- answers -----------------------------------------------------------------------------------
+
+
+def _error_response(error: ApiError) -> web.Response:
+    body = {"request_id": str(uuid.uuid4()), "code": error.code, "message": error.message}
+    headers = {}
+    if error.retry_after is not None:
+        headers["Retry-After"] = f"{error.retry_after:g}"
+    return web.json_response(body, status=error.status, headers=headers)
+
+
+def _oss_error(status: int, code: str, message: str) -> web.Response:
+    text = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Error><Code>{code}</Code><Message>{message}</Message>"
+        f"<RequestId>{uuid.uuid4().hex.upper()}</RequestId></Error>"
+    )
+    return web.Response(status=status, text=text, content_type="application/xml")
+
+
+def _drop_connection(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.close()
+
+
+def _colour_index(prompt: str, seed: int | None) -> int:
+    digest = hashlib.sha256(f"{prompt}\x00{seed}".encode()).digest()
+    return digest[0] % len(PALETTE)
+
+
+def _encode_png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), rgb).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _make_bucket(rate: float | None, burst: int | None) -> _TokenBucket | None:
+    if rate is None:
+        return None
+    return _TokenBucket(rate, burst if burst is not None else max(1, int(rate)))
+
+
+# ----- subprocess mode ---------------------------------------------------------------------------
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Serve a fake DashScope API on 127.0.0.1.")
+    parser.add_argument("--port", type=int, default=0, help="API port (0: any free port)")
+    parser.add_argument("--image-port", type=int, default=0, help="image host port")
+    parser.add_argument("--api-key", default="sk-test-fake-key")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds per generation")
+    parser.add_argument("--quota-rps", type=float, default=None)
+    parser.add_argument("--quota-burst", type=int, default=None)
+    parser.add_argument("--retry-after", type=float, default=None)
+    parser.add_argument("--error-rate", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--moderation-word", action="append", default=None, help="repeatable; default FORBIDDEN"
+    )
+    return parser.parse_args(argv)
+
+
+def _server_from_args(args: argparse.Namespace) -> FakeDashScope:
+    words = tuple(args.moderation_word) if args.moderation_word else ("FORBIDDEN",)
+    return FakeDashScope(
+        api_key=args.api_key,
+        latency=args.latency,
+        quota_rps=args.quota_rps,
+        quota_burst=args.quota_burst,
+        retry_after=args.retry_after,
+        error_rate=args.error_rate,
+        seed=args.seed,
+        moderation_words=words,
+        port=args.port,
+        image_port=args.image_port,
+    )
+
+
+async def _serve_until_signalled(server: FakeDashScope) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(signum, stop.set)
+        except NotImplementedError:
+            pass  # Windows: Ctrl-C still ends asyncio.run with KeyboardInterrupt.
+    async with server:
+        urls = {"base_url": server.base_url, "image_base_url": server.image_base_url}
+        print(json.dumps(urls), flush=True)
+        await stop.wait()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    asyncio.run(_serve_until_signalled(_server_from_args(_parse_args(argv))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
