@@ -1,0 +1,58 @@
+"""Shared fixtures: a fake DashScope server on 127.0.0.1 and an environment pointing at it.
+
+No test reaches a real host: the dashscope provider is configured through the environment
+(`DASHSCOPE_HTTP_BASE_URL`, `DASHSCOPE_API_KEY`, `HOME`) to talk to the fake server only.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fake_dashscope import FakeDashScope
+
+FAKE_KEY = "sk-test-fake-key-0123456789abcdef"
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "manifests" / "cyclist-spot.yaml"
+
+
+@pytest.fixture
+def fake_server() -> Iterator[FakeDashScope]:
+    with FakeDashScope(api_key=FAKE_KEY) as server:
+        yield server
+
+
+@pytest.fixture
+def api_env(
+    fake_server: FakeDashScope, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, str]:
+    """os.environ as a user with a key would have it, pointed at the fake server."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("DASHSCOPE_API_KEY", FAKE_KEY)
+    monkeypatch.setenv("DASHSCOPE_HTTP_BASE_URL", fake_server.base_url)
+    monkeypatch.delenv("OUTPUT_DIR", raising=False)
+    return {
+        "HOME": str(home),
+        "DASHSCOPE_API_KEY": FAKE_KEY,
+        "DASHSCOPE_HTTP_BASE_URL": fake_server.base_url,
+    }
+
+
+@pytest.fixture
+def example_manifest(tmp_path: Path) -> Path:
+    """The repository's example shot list, copied so its output lands in tmp_path."""
+    target = tmp_path / "project" / "manifests" / EXAMPLE.name
+    target.parent.mkdir(parents=True)
+    shutil.copy(EXAMPLE, target)
+    return target
+
+
+def write_manifest(directory: Path, text: str, name: str = "shots.yaml") -> Path:
+    path = directory / name
+    path.write_text(text, encoding="utf-8")
+    return path
