@@ -64,9 +64,7 @@ def _write_crash_log() -> str:
     return path
 
 
-manifest_argument = click.argument(
-    "manifest", type=click.Path(dir_okay=False, path_type=Path)
-)
+manifest_argument = click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
 provider_option = click.option(
     "--provider",
     type=click.Choice(PROVIDER_CHOICES),
@@ -108,12 +106,19 @@ def plan(manifest: Path, provider: str | None) -> int:
 @main.command("apply")
 @manifest_argument
 @provider_option
-@click.option("--rps", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Requests started per second at most (default: the manifest's limits.rps, "
-                   "else found by probing the quota).")
-@click.option("--concurrency", type=click.IntRange(min=1), default=None,
-              help="Requests in flight at most (default: the manifest's limits.concurrency, "
-                   "else 64).")
+@click.option(
+    "--rps",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Requests started per second at most (default: the manifest's limits.rps, "
+    "else found by probing the quota).",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Requests in flight at most (default: the manifest's limits.concurrency, else 64).",
+)
 @error_boundary
 def apply_command(
     manifest: Path, provider: str | None, rps: float | None, concurrency: int | None

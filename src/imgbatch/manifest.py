@@ -368,9 +368,7 @@ class _Checker:
                 origin = self._field_origin(index, shot, "reference_image")
                 yield self._located(origin, index, "reference_image", message)
 
-    def _located(
-        self, origin: JsonPath, index: int, field: str, message: str
-    ) -> ManifestProblem:
+    def _located(self, origin: JsonPath, index: int, field: str, message: str) -> ManifestProblem:
         if origin == ("defaults",):
             self._from_defaults.setdefault((field, message), []).append(index)
             return _DEFERRED

@@ -76,8 +76,9 @@ def make_plan(
     planned = tuple(_plan_shot(output_dir, shot, state.get(shot.id), cache) for shot in shots)
     wanted = {shot.id for shot in shots}
     orphans = tuple(
-        PlannedShot(entry.id, Action.ORPHAN, "no longer in the manifest; its file is kept",
-                    None, entry)
+        PlannedShot(
+            entry.id, Action.ORPHAN, "no longer in the manifest; its file is kept", None, entry
+        )
         for shot_id, entry in state.items()
         if shot_id not in wanted
     )

@@ -47,9 +47,7 @@ class Provider(Protocol):
         ...
 
 
-def create_provider(
-    name: str, environ: Mapping[str, str], home: Path | None = None
-) -> Provider:
+def create_provider(name: str, environ: Mapping[str, str], home: Path | None = None) -> Provider:
     """The provider called `name`, configured from the environment."""
     if name == "placeholder":
         from imgbatch.providers.placeholder import PlaceholderProvider
