@@ -34,7 +34,7 @@ from imgbatch.providers import Provider, create_provider
 from imgbatch.providers.dashscope import resolve_api_key
 from imgbatch.request import KEY_FORMAT_VERSION
 from imgbatch.results import Journal, ResultEntry, load_state, write_results
-from imgbatch.store import STATE_DIR, ImageCache
+from imgbatch.store import STATE_DIR, ImageCache, remove_stale_temporaries
 
 DEFAULT_PROVIDER = "dashscope"
 
@@ -158,6 +158,7 @@ async def apply_async(
     output_dir = expansion.output_dir
     started = time.monotonic()
     with _exclusive(output_dir):
+        remove_stale_temporaries(output_dir)
         state = load_state(output_dir)
         cache = ImageCache(output_dir)
         plan = _plan(expansion, state)

@@ -68,6 +68,20 @@ def verify_image(data: bytes, width: int, height: int) -> None:
         )
 
 
+def remove_stale_temporaries(output_dir: Path) -> int:
+    """Delete temp files a killed run left behind; call only while holding the output lock."""
+    removed = 0
+    for folder in (
+        output_dir,
+        output_dir / STATE_DIR,
+        *(output_dir / STATE_DIR / "cache").glob("*"),
+    ):
+        for temp in folder.glob(".*.tmp"):
+            temp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 class ImageCache:
     """One verified PNG per request key, never overwritten once written."""
 
