@@ -118,7 +118,9 @@ def test_second_apply_on_same_folder_is_refused(tmp_path: Path, slow_server: Fak
     assert slow_server.successes == SHOTS
 
 
-def test_ctrl_c_stops_sending_and_writes_results(tmp_path: Path, slow_server: FakeDashScope) -> None:
+def test_ctrl_c_stops_sending_and_writes_results(
+    tmp_path: Path, slow_server: FakeDashScope
+) -> None:
     manifest = _manifest(tmp_path)
     output = tmp_path / "output" / "crash"
     process = _start_apply(manifest, slow_server)
