@@ -186,7 +186,8 @@ async def apply_async(
         entries = tuple(_final_entry(item.id, outcome, state) for item in plan.shots)
         orphans = [item.previous for item in plan.orphans if item.previous is not None]
         meta = {
-            "manifest": str(Path(path).resolve()),
+            # Relative, so an output folder can be moved or committed with its manifest.
+            "manifest": os.path.relpath(Path(path).resolve(), output_dir.resolve()),
             "provider": provider.name,
             "key_format": KEY_FORMAT_VERSION,
             "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
