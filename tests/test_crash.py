@@ -138,3 +138,23 @@ def test_ctrl_c_stops_sending_and_writes_results(
     # Requests already in flight may finish; nothing new starts after the interrupt.
     assert slow_server.generation_count <= sent_at_interrupt + 2
     assert statuses.count("generated") == slow_server.successes
+
+
+def test_second_ctrl_c_abandons_requests_in_flight(
+    tmp_path: Path, slow_server: FakeDashScope
+) -> None:
+    manifest = _manifest(tmp_path)
+    output = tmp_path / "output" / "crash"
+    process = _start_apply(manifest, slow_server)
+    _wait_for(lambda: len(_journal_lines(output)) >= 1 and slow_server.generation_count >= 3)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+
+    assert process.returncode == 130, stderr
+    results = json.loads((output / "results.json").read_text())
+    assert len(results["shots"]) == SHOTS
+    errors = [str(shot["error"]) for shot in results["shots"] if shot["status"] == "failed"]
+    assert any(error.startswith("abandoned in flight") for error in errors)
+    assert not (output / ".imgbatch" / "journal.jsonl").exists()

@@ -24,11 +24,11 @@ from pathlib import Path
 import filelock
 
 from imgbatch.errors import ConfigError, LockedError, StoreError
-from imgbatch.executor import Executor, Listener, RunOutcome
+from imgbatch.executor import Executor, Listener, RunOutcome, failed_entry
 from imgbatch.expand import Expansion, expand
 from imgbatch.manifest import Manifest, load_manifest
 from imgbatch.pacing import Clock, Pacer, RetryPolicy
-from imgbatch.plan import Plan
+from imgbatch.plan import Action, Plan, PlannedShot
 from imgbatch.plan import make_plan as plan_shots
 from imgbatch.providers import Provider, create_provider
 from imgbatch.providers.dashscope import resolve_api_key
@@ -183,7 +183,7 @@ async def apply_async(
                 outcome, interrupted = await _run_interruptible(executor, plan, options)
         finally:
             journal.close()
-        entries = tuple(_final_entry(item.id, outcome, state) for item in plan.shots)
+        entries = tuple(_final_entry(item, outcome) for item in plan.shots)
         orphans = [item.previous for item in plan.orphans if item.previous is not None]
         meta = {
             # Relative, so an output folder can be moved or committed with its manifest.
@@ -208,17 +208,16 @@ async def apply_async(
     )
 
 
-def _final_entry(
-    shot_id: str, outcome: RunOutcome, state: Mapping[str, ResultEntry]
-) -> ResultEntry:
-    entry = outcome.entries.get(shot_id)
+def _final_entry(item: PlannedShot, outcome: RunOutcome) -> ResultEntry:
+    entry = outcome.entries.get(item.id)
     if entry is not None:
         return entry
-    previous = state[shot_id] if shot_id in state else None
-    # Abandoned in flight after a second Ctrl-C: nothing new is known about it.
-    if previous is not None:
-        return previous
-    raise StoreError(f"internal error: shot {shot_id} has no result")
+    # Abandoned in flight (second Ctrl-C, or the grace time ran out).
+    assert item.shot is not None
+    message = "abandoned in flight when interrupted"
+    if item.action is not Action.RESTORE:
+        message += "; DashScope may have billed it"
+    return failed_entry(item.shot, message, None, 1)
 
 
 async def _run_interruptible(

@@ -105,7 +105,7 @@ class Executor:
             assert item.shot is not None
             if self.stop_requested.is_set():
                 reason = self.outcome.stopped or "stopped"
-                self._finish(_failed(item.shot, f"not run: {reason}", None, 0), journal=False)
+                self._finish(failed_entry(item.shot, f"not run: {reason}", None, 0), journal=False)
                 continue
             if item.action is Action.RESTORE:
                 await self._restore(output_dir, item.shot, item.previous)
@@ -139,7 +139,7 @@ class Executor:
         while True:
             if self.stop_requested.is_set():
                 reason = self.outcome.stopped or "stopped"
-                self._finish(_failed(shot, f"not run: {reason}", None, attempt), journal=False)
+                self._finish(failed_entry(shot, f"not run: {reason}", None, attempt), journal=False)
                 return
             attempt += 1
             await self.pacer.wait_turn()
@@ -150,17 +150,17 @@ class Executor:
                 image = await self.provider.generate(shot.request, label=shot.id)
             except AuthError as exc:
                 self.stop(f"the service refused the credentials: {exc}")
-                self._finish(_failed(shot, str(exc), exc, attempt))
+                self._finish(failed_entry(shot, str(exc), exc, attempt))
                 return
             except PermanentError as exc:
-                self._finish(_failed(shot, str(exc), exc, attempt))
+                self._finish(failed_entry(shot, str(exc), exc, attempt))
                 return
             except TransientError as exc:
                 if exc.throttled:
                     self.pacer.on_throttled(exc.retry_after)
                 if attempt >= self.retry.max_attempts:
                     message = f"gave up after {attempt} tries: {exc}"
-                    self._finish(_failed(shot, message, exc, attempt))
+                    self._finish(failed_entry(shot, message, exc, attempt))
                     return
                 delay = self.retry.backoff(attempt, exc.retry_after)
                 self.outcome.retries += 1
@@ -192,7 +192,7 @@ class Executor:
                 f"downloaded: {failure}"
             )
             error = failure if isinstance(failure, ProviderError) else None
-            self._finish(_failed(shot, message, error, attempts, image_url=image.image_url))
+            self._finish(failed_entry(shot, message, error, attempts, image_url=image.image_url))
             return
         key = shot.request.key
         await asyncio.to_thread(self.cache.put, key, data)
@@ -252,7 +252,7 @@ def _entry(
     )
 
 
-def _failed(
+def failed_entry(
     shot: Shot,
     message: str,
     error: ProviderError | None,
