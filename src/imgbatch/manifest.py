@@ -11,16 +11,18 @@ file:line:column with the shot id and field, what was wrong and what would be ri
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import fastjsonschema
 import jsonschema
 import yaml
 
@@ -78,6 +80,16 @@ def manifest_schema() -> dict[str, Any]:
     return schema
 
 
+@cache
+def _fast_validator() -> Callable[[Any], Any]:
+    """The schema compiled to Python: valid manifests (the common case) pass in milliseconds.
+
+    fastjsonschema stops at the first error, so invalid ones go on to jsonschema, which reports
+    them all with their paths.
+    """
+    return fastjsonschema.compile(manifest_schema())
+
+
 def load_manifest(path: str | Path) -> Manifest:
     """Parse, validate and merge a manifest; raise `ManifestError` with every problem found."""
     path = Path(path)
@@ -89,30 +101,56 @@ def load_manifest(path: str | Path) -> Manifest:
     except (OSError, UnicodeDecodeError) as exc:
         problem = ManifestProblem(display, 1, 1, "file", f"cannot be read: {exc}")
         raise ManifestError([problem]) from None
-    document = _parse_yaml(text, display)
-    checker = _Checker(document, display, path.parent)
-    problems = sorted(checker.problems(), key=lambda p: (p.line, p.column))
-    if problems:
-        raise ManifestError(problems)
-    return _build_manifest(path, document.data)
+    # Positions cost memory and time, and matter only when something is wrong: a valid manifest
+    # is parsed once without them; an invalid one again with them, to locate every problem.
+    for track_positions in (False, True):
+        document, duplicates = _parse_yaml(text, display, track_positions)
+        checker = _Checker(document, display, path.parent)
+        problems = sorted([*duplicates, *checker.problems()], key=lambda p: (p.line, p.column))
+        if not problems:
+            return _build_manifest(path, document.data)
+    raise ManifestError(problems)
+
+
+# libyaml parses large shot lists many times faster than pure Python and keeps the same marks.
+_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _Positions(dict[JsonPath, tuple[int, int]]):
+    """(line, column), 1-based, by path; records nothing when not tracking."""
+
+    def __init__(self, tracking: bool) -> None:
+        super().__init__()
+        self.tracking = tracking
+
+    def __setitem__(self, path: JsonPath, position: tuple[int, int]) -> None:
+        if self.tracking:
+            super().__setitem__(path, position)
 
 
 @dataclass
 class _Document:
     data: Any
-    values: dict[JsonPath, yaml.Mark]
-    keys: dict[JsonPath, yaml.Mark]
+    values: _Positions
+    keys: _Positions
 
 
-def _parse_yaml(text: str, display: str) -> _Document:
-    loader = yaml.SafeLoader(text)
-    document = _Document(None, {}, {})
-    duplicates: list[ManifestProblem] = []
+def _parse_yaml(
+    text: str, display: str, track_positions: bool
+) -> tuple[_Document, list[ManifestProblem]]:
+    loader = _Loader(text)
+    builder = _Builder(loader, display, track_positions)
     try:
-        node = loader.get_single_node()
-        if node is None:
+        loader.get_event()  # stream start
+        if loader.check_event(yaml.StreamEndEvent):
             raise ManifestError([ManifestProblem(display, 1, 1, "file", "the file is empty")])
-        document.data = _construct(node, (), loader, document, duplicates, display)
+        loader.get_event()  # document start
+        builder.document.data = builder.value(())
+        loader.get_event()  # document end
+        if not loader.check_event(yaml.StreamEndEvent):
+            line, column = _position(loader.peek_event())
+            message = "a second YAML document ('---'); a manifest is one document"
+            raise ManifestError([ManifestProblem(display, line, column, "file", message)])
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -121,49 +159,101 @@ def _parse_yaml(text: str, display: str) -> _Document:
         raise ManifestError([problem]) from None
     finally:
         loader.dispose()
-    if duplicates:
-        raise ManifestError(duplicates)
-    return document
+    return builder.document, builder.duplicates
 
 
-def _construct(
-    node: yaml.Node,
-    path: JsonPath,
-    loader: yaml.SafeLoader,
-    document: _Document,
-    duplicates: list[ManifestProblem],
-    display: str,
-) -> Any:
-    """Build plain Python data from a node, recording where every key and value stands."""
-    document.values[path] = node.start_mark
-    if isinstance(node, yaml.MappingNode):
-        loader.flatten_mapping(node)  # resolves YAML merge keys (<<: *anchor)
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _Builder:
+    """Builds plain data straight from parser events, noting where each key and value stands.
+
+    Working from events rather than a composed node tree keeps memory proportional to the data:
+    a 100,000-shot manifest never holds half a million YAML nodes at once. Anchors, aliases and
+    merge keys (`<<: *base`) behave as in PyYAML.
+    """
+
+    def __init__(self, loader: Any, display: str, track_positions: bool) -> None:
+        self.loader = loader
+        self.display = display
+        self.document = _Document(None, _Positions(track_positions), _Positions(track_positions))
+        self.anchors: dict[str, Any] = {}
+        self.duplicates: list[ManifestProblem] = []
+
+    def value(self, path: JsonPath) -> Any:
+        event: Any = self.loader.get_event()
+        self.document.values[path] = _position(event)
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor not in self.anchors:
+                mark: Any = event.start_mark
+                problem = f"found undefined alias {event.anchor!r}"
+                raise yaml.composer.ComposerError(None, None, problem, mark)
+            return copy.deepcopy(self.anchors[event.anchor])
+        result: Any
+        if isinstance(event, yaml.ScalarEvent):
+            result = self._scalar(event)
+        elif isinstance(event, yaml.SequenceStartEvent):
+            result = []
+            while not self.loader.check_event(yaml.SequenceEndEvent):
+                result.append(self.value((*path, len(result))))
+            self.loader.get_event()
+        else:
+            result = self._mapping(path)
+        if event.anchor:
+            self.anchors[event.anchor] = result
+        return result
+
+    def _tag(self, event: Any) -> str:
+        if event.tag is None or event.tag == "!":
+            return str(self.loader.resolve(yaml.ScalarNode, event.value, event.implicit))
+        return str(event.tag)
+
+    def _scalar(self, event: Any) -> Any:
+        node = yaml.ScalarNode(self._tag(event), event.value, event.start_mark, event.end_mark)
+        value = self.loader.construct_object(node, deep=True)
+        self.loader.constructed_objects.pop(node, None)
+        return value
+
+    def _mapping(self, path: JsonPath) -> dict[str, Any]:
         mapping: dict[str, Any] = {}
-        for key_node, value_node in node.value:
-            key = str(loader.construct_object(key_node, deep=True))
+        merges: list[Any] = []
+        while not self.loader.check_event(yaml.MappingEndEvent):
+            key_event = self.loader.peek_event()
+            if isinstance(key_event, yaml.ScalarEvent) and self._tag(key_event) == _MERGE_TAG:
+                self.loader.get_event()
+                merged = self.value((*path, "<<"))
+                merges.extend(merged if isinstance(merged, list) else [merged])
+                continue
+            key = str(self.value((*path, "<key>")))
             key_path = (*path, key)
+            position = _position(key_event)
             if key in mapping:
-                first = document.keys[key_path].line + 1
-                mark = key_node.start_mark
-                duplicates.append(
+                first = self.document.keys.get(key_path, (0, 0))[0]
+                self.duplicates.append(
                     ManifestProblem(
-                        display,
-                        mark.line + 1,
-                        mark.column + 1,
+                        self.display,
+                        *position,
                         _describe(path, key, None),
                         f"duplicate field '{key}' (first given on line {first}); keep one",
                     )
                 )
+                self.value((*path, "<duplicate>"))
                 continue
-            document.keys[key_path] = key_node.start_mark
-            mapping[key] = _construct(value_node, key_path, loader, document, duplicates, display)
+            self.document.keys[key_path] = position
+            mapping[key] = self.value(key_path)
+        self.loader.get_event()
+        self.document.values.pop((*path, "<key>"), None)
+        self.document.values.pop((*path, "<duplicate>"), None)
+        # Merged keys never override the mapping's own; earlier merge sources win over later.
+        for source in merges:
+            if isinstance(source, dict):
+                for key, value in source.items():
+                    mapping.setdefault(key, copy.deepcopy(value))
         return mapping
-    if isinstance(node, yaml.SequenceNode):
-        return [
-            _construct(child, (*path, index), loader, document, duplicates, display)
-            for index, child in enumerate(node.value)
-        ]
-    return loader.construct_object(node, deep=True)
+
+
+def _position(event: Any) -> tuple[int, int]:
+    return event.start_mark.line + 1, event.start_mark.column + 1
 
 
 def _describe(parent: JsonPath, field: str | int | None, shot_id: str | None) -> str:
@@ -230,15 +320,20 @@ class _Checker:
         self, parent: JsonPath, field: str | int | None, message: str, *, at_key: bool = False
     ) -> ManifestProblem:
         path = parent if field is None else (*parent, field)
-        mark = (self.document.keys.get(path) if at_key else None) or self.document.values.get(
+        position = (self.document.keys.get(path) if at_key else None) or self.document.values.get(
             path, self.document.values.get(parent)
         )
-        line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        line, column = position or (1, 1)
         return ManifestProblem(
             self.display, line, column, _describe(parent, field, self._shot_id(path)), message
         )
 
     def _schema_problems(self) -> Iterator[ManifestProblem]:
+        try:
+            _fast_validator()(self.document.data)
+            return
+        except fastjsonschema.JsonSchemaException:
+            pass  # invalid: let jsonschema find and explain every problem
         validator = jsonschema.Draft202012Validator(manifest_schema())
         for error in validator.iter_errors(self.document.data):
             yield from self._explain(error)
@@ -302,7 +397,7 @@ class _Checker:
             folded = shot_id.casefold()
             if folded in seen:
                 first = seen[folded]
-                line = self.document.values[("shots", first, "id")].line + 1
+                line = self.document.values.get(("shots", first, "id"), (0, 0))[0]
                 message = (
                     f"id '{shot_id}' is already used by shots[{first}] on line {line}; "
                     "ids must be unique (ignoring case)"
