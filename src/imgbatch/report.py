@@ -41,7 +41,8 @@ def plan_summary(plan: Plan) -> str:
         f"{plan.count(action)} {action.value}" for action in Action if plan.count(action)
     )
     paid = plan.paid_requests
-    return f"Plan: {counts}. {paid} paid request{'s' if paid != 1 else ''}."
+    kind = "offline" if plan.provider == "placeholder" else "paid"
+    return f"Plan: {counts}. {paid} {kind} request{'s' if paid != 1 else ''}."
 
 
 class Progress:
@@ -98,8 +99,9 @@ def apply_summary(report: ApplyReport) -> str:
         f"{report.count('cached')} cached",
         f"{report.count('failed')} failed",
     ]
+    paid = "offline" if report.plan.provider == "placeholder" else "paid"
     lines = [
-        f"Done in {report.elapsed:.1f} s: {', '.join(parts)}; {report.requests} paid "
+        f"Done in {report.elapsed:.1f} s: {', '.join(parts)}; {report.requests} {paid} "
         f"request{'s' if report.requests != 1 else ''}, {report.retries} retries, "
         f"{report.throttled} throttled (429)."
     ]
