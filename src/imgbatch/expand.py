@@ -66,7 +66,8 @@ def expand(
             size=fields.get("size", DEFAULT_SIZE),
             negative_prompt=fields.get("negative_prompt") or None,
             style=fields.get("style"),
-            seed=fields.get("seed"),
+            # JSON Schema counts 5.0 as an integer; the key and the API must see 5.
+            seed=int(fields["seed"]) if fields.get("seed") is not None else None,
             reference=references.read(spec.id, reference_source) if reference_source else None,
             prompt_extend=fields.get("prompt_extend", False),
             watermark=fields.get("watermark", False),

@@ -6,7 +6,7 @@ file:line:column with the shot id and field, what was wrong and what would be ri
 
     >>> manifest = load_manifest("manifests/cyclist-spot.yaml")
     >>> [shot.id for shot in manifest.shots][:2]
-    ['s01-dusk', 's02-helmet']
+    ['s01-dawn-road', 's02-dusk-portrait']
 """
 
 from __future__ import annotations
@@ -104,9 +104,11 @@ def load_manifest(path: str | Path) -> Manifest:
     # Positions cost memory and time, and matter only when something is wrong: a valid manifest
     # is parsed once without them; an invalid one again with them, to locate every problem.
     for track_positions in (False, True):
-        document, duplicates = _parse_yaml(text, display, track_positions)
+        document, structural = _parse_yaml(text, display, track_positions)
         checker = _Checker(document, display, path.parent)
-        problems = sorted([*duplicates, *checker.problems()], key=lambda p: (p.line, p.column))
+        # jsonschema reports a missing field once per required name: say each problem once.
+        unique = dict.fromkeys([*structural, *checker.problems()])
+        problems = sorted(unique, key=lambda p: (p.line, p.column))
         if not problems:
             return _build_manifest(path, document.data)
     raise ManifestError(problems)
@@ -159,7 +161,7 @@ def _parse_yaml(
         raise ManifestError([problem]) from None
     finally:
         loader.dispose()
-    return builder.document, builder.duplicates
+    return builder.document, builder.structural
 
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
@@ -178,7 +180,7 @@ class _Builder:
         self.display = display
         self.document = _Document(None, _Positions(track_positions), _Positions(track_positions))
         self.anchors: dict[str, Any] = {}
-        self.duplicates: list[ManifestProblem] = []
+        self.structural: list[ManifestProblem] = []  # duplicates, bad merges
 
     def value(self, path: JsonPath) -> Any:
         event: Any = self.loader.get_event()
@@ -229,7 +231,7 @@ class _Builder:
             position = _position(key_event)
             if key in mapping:
                 first = self.document.keys.get(key_path, (0, 0))[0]
-                self.duplicates.append(
+                self.structural.append(
                     ManifestProblem(
                         self.display,
                         *position,
@@ -246,9 +248,17 @@ class _Builder:
         self.document.values.pop((*path, "<duplicate>"), None)
         # Merged keys never override the mapping's own; earlier merge sources win over later.
         for source in merges:
-            if isinstance(source, dict):
-                for key, value in source.items():
-                    mapping.setdefault(key, copy.deepcopy(value))
+            if not isinstance(source, dict):
+                line, column = self.document.values.get((*path, "<<"), (0, 0))
+                message = "a merge key (<<) takes a mapping or a list of mappings"
+                self.structural.append(
+                    ManifestProblem(
+                        self.display, line, column, _describe(path, "<<", None), message
+                    )
+                )
+                continue
+            for key, value in source.items():
+                mapping.setdefault(key, copy.deepcopy(value))
         return mapping
 
 

@@ -99,7 +99,7 @@ def _plan_shot(
         else:
             reason = "this exact request was made before; restored from the cache"
         return PlannedShot(shot.id, Action.RESTORE, reason, shot, previous)
-    if previous is not None and previous.key != key and previous.request:
+    if made_before and previous is not None and previous.key != key and previous.request:
         changed = changed_fields(dict(previous.request), shot.request.canonical())
         reason = f"changed: {', '.join(changed)}" if changed else "request format changed"
         return PlannedShot(shot.id, Action.REPLACE, reason, shot, previous)

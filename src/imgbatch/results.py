@@ -94,12 +94,14 @@ def read_journal(output_dir: Path) -> list[ResultEntry]:
     if not path.is_file():
         return []
     entries = []
-    with path.open(encoding="utf-8") as handle:
+    with path.open("rb") as handle:
         for line in handle:
             try:
-                entries.append(ResultEntry.from_json(json.loads(line)))
+                entries.append(ResultEntry.from_json(json.loads(line.decode("utf-8"))))
             except (ValueError, TypeError):
-                continue  # the torn tail of a run killed mid-append
+                # The torn tail of a run killed mid-append (possibly inside a multi-byte
+                # character: UnicodeDecodeError is a ValueError).
+                continue
     return entries
 
 
@@ -110,6 +112,9 @@ class Journal:
         self.path = journal_path(output_dir)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._handle = self.path.open("a", encoding="utf-8")
+        if self._handle.tell() > 0 and not _ends_with_newline(self.path):
+            # A killed run left a torn line: end it, so our first entry stands on its own line.
+            self._handle.write("\n")
 
     def record(self, entry: ResultEntry) -> None:
         self._handle.write(json.dumps(entry.to_json(), ensure_ascii=False) + "\n")
@@ -118,6 +123,12 @@ class Journal:
 
     def close(self) -> None:
         self._handle.close()
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as handle:
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1) == b"\n"
 
 
 def write_results(

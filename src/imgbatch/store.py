@@ -60,7 +60,13 @@ def verify_image(data: bytes, width: int, height: int) -> None:
             with Image.open(io.BytesIO(data)) as image:
                 size = image.size
                 image.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
+    except (
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombWarning,
+        Image.DecompressionBombError,
+    ) as exc:
         raise ValueError(f"downloaded bytes are not a whole image ({exc})") from None
     if size != (width, height):
         raise ValueError(
