@@ -14,7 +14,9 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image
 
@@ -23,26 +25,25 @@ STATE_DIR = ".imgbatch"
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that `path` is always either the old or the new content."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    _write_atomically(path, lambda handle: handle.write(data))
 
 
 def atomic_copy(source: Path, target: Path) -> None:
     """Copy `source` to `target` with the same whole-or-absent guarantee as `atomic_write`."""
+
+    def copy(handle: BinaryIO) -> None:
+        with source.open("rb") as reader:
+            shutil.copyfileobj(reader, handle)
+
+    _write_atomically(target, copy)
+
+
+def _write_atomically(target: Path, write: Callable[[BinaryIO], object]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as handle, source.open("rb") as reader:
-            shutil.copyfileobj(reader, handle)
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, target)
