@@ -361,11 +361,6 @@ def test_an_expired_image_url_fails_the_shot_as_generated_but_not_downloaded(
     assert_nothing_written(manifest)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a shot generated (and billed) but not downloaded loses the generation's "
-    "request_id in results.json: executor._keep passes image_url to _failed but not request_id",
-)
 def test_a_generated_but_undownloadable_shot_keeps_its_request_id(
     manifest: Path, offline: ApplyOptions
 ) -> None:

@@ -192,7 +192,7 @@ class Executor:
                 f"downloaded: {failure}"
             )
             error = failure if isinstance(failure, ProviderError) else None
-            self._finish(failed_entry(shot, message, error, attempts, image_url=image.image_url))
+            self._finish(failed_entry(shot, message, error, attempts, generated=image))
             return
         key = shot.request.key
         await asyncio.to_thread(self.cache.put, key, data)
@@ -258,13 +258,16 @@ def failed_entry(
     error: ProviderError | None,
     attempts: int,
     *,
-    image_url: str | None = None,
+    generated: GeneratedImage | None = None,
 ) -> ResultEntry:
+    """A failed shot's entry; `generated` is the image it was billed for but could not keep."""
     entry = _entry(shot, "failed", None, None, None, None, None, attempts=attempts)
+    # The generation's request id is the one a billing query or a support ticket needs.
+    request_id = generated.request_id if generated else None
     return replace(
         entry,
         error=message,
         error_code=error.code if error else None,
-        request_id=error.request_id if error else None,
-        image_url=image_url,
+        request_id=request_id or (error.request_id if error else None),
+        image_url=generated.image_url if generated else None,
     )
