@@ -258,6 +258,20 @@ def test_write_results_then_load_state_round_trips(tmp_path: Path) -> None:
     assert listing(tmp_path) == ["results.json"]
 
 
+def test_results_json_holds_one_shot_per_line_so_a_git_diff_names_the_changed_shots(
+    tmp_path: Path,
+) -> None:
+    meta = {"manifest": "shots.yaml", "provider": "placeholder", "key_format": 1}
+    write_results(tmp_path, [result("s01"), result("s02")], [], meta)
+    before = results_path(tmp_path).read_text(encoding="utf-8").splitlines()
+    write_results(tmp_path, [result("s01"), result("s02", prompt="a blue bicycle")], [], meta)
+    after = results_path(tmp_path).read_text(encoding="utf-8").splitlines()
+
+    changed = [line for line in after if line not in before]
+    assert len(changed) == 1 and '"id": "s02"' in changed[0]
+    assert json.loads("\n".join(after))["orphans"] == []
+
+
 def test_load_state_of_an_empty_folder(tmp_path: Path) -> None:
     assert load_state(tmp_path / "never-made") == {}
     assert read_journal(tmp_path) == []
