@@ -186,6 +186,8 @@ class FakeDashScope:
         self.reject_download_auth = reject_download_auth
         self.requests: list[RecordedRequest] = []
         self.downloads: list[RecordedRequest] = []
+        # API requests received and not yet answered (or dropped).
+        self.in_flight = 0
         self._quota = _make_bucket(quota_rps, quota_burst)
         self._rng = random.Random(seed)
         self._port = port
@@ -389,6 +391,7 @@ class FakeDashScope:
 
     async def _handle_api(self, request: web.Request) -> web.StreamResponse:
         received_at = time.monotonic()
+        self.in_flight += 1
         raw = await request.read()
         body = _parse_json(raw)
         status: int | None = None
@@ -396,6 +399,7 @@ class FakeDashScope:
             response = await self._answer_api(request, raw, body)
             status = None if response is None else response.status
         finally:
+            self.in_flight -= 1
             self._record(self.requests, request, body, status, received_at)
         if response is None:
             # Returning a response to a closed transport is the quiet way out of the handler:

@@ -1,0 +1,231 @@
+"""The rate limit, known or discovered, on virtual time: no test here really sleeps.
+
+Takes the `Pacer` and a simulated DashScope account (a token bucket: the quota per second, and
+the burst it saves up); gives evidence that a known rate is kept evenly, that a 429 or a
+Retry-After holds back the whole run, and that an unknown quota is found and held: close to the
+ideal time, with few requests refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+
+import pytest
+
+from imgbatch.pacing import Clock, Pacer, RetryPolicy
+from tests.virtual_time import run_virtual
+
+
+def loop_clock() -> Clock:
+    loop = asyncio.get_running_loop()
+    return Clock(now=loop.time, sleep=asyncio.sleep)
+
+
+async def send_times(pacer: Pacer, count: int, workers: int = 8) -> list[float]:
+    """When each of `count` requests was let go by workers that all want to go at once."""
+    loop = asyncio.get_running_loop()
+    times: list[float] = []
+    pending = iter(range(count))
+
+    async def worker() -> None:
+        for _ in pending:
+            await pacer.wait_turn()
+            times.append(loop.time())
+
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    return times
+
+
+def most_in_any_second(times: list[float]) -> int:
+    return max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
+
+
+# ----- a known rate ------------------------------------------------------------------------------
+
+
+def test_a_known_rate_is_kept_evenly_with_at_most_two_back_to_back() -> None:
+    async def scenario() -> list[float]:
+        return await send_times(Pacer(10, clock=loop_clock()), 51)
+
+    times = run_virtual(scenario())
+    gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
+    assert times[-1] - times[0] == pytest.approx(4.9, abs=0.01)  # 51 starts: two, then 0.1 s each
+    assert sum(1 for gap in gaps if gap < 0.099) == 1  # only the first two went together
+    assert most_in_any_second(times) <= 10 + 1
+
+
+def test_a_known_rate_is_not_raised_or_lowered_by_what_the_service_says() -> None:
+    async def scenario() -> tuple[float, float]:
+        clock = loop_clock()
+        pacer = Pacer(10, clock=clock)
+        await send_times(pacer, 20)
+        await asyncio.sleep(1.0)  # idle: the limiter alone would let the next one go at once
+        pacer.on_throttled(None)
+        throttled_at = clock.now()
+        await pacer.wait_turn()
+        return pacer.rate, clock.now() - throttled_at
+
+    rate, held_back = run_virtual(scenario())
+    assert rate == 10
+    # A 429 under a fixed rate holds everyone back one interval, then the rate asked for resumes.
+    assert held_back >= 0.1
+
+
+def test_retry_after_holds_back_every_request_until_it_has_passed() -> None:
+    async def scenario() -> list[float]:
+        clock = loop_clock()
+        pacer = Pacer(100, clock=clock)
+        await send_times(pacer, 5)
+        pacer.on_throttled(retry_after=30.0)
+        paused_at = clock.now()
+        return [t - paused_at for t in await send_times(pacer, 10)]
+
+    after_pause = run_virtual(scenario())
+    assert min(after_pause) >= 30.0
+    assert max(after_pause) < 30.2
+
+
+def test_the_placeholder_is_not_rate_limited() -> None:
+    async def scenario() -> float:
+        clock = loop_clock()
+        started = clock.now()
+        await send_times(Pacer(None, clock=clock, unlimited=True), 1000)
+        return clock.now() - started
+
+    assert run_virtual(scenario()) == pytest.approx(0.0, abs=0.001)
+
+
+# ----- an unknown quota --------------------------------------------------------------------------
+
+
+def test_with_no_rate_it_doubles_while_requests_queue_and_nothing_is_refused() -> None:
+    async def scenario() -> tuple[float, float]:
+        clock = loop_clock()
+        pacer = Pacer(None, clock=clock, initial_rate=4.0, probe_interval=0.25)
+        started = clock.now()
+        await send_times(pacer, 200)
+        return pacer.rate, clock.now() - started
+
+    rate, elapsed = run_virtual(scenario())
+    assert rate >= 4.0 * 2**4  # at least four doublings ...
+    assert elapsed < 3.0  # ... within a few seconds, not 200 / 4 = 50
+
+
+def test_with_no_rate_it_is_not_raised_when_requests_do_not_queue() -> None:
+    async def scenario() -> float:
+        pacer = Pacer(None, clock=loop_clock(), initial_rate=4.0)
+        for _ in range(20):  # one request a second: the rate is not what limits this run
+            await pacer.wait_turn()
+            await asyncio.sleep(1.0)
+        return pacer.rate
+
+    assert run_virtual(scenario()) == 4.0
+
+
+def test_a_429_slows_the_whole_run_at_once() -> None:
+    async def scenario() -> tuple[float, float, list[float]]:
+        clock = loop_clock()
+        pacer = Pacer(None, clock=clock, initial_rate=4.0)
+        await send_times(pacer, 100)
+        before = pacer.rate
+        pacer.on_throttled(None)
+        after = pacer.rate
+        cut_at = clock.now()
+        return before, after, [t - cut_at for t in await send_times(pacer, 10)]
+
+    before, after, times = run_virtual(scenario())
+    assert after < before
+    assert pacer_discovered_spacing(times) >= 1 / after * 0.99
+
+
+def pacer_discovered_spacing(times: list[float]) -> float:
+    """The spacing of requests after the first (which may ride on the previous rate's turn)."""
+    gaps = [later - earlier for earlier, later in zip(times[1:], times[2:], strict=False)]
+    return sum(gaps) / len(gaps)
+
+
+class Account:
+    """A DashScope account's quota: a token bucket, full at the start."""
+
+    def __init__(self, quota: float, burst: float) -> None:
+        self.quota, self.burst, self.tokens, self.last = quota, burst, burst, 0.0
+
+    def admit(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.quota)
+        self.last = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+async def run_against_account(
+    pacer_for: Callable[[Clock], Pacer], quota: float, burst: float, latency: float, shots: int
+) -> tuple[float, int, int, Pacer]:
+    """Workers as the executor's: wait a turn, send; a 429 comes back at once and is retried."""
+    loop = asyncio.get_running_loop()
+    clock = loop_clock()
+    pacer = pacer_for(clock)
+    retry = RetryPolicy(rng=random.Random(7))
+    account = Account(quota, burst)
+    pending = iter(range(shots))
+    sent = refused = 0
+    started = loop.time()
+
+    async def worker() -> None:
+        nonlocal sent, refused
+        for _ in pending:
+            attempt = 0
+            while True:
+                attempt += 1
+                await pacer.wait_turn()
+                sent += 1
+                await asyncio.sleep(0.002)
+                if not account.admit(loop.time()):
+                    refused += 1
+                    pacer.on_throttled(None)
+                    await asyncio.sleep(retry.backoff(attempt))
+                    continue
+                await asyncio.sleep(latency)
+                pacer.on_success()
+                break
+
+    await asyncio.gather(*(worker() for _ in range(64)))
+    return loop.time() - started, sent, refused, pacer
+
+
+@pytest.mark.parametrize(
+    ("quota", "burst", "latency", "shots"),
+    [(25, 25, 0.8, 150), (25, 25, 0.8, 1500), (4, 4, 15, 300), (10, 10, 5, 300)],
+)
+def test_an_unknown_quota_is_found_and_held(
+    quota: float, burst: float, latency: float, shots: int
+) -> None:
+    wall, sent, refused, pacer = run_virtual(
+        run_against_account(lambda clock: Pacer(None, clock=clock), quota, burst, latency, shots)
+    )
+    ideal = shots / quota + latency
+    assert ideal / wall >= 0.9
+    assert refused <= 0.05 * sent
+    assert pacer.discovered
+    assert pacer.estimate == pytest.approx(quota, rel=0.15)
+    assert 0.8 * quota <= pacer.rate <= 1.1 * quota
+
+
+def test_a_known_quota_is_used_in_full_with_no_429() -> None:
+    wall, sent, refused, _ = run_virtual(
+        run_against_account(lambda clock: Pacer(25, clock=clock), 25, 25, 0.8, 150)
+    )
+    assert refused == 0 and sent == 150
+    assert (150 / 25 + 0.8) / wall >= 0.95
+
+
+def test_a_rate_far_above_the_quota_still_finishes_every_shot() -> None:
+    """--rps set wrong (4x the quota): slower than right, but every shot is made."""
+    wall, sent, refused, _ = run_virtual(
+        run_against_account(lambda clock: Pacer(40, clock=clock), 10, 10, 0.8, 100)
+    )
+    assert sent - refused == 100
+    assert wall < 100  # not stuck in a retry storm
