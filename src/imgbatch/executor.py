@@ -168,7 +168,6 @@ class Executor:
                     self.listener(Retrying(shot.id, attempt, delay, exc))
                 await self.clock.sleep(delay)
                 continue
-            self.pacer.on_success()
             await self._keep(output_dir, shot, image, attempt)
             return
 

@@ -169,10 +169,12 @@ class Pacer:
         limiter = self._limiter
         if limiter is None:
             limiter = self._limiter = AsyncLimiter(_SPACING_DEPTH, _SPACING_DEPTH / self.rate)
-            if self.sent_count:
-                # A new rate starts as if the bucket were full, so a cut is not followed by
-                # two requests back to back. (An empty limiter admits at once: no waiting here.)
-                await limiter.acquire(_SPACING_DEPTH)
+            # A new limiter is empty and would let two requests go at once. The first of a run
+            # goes at once and the next a full interval later (two at once at the start would
+            # read as a tiny quota to a strict account); a new rate starts as if the bucket
+            # were full, so a cut is not followed by two back to back. (Filling an empty
+            # limiter does not wait.)
+            await limiter.acquire(_SPACING_DEPTH if self.sent_count else _SPACING_DEPTH - 1)
         return limiter
 
     def _adjust_up(self, now: float) -> None:
@@ -199,9 +201,6 @@ class Pacer:
         self._sent_since_change = 0
         self._queued_since_change = False
         self._refused_since_change = False
-
-    def on_success(self) -> None:
-        """A request was answered with an image; the rate decisions need only the 429s."""
 
     def on_throttled(self, retry_after: float | None = None) -> None:
         now = self.clock.now()
