@@ -319,6 +319,39 @@ class ScriptedProvider:
         return "no credentials (test)"
 
 
+class SlowProvider(ScriptedProvider):
+    """Takes `latency` seconds per generation and counts the requests it holds at once."""
+
+    def __init__(self, latency: float) -> None:
+        super().__init__([png(SIZE)])
+        self.latency = latency
+        self.in_flight = self.most_in_flight = 0
+
+    async def generate(self, request: ImageRequest, *, label: str) -> GeneratedImage:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(self.latency)
+            return await super().generate(request, label=label)
+        finally:
+            self.in_flight -= 1
+
+
+def test_with_no_cap_the_requests_in_flight_follow_rate_times_latency(tmp_path: Path) -> None:
+    lines = ["version: 1", "name: wide", "defaults:", '  size: "1328*1328"', "shots:"]
+    for index in range(300):
+        lines += [f"  - id: shot-{index:03d}", f'    prompt: "a lighthouse, take {index}"']
+    manifest = write_manifest(tmp_path, "\n".join(lines) + "\n")
+    provider = SlowProvider(latency=0.5)
+    options = ApplyOptions(retry=FAST_RETRY, environ={}, home=tmp_path, rps=400.0)
+
+    report = apply(manifest, options, provider=provider)
+
+    assert report.count("generated") == 300
+    # 400 requests/s x 0.5 s = 200 in flight at the peak; a fixed pool of 64 would cap it.
+    assert provider.most_in_flight >= 150
+
+
 @pytest.fixture
 def offline(tmp_path: Path) -> Iterator[ApplyOptions]:
     yield ApplyOptions(retry=FAST_RETRY, environ={}, home=tmp_path, rps=1000.0, concurrency=1)

@@ -26,7 +26,10 @@ from imgbatch.request import GeneratedImage
 from imgbatch.results import ResultEntry
 from imgbatch.store import ImageCache, verify_image
 
-DEFAULT_CONCURRENCY = 64
+# Requests in flight when the user sets no cap. The rate is what limits a run; this only has to
+# be more than rate x latency (25 requests/s at a 15 s generation is 375 in flight), and stay
+# under a default open-files limit of 1024 with a socket per request.
+DEFAULT_CONCURRENCY = 512
 
 
 @dataclass(frozen=True)
