@@ -117,7 +117,8 @@ def plan(manifest: Path, provider: str | None) -> int:
     "--concurrency",
     type=click.IntRange(min=1),
     default=None,
-    help="Requests in flight at most (default: the manifest's limits.concurrency, else 64).",
+    help="Requests in flight at most (default: the manifest's limits.concurrency, else 512: "
+    "the rate decides).",
 )
 @error_boundary
 def apply_command(
