@@ -15,8 +15,12 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import pytest
+
+from imgbatch.cli import error_boundary
 from tests.conftest import write_manifest
 from tests.fake_dashscope import GENERATION_PATH, FakeDashScope
 
@@ -171,3 +175,28 @@ def test_the_key_appears_nowhere(tmp_path: Path) -> None:
         assert "authorization" not in download.headers
         assert download.headers["host"].split(":")[0] == "localhost"
         assert download.status == 200
+
+
+def test_a_crash_log_redacts_a_key_from_the_credentials_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / ".alibabacloud").mkdir()
+    (tmp_path / ".alibabacloud" / "credentials").write_text(
+        f"[default]\ndashscope_api_key = {SECRET}\n", encoding="utf-8"
+    )
+    monkeypatch.delenv("DASHSCOPE_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    @error_boundary
+    def command() -> int:
+        raise RuntimeError(f"a library bug that quotes the key {SECRET}")
+
+    with pytest.raises(SystemExit) as exit_info:
+        command()
+
+    assert exit_info.value.code == 1
+    (log,) = re.findall(r"details in (\S+)", capsys.readouterr().err)
+    text = Path(log).read_text(encoding="utf-8")
+    assert "RuntimeError: a library bug that quotes the key ***" in text
+    assert SECRET not in text

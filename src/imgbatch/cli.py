@@ -22,6 +22,7 @@ from imgbatch.api import ApplyOptions, apply, load_and_expand, make_plan
 from imgbatch.errors import ConfigError, ImgbatchError, ManifestError
 from imgbatch.plan import Action, Plan
 from imgbatch.providers import PROVIDER_CHOICES
+from imgbatch.providers.dashscope import resolve_api_key
 from imgbatch.report import Progress, apply_summary, plan_summary, plan_table
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -55,7 +56,10 @@ def error_boundary(command: F) -> F:
 
 def _write_crash_log() -> str:
     text = traceback.format_exc()
-    key = os.environ.get("DASHSCOPE_API_KEY", "").strip()
+    try:
+        key = resolve_api_key(os.environ).value  # from the environment or the credentials file
+    except ImgbatchError:
+        key = ""
     if key:
         text = text.replace(key, "***")
     handle, path = tempfile.mkstemp(prefix="imgbatch-crash-", suffix=".log")
