@@ -23,7 +23,7 @@ REFERENCE_URL_TIMEOUT = 30.0
 REFERENCE_MAX_BYTES = 20 * 1024 * 1024
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Shot:
     id: str
     request: ImageRequest

@@ -37,7 +37,7 @@ class Action(StrEnum):
 PAID_ACTIONS = frozenset({Action.CREATE, Action.REPLACE})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PlannedShot:
     id: str
     action: Action

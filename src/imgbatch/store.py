@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -23,9 +23,14 @@ from PIL import Image
 STATE_DIR = ".imgbatch"
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that `path` is always either the old or the new content."""
-    _write_atomically(path, lambda handle: handle.write(data))
+def atomic_write(path: Path, data: bytes | Iterable[bytes]) -> None:
+    """Write `data` to `path` so that `path` is always either the old or the new content.
+
+    `data` is the whole content, or its pieces in order, written as they come (a large file
+    need not be held in memory whole).
+    """
+    pieces = [data] if isinstance(data, bytes) else data
+    _write_atomically(path, lambda handle: handle.writelines(pieces))
 
 
 def atomic_copy(source: Path, target: Path) -> None:
