@@ -7,8 +7,10 @@ import json
 import os
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -270,6 +272,41 @@ def test_results_json_holds_one_shot_per_line_so_a_git_diff_names_the_changed_sh
     changed = [line for line in after if line not in before]
     assert len(changed) == 1 and '"id": "s02"' in changed[0]
     assert json.loads("\n".join(after))["orphans"] == []
+
+
+@pytest.mark.parametrize(
+    "rewrite",
+    [
+        pytest.param(lambda document: json.dumps(document, indent=2), id="pretty-printed"),
+        pytest.param(lambda document: json.dumps(document), id="one-line"),
+        pytest.param(
+            lambda document: json.dumps({**document, "orphans": document["shots"][:1]}).replace(
+                '}, {"id"', '},\n    {"id"'
+            ),
+            id="entry-lines-in-other-places",
+        ),
+    ],
+)
+def test_a_results_file_rewritten_by_hand_still_loads(
+    tmp_path: Path, rewrite: Callable[[dict[str, Any]], str]
+) -> None:
+    meta = {"manifest": "shots.yaml", "provider": "placeholder", "key_format": 1}
+    entries = [result("s01"), result("s02", style="ink"), result("s03", "failed", file=None)]
+    path = write_results(tmp_path, entries, [], meta)
+    document = json.loads(path.read_text(encoding="utf-8"))
+    path.write_text(rewrite(document), encoding="utf-8")
+
+    assert load_state(tmp_path) == {entry.id: entry for entry in entries}
+
+
+def test_loaded_entries_share_the_strings_that_repeat_from_shot_to_shot(tmp_path: Path) -> None:
+    entries = [result(f"s{index:02d}", negative_prompt="blurry, low quality") for index in range(3)]
+    write_results(tmp_path, entries, [], {})
+
+    first, second, _ = load_state(tmp_path).values()
+    assert first.negative_prompt is second.negative_prompt
+    assert first.model is second.model
+    assert first.request["text"] is first.prompt
 
 
 def test_load_state_of_an_empty_folder(tmp_path: Path) -> None:

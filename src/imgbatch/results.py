@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -62,10 +63,31 @@ class ResultEntry:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ResultEntry:
         known = cls.__dataclass_fields__
-        return cls(**{name: value for name, value in data.items() if name in known})
+        values = {name: _shared(name, value) for name, value in data.items() if name in known}
+        request = values.get("request")
+        if isinstance(request, dict):
+            # Entries are parsed one by one: without sharing, every entry's request would hold
+            # its own copies of the same few key strings, and of its prompt.
+            prompt = values.get("prompt")
+            values["request"] = {
+                sys.intern(name): prompt
+                if name == "text" and value == prompt
+                else _shared(name, value)
+                for name, value in request.items()
+            }
+        return cls(**values)
 
 
 _FIELD_NAMES = tuple(item.name for item in fields(ResultEntry))
+# Fields whose few values repeat across thousands of shots (defaults, mostly): loaded entries
+# share one string each instead of holding a copy apiece (a 100,000-shot state is held whole).
+_REPEATING = frozenset(
+    {"status", "model", "size", "negative_prompt", "style", "error_code", "provider"}
+)
+
+
+def _shared(name: str, value: Any) -> Any:
+    return sys.intern(value) if name in _REPEATING and isinstance(value, str) else value
 
 
 def results_path(output_dir: Path) -> Path:
@@ -82,9 +104,7 @@ def load_state(output_dir: Path) -> dict[str, ResultEntry]:
     path = results_path(output_dir)
     if path.is_file():
         try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-            for raw in [*document.get("shots", []), *document.get("orphans", [])]:
-                entry = ResultEntry.from_json(raw)
+            for entry in _read_entries(path):
                 state[entry.id] = entry
         except (OSError, ValueError, TypeError, AttributeError) as exc:
             raise StoreError(
@@ -94,6 +114,42 @@ def load_state(output_dir: Path) -> dict[str, ResultEntry]:
     for entry in read_journal(output_dir):
         state[entry.id] = entry
     return state
+
+
+def _read_entries(path: Path) -> list[ResultEntry]:
+    """The shot and orphan entries of a results file.
+
+    A file as `write_results` writes it is read a line at a time, each entry parsed on its own,
+    so a 100,000-shot file is never in memory whole as text and as objects at once. The lines
+    that are not entries must still parse as the JSON document around them, with the entries'
+    places in its `shots` and `orphans`; anything else (a file edited or pretty-printed by hand)
+    is parsed whole.
+    """
+    entries: list[ResultEntry] = []
+    skeleton: list[str] = []
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if not line.startswith("    {"):
+                skeleton.append(line)
+                continue
+            text = line.rstrip()
+            try:
+                entries.append(ResultEntry.from_json(json.loads(text.removesuffix(","))))
+            except (ValueError, TypeError, AttributeError):
+                break
+            skeleton.append("0," if text.endswith(",") else "0")
+        else:
+            try:
+                document = json.loads("".join(skeleton))
+                places = [*document["shots"], *document["orphans"]]
+            except (ValueError, KeyError, TypeError):
+                places = None
+            if places == [0] * len(entries):
+                return entries
+    del entries, skeleton
+    document = json.loads(path.read_text(encoding="utf-8"))
+    raws = [*document.get("shots", []), *document.get("orphans", [])]
+    return [ResultEntry.from_json(raw) for raw in raws]
 
 
 def read_journal(output_dir: Path) -> list[ResultEntry]:
