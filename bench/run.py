@@ -1,6 +1,6 @@
 """Benchmark imgbatch's real library path against the fake DashScope server.
 
-    python bench/run.py            # the full table (about 2-3 minutes)
+    python bench/run.py            # the full table (about a minute)
     python bench/run.py --quick    # smaller seed-loop subset, fewer shots for the big cases
 
 Prints ONE markdown table. Every case goes through `imgbatch.api.apply_async` (or `make_plan`)
