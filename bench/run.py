@@ -1,7 +1,7 @@
 """Benchmark imgbatch's real library path against the fake DashScope server.
 
     python bench/run.py            # the full table (about a minute)
-    python bench/run.py --quick    # smaller seed-loop subset, fewer shots for the big cases
+    python bench/run.py --quick    # the seed loop timed on 10 shots instead of 20
 
 Prints ONE markdown table. Every case goes through `imgbatch.api.apply_async` (or `make_plan`)
 with the real `dashscope` provider, configured the way a user configures it: DASHSCOPE_API_KEY,
