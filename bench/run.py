@@ -314,75 +314,69 @@ async def reapply_case(mode: str, shots: int, work: Path) -> Row:
     return Row(f"{shots:,} shots already generated, re-apply", measure, "< 1 s, 0 requests", ok)
 
 
+# Each runs in a fresh process, so that its peak memory is its own; prints one JSON line.
 PLAN_ONLY = """
 import json, resource, sys, time
 started = time.perf_counter()
 from imgbatch.api import make_plan
 plan = make_plan(sys.argv[1], provider="dashscope")
-wall = time.perf_counter() - started
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"wall": wall, "rss_kb": rss, "shots": len(plan.shots),
+print(json.dumps({"wall": time.perf_counter() - started,
+                  "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   "create": plan.paid_requests}))
 """
-
 
 REAPPLY_ONLY = """
 import asyncio, json, resource, sys, time
 started = time.perf_counter()
 from imgbatch.api import ApplyOptions, apply_async
 report = asyncio.run(apply_async(sys.argv[1], ApplyOptions(provider="dashscope")))
-wall = time.perf_counter() - started
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"wall": wall, "rss_kb": rss, "requests": report.requests,
-                  "cached": report.count("cached")}))
+print(json.dumps({"wall": time.perf_counter() - started,
+                  "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  "requests": report.requests, "cached": report.count("cached")}))
 """
 
 
-def big_reapply_case(shots: int, work: Path) -> Row:
-    """A no-op apply of a huge shot list, in its own process so its peak memory is its own."""
-    manifest = write_manifest(work / "project", shots)
-    seed_state(manifest)
+def measured_in_own_process(script: str, manifest: Path, work: Path) -> dict[str, Any]:
     env = {**os.environ, "HOME": str(work / "home"), "DASHSCOPE_API_KEY": KEY}
     # Nothing listens there: a request sent by mistake fails the row instead of passing unseen.
     env["DASHSCOPE_HTTP_BASE_URL"] = "http://127.0.0.1:9/api/v1"
     env.pop("OUTPUT_DIR", None)
     answer = subprocess.run(
-        [sys.executable, "-c", REAPPLY_ONLY, str(manifest)],
+        [sys.executable, "-c", script, str(manifest)],
         capture_output=True,
         text=True,
         env=env,
         check=True,
     )
-    data = json.loads(answer.stdout)
-    megabytes = data["rss_kb"] / 1024
+    data: dict[str, Any] = json.loads(answer.stdout)
+    data["megabytes"] = data["rss_kb"] / 1024
+    return data
+
+
+def plan_case(shots: int, work: Path) -> Row:
+    manifest = write_manifest(work / "project", shots)
+    data = measured_in_own_process(PLAN_ONLY, manifest, work)
     measure = (
-        f"{data['wall']:.1f} s (import + plan + apply + results); peak RSS **{megabytes:.0f} MB**; "
-        f"requests {data['requests']}; {data['cached']:,} cached"
+        f"{data['wall']:.1f} s (import + load + validate + expand + plan); "
+        f"peak RSS **{data['megabytes']:.0f} MB**; {data['create']:,} to create"
+    )
+    return Row(f"{shots:,}-shot manifest, plan", measure, "< 300 MB", data["megabytes"] < 300)
+
+
+def big_reapply_case(shots: int, work: Path) -> Row:
+    """A no-op apply of a huge shot list."""
+    manifest = write_manifest(work / "project", shots)
+    seed_state(manifest)
+    data = measured_in_own_process(REAPPLY_ONLY, manifest, work)
+    measure = (
+        f"{data['wall']:.1f} s (import + plan + apply + results); "
+        f"peak RSS **{data['megabytes']:.0f} MB**; requests {data['requests']}; "
+        f"{data['cached']:,} cached"
     )
     # No memory target in the issue for this row; what it must show is no request and that the
     # state, not the images, is what grows.
     ok = data["requests"] == 0 and data["cached"] == shots
     return Row(f"{shots:,} shots already generated, re-apply", measure, "0 requests", ok)
-
-
-def plan_case(shots: int, work: Path) -> Row:
-    manifest = write_manifest(work / "project", shots)
-    env = {**os.environ, "HOME": str(work / "home")}
-    env.pop("OUTPUT_DIR", None)
-    answer = subprocess.run(
-        [sys.executable, "-c", PLAN_ONLY, str(manifest)],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=True,
-    )
-    data = json.loads(answer.stdout)
-    megabytes = data["rss_kb"] / 1024
-    measure = (
-        f"{data['wall']:.1f} s (import + load + validate + expand + plan); "
-        f"peak RSS **{megabytes:.0f} MB**; {data['create']:,} to create"
-    )
-    return Row(f"{shots:,}-shot manifest, plan", measure, "< 300 MB", megabytes < 300)
 
 
 # ----- main --------------------------------------------------------------------------------------

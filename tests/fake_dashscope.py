@@ -34,7 +34,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,17 +135,23 @@ class _StoredImage:
     corrupt: bool
 
 
-class _TokenBucket:
-    """Server-wide rate quota: ``rate`` tokens per second, holding at most ``burst``."""
+class TokenBucket:
+    """A rate quota: ``rate`` tokens per second, holding at most ``burst``, full at the start.
 
-    def __init__(self, rate: float, burst: int) -> None:
+    The fake server's quota on the real clock; the pacer's simulations pass the virtual one.
+    """
+
+    def __init__(
+        self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._rate = rate
         self._burst = float(burst)
         self._tokens = float(burst)
-        self._last = time.monotonic()
+        self._clock = clock
+        self._last = clock()
 
     def try_take(self) -> bool:
-        now = time.monotonic()
+        now = self._clock()
         self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
         self._last = now
         if self._tokens < 1.0:
@@ -696,10 +702,10 @@ def _encode_png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
     return buffer.getvalue()
 
 
-def _make_bucket(rate: float | None, burst: int | None) -> _TokenBucket | None:
+def _make_bucket(rate: float | None, burst: int | None) -> TokenBucket | None:
     if rate is None:
         return None
-    return _TokenBucket(rate, burst if burst is not None else max(1, int(rate)))
+    return TokenBucket(rate, burst if burst is not None else max(1, int(rate)))
 
 
 # ----- subprocess mode ---------------------------------------------------------------------------

@@ -1,20 +1,19 @@
 """The rate limit, known or discovered, on virtual time: no test here really sleeps.
 
-Takes the `Pacer` and a simulated DashScope account (a token bucket: the quota per second, and
-the burst it saves up); gives evidence that a known rate is kept evenly, that a 429 or a
-Retry-After holds back the whole run, and that an unknown quota is found and held: close to the
-ideal time, with few requests refused.
+Takes the `Pacer`, alone or against a simulated DashScope account (`tests/quota_sim.py`);
+gives evidence that a known rate is kept evenly, that a 429 or a Retry-After holds back the whole
+run, and that an unknown quota is found and held: close to the ideal time, with few requests
+refused.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
-from collections.abc import Callable
 
 import pytest
 
-from imgbatch.pacing import Clock, Pacer, RetryPolicy
+from imgbatch.pacing import Clock, Pacer
+from tests.quota_sim import simulate
 from tests.virtual_time import run_virtual
 
 
@@ -164,55 +163,6 @@ def pacer_discovered_spacing(times: list[float]) -> float:
     return sum(gaps) / len(gaps)
 
 
-class Account:
-    """A DashScope account's quota: a token bucket, full at the start."""
-
-    def __init__(self, quota: float, burst: float) -> None:
-        self.quota, self.burst, self.tokens, self.last = quota, burst, burst, 0.0
-
-    def admit(self, now: float) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.quota)
-        self.last = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
-
-
-async def run_against_account(
-    pacer_for: Callable[[Clock], Pacer], quota: float, burst: float, latency: float, shots: int
-) -> tuple[float, int, int, Pacer]:
-    """Workers as the executor's: wait a turn, send; a 429 comes back at once and is retried."""
-    loop = asyncio.get_running_loop()
-    clock = loop_clock()
-    pacer = pacer_for(clock)
-    retry = RetryPolicy(rng=random.Random(7))
-    account = Account(quota, burst)
-    pending = iter(range(shots))
-    sent = refused = 0
-    started = loop.time()
-
-    async def worker() -> None:
-        nonlocal sent, refused
-        for _ in pending:
-            attempt = 0
-            while True:
-                attempt += 1
-                await pacer.wait_turn()
-                sent += 1
-                await asyncio.sleep(0.002)
-                if not account.admit(loop.time()):
-                    refused += 1
-                    pacer.on_throttled(None)
-                    await asyncio.sleep(retry.backoff(attempt))
-                    continue
-                await asyncio.sleep(latency)
-                break
-
-    await asyncio.gather(*(worker() for _ in range(64)))
-    return loop.time() - started, sent, refused, pacer
-
-
 @pytest.mark.parametrize(
     ("quota", "burst", "latency", "shots"),
     [(25, 25, 0.8, 150), (25, 25, 0.8, 1500), (4, 4, 15, 300), (10, 10, 5, 300)],
@@ -220,29 +170,22 @@ async def run_against_account(
 def test_an_unknown_quota_is_found_and_held(
     quota: float, burst: float, latency: float, shots: int
 ) -> None:
-    wall, sent, refused, pacer = run_virtual(
-        run_against_account(lambda clock: Pacer(None, clock=clock), quota, burst, latency, shots)
-    )
-    ideal = shots / quota + latency
-    assert ideal / wall >= 0.9
-    assert refused <= 0.05 * sent
-    assert pacer.discovered
-    assert pacer.estimate == pytest.approx(quota, rel=0.15)
-    assert 0.8 * quota <= pacer.rate <= 1.1 * quota
+    run = simulate(quota, burst, latency, shots)
+    assert run.ratio >= 0.9
+    assert run.share <= 0.05
+    assert run.discovered
+    assert run.estimate == pytest.approx(quota, rel=0.15)
+    assert 0.8 * quota <= run.rate <= 1.1 * quota
 
 
 def test_a_known_quota_is_used_in_full_with_no_429() -> None:
-    wall, sent, refused, _ = run_virtual(
-        run_against_account(lambda clock: Pacer(25, clock=clock), 25, 25, 0.8, 150)
-    )
-    assert refused == 0 and sent == 150
-    assert (150 / 25 + 0.8) / wall >= 0.95
+    run = simulate(25, 25, 0.8, 150, rps=25)
+    assert run.refused == 0 and run.requests == 150
+    assert run.ratio >= 0.95
 
 
 def test_a_rate_far_above_the_quota_still_finishes_every_shot() -> None:
     """--rps set wrong (4x the quota): slower than right, but every shot is made."""
-    wall, sent, refused, _ = run_virtual(
-        run_against_account(lambda clock: Pacer(40, clock=clock), 10, 10, 0.8, 100)
-    )
-    assert sent - refused == 100
-    assert wall < 100  # not stuck in a retry storm
+    run = simulate(10, 10, 0.8, 100, rps=40)
+    assert run.requests - run.refused == 100
+    assert run.wall < 100  # not stuck in a retry storm
