@@ -41,7 +41,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rtt", type=float, default=0.004)
     args = parser.parse_args()
-    print("| quota | burst | latency | shots | conc | wall | ideal/actual | 429s | rate | est |")
+    print("| quota | burst | latency | shots | conc | wall | ideal/actual | 429s | settled | est |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for quota, burst, latency, shots, cap in GRID:
         concurrency = cap or DEFAULT_CONCURRENCY
@@ -49,7 +49,8 @@ def main() -> int:
         est = f"{r.estimate:.2f}" if r.estimate is not None else "-"
         print(
             f"| {quota} | {burst} | {latency} | {shots} | {concurrency} | {r.wall:.1f} | "
-            f"{r.ratio:.3f} | {r.refused}/{r.requests} ({r.share:.1%}) | {r.rate:.2f} | {est} |"
+            f"{r.ratio:.3f} | {r.refused}/{r.requests} ({r.share:.1%}) | "
+            f"{r.settled_rate:.2f} | {est} |"
         )
     return 0
 

@@ -27,7 +27,8 @@ class SimResult:
     ideal: float
     requests: int
     refused: int
-    rate: float
+    rate: float  # where the rate was when the last shot finished
+    settled_rate: float  # what the end-of-run summary tells the user to pin
     estimate: float | None
     discovered: bool
 
@@ -88,6 +89,7 @@ async def run_against_quota(
         requests=requests,
         refused=refused,
         rate=pacer.rate,
+        settled_rate=pacer.settled_rate,
         estimate=pacer.estimate,
         discovered=pacer.discovered,
     )

@@ -556,3 +556,30 @@ def test_usage_errors_exit_2_and_send_nothing(
     assert "Usage:" in result.stderr
     assert fake_server.requests == []
     assert not output_dir(example_manifest).exists()
+
+
+def test_with_no_rate_apply_finds_the_quota_and_says_what_to_pin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lines = ["version: 1", "name: quota", "defaults:", '  size: "1328*1328"', "shots:"]
+    for index in range(80):
+        lines += [f"  - id: shot-{index:02d}", f'    prompt: "a lighthouse, take {index}"']
+    manifest = write_manifest(tmp_path, "\n".join(lines) + "\n")
+    with FakeDashScope(api_key=FAKE_KEY, quota_rps=20, quota_burst=20) as server:
+        monkeypatch.setenv("HOME", str(tmp_path))
+        monkeypatch.setenv("DASHSCOPE_API_KEY", FAKE_KEY)
+        monkeypatch.setenv("DASHSCOPE_HTTP_BASE_URL", server.base_url)
+        monkeypatch.delenv("OUTPUT_DIR", raising=False)
+        result = run("apply", manifest)
+        throttled = server.status_counts[429]
+
+    assert_clean(result)
+    assert result.exit_code == 0, result.output
+    assert throttled >= 1  # the ramp did reach the quota
+    found = re.search(
+        r"The quota allowed about ([\d.]+) requests/s; pin it with --rps ([\d.]+)", result.stdout
+    )
+    assert found, result.stdout
+    assert 15 <= float(found.group(1)) <= 20
+    assert found.group(1) == found.group(2)
+    assert f"{throttled} throttled (429)" in result.stdout

@@ -99,7 +99,7 @@ class Executor:
             for worker in workers:
                 worker.cancel()
         self.outcome.throttled = self.pacer.throttled_count
-        self.outcome.rate = self.pacer.rate
+        self.outcome.rate = self.pacer.settled_rate
         self.outcome.rate_discovered = self.pacer.discovered
         return self.outcome
 

@@ -50,6 +50,8 @@ _HISTORY = 4096
 _DRY_MOMENTS = 64
 # How many requests deep the limiter's bucket is (see the module docstring).
 _SPACING_DEPTH = 2
+# The share of its rate a run must actually send before the rate is raised.
+_USED_IN_FULL = 0.8
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,6 @@ class Pacer:
         self._last_cut = -math.inf
         self._sent_since_change = 0
         self._queued_since_change = False
-        self._refused_since_change = False
         self._creep_steps = 0
         self._held = 0.0
         # Moments the account's bucket was dry (each 429): time, requests sent, refused so far.
@@ -138,6 +139,16 @@ class Pacer:
     def discovered(self) -> bool:
         """True once an unknown quota has shown where it lies."""
         return self._found_limit
+
+    @property
+    def settled_rate(self) -> float:
+        """The rate to pin next time: the rate asked for, else the last measured quota less
+        the margin. Not the current rate, which a run may end in the middle of probing above
+        the quota, nor a rate merely held for a while, which a saved-up burst can flatter.
+        """
+        if self.fixed or self.estimate is None:
+            return self.rate
+        return min(self.rate, self.estimate * self.margin)
 
     async def wait_turn(self) -> None:
         """Return when one more request may be sent; the caller sends it right away."""
@@ -178,9 +189,13 @@ class Pacer:
         return limiter
 
     def _adjust_up(self, now: float) -> None:
-        if self.fixed or not self._queued_since_change or self._refused_since_change:
+        if self.fixed or not self._queued_since_change:
             return
         elapsed = now - self._last_change
+        if self._sent_since_change < _USED_IN_FULL * self.rate * elapsed:
+            # Requests come slower than the rate allows (a concurrency cap, a slow service): the
+            # rate is not what limits the run, and going faster would prove nothing.
+            return
         if not self._found_limit or self._probing:
             if elapsed >= self.probe_interval and self._sent_since_change > 2:
                 factor = 2.0 if not self._found_limit else 1 + self.probe_step
@@ -200,12 +215,10 @@ class Pacer:
         self._last_change = now
         self._sent_since_change = 0
         self._queued_since_change = False
-        self._refused_since_change = False
 
     def on_throttled(self, retry_after: float | None = None) -> None:
         now = self.clock.now()
         self.throttled_count += 1
-        self._refused_since_change = True
         if retry_after:
             self._paused_until = max(self._paused_until, now + retry_after)
         if self.fixed:
@@ -215,6 +228,11 @@ class Pacer:
             return
         if now - self._last_cut >= self.window:
             self._cut(now)
+        else:
+            # Sent before the cut, so no news about the new rate; but the bucket is dry again,
+            # so the next step up waits a full interval from now.
+            self._last_change = now
+            self._sent_since_change = 0
         self._dry.append((now, self.sent_count, self.throttled_count))
 
     def _cut(self, now: float) -> None:
