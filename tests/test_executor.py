@@ -22,7 +22,7 @@ from typing import Any, Self
 import pytest
 from PIL import Image
 
-from imgbatch.api import ApplyOptions, ApplyReport, apply, apply_async
+from imgbatch.api import ApplyOptions, ApplyReport, apply, apply_async, make_plan
 from imgbatch.errors import TransientError
 from imgbatch.pacing import Clock, RetryPolicy
 from imgbatch.request import GeneratedImage, ImageRequest
@@ -32,6 +32,7 @@ from tests.fake_dashscope import FakeDashScope
 
 FAST_RETRY = RetryPolicy(base_delay=0.001, max_delay=0.01)
 SHOT = "only"
+SHOT_FILE = "only.png"
 SIZE = (1328, 1328)
 MANIFEST = """\
 version: 1
@@ -286,8 +287,9 @@ class ScriptedProvider:
     name = "dashscope"
     metered = True
 
-    def __init__(self, fetches: list[bytes | Exception]) -> None:
+    def __init__(self, fetches: list[bytes | Exception], tag: str = "run") -> None:
         self.fetches = fetches
+        self.tag = tag  # in its image URLs, to tell one provider's images from another's
         self.generated: list[ImageRequest] = []
         self.fetched: list[GeneratedImage] = []
 
@@ -305,7 +307,7 @@ class ScriptedProvider:
     async def generate(self, request: ImageRequest, *, label: str) -> GeneratedImage:
         self.generated.append(request)
         width, height = request.dimensions
-        url = f"https://bucket.example.invalid/{len(self.generated)}.png?Signature=x"
+        url = f"https://bucket.example.invalid/{self.tag}-{len(self.generated)}.png?Signature=x"
         return GeneratedImage(url, width, height, request.seed, f"req-{len(self.generated)}")
 
     async def fetch(self, image: GeneratedImage) -> bytes:
@@ -400,6 +402,47 @@ def test_a_generated_but_undownloadable_shot_keeps_its_request_id(
     provider = ScriptedProvider([TransientError("image download answered HTTP 404", status=404)])
     report = apply(manifest, offline, provider=provider)
     assert only_entry(report)["request_id"] == "req-1"
+
+
+def test_the_next_apply_keeps_an_image_billed_but_not_downloaded_without_paying_again(
+    manifest: Path, offline: ApplyOptions
+) -> None:
+    unreachable = ScriptedProvider([TransientError("image download failed (ClientOSError)")])
+    first = only_entry(apply(manifest, offline, provider=unreachable))
+    assert first["status"] == "failed" and first["image_url"]
+    plan = make_plan(manifest, provider="dashscope", environ={}, home=offline.home)
+    assert [item.reason for item in plan.shots] == [
+        "generated last time but not downloaded; its URL is tried before paying again"
+    ]
+
+    back = ScriptedProvider([png(SIZE)], tag="second")
+    second = only_entry(apply(manifest, offline, provider=back))
+
+    assert back.generated == []  # not paid for again
+    assert [image.image_url for image in back.fetched] == [first["image_url"]]
+    assert second["status"] == "generated"
+    assert second["request_id"] == first["request_id"] == "req-1"
+    assert second["image_url"] == first["image_url"]
+    with Image.open(out_dir(manifest) / SHOT_FILE) as image:
+        assert image.size == SIZE
+
+
+def test_an_expired_url_from_last_time_is_tried_once_then_the_shot_is_generated_again(
+    manifest: Path, offline: ApplyOptions
+) -> None:
+    unreachable = ScriptedProvider([TransientError("image download failed (ClientOSError)")])
+    first = only_entry(apply(manifest, offline, provider=unreachable))
+
+    expired = TransientError("image download answered HTTP 403", status=403)
+    again = ScriptedProvider([expired, png(SIZE)], tag="second")
+    second = only_entry(apply(manifest, offline, provider=again))
+
+    assert len(again.generated) == 1
+    new_url = "https://bucket.example.invalid/second-1.png?Signature=x"
+    # The old URL once (no retries: expired stays expired), then the new image.
+    assert [image.image_url for image in again.fetched] == [first["image_url"], new_url]
+    assert second["status"] == "generated" and second["attempts"] == 1
+    assert second["image_url"] == new_url
 
 
 # ----- RetryPolicy.backoff ------------------------------------------------------------------------

@@ -112,7 +112,7 @@ class Executor:
                 continue
             if item.action is Action.RESTORE:
                 await self._restore(output_dir, item.shot, item.previous)
-            else:
+            elif not await self._recover(output_dir, item.shot, item.previous):
                 await self._generate(output_dir, item.shot)
 
     def _finish(self, entry: ResultEntry, *, journal: bool = True) -> None:
@@ -174,21 +174,48 @@ class Executor:
             await self._keep(output_dir, shot, image, attempt)
             return
 
+    async def _recover(self, output_dir: Path, shot: Shot, previous: ResultEntry | None) -> bool:
+        """Keep an image billed by an earlier run that could not download it, if its URL still
+        works (about 24 hours): True when the shot is done without a new request."""
+        if (
+            previous is None
+            or previous.status != "failed"
+            or not previous.image_url
+            or previous.key != shot.request.key
+        ):
+            return False
+        width, height = shot.request.dimensions
+        image = GeneratedImage(
+            previous.image_url, width, height, shot.request.seed, previous.request_id
+        )
+        try:
+            # One try: an expired URL stays expired, and a new request is the way out.
+            data = await self._fetch_verified(image, tries=1)
+        except (TransientError, ValueError):
+            return False
+        await self._place(output_dir, shot, image, data, attempts=0)
+        return True
+
+    async def _fetch_verified(self, image: GeneratedImage, *, tries: int) -> bytes:
+        """The image's bytes, verified to decode at the reported size; the last failure if not."""
+        for attempt in range(1, tries + 1):
+            try:
+                data = await self.provider.fetch(image)
+                await asyncio.to_thread(verify_image, data, image.width, image.height)
+                return data
+            except (TransientError, ValueError):
+                if attempt == tries:
+                    raise
+                await self.clock.sleep(self.retry.backoff(attempt))
+        raise AssertionError("unreachable: tries >= 1")
+
     async def _keep(
         self, output_dir: Path, shot: Shot, image: GeneratedImage, attempts: int
     ) -> None:
         """Download, verify, cache and place a paid-for image; never regenerate to get it."""
-        failure: ProviderError | ValueError | None = None
-        for download_attempt in range(1, self.retry.download_attempts + 1):
-            try:
-                data = await self.provider.fetch(image)
-                await asyncio.to_thread(verify_image, data, image.width, image.height)
-                break
-            except (TransientError, ValueError) as exc:
-                failure = exc
-                if download_attempt < self.retry.download_attempts:
-                    await self.clock.sleep(self.retry.backoff(download_attempt))
-        else:
+        try:
+            data = await self._fetch_verified(image, tries=self.retry.download_attempts)
+        except (TransientError, ValueError) as failure:
             message = (
                 f"generated (request {image.request_id or 'unknown'}) but the image could not be "
                 f"downloaded: {failure}"
@@ -196,6 +223,12 @@ class Executor:
             error = failure if isinstance(failure, ProviderError) else None
             self._finish(failed_entry(shot, message, error, attempts, generated=image))
             return
+        await self._place(output_dir, shot, image, data, attempts=attempts)
+
+    async def _place(
+        self, output_dir: Path, shot: Shot, image: GeneratedImage, data: bytes, *, attempts: int
+    ) -> None:
+        """Put verified bytes in the cache and at the shot's file, then record the shot."""
         key = shot.request.key
         await asyncio.to_thread(self.cache.put, key, data)
         await asyncio.to_thread(self.cache.copy_to, key, output_dir / shot.file)

@@ -105,6 +105,8 @@ def _plan_shot(
         return PlannedShot(shot.id, Action.REPLACE, reason, shot, previous)
     if previous is None:
         reason = "new shot"
+    elif previous.status == "failed" and previous.image_url and previous.key == key:
+        reason = "generated last time but not downloaded; its URL is tried before paying again"
     elif previous.status == "failed":
         reason = f"failed last time: {previous.error or 'unknown error'}"
     else:
