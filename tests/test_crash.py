@@ -58,6 +58,11 @@ def _journal_lines(output: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
 
+def _finished(lines: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Journal lines of shots whose image is in place (not those still downloading)."""
+    return [entry for entry in lines if entry["status"] == "generated"]
+
+
 def _wait_for(condition: object, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -71,11 +76,15 @@ def test_kill_9_loses_only_shots_in_flight(tmp_path: Path, slow_server: FakeDash
     manifest = _manifest(tmp_path)
     output = tmp_path / "output" / "crash"
     process = _start_apply(manifest, slow_server)
-    _wait_for(lambda: len(_journal_lines(output)) >= 4)
+    _wait_for(lambda: len(_finished(_journal_lines(output))) >= 4)
     process.kill()
     process.communicate(timeout=10)
 
-    journaled = _journal_lines(output)
+    lines = _journal_lines(output)
+    journaled = _finished(lines)
+    # A shot whose latest line says it was generated but still downloading.
+    latest = {str(entry["id"]): entry for entry in lines}
+    downloading = [e for e in latest.values() if e["status"] == "failed" and e["image_url"]]
     assert not (output / "results.json").exists()
     for entry in journaled:
         # Every journaled shot's image is whole: in place and in the cache.
@@ -92,8 +101,11 @@ def test_kill_9_loses_only_shots_in_flight(tmp_path: Path, slow_server: FakeDash
     statuses = {shot["id"]: shot["status"] for shot in results["shots"]}
     assert len(statuses) == SHOTS
     assert "failed" not in statuses.values()
-    # Journaled shots are not paid again: restored, never regenerated.
+    # Journaled shots are not paid again: restored, never regenerated; one killed while
+    # downloading is fetched from its URL, so it keeps the request id it was billed under.
     assert all(statuses[str(entry["id"])] == "cached" for entry in journaled)
+    request_ids = {shot["id"]: shot["request_id"] for shot in results["shots"]}
+    assert all(request_ids[str(entry["id"])] == entry["request_id"] for entry in downloading)
     assert list(statuses.values()).count("generated") <= SHOTS - len(journaled)
     # At most the two requests in flight at the kill were paid for and lost.
     assert slow_server.successes <= SHOTS + 2
@@ -124,7 +136,7 @@ def test_ctrl_c_stops_sending_and_writes_results(
     manifest = _manifest(tmp_path)
     output = tmp_path / "output" / "crash"
     process = _start_apply(manifest, slow_server)
-    _wait_for(lambda: len(_journal_lines(output)) >= 2)
+    _wait_for(lambda: len(_finished(_journal_lines(output))) >= 2)
     process.send_signal(signal.SIGINT)
     sent_at_interrupt = slow_server.generation_count
     _, stderr = process.communicate(timeout=30)
@@ -147,7 +159,7 @@ def test_second_ctrl_c_abandons_requests_in_flight(
     output = tmp_path / "output" / "crash"
     process = _start_apply(manifest, slow_server)
     # A request surely in flight: received by the server, with most of its latency still to go.
-    _wait_for(lambda: len(_journal_lines(output)) >= 1 and slow_server.in_flight >= 1)
+    _wait_for(lambda: len(_finished(_journal_lines(output))) >= 1 and slow_server.in_flight >= 1)
     process.send_signal(signal.SIGINT)
     time.sleep(0.05)
     process.send_signal(signal.SIGINT)

@@ -12,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import random
+import signal
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -443,6 +446,61 @@ def test_an_expired_url_from_last_time_is_tried_once_then_the_shot_is_generated_
     assert [image.image_url for image in again.fetched] == [first["image_url"], new_url]
     assert second["status"] == "generated" and second["attempts"] == 1
     assert second["image_url"] == new_url
+
+
+class Killed(BaseException):
+    """Stands for kill -9: nothing after it runs, in imgbatch or anywhere."""
+
+
+class KilledWhileDownloading(ScriptedProvider):
+    async def fetch(self, image: GeneratedImage) -> bytes:
+        raise Killed
+
+
+def test_a_run_killed_while_downloading_leaves_the_paid_image_to_the_next_apply(
+    manifest: Path, offline: ApplyOptions
+) -> None:
+    with pytest.raises(Killed):
+        apply(manifest, offline, provider=KilledWhileDownloading([]))
+    assert not (out_dir(manifest) / "results.json").exists()
+
+    back = ScriptedProvider([png(SIZE)], tag="second")
+    entry = only_entry(apply(manifest, offline, provider=back))
+
+    assert back.generated == []
+    assert [image.image_url for image in back.fetched] == [
+        "https://bucket.example.invalid/run-1.png?Signature=x"
+    ]
+    assert entry["status"] == "generated" and entry["request_id"] == "req-1"
+
+
+class InterruptedWhileDownloading(ScriptedProvider):
+    """Ctrl-C arrives during the download, which then hangs until abandoned."""
+
+    async def fetch(self, image: GeneratedImage) -> bytes:
+        os.kill(os.getpid(), signal.SIGINT)
+        await asyncio.Event().wait()
+        raise AssertionError("abandoned downloads never finish")
+
+
+def test_a_download_abandoned_at_ctrl_c_keeps_the_url_for_the_next_apply(
+    manifest: Path, offline: ApplyOptions
+) -> None:
+    quick_grace = replace(offline, grace_seconds=0.2)
+    report = apply(manifest, quick_grace, provider=InterruptedWhileDownloading([]))
+
+    assert report.interrupted
+    entry = only_entry(report)
+    assert entry["status"] == "failed"
+    assert entry["error"] == (
+        "abandoned in flight while downloading its image (request req-1); the next apply "
+        "fetches it before paying again"
+    )
+    assert entry["image_url"] == "https://bucket.example.invalid/run-1.png?Signature=x"
+
+    back = ScriptedProvider([png(SIZE)], tag="second")
+    assert only_entry(apply(manifest, offline, provider=back))["request_id"] == "req-1"
+    assert back.generated == []
 
 
 # ----- RetryPolicy.backoff ------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -213,6 +213,13 @@ def _final_entry(item: PlannedShot, outcome: RunOutcome) -> ResultEntry:
     if entry is not None:
         return entry
     # Abandoned in flight (second Ctrl-C, or the grace time ran out).
+    downloading = outcome.downloading.get(item.id)
+    if downloading is not None:
+        message = (
+            f"abandoned in flight while downloading its image (request "
+            f"{downloading.request_id or 'unknown'}); the next apply fetches it before paying again"
+        )
+        return replace(downloading, error=message)
     assert item.shot is not None
     message = "abandoned in flight when interrupted"
     if item.action is not Action.RESTORE:

@@ -6,7 +6,8 @@ paid requests wait for the `Pacer`, transient failures are retried with backoff,
 shot only, a 401/403 stops the run: nothing new is sent, requests in flight finish. Every image is
 downloaded right after it is generated (its URL expires), verified to decode at the reported
 size, put in the cache and copied into place before its entry is journaled, so a crash loses only
-shots in flight.
+shots in flight; its URL is journaled before the download, so that a shot paid for but not yet
+downloaded is fetched by the next apply (`_recover`) instead of being paid for again.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class Retrying:
 @dataclass
 class RunOutcome:
     entries: dict[str, ResultEntry] = field(default_factory=dict)
+    # Shots generated (and billed) whose download has not finished yet.
+    downloading: dict[str, ResultEntry] = field(default_factory=dict)
     stopped: str | None = None
     requests: int = 0
     throttled: int = 0
@@ -171,7 +174,16 @@ class Executor:
                     self.listener(Retrying(shot.id, attempt, delay, exc))
                 await self.clock.sleep(delay)
                 continue
+            if self.provider.metered:
+                # Journaled before the download, so that a run killed while downloading leaves
+                # the paid image's URL for the next apply to fetch instead of paying again.
+                downloading = failed_entry(
+                    shot, "generated; its download had not finished", None, attempt, generated=image
+                )
+                self.record(downloading)
+                self.outcome.downloading[shot.id] = downloading
             await self._keep(output_dir, shot, image, attempt)
+            self.outcome.downloading.pop(shot.id, None)
             return
 
     async def _recover(self, output_dir: Path, shot: Shot, previous: ResultEntry | None) -> bool:

@@ -4,10 +4,11 @@ Takes finished shots as `ResultEntry`s; gives `<output>/results.json` (the **con
 per shot in manifest order) and reads it back as the state the next plan compares against.
 
 Each finished shot is appended to `<output>/.imgbatch/journal.jsonl` and fsynced the moment it
-finishes, after its image is in the cache and in place; `results.json` is rewritten atomically at
-the end of a run and the journal then emptied. A run killed at any point therefore loses only the
-shots in flight: the next load replays the journal over the last results file. A torn last line
-(the kill came mid-append) is ignored.
+finishes, after its image is in the cache and in place (and a generated image's URL before its
+download starts); `results.json` is rewritten atomically at the end of a run and the journal
+then emptied. A run killed at any point therefore loses only the shots in flight: the next load
+replays the journal over the last results file, a later line for a shot winning over an earlier
+one. A torn last line (the kill came mid-append) is ignored.
 """
 
 from __future__ import annotations
