@@ -56,3 +56,11 @@ def write_manifest(directory: Path, text: str, name: str = "shots.yaml") -> Path
     path = directory / name
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def write_many_shots(directory: Path, name: str, count: int) -> Path:
+    """A manifest called `name` with `count` distinct 1:1 shots, shot-000 onwards."""
+    lines = ["version: 1", f"name: {name}", "defaults:", '  size: "1328*1328"', "shots:"]
+    for index in range(count):
+        lines += [f"  - id: shot-{index:03d}", f'    prompt: "a lighthouse, take {index}"']
+    return write_manifest(directory, "\n".join(lines) + "\n")

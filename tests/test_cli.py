@@ -22,7 +22,7 @@ from click.testing import CliRunner, Result
 from PIL import Image
 
 from imgbatch.cli import main
-from tests.conftest import FAKE_KEY, write_manifest
+from tests.conftest import FAKE_KEY, write_manifest, write_many_shots
 from tests.fake_dashscope import GENERATION_PATH, FakeDashScope
 
 # The example pins limits.rps: 2; tests lift it so eight shots take milliseconds, not seconds.
@@ -561,10 +561,7 @@ def test_usage_errors_exit_2_and_send_nothing(
 def test_with_no_rate_apply_finds_the_quota_and_says_what_to_pin(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    lines = ["version: 1", "name: quota", "defaults:", '  size: "1328*1328"', "shots:"]
-    for index in range(80):
-        lines += [f"  - id: shot-{index:02d}", f'    prompt: "a lighthouse, take {index}"']
-    manifest = write_manifest(tmp_path, "\n".join(lines) + "\n")
+    manifest = write_many_shots(tmp_path, "quota", 80)
     with FakeDashScope(api_key=FAKE_KEY, quota_rps=20, quota_burst=20) as server:
         monkeypatch.setenv("HOME", str(tmp_path))
         monkeypatch.setenv("DASHSCOPE_API_KEY", FAKE_KEY)

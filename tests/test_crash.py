@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import FAKE_KEY, write_manifest
+from tests.conftest import FAKE_KEY, write_many_shots
 from tests.fake_dashscope import FakeDashScope
 
 SHOTS = 16
@@ -26,11 +26,8 @@ def slow_server() -> Iterator[FakeDashScope]:
         yield server
 
 
-def _manifest(directory: Path, shots: int = SHOTS) -> Path:
-    lines = ["version: 1", "name: crash", "defaults:", '  size: "1328*1328"', "shots:"]
-    for index in range(shots):
-        lines += [f"  - id: shot-{index:02d}", f'    prompt: "a lighthouse, variation {index}"']
-    return write_manifest(directory, "\n".join(lines) + "\n")
+def _manifest(directory: Path) -> Path:
+    return write_many_shots(directory, "crash", SHOTS)
 
 
 def _start_apply(manifest: Path, server: FakeDashScope, *extra: str) -> subprocess.Popen[str]:

@@ -30,7 +30,7 @@ from imgbatch.errors import TransientError
 from imgbatch.pacing import Clock, RetryPolicy
 from imgbatch.request import GeneratedImage, ImageRequest
 from imgbatch.store import STATE_DIR
-from tests.conftest import write_manifest
+from tests.conftest import write_manifest, write_many_shots
 from tests.fake_dashscope import FakeDashScope
 
 FAST_RETRY = RetryPolicy(base_delay=0.001, max_delay=0.01)
@@ -343,10 +343,7 @@ class SlowProvider(ScriptedProvider):
 
 
 def test_with_no_cap_the_requests_in_flight_follow_rate_times_latency(tmp_path: Path) -> None:
-    lines = ["version: 1", "name: wide", "defaults:", '  size: "1328*1328"', "shots:"]
-    for index in range(300):
-        lines += [f"  - id: shot-{index:03d}", f'    prompt: "a lighthouse, take {index}"']
-    manifest = write_manifest(tmp_path, "\n".join(lines) + "\n")
+    manifest = write_many_shots(tmp_path, "wide", 300)
     provider = SlowProvider(latency=0.5)
     options = ApplyOptions(retry=FAST_RETRY, environ={}, home=tmp_path, rps=400.0)
 

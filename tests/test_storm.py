@@ -8,7 +8,7 @@ import pytest
 
 from imgbatch.api import ApplyOptions, apply
 from imgbatch.pacing import RetryPolicy
-from tests.conftest import FAKE_KEY, write_manifest
+from tests.conftest import FAKE_KEY, write_many_shots
 from tests.fake_dashscope import FakeDashScope
 
 
@@ -16,10 +16,7 @@ def test_thirty_percent_server_errors_complete_every_shot_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     shots = 40
-    lines = ["version: 1", "name: storm", "shots:"]
-    for index in range(shots):
-        lines += [f"  - id: s{index:02d}", f'    prompt: "storm test {index}"']
-    manifest = write_manifest(tmp_path, "\n".join(lines) + "\n")
+    manifest = write_many_shots(tmp_path, "storm", shots)
     with FakeDashScope(api_key=FAKE_KEY, error_rate=0.3, seed=3) as server:
         environ = {
             "DASHSCOPE_API_KEY": FAKE_KEY,
