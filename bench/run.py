@@ -38,7 +38,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from imgbatch.api import ApplyOptions, ApplyReport, apply_async, load_and_expand  # noqa: E402
-from imgbatch.results import ResultEntry, write_results  # noqa: E402
+from imgbatch.executor import _entry as executor_entry  # noqa: E402
+from imgbatch.request import GeneratedImage  # noqa: E402
+from imgbatch.results import write_results  # noqa: E402
 from imgbatch.store import STATE_DIR, ImageCache  # noqa: E402
 
 KEY = "sk-bench-fake-key-0123456789"
@@ -246,8 +248,8 @@ def solid_png(width: int, height: int) -> bytes:
 def seed_state(manifest: Path) -> int:
     """Write the cache, the images and results.json as a finished apply leaves them.
 
-    Uses the library's own layout (`ImageCache.path`, `ResultEntry`, `write_results`) with the
-    keys of the real `dashscope` provider, so the re-apply plans every shot as unchanged.
+    Uses the library's own layout (`ImageCache.path`, the executor's entries, `write_results`)
+    with the keys of the real `dashscope` provider, so the re-apply plans every shot as unchanged.
     """
     _, expansion = load_and_expand(manifest, "dashscope")
     output_dir = expansion.output_dir
@@ -268,27 +270,12 @@ def seed_state(manifest: Path) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         os.link(original, path)
         os.link(original, output_dir / shot.file)
+        image = GeneratedImage(
+            f"https://example.invalid/{shot.id}.png", width, height, request.seed, f"req-{shot.id}"
+        )
+        # The executor's own entry for a shot it generated, so the state is what a run leaves.
         entries.append(
-            ResultEntry(
-                id=shot.id,
-                status="generated",
-                file=shot.file,
-                key=request.key,
-                width=width,
-                height=height,
-                seed=request.seed,
-                model=request.model,
-                size=request.size,
-                prompt=request.prompt,
-                image_url=f"https://example.invalid/{shot.id}.png",
-                request_id=f"req-{shot.id}",
-                negative_prompt=request.negative_prompt,
-                style=request.style,
-                sha256=digest,
-                bytes=len(png),
-                attempts=1,
-                request=request.canonical(),
-            )
+            executor_entry(shot, "generated", image, width, height, digest, len(png), attempts=1)
         )
     meta = {"manifest": str(manifest.resolve()), "provider": "dashscope", "key_format": 1}
     write_results(output_dir, entries, [], meta)
