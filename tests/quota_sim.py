@@ -1,24 +1,159 @@
-"""A DashScope account's quota, simulated on virtual time, with workers that act as the executor's.
+"""A DashScope account's quota, simulated on virtual time, driving the real `apply_async`.
 
-Takes a quota (a token bucket: requests a second, and the burst it saves up, full at the start),
-a latency, a number of shots and the pacer's settings; gives a `SimResult`: the wall time, the
-ideal time (shots / quota + latency), the requests sent and refused, and where the pacer's rate
-and estimate ended. Each worker waits its turn, sends; a 429 comes back after one round trip
-(the gateway refuses before any work) and is retried after `RetryPolicy`'s backoff, a success
-after the latency, then the download. Used by the pacer's tests and by `bench/sim_pacer.py`.
+Takes an account (`Account`: a counted window of K requests per P seconds, a token bucket, a
+cap on requests in progress, any of them together, and whether answers state the window in a
+flow-control header), a latency, a number of shots and imgbatch's options; gives a `SimResult`:
+the wall time, the ideal time (the first window's burst at once, then the quota's rate, plus one
+latency; for a cap, each slot's share of shots one latency after another), the requests sent
+and refused, and what the run found. The provider (`SimProvider`) is the only fake: the manifest,
+plan, executor, gate, estimator, journal and results are imgbatch's own. A 429 comes back after
+one round trip (the gateway refuses before any work); a success after the latency.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
-from dataclasses import dataclass
-from typing import Any
+import io
+import math
+import tempfile
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
 
-from imgbatch.executor import DEFAULT_CONCURRENCY
-from imgbatch.pacing import Clock, Pacer, RetryPolicy
+from PIL import Image
+
+from imgbatch.api import ApplyOptions, ApplyReport, apply_async
+from imgbatch.errors import TransientError
+from imgbatch.pacing import Clock, RetryPolicy
+from imgbatch.quota import Quota
+from imgbatch.request import GeneratedImage, ImageRequest
 from tests.fake_dashscope import TokenBucket
 from tests.virtual_time import run_virtual
+
+_PNG = io.BytesIO()
+Image.new("RGB", (1, 1), (90, 90, 90)).save(_PNG, format="PNG")
+PNG_1X1 = _PNG.getvalue()
+
+
+class CountedWindow:
+    """At most `count` requests admitted in any `period` seconds (a sliding count)."""
+
+    def __init__(self, count: int, period: float, clock: Callable[[], float]) -> None:
+        self.count, self.period, self._clock = count, period, clock
+        self._admitted: deque[float] = deque()
+
+    def try_take(self) -> bool:
+        now = self._clock()
+        while self._admitted and self._admitted[0] <= now - self.period:
+            self._admitted.popleft()
+        if len(self._admitted) >= self.count:
+            return False
+        self._admitted.append(now)
+        return True
+
+
+@dataclass(frozen=True)
+class Account:
+    """The quota shapes of one simulated account; None: no such limit."""
+
+    window: tuple[int, float] | None = None  # K requests per P seconds
+    bucket: tuple[float, float] | None = None  # rate a second, burst (full at the start)
+    max_in_progress: int | None = None
+    states: bool = False  # answers carry the window in the flow-control header
+
+    def ideal(self, shots: int, latency: float) -> float:
+        """The physical limit: each limit's best, the slowest of them."""
+        times = [latency]
+        if self.window is not None:
+            count, period = self.window
+            times.append(max(0, math.ceil(shots / count) - 1) * period + latency)
+        if self.bucket is not None:
+            rate, burst = self.bucket
+            times.append(max(0.0, shots - burst) / rate + latency)
+        if self.max_in_progress is not None:
+            times.append(math.ceil(shots / self.max_in_progress) * latency)
+        return max(times)
+
+    @property
+    def stated(self) -> Quota | None:
+        return Quota(*self.window) if self.states and self.window else None
+
+    def describe(self) -> str:
+        parts = []
+        if self.window:
+            parts.append(f"{self.window[0]} per {self.window[1]:g} s")
+        if self.bucket:
+            parts.append(f"bucket {self.bucket[0]:g}/s burst {self.bucket[1]:g}")
+        if self.max_in_progress:
+            parts.append(f"{self.max_in_progress} in progress")
+        return ", ".join(parts)
+
+
+class SimProvider:
+    """A metered provider whose account is an `Account` on the running loop's clock."""
+
+    name = "dashscope"
+    metered = True
+    quota_account = "sim-account@sim"
+
+    def __init__(self, account: Account, latency: float, rtt: float, download: float) -> None:
+        loop = asyncio.get_running_loop()
+        self.account = account
+        self.latency, self.rtt, self.download = latency, rtt, download
+        self._limits: list[CountedWindow | TokenBucket] = []
+        if account.window:
+            self._limits.append(CountedWindow(*account.window, clock=loop.time))
+        if account.bucket:
+            self._limits.append(TokenBucket(*account.bucket, clock=loop.time))
+        self.in_progress = 0
+        self.requests = self.refused = 0
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        return None
+
+    def describe_credentials(self) -> str:
+        return "simulated"
+
+    async def generate(self, request: ImageRequest, *, label: str) -> GeneratedImage:
+        self.requests += 1
+        await asyncio.sleep(self.rtt / 2)
+        cap = self.account.max_in_progress
+        # Every limit must admit it; a refused request takes nothing from the others.
+        admitted = (cap is None or self.in_progress < cap) and all(
+            limit.try_take() for limit in self._limits
+        )
+        if not admitted:
+            self.refused += 1
+            await asyncio.sleep(self.rtt / 2)
+            raise TransientError(
+                "Requests rate limit exceeded",
+                status=429,
+                code="Throttling.RateQuota",
+                throttled=True,
+                stated_quota=self.account.stated,
+            )
+        self.in_progress += 1
+        try:
+            await asyncio.sleep(self.latency)
+        finally:
+            self.in_progress -= 1
+        await asyncio.sleep(self.rtt / 2)
+        return GeneratedImage(f"sim:{label}", 1, 1, request.seed, None, self.account.stated)
+
+    async def fetch(self, image: GeneratedImage) -> bytes:
+        await asyncio.sleep(self.download)
+        return PNG_1X1
 
 
 @dataclass(frozen=True)
@@ -27,10 +162,7 @@ class SimResult:
     ideal: float
     requests: int
     refused: int
-    rate: float  # where the rate was when the last shot finished
-    settled_rate: float  # what the end-of-run summary tells the user to pin
-    estimate: float | None
-    discovered: bool
+    report: ApplyReport = field(repr=False)
 
     @property
     def ratio(self) -> float:
@@ -40,61 +172,64 @@ class SimResult:
     @property
     def share(self) -> float:
         """The share of requests refused with a 429."""
-        return self.refused / self.requests
+        return self.refused / self.requests if self.requests else 0.0
+
+    @property
+    def found(self) -> str:
+        parts = []
+        for note in self.report.quotas:
+            finding = note.finding
+            parts.append(f"{finding.window} ({finding.source})")
+            if finding.cap is not None:
+                parts.append(f"cap {finding.cap}{'' if finding.cap_confirmed else '?'}")
+        return ", ".join(parts)
 
 
-async def run_against_quota(
-    quota: float,
-    burst: float,
+def write_manifest(folder: Path, shots: int) -> Path:
+    lines = ["version: 1", "name: sim", "defaults:", "  size: 1328*1328", "shots:"]
+    lines += [f"  - id: s{index:05d}\n    prompt: picture {index}" for index in range(shots)]
+    path = folder / "sim.yaml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+async def run_against(
+    account: Account,
     latency: float,
     shots: int,
+    folder: Path,
     *,
-    rps: float | None = None,
-    concurrency: int = DEFAULT_CONCURRENCY,
+    options: ApplyOptions | None = None,
     rtt: float = 0.004,
     download: float = 0.02,
-    seed: int = 1,
-    pacer_options: dict[str, Any] | None = None,
 ) -> SimResult:
     loop = asyncio.get_running_loop()
-    pacer = Pacer(rps, clock=Clock(now=loop.time, sleep=asyncio.sleep), **(pacer_options or {}))
-    retry = RetryPolicy(rng=random.Random(seed))
-    account = TokenBucket(quota, burst, clock=loop.time)
-    pending = iter(range(shots))
-    requests = refused = 0
+    provider = SimProvider(account, latency, rtt, download)
+    options = replace(
+        options or ApplyOptions(),
+        provider="dashscope",
+        environ={"OUTPUT_DIR": str(folder / "out")},
+        home=folder,
+        quota_store=(options.quota_store if options else None) or folder / "quotas.json",
+        retry=RetryPolicy(base_delay=1.0),
+    )
+    manifest = write_manifest(folder, shots)
     started = loop.time()
-
-    async def worker() -> None:
-        nonlocal requests, refused
-        for _ in pending:
-            attempt = 0
-            while True:
-                attempt += 1
-                await pacer.wait_turn()
-                requests += 1
-                await asyncio.sleep(rtt / 2)
-                if not account.try_take():
-                    refused += 1
-                    await asyncio.sleep(rtt / 2)
-                    pacer.on_throttled(None)
-                    await asyncio.sleep(retry.backoff(attempt))
-                    continue
-                await asyncio.sleep(latency + rtt / 2 + download)
-                break
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    clock = Clock(now=loop.time, sleep=asyncio.sleep)
+    report = await apply_async(manifest, options, provider=provider, clock=clock)
     return SimResult(
         wall=loop.time() - started,
-        ideal=shots / quota + latency,
-        requests=requests,
-        refused=refused,
-        rate=pacer.rate,
-        settled_rate=pacer.settled_rate,
-        estimate=pacer.estimate,
-        discovered=pacer.discovered,
+        ideal=account.ideal(shots, latency),
+        requests=provider.requests,
+        refused=provider.refused,
+        report=report,
     )
 
 
-def simulate(quota: float, burst: float, latency: float, shots: int, **options: Any) -> SimResult:
-    """`run_against_quota` on a fresh virtual-time loop."""
-    return run_virtual(run_against_quota(quota, burst, latency, shots, **options))
+def simulate(account: Account, latency: float, shots: int, **options: Any) -> SimResult:
+    """`run_against` on a fresh virtual-time loop, in a temporary folder of its own."""
+    folder = options.pop("folder", None)
+    if folder is not None:
+        return run_virtual(run_against(account, latency, shots, Path(folder), **options))
+    with tempfile.TemporaryDirectory(prefix="imgbatch-sim-") as temporary:
+        return run_virtual(run_against(account, latency, shots, Path(temporary), **options))

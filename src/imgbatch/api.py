@@ -27,7 +27,9 @@ from imgbatch.errors import ConfigError, LockedError, StoreError
 from imgbatch.executor import Executor, Listener, RunOutcome, failed_entry
 from imgbatch.expand import Expansion, expand
 from imgbatch.manifest import Manifest, load_manifest
-from imgbatch.pacing import Clock, Pacer, RetryPolicy
+from imgbatch.learned import QuotaStore, default_store_path
+from imgbatch.pacing import Clock, Finding, Pacer, RetryPolicy
+from imgbatch.quota import Quota
 from imgbatch.plan import Action, Plan, PlannedShot
 from imgbatch.plan import make_plan as plan_shots
 from imgbatch.providers import Provider, create_provider
@@ -45,12 +47,25 @@ class ApplyOptions:
 
     provider: str | None = None
     rps: float | None = None
+    # K requests per P seconds; wins over rps. Either overrides a learned quota.
+    quota: Quota | None = None
     concurrency: int | None = None
+    # Where learned quotas are kept; None: the user's cache directory. False: not at all.
+    quota_store: Path | None | bool = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     environ: Mapping[str, str] | None = None
     home: Path | None = None
     # After Ctrl-C, how long requests in flight may take before they are abandoned.
     grace_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class QuotaNote:
+    """What a run knew of one model's quota: how it began and what it ended with."""
+
+    finding: Finding
+    learned_before: bool  # the run started from a quota an earlier run learned
+    saved: bool  # what this run found is kept for the next one
 
 
 @dataclass(frozen=True)
@@ -63,8 +78,7 @@ class ApplyReport:
     requests: int
     throttled: int
     retries: int
-    rate: float | None
-    rate_discovered: bool
+    quotas: tuple[QuotaNote, ...]
     elapsed: float
 
     def count(self, status: str) -> int:
@@ -164,8 +178,16 @@ async def apply_async(
         plan = _plan(expansion, state)
         if on_plan:
             on_plan(plan)
+        given = _given_quota(options, manifest)
+        models = sorted({item.shot.request.model for item in plan.shots if item.shot})
+        account: str | None = getattr(provider, "quota_account", None)
+        store = _quota_store(options) if provider.metered and account else None
+        learned = store.load(account, models) if store and account and given is None else {}
         pacer = Pacer(
-            options.rps or manifest.limits.rps, clock=clock, unlimited=not provider.metered
+            given=given,
+            learned={model: (found.window, found.cap) for model, found in learned.items()},
+            unlimited=not provider.metered,
+            clock=clock,
         )
         journal = Journal(output_dir)
         try:
@@ -193,6 +215,14 @@ async def apply_async(
             "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         results = write_results(output_dir, entries, orphans, meta)
+    saved: list[str] = []
+    if store is not None and account is not None:
+        with contextlib.suppress(OSError):  # a head start for next time, not worth failing for
+            saved = store.save(account, outcome.quotas)
+    quotas = tuple(
+        QuotaNote(finding, finding.model in learned, finding.model in saved)
+        for finding in outcome.quotas
+    )
     return ApplyReport(
         plan=plan,
         results_path=results,
@@ -202,10 +232,30 @@ async def apply_async(
         requests=outcome.requests,
         throttled=outcome.throttled,
         retries=outcome.retries,
-        rate=outcome.rate,
-        rate_discovered=outcome.rate_discovered,
+        quotas=quotas,
         elapsed=time.monotonic() - started,
     )
+
+
+def _given_quota(options: ApplyOptions, manifest: Manifest) -> Quota | None:
+    """The quota the user gave: options first, then the manifest; a quota wins over a rate."""
+    if options.quota is not None:
+        return options.quota
+    if options.rps is not None:
+        return Quota.per_second(options.rps)
+    if manifest.limits.quota is not None:
+        return manifest.limits.quota
+    if manifest.limits.rps is not None:
+        return Quota.per_second(manifest.limits.rps)
+    return None
+
+
+def _quota_store(options: ApplyOptions) -> QuotaStore | None:
+    if options.quota_store is False:
+        return None
+    if isinstance(options.quota_store, Path):
+        return QuotaStore(options.quota_store)
+    return QuotaStore(default_store_path())
 
 
 def _final_entry(item: PlannedShot, outcome: RunOutcome) -> ResultEntry:

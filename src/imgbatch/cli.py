@@ -22,6 +22,7 @@ from imgbatch.api import ApplyOptions, apply, load_and_expand, make_plan
 from imgbatch.errors import ConfigError, ImgbatchError, ManifestError
 from imgbatch.plan import Action, Plan
 from imgbatch.providers import PROVIDER_CHOICES
+from imgbatch.quota import parse_quota
 from imgbatch.providers.dashscope import resolve_api_key
 from imgbatch.report import Progress, apply_summary, plan_summary, plan_table
 
@@ -114,8 +115,17 @@ def plan(manifest: Path, provider: str | None) -> int:
     "--rps",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
-    help="Requests started per second at most (default: the manifest's limits.rps, "
-    "else found by probing the quota).",
+    help="Requests started per second at most, evenly spaced (default: the manifest's "
+    "limits.rps, else as for --quota).",
+)
+@click.option(
+    "--quota",
+    "quota_text",
+    metavar="K/P",
+    default=None,
+    help="The account's quota: K requests per period, such as 2/60s, 2/min or 25/s; the first "
+    "K may go at once (default: the manifest's limits.quota, else the quota learned by an "
+    "earlier run, else found by probing). Wins over --rps.",
 )
 @click.option(
     "--concurrency",
@@ -126,9 +136,17 @@ def plan(manifest: Path, provider: str | None) -> int:
 )
 @error_boundary
 def apply_command(
-    manifest: Path, provider: str | None, rps: float | None, concurrency: int | None
+    manifest: Path,
+    provider: str | None,
+    rps: float | None,
+    quota_text: str | None,
+    concurrency: int | None,
 ) -> int:
     """Generate the shots whose request changed; write images and results.json."""
+    try:
+        quota = parse_quota(quota_text) if quota_text is not None else None
+    except ValueError as exc:
+        raise ConfigError(f"--quota: {exc}") from None
     progress = Progress(0)
 
     def announce(planned: Plan) -> None:
@@ -144,7 +162,7 @@ def apply_command(
     try:
         report = apply(
             manifest,
-            ApplyOptions(provider=provider, rps=rps, concurrency=concurrency),
+            ApplyOptions(provider=provider, rps=rps, quota=quota, concurrency=concurrency),
             listener=progress,
             on_plan=announce,
         )

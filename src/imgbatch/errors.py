@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from imgbatch.quota import Quota
+
 
 class ImgbatchError(Exception):
     """Base of every error imgbatch raises on purpose; its str() is meant for the user."""
@@ -91,10 +93,13 @@ class TransientError(ProviderError):
         request_id: str | None = None,
         retry_after: float | None = None,
         throttled: bool = False,
+        stated_quota: Quota | None = None,
     ) -> None:
         super().__init__(message, status=status, code=code, request_id=request_id)
         self.retry_after = retry_after
         self.throttled = throttled
+        # The quota the service says the account has, if its answer said (a hint).
+        self.stated_quota = stated_quota
 
 
 class PermanentError(ProviderError):

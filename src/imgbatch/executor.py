@@ -2,7 +2,9 @@
 
 Takes a `Plan`, a provider, the image cache and a journal; gives a `RunOutcome` with one
 `ResultEntry` per shot. Workers pull shots one at a time (memory does not grow with the manifest);
-paid requests wait for the `Pacer`, transient failures are retried with backoff, a 400 fails that
+paid requests wait for their model's `Gate`; a 429 sends the shot back to the gate (it uses up no
+try, and fails the shot only after `RetryPolicy.throttle_patience` of refusals), other transient
+failures are retried with backoff, a 400 fails that
 shot only, a 401/403 stops the run: nothing new is sent, requests in flight finish. Every image is
 downloaded right after it is generated (its URL expires), verified to decode at the reported
 size, put in the cache and copied into place before its entry is journaled, so a crash loses only
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from imgbatch.errors import AuthError, PermanentError, ProviderError, TransientError
 from imgbatch.expand import Shot
-from imgbatch.pacing import Clock, Pacer, RetryPolicy
+from imgbatch.pacing import Clock, Finding, Pacer, RetryPolicy
 from imgbatch.plan import Action, Plan, PlannedShot
 from imgbatch.providers import Provider
 from imgbatch.request import GeneratedImage
@@ -50,8 +52,7 @@ class RunOutcome:
     requests: int = 0
     throttled: int = 0
     retries: int = 0
-    rate: float | None = None
-    rate_discovered: bool = False
+    quotas: list[Finding] = field(default_factory=list)
 
 
 Listener = Callable[[ResultEntry | Retrying], None]
@@ -102,8 +103,7 @@ class Executor:
             for worker in workers:
                 worker.cancel()
         self.outcome.throttled = self.pacer.throttled_count
-        self.outcome.rate = self.pacer.settled_rate
-        self.outcome.rate_discovered = self.pacer.discovered
+        self.outcome.quotas = self.pacer.findings()
         return self.outcome
 
     async def _worker(self, output_dir: Path, pending: Iterator[PlannedShot]) -> None:
@@ -141,39 +141,65 @@ class Executor:
         self._finish(entry)
 
     async def _generate(self, output_dir: Path, shot: Shot) -> None:
-        attempt = 0
+        gate = self.pacer.gate(shot.request.model)
+        attempt = tries = 0
+        # When the service began refusing this shot with 429s (None while it is not).
+        refused_since: float | None = None
         while True:
             if self.stop_requested.is_set():
                 reason = self.outcome.stopped or "stopped"
                 self._finish(failed_entry(shot, f"not run: {reason}", None, attempt), journal=False)
                 return
-            attempt += 1
-            await self.pacer.wait_turn()
+            ticket = await gate.acquire() if gate else 0
             if self.stop_requested.is_set():
+                if gate:
+                    gate.release(ticket)
                 continue
+            attempt += 1
             self.outcome.requests += 1
             try:
                 image = await self.provider.generate(shot.request, label=shot.id)
-            except AuthError as exc:
-                self.stop(f"the service refused the credentials: {exc}")
-                self._finish(failed_entry(shot, str(exc), exc, attempt))
-                return
-            except PermanentError as exc:
-                self._finish(failed_entry(shot, str(exc), exc, attempt))
-                return
             except TransientError as exc:
                 if exc.throttled:
-                    self.pacer.on_throttled(exc.retry_after)
-                if attempt >= self.retry.max_attempts:
+                    if gate:
+                        gate.refused(ticket, exc.retry_after, exc.stated_quota)
+                    now = self.clock.now()
+                    refused_since = now if refused_since is None else refused_since
+                    if now - refused_since >= self.retry.throttle_patience:
+                        message = (
+                            f"the service refused it for {now - refused_since:.0f} s "
+                            f"({attempt} tries): {exc}"
+                        )
+                        self._finish(failed_entry(shot, message, exc, attempt))
+                        return
+                    # Not a failed try: the gate has slowed down, and this shot waits its turn.
+                    self.outcome.retries += 1
+                    if self.listener:
+                        self.listener(Retrying(shot.id, attempt, 0.0, exc))
+                    continue
+                if gate:
+                    gate.answered(ticket)
+                refused_since = None
+                tries += 1
+                if tries >= self.retry.max_attempts:
                     message = f"gave up after {attempt} tries: {exc}"
                     self._finish(failed_entry(shot, message, exc, attempt))
                     return
-                delay = self.retry.backoff(attempt, exc.retry_after)
+                delay = self.retry.backoff(tries, exc.retry_after)
                 self.outcome.retries += 1
                 if self.listener:
                     self.listener(Retrying(shot.id, attempt, delay, exc))
                 await self.clock.sleep(delay)
                 continue
+            except (AuthError, PermanentError) as exc:
+                if gate:
+                    gate.answered(ticket)
+                if isinstance(exc, AuthError):
+                    self.stop(f"the service refused the credentials: {exc}")
+                self._finish(failed_entry(shot, str(exc), exc, attempt))
+                return
+            if gate:
+                gate.answered(ticket, image.stated_quota)
             if self.provider.metered:
                 # Journaled before the download, so that a run killed while downloading leaves
                 # the paid image's URL for the next apply to fetch instead of paying again.

@@ -28,6 +28,7 @@ import yaml
 
 from imgbatch.errors import ManifestError, ManifestProblem
 from imgbatch.models import DEFAULT_MODEL, MODELS, nearest_size
+from imgbatch.quota import Quota, parse_quota
 from imgbatch.request import DEFAULT_SIZE, ImageRequest
 
 JsonPath = tuple[str | int, ...]
@@ -47,6 +48,7 @@ SHOT_FIELDS = (
 class Limits:
     concurrency: int | None = None
     rps: float | None = None
+    quota: Quota | None = None
 
 
 @dataclass(frozen=True)
@@ -523,6 +525,10 @@ def _build_manifest(path: Path, data: dict[str, Any]) -> Manifest:
         name=data.get("name", path.stem),
         provider=data.get("provider"),
         output_dir=data.get("output", {}).get("dir"),
-        limits=Limits(limits.get("concurrency"), limits.get("rps")),
+        limits=Limits(
+            limits.get("concurrency"),
+            limits.get("rps"),
+            parse_quota(limits["quota"]) if "quota" in limits else None,
+        ),
         shots=shots,
     )

@@ -105,12 +105,36 @@ def apply_summary(report: ApplyReport) -> str:
         f"request{'s' if report.requests != 1 else ''}, {report.retries} retries, "
         f"{report.throttled} throttled (429)."
     ]
-    if report.rate_discovered and report.rate:
-        lines.append(
-            f"The quota allowed about {report.rate:.1f} requests/s; pin it with --rps "
-            f"{report.rate:.1f} to start at that rate next time."
-        )
+    lines.extend(quota_lines(report))
     if report.stopped:
         lines.append(f"Stopped: {report.stopped}")
     lines.append(f"Results: {report.results_path}")
     return "\n".join(lines)
+
+
+def quota_lines(report: ApplyReport) -> list[str]:
+    """What the run knew of each model's quota, where it came from, and whether it is kept."""
+    lines = []
+    for note in report.quotas:
+        finding = note.finding
+        limits = []
+        if finding.source != "probing":
+            limits.append(f"{finding.window.count} requests per {finding.window.period:g} s")
+        if finding.cap is not None and finding.cap_confirmed:
+            limits.append(f"{finding.cap} in progress at once")
+        if not limits:
+            continue
+        where = {
+            "given": "as given",
+            "stated": "as the service stated it",
+            "learned": "as learned by an earlier run",
+            "probed": "found from the 429s",
+            "probing": "found from the 429s",
+        }[finding.source]
+        if finding.source == "learned" or (note.learned_before and finding.source == "probing"):
+            where = "as learned by an earlier run"
+        text = f"Quota for {finding.model}: {' and '.join(limits)} ({where})"
+        if note.saved:
+            text += "; remembered for the next run (--quota overrides it)"
+        lines.append(text + ".")
+    return lines

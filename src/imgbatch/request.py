@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from imgbatch.models import DEFAULT_MODEL, parse_size
+from imgbatch.quota import Quota
 
 # Bump when the canonical form changes meaning: every key changes, every shot regenerates.
 KEY_FORMAT_VERSION = 1
@@ -152,3 +153,5 @@ class GeneratedImage:
     height: int
     seed: int | None
     request_id: str | None
+    # The quota the service says the account has, if its answer said (a hint for the pacer).
+    stated_quota: Quota | None = None

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import configparser
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -33,6 +35,7 @@ from imgbatch.errors import (
     ProviderError,
     TransientError,
 )
+from imgbatch.quota import Quota
 from imgbatch.request import GeneratedImage, ImageRequest
 
 # The SDK logs failed requests with logger.exception; with no handler configured Python would
@@ -120,6 +123,13 @@ class DashScopeProvider:
         return f"API key from {self._key.source}"
 
     @property
+    def quota_account(self) -> str:
+        """Whose quota this is, for remembering it: a fingerprint of the key (never the key)
+        and the endpoint (keys are bound to their region)."""
+        digest = hashlib.sha256(b"imgbatch quota account\0" + self._key.value.encode()).hexdigest()
+        return f"{digest[:16]}@{self.base_url}"
+
+    @property
     def base_url(self) -> str:
         configured = self._base_url or self._environ.get("DASHSCOPE_HTTP_BASE_URL")
         return configured or str(dashscope.base_http_api_url)
@@ -203,7 +213,8 @@ class DashScopeProvider:
                     "DashScope answered 200 without an image URL and size",
                     request_id=request_id,
                 ) from None
-            return GeneratedImage(url, width, height, request.seed, request_id)
+            stated = _stated_quota(response.headers)
+            return GeneratedImage(url, width, height, request.seed, request_id, stated)
         code = response.code or None
         message = self._redact(str(response.message or "no message"))
         if status in (401, 403):
@@ -221,6 +232,7 @@ class DashScopeProvider:
                 request_id=request_id,
                 retry_after=_retry_after(response.headers),
                 throttled=status == 429,
+                stated_quota=_stated_quota(response.headers),
             )
         raise PermanentError(message, status=status, code=code, request_id=request_id)
 
@@ -249,6 +261,31 @@ class DashScopeProvider:
 
     def _redact(self, text: str) -> str:
         return text.replace(self._key.value, "***") if self._key.value else text
+
+
+FLOW_CONTROL_HEADER = "x-dashscope-inner-flow-control-meta"
+
+
+def _stated_quota(headers: Mapping[str, str] | None) -> Quota | None:
+    """The quota in the undocumented flow-control header, if an answer carries a sane one.
+
+    `{"user_spec": {"count_limit": 2, "count_limit_period": 60, ...}}`: two requests a minute.
+    Undocumented, so anything unexpected is ignored rather than trusted.
+    """
+    if not headers:
+        return None
+    for name, value in headers.items():
+        if name.lower() != FLOW_CONTROL_HEADER:
+            continue
+        try:
+            spec = json.loads(value)["user_spec"]
+            count, period = spec["count_limit"], spec["count_limit_period"]
+            if isinstance(count, bool) or not isinstance(count, int):
+                return None
+            return Quota(count, float(period))
+        except (ValueError, TypeError, KeyError):
+            return None
+    return None
 
 
 def _retry_after(headers: Mapping[str, str] | None) -> float | None:
