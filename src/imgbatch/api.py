@@ -160,7 +160,7 @@ async def apply_async(
     provider = provider or create_provider(expansion.provider, environ, options.home)
     output_dir = expansion.output_dir
     started = time.monotonic()
-    with _exclusive(output_dir):
+    with exclusive_output(output_dir):
         remove_stale_temporaries(output_dir)
         state = load_state(output_dir)
         cache = ImageCache(output_dir)
@@ -282,8 +282,9 @@ def _signal_handler(
 
 
 @contextlib.contextmanager
-def _exclusive(output_dir: Path) -> Iterator[None]:
-    """One apply per output folder at a time; the second is refused, never interleaved."""
+def exclusive_output(output_dir: Path) -> Iterator[None]:
+    """One apply (or generate) per output folder at a time; the second is refused, never
+    interleaved."""
     try:
         (output_dir / STATE_DIR).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
