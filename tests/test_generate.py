@@ -202,3 +202,20 @@ def test_a_reference_image_goes_before_the_text_and_is_keyed_by_content(
     again = response_of(run("generate", "--request", json.dumps(moved), "--print-response"))
     assert again["cached"] is True and again["file"] == first["file"]
     assert fake_server.generation_count == 1
+
+
+def test_apply_takes_a_parsed_manifest_and_a_provider_name(
+    in_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OUTPUT_DIR", raising=False)
+    manifest = {
+        "version": 1,
+        "name": "from-python",
+        "shots": [{"id": "a", "prompt": "a red bicycle", "size": "1328*1328"}],
+    }
+    report = imgbatch.apply(manifest, provider="placeholder")
+    assert report.ok
+    assert (in_tmp / "output" / "from-python" / "a.png").is_file()
+    assert report.plan.provider == "placeholder"
+    with pytest.raises(ManifestError, match="missing required field 'prompt'"):
+        imgbatch.apply({"version": 1, "shots": [{"id": "b"}]}, provider="placeholder")
