@@ -2,9 +2,9 @@
 
 Takes nothing; gives `VirtualTimeLoop`, whose clock jumps to the next timer instead of waiting
 for it, and `run_virtual(coroutine)`. Every timer-based wait in the loop (asyncio.sleep,
-call_later) is virtual and work sent to a thread runs at once, so a 150-second scenario runs in milliseconds and
-the times observed are exact to a microsecond. The same idea as aiolimiter's own `MockLoopTime`,
-for a whole run.
+call_later) is virtual and work sent to a thread runs at once, so a 150-second scenario runs in
+milliseconds and the times observed are exact to a microsecond. The same idea as aiolimiter's
+own `MockLoopTime`, for a whole run.
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-# Every turn of the loop moves the clock a little, as a real clock would: aiolimiter re-arms a
-# wake-up for "a rounding error from now", which on a clock that never moves by itself would
-# spin forever.
+# Every turn of the loop moves the clock a little, as a real clock would: a wake-up armed for "a
+# rounding error from now" would spin forever on a clock that never moves by itself.
 _TICK = 1e-9
 
 

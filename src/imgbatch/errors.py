@@ -37,16 +37,18 @@ class ManifestProblem:
     message: str
 
     def __str__(self) -> str:
+        if self.line <= 0:  # parsed data with no lines to point at: the field says where
+            return f"{self.file}: {self.where}: {self.message}"
         return f"{self.file}:{self.line}:{self.column}: {self.where}: {self.message}"
 
 
 class ManifestError(ImgbatchError):
     """A manifest that cannot be run; holds every problem found, not only the first."""
 
-    def __init__(self, problems: Sequence[ManifestProblem]) -> None:
+    def __init__(self, problems: Sequence[ManifestProblem], subject: str = "the manifest") -> None:
         self.problems = tuple(problems)
         count = len(self.problems)
-        head = f"{count} problem{'s' if count != 1 else ''} in the manifest:"
+        head = f"{count} problem{'s' if count != 1 else ''} in {subject}:"
         super().__init__("\n".join([head, *(f"  {p}" for p in self.problems)]))
 
 
@@ -93,11 +95,15 @@ class TransientError(ProviderError):
         request_id: str | None = None,
         retry_after: float | None = None,
         throttled: bool = False,
+        maybe_billed: bool = False,
         stated_quota: Quota | None = None,
     ) -> None:
         super().__init__(message, status=status, code=code, request_id=request_id)
         self.retry_after = retry_after
         self.throttled = throttled
+        # The request was sent and its answer lost (dropped connection, timeout): the service
+        # may have made, and billed, an image that never arrived.
+        self.maybe_billed = maybe_billed
         # The quota the service says the account has, if its answer said (a hint).
         self.stated_quota = stated_quota
 

@@ -91,7 +91,8 @@ _UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute":
 _UNITS |= {"h": 3600.0, "hour": 3600.0}
 # The grammar of the manifest schema's limits.quota pattern, which checks it first.
 _QUOTA = re.compile(
-    r"^ *(?P<count>[0-9]+) */ *(?:(?P<number>[0-9]*\.?[0-9]+) *(?P<unit>[a-z]+)?|(?P<alone>[a-z]+)) *$"
+    r"^ *(?P<count>[0-9]+) */ *"
+    r"(?:(?P<number>[0-9]*\.?[0-9]+) *(?P<unit>[a-z]+)?|(?P<alone>[a-z]+)) *$"
 )
 
 
