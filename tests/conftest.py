@@ -19,6 +19,14 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "manifests" / "cyclist-spot.yaml"
 
 
+@pytest.fixture(autouse=True)
+def user_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Learned quotas go to a folder of the test's own, never the user's cache directory."""
+    folder = tmp_path_factory.mktemp("user-cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(folder))
+    return folder
+
+
 @pytest.fixture
 def fake_server() -> Iterator[FakeDashScope]:
     with FakeDashScope(api_key=FAKE_KEY) as server:

@@ -13,6 +13,7 @@ one round trip (the gateway refuses before any work); a success after the latenc
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import math
 import tempfile
@@ -33,9 +34,13 @@ from imgbatch.request import GeneratedImage, ImageRequest
 from tests.fake_dashscope import TokenBucket
 from tests.virtual_time import run_virtual
 
-_PNG = io.BytesIO()
-Image.new("RGB", (1, 1), (90, 90, 90)).save(_PNG, format="PNG")
-PNG_1X1 = _PNG.getvalue()
+
+
+@functools.cache
+def _png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 90, 90)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 class CountedWindow:
@@ -149,11 +154,14 @@ class SimProvider:
         finally:
             self.in_progress -= 1
         await asyncio.sleep(self.rtt / 2)
-        return GeneratedImage(f"sim:{label}", 1, 1, request.seed, None, self.account.stated)
+        width, height = request.dimensions
+        return GeneratedImage(
+            f"sim:{label}", width, height, request.seed, None, self.account.stated
+        )
 
     async def fetch(self, image: GeneratedImage) -> bytes:
         await asyncio.sleep(self.download)
-        return PNG_1X1
+        return _png(image.width, image.height)
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,9 @@ def parse_quota(text: str) -> Quota:
     count = int(match.group("count"))
     period = float(match.group("number") or 1) * _UNITS[unit]
     if count < 1 or period <= 0:
-        raise ValueError(f"quota {text!r} needs at least 1 request per a period longer than 0")
+        raise ValueError(
+            f"quota {text!r} needs at least 1 request per a period longer than 0, such as 2/60s"
+        )
     return Quota(count, period)
 
 
@@ -231,10 +233,11 @@ class QuotaEstimator:
         self._admit_pending(at)
         spacing = _spacing_bounds(*self._evidence())
         # Refused after a shorter gap than any admitted: the rate was raised too far.
-        raised = spacing is not None and spacing[0] < spacing[1]
+        raised = spacing is not None and _shorter(spacing[0], spacing[1])
         if self._cap_fits(send.in_flight):
-            if not raised:
-                # Sent at a rate admitted before: only the work in progress had grown.
+            if not raised or send.in_flight == self._cap_measured:
+                # Sent at a rate admitted before (only the work in progress had grown), or at a
+                # new rate but with as many in flight as at the last 429: a cap.
                 self._set_cap(send.in_flight, at, confirm=True)
                 return
             if spacing is not None and not math.isinf(spacing[1]):
@@ -273,7 +276,7 @@ class QuotaEstimator:
         spacing = _spacing_bounds(times, refused)
         if spacing is not None:
             longest_refused, shortest_admitted = spacing
-            if longest_refused < shortest_admitted:
+            if _shorter(longest_refused, shortest_admitted):
                 if math.isinf(shortest_admitted):
                     period = longest_refused * 2
                 else:
@@ -359,6 +362,11 @@ class QuotaEstimator:
             and (self._sends[0].answered or self._sends[0].refused)
         ):
             self._sends.popleft()
+
+
+def _shorter(gap: float, other: float) -> bool:
+    """`gap` < `other`, not by a rounding error of the clock."""
+    return gap < other * (1 - 1e-6)
 
 
 def _count_bounds(times: list[float], refused: list[bool], period: float) -> tuple[int, int]:
