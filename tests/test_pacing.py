@@ -1,19 +1,22 @@
-"""The rate limit, known or discovered, on virtual time: no test here really sleeps.
+"""The gate and whole runs against simulated accounts, on virtual time: nothing here sleeps.
 
-Takes the `Pacer`, alone or against a simulated DashScope account (`tests/quota_sim.py`);
-gives evidence that a known rate is kept evenly, that a 429 or a Retry-After holds back the whole
-run, and that an unknown quota is found and held: close to the ideal time, with few requests
-refused.
+Takes the `Gate` alone (a known window kept, a cap kept, a Retry-After honoured) and the real
+`apply_async` against the accounts of `tests/quota_sim.py` (a counted window, a cap on work in
+progress, a token bucket; the quota unknown, given, stated or learned); gives evidence that each
+shape is run near its physical limit with few 429s, and that 429s do not fail shots.
 """
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
-from imgbatch.pacing import Clock, Pacer
-from tests.quota_sim import simulate
+from imgbatch.api import ApplyOptions
+from imgbatch.pacing import Clock, Gate, Pacer, RetryPolicy
+from imgbatch.quota import Quota, QuotaEstimator
+from tests.quota_sim import Account, simulate
 from tests.virtual_time import run_virtual
 
 
@@ -22,202 +25,200 @@ def loop_clock() -> Clock:
     return Clock(now=loop.time, sleep=asyncio.sleep)
 
 
-async def send_times(pacer: Pacer, count: int, workers: int = 8) -> list[float]:
-    """When each of `count` requests was let go by workers that all want to go at once."""
+async def send_times(gate: Gate, count: int, workers: int = 8, hold: float = 0.0) -> list[float]:
+    """When each of `count` requests was let go by workers that all want to go at once; each
+    request is answered `hold` seconds after it went."""
     loop = asyncio.get_running_loop()
     times: list[float] = []
     pending = iter(range(count))
 
     async def worker() -> None:
         for _ in pending:
-            await pacer.wait_turn()
+            ticket = await gate.acquire()
             times.append(loop.time())
+            await asyncio.sleep(hold)
+            gate.answered(ticket)
 
     await asyncio.gather(*(worker() for _ in range(workers)))
     return times
 
 
-def most_in_any_second(times: list[float]) -> int:
-    # A hair under a second: 11 starts exactly 0.1 s apart span 1.0 s, which is 10 a second.
-    return max(sum(1 for t in times if start <= t < start + 0.999) for start in times)
+def given(quota: Quota) -> Gate:
+    return Gate(QuotaEstimator(given=quota), loop_clock())
 
 
-# ----- a known rate ------------------------------------------------------------------------------
+# ----- the gate ----------------------------------------------------------------------------------
 
 
 def test_a_known_rate_is_kept_evenly_from_the_first_request() -> None:
     async def scenario() -> list[float]:
-        return await send_times(Pacer(10, clock=loop_clock()), 51)
+        return await send_times(given(Quota.per_second(10)), 51)
 
     times = run_virtual(scenario())
     gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
     assert times[-1] - times[0] == pytest.approx(5.0, abs=0.01)  # 51 starts, 0.1 s apart
     assert min(gaps) >= 0.0999  # no burst at the start, when a strict account would refuse it
-    assert most_in_any_second(times) <= 10
 
 
-def test_a_late_turn_is_made_up_on_the_next_so_the_rate_holds() -> None:
-    """The event loop wakes a waiter late now and then; the limiter must not lose that time."""
+def test_a_known_window_sends_its_k_at_once_then_waits_for_the_window_to_pass() -> None:
+    """Two a minute: the account has saved up two, so two go at once, then two a minute later."""
 
-    async def scenario() -> float:
-        loop = asyncio.get_running_loop()
-        pacer = Pacer(10, clock=loop_clock())
-        started = loop.time()
-        for index in range(50):
-            await pacer.wait_turn()
-            if index % 2:
-                await asyncio.sleep(0.15)  # this caller comes back 0.05 s after its turn
-        return loop.time() - started
+    async def scenario() -> list[float]:
+        return await send_times(given(Quota(2, 60)), 6)
 
-    # Unrecovered lateness would add 25 x 0.05 s = 1.25 s.
-    assert run_virtual(scenario()) == pytest.approx(4.9 + 0.15, abs=0.06)
+    times = run_virtual(scenario())
+    assert times[:2] == pytest.approx([0.0, 0.0], abs=1e-6)
+    # The next pair a little after the window (a margin for the network's jitter), not before.
+    assert 60.0 <= times[2] <= times[3] <= times[2] + 1e-6 <= 61.0
+    assert 120.0 <= times[4] <= times[5] <= times[4] + 1e-6 <= 122.0
 
 
-def test_a_known_rate_is_not_raised_or_lowered_by_what_the_service_says() -> None:
-    async def scenario() -> tuple[float, float]:
-        clock = loop_clock()
-        pacer = Pacer(10, clock=clock)
-        await send_times(pacer, 20)
-        await asyncio.sleep(1.0)  # idle: the limiter alone would let the next one go at once
-        pacer.on_throttled(None)
-        throttled_at = clock.now()
-        await pacer.wait_turn()
-        return pacer.rate, clock.now() - throttled_at
+def test_no_span_of_a_window_ever_holds_more_than_k() -> None:
+    async def scenario() -> list[float]:
+        return await send_times(given(Quota(5, 1)), 40, workers=16, hold=0.3)
 
-    rate, held_back = run_virtual(scenario())
-    assert rate == 10
-    # A 429 under a fixed rate holds everyone back one interval, then the rate asked for resumes.
-    assert held_back >= 0.1
+    times = run_virtual(scenario())
+    assert max(sum(1 for t in times if start <= t < start + 1.0) for start in times) <= 5
+    assert times[-1] == pytest.approx(7.0, abs=0.2)  # 8 windows of 5, the first at once
+
+
+def test_the_cap_holds_requests_in_flight_under_it() -> None:
+    async def scenario() -> int:
+        estimator = QuotaEstimator(given=Quota(1000, 1), learned_cap=3)
+        gate = Gate(estimator, loop_clock())
+        most = 0
+
+        async def worker() -> None:
+            nonlocal most
+            for _ in range(5):
+                ticket = await gate.acquire()
+                most = max(most, gate.in_flight)
+                await asyncio.sleep(1.0)
+                gate.answered(ticket)
+
+        await asyncio.gather(*(worker() for _ in range(8)))
+        return most
+
+    assert run_virtual(scenario()) == 3
 
 
 def test_retry_after_holds_back_every_request_until_it_has_passed() -> None:
     async def scenario() -> list[float]:
         clock = loop_clock()
-        pacer = Pacer(100, clock=clock)
-        await send_times(pacer, 5)
-        pacer.on_throttled(retry_after=30.0)
+        gate = given(Quota.per_second(100))
+        await send_times(gate, 5)
+        ticket = await gate.acquire()
+        gate.refused(ticket, retry_after=30.0)
         paused_at = clock.now()
-        return [t - paused_at for t in await send_times(pacer, 10)]
+        return [t - paused_at for t in await send_times(gate, 10)]
 
     after_pause = run_virtual(scenario())
     assert min(after_pause) >= 30.0
     assert max(after_pause) < 30.2
 
 
-def test_the_placeholder_is_not_rate_limited() -> None:
-    async def scenario() -> float:
+def test_a_429_under_a_known_quota_holds_everyone_back_one_interval() -> None:
+    async def scenario() -> tuple[Quota, float]:
         clock = loop_clock()
-        started = clock.now()
-        await send_times(Pacer(None, clock=clock, unlimited=True), 1000)
-        return clock.now() - started
+        gate = given(Quota.per_second(10))
+        await send_times(gate, 20)
+        await asyncio.sleep(1.0)  # idle: the window alone would let the next one go at once
+        ticket = await gate.acquire()
+        gate.refused(ticket)
+        refused_at = clock.now()
+        await gate.acquire()
+        return gate.estimator.window, clock.now() - refused_at
 
-    assert run_virtual(scenario()) == pytest.approx(0.0, abs=0.001)
-
-
-# ----- an unknown quota --------------------------------------------------------------------------
-
-
-def test_with_no_rate_it_doubles_while_requests_queue_and_nothing_is_refused() -> None:
-    async def scenario() -> tuple[float, float]:
-        clock = loop_clock()
-        pacer = Pacer(None, clock=clock, initial_rate=4.0, probe_interval=0.25)
-        started = clock.now()
-        await send_times(pacer, 200)
-        return pacer.rate, clock.now() - started
-
-    rate, elapsed = run_virtual(scenario())
-    assert rate >= 4.0 * 2**4  # at least four doublings ...
-    assert elapsed < 3.0  # ... within a few seconds, not 200 / 4 = 50
+    window, held_back = run_virtual(scenario())
+    assert window == Quota.per_second(10)
+    assert held_back >= 0.1
 
 
-def test_with_no_rate_it_is_not_raised_when_requests_do_not_queue() -> None:
-    async def scenario() -> float:
-        pacer = Pacer(None, clock=loop_clock(), initial_rate=4.0)
-        for _ in range(20):  # one request a second: the rate is not what limits this run
-            await pacer.wait_turn()
-            await asyncio.sleep(1.0)
-        return pacer.rate
-
-    assert run_virtual(scenario()) == 4.0
+def test_the_placeholder_is_not_paced() -> None:
+    assert Pacer(unlimited=True).gate("qwen-image-max") is None
 
 
-def test_with_no_rate_it_is_not_raised_when_a_concurrency_cap_is_the_limit() -> None:
-    async def scenario() -> float:
-        pacer = Pacer(None, clock=loop_clock(), initial_rate=4.0)
-
-        async def capped_worker() -> None:  # two in flight at most, a second each
-            for _ in range(20):
-                await pacer.wait_turn()
-                await asyncio.sleep(1.0)
-
-        await asyncio.gather(capped_worker(), capped_worker())
-        return pacer.rate
-
-    # They arrive together and queue, but only 2 a second go: raising 4 would prove nothing.
-    assert run_virtual(scenario()) == 4.0
+def test_each_model_has_a_gate_of_its_own() -> None:
+    pacer = Pacer()
+    assert pacer.gate("qwen-image-max") is pacer.gate("qwen-image-max")
+    assert pacer.gate("qwen-image-max") is not pacer.gate("qwen-image-plus")
 
 
-def test_a_late_429_from_before_a_cut_does_not_stop_the_rate_rising_again() -> None:
-    async def scenario() -> tuple[float, float]:
-        clock = loop_clock()
-        pacer = Pacer(None, clock=clock, initial_rate=4.0)
-        await send_times(pacer, 60)
-        pacer.on_throttled(None)  # the cut
-        await asyncio.sleep(0.01)
-        pacer.on_throttled(None)  # a request sent before the cut, refused after it
-        after_cut = pacer.rate
-        await send_times(pacer, 200)  # then nothing refused for a good while
-        return after_cut, pacer.rate
+# ----- whole runs against simulated accounts -----------------------------------------------------
 
-    after_cut, later = run_virtual(scenario())
-    assert later > after_cut * 1.2
+TWO_A_MINUTE = Account(window=(2, 60))
 
 
-def test_a_429_slows_the_whole_run_at_once() -> None:
-    async def scenario() -> tuple[float, float, list[float]]:
-        clock = loop_clock()
-        pacer = Pacer(None, clock=clock, initial_rate=4.0)
-        await send_times(pacer, 100)
-        before = pacer.rate
-        pacer.on_throttled(None)
-        after = pacer.rate
-        cut_at = clock.now()
-        return before, after, [t - cut_at for t in await send_times(pacer, 10)]
-
-    before, after, times = run_virtual(scenario())
-    assert after < before
-    assert pacer_discovered_spacing(times) >= 1 / after * 0.99
+def test_two_a_minute_unknown_is_found_with_two_429s_and_run_near_its_limit() -> None:
+    run = simulate(TWO_A_MINUTE, 16.5, 30)
+    assert run.report.count("generated") == 30
+    assert run.refused <= 2  # the first cannot tell a cap of 2 from 2 a minute
+    assert run.ratio >= 0.95
+    assert run.report.quotas[0].finding.window == Quota(2, 60)
 
 
-def pacer_discovered_spacing(times: list[float]) -> float:
-    """The spacing of requests after the first (which may ride on the previous rate's turn)."""
-    gaps = [later - earlier for earlier, later in zip(times[1:], times[2:], strict=False)]
-    return sum(gaps) / len(gaps)
+def test_two_a_minute_stated_by_the_service_sees_one_429_at_most() -> None:
+    run = simulate(Account(window=(2, 60), states=True), 16.5, 30)
+    assert run.report.count("generated") == 30
+    assert run.refused <= 1
+    assert run.ratio >= 0.95
+    assert run.report.quotas[0].finding.source == "stated"
 
 
-@pytest.mark.parametrize(
-    ("quota", "burst", "latency", "shots"),
-    [(25, 25, 0.8, 150), (25, 25, 0.8, 1500), (4, 4, 15, 300), (10, 10, 5, 300)],
-)
-def test_an_unknown_quota_is_found_and_held(
-    quota: float, burst: float, latency: float, shots: int
-) -> None:
-    run = simulate(quota, burst, latency, shots)
-    assert run.ratio >= 0.9
-    assert run.share <= 0.05
-    assert run.discovered
-    assert run.estimate == pytest.approx(quota, rel=0.15)
-    assert 0.8 * quota <= run.settled_rate <= quota
-
-
-def test_a_known_quota_is_used_in_full_with_no_429() -> None:
-    run = simulate(25, 25, 0.8, 150, rps=25)
-    assert run.refused == 0 and run.requests == 150
+def test_two_a_minute_given_is_used_in_full_with_no_429() -> None:
+    run = simulate(TWO_A_MINUTE, 16.5, 30, options=ApplyOptions(quota=Quota(2, 60)))
+    assert run.refused == 0
     assert run.ratio >= 0.95
 
 
-def test_a_rate_far_above_the_quota_still_finishes_every_shot() -> None:
-    """--rps set wrong (4x the quota): slower than right, but every shot is made."""
-    run = simulate(10, 10, 0.8, 100, rps=40)
-    assert run.requests - run.refused == 100
-    assert run.wall < 100  # not stuck in a retry storm
+def test_what_a_run_learned_is_where_the_next_run_starts(tmp_path: Path) -> None:
+    first = simulate(TWO_A_MINUTE, 16.5, 10, folder=tmp_path / "first")
+    assert first.refused >= 1 and first.report.quotas[0].saved
+    store = tmp_path / "first" / "quotas.json"
+    second = simulate(
+        TWO_A_MINUTE, 16.5, 10, folder=tmp_path / "second", options=ApplyOptions(quota_store=store)
+    )
+    assert second.refused == 0
+    assert second.report.quotas[0].learned_before
+
+
+@pytest.mark.parametrize("cap", [1, 2, 4])
+def test_a_cap_on_work_in_progress_is_found_and_held(cap: int) -> None:
+    run = simulate(Account(max_in_progress=cap), 16.5, 30)
+    assert run.report.count("generated") == 30
+    assert run.refused <= 2
+    assert run.ratio >= 0.95
+    finding = run.report.quotas[0].finding
+    assert finding.cap == cap and finding.cap_confirmed
+
+
+def test_an_even_rate_without_burst_is_found() -> None:
+    run = simulate(Account(bucket=(2, 1)), 16.5, 100)
+    assert run.refused <= 5
+    assert run.ratio >= 0.9
+
+
+def test_a_token_bucket_with_a_burst_is_found_and_held() -> None:
+    run = simulate(Account(bucket=(25, 25)), 0.8, 600)
+    assert run.share <= 0.05
+    # The gentle opening costs about 2 s of the ideal's 24.8 (which sends the burst at once).
+    assert run.ratio >= 0.85
+    assert run.report.quotas[0].finding.window.rate == pytest.approx(25, rel=0.1)
+
+
+def test_429s_do_not_use_up_a_shots_tries() -> None:
+    """Two a minute with a single try per shot: every shot still made, none failed."""
+    run = simulate(TWO_A_MINUTE, 16.5, 8, options=ApplyOptions(retry=RetryPolicy(max_attempts=1)))
+    assert run.refused >= 1
+    assert run.report.count("generated") == 8
+
+
+def test_a_shot_fails_on_429s_only_after_the_service_refused_it_for_the_patience() -> None:
+    """One request a day: the second shot is refused for the patience (10 minutes), then fails."""
+    patience = RetryPolicy(throttle_patience=600.0)
+    run = simulate(Account(window=(1, 86400)), 1.0, 2, options=ApplyOptions(retry=patience))
+    failed = [entry for entry in run.report.entries if entry.status == "failed"]
+    assert len(failed) == 1
+    assert failed[0].error is not None and "the service refused it for" in failed[0].error
+    # Failed at the first 429 after the patience, not before; the slowed gate spaces those out.
+    assert 600 <= run.wall < 1500
