@@ -209,6 +209,9 @@ class FakeDashScope:
         redirect_images: bool = False,
         port: int = 0,
         image_port: int = 0,
+        quota_window: tuple[int, float] | None = None,
+        max_in_progress: int | None = None,
+        state_quota: bool = False,
     ) -> None:
         if image_profile not in IMAGE_PROFILES:
             raise ValueError(f"image_profile must be one of {', '.join(IMAGE_PROFILES)}")
@@ -242,6 +245,7 @@ class FakeDashScope:
         # API requests received and not yet answered (or dropped).
         self.in_flight = 0
         self._quota = _make_bucket(quota_rps, quota_burst)
+        self.shapes = QuotaShapes(quota_window, max_in_progress, state_quota)
         self._rng = random.Random(seed)
         self._port = port
         self._image_port = image_port
@@ -526,6 +530,7 @@ class FakeDashScope:
             raise fault
         if self._quota is not None and not self._quota.try_take():
             raise ApiError(429, "Throttling.RateQuota", RATE_LIMIT_MESSAGE)
+        self.shapes.admit()
         if request.headers.get("X-DashScope-Async", "").lower() == "enable":
             raise ApiError(403, "AccessDenied", ASYNC_MESSAGE)
         generation = _parse_generation(raw, body)
@@ -539,6 +544,7 @@ class FakeDashScope:
         key = (request.headers.get("Authorization") or "").removeprefix("Bearer ")
         body = self._success_body(generation, key)
         headers = _answer_headers(body["request_id"], time.monotonic() - started)
+        headers.update(self.shapes.headers())
         return web.json_response(body, headers=headers)
 
     def _draw(self) -> float:
@@ -875,6 +881,78 @@ def _encode_real_png(width: int, height: int, rgb: tuple[int, int, int]) -> byte
     return buffer.getvalue()
 
 
+# ----- quota shapes: a counted window, a cap on work in progress, the stated quota ---------------
+
+FLOW_CONTROL_HEADER = "x-dashscope-inner-flow-control-meta"
+
+
+class QuotaShapes:
+    """The account's quota in the shapes the real service shows (API_NOTES.md, "Quotas").
+
+    ``window=(K, P)``: at most K requests admitted in any P seconds (a counted window; the first
+    K may go at once). ``max_in_progress``: a request arriving while that many are being
+    generated is refused. Both answer 429 at once. ``state``: successful answers carry the
+    window in the undocumented ``x-dashscope-inner-flow-control-meta`` header, as recorded.
+    """
+
+    def __init__(
+        self,
+        window: tuple[int, float] | None,
+        max_in_progress: int | None,
+        state: bool,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if window is not None and (window[0] < 1 or window[1] <= 0):
+            raise ValueError("quota_window needs K >= 1 requests per P > 0 seconds")
+        if max_in_progress is not None and max_in_progress < 1:
+            raise ValueError("max_in_progress must be at least 1")
+        if state and window is None:
+            raise ValueError("state_quota needs quota_window")
+        self.window = window
+        self.max_in_progress = max_in_progress
+        self.state = state
+        self.in_progress = 0
+        self._clock = clock
+        self._admitted: deque[float] = deque()
+
+    def admit(self) -> None:
+        """Take one request in (until the handler that called this ends); else raise a 429."""
+        if self.max_in_progress is not None and self.in_progress >= self.max_in_progress:
+            raise ApiError(429, "Throttling.AllocationQuota", RATE_LIMIT_MESSAGE)
+        if self.window is not None:
+            count, period = self.window
+            now = self._clock()
+            while self._admitted and self._admitted[0] <= now - period:
+                self._admitted.popleft()
+            if len(self._admitted) >= count:
+                raise ApiError(429, "Throttling.RateQuota", RATE_LIMIT_MESSAGE)
+            self._admitted.append(now)
+        self.in_progress += 1
+        task = asyncio.current_task()
+        assert task is not None
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self.in_progress -= 1
+
+    def headers(self) -> dict[str, str]:
+        if not self.state or self.window is None:
+            return {}
+        count, period = self.window
+        spec = {
+            "default_spec": False,
+            "count_limit": count,
+            "count_limit_period": period,
+            "usage_limit": 1000000,
+            "usage_limit_field": "total_tokens",
+            "usage_limit_period": 60,
+            "burst_factor": 0,
+            "burst_timeout": 10000,
+        }
+        meta = {"model": "qwen-image-max", "user_id": "fake", "user_spec": spec}
+        return {FLOW_CONTROL_HEADER: json.dumps(meta, separators=(",", ":"))}
+
+
 def _make_bucket(rate: float | None, burst: int | None) -> TokenBucket | None:
     if rate is None:
         return None
@@ -882,6 +960,11 @@ def _make_bucket(rate: float | None, burst: int | None) -> TokenBucket | None:
 
 
 # ----- subprocess mode ---------------------------------------------------------------------------
+
+
+def _window_arg(text: str) -> tuple[int, float]:
+    count, _, period = text.partition("/")
+    return int(count), float(period.removesuffix("s"))
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -892,6 +975,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per generation")
     parser.add_argument("--quota-rps", type=float, default=None)
     parser.add_argument("--quota-burst", type=int, default=None)
+    parser.add_argument("--quota-window", type=_window_arg, default=None, help="K/P seconds")
+    parser.add_argument("--max-in-progress", type=int, default=None)
+    parser.add_argument("--state-quota", action="store_true", help="send the flow-control header")
     parser.add_argument("--retry-after", type=float, default=None)
     parser.add_argument("--error-rate", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -914,6 +1000,9 @@ def _server_from_args(args: argparse.Namespace) -> FakeDashScope:
         latency=args.latency,
         quota_rps=args.quota_rps,
         quota_burst=args.quota_burst,
+        quota_window=args.quota_window,
+        max_in_progress=args.max_in_progress,
+        state_quota=args.state_quota,
         retry_after=args.retry_after,
         error_rate=args.error_rate,
         seed=args.seed,

@@ -37,7 +37,6 @@ from tests.fake_dashscope import TokenBucket
 from tests.virtual_time import run_virtual
 
 
-
 @functools.cache
 def _png(width: int, height: int) -> bytes:
     buffer = io.BytesIO()

@@ -542,6 +542,8 @@ def test_output_dir_environment_variable_replaces_the_base(
         ("--rps", "0"),
         ("--rps", "-1"),
         ("--rps", "fast"),
+        ("--quota", "2/fortnight"),
+        ("--quota", "0/60s"),
         ("--concurrency", "0"),
         ("--provider", "midjourney"),
         ("--no-such-flag",),
@@ -561,15 +563,13 @@ def test_usage_errors_exit_2_and_send_nothing(
     assert not output_dir(example_manifest).exists()
 
 
-def test_with_no_rate_apply_finds_the_quota_and_says_what_to_pin(
+def test_with_no_quota_apply_finds_it_says_so_and_remembers_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    manifest = write_many_shots(tmp_path, "quota", 80)
-    # Tiny images: this measures the pacer, and megabytes of PNG to verify per shot would make
-    # the rate it measures depend on this machine's CPU.
-    with FakeDashScope(
-        api_key=FAKE_KEY, quota_rps=20, quota_burst=20, image_profile="tiny"
-    ) as server:
+    manifest = write_many_shots(tmp_path, "quota", 16)
+    # Tiny images: this measures the pacing, and megabytes of PNG to verify per shot would make
+    # what it measures depend on this machine's CPU.
+    with FakeDashScope(api_key=FAKE_KEY, quota_window=(5, 1.0), image_profile="tiny") as server:
         monkeypatch.setenv("HOME", str(tmp_path))
         monkeypatch.setenv("DASHSCOPE_API_KEY", FAKE_KEY)
         monkeypatch.setenv("DASHSCOPE_HTTP_BASE_URL", server.base_url)
@@ -580,10 +580,24 @@ def test_with_no_rate_apply_finds_the_quota_and_says_what_to_pin(
     assert_clean(result)
     assert result.exit_code == 0, result.output
     assert throttled >= 1  # the ramp did reach the quota
-    found = re.search(
-        r"The quota allowed about ([\d.]+) requests/s; pin it with --rps ([\d.]+)", result.stdout
-    )
-    assert found, result.stdout
-    assert 15 <= float(found.group(1)) <= 20
-    assert found.group(1) == found.group(2)
+    assert (
+        "Quota for qwen-image-max: 5 requests per 1 s (found from the 429s); remembered for the "
+        "next run (--quota overrides it)." in result.stdout
+    ), result.stdout
     assert f"{throttled} throttled (429)" in result.stdout
+
+
+def test_a_quota_given_on_the_command_line_is_used_and_not_remembered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = write_many_shots(tmp_path, "given", 6)
+    with FakeDashScope(api_key=FAKE_KEY, quota_window=(3, 1.0), image_profile="tiny") as server:
+        monkeypatch.setenv("HOME", str(tmp_path))
+        monkeypatch.setenv("DASHSCOPE_API_KEY", FAKE_KEY)
+        monkeypatch.setenv("DASHSCOPE_HTTP_BASE_URL", server.base_url)
+        monkeypatch.delenv("OUTPUT_DIR", raising=False)
+        result = run("apply", manifest, "--quota", "3/s")
+        throttled = server.status_counts[429]
+    assert result.exit_code == 0, result.output
+    assert throttled == 0
+    assert "Quota for qwen-image-max: 3 requests per 1 s (as given)." in result.stdout

@@ -60,6 +60,23 @@ def test_a_known_rate_is_kept_evenly_from_the_first_request() -> None:
     assert min(gaps) >= 0.0999  # no burst at the start, when a strict account would refuse it
 
 
+def test_a_late_turn_is_made_up_on_the_next_so_a_known_rate_holds() -> None:
+    """The event loop wakes a waiter late now and then; the gate must not lose that time."""
+
+    async def scenario() -> float:
+        loop = asyncio.get_running_loop()
+        gate = given(Quota.per_second(10))
+        started = loop.time()
+        for index in range(50):
+            gate.answered(await gate.acquire())
+            if index % 2:
+                await asyncio.sleep(0.15)  # this caller comes back 0.05 s after its turn
+        return loop.time() - started
+
+    # Unrecovered lateness would add 25 x 0.05 s = 1.25 s.
+    assert run_virtual(scenario()) == pytest.approx(4.9 + 0.15, abs=0.06)
+
+
 def test_a_known_window_sends_its_k_at_once_then_waits_for_the_window_to_pass() -> None:
     """Two a minute: the account has saved up two, so two go at once, then two a minute later."""
 

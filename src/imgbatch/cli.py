@@ -24,7 +24,7 @@ from imgbatch.errors import ConfigError, ImgbatchError, ManifestError
 from imgbatch.plan import Action, Plan
 from imgbatch.providers import PROVIDER_CHOICES
 from imgbatch.providers.dashscope import resolve_api_key
-from imgbatch.quota import parse_quota
+from imgbatch.quota import Quota, parse_quota
 from imgbatch.report import Progress, apply_summary, plan_summary, plan_table
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -68,6 +68,13 @@ def _write_crash_log() -> str:
     with os.fdopen(handle, "w", encoding="utf-8") as log:
         log.write(text)
     return path
+
+
+def _quota_option(value: str | None) -> Quota | None:
+    try:
+        return parse_quota(value) if value is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 manifest_argument = click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
@@ -121,9 +128,9 @@ def plan(manifest: Path, provider: str | None) -> int:
 )
 @click.option(
     "--quota",
-    "quota_text",
     metavar="K/P",
     default=None,
+    callback=lambda _context, _parameter, value: _quota_option(value),
     help="The account's quota: K requests per period, such as 2/60s, 2/min or 25/s; the first "
     "K may go at once (default: the manifest's limits.quota, else the quota learned by an "
     "earlier run, else found by probing). Wins over --rps.",
@@ -140,14 +147,10 @@ def apply_command(
     manifest: Path,
     provider: str | None,
     rps: float | None,
-    quota_text: str | None,
+    quota: Quota | None,
     concurrency: int | None,
 ) -> int:
     """Generate the shots whose request changed; write images and results.json."""
-    try:
-        quota = parse_quota(quota_text) if quota_text is not None else None
-    except ValueError as exc:
-        raise ConfigError(f"--quota: {exc}") from None
     progress = Progress(0)
 
     def announce(planned: Plan) -> None:

@@ -50,6 +50,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
+# Halving the rate when nothing else explains the 429s stops at one request a minute.
+_SLOWEST_SPACING = 60.0
 # A measured rate is kept to a little under itself.
 _MARGIN = 0.95
 # Requests admitted between two 429s before the rate they were admitted at counts as measured.
@@ -299,7 +301,8 @@ class QuotaEstimator:
 
     def _fallback(self) -> Quota:
         """Half the rate: nothing fits (another client of the account, or a shape not modelled)."""
-        return Quota(1, self.window.period / self.window.count * 2)
+        spacing = self.window.period / self.window.count
+        return Quota(1, min(spacing * 2, max(spacing, _SLOWEST_SPACING)))
 
     def _explains(self, send: _Send) -> bool:
         """Would the current window have refused `send`, counting what was admitted before it?"""
@@ -307,7 +310,7 @@ class QuotaEstimator:
         admitted = sum(
             1
             for s in self._sends
-            if s is not send and not s.refused and send.at - window.period < s.at <= send.at
+            if s is not send and not s.refused and send.at - _slack(window.period) < s.at <= send.at
         )
         return admitted >= window.count
 
@@ -362,6 +365,11 @@ class QuotaEstimator:
             and (self._sends[0].answered or self._sends[0].refused)
         ):
             self._sends.popleft()
+
+
+def _slack(period: float) -> float:
+    """A period as the service may have seen it: the network delays each request differently."""
+    return period * 1.05 + 0.05
 
 
 def _shorter(gap: float, other: float) -> bool:
