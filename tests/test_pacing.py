@@ -44,6 +44,7 @@ async def send_times(gate: Gate, count: int, workers: int = 8, hold: float = 0.0
 
 
 def given(quota: Quota) -> Gate:
+    """A gate keeping `quota` strictly (as --quota does)."""
     return Gate(QuotaEstimator(given=quota), loop_clock())
 
 
@@ -52,7 +53,8 @@ def given(quota: Quota) -> Gate:
 
 def test_a_known_rate_is_kept_evenly_from_the_first_request() -> None:
     async def scenario() -> list[float]:
-        return await send_times(given(Quota.per_second(10)), 51)
+        gate = Gate(QuotaEstimator(given=Quota.per_second(10)), loop_clock(), average=True)
+        return await send_times(gate, 51)
 
     times = run_virtual(scenario())
     gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
@@ -65,7 +67,7 @@ def test_a_late_turn_is_made_up_on_the_next_so_a_known_rate_holds() -> None:
 
     async def scenario() -> float:
         loop = asyncio.get_running_loop()
-        gate = given(Quota.per_second(10))
+        gate = Gate(QuotaEstimator(given=Quota.per_second(10)), loop_clock(), average=True)
         started = loop.time()
         for index in range(50):
             gate.answered(await gate.acquire())

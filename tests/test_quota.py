@@ -9,8 +9,12 @@ quotas are written and read the way the CLI and the manifest take them.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from imgbatch.errors import ManifestError
+from imgbatch.manifest import load_manifest
 from imgbatch.quota import Quota, QuotaEstimator, parse_quota
 
 
@@ -249,3 +253,19 @@ def test_a_learned_quota_is_where_the_run_starts() -> None:
     estimator = QuotaEstimator(learned=Quota(2, 60), learned_cap=4)
     assert estimator.window == Quota(2, 60) and estimator.source == "learned"
     assert estimator.cap == 4 and estimator.found
+
+
+# ----- in the manifest ---------------------------------------------------------------------------
+
+
+def test_limits_quota_in_the_manifest_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "shots.yaml"
+    path.write_text("version: 1\nlimits:\n  quota: 2/min\nshots:\n  - id: a\n    prompt: x\n")
+    assert load_manifest(path).limits.quota == Quota(2, 60)
+
+
+def test_a_limits_quota_not_written_k_over_p_is_a_manifest_error_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "shots.yaml"
+    path.write_text("version: 1\nlimits:\n  quota: 2 a minute\nshots:\n  - id: a\n    prompt: x\n")
+    with pytest.raises(ManifestError, match=r"shots.yaml:3:\d+: .*limits.quota"):
+        load_manifest(path)

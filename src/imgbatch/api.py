@@ -204,6 +204,10 @@ async def apply_async(
         learned = store.load(account, models) if store and account and given is None else {}
         pacer = Pacer(
             given=given,
+            # A rate (--rps, limits.rps) is kept on average; a quota K/P strictly.
+            average=options.quota is None
+            and (options.rps or manifest.limits.rps) is not None
+            and manifest.limits.quota is None,
             learned={model: (found.window, found.cap) for model, found in learned.items()},
             unlimited=not provider.metered,
             clock=clock,

@@ -69,16 +69,22 @@ def _margin(quota: Quota) -> float:
     """The period a counted window is kept to: a little longer than stated, for the network's
     jitter between our clock and the service's (a window of one is a spacing, kept exactly)."""
     if quota.count == 1:
-        return quota.period
+        return quota.period + min(0.001 * quota.period + 0.001, 0.01 * quota.period)
     return quota.period + min(0.01 * quota.period + 0.05, 0.1 * quota.period)
 
 
 class Gate:
     """Admits requests of one model within the estimator's window and cap."""
 
-    def __init__(self, estimator: QuotaEstimator, clock: Clock | None = None) -> None:
+    def __init__(
+        self, estimator: QuotaEstimator, clock: Clock | None = None, *, average: bool = False
+    ) -> None:
         self.estimator = estimator
         self.clock = clock or Clock()
+        # A rate asked for with --rps is kept on average: a turn the event loop woke up late
+        # for is made up on the next (never closer than half an interval). A window is kept
+        # strictly: the service counts every span.
+        self.average = average
         self.in_flight = 0
         self.sent = 0
         self.throttled = 0
@@ -107,7 +113,7 @@ class Gate:
             if self._due is None:
                 self._due = now
             else:
-                self._due = max(self._due + window.period, now - window.period)
+                self._due = max(self._due + window.period, now - window.period / 2)
             self.in_flight += 1
             self.sent += 1
             return ticket
@@ -169,9 +175,7 @@ class Gate:
 
     def _window_delay(self, now: float) -> float:
         window = self.estimator.window
-        if window.count == 1 and self.estimator.source == "given" and self._due is not None:
-            # A rate asked for is kept on average: a turn the event loop woke up late for is
-            # made up on the next (at most two back to back), not lost.
+        if self.average and self.estimator.source == "given" and self._due is not None:
             return self._due + window.period - now
         period = _margin(window)
         if len(self._log) < window.count:
@@ -200,6 +204,7 @@ class Pacer:
         self,
         *,
         given: Quota | None = None,
+        average: bool = False,
         learned: Mapping[str, tuple[Quota | None, int | None]] | None = None,
         unlimited: bool = False,
         settings: EstimatorSettings | None = None,
@@ -207,6 +212,7 @@ class Pacer:
     ) -> None:
         self.clock = clock or Clock()
         self.given = given
+        self.average = average and given is not None and given.count == 1
         self.learned = dict(learned or {})
         self.unlimited = unlimited
         self.settings = settings
@@ -222,7 +228,7 @@ class Pacer:
             estimator = QuotaEstimator(
                 given=self.given, learned=window, learned_cap=cap, settings=self.settings
             )
-            gate = self._gates[model] = Gate(estimator, self.clock)
+            gate = self._gates[model] = Gate(estimator, self.clock, average=self.average)
         return gate
 
     @property

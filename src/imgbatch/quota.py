@@ -56,6 +56,9 @@ _SLOWEST_SPACING = 60.0
 _MARGIN = 0.95
 # Requests admitted between two 429s before the rate they were admitted at counts as measured.
 _MIN_SAMPLE = 8
+# Caps on work in progress are small (Model Studio's example: 1 at once). A 429 with more in
+# flight is taken for a rate: a token bucket's saved-up burst, spent, looks like a cap otherwise.
+MAX_CAP = 32
 # The periods quotas are written in: per second and per minute (RPS, RPM).
 PERIODS = (1.0, 60.0)
 # Evidence older than this says nothing about the next request (longer than the longest period).
@@ -318,7 +321,7 @@ class QuotaEstimator:
 
     def _cap_fits(self, in_flight: int) -> bool:
         """A cap of `in_flight` explains a 429 unless as many were ever in flight and admitted."""
-        return in_flight >= 1 and in_flight > self._max_admitted_in_flight
+        return 1 <= in_flight <= MAX_CAP and in_flight > self._max_admitted_in_flight
 
     def _set_cap(self, measured: int, at: float, *, confirm: bool) -> None:
         # Tentative at first, growing with each answer (a token bucket's saved-up burst can
