@@ -98,7 +98,7 @@ def test_no_span_of_a_window_ever_holds_more_than_k() -> None:
 
     times = run_virtual(scenario())
     assert max(sum(1 for t in times if start <= t < start + 1.0) for start in times) <= 5
-    assert times[-1] == pytest.approx(7.0, abs=0.2)  # 8 windows of 5, the first at once
+    assert 7.0 <= times[-1] < 7.5  # 8 windows of 5, the first at once (and a margin each)
 
 
 def test_the_cap_holds_requests_in_flight_under_it() -> None:

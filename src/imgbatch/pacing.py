@@ -157,12 +157,11 @@ class Gate:
         if stated is not None:
             self.estimator.stated(stated)
         self.estimator.refused(ticket, now)
-        pause = retry_after or 0.0
-        if self.estimator.source == "given" and not retry_after:
-            # The quota asked for is the account's: someone else uses it too. Hold everyone
-            # back one interval, then go on at the rate asked for.
-            window = self.estimator.window
-            pause = window.period / window.count
+        # Nobody goes again for one interval of the window as it now stands: the refused request
+        # took nothing from the window, and without a pause the next would go at once into the
+        # same refusal. Under a given quota (someone else uses it too) this is all that changes.
+        window = self.estimator.window
+        pause = retry_after or window.period / window.count
         self._paused_until = max(self._paused_until, now + pause)
         self._changed.set()
 
