@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from imgbatch.errors import StoreError
+from imgbatch.errors import CacheEntryDamaged, StoreError, StoreWriteError
 from imgbatch.results import (
     Journal,
     ResultEntry,
@@ -25,7 +26,7 @@ from imgbatch.results import (
     results_path,
     write_results,
 )
-from imgbatch.store import ImageCache, atomic_copy, atomic_write, verify_image
+from imgbatch.store import TEMP_PREFIX, ImageCache, atomic_write, verify_image
 
 KEY = "ab" + "0123456789abcdef" * 3 + "0123456789abcd"
 RECOVER = (
@@ -97,13 +98,15 @@ def test_failed_rename_keeps_the_old_file_and_removes_the_temp_file(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", refuse)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(StoreWriteError) as caught:
         atomic_write(target, b"new")
 
+    assert caught.value.disk_full
+    assert str(caught.value).startswith(f"disk full writing {target} (No space left on device)")
     assert target.read_bytes() == b"old"
     assert listing(tmp_path) == ["file.bin"]
     (temp,) = temps
-    assert Path(temp).parent == tmp_path and Path(temp).name.startswith(".file.bin.")
+    assert Path(temp).parent == tmp_path and Path(temp).name.startswith(TEMP_PREFIX)
 
 
 def test_interrupt_during_write_removes_the_temp_file(
@@ -120,27 +123,6 @@ def test_interrupt_during_write_removes_the_temp_file(
         atomic_write(target, b"new")
     assert target.read_bytes() == b"old"
     assert listing(tmp_path) == ["file.bin"]
-
-
-def test_atomic_copy_copies_and_cleans_up_on_failure(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    source = tmp_path / "source.png"
-    source.write_bytes(b"image bytes")
-    target = tmp_path / "out" / "s01.png"
-    atomic_copy(source, target)
-    assert target.read_bytes() == b"image bytes"
-
-    source.write_bytes(b"other bytes")
-
-    def refuse(*args: object) -> None:
-        raise OSError("full")
-
-    monkeypatch.setattr(os, "replace", refuse)
-    with pytest.raises(OSError, match="full"):
-        atomic_copy(source, target)
-    assert target.read_bytes() == b"image bytes"
-    assert listing(target.parent) == ["s01.png"]
 
 
 # --- verify_image -----------------------------------------------------------------------------
@@ -201,32 +183,43 @@ def test_verify_image_rejects_a_huge_decompression_bomb_as_value_error() -> None
 # --- the image cache --------------------------------------------------------------------------
 
 
-def test_image_cache_put_has_copy_to(tmp_path: Path) -> None:
+def test_image_cache_put_has_restore(tmp_path: Path) -> None:
     cache = ImageCache(tmp_path)
     assert cache.path(KEY) == tmp_path / ".imgbatch" / "cache" / "ab" / f"{KEY}.png"
     assert not cache.has(KEY)
 
-    cache.put(KEY, b"image bytes")
+    data = png(64, 32)
+    cache.put(KEY, data)
     assert cache.has(KEY)
     assert not cache.has("cd" + KEY[2:])
-    assert cache.path(KEY).read_bytes() == b"image bytes"
+    assert cache.path(KEY).read_bytes() == data
 
     target = tmp_path / "nested" / "s01.png"
-    cache.copy_to(KEY, target)
-    assert target.read_bytes() == b"image bytes"
+    digest = hashlib.sha256(data).hexdigest()
+    assert cache.restore(KEY, target, sha256=digest, size=len(data), dimensions=(1, 1)) == (
+        digest,
+        len(data),
+    )
+    assert target.read_bytes() == data
 
     # A copy, not a link: editing the output file leaves the cache alone.
     with target.open("r+b") as handle:
         handle.write(b"EDITED")
-    assert cache.path(KEY).read_bytes() == b"image bytes"
+    assert cache.path(KEY).read_bytes() == data
     assert listing(cache.path(KEY).parent) == [f"{KEY}.png"]
 
+    # Without a record, the entry must decode at the shot's size.
+    other = tmp_path / "s02.png"
+    cache.restore(KEY, other, sha256=None, size=None, dimensions=(64, 32))
+    assert other.read_bytes() == data
 
-def test_image_cache_copy_of_a_missing_key_fails_without_leaving_files(tmp_path: Path) -> None:
+
+def test_image_cache_restore_of_a_missing_key_fails_without_leaving_files(tmp_path: Path) -> None:
     cache = ImageCache(tmp_path)
     target = tmp_path / "out" / "s01.png"
-    with pytest.raises(FileNotFoundError):
-        cache.copy_to(KEY, target)
+    target.parent.mkdir()
+    with pytest.raises(CacheEntryDamaged, match="cannot be read"):
+        cache.restore(KEY, target, sha256=None, size=None, dimensions=(64, 32))
     assert listing(target.parent) == []
 
 

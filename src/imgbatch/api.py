@@ -23,7 +23,7 @@ from pathlib import Path
 
 import filelock
 
-from imgbatch.errors import ConfigError, LockedError, StoreError
+from imgbatch.errors import ConfigError, LockedError, StoreError, StoreWriteError
 from imgbatch.executor import Executor, Listener, RunOutcome, failed_entry
 from imgbatch.expand import Expansion, expand
 from imgbatch.manifest import Manifest, load_manifest
@@ -34,7 +34,7 @@ from imgbatch.providers import Provider, create_provider
 from imgbatch.providers.dashscope import resolve_api_key
 from imgbatch.request import KEY_FORMAT_VERSION
 from imgbatch.results import Journal, ResultEntry, load_state, write_results
-from imgbatch.store import STATE_DIR, ImageCache, remove_stale_temporaries
+from imgbatch.store import STATE_DIR, ImageCache, check_writable, remove_stale_temporaries
 
 DEFAULT_PROVIDER = "dashscope"
 
@@ -158,9 +158,14 @@ async def apply_async(
     output_dir = expansion.output_dir
     started = time.monotonic()
     with _exclusive(output_dir):
+        cache = ImageCache(output_dir)
+        # Before the first request: a folder that cannot be written would waste every image.
+        check_writable(output_dir)
+        check_writable(output_dir / STATE_DIR)
+        if cache.root.exists():
+            check_writable(cache.root)
         remove_stale_temporaries(output_dir)
         state = load_state(output_dir)
-        cache = ImageCache(output_dir)
         plan = _plan(expansion, state)
         if on_plan:
             on_plan(plan)
@@ -192,7 +197,10 @@ async def apply_async(
             "key_format": KEY_FORMAT_VERSION,
             "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        results = write_results(output_dir, entries, orphans, meta)
+        try:
+            results = write_results(output_dir, entries, orphans, meta)
+        except StoreWriteError as exc:
+            raise StoreError(_unwritten_results(exc, outcome, journal.path)) from None
     return ApplyReport(
         plan=plan,
         results_path=results,
@@ -206,6 +214,17 @@ async def apply_async(
         rate_discovered=outcome.rate_discovered,
         elapsed=time.monotonic() - started,
     )
+
+
+def _unwritten_results(error: StoreWriteError, outcome: RunOutcome, journal: Path) -> str:
+    """What to tell the user when results.json cannot be written at the end of a run."""
+    lines = [
+        f"{error}; the shots this run finished are in {journal} (unless the disk was already "
+        "full), and the next apply picks them up"
+    ]
+    if outcome.stopped:
+        lines.insert(0, f"the run stopped: {outcome.stopped}")
+    return "\n".join(lines)
 
 
 def _final_entry(item: PlannedShot, outcome: RunOutcome) -> ResultEntry:
