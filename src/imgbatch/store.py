@@ -52,7 +52,7 @@ def atomic_write(path: Path, data: bytes | Iterable[bytes]) -> None:
     try:
         try:
             for piece in pieces:
-                _write_fd(fd, piece)
+                _write_fd(fd, piece, path)
             # mkstemp makes 0600 files; give what open() would, so an image or results.json
             # under umask 022 stays readable by the group and others.
             os.fchmod(fd, 0o666 & ~_umask())
@@ -154,7 +154,7 @@ class AppendLog:
         data = b"\n" + line if self._torn else line
         try:
             self._torn = True
-            _write_fd(self._fd, data)
+            _write_fd(self._fd, data, self.path)
             os.fsync(self._fd)
         except OSError as exc:
             raise write_error(self.path, exc) from None
@@ -270,9 +270,11 @@ def _create_temp(folder: Path) -> tuple[int, str]:
     return tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=".tmp")
 
 
-def _write_fd(fd: int, data: bytes) -> None:
-    """Write all of `data` (the one place imgbatch's bytes go to disk: tests fill the disk
-    here)."""
+def _write_fd(fd: int, data: bytes, path: Path) -> None:
+    """Write all of `data` to `fd`, open on `path` (or on a temporary file beside it).
+
+    The one place imgbatch's bytes go to disk: tests fill the disk here.
+    """
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
