@@ -16,6 +16,7 @@ from imgbatch.errors import ManifestError, ManifestProblem
 from imgbatch.manifest import Limits, load_manifest, manifest_schema
 from imgbatch.models import QWEN_IMAGE_SIZES, nearest_size
 from tests.conftest import EXAMPLE, REPO, write_manifest
+from tests.reference_images import PNG
 
 SUPPORTED = "1664*928, 1472*1104, 1328*1328, 1104*1472, 928*1664"
 SHOT_ALLOWED = (
@@ -24,7 +25,7 @@ SHOT_ALLOWED = (
 )
 # The loader uses libyaml when PyYAML has it; its syntax error texts differ from pure Python's.
 LIBYAML = bool(getattr(yaml, "__with_libyaml__", False))
-TOP_ALLOWED = "defaults, limits, name, output, provider, shots, version"
+TOP_ALLOWED = "defaults, limits, name, output, provider, shots, trust, version"
 
 
 def manifest_error(path: Path) -> ManifestError:
@@ -204,7 +205,7 @@ def test_merge_key_of_a_scalar_is_a_problem(tmp_path: Path) -> None:
 
 def test_reference_image_that_exists_is_accepted(tmp_path: Path) -> None:
     (tmp_path / "refs").mkdir()
-    (tmp_path / "refs" / "face.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "refs" / "face.png").write_bytes(PNG)
     path = write_manifest(
         tmp_path,
         "version: 1\nshots:\n  - id: a\n    prompt: x\n    reference_image: refs/face.png\n",
@@ -481,7 +482,7 @@ def test_limits_out_of_range(tmp_path: Path) -> None:
     assert message_of(path) == (
         "2 problems in the manifest:\n"
         f"  {path}:3:16: field limits.concurrency: must be at least 1, got 0\n"
-        f"  {path}:4:8: field limits.rps: must be greater than 0, got 0"
+        f"  {path}:4:8: field limits.rps: must be at least 0.001, got 0"
     )
 
 

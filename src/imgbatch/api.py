@@ -51,6 +51,8 @@ class ApplyOptions:
     home: Path | None = None
     # After Ctrl-C, how long requests in flight may take before they are abandoned.
     grace_seconds: float = 30.0
+    # A trust decision: local reference images may lie outside the manifest's folder tree.
+    allow_reference_outside: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,8 +99,10 @@ def load_and_expand(
     provider: str | None = None,
     environ: Mapping[str, str] | None = None,
     home: Path | None = None,
+    *,
+    allow_reference_outside: bool = False,
 ) -> tuple[Manifest, Expansion]:
-    manifest = load_manifest(path)
+    manifest = load_manifest(path, allow_reference_outside=allow_reference_outside)
     name = provider_name(manifest, provider, environ, home)
     return manifest, expand(manifest, provider=name, environ=environ)
 
@@ -109,9 +113,12 @@ def make_plan(
     provider: str | None = None,
     environ: Mapping[str, str] | None = None,
     home: Path | None = None,
+    allow_reference_outside: bool = False,
 ) -> Plan:
     """What `apply` would do for each shot, reading the output folder but changing nothing."""
-    _, expansion = load_and_expand(path, provider, environ, home)
+    _, expansion = load_and_expand(
+        path, provider, environ, home, allow_reference_outside=allow_reference_outside
+    )
     return _plan(expansion, load_state(expansion.output_dir))
 
 
@@ -152,7 +159,13 @@ async def apply_async(
     """
     options = options or ApplyOptions()
     environ = os.environ if options.environ is None else options.environ
-    manifest, expansion = load_and_expand(path, options.provider, environ, options.home)
+    manifest, expansion = load_and_expand(
+        path,
+        options.provider,
+        environ,
+        options.home,
+        allow_reference_outside=options.allow_reference_outside,
+    )
     # Credentials are checked before anything is written.
     provider = provider or create_provider(expansion.provider, environ, options.home)
     output_dir = expansion.output_dir
