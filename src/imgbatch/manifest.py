@@ -19,7 +19,7 @@ import os
 import re
 import stat
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -679,3 +679,18 @@ def _build_manifest(path: Path, document: _Document, checker: _Checker) -> Manif
         allow_reference_outside=checker.allow_reference_outside,
         positions=dict(document.values),
     )
+
+
+def manifest_from_data(
+    data: Any, *, display: str, base_dir: Path, allow_reference_outside: bool = False
+) -> Manifest:
+    """Validate an already-parsed manifest by the same rules as a file: a dict from a Python
+    caller, or a single `generate` request wrapped as a one-shot manifest. There are no lines to
+    point at, so each problem names its field; relative paths are taken from `base_dir`, and
+    local references must lie under it unless `allow_reference_outside`."""
+    document = _Document(data, _Positions(False), _Positions(False))
+    checker = _Checker(document, display, base_dir, allow_reference_outside, {})
+    problems = [replace(problem, line=0, column=0) for problem in checker.problems()]
+    if problems:
+        raise ManifestError(list(dict.fromkeys(problems)))
+    return _build_manifest(base_dir / display, document, checker)
