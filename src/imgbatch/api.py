@@ -55,6 +55,8 @@ class ApplyOptions:
     grace_seconds: float = 30.0
     # A trust decision: local reference images may lie outside the manifest's folder tree.
     allow_reference_outside: bool = False
+    # After a 200 without an image, ask once more with a simplified prompt (the seed's rule).
+    simplify: bool = True
 
 
 @dataclass(frozen=True)
@@ -216,6 +218,7 @@ async def apply_async(
                     retry=options.retry,
                     clock=clock,
                     listener=listener,
+                    simplify=options.simplify,
                 )
                 outcome, interrupted = await _run_interruptible(executor, plan, options)
         finally:

@@ -147,6 +147,12 @@ def plan(manifest: Path, provider: str | None, allow_reference_outside: bool) ->
     "the rate decides).",
 )
 @allow_outside_option
+@click.option(
+    "--no-simplify",
+    is_flag=True,
+    help="After a 200 without an image, fail the shot instead of asking once more with a "
+    "simplified prompt.",
+)
 @error_boundary
 def apply_command(
     manifest: Path,
@@ -154,6 +160,7 @@ def apply_command(
     rps: float | None,
     concurrency: int | None,
     allow_reference_outside: bool,
+    no_simplify: bool,
 ) -> int:
     """Generate the shots whose request changed; write images and results.json."""
     progress = Progress(0)
@@ -176,6 +183,7 @@ def apply_command(
                 rps=rps,
                 concurrency=concurrency,
                 allow_reference_outside=allow_reference_outside,
+                simplify=not no_simplify,
             ),
             listener=progress,
             on_plan=announce,
