@@ -13,6 +13,7 @@ from typing import TextIO
 import click
 
 from imgbatch.api import ApplyReport
+from imgbatch.errors import NoImageError
 from imgbatch.executor import Notice, Retrying
 from imgbatch.plan import Action, Plan
 from imgbatch.results import ResultEntry
@@ -60,6 +61,15 @@ class Progress:
 
     def __call__(self, event: ResultEntry | Retrying | Notice) -> None:
         if isinstance(event, Retrying):
+            if isinstance(event.error, NoImageError):
+                # The seed's rule: never quietly; say which request gave no image.
+                self._line(
+                    f"{event.shot_id}: the service answered without an image (request "
+                    f"{event.error.request_id or 'unknown'}); asking once more with a "
+                    "simplified prompt",
+                    permanent=True,
+                )
+                return
             self.retries += 1
             return
         if isinstance(event, Notice):
@@ -102,10 +112,18 @@ def apply_summary(report: ApplyReport) -> str:
         f"{report.count('cached')} cached",
         f"{report.count('failed')} failed",
     ]
-    paid = "offline" if report.plan.provider == "placeholder" else "paid"
+    if report.plan.provider == "placeholder":
+        sent = f"{report.requests} offline request{'s' if report.requests != 1 else ''}"
+    else:
+        # Only images are billed: refusals, errors and unreachable servers cost nothing.
+        sent = (
+            f"{report.requests} request{'s' if report.requests != 1 else ''} sent, "
+            f"{report.billed} image{'s' if report.billed != 1 else ''} billed"
+        )
+        if report.maybe_billed:
+            sent += f" (+{report.maybe_billed} whose answer was lost, maybe billed)"
     lines = [
-        f"Done in {report.elapsed:.1f} s: {', '.join(parts)}; {report.requests} {paid} "
-        f"request{'s' if report.requests != 1 else ''}, {report.retries} retries, "
+        f"Done in {report.elapsed:.1f} s: {', '.join(parts)}; {sent}, {report.retries} retries, "
         f"{report.throttled} throttled (429)."
     ]
     if report.rate_discovered and report.rate:

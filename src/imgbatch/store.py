@@ -101,11 +101,12 @@ def remove_stale_temporaries(output_dir: Path) -> int:
 
 
 def verify_image(data: bytes, width: int, height: int) -> None:
-    """Raise ValueError unless `data` decodes fully as an image of `width` x `height`."""
+    """Raise ValueError unless `data` decodes fully as an image of `width` x `height` (the size
+    the request asked for: what the service reports about it is not evidence)."""
     size = _decoded_size(data, "downloaded bytes")
     if size != (width, height):
         raise ValueError(
-            f"downloaded image is {size[0]}*{size[1]}, but the API reported {width}*{height}"
+            f"downloaded image is {size[0]}*{size[1]}, not the {width}*{height} asked for"
         )
 
 
