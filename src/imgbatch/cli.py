@@ -215,14 +215,24 @@ def apply_command(
     help="Print the normalized response as one JSON object on stdout.",
 )
 @provider_option
+@allow_outside_option
 @error_boundary
 def generate_command(
-    request_text: str, output: Path | None, print_response: bool, provider: str | None
+    request_text: str,
+    output: Path | None,
+    print_response: bool,
+    provider: str | None,
+    allow_reference_outside: bool,
 ) -> int:
     """Make one image from one request, as the seed skill's helper script does."""
     from imgbatch.single import generate
 
-    response = generate(_read_request(request_text), output=output, provider=provider)
+    response = generate(
+        _read_request(request_text),
+        output=output,
+        provider=provider,
+        allow_reference_outside=allow_reference_outside,
+    )
     where = "from the cache, nothing sent" if response["cached"] else "generated"
     click.echo(f"{response['file']} ({where})", err=True)
     if print_response:
