@@ -8,6 +8,11 @@ downloaded right after it is generated (its URL expires), verified to decode at 
 size, put in the cache and copied into place before its entry is journaled, so a crash loses only
 shots in flight; its URL is journaled before the download, so that a shot paid for but not yet
 downloaded is fetched by the next apply (`_recover`) instead of being paid for again.
+
+A file that cannot be written fails its shot only, naming the path (a paid image stays in the
+cache, or its URL in the entry); a full disk, or a journal that cannot be written, also stops the
+run like a 401. A restore checks the cache entry first: a damaged one is discarded, said to the
+listener as a `Notice`, and the image fetched from its recorded URL or generated again.
 """
 
 from __future__ import annotations
