@@ -152,6 +152,22 @@ def _refuse_temp_files_in(folder: Callable[[Path], Path]) -> Callable[..., Path]
     return breaks
 
 
+def _lock_is_a_folder(out: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = out / STATE_DIR / "lock"
+    path.unlink(missing_ok=True)
+    path.mkdir()
+    return path
+
+
+def _lock_is_a_link(out: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    target = out.parent / "victim.txt"
+    target.write_text("a file the lock must not open\n", encoding="utf-8")
+    path = out / STATE_DIR / "lock"
+    path.unlink(missing_ok=True)
+    path.symlink_to(target)
+    return path
+
+
 def _cache_is_a_file(out: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = out / STATE_DIR / "cache"
     moved = out.parent / "cache-moved-aside"
@@ -182,6 +198,8 @@ BROKEN = [
         "cannot write in",
     ),
     Broken("cache-is-a-file", _cache_is_a_file, "is not a folder"),
+    Broken("lock-is-a-folder", _lock_is_a_folder, "cannot take the lock"),
+    Broken("lock-is-a-link", _lock_is_a_link, "cannot take the lock"),
 ]
 
 

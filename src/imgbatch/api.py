@@ -347,13 +347,20 @@ def exclusive_output(output_dir: Path) -> Iterator[None]:
         (output_dir / STATE_DIR).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StoreError(f"cannot create the output folder {output_dir}: {exc}") from None
-    lock = filelock.FileLock(str(output_dir / STATE_DIR / "lock"), timeout=0)
+    path = output_dir / STATE_DIR / "lock"
+    lock = filelock.FileLock(str(path), timeout=0)
     try:
         lock.acquire()
     except filelock.Timeout:
         raise LockedError(
             f"another imgbatch apply is writing to {output_dir}; wait for it to finish "
             "(the lock is released when that process exits, even if it crashed)"
+        ) from None
+    except OSError as exc:
+        # A folder or a symbolic link in its place (filelock never follows a link).
+        raise StoreError(
+            f"cannot take the lock {path} ({exc.strerror or exc}); move it aside and run apply "
+            "again"
         ) from None
     try:
         yield
