@@ -46,10 +46,11 @@ the command that replays its draws. Nothing but 127.0.0.1 is contacted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
-import inspect
 import io
 import json
+import logging
 import os
 import random
 import re
@@ -61,6 +62,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,9 @@ KILL_SIGNALS = (signal.SIGTERM, signal.SIGKILL)
 KILLED_EXITS = {0, 1, 130, 143, -signal.SIGTERM, -signal.SIGKILL}
 IMAGE_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 POLL_S = 0.005
+PNG_CACHE: dict[tuple[int, int, int], bytes] = {}
+# A generation received this long after the signal was sent after it, not in flight at it.
+AFTER_SIGNAL_S = 0.05
 
 
 # ----- faults ------------------------------------------------------------------------------------
@@ -90,79 +95,75 @@ POLL_S = 0.005
 
 @dataclass(frozen=True)
 class Knob:
-    """One FakeDashScope option: how a trial draws it, and its value in the clean follow-up."""
+    """One server option: how a trial draws it, and its value in the clean follow-up."""
 
     name: str
     draw: Callable[[random.Random], Any]
     clean: Any  # None: leave as drawn (not a fault, e.g. the image profile)
 
 
-# A knob the fake server does not take (an older tests/fake_dashscope.py) is skipped and named
-# in the output; adding a fault is one line here.
+# Adding a fault is one line here: FakeDashScope's options, plus ChaosServer's own below.
 KNOBS: tuple[Knob, ...] = (
     Knob("latency", lambda rng: rng.uniform(0.05, 0.3), None),
     Knob("error_rate", lambda rng: rng.uniform(0.0, 0.3), 0.0),
     Knob("disconnect_rate", lambda rng: rng.uniform(0.0, 0.2), 0.0),
     Knob("image_profile", lambda rng: "real", None),
     Knob("chunk_size", lambda rng: rng.choice((16_384, 65_536, 262_144)), None),
-    Knob("chunk_delay", lambda rng: rng.choice((0.0, 0.001, 0.005)), 0.0),
-    Knob("cut_download_rate", lambda rng: rng.uniform(0.0, 0.2), 0.0),
+    Knob("chunk_delay", lambda rng: rng.choice((0.0, 0.0005, 0.002)), 0.0),
+    Knob("cut_download_rate", lambda rng: rng.uniform(0.0, 0.05), 0.0),
+    Knob("cut_each_download_rate", lambda rng: rng.uniform(0.0, 0.2), 0.0),
     Knob("redirect_images", lambda rng: rng.random() < 0.5, None),
 )
-SERVER_OPTIONS = frozenset(inspect.signature(FakeDashScope.__init__).parameters)
-AVAILABLE = tuple(knob for knob in KNOBS if knob.name in SERVER_OPTIONS)
-MISSING = tuple(knob.name for knob in KNOBS if knob.name not in SERVER_OPTIONS)
 
 
-@dataclass(frozen=True)
-class Faults:
-    options: dict[str, Any]
-    # Dropped connections for servers without disconnect_rate: the first n generations.
-    queued_disconnects: int
-
-    @classmethod
-    def draw(cls, rng: random.Random) -> Faults:
-        options = {knob.name: knob.draw(rng) for knob in AVAILABLE}
-        queued = rng.randrange(4) if "disconnect_rate" in MISSING else 0
-        return cls(options, queued)
-
-    def arm(self, server: FakeDashScope) -> None:
-        if self.queued_disconnects:
-            server.enqueue_disconnect(self.queued_disconnects)
-
-    @staticmethod
-    def disarm(server: FakeDashScope) -> None:
-        """No faults from now on (reset() drops the queued ones with the records)."""
-        server.reset()
-        for knob in AVAILABLE:
-            if knob.clean is not None:
-                setattr(server, knob.name, knob.clean)
-
-    def describe(self) -> str:
-        parts = [f"{name}={_short(value)}" for name, value in self.options.items()]
-        if self.queued_disconnects:
-            parts.append(f"disconnects={self.queued_disconnects}")
-        return " ".join(parts)
+def draw_faults(rng: random.Random) -> dict[str, Any]:
+    return {knob.name: knob.draw(rng) for knob in KNOBS}
 
 
-def _short(value: Any) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
+def disarm(server: FakeDashScope) -> None:
+    """No faults from now on (reset() also drops the records, which the caller has copied)."""
+    server.reset()
+    for knob in KNOBS:
+        if knob.clean is not None:
+            setattr(server, knob.name, knob.clean)
+
+
+def describe(faults: dict[str, Any]) -> str:
+    return " ".join(
+        f"{name}={f'{value:.3g}' if isinstance(value, float) else value}"
+        for name, value in faults.items()
+    )
 
 
 class ChaosServer(FakeDashScope):
-    """The fake server, also noting which shot (by prompt) each image it handed out belongs to."""
+    """The fake server, noting which shot (by prompt) each image it hands out belongs to, and
+    cutting downloads short at random one by one.
 
-    def __init__(self, **options: Any) -> None:
+    FakeDashScope's `cut_download_rate` draws once per image, so every download of a cut image
+    is cut: it plays an image that cannot be delivered, and the shot is rightly paid again.
+    `cut_each_download_rate` draws for each download instead, a flaky link that the download
+    retries and the next apply's fetch from the journaled URL must get through.
+    """
+
+    def __init__(self, *, cut_each_download_rate: float = 0.0, **options: Any) -> None:
         super().__init__(**options)
+        # Megabytes of noise take a while to encode: once per run, not once per trial.
+        self._png_cache = PNG_CACHE
+        self.cut_each_download_rate = cut_each_download_rate
         self.image_prompts: dict[str, str] = {}
 
-    def _success_body(self, generation: Any) -> dict[str, Any]:
-        body: dict[str, Any] = super()._success_body(generation)
+    def _success_body(self, generation: Any, *args: Any) -> dict[str, Any]:
+        body: dict[str, Any] = super()._success_body(generation, *args)
         url = body["output"]["choices"][0]["message"]["content"][0]["image"]
         match = IMAGE_ID.search(url)
         if match is not None:
             self.image_prompts[match.group()] = generation.prompt
         return body
+
+    async def _send_image(self, request: Any, png: bytes, stored: Any) -> Any:
+        if self.cut_each_download_rate and self._draw() < self.cut_each_download_rate:
+            stored = dataclasses.replace(stored, cut=True)
+        return await super()._send_image(request, png, stored)
 
 
 # ----- one trial ---------------------------------------------------------------------------------
@@ -265,17 +266,16 @@ def wait_idle(server: FakeDashScope, timeout: float) -> None:
 
 def run_trial(index: int, args: argparse.Namespace, work: Path) -> TrialResult:
     rng = random.Random(f"chaos:{args.seed}:{index}")
-    faults = Faults.draw(rng)
-    latency = float(faults.options.get("latency", 0.1))
+    faults = draw_faults(rng)
+    latency = float(faults["latency"])
     plan = draw_plan(rng, args.shots, latency)
     directory = work / f"trial-{index:03d}"
     manifest = write_manifest(directory / "project", args.shots, name="chaos")
     prompts = shot_prompts(manifest)
-    result = TrialResult(index, faults.describe(), plan.describe(), "none")
-    options: dict[str, Any] = {"api_key": KEY, "seed": rng.randrange(2**31), **faults.options}
+    result = TrialResult(index, describe(faults), plan.describe(), "none")
+    options: dict[str, Any] = {"api_key": KEY, "seed": rng.randrange(2**31), **faults}
     server = ChaosServer(**options)
     with server:
-        faults.arm(server)
         env = apply_environment(server.base_url, directory / "home")
         started = time.monotonic()
         process = start_apply(manifest, env, directory / "killed", args.concurrency)
@@ -287,8 +287,11 @@ def run_trial(index: int, args: argparse.Namespace, work: Path) -> TrialResult:
         if snapshot is not None:
             result.stop_s = time.monotonic() - snapshot.at
         wait_idle(server, timeout=10.0)
+        if snapshot is None:
+            # The apply ended first: account as if killed at its end.
+            snapshot = KillSnapshot(time.monotonic(), len(server.requests), len(server.downloads))
         first = (list(server.requests), list(server.downloads))
-        Faults.disarm(server)
+        disarm(server)
 
         started = time.monotonic()
         follow = start_apply(manifest, env, directory / "follow", args.concurrency)
@@ -298,7 +301,7 @@ def run_trial(index: int, args: argparse.Namespace, work: Path) -> TrialResult:
         second = (list(server.requests), list(server.downloads))
         image_prompts = dict(server.image_prompts)
 
-    check_exits(result, directory, killed_exit, follow_exit, snapshot is not None)
+    check_exits(result, directory, killed_exit, follow_exit, result.killed != "none")
     account(result, prompts, image_prompts, first, second, snapshot)
     output = manifest.parent / "out"
     problems = check_output(output, list(prompts.values()))
@@ -367,32 +370,38 @@ def account(
     image_prompts: dict[str, str],
     first: Records,
     second: Records,
-    snapshot: KillSnapshot | None,
+    snapshot: KillSnapshot,
 ) -> None:
     """Fill in_flight, paid_twice and lost (see the module docstring) and count the faults."""
     (requests1, downloads1), (requests2, downloads2) = first, second
-    bills: Counter[str] = Counter()
-    for record in (*requests1, *requests2):
+
+    def shot_of(record: RecordedRequest) -> str | None:
         prompt = request_prompt(record) if record.path == GENERATION_PATH else None
-        if prompt is not None and record.status == 200:
-            bills[prompts.get(prompt, prompt)] += 1
+        return None if prompt is None else prompts.get(prompt, prompt)
+
+    bills = Counter(
+        shot
+        for record in (*requests1, *requests2)
+        if record.status == 200 and (shot := shot_of(record)) is not None
+    )
     in_flight: set[str] = set()
-    if snapshot is not None:
-        billed_before: set[str] = set()
-        for position, record in enumerate(requests1):
-            prompt = request_prompt(record) if record.path == GENERATION_PATH else None
-            if prompt is None:
-                continue
-            if position >= snapshot.requests:
-                in_flight.add(prompts.get(prompt, prompt))  # (a) not answered at the kill
-            elif record.status == 200:
-                billed_before.add(prompts.get(prompt, prompt))
-        served: set[str] = set()
-        for record in downloads1[: snapshot.downloads]:
-            match = IMAGE_ID.search(record.path)
-            if record.status == 200 and match and match.group() in image_prompts:
-                served.add(prompts.get(image_prompts[match.group()], "?"))
-        in_flight |= billed_before - served  # (b) billed, image not served whole
+    billed_before: set[str] = set()
+    for position, record in enumerate(requests1):
+        shot = shot_of(record)
+        if shot is None:
+            continue
+        if position >= snapshot.requests:
+            in_flight.add(shot)  # (a) received, not yet answered at the kill
+            if record.received_at > snapshot.at + AFTER_SIGNAL_S:
+                result.server_faults["sent after the signal"] += 1
+        elif record.status == 200:
+            billed_before.add(shot)
+    served: set[str] = set()
+    for record in downloads1[: snapshot.downloads]:
+        match = IMAGE_ID.search(record.path)
+        if record.status == 200 and match and match.group() in image_prompts:
+            served.add(prompts.get(image_prompts[match.group()], "?"))
+    in_flight |= billed_before - served  # (b) billed, but no image of it served whole
     result.in_flight = len(in_flight)
     result.paid_twice = sum(count - 1 for count in bills.values() if count > 1)
     lost = sorted(shot for shot, count in bills.items() if count > 1 and shot not in in_flight)
@@ -405,16 +414,16 @@ def account(
         )
     for record in (*requests1, *requests2):
         if record.status is None:
-            result.server_faults["dropped"] += 1
+            result.server_faults["dropped connections"] += 1
         elif record.status >= 500:
             result.server_faults["5xx"] += 1
     for record in (*downloads1, *downloads2):
-        if record.status is None:
-            result.server_faults["cut"] += 1
-        elif 300 <= record.status < 400:
+        if record.path.startswith("/r/"):
             result.server_faults["redirects"] += 1
+        elif record.status is None:
+            result.server_faults["cut downloads"] += 1
         elif record.status == 200:
-            result.server_faults["downloads"] += 1
+            result.server_faults["whole downloads"] += 1
 
 
 def check_output(output: Path, shot_ids: list[str]) -> list[str]:
@@ -479,9 +488,9 @@ def table(results: list[TrialResult], shots: int) -> str:
         f"| **{sum(r.invalid for r in results)}** | {crashes} "
         f"| {worst.finish_s:.2f} s (trial {worst.index}) |",
         "",
-        f"Faults the server dealt: {faults['5xx']} 5xx, {faults['dropped']} dropped connections, "
-        f"{faults['cut']} cut downloads, {faults['redirects']} redirects, "
-        f"{faults['downloads']} whole downloads; slowest SIGTERM stop {worst_stop:.2f} s.",
+        "Faults the server dealt: "
+        + ", ".join(f"{count} {name}" for name, count in sorted(faults.items()))
+        + f"; slowest SIGTERM stop {worst_stop:.2f} s.",
     ]
     return "\n".join(rows)
 
@@ -495,6 +504,7 @@ def main() -> int:
     parser.add_argument("--trial", type=int, default=None, help="run only this trial's draws")
     parser.add_argument("--concurrency", type=int, default=4, help="passed to apply")
     parser.add_argument("--finish-timeout", type=float, default=120.0, help="seconds per apply")
+    parser.add_argument("--jobs", type=int, default=2, help="trials run side by side")
     parser.add_argument("--keep", action="store_true", help="keep the trials' folders")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args()
@@ -506,21 +516,24 @@ def main() -> int:
         if not args.quiet:
             print(message, file=sys.stderr, flush=True)
 
-    if MISSING:
-        log(f"the fake server has no {', '.join(MISSING)}: those faults are not injected")
     started = time.monotonic()
-    results = []
+    # A client killed mid-download makes the fake server log a traceback; the records say it.
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
     temp = tempfile.mkdtemp(prefix="imgbatch-chaos-")
+
+    def trial(index: int) -> TrialResult:
+        result = run_trial(index, args, Path(temp))
+        log(
+            f"trial {index}: {result.plan}: killed {result.killed}; in flight "
+            f"{result.in_flight}, paid twice {result.paid_twice}, lost {result.lost}, "
+            f"invalid {result.invalid}, finish {result.finish_s:.2f} s"
+            + ("" if not result.problems else f"  BROKEN: {'; '.join(result.problems)}")
+        )
+        return result
+
     try:
-        for index in indices:
-            result = run_trial(index, args, Path(temp))
-            results.append(result)
-            log(
-                f"trial {index}: {result.plan}: killed {result.killed}; in flight "
-                f"{result.in_flight}, paid twice {result.paid_twice}, lost {result.lost}, "
-                f"invalid {result.invalid}, finish {result.finish_s:.2f} s"
-                + ("" if not result.problems else f"  BROKEN: {'; '.join(result.problems)}")
-            )
+        with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+            results = list(pool.map(trial, indices))
     finally:
         if args.keep:
             log(f"trial folders kept in {temp}")
@@ -529,8 +542,7 @@ def main() -> int:
     print(table(results, args.shots))
     print(
         f"\nseed {args.seed}; {os.cpu_count()} CPUs; Python {sys.version.split()[0]}; "
-        f"whole run {time.monotonic() - started:.0f} s"
-        + (f"; not injected (older fake server): {', '.join(MISSING)}" if MISSING else "")
+        f"{args.jobs} trials side by side; whole run {time.monotonic() - started:.0f} s"
     )
     broken = [result for result in results if result.problems]
     for result in broken:
