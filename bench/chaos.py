@@ -1,46 +1,49 @@
 """Chaos run: kill `imgbatch apply` at random moments under injected faults; nothing may be lost.
 
-    python bench/chaos.py                      # 50 trials of 8 shots (a few minutes)
+    python bench/chaos.py                      # 50 trials of 8 shots (about 4 minutes)
     python bench/chaos.py --quick              # 10 trials of 6 shots
     python bench/chaos.py --seed 7 --trial 12  # replay one trial's draws (reproduce a failure)
 
 Each trial starts the tests' fake DashScope server (tests/fake_dashscope.py, in a thread of this
-process, so its records and this bench share one clock) with faults drawn at random: 5xx
-answers, dropped connections, slow (throttled) and cut image downloads, redirected image URLs,
-real-sized images. It runs ``python -m imgbatch apply`` as a real subprocess with the dashscope
-provider (key, DASHSCOPE_HTTP_BASE_URL and HOME in its environment), and kills it with SIGTERM
-or SIGKILL (chosen at random) at a random moment: after a random number k of server events
-(answered generations plus image downloads; k uniform below 2 x shots) and a further random
-delay up to the trial's latency, or, in one trial in ten, at a random time in the process's first
-second (start-up, lock, journal). If the apply ends first there is no kill. The server then
-waits for the requests the dead client left behind (they are answered, and billed, anyway),
-its faults are switched off, and a clean follow-up apply runs on the same folder; it must finish.
+process, so that its records and this bench share one clock) with faults drawn at random (see
+KNOBS): 5xx answers, dropped connections, real-sized images (3 to 4 MB) sent in chunks over a
+throttled link, downloads cut short (per image: undeliverable; and per download: flaky), and
+redirected image URLs. It runs ``python -m imgbatch apply`` as a real subprocess with the
+dashscope provider (key, DASHSCOPE_HTTP_BASE_URL and HOME in its environment, this checkout's
+src on PYTHONPATH) and kills it with SIGTERM or SIGKILL, chosen at random, at a random moment:
+after a random number k of server events (answered generations plus image downloads, k uniform
+below 2 x shots) and a further random delay up to the trial's latency; or, in one trial in ten,
+at a random time in the process's first second (start-up, lock, journal). The server then
+answers what the dead client left in flight (billing it, as the real service would), its faults
+are switched off, and a clean follow-up apply runs on the same folder; it must finish. Two
+trials run side by side (--jobs) to use both cores of a small machine.
 
-Definitions (all from the fake server's own records, snapshotted the instant before the signal):
+Definitions, from the fake server's own records snapshotted the instant before the signal (at
+the first apply's end when it ended before its kill moment):
 
 * billed: a generation request answered 200. A shot's bills are counted over both applies,
-  including 200s that reached a client already dead.
+  including 200s that went to a client already dead.
 * in flight at the kill, a set of shots: (a) shots with a generation request the server had
   received but not yet answered (or dropped) at the kill; and (b) shots billed before the kill
-  none of whose images the image host had served whole (a download answered 200 and recorded)
-  before the kill: the answer may not have reached the client, or its download was still
-  running. (b) is generous on purpose: imgbatch journals the URL before downloading, so such a
-  shot is normally fetched again from its URL rather than paid twice.
-* paid twice: over all shots, bills beyond the first. Invariant: per trial, paid twice <= the
-  number of shots in flight at the kill.
-* images lost: shots NOT in flight at the kill that were billed more than once (their image had
-  been generated and had left the server, and the follow-up, or the killed run, paid for it
-  again). Invariant: 0.
+  none of whose images the image host had served whole (a GET answered 200 and its body sent to
+  the end) before the kill: the answer may not have reached the client, its download was still
+  running, or every download of it was cut. (b) is generous on purpose: imgbatch journals the
+  URL before downloading, so such a shot is normally fetched from its URL, not paid twice.
+* paid twice: over all shots, bills beyond a shot's first. Invariant: per trial, paid twice <=
+  the number of shots in flight at the kill.
+* images lost: shots NOT in flight at the kill that were billed more than once: their image had
+  been generated and had left the server whole, and was paid for again. Invariant: 0.
 * invalid files: after the follow-up, shots whose ``<id>.png`` is missing, does not decode fully
   with Pillow at the shot's size, or does not match results.json's sha256/bytes, or whose
   results.json entry is missing or not generated/cached. Invariant: 0.
 * time to finish: wall time of the follow-up apply, process start to exit (worst over trials);
   it must exit 0 within --finish-timeout.
-* crashes (also an invariant): a traceback or "unexpected" on either apply's stderr, an exit code
-  a kill cannot explain, or a SIGTERM'd apply still running after --finish-timeout seconds.
+* crashes (an invariant too): a traceback or "unexpected" on either apply's stderr, an exit code
+  that the kill does not explain, or a SIGTERM'd apply still running after --finish-timeout.
 
 Prints one markdown table and exits 1 if an invariant is broken, listing each broken trial with
-the command that replays its draws. Nothing but 127.0.0.1 is contacted.
+the command that replays its draws (the draws, not the timing, which the machine decides).
+Nothing but 127.0.0.1 is contacted.
 """
 
 from __future__ import annotations
@@ -469,6 +472,10 @@ def check_shot(output: Path, shot: str, entry: dict[str, Any] | None) -> str | N
 # ----- main --------------------------------------------------------------------------------------
 
 
+def after_signal(result: TrialResult) -> int:
+    return result.server_faults["sent after the signal"]
+
+
 def table(results: list[TrialResult], shots: int) -> str:
     kills = Counter(result.killed for result in results)
     broken_budget = sum(1 for r in results if r.paid_twice > r.in_flight)
@@ -527,6 +534,7 @@ def main() -> int:
             f"trial {index}: {result.plan}: killed {result.killed}; in flight "
             f"{result.in_flight}, paid twice {result.paid_twice}, lost {result.lost}, "
             f"invalid {result.invalid}, finish {result.finish_s:.2f} s"
+            + (f"; {late} sent after the signal" if (late := after_signal(result)) else "")
             + ("" if not result.problems else f"  BROKEN: {'; '.join(result.problems)}")
         )
         return result
