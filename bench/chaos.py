@@ -49,6 +49,7 @@ Nothing but 127.0.0.1 is contacted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -206,6 +207,7 @@ class TrialResult:
     stop_s: float = 0.0  # signal to exit of the killed apply
     crashes: int = 0  # applies that crashed, hung or exited with a code nothing explains
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # odd but not an invariant broken
     server_faults: Counter[str] = field(default_factory=Counter)
 
 
@@ -397,6 +399,8 @@ def account(
             in_flight.add(shot)  # (a) received, not yet answered at the kill
             if record.received_at > snapshot.at + AFTER_SIGNAL_S:
                 result.server_faults["sent after the signal"] += 1
+                delay = record.received_at - snapshot.at
+                result.notes.append(f"{shot} sent {delay:.2f} s after the signal ({record.status})")
         elif record.status == 200:
             billed_before.add(shot)
     served: set[str] = set()
@@ -472,10 +476,6 @@ def check_shot(output: Path, shot: str, entry: dict[str, Any] | None) -> str | N
 # ----- main --------------------------------------------------------------------------------------
 
 
-def after_signal(result: TrialResult) -> int:
-    return result.server_faults["sent after the signal"]
-
-
 def table(results: list[TrialResult], shots: int) -> str:
     kills = Counter(result.killed for result in results)
     broken_budget = sum(1 for r in results if r.paid_twice > r.in_flight)
@@ -512,7 +512,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=4, help="passed to apply")
     parser.add_argument("--finish-timeout", type=float, default=120.0, help="seconds per apply")
     parser.add_argument("--jobs", type=int, default=2, help="trials run side by side")
-    parser.add_argument("--keep", action="store_true", help="keep the trials' folders")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep every trial's folder (default: broken ones)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args()
     if args.quick:
@@ -534,19 +536,22 @@ def main() -> int:
             f"trial {index}: {result.plan}: killed {result.killed}; in flight "
             f"{result.in_flight}, paid twice {result.paid_twice}, lost {result.lost}, "
             f"invalid {result.invalid}, finish {result.finish_s:.2f} s"
-            + (f"; {late} sent after the signal" if (late := after_signal(result)) else "")
+            + ("" if not result.notes else f"; {'; '.join(result.notes)}")
             + ("" if not result.problems else f"  BROKEN: {'; '.join(result.problems)}")
         )
+        folder = Path(temp) / f"trial-{index:03d}"
+        if result.problems or result.notes or args.keep:
+            log(f"trial {index}: its folder is kept: {folder}")
+        else:
+            shutil.rmtree(folder, ignore_errors=True)  # megabytes of images a trial
         return result
 
     try:
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:
             results = list(pool.map(trial, indices))
     finally:
-        if args.keep:
-            log(f"trial folders kept in {temp}")
-        else:
-            shutil.rmtree(temp, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir(temp)  # unless a trial's folder is kept
     print(table(results, args.shots))
     print(
         f"\nseed {args.seed}; {os.cpu_count()} CPUs; Python {sys.version.split()[0]}; "
