@@ -158,9 +158,6 @@ class _StoredImage:
     colour: int
     signature: str
     corrupt: bool
-    # Download faults drawn when the image was made: cut the body short, stall mid-body.
-    cut: bool = False
-    stall: bool = False
 
 
 class TokenBucket:
@@ -256,6 +253,8 @@ class FakeDashScope:
         self._png_cache: dict[tuple[int, int, int], bytes] = {}
         self._runners: list[web.AppRunner] = []
         self._base_url: str | None = None
+        # Kept after the server stops: a test of a closed port needs an address nobody serves.
+        self.last_base_url: str | None = None
         self._image_base_url: str | None = None
         self._thread: threading.Thread | None = None
         self._thread_loop: asyncio.AbstractEventLoop | None = None
@@ -349,12 +348,12 @@ class FakeDashScope:
             self._pending["echo_url"] += times
 
     def cut_next_download(self, times: int = 1) -> None:
-        """Cut the body of the next ``times`` images made short: half the bytes, then close."""
+        """Cut the next ``times`` image downloads short: half the bytes, then close."""
         with self._lock:
             self._pending["cut"] += times
 
     def stall_next_download(self, times: int = 1) -> None:
-        """Send the headers and first chunk of the next ``times`` images made, then nothing."""
+        """Send the headers and first chunk of the next ``times`` image downloads, then nothing."""
         with self._lock:
             self._pending["stall"] += times
 
@@ -391,6 +390,7 @@ class FakeDashScope:
             await self.astop()
             raise
         self._base_url = f"http://127.0.0.1:{api_port}{API_PREFIX}"
+        self.last_base_url = self._base_url
         # Another host name than the API's, so clients that leak API headers to it get caught.
         self._image_base_url = f"http://localhost:{image_port}"
         return self
@@ -585,14 +585,8 @@ class FakeDashScope:
                 width, height = 64, 64
             corrupt = self._consume_toggle("corrupt")
             wrong_size = self._consume_toggle("wrong_size")
-            cut = self._consume_toggle("cut") or (
-                self.cut_download_rate > 0 and self._rng.random() < self.cut_download_rate
-            )
-            stall = self._consume_toggle("stall")
             echo = self._consume_toggle("echo_url")
-            self._images[image_id] = _StoredImage(
-                width, height, colour, signature, corrupt, cut, stall
-            )
+            self._images[image_id] = _StoredImage(width, height, colour, signature, corrupt)
         expires = int(time.time()) + URL_LIFETIME_S
         # A redirecting URL first passes through /r/, like a CDN in front of the bucket.
         folder = "r" if self.redirect_images else "results"
@@ -641,7 +635,9 @@ class FakeDashScope:
             return _oss_error(400, "InvalidArgument", "Authorization header is not expected.")
         if request.path.startswith("/r/"):
             target = "/results/" + request.path.removeprefix("/r/")
-            raise web.HTTPFound(f"{target}?{request.query_string}")
+            return web.Response(
+                status=302, headers={"Location": f"{target}?{request.query_string}"}
+            )
         stored = self._find_image(request.path)
         if stored is None:
             return _oss_error(404, "NoSuchKey", "The specified key does not exist.")
@@ -663,17 +659,20 @@ class FakeDashScope:
         await response.prepare(request)
         if request.method == "HEAD":
             return response
-        end = len(png) // 2 if stored.cut else len(png)
+        with self._lock:
+            cut = self._consume_toggle("cut") or self._rng.random() < self.cut_download_rate
+            stall = self._consume_toggle("stall")
+        end = len(png) // 2 if cut else len(png)
         try:
             for offset in range(0, end, self.chunk_size):
                 await response.write(png[offset : min(offset + self.chunk_size, end)])
-                if stored.stall:
+                if stall:
                     await asyncio.Event().wait()  # until the server stops
                 if self.chunk_delay:
                     await asyncio.sleep(self.chunk_delay)
         except ConnectionError:
             raise _CutShort(response) from None  # the client hung up (a cap, a deadline)
-        if stored.cut:
+        if cut:
             _drop_connection(request)
             raise _CutShort(response)
         await response.write_eof()

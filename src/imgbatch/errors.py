@@ -35,16 +35,18 @@ class ManifestProblem:
     message: str
 
     def __str__(self) -> str:
+        if self.line <= 0:  # parsed data with no lines to point at: the field says where
+            return f"{self.file}: {self.where}: {self.message}"
         return f"{self.file}:{self.line}:{self.column}: {self.where}: {self.message}"
 
 
 class ManifestError(ImgbatchError):
     """A manifest that cannot be run; holds every problem found, not only the first."""
 
-    def __init__(self, problems: Sequence[ManifestProblem]) -> None:
+    def __init__(self, problems: Sequence[ManifestProblem], subject: str = "the manifest") -> None:
         self.problems = tuple(problems)
         count = len(self.problems)
-        head = f"{count} problem{'s' if count != 1 else ''} in the manifest:"
+        head = f"{count} problem{'s' if count != 1 else ''} in {subject}:"
         super().__init__("\n".join([head, *(f"  {p}" for p in self.problems)]))
 
 

@@ -184,7 +184,8 @@ class DashScopeProvider:
     async def generate(self, request: ImageRequest, *, label: str) -> GeneratedImage:
         content: list[dict[str, str]] = [{"text": request.text}]
         if request.reference is not None:
-            content.append({"image": await asyncio.to_thread(request.reference.message_value)})
+            # Before the text, as the seed skill maps it.
+            content.insert(0, {"image": await asyncio.to_thread(request.reference.message_value)})
         try:
             # A deadline on the whole call: the SDK's own timeout does not cover its re-send.
             async with asyncio.timeout(self._request_timeout):
