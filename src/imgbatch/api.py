@@ -53,6 +53,8 @@ class ApplyOptions:
     home: Path | None = None
     # After Ctrl-C, how long requests in flight may take before they are abandoned.
     grace_seconds: float = 30.0
+    # After a 200 without an image, ask once more with a simplified prompt (the seed's rule).
+    simplify: bool = True
 
 
 @dataclass(frozen=True)
@@ -198,6 +200,7 @@ async def apply_async(
                     retry=options.retry,
                     clock=clock,
                     listener=listener,
+                    simplify=options.simplify,
                 )
                 outcome, interrupted = await _run_interruptible(executor, plan, options)
         finally:

@@ -125,9 +125,19 @@ def plan(manifest: Path, provider: str | None) -> int:
     help="Requests in flight at most (default: the manifest's limits.concurrency, else 512: "
     "the rate decides).",
 )
+@click.option(
+    "--no-simplify",
+    is_flag=True,
+    help="After a 200 without an image, fail the shot instead of asking once more with a "
+    "simplified prompt.",
+)
 @error_boundary
 def apply_command(
-    manifest: Path, provider: str | None, rps: float | None, concurrency: int | None
+    manifest: Path,
+    provider: str | None,
+    rps: float | None,
+    concurrency: int | None,
+    no_simplify: bool,
 ) -> int:
     """Generate the shots whose request changed; write images and results.json."""
     progress = Progress(0)
@@ -145,7 +155,9 @@ def apply_command(
     try:
         report = apply(
             manifest,
-            ApplyOptions(provider=provider, rps=rps, concurrency=concurrency),
+            ApplyOptions(
+                provider=provider, rps=rps, concurrency=concurrency, simplify=not no_simplify
+            ),
             listener=progress,
             on_plan=announce,
         )
