@@ -208,6 +208,7 @@ class TrialResult:
     crashes: int = 0  # applies that crashed, hung or exited with a code nothing explains
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # odd but not an invariant broken
+    paid_twice_why: list[str] = field(default_factory=list)
     server_faults: Counter[str] = field(default_factory=Counter)
 
 
@@ -389,14 +390,14 @@ def account(
         for record in (*requests1, *requests2)
         if record.status == 200 and (shot := shot_of(record)) is not None
     )
-    in_flight: set[str] = set()
+    unanswered: set[str] = set()
     billed_before: set[str] = set()
     for position, record in enumerate(requests1):
         shot = shot_of(record)
         if shot is None:
             continue
         if position >= snapshot.requests:
-            in_flight.add(shot)  # (a) received, not yet answered at the kill
+            unanswered.add(shot)  # (a) received, not yet answered at the kill
             if record.received_at > snapshot.at + AFTER_SIGNAL_S:
                 result.server_faults["sent after the signal"] += 1
                 delay = record.received_at - snapshot.at
@@ -408,11 +409,26 @@ def account(
         match = IMAGE_ID.search(record.path)
         if record.status == 200 and match and match.group() in image_prompts:
             served.add(prompts.get(image_prompts[match.group()], "?"))
-    in_flight |= billed_before - served  # (b) billed, but no image of it served whole
+    undelivered = billed_before - served - unanswered  # (b) no image of it served whole
+    in_flight = unanswered | undelivered
     result.in_flight = len(in_flight)
     result.paid_twice = sum(count - 1 for count in bills.values() if count > 1)
     lost = sorted(shot for shot, count in bills.items() if count > 1 and shot not in in_flight)
     result.lost = len(lost)
+    whole = {
+        match.group()
+        for record in (*downloads1, *downloads2)
+        if record.status == 200 and (match := IMAGE_ID.search(record.path))
+    }
+    never_whole = Counter(
+        prompts.get(prompt, prompt) for image, prompt in image_prompts.items() if image not in whole
+    )
+    for shot, count in sorted(bills.items()):
+        if count > 1 and shot in in_flight:
+            why = "unanswered at the kill" if shot in unanswered else "not yet served whole"
+            if never_whole[shot]:
+                why += f"; {never_whole[shot]} of its images never downloaded whole"
+            result.paid_twice_why.append(f"{shot} ({why})")
     if lost:
         result.problems.append(f"images lost (paid again, not in flight): {', '.join(lost)}")
     if result.paid_twice > result.in_flight:
@@ -536,6 +552,7 @@ def main() -> int:
             f"trial {index}: {result.plan}: killed {result.killed}; in flight "
             f"{result.in_flight}, paid twice {result.paid_twice}, lost {result.lost}, "
             f"invalid {result.invalid}, finish {result.finish_s:.2f} s"
+            + (f" [{', '.join(result.paid_twice_why)}]" if result.paid_twice_why else "")
             + ("" if not result.notes else f"; {'; '.join(result.notes)}")
             + ("" if not result.problems else f"  BROKEN: {'; '.join(result.problems)}")
         )
