@@ -83,10 +83,14 @@ from tests.fake_dashscope import GENERATION_PATH, FakeDashScope, RecordedRequest
 
 WIDTH, HEIGHT = (int(part) for part in SIZE.split("*"))
 KILL_SIGNALS = (signal.SIGTERM, signal.SIGKILL)
-# Exit codes a trial's killed apply may end with: done (0), some shots failed under the faults
-# (1), interrupted (130, or 143 once SIGTERM is told apart from Ctrl-C), or the signal itself
-# (before the handler is installed, or SIGKILL).
-KILLED_EXITS = {0, 1, 130, 143, -signal.SIGTERM, -signal.SIGKILL}
+# Exit codes a killed apply may end with: done (0) or some shots failed under the faults (1),
+# both when it ended just as the signal came; after SIGTERM, interrupted (130) or killed by it
+# (before its handler is installed); after SIGKILL, killed.
+KILLED_EXITS = {
+    "none": {0, 1},
+    "SIGTERM": {0, 1, 130, -signal.SIGTERM},
+    "SIGKILL": {0, 1, -signal.SIGKILL},
+}
 IMAGE_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 POLL_S = 0.005
 PNG_CACHE: dict[tuple[int, int, int], bytes] = {}
@@ -307,7 +311,7 @@ def run_trial(index: int, args: argparse.Namespace, work: Path) -> TrialResult:
         second = (list(server.requests), list(server.downloads))
         image_prompts = dict(server.image_prompts)
 
-    check_exits(result, directory, killed_exit, follow_exit, result.killed != "none")
+    check_exits(result, directory, killed_exit, follow_exit)
     account(result, prompts, image_prompts, first, second, snapshot)
     output = manifest.parent / "out"
     problems = check_output(output, list(prompts.values()))
@@ -327,12 +331,12 @@ def wait_exit(process: subprocess.Popen[bytes], timeout: float) -> int | None:
 
 
 def check_exits(
-    result: TrialResult, directory: Path, killed: int | None, follow: int | None, signalled: bool
+    result: TrialResult, directory: Path, killed: int | None, follow: int | None
 ) -> None:
     problems = []
     if killed is None:
         problems.append(f"the apply signalled {result.killed} was still running after the timeout")
-    elif killed not in (KILLED_EXITS if signalled else {0, 1}):
+    elif killed not in KILLED_EXITS[result.killed]:
         problems.append(f"the killed apply exited {killed}")
     if follow is None:
         problems.append("the follow-up apply did not finish in time")
@@ -415,19 +419,20 @@ def account(
     result.paid_twice = sum(count - 1 for count in bills.values() if count > 1)
     lost = sorted(shot for shot, count in bills.items() if count > 1 and shot not in in_flight)
     result.lost = len(lost)
-    whole = {
-        match.group()
-        for record in (*downloads1, *downloads2)
-        if record.status == 200 and (match := IMAGE_ID.search(record.path))
-    }
+    tried: dict[str, bool] = {}  # image id -> served whole at least once, over both applies
+    for record in (*downloads1, *downloads2):
+        if (match := IMAGE_ID.search(record.path)) and record.path.startswith("/results/"):
+            tried[match.group()] = tried.get(match.group(), False) or record.status == 200
     never_whole = Counter(
-        prompts.get(prompt, prompt) for image, prompt in image_prompts.items() if image not in whole
+        prompts.get(image_prompts[image], "?")
+        for image, whole in tried.items()
+        if not whole and image in image_prompts
     )
     for shot, count in sorted(bills.items()):
         if count > 1 and shot in in_flight:
             why = "unanswered at the kill" if shot in unanswered else "not yet served whole"
             if never_whole[shot]:
-                why += f"; {never_whole[shot]} of its images never downloaded whole"
+                why += f"; every download of {never_whole[shot]} of its images was cut"
             result.paid_twice_why.append(f"{shot} ({why})")
     if lost:
         result.problems.append(f"images lost (paid again, not in flight): {', '.join(lost)}")
