@@ -1,6 +1,6 @@
 """Chaos run: kill `imgbatch apply` at random moments under injected faults; nothing may be lost.
 
-    python bench/chaos.py                      # 50 trials of 8 shots (about 4 minutes)
+    python bench/chaos.py                      # 50 trials of 8 shots (about 4.5 minutes)
     python bench/chaos.py --quick              # 10 trials of 6 shots
     python bench/chaos.py --seed 7 --trial 12  # replay one trial's draws (reproduce a failure)
 
