@@ -194,10 +194,10 @@ def paced_row(
         f"{wall:.2f} s; ideal/actual {ideal:.2f}/{wall:.2f} = **{ratio:.3f}**; "
         f"429s {stats.throttled} of {stats.generations} requests ({share:.1%})"
     )
-    if report.rate is not None and not report.rate_discovered and goal < 0.95:
-        measure += "; rate not discovered"
     if goal < 0.95:
-        measure += f"; settled rate {report.rate:.1f}/s" if report.rate else ""
+        notes = report.quotas
+        found = ", ".join(f"{note.finding.window} ({note.finding.source})" for note in notes)
+        measure += f"; quota {found}" if found else ""
     target = f"ratio >= {goal}, 429s <= 5%"
     return Row(label, measure, target, ratio >= goal and share <= 0.05)
 

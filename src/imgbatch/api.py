@@ -25,7 +25,7 @@ from typing import Any
 
 import filelock
 
-from imgbatch.errors import ConfigError, LockedError, StoreError
+from imgbatch.errors import ConfigError, LockedError, StoreError, StoreWriteError
 from imgbatch.executor import Executor, Listener, Phase, RunOutcome, failed_entry
 from imgbatch.expand import Expansion, expand
 from imgbatch.learned import QuotaStore, default_store_path
@@ -38,7 +38,7 @@ from imgbatch.providers.dashscope import resolve_api_key
 from imgbatch.quota import Quota
 from imgbatch.request import KEY_FORMAT_VERSION
 from imgbatch.results import Journal, ResultEntry, load_state, write_results
-from imgbatch.store import STATE_DIR, ImageCache, remove_stale_temporaries
+from imgbatch.store import STATE_DIR, ImageCache, check_writable, remove_stale_temporaries
 
 DEFAULT_PROVIDER = "dashscope"
 
@@ -59,6 +59,10 @@ class ApplyOptions:
     home: Path | None = None
     # After Ctrl-C, how long requests in flight may take before they are abandoned.
     grace_seconds: float = 30.0
+    # A trust decision: local reference images may lie outside the manifest's folder tree.
+    allow_reference_outside: bool = False
+    # After a 200 without an image, ask once more with a simplified prompt (the seed's rule).
+    simplify: bool = True
 
 
 @dataclass(frozen=True)
@@ -116,10 +120,15 @@ ManifestSource = str | Path | Mapping[str, Any]
 taken from the current folder)."""
 
 
-def read_manifest(source: ManifestSource) -> Manifest:
+def read_manifest(source: ManifestSource, *, allow_reference_outside: bool = False) -> Manifest:
     if isinstance(source, Mapping):
-        return manifest_from_data(dict(source), display="manifest", base_dir=Path.cwd())
-    return load_manifest(source)
+        return manifest_from_data(
+            dict(source),
+            display="manifest",
+            base_dir=Path.cwd(),
+            allow_reference_outside=allow_reference_outside,
+        )
+    return load_manifest(source, allow_reference_outside=allow_reference_outside)
 
 
 def load_and_expand(
@@ -127,8 +136,10 @@ def load_and_expand(
     provider: str | None = None,
     environ: Mapping[str, str] | None = None,
     home: Path | None = None,
+    *,
+    allow_reference_outside: bool = False,
 ) -> tuple[Manifest, Expansion]:
-    manifest = read_manifest(path)
+    manifest = read_manifest(path, allow_reference_outside=allow_reference_outside)
     name = provider_name(manifest, provider, environ, home)
     return manifest, expand(manifest, provider=name, environ=environ)
 
@@ -139,9 +150,12 @@ def make_plan(
     provider: str | None = None,
     environ: Mapping[str, str] | None = None,
     home: Path | None = None,
+    allow_reference_outside: bool = False,
 ) -> Plan:
     """What `apply` would do for each shot, reading the output folder but changing nothing."""
-    _, expansion = load_and_expand(path, provider, environ, home)
+    _, expansion = load_and_expand(
+        path, provider, environ, home, allow_reference_outside=allow_reference_outside
+    )
     return _plan(expansion, load_state(expansion.output_dir))
 
 
@@ -185,15 +199,26 @@ async def apply_async(
         # A name, as on the command line; an object is used as it is.
         options, provider = replace(options, provider=provider), None
     environ = os.environ if options.environ is None else options.environ
-    manifest, expansion = load_and_expand(path, options.provider, environ, options.home)
+    manifest, expansion = load_and_expand(
+        path,
+        options.provider,
+        environ,
+        options.home,
+        allow_reference_outside=options.allow_reference_outside,
+    )
     # Credentials are checked before anything is written.
     provider = provider or create_provider(expansion.provider, environ, options.home)
     output_dir = expansion.output_dir
     started = time.monotonic()
     with exclusive_output(output_dir):
+        cache = ImageCache(output_dir)
+        # Before the first request: a folder that cannot be written would waste every image.
+        check_writable(output_dir)
+        check_writable(output_dir / STATE_DIR)
+        if cache.root.exists():
+            check_writable(cache.root)
         remove_stale_temporaries(output_dir)
         state = load_state(output_dir)
-        cache = ImageCache(output_dir)
         plan = _plan(expansion, state)
         if on_plan:
             on_plan(plan)
@@ -224,6 +249,7 @@ async def apply_async(
                     retry=options.retry,
                     clock=clock,
                     listener=listener,
+                    simplify=options.simplify,
                 )
                 outcome, interrupted = await _run_interruptible(executor, plan, options)
         finally:
@@ -239,7 +265,10 @@ async def apply_async(
             "key_format": KEY_FORMAT_VERSION,
             "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        results = write_results(output_dir, entries, orphans, meta)
+        try:
+            results = write_results(output_dir, entries, orphans, meta)
+        except StoreWriteError as exc:
+            raise StoreError(_unwritten_results(exc, outcome, journal.path)) from None
     saved: list[str] = []
     if store is not None and account is not None:
         with contextlib.suppress(OSError):  # a head start for next time, not worth failing for
@@ -283,6 +312,17 @@ def _quota_store(options: ApplyOptions) -> QuotaStore | None:
     if isinstance(options.quota_store, Path):
         return QuotaStore(options.quota_store)
     return QuotaStore(default_store_path())
+
+
+def _unwritten_results(error: StoreWriteError, outcome: RunOutcome, journal: Path) -> str:
+    """What to tell the user when results.json cannot be written at the end of a run."""
+    lines = [
+        f"{error}; the shots this run finished are in {journal} (unless the disk was already "
+        "full), and the next apply picks them up"
+    ]
+    if outcome.stopped:
+        lines.insert(0, f"the run stopped: {outcome.stopped}")
+    return "\n".join(lines)
 
 
 def _final_entry(item: PlannedShot, outcome: RunOutcome, metered: bool) -> ResultEntry:
@@ -361,13 +401,20 @@ def exclusive_output(output_dir: Path) -> Iterator[None]:
         (output_dir / STATE_DIR).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StoreError(f"cannot create the output folder {output_dir}: {exc}") from None
-    lock = filelock.FileLock(str(output_dir / STATE_DIR / "lock"), timeout=0)
+    path = output_dir / STATE_DIR / "lock"
+    lock = filelock.FileLock(str(path), timeout=0)
     try:
         lock.acquire()
     except filelock.Timeout:
         raise LockedError(
             f"another imgbatch apply is writing to {output_dir}; wait for it to finish "
             "(the lock is released when that process exits, even if it crashed)"
+        ) from None
+    except OSError as exc:
+        # A folder or a symbolic link in its place (filelock never follows a link).
+        raise StoreError(
+            f"cannot take the lock {path} ({exc.strerror or exc}); move it aside and run apply "
+            "again"
         ) from None
     try:
         yield

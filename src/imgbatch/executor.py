@@ -10,6 +10,11 @@ downloaded right after it is generated (its URL expires), verified to decode at 
 size, put in the cache and copied into place before its entry is journaled, so a crash loses only
 shots in flight; its URL is journaled before the download, so that a shot paid for but not yet
 downloaded is fetched by the next apply (`_recover`) instead of being paid for again.
+
+A file that cannot be written fails its shot only, naming the path (a paid image stays in the
+cache, or its URL in the entry); a full disk, or a journal that cannot be written, also stops the
+run like a 401. A restore checks the cache entry first: a damaged one is discarded, said to the
+listener as a `Notice`, and the image fetched from its recorded URL or generated again.
 """
 
 from __future__ import annotations
@@ -21,14 +26,22 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from imgbatch.errors import AuthError, PermanentError, ProviderError, TransientError
+from imgbatch.errors import (
+    AuthError,
+    CacheEntryDamaged,
+    NoImageError,
+    PermanentError,
+    ProviderError,
+    StoreWriteError,
+    TransientError,
+)
 from imgbatch.expand import Shot
 from imgbatch.pacing import Clock, Finding, Pacer, RetryPolicy
 from imgbatch.plan import Action, Plan, PlannedShot
 from imgbatch.providers import Provider
-from imgbatch.request import GeneratedImage
+from imgbatch.request import GeneratedImage, ImageRequest, simplified
 from imgbatch.results import ResultEntry
-from imgbatch.store import ImageCache, verify_image
+from imgbatch.store import ImageCache, atomic_write, verify_image
 
 # Requests in flight when the user sets no cap. The rate is what limits a run; this only has to
 # be more than rate x latency (25 requests/s at a 15 s generation is 375 in flight), and stay
@@ -82,7 +95,16 @@ class RunOutcome:
     quotas: list[Finding] = field(default_factory=list)
 
 
-Listener = Callable[[ResultEntry | Retrying], None]
+@dataclass(frozen=True)
+class Notice:
+    """Something the user should know about a shot that is not its result (a damaged cache
+    entry, discarded)."""
+
+    shot_id: str
+    message: str
+
+
+Listener = Callable[[ResultEntry | Retrying | Notice], None]
 
 
 class Executor:
@@ -90,17 +112,20 @@ class Executor:
         self,
         provider: Provider,
         cache: ImageCache,
-        record: Callable[[ResultEntry], None],
+        journal: Callable[[ResultEntry], None],
         *,
         pacer: Pacer,
         concurrency: int | None = None,
         retry: RetryPolicy | None = None,
         clock: Clock | None = None,
         listener: Listener | None = None,
+        simplify: bool = True,
     ) -> None:
         self.provider = provider
+        # After a 200 without an image, ask once more with a simplified prompt (the seed's rule).
+        self.simplify = simplify
         self.cache = cache
-        self.record = record
+        self.journal = journal
         self.pacer = pacer
         self.concurrency = fit_to_open_files(concurrency or DEFAULT_CONCURRENCY)
         self.retry = retry or RetryPolicy()
@@ -143,9 +168,37 @@ class Executor:
                 continue
             self.outcome.in_flight[item.id] = Phase.WAITING
             if item.action is Action.RESTORE:
-                await self._restore(output_dir, item.shot, item.previous)
+                await self._restore(output_dir, item)
             elif not await self._recover(output_dir, item.shot, item.previous):
                 await self._generate(output_dir, item.shot)
+
+    def record(self, entry: ResultEntry) -> None:
+        """Journal `entry`; a journal that cannot be written stops the run (the entry stays in
+        the outcome, for results.json)."""
+        try:
+            self.journal(entry)
+        except StoreWriteError as exc:
+            self._stop_for_write(exc)
+
+    def _stop_for_write(self, error: StoreWriteError) -> None:
+        if error.disk_full:
+            self.stop(f"{error}; paid images already downloaded are kept")
+        else:
+            self.stop(str(error))
+
+    def _write_failed(
+        self,
+        shot: Shot,
+        error: StoreWriteError,
+        attempts: int,
+        *,
+        kept: str,
+        generated: GeneratedImage | None = None,
+    ) -> None:
+        """One shot's file could not be written: that shot fails; a full disk stops the run."""
+        if error.disk_full:
+            self._stop_for_write(error)
+        self._finish(failed_entry(shot, f"{error}; {kept}", None, attempts, generated=generated))
 
     def _finish(self, entry: ResultEntry, *, journal: bool = True) -> None:
         self.outcome.in_flight.pop(entry.id, None)
@@ -155,20 +208,45 @@ class Executor:
         if self.listener:
             self.listener(entry)
 
-    async def _restore(self, output_dir: Path, shot: Shot, previous: ResultEntry | None) -> None:
+    async def _restore(self, output_dir: Path, item: PlannedShot) -> None:
+        """Copy the cached image into place once checked; a damaged entry is discarded and the
+        image fetched from its recorded URL, else generated again."""
+        shot, previous, record = item.shot, item.previous, item.record
+        assert shot is not None
         key = shot.request.key
         target = output_dir / shot.file
-        await asyncio.to_thread(self.cache.copy_to, key, target)
+        try:
+            digest, size = await asyncio.to_thread(
+                self.cache.restore,
+                key,
+                target,
+                sha256=record.sha256 if record else None,
+                size=record.bytes if record else None,
+                dimensions=shot.request.dimensions,
+            )
+        except CacheEntryDamaged as damaged:
+            await asyncio.to_thread(self.cache.discard, key)
+            fetchable = record is not None and record.image_url is not None
+            if self.listener:
+                then = "fetching it from its URL" if fetchable else "generating it again"
+                self.listener(Notice(shot.id, f"{damaged}; discarded it, {then}"))
+            if record is not None and await self._recover(
+                output_dir, shot, replace(record, status="failed", key=key)
+            ):
+                return
+            await self._generate(output_dir, shot)
+            return
+        except StoreWriteError as exc:
+            self._write_failed(shot, exc, 0, kept="its image stays in the cache for the next apply")
+            return
         if previous is not None and previous.key == key and previous.status != "failed":
             # Same request as before: keep its provenance (URL, request id) from the results.
-            self._finish(replace(previous, status="cached", file=shot.file))
+            self._finish(
+                replace(previous, status="cached", file=shot.file, sha256=digest, bytes=size)
+            )
             return
-        digest = await asyncio.to_thread(_sha256_file, target)
         width, height = shot.request.dimensions
-        entry = _entry(
-            shot, "cached", None, width, height, digest, target.stat().st_size, attempts=0
-        )
-        self._finish(entry)
+        self._finish(_entry(shot, "cached", None, width, height, digest, size, attempts=0))
 
     async def _generate(self, output_dir: Path, shot: Shot) -> None:
         gate = self.pacer.gate(shot.request.model)
@@ -176,6 +254,8 @@ class Executor:
         # When the service began refusing this shot with 429s (None while it is not).
         refused_since: float | None = None
         phase = self.outcome.in_flight
+        sent = shot.request  # the simplified request, after a 200 without an image
+        imageless: list[str] = []  # request ids of the answers without an image
         while True:
             if self.stop_requested.is_set():
                 reason = self.outcome.stopped or "stopped"
@@ -191,7 +271,24 @@ class Executor:
             self.outcome.requests += 1
             phase[shot.id] = Phase.SENDING
             try:
-                image = await self.provider.generate(shot.request, label=shot.id)
+                image = await self.provider.generate(sent, label=shot.id)
+            except NoImageError as exc:
+                if gate:
+                    gate.answered(ticket)  # admitted (and answered), only without an image
+                imageless.append(exc.request_id or "unknown")
+                simpler = simplified(sent) if self.simplify and sent is shot.request else None
+                if simpler is None:
+                    message = (
+                        f"the service answered without an image (request {', '.join(imageless)})"
+                    )
+                    if len(imageless) > 1:
+                        message += ", also when asked again with a simplified prompt"
+                    self._finish(failed_entry(shot, message, exc, attempt))
+                    return
+                sent = simpler
+                if self.listener:
+                    self.listener(Retrying(shot.id, attempt, 0.0, exc))
+                continue
             except TransientError as exc:
                 if exc.throttled:
                     if gate:
@@ -258,7 +355,7 @@ class Executor:
                 self.record(downloading)
                 self.outcome.downloading[shot.id] = downloading
             phase[shot.id] = Phase.DOWNLOADING
-            await self._keep(output_dir, shot, image, attempt)
+            await self._keep(output_dir, shot, image, attempt, sent)
             self.outcome.downloading.pop(shot.id, None)
             return
 
@@ -300,7 +397,12 @@ class Executor:
         raise AssertionError("unreachable: tries >= 1")
 
     async def _keep(
-        self, output_dir: Path, shot: Shot, image: GeneratedImage, attempts: int
+        self,
+        output_dir: Path,
+        shot: Shot,
+        image: GeneratedImage,
+        attempts: int,
+        sent: ImageRequest | None = None,
     ) -> None:
         """Download, verify, cache and place a paid-for image; never regenerate to get it."""
         width, height = shot.request.dimensions
@@ -318,15 +420,32 @@ class Executor:
             error = failure if isinstance(failure, ProviderError) else None
             self._finish(failed_entry(shot, message, error, attempts, generated=image))
             return
-        await self._place(output_dir, shot, image, data, attempts=attempts)
+        await self._place(output_dir, shot, image, data, attempts=attempts, sent=sent)
 
     async def _place(
-        self, output_dir: Path, shot: Shot, image: GeneratedImage, data: bytes, *, attempts: int
+        self,
+        output_dir: Path,
+        shot: Shot,
+        image: GeneratedImage,
+        data: bytes,
+        *,
+        attempts: int,
+        sent: ImageRequest | None = None,
     ) -> None:
         """Put verified bytes in the cache and at the shot's file, then record the shot."""
         key = shot.request.key
-        await asyncio.to_thread(self.cache.put, key, data)
-        await asyncio.to_thread(self.cache.copy_to, key, output_dir / shot.file)
+        try:
+            await asyncio.to_thread(self.cache.put, key, data)
+        except StoreWriteError as exc:
+            kept = "its URL is kept: the next apply downloads it instead of paying again"
+            self._write_failed(shot, exc, attempts, kept=kept, generated=image)
+            return
+        try:
+            await asyncio.to_thread(atomic_write, output_dir / shot.file, data)
+        except StoreWriteError as exc:
+            kept = "its image is in the cache: the next apply puts it in place without paying"
+            self._write_failed(shot, exc, attempts, kept=kept, generated=image)
+            return
         entry = _entry(
             shot,
             "generated",
@@ -336,6 +455,7 @@ class Executor:
             hashlib.sha256(data).hexdigest(),
             len(data),
             attempts=attempts,
+            sent=sent,
         )
         self._finish(entry)
 
@@ -361,14 +481,6 @@ def fit_to_open_files(concurrency: int) -> int:
     return max(1, min(concurrency, (soft - _FILES_RESERVED) // _FILES_PER_REQUEST))
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _entry(
     shot: Shot,
     status: str,
@@ -379,8 +491,10 @@ def _entry(
     size_bytes: int | None,
     *,
     attempts: int,
+    sent: ImageRequest | None = None,
 ) -> ResultEntry:
     request = shot.request
+    sent = sent or request
     return ResultEntry(
         id=shot.id,
         status=status,  # type: ignore[arg-type]
@@ -400,6 +514,8 @@ def _entry(
         bytes=size_bytes,
         attempts=attempts,
         request=request.canonical(),
+        prompt_sent=sent.text,
+        simplified=sent is not request,
     )
 
 

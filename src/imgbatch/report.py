@@ -13,7 +13,8 @@ from typing import TextIO
 import click
 
 from imgbatch.api import ApplyReport
-from imgbatch.executor import Retrying
+from imgbatch.errors import NoImageError
+from imgbatch.executor import Notice, Retrying
 from imgbatch.plan import Action, Plan
 from imgbatch.results import ResultEntry
 
@@ -58,9 +59,21 @@ class Progress:
         self.last_shown = 0.0
         self.done = self.failed = self.generated = self.retries = 0
 
-    def __call__(self, event: ResultEntry | Retrying) -> None:
+    def __call__(self, event: ResultEntry | Retrying | Notice) -> None:
         if isinstance(event, Retrying):
+            if isinstance(event.error, NoImageError):
+                # The seed's rule: never quietly; say which request gave no image.
+                self._line(
+                    f"{event.shot_id}: the service answered without an image (request "
+                    f"{event.error.request_id or 'unknown'}); asking once more with a "
+                    "simplified prompt",
+                    permanent=True,
+                )
+                return
             self.retries += 1
+            return
+        if isinstance(event, Notice):
+            self._line(f"note {event.shot_id}: {event.message}", permanent=True)
             return
         self.done += 1
         if event.status == "failed":

@@ -30,7 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from imgbatch.errors import ConfigError, ManifestError, ProviderError
+from imgbatch.errors import CacheEntryDamaged, ConfigError, ManifestError, ProviderError
 from imgbatch.manifest import Manifest, manifest_from_data
 from imgbatch.store import STATE_DIR, ImageCache
 
@@ -56,6 +56,7 @@ def generate(
     provider: Any = None,
     environ: Mapping[str, str] | None = None,
     home: Path | None = None,
+    allow_reference_outside: bool = False,
 ) -> dict[str, Any]:
     """Make (or take from the cache) the image for one normalized request; see the module doc.
 
@@ -64,7 +65,14 @@ def generate(
     credentials, `ProviderError` when the service refused or failed it.
     """
     return asyncio.run(
-        agenerate(request, output=output, provider=provider, environ=environ, home=home)
+        agenerate(
+            request,
+            output=output,
+            provider=provider,
+            environ=environ,
+            home=home,
+            allow_reference_outside=allow_reference_outside,
+        )
     )
 
 
@@ -75,6 +83,7 @@ async def agenerate(
     provider: Any = None,
     environ: Mapping[str, str] | None = None,
     home: Path | None = None,
+    allow_reference_outside: bool = False,
 ) -> dict[str, Any]:
     """`generate` for callers already inside an event loop."""
     # Imported here: `imgbatch generate --help` must not pay for the executor and the SDK.
@@ -88,7 +97,7 @@ async def agenerate(
     environ = os.environ if environ is None else environ
     if not isinstance(request, Mapping):
         raise ConfigError("the request must be a JSON object of image.generate fields")
-    manifest = _as_manifest(request)
+    manifest = _as_manifest(request, allow_reference_outside)
     chosen = provider if not isinstance(provider, str | None) else None
     name = chosen.name if chosen is not None else provider_name(manifest, provider, environ, home)
     (shot,) = expand(manifest, provider=name, environ=environ).shots
@@ -98,9 +107,7 @@ async def agenerate(
     width, height = shot.request.dimensions
     cache = ImageCache(state_folder)
     with exclusive_output(state_folder):
-        if cache.has(key):
-            if not (target.exists() and target.samefile(cache.path(key))):
-                await asyncio.to_thread(cache.copy_to, key, target)
+        if cache.has(key) and await _restored(cache, key, target, (width, height)):
             return _response(None, width, height, shot.request.seed, target, None, cached=True)
         chosen = chosen or create_provider(name, environ, home)
         placed = Shot(shot.id, shot.request, str(target))
@@ -125,15 +132,30 @@ async def agenerate(
     )
 
 
-def _as_manifest(request: Mapping[str, Any]) -> Manifest:
+async def _restored(cache: ImageCache, key: str, target: Path, size: tuple[int, int]) -> bool:
+    """Put the cached image at `target` once checked; False (the entry discarded) if damaged."""
+    if target.exists() and target.samefile(cache.path(key)):
+        return True
+    try:
+        await asyncio.to_thread(cache.restore, key, target, sha256=None, size=None, dimensions=size)
+    except CacheEntryDamaged:
+        await asyncio.to_thread(cache.discard, key)
+        return False
+    return True
+
+
+def _as_manifest(request: Mapping[str, Any], allow_reference_outside: bool) -> Manifest:
     """The request as a one-shot manifest, checked by the manifest's rules; problems are named
-    by the request's own fields. Relative reference paths are taken from the current folder."""
+    by the request's own fields. Relative reference paths are taken from the current folder, and
+    a local reference must lie under it unless `allow_reference_outside` (a request may come
+    from a model or a pull request as much as from the person typing it)."""
     shot_fields = {"id": REQUEST_DISPLAY, **request}
     try:
         return manifest_from_data(
             {"version": 1, "name": SKILL_FOLDER, "shots": [shot_fields]},
             display=REQUEST_DISPLAY,
             base_dir=Path.cwd(),
+            allow_reference_outside=allow_reference_outside,
         )
     except ManifestError as error:
         shot = f"shot {REQUEST_DISPLAY}, "
