@@ -70,7 +70,7 @@ def _margin(quota: Quota) -> float:
     jitter between our clock and the service's (a window of one is a spacing, kept exactly)."""
     if quota.count == 1:
         return quota.period + min(0.001 * quota.period + 0.001, 0.01 * quota.period)
-    return quota.period + min(0.01 * quota.period + 0.05, 0.1 * quota.period)
+    return quota.period + min(0.01 * quota.period + 0.02, 0.1 * quota.period)
 
 
 class Gate:
