@@ -45,7 +45,9 @@ class Limits:
 
 @dataclass(frozen=True)
 class ShotSpec:
-    """One shot as written, with `defaults` merged under its own fields."""
+    """One shot to make: `defaults` merged under its own fields, variables filled in, its seed
+    resolved. `index` is the shot as written (`shots[index]`), which a matrix or variants can
+    have made several of."""
 
     id: str
     index: int
@@ -65,6 +67,8 @@ class Manifest:
     allow_reference_outside: bool = False
     # Where each reference_image was written, by (shot index | "defaults", field): (line, col).
     positions: Mapping[JsonPath, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    # `simplify: false`: a 200 without an image fails the shot instead of asking once more.
+    simplify: bool = True
 
     @property
     def base_dir(self) -> Path:
@@ -92,7 +96,8 @@ def load_manifest(path: str | Path, *, allow_reference_outside: bool = False) ->
     # is parsed once without them; an invalid one again with them, to locate every problem.
     for track_positions in (False, True):
         document, structural = parse_yaml(text, display, track_positions)
-        checker = Checker(document, display, path.parent, allow_reference_outside, references)
+        name = _name(document.data, path)
+        checker = Checker(document, display, path.parent, allow_reference_outside, references, name)
         # jsonschema reports a missing field once per required name: say each problem once.
         unique = dict.fromkeys([*structural, *checker.problems()])
         problems = sorted(unique, key=lambda p: (p.line, p.column))
@@ -103,15 +108,7 @@ def load_manifest(path: str | Path, *, allow_reference_outside: bool = False) ->
 
 def _build_manifest(path: Path, document: Document, checker: Checker) -> Manifest:
     data: dict[str, Any] = document.data
-    defaults = data.get("defaults", {})
-    shots = tuple(
-        ShotSpec(
-            id=shot["id"],
-            index=index,
-            fields={**defaults, **shot},
-        )
-        for index, shot in enumerate(data["shots"])
-    )
+    shots = tuple(ShotSpec(shot.id, shot.index, shot.fields) for shot in checker.expanded)
     limits = data.get("limits", {})
     references = {
         written: reference
@@ -120,7 +117,7 @@ def _build_manifest(path: Path, document: Document, checker: Checker) -> Manifes
     }
     return Manifest(
         path=path,
-        name=data.get("name", path.stem),
+        name=_name(data, path),
         provider=data.get("provider"),
         output_dir=data.get("output", {}).get("dir"),
         limits=Limits(limits.get("concurrency"), limits.get("rps")),
@@ -128,7 +125,14 @@ def _build_manifest(path: Path, document: Document, checker: Checker) -> Manifes
         references=references,
         allow_reference_outside=checker.allow_reference_outside,
         positions=dict(document.values),
+        simplify=data.get("simplify", True),
     )
+
+
+def _name(data: Any, path: Path) -> str:
+    """The manifest's `name:`, else its file name without the extension."""
+    name = data.get("name") if isinstance(data, dict) else None
+    return name if isinstance(name, str) else path.stem
 
 
 def manifest_from_data(
@@ -139,7 +143,9 @@ def manifest_from_data(
     point at, so each problem names its field; relative paths are taken from `base_dir`, and
     local references must lie under it unless `allow_reference_outside`."""
     document = Document(data, Positions(False), Positions(False))
-    checker = Checker(document, display, base_dir, allow_reference_outside, {})
+    checker = Checker(
+        document, display, base_dir, allow_reference_outside, {}, _name(data, base_dir / display)
+    )
     problems = [replace(problem, line=0, column=0) for problem in checker.problems()]
     if problems:
         raise ManifestError(list(dict.fromkeys(problems)))

@@ -69,6 +69,8 @@ _PATTERN_HINTS = {
     "id": "use only letters, digits, '.', '_' and '-', not starting with '.'",
     "name": "use only letters, digits, '.', '_' and '-', not starting with '.'",
     "size": "write it as W*H, for example '1664*928'",
+    "vars": "a variable name is letters, digits and '_', not starting with a digit",
+    "matrix": "a variable name is letters, digits and '_', not starting with a digit",
     "dir": "a folder name without control characters (NUL, newline, tab, ...)",
     "reference_image": "a path or URL without control characters (NUL, newline, tab, ...)",
 }
@@ -98,8 +100,8 @@ def _explain(error: jsonschema.ValidationError, problem: ProblemAt) -> Iterator[
     elif kind == "pattern":
         hint = _PATTERN_HINTS.get(str(field), f"must match {expected}")
         yield problem(parent, field, f"{show(value)} is not valid: {hint}")
-    elif kind in ("minimum", "maximum") and field == "seed":
-        message = f"seed must be a whole number from 0 to 2147483647, got {show(value)}"
+    elif kind in ("minimum", "maximum", "anyOf") and field == "seed":
+        message = f"seed must be a whole number from 0 to 2147483647 or auto, got {show(value)}"
         yield problem(parent, field, message)
     elif kind == "minimum":
         yield problem(parent, field, f"must be at least {expected}, got {show(value)}")
@@ -116,7 +118,10 @@ def _explain(error: jsonschema.ValidationError, problem: ProblemAt) -> Iterator[
     elif kind == "minLength":
         yield problem(parent, field, "must not be empty")
     elif kind == "minItems":
-        yield problem(parent, field, "the list is empty: add at least one shot")
+        what = "add at least one shot" if path == ("shots",) else "give at least one value"
+        yield problem(parent, field, f"the list is empty: {what}")
+    elif kind == "minProperties":
+        yield problem(parent, field, "the mapping is empty: give at least one variable")
     elif kind == "maxLength":
         yield problem(parent, field, f"must be at most {expected} characters")
     else:
