@@ -5,9 +5,9 @@ happen) or an `ApplyReport` (what happened, with the path of results.json). The 
 shell over these two functions, and a pipeline can call them directly:
 
     >>> from imgbatch import apply
-    >>> report = apply("shots.yaml", provider="placeholder")  # doctest: +SKIP
-    >>> [entry.file for entry in report.entries if entry.status != "failed"]  # doctest: +SKIP
-    ['s01.png', 's02.png']
+    >>> report = apply("manifests/matrix.yaml", provider="placeholder")
+    >>> [entry.file for entry in report.entries if entry.status != "failed"][:2]
+    ['s03-front-dawn.png', 's03-front-noon.png']
 """
 
 from __future__ import annotations

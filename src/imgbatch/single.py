@@ -7,8 +7,8 @@ writing the image. The request is checked by the same rules as a manifest shot a
 the same executor (pacing, retries, download, verification) and image cache as `apply`:
 
     >>> response = generate({"prompt": "a red bicycle", "size": "1328*1328"},
-    ...                     provider="placeholder")  # doctest: +SKIP
-    >>> response["cached"], response["width"]  # doctest: +SKIP
+    ...                     provider="placeholder")
+    >>> response["cached"], response["width"]
     (False, 1328)
 
 Where the image and the cache go:
