@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import hashlib
 import io
 import json
@@ -118,8 +117,9 @@ KNOBS: tuple[Knob, ...] = (
     Knob("image_profile", lambda rng: "real", None),
     Knob("chunk_size", lambda rng: rng.choice((16_384, 65_536, 262_144)), None),
     Knob("chunk_delay", lambda rng: rng.choice((0.0, 0.0005, 0.002)), 0.0),
-    Knob("cut_download_rate", lambda rng: rng.uniform(0.0, 0.05), 0.0),
-    Knob("cut_each_download_rate", lambda rng: rng.uniform(0.0, 0.2), 0.0),
+    # Drawn for each download: a flaky link that the download retries and the next apply's
+    # fetch from the journaled URL must get through.
+    Knob("cut_download_rate", lambda rng: rng.uniform(0.0, 0.2), 0.0),
     Knob("redirect_images", lambda rng: rng.random() < 0.5, None),
 )
 
@@ -144,20 +144,12 @@ def describe(faults: dict[str, Any]) -> str:
 
 
 class ChaosServer(FakeDashScope):
-    """The fake server, noting which shot (by prompt) each image it hands out belongs to, and
-    cutting downloads short at random one by one.
+    """The fake server, noting which shot (by prompt) each image it hands out belongs to."""
 
-    FakeDashScope's `cut_download_rate` draws once per image, so every download of a cut image
-    is cut: it plays an image that cannot be delivered, and the shot is rightly paid again.
-    `cut_each_download_rate` draws for each download instead, a flaky link that the download
-    retries and the next apply's fetch from the journaled URL must get through.
-    """
-
-    def __init__(self, *, cut_each_download_rate: float = 0.0, **options: Any) -> None:
+    def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         # Megabytes of noise take a while to encode: once per run, not once per trial.
         self._png_cache = PNG_CACHE
-        self.cut_each_download_rate = cut_each_download_rate
         self.image_prompts: dict[str, str] = {}
 
     def _success_body(self, generation: Any, *args: Any) -> dict[str, Any]:
@@ -167,11 +159,6 @@ class ChaosServer(FakeDashScope):
         if match is not None:
             self.image_prompts[match.group()] = generation.prompt
         return body
-
-    async def _send_image(self, request: Any, png: bytes, stored: Any) -> Any:
-        if self.cut_each_download_rate and self._draw() < self.cut_each_download_rate:
-            stored = dataclasses.replace(stored, cut=True)
-        return await super()._send_image(request, png, stored)
 
 
 # ----- one trial ---------------------------------------------------------------------------------
