@@ -332,8 +332,8 @@ shots:
 """,
     )
     assert problems(path) == [
-        f"{path}:5:13: shot s-{{a}}-{{b}}-{{c}}-{{d}}, field matrix: the matrix makes more "
-        "than 1,000,000 combinations"
+        f"{path}:5:13: shot s-{{a}}-{{b}}-{{c}}-{{d}}, field matrix: the matrix makes "
+        "2,560,000 combinations: more than 1,000,000 shots"
     ]
 
 
@@ -519,3 +519,26 @@ def test_simplify_false_in_the_manifest_turns_the_retry_off(
     else:
         assert not report.ok
         assert fake_server.generation_count == 1
+
+
+def test_huge_variants_are_refused_without_being_built(tmp_path: Path) -> None:
+    # The schema refuses it; the rules, which run on invalid files too, must not build it.
+    path = write_manifest(
+        tmp_path,
+        "version: 1\nshots:\n  - id: a\n    prompt: p\n    seed: 1\n    variants: 1000000000\n",
+    )
+    assert problems(path) == [
+        f"{path}:6:15: shot a, field variants: must be at most 10000, got 1000000000"
+    ]
+    # 1000 x 600 combinations are within the bound; twice that, with two variants each, is not.
+    many, fewer = (json.dumps([str(n) for n in range(count)]) for count in (1000, 600))
+    path = write_manifest(
+        tmp_path,
+        "version: 1\nshots:\n  - id: 's-{a}-{b}'\n    prompt: p\n    seed: 1\n"
+        f"    variants: 2\n    matrix: {{a: {many}, b: {fewer}}}\n",
+    )
+    (message,) = problems(path)
+    assert message.endswith(
+        "field matrix: the matrix makes 600,000 combinations x 2 variants: more than "
+        "1,000,000 shots"
+    )

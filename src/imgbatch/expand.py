@@ -3,7 +3,8 @@
 Takes a `Manifest` (defaults already merged) and the environment; gives the output folder and a
 `Shot` per manifest entry, each with its normalized `ImageRequest` and the file it becomes.
 Reference images come checked and hashed from `load_manifest`; reference URLs are fetched here,
-once each, because their content hash is part of the request's key.
+once each, because their content hash is part of the request's key. `shot_list` gives the same
+shots as plain dicts for `imgbatch expand`, without fetching anything.
 """
 
 from __future__ import annotations

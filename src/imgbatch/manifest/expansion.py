@@ -31,6 +31,7 @@ from imgbatch.manifest.places import JsonPath
 # A matrix of ten variables of ten values is ten billion shots: a mistake, refused before a
 # single one is built. The 100,000-shot benchmark is far below.
 MAX_SHOTS = 1_000_000
+MAX_VARIANTS = 10_000  # as the schema says
 MAX_SEED = 2_147_483_647
 AUTO = "auto"
 # Fields a shot has that are instructions for expansion, not part of any request.
@@ -147,12 +148,12 @@ class _Expander:
             return
         for name in EXPANSION_FIELDS:
             merged.pop(name, None)
-        combinations = self._combinations(index, shot, matrix)
+        count = variants if isinstance(variants, int) and not isinstance(variants, bool) else None
+        if variants is not None and (count is None or not 1 <= count <= MAX_VARIANTS):
+            return  # the schema says what is wrong with it
+        combinations = self._combinations(index, shot, matrix, count or 1)
         if combinations is None:
             return
-        count = variants if isinstance(variants, int) and not isinstance(variants, bool) else None
-        if variants is not None and (count is None or count < 1):
-            return  # the schema says what is wrong with it
         if count is not None and not self._seed_allows_variants(index, shot, merged, count):
             return
         templated = self.variables is not None or matrix is not None
@@ -190,7 +191,7 @@ class _Expander:
         return ("shots", index) if field in shot or field not in self.defaults else ("defaults",)
 
     def _combinations(
-        self, index: int, shot: dict[str, Any], matrix: Any
+        self, index: int, shot: dict[str, Any], matrix: Any, variants: int
     ) -> list[dict[str, Any]] | None:
         """Each matrix combination's variables (one empty one without a matrix); None when the
         shot cannot expand (a slip is recorded, or the schema reports it)."""
@@ -234,8 +235,13 @@ class _Expander:
             return None
         if not names:
             return [{}]
-        if math.prod(len(matrix[name]) for name in names) > MAX_SHOTS:
-            message = f"the matrix makes more than {MAX_SHOTS:,} combinations"
+        combinations = math.prod(len(matrix[name]) for name in names)
+        if combinations * variants > MAX_SHOTS:
+            times = f" x {variants} variants" if variants > 1 else ""
+            message = (
+                f"the matrix makes {combinations:,} combinations{times}: more than "
+                f"{MAX_SHOTS:,} shots"
+            )
             self.slips.append(Slip(("shots", index), "matrix", message))
             return None
         return [
