@@ -12,13 +12,15 @@ import json
 from collections.abc import Callable, Iterator
 from functools import cache
 from importlib import resources
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import fastjsonschema
-import jsonschema
 
 from imgbatch.errors import ManifestProblem
 from imgbatch.manifest.places import JsonPath, show
+
+if TYPE_CHECKING:
+    import jsonschema
 
 
 class ProblemAt(Protocol):
@@ -52,6 +54,10 @@ def schema_problems(data: Any, problem: ProblemAt) -> Iterator[ManifestProblem]:
         return
     except fastjsonschema.JsonSchemaException:
         pass  # invalid: let jsonschema find and explain every problem
+    # Imported only now: it costs more start-up than the rest of validation, and a valid
+    # manifest (the common case) never needs it.
+    import jsonschema
+
     validator = jsonschema.Draft202012Validator(manifest_schema())
     for error in validator.iter_errors(data):
         yield from _explain(error, problem)
