@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import click
 
-from imgbatch.api import ApplyOptions, apply, load_and_expand, make_plan
+from imgbatch.api import ApplyOptions, apply, expand_shots, load_and_expand, make_plan
 from imgbatch.errors import ConfigError, ImgbatchError, ManifestError
 from imgbatch.manifest import MIN_RPS
 from imgbatch.plan import Action, Plan
@@ -134,6 +134,31 @@ def plan(manifest: Path, provider: str | None, allow_reference_outside: bool) ->
     result = make_plan(manifest, provider=provider, allow_reference_outside=allow_reference_outside)
     click.echo(plan_table(result))
     click.echo(plan_summary(result))
+    return EXIT_OK
+
+
+@main.command("expand")
+@manifest_argument
+@click.option("--json", "as_json", is_flag=True, help='Print {"shots": [...]} as JSON.')
+@provider_option
+@allow_outside_option
+@error_boundary
+def expand_command(
+    manifest: Path, as_json: bool, provider: str | None, allow_reference_outside: bool
+) -> int:
+    """Print every shot after vars, matrix, variants and seed: auto, in manifest order."""
+    shots = expand_shots(
+        manifest, provider=provider, allow_reference_outside=allow_reference_outside
+    )
+    if as_json:
+        click.echo(json.dumps({"shots": shots}, ensure_ascii=False))
+    else:
+        import yaml
+
+        text = yaml.safe_dump(
+            {"shots": shots}, sort_keys=False, allow_unicode=True, width=1_000_000
+        )
+        click.echo(text, nl=False)
     return EXIT_OK
 
 
