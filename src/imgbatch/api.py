@@ -34,6 +34,7 @@ from imgbatch.providers import Provider, create_provider
 from imgbatch.providers.dashscope import resolve_api_key
 from imgbatch.request import KEY_FORMAT_VERSION
 from imgbatch.results import Journal, ResultEntry, load_state, write_results
+from imgbatch.sheet import update_after_apply as update_sheet
 from imgbatch.store import STATE_DIR, ImageCache, remove_stale_temporaries
 
 DEFAULT_PROVIDER = "dashscope"
@@ -66,6 +67,9 @@ class ApplyReport:
     rate: float | None
     rate_discovered: bool
     elapsed: float
+    # The contact sheet (index.html), or why it could not be drawn: a warning, never a failure.
+    sheet: Path | None = None
+    sheet_problem: str | None = None
 
     def count(self, status: str) -> int:
         return sum(1 for entry in self.entries if entry.status == status)
@@ -193,6 +197,7 @@ async def apply_async(
             "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         results = write_results(output_dir, entries, orphans, meta)
+        sheet, sheet_problem = update_sheet(output_dir, manifest.name, plan, entries)
     return ApplyReport(
         plan=plan,
         results_path=results,
@@ -205,6 +210,8 @@ async def apply_async(
         rate=outcome.rate,
         rate_discovered=outcome.rate_discovered,
         elapsed=time.monotonic() - started,
+        sheet=sheet,
+        sheet_problem=sheet_problem,
     )
 
 

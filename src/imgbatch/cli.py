@@ -24,6 +24,7 @@ from imgbatch.plan import Action, Plan
 from imgbatch.providers import PROVIDER_CHOICES
 from imgbatch.providers.dashscope import resolve_api_key
 from imgbatch.report import Progress, apply_summary, plan_summary, plan_table
+from imgbatch.sheet import write_sheet
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 F = TypeVar("F", bound=Callable[..., int])
@@ -151,6 +152,19 @@ def apply_command(
     finally:
         progress.close()
     click.echo(apply_summary(report))
+    if report.sheet_problem:
+        click.echo(f"warning: {report.sheet_problem}", err=True)
+    elif report.sheet:
+        click.echo(f"Contact sheet: {report.sheet}")
     if report.interrupted:
         return EXIT_INTERRUPTED
     return EXIT_OK if report.ok else EXIT_FAILED
+
+
+@main.command()
+@manifest_argument
+@error_boundary
+def sheet(manifest: Path) -> int:
+    """Draw the contact sheet (index.html in the output folder) from the last results."""
+    click.echo(f"Contact sheet: {write_sheet(manifest)}")
+    return EXIT_OK

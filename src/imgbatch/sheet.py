@@ -1,0 +1,385 @@
+"""The contact sheet: `index.html` in the output folder, to review a batch by eye.
+
+Takes the shot ids in manifest order, their results entries and what the last apply changed;
+gives `<output>/index.html`: one static page (styles and script inline, nothing fetched from a
+network, works from `file://`) with a card per shot: thumbnail, id, prompt and the text sent,
+negative prompt, size, seed, model, status and error, a mark on the shots the last apply
+changed, and for a replaced shot its previous image (still in the cache) to compare with.
+
+Thumbnails are small WebP files under `<output>/.imgbatch/thumbs/`, one per image key, made
+once and never again (a key names one image forever). What an apply changed is kept in
+`<output>/.imgbatch/last-run.json`, so `imgbatch sheet` can draw the same marks later.
+The page is rendered by Jinja2 with autoescaping: prompts are user text.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import jinja2
+from PIL import Image
+
+from imgbatch.errors import StoreError
+from imgbatch.expand import output_dir_for
+from imgbatch.manifest import load_manifest
+from imgbatch.plan import Action, Plan
+from imgbatch.results import ResultEntry, load_state, results_path
+from imgbatch.store import STATE_DIR, ImageCache, atomic_write
+
+SHEET_FILE = "index.html"
+LAST_RUN_FILE = "last-run.json"
+THUMBS_DIR = "thumbs"
+# Bounding box of a thumbnail: a 16:9 image becomes 320*178, a WebP of a few to a few tens of KB.
+THUMB_BOX = (320, 320)
+THUMB_QUALITY = 80
+_LAST_RUN_VERSION = 1
+_STATUS_ORDER = ("generated", "cached", "failed", "pending")
+_DETAILS = (
+    "prompt", "text", "negative_prompt", "size", "seed", "model", "provider", "style", "error",
+    "error_code", "request_id", "attempts", "key",
+)
+_CHANGE_LABELS = {
+    "new": "new",
+    "retried": "retried",
+    "regenerated": "regenerated",
+    "replace": "replaced",
+    "restore": "restored",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What the last apply did to one shot, and the entry it had before."""
+
+    action: str  # create, replace or restore
+    reason: str
+    previous: ResultEntry | None
+
+    @property
+    def label(self) -> str:
+        if self.action != Action.CREATE:
+            return _CHANGE_LABELS.get(self.action, self.action)
+        if self.previous is None:
+            return "new"
+        return "retried" if self.previous.status == "failed" else "regenerated"
+
+
+def thumb_path(output_dir: Path, key: str) -> Path:
+    return output_dir / STATE_DIR / THUMBS_DIR / key[:2] / f"{key}.webp"
+
+
+def last_run_path(output_dir: Path) -> Path:
+    return output_dir / STATE_DIR / LAST_RUN_FILE
+
+
+def changes_of(plan: Plan) -> dict[str, Change]:
+    """Every shot of the plan that the apply touched (all but the unchanged ones)."""
+    return {
+        item.id: Change(str(item.action), item.reason, item.previous)
+        for item in plan.shots
+        if item.action is not Action.UNCHANGED
+    }
+
+
+def save_changes(output_dir: Path, changes: Mapping[str, Change], when: datetime) -> None:
+    document = {
+        "version": _LAST_RUN_VERSION,
+        "finished_at": when.isoformat(timespec="seconds"),
+        "changes": {
+            shot_id: {
+                "action": change.action,
+                "reason": change.reason,
+                "previous": change.previous.to_json() if change.previous else None,
+            }
+            for shot_id, change in changes.items()
+        },
+    }
+    data = json.dumps(document, ensure_ascii=False, indent=1) + "\n"
+    atomic_write(last_run_path(output_dir), data.encode("utf-8"))
+
+
+def load_changes(output_dir: Path) -> tuple[dict[str, Change], str | None]:
+    """What the last apply changed, and when it finished; nothing if it is unknown or unreadable.
+
+    The record only decorates the sheet, so a damaged one is ignored rather than reported.
+    """
+    try:
+        document = json.loads(last_run_path(output_dir).read_text(encoding="utf-8"))
+        changes = {
+            shot_id: Change(
+                str(raw["action"]),
+                str(raw["reason"]),
+                ResultEntry.from_json(raw["previous"]) if raw.get("previous") else None,
+            )
+            for shot_id, raw in document["changes"].items()
+        }
+        finished = document.get("finished_at")
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return {}, None
+    return changes, finished if isinstance(finished, str) else None
+
+
+def update_after_apply(
+    output_dir: Path, title: str, plan: Plan, entries: Sequence[ResultEntry]
+) -> tuple[Path | None, str | None]:
+    """Record what this apply changed and redraw the sheet; gives (sheet path, problem).
+
+    Never raises for an ordinary failure: the images and results.json are what an apply is for,
+    and a sheet that cannot be drawn must not fail the run; the problem is handed back to show as
+    a warning. An apply that changed nothing leaves an existing sheet (and its marks of the last
+    real change) as it is, so a no-op re-apply of thousands of shots stays instant.
+    """
+    sheet = output_dir / SHEET_FILE
+    if not plan.has_changes and sheet.is_file():
+        return sheet, None
+    try:
+        when = datetime.now(UTC)
+        changes = changes_of(plan)
+        save_changes(output_dir, changes, when)
+        _remove_stale_thumb_temporaries(output_dir)
+        path = render_sheet(
+            output_dir,
+            title=title,
+            order=[item.id for item in plan.shots],
+            entries={entry.id: entry for entry in entries},
+            changes=changes,
+            finished_at=when.isoformat(timespec="seconds"),
+        )
+    except Exception as exc:  # noqa: BLE001 - the images and results.json are already safe
+        return None, f"the contact sheet {sheet} was not written: {type(exc).__name__}: {exc}"
+    return path, None
+
+
+def write_sheet(manifest_path: str | Path, environ: Mapping[str, str] | None = None) -> Path:
+    """Draw `index.html` for a manifest's output folder from its results, without applying.
+
+    Shots in the manifest that have no result yet show as pending. Raises `StoreError` when the
+    folder has no results at all.
+    """
+    manifest = load_manifest(manifest_path)
+    output_dir = output_dir_for(manifest, environ)
+    state = load_state(output_dir)
+    if not state:
+        raise StoreError(
+            f"no results in {output_dir} ({results_path(output_dir).name} is missing): "
+            f"run `imgbatch apply {manifest_path}` first"
+        )
+    changes, finished_at = load_changes(output_dir)
+    try:
+        return render_sheet(
+            output_dir,
+            title=manifest.name,
+            order=[spec.id for spec in manifest.shots],
+            entries=state,
+            changes=changes,
+            finished_at=finished_at,
+        )
+    except OSError as exc:
+        raise StoreError(f"cannot write the contact sheet in {output_dir}: {exc}") from None
+
+
+def render_sheet(
+    output_dir: Path,
+    *,
+    title: str,
+    order: Sequence[str],
+    entries: Mapping[str, ResultEntry],
+    changes: Mapping[str, Change],
+    finished_at: str | None,
+) -> Path:
+    """Make the missing thumbnails, then write `index.html` atomically; gives its path."""
+    cache = ImageCache(output_dir)
+    changes = {shot_id: change for shot_id, change in changes.items() if shot_id in entries}
+    wanted: dict[str, Path] = {}
+    for shot_id in order:
+        entry = entries.get(shot_id)
+        if entry is not None and entry.status != "failed":
+            wanted[entry.key] = _image_source(output_dir, cache, entry)
+        previous = _shown_previous(changes.get(shot_id), entry)
+        if previous is not None:
+            wanted[previous.key] = cache.path(previous.key)
+    thumbs = make_thumbnails(output_dir, wanted)
+    cards = [_card(output_dir, cache, shot_id, entries, changes, thumbs) for shot_id in order]
+    counts = {status: 0 for status in _STATUS_ORDER}
+    for card in cards:
+        counts[card["status"]] += 1
+    script = _asset("sheet.js")
+    context = {
+        "title": title,
+        "cards": cards,
+        "total": len(cards),
+        "statuses": [(status, counts[status]) for status in _STATUS_ORDER if counts[status]],
+        "changed": sum(1 for card in cards if card["change"]),
+        "finished_at": finished_at,
+        "css": _asset("sheet.css"),
+        "script": script,
+        # The one script the page may run: a prompt that slipped past escaping still could not.
+        "script_hash": "sha256-" + base64.b64encode(hashlib.sha256(script.encode()).digest()).decode(),
+    }
+    template = _environment().get_template("sheet.html.j2")
+    path = output_dir / SHEET_FILE
+    atomic_write(path, _encoded(template.generate(context)))
+    return path
+
+
+def make_thumbnails(output_dir: Path, sources: Mapping[str, Path]) -> set[str]:
+    """Make a thumbnail for each key that has none; gives the keys that have one now.
+
+    Several at a time: Pillow decodes and resizes outside the GIL. An image that cannot be read
+    gets no thumbnail (its card says so) rather than stopping the sheet.
+    """
+    missing = {
+        key: source for key, source in sources.items() if not thumb_path(output_dir, key).is_file()
+    }
+    have = set(sources) - set(missing)
+    if missing:
+        workers = min(len(missing), os.cpu_count() or 1, 8)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            made = pool.map(
+                lambda item: _make_thumbnail(output_dir, *item) and item[0], missing.items()
+            )
+            have.update(key for key in made if key)
+    return have
+
+
+def _make_thumbnail(output_dir: Path, key: str, source: Path) -> bool:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as image:
+                image.thumbnail(THUMB_BOX, Image.Resampling.LANCZOS, reducing_gap=2.0)
+                converted = image.convert("RGBA" if image.has_transparency_data else "RGB")
+        buffer = io.BytesIO()
+        converted.save(buffer, format="WEBP", quality=THUMB_QUALITY, method=2)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning):
+        return False
+    atomic_write(thumb_path(output_dir, key), buffer.getvalue())
+    return True
+
+
+def _remove_stale_thumb_temporaries(output_dir: Path) -> None:
+    # Only called under the apply lock: another process's temp file is never in flight then.
+    for temp in (output_dir / STATE_DIR / THUMBS_DIR).glob("*/.*.tmp"):
+        temp.unlink(missing_ok=True)
+
+
+def _image_source(output_dir: Path, cache: ImageCache, entry: ResultEntry) -> Path:
+    # The cache holds the image exactly as made for this key; the output file may be edited.
+    cached = cache.path(entry.key)
+    if cached.is_file() or not entry.file:
+        return cached
+    return output_dir / entry.file
+
+
+def _shown_previous(change: Change | None, entry: ResultEntry | None) -> ResultEntry | None:
+    """The image the shot had before the last apply, when it differs from the current one."""
+    if change is None or change.previous is None or change.previous.status == "failed":
+        return None
+    if entry is not None and entry.key == change.previous.key:
+        return None
+    return change.previous
+
+
+def _card(
+    output_dir: Path,
+    cache: ImageCache,
+    shot_id: str,
+    entries: Mapping[str, ResultEntry],
+    changes: Mapping[str, Change],
+    thumbs: set[str],
+) -> dict[str, Any]:
+    entry = entries.get(shot_id)
+    change = changes.get(shot_id)
+    previous = _shown_previous(change, entry)
+    card: dict[str, Any] = {
+        "id": shot_id,
+        "status": entry.status if entry else "pending",
+        "change": {"label": change.label, "reason": change.reason} if change else None,
+        "image": None,
+        "previous": None,
+        **dict.fromkeys(_DETAILS),
+    }
+    if entry is None:
+        return card
+    request = entry.request
+    text = request.get("text")
+    card.update(
+        prompt=entry.prompt,
+        text=text if isinstance(text, str) and text != entry.prompt else None,
+        negative_prompt=entry.negative_prompt,
+        size=entry.size.replace("*", "×"),
+        seed=entry.seed,
+        model=entry.model,
+        provider=request.get("provider"),
+        style=entry.style,
+        error=entry.error,
+        error_code=entry.error_code,
+        request_id=entry.request_id,
+        attempts=entry.attempts,
+        key=entry.key,
+    )
+    if entry.status != "failed" and entry.file:
+        card["image"] = {
+            "href": _url(output_dir, output_dir / entry.file),
+            "thumb": _url(output_dir, thumb_path(output_dir, entry.key))
+            if entry.key in thumbs
+            else None,
+            **_thumb_size(entry.width, entry.height),
+        }
+    if previous is not None:
+        card["previous"] = {
+            "href": _url(output_dir, cache.path(previous.key)),
+            "thumb": _url(output_dir, thumb_path(output_dir, previous.key))
+            if previous.key in thumbs
+            else None,
+            "prompt": previous.prompt if previous.prompt != entry.prompt else None,
+            **_thumb_size(previous.width, previous.height),
+        }
+    return card
+
+
+def _thumb_size(width: int | None, height: int | None) -> dict[str, int | None]:
+    """The thumbnail's size as Pillow makes it, known without opening it (for the layout)."""
+    if not width or not height:
+        return {"width": None, "height": None}
+    scale = min(THUMB_BOX[0] / width, THUMB_BOX[1] / height, 1.0)
+    return {"width": max(1, round(width * scale)), "height": max(1, round(height * scale))}
+
+
+def _url(output_dir: Path, path: Path) -> str:
+    return quote(path.relative_to(output_dir).as_posix())
+
+
+def _encoded(chunks: Iterator[str]) -> Iterator[bytes]:
+    for chunk in chunks:
+        yield chunk.encode("utf-8")
+
+
+@cache
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("imgbatch", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+@cache
+def _asset(name: str) -> str:
+    source, _, _ = _environment().loader.get_source(_environment(), name)  # type: ignore[union-attr]
+    return source
