@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -48,9 +49,10 @@ THUMB_QUALITY = 80
 _LAST_RUN_VERSION = 1
 _STATUS_ORDER = ("generated", "cached", "failed", "pending")
 _DETAILS = (
-    "prompt", "text", "negative_prompt", "size", "seed", "model", "provider", "style", "error",
-    "error_code", "request_id", "attempts", "key",
+    "prompt", "text", "text_extra", "negative_prompt", "size", "seed", "model", "provider",
+    "style", "error", "error_code", "error_message", "request_id", "attempts", "key",
 )
+_ERROR = re.compile(r"(?:(?P<status>\d{3}) )?(?P<code>\S+): (?P<message>.*)", re.DOTALL)
 _CHANGE_LABELS = {
     "new": "new",
     "retried": "retried",
@@ -111,7 +113,7 @@ def save_changes(output_dir: Path, changes: Mapping[str, Change], when: datetime
     atomic_write(last_run_path(output_dir), data.encode("utf-8"))
 
 
-def load_changes(output_dir: Path) -> tuple[dict[str, Change], str | None]:
+def load_changes(output_dir: Path) -> tuple[dict[str, Change], datetime | None]:
     """What the last apply changed, and when it finished; nothing if it is unknown or unreadable.
 
     The record only decorates the sheet, so a damaged one is ignored rather than reported.
@@ -126,10 +128,10 @@ def load_changes(output_dir: Path) -> tuple[dict[str, Change], str | None]:
             )
             for shot_id, raw in document["changes"].items()
         }
-        finished = document.get("finished_at")
+        finished = datetime.fromisoformat(document["finished_at"])
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return {}, None
-    return changes, finished if isinstance(finished, str) else None
+    return changes, finished
 
 
 def update_after_apply(
@@ -156,7 +158,7 @@ def update_after_apply(
             order=[item.id for item in plan.shots],
             entries={entry.id: entry for entry in entries},
             changes=changes,
-            finished_at=when.isoformat(timespec="seconds"),
+            finished_at=_readable(when),
         )
     except Exception as exc:  # noqa: BLE001 - the images and results.json are already safe
         return None, f"the contact sheet {sheet} was not written: {type(exc).__name__}: {exc}"
@@ -177,7 +179,8 @@ def write_sheet(manifest_path: str | Path, environ: Mapping[str, str] | None = N
             f"no results in {output_dir} ({results_path(output_dir).name} is missing): "
             f"run `imgbatch apply {manifest_path}` first"
         )
-    changes, finished_at = load_changes(output_dir)
+    changes, finished = load_changes(output_dir)
+    finished_at = _readable(finished) if finished else None
     try:
         return render_sheet(
             output_dir,
@@ -316,9 +319,13 @@ def _card(
         return card
     request = entry.request
     text = request.get("text")
+    if not isinstance(text, str) or text == entry.prompt:
+        text = None
     card.update(
         prompt=entry.prompt,
-        text=text if isinstance(text, str) and text != entry.prompt else None,
+        text=text,
+        # The style appended to the prompt is what differs: shown on its own, the rest elided.
+        text_extra=text[len(entry.prompt) :].strip() if text and text.startswith(entry.prompt) else None,
         negative_prompt=entry.negative_prompt,
         size=entry.size.replace("*", "×"),
         seed=entry.seed,
@@ -326,7 +333,8 @@ def _card(
         provider=request.get("provider"),
         style=entry.style,
         error=entry.error,
-        error_code=entry.error_code,
+        error_code=_error_code(entry),
+        error_message=_error_message(entry),
         request_id=entry.request_id,
         attempts=entry.attempts,
         key=entry.key,
@@ -351,12 +359,36 @@ def _card(
     return card
 
 
+def _error_parts(entry: ResultEntry) -> re.Match[str] | None:
+    """A provider error's message reads "<HTTP status> <code>: <message>"."""
+    if not entry.error or not entry.error_code:
+        return None
+    match = _ERROR.match(entry.error)
+    return match if match and match["code"] == entry.error_code else None
+
+
+def _error_code(entry: ResultEntry) -> str | None:
+    match = _error_parts(entry)
+    if match is None:
+        return entry.error_code
+    return f"{match['status']} {match['code']}" if match["status"] else match["code"]
+
+
+def _error_message(entry: ResultEntry) -> str | None:
+    match = _error_parts(entry)
+    return match["message"] if match else entry.error
+
+
 def _thumb_size(width: int | None, height: int | None) -> dict[str, int | None]:
     """The thumbnail's size as Pillow makes it, known without opening it (for the layout)."""
     if not width or not height:
         return {"width": None, "height": None}
     scale = min(THUMB_BOX[0] / width, THUMB_BOX[1] / height, 1.0)
     return {"width": max(1, round(width * scale)), "height": max(1, round(height * scale))}
+
+
+def _readable(when: datetime) -> str:
+    return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _url(output_dir: Path, path: Path) -> str:

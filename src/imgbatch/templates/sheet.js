@@ -15,6 +15,7 @@
   const modes = Array.from(viewer.querySelectorAll(".modes [data-mode]"));
   const openLink = document.getElementById("v-open");
   const title = document.getElementById("v-title");
+  const note = document.getElementById("v-note");
   let status = "all";
   let current = null;
 
@@ -66,6 +67,8 @@
     const [first, second] = card.querySelectorAll("a.thumb");
     const pair = Boolean(second);
     title.textContent = card.dataset.id;
+    const mark = card.querySelector(".mark");
+    note.textContent = mark ? `${mark.textContent}: ${mark.title}` : "";
     if (pair) {
       before.src = first.getAttribute("href");
       after.src = second.getAttribute("href");
