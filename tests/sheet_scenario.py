@@ -58,12 +58,12 @@ shots:
     prompt: "a cyclist crossing a finish line, confetti, crowd cheering"
 """
 
-SECOND = FIRST.replace(
-    "close-up of a hand pulling a water bottle from a carbon frame",
-    "close-up of a hand pulling a red water bottle from a carbon frame, droplets in the air",
-) + (
-    "  - id: s09-podium\n"
-    '    prompt: "three cyclists on a podium, golden hour, champagne spray"\n'
+SECOND = (
+    FIRST.replace(
+        "close-up of a hand pulling a water bottle from a carbon frame",
+        "close-up of a hand pulling a red water bottle from a carbon frame, droplets in the air",
+    )
+    + "  - id: s09-podium\n    prompt: three cyclists on a podium, golden hour, champagne spray\n"
 )
 ORDER = [
     "s01-dawn-road",

@@ -200,7 +200,9 @@ def test_a_sheet_that_cannot_be_drawn_warns_and_never_fails_the_run(
         manifest.read_text(encoding="utf-8").replace("at midnight", "at dawn"), encoding="utf-8"
     )
     result = CliRunner().invoke(
-        main, ["apply", str(manifest), "--provider", "placeholder"], env={"HOME": str(manifest.parent)}
+        main,
+        ["apply", str(manifest), "--provider", "placeholder"],
+        env={"HOME": str(manifest.parent)},
     )
     # The command's own placeholder has no moderation: every shot is made, and the run is good.
     assert result.exit_code == 0, result.output

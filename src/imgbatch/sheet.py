@@ -48,9 +48,10 @@ THUMB_BOX = (320, 320)
 THUMB_QUALITY = 80
 _LAST_RUN_VERSION = 1
 _STATUS_ORDER = ("generated", "cached", "failed", "pending")
-_DETAILS = (
-    "prompt", "text", "text_extra", "negative_prompt", "size", "seed", "model", "provider",
-    "style", "error", "error_code", "error_message", "request_id", "attempts", "key",
+# What a card shows of its shot's entry; none of it for a shot not applied yet.
+_DETAILS = tuple(
+    "prompt text text_extra negative_prompt size seed model provider style error error_code"
+    " error_message request_id attempts key".split()
 )
 _ERROR = re.compile(r"(?:(?P<status>\d{3}) )?(?P<code>\S+): (?P<message>.*)", re.DOTALL)
 _CHANGE_LABELS = {
@@ -230,7 +231,7 @@ def render_sheet(
         "css": _asset("sheet.css"),
         "script": script,
         # The one script the page may run: a prompt that slipped past escaping still could not.
-        "script_hash": "sha256-" + base64.b64encode(hashlib.sha256(script.encode()).digest()).decode(),
+        "script_hash": _csp_hash(script),
     }
     template = _environment().get_template("sheet.html.j2")
     path = output_dir / SHEET_FILE
@@ -324,8 +325,7 @@ def _card(
     card.update(
         prompt=entry.prompt,
         text=text,
-        # The style appended to the prompt is what differs: shown on its own, the rest elided.
-        text_extra=text[len(entry.prompt) :].strip() if text and text.startswith(entry.prompt) else None,
+        text_extra=_appended(entry.prompt, text),
         negative_prompt=entry.negative_prompt,
         size=entry.size.replace("*", "×"),
         seed=entry.seed,
@@ -357,6 +357,17 @@ def _card(
             **_thumb_size(previous.width, previous.height),
         }
     return card
+
+
+def _appended(prompt: str, text: str | None) -> str | None:
+    """What was added to the prompt to make the text sent (the style), shown on its own."""
+    if text is None or not text.startswith(prompt):
+        return None
+    return text[len(prompt) :].strip()
+
+
+def _csp_hash(script: str) -> str:
+    return "sha256-" + base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode()
 
 
 def _error_parts(entry: ResultEntry) -> re.Match[str] | None:
