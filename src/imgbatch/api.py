@@ -24,7 +24,7 @@ from pathlib import Path
 import filelock
 
 from imgbatch.errors import ConfigError, LockedError, StoreError
-from imgbatch.executor import Executor, Listener, RunOutcome, failed_entry
+from imgbatch.executor import Executor, Listener, Phase, RunOutcome, failed_entry
 from imgbatch.expand import Expansion, expand
 from imgbatch.manifest import Manifest, load_manifest
 from imgbatch.pacing import Clock, Pacer, RetryPolicy
@@ -62,6 +62,9 @@ class ApplyReport:
     stopped: str | None
     interrupted: bool
     requests: int
+    # Images the service made (billed), and requests sent whose answer was lost (may have been).
+    billed: int
+    maybe_billed: int
     throttled: int
     retries: int
     rate: float | None
@@ -187,7 +190,7 @@ async def apply_async(
                 outcome, interrupted = await _run_interruptible(executor, plan, options)
         finally:
             journal.close()
-        entries = tuple(_final_entry(item, outcome) for item in plan.shots)
+        entries = tuple(_final_entry(item, outcome, provider.metered) for item in plan.shots)
         orphans = [item.previous for item in plan.orphans if item.previous is not None]
         meta = {
             # Relative, so an output folder can be moved or committed with its manifest.
@@ -205,6 +208,8 @@ async def apply_async(
         stopped=outcome.stopped,
         interrupted=interrupted,
         requests=outcome.requests,
+        billed=outcome.billed,
+        maybe_billed=outcome.maybe_billed,
         throttled=outcome.throttled,
         retries=outcome.retries,
         rate=outcome.rate,
@@ -215,11 +220,11 @@ async def apply_async(
     )
 
 
-def _final_entry(item: PlannedShot, outcome: RunOutcome) -> ResultEntry:
+def _final_entry(item: PlannedShot, outcome: RunOutcome, metered: bool) -> ResultEntry:
     entry = outcome.entries.get(item.id)
     if entry is not None:
         return entry
-    # Abandoned in flight (second Ctrl-C, or the grace time ran out).
+    # Abandoned (second interrupt, or the grace time ran out): say what it may have cost.
     downloading = outcome.downloading.get(item.id)
     if downloading is not None:
         message = (
@@ -228,10 +233,14 @@ def _final_entry(item: PlannedShot, outcome: RunOutcome) -> ResultEntry:
         )
         return replace(downloading, error=message)
     assert item.shot is not None
-    message = "abandoned in flight when interrupted"
-    if item.action is not Action.RESTORE:
-        message += "; DashScope may have billed it"
-    return failed_entry(item.shot, message, None, 1)
+    phase = outcome.in_flight.get(item.id, Phase.WAITING)
+    if phase == Phase.SENDING:
+        message = "abandoned in flight when interrupted"
+        if metered and item.action is not Action.RESTORE:
+            message += "; DashScope may have billed it"
+    else:
+        message = f"not run: interrupted while {phase}"
+    return failed_entry(item.shot, message, None, 1 if phase == Phase.SENDING else 0)
 
 
 async def _run_interruptible(
@@ -242,11 +251,12 @@ async def _run_interruptible(
     task = asyncio.ensure_future(executor.run(plan))
     interrupts = 0
 
-    def on_interrupt() -> None:
+    def on_interrupt(signum: signal.Signals) -> None:
         nonlocal interrupts
         interrupts += 1
         if interrupts == 1:
-            executor.stop("interrupted (Ctrl-C)")
+            cause = "Ctrl-C" if signum == signal.SIGINT else signum.name
+            executor.stop(f"interrupted ({cause})")
             loop.call_later(options.grace_seconds, task.cancel)
         else:
             task.cancel()
@@ -261,11 +271,13 @@ async def _run_interruptible(
 
 
 @contextlib.contextmanager
-def _signal_handler(loop: asyncio.AbstractEventLoop, handler: object) -> Iterator[None]:
+def _signal_handler(
+    loop: asyncio.AbstractEventLoop, handler: Callable[[signal.Signals], None]
+) -> Iterator[None]:
     installed = []
     for signum in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(signum, handler)  # type: ignore[arg-type]
+            loop.add_signal_handler(signum, handler, signum)
             installed.append(signum)
         except (NotImplementedError, RuntimeError, ValueError):
             pass  # not the main thread, or a platform without loop signal handlers

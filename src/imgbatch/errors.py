@@ -91,10 +91,14 @@ class TransientError(ProviderError):
         request_id: str | None = None,
         retry_after: float | None = None,
         throttled: bool = False,
+        maybe_billed: bool = False,
     ) -> None:
         super().__init__(message, status=status, code=code, request_id=request_id)
         self.retry_after = retry_after
         self.throttled = throttled
+        # The request was sent and its answer lost (dropped connection, timeout): the service
+        # may have made, and billed, an image that never arrived.
+        self.maybe_billed = maybe_billed
 
 
 class PermanentError(ProviderError):
