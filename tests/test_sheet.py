@@ -146,35 +146,46 @@ def test_thumbnails_are_small_lazy_and_made_once_per_image(scenario: Scenario) -
     assert {src: (scenario.output_dir / src).stat().st_mtime_ns for src in stats} == stats
 
 
-def test_a_no_op_apply_leaves_the_sheet_as_it_is(scenario: Scenario) -> None:
-    before = page(scenario)
-    report = apply(
-        scenario.manifest,
-        ApplyOptions(environ={}, home=scenario.manifest.parent),
-        provider=ModeratedPlaceholder(),
-    )
-    # The failed shot is tried again, so this apply is not a no-op: marks move to it alone.
-    assert report.sheet == scenario.sheet
-    changed = re.findall(r'id="shot-([^"]+)"[^>]*data-changed="1"', page(scenario))
-    assert changed == [FAILED]
-    assert page(scenario) != before
+def changed_ids(text: str) -> list[str]:
+    return re.findall(r'id="shot-([^"]+)"[^>]*data-changed="1"', text)
 
+
+def test_the_marks_show_the_last_apply_that_changed_a_shot(scenario: Scenario) -> None:
     manifest = scenario.manifest
+    options = ApplyOptions(environ={}, home=manifest.parent)
+    # The failed shot is tried again: the marks move to it alone.
+    apply(manifest, options, provider=ModeratedPlaceholder())
+    assert changed_ids(page(scenario)) == [FAILED]
+
     manifest.write_text(
         manifest.read_text(encoding="utf-8").replace("a FORBIDDEN sign", "a closed sign"),
         encoding="utf-8",
     )
-    options = ApplyOptions(environ={}, home=manifest.parent)
     apply(manifest, options, provider=ModeratedPlaceholder())
     drawn = page(scenario)
-    assert re.findall(r'id="shot-([^"]+)"[^>]*data-changed="1"', drawn) == [FAILED]
+    assert changed_ids(drawn) == [FAILED]
     assert 'data-status="generated"' in card(drawn, FAILED)
+    inode = scenario.sheet.stat().st_ino
 
     again = apply(manifest, options, provider=ModeratedPlaceholder())
 
     assert not again.plan.has_changes
     assert again.sheet == scenario.sheet
-    assert page(scenario) == drawn  # still marks what the last real change did
+    assert scenario.sheet.stat().st_ino == inode  # not even rewritten
+    assert page(scenario) == drawn
+
+    # Shots moved or removed, nothing made: drawn again, the last change still marked.
+    text = manifest.read_text(encoding="utf-8")
+    s01 = text[text.index("  - id: s01-dawn-road") : text.index("  - id: s02-dusk-portrait")]
+    s09 = text[text.index("  - id: s09-podium") :]
+    manifest.write_text(text.replace(s01, "").replace(s09, "") + s01, encoding="utf-8")
+
+    moved = apply(manifest, options, provider=ModeratedPlaceholder())
+
+    assert not [item for item in moved.plan.shots if item.action != "unchanged"]
+    ids = re.findall(r'<li class="card[^"]*" id="shot-([^"]+)"', page(scenario))
+    assert ids == [*ORDER[1:-1], "s01-dawn-road"]
+    assert changed_ids(page(scenario)) == [FAILED]
 
 
 def test_a_sheet_that_cannot_be_drawn_warns_and_never_fails_the_run(

@@ -54,6 +54,7 @@ _DETAILS = tuple(
     " error_message request_id attempts key".split()
 )
 _ERROR = re.compile(r"(?:(?P<status>\d{3}) )?(?P<code>\S+): (?P<message>.*)", re.DOTALL)
+_DIGEST = re.compile(r'<meta name="imgbatch-sheet" content="([0-9a-f]{64})">')
 _CHANGE_LABELS = {
     "new": "new",
     "retried": "retried",
@@ -140,26 +141,34 @@ def update_after_apply(
 ) -> tuple[Path | None, str | None]:
     """Record what this apply changed and redraw the sheet; gives (sheet path, problem).
 
-    Never raises for an ordinary failure: the images and results.json are what an apply is for,
-    and a sheet that cannot be drawn must not fail the run; the problem is handed back to show as
-    a warning. An apply that changed nothing leaves an existing sheet (and its marks of the last
-    real change) as it is, so a no-op re-apply of thousands of shots stays instant.
+    Never raises: the images and results.json are what an apply is for, and a sheet that cannot
+    be drawn must not fail the run; the problem is handed back to show as a warning.
+
+    An apply that changed no shot keeps the marks of the last one that did, and leaves the page
+    as it is when it already shows these shots in this order, so a no-op re-apply of thousands of
+    shots costs nothing here.
     """
     sheet = output_dir / SHEET_FILE
-    if not plan.has_changes and sheet.is_file():
-        return sheet, None
+    order = [item.id for item in plan.shots]
+    by_id = {entry.id: entry for entry in entries}
     try:
-        when = datetime.now(UTC)
-        changes = changes_of(plan)
-        save_changes(output_dir, changes, when)
+        finished: datetime | None
+        if any(item.action is not Action.UNCHANGED for item in plan.shots):
+            finished = datetime.now(UTC)
+            changes = changes_of(plan)
+            save_changes(output_dir, changes, finished)
+        elif drawn_digest(sheet) == sheet_digest(title, order, by_id):
+            return sheet, None
+        else:  # shots removed or moved, or the page is missing or from another imgbatch
+            changes, finished = load_changes(output_dir)
         _remove_stale_thumb_temporaries(output_dir)
         path = render_sheet(
             output_dir,
             title=title,
-            order=[item.id for item in plan.shots],
-            entries={entry.id: entry for entry in entries},
+            order=order,
+            entries=by_id,
             changes=changes,
-            finished_at=_readable(when),
+            finished_at=_readable(finished) if finished else None,
         )
     except Exception as exc:  # noqa: BLE001 - the images and results.json are already safe
         return None, f"the contact sheet {sheet} was not written: {type(exc).__name__}: {exc}"
@@ -222,6 +231,7 @@ def render_sheet(
         counts[card["status"]] += 1
     script = _asset("sheet.js")
     context = {
+        "digest": sheet_digest(title, order, entries),
         "title": title,
         "cards": cards,
         "total": len(cards),
@@ -237,6 +247,27 @@ def render_sheet(
     path = output_dir / SHEET_FILE
     atomic_write(path, _encoded(template.generate(context)))
     return path
+
+
+def sheet_digest(title: str, order: Sequence[str], entries: Mapping[str, ResultEntry]) -> str:
+    """What a page shows, in a word: the shots, their images, in order, drawn by this template."""
+    digest = hashlib.sha256(_template_digest().encode())
+    digest.update(title.encode("utf-8"))
+    for shot_id in order:
+        entry = entries.get(shot_id)
+        digest.update(f"\n{shot_id} {entry.key if entry else '-'}".encode())
+    return digest.hexdigest()
+
+
+def drawn_digest(sheet: Path) -> str | None:
+    """The digest a page was drawn with (in its first lines), or None."""
+    try:
+        with sheet.open("rb") as handle:
+            head = handle.read(2048).decode("utf-8", "replace")
+    except OSError:
+        return None
+    match = _DIGEST.search(head)
+    return match.group(1) if match else None
 
 
 def make_thumbnails(output_dir: Path, sources: Mapping[str, Path]) -> set[str]:
@@ -420,6 +451,12 @@ def _environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
+
+
+@cache
+def _template_digest() -> str:
+    sources = (_asset(name) for name in ("sheet.html.j2", "sheet.css", "sheet.js"))
+    return hashlib.sha256("\0".join(sources).encode()).hexdigest()
 
 
 @cache
