@@ -23,6 +23,7 @@ from imgbatch.errors import (
 )
 from imgbatch.manifest import Manifest, load_manifest
 from imgbatch.request import GeneratedImage, ImageRequest
+from imgbatch.single import agenerate, generate
 
 __all__ = [
     "ApplyOptions",
@@ -37,7 +38,9 @@ __all__ = [
     "PermanentError",
     "ProviderError",
     "TransientError",
+    "agenerate",
     "apply",
+    "generate",
     "load_manifest",
     "make_plan",
 ]

@@ -1,12 +1,13 @@
 """The library's front door: plan and apply a manifest from Python.
 
-Takes a manifest path and options; gives a `Plan` (what would happen) or an `ApplyReport` (what
-happened, with the path of results.json). The CLI is a thin shell over these two functions, and a
-pipeline can call them directly:
+Takes a manifest (a path, or a dict already parsed) and options; gives a `Plan` (what would
+happen) or an `ApplyReport` (what happened, with the path of results.json). The CLI is a thin
+shell over these two functions, and a pipeline can call them directly:
 
-    >>> from imgbatch import apply, ApplyOptions
-    >>> report = apply("shots.yaml", ApplyOptions(provider="placeholder"))
-    >>> [entry.file for entry in report.entries if entry.status != "failed"]
+    >>> from imgbatch import apply
+    >>> report = apply("shots.yaml", provider="placeholder")  # doctest: +SKIP
+    >>> [entry.file for entry in report.entries if entry.status != "failed"]  # doctest: +SKIP
+    ['s01.png', 's02.png']
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import filelock
 
 from imgbatch.errors import ConfigError, LockedError, StoreError
 from imgbatch.executor import Executor, Listener, Phase, RunOutcome, failed_entry
 from imgbatch.expand import Expansion, expand
-from imgbatch.manifest import Manifest, load_manifest
+from imgbatch.manifest import Manifest, load_manifest, manifest_from_data
 from imgbatch.pacing import Clock, Pacer, RetryPolicy
 from imgbatch.plan import Action, Plan, PlannedShot
 from imgbatch.plan import make_plan as plan_shots
@@ -52,6 +54,8 @@ class ApplyOptions:
     home: Path | None = None
     # After Ctrl-C, how long requests in flight may take before they are abandoned.
     grace_seconds: float = 30.0
+    # After a 200 without an image, ask once more with a simplified prompt (the seed's rule).
+    simplify: bool = True
 
 
 @dataclass(frozen=True)
@@ -99,19 +103,30 @@ def provider_name(
     return "dashscope"
 
 
+ManifestSource = str | Path | Mapping[str, Any]
+"""A manifest file's path, or a manifest already parsed into a dict (relative paths in it are
+taken from the current folder)."""
+
+
+def read_manifest(source: ManifestSource) -> Manifest:
+    if isinstance(source, Mapping):
+        return manifest_from_data(dict(source), display="manifest", base_dir=Path.cwd())
+    return load_manifest(source)
+
+
 def load_and_expand(
-    path: str | Path,
+    path: ManifestSource,
     provider: str | None = None,
     environ: Mapping[str, str] | None = None,
     home: Path | None = None,
 ) -> tuple[Manifest, Expansion]:
-    manifest = load_manifest(path)
+    manifest = read_manifest(path)
     name = provider_name(manifest, provider, environ, home)
     return manifest, expand(manifest, provider=name, environ=environ)
 
 
 def make_plan(
-    path: str | Path,
+    path: ManifestSource,
     *,
     provider: str | None = None,
     environ: Mapping[str, str] | None = None,
@@ -130,10 +145,10 @@ def _plan(expansion: Expansion, state: Mapping[str, ResultEntry]) -> Plan:
 
 
 def apply(
-    path: str | Path,
+    path: ManifestSource,
     options: ApplyOptions | None = None,
     *,
-    provider: Provider | None = None,
+    provider: Provider | str | None = None,
     listener: Listener | None = None,
     on_plan: Callable[[Plan], None] | None = None,
 ) -> ApplyReport:
@@ -144,10 +159,10 @@ def apply(
 
 
 async def apply_async(
-    path: str | Path,
+    path: ManifestSource,
     options: ApplyOptions | None = None,
     *,
-    provider: Provider | None = None,
+    provider: Provider | str | None = None,
     listener: Listener | None = None,
     on_plan: Callable[[Plan], None] | None = None,
     clock: Clock | None = None,
@@ -158,13 +173,16 @@ async def apply_async(
     every retry as it happens.
     """
     options = options or ApplyOptions()
+    if isinstance(provider, str):
+        # A name, as on the command line; an object is used as it is.
+        options, provider = replace(options, provider=provider), None
     environ = os.environ if options.environ is None else options.environ
     manifest, expansion = load_and_expand(path, options.provider, environ, options.home)
     # Credentials are checked before anything is written.
     provider = provider or create_provider(expansion.provider, environ, options.home)
     output_dir = expansion.output_dir
     started = time.monotonic()
-    with _exclusive(output_dir):
+    with exclusive_output(output_dir):
         remove_stale_temporaries(output_dir)
         state = load_state(output_dir)
         cache = ImageCache(output_dir)
@@ -186,6 +204,7 @@ async def apply_async(
                     retry=options.retry,
                     clock=clock,
                     listener=listener,
+                    simplify=options.simplify,
                 )
                 outcome, interrupted = await _run_interruptible(executor, plan, options)
         finally:
@@ -194,7 +213,9 @@ async def apply_async(
         orphans = [item.previous for item in plan.orphans if item.previous is not None]
         meta = {
             # Relative, so an output folder can be moved or committed with its manifest.
-            "manifest": os.path.relpath(Path(path).resolve(), output_dir.resolve()),
+            "manifest": None
+            if isinstance(path, Mapping)
+            else os.path.relpath(Path(path).resolve(), output_dir.resolve()),
             "provider": provider.name,
             "key_format": KEY_FORMAT_VERSION,
             "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -289,8 +310,9 @@ def _signal_handler(
 
 
 @contextlib.contextmanager
-def _exclusive(output_dir: Path) -> Iterator[None]:
-    """One apply per output folder at a time; the second is refused, never interleaved."""
+def exclusive_output(output_dir: Path) -> Iterator[None]:
+    """One apply (or generate) per output folder at a time; the second is refused, never
+    interleaved."""
     try:
         (output_dir / STATE_DIR).mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -9,6 +9,7 @@
     └── ProviderError             the image service refused or failed a request
         ├── TransientError        429, 408, 5xx, dropped connections: retried with backoff
         ├── PermanentError        400 (bad parameter, moderation): that shot fails, others go on
+        ├── NoImageError          a 200 without an image: asked once more, simplified
         └── AuthError             401/403: every request would fail, so the run stops
 
 Retry decisions follow the class, never the message text. No message ever contains the API key.
@@ -35,16 +36,18 @@ class ManifestProblem:
     message: str
 
     def __str__(self) -> str:
+        if self.line <= 0:  # parsed data with no lines to point at: the field says where
+            return f"{self.file}: {self.where}: {self.message}"
         return f"{self.file}:{self.line}:{self.column}: {self.where}: {self.message}"
 
 
 class ManifestError(ImgbatchError):
     """A manifest that cannot be run; holds every problem found, not only the first."""
 
-    def __init__(self, problems: Sequence[ManifestProblem]) -> None:
+    def __init__(self, problems: Sequence[ManifestProblem], subject: str = "the manifest") -> None:
         self.problems = tuple(problems)
         count = len(self.problems)
-        head = f"{count} problem{'s' if count != 1 else ''} in the manifest:"
+        head = f"{count} problem{'s' if count != 1 else ''} in {subject}:"
         super().__init__("\n".join([head, *(f"  {p}" for p in self.problems)]))
 
 
@@ -103,6 +106,11 @@ class TransientError(ProviderError):
 
 class PermanentError(ProviderError):
     """The request itself is refused; sending it again gives the same answer."""
+
+
+class NoImageError(ProviderError):
+    """The service answered 200 but gave no image; the seed skill's rule is to ask once more
+    with a simplified prompt."""
 
 
 class AuthError(ProviderError):

@@ -15,7 +15,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -152,3 +153,23 @@ class GeneratedImage:
     height: int
     seed: int | None
     request_id: str | None
+
+
+# Western sentences end at a stop and a space; Chinese and Japanese ones at the full-width stop.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])|\n+")
+_CLAUSE_END = re.compile(r"[,;，；]\s*")
+
+
+def simplified(request: ImageRequest) -> ImageRequest | None:
+    """The request to send once more after a 200 without an image (the seed skill's rule): the
+    style dropped and the prompt cut to its first sentence (or, for a one-sentence prompt, its
+    first clause). None when there is nothing left to simplify."""
+    prompt = request.prompt.strip()
+    shorter = _SENTENCE_END.split(prompt, maxsplit=1)[0].strip()
+    if shorter == prompt:
+        shorter = _CLAUSE_END.split(prompt, maxsplit=1)[0].strip()
+    if not shorter:
+        shorter = prompt
+    if shorter == prompt and not request.style:
+        return None
+    return replace(request, prompt=shorter, style=None)
