@@ -8,8 +8,9 @@ changed, and for a replaced shot its previous image (still in the cache) to comp
 
 Thumbnails are small WebP files under `<output>/.imgbatch/thumbs/`, one per image key, made
 once and never again (a key names one image forever). What an apply changed is kept in
-`<output>/.imgbatch/last-run.json`, so `imgbatch sheet` can draw the same marks later.
-The page is rendered by Jinja2 with autoescaping: prompts are user text.
+`<output>/.imgbatch/last-run.json`, so `imgbatch sheet` can draw the same marks later; an apply
+that changes no shot keeps them. The page is rendered by Jinja2 with autoescaping (prompts are
+user text) and allows, by its Content-Security-Policy, no script but its own.
 """
 
 from __future__ import annotations
@@ -55,13 +56,7 @@ _DETAILS = tuple(
 )
 _ERROR = re.compile(r"(?:(?P<status>\d{3}) )?(?P<code>\S+): (?P<message>.*)", re.DOTALL)
 _DIGEST = re.compile(r'<meta name="imgbatch-sheet" content="([0-9a-f]{64})">')
-_CHANGE_LABELS = {
-    "new": "new",
-    "retried": "retried",
-    "regenerated": "regenerated",
-    "replace": "replaced",
-    "restore": "restored",
-}
+_CHANGE_LABELS: dict[str, str] = {Action.REPLACE: "replaced", Action.RESTORE: "restored"}
 
 
 @dataclass(frozen=True, slots=True)
