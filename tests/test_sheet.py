@@ -19,6 +19,8 @@ from PIL import Image
 from imgbatch import sheet as sheet_module
 from imgbatch.api import ApplyOptions, apply
 from imgbatch.cli import main
+from imgbatch.results import ResultEntry
+from imgbatch.sheet import render_sheet
 from imgbatch.store import ImageCache
 from tests.sheet_scenario import (
     ADDED,
@@ -262,3 +264,35 @@ def test_imgbatch_sheet_before_any_apply_says_so_and_writes_nothing(tmp_path: Pa
     assert "no results in" in result.output and "imgbatch apply" in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "output").exists()
+
+
+def test_a_simplified_prompt_is_shown_as_what_was_sent_and_a_lost_image_breaks_nothing(
+    tmp_path: Path,
+) -> None:
+    prompt = "a red bicycle. It leans on a wall in the rain"
+    entry = ResultEntry(
+        id="s01",
+        status="generated",
+        file="s01.png",
+        key="ab" * 32,
+        width=1664,
+        height=928,
+        seed=None,
+        model="qwen-image-max",
+        size="1664*928",
+        prompt=prompt,
+        image_url=None,
+        request_id="req-1",
+        request={"text": prompt + "\nStyle: watercolour"},
+        prompt_sent="a red bicycle.",
+        simplified=True,
+    )
+
+    path = render_sheet(
+        tmp_path, title="t", order=["s01"], entries={"s01": entry}, changes={}, finished_at=None
+    )
+
+    shot = card(path.read_text(encoding="utf-8"), "s01")
+    assert '<span class="label">simplified</span><span class="value">a red bicycle.</span>' in shot
+    assert "seed random" in shot
+    assert "no preview" in shot and "<img" not in shot  # its image is gone: no thumbnail

@@ -51,8 +51,8 @@ _LAST_RUN_VERSION = 1
 _STATUS_ORDER = ("generated", "cached", "failed", "pending")
 # What a card shows of its shot's entry; none of it for a shot not applied yet.
 _DETAILS = tuple(
-    "prompt text text_extra negative_prompt size seed model provider style error error_code"
-    " error_message request_id attempts key".split()
+    "prompt text text_extra simplified negative_prompt size seed model provider style error"
+    " error_code error_message request_id attempts key".split()
 )
 _ERROR = re.compile(r"(?:(?P<status>\d{3}) )?(?P<code>\S+): (?P<message>.*)", re.DOTALL)
 _DIGEST = re.compile(r'<meta name="imgbatch-sheet" content="([0-9a-f]{64})">')
@@ -345,12 +345,14 @@ def _card(
     if entry is None:
         return card
     request = entry.request
-    text = request.get("text")
+    # What was sent: the simplified prompt after a 200 without an image, else the request's text.
+    text = entry.prompt_sent or request.get("text")
     if not isinstance(text, str) or text == entry.prompt:
         text = None
     card.update(
         prompt=entry.prompt,
         text=text,
+        simplified=entry.simplified,
         text_extra=_appended(entry.prompt, text),
         negative_prompt=entry.negative_prompt,
         size=entry.size.replace("*", "×"),
