@@ -203,10 +203,12 @@ def apply_command(
 
 @main.command()
 @manifest_argument
+@allow_outside_option
 @error_boundary
-def sheet(manifest: Path) -> int:
+def sheet(manifest: Path, allow_reference_outside: bool) -> int:
     """Draw the contact sheet (index.html in the output folder) from the last results."""
-    click.echo(f"Contact sheet: {write_sheet(manifest)}")
+    path = write_sheet(manifest, allow_reference_outside=allow_reference_outside)
+    click.echo(f"Contact sheet: {path}")
     return EXIT_OK
 
 

@@ -170,13 +170,19 @@ def update_after_apply(
     return path, None
 
 
-def write_sheet(manifest_path: str | Path, environ: Mapping[str, str] | None = None) -> Path:
+def write_sheet(
+    manifest_path: str | Path,
+    environ: Mapping[str, str] | None = None,
+    *,
+    allow_reference_outside: bool = False,
+) -> Path:
     """Draw `index.html` for a manifest's output folder from its results, without applying.
 
     Shots in the manifest that have no result yet show as pending. Raises `StoreError` when the
-    folder has no results at all.
+    folder has no results at all. The manifest is checked as `apply` checks it (references
+    included, under the same trust rule), so the sheet never shows a list apply would refuse.
     """
-    manifest = load_manifest(manifest_path)
+    manifest = load_manifest(manifest_path, allow_reference_outside=allow_reference_outside)
     output_dir = output_dir_for(manifest, environ)
     state = load_state(output_dir)
     if not state:
