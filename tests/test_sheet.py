@@ -6,6 +6,7 @@ markup and the files behind it, without a browser.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import re
@@ -17,10 +18,12 @@ from markupsafe import escape
 from PIL import Image
 
 from imgbatch import sheet as sheet_module
-from imgbatch.api import ApplyOptions, apply
+from imgbatch.api import ApplyOptions, apply, load_and_expand
 from imgbatch.cli import main
+from imgbatch.providers.placeholder import PlaceholderProvider
+from imgbatch.request import GeneratedImage, ImageRequest
 from imgbatch.results import ResultEntry
-from imgbatch.sheet import render_sheet
+from imgbatch.sheet import render_sheet, thumb_path
 from imgbatch.store import ImageCache
 from tests.sheet_scenario import (
     ADDED,
@@ -296,3 +299,46 @@ def test_a_simplified_prompt_is_shown_as_what_was_sent_and_a_lost_image_breaks_n
     assert '<span class="label">simplified</span><span class="value">a red bicycle.</span>' in shot
     assert "seed random" in shot
     assert "no preview" in shot and "<img" not in shot  # its image is gone: no thumbnail
+
+
+class WaitsForAThumbnail(PlaceholderProvider):
+    """Holds the last shot until the first shot's thumbnail exists (or gives up after 10 s)."""
+
+    def __init__(self, thumb: Path) -> None:
+        super().__init__()
+        self.thumb = thumb
+        self.seen_during_run = False
+
+    async def generate(self, request: ImageRequest, *, label: str) -> GeneratedImage:
+        if label == "c":
+            for _ in range(1000):
+                if self.thumb.is_file():
+                    self.seen_during_run = True
+                    break
+                await asyncio.sleep(0.01)
+        return await super().generate(request, label=label)
+
+
+def test_thumbnails_are_made_while_the_run_goes_on_and_the_listener_still_hears_all(
+    tmp_path: Path,
+) -> None:
+    manifest = tmp_path / "shots.yaml"
+    shots = "".join(f'  - id: {name}\n    prompt: "shot {name}"\n' for name in "abc")
+    manifest.write_text(
+        f'version: 1\nname: bg\ndefaults:\n  size: "1328*1328"\nshots:\n{shots}', encoding="utf-8"
+    )
+    first = load_and_expand(manifest, "placeholder", environ={})[1].shots[0]
+    output_dir = tmp_path / "output" / "bg"
+    provider = WaitsForAThumbnail(thumb_path(output_dir, first.request.key))
+    heard: list[object] = []
+
+    report = apply(
+        manifest,
+        ApplyOptions(provider="placeholder", environ={}, home=tmp_path, concurrency=1),
+        provider=provider,
+        listener=heard.append,
+    )
+
+    assert report.count("generated") == 3
+    assert provider.seen_during_run
+    assert [event.id for event in heard if isinstance(event, ResultEntry)] == ["a", "b", "c"]

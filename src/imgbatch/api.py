@@ -36,6 +36,7 @@ from imgbatch.providers import Provider, create_provider
 from imgbatch.providers.dashscope import resolve_api_key
 from imgbatch.request import KEY_FORMAT_VERSION
 from imgbatch.results import Journal, ResultEntry, load_state, write_results
+from imgbatch.sheet import Thumbnailer
 from imgbatch.sheet import update_after_apply as update_sheet
 from imgbatch.store import STATE_DIR, ImageCache, remove_stale_temporaries
 
@@ -211,6 +212,7 @@ async def apply_async(
             options.rps or manifest.limits.rps, clock=clock, unlimited=not provider.metered
         )
         journal = Journal(output_dir)
+        thumbnails = Thumbnailer(output_dir, listener)  # the contact sheet's, made as shots land
         try:
             async with provider:
                 executor = Executor(
@@ -221,12 +223,13 @@ async def apply_async(
                     concurrency=options.concurrency or manifest.limits.concurrency,
                     retry=options.retry,
                     clock=clock,
-                    listener=listener,
+                    listener=thumbnails,
                     simplify=options.simplify,
                 )
                 outcome, interrupted = await _run_interruptible(executor, plan, options)
         finally:
             journal.close()
+            thumbnails.close()
         entries = tuple(_final_entry(item, outcome, provider.metered) for item in plan.shots)
         orphans = [item.previous for item in plan.orphans if item.previous is not None]
         meta = {

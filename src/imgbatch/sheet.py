@@ -35,6 +35,7 @@ import jinja2
 from PIL import Image
 
 from imgbatch.errors import StoreError
+from imgbatch.executor import Listener, Retrying
 from imgbatch.expand import output_dir_for
 from imgbatch.manifest import load_manifest
 from imgbatch.plan import Action, Plan
@@ -271,6 +272,41 @@ def drawn_digest(sheet: Path) -> str | None:
     return match.group(1) if match else None
 
 
+class Thumbnailer:
+    """Makes an apply's thumbnails in the background as its shots finish; wraps its listener.
+
+    Each image is decoded a second time for its thumbnail: done while the run waits on the
+    network, that costs the run nothing, where at the end it would hold the run up (150 images
+    of DashScope's weight took seconds). One worker, so the run's own work keeps a core.
+    """
+
+    def __init__(self, output_dir: Path, listener: Listener | None = None) -> None:
+        self.output_dir = output_dir
+        self.cache = ImageCache(output_dir)
+        self.listener = listener
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __call__(self, event: ResultEntry | Retrying) -> None:
+        if isinstance(event, ResultEntry) and event.status != "failed":
+            self._submit(event.key)
+        if self.listener is not None:
+            self.listener(event)
+
+    def _submit(self, key: str) -> None:
+        if thumb_path(self.output_dir, key).is_file():
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgbatch-thumbs")
+        self._pool.submit(_make_thumbnail, self.output_dir, key, self.cache.path(key))
+
+    def close(self) -> None:
+        """Drop what is still queued (the sheet makes it, several at a time) and wait for the
+        one being made, so no thread outlives the apply."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
 def make_thumbnails(output_dir: Path, sources: Mapping[str, Path]) -> set[str]:
     """Make a thumbnail for each key that has none; gives the keys that have one now.
 
@@ -296,10 +332,11 @@ def _make_thumbnail(output_dir: Path, key: str, source: Path) -> bool:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as image:
-                image.thumbnail(THUMB_BOX, Image.Resampling.LANCZOS, reducing_gap=2.0)
+                # Box-reduced to about the size, then Lanczos: a fraction of a full Lanczos.
+                image.thumbnail(THUMB_BOX, Image.Resampling.LANCZOS, reducing_gap=1.0)
                 converted = image.convert("RGBA" if image.has_transparency_data else "RGB")
         buffer = io.BytesIO()
-        converted.save(buffer, format="WEBP", quality=THUMB_QUALITY, method=2)
+        converted.save(buffer, format="WEBP", quality=THUMB_QUALITY, method=0)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning):
         return False
     atomic_write(thumb_path(output_dir, key), buffer.getvalue())
