@@ -14,7 +14,7 @@ import click
 
 from imgbatch.api import ApplyReport
 from imgbatch.errors import NoImageError
-from imgbatch.executor import Retrying
+from imgbatch.executor import Notice, Retrying
 from imgbatch.plan import Action, Plan
 from imgbatch.results import ResultEntry
 
@@ -59,7 +59,7 @@ class Progress:
         self.last_shown = 0.0
         self.done = self.failed = self.generated = self.retries = 0
 
-    def __call__(self, event: ResultEntry | Retrying) -> None:
+    def __call__(self, event: ResultEntry | Retrying | Notice) -> None:
         if isinstance(event, Retrying):
             if isinstance(event.error, NoImageError):
                 # The seed's rule: never quietly; say which request gave no image.
@@ -71,6 +71,9 @@ class Progress:
                 )
                 return
             self.retries += 1
+            return
+        if isinstance(event, Notice):
+            self._line(f"note {event.shot_id}: {event.message}", permanent=True)
             return
         self.done += 1
         if event.status == "failed":

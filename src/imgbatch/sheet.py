@@ -40,7 +40,7 @@ from imgbatch.expand import output_dir_for
 from imgbatch.manifest import load_manifest
 from imgbatch.plan import Action, Plan
 from imgbatch.results import ResultEntry, load_state, results_path
-from imgbatch.store import STATE_DIR, ImageCache, atomic_write
+from imgbatch.store import STATE_DIR, TEMP_PREFIX, ImageCache, atomic_write
 
 SHEET_FILE = "index.html"
 LAST_RUN_FILE = "last-run.json"
@@ -345,8 +345,13 @@ def _make_thumbnail(output_dir: Path, key: str, source: Path) -> bool:
 
 def _remove_stale_thumb_temporaries(output_dir: Path) -> None:
     # Only called under the apply lock: another process's temp file is never in flight then.
-    for temp in (output_dir / STATE_DIR / THUMBS_DIR).glob("*/.*.tmp"):
-        temp.unlink(missing_ok=True)
+    root = output_dir / STATE_DIR / THUMBS_DIR
+    if not root.is_dir():
+        return
+    for folder in root.iterdir():
+        if folder.is_dir() and not folder.is_symlink():  # never reach out of the folder
+            for temp in folder.glob(f"{TEMP_PREFIX}*.tmp"):
+                temp.unlink(missing_ok=True)
 
 
 def _image_source(output_dir: Path, cache: ImageCache, entry: ResultEntry) -> Path:
