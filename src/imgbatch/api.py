@@ -23,15 +23,14 @@ from pathlib import Path
 
 import filelock
 
-from imgbatch.errors import ConfigError, LockedError, StoreError
+from imgbatch.errors import LockedError, StoreError
 from imgbatch.executor import Executor, Listener, RunOutcome, failed_entry
 from imgbatch.expand import Expansion, expand
 from imgbatch.manifest import Manifest, load_manifest
 from imgbatch.pacing import Clock, Pacer, RetryPolicy
 from imgbatch.plan import Action, Plan, PlannedShot
 from imgbatch.plan import make_plan as plan_shots
-from imgbatch.providers import Provider, create_provider
-from imgbatch.providers.dashscope import resolve_api_key
+from imgbatch.providers import Provider, create_provider, resolve_provider_name
 from imgbatch.request import KEY_FORMAT_VERSION
 from imgbatch.results import Journal, ResultEntry, load_state, write_results
 from imgbatch.store import STATE_DIR, ImageCache, remove_stale_temporaries
@@ -81,15 +80,9 @@ def provider_name(
     environ: Mapping[str, str] | None = None,
     home: Path | None = None,
 ) -> str:
-    """The provider to use; `auto` is dashscope when a key is configured, else placeholder."""
+    """The provider to use: the override, else the manifest's, else dashscope; `auto` resolved."""
     name = override or manifest.provider or DEFAULT_PROVIDER
-    if name != "auto":
-        return name
-    try:
-        resolve_api_key(os.environ if environ is None else environ, home)
-    except ConfigError:
-        return "placeholder"
-    return "dashscope"
+    return resolve_provider_name(name, os.environ if environ is None else environ, home)
 
 
 def load_and_expand(

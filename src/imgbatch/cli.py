@@ -10,20 +10,20 @@ from __future__ import annotations
 import functools
 import os
 import sys
-import tempfile
-import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from imgbatch.api import ApplyOptions, apply, load_and_expand, make_plan
 from imgbatch.errors import ConfigError, ImgbatchError, ManifestError
-from imgbatch.plan import Action, Plan
-from imgbatch.providers import PROVIDER_CHOICES
-from imgbatch.providers.dashscope import resolve_api_key
-from imgbatch.report import Progress, apply_summary, plan_summary, plan_table
+from imgbatch.providers import PROVIDER_CHOICES, is_metered, secrets_for_redaction
+
+if TYPE_CHECKING:
+    from imgbatch.plan import Plan
+
+# The library is imported inside each command, not here: `--help` and `validate` must not pay for
+# the executor, aiohttp, Pillow or a provider's SDK (tests/test_startup.py keeps it so).
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 F = TypeVar("F", bound=Callable[..., int])
@@ -55,13 +55,12 @@ def error_boundary(command: F) -> F:
 
 
 def _write_crash_log() -> str:
+    import tempfile
+    import traceback
+
     text = traceback.format_exc()
-    try:
-        key = resolve_api_key(os.environ).value  # from the environment or the credentials file
-    except ImgbatchError:
-        key = ""
-    if key:
-        text = text.replace(key, "***")
+    for secret in secrets_for_redaction(os.environ):
+        text = text.replace(secret, "***")
     handle, path = tempfile.mkstemp(prefix="imgbatch-crash-", suffix=".log")
     with os.fdopen(handle, "w", encoding="utf-8") as log:
         log.write(text)
@@ -89,6 +88,8 @@ def main() -> None:
 @error_boundary
 def validate(manifest: Path) -> int:
     """Check a shot list against the schema and the model rules."""
+    from imgbatch.api import load_and_expand
+
     _, expansion = load_and_expand(manifest)
     count = len(expansion.shots)
     click.echo(f"{manifest}: valid, {count} shot{'s' if count != 1 else ''}")
@@ -101,6 +102,9 @@ def validate(manifest: Path) -> int:
 @error_boundary
 def plan(manifest: Path, provider: str | None) -> int:
     """Show what apply would do for each shot, and why."""
+    from imgbatch.api import make_plan
+    from imgbatch.report import plan_summary, plan_table
+
     result = make_plan(manifest, provider=provider)
     click.echo(plan_table(result))
     click.echo(plan_summary(result))
@@ -129,10 +133,14 @@ def apply_command(
     manifest: Path, provider: str | None, rps: float | None, concurrency: int | None
 ) -> int:
     """Generate the shots whose request changed; write images and results.json."""
+    from imgbatch.api import ApplyOptions, apply
+    from imgbatch.plan import Action
+    from imgbatch.report import Progress, apply_summary, plan_summary
+
     progress = Progress(0)
 
     def announce(planned: Plan) -> None:
-        if planned.provider == "placeholder":
+        if not is_metered(planned.provider):
             click.echo(
                 "Using the offline placeholder provider: labelled stand-in images, no API calls, "
                 "no cost.",

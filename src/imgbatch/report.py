@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import click
 
-from imgbatch.api import ApplyReport
 from imgbatch.executor import Retrying
 from imgbatch.plan import Action, Plan
+from imgbatch.providers import is_metered
 from imgbatch.results import ResultEntry
+
+if TYPE_CHECKING:
+    from imgbatch.api import ApplyReport
 
 _ACTION_STYLE = {
     Action.CREATE: "green",
@@ -41,7 +44,7 @@ def plan_summary(plan: Plan) -> str:
         f"{plan.count(action)} {action.value}" for action in Action if plan.count(action)
     )
     paid = plan.paid_requests
-    kind = "offline" if plan.provider == "placeholder" else "paid"
+    kind = "paid" if is_metered(plan.provider) else "offline"
     return f"Plan: {counts}. {paid} {kind} request{'s' if paid != 1 else ''}."
 
 
@@ -99,7 +102,7 @@ def apply_summary(report: ApplyReport) -> str:
         f"{report.count('cached')} cached",
         f"{report.count('failed')} failed",
     ]
-    paid = "offline" if report.plan.provider == "placeholder" else "paid"
+    paid = "paid" if is_metered(report.plan.provider) else "offline"
     lines = [
         f"Done in {report.elapsed:.1f} s: {', '.join(parts)}; {report.requests} {paid} "
         f"request{'s' if report.requests != 1 else ''}, {report.retries} retries, "

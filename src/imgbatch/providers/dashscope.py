@@ -3,9 +3,8 @@
 Takes an `ImageRequest`; gives a `GeneratedImage` (signed URL on Alibaba's OSS, reported size) and,
 through `fetch`, its bytes. Requests go through the SDK's `AioImageGeneration` with messages built
 here; the SDK's habit of uploading any text item that names an existing local file is switched
-off, so no prompt is ever mistaken for a file. The key comes from `DASHSCOPE_API_KEY` or
-`dashscope_api_key` under `[default]` in `~/.alibabacloud/credentials` (the environment wins); it
-goes into the Authorization header of API calls only, never to the image host, and never into a
+off, so no prompt is ever mistaken for a file. The key (found by `dashscope_credentials`) goes
+into the Authorization header of API calls only, never to the image host, and never into a
 message or log line. The base URL is read from `DASHSCOPE_HTTP_BASE_URL` at each call, so setting
 it after import works too.
 """
@@ -13,12 +12,10 @@ it after import works too.
 from __future__ import annotations
 
 import asyncio
-import configparser
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from types import SimpleNamespace, TracebackType
 from typing import Any, Self
 
@@ -28,11 +25,11 @@ from dashscope.aigc.image_generation import AioImageGeneration
 
 from imgbatch.errors import (
     AuthError,
-    ConfigError,
     PermanentError,
     ProviderError,
     TransientError,
 )
+from imgbatch.providers.dashscope_credentials import ApiKey
 from imgbatch.request import GeneratedImage, ImageRequest
 
 # The SDK logs failed requests with logger.exception; with no handler configured Python would
@@ -42,43 +39,6 @@ logging.getLogger("dashscope").addHandler(logging.NullHandler())
 REQUEST_TIMEOUT_SECONDS = 180
 DOWNLOAD_TIMEOUT_SECONDS = 120
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
-
-NO_KEY_MESSAGE = (
-    "No DashScope API key: set DASHSCOPE_API_KEY, or add dashscope_api_key under [default] in "
-    "~/.alibabacloud/credentials. To try a shot list without a key, use --provider placeholder."
-)
-
-
-@dataclass(frozen=True)
-class ApiKey:
-    """A secret and where it came from; printing it shows only the source."""
-
-    value: str = field(repr=False)
-    source: str
-
-    def __str__(self) -> str:
-        return f"<API key from {self.source}>"
-
-
-def resolve_api_key(environ: Mapping[str, str], home: Path | None = None) -> ApiKey:
-    """The key from the environment, else from the Alibaba Cloud credentials file."""
-    value = environ.get("DASHSCOPE_API_KEY", "").strip()
-    if value:
-        return ApiKey(value, "the DASHSCOPE_API_KEY environment variable")
-    if home is None:
-        home = Path(environ["HOME"]) if environ.get("HOME") else Path.home()
-    path = home / ".alibabacloud" / "credentials"
-    if path.is_file():
-        parser = configparser.ConfigParser(interpolation=None)
-        try:
-            parser.read(path, encoding="utf-8")
-        except (configparser.Error, UnicodeDecodeError) as exc:
-            # The parser's own message can quote the file's lines, key included.
-            raise ConfigError(f"{path} is not a valid INI file ({type(exc).__name__})") from None
-        value = parser.get("default", "dashscope_api_key", fallback="").strip()
-        if value:
-            return ApiKey(value, f"dashscope_api_key under [default] in {path}")
-    raise ConfigError(NO_KEY_MESSAGE)
 
 
 class _TextOnlyImageGeneration(AioImageGeneration):
