@@ -3,10 +3,18 @@
 Takes: HTTP requests in the real wire format of
 ``POST {base}/services/aigc/multimodal-generation/generation`` (Bearer key, JSON body with
 ``model``, ``input.messages`` and ``parameters``), plus scripted faults set by the test
-(queued errors, dropped connections, corrupt or wrongly sized images, a rate quota, random 500s).
-Gives: DashScope-shaped JSON answers whose image URLs point at a second listener that plays the
-OSS bucket (a different host name, ``localhost``, with a signed-looking query string) and serves
-real PNGs of the reported size; and a record of every request either listener received.
+(queued errors, dropped connections, corrupt or wrongly sized images, a rate quota, random 500s,
+cut, stalled, slow and redirected downloads, a key echoed back).
+Gives: DashScope-shaped JSON answers, with the real answer's headers (``x-request-id``,
+``req-cost-time``), whose image URLs point at a second listener that plays the OSS bucket (a
+different host name, ``localhost``, with a signed-looking query string) and serves PNGs of the
+reported size; and a record of every request either listener received.
+
+Images are as hostile as the real ones by default (``image_profile="real"``): 3 to 4 MB of
+mostly incompressible PNG, sent with a ``Content-Length`` in chunks of ``chunk_size`` bytes,
+``chunk_delay`` seconds apart (a throttled link). ``image_profile="tiny"`` serves the small
+solid-colour PNGs that a test of many shots can afford. A real generation takes about 16.5 s
+(``REAL_LATENCY_S``); tests pass a scaled ``latency``.
 
 Three ways to run it:
 
@@ -73,6 +81,15 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
 )  # fmt: skip
 RATE_LIMIT_MESSAGE = "Requests rate limit exceeded, please try again later."
 MODERATION_MESSAGE = "Input data may contain inappropriate content."
+# What one qwen-image-max generation took in the recorded real answer (API_NOTES.md).
+REAL_LATENCY_S = 16.5
+IMAGE_PROFILES = ("real", "tiny")
+# The share of a "real" image's rows that are noise: a 1664*928 PNG comes out near 3.3 MB,
+# a 1328*1328 one near 3.7 MB, like the service's 1 to 4 MB images, and no compressor shrinks it.
+NOISE_SHARE = 0.7
+# "Real" images vary over a few colours only: each is megabytes held in memory.
+REAL_COLOURS = 4
+DEFAULT_CHUNK_SIZE = 64 * 1024
 INTERNAL_ERROR_MESSAGE = "An internal error has occurred, please try again later."
 ASYNC_MESSAGE = "current user api does not support asynchronous calls"
 # In-flight requests get this long to finish when the server stops; a test that closes the
@@ -114,7 +131,15 @@ class _Disconnect:
     """Queued fault: drop the connection instead of answering."""
 
 
-_Fault = ApiError | _Disconnect
+class _Stall:
+    """Queued fault: take the request and never answer it (until the server stops)."""
+
+
+class _EchoKey:
+    """Queued fault: a 400 whose code, message and request id all carry the caller's key."""
+
+
+_Fault = ApiError | _Disconnect | _Stall | _EchoKey
 
 
 @dataclass(frozen=True)
@@ -175,9 +200,24 @@ class FakeDashScope:
         seed: int = 0,
         moderation_words: Sequence[str] = ("FORBIDDEN",),
         reject_download_auth: bool = True,
+        image_profile: str = "real",
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_delay: float = 0.0,
+        send_content_length: bool = True,
+        disconnect_rate: float = 0.0,
+        cut_download_rate: float = 0.0,
+        redirect_images: bool = False,
         port: int = 0,
         image_port: int = 0,
     ) -> None:
+        if image_profile not in IMAGE_PROFILES:
+            raise ValueError(f"image_profile must be one of {', '.join(IMAGE_PROFILES)}")
+        if chunk_size < 1 or chunk_delay < 0:
+            raise ValueError("chunk_size must be positive and chunk_delay not negative")
+        rates = {"disconnect_rate": disconnect_rate, "cut_download_rate": cut_download_rate}
+        for name, rate in rates.items():
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"{name} must be within [0, 1]")
         if quota_burst is not None and quota_rps is None:
             raise ValueError("quota_burst needs quota_rps")
         if quota_rps is not None and quota_rps <= 0:
@@ -190,6 +230,13 @@ class FakeDashScope:
         self.error_rate = error_rate
         self.moderation_words = tuple(moderation_words)
         self.reject_download_auth = reject_download_auth
+        self.image_profile = image_profile
+        self.chunk_size = chunk_size
+        self.chunk_delay = chunk_delay
+        self.send_content_length = send_content_length
+        self.disconnect_rate = disconnect_rate
+        self.cut_download_rate = cut_download_rate
+        self.redirect_images = redirect_images
         self.requests: list[RecordedRequest] = []
         self.downloads: list[RecordedRequest] = []
         # API requests received and not yet answered (or dropped).
@@ -206,6 +253,8 @@ class FakeDashScope:
         self._png_cache: dict[tuple[int, int, int], bytes] = {}
         self._runners: list[web.AppRunner] = []
         self._base_url: str | None = None
+        # Kept after the server stops: a test of a closed port needs an address nobody serves.
+        self.last_base_url: str | None = None
         self._image_base_url: str | None = None
         self._thread: threading.Thread | None = None
         self._thread_loop: asyncio.AbstractEventLoop | None = None
@@ -282,6 +331,32 @@ class FakeDashScope:
         with self._lock:
             self._faults.extend(_Disconnect() for _ in range(times))
 
+    def stall_next_generation(self, times: int = 1) -> None:
+        """Take the next ``times`` authenticated generation requests and never answer them."""
+        with self._lock:
+            self._faults.extend(_Stall() for _ in range(times))
+
+    def echo_key_next(self, times: int = 1) -> None:
+        """Answer the next ``times`` generation requests with a 400 that quotes the caller's key
+        in its ``code``, ``message`` and ``request_id`` (and its ``x-request-id`` header)."""
+        with self._lock:
+            self._faults.extend(_EchoKey() for _ in range(times))
+
+    def echo_key_in_next_url(self, times: int = 1) -> None:
+        """Put the caller's key into the signed image URL of the next ``times`` successes."""
+        with self._lock:
+            self._pending["echo_url"] += times
+
+    def cut_next_download(self, times: int = 1) -> None:
+        """Cut the next ``times`` image downloads short: half the bytes, then close."""
+        with self._lock:
+            self._pending["cut"] += times
+
+    def stall_next_download(self, times: int = 1) -> None:
+        """Send the headers and first chunk of the next ``times`` image downloads, then nothing."""
+        with self._lock:
+            self._pending["stall"] += times
+
     def corrupt_next_image(self, times: int = 1) -> None:
         """Serve truncated PNG bytes for the images of the next ``times`` successes."""
         with self._lock:
@@ -291,6 +366,11 @@ class FakeDashScope:
         """Report half the real width and height in ``usage`` for the next ``times`` successes."""
         with self._lock:
             self._pending["wrong_size"] += times
+
+    def small_image_next(self, times: int = 1) -> None:
+        """Make the next ``times`` images 64*64 whatever size was asked, and report 64*64."""
+        with self._lock:
+            self._pending["small"] += times
 
     def forget_images(self) -> None:
         """Make every image URL handed out so far answer 404, like an expired result."""
@@ -310,6 +390,7 @@ class FakeDashScope:
             await self.astop()
             raise
         self._base_url = f"http://127.0.0.1:{api_port}{API_PREFIX}"
+        self.last_base_url = self._base_url
         # Another host name than the API's, so clients that leak API headers to it get caught.
         self._image_base_url = f"http://localhost:{image_port}"
         return self
@@ -430,7 +511,14 @@ class FakeDashScope:
     ) -> web.StreamResponse | None:
         self._check_api_key(request.headers.get("Authorization"))
         fault = self._pop_fault()
-        if isinstance(fault, _Disconnect):
+        if isinstance(fault, _Stall):
+            await asyncio.Event().wait()  # until the server stops and cancels the handler
+        if isinstance(fault, _EchoKey):
+            key = (request.headers.get("Authorization") or "").removeprefix("Bearer ")
+            return _error_response(ApiError(400, f"Invalid.{key}", f"bad key {key}"), key)
+        if isinstance(fault, _Disconnect) or (
+            self.disconnect_rate and self._draw() < self.disconnect_rate
+        ):
             await asyncio.sleep(self.latency)
             _drop_connection(request)
             return None
@@ -444,10 +532,18 @@ class FakeDashScope:
         self._moderate(generation.prompt)
         # Draw at arrival, so a sequential client sees the same outcomes for the same seed.
         fails = self._rng.random() < self.error_rate
+        started = time.monotonic()
         await asyncio.sleep(self.latency)
         if fails:
             raise ApiError(500, "InternalError", INTERNAL_ERROR_MESSAGE)
-        return web.json_response(self._success_body(generation))
+        key = (request.headers.get("Authorization") or "").removeprefix("Bearer ")
+        body = self._success_body(generation, key)
+        headers = _answer_headers(body["request_id"], time.monotonic() - started)
+        return web.json_response(body, headers=headers)
+
+    def _draw(self) -> float:
+        with self._lock:
+            return self._rng.random()
 
     def _check_api_key(self, header: str | None) -> None:
         if not header:
@@ -463,8 +559,8 @@ class FakeDashScope:
         if any(word in prompt for word in self.moderation_words):
             raise ApiError(400, "DataInspectionFailed", MODERATION_MESSAGE)
 
-    def _success_body(self, generation: _Generation) -> dict[str, Any]:
-        url, (width, height) = self._store_image(generation)
+    def _success_body(self, generation: _Generation, key: str) -> dict[str, Any]:
+        url, (width, height) = self._store_image(generation, key)
         return {
             "output": {
                 "choices": [
@@ -478,20 +574,25 @@ class FakeDashScope:
             "request_id": str(uuid.uuid4()),
         }
 
-    def _store_image(self, generation: _Generation) -> tuple[str, tuple[int, int]]:
+    def _store_image(self, generation: _Generation, key: str) -> tuple[str, tuple[int, int]]:
         """Keep a new image; give its signed URL and the size ``usage`` should report."""
         image_id = str(uuid.uuid4())
         signature = secrets.token_urlsafe(18)
         colour = _colour_index(generation.prompt, generation.seed)
         width, height = generation.width, generation.height
         with self._lock:
+            if self._consume_toggle("small"):
+                width, height = 64, 64
             corrupt = self._consume_toggle("corrupt")
             wrong_size = self._consume_toggle("wrong_size")
+            echo = self._consume_toggle("echo_url")
             self._images[image_id] = _StoredImage(width, height, colour, signature, corrupt)
         expires = int(time.time()) + URL_LIFETIME_S
+        # A redirecting URL first passes through /r/, like a CDN in front of the bucket.
+        folder = "r" if self.redirect_images else "results"
         url = (
-            f"{self.image_base_url}/results/{image_id}.png"
-            f"?Expires={expires}&OSSAccessKeyId=fake&Signature={signature}"
+            f"{self.image_base_url}/{folder}/{image_id}.png"
+            f"?Expires={expires}&OSSAccessKeyId={key if echo else 'fake'}&Signature={signature}"
         )
         reported = (width // 2, height // 2) if wrong_size else (width, height)
         return url, reported
@@ -512,26 +613,70 @@ class FakeDashScope:
 
     async def _handle_image(self, request: web.Request) -> web.StreamResponse:
         received_at = time.monotonic()
-        response = self._answer_image(request)
-        self._record(self.downloads, request, None, response.status, received_at)
+        status: int | None = None
+        try:
+            response = await self._answer_image(request)
+            status = response.status
+        except _CutShort as cut:
+            # Like a dropped API connection: handing aiohttp a response for a closed transport
+            # ends the handler quietly.
+            response = cut.response
+        finally:
+            # None: the body was cut short or never finished (stalled until the server stopped).
+            self._record(self.downloads, request, None, status, received_at)
         return response
 
-    def _answer_image(self, request: web.Request) -> web.Response:
+    async def _answer_image(self, request: web.Request) -> web.StreamResponse:
         if request.method not in ("GET", "HEAD"):
             return _oss_error(405, "MethodNotAllowed", "The specified method is not allowed.")
         if self.reject_download_auth and "Authorization" in request.headers:
             # A signed URL plus an Authorization header is two auth mechanisms; OSS refuses,
             # and sending the DashScope key to the bucket host would leak it anyway.
             return _oss_error(400, "InvalidArgument", "Authorization header is not expected.")
+        if request.path.startswith("/r/"):
+            target = "/results/" + request.path.removeprefix("/r/")
+            return web.Response(
+                status=302, headers={"Location": f"{target}?{request.query_string}"}
+            )
         stored = self._find_image(request.path)
         if stored is None:
             return _oss_error(404, "NoSuchKey", "The specified key does not exist.")
         if request.query.get("Signature") != stored.signature:
             return _oss_error(403, "SignatureDoesNotMatch", "The request signature is wrong.")
-        png = self._png(stored.width, stored.height, stored.colour)
+        png = await self._png(stored.width, stored.height, stored.colour)
         if stored.corrupt:
             png = png[: len(png) // 2]
-        return web.Response(body=png, content_type="image/png")
+        return await self._send_image(request, png, stored)
+
+    async def _send_image(
+        self, request: web.Request, png: bytes, stored: _StoredImage
+    ) -> web.StreamResponse:
+        """The body in chunks, as a real object store over a real link sends it."""
+        headers = {"Content-Type": "image/png", "ETag": f'"{stored.signature}"'}
+        response = web.StreamResponse(headers=headers)
+        if self.send_content_length:
+            response.content_length = len(png)
+        await response.prepare(request)
+        if request.method == "HEAD":
+            return response
+        with self._lock:
+            cut = self._consume_toggle("cut") or self._rng.random() < self.cut_download_rate
+            stall = self._consume_toggle("stall")
+        end = len(png) // 2 if cut else len(png)
+        try:
+            for offset in range(0, end, self.chunk_size):
+                await response.write(png[offset : min(offset + self.chunk_size, end)])
+                if stall:
+                    await asyncio.Event().wait()  # until the server stops
+                if self.chunk_delay:
+                    await asyncio.sleep(self.chunk_delay)
+        except ConnectionError:
+            raise _CutShort(response) from None  # the client hung up (a cap, a deadline)
+        if cut:
+            _drop_connection(request)
+            raise _CutShort(response)
+        await response.write_eof()
+        return response
 
     def _find_image(self, path: str) -> _StoredImage | None:
         prefix, suffix = "/results/", ".png"
@@ -540,11 +685,14 @@ class FakeDashScope:
         with self._lock:
             return self._images.get(path[len(prefix) : -len(suffix)])
 
-    def _png(self, width: int, height: int, colour: int) -> bytes:
-        key = (width, height, colour)
+    async def _png(self, width: int, height: int, colour: int) -> bytes:
+        real = self.image_profile == "real"
+        key = (width, height, colour % REAL_COLOURS if real else colour)
         png = self._png_cache.get(key)
         if png is None:
-            png = _encode_png(width, height, PALETTE[colour])
+            encode = _encode_real_png if real else _encode_png
+            # Encoding megabytes takes a while: off the loop, so other requests keep flowing.
+            png = await asyncio.to_thread(encode, width, height, PALETTE[key[2]])
             self._png_cache[key] = png
         return png
 
@@ -669,9 +817,23 @@ def _is_generation(method: str, path: str) -> bool:
 # ----- answers -----------------------------------------------------------------------------------
 
 
-def _error_response(error: ApiError) -> web.Response:
-    body = {"request_id": str(uuid.uuid4()), "code": error.code, "message": error.message}
-    headers = {}
+class _CutShort(Exception):
+    """An image body was cut short on purpose; the handler's connection is already closed."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("cut short")
+        self.response = response
+
+
+def _answer_headers(request_id: str, seconds: float) -> dict[str, str]:
+    """The headers the real service sets on every API answer (API_NOTES.md)."""
+    return {"x-request-id": request_id, "req-cost-time": str(round(seconds * 1000))}
+
+
+def _error_response(error: ApiError, request_id: str | None = None) -> web.Response:
+    request_id = request_id or str(uuid.uuid4())
+    body = {"request_id": request_id, "code": error.code, "message": error.message}
+    headers = _answer_headers(request_id, 0.0)
     if error.retry_after is not None:
         headers["Retry-After"] = f"{error.retry_after:g}"
     return web.json_response(body, status=error.status, headers=headers)
@@ -702,6 +864,17 @@ def _encode_png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
     return buffer.getvalue()
 
 
+def _encode_real_png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
+    """A PNG of the service's weight: a band of colour over rows of seeded noise."""
+    noise_rows = int(height * NOISE_SHARE)
+    image = Image.new("RGB", (width, height), rgb)
+    noise = random.Random(f"{width}*{height}*{rgb}").randbytes(width * noise_rows * 3)
+    image.paste(Image.frombytes("RGB", (width, noise_rows), noise), (0, height - noise_rows))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
 def _make_bucket(rate: float | None, burst: int | None) -> TokenBucket | None:
     if rate is None:
         return None
@@ -725,6 +898,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--moderation-word", action="append", default=None, help="repeatable; default FORBIDDEN"
     )
+    parser.add_argument("--image-profile", choices=IMAGE_PROFILES, default="real")
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+    parser.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between chunks")
+    parser.add_argument("--disconnect-rate", type=float, default=0.0)
+    parser.add_argument("--cut-download-rate", type=float, default=0.0)
+    parser.add_argument("--redirect-images", action="store_true")
     return parser.parse_args(argv)
 
 
@@ -739,6 +918,12 @@ def _server_from_args(args: argparse.Namespace) -> FakeDashScope:
         error_rate=args.error_rate,
         seed=args.seed,
         moderation_words=words,
+        image_profile=args.image_profile,
+        chunk_size=args.chunk_size,
+        chunk_delay=args.chunk_delay,
+        disconnect_rate=args.disconnect_rate,
+        cut_download_rate=args.cut_download_rate,
+        redirect_images=args.redirect_images,
         port=args.port,
         image_port=args.image_port,
     )

@@ -228,7 +228,10 @@ def test_apply_generates_every_shot_then_a_second_apply_sends_nothing(
     assert result.exit_code == 0, result.output
     assert fake_server.generation_count == before  # zero requests
     assert len(fake_server.downloads) == len(shots)  # and zero downloads
-    assert f"0 generated, {len(shots)} cached, 0 failed; 0 paid requests" in result.stdout
+    assert (
+        f"0 generated, {len(shots)} cached, 0 failed; 0 requests sent, 0 images billed"
+        in result.stdout
+    )
     again = results(example_manifest)
     assert {entry["status"] for entry in again["shots"]} == {"cached"}
     for entry in again["shots"]:
@@ -562,7 +565,11 @@ def test_with_no_rate_apply_finds_the_quota_and_says_what_to_pin(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     manifest = write_many_shots(tmp_path, "quota", 80)
-    with FakeDashScope(api_key=FAKE_KEY, quota_rps=20, quota_burst=20) as server:
+    # Tiny images: this measures the pacer, and megabytes of PNG to verify per shot would make
+    # the rate it measures depend on this machine's CPU.
+    with FakeDashScope(
+        api_key=FAKE_KEY, quota_rps=20, quota_burst=20, image_profile="tiny"
+    ) as server:
         monkeypatch.setenv("HOME", str(tmp_path))
         monkeypatch.setenv("DASHSCOPE_API_KEY", FAKE_KEY)
         monkeypatch.setenv("DASHSCOPE_HTTP_BASE_URL", server.base_url)

@@ -256,10 +256,11 @@ def test_corrupt_download_is_downloaded_again_never_regenerated(
     assert_generated(report, manifest)
 
 
-def test_wrong_reported_size_fails_the_shot_and_writes_no_file(
+def test_image_of_another_size_than_requested_fails_the_shot_and_writes_no_file(
     api_env: dict[str, str], fake_server: FakeDashScope, manifest: Path
 ) -> None:
-    fake_server.wrong_size_next()
+    # The service reports the size of what it made; the image must be the size asked for.
+    fake_server.small_image_next()
     report = apply(manifest, options(api_env))
     assert not report.ok
     assert fake_server.generation_count == 1
@@ -268,11 +269,19 @@ def test_wrong_reported_size_fails_the_shot_and_writes_no_file(
     assert entry["status"] == "failed"
     assert entry["file"] is None
     width, height = SIZE
-    assert (
-        f"downloaded image is {width}*{height}, but the API reported {width // 2}*{height // 2}"
-        in entry["error"]
-    )
+    assert f"downloaded image is 64*64, not the {width}*{height} asked for" in entry["error"]
     assert_nothing_written(manifest)
+
+
+def test_misreported_size_does_not_fail_an_image_of_the_requested_size(
+    api_env: dict[str, str], fake_server: FakeDashScope, manifest: Path
+) -> None:
+    fake_server.wrong_size_next()  # usage says half the size; the image is right
+    report = apply(manifest, options(api_env))
+    assert report.ok
+    entry = only_entry(report)
+    assert (entry["width"], entry["height"]) == SIZE
+    assert_generated(report, manifest)
 
 
 # ----- downloads, with a fake provider ------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 Each check runs a command in a fresh interpreter and lists which heavy modules it loaded: `--help`
 must load none of the library's run machinery (executor, aiohttp, Pillow, a provider's SDK), and
-neither `validate` nor `plan` may import a provider's SDK. The timings themselves are in
-bench/startup.py and the README's Benchmarks section.
+neither `validate` nor `plan` may import a provider's SDK. What lets them skip it is that the
+providers package answers `auto`, `metered` and the secrets to redact without importing a
+provider; those answers are checked here too. The timings are in bench/startup.py and the README.
 """
 
 from __future__ import annotations
@@ -113,6 +114,10 @@ def test_the_providers_package_answers_auto_metered_and_secrets(tmp_path: Path) 
     credentials.write_text("not an ini file\n", encoding="utf-8")  # unreadable: no key, no crash
     assert resolve_provider_name("auto", {}, home) == "placeholder"
     assert secrets_for_redaction({}, home) == ()
+    # A key no header can carry is not used, but it is still hidden wherever it is quoted.
+    unsendable = {"DASHSCOPE_API_KEY": "sk-pasted with a space"}
+    assert resolve_provider_name("auto", unsendable, home) == "placeholder"
+    assert secrets_for_redaction(unsendable, home) == ("sk-pasted with a space",)
 
 
 @pytest.mark.parametrize("name", PROVIDERS)

@@ -170,7 +170,7 @@ def test_verify_image_rejects_empty_bytes() -> None:
 def test_verify_image_rejects_the_wrong_size_naming_both() -> None:
     with pytest.raises(ValueError) as caught:
         verify_image(png(64, 32), 32, 64)
-    assert str(caught.value) == "downloaded image is 64*32, but the API reported 32*64"
+    assert str(caught.value) == "downloaded image is 64*32, not the 32*64 asked for"
 
 
 def _png_header_only(width: int, height: int) -> bytes:

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     )
     from imgbatch.manifest import Manifest, load_manifest
     from imgbatch.request import GeneratedImage, ImageRequest
+    from imgbatch.single import agenerate, generate
 
 _EXPORTS = {
     "ApplyOptions": "imgbatch.api",
@@ -47,6 +48,8 @@ _EXPORTS = {
     "load_manifest": "imgbatch.manifest",
     "GeneratedImage": "imgbatch.request",
     "ImageRequest": "imgbatch.request",
+    "agenerate": "imgbatch.single",
+    "generate": "imgbatch.single",
 }
 
 __all__ = [
@@ -62,7 +65,9 @@ __all__ = [
     "PermanentError",
     "ProviderError",
     "TransientError",
+    "agenerate",
     "apply",
+    "generate",
     "load_manifest",
     "make_plan",
 ]

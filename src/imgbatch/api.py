@@ -1,12 +1,13 @@
 """The library's front door: plan and apply a manifest from Python.
 
-Takes a manifest path and options; gives a `Plan` (what would happen) or an `ApplyReport` (what
-happened, with the path of results.json). The CLI is a thin shell over these two functions, and a
-pipeline can call them directly:
+Takes a manifest (a path, or a dict already parsed) and options; gives a `Plan` (what would
+happen) or an `ApplyReport` (what happened, with the path of results.json). The CLI is a thin
+shell over these two functions, and a pipeline can call them directly:
 
-    >>> from imgbatch import apply, ApplyOptions
-    >>> report = apply("shots.yaml", ApplyOptions(provider="placeholder"))
-    >>> [entry.file for entry in report.entries if entry.status != "failed"]
+    >>> from imgbatch import apply
+    >>> report = apply("shots.yaml", provider="placeholder")  # doctest: +SKIP
+    >>> [entry.file for entry in report.entries if entry.status != "failed"]  # doctest: +SKIP
+    ['s01.png', 's02.png']
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import filelock
 
 from imgbatch.errors import LockedError, StoreError
-from imgbatch.executor import Executor, Listener, RunOutcome, failed_entry
+from imgbatch.executor import Executor, Listener, Phase, RunOutcome, failed_entry
 from imgbatch.expand import Expansion, expand
-from imgbatch.manifest import Manifest, load_manifest
+from imgbatch.manifest import Manifest, load_manifest, manifest_from_data
 from imgbatch.pacing import Clock, Pacer, RetryPolicy
 from imgbatch.plan import Action, Plan, PlannedShot
 from imgbatch.plan import make_plan as plan_shots
@@ -60,6 +62,9 @@ class ApplyReport:
     stopped: str | None
     interrupted: bool
     requests: int
+    # Images the service made (billed), and requests sent whose answer was lost (may have been).
+    billed: int
+    maybe_billed: int
     throttled: int
     retries: int
     rate: float | None
@@ -85,19 +90,30 @@ def provider_name(
     return resolve_provider_name(name, os.environ if environ is None else environ, home)
 
 
+ManifestSource = str | Path | Mapping[str, Any]
+"""A manifest file's path, or a manifest already parsed into a dict (relative paths in it are
+taken from the current folder)."""
+
+
+def read_manifest(source: ManifestSource) -> Manifest:
+    if isinstance(source, Mapping):
+        return manifest_from_data(dict(source), display="manifest", base_dir=Path.cwd())
+    return load_manifest(source)
+
+
 def load_and_expand(
-    path: str | Path,
+    path: ManifestSource,
     provider: str | None = None,
     environ: Mapping[str, str] | None = None,
     home: Path | None = None,
 ) -> tuple[Manifest, Expansion]:
-    manifest = load_manifest(path)
+    manifest = read_manifest(path)
     name = provider_name(manifest, provider, environ, home)
     return manifest, expand(manifest, provider=name, environ=environ)
 
 
 def make_plan(
-    path: str | Path,
+    path: ManifestSource,
     *,
     provider: str | None = None,
     environ: Mapping[str, str] | None = None,
@@ -116,10 +132,10 @@ def _plan(expansion: Expansion, state: Mapping[str, ResultEntry]) -> Plan:
 
 
 def apply(
-    path: str | Path,
+    path: ManifestSource,
     options: ApplyOptions | None = None,
     *,
-    provider: Provider | None = None,
+    provider: Provider | str | None = None,
     listener: Listener | None = None,
     on_plan: Callable[[Plan], None] | None = None,
 ) -> ApplyReport:
@@ -130,10 +146,10 @@ def apply(
 
 
 async def apply_async(
-    path: str | Path,
+    path: ManifestSource,
     options: ApplyOptions | None = None,
     *,
-    provider: Provider | None = None,
+    provider: Provider | str | None = None,
     listener: Listener | None = None,
     on_plan: Callable[[Plan], None] | None = None,
     clock: Clock | None = None,
@@ -144,13 +160,16 @@ async def apply_async(
     every retry as it happens.
     """
     options = options or ApplyOptions()
+    if isinstance(provider, str):
+        # A name, as on the command line; an object is used as it is.
+        options, provider = replace(options, provider=provider), None
     environ = os.environ if options.environ is None else options.environ
     manifest, expansion = load_and_expand(path, options.provider, environ, options.home)
     # Credentials are checked before anything is written.
     provider = provider or create_provider(expansion.provider, environ, options.home)
     output_dir = expansion.output_dir
     started = time.monotonic()
-    with _exclusive(output_dir):
+    with exclusive_output(output_dir):
         remove_stale_temporaries(output_dir)
         state = load_state(output_dir)
         cache = ImageCache(output_dir)
@@ -176,11 +195,13 @@ async def apply_async(
                 outcome, interrupted = await _run_interruptible(executor, plan, options)
         finally:
             journal.close()
-        entries = tuple(_final_entry(item, outcome) for item in plan.shots)
+        entries = tuple(_final_entry(item, outcome, provider.metered) for item in plan.shots)
         orphans = [item.previous for item in plan.orphans if item.previous is not None]
         meta = {
             # Relative, so an output folder can be moved or committed with its manifest.
-            "manifest": os.path.relpath(Path(path).resolve(), output_dir.resolve()),
+            "manifest": None
+            if isinstance(path, Mapping)
+            else os.path.relpath(Path(path).resolve(), output_dir.resolve()),
             "provider": provider.name,
             "key_format": KEY_FORMAT_VERSION,
             "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -193,6 +214,8 @@ async def apply_async(
         stopped=outcome.stopped,
         interrupted=interrupted,
         requests=outcome.requests,
+        billed=outcome.billed,
+        maybe_billed=outcome.maybe_billed,
         throttled=outcome.throttled,
         retries=outcome.retries,
         rate=outcome.rate,
@@ -201,11 +224,11 @@ async def apply_async(
     )
 
 
-def _final_entry(item: PlannedShot, outcome: RunOutcome) -> ResultEntry:
+def _final_entry(item: PlannedShot, outcome: RunOutcome, metered: bool) -> ResultEntry:
     entry = outcome.entries.get(item.id)
     if entry is not None:
         return entry
-    # Abandoned in flight (second Ctrl-C, or the grace time ran out).
+    # Abandoned (second interrupt, or the grace time ran out): say what it may have cost.
     downloading = outcome.downloading.get(item.id)
     if downloading is not None:
         message = (
@@ -214,10 +237,14 @@ def _final_entry(item: PlannedShot, outcome: RunOutcome) -> ResultEntry:
         )
         return replace(downloading, error=message)
     assert item.shot is not None
-    message = "abandoned in flight when interrupted"
-    if item.action is not Action.RESTORE:
-        message += "; DashScope may have billed it"
-    return failed_entry(item.shot, message, None, 1)
+    phase = outcome.in_flight.get(item.id, Phase.WAITING)
+    if phase == Phase.SENDING:
+        message = "abandoned in flight when interrupted"
+        if metered and item.action is not Action.RESTORE:
+            message += "; DashScope may have billed it"
+    else:
+        message = f"not run: interrupted while {phase}"
+    return failed_entry(item.shot, message, None, 1 if phase == Phase.SENDING else 0)
 
 
 async def _run_interruptible(
@@ -228,11 +255,12 @@ async def _run_interruptible(
     task = asyncio.ensure_future(executor.run(plan))
     interrupts = 0
 
-    def on_interrupt() -> None:
+    def on_interrupt(signum: signal.Signals) -> None:
         nonlocal interrupts
         interrupts += 1
         if interrupts == 1:
-            executor.stop("interrupted (Ctrl-C)")
+            cause = "Ctrl-C" if signum == signal.SIGINT else signum.name
+            executor.stop(f"interrupted ({cause})")
             loop.call_later(options.grace_seconds, task.cancel)
         else:
             task.cancel()
@@ -247,11 +275,13 @@ async def _run_interruptible(
 
 
 @contextlib.contextmanager
-def _signal_handler(loop: asyncio.AbstractEventLoop, handler: object) -> Iterator[None]:
+def _signal_handler(
+    loop: asyncio.AbstractEventLoop, handler: Callable[[signal.Signals], None]
+) -> Iterator[None]:
     installed = []
     for signum in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(signum, handler)  # type: ignore[arg-type]
+            loop.add_signal_handler(signum, handler, signum)
             installed.append(signum)
         except (NotImplementedError, RuntimeError, ValueError):
             pass  # not the main thread, or a platform without loop signal handlers
@@ -263,8 +293,9 @@ def _signal_handler(loop: asyncio.AbstractEventLoop, handler: object) -> Iterato
 
 
 @contextlib.contextmanager
-def _exclusive(output_dir: Path) -> Iterator[None]:
-    """One apply per output folder at a time; the second is refused, never interleaved."""
+def exclusive_output(output_dir: Path) -> Iterator[None]:
+    """One apply (or generate) per output folder at a time; the second is refused, never
+    interleaved."""
     try:
         (output_dir / STATE_DIR).mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -8,6 +8,7 @@ traceback; an unexpected error prints one line and the path of a log with the tr
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -162,3 +163,54 @@ def apply_command(
     if report.interrupted:
         return EXIT_INTERRUPTED
     return EXIT_OK if report.ok else EXIT_FAILED
+
+
+@main.command("generate")
+@click.option(
+    "--request",
+    "request_text",
+    required=True,
+    help="The normalized request: JSON, @file.json, or - to read it from stdin.",
+)
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The image file to write (default: output/ai-image-qwen-image/images/<key>.png).",
+)
+@click.option(
+    "--print-response",
+    is_flag=True,
+    help="Print the normalized response as one JSON object on stdout.",
+)
+@provider_option
+@error_boundary
+def generate_command(
+    request_text: str, output: Path | None, print_response: bool, provider: str | None
+) -> int:
+    """Make one image from one request, as the seed skill's helper script does."""
+    from imgbatch.single import generate
+
+    response = generate(_read_request(request_text), output=output, provider=provider)
+    where = "from the cache, nothing sent" if response["cached"] else "generated"
+    click.echo(f"{response['file']} ({where})", err=True)
+    if print_response:
+        click.echo(json.dumps(response, ensure_ascii=False))
+    return EXIT_OK
+
+
+def _read_request(text: str) -> Any:
+    """`--request` as JSON, `@file.json` or `-` (stdin)."""
+    source = "--request"
+    if text == "-":
+        text, source = sys.stdin.read(), "the request on stdin"
+    elif text.startswith("@"):
+        path = Path(text[1:])
+        try:
+            text, source = path.read_text(encoding="utf-8"), str(path)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read the request file {path}: {exc}") from None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{source} is not valid JSON: {exc}") from None

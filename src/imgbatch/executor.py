@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,6 +32,16 @@ from imgbatch.store import ImageCache, verify_image
 # be more than rate x latency (25 requests/s at a 15 s generation is 375 in flight), and stay
 # under a default open-files limit of 1024 with a socket per request.
 DEFAULT_CONCURRENCY = 512
+# Open files each request in flight may hold (its API socket, then its download's) and those
+# kept for everything else (the journal, the cache, the interpreter's own).
+_FILES_PER_REQUEST = 2
+_FILES_RESERVED = 64
+# Longest Retry-After honoured. A service that asks for more is closed for now: the run stops
+# and says when to try again, instead of sleeping for hours.
+MAX_RETRY_AFTER_SECONDS = 300.0
+# Tries of one shot whose answer was lost (dropped connection, no answer in time): each may
+# have been billed, so a shot is not sent again and again on a link that keeps losing answers.
+MAX_LOST_ANSWERS = 3
 
 
 @dataclass(frozen=True)
@@ -41,13 +52,29 @@ class Retrying:
     error: ProviderError
 
 
+class Phase:
+    """Where a shot in flight stands; says what an interrupted shot may have cost."""
+
+    WAITING = "waiting for its turn"
+    SENDING = "waiting for the service's answer"
+    BACKOFF = "waiting to retry"
+    DOWNLOADING = "downloading its image"
+
+
 @dataclass
 class RunOutcome:
     entries: dict[str, ResultEntry] = field(default_factory=dict)
     # Shots generated (and billed) whose download has not finished yet.
     downloading: dict[str, ResultEntry] = field(default_factory=dict)
+    # Shots started and not finished, by `Phase`.
+    in_flight: dict[str, str] = field(default_factory=dict)
     stopped: str | None = None
     requests: int = 0
+    # Images the service answered with (billed), and requests whose answer was lost after they
+    # were sent (may have been billed). Refusals (429, 4xx, 5xx) and unreachable servers cost
+    # nothing.
+    billed: int = 0
+    maybe_billed: int = 0
     throttled: int = 0
     retries: int = 0
     rate: float | None = None
@@ -74,7 +101,7 @@ class Executor:
         self.cache = cache
         self.record = record
         self.pacer = pacer
-        self.concurrency = concurrency or DEFAULT_CONCURRENCY
+        self.concurrency = fit_to_open_files(concurrency or DEFAULT_CONCURRENCY)
         self.retry = retry or RetryPolicy()
         self.clock = clock or pacer.clock
         self.listener = listener
@@ -101,9 +128,10 @@ class Executor:
         finally:
             for worker in workers:
                 worker.cancel()
-        self.outcome.throttled = self.pacer.throttled_count
-        self.outcome.rate = self.pacer.settled_rate
-        self.outcome.rate_discovered = self.pacer.discovered
+            # Also when the run is abandoned: an interrupted run reports its 429s too.
+            self.outcome.throttled = self.pacer.throttled_count
+            self.outcome.rate = self.pacer.settled_rate
+            self.outcome.rate_discovered = self.pacer.discovered
         return self.outcome
 
     async def _worker(self, output_dir: Path, pending: Iterator[PlannedShot]) -> None:
@@ -113,12 +141,14 @@ class Executor:
                 reason = self.outcome.stopped or "stopped"
                 self._finish(failed_entry(item.shot, f"not run: {reason}", None, 0), journal=False)
                 continue
+            self.outcome.in_flight[item.id] = Phase.WAITING
             if item.action is Action.RESTORE:
                 await self._restore(output_dir, item.shot, item.previous)
             elif not await self._recover(output_dir, item.shot, item.previous):
                 await self._generate(output_dir, item.shot)
 
     def _finish(self, entry: ResultEntry, *, journal: bool = True) -> None:
+        self.outcome.in_flight.pop(entry.id, None)
         self.outcome.entries[entry.id] = entry
         if journal:
             self.record(entry)
@@ -141,17 +171,20 @@ class Executor:
         self._finish(entry)
 
     async def _generate(self, output_dir: Path, shot: Shot) -> None:
-        attempt = 0
+        attempt = lost = 0
+        phase = self.outcome.in_flight
         while True:
             if self.stop_requested.is_set():
                 reason = self.outcome.stopped or "stopped"
                 self._finish(failed_entry(shot, f"not run: {reason}", None, attempt), journal=False)
                 return
             attempt += 1
+            phase[shot.id] = Phase.WAITING
             await self.pacer.wait_turn()
             if self.stop_requested.is_set():
                 continue
             self.outcome.requests += 1
+            phase[shot.id] = Phase.SENDING
             try:
                 image = await self.provider.generate(shot.request, label=shot.id)
             except AuthError as exc:
@@ -162,19 +195,34 @@ class Executor:
                 self._finish(failed_entry(shot, str(exc), exc, attempt))
                 return
             except TransientError as exc:
+                if exc.maybe_billed:
+                    self.outcome.maybe_billed += 1
+                    lost += 1
+                if exc.retry_after is not None and exc.retry_after > MAX_RETRY_AFTER_SECONDS:
+                    self.stop(
+                        f"the service asked to wait {exc.retry_after:g} s before the next request "
+                        f"(Retry-After), longer than imgbatch waits ({MAX_RETRY_AFTER_SECONDS:g} "
+                        "s); run apply again later"
+                    )
+                    self._finish(failed_entry(shot, f"not run: {exc}", exc, attempt))
+                    return
                 if exc.throttled:
                     self.pacer.on_throttled(exc.retry_after)
-                if attempt >= self.retry.max_attempts:
+                if attempt >= self.retry.max_attempts or lost >= MAX_LOST_ANSWERS:
                     message = f"gave up after {attempt} tries: {exc}"
+                    if lost:
+                        message += f" ({lost} of them lost their answer and may have been billed)"
                     self._finish(failed_entry(shot, message, exc, attempt))
                     return
                 delay = self.retry.backoff(attempt, exc.retry_after)
                 self.outcome.retries += 1
                 if self.listener:
                     self.listener(Retrying(shot.id, attempt, delay, exc))
+                phase[shot.id] = Phase.BACKOFF
                 await self.clock.sleep(delay)
                 continue
             if self.provider.metered:
+                self.outcome.billed += 1
                 # Journaled before the download, so that a run killed while downloading leaves
                 # the paid image's URL for the next apply to fetch instead of paying again.
                 downloading = failed_entry(
@@ -182,6 +230,7 @@ class Executor:
                 )
                 self.record(downloading)
                 self.outcome.downloading[shot.id] = downloading
+            phase[shot.id] = Phase.DOWNLOADING
             await self._keep(output_dir, shot, image, attempt)
             self.outcome.downloading.pop(shot.id, None)
             return
@@ -203,13 +252,15 @@ class Executor:
         try:
             # One try: an expired URL stays expired, and a new request is the way out.
             data = await self._fetch_verified(image, tries=1)
-        except (TransientError, ValueError):
+        except (ProviderError, ValueError):
             return False
         await self._place(output_dir, shot, image, data, attempts=0)
         return True
 
     async def _fetch_verified(self, image: GeneratedImage, *, tries: int) -> bytes:
-        """The image's bytes, verified to decode at the reported size; the last failure if not."""
+        """The image's bytes, verified to decode at the size the request asked for (what the
+        service reports may be wrong); the last failure if not. A `PermanentError` (an image
+        over the size cap) is not tried again."""
         for attempt in range(1, tries + 1):
             try:
                 data = await self.provider.fetch(image)
@@ -225,9 +276,14 @@ class Executor:
         self, output_dir: Path, shot: Shot, image: GeneratedImage, attempts: int
     ) -> None:
         """Download, verify, cache and place a paid-for image; never regenerate to get it."""
+        width, height = shot.request.dimensions
+        if (image.width, image.height) != (width, height):
+            # Verified at the size asked for: a service that misreports the size does not make
+            # a wrong-sized image pass, nor a right one fail.
+            image = replace(image, width=width, height=height)
         try:
             data = await self._fetch_verified(image, tries=self.retry.download_attempts)
-        except (TransientError, ValueError) as failure:
+        except (ProviderError, ValueError) as failure:
             message = (
                 f"generated (request {image.request_id or 'unknown'}) but the image could not be "
                 f"downloaded: {failure}"
@@ -255,6 +311,27 @@ class Executor:
             attempts=attempts,
         )
         self._finish(entry)
+
+
+def fit_to_open_files(concurrency: int) -> int:
+    """`concurrency`, lowered if needed to what the open-files limit allows (raised first as far
+    as the hard limit permits): past it, every new socket fails as if the network were down."""
+    if sys.platform == "win32":
+        return concurrency
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = concurrency * _FILES_PER_REQUEST + _FILES_RESERVED
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return concurrency
+    return max(1, min(concurrency, (soft - _FILES_RESERVED) // _FILES_PER_REQUEST))
 
 
 def _sha256_file(path: Path) -> str:

@@ -16,7 +16,7 @@ import difflib
 import json
 import re
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -526,3 +526,15 @@ def _build_manifest(path: Path, data: dict[str, Any]) -> Manifest:
         limits=Limits(limits.get("concurrency"), limits.get("rps")),
         shots=shots,
     )
+
+
+def manifest_from_data(data: Any, *, display: str, base_dir: Path) -> Manifest:
+    """Validate an already-parsed manifest by the same rules as a file: a dict from a Python
+    caller, or a single `generate` request wrapped as a one-shot manifest. There are no lines to
+    point at, so each problem names its field; relative paths are taken from `base_dir`."""
+    document = _Document(data, _Positions(False), _Positions(False))
+    checker = _Checker(document, display, base_dir)
+    problems = [replace(problem, line=0, column=0) for problem in checker.problems()]
+    if problems:
+        raise ManifestError(list(dict.fromkeys(problems)))
+    return _build_manifest(base_dir / display, data)

@@ -102,10 +102,18 @@ def apply_summary(report: ApplyReport) -> str:
         f"{report.count('cached')} cached",
         f"{report.count('failed')} failed",
     ]
-    paid = "paid" if is_metered(report.plan.provider) else "offline"
+    if not is_metered(report.plan.provider):
+        sent = f"{report.requests} offline request{'s' if report.requests != 1 else ''}"
+    else:
+        # Only images are billed: refusals, errors and unreachable servers cost nothing.
+        sent = (
+            f"{report.requests} request{'s' if report.requests != 1 else ''} sent, "
+            f"{report.billed} image{'s' if report.billed != 1 else ''} billed"
+        )
+        if report.maybe_billed:
+            sent += f" (+{report.maybe_billed} whose answer was lost, maybe billed)"
     lines = [
-        f"Done in {report.elapsed:.1f} s: {', '.join(parts)}; {report.requests} {paid} "
-        f"request{'s' if report.requests != 1 else ''}, {report.retries} retries, "
+        f"Done in {report.elapsed:.1f} s: {', '.join(parts)}; {sent}, {report.retries} retries, "
         f"{report.throttled} throttled (429)."
     ]
     if report.rate_discovered and report.rate:

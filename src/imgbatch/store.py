@@ -58,7 +58,8 @@ def _write_atomically(target: Path, write: Callable[[BinaryIO], object]) -> None
 
 
 def verify_image(data: bytes, width: int, height: int) -> None:
-    """Raise ValueError unless `data` decodes fully as an image of `width` x `height`."""
+    """Raise ValueError unless `data` decodes fully as an image of `width` x `height` (the size
+    the request asked for: what the service reports about it is not evidence)."""
     try:
         with warnings.catch_warnings():
             # A truncated or bomb-sized download is an error here, never a warning.
@@ -76,7 +77,7 @@ def verify_image(data: bytes, width: int, height: int) -> None:
         raise ValueError(f"downloaded bytes are not a whole image ({exc})") from None
     if size != (width, height):
         raise ValueError(
-            f"downloaded image is {size[0]}*{size[1]}, but the API reported {width}*{height}"
+            f"downloaded image is {size[0]}*{size[1]}, not the {width}*{height} asked for"
         )
 
 

@@ -69,10 +69,10 @@ def resolve_provider_name(name: str, environ: Mapping[str, str], home: Path | No
 
 def secrets_for_redaction(environ: Mapping[str, str], home: Path | None = None) -> tuple[str, ...]:
     """Every secret a provider would send, so that text which may quote one can hide it."""
-    from imgbatch.providers.dashscope_credentials import configured_key
+    from imgbatch.providers.dashscope_credentials import configured_secret
 
-    key = configured_key(environ, home)
-    return (key.value,) if key is not None else ()
+    secret = configured_secret(environ, home)
+    return (secret,) if secret else ()
 
 
 def create_provider(name: str, environ: Mapping[str, str], home: Path | None = None) -> Provider:

@@ -36,9 +36,16 @@ from imgbatch.request import GeneratedImage, ImageRequest
 # print those tracebacks to stderr. imgbatch reports the error itself.
 logging.getLogger("dashscope").addHandler(logging.NullHandler())
 
-REQUEST_TIMEOUT_SECONDS = 180
-DOWNLOAD_TIMEOUT_SECONDS = 120
-MAX_IMAGE_BYTES = 64 * 1024 * 1024
+# A real generation takes about 16.5 s; one that has not answered in seven times that is lost,
+# and waiting longer only holds a worker (each try may be billed, so tries are few: executor).
+REQUEST_TIMEOUT_SECONDS = 120.0
+# A whole download, not a pause between reads: a link that trickles a byte at a time is cut off.
+# 4 MB in 60 s still passes on a 70 KB/s link.
+DOWNLOAD_TIMEOUT_SECONDS = 60.0
+# Real images are 1 to 4 MB; a body far beyond that is not an image we asked for.
+MAX_IMAGE_BYTES = 32 * 1024 * 1024
+_READ_CHUNK = 256 * 1024
+MAX_REDIRECTS = 5
 
 
 class _TextOnlyImageGeneration(AioImageGeneration):
@@ -68,11 +75,15 @@ class DashScopeProvider:
         environ: Mapping[str, str] | None = None,
         base_url: str | None = None,
         request_timeout: float = REQUEST_TIMEOUT_SECONDS,
+        download_timeout: float = DOWNLOAD_TIMEOUT_SECONDS,
+        max_image_bytes: int = MAX_IMAGE_BYTES,
     ) -> None:
         self._key = api_key
         self._environ = os.environ if environ is None else environ
         self._base_url = base_url
         self._request_timeout = request_timeout
+        self._download_timeout = download_timeout
+        self._max_image_bytes = max_image_bytes
         self._session: aiohttp.ClientSession | None = None
         self.wire = WireStats()
 
@@ -122,37 +133,51 @@ class DashScopeProvider:
     async def generate(self, request: ImageRequest, *, label: str) -> GeneratedImage:
         content: list[dict[str, str]] = [{"text": request.text}]
         if request.reference is not None:
-            content.append({"image": await asyncio.to_thread(request.reference.message_value)})
+            # Before the text, as the seed skill maps it.
+            content.insert(0, {"image": await asyncio.to_thread(request.reference.message_value)})
         try:
-            response = await _TextOnlyImageGeneration.call(
-                model=request.model,
-                api_key=self._key.value,
-                messages=[{"role": "user", "content": content}],  # type: ignore[list-item]
-                base_address=self.base_url,
-                session=self._require_session(),
-                request_timeout=self._request_timeout,
-                **request.parameters(),
-            )
+            # A deadline on the whole call: the SDK's own timeout does not cover its re-send.
+            async with asyncio.timeout(self._request_timeout):
+                response = await _TextOnlyImageGeneration.call(
+                    model=request.model,
+                    api_key=self._key.value,
+                    messages=[{"role": "user", "content": content}],  # type: ignore[list-item]
+                    base_address=self.base_url,
+                    session=self._require_session(),
+                    request_timeout=self._request_timeout,
+                    **request.parameters(),
+                )
         except aiohttp.ClientConnectorError as exc:
-            raise TransientError(f"cannot connect to {self.base_url} ({exc.strerror})") from None
+            # Never reached the service: nothing was billed.
+            raise TransientError(
+                f"cannot connect to {self.base_url} ({exc.strerror or type(exc).__name__})",
+                code="CannotConnect",
+            ) from None
         except (aiohttp.ClientError, ConnectionError) as exc:
             raise TransientError(
                 f"connection dropped after the request was sent ({type(exc).__name__}); "
                 "DashScope may have billed it",
                 code="ConnectionDropped",
+                maybe_billed=True,
             ) from None
         except TimeoutError:
             raise TransientError(
-                f"no answer within {self._request_timeout:g} s", code="Timeout"
+                f"no answer within {self._request_timeout:g} s; DashScope may have billed it",
+                code="Timeout",
+                maybe_billed=True,
             ) from None
         except (TypeError, KeyError, ValueError) as exc:
             # The SDK raises TypeError on a 200 without `output`.
-            raise TransientError(f"malformed answer from DashScope ({exc})") from None
+            raise TransientError(
+                f"malformed answer from DashScope ({self._redact(str(exc))})"
+            ) from None
         return self._parse(request, response)
 
     def _parse(self, request: ImageRequest, response: Any) -> GeneratedImage:
+        # Everything the service says is redacted here, at the boundary: a service (or a proxy)
+        # that echoes the key back must not get it into results.json, the journal or stderr.
         status = int(response.status_code)
-        request_id = response.request_id or None
+        request_id = self._redact_optional(response.request_id)
         if status == 200:
             try:
                 content = response.output["choices"][0]["message"]["content"]
@@ -163,8 +188,8 @@ class DashScopeProvider:
                     "DashScope answered 200 without an image URL and size",
                     request_id=request_id,
                 ) from None
-            return GeneratedImage(url, width, height, request.seed, request_id)
-        code = response.code or None
+            return GeneratedImage(self._redact(str(url)), width, height, request.seed, request_id)
+        code = self._redact_optional(response.code)
         message = self._redact(str(response.message or "no message"))
         if status in (401, 403):
             raise AuthError(
@@ -185,22 +210,49 @@ class DashScopeProvider:
         raise PermanentError(message, status=status, code=code, request_id=request_id)
 
     async def fetch(self, image: GeneratedImage) -> bytes:
-        """Download the signed URL with a bare GET: no key, no SDK headers."""
+        """Download the signed URL with a bare GET (no key, no SDK headers), whole or not at all:
+        streamed, capped at `max_image_bytes`, within one deadline for the whole body."""
         try:
-            async with self._require_session().get(
-                image.image_url,
-                timeout=aiohttp.ClientTimeout(total=DOWNLOAD_TIMEOUT_SECONDS),
-            ) as response:
-                if response.status != 200:
-                    raise TransientError(
-                        f"image download answered HTTP {response.status}", status=response.status
-                    )
-                data = await response.content.read(MAX_IMAGE_BYTES + 1)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            async with asyncio.timeout(self._download_timeout):
+                async with self._require_session().get(
+                    image.image_url, max_redirects=MAX_REDIRECTS
+                ) as response:
+                    if response.status != 200:
+                        raise TransientError(
+                            f"image download answered HTTP {response.status}",
+                            status=response.status,
+                        )
+                    return await self._read_body(response)
+        except TimeoutError:
+            raise TransientError(
+                f"image download did not finish within {self._download_timeout:g} s",
+                code="Timeout",
+            ) from None
+        except aiohttp.ClientPayloadError:
+            raise TransientError("image download was cut short", code="CutShort") from None
+        except aiohttp.TooManyRedirects:
+            raise TransientError(
+                f"image download redirected more than {MAX_REDIRECTS} times"
+            ) from None
+        except (aiohttp.ClientError, ConnectionError) as exc:
             raise TransientError(f"image download failed ({type(exc).__name__})") from None
-        if len(data) > MAX_IMAGE_BYTES:
-            raise TransientError("image download is larger than 64 MiB")
-        return data
+
+    async def _read_body(self, response: aiohttp.ClientResponse) -> bytes:
+        cap = self._max_image_bytes
+        too_large = PermanentError(f"the image is larger than {cap / 2**20:g} MiB", code="TooLarge")
+        declared = response.content_length
+        if declared is not None and declared > cap:
+            raise too_large
+        body = bytearray()
+        async for chunk in response.content.iter_chunked(_READ_CHUNK):
+            body += chunk
+            if len(body) > cap:
+                raise too_large
+        if declared is not None and len(body) != declared:
+            raise TransientError(
+                f"image download was cut short ({len(body)} of {declared} bytes)", code="CutShort"
+            )
+        return bytes(body)
 
     def _require_session(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -209,6 +261,9 @@ class DashScopeProvider:
 
     def _redact(self, text: str) -> str:
         return text.replace(self._key.value, "***") if self._key.value else text
+
+    def _redact_optional(self, text: object) -> str | None:
+        return self._redact(str(text)) if text else None
 
 
 def _retry_after(headers: Mapping[str, str] | None) -> float | None:

@@ -35,6 +35,10 @@ class ApiKey:
 
 def resolve_api_key(environ: Mapping[str, str], home: Path | None = None) -> ApiKey:
     """The key from the environment, else from the Alibaba Cloud credentials file."""
+    return _checked(_find_key(environ, home))
+
+
+def _find_key(environ: Mapping[str, str], home: Path | None) -> ApiKey:
     value = environ.get("DASHSCOPE_API_KEY", "").strip()
     if value:
         return ApiKey(value, "the DASHSCOPE_API_KEY environment variable")
@@ -54,9 +58,28 @@ def resolve_api_key(environ: Mapping[str, str], home: Path | None = None) -> Api
     raise ConfigError(NO_KEY_MESSAGE)
 
 
+def _checked(key: ApiKey) -> ApiKey:
+    """Refuse a key no HTTP header can carry, before any request: aiohttp would refuse each
+    request on its own, and every shot would be retried as if the network had failed."""
+    if any(char.isspace() or ord(char) < 32 or ord(char) == 127 for char in key.value):
+        raise ConfigError(
+            f"the API key from {key.source} contains a space, line break or control character; "
+            "copy the key again without them"
+        )
+    return key
+
+
 def configured_key(environ: Mapping[str, str], home: Path | None = None) -> ApiKey | None:
-    """The key, or None when none is configured or the credentials file cannot be read."""
+    """The usable key, or None when none is configured, it cannot be read or cannot be sent."""
     try:
         return resolve_api_key(environ, home)
+    except ConfigError:
+        return None
+
+
+def configured_secret(environ: Mapping[str, str], home: Path | None = None) -> str | None:
+    """The key as configured, even one `resolve_api_key` refuses: text quoting it must hide it."""
+    try:
+        return _find_key(environ, home).value
     except ConfigError:
         return None

@@ -1,0 +1,181 @@
+"""One request at a time, as the seed skill's helper script does: `imgbatch generate`.
+
+Takes a normalized `image.generate` request (a dict: `prompt`, `negative_prompt`, `size`,
+`style`, `seed`, `reference_image`, `model`, `prompt_extend`, `watermark`); gives the normalized
+response (`image_url`, `width`, `height`, `seed`, plus `file`, `request_id` and `cached`) after
+writing the image. The request is checked by the same rules as a manifest shot and sent through
+the same executor (pacing, retries, download, verification) and image cache as `apply`:
+
+    >>> response = generate({"prompt": "a red bicycle", "size": "1328*1328"},
+    ...                     provider="placeholder")  # doctest: +SKIP
+    >>> response["cached"], response["width"]  # doctest: +SKIP
+    (False, 1328)
+
+Where the image and the cache go:
+
+* with no `output`, the image is `<folder>/images/<key>.png` and the cache `<folder>/.imgbatch/`,
+  where `<folder>` is `output/ai-image-qwen-image` in the current directory, or
+  `$OUTPUT_DIR/ai-image-qwen-image` when `OUTPUT_DIR` is set (the skill's layout);
+* with `output`, the image goes there, and the cache is that of the nearest folder above it that
+  an `apply` wrote (it has `.imgbatch/`), so a request an apply already paid for is free; when
+  there is none, the default folder's cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from imgbatch.errors import ConfigError, ManifestError, ProviderError
+from imgbatch.manifest import Manifest, manifest_from_data
+from imgbatch.store import STATE_DIR, ImageCache
+
+SKILL_FOLDER = "ai-image-qwen-image"
+REQUEST_DISPLAY = "request"
+REQUEST_FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "size",
+    "style",
+    "seed",
+    "reference_image",
+    "model",
+    "prompt_extend",
+    "watermark",
+)
+
+
+def generate(
+    request: Mapping[str, Any],
+    *,
+    output: str | Path | None = None,
+    provider: Any = None,
+    environ: Mapping[str, str] | None = None,
+    home: Path | None = None,
+) -> dict[str, Any]:
+    """Make (or take from the cache) the image for one normalized request; see the module doc.
+
+    `provider` is a name (`"dashscope"`, `"placeholder"`, `"auto"`) or a provider object.
+    Raises `ManifestError` for an invalid request (nothing sent), `ConfigError` for missing
+    credentials, `ProviderError` when the service refused or failed it.
+    """
+    return asyncio.run(
+        agenerate(request, output=output, provider=provider, environ=environ, home=home)
+    )
+
+
+async def agenerate(
+    request: Mapping[str, Any],
+    *,
+    output: str | Path | None = None,
+    provider: Any = None,
+    environ: Mapping[str, str] | None = None,
+    home: Path | None = None,
+) -> dict[str, Any]:
+    """`generate` for callers already inside an event loop."""
+    # Imported here: `imgbatch generate --help` must not pay for the executor and the SDK.
+    from imgbatch.api import exclusive_output, provider_name
+    from imgbatch.executor import Executor
+    from imgbatch.expand import Shot, expand
+    from imgbatch.pacing import Pacer
+    from imgbatch.plan import Action, Plan, PlannedShot
+    from imgbatch.providers import create_provider
+
+    environ = os.environ if environ is None else environ
+    if not isinstance(request, Mapping):
+        raise ConfigError("the request must be a JSON object of image.generate fields")
+    manifest = _as_manifest(request)
+    chosen = provider if not isinstance(provider, str | None) else None
+    name = chosen.name if chosen is not None else provider_name(manifest, provider, environ, home)
+    (shot,) = expand(manifest, provider=name, environ=environ).shots
+    key = shot.request.key
+    state_folder, target = _places(key, output, environ)
+    target = target.resolve()
+    width, height = shot.request.dimensions
+    cache = ImageCache(state_folder)
+    with exclusive_output(state_folder):
+        if cache.has(key):
+            if not (target.exists() and target.samefile(cache.path(key))):
+                await asyncio.to_thread(cache.copy_to, key, target)
+            return _response(None, width, height, shot.request.seed, target, None, cached=True)
+        chosen = chosen or create_provider(name, environ, home)
+        placed = Shot(shot.id, shot.request, str(target))
+        plan = Plan(
+            state_folder,
+            (PlannedShot(shot.id, Action.CREATE, "new request", placed, None),),
+            (),
+            name,
+        )
+        async with chosen:
+            executor = Executor(
+                chosen, cache, lambda entry: None, pacer=Pacer(None, unlimited=not chosen.metered)
+            )
+            outcome = await executor.run(plan)
+    entry = outcome.entries[shot.id]
+    if entry.status == "failed":
+        raise ProviderError(
+            entry.error or "the request failed", code=entry.error_code, request_id=entry.request_id
+        )
+    return _response(
+        entry.image_url, width, height, shot.request.seed, target, entry.request_id, cached=False
+    )
+
+
+def _as_manifest(request: Mapping[str, Any]) -> Manifest:
+    """The request as a one-shot manifest, checked by the manifest's rules; problems are named
+    by the request's own fields. Relative reference paths are taken from the current folder."""
+    shot_fields = {"id": REQUEST_DISPLAY, **request}
+    try:
+        return manifest_from_data(
+            {"version": 1, "name": SKILL_FOLDER, "shots": [shot_fields]},
+            display=REQUEST_DISPLAY,
+            base_dir=Path.cwd(),
+        )
+    except ManifestError as error:
+        shot = f"shot {REQUEST_DISPLAY}, "
+        problems = [
+            replace(problem, where=problem.where.removeprefix(shot)) for problem in error.problems
+        ]
+        raise ManifestError(problems, subject="the request") from None
+
+
+def _places(key: str, output: str | Path | None, environ: Mapping[str, str]) -> tuple[Path, Path]:
+    """The folder whose cache serves the request, and the image file to write."""
+    base = Path(environ["OUTPUT_DIR"]) if environ.get("OUTPUT_DIR") else Path("output")
+    default_folder = base / SKILL_FOLDER
+    if output is None:
+        return default_folder, default_folder / "images" / f"{key}.png"
+    target = Path(output)
+    if target.is_dir():
+        raise ConfigError(f"--output {target} is a folder; give the image file's path")
+    for folder in target.resolve().parents:
+        if (folder / STATE_DIR).is_dir():
+            return folder, target
+    return default_folder, target
+
+
+def _response(
+    image_url: str | None,
+    width: int,
+    height: int,
+    seed: int | None,
+    file: Path,
+    request_id: str | None,
+    *,
+    cached: bool,
+) -> dict[str, Any]:
+    return {
+        # A cached image was not fetched from the service now (its signed URL may have expired),
+        # and an offline one never had a URL: the URL given is then the local copy's.
+        "image_url": image_url if image_url and image_url.startswith("http") else file.as_uri(),
+        "width": width,
+        "height": height,
+        "seed": seed,
+        "file": str(file),
+        "request_id": request_id,
+        "cached": cached,
+    }
