@@ -20,15 +20,17 @@ from dataclasses import dataclass, replace
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fastjsonschema
-import jsonschema
 import yaml
 
 from imgbatch.errors import ManifestError, ManifestProblem
 from imgbatch.models import DEFAULT_MODEL, MODELS, nearest_size
 from imgbatch.request import DEFAULT_SIZE, ImageRequest
+
+if TYPE_CHECKING:
+    import jsonschema
 
 JsonPath = tuple[str | int, ...]
 SHOT_FIELDS = (
@@ -344,6 +346,10 @@ class _Checker:
             return
         except fastjsonschema.JsonSchemaException:
             pass  # invalid: let jsonschema find and explain every problem
+        # Imported only now: it costs more start-up than the rest of validation, and a valid
+        # manifest (the common case) never needs it.
+        import jsonschema
+
         validator = jsonschema.Draft202012Validator(manifest_schema())
         for error in validator.iter_errors(self.document.data):
             yield from self._explain(error)
