@@ -367,6 +367,11 @@ class FakeDashScope:
         with self._lock:
             self._pending["wrong_size"] += times
 
+    def no_image_next(self, times: int = 1) -> None:
+        """Answer the next ``times`` successes 200 with a text item and no image."""
+        with self._lock:
+            self._pending["no_image"] += times
+
     def small_image_next(self, times: int = 1) -> None:
         """Make the next ``times`` images 64*64 whatever size was asked, and report 64*64."""
         with self._lock:
@@ -538,6 +543,10 @@ class FakeDashScope:
             raise ApiError(500, "InternalError", INTERNAL_ERROR_MESSAGE)
         key = (request.headers.get("Authorization") or "").removeprefix("Bearer ")
         body = self._success_body(generation, key)
+        with self._lock:
+            if self._consume_toggle("no_image"):
+                text = {"text": "I cannot draw that."}
+                body["output"]["choices"][0]["message"]["content"] = [text]
         headers = _answer_headers(body["request_id"], time.monotonic() - started)
         return web.json_response(body, headers=headers)
 

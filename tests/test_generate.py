@@ -9,6 +9,7 @@ the cache the second time (and from an apply's cache), and exits like `apply`.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from PIL import Image
 import imgbatch
 from imgbatch.cli import main
 from imgbatch.errors import ManifestError, ProviderError
+from imgbatch.request import ImageRequest, simplified
 from tests.conftest import write_manifest
 from tests.fake_dashscope import FakeDashScope
 
@@ -219,3 +221,85 @@ def test_apply_takes_a_parsed_manifest_and_a_provider_name(
     assert report.plan.provider == "placeholder"
     with pytest.raises(ManifestError, match="missing required field 'prompt'"):
         imgbatch.apply({"version": 1, "shots": [{"id": "b"}]}, provider="placeholder")
+
+
+# ----- a 200 without an image: the seed's rule ----------------------------------------------------
+
+STYLED = """\
+version: 1
+name: imageless
+shots:
+  - id: s01
+    prompt: A lighthouse at night, long exposure. Waves crash below the cliff.
+    style: oil painting
+    size: "1328*1328"
+"""
+
+
+def test_a_200_without_an_image_is_asked_once_more_simplified_and_recorded(
+    api_env: dict[str, str], fake_server: FakeDashScope, in_tmp: Path
+) -> None:
+    manifest = write_manifest(in_tmp, STYLED)
+    fake_server.no_image_next()
+    result = run("apply", str(manifest))
+    assert result.exit_code == 0, result.output
+    assert "s01: the service answered without an image (request " in result.stderr
+    first, second = (r.body["input"]["messages"][0]["content"][-1]["text"] for r in
+                     fake_server.requests)  # fmt: skip
+    assert (
+        first
+        == "A lighthouse at night, long exposure. Waves crash below the cliff.\nStyle: oil painting"
+    )
+    assert second == "A lighthouse at night, long exposure."
+    document = json.loads((in_tmp / "output" / "imageless" / "results.json").read_text())
+    (entry,) = document["shots"]
+    assert entry["status"] == "generated"
+    assert entry["simplified"] is True
+    assert entry["prompt_sent"] == second
+    assert "base64" not in json.dumps(document)
+    # The shot is done: the next apply sends nothing.
+    assert run("apply", str(manifest)).exit_code == 0
+    assert fake_server.generation_count == 2
+
+
+def test_no_image_twice_fails_with_both_request_ids_and_no_simplify_turns_it_off(
+    api_env: dict[str, str], fake_server: FakeDashScope, in_tmp: Path
+) -> None:
+    manifest = write_manifest(in_tmp, STYLED)
+    fake_server.no_image_next(times=2)
+    result = run("apply", str(manifest))
+    assert result.exit_code == 1
+    (entry,) = json.loads((in_tmp / "output" / "imageless" / "results.json").read_text())["shots"]
+    assert entry["status"] == "failed"
+    assert "also when asked again with a simplified prompt" in entry["error"]
+    uuid = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+    assert re.search(rf"request {uuid}, {uuid}\)", entry["error"]), entry["error"]
+    assert fake_server.generation_count == 2
+
+    fake_server.reset()
+    fake_server.no_image_next()
+    result = run("apply", str(manifest), "--no-simplify")
+    assert result.exit_code == 1
+    assert fake_server.generation_count == 1
+
+
+@pytest.mark.parametrize(
+    ("prompt", "style", "expected"),
+    [
+        ("A lighthouse. Waves below.", None, "A lighthouse."),
+        ("a lighthouse, waves below, night", None, "a lighthouse"),
+        ("一座灯塔。海浪拍岸。", None, "一座灯塔。"),
+        ("a lighthouse", "oil painting", "a lighthouse"),
+        ("a lighthouse", None, None),  # nothing left to simplify
+    ],
+)
+def test_simplified_drops_the_style_and_keeps_the_first_sentence(
+    prompt: str, style: str | None, expected: str | None
+) -> None:
+    request = ImageRequest(prompt, style=style)
+    simpler = simplified(request)
+    if expected is None:
+        assert simpler is None
+    else:
+        assert simpler is not None
+        assert (simpler.text, simpler.style) == (expected, None)

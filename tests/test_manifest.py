@@ -9,13 +9,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import fastjsonschema
+import jsonschema
 import pytest
 import yaml
 
+from imgbatch import reference as reference_module
 from imgbatch.errors import ManifestError, ManifestProblem
 from imgbatch.manifest import Limits, load_manifest, manifest_schema
 from imgbatch.models import QWEN_IMAGE_SIZES, nearest_size
 from tests.conftest import EXAMPLE, REPO, write_manifest
+from tests.reference_images import PNG, PNG_OTHER
 
 SUPPORTED = "1664*928, 1472*1104, 1328*1328, 1104*1472, 928*1664"
 SHOT_ALLOWED = (
@@ -24,7 +28,7 @@ SHOT_ALLOWED = (
 )
 # The loader uses libyaml when PyYAML has it; its syntax error texts differ from pure Python's.
 LIBYAML = bool(getattr(yaml, "__with_libyaml__", False))
-TOP_ALLOWED = "defaults, limits, name, output, provider, shots, version"
+TOP_ALLOWED = "defaults, limits, name, output, provider, shots, trust, version"
 
 
 def manifest_error(path: Path) -> ManifestError:
@@ -204,7 +208,7 @@ def test_merge_key_of_a_scalar_is_a_problem(tmp_path: Path) -> None:
 
 def test_reference_image_that_exists_is_accepted(tmp_path: Path) -> None:
     (tmp_path / "refs").mkdir()
-    (tmp_path / "refs" / "face.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "refs" / "face.png").write_bytes(PNG)
     path = write_manifest(
         tmp_path,
         "version: 1\nshots:\n  - id: a\n    prompt: x\n    reference_image: refs/face.png\n",
@@ -481,7 +485,7 @@ def test_limits_out_of_range(tmp_path: Path) -> None:
     assert message_of(path) == (
         "2 problems in the manifest:\n"
         f"  {path}:3:16: field limits.concurrency: must be at least 1, got 0\n"
-        f"  {path}:4:8: field limits.rps: must be greater than 0, got 0"
+        f"  {path}:4:8: field limits.rps: must be at least 0.001, got 0"
     )
 
 
@@ -712,12 +716,106 @@ def test_reference_image_path_missing(tmp_path: Path) -> None:
     )
 
 
-def test_reference_image_that_is_a_folder_is_not_found(tmp_path: Path) -> None:
+def test_reference_image_that_is_a_folder_says_so(tmp_path: Path) -> None:
     (tmp_path / "refs").mkdir()
     path = write_manifest(
         tmp_path, "version: 1\nshots:\n  - id: a\n    prompt: x\n    reference_image: refs\n"
     )
-    assert [p.where for p in manifest_error(path).problems] == ["shot a, field reference_image"]
+    (problem,) = manifest_error(path).problems
+    assert problem.where == "shot a, field reference_image"
+    assert problem.message == "reference image 'refs' is a folder, not an image file"
+
+
+def test_each_reference_is_read_once_per_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Many shots share two references; the manifest is invalid, so it is checked twice (the
+    # second time with positions): each file is still read once.
+    (tmp_path / "face.png").write_bytes(PNG)
+    (tmp_path / "other.png").write_bytes(PNG_OTHER)
+    reads: list[Path] = []
+    real_read = reference_module._read_regular
+
+    def counting_read(path: Path, limit: int) -> bytes:
+        reads.append(path)
+        return real_read(path, limit)
+
+    monkeypatch.setattr(reference_module, "_read_regular", counting_read)
+    shots = "".join(f"  - id: s{index}\n    prompt: p\n" for index in range(50))
+    path = write_manifest(
+        tmp_path,
+        f"version: 1\nbogus: 1\ndefaults:\n  reference_image: face.png\nshots:\n{shots}"
+        "  - id: other\n    prompt: p\n    reference_image: ./other.png\n",
+    )
+    manifest_error(path)
+    assert sorted(reads) == [(tmp_path / "face.png").resolve(), (tmp_path / "other.png").resolve()]
+
+
+@pytest.mark.parametrize("written", ["/proc/self/environ", "/etc/shadow", "../secret"])
+def test_a_reference_outside_the_folder_is_refused_before_it_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, written: str
+) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (tmp_path / "secret").write_text("DASHSCOPE_API_KEY=sk-secret")
+    monkeypatch.setattr(reference_module, "_read_regular", pytest.fail)
+    path = write_manifest(
+        project, f"version: 1\nshots:\n  - id: a\n    prompt: x\n    reference_image: {written}\n"
+    )
+    (problem,) = manifest_error(path).problems
+    assert (problem.line, problem.column, problem.where) == (5, 22, "shot a, field reference_image")
+    assert "outside the manifest's folder" in problem.message
+    assert "--allow-reference-outside" in problem.message
+
+
+def test_a_manifest_that_is_a_folder_says_so(tmp_path: Path) -> None:
+    (problem,) = manifest_error(tmp_path).problems
+    assert (problem.file, problem.where) == (str(tmp_path), "file")
+    assert problem.message == "is a folder; give the manifest's YAML file"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("id", "s2\n"), ("name", "nl\n"), ("size", "1328*1328\n"), ("dir", "out\0put")],
+)
+def test_both_schema_validators_refuse_a_trailing_newline_or_control_character(
+    field: str, value: str
+) -> None:
+    # Python's `$` matches before a final newline; the patterns must hold in Python (both
+    # validators) and in ECMA-262 (editors), so they end in a lookahead instead.
+    shot = {"id": "a", "prompt": "p"}
+    document: dict[str, object] = {"version": 1, "shots": [shot]}
+    if field == "dir":
+        document["output"] = {"dir": value}
+    elif field == "name":
+        document["name"] = value
+    else:
+        shot[field] = value
+    valid = json.loads(json.dumps(document).replace(json.dumps(value), json.dumps("ok1")))
+    if field == "size":
+        valid["shots"][0]["size"] = "1328*1328"
+    fast = fastjsonschema.compile(manifest_schema())
+    full = jsonschema.Draft202012Validator(manifest_schema())
+    fast(valid)
+    full.validate(valid)
+    with pytest.raises(fastjsonschema.JsonSchemaException):
+        fast(document)
+    assert [error.validator for error in full.iter_errors(document)] == ["pattern"]
+
+
+def test_aliases_within_the_budget_still_work(tmp_path: Path) -> None:
+    shots = "".join(f"  - <<: *base\n    id: s{index}\n    prompt: p\n" for index in range(300))
+    path = write_manifest(
+        tmp_path, f"version: 1\ndefaults: &base {{size: '1328*1328', seed: 3}}\nshots:\n{shots}"
+    )
+    manifest = load_manifest(path)
+    assert len(manifest.shots) == 300
+    assert manifest.shots[-1].fields == {
+        "id": "s299",
+        "prompt": "p",
+        "size": "1328*1328",
+        "seed": 3,
+    }
 
 
 # --- everything at once -----------------------------------------------------------------------

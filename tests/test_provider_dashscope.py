@@ -55,8 +55,8 @@ CASSETTES = Path(__file__).resolve().parent / "cassettes"
 ENV_SOURCE = "the DASHSCOPE_API_KEY environment variable"
 FILE_SOURCE = "dashscope_api_key under [default] in /home/someone/.alibabacloud/credentials"
 WRONG_KEY = "sk-wrong-key-fedcba9876543210"
-NO_KEY_MESSAGE = (
-    "No DashScope API key: set DASHSCOPE_API_KEY, or add dashscope_api_key under [default] in "
+NO_KEY_HINT = (
+    "set DASHSCOPE_API_KEY, or add dashscope_api_key under [default] in "
     "~/.alibabacloud/credentials. To try a shot list without a key, use --provider placeholder."
 )
 
@@ -471,7 +471,40 @@ def test_no_key_is_a_config_error_with_the_whole_message(home: Path, text: str |
         credentials(home, text)
     with pytest.raises(ConfigError) as caught:
         resolve_api_key({"HOME": str(home)})
-    assert str(caught.value) == NO_KEY_MESSAGE
+    looked = f"DASHSCOPE_API_KEY, {home}/.alibabacloud/credentials, {home}/.dashscope/api_key"
+    assert str(caught.value) == f"No DashScope API key (looked in {looked}): {NO_KEY_HINT}"
+
+
+@pytest.mark.parametrize(
+    ("where", "source"),
+    [
+        ("credentials-double", "dashscope_api_key under [default]"),
+        ("credentials-single", "dashscope_api_key under [default]"),
+        ("sdk-file", "the key file"),
+        ("sdk-env-file", "the key file"),
+        ("env-quoted", "the DASHSCOPE_API_KEY environment variable"),
+    ],
+)
+def test_keys_in_every_place_are_found_without_their_quotes(
+    home: Path, tmp_path: Path, where: str, source: str
+) -> None:
+    environ = {"HOME": str(home)}
+    if where == "credentials-double":
+        credentials(home, '[default]\ndashscope_api_key = "sk-quoted-1"\n')
+    elif where == "credentials-single":
+        credentials(home, "[default]\ndashscope_api_key = 'sk-quoted-1'\n")
+    elif where == "sdk-file":
+        (home / ".dashscope").mkdir()
+        (home / ".dashscope" / "api_key").write_text("sk-quoted-1\n")
+    elif where == "sdk-env-file":
+        path = tmp_path / "elsewhere.key"
+        path.write_text("sk-quoted-1")
+        environ["DASHSCOPE_API_KEY_FILE_PATH"] = str(path)
+    else:
+        environ["DASHSCOPE_API_KEY"] = '"sk-quoted-1"'
+    key = resolve_api_key(environ)
+    assert key.value == "sk-quoted-1"
+    assert source in key.source
 
 
 def test_an_unreadable_credentials_file_does_not_quote_the_key(home: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from dataclasses import replace
@@ -10,21 +11,21 @@ from typing import Any
 
 import pytest
 
-from imgbatch.errors import ManifestError
+from imgbatch.errors import ManifestError, PermanentError
 from imgbatch.expand import expand, output_dir_for
 from imgbatch.manifest import load_manifest
 from imgbatch.models import DEFAULT_MODEL
+from imgbatch.reference import ReferenceImage, load_local_reference
 from imgbatch.request import (
     DEFAULT_SIZE,
     KEY_FORMAT_VERSION,
     ImageRequest,
-    ReferenceImage,
     changed_fields,
-    sniff_media_type,
 )
 from tests.conftest import write_manifest
+from tests.reference_images import JPEG, PNG, PNG_OTHER, image_bytes
 
-PNG_BYTES = b"\x89PNG\r\n\x1a\n" + b"reference pixels"
+PNG_BYTES = PNG
 BASE = ImageRequest(prompt="a red bicycle", size="1328*1328", seed=7)
 # Pinned (computed in another process, so it also shows the key is stable across runs):
 # if this changes, every user's cache is invalidated; bump KEY_FORMAT_VERSION on purpose.
@@ -58,8 +59,8 @@ def test_key_is_pinned_and_matches_its_documented_canonical_form() -> None:
     assert hashlib.sha256(blob.encode("utf-8")).hexdigest() == BASE_KEY
 
 
-REFERENCE_A = ReferenceImage.from_bytes(b"\x89PNG one")
-REFERENCE_B = ReferenceImage.from_bytes(b"\x89PNG two")
+REFERENCE_A = ReferenceImage.from_bytes(PNG)
+REFERENCE_B = ReferenceImage.from_bytes(PNG_OTHER)
 
 
 @pytest.mark.parametrize(
@@ -98,8 +99,8 @@ def test_key_ignores_the_reference_path_when_the_content_is_equal(tmp_path: Path
     for path in (first, second):
         path.parent.mkdir()
         path.write_bytes(PNG_BYTES)
-    ref_one = ReferenceImage.from_path(first)
-    ref_two = ReferenceImage.from_path(second)
+    ref_one = load_local_reference("one/face.png", tmp_path, allow_outside=False)
+    ref_two = load_local_reference("elsewhere/renamed.png", tmp_path, allow_outside=False)
 
     assert ref_one.source != ref_two.source
     assert ref_one.sha256 == ref_two.sha256
@@ -211,19 +212,20 @@ def test_changed_fields_of_equal_requests_is_empty() -> None:
 # --- reference images -------------------------------------------------------------------------
 
 
-def test_sniff_media_type() -> None:
-    assert sniff_media_type(b"\xff\xd8\xff\xe0 jpeg") == "image/jpeg"
-    assert sniff_media_type(b"RIFF\x00\x00\x00\x00WEBPVP8 ") == "image/webp"
-    assert sniff_media_type(PNG_BYTES) == "image/png"
+def test_media_type_comes_from_the_decoded_format() -> None:
+    assert ReferenceImage.from_bytes(JPEG).media_type == "image/jpeg"
+    assert ReferenceImage.from_bytes(image_bytes("WEBP")).media_type == "image/webp"
+    assert ReferenceImage.from_bytes(PNG).media_type == "image/png"
 
 
 def test_reference_message_value_is_a_data_uri_or_the_url(tmp_path: Path) -> None:
     path = tmp_path / "face.jpg"
-    path.write_bytes(b"\xff\xd8\xff jpeg bytes")
-    from_path = ReferenceImage.from_path(path)
+    path.write_bytes(JPEG)
+    from_path = load_local_reference("face.jpg", tmp_path, allow_outside=False)
     assert from_path.media_type == "image/jpeg"
     assert from_path.data is None  # not held in memory
-    assert from_path.message_value() == "data:image/jpeg;base64,/9j/IGpwZWcgYnl0ZXM="
+    expected = "data:image/jpeg;base64," + base64.b64encode(JPEG).decode("ascii")
+    assert from_path.message_value() == expected
     url = ReferenceImage("0" * 64, "https://example.invalid/face.png")
     assert url.is_url
     assert url.message_value() == "https://example.invalid/face.png"
@@ -368,7 +370,7 @@ def test_expand_hashes_reference_images_by_content(tmp_path: Path) -> None:
     (tmp_path / "refs").mkdir()
     (tmp_path / "refs" / "face.png").write_bytes(PNG_BYTES)
     (tmp_path / "refs" / "copy.png").write_bytes(PNG_BYTES)
-    (tmp_path / "refs" / "other.jpg").write_bytes(b"\xff\xd8\xff other")
+    (tmp_path / "refs" / "other.jpg").write_bytes(JPEG)
     path = write_manifest(
         tmp_path,
         """\
@@ -402,20 +404,50 @@ shots:
     assert a.key != c.key
 
 
-def test_expand_reports_a_reference_that_vanished_after_validation(tmp_path: Path) -> None:
+def test_expand_reads_a_local_reference_once_at_validation(tmp_path: Path) -> None:
     reference = tmp_path / "face.png"
     reference.write_bytes(PNG_BYTES)
     path = write_manifest(
         tmp_path, "version: 1\nshots:\n  - id: a\n    prompt: p\n    reference_image: face.png\n"
     )
     manifest = load_manifest(path)
-    reference.unlink()
+    reference.unlink()  # expand keys what validation read; it does not read again
 
-    with pytest.raises(ManifestError) as caught:
-        expand(manifest, provider="dashscope", environ={})
-    (problem,) = caught.value.problems
-    assert problem.where == "shot a, field reference_image"
-    assert problem.message.startswith("cannot read reference image 'face.png': ")
+    (shot,) = expand(manifest, provider="dashscope", environ={}).shots
+    assert shot.request.reference is not None
+    assert shot.request.reference.sha256 == hashlib.sha256(PNG_BYTES).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ("delete", "cannot be read: No such file or directory"),
+        ("rewrite", "changed after it was checked"),
+        ("folder", "is a folder"),
+        ("huge", "the limit is 10.0 MiB"),
+    ],
+)
+def test_a_reference_changed_after_validation_is_not_sent(
+    tmp_path: Path, change: str, expected: str
+) -> None:
+    reference = tmp_path / "face.png"
+    reference.write_bytes(PNG_BYTES)
+    checked = load_local_reference("face.png", tmp_path, allow_outside=False)
+    if change == "delete":
+        reference.unlink()
+    elif change == "rewrite":
+        reference.write_bytes(PNG_OTHER)
+    elif change == "folder":
+        reference.unlink()
+        reference.mkdir()
+    else:
+        with reference.open("r+b") as handle:
+            handle.truncate(11 * 1024 * 1024)
+
+    with pytest.raises(PermanentError) as caught:
+        checked.message_value()
+    assert str(caught.value).startswith(f"reference image {reference} ")
+    assert expected in str(caught.value)
 
 
 def test_whole_float_seed_is_the_same_request_as_the_integer(tmp_path: Path) -> None:

@@ -52,6 +52,10 @@ class ApplyOptions:
     home: Path | None = None
     # After Ctrl-C, how long requests in flight may take before they are abandoned.
     grace_seconds: float = 30.0
+    # A trust decision: local reference images may lie outside the manifest's folder tree.
+    allow_reference_outside: bool = False
+    # After a 200 without an image, ask once more with a simplified prompt (the seed's rule).
+    simplify: bool = True
 
 
 @dataclass(frozen=True)
@@ -95,10 +99,15 @@ ManifestSource = str | Path | Mapping[str, Any]
 taken from the current folder)."""
 
 
-def read_manifest(source: ManifestSource) -> Manifest:
+def read_manifest(source: ManifestSource, *, allow_reference_outside: bool = False) -> Manifest:
     if isinstance(source, Mapping):
-        return manifest_from_data(dict(source), display="manifest", base_dir=Path.cwd())
-    return load_manifest(source)
+        return manifest_from_data(
+            dict(source),
+            display="manifest",
+            base_dir=Path.cwd(),
+            allow_reference_outside=allow_reference_outside,
+        )
+    return load_manifest(source, allow_reference_outside=allow_reference_outside)
 
 
 def load_and_expand(
@@ -106,8 +115,10 @@ def load_and_expand(
     provider: str | None = None,
     environ: Mapping[str, str] | None = None,
     home: Path | None = None,
+    *,
+    allow_reference_outside: bool = False,
 ) -> tuple[Manifest, Expansion]:
-    manifest = read_manifest(path)
+    manifest = read_manifest(path, allow_reference_outside=allow_reference_outside)
     name = provider_name(manifest, provider, environ, home)
     return manifest, expand(manifest, provider=name, environ=environ)
 
@@ -118,9 +129,12 @@ def make_plan(
     provider: str | None = None,
     environ: Mapping[str, str] | None = None,
     home: Path | None = None,
+    allow_reference_outside: bool = False,
 ) -> Plan:
     """What `apply` would do for each shot, reading the output folder but changing nothing."""
-    _, expansion = load_and_expand(path, provider, environ, home)
+    _, expansion = load_and_expand(
+        path, provider, environ, home, allow_reference_outside=allow_reference_outside
+    )
     return _plan(expansion, load_state(expansion.output_dir))
 
 
@@ -164,7 +178,13 @@ async def apply_async(
         # A name, as on the command line; an object is used as it is.
         options, provider = replace(options, provider=provider), None
     environ = os.environ if options.environ is None else options.environ
-    manifest, expansion = load_and_expand(path, options.provider, environ, options.home)
+    manifest, expansion = load_and_expand(
+        path,
+        options.provider,
+        environ,
+        options.home,
+        allow_reference_outside=options.allow_reference_outside,
+    )
     # Credentials are checked before anything is written.
     provider = provider or create_provider(expansion.provider, environ, options.home)
     output_dir = expansion.output_dir
@@ -191,6 +211,7 @@ async def apply_async(
                     retry=options.retry,
                     clock=clock,
                     listener=listener,
+                    simplify=options.simplify,
                 )
                 outcome, interrupted = await _run_interruptible(executor, plan, options)
         finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from imgbatch.errors import ConfigError, ImgbatchError, ManifestError
+from imgbatch.models import MIN_RPS
 from imgbatch.providers import PROVIDER_CHOICES, is_metered, secrets_for_redaction
 
 if TYPE_CHECKING:
@@ -69,6 +71,23 @@ def _write_crash_log() -> str:
 
 
 manifest_argument = click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
+allow_outside_option = click.option(
+    "--allow-reference-outside",
+    is_flag=True,
+    help="Trust this shot list: read local reference images outside its folder tree.",
+)
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A FloatRange that refuses nan and inf, which compare false to any bound."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
 provider_option = click.option(
     "--provider",
     type=click.Choice(PROVIDER_CHOICES),
@@ -86,12 +105,13 @@ def main() -> None:
 
 @main.command()
 @manifest_argument
+@allow_outside_option
 @error_boundary
-def validate(manifest: Path) -> int:
+def validate(manifest: Path, allow_reference_outside: bool) -> int:
     """Check a shot list against the schema and the model rules."""
     from imgbatch.api import load_and_expand
 
-    _, expansion = load_and_expand(manifest)
+    _, expansion = load_and_expand(manifest, allow_reference_outside=allow_reference_outside)
     count = len(expansion.shots)
     click.echo(f"{manifest}: valid, {count} shot{'s' if count != 1 else ''}")
     return EXIT_OK
@@ -100,13 +120,14 @@ def validate(manifest: Path) -> int:
 @main.command()
 @manifest_argument
 @provider_option
+@allow_outside_option
 @error_boundary
-def plan(manifest: Path, provider: str | None) -> int:
+def plan(manifest: Path, provider: str | None, allow_reference_outside: bool) -> int:
     """Show what apply would do for each shot, and why."""
     from imgbatch.api import make_plan
     from imgbatch.report import plan_summary, plan_table
 
-    result = make_plan(manifest, provider=provider)
+    result = make_plan(manifest, provider=provider, allow_reference_outside=allow_reference_outside)
     click.echo(plan_table(result))
     click.echo(plan_summary(result))
     return EXIT_OK
@@ -117,10 +138,10 @@ def plan(manifest: Path, provider: str | None) -> int:
 @provider_option
 @click.option(
     "--rps",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloatRange(min=MIN_RPS),
     default=None,
-    help="Requests started per second at most (default: the manifest's limits.rps, "
-    "else found by probing the quota).",
+    help=f"Requests started per second at most, at least {MIN_RPS} (default: the manifest's "
+    "limits.rps, else found by probing the quota).",
 )
 @click.option(
     "--concurrency",
@@ -129,9 +150,21 @@ def plan(manifest: Path, provider: str | None) -> int:
     help="Requests in flight at most (default: the manifest's limits.concurrency, else 512: "
     "the rate decides).",
 )
+@allow_outside_option
+@click.option(
+    "--no-simplify",
+    is_flag=True,
+    help="After a 200 without an image, fail the shot instead of asking once more with a "
+    "simplified prompt.",
+)
 @error_boundary
 def apply_command(
-    manifest: Path, provider: str | None, rps: float | None, concurrency: int | None
+    manifest: Path,
+    provider: str | None,
+    rps: float | None,
+    concurrency: int | None,
+    allow_reference_outside: bool,
+    no_simplify: bool,
 ) -> int:
     """Generate the shots whose request changed; write images and results.json."""
     from imgbatch.api import ApplyOptions, apply
@@ -153,7 +186,13 @@ def apply_command(
     try:
         report = apply(
             manifest,
-            ApplyOptions(provider=provider, rps=rps, concurrency=concurrency),
+            ApplyOptions(
+                provider=provider,
+                rps=rps,
+                concurrency=concurrency,
+                allow_reference_outside=allow_reference_outside,
+                simplify=not no_simplify,
+            ),
             listener=progress,
             on_plan=announce,
         )
@@ -184,14 +223,24 @@ def apply_command(
     help="Print the normalized response as one JSON object on stdout.",
 )
 @provider_option
+@allow_outside_option
 @error_boundary
 def generate_command(
-    request_text: str, output: Path | None, print_response: bool, provider: str | None
+    request_text: str,
+    output: Path | None,
+    print_response: bool,
+    provider: str | None,
+    allow_reference_outside: bool,
 ) -> int:
     """Make one image from one request, as the seed skill's helper script does."""
     from imgbatch.single import generate
 
-    response = generate(_read_request(request_text), output=output, provider=provider)
+    response = generate(
+        _read_request(request_text),
+        output=output,
+        provider=provider,
+        allow_reference_outside=allow_reference_outside,
+    )
     where = "from the cache, nothing sent" if response["cached"] else "generated"
     click.echo(f"{response['file']} ({where})", err=True)
     if print_response:

@@ -9,6 +9,7 @@
     └── ProviderError             the image service refused or failed a request
         ├── TransientError        429, 408, 5xx, dropped connections: retried with backoff
         ├── PermanentError        400 (bad parameter, moderation): that shot fails, others go on
+        ├── NoImageError          a 200 without an image: asked once more, simplified
         └── AuthError             401/403: every request would fail, so the run stops
 
 Retry decisions follow the class, never the message text. No message ever contains the API key.
@@ -105,6 +106,11 @@ class TransientError(ProviderError):
 
 class PermanentError(ProviderError):
     """The request itself is refused; sending it again gives the same answer."""
+
+
+class NoImageError(ProviderError):
+    """The service answered 200 but gave no image; the seed skill's rule is to ask once more
+    with a simplified prompt."""
 
 
 class AuthError(ProviderError):

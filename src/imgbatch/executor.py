@@ -19,12 +19,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from imgbatch.errors import AuthError, PermanentError, ProviderError, TransientError
+from imgbatch.errors import (
+    AuthError,
+    NoImageError,
+    PermanentError,
+    ProviderError,
+    TransientError,
+)
 from imgbatch.expand import Shot
 from imgbatch.pacing import Clock, Pacer, RetryPolicy
 from imgbatch.plan import Action, Plan, PlannedShot
 from imgbatch.providers import Provider
-from imgbatch.request import GeneratedImage
+from imgbatch.request import GeneratedImage, ImageRequest, simplified
 from imgbatch.results import ResultEntry
 from imgbatch.store import ImageCache, verify_image
 
@@ -96,8 +102,11 @@ class Executor:
         retry: RetryPolicy | None = None,
         clock: Clock | None = None,
         listener: Listener | None = None,
+        simplify: bool = True,
     ) -> None:
         self.provider = provider
+        # After a 200 without an image, ask once more with a simplified prompt (the seed's rule).
+        self.simplify = simplify
         self.cache = cache
         self.record = record
         self.pacer = pacer
@@ -173,6 +182,8 @@ class Executor:
     async def _generate(self, output_dir: Path, shot: Shot) -> None:
         attempt = lost = 0
         phase = self.outcome.in_flight
+        sent = shot.request  # the simplified request, after a 200 without an image
+        imageless: list[str] = []  # request ids of the answers without an image
         while True:
             if self.stop_requested.is_set():
                 reason = self.outcome.stopped or "stopped"
@@ -186,7 +197,22 @@ class Executor:
             self.outcome.requests += 1
             phase[shot.id] = Phase.SENDING
             try:
-                image = await self.provider.generate(shot.request, label=shot.id)
+                image = await self.provider.generate(sent, label=shot.id)
+            except NoImageError as exc:
+                imageless.append(exc.request_id or "unknown")
+                simpler = simplified(sent) if self.simplify and sent is shot.request else None
+                if simpler is None:
+                    message = (
+                        f"the service answered without an image (request {', '.join(imageless)})"
+                    )
+                    if len(imageless) > 1:
+                        message += ", also when asked again with a simplified prompt"
+                    self._finish(failed_entry(shot, message, exc, attempt))
+                    return
+                sent = simpler
+                if self.listener:
+                    self.listener(Retrying(shot.id, attempt, 0.0, exc))
+                continue
             except AuthError as exc:
                 self.stop(f"the service refused the credentials: {exc}")
                 self._finish(failed_entry(shot, str(exc), exc, attempt))
@@ -231,7 +257,7 @@ class Executor:
                 self.record(downloading)
                 self.outcome.downloading[shot.id] = downloading
             phase[shot.id] = Phase.DOWNLOADING
-            await self._keep(output_dir, shot, image, attempt)
+            await self._keep(output_dir, shot, image, attempt, sent)
             self.outcome.downloading.pop(shot.id, None)
             return
 
@@ -273,7 +299,12 @@ class Executor:
         raise AssertionError("unreachable: tries >= 1")
 
     async def _keep(
-        self, output_dir: Path, shot: Shot, image: GeneratedImage, attempts: int
+        self,
+        output_dir: Path,
+        shot: Shot,
+        image: GeneratedImage,
+        attempts: int,
+        sent: ImageRequest | None = None,
     ) -> None:
         """Download, verify, cache and place a paid-for image; never regenerate to get it."""
         width, height = shot.request.dimensions
@@ -291,10 +322,17 @@ class Executor:
             error = failure if isinstance(failure, ProviderError) else None
             self._finish(failed_entry(shot, message, error, attempts, generated=image))
             return
-        await self._place(output_dir, shot, image, data, attempts=attempts)
+        await self._place(output_dir, shot, image, data, attempts=attempts, sent=sent)
 
     async def _place(
-        self, output_dir: Path, shot: Shot, image: GeneratedImage, data: bytes, *, attempts: int
+        self,
+        output_dir: Path,
+        shot: Shot,
+        image: GeneratedImage,
+        data: bytes,
+        *,
+        attempts: int,
+        sent: ImageRequest | None = None,
     ) -> None:
         """Put verified bytes in the cache and at the shot's file, then record the shot."""
         key = shot.request.key
@@ -309,6 +347,7 @@ class Executor:
             hashlib.sha256(data).hexdigest(),
             len(data),
             attempts=attempts,
+            sent=sent,
         )
         self._finish(entry)
 
@@ -352,8 +391,10 @@ def _entry(
     size_bytes: int | None,
     *,
     attempts: int,
+    sent: ImageRequest | None = None,
 ) -> ResultEntry:
     request = shot.request
+    sent = sent or request
     return ResultEntry(
         id=shot.id,
         status=status,  # type: ignore[arg-type]
@@ -373,6 +414,8 @@ def _entry(
         bytes=size_bytes,
         attempts=attempts,
         request=request.canonical(),
+        prompt_sent=sent.text,
+        simplified=sent is not request,
     )
 
 

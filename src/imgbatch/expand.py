@@ -2,25 +2,33 @@
 
 Takes a `Manifest` (defaults already merged) and the environment; gives the output folder and a
 `Shot` per manifest entry, each with its normalized `ImageRequest` and the file it becomes.
-Reference images are read here, once per distinct file or URL, because their content hash is part
-of the request's key.
+Reference images come checked and hashed from `load_manifest`; reference URLs are fetched here,
+once each, because their content hash is part of the request's key.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import os
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from imgbatch.errors import ManifestError, ManifestProblem
-from imgbatch.manifest import Manifest
+from imgbatch.manifest import Manifest, ShotSpec
 from imgbatch.models import DEFAULT_MODEL
-from imgbatch.request import DEFAULT_SIZE, ImageRequest, ReferenceImage
+from imgbatch.reference import (
+    REFERENCE_MAX_BYTES,
+    ReferenceImage,
+    ReferenceProblem,
+    load_local_reference,
+)
+from imgbatch.request import DEFAULT_SIZE, ImageRequest
 
-REFERENCE_URL_TIMEOUT = 30.0
-REFERENCE_MAX_BYTES = 20 * 1024 * 1024
+# The whole fetch of a reference URL (connect, headers, body), not each read.
+REFERENCE_URL_DEADLINE = 30.0
+_MIB = REFERENCE_MAX_BYTES // (1024 * 1024)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +76,7 @@ def expand(
             style=fields.get("style"),
             # JSON Schema counts 5.0 as an integer; the key and the API must see 5.
             seed=int(fields["seed"]) if fields.get("seed") is not None else None,
-            reference=references.read(spec.id, reference_source) if reference_source else None,
+            reference=references.read(spec, reference_source) if reference_source else None,
             prompt_extend=fields.get("prompt_extend", False),
             watermark=fields.get("watermark", False),
             provider=provider,
@@ -82,36 +90,73 @@ class _ReferenceReader:
 
     def __init__(self, manifest: Manifest) -> None:
         self.manifest = manifest
-        self.seen: dict[str, ReferenceImage] = {}
+        self.seen: dict[str, ReferenceImage] = dict(manifest.references)
 
-    def read(self, shot_id: str, source: str) -> ReferenceImage:
+    def read(self, spec: ShotSpec, source: str) -> ReferenceImage:
         if source not in self.seen:
-            self.seen[source] = self._load(shot_id, source)
+            self.seen[source] = self._load(spec, source)
         return self.seen[source]
 
-    def _load(self, shot_id: str, source: str) -> ReferenceImage:
+    def _load(self, spec: ShotSpec, source: str) -> ReferenceImage:
         try:
             if source.startswith(("http://", "https://")):
-                data = _fetch(source)
-                reference = ReferenceImage.from_bytes(data, source)
+                reference = ReferenceImage.from_bytes(_fetch(source), source)
                 # Keyed by what was fetched now; the URL is what the API is given.
                 return ReferenceImage(reference.sha256, source, reference.media_type)
-            return ReferenceImage.from_path((self.manifest.base_dir / source).resolve())
+            # Checked by load_manifest already, unless the Manifest was built by hand.
+            return load_local_reference(
+                source,
+                self.manifest.base_dir,
+                allow_outside=self.manifest.allow_reference_outside,
+            )
         except (OSError, ValueError) as exc:
+            line, column = self.manifest.position_of(spec, "reference_image")
             problem = ManifestProblem(
                 str(self.manifest.path),
-                1,
-                1,
-                f"shot {shot_id}, field reference_image",
-                f"cannot read reference image '{source}': {exc}",
+                line,
+                column,
+                f"shot {spec.id}, field reference_image",
+                f"reference image '{source}' {exc}",
             )
             raise ManifestError([problem]) from None
 
 
 def _fetch(url: str) -> bytes:
-    request = urllib.request.Request(url, headers={"User-Agent": "imgbatch"})
-    with urllib.request.urlopen(request, timeout=REFERENCE_URL_TIMEOUT) as response:
-        data: bytes = response.read(REFERENCE_MAX_BYTES + 1)
-    if len(data) > REFERENCE_MAX_BYTES:
-        raise ValueError(f"larger than {REFERENCE_MAX_BYTES // (1024 * 1024)} MiB")
-    return data
+    """The body at `url`: at most REFERENCE_MAX_BYTES, all of it within REFERENCE_URL_DEADLINE.
+
+    A per-read timeout is not enough: a server sending a byte every few seconds would never be
+    cut off. The fetch runs on its own event loop in a worker thread, so it works the same
+    whether or not the caller is inside one.
+    """
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="imgbatch-ref") as pool:
+        return pool.submit(asyncio.run, _fetch_async(url)).result()
+
+
+async def _fetch_async(url: str) -> bytes:
+    # Imported here, not at the top: only a manifest with a reference URL needs it, and `validate`
+    # or `plan` of any other should not pay its import (tests/test_startup.py).
+    import aiohttp
+
+    deadline = REFERENCE_URL_DEADLINE
+    try:
+        async with asyncio.timeout(deadline):
+            timeout = aiohttp.ClientTimeout(total=None, connect=deadline)
+            async with (
+                aiohttp.ClientSession(timeout=timeout, trust_env=True) as session,
+                session.get(url, headers={"User-Agent": "imgbatch"}) as response,
+            ):
+                if response.status != 200:
+                    raise ValueError(f"cannot be fetched: HTTP {response.status}")
+                declared = response.content_length
+                if declared is not None and declared > REFERENCE_MAX_BYTES:
+                    raise ReferenceProblem(f"is larger than {_MIB} MiB ({declared} bytes)")
+                data = bytearray()
+                async for chunk in response.content.iter_chunked(64 * 1024):
+                    data += chunk
+                    if len(data) > REFERENCE_MAX_BYTES:
+                        raise ReferenceProblem(f"is larger than {_MIB} MiB")
+                return bytes(data)
+    except TimeoutError:
+        raise ValueError(f"cannot be fetched: not received in full within {deadline:g} s") from None
+    except aiohttp.ClientError as exc:
+        raise ValueError(f"cannot be fetched: {type(exc).__name__} {exc}".rstrip()) from None

@@ -11,10 +11,13 @@ file:line:column with the shot id and field, what was wrong and what would be ri
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import difflib
 import json
+import math
+import os
 import re
+import stat
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from functools import cache
@@ -26,13 +29,19 @@ import fastjsonschema
 import yaml
 
 from imgbatch.errors import ManifestError, ManifestProblem
-from imgbatch.models import DEFAULT_MODEL, MODELS, nearest_size
+from imgbatch.models import DEFAULT_MODEL, MIN_RPS, MODELS, nearest_size
+from imgbatch.reference import ReferenceImage, ReferenceProblem, load_local_reference
 from imgbatch.request import DEFAULT_SIZE, ImageRequest
 
 if TYPE_CHECKING:
     import jsonschema
 
 JsonPath = tuple[str | int, ...]
+# A manifest is text a person or a script writes: far below these, and a file beyond them is a
+# mistake or an attack (`/dev/zero`, a YAML alias bomb, a mapping nested thousands deep).
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+MAX_DEPTH = 64
+MAX_ALIAS_VALUES = 1_000_000
 SHOT_FIELDS = (
     "model",
     "size",
@@ -68,10 +77,22 @@ class Manifest:
     output_dir: str | None
     limits: Limits
     shots: tuple[ShotSpec, ...]
+    # Local references, checked and hashed while validating, by the path as written.
+    references: Mapping[str, ReferenceImage] = dataclasses.field(default_factory=dict)
+    allow_reference_outside: bool = False
+    # Where each reference_image was written, by (shot index | "defaults", field): (line, col).
+    positions: Mapping[JsonPath, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
     @property
     def base_dir(self) -> Path:
         return self.path.parent
+
+    def position_of(self, shot: ShotSpec, name: str) -> tuple[int, int]:
+        """Where `name` was written for `shot` (on the shot or under defaults); else (1, 1)."""
+        for path in (("shots", shot.index, name), ("defaults", name)):
+            if path in self.positions:
+                return self.positions[path]
+        return (1, 1)
 
 
 @cache
@@ -92,28 +113,59 @@ def _fast_validator() -> Callable[[Any], Any]:
     return fastjsonschema.compile(manifest_schema())
 
 
-def load_manifest(path: str | Path) -> Manifest:
-    """Parse, validate and merge a manifest; raise `ManifestError` with every problem found."""
+def load_manifest(path: str | Path, *, allow_reference_outside: bool = False) -> Manifest:
+    """Parse, validate and merge a manifest; raise `ManifestError` with every problem found.
+
+    `allow_reference_outside` lets local reference images lie outside the manifest's folder
+    tree (a trust decision; the manifest can also say so itself, see the README).
+    """
     path = Path(path)
     display = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ManifestError([ManifestProblem(display, 1, 1, "file", "no such file")]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        problem = ManifestProblem(display, 1, 1, "file", f"cannot be read: {exc}")
-        raise ManifestError([problem]) from None
+    text = _read_manifest(path, display)
+    references: dict[str, ReferenceImage | str] = {}
     # Positions cost memory and time, and matter only when something is wrong: a valid manifest
     # is parsed once without them; an invalid one again with them, to locate every problem.
     for track_positions in (False, True):
         document, structural = _parse_yaml(text, display, track_positions)
-        checker = _Checker(document, display, path.parent)
+        checker = _Checker(document, display, path.parent, allow_reference_outside, references)
         # jsonschema reports a missing field once per required name: say each problem once.
         unique = dict.fromkeys([*structural, *checker.problems()])
         problems = sorted(unique, key=lambda p: (p.line, p.column))
         if not problems:
-            return _build_manifest(path, document.data)
+            return _build_manifest(path, document, checker)
     raise ManifestError(problems)
+
+
+def _read_manifest(path: Path, display: str) -> str:
+    """The file's text; a folder, FIFO, device or oversized file is refused before reading."""
+
+    def problem(message: str) -> ManifestError:
+        return ManifestError([ManifestProblem(display, 1, 1, "file", message)])
+
+    try:
+        info = os.stat(path)
+        if stat.S_ISDIR(info.st_mode):
+            raise problem("is a folder; give the manifest's YAML file")
+        if not stat.S_ISREG(info.st_mode):
+            raise problem("is not a regular file (a FIFO, device or socket); it was not read")
+        if info.st_size > MAX_MANIFEST_BYTES:
+            raise problem(f"is {info.st_size} bytes; a manifest may be at most 64 MiB")
+        # O_NONBLOCK: a file swapped for a FIFO after the stat must not block the open.
+        handle = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(handle, "rb") as stream:
+            if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+                raise problem("is not a regular file (a FIFO, device or socket); it was not read")
+            data = stream.read(MAX_MANIFEST_BYTES + 1)
+    except FileNotFoundError:
+        raise problem("no such file") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        raise problem(f"cannot be read: {exc}") from None
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise problem("is larger than 64 MiB; a manifest may be at most 64 MiB")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise problem(f"cannot be read: {exc}") from None
 
 
 # libyaml parses large shot lists many times faster than pure Python and keeps the same marks.
@@ -121,14 +173,17 @@ _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class _Positions(dict[JsonPath, tuple[int, int]]):
-    """(line, column), 1-based, by path; records nothing when not tracking."""
+    """(line, column), 1-based, by path; when not tracking, only those of reference_image.
+
+    Reference URLs are fetched after validation: their errors still point at the field.
+    """
 
     def __init__(self, tracking: bool) -> None:
         super().__init__()
         self.tracking = tracking
 
     def __setitem__(self, path: JsonPath, position: tuple[int, int]) -> None:
-        if self.tracking:
+        if self.tracking or (path and path[-1] == "reference_image"):
             super().__setitem__(path, position)
 
 
@@ -161,6 +216,10 @@ def _parse_yaml(
         detail = exc.problem or str(exc)
         problem = ManifestProblem(display, line, column, "YAML", f"{detail}; not valid YAML")
         raise ManifestError([problem]) from None
+    except yaml.reader.ReaderError as exc:  # a NUL or other control character
+        line, column = _reader_position(text, exc.position)
+        message = f"character {exc.character!r} is not allowed in YAML ({exc.reason})"
+        raise ManifestError([ManifestProblem(display, line, column, "YAML", message)]) from None
     finally:
         loader.dispose()
     return builder.document, builder.structural
@@ -174,38 +233,73 @@ class _Builder:
 
     Working from events rather than a composed node tree keeps memory proportional to the data:
     a 100,000-shot manifest never holds half a million YAML nodes at once. Anchors, aliases and
-    merge keys (`<<: *base`) behave as in PyYAML.
+    merge keys (`<<: *base`) behave as in PyYAML, except that an alias shares its anchor's value
+    instead of copying it (nothing mutates parsed data) and that what aliases expand to is
+    bounded: at most MAX_ALIAS_VALUES values in all, and nothing deeper than MAX_DEPTH. A
+    "billion laughs" file is refused at the alias that crosses the bound, before anything walks
+    the data it would expand to.
     """
 
     def __init__(self, loader: Any, display: str, track_positions: bool) -> None:
         self.loader = loader
         self.display = display
         self.document = _Document(None, _Positions(track_positions), _Positions(track_positions))
-        self.anchors: dict[str, Any] = {}
+        # anchor -> (value, values it holds once expanded, nesting depth)
+        self.anchors: dict[str, tuple[Any, int, int]] = {}
+        self.produced = 0  # values built so far, aliases counted as what they expand to
+        self.aliased = 0  # of which produced by aliases
         self.structural: list[ManifestProblem] = []  # duplicates, bad merges
 
-    def value(self, path: JsonPath) -> Any:
+    def value(self, path: JsonPath, depth: int = 1) -> Any:
+        return self._node(path, depth)[0]
+
+    def _node(self, path: JsonPath, depth: int) -> tuple[Any, int]:
+        """The value at `path` and its height (1 for a scalar)."""
         event: Any = self.loader.get_event()
         self.document.values[path] = _position(event)
         if isinstance(event, yaml.AliasEvent):
-            if event.anchor not in self.anchors:
-                mark: Any = event.start_mark
-                problem = f"found undefined alias {event.anchor!r}"
-                raise yaml.composer.ComposerError(None, None, problem, mark)
-            return copy.deepcopy(self.anchors[event.anchor])
+            return self._alias(event, depth)
+        if depth > MAX_DEPTH:
+            self._refuse(event, f"nested more than {MAX_DEPTH} levels deep")
+        start = self.produced
         result: Any
+        height = 1
         if isinstance(event, yaml.ScalarEvent):
             result = self._scalar(event)
         elif isinstance(event, yaml.SequenceStartEvent):
             result = []
             while not self.loader.check_event(yaml.SequenceEndEvent):
-                result.append(self.value((*path, len(result))))
+                item, item_height = self._node((*path, len(result)), depth + 1)
+                result.append(item)
+                height = max(height, item_height + 1)
             self.loader.get_event()
         else:
-            result = self._mapping(path)
+            result, height = self._mapping(path, depth)
+        self.produced += 1
         if event.anchor:
-            self.anchors[event.anchor] = result
-        return result
+            self.anchors[event.anchor] = (result, self.produced - start, height)
+        return result, height
+
+    def _alias(self, event: Any, depth: int) -> tuple[Any, int]:
+        if event.anchor not in self.anchors:
+            problem = f"found undefined alias {event.anchor!r}"
+            raise yaml.composer.ComposerError(None, None, problem, event.start_mark)
+        value, size, height = self.anchors[event.anchor]
+        if depth + height - 1 > MAX_DEPTH:
+            self._refuse(event, f"alias *{event.anchor} nests the data more than {MAX_DEPTH} deep")
+        self.aliased += size
+        if self.aliased > MAX_ALIAS_VALUES:
+            self._refuse(
+                event,
+                f"aliases expand to more than {MAX_ALIAS_VALUES:,} values (at *{event.anchor}); "
+                "a manifest this size is a mistake or a YAML bomb",
+            )
+        self.produced += size
+        return value, height
+
+    def _refuse(self, event: Any, message: str) -> None:
+        line, column = _position(event)
+        raise ManifestError([ManifestProblem(self.display, line, column, "YAML", message)])
 
     def _tag(self, event: Any) -> str:
         if event.tag is None or event.tag == "!":
@@ -218,17 +312,19 @@ class _Builder:
         self.loader.constructed_objects.pop(node, None)
         return value
 
-    def _mapping(self, path: JsonPath) -> dict[str, Any]:
+    def _mapping(self, path: JsonPath, depth: int) -> tuple[dict[str, Any], int]:
         mapping: dict[str, Any] = {}
         merges: list[Any] = []
+        height = 1
         while not self.loader.check_event(yaml.MappingEndEvent):
             key_event = self.loader.peek_event()
             if isinstance(key_event, yaml.ScalarEvent) and self._tag(key_event) == _MERGE_TAG:
                 self.loader.get_event()
-                merged = self.value((*path, "<<"))
+                merged, merged_height = self._node((*path, "<<"), depth + 1)
+                height = max(height, merged_height)
                 merges.extend(merged if isinstance(merged, list) else [merged])
                 continue
-            key = str(self.value((*path, "<key>")))
+            key = str(self.value((*path, "<key>"), depth + 1))
             key_path = (*path, key)
             position = _position(key_event)
             if key in mapping:
@@ -241,10 +337,11 @@ class _Builder:
                         f"duplicate field '{key}' (first given on line {first}); keep one",
                     )
                 )
-                self.value((*path, "<duplicate>"))
+                self.value((*path, "<duplicate>"), depth + 1)
                 continue
             self.document.keys[key_path] = position
-            mapping[key] = self.value(key_path)
+            mapping[key], item_height = self._node(key_path, depth + 1)
+            height = max(height, item_height + 1)
         self.loader.get_event()
         self.document.values.pop((*path, "<key>"), None)
         self.document.values.pop((*path, "<duplicate>"), None)
@@ -260,12 +357,21 @@ class _Builder:
                 )
                 continue
             for key, value in source.items():
-                mapping.setdefault(key, copy.deepcopy(value))
-        return mapping
+                mapping.setdefault(key, value)
+        return mapping, height
 
 
 def _position(event: Any) -> tuple[int, int]:
     return event.start_mark.line + 1, event.start_mark.column + 1
+
+
+def _reader_position(text: str, position: int) -> tuple[int, int]:
+    # libyaml counts bytes of UTF-8, the pure-Python reader characters.
+    if _Loader is not yaml.SafeLoader:
+        prefix = text.encode("utf-8", "surrogatepass")[:position].decode("utf-8", "replace")
+    else:
+        prefix = text[:position]
+    return prefix.count("\n") + 1, len(prefix) - (prefix.rfind("\n") + 1) + 1
 
 
 def _describe(parent: JsonPath, field: str | int | None, shot_id: str | None) -> str:
@@ -294,17 +400,32 @@ _PATTERN_HINTS = {
     "id": "use only letters, digits, '.', '_' and '-', not starting with '.'",
     "name": "use only letters, digits, '.', '_' and '-', not starting with '.'",
     "size": "write it as W*H, for example '1664*928'",
+    "dir": "a folder name without control characters (NUL, newline, tab, ...)",
+    "reference_image": "a path or URL without control characters (NUL, newline, tab, ...)",
 }
 
 
 class _Checker:
     """Collects schema and model-rule problems for one parsed document."""
 
-    def __init__(self, document: _Document, display: str, base_dir: Path) -> None:
+    def __init__(
+        self,
+        document: _Document,
+        display: str,
+        base_dir: Path,
+        allow_reference_outside: bool,
+        references: dict[str, ReferenceImage | str],
+    ) -> None:
         self.document = document
         self.display = display
         self.base_dir = base_dir
         data = document.data
+        trust = data.get("trust") if isinstance(data, dict) else None
+        self.allow_reference_outside = allow_reference_outside or (
+            isinstance(trust, dict) and trust.get("references_outside") is True
+        )
+        # Each distinct reference is checked and read once per load, across both passes.
+        self.references = references
         shots = data.get("shots") if isinstance(data, dict) else None
         self.shots: list[Any] = shots if isinstance(shots, list) else []
         defaults = data.get("defaults") if isinstance(data, dict) else None
@@ -313,6 +434,7 @@ class _Checker:
 
     def problems(self) -> Iterator[ManifestProblem]:
         yield from self._schema_problems()
+        yield from self._limits_problems()
         yield from self._id_problems()
         for index, shot in enumerate(self.shots):
             if isinstance(shot, dict):
@@ -402,6 +524,16 @@ class _Checker:
         else:
             yield self._problem(parent, field, error.message)
 
+    def _limits_problems(self) -> Iterator[ManifestProblem]:
+        # JSON Schema's minimum lets NaN through (every comparison with it is false) and has no
+        # finite maximum to set: a NaN rate sends nothing, ever; an infinite one divides by zero.
+        data = self.document.data
+        limits = data.get("limits") if isinstance(data, dict) else None
+        rps = limits.get("rps") if isinstance(limits, dict) else None
+        if isinstance(rps, float) and not math.isfinite(rps):
+            message = f"must be a finite number of requests per second (at least {MIN_RPS})"
+            yield self._problem(("limits",), "rps", f"{message}, got {_show(rps)}")
+
     def _id_problems(self) -> Iterator[ManifestProblem]:
         # Ids become file names: two ids differing only in case would overwrite each other on
         # case-insensitive file systems (macOS, Windows).
@@ -470,14 +602,24 @@ class _Checker:
             yield self._located(origin, index, "negative_prompt", message)
         reference = merged.get("reference_image")
         if isinstance(reference, str) and reference and not _is_url(reference):
-            resolved = self.base_dir / reference
-            if not resolved.is_file():
-                message = (
-                    f"reference image '{reference}' not found (looked for {resolved}); "
-                    "give a path relative to the manifest or an http(s) URL"
-                )
+            checked = self._reference(reference)
+            if isinstance(checked, str):
                 origin = self._field_origin(index, shot, "reference_image")
-                yield self._located(origin, index, "reference_image", message)
+                yield self._located(origin, index, "reference_image", checked)
+
+    def _reference(self, written: str) -> ReferenceImage | str:
+        """The checked reference, or what is wrong with it; each file is read once per load."""
+        if written not in self.references:
+            try:
+                self.references[written] = load_local_reference(
+                    written, self.base_dir, allow_outside=self.allow_reference_outside
+                )
+            except ReferenceProblem as exc:
+                message = f"reference image '{written}' {exc}"
+                if str(exc).startswith("not found"):
+                    message += "; give a path relative to the manifest or an http(s) URL"
+                self.references[written] = message
+        return self.references[written]
 
     def _located(self, origin: JsonPath, index: int, field: str, message: str) -> ManifestProblem:
         if origin == ("defaults",):
@@ -513,7 +655,8 @@ def _show(value: Any) -> str:
     return json.dumps(value, default=str)
 
 
-def _build_manifest(path: Path, data: dict[str, Any]) -> Manifest:
+def _build_manifest(path: Path, document: _Document, checker: _Checker) -> Manifest:
+    data: dict[str, Any] = document.data
     defaults = data.get("defaults", {})
     shots = tuple(
         ShotSpec(
@@ -524,6 +667,11 @@ def _build_manifest(path: Path, data: dict[str, Any]) -> Manifest:
         for index, shot in enumerate(data["shots"])
     )
     limits = data.get("limits", {})
+    references = {
+        written: reference
+        for written, reference in checker.references.items()
+        if isinstance(reference, ReferenceImage)
+    }
     return Manifest(
         path=path,
         name=data.get("name", path.stem),
@@ -531,16 +679,22 @@ def _build_manifest(path: Path, data: dict[str, Any]) -> Manifest:
         output_dir=data.get("output", {}).get("dir"),
         limits=Limits(limits.get("concurrency"), limits.get("rps")),
         shots=shots,
+        references=references,
+        allow_reference_outside=checker.allow_reference_outside,
+        positions=dict(document.values),
     )
 
 
-def manifest_from_data(data: Any, *, display: str, base_dir: Path) -> Manifest:
+def manifest_from_data(
+    data: Any, *, display: str, base_dir: Path, allow_reference_outside: bool = False
+) -> Manifest:
     """Validate an already-parsed manifest by the same rules as a file: a dict from a Python
     caller, or a single `generate` request wrapped as a one-shot manifest. There are no lines to
-    point at, so each problem names its field; relative paths are taken from `base_dir`."""
+    point at, so each problem names its field; relative paths are taken from `base_dir`, and
+    local references must lie under it unless `allow_reference_outside`."""
     document = _Document(data, _Positions(False), _Positions(False))
-    checker = _Checker(document, display, base_dir)
+    checker = _Checker(document, display, base_dir, allow_reference_outside, {})
     problems = [replace(problem, line=0, column=0) for problem in checker.problems()]
     if problems:
         raise ManifestError(list(dict.fromkeys(problems)))
-    return _build_manifest(base_dir / display, data)
+    return _build_manifest(base_dir / display, document, checker)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, TextIO
 
 import click
 
+from imgbatch.errors import NoImageError
 from imgbatch.executor import Retrying
 from imgbatch.plan import Action, Plan
 from imgbatch.providers import is_metered
@@ -63,6 +64,15 @@ class Progress:
 
     def __call__(self, event: ResultEntry | Retrying) -> None:
         if isinstance(event, Retrying):
+            if isinstance(event.error, NoImageError):
+                # The seed's rule: never quietly; say which request gave no image.
+                self._line(
+                    f"{event.shot_id}: the service answered without an image (request "
+                    f"{event.error.request_id or 'unknown'}); asking once more with a "
+                    "simplified prompt",
+                    permanent=True,
+                )
+                return
             self.retries += 1
             return
         self.done += 1

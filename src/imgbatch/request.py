@@ -12,63 +12,19 @@ a later version does not change the keys of existing shots.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, replace
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 from imgbatch.models import DEFAULT_MODEL, parse_size
+from imgbatch.reference import ReferenceImage
 
 # Bump when the canonical form changes meaning: every key changes, every shot regenerates.
 KEY_FORMAT_VERSION = 1
 DEFAULT_SIZE = "1664*928"
-
-
-@dataclass(frozen=True)
-class ReferenceImage:
-    """A reference image, identified by what it contains.
-
-    `source` is where it came from (an absolute path, an http(s) URL, or "<bytes>"); only
-    `sha256` enters the key, so moving the file does not regenerate anything.
-    """
-
-    sha256: str
-    source: str
-    media_type: str = "image/png"
-    data: bytes | None = field(default=None, repr=False, compare=False)
-
-    @classmethod
-    def from_bytes(cls, data: bytes, source: str = "<bytes>") -> ReferenceImage:
-        return cls(hashlib.sha256(data).hexdigest(), source, sniff_media_type(data), data)
-
-    @classmethod
-    def from_path(cls, path: Path) -> ReferenceImage:
-        data = path.read_bytes()
-        # The bytes are read again when the request is sent: 100,000 shots sharing one
-        # reference must not hold 100,000 copies.
-        return cls(hashlib.sha256(data).hexdigest(), str(path), sniff_media_type(data))
-
-    @property
-    def is_url(self) -> bool:
-        return self.source.startswith(("http://", "https://"))
-
-    def message_value(self) -> str:
-        """What goes into the API message: the URL itself, else the bytes as a data URI."""
-        if self.is_url:
-            return self.source
-        data = self.data if self.data is not None else Path(self.source).read_bytes()
-        return f"data:{self.media_type};base64,{base64.b64encode(data).decode('ascii')}"
-
-
-def sniff_media_type(data: bytes) -> str:
-    if data.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return "image/png"
 
 
 @dataclass(frozen=True)
@@ -152,3 +108,23 @@ class GeneratedImage:
     height: int
     seed: int | None
     request_id: str | None
+
+
+# Western sentences end at a stop and a space; Chinese and Japanese ones at the full-width stop.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])|\n+")
+_CLAUSE_END = re.compile(r"[,;，；]\s*")
+
+
+def simplified(request: ImageRequest) -> ImageRequest | None:
+    """The request to send once more after a 200 without an image (the seed skill's rule): the
+    style dropped and the prompt cut to its first sentence (or, for a one-sentence prompt, its
+    first clause). None when there is nothing left to simplify."""
+    prompt = request.prompt.strip()
+    shorter = _SENTENCE_END.split(prompt, maxsplit=1)[0].strip()
+    if shorter == prompt:
+        shorter = _CLAUSE_END.split(prompt, maxsplit=1)[0].strip()
+    if not shorter:
+        shorter = prompt
+    if shorter == prompt and not request.style:
+        return None
+    return replace(request, prompt=shorter, style=None)

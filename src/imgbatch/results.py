@@ -53,6 +53,10 @@ class ResultEntry:
     bytes: int | None = None
     attempts: int = 0
     request: Mapping[str, Any] = field(default_factory=dict)
+    # The text actually sent (the prompt with its style folded in, or its simplified form), and
+    # whether the service's 200 without an image made imgbatch ask again, simplified.
+    prompt_sent: str | None = None
+    simplified: bool = False
 
     def to_json(self) -> dict[str, Any]:
         # Shallow on purpose: `request` is a flat mapping, and dataclasses.asdict's deep copy of

@@ -56,6 +56,7 @@ def generate(
     provider: Any = None,
     environ: Mapping[str, str] | None = None,
     home: Path | None = None,
+    allow_reference_outside: bool = False,
 ) -> dict[str, Any]:
     """Make (or take from the cache) the image for one normalized request; see the module doc.
 
@@ -64,7 +65,14 @@ def generate(
     credentials, `ProviderError` when the service refused or failed it.
     """
     return asyncio.run(
-        agenerate(request, output=output, provider=provider, environ=environ, home=home)
+        agenerate(
+            request,
+            output=output,
+            provider=provider,
+            environ=environ,
+            home=home,
+            allow_reference_outside=allow_reference_outside,
+        )
     )
 
 
@@ -75,6 +83,7 @@ async def agenerate(
     provider: Any = None,
     environ: Mapping[str, str] | None = None,
     home: Path | None = None,
+    allow_reference_outside: bool = False,
 ) -> dict[str, Any]:
     """`generate` for callers already inside an event loop."""
     # Imported here: `imgbatch generate --help` must not pay for the executor and the SDK.
@@ -88,7 +97,7 @@ async def agenerate(
     environ = os.environ if environ is None else environ
     if not isinstance(request, Mapping):
         raise ConfigError("the request must be a JSON object of image.generate fields")
-    manifest = _as_manifest(request)
+    manifest = _as_manifest(request, allow_reference_outside)
     chosen = provider if not isinstance(provider, str | None) else None
     name = chosen.name if chosen is not None else provider_name(manifest, provider, environ, home)
     (shot,) = expand(manifest, provider=name, environ=environ).shots
@@ -125,15 +134,18 @@ async def agenerate(
     )
 
 
-def _as_manifest(request: Mapping[str, Any]) -> Manifest:
+def _as_manifest(request: Mapping[str, Any], allow_reference_outside: bool) -> Manifest:
     """The request as a one-shot manifest, checked by the manifest's rules; problems are named
-    by the request's own fields. Relative reference paths are taken from the current folder."""
+    by the request's own fields. Relative reference paths are taken from the current folder, and
+    a local reference must lie under it unless `allow_reference_outside` (a request may come
+    from a model or a pull request as much as from the person typing it)."""
     shot_fields = {"id": REQUEST_DISPLAY, **request}
     try:
         return manifest_from_data(
             {"version": 1, "name": SKILL_FOLDER, "shots": [shot_fields]},
             display=REQUEST_DISPLAY,
             base_dir=Path.cwd(),
+            allow_reference_outside=allow_reference_outside,
         )
     except ManifestError as error:
         shot = f"shot {REQUEST_DISPLAY}, "

@@ -25,6 +25,7 @@ from dashscope.aigc.image_generation import AioImageGeneration
 
 from imgbatch.errors import (
     AuthError,
+    NoImageError,
     PermanentError,
     ProviderError,
     TransientError,
@@ -181,13 +182,17 @@ class DashScopeProvider:
         if status == 200:
             try:
                 content = response.output["choices"][0]["message"]["content"]
-                url = next(item["image"] for item in content if "image" in item)
-                width, height = int(response.usage["width"]), int(response.usage["height"])
-            except (KeyError, IndexError, TypeError, ValueError, StopIteration):
-                raise TransientError(
-                    "DashScope answered 200 without an image URL and size",
-                    request_id=request_id,
+                url = next(item["image"] for item in content if item.get("image"))
+            except (KeyError, IndexError, TypeError, AttributeError, StopIteration):
+                raise NoImageError(
+                    "DashScope answered 200 without an image URL", request_id=request_id
                 ) from None
+            # The size is checked on the image itself; what usage reports is only a default.
+            width, height = request.dimensions
+            try:
+                width, height = int(response.usage["width"]), int(response.usage["height"])
+            except (KeyError, TypeError, ValueError):
+                pass
             return GeneratedImage(self._redact(str(url)), width, height, request.seed, request_id)
         code = self._redact_optional(response.code)
         message = self._redact(str(response.message or "no message"))

@@ -1,8 +1,7 @@
 """DashScope's credentials: where its API key comes from, without importing the SDK.
 
-Takes the environment (and optionally a home folder); gives an `ApiKey` (the secret and its
-source) from `DASHSCOPE_API_KEY` or `dashscope_api_key` under `[default]` in
-`~/.alibabacloud/credentials` (the environment wins). Kept apart from the provider so that
+Takes the environment (and optionally a home folder); gives an `ApiKey`: the secret and where
+it came from (`resolve_api_key` lists the places, in order). Kept apart from the provider so that
 questions that only need the key (is one configured? what must a crash log hide?) cost
 milliseconds, not the SDK's import.
 """
@@ -16,8 +15,8 @@ from pathlib import Path
 
 from imgbatch.errors import ConfigError
 
-NO_KEY_MESSAGE = (
-    "No DashScope API key: set DASHSCOPE_API_KEY, or add dashscope_api_key under [default] in "
+NO_KEY_HINT = (
+    "set DASHSCOPE_API_KEY, or add dashscope_api_key under [default] in "
     "~/.alibabacloud/credentials. To try a shot list without a key, use --provider placeholder."
 )
 
@@ -34,17 +33,23 @@ class ApiKey:
 
 
 def resolve_api_key(environ: Mapping[str, str], home: Path | None = None) -> ApiKey:
-    """The key from the environment, else from the Alibaba Cloud credentials file."""
+    """The key from, in this order: `DASHSCOPE_API_KEY`; `dashscope_api_key` under `[default]`
+    in `~/.alibabacloud/credentials` (the two places the seed skill names); then the SDK's own
+    places, `DASHSCOPE_API_KEY_FILE_PATH` and `~/.dashscope/api_key`, so that a key the SDK
+    would find is not silently passed over. Quotes around a value are not part of the key."""
     return _checked(_find_key(environ, home))
 
 
 def _find_key(environ: Mapping[str, str], home: Path | None) -> ApiKey:
-    value = environ.get("DASHSCOPE_API_KEY", "").strip()
-    if value:
-        return ApiKey(value, "the DASHSCOPE_API_KEY environment variable")
     if home is None:
         home = Path(environ["HOME"]) if environ.get("HOME") else Path.home()
+    looked: list[str] = []
+    value = _unquoted(environ.get("DASHSCOPE_API_KEY", ""))
+    looked.append("DASHSCOPE_API_KEY")
+    if value:
+        return ApiKey(value, "the DASHSCOPE_API_KEY environment variable")
     path = home / ".alibabacloud" / "credentials"
+    looked.append(str(path))
     if path.is_file():
         parser = configparser.ConfigParser(interpolation=None)
         try:
@@ -52,10 +57,28 @@ def _find_key(environ: Mapping[str, str], home: Path | None) -> ApiKey:
         except (configparser.Error, UnicodeDecodeError) as exc:
             # The parser's own message can quote the file's lines, key included.
             raise ConfigError(f"{path} is not a valid INI file ({type(exc).__name__})") from None
-        value = parser.get("default", "dashscope_api_key", fallback="").strip()
+        value = _unquoted(parser.get("default", "dashscope_api_key", fallback=""))
         if value:
             return ApiKey(value, f"dashscope_api_key under [default] in {path}")
-    raise ConfigError(NO_KEY_MESSAGE)
+    key_files = [home / ".dashscope" / "api_key"]
+    if environ.get("DASHSCOPE_API_KEY_FILE_PATH"):
+        key_files.insert(0, Path(environ["DASHSCOPE_API_KEY_FILE_PATH"]))
+    for key_file in key_files:
+        looked.append(str(key_file))
+        try:
+            value = _unquoted(key_file.read_text(encoding="utf-8")) if key_file.is_file() else ""
+        except (OSError, UnicodeDecodeError):
+            value = ""
+        if value:
+            return ApiKey(value, f"the key file {key_file}")
+    raise ConfigError(f"No DashScope API key (looked in {', '.join(looked)}): {NO_KEY_HINT}")
+
+
+def _unquoted(value: str) -> str:
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        value = value[1:-1].strip()
+    return value
 
 
 def _checked(key: ApiKey) -> ApiKey:
