@@ -4,7 +4,8 @@ Each check runs a command in a fresh interpreter and lists which heavy modules i
 must load none of the library's run machinery (executor, aiohttp, Pillow, a provider's SDK), and
 neither `validate` nor `plan` of a valid manifest may import a provider's SDK, aiohttp or
 jsonschema. What lets them skip the SDK is that the providers package answers `auto`, `metered`
-and the secrets to redact without importing a provider; those answers are checked here too. The timings are in bench/startup.py and the README.
+and the secrets to redact without importing a provider; those answers are checked here too.
+The timings are in bench/startup.py and the README.
 """
 
 from __future__ import annotations
