@@ -371,3 +371,42 @@ def test_api_make_plan_after_apply_then_edit(tmp_path: Path) -> None:
     ]
     assert [(item.id, item.action) for item in plan.orphans] == [("s02", Action.ORPHAN)]
     assert plan.paid_requests == 1
+
+
+# --- the record a restore is checked against --------------------------------------------------
+
+
+def recorded(made: Shot, sha256: str, status: str = "generated") -> ResultEntry:
+    return replace(entry(made, status), sha256=sha256)
+
+
+def restore_record(
+    out: Path, cache: ImageCache, wanted: Shot, state: list[ResultEntry]
+) -> str | None:
+    cache.put(wanted.request.key, IMAGE)
+    (item,) = plan_of(out, [wanted], state, cache).shots
+    assert item.action is Action.RESTORE
+    return item.record.sha256 if item.record else None
+
+
+def test_a_restore_is_checked_against_its_own_record(out: Path, cache: ImageCache) -> None:
+    made = shot("s01")
+    assert restore_record(out, cache, made, [recorded(made, "a" * 64)]) == "a" * 64
+
+
+def test_a_renamed_shot_is_checked_against_the_record_its_old_id_left(
+    out: Path, cache: ImageCache
+) -> None:
+    old = shot("s01-old")
+    assert restore_record(out, cache, shot("s01-new"), [recorded(old, "b" * 64)]) == "b" * 64
+
+
+def test_a_failed_entry_or_an_unrecorded_key_leaves_nothing_to_check_but_the_decode(
+    out: Path, cache: ImageCache
+) -> None:
+    made = shot("s01")
+    failed = recorded(made, "c" * 64, status="failed")
+    assert restore_record(out, cache, made, [failed]) is None
+    # A revert to an earlier prompt: results.json only holds the later request's record.
+    later = recorded(shot("s01", "a blue bicycle"), "d" * 64)
+    assert restore_record(out, cache, made, [later]) is None

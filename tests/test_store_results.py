@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import io
 import json
 import os
+import stat
 import struct
 import zlib
 from collections.abc import Callable
@@ -15,7 +18,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from imgbatch.errors import StoreError
+from imgbatch import store
+from imgbatch.errors import CacheEntryDamaged, StoreError, StoreWriteError
 from imgbatch.results import (
     Journal,
     ResultEntry,
@@ -25,7 +29,7 @@ from imgbatch.results import (
     results_path,
     write_results,
 )
-from imgbatch.store import ImageCache, atomic_copy, atomic_write, verify_image
+from imgbatch.store import TEMP_PREFIX, ImageCache, atomic_write, check_writable, verify_image
 
 KEY = "ab" + "0123456789abcdef" * 3 + "0123456789abcd"
 RECOVER = (
@@ -97,13 +101,15 @@ def test_failed_rename_keeps_the_old_file_and_removes_the_temp_file(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", refuse)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(StoreWriteError) as caught:
         atomic_write(target, b"new")
 
+    assert caught.value.disk_full
+    assert str(caught.value).startswith(f"disk full writing {target} (No space left on device)")
     assert target.read_bytes() == b"old"
     assert listing(tmp_path) == ["file.bin"]
     (temp,) = temps
-    assert Path(temp).parent == tmp_path and Path(temp).name.startswith(".file.bin.")
+    assert Path(temp).parent == tmp_path and Path(temp).name.startswith(TEMP_PREFIX)
 
 
 def test_interrupt_during_write_removes_the_temp_file(
@@ -120,27 +126,6 @@ def test_interrupt_during_write_removes_the_temp_file(
         atomic_write(target, b"new")
     assert target.read_bytes() == b"old"
     assert listing(tmp_path) == ["file.bin"]
-
-
-def test_atomic_copy_copies_and_cleans_up_on_failure(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    source = tmp_path / "source.png"
-    source.write_bytes(b"image bytes")
-    target = tmp_path / "out" / "s01.png"
-    atomic_copy(source, target)
-    assert target.read_bytes() == b"image bytes"
-
-    source.write_bytes(b"other bytes")
-
-    def refuse(*args: object) -> None:
-        raise OSError("full")
-
-    monkeypatch.setattr(os, "replace", refuse)
-    with pytest.raises(OSError, match="full"):
-        atomic_copy(source, target)
-    assert target.read_bytes() == b"image bytes"
-    assert listing(target.parent) == ["s01.png"]
 
 
 # --- verify_image -----------------------------------------------------------------------------
@@ -201,32 +186,43 @@ def test_verify_image_rejects_a_huge_decompression_bomb_as_value_error() -> None
 # --- the image cache --------------------------------------------------------------------------
 
 
-def test_image_cache_put_has_copy_to(tmp_path: Path) -> None:
+def test_image_cache_put_has_restore(tmp_path: Path) -> None:
     cache = ImageCache(tmp_path)
     assert cache.path(KEY) == tmp_path / ".imgbatch" / "cache" / "ab" / f"{KEY}.png"
     assert not cache.has(KEY)
 
-    cache.put(KEY, b"image bytes")
+    data = png(64, 32)
+    cache.put(KEY, data)
     assert cache.has(KEY)
     assert not cache.has("cd" + KEY[2:])
-    assert cache.path(KEY).read_bytes() == b"image bytes"
+    assert cache.path(KEY).read_bytes() == data
 
     target = tmp_path / "nested" / "s01.png"
-    cache.copy_to(KEY, target)
-    assert target.read_bytes() == b"image bytes"
+    digest = hashlib.sha256(data).hexdigest()
+    assert cache.restore(KEY, target, sha256=digest, size=len(data), dimensions=(1, 1)) == (
+        digest,
+        len(data),
+    )
+    assert target.read_bytes() == data
 
     # A copy, not a link: editing the output file leaves the cache alone.
     with target.open("r+b") as handle:
         handle.write(b"EDITED")
-    assert cache.path(KEY).read_bytes() == b"image bytes"
+    assert cache.path(KEY).read_bytes() == data
     assert listing(cache.path(KEY).parent) == [f"{KEY}.png"]
 
+    # Without a record, the entry must decode at the shot's size.
+    other = tmp_path / "s02.png"
+    cache.restore(KEY, other, sha256=None, size=None, dimensions=(64, 32))
+    assert other.read_bytes() == data
 
-def test_image_cache_copy_of_a_missing_key_fails_without_leaving_files(tmp_path: Path) -> None:
+
+def test_image_cache_restore_of_a_missing_key_fails_without_leaving_files(tmp_path: Path) -> None:
     cache = ImageCache(tmp_path)
     target = tmp_path / "out" / "s01.png"
-    with pytest.raises(FileNotFoundError):
-        cache.copy_to(KEY, target)
+    target.parent.mkdir()
+    with pytest.raises(CacheEntryDamaged, match="cannot be read"):
+        cache.restore(KEY, target, sha256=None, size=None, dimensions=(64, 32))
     assert listing(target.parent) == []
 
 
@@ -427,3 +423,87 @@ def test_corrupt_results_file_message_includes_the_parse_error(tmp_path: Path) -
     with pytest.raises(StoreError) as caught:
         load_state(tmp_path)
     assert str(caught.value) == f"{path} cannot be read ({parse_error}){RECOVER}"
+
+
+# --- write failures, links and permissions ----------------------------------------------------
+
+
+def test_a_journal_line_that_failed_to_write_loses_only_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal = Journal(tmp_path)
+    journal.record(result("s01"))
+    real = store._write_fd
+
+    def half_then_full(fd: int, data: bytes, path: Path) -> None:
+        real(fd, data[: len(data) // 2], path)  # the disk filled up mid-line
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store, "_write_fd", half_then_full)
+    with pytest.raises(StoreWriteError) as caught:
+        journal.record(result("s02"))
+    assert caught.value.disk_full and str(journal.path) in str(caught.value)
+    monkeypatch.setattr(store, "_write_fd", real)  # space freed
+    journal.record(result("s03"))
+    journal.close()
+
+    assert read_journal(tmp_path) == [result("s01"), result("s03")]
+
+
+def test_the_journal_is_never_written_through_a_link(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text("keep me\n", encoding="utf-8")
+    path = journal_path(tmp_path)
+    path.parent.mkdir(parents=True)
+    path.symlink_to(elsewhere)
+
+    with pytest.raises(StoreError, match=f"cannot open {path} for writing"):
+        Journal(tmp_path)
+    with pytest.raises(StoreError, match=f"{path} is a symbolic link"):
+        read_journal(tmp_path)
+    assert elsewhere.read_text(encoding="utf-8") == "keep me\n"
+
+
+def test_check_writable_names_the_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    check_writable(tmp_path)  # no exception, and nothing left behind
+    assert listing(tmp_path) == []
+    with pytest.raises(StoreError, match=f"{tmp_path / 'missing'} is not a folder"):
+        check_writable(tmp_path / "missing")
+
+    def refuse(folder: Path) -> tuple[int, str]:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(store, "_create_temp", refuse)
+    with pytest.raises(StoreError) as caught:
+        check_writable(tmp_path)
+    assert str(caught.value) == f"cannot write in {tmp_path}: Permission denied; nothing was sent"
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_atomic_write_gives_the_mode_open_would(tmp_path: Path, umask: int, mode: int) -> None:
+    target = tmp_path / "image.png"
+    target.write_bytes(b"old")
+    target.chmod(0o600)
+    old = os.umask(umask)
+    try:
+        atomic_write(target, b"new")
+        atomic_write(tmp_path / "fresh.png", b"new")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(target.stat().st_mode) == mode
+    assert stat.S_IMODE((tmp_path / "fresh.png").stat().st_mode) == mode
+
+
+def test_restore_never_copies_through_a_link(tmp_path: Path) -> None:
+    secret = tmp_path / "passwd"
+    secret.write_bytes(png(64, 32))  # even a real image: a link is never followed
+    cache = ImageCache(tmp_path)
+    cache.path(KEY).parent.mkdir(parents=True)
+    cache.path(KEY).symlink_to(secret)
+    target = tmp_path / "s01.png"
+
+    with pytest.raises(CacheEntryDamaged, match="is a symbolic link"):
+        cache.restore(KEY, target, sha256=None, size=None, dimensions=(64, 32))
+    assert not target.exists()
+    cache.discard(KEY)
+    assert not cache.path(KEY).is_symlink() and secret.exists()

@@ -25,7 +25,7 @@ from typing import Any
 
 import filelock
 
-from imgbatch.errors import LockedError, StoreError
+from imgbatch.errors import LockedError, StoreError, StoreWriteError
 from imgbatch.executor import Executor, Listener, Phase, RunOutcome, failed_entry
 from imgbatch.expand import Expansion, expand
 from imgbatch.manifest import Manifest, load_manifest, manifest_from_data
@@ -35,7 +35,7 @@ from imgbatch.plan import make_plan as plan_shots
 from imgbatch.providers import Provider, create_provider, resolve_provider_name
 from imgbatch.request import KEY_FORMAT_VERSION
 from imgbatch.results import Journal, ResultEntry, load_state, write_results
-from imgbatch.store import STATE_DIR, ImageCache, remove_stale_temporaries
+from imgbatch.store import STATE_DIR, ImageCache, check_writable, remove_stale_temporaries
 
 DEFAULT_PROVIDER = "dashscope"
 
@@ -190,9 +190,14 @@ async def apply_async(
     output_dir = expansion.output_dir
     started = time.monotonic()
     with exclusive_output(output_dir):
+        cache = ImageCache(output_dir)
+        # Before the first request: a folder that cannot be written would waste every image.
+        check_writable(output_dir)
+        check_writable(output_dir / STATE_DIR)
+        if cache.root.exists():
+            check_writable(cache.root)
         remove_stale_temporaries(output_dir)
         state = load_state(output_dir)
-        cache = ImageCache(output_dir)
         plan = _plan(expansion, state)
         if on_plan:
             on_plan(plan)
@@ -227,7 +232,10 @@ async def apply_async(
             "key_format": KEY_FORMAT_VERSION,
             "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        results = write_results(output_dir, entries, orphans, meta)
+        try:
+            results = write_results(output_dir, entries, orphans, meta)
+        except StoreWriteError as exc:
+            raise StoreError(_unwritten_results(exc, outcome, journal.path)) from None
     return ApplyReport(
         plan=plan,
         results_path=results,
@@ -243,6 +251,17 @@ async def apply_async(
         rate_discovered=outcome.rate_discovered,
         elapsed=time.monotonic() - started,
     )
+
+
+def _unwritten_results(error: StoreWriteError, outcome: RunOutcome, journal: Path) -> str:
+    """What to tell the user when results.json cannot be written at the end of a run."""
+    lines = [
+        f"{error}; the shots this run finished are in {journal} (unless the disk was already "
+        "full), and the next apply picks them up"
+    ]
+    if outcome.stopped:
+        lines.insert(0, f"the run stopped: {outcome.stopped}")
+    return "\n".join(lines)
 
 
 def _final_entry(item: PlannedShot, outcome: RunOutcome, metered: bool) -> ResultEntry:
@@ -321,13 +340,20 @@ def exclusive_output(output_dir: Path) -> Iterator[None]:
         (output_dir / STATE_DIR).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StoreError(f"cannot create the output folder {output_dir}: {exc}") from None
-    lock = filelock.FileLock(str(output_dir / STATE_DIR / "lock"), timeout=0)
+    path = output_dir / STATE_DIR / "lock"
+    lock = filelock.FileLock(str(path), timeout=0)
     try:
         lock.acquire()
     except filelock.Timeout:
         raise LockedError(
             f"another imgbatch apply is writing to {output_dir}; wait for it to finish "
             "(the lock is released when that process exits, even if it crashed)"
+        ) from None
+    except OSError as exc:
+        # A folder or a symbolic link in its place (filelock never follows a link).
+        raise StoreError(
+            f"cannot take the lock {path} ({exc.strerror or exc}); move it aside and run apply "
+            "again"
         ) from None
     try:
         yield

@@ -6,6 +6,8 @@
     ├── ConfigError               bad options or environment: missing key, unknown provider (exit 2)
     ├── LockedError               another apply holds the output folder (exit 1)
     ├── StoreError                the output folder or cache cannot be read or written (exit 1)
+    │   ├── StoreWriteError       one file could not be written (disk full, a folder in its place)
+    │   └── CacheEntryDamaged     a cache entry that is not its image: discarded, made again
     └── ProviderError             the image service refused or failed a request
         ├── TransientError        429, 408, 5xx, dropped connections: retried with backoff
         ├── PermanentError        400 (bad parameter, moderation): that shot fails, others go on
@@ -17,6 +19,7 @@ Retry decisions follow the class, never the message text. No message ever contai
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -115,3 +118,28 @@ class NoImageError(ProviderError):
 
 class AuthError(ProviderError):
     """The key is refused; every other request would be refused too."""
+
+
+class StoreWriteError(StoreError):
+    """A file could not be written; `disk_full` when its filesystem (or quota) is out of space."""
+
+    def __init__(self, path: str, error: OSError, filesystem: str) -> None:
+        self.path = path
+        self.error = error
+        self.disk_full = error.errno in _DISK_FULL
+        reason = error.strerror or str(error)
+        if self.disk_full:
+            message = (
+                f"disk full writing {path} ({reason}): free space on the filesystem "
+                f"mounted at {filesystem} and run apply again"
+            )
+        else:
+            message = f"could not write {path}: {reason}"
+        super().__init__(message)
+
+
+class CacheEntryDamaged(StoreError):
+    """A cache entry that is not the image it should be; it is discarded, never restored."""
+
+
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})

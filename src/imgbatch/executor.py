@@ -8,6 +8,11 @@ downloaded right after it is generated (its URL expires), verified to decode at 
 size, put in the cache and copied into place before its entry is journaled, so a crash loses only
 shots in flight; its URL is journaled before the download, so that a shot paid for but not yet
 downloaded is fetched by the next apply (`_recover`) instead of being paid for again.
+
+A file that cannot be written fails its shot only, naming the path (a paid image stays in the
+cache, or its URL in the entry); a full disk, or a journal that cannot be written, also stops the
+run like a 401. A restore checks the cache entry first: a damaged one is discarded, said to the
+listener as a `Notice`, and the image fetched from its recorded URL or generated again.
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ from pathlib import Path
 
 from imgbatch.errors import (
     AuthError,
+    CacheEntryDamaged,
     NoImageError,
     PermanentError,
     ProviderError,
+    StoreWriteError,
     TransientError,
 )
 from imgbatch.expand import Shot
@@ -32,7 +39,7 @@ from imgbatch.plan import Action, Plan, PlannedShot
 from imgbatch.providers import Provider
 from imgbatch.request import GeneratedImage, ImageRequest, simplified
 from imgbatch.results import ResultEntry
-from imgbatch.store import ImageCache, verify_image
+from imgbatch.store import ImageCache, atomic_write, verify_image
 
 # Requests in flight when the user sets no cap. The rate is what limits a run; this only has to
 # be more than rate x latency (25 requests/s at a 15 s generation is 375 in flight), and stay
@@ -87,7 +94,16 @@ class RunOutcome:
     rate_discovered: bool = False
 
 
-Listener = Callable[[ResultEntry | Retrying], None]
+@dataclass(frozen=True)
+class Notice:
+    """Something the user should know about a shot that is not its result (a damaged cache
+    entry, discarded)."""
+
+    shot_id: str
+    message: str
+
+
+Listener = Callable[[ResultEntry | Retrying | Notice], None]
 
 
 class Executor:
@@ -95,7 +111,7 @@ class Executor:
         self,
         provider: Provider,
         cache: ImageCache,
-        record: Callable[[ResultEntry], None],
+        journal: Callable[[ResultEntry], None],
         *,
         pacer: Pacer,
         concurrency: int | None = None,
@@ -108,7 +124,7 @@ class Executor:
         # After a 200 without an image, ask once more with a simplified prompt (the seed's rule).
         self.simplify = simplify
         self.cache = cache
-        self.record = record
+        self.journal = journal
         self.pacer = pacer
         self.concurrency = fit_to_open_files(concurrency or DEFAULT_CONCURRENCY)
         self.retry = retry or RetryPolicy()
@@ -152,9 +168,37 @@ class Executor:
                 continue
             self.outcome.in_flight[item.id] = Phase.WAITING
             if item.action is Action.RESTORE:
-                await self._restore(output_dir, item.shot, item.previous)
+                await self._restore(output_dir, item)
             elif not await self._recover(output_dir, item.shot, item.previous):
                 await self._generate(output_dir, item.shot)
+
+    def record(self, entry: ResultEntry) -> None:
+        """Journal `entry`; a journal that cannot be written stops the run (the entry stays in
+        the outcome, for results.json)."""
+        try:
+            self.journal(entry)
+        except StoreWriteError as exc:
+            self._stop_for_write(exc)
+
+    def _stop_for_write(self, error: StoreWriteError) -> None:
+        if error.disk_full:
+            self.stop(f"{error}; paid images already downloaded are kept")
+        else:
+            self.stop(str(error))
+
+    def _write_failed(
+        self,
+        shot: Shot,
+        error: StoreWriteError,
+        attempts: int,
+        *,
+        kept: str,
+        generated: GeneratedImage | None = None,
+    ) -> None:
+        """One shot's file could not be written: that shot fails; a full disk stops the run."""
+        if error.disk_full:
+            self._stop_for_write(error)
+        self._finish(failed_entry(shot, f"{error}; {kept}", None, attempts, generated=generated))
 
     def _finish(self, entry: ResultEntry, *, journal: bool = True) -> None:
         self.outcome.in_flight.pop(entry.id, None)
@@ -164,20 +208,45 @@ class Executor:
         if self.listener:
             self.listener(entry)
 
-    async def _restore(self, output_dir: Path, shot: Shot, previous: ResultEntry | None) -> None:
+    async def _restore(self, output_dir: Path, item: PlannedShot) -> None:
+        """Copy the cached image into place once checked; a damaged entry is discarded and the
+        image fetched from its recorded URL, else generated again."""
+        shot, previous, record = item.shot, item.previous, item.record
+        assert shot is not None
         key = shot.request.key
         target = output_dir / shot.file
-        await asyncio.to_thread(self.cache.copy_to, key, target)
+        try:
+            digest, size = await asyncio.to_thread(
+                self.cache.restore,
+                key,
+                target,
+                sha256=record.sha256 if record else None,
+                size=record.bytes if record else None,
+                dimensions=shot.request.dimensions,
+            )
+        except CacheEntryDamaged as damaged:
+            await asyncio.to_thread(self.cache.discard, key)
+            fetchable = record is not None and record.image_url is not None
+            if self.listener:
+                then = "fetching it from its URL" if fetchable else "generating it again"
+                self.listener(Notice(shot.id, f"{damaged}; discarded it, {then}"))
+            if record is not None and await self._recover(
+                output_dir, shot, replace(record, status="failed", key=key)
+            ):
+                return
+            await self._generate(output_dir, shot)
+            return
+        except StoreWriteError as exc:
+            self._write_failed(shot, exc, 0, kept="its image stays in the cache for the next apply")
+            return
         if previous is not None and previous.key == key and previous.status != "failed":
             # Same request as before: keep its provenance (URL, request id) from the results.
-            self._finish(replace(previous, status="cached", file=shot.file))
+            self._finish(
+                replace(previous, status="cached", file=shot.file, sha256=digest, bytes=size)
+            )
             return
-        digest = await asyncio.to_thread(_sha256_file, target)
         width, height = shot.request.dimensions
-        entry = _entry(
-            shot, "cached", None, width, height, digest, target.stat().st_size, attempts=0
-        )
-        self._finish(entry)
+        self._finish(_entry(shot, "cached", None, width, height, digest, size, attempts=0))
 
     async def _generate(self, output_dir: Path, shot: Shot) -> None:
         attempt = lost = 0
@@ -336,8 +405,18 @@ class Executor:
     ) -> None:
         """Put verified bytes in the cache and at the shot's file, then record the shot."""
         key = shot.request.key
-        await asyncio.to_thread(self.cache.put, key, data)
-        await asyncio.to_thread(self.cache.copy_to, key, output_dir / shot.file)
+        try:
+            await asyncio.to_thread(self.cache.put, key, data)
+        except StoreWriteError as exc:
+            kept = "its URL is kept: the next apply downloads it instead of paying again"
+            self._write_failed(shot, exc, attempts, kept=kept, generated=image)
+            return
+        try:
+            await asyncio.to_thread(atomic_write, output_dir / shot.file, data)
+        except StoreWriteError as exc:
+            kept = "its image is in the cache: the next apply puts it in place without paying"
+            self._write_failed(shot, exc, attempts, kept=kept, generated=image)
+            return
         entry = _entry(
             shot,
             "generated",
@@ -371,14 +450,6 @@ def fit_to_open_files(concurrency: int) -> int:
     if soft == resource.RLIM_INFINITY:
         return concurrency
     return max(1, min(concurrency, (soft - _FILES_RESERVED) // _FILES_PER_REQUEST))
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _entry(

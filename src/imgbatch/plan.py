@@ -10,6 +10,7 @@ no-op plan of thousands of shots stays fast.
                stays in the cache so reverting the edit costs nothing
     unchanged  its image on disk matches: nothing to do
     restore    an image for this exact request is in the cache: copied into place, no request
+               (checked first; a damaged entry is discarded and the image fetched or made again)
     orphan     in the results but no longer in the manifest: left on disk, listed
 """
 
@@ -44,6 +45,8 @@ class PlannedShot:
     reason: str
     shot: Shot | None
     previous: ResultEntry | None
+    # For a restore: the entry that recorded the cached image's SHA-256 and size, if any.
+    record: ResultEntry | None = None
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,10 @@ def make_plan(
     *,
     provider: str,
 ) -> Plan:
-    planned = tuple(_plan_shot(output_dir, shot, state.get(shot.id), cache) for shot in shots)
+    records = _Records(state)
+    planned = tuple(
+        _plan_shot(output_dir, shot, state.get(shot.id), cache, records) for shot in shots
+    )
     wanted = {shot.id for shot in shots}
     orphans = tuple(
         PlannedShot(
@@ -85,8 +91,31 @@ def make_plan(
     return Plan(output_dir, planned, orphans, provider)
 
 
+class _Records:
+    """The entry that recorded each key's image, indexed only when a restore asks for one."""
+
+    def __init__(self, state: Mapping[str, ResultEntry]) -> None:
+        self._state = state
+        self._by_key: dict[str, ResultEntry] | None = None
+
+    def get(self, key: str, previous: ResultEntry | None) -> ResultEntry | None:
+        if previous is not None and previous.key == key and _has_record(previous):
+            return previous
+        if self._by_key is None:
+            self._by_key = {e.key: e for e in self._state.values() if _has_record(e)}
+        return self._by_key.get(key)
+
+
+def _has_record(entry: ResultEntry) -> bool:
+    return entry.status != "failed" and entry.sha256 is not None and entry.bytes is not None
+
+
 def _plan_shot(
-    output_dir: Path, shot: Shot, previous: ResultEntry | None, cache: ImageCache
+    output_dir: Path,
+    shot: Shot,
+    previous: ResultEntry | None,
+    cache: ImageCache,
+    records: _Records,
 ) -> PlannedShot:
     key = shot.request.key
     made_before = previous is not None and previous.status != "failed"
@@ -98,7 +127,9 @@ def _plan_shot(
             reason = "file missing or modified; restored from the cache"
         else:
             reason = "this exact request was made before; restored from the cache"
-        return PlannedShot(shot.id, Action.RESTORE, reason, shot, previous)
+        return PlannedShot(
+            shot.id, Action.RESTORE, reason, shot, previous, records.get(key, previous)
+        )
     if made_before and previous is not None and previous.key != key and previous.request:
         changed = changed_fields(dict(previous.request), shot.request.canonical())
         reason = f"changed: {', '.join(changed)}" if changed else "request format changed"

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, TextIO
 import click
 
 from imgbatch.errors import NoImageError
-from imgbatch.executor import Retrying
+from imgbatch.executor import Notice, Retrying
 from imgbatch.plan import Action, Plan
 from imgbatch.providers import is_metered
 from imgbatch.results import ResultEntry
@@ -62,7 +62,7 @@ class Progress:
         self.last_shown = 0.0
         self.done = self.failed = self.generated = self.retries = 0
 
-    def __call__(self, event: ResultEntry | Retrying) -> None:
+    def __call__(self, event: ResultEntry | Retrying | Notice) -> None:
         if isinstance(event, Retrying):
             if isinstance(event.error, NoImageError):
                 # The seed's rule: never quietly; say which request gave no image.
@@ -74,6 +74,9 @@ class Progress:
                 )
                 return
             self.retries += 1
+            return
+        if isinstance(event, Notice):
+            self._line(f"note {event.shot_id}: {event.message}", permanent=True)
             return
         self.done += 1
         if event.status == "failed":

@@ -8,13 +8,14 @@ finishes, after its image is in the cache and in place (and a generated image's 
 download starts); `results.json` is rewritten atomically at the end of a run and the journal
 then emptied. A run killed at any point therefore loses only the shots in flight: the next load
 replays the journal over the last results file, a later line for a shot winning over an earlier
-one. A torn last line (the kill came mid-append) is ignored.
+one. A line that is not an entry (a torn last line: the kill came mid-append) is skipped; a
+results file or journal that cannot be read at all, or has a folder in its place, is a
+`StoreError` naming it.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from imgbatch.errors import StoreError
-from imgbatch.store import STATE_DIR, atomic_write
+from imgbatch.store import STATE_DIR, AppendLog, atomic_write
 
 RESULTS_FILE = "results.json"
 RESULTS_FORMAT_VERSION = 1
@@ -66,7 +67,10 @@ class ResultEntry:
         return data
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> ResultEntry:
+    def from_json(cls, data: Any) -> ResultEntry:
+        """The entry `data` holds; ValueError if it is not one (a hand edit, a damaged file)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"an entry is a JSON {type(data).__name__}, not an object")
         known = cls.__dataclass_fields__
         values = {name: _shared(name, value) for name, value in data.items() if name in known}
         request = values.get("request")
@@ -80,9 +84,38 @@ class ResultEntry:
                 else _shared(name, value)
                 for name, value in request.items()
             }
-        return cls(**values)
+        entry = cls(**values)
+        _check_types(entry)
+        return entry
 
 
+def _check_types(entry: ResultEntry) -> None:
+    # Only the fields imgbatch computes with: a wrong type there would fail far from the file.
+    # One expression: this runs for every entry of a 100,000-shot state.
+    if (
+        type(entry.id) is str
+        and type(entry.key) is str
+        and entry.status in _STATUSES
+        and (entry.file is None or type(entry.file) is str)
+        and (entry.image_url is None or type(entry.image_url) is str)
+        and (entry.sha256 is None or type(entry.sha256) is str)
+        and (entry.bytes is None or type(entry.bytes) is int)
+        and type(entry.request) is dict
+    ):
+        return
+    allowed = {"id": str, "key": str, "file": str, "image_url": str, "sha256": str, "bytes": int}
+    bad = [
+        name
+        for name, kind in allowed.items()
+        if not (getattr(entry, name) is None and name not in ("id", "key"))
+        and type(getattr(entry, name)) is not kind
+    ]
+    bad += [] if entry.status in _STATUSES else ["status"]
+    bad += [] if type(entry.request) is dict else ["request"]
+    raise ValueError(f"entry {entry.id!r} has a bad {', '.join(bad)}")
+
+
+_STATUSES = frozenset({"generated", "cached", "failed"})
 _FIELD_NAMES = tuple(item.name for item in fields(ResultEntry))
 # Fields whose few values repeat across thousands of shots (defaults, mostly): loaded entries
 # share one string each instead of holding a copy apiece (a 100,000-shot state is held whole).
@@ -107,11 +140,11 @@ def load_state(output_dir: Path) -> dict[str, ResultEntry]:
     """Every shot's last known result: results.json, then the journal of an unfinished run."""
     state: dict[str, ResultEntry] = {}
     path = results_path(output_dir)
-    if path.is_file():
+    if _exists_as_file(path):
         try:
             for entry in _read_entries(path):
                 state[entry.id] = entry
-        except (OSError, ValueError, TypeError, AttributeError) as exc:
+        except (OSError, ValueError, TypeError, AttributeError, RecursionError) as exc:
             raise StoreError(
                 f"{path} cannot be read ({exc}); move it aside and run apply again: "
                 "images already in the cache are restored without new requests"
@@ -119,6 +152,19 @@ def load_state(output_dir: Path) -> dict[str, ResultEntry]:
     for entry in read_journal(output_dir):
         state[entry.id] = entry
     return state
+
+
+def _exists_as_file(path: Path) -> bool:
+    """False if absent; raise StoreError naming `path` when something else is in its place."""
+    try:
+        path.stat()
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise StoreError(f"{path} cannot be read ({exc.strerror or exc})") from None
+    if not path.is_file():
+        raise StoreError(f"{path} is not a file (a folder?); move it aside and run apply again")
+    return True
 
 
 def _read_entries(path: Path) -> list[ResultEntry]:
@@ -158,18 +204,27 @@ def _read_entries(path: Path) -> list[ResultEntry]:
 
 
 def read_journal(output_dir: Path) -> list[ResultEntry]:
+    """The journal's entries; a line that is not one (a torn last line) is skipped."""
     path = journal_path(output_dir)
-    if not path.is_file():
+    if path.is_symlink():
+        raise StoreError(
+            f"{path} is a symbolic link; imgbatch never follows links in {STATE_DIR}/: "
+            "move it aside and run apply again"
+        )
+    if not _exists_as_file(path):
         return []
     entries = []
-    with path.open("rb") as handle:
-        for line in handle:
-            try:
-                entries.append(ResultEntry.from_json(json.loads(line.decode("utf-8"))))
-            except (ValueError, TypeError):
-                # The torn tail of a run killed mid-append (possibly inside a multi-byte
-                # character: UnicodeDecodeError is a ValueError).
-                continue
+    try:
+        with path.open("rb") as handle:
+            for line in handle:
+                try:
+                    entries.append(ResultEntry.from_json(json.loads(line.decode("utf-8"))))
+                except (ValueError, TypeError, RecursionError):
+                    # The torn tail of a run killed mid-append (possibly inside a multi-byte
+                    # character: UnicodeDecodeError is a ValueError), or a damaged line.
+                    continue
+    except OSError as exc:
+        raise StoreError(f"{path} cannot be read ({exc.strerror or exc})") from None
     return entries
 
 
@@ -178,25 +233,15 @@ class Journal:
 
     def __init__(self, output_dir: Path) -> None:
         self.path = journal_path(output_dir)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = self.path.open("a", encoding="utf-8")
-        if self._handle.tell() > 0 and not _ends_with_newline(self.path):
-            # A killed run left a torn line: end it, so our first entry stands on its own line.
-            self._handle.write("\n")
+        self._log = AppendLog(self.path)
 
     def record(self, entry: ResultEntry) -> None:
-        self._handle.write(json.dumps(entry.to_json(), ensure_ascii=False) + "\n")
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
+        """Raises `StoreWriteError` when the line cannot be written (a full disk)."""
+        line = json.dumps(entry.to_json(), ensure_ascii=False) + "\n"
+        self._log.append(line.encode("utf-8"))
 
     def close(self) -> None:
-        self._handle.close()
-
-
-def _ends_with_newline(path: Path) -> bool:
-    with path.open("rb") as handle:
-        handle.seek(-1, os.SEEK_END)
-        return handle.read(1) == b"\n"
+        self._log.close()
 
 
 def write_results(

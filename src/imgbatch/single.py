@@ -30,7 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from imgbatch.errors import ConfigError, ManifestError, ProviderError
+from imgbatch.errors import CacheEntryDamaged, ConfigError, ManifestError, ProviderError
 from imgbatch.manifest import Manifest, manifest_from_data
 from imgbatch.store import STATE_DIR, ImageCache
 
@@ -107,9 +107,7 @@ async def agenerate(
     width, height = shot.request.dimensions
     cache = ImageCache(state_folder)
     with exclusive_output(state_folder):
-        if cache.has(key):
-            if not (target.exists() and target.samefile(cache.path(key))):
-                await asyncio.to_thread(cache.copy_to, key, target)
+        if cache.has(key) and await _restored(cache, key, target, (width, height)):
             return _response(None, width, height, shot.request.seed, target, None, cached=True)
         chosen = chosen or create_provider(name, environ, home)
         placed = Shot(shot.id, shot.request, str(target))
@@ -132,6 +130,18 @@ async def agenerate(
     return _response(
         entry.image_url, width, height, shot.request.seed, target, entry.request_id, cached=False
     )
+
+
+async def _restored(cache: ImageCache, key: str, target: Path, size: tuple[int, int]) -> bool:
+    """Put the cached image at `target` once checked; False (the entry discarded) if damaged."""
+    if target.exists() and target.samefile(cache.path(key)):
+        return True
+    try:
+        await asyncio.to_thread(cache.restore, key, target, sha256=None, size=None, dimensions=size)
+    except CacheEntryDamaged:
+        await asyncio.to_thread(cache.discard, key)
+        return False
+    return True
 
 
 def _as_manifest(request: Mapping[str, Any], allow_reference_outside: bool) -> Manifest:

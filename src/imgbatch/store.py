@@ -1,68 +1,119 @@
 """Bytes on disk: atomic writes, the content-addressed image cache, image verification.
 
 Takes image bytes and keys; gives files that are either whole or absent. Every write goes to a
-temporary file in the same folder, is flushed to disk, then renamed over the target, so a reader
-(or a crash) never sees half an image. The cache keeps one PNG per request key under
-`<output>/.imgbatch/cache/ab/<key>.png`; the executor never learns where bytes live beyond this
-interface, so an object-store cache can replace it.
+temporary file named `.imgbatch-tmp-*.tmp` in the same folder (a name only imgbatch makes, so the
+cleanup of a killed run's leftovers never touches a user's file), is flushed to disk, then
+renamed over the target, so a reader (or a crash) never sees half an image. Files are created
+0666 minus the umask, as `open()` would. A write that fails raises `StoreWriteError` naming the
+file (`disk_full` when the filesystem is out of space).
+
+The cache keeps one PNG per request key under `<output>/.imgbatch/cache/ab/<key>.png`. Its
+entries are read without following symbolic links, and every restore checks the bytes against
+what was recorded for that key (size and SHA-256), or, without a record, that they decode as an
+image of the shot's size: a damaged entry raises `CacheEntryDamaged` and is discarded, never
+copied into place. The executor never learns where bytes live beyond this interface, so an
+object-store cache can replace it.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import io
 import os
-import shutil
+import stat
 import tempfile
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import BinaryIO
 
 from PIL import Image
 
+from imgbatch.errors import CacheEntryDamaged, StoreError, StoreWriteError
+
 STATE_DIR = ".imgbatch"
+TEMP_PREFIX = ".imgbatch-tmp-"
+# A cache entry larger than any image the service makes is not one (and is never read whole).
+MAX_CACHED_BYTES = 64 * 1024 * 1024
 
 
 def atomic_write(path: Path, data: bytes | Iterable[bytes]) -> None:
     """Write `data` to `path` so that `path` is always either the old or the new content.
 
     `data` is the whole content, or its pieces in order, written as they come (a large file
-    need not be held in memory whole).
+    need not be held in memory whole). Raises `StoreWriteError` naming `path`.
     """
     pieces = [data] if isinstance(data, bytes) else data
-    _write_atomically(path, lambda handle: handle.writelines(pieces))
-
-
-def atomic_copy(source: Path, target: Path) -> None:
-    """Copy `source` to `target` with the same whole-or-absent guarantee as `atomic_write`."""
-
-    def copy(handle: BinaryIO) -> None:
-        with source.open("rb") as reader:
-            shutil.copyfileobj(reader, handle)
-
-    _write_atomically(target, copy)
-
-
-def _write_atomically(target: Path, write: Callable[[BinaryIO], object]) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, target)
-    except BaseException:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = _create_temp(path.parent)
+    except OSError as exc:
+        raise write_error(path, exc) from None
+    try:
+        try:
+            for piece in pieces:
+                _write_fd(fd, piece, path)
+            # mkstemp makes 0600 files; give what open() would, so an image or results.json
+            # under umask 022 stays readable by the group and others.
+            os.fchmod(fd, 0o666 & ~_umask())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, path)
+    except BaseException as exc:
         Path(temp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise write_error(path, exc) from None
         raise
+
+
+def write_error(path: Path, error: OSError) -> StoreWriteError:
+    """The error for a failed write of `path`, saying which filesystem to free when it is full."""
+    return StoreWriteError(str(path), error, _mount_point(path))
+
+
+def check_writable(folder: Path) -> None:
+    """Raise StoreError naming `folder` unless a file can be created and removed in it."""
+    try:
+        if not folder.is_dir():
+            raise StoreError(f"{folder} is not a folder; move it aside and run apply again")
+        fd, temp = _create_temp(folder)
+        os.close(fd)
+        os.unlink(temp)
+    except OSError as exc:
+        raise StoreError(
+            f"cannot write in {folder}: {exc.strerror or exc}; nothing was sent"
+        ) from None
+
+
+def remove_stale_temporaries(output_dir: Path) -> int:
+    """Delete temp files a killed run left behind; call only while holding the output lock."""
+    removed = 0
+    folders = [output_dir, output_dir / STATE_DIR]
+    cache_root = output_dir / STATE_DIR / "cache"
+    if cache_root.is_dir():
+        folders += [path for path in cache_root.iterdir() if _is_real_folder(path)]
+    for folder in folders:
+        for temp in folder.glob(f"{TEMP_PREFIX}*.tmp"):
+            temp.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def verify_image(data: bytes, width: int, height: int) -> None:
     """Raise ValueError unless `data` decodes fully as an image of `width` x `height` (the size
     the request asked for: what the service reports about it is not evidence)."""
+    size = _decoded_size(data, "downloaded bytes")
+    if size != (width, height):
+        raise ValueError(
+            f"downloaded image is {size[0]}*{size[1]}, not the {width}*{height} asked for"
+        )
+
+
+def _decoded_size(data: bytes, what: str) -> tuple[int, int]:
     try:
         with warnings.catch_warnings():
-            # A truncated or bomb-sized download is an error here, never a warning.
+            # A truncated or bomb-sized image is an error here, never a warning.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
                 size = image.size
@@ -74,25 +125,44 @@ def verify_image(data: bytes, width: int, height: int) -> None:
         Image.DecompressionBombWarning,
         Image.DecompressionBombError,
     ) as exc:
-        raise ValueError(f"downloaded bytes are not a whole image ({exc})") from None
-    if size != (width, height):
-        raise ValueError(
-            f"downloaded image is {size[0]}*{size[1]}, not the {width}*{height} asked for"
-        )
+        raise ValueError(f"{what} are not a whole image ({exc})") from None
+    return size
 
 
-def remove_stale_temporaries(output_dir: Path) -> int:
-    """Delete temp files a killed run left behind; call only while holding the output lock."""
-    removed = 0
-    for folder in (
-        output_dir,
-        output_dir / STATE_DIR,
-        *(output_dir / STATE_DIR / "cache").glob("*"),
-    ):
-        for temp in folder.glob(".*.tmp"):
-            temp.unlink(missing_ok=True)
-            removed += 1
-    return removed
+class AppendLog:
+    """A file appended to a line at a time, each line on disk before `append` returns.
+
+    Opened without following a symbolic link. A line whose write failed (a full disk) may be
+    left torn; the next line starts on a line of its own, so only the failed one is lost.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(path, flags, 0o666)
+            size = os.fstat(self._fd).st_size
+            # A killed run left a torn line: end it, so our first line stands on its own.
+            self._torn = size > 0 and os.pread(self._fd, 1, size - 1) != b"\n"
+        except OSError as exc:
+            raise StoreError(
+                f"cannot open {path} for writing ({exc.strerror or exc}); move it aside and "
+                "run apply again"
+            ) from None
+
+    def append(self, line: bytes) -> None:
+        data = b"\n" + line if self._torn else line
+        try:
+            self._torn = True
+            _write_fd(self._fd, data, self.path)
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
+        self._torn = not line.endswith(b"\n")
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 class ImageCache:
@@ -105,11 +175,143 @@ class ImageCache:
         return self.root / key[:2] / f"{key}.png"
 
     def has(self, key: str) -> bool:
-        return self.path(key).is_file()
+        """An entry exists (a link or a damaged file too: `restore` finds out, and says so)."""
+        try:
+            mode = self.path(key).lstat().st_mode
+        except OSError:
+            return False
+        return stat.S_ISREG(mode) or stat.S_ISLNK(mode)
 
     def put(self, key: str, data: bytes) -> None:
+        shard = self.path(key).parent
+        if shard.is_symlink():
+            # Never write through a link inside .imgbatch/: make the folder a real one.
+            shard.unlink()
         atomic_write(self.path(key), data)
 
-    def copy_to(self, key: str, target: Path) -> None:
-        # A copy, not a hard link: editing the output file in place must not alter the cache.
-        atomic_copy(self.path(key), target)
+    def restore(
+        self,
+        key: str,
+        target: Path,
+        *,
+        sha256: str | None,
+        size: int | None,
+        dimensions: tuple[int, int],
+    ) -> tuple[str, int]:
+        """Copy the entry to `target` once it is checked; give its SHA-256 and size.
+
+        Checked against the recorded `sha256` and `size` when there is a record, else decoded
+        at `dimensions`. Raises `CacheEntryDamaged` (nothing written) or `StoreWriteError`.
+        """
+        data = self._read(key)
+        path = self.path(key)
+        digest = hashlib.sha256(data).hexdigest()
+        if sha256 is not None:
+            if len(data) != size or digest != sha256:
+                raise CacheEntryDamaged(
+                    f"cache entry {path} does not match its record ({len(data)} bytes, "
+                    f"recorded {size}; SHA-256 {digest[:12]}..., recorded {sha256[:12]}...)"
+                )
+        else:
+            try:
+                found = _decoded_size(data, "its bytes")
+            except ValueError as exc:
+                raise CacheEntryDamaged(f"cache entry {path} is damaged: {exc}") from None
+            if found != dimensions:
+                raise CacheEntryDamaged(
+                    f"cache entry {path} is {found[0]}*{found[1]}, but the shot is "
+                    f"{dimensions[0]}*{dimensions[1]}"
+                )
+        atomic_write(target, data)
+        return digest, len(data)
+
+    def discard(self, key: str) -> None:
+        """Remove a damaged entry (a link itself, never what it points to)."""
+        path = self.path(key)
+        try:
+            if path.parent.is_symlink():
+                path.parent.unlink()
+            else:
+                path.unlink(missing_ok=True)
+        except OSError:
+            pass  # the next put replaces it
+
+    def _read(self, key: str) -> bytes:
+        path = self.path(key)
+        nofollow = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            shard = os.open(path.parent, nofollow | os.O_DIRECTORY)
+            try:
+                fd = os.open(path.name, nofollow | os.O_NONBLOCK, dir_fd=shard)
+            finally:
+                os.close(shard)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise CacheEntryDamaged(
+                    f"cache entry {path} is a symbolic link; imgbatch never follows links in "
+                    f"{STATE_DIR}/"
+                ) from None
+            raise CacheEntryDamaged(f"cache entry {path} cannot be read ({exc})") from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise CacheEntryDamaged(f"cache entry {path} is not a regular file")
+            if info.st_size > MAX_CACHED_BYTES:
+                raise CacheEntryDamaged(f"cache entry {path} is too large to be an image")
+            with os.fdopen(os.dup(fd), "rb") as handle:
+                return handle.read(MAX_CACHED_BYTES + 1)
+        except OSError as exc:
+            raise CacheEntryDamaged(f"cache entry {path} cannot be read ({exc})") from None
+        finally:
+            os.close(fd)
+
+
+def _create_temp(folder: Path) -> tuple[int, str]:
+    """A new, empty temporary file in `folder` (a test seam: a refused folder fails here)."""
+    return tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=".tmp")
+
+
+def _write_fd(fd: int, data: bytes, path: Path) -> None:
+    """Write all of `data` to `fd`, open on `path` (or on a temporary file beside it).
+
+    The one place imgbatch's bytes go to disk: tests fill the disk here.
+    """
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _umask() -> int:
+    # Read, not set-and-restore: os.umask() changes it for a moment for every thread, and
+    # writes run in worker threads.
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mount_point(path: Path) -> str:
+    """The mount point of the filesystem holding `path` (or its nearest existing parent)."""
+    current = Path(os.path.abspath(path))
+    while not current.exists() and current != current.parent:
+        current = current.parent
+    try:
+        device = current.stat().st_dev
+        while current != current.parent and current.parent.stat().st_dev == device:
+            current = current.parent
+    except OSError:
+        pass
+    return str(current)
+
+
+def _is_real_folder(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(path.lstat().st_mode)
+    except OSError:
+        return False
