@@ -1,6 +1,6 @@
 """Whole-command timings: what a user waits for, from pressing Enter, start-up included.
 
-    python bench/startup.py            # the full table (about 40 s)
+    python bench/startup.py            # the full table (about 45 s)
     python bench/startup.py --quick    # fewer repetitions, no 150-shot runs
 
 Prints ONE markdown table. Every row runs `python -m imgbatch ...` (what the `imgbatch` script
