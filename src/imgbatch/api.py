@@ -5,9 +5,9 @@ happen) or an `ApplyReport` (what happened, with the path of results.json). The 
 shell over these two functions, and a pipeline can call them directly:
 
     >>> from imgbatch import apply
-    >>> report = apply("shots.yaml", provider="placeholder")  # doctest: +SKIP
-    >>> [entry.file for entry in report.entries if entry.status != "failed"]  # doctest: +SKIP
-    ['s01.png', 's02.png']
+    >>> report = apply("manifests/matrix.yaml", provider="placeholder")
+    >>> [entry.file for entry in report.entries if entry.status != "failed"][:2]
+    ['s03-front-dawn.png', 's03-front-noon.png']
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import filelock
 
 from imgbatch.errors import LockedError, StoreError, StoreWriteError
 from imgbatch.executor import Executor, Listener, Phase, RunOutcome, failed_entry
-from imgbatch.expand import Expansion, expand
+from imgbatch.expand import Expansion, expand, shot_list
 from imgbatch.manifest import Manifest, load_manifest, manifest_from_data
 from imgbatch.pacing import Clock, Pacer, RetryPolicy
 from imgbatch.plan import Action, Plan, PlannedShot
@@ -54,7 +54,8 @@ class ApplyOptions:
     grace_seconds: float = 30.0
     # A trust decision: local reference images may lie outside the manifest's folder tree.
     allow_reference_outside: bool = False
-    # After a 200 without an image, ask once more with a simplified prompt (the seed's rule).
+    # After a 200 without an image, ask once more with a simplified prompt (the seed's rule),
+    # unless this or the manifest's `simplify: false` turns it off.
     simplify: bool = True
 
 
@@ -121,6 +122,21 @@ def load_and_expand(
     manifest = read_manifest(path, allow_reference_outside=allow_reference_outside)
     name = provider_name(manifest, provider, environ, home)
     return manifest, expand(manifest, provider=name, environ=environ)
+
+
+def expand_shots(
+    path: ManifestSource,
+    *,
+    provider: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    home: Path | None = None,
+    allow_reference_outside: bool = False,
+) -> list[dict[str, Any]]:
+    """Every shot the manifest makes, after vars, matrix, variants and `seed: auto`; see
+    `imgbatch.expand.shot_list`. Reads nothing but the manifest and its local references."""
+    manifest = read_manifest(path, allow_reference_outside=allow_reference_outside)
+    name = provider_name(manifest, provider, environ, home)
+    return shot_list(manifest, provider=name, environ=environ)
 
 
 def make_plan(
@@ -216,7 +232,7 @@ async def apply_async(
                     retry=options.retry,
                     clock=clock,
                     listener=listener,
-                    simplify=options.simplify,
+                    simplify=options.simplify and manifest.simplify,
                 )
                 outcome, interrupted = await _run_interruptible(executor, plan, options)
         finally:

@@ -133,6 +133,33 @@ def plan(manifest: Path, provider: str | None, allow_reference_outside: bool) ->
     return EXIT_OK
 
 
+@main.command("expand")
+@manifest_argument
+@click.option("--json", "as_json", is_flag=True, help='Print {"shots": [...]} as JSON.')
+@provider_option
+@allow_outside_option
+@error_boundary
+def expand_command(
+    manifest: Path, as_json: bool, provider: str | None, allow_reference_outside: bool
+) -> int:
+    """Print every shot after vars, matrix, variants and seed: auto, in manifest order."""
+    from imgbatch.api import expand_shots
+
+    shots = expand_shots(
+        manifest, provider=provider, allow_reference_outside=allow_reference_outside
+    )
+    if as_json:
+        click.echo(json.dumps({"shots": shots}, ensure_ascii=False))
+    else:
+        import yaml
+
+        text = yaml.safe_dump(
+            {"shots": shots}, sort_keys=False, allow_unicode=True, width=1_000_000
+        )
+        click.echo(text, nl=False)
+    return EXIT_OK
+
+
 @main.command("apply")
 @manifest_argument
 @provider_option
