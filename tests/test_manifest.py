@@ -23,12 +23,12 @@ from tests.reference_images import PNG, PNG_OTHER
 
 SUPPORTED = "1664*928, 1472*1104, 1328*1328, 1104*1472, 928*1664"
 SHOT_ALLOWED = (
-    "id, model, negative_prompt, prompt, prompt_extend, reference_image, seed, size, style, "
-    "watermark"
+    "id, matrix, model, negative_prompt, prompt, prompt_extend, reference_image, seed, size, "
+    "style, variants, watermark"
 )
 # The loader uses libyaml when PyYAML has it; its syntax error texts differ from pure Python's.
 LIBYAML = bool(getattr(yaml, "__with_libyaml__", False))
-TOP_ALLOWED = "defaults, limits, name, output, provider, shots, trust, version"
+TOP_ALLOWED = "defaults, limits, name, output, provider, shots, simplify, trust, vars, version"
 
 
 def manifest_error(path: Path) -> ManifestError:
@@ -395,7 +395,8 @@ def test_wrong_types_for_seed_and_size(tmp_path: Path) -> None:
     )
     assert message_of(path) == (
         "2 problems in the manifest:\n"
-        f"  {path}:5:11: shot a, field seed: expected a whole number, got 'abc'\n"
+        f"  {path}:5:11: shot a, field seed: seed must be a whole number from 0 to 2147483647 "
+        "or auto, got 'abc'\n"
         f"  {path}:6:11: shot a, field size: expected a string, got 1664"
     )
 
@@ -405,7 +406,11 @@ def test_boolean_seed_is_not_a_whole_number(tmp_path: Path) -> None:
         tmp_path, "version: 1\nshots:\n  - id: a\n    prompt: x\n    seed: true\n"
     )
     assert message_of(path) == single(
-        path, 5, 11, "shot a, field seed", "expected a whole number, got true"
+        path,
+        5,
+        11,
+        "shot a, field seed",
+        "seed must be a whole number from 0 to 2147483647 or auto, got true",
     )
 
 
@@ -419,7 +424,7 @@ def test_seed_out_of_range(tmp_path: Path, seed: str) -> None:
         5,
         11,
         "shot a, field seed",
-        f"seed must be a whole number from 0 to 2147483647, got {seed}",
+        f"seed must be a whole number from 0 to 2147483647 or auto, got {seed}",
     )
 
 
@@ -473,7 +478,7 @@ def test_unknown_provider_lists_the_choices(tmp_path: Path) -> None:
         tmp_path, "version: 1\nprovider: openai\nshots:\n  - id: a\n    prompt: x\n"
     )
     assert message_of(path) == single(
-        path, 2, 11, "field provider", "'openai' is not one of: dashscope, placeholder"
+        path, 2, 11, "field provider", "'openai' is not one of: dashscope, placeholder, auto"
     )
 
 
@@ -849,7 +854,7 @@ shots:
             f"  {path}:6:11: shot b, field size: size '1024*1024' is not supported by "
             f"qwen-image-max; supported: {SUPPORTED}; nearest by aspect ratio: 1328*1328",
             f"  {path}:9:11: shot a, field seed: seed must be a whole number from 0 to "
-            "2147483647, got -5",
+            "2147483647 or auto, got -5",
             f"  {path}:10:9: shot B, field id: id 'B' is already used by shots[0] on line 4; "
             "ids must be unique (ignoring case)",
             f"  {path}:12:12: shot B, field model: unknown model 'qwen-image-maxx'; "

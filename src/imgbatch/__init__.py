@@ -7,23 +7,50 @@ call it directly:
     >>> report = apply("manifests/cyclist-spot.yaml", provider="placeholder")
     >>> report.ok
     True
+
+Each name below is imported on first use (module `__getattr__`), so `import imgbatch.cli` does
+not pay for the executor, aiohttp, Pillow or the DashScope SDK before a command needs them.
 """
 
 from __future__ import annotations
 
-from imgbatch.api import ApplyOptions, ApplyReport, apply, make_plan
-from imgbatch.errors import (
-    AuthError,
-    ConfigError,
-    ImgbatchError,
-    ManifestError,
-    PermanentError,
-    ProviderError,
-    TransientError,
-)
-from imgbatch.manifest import Manifest, load_manifest
-from imgbatch.request import GeneratedImage, ImageRequest
-from imgbatch.single import agenerate, generate
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from imgbatch.api import ApplyOptions, ApplyReport, apply, make_plan
+    from imgbatch.errors import (
+        AuthError,
+        ConfigError,
+        ImgbatchError,
+        ManifestError,
+        PermanentError,
+        ProviderError,
+        TransientError,
+    )
+    from imgbatch.manifest import Manifest, load_manifest
+    from imgbatch.request import GeneratedImage, ImageRequest
+    from imgbatch.single import agenerate, generate
+
+_EXPORTS = {
+    "ApplyOptions": "imgbatch.api",
+    "ApplyReport": "imgbatch.api",
+    "apply": "imgbatch.api",
+    "make_plan": "imgbatch.api",
+    "AuthError": "imgbatch.errors",
+    "ConfigError": "imgbatch.errors",
+    "ImgbatchError": "imgbatch.errors",
+    "ManifestError": "imgbatch.errors",
+    "PermanentError": "imgbatch.errors",
+    "ProviderError": "imgbatch.errors",
+    "TransientError": "imgbatch.errors",
+    "Manifest": "imgbatch.manifest",
+    "load_manifest": "imgbatch.manifest",
+    "GeneratedImage": "imgbatch.request",
+    "ImageRequest": "imgbatch.request",
+    "agenerate": "imgbatch.single",
+    "generate": "imgbatch.single",
+}
 
 __all__ = [
     "ApplyOptions",
@@ -44,3 +71,16 @@ __all__ = [
     "load_manifest",
     "make_plan",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'imgbatch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -5,9 +5,9 @@ happen) or an `ApplyReport` (what happened, with the path of results.json). The 
 shell over these two functions, and a pipeline can call them directly:
 
     >>> from imgbatch import apply
-    >>> report = apply("shots.yaml", provider="placeholder")  # doctest: +SKIP
-    >>> [entry.file for entry in report.entries if entry.status != "failed"]  # doctest: +SKIP
-    ['s01.png', 's02.png']
+    >>> report = apply("manifests/matrix.yaml", provider="placeholder")
+    >>> [entry.file for entry in report.entries if entry.status != "failed"][:2]
+    ['s03-front-dawn.png', 's03-front-noon.png']
 """
 
 from __future__ import annotations
@@ -25,15 +25,14 @@ from typing import Any
 
 import filelock
 
-from imgbatch.errors import ConfigError, LockedError, StoreError, StoreWriteError
+from imgbatch.errors import LockedError, StoreError, StoreWriteError
 from imgbatch.executor import Executor, Listener, Phase, RunOutcome, failed_entry
-from imgbatch.expand import Expansion, expand
+from imgbatch.expand import Expansion, expand, shot_list
 from imgbatch.manifest import Manifest, load_manifest, manifest_from_data
 from imgbatch.pacing import Clock, Pacer, RetryPolicy
 from imgbatch.plan import Action, Plan, PlannedShot
 from imgbatch.plan import make_plan as plan_shots
-from imgbatch.providers import Provider, create_provider
-from imgbatch.providers.dashscope import resolve_api_key
+from imgbatch.providers import Provider, create_provider, resolve_provider_name
 from imgbatch.request import KEY_FORMAT_VERSION
 from imgbatch.results import Journal, ResultEntry, load_state, write_results
 from imgbatch.sheet import Thumbnailer
@@ -57,7 +56,8 @@ class ApplyOptions:
     grace_seconds: float = 30.0
     # A trust decision: local reference images may lie outside the manifest's folder tree.
     allow_reference_outside: bool = False
-    # After a 200 without an image, ask once more with a simplified prompt (the seed's rule).
+    # After a 200 without an image, ask once more with a simplified prompt (the seed's rule),
+    # unless this or the manifest's `simplify: false` turns it off.
     simplify: bool = True
 
 
@@ -95,15 +95,9 @@ def provider_name(
     environ: Mapping[str, str] | None = None,
     home: Path | None = None,
 ) -> str:
-    """The provider to use; `auto` is dashscope when a key is configured, else placeholder."""
+    """The provider to use: the override, else the manifest's, else dashscope; `auto` resolved."""
     name = override or manifest.provider or DEFAULT_PROVIDER
-    if name != "auto":
-        return name
-    try:
-        resolve_api_key(os.environ if environ is None else environ, home)
-    except ConfigError:
-        return "placeholder"
-    return "dashscope"
+    return resolve_provider_name(name, os.environ if environ is None else environ, home)
 
 
 ManifestSource = str | Path | Mapping[str, Any]
@@ -133,6 +127,21 @@ def load_and_expand(
     manifest = read_manifest(path, allow_reference_outside=allow_reference_outside)
     name = provider_name(manifest, provider, environ, home)
     return manifest, expand(manifest, provider=name, environ=environ)
+
+
+def expand_shots(
+    path: ManifestSource,
+    *,
+    provider: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    home: Path | None = None,
+    allow_reference_outside: bool = False,
+) -> list[dict[str, Any]]:
+    """Every shot the manifest makes, after vars, matrix, variants and `seed: auto`; see
+    `imgbatch.expand.shot_list`. Reads nothing but the manifest and its local references."""
+    manifest = read_manifest(path, allow_reference_outside=allow_reference_outside)
+    name = provider_name(manifest, provider, environ, home)
+    return shot_list(manifest, provider=name, environ=environ)
 
 
 def make_plan(
@@ -229,7 +238,7 @@ async def apply_async(
                     retry=options.retry,
                     clock=clock,
                     listener=thumbnails,
-                    simplify=options.simplify,
+                    simplify=options.simplify and manifest.simplify,
                 )
                 outcome, interrupted = await _run_interruptible(executor, plan, options)
         finally:

@@ -3,7 +3,8 @@
 Takes a `Manifest` (defaults already merged) and the environment; gives the output folder and a
 `Shot` per manifest entry, each with its normalized `ImageRequest` and the file it becomes.
 Reference images come checked and hashed from `load_manifest`; reference URLs are fetched here,
-once each, because their content hash is part of the request's key.
+once each, because their content hash is part of the request's key. `shot_list` gives the same
+shots as plain dicts for `imgbatch expand`, without fetching anything.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-import aiohttp
+from typing import Any
 
 from imgbatch.errors import ManifestError, ManifestProblem
 from imgbatch.manifest import Manifest, ShotSpec
@@ -68,23 +68,68 @@ def expand(
     references = _ReferenceReader(manifest)
     shots = []
     for spec in manifest.shots:
-        fields = spec.fields
-        reference_source = fields.get("reference_image")
-        request = ImageRequest(
-            prompt=fields["prompt"],
-            model=fields.get("model", DEFAULT_MODEL),
-            size=fields.get("size", DEFAULT_SIZE),
-            negative_prompt=fields.get("negative_prompt") or None,
-            style=fields.get("style"),
-            # JSON Schema counts 5.0 as an integer; the key and the API must see 5.
-            seed=int(fields["seed"]) if fields.get("seed") is not None else None,
-            reference=references.read(spec, reference_source) if reference_source else None,
-            prompt_extend=fields.get("prompt_extend", False),
-            watermark=fields.get("watermark", False),
-            provider=provider,
-        )
-        shots.append(Shot(spec.id, request, f"{spec.id}.png"))
+        source = spec.fields.get("reference_image")
+        reference = references.read(spec, source) if source else None
+        shots.append(Shot(spec.id, _request(spec, reference, provider), f"{spec.id}.png"))
     return Expansion(output_dir_for(manifest, environ), tuple(shots), provider)
+
+
+def _request(spec: ShotSpec, reference: ReferenceImage | None, provider: str) -> ImageRequest:
+    fields = spec.fields
+    return ImageRequest(
+        prompt=fields["prompt"],
+        model=fields.get("model", DEFAULT_MODEL),
+        size=fields.get("size", DEFAULT_SIZE),
+        negative_prompt=fields.get("negative_prompt") or None,
+        style=fields.get("style"),
+        # JSON Schema counts 5.0 as an integer; the key and the API must see 5.
+        seed=int(fields["seed"]) if fields.get("seed") is not None else None,
+        reference=reference,
+        prompt_extend=fields.get("prompt_extend", False),
+        watermark=fields.get("watermark", False),
+        provider=provider,
+    )
+
+
+def shot_list(
+    manifest: Manifest, *, provider: str, environ: Mapping[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """Every shot to make, in manifest order, as `imgbatch expand` prints it: its fields after
+    `vars`, `matrix`, `variants` and `seed: auto` (model and size with their defaults, other
+    unset fields None), the image file apply would write and the request's cache key.
+
+    Nothing is downloaded: a reference URL's content, and so its key, is unknown until apply
+    fetches it, and its `key` is None.
+    """
+    output_dir = output_dir_for(manifest, environ)
+    references = _ReferenceReader(manifest)
+    shots = []
+    for spec in manifest.shots:
+        source = spec.fields.get("reference_image")
+        key: str | None = None
+        if not (source and _is_url(source)):
+            reference = references.read(spec, source) if source else None
+            key = _request(spec, reference, provider).key
+        fields = spec.fields
+        shots.append(
+            {
+                "id": spec.id,
+                "prompt": fields["prompt"],
+                "negative_prompt": fields.get("negative_prompt") or None,
+                "size": fields.get("size", DEFAULT_SIZE),
+                "seed": int(fields["seed"]) if fields.get("seed") is not None else None,
+                "style": fields.get("style"),
+                "model": fields.get("model", DEFAULT_MODEL),
+                "reference_image": source or None,
+                "file": str(output_dir / f"{spec.id}.png"),
+                "key": key,
+            }
+        )
+    return shots
+
+
+def _is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
 
 
 class _ReferenceReader:
@@ -101,7 +146,7 @@ class _ReferenceReader:
 
     def _load(self, spec: ShotSpec, source: str) -> ReferenceImage:
         try:
-            if source.startswith(("http://", "https://")):
+            if _is_url(source):
                 reference = ReferenceImage.from_bytes(_fetch(source), source)
                 # Keyed by what was fetched now; the URL is what the API is given.
                 return ReferenceImage(reference.sha256, source, reference.media_type)
@@ -135,6 +180,10 @@ def _fetch(url: str) -> bytes:
 
 
 async def _fetch_async(url: str) -> bytes:
+    # Imported here, not at the top: only a manifest with a reference URL needs it, and `validate`
+    # or `plan` of any other should not pay its import (tests/test_startup.py).
+    import aiohttp
+
     deadline = REFERENCE_URL_DEADLINE
     try:
         async with asyncio.timeout(deadline):

@@ -7,8 +7,8 @@ writing the image. The request is checked by the same rules as a manifest shot a
 the same executor (pacing, retries, download, verification) and image cache as `apply`:
 
     >>> response = generate({"prompt": "a red bicycle", "size": "1328*1328"},
-    ...                     provider="placeholder")  # doctest: +SKIP
-    >>> response["cached"], response["width"]  # doctest: +SKIP
+    ...                     provider="placeholder")
+    >>> response["cached"], response["width"]
     (False, 1328)
 
 Where the image and the cache go:
@@ -30,8 +30,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from imgbatch.errors import CacheEntryDamaged, ConfigError, ManifestError, ProviderError
+from imgbatch.errors import (
+    CacheEntryDamaged,
+    ConfigError,
+    ManifestError,
+    ManifestProblem,
+    ProviderError,
+)
 from imgbatch.manifest import Manifest, manifest_from_data
+from imgbatch.manifest.expansion import EXPANSION_FIELDS
 from imgbatch.store import STATE_DIR, ImageCache
 
 SKILL_FOLDER = "ai-image-qwen-image"
@@ -149,6 +156,11 @@ def _as_manifest(request: Mapping[str, Any], allow_reference_outside: bool) -> M
     by the request's own fields. Relative reference paths are taken from the current folder, and
     a local reference must lie under it unless `allow_reference_outside` (a request may come
     from a model or a pull request as much as from the person typing it)."""
+    for name in EXPANSION_FIELDS:
+        if name in request:
+            message = f"unknown field '{name}'; a request makes one image ({name} is a manifest's)"
+            problem = ManifestProblem(REQUEST_DISPLAY, 0, 0, f"field {name}", message)
+            raise ManifestError([problem], subject="the request")
     shot_fields = {"id": REQUEST_DISPLAY, **request}
     try:
         return manifest_from_data(

@@ -1,0 +1,251 @@
+"""The rules a schema cannot say, and the order every check runs in.
+
+Takes a parsed `Document`; gives every `ManifestProblem` in it: the schema's (explained by
+`schema_messages`), then the model rules (sizes per model, prompt lengths with the style
+appended), unique ids ignoring case, a finite `limits.rps`, and local reference images (read,
+checked and hashed once per load). A bad default is reported once, naming the shots it reaches.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from imgbatch.errors import ManifestProblem
+from imgbatch.manifest.expansion import ExpandedShot, expand_shots
+from imgbatch.manifest.places import JsonPath, describe, show
+from imgbatch.manifest.schema_messages import schema_problems
+from imgbatch.manifest.yaml_load import Document
+from imgbatch.models import DEFAULT_MODEL, MIN_RPS, MODELS, nearest_size
+from imgbatch.reference import ReferenceImage, ReferenceProblem, load_local_reference
+from imgbatch.request import DEFAULT_SIZE, ImageRequest
+
+# The schema lets `{name}` placeholders through; what they expand to must be a plain id.
+_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+_ID_HINT = "use only letters, digits, '.', '_' and '-', not starting with '.'"
+_TEMPLATE_HINT = "{name} placeholders are filled only with vars: or a shot's matrix:"
+
+
+class Checker:
+    """Collects schema and model-rule problems for one parsed document."""
+
+    def __init__(
+        self,
+        document: Document,
+        display: str,
+        base_dir: Path,
+        allow_reference_outside: bool,
+        references: dict[str, ReferenceImage | str],
+        manifest_name: str,
+    ) -> None:
+        self.document = document
+        self.display = display
+        self.base_dir = base_dir
+        data = document.data
+        trust = data.get("trust") if isinstance(data, dict) else None
+        self.allow_reference_outside = allow_reference_outside or (
+            isinstance(trust, dict) and trust.get("references_outside") is True
+        )
+        # Each distinct reference is checked and read once per load, across both passes.
+        self.references = references
+        shots = data.get("shots") if isinstance(data, dict) else None
+        self.shots: list[Any] = shots if isinstance(shots, list) else []
+        defaults = data.get("defaults") if isinstance(data, dict) else None
+        self.defaults: dict[str, Any] = defaults if isinstance(defaults, dict) else {}
+        self._from_defaults: dict[tuple[str, str], list[str]] = {}
+        self.expanded, self._slips = expand_shots(data, manifest_name)
+
+    def problems(self) -> Iterator[ManifestProblem]:
+        yield from schema_problems(self.document.data, self._problem)
+        yield from self._limits_problems()
+        for slip in self._slips:
+            problem = self._located(slip.parent, slip.shot_id, slip.field, slip.message)
+            if problem is not _DEFERRED:
+                yield problem
+        yield from self._id_problems()
+        for shot in self.expanded:
+            for problem in self._shot_rule_problems(shot):
+                if problem is not _DEFERRED:
+                    yield problem
+        yield from self._defaults_problems()
+
+    def _shot_id(self, path: JsonPath) -> str | None:
+        if len(path) >= 2 and path[0] == "shots" and isinstance(path[1], int):
+            if path[1] < len(self.shots) and isinstance(self.shots[path[1]], dict):
+                shot_id = self.shots[path[1]].get("id")
+                return shot_id if isinstance(shot_id, str) else None
+        return None
+
+    def _problem(
+        self,
+        parent: JsonPath,
+        field: str | int | None,
+        message: str,
+        *,
+        at_key: bool = False,
+        shot_id: str | None = None,
+    ) -> ManifestProblem:
+        path = parent if field is None else (*parent, field)
+        position = (self.document.keys.get(path) if at_key else None) or self.document.values.get(
+            path, self.document.values.get(parent)
+        )
+        line, column = position or (1, 1)
+        return ManifestProblem(
+            self.display,
+            line,
+            column,
+            describe(parent, field, shot_id or self._shot_id(path)),
+            message,
+        )
+
+    def _limits_problems(self) -> Iterator[ManifestProblem]:
+        # JSON Schema's minimum lets NaN through (every comparison with it is false) and has no
+        # finite maximum to set: a NaN rate sends nothing, ever; an infinite one divides by zero.
+        data = self.document.data
+        limits = data.get("limits") if isinstance(data, dict) else None
+        rps = limits.get("rps") if isinstance(limits, dict) else None
+        if isinstance(rps, float) and not math.isfinite(rps):
+            message = f"must be a finite number of requests per second (at least {MIN_RPS})"
+            yield self._problem(("limits",), "rps", f"{message}, got {show(rps)}")
+
+    def _id_problems(self) -> Iterator[ManifestProblem]:
+        # Ids become file names: two ids differing only in case would overwrite each other on
+        # case-insensitive file systems (macOS, Windows). Checked after expansion, where a
+        # matrix or variants can make an id another shot already has.
+        seen: dict[str, int] = {}
+        for shot in self.expanded:
+            raw = self.shots[shot.index].get("id")
+            if not isinstance(raw, str):
+                continue  # the schema says so
+            if shot.id != raw or "{" in shot.id or "}" in shot.id:
+                if not _ID.fullmatch(shot.id):
+                    message = f"{show(shot.id)} is not valid: {_ID_HINT}"
+                    if shot.id != raw:
+                        message = f"{show(shot.id)} (from {show(raw)}) is not valid: {_ID_HINT}"
+                    elif "{" in shot.id:
+                        message += f"; {_TEMPLATE_HINT}"
+                    yield self._problem(("shots", shot.index), "id", message, shot_id=shot.id)
+                    continue
+            folded = shot.id.casefold()
+            if folded in seen:
+                first = seen[folded]
+                line = self.document.values.get(("shots", first, "id"), (0, 0))[0]
+                message = (
+                    f"id '{shot.id}' is already used by shots[{first}] on line {line}; "
+                    "ids must be unique (ignoring case)"
+                )
+                yield self._problem(("shots", shot.index), "id", message, shot_id=shot.id)
+            else:
+                seen[folded] = shot.index
+
+    def _written(self, shot: dict[str, Any], field: str) -> Any:
+        """The field as written for `shot` (its own, else the default), before expansion."""
+        return shot.get(field, self.defaults.get(field, DEFAULT_SIZE if field == "size" else None))
+
+    def _field_origin(self, index: int, shot: dict[str, Any], field: str) -> JsonPath:
+        """Where a merged field was written: on the shot, or under defaults."""
+        if field in shot or field not in self.defaults:
+            return ("shots", index)
+        return ("defaults",)
+
+    def _shot_rule_problems(self, expanded: ExpandedShot) -> Iterator[ManifestProblem]:
+        index, merged, shot_id = expanded.index, expanded.fields, expanded.id
+        shot: dict[str, Any] = self.shots[index]
+        model = merged.get("model", DEFAULT_MODEL)
+        if not isinstance(model, str):
+            return
+        spec = MODELS.get(model)
+        if spec is None:
+            close = difflib.get_close_matches(model, list(MODELS), n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(MODELS)}"
+            origin = self._field_origin(index, shot, "model")
+            yield self._located(origin, shot_id, "model", f"unknown model '{model}'; {hint}")
+            return
+        size = merged.get("size", DEFAULT_SIZE)
+        if isinstance(size, str) and re.fullmatch(r"[0-9]+\*[0-9]+", size):
+            if size not in spec.sizes:
+                message = (
+                    f"size '{size}' is not supported by {model}; supported: "
+                    f"{', '.join(spec.sizes)}; nearest by aspect ratio: "
+                    f"{nearest_size(size, spec.sizes)}"
+                )
+                origin = self._field_origin(index, shot, "size")
+                yield self._located(origin, shot_id, "size", message)
+        elif isinstance(size, str) and ("{" in size or size != self._written(shot, "size")):
+            # A size only a placeholder made invalid; the schema has said so for any other.
+            hint = "write it as W*H, for example '1664*928'"
+            if "{" in size:
+                hint += f"; {_TEMPLATE_HINT}"
+            origin = self._field_origin(index, shot, "size")
+            yield self._located(origin, shot_id, "size", f"{show(size)} is not valid: {hint}")
+        prompt, style = merged.get("prompt"), merged.get("style")
+        if isinstance(prompt, str):
+            sent = len(ImageRequest(prompt, style=style if isinstance(style, str) else None).text)
+            if sent > spec.max_prompt_chars:
+                with_style = " with its style appended" if isinstance(style, str) else ""
+                message = (
+                    f"prompt{with_style} is {sent} characters; {model} takes at most "
+                    f"{spec.max_prompt_chars}"
+                )
+                yield self._located(("shots", index), shot_id, "prompt", message)
+        negative = merged.get("negative_prompt")
+        if isinstance(negative, str) and len(negative) > spec.max_negative_prompt_chars:
+            message = (
+                f"negative_prompt is {len(negative)} characters; {model} takes at most "
+                f"{spec.max_negative_prompt_chars}"
+            )
+            origin = self._field_origin(index, shot, "negative_prompt")
+            yield self._located(origin, shot_id, "negative_prompt", message)
+        reference = merged.get("reference_image")
+        if isinstance(reference, str) and reference and not _is_url(reference):
+            checked = self._reference(reference)
+            if isinstance(checked, str):
+                origin = self._field_origin(index, shot, "reference_image")
+                yield self._located(origin, shot_id, "reference_image", checked)
+
+    def _reference(self, written: str) -> ReferenceImage | str:
+        """The checked reference, or what is wrong with it; each file is read once per load."""
+        if written not in self.references:
+            try:
+                self.references[written] = load_local_reference(
+                    written, self.base_dir, allow_outside=self.allow_reference_outside
+                )
+            except ReferenceProblem as exc:
+                message = f"reference image '{written}' {exc}"
+                if str(exc).startswith("not found"):
+                    message += "; give a path relative to the manifest or an http(s) URL"
+                self.references[written] = message
+        return self.references[written]
+
+    def _located(
+        self, origin: JsonPath, shot_id: str | None, field: str, message: str
+    ) -> ManifestProblem:
+        if origin == ("defaults",):
+            name = shot_id or "?"
+            self._from_defaults.setdefault((field, message), []).append(name)
+            return _DEFERRED
+        return self._problem(origin, field, message, shot_id=shot_id)
+
+    def _defaults_problems(self) -> Iterator[ManifestProblem]:
+        """A bad default is one mistake, however many shots inherit it: say it once."""
+        for (field, message), names in self._from_defaults.items():
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            problem = self._problem(("defaults",), field, message)
+            yield ManifestProblem(
+                problem.file,
+                problem.line,
+                problem.column,
+                f"{problem.where} (used by shot{'s' if len(names) > 1 else ''} {shown})",
+                message,
+            )
+
+
+_DEFERRED = ManifestProblem("", 0, 0, "", "")
+
+
+def _is_url(value: str) -> bool:
+    return value.startswith(("http://", "https://"))
