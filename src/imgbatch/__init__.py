@@ -18,18 +18,26 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from imgbatch.api import ApplyOptions, ApplyReport, apply, make_plan
+    from imgbatch.api import ApplyOptions, ApplyReport, apply, expand_shots, make_plan
     from imgbatch.errors import (
         AuthError,
+        CacheEntryDamaged,
         ConfigError,
         ImgbatchError,
+        LockedError,
         ManifestError,
+        ManifestProblem,
+        NoImageError,
         PermanentError,
         ProviderError,
+        StoreError,
+        StoreWriteError,
         TransientError,
     )
     from imgbatch.manifest import Manifest, load_manifest
+    from imgbatch.plan import Action, Plan, PlannedShot
     from imgbatch.request import GeneratedImage, ImageRequest
+    from imgbatch.results import ResultEntry
     from imgbatch.single import agenerate, generate
 
 _EXPORTS = {
@@ -37,6 +45,7 @@ _EXPORTS = {
     "ApplyReport": "imgbatch.api",
     "apply": "imgbatch.api",
     "make_plan": "imgbatch.api",
+    "expand_shots": "imgbatch.api",
     "AuthError": "imgbatch.errors",
     "ConfigError": "imgbatch.errors",
     "ImgbatchError": "imgbatch.errors",
@@ -44,6 +53,16 @@ _EXPORTS = {
     "PermanentError": "imgbatch.errors",
     "ProviderError": "imgbatch.errors",
     "TransientError": "imgbatch.errors",
+    "CacheEntryDamaged": "imgbatch.errors",
+    "LockedError": "imgbatch.errors",
+    "ManifestProblem": "imgbatch.errors",
+    "NoImageError": "imgbatch.errors",
+    "StoreError": "imgbatch.errors",
+    "StoreWriteError": "imgbatch.errors",
+    "Action": "imgbatch.plan",
+    "Plan": "imgbatch.plan",
+    "PlannedShot": "imgbatch.plan",
+    "ResultEntry": "imgbatch.results",
     "Manifest": "imgbatch.manifest",
     "load_manifest": "imgbatch.manifest",
     "GeneratedImage": "imgbatch.request",
@@ -53,20 +72,31 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "Action",
     "ApplyOptions",
     "ApplyReport",
     "AuthError",
+    "CacheEntryDamaged",
     "ConfigError",
     "GeneratedImage",
     "ImageRequest",
     "ImgbatchError",
+    "LockedError",
     "Manifest",
     "ManifestError",
+    "ManifestProblem",
+    "NoImageError",
     "PermanentError",
+    "Plan",
+    "PlannedShot",
     "ProviderError",
+    "ResultEntry",
+    "StoreError",
+    "StoreWriteError",
     "TransientError",
     "agenerate",
     "apply",
+    "expand_shots",
     "generate",
     "load_manifest",
     "make_plan",
