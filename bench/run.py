@@ -41,6 +41,7 @@ from imgbatch.api import ApplyOptions, ApplyReport, apply_async, load_and_expand
 from imgbatch.executor import _entry as executor_entry  # noqa: E402
 from imgbatch.request import GeneratedImage  # noqa: E402
 from imgbatch.results import write_results  # noqa: E402
+from imgbatch.sheet import render_sheet, thumb_path  # noqa: E402
 from imgbatch.store import STATE_DIR, ImageCache  # noqa: E402
 
 KEY = "sk-bench-fake-key-0123456789"
@@ -245,13 +246,21 @@ def solid_png(width: int, height: int) -> bytes:
     return buffer.getvalue()
 
 
+def solid_webp() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (320, 178), (0, 130, 200)).save(buffer, format="WEBP")
+    return buffer.getvalue()
+
+
 def seed_state(manifest: Path) -> int:
     """Write the cache, the images and results.json as a finished apply leaves them.
 
     Uses the library's own layout (`ImageCache.path`, the executor's entries, `write_results`)
     with the keys of the real `dashscope` provider, so the re-apply plans every shot as unchanged.
     """
-    _, expansion = load_and_expand(manifest, "dashscope")
+    loaded, expansion = load_and_expand(manifest, "dashscope")
     output_dir = expansion.output_dir
     cache = ImageCache(output_dir)
     width, height = (int(part) for part in SIZE.split("*"))
@@ -265,11 +274,16 @@ def seed_state(manifest: Path) -> int:
         if index % 30_000 == 0:
             original = output_dir / STATE_DIR / f"bench-image-{index}.png"
             original.write_bytes(png)
+            thumb = output_dir / STATE_DIR / f"bench-thumb-{index}.webp"
+            thumb.write_bytes(solid_webp())
         request = shot.request
         path = cache.path(request.key)
         path.parent.mkdir(parents=True, exist_ok=True)
         os.link(original, path)
         os.link(original, output_dir / shot.file)
+        path = thumb_path(output_dir, request.key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.link(thumb, path)
         image = GeneratedImage(
             f"https://example.invalid/{shot.id}.png", width, height, request.seed, f"req-{shot.id}"
         )
@@ -279,6 +293,15 @@ def seed_state(manifest: Path) -> int:
         )
     meta = {"manifest": str(manifest.resolve()), "provider": "dashscope", "key_format": 1}
     write_results(output_dir, entries, [], meta)
+    # And the contact sheet the apply drew (its thumbnails are linked above, like the images).
+    render_sheet(
+        output_dir,
+        title=loaded.name,
+        order=[shot.id for shot in expansion.shots],
+        entries={entry.id: entry for entry in entries},
+        changes={},
+        finished_at=None,
+    )
     return len(entries)
 
 

@@ -91,7 +91,8 @@ def assert_nothing_written(manifest: Path) -> None:
     folder = out_dir(manifest)
     assert not (folder / f"{SHOT}.png").exists()
     assert not list((folder / STATE_DIR / "cache").rglob("*.png"))
-    assert [p.name for p in folder.iterdir() if p.name != STATE_DIR] == ["results.json"]
+    written = sorted(p.name for p in folder.iterdir() if p.name != STATE_DIR)
+    assert written == ["index.html", "results.json"]  # index.html: the contact sheet
 
 
 class RecordingClock:

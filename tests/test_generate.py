@@ -303,3 +303,21 @@ def test_simplified_drops_the_style_and_keeps_the_first_sentence(
     else:
         assert simpler is not None
         assert (simpler.text, simpler.style) == (expected, None)
+
+
+def test_every_type_a_caller_receives_or_catches_is_exported() -> None:
+    import imgbatch.errors as errors
+    from imgbatch.plan import Action, Plan, PlannedShot
+    from imgbatch.results import ResultEntry
+
+    assert sorted(imgbatch.__all__) == sorted(imgbatch._EXPORTS)
+    for name in imgbatch.__all__:
+        assert getattr(imgbatch, name) is not None
+    raised = {
+        value
+        for value in vars(errors).values()
+        if isinstance(value, type) and issubclass(value, errors.ImgbatchError)
+    }
+    assert raised <= {getattr(imgbatch, name) for name in imgbatch.__all__}
+    for received in (ResultEntry, Plan, PlannedShot, Action, errors.ManifestProblem):
+        assert getattr(imgbatch, received.__name__) is received

@@ -41,7 +41,8 @@ from imgbatch.errors import (
     ProviderError,
     TransientError,
 )
-from imgbatch.providers.dashscope import ApiKey, DashScopeProvider, resolve_api_key
+from imgbatch.providers.dashscope import DashScopeProvider
+from imgbatch.providers.dashscope_credentials import ApiKey, resolve_api_key
 from imgbatch.request import GeneratedImage, ImageRequest
 from imgbatch.store import verify_image
 from tests.conftest import FAKE_KEY

@@ -7,40 +7,110 @@ call it directly:
     >>> report = apply("manifests/cyclist-spot.yaml", provider="placeholder")
     >>> report.ok
     True
+
+Each name below is imported on first use (module `__getattr__`), so `import imgbatch.cli` does
+not pay for the executor, aiohttp, Pillow or the DashScope SDK before a command needs them.
 """
 
 from __future__ import annotations
 
-from imgbatch.api import ApplyOptions, ApplyReport, apply, make_plan
-from imgbatch.errors import (
-    AuthError,
-    ConfigError,
-    ImgbatchError,
-    ManifestError,
-    PermanentError,
-    ProviderError,
-    TransientError,
-)
-from imgbatch.manifest import Manifest, load_manifest
-from imgbatch.request import GeneratedImage, ImageRequest
-from imgbatch.single import agenerate, generate
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from imgbatch.api import ApplyOptions, ApplyReport, apply, expand_shots, make_plan
+    from imgbatch.errors import (
+        AuthError,
+        CacheEntryDamaged,
+        ConfigError,
+        ImgbatchError,
+        LockedError,
+        ManifestError,
+        ManifestProblem,
+        NoImageError,
+        PermanentError,
+        ProviderError,
+        StoreError,
+        StoreWriteError,
+        TransientError,
+    )
+    from imgbatch.manifest import Manifest, load_manifest
+    from imgbatch.plan import Action, Plan, PlannedShot
+    from imgbatch.request import GeneratedImage, ImageRequest
+    from imgbatch.results import ResultEntry
+    from imgbatch.single import agenerate, generate
+
+_EXPORTS = {
+    "ApplyOptions": "imgbatch.api",
+    "ApplyReport": "imgbatch.api",
+    "apply": "imgbatch.api",
+    "make_plan": "imgbatch.api",
+    "expand_shots": "imgbatch.api",
+    "AuthError": "imgbatch.errors",
+    "ConfigError": "imgbatch.errors",
+    "ImgbatchError": "imgbatch.errors",
+    "ManifestError": "imgbatch.errors",
+    "PermanentError": "imgbatch.errors",
+    "ProviderError": "imgbatch.errors",
+    "TransientError": "imgbatch.errors",
+    "CacheEntryDamaged": "imgbatch.errors",
+    "LockedError": "imgbatch.errors",
+    "ManifestProblem": "imgbatch.errors",
+    "NoImageError": "imgbatch.errors",
+    "StoreError": "imgbatch.errors",
+    "StoreWriteError": "imgbatch.errors",
+    "Action": "imgbatch.plan",
+    "Plan": "imgbatch.plan",
+    "PlannedShot": "imgbatch.plan",
+    "ResultEntry": "imgbatch.results",
+    "Manifest": "imgbatch.manifest",
+    "load_manifest": "imgbatch.manifest",
+    "GeneratedImage": "imgbatch.request",
+    "ImageRequest": "imgbatch.request",
+    "agenerate": "imgbatch.single",
+    "generate": "imgbatch.single",
+}
 
 __all__ = [
+    "Action",
     "ApplyOptions",
     "ApplyReport",
     "AuthError",
+    "CacheEntryDamaged",
     "ConfigError",
     "GeneratedImage",
     "ImageRequest",
     "ImgbatchError",
+    "LockedError",
     "Manifest",
     "ManifestError",
+    "ManifestProblem",
+    "NoImageError",
     "PermanentError",
+    "Plan",
+    "PlannedShot",
     "ProviderError",
+    "ResultEntry",
+    "StoreError",
+    "StoreWriteError",
     "TransientError",
     "agenerate",
     "apply",
+    "expand_shots",
     "generate",
     "load_manifest",
     "make_plan",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'imgbatch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

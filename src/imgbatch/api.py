@@ -25,7 +25,7 @@ from typing import Any
 
 import filelock
 
-from imgbatch.errors import ConfigError, LockedError, StoreError, StoreWriteError
+from imgbatch.errors import LockedError, StoreError, StoreWriteError
 from imgbatch.executor import Executor, Listener, Phase, RunOutcome, failed_entry
 from imgbatch.expand import Expansion, expand, shot_list
 from imgbatch.learned import QuotaStore, default_store_path
@@ -33,11 +33,12 @@ from imgbatch.manifest import Manifest, load_manifest, manifest_from_data
 from imgbatch.pacing import Clock, Finding, Pacer, RetryPolicy
 from imgbatch.plan import Action, Plan, PlannedShot
 from imgbatch.plan import make_plan as plan_shots
-from imgbatch.providers import Provider, create_provider
-from imgbatch.providers.dashscope import resolve_api_key
+from imgbatch.providers import Provider, create_provider, resolve_provider_name
 from imgbatch.quota import Quota
 from imgbatch.request import KEY_FORMAT_VERSION
 from imgbatch.results import Journal, ResultEntry, load_state, write_results
+from imgbatch.sheet import Thumbnailer
+from imgbatch.sheet import update_after_apply as update_sheet
 from imgbatch.store import STATE_DIR, ImageCache, check_writable, remove_stale_temporaries
 
 DEFAULT_PROVIDER = "dashscope"
@@ -90,6 +91,9 @@ class ApplyReport:
     retries: int
     quotas: tuple[QuotaNote, ...]
     elapsed: float
+    # The contact sheet (index.html), or why it could not be drawn: a warning, never a failure.
+    sheet: Path | None = None
+    sheet_problem: str | None = None
 
     def count(self, status: str) -> int:
         return sum(1 for entry in self.entries if entry.status == status)
@@ -105,15 +109,9 @@ def provider_name(
     environ: Mapping[str, str] | None = None,
     home: Path | None = None,
 ) -> str:
-    """The provider to use; `auto` is dashscope when a key is configured, else placeholder."""
+    """The provider to use: the override, else the manifest's, else dashscope; `auto` resolved."""
     name = override or manifest.provider or DEFAULT_PROVIDER
-    if name != "auto":
-        return name
-    try:
-        resolve_api_key(os.environ if environ is None else environ, home)
-    except ConfigError:
-        return "placeholder"
-    return "dashscope"
+    return resolve_provider_name(name, os.environ if environ is None else environ, home)
 
 
 ManifestSource = str | Path | Mapping[str, Any]
@@ -254,6 +252,7 @@ async def apply_async(
             clock=clock,
         )
         journal = Journal(output_dir)
+        thumbnails = Thumbnailer(output_dir, listener)  # the contact sheet's, made as shots land
         try:
             async with provider:
                 executor = Executor(
@@ -264,12 +263,13 @@ async def apply_async(
                     concurrency=options.concurrency or manifest.limits.concurrency,
                     retry=options.retry,
                     clock=clock,
-                    listener=listener,
+                    listener=thumbnails,
                     simplify=options.simplify and manifest.simplify,
                 )
                 outcome, interrupted = await _run_interruptible(executor, plan, options)
         finally:
             journal.close()
+            thumbnails.close()
         entries = tuple(_final_entry(item, outcome, provider.metered) for item in plan.shots)
         orphans = [item.previous for item in plan.orphans if item.previous is not None]
         meta = {
@@ -285,6 +285,7 @@ async def apply_async(
             results = write_results(output_dir, entries, orphans, meta)
         except StoreWriteError as exc:
             raise StoreError(_unwritten_results(exc, outcome, journal.path)) from None
+        sheet, sheet_problem = update_sheet(output_dir, manifest.name, plan, entries)
     saved: list[str] = []
     if store is not None and account is not None:
         with contextlib.suppress(OSError):  # a head start for next time, not worth failing for
@@ -306,6 +307,8 @@ async def apply_async(
         retries=outcome.retries,
         quotas=quotas,
         elapsed=time.monotonic() - started,
+        sheet=sheet,
+        sheet_problem=sheet_problem,
     )
 
 

@@ -12,22 +12,22 @@ import json
 import math
 import os
 import sys
-import tempfile
-import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from imgbatch.api import ApplyOptions, apply, expand_shots, load_and_expand, make_plan
 from imgbatch.errors import ConfigError, ImgbatchError, ManifestError
-from imgbatch.manifest import MIN_RPS
-from imgbatch.plan import Action, Plan
-from imgbatch.providers import PROVIDER_CHOICES
-from imgbatch.providers.dashscope import resolve_api_key
+from imgbatch.models import MIN_RPS
+from imgbatch.providers import PROVIDER_CHOICES, is_metered, secrets_for_redaction
 from imgbatch.quota import Quota, parse_quota
-from imgbatch.report import Progress, apply_summary, plan_summary, plan_table
+
+if TYPE_CHECKING:
+    from imgbatch.plan import Plan
+
+# The library is imported inside each command, not here: `--help` and `validate` must not pay for
+# the executor, aiohttp, Pillow or a provider's SDK (tests/test_startup.py keeps it so).
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 F = TypeVar("F", bound=Callable[..., int])
@@ -59,13 +59,12 @@ def error_boundary(command: F) -> F:
 
 
 def _write_crash_log() -> str:
+    import tempfile
+    import traceback
+
     text = traceback.format_exc()
-    try:
-        key = resolve_api_key(os.environ).value  # from the environment or the credentials file
-    except ImgbatchError:
-        key = ""
-    if key:
-        text = text.replace(key, "***")
+    for secret in secrets_for_redaction(os.environ):
+        text = text.replace(secret, "***")
     handle, path = tempfile.mkstemp(prefix="imgbatch-crash-", suffix=".log")
     with os.fdopen(handle, "w", encoding="utf-8") as log:
         log.write(text)
@@ -118,6 +117,8 @@ def main() -> None:
 @error_boundary
 def validate(manifest: Path, allow_reference_outside: bool) -> int:
     """Check a shot list against the schema and the model rules."""
+    from imgbatch.api import load_and_expand
+
     _, expansion = load_and_expand(manifest, allow_reference_outside=allow_reference_outside)
     count = len(expansion.shots)
     click.echo(f"{manifest}: valid, {count} shot{'s' if count != 1 else ''}")
@@ -131,6 +132,9 @@ def validate(manifest: Path, allow_reference_outside: bool) -> int:
 @error_boundary
 def plan(manifest: Path, provider: str | None, allow_reference_outside: bool) -> int:
     """Show what apply would do for each shot, and why."""
+    from imgbatch.api import make_plan
+    from imgbatch.report import plan_summary, plan_table
+
     result = make_plan(manifest, provider=provider, allow_reference_outside=allow_reference_outside)
     click.echo(plan_table(result))
     click.echo(plan_summary(result))
@@ -147,6 +151,8 @@ def expand_command(
     manifest: Path, as_json: bool, provider: str | None, allow_reference_outside: bool
 ) -> int:
     """Print every shot after vars, matrix, variants and seed: auto, in manifest order."""
+    from imgbatch.api import expand_shots
+
     shots = expand_shots(
         manifest, provider=provider, allow_reference_outside=allow_reference_outside
     )
@@ -206,10 +212,14 @@ def apply_command(
     no_simplify: bool,
 ) -> int:
     """Generate the shots whose request changed; write images and results.json."""
+    from imgbatch.api import ApplyOptions, apply
+    from imgbatch.plan import Action
+    from imgbatch.report import Progress, apply_summary, plan_summary
+
     progress = Progress(0)
 
     def announce(planned: Plan) -> None:
-        if planned.provider == "placeholder":
+        if not is_metered(planned.provider):
             click.echo(
                 "Using the offline placeholder provider: labelled stand-in images, no API calls, "
                 "no cost.",
@@ -235,9 +245,26 @@ def apply_command(
     finally:
         progress.close()
     click.echo(apply_summary(report))
+    if report.sheet_problem:
+        click.echo(f"warning: {report.sheet_problem}", err=True)
+    elif report.sheet:
+        click.echo(f"Contact sheet: {report.sheet}")
     if report.interrupted:
         return EXIT_INTERRUPTED
     return EXIT_OK if report.ok else EXIT_FAILED
+
+
+@main.command()
+@manifest_argument
+@allow_outside_option
+@error_boundary
+def sheet(manifest: Path, allow_reference_outside: bool) -> int:
+    """Draw the contact sheet (index.html in the output folder) from the last results."""
+    from imgbatch.sheet import write_sheet
+
+    path = write_sheet(manifest, allow_reference_outside=allow_reference_outside)
+    click.echo(f"Contact sheet: {path}")
+    return EXIT_OK
 
 
 @main.command("generate")

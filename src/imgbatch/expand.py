@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from imgbatch.errors import ManifestError, ManifestProblem
 from imgbatch.manifest import Manifest, ShotSpec
 from imgbatch.models import DEFAULT_MODEL
@@ -182,6 +180,10 @@ def _fetch(url: str) -> bytes:
 
 
 async def _fetch_async(url: str) -> bytes:
+    # Imported here, not at the top: only a manifest with a reference URL needs it, and `validate`
+    # or `plan` of any other should not pay its import (tests/test_startup.py).
+    import aiohttp
+
     deadline = REFERENCE_URL_DEADLINE
     try:
         async with asyncio.timeout(deadline):

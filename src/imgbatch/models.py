@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 QWEN_IMAGE_SIZES: tuple[str, ...] = ("1664*928", "1472*1104", "1328*1328", "1104*1472", "928*1664")
 SEED_MAX = 2_147_483_647
+# Below this a run would wait a quarter of an hour between requests: a typo, not a plan. Kept here,
+# not in manifest.py, so that the CLI can build its options without importing the manifest reader.
+MIN_RPS = 0.001
 
 
 @dataclass(frozen=True)

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import click
 
-from imgbatch.api import ApplyReport
 from imgbatch.errors import NoImageError
 from imgbatch.executor import Notice, Retrying
 from imgbatch.plan import Action, Plan
+from imgbatch.providers import is_metered
 from imgbatch.results import ResultEntry
+
+if TYPE_CHECKING:
+    from imgbatch.api import ApplyReport
 
 _ACTION_STYLE = {
     Action.CREATE: "green",
@@ -42,7 +45,7 @@ def plan_summary(plan: Plan) -> str:
         f"{plan.count(action)} {action.value}" for action in Action if plan.count(action)
     )
     paid = plan.paid_requests
-    kind = "offline" if plan.provider == "placeholder" else "paid"
+    kind = "paid" if is_metered(plan.provider) else "offline"
     return f"Plan: {counts}. {paid} {kind} request{'s' if paid != 1 else ''}."
 
 
@@ -112,7 +115,7 @@ def apply_summary(report: ApplyReport) -> str:
         f"{report.count('cached')} cached",
         f"{report.count('failed')} failed",
     ]
-    if report.plan.provider == "placeholder":
+    if not is_metered(report.plan.provider):
         sent = f"{report.requests} offline request{'s' if report.requests != 1 else ''}"
     else:
         # Only images are billed: refusals, errors and unreachable servers cost nothing.

@@ -21,9 +21,10 @@ from typing import Any
 
 from imgbatch.errors import ManifestError
 from imgbatch.manifest.places import JsonPath
-from imgbatch.manifest.rules import MIN_RPS, Checker
+from imgbatch.manifest.rules import Checker
 from imgbatch.manifest.schema_messages import manifest_schema
 from imgbatch.manifest.yaml_load import Document, Positions, parse_yaml, read_manifest_text
+from imgbatch.models import MIN_RPS
 from imgbatch.quota import Quota, parse_quota
 from imgbatch.reference import ReferenceImage
 

@@ -20,12 +20,10 @@ from imgbatch.manifest.expansion import ExpandedShot, expand_shots
 from imgbatch.manifest.places import JsonPath, describe, show
 from imgbatch.manifest.schema_messages import schema_problems
 from imgbatch.manifest.yaml_load import Document
-from imgbatch.models import DEFAULT_MODEL, MODELS, nearest_size
+from imgbatch.models import DEFAULT_MODEL, MIN_RPS, MODELS, nearest_size
 from imgbatch.reference import ReferenceImage, ReferenceProblem, load_local_reference
 from imgbatch.request import DEFAULT_SIZE, ImageRequest
 
-# Below this a run would wait a quarter of an hour between requests: a typo, not a plan.
-MIN_RPS = 0.001
 # The schema lets `{name}` placeholders through; what they expand to must be a plain id.
 _ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 _ID_HINT = "use only letters, digits, '.', '_' and '-', not starting with '.'"

@@ -2,7 +2,9 @@
 
 Takes a provider name and the environment; gives an object with `generate(request, label=...)`
 and `fetch(image)`. The executor knows nothing else about them, so tests pass fakes or point the
-real provider at a fake server.
+real provider at a fake server. This package also answers, without importing any provider's
+SDK, what the rest of imgbatch asks about providers: which one `auto` means, whether one spends
+quota and money (`is_metered`), and which secrets a crash log must hide.
 """
 
 from __future__ import annotations
@@ -10,12 +12,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol, Self
+from typing import TYPE_CHECKING, Protocol, Self
 
 from imgbatch.errors import ConfigError
-from imgbatch.request import GeneratedImage, ImageRequest
 
-PROVIDERS = ("dashscope", "placeholder")
+if TYPE_CHECKING:
+    from imgbatch.request import GeneratedImage, ImageRequest
+
+# Whether each provider spends quota (and money): the placeholder draws its images locally.
+METERED = {"dashscope": True, "placeholder": False}
+PROVIDERS = tuple(METERED)
 # `auto`: dashscope when a key is configured, else the offline placeholder (and it says so).
 PROVIDER_CHOICES = (*PROVIDERS, "auto")
 
@@ -47,14 +53,37 @@ class Provider(Protocol):
         ...
 
 
+def is_metered(name: str) -> bool:
+    """Whether the provider `name` spends quota; a name not known here is taken as paid."""
+    return METERED.get(name, True)
+
+
+def resolve_provider_name(name: str, environ: Mapping[str, str], home: Path | None = None) -> str:
+    """`auto` is dashscope when a DashScope key is configured, else placeholder; others stay."""
+    if name != "auto":
+        return name
+    from imgbatch.providers.dashscope_credentials import configured_key
+
+    return "dashscope" if configured_key(environ, home) is not None else "placeholder"
+
+
+def secrets_for_redaction(environ: Mapping[str, str], home: Path | None = None) -> tuple[str, ...]:
+    """Every secret a provider would send, so that text which may quote one can hide it."""
+    from imgbatch.providers.dashscope_credentials import configured_secret
+
+    secret = configured_secret(environ, home)
+    return (secret,) if secret else ()
+
+
 def create_provider(name: str, environ: Mapping[str, str], home: Path | None = None) -> Provider:
-    """The provider called `name`, configured from the environment."""
+    """The provider called `name`, configured from the environment; its SDK is imported here."""
     if name == "placeholder":
         from imgbatch.providers.placeholder import PlaceholderProvider
 
         return PlaceholderProvider()
     if name == "dashscope":
-        from imgbatch.providers.dashscope import DashScopeProvider, resolve_api_key
+        from imgbatch.providers.dashscope import DashScopeProvider
+        from imgbatch.providers.dashscope_credentials import resolve_api_key
 
         return DashScopeProvider(resolve_api_key(environ, home), environ=environ)
     raise ConfigError(f"unknown provider '{name}': choose one of {', '.join(PROVIDERS)}")

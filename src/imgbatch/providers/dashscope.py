@@ -3,9 +3,8 @@
 Takes an `ImageRequest`; gives a `GeneratedImage` (signed URL on Alibaba's OSS, reported size) and,
 through `fetch`, its bytes. Requests go through the SDK's `AioImageGeneration` with messages built
 here; the SDK's habit of uploading any text item that names an existing local file is switched
-off, so no prompt is ever mistaken for a file. The key comes from `DASHSCOPE_API_KEY` or
-`dashscope_api_key` under `[default]` in `~/.alibabacloud/credentials` (the environment wins); it
-goes into the Authorization header of API calls only, never to the image host, and never into a
+off, so no prompt is ever mistaken for a file. The key (found by `dashscope_credentials`) goes
+into the Authorization header of API calls only, never to the image host, and never into a
 message or log line. The base URL is read from `DASHSCOPE_HTTP_BASE_URL` at each call, so setting
 it after import works too.
 """
@@ -13,14 +12,12 @@ it after import works too.
 from __future__ import annotations
 
 import asyncio
-import configparser
 import hashlib
 import json
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from types import SimpleNamespace, TracebackType
 from typing import Any, Self
 
@@ -30,12 +27,12 @@ from dashscope.aigc.image_generation import AioImageGeneration
 
 from imgbatch.errors import (
     AuthError,
-    ConfigError,
     NoImageError,
     PermanentError,
     ProviderError,
     TransientError,
 )
+from imgbatch.providers.dashscope_credentials import ApiKey
 from imgbatch.quota import Quota
 from imgbatch.request import GeneratedImage, ImageRequest
 
@@ -53,78 +50,6 @@ DOWNLOAD_TIMEOUT_SECONDS = 60.0
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
 _READ_CHUNK = 256 * 1024
 MAX_REDIRECTS = 5
-
-NO_KEY_HINT = (
-    "set DASHSCOPE_API_KEY, or add dashscope_api_key under [default] in "
-    "~/.alibabacloud/credentials. To try a shot list without a key, use --provider placeholder."
-)
-
-
-@dataclass(frozen=True)
-class ApiKey:
-    """A secret and where it came from; printing it shows only the source."""
-
-    value: str = field(repr=False)
-    source: str
-
-    def __str__(self) -> str:
-        return f"<API key from {self.source}>"
-
-
-def resolve_api_key(environ: Mapping[str, str], home: Path | None = None) -> ApiKey:
-    """The key from, in this order: `DASHSCOPE_API_KEY`; `dashscope_api_key` under `[default]`
-    in `~/.alibabacloud/credentials` (the two places the seed skill names); then the SDK's own
-    places, `DASHSCOPE_API_KEY_FILE_PATH` and `~/.dashscope/api_key`, so that a key the SDK
-    would find is not silently passed over. Quotes around a value are not part of the key."""
-    if home is None:
-        home = Path(environ["HOME"]) if environ.get("HOME") else Path.home()
-    looked: list[str] = []
-    value = _unquoted(environ.get("DASHSCOPE_API_KEY", ""))
-    looked.append("DASHSCOPE_API_KEY")
-    if value:
-        return _checked(ApiKey(value, "the DASHSCOPE_API_KEY environment variable"))
-    path = home / ".alibabacloud" / "credentials"
-    looked.append(str(path))
-    if path.is_file():
-        parser = configparser.ConfigParser(interpolation=None)
-        try:
-            parser.read(path, encoding="utf-8")
-        except (configparser.Error, UnicodeDecodeError) as exc:
-            # The parser's own message can quote the file's lines, key included.
-            raise ConfigError(f"{path} is not a valid INI file ({type(exc).__name__})") from None
-        value = _unquoted(parser.get("default", "dashscope_api_key", fallback=""))
-        if value:
-            return _checked(ApiKey(value, f"dashscope_api_key under [default] in {path}"))
-    key_files = [home / ".dashscope" / "api_key"]
-    if environ.get("DASHSCOPE_API_KEY_FILE_PATH"):
-        key_files.insert(0, Path(environ["DASHSCOPE_API_KEY_FILE_PATH"]))
-    for key_file in key_files:
-        looked.append(str(key_file))
-        try:
-            value = _unquoted(key_file.read_text(encoding="utf-8")) if key_file.is_file() else ""
-        except (OSError, UnicodeDecodeError):
-            value = ""
-        if value:
-            return _checked(ApiKey(value, f"the key file {key_file}"))
-    raise ConfigError(f"No DashScope API key (looked in {', '.join(looked)}): {NO_KEY_HINT}")
-
-
-def _unquoted(value: str) -> str:
-    value = value.strip()
-    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-        value = value[1:-1].strip()
-    return value
-
-
-def _checked(key: ApiKey) -> ApiKey:
-    """Refuse a key no HTTP header can carry, before any request: aiohttp would refuse each
-    request on its own, and every shot would be retried as if the network had failed."""
-    if any(char.isspace() or ord(char) < 32 or ord(char) == 127 for char in key.value):
-        raise ConfigError(
-            f"the API key from {key.source} contains a space, line break or control character; "
-            "copy the key again without them"
-        )
-    return key
 
 
 class _TextOnlyImageGeneration(AioImageGeneration):
