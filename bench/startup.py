@@ -36,6 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.run import write_manifest  # noqa: E402
 from tests.fake_dashscope import FakeDashScope  # noqa: E402
 
 KEY = "sk-bench-fake-key-0123456789"
@@ -102,28 +103,6 @@ def command_row(
     median = statistics.median(walls)
     target = f"< {limit} s" if limit is not None else "-"
     return Row(case, describe(walls, cpus), target, None if limit is None else median < limit)
-
-
-def write_manifest(directory: Path, count: int) -> Path:
-    """A shot list of `count` distinct prompts."""
-    directory.mkdir(parents=True, exist_ok=True)
-    lines = [
-        "version: 1",
-        "name: startup",
-        "defaults:",
-        "  model: qwen-image-max",
-        '  size: "1664*928"',
-        "  seed: 42",
-        "output:",
-        "  dir: out",
-        "shots:",
-    ]
-    for index in range(count):
-        lines.append(f"  - id: shot-{index:04d}")
-        lines.append(f'    prompt: "a red bicycle leaning on a wall, take {index}"')
-    path = directory / "shots.yaml"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
 
 
 def first_request_row(work: Path, runs: int) -> Row:
