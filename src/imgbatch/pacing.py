@@ -10,9 +10,12 @@ A gate admits a request when (a) fewer than K requests were sent in the window's
 (a sliding count: every P-second span holds at most K sends, so the first K may go at once, and
 a fixed window or a token bucket of K/P holding K is kept too; `aiolimiter`'s leaky bucket would
 let up to 2K - 1 through in one period, which a counted window refuses), (b) fewer requests than
-the estimator's cap are in flight, and (c) no `Retry-After` is running. Waiting requests queue
-in order behind one lock, so a cut applies to the very next request. Everything runs on the
-event loop's clock: one time source, virtual in the simulations.
+the estimator's cap are in flight, and (c) no `Retry-After` is running. A rate asked for with
+`--rps` is a spacing, not a window, and that is what `aiolimiter` does well: an `AsyncLimiter`
+two requests deep spaces the requests evenly and makes up a turn the event loop woke up late
+for on the next one. Waiting requests queue in order behind one lock, so a cut applies to the
+very next request. Everything runs on the event loop's clock: one time source, virtual in the
+simulations.
 """
 
 from __future__ import annotations
@@ -25,10 +28,15 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
+from aiolimiter import AsyncLimiter
+
 from imgbatch.quota import EstimatorSettings, Quota, QuotaEstimator, Source
 
 # Sends further back than this are never the K-th most recent of a window worth keeping.
 _MAX_LOG = 100_000
+# How many requests deep the --rps spacing limiter is: one late turn is made up on the next, and
+# never more than two requests start back to back.
+_SPACING_DEPTH = 2
 
 
 @dataclass(frozen=True)
@@ -90,8 +98,7 @@ class Gate:
         self.throttled = 0
         self._log: deque[tuple[int, float]] = deque(maxlen=_MAX_LOG)  # (ticket, sent at)
         self._paused_until = -math.inf
-        # When the last request of an evenly spaced rate was due (see `_window_delay`).
-        self._due: float | None = None
+        self._spacing: AsyncLimiter | None = None  # made in the running loop, on first use
         self._turn = asyncio.Lock()
         self._changed = asyncio.Event()
 
@@ -104,16 +111,19 @@ class Gate:
                 delay = max(self._paused_until - now, self._window_delay(now))
                 cap = self.estimator.cap
                 if delay <= 0 and (cap is None or self.in_flight < cap):
-                    break
+                    if not self._spaced:
+                        break
+                    spacing = await self._spacing_limiter()
+                    waited |= not spacing.has_capacity()
+                    await spacing.acquire()
+                    now = self.clock.now()
+                    if self._paused_until <= now:  # no Retry-After came while it waited
+                        break
+                    continue
                 waited = True
                 await self._wait_for_change(delay)
             ticket = self.estimator.sent(now, self.in_flight, waited=waited)
             self._log.append((ticket, now))
-            window = self.estimator.window
-            if self._due is None:
-                self._due = now
-            else:
-                self._due = max(self._due + window.period, now - window.period / 2)
             self.in_flight += 1
             self.sent += 1
             return ticket
@@ -172,10 +182,23 @@ class Gate:
                 del self._log[index]
                 return
 
+    @property
+    def _spaced(self) -> bool:
+        return self.average and self.estimator.source == "given"
+
+    async def _spacing_limiter(self) -> AsyncLimiter:
+        if self._spacing is None:
+            window = self.estimator.window
+            interval = window.period / window.count
+            self._spacing = AsyncLimiter(_SPACING_DEPTH, _SPACING_DEPTH * interval)
+            # Empty, it would let two go at once: the first goes now, the next an interval on.
+            await self._spacing.acquire(_SPACING_DEPTH - 1)
+        return self._spacing
+
     def _window_delay(self, now: float) -> float:
         window = self.estimator.window
-        if self.average and self.estimator.source == "given" and self._due is not None:
-            return self._due + window.period - now
+        if self._spaced:
+            return 0.0
         period = _margin(window)
         if len(self._log) < window.count:
             return 0.0
