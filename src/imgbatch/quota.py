@@ -89,6 +89,9 @@ class Quota:
         return self.count / self.period
 
     def __str__(self) -> str:
+        if self.count == 1 and self.period < 1:
+            # An even spacing: "23.6/s" reads better than "1/0.0424s" (and --rps takes it).
+            return f"{1 / self.period:.3g}/s"
         return f"{self.count}/{self.period:g}s"
 
 

@@ -143,7 +143,11 @@ def quota_lines(report: ApplyReport) -> list[str]:
         finding = note.finding
         limits = []
         if finding.source != "probing":
-            limits.append(f"{finding.window.count} requests per {finding.window.period:g} s")
+            window = finding.window
+            if window.count == 1 and window.period < 1:
+                limits.append(f"{1 / window.period:.3g} requests a second, evenly spaced")
+            else:
+                limits.append(f"{window.count} requests per {window.period:g} s")
         if finding.cap is not None and finding.cap_confirmed:
             limits.append(f"{finding.cap} in progress at once")
         if not limits:
