@@ -498,7 +498,10 @@ def test_auto_provider_falls_back_to_placeholder_without_a_key(
     assert plan.exit_code == 0
     result = run("apply", example_manifest, "--provider", "auto")
     assert result.exit_code == 0, result.output
-    assert "Using the offline placeholder provider" in result.stderr
+    assert (
+        "No DashScope API key is configured, so --provider auto uses the offline placeholder "
+        "provider" in result.stderr
+    )
     assert fake_server.requests == []
     assert results(example_manifest)["provider"] == "placeholder"
 

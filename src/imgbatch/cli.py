@@ -220,9 +220,15 @@ def apply_command(
 
     def announce(planned: Plan) -> None:
         if not is_metered(planned.provider):
+            # With --provider auto the fallback must never be silent: say why.
+            lead = (
+                "No DashScope API key is configured, so --provider auto uses"
+                if provider == "auto"
+                else "Using"
+            )
             click.echo(
-                "Using the offline placeholder provider: labelled stand-in images, no API calls, "
-                "no cost.",
+                f"{lead} the offline placeholder provider: labelled stand-in images, no API "
+                "calls, no cost.",
                 err=True,
             )
         click.echo(plan_summary(planned), err=True)
