@@ -98,12 +98,13 @@ def test_kill_9_loses_only_shots_in_flight(tmp_path: Path, slow_server: FakeDash
     statuses = {shot["id"]: shot["status"] for shot in results["shots"]}
     assert len(statuses) == SHOTS
     assert "failed" not in statuses.values()
-    # Journaled shots are not paid again: restored, never regenerated; one killed while
-    # downloading is fetched from its URL, so it keeps the request id it was billed under.
-    assert all(statuses[str(entry["id"])] == "cached" for entry in journaled)
+    # Journaled shots are not paid again: their images are in place, so their entries are kept
+    # as journaled (same request id); one killed while downloading is fetched from its URL, so
+    # it keeps the request id it was billed under.
     request_ids = {shot["id"]: shot["request_id"] for shot in results["shots"]}
+    assert all(statuses[str(entry["id"])] == "generated" for entry in journaled)
+    assert all(request_ids[str(entry["id"])] == entry["request_id"] for entry in journaled)
     assert all(request_ids[str(entry["id"])] == entry["request_id"] for entry in downloading)
-    assert list(statuses.values()).count("generated") <= SHOTS - len(journaled)
     # At most the two requests in flight at the kill were paid for and lost.
     assert slow_server.successes <= SHOTS + 2
     assert not list(output.rglob("*.tmp")), "stale temporary files were left behind"

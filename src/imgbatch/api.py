@@ -96,7 +96,14 @@ class ApplyReport:
     sheet_problem: str | None = None
 
     def count(self, status: str) -> int:
-        return sum(1 for entry in self.entries if entry.status == status)
+        """Shots this run made `status` (generated, cached: restored from the cache, failed);
+        an unchanged shot keeps its entry, whatever its status, and is not counted here."""
+        acted = {item.id for item in self.plan.shots if item.action is not Action.UNCHANGED}
+        return sum(1 for entry in self.entries if entry.status == status and entry.id in acted)
+
+    @property
+    def unchanged(self) -> int:
+        return self.plan.count(Action.UNCHANGED)
 
     @property
     def ok(self) -> bool:
@@ -279,10 +286,15 @@ async def apply_async(
             else os.path.relpath(Path(path).resolve(), output_dir.resolve()),
             "provider": provider.name,
             "key_format": KEY_FORMAT_VERSION,
-            "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         try:
-            results = write_results(output_dir, entries, orphans, meta)
+            results = write_results(
+                output_dir,
+                entries,
+                orphans,
+                meta,
+                updated_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            )
         except StoreWriteError as exc:
             raise StoreError(_unwritten_results(exc, outcome, journal.path)) from None
         sheet, sheet_problem = update_sheet(output_dir, manifest.name, plan, entries)

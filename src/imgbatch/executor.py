@@ -144,7 +144,8 @@ class Executor:
         pending = iter(item for item in plan.shots if item.action is not Action.UNCHANGED)
         for item in plan.shots:
             if item.action is Action.UNCHANGED and item.previous is not None:
-                self.outcome.entries[item.id] = replace(item.previous, status="cached")
+                # Kept exactly as it was: results.json describes the image, not this run.
+                self.outcome.entries[item.id] = item.previous
         workers = [
             asyncio.create_task(self._worker(plan.output_dir, pending))
             for _ in range(self.concurrency)

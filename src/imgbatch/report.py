@@ -114,6 +114,7 @@ def apply_summary(report: ApplyReport) -> str:
         f"{report.count('generated')} generated",
         f"{report.count('cached')} cached",
         f"{report.count('failed')} failed",
+        f"{report.unchanged} unchanged",
     ]
     if not is_metered(report.plan.provider):
         sent = f"{report.requests} offline request{'s' if report.requests != 1 else ''}"

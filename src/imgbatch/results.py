@@ -5,12 +5,12 @@ per shot in manifest order) and reads it back as the state the next plan compare
 
 Each finished shot is appended to `<output>/.imgbatch/journal.jsonl` and fsynced the moment it
 finishes, after its image is in the cache and in place (and a generated image's URL before its
-download starts); `results.json` is rewritten atomically at the end of a run and the journal
-then emptied. A run killed at any point therefore loses only the shots in flight: the next load
-replays the journal over the last results file, a later line for a shot winning over an earlier
-one. A line that is not an entry (a torn last line: the kill came mid-append) is skipped; a
-results file or journal that cannot be read at all, or has a folder in its place, is a
-`StoreError` naming it.
+download starts); `results.json` is rewritten atomically at the end of a run (only if it
+changed: it describes the output folder, not the run) and the journal then emptied. A run
+killed at any point therefore loses only the shots in flight: the next load replays the
+journal over the last results file, a later line for a shot winning over an earlier one. A line
+that is not an entry (a torn last line: the kill came mid-append) is skipped; a results file or
+journal that cannot be read at all, or has a folder in its place, is a `StoreError` naming it.
 """
 
 from __future__ import annotations
@@ -249,14 +249,39 @@ def write_results(
     entries: Sequence[ResultEntry],
     orphans: Sequence[ResultEntry],
     meta: Mapping[str, Any],
+    *,
+    updated_at: str | None = None,
 ) -> Path:
-    """Write results.json atomically, then drop the journal it now includes.
+    """Write results.json atomically unless it already says exactly this; drop the journal.
+
+    With `updated_at`, the file describes the output folder rather than the run: its
+    `updated_at` is the previous file's as long as nothing else in it changes, and a file that
+    would come out byte for byte the same is not written at all, so a no-op apply leaves it
+    untouched (same bytes, same mtime) and a committed results file only shows a diff when an
+    image or an error changed.
 
     One shot per line: a re-run's diff in git shows exactly the shots that changed. The lines
     go through json's C encoder (an indented dump is pure Python, and was the slowest part of a
     10,000-shot no-op apply) and are written as they are made, so a 100,000-shot file is never
     held in memory whole.
     """
+    path = results_path(output_dir)
+    if updated_at is not None:
+        previous = _previous_updated_at(path)
+        if previous is not None and _same_bytes(
+            path, _results_pieces(entries, orphans, {**meta, "updated_at": previous})
+        ):
+            journal_path(output_dir).unlink(missing_ok=True)
+            return path
+        meta = {**meta, "updated_at": updated_at}
+    atomic_write(path, _results_pieces(entries, orphans, meta))
+    journal_path(output_dir).unlink(missing_ok=True)
+    return path
+
+
+def _results_pieces(
+    entries: Sequence[ResultEntry], orphans: Sequence[ResultEntry], meta: Mapping[str, Any]
+) -> Iterator[bytes]:
     counts = {status: 0 for status in ("generated", "cached", "failed")}
     for entry in entries:
         counts[entry.status] += 1
@@ -265,21 +290,43 @@ def write_results(
         **meta,
         "summary": {"shots": len(entries), **counts},
     }
+    yield b"{\n"
+    for name, value in head.items():
+        yield f"  {_compact(name)}: {_compact(value)},\n".encode()
+    yield b'  "shots": '
+    yield from _json_lines(entries)
+    yield b',\n  "orphans": '
+    yield from _json_lines(orphans)
+    yield b"\n}\n"
 
-    def pieces() -> Iterator[bytes]:
-        yield b"{\n"
-        for name, value in head.items():
-            yield f"  {_compact(name)}: {_compact(value)},\n".encode()
-        yield b'  "shots": '
-        yield from _json_lines(entries)
-        yield b',\n  "orphans": '
-        yield from _json_lines(orphans)
-        yield b"\n}\n"
 
-    path = results_path(output_dir)
-    atomic_write(path, pieces())
-    journal_path(output_dir).unlink(missing_ok=True)
-    return path
+def _previous_updated_at(path: Path) -> str | None:
+    """The `updated_at` of the results file at `path` as `write_results` wrote it, else None."""
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith('  "shots"'):
+                    break
+                name, _, value = line.strip().partition(": ")
+                if name == '"updated_at"':
+                    stamp = json.loads(value.removesuffix(","))
+                    return stamp if isinstance(stamp, str) else None
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _same_bytes(path: Path, pieces: Iterator[bytes]) -> bool:
+    """Whether the file at `path` holds exactly the concatenation of `pieces`, read as they
+    come (never the whole file in memory)."""
+    try:
+        with path.open("rb") as handle:
+            for piece in pieces:
+                if handle.read(len(piece)) != piece:
+                    return False
+            return handle.read(1) == b""
+    except OSError:
+        return False
 
 
 def _compact(value: Any) -> str:

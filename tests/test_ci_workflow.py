@@ -1,0 +1,86 @@
+"""imgbatch in git and CI: results.json describes the output folder, not the last run.
+
+Takes: the repository's example manifest (copied into tmp_path), run with the offline placeholder
+provider and against the fake DashScope server.
+Gives: evidence that a no-op apply leaves results.json byte for byte as it was (same mtime),
+and that an edited shot changes its own line, the summary and updated_at, nothing else.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fake_dashscope import FakeDashScope
+from tests.test_cli import (
+    FAST,
+    assert_clean,
+    edit_manifest,
+    expected_shots,
+    output_dir,
+    run,
+)
+
+
+def results_file(manifest: Path) -> Path:
+    return output_dir(manifest) / "results.json"
+
+
+@pytest.mark.parametrize("provider", ["placeholder", "dashscope"])
+def test_a_no_op_apply_leaves_results_json_byte_identical(
+    provider: str,
+    api_env: dict[str, str],
+    fake_server: FakeDashScope,
+    example_manifest: Path,
+) -> None:
+    first = run("apply", example_manifest, "--provider", provider, *FAST)
+    assert first.exit_code == 0, first.output
+    path = results_file(example_manifest)
+    before = path.read_bytes()
+    # An mtime in the past: a rewrite within the same clock tick could not hide.
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    sent = fake_server.generation_count
+
+    second = run("apply", example_manifest, "--provider", provider, *FAST)
+    assert second.exit_code == 0, second.output
+    assert_clean(second)
+    assert path.read_bytes() == before
+    assert path.stat().st_mtime_ns == 1_000_000_000
+    assert fake_server.generation_count == sent
+    # What the run did is in its report, not in the entries' statuses.
+    count = len(expected_shots(example_manifest))
+    assert f"0 generated, 0 cached, 0 failed, {count} unchanged" in second.stdout
+
+
+def test_an_edit_changes_only_that_shots_line_the_summary_and_updated_at(
+    api_env: dict[str, str], fake_server: FakeDashScope, example_manifest: Path
+) -> None:
+    assert run("apply", example_manifest, *FAST).exit_code == 0
+    path = results_file(example_manifest)
+    before = path.read_text(encoding="utf-8").splitlines()
+    time.sleep(1.1)  # updated_at has one-second resolution
+
+    edited = list(expected_shots(example_manifest))[2]
+
+    def reprompt(doc: dict[str, Any]) -> None:
+        doc["shots"][2]["prompt"] += ", seen from above"
+
+    edit_manifest(example_manifest, reprompt)
+    result = run("apply", example_manifest, *FAST)
+    assert result.exit_code == 0, result.output
+    count = len(expected_shots(example_manifest))
+    assert f"1 generated, 0 cached, 0 failed, {count - 1} unchanged" in result.stdout
+    after = path.read_text(encoding="utf-8").splitlines()
+    assert len(after) == len(before)
+    changed = [(old, new) for old, new in zip(before, after, strict=True) if old != new]
+    diff = "\n".join(difflib.unified_diff(before, after, lineterm=""))
+    # The summary counts statuses, and the edited shot was generated before and after.
+    assert [old.split(":", 1)[0] for old, _ in changed] == ['  "updated_at"', '    {"id"'], diff
+    assert f'"id": "{edited}"' in changed[1][1]
+    assert "seen from above" in changed[1][1]
+    assert changed[0][1] > changed[0][0]  # ISO timestamps: later sorts after
