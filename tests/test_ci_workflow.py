@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import write_manifest
 from tests.fake_dashscope import FakeDashScope
 from tests.test_cli import (
     FAST,
@@ -84,3 +85,43 @@ def test_an_edit_changes_only_that_shots_line_the_summary_and_updated_at(
     assert f'"id": "{edited}"' in changed[1][1]
     assert "seen from above" in changed[1][1]
     assert changed[0][1] > changed[0][0]  # ISO timestamps: later sorts after
+
+
+# ----- plan --detailed-exitcode -------------------------------------------------------------------
+
+
+def test_plan_detailed_exitcode_says_whether_anything_is_to_do(
+    api_env: dict[str, str], fake_server: FakeDashScope, example_manifest: Path
+) -> None:
+    # Without the flag a plan with work to do still exits 0.
+    assert run("plan", example_manifest).exit_code == 0
+    pending = run("plan", example_manifest, "--detailed-exitcode")
+    assert pending.exit_code == 2, pending.output
+    assert "create" in pending.stdout
+
+    assert run("apply", example_manifest, *FAST).exit_code == 0
+    done = run("plan", example_manifest, "--detailed-exitcode")
+    assert done.exit_code == 0, done.output
+
+    # A restore (file deleted, image in the cache) is something to do, though not paid.
+    first = next(iter(expected_shots(example_manifest)))
+    (output_dir(example_manifest) / f"{first}.png").unlink()
+    restore = run("plan", example_manifest, "--detailed-exitcode")
+    assert restore.exit_code == 2, restore.output
+    assert "0 paid requests" in restore.stdout
+    assert fake_server.generation_count == len(expected_shots(example_manifest))
+
+
+def test_plan_detailed_exitcode_errors_exit_1_not_2(tmp_path: Path, example_manifest: Path) -> None:
+    invalid = write_manifest(tmp_path, "version: 1\nname: bad\nshots:\n  - id: one\n")
+    # Without the flag an invalid manifest exits 2, as every command does.
+    assert run("plan", invalid).exit_code == 2
+    result = run("plan", invalid, "--detailed-exitcode")
+    assert result.exit_code == 1, result.output
+    assert_clean(result)
+    assert "error:" in result.stderr and "one" in result.stderr
+    assert result.stdout == ""
+    # A bad option too: 2 would read as "changes pending".
+    bad = run("plan", example_manifest, "--detailed-exitcode", "--provider", "nope")
+    assert bad.exit_code == 1, bad.output
+    assert run("plan", example_manifest, "--provider", "nope").exit_code == 2

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 # the executor, aiohttp, Pillow or a provider's SDK (tests/test_startup.py keeps it so).
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_CHANGES = 2  # plan --detailed-exitcode: something to do (Terraform's convention)
 F = TypeVar("F", bound=Callable[..., int])
 
 
@@ -125,19 +126,56 @@ def validate(manifest: Path, allow_reference_outside: bool) -> int:
     return EXIT_OK
 
 
-@main.command()
+class DetailedExitCommand(click.Command):
+    """With `--detailed-exitcode`, exit code 2 means "something to do", so a bad option exits 1
+    (an error), as Terraform's does."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        detailed = "--detailed-exitcode" in args  # before parsing: the parser consumes `args`
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            if detailed:
+                raise _UsageErrorExit1(exc.format_message(), exc.ctx) from None
+            raise
+
+
+class _UsageErrorExit1(click.UsageError):
+    exit_code = EXIT_FAILED
+
+
+@main.command(cls=DetailedExitCommand)
 @manifest_argument
 @provider_option
 @allow_outside_option
+@click.option(
+    "--detailed-exitcode",
+    is_flag=True,
+    help="Exit 0 when there is nothing to do, 2 when some shot would be created, replaced or "
+    "restored, 1 on any error (invalid manifest or options included).",
+)
 @error_boundary
-def plan(manifest: Path, provider: str | None, allow_reference_outside: bool) -> int:
+def plan(
+    manifest: Path, provider: str | None, allow_reference_outside: bool, detailed_exitcode: bool
+) -> int:
     """Show what apply would do for each shot, and why."""
     from imgbatch.api import make_plan
     from imgbatch.report import plan_summary, plan_table
 
-    result = make_plan(manifest, provider=provider, allow_reference_outside=allow_reference_outside)
+    try:
+        result = make_plan(
+            manifest, provider=provider, allow_reference_outside=allow_reference_outside
+        )
+    except (ManifestError, ConfigError) as exc:
+        if not detailed_exitcode:
+            raise
+        # 2 means "changes pending" here: an invalid shot list is an error like any other.
+        click.echo(f"error: {exc}", err=True)
+        return EXIT_FAILED
     click.echo(plan_table(result))
     click.echo(plan_summary(result))
+    if detailed_exitcode and result.has_work:
+        return EXIT_CHANGES
     return EXIT_OK
 
 

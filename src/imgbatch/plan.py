@@ -36,6 +36,9 @@ class Action(StrEnum):
 
 
 PAID_ACTIONS = frozenset({Action.CREATE, Action.REPLACE})
+# What an apply would change on disk. An orphan is only listed (its file is kept), so a plan with
+# orphans and nothing else has nothing to do.
+WORK_ACTIONS = frozenset({Action.CREATE, Action.REPLACE, Action.RESTORE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +65,11 @@ class Plan:
     @property
     def paid_requests(self) -> int:
         return sum(1 for item in self.shots if item.action in PAID_ACTIONS)
+
+    @property
+    def has_work(self) -> bool:
+        """Whether an apply would make or put back any image (`plan --detailed-exitcode`)."""
+        return any(item.action in WORK_ACTIONS for item in self.shots)
 
     @property
     def has_changes(self) -> bool:
