@@ -9,6 +9,7 @@ and that an edited shot changes its own line, the summary and updated_at, nothin
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import time
 from pathlib import Path
@@ -30,6 +31,11 @@ from tests.test_cli import (
 
 def results_file(manifest: Path) -> Path:
     return output_dir(manifest) / "results.json"
+
+
+def results_entries(manifest: Path) -> list[dict[str, Any]]:
+    entries: list[dict[str, Any]] = json.loads(results_file(manifest).read_text())["shots"]
+    return entries
 
 
 @pytest.mark.parametrize("provider", ["placeholder", "dashscope"])
@@ -125,3 +131,73 @@ def test_plan_detailed_exitcode_errors_exit_1_not_2(tmp_path: Path, example_mani
     bad = run("plan", example_manifest, "--detailed-exitcode", "--provider", "nope")
     assert bad.exit_code == 1, bad.output
     assert run("plan", example_manifest, "--provider", "nope").exit_code == 2
+
+
+# ----- apply --frozen -----------------------------------------------------------------------------
+
+
+def test_apply_frozen_refuses_before_sending_or_writing_anything(
+    api_env: dict[str, str], fake_server: FakeDashScope, example_manifest: Path
+) -> None:
+    fresh = run("apply", example_manifest, "--frozen", *FAST)
+    assert fresh.exit_code == 1, fresh.output
+    assert_clean(fresh)
+    assert "--frozen: 8 shots would need a paid request" in fresh.stderr
+    assert not output_dir(example_manifest).exists()  # not even the lock folder
+    assert fake_server.requests == []
+
+    assert run("apply", example_manifest, *FAST).exit_code == 0
+    shots = list(expected_shots(example_manifest))
+    edited, deleted = shots[2], shots[4]
+    out = output_dir(example_manifest)
+    (out / f"{deleted}.png").unlink()
+
+    def reprompt(doc: dict[str, Any]) -> None:
+        doc["shots"][2]["prompt"] += ", seen from above"
+
+    edit_manifest(example_manifest, reprompt)
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    sent = len(fake_server.requests)
+    result = run("apply", example_manifest, "--frozen", *FAST)
+    assert result.exit_code == 1, result.output
+    assert f"{edited} (replace: changed: text)" in result.stderr
+    assert "1 shot would need a paid request" in result.stderr
+    assert deleted not in result.stderr  # a restore is allowed
+    assert len(fake_server.requests) == sent
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+
+
+def test_apply_frozen_restores_from_the_cache_and_sends_nothing(
+    api_env: dict[str, str], fake_server: FakeDashScope, example_manifest: Path
+) -> None:
+    assert run("apply", example_manifest, *FAST).exit_code == 0
+    deleted = list(expected_shots(example_manifest))[4]
+    image = output_dir(example_manifest) / f"{deleted}.png"
+    original = image.read_bytes()
+    image.unlink()
+    sent = len(fake_server.requests)
+
+    result = run("apply", example_manifest, "--frozen", *FAST)
+    assert result.exit_code == 0, result.output
+    assert image.read_bytes() == original
+    assert len(fake_server.requests) == sent
+    assert "0 generated, 1 cached, 0 failed, 7 unchanged" in result.stdout
+
+
+def test_apply_frozen_never_generates_even_when_a_restore_finds_the_cache_damaged(
+    api_env: dict[str, str], fake_server: FakeDashScope, example_manifest: Path
+) -> None:
+    assert run("apply", example_manifest, *FAST).exit_code == 0
+    deleted = list(expected_shots(example_manifest))[4]
+    out = output_dir(example_manifest)
+    (out / f"{deleted}.png").unlink()
+    entry = next(e for e in results_entries(example_manifest) if e["id"] == deleted)
+    cached = out / ".imgbatch" / "cache" / entry["key"][:2] / f"{entry['key']}.png"
+    cached.write_bytes(cached.read_bytes()[:100])  # damaged: a restore must fetch or generate
+    fake_server.forget_images()  # and its URL expired: only a new, paid image would do
+    generations = fake_server.generation_count
+
+    result = run("apply", example_manifest, "--frozen", *FAST)
+    assert result.exit_code == 1, result.output
+    assert fake_server.generation_count == generations
+    assert "--frozen sends no paid request" in result.output

@@ -25,13 +25,13 @@ from typing import Any
 
 import filelock
 
-from imgbatch.errors import LockedError, StoreError, StoreWriteError
+from imgbatch.errors import FrozenError, LockedError, PermanentError, StoreError, StoreWriteError
 from imgbatch.executor import Executor, Listener, Phase, RunOutcome, failed_entry
 from imgbatch.expand import Expansion, expand, shot_list
 from imgbatch.learned import QuotaStore, default_store_path
 from imgbatch.manifest import Manifest, load_manifest, manifest_from_data
 from imgbatch.pacing import Clock, Finding, Pacer, RetryPolicy
-from imgbatch.plan import Action, Plan, PlannedShot
+from imgbatch.plan import PAID_ACTIONS, Action, Plan, PlannedShot
 from imgbatch.plan import make_plan as plan_shots
 from imgbatch.providers import Provider, create_provider, resolve_provider_name
 from imgbatch.quota import Quota
@@ -65,6 +65,8 @@ class ApplyOptions:
     # After a 200 without an image, ask once more with a simplified prompt (the seed's rule),
     # unless this or the manifest's `simplify: false` turns it off.
     simplify: bool = True
+    # Send no paid request: refuse (FrozenError) when a shot needs one; restores still happen.
+    frozen: bool = False
 
 
 @dataclass(frozen=True)
@@ -227,9 +229,14 @@ async def apply_async(
         options.home,
         allow_reference_outside=options.allow_reference_outside,
     )
+    output_dir = expansion.output_dir
+    if options.frozen:
+        # Before credentials and before the lock: a refused frozen run writes nothing at all.
+        _refuse_paid(_plan(expansion, load_state(output_dir)))
     # Credentials are checked before anything is written.
     provider = provider or create_provider(expansion.provider, environ, options.home)
-    output_dir = expansion.output_dir
+    if options.frozen:
+        provider = _FrozenProvider(provider)
     started = time.monotonic()
     with exclusive_output(output_dir):
         cache = ImageCache(output_dir)
@@ -241,6 +248,8 @@ async def apply_async(
         remove_stale_temporaries(output_dir)
         state = load_state(output_dir)
         plan = _plan(expansion, state)
+        if options.frozen:
+            _refuse_paid(plan)  # again: another run may have changed the folder meanwhile
         if on_plan:
             on_plan(plan)
         given = _given_quota(options, manifest)
@@ -322,6 +331,49 @@ async def apply_async(
         sheet=sheet,
         sheet_problem=sheet_problem,
     )
+
+
+def _refuse_paid(plan: Plan) -> None:
+    """FrozenError naming the shots that would need a paid request, if any."""
+    paid = [item for item in plan.shots if item.action in PAID_ACTIONS]
+    if not paid:
+        return
+    shown = [f"{item.id} ({item.action}: {item.reason})" for item in paid[:20]]
+    more = f", and {len(paid) - 20} more" if len(paid) > 20 else ""
+    raise FrozenError(
+        f"--frozen: {len(paid)} shot{'s' if len(paid) != 1 else ''} would need a paid request: "
+        f"{', '.join(shown)}{more}; nothing was sent or written (run apply without --frozen "
+        "to make them)"
+    )
+
+
+class _FrozenProvider:
+    """A provider that may fetch images already paid for but never asks for a new one: the
+    guarantee of `--frozen` even when a cache entry turns out damaged mid-run."""
+
+    def __init__(self, inner: Provider) -> None:
+        self._inner = inner
+        self.name = inner.name
+        self.metered = inner.metered
+
+    async def __aenter__(self) -> _FrozenProvider:
+        await self._inner.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self._inner.__aexit__(*exc_info)
+
+    async def generate(self, request: Any, *, label: str) -> Any:
+        raise PermanentError(f"{label}: not sent: --frozen sends no paid request")
+
+    async def fetch(self, image: Any) -> bytes:
+        return await self._inner.fetch(image)
+
+    def describe_credentials(self) -> str:
+        return self._inner.describe_credentials()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)  # quota_account and the like
 
 
 def _given_quota(options: ApplyOptions, manifest: Manifest) -> Quota | None:

@@ -239,6 +239,12 @@ def expand_command(
     help="After a 200 without an image, fail the shot instead of asking once more with a "
     "simplified prompt.",
 )
+@click.option(
+    "--frozen",
+    is_flag=True,
+    help="Send no paid request: exit 1, naming them, if any shot would need one (create or "
+    "replace), before sending or writing anything. Restores from the cache still happen.",
+)
 @error_boundary
 def apply_command(
     manifest: Path,
@@ -248,6 +254,7 @@ def apply_command(
     concurrency: int | None,
     allow_reference_outside: bool,
     no_simplify: bool,
+    frozen: bool,
 ) -> int:
     """Generate the shots whose request changed; write images and results.json."""
     from imgbatch.api import ApplyOptions, apply
@@ -282,6 +289,7 @@ def apply_command(
                 concurrency=concurrency,
                 allow_reference_outside=allow_reference_outside,
                 simplify=not no_simplify,
+                frozen=frozen,
             ),
             listener=progress,
             on_plan=announce,

@@ -60,6 +60,10 @@ class ConfigError(ImgbatchError):
     """Options, environment or credentials that keep imgbatch from starting."""
 
 
+class FrozenError(ImgbatchError):
+    """`apply --frozen` found shots that would need a paid request; nothing was sent or written."""
+
+
 class LockedError(ImgbatchError):
     """Another imgbatch process is applying to the same output folder."""
 
