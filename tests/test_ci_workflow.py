@@ -201,3 +201,101 @@ def test_apply_frozen_never_generates_even_when_a_restore_finds_the_cache_damage
     assert result.exit_code == 1, result.output
     assert fake_server.generation_count == generations
     assert "--frozen sends no paid request" in result.output
+
+
+# ----- --json -------------------------------------------------------------------------------------
+
+
+def test_plan_json_is_one_document_on_stdout_with_the_text_on_stderr(
+    api_env: dict[str, str], fake_server: FakeDashScope, example_manifest: Path
+) -> None:
+    shots = list(expected_shots(example_manifest))
+    fresh = run("plan", example_manifest, "--json")
+    assert fresh.exit_code == 0, fresh.output
+    document = json.loads(fresh.stdout)
+    assert "Plan: 8 create. 8 paid requests." in fresh.stderr
+    assert [shot["id"] for shot in document["shots"]] == shots
+    assert document["shots"][0] == {
+        "id": shots[0],
+        "action": "create",
+        "reason": "new shot",
+        "changed": None,
+        "cost": None,
+    }
+    assert document["summary"] == {
+        "create": 8,
+        "replace": 0,
+        "unchanged": 0,
+        "restore": 0,
+        "orphan": 0,
+        "paid_requests": 8,
+        "estimated_cost": None,
+    }
+
+    assert run("apply", example_manifest, *FAST).exit_code == 0
+    (output_dir(example_manifest) / f"{shots[4]}.png").unlink()
+
+    def edit(doc: dict[str, Any]) -> None:
+        doc["shots"][2]["prompt"] += ", seen from above"
+        doc["shots"][2]["seed"] = 99
+        del doc["shots"][7]
+
+    edit_manifest(example_manifest, edit)
+    result = run("plan", example_manifest, "--json", "--detailed-exitcode")
+    assert result.exit_code == 2, result.output
+    document = json.loads(result.stdout)
+    rows = {shot["id"]: shot for shot in document["shots"]}
+    assert rows[shots[2]]["action"] == "replace"
+    assert rows[shots[2]]["changed"] == ["text", "seed"]
+    assert rows[shots[4]]["action"] == "restore"
+    assert rows[shots[7]]["action"] == "orphan"
+    assert document["summary"] == {
+        "create": 0,
+        "replace": 1,
+        "unchanged": 5,
+        "restore": 1,
+        "orphan": 1,
+        "paid_requests": 1,
+        "estimated_cost": None,
+    }
+
+
+def test_apply_json_reports_what_the_run_did(
+    api_env: dict[str, str], fake_server: FakeDashScope, example_manifest: Path
+) -> None:
+    shots = list(expected_shots(example_manifest))
+    first = run("apply", example_manifest, "--json", *FAST)
+    assert first.exit_code == 0, first.output
+    document = json.loads(first.stdout)
+    assert "8 generated, 0 cached, 0 failed, 0 unchanged" in first.stderr
+    path = output_dir(example_manifest) / "results.json"
+    assert Path(document["results"]).resolve() == path
+    entries = {entry["id"]: entry for entry in results_entries(example_manifest)}
+    assert document["shots"][0] == {
+        "id": shots[0],
+        "status": "generated",
+        "file": f"{shots[0]}.png",
+        "error": None,
+        "error_code": None,
+        "request_id": entries[shots[0]]["request_id"],
+    }
+    assert document["summary"] == {
+        "generated": 8,
+        "cached": 0,
+        "failed": 0,
+        "unchanged": 0,
+        "requests": 8,
+        "billed": 8,
+        "throttled": 0,
+        "retries": 0,
+        "cost": None,
+    }
+
+    (output_dir(example_manifest) / f"{shots[1]}.png").unlink()
+    again = run("apply", example_manifest, "--json", *FAST)
+    assert again.exit_code == 0, again.output
+    document = json.loads(again.stdout)
+    statuses = {shot["id"]: shot["status"] for shot in document["shots"]}
+    assert statuses[shots[1]] == "cached"
+    assert {statuses[s] for s in shots if s != shots[1]} == {"unchanged"}
+    assert document["summary"]["unchanged"] == 7 and document["summary"]["requests"] == 0

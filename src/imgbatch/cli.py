@@ -154,13 +154,20 @@ class _UsageErrorExit1(click.UsageError):
     help="Exit 0 when there is nothing to do, 2 when some shot would be created, replaced or "
     "restored, 1 on any error (invalid manifest or options included).",
 )
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the plan as one JSON document on stdout."
+)
 @error_boundary
 def plan(
-    manifest: Path, provider: str | None, allow_reference_outside: bool, detailed_exitcode: bool
+    manifest: Path,
+    provider: str | None,
+    allow_reference_outside: bool,
+    detailed_exitcode: bool,
+    as_json: bool,
 ) -> int:
     """Show what apply would do for each shot, and why."""
     from imgbatch.api import make_plan
-    from imgbatch.report import plan_summary, plan_table
+    from imgbatch.report import plan_json, plan_summary, plan_table
 
     try:
         result = make_plan(
@@ -172,8 +179,11 @@ def plan(
         # 2 means "changes pending" here: an invalid shot list is an error like any other.
         click.echo(f"error: {exc}", err=True)
         return EXIT_FAILED
-    click.echo(plan_table(result))
-    click.echo(plan_summary(result))
+    # With --json, stdout is the document alone; the human text goes to stderr.
+    click.echo(plan_table(result), err=as_json)
+    click.echo(plan_summary(result), err=as_json)
+    if as_json:
+        click.echo(json.dumps(plan_json(result), ensure_ascii=False))
     if detailed_exitcode and result.has_work:
         return EXIT_CHANGES
     return EXIT_OK
@@ -245,6 +255,12 @@ def expand_command(
     help="Send no paid request: exit 1, naming them, if any shot would need one (create or "
     "replace), before sending or writing anything. Restores from the cache still happen.",
 )
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print what the run did as one JSON document on stdout (the summary goes to stderr).",
+)
 @error_boundary
 def apply_command(
     manifest: Path,
@@ -255,11 +271,12 @@ def apply_command(
     allow_reference_outside: bool,
     no_simplify: bool,
     frozen: bool,
+    as_json: bool,
 ) -> int:
     """Generate the shots whose request changed; write images and results.json."""
     from imgbatch.api import ApplyOptions, apply
     from imgbatch.plan import Action
-    from imgbatch.report import Progress, apply_summary, plan_summary
+    from imgbatch.report import Progress, apply_json, apply_summary, plan_summary
 
     progress = Progress(0)
 
@@ -296,11 +313,13 @@ def apply_command(
         )
     finally:
         progress.close()
-    click.echo(apply_summary(report))
+    click.echo(apply_summary(report), err=as_json)
     if report.sheet_problem:
         click.echo(f"warning: {report.sheet_problem}", err=True)
     elif report.sheet:
-        click.echo(f"Contact sheet: {report.sheet}")
+        click.echo(f"Contact sheet: {report.sheet}", err=as_json)
+    if as_json:
+        click.echo(json.dumps(apply_json(report), ensure_ascii=False))
     if report.interrupted:
         return EXIT_INTERRUPTED
     return EXIT_OK if report.ok else EXIT_FAILED

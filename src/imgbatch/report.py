@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 
 from imgbatch.errors import NoImageError
 from imgbatch.executor import Notice, Retrying
-from imgbatch.plan import Action, Plan
+from imgbatch.plan import Action, Plan, PlannedShot
 from imgbatch.providers import is_metered
+from imgbatch.request import changed_fields
 from imgbatch.results import ResultEntry
 
 if TYPE_CHECKING:
@@ -47,6 +48,70 @@ def plan_summary(plan: Plan) -> str:
     paid = plan.paid_requests
     kind = "paid" if is_metered(plan.provider) else "offline"
     return f"Plan: {counts}. {paid} {kind} request{'s' if paid != 1 else ''}."
+
+
+def plan_json(plan: Plan) -> dict[str, Any]:
+    """`plan --json`: each shot (orphans last) and the counts. No price table yet, so `cost`
+    and `estimated_cost` are null."""
+    shots = [
+        {
+            "id": item.id,
+            "action": item.action.value,
+            "reason": item.reason,
+            "changed": _changed(item),
+            "cost": None,
+        }
+        for item in (*plan.shots, *plan.orphans)
+    ]
+    summary: dict[str, Any] = {
+        action.value: plan.count(action)
+        for action in (
+            Action.CREATE,
+            Action.REPLACE,
+            Action.UNCHANGED,
+            Action.RESTORE,
+            Action.ORPHAN,
+        )
+    }
+    summary["paid_requests"] = plan.paid_requests
+    summary["estimated_cost"] = None
+    return {"shots": shots, "summary": summary}
+
+
+def _changed(item: PlannedShot) -> list[str] | None:
+    """The request fields a replace changes; None for every other action."""
+    if item.action is not Action.REPLACE or item.previous is None or item.shot is None:
+        return None
+    return changed_fields(dict(item.previous.request), item.shot.request.canonical())
+
+
+def apply_json(report: ApplyReport) -> dict[str, Any]:
+    """`apply --json`: what the run did to each shot (`unchanged` for a shot it left alone,
+    else its entry's status), the counts, and where results.json is."""
+    unchanged = {item.id for item in report.plan.shots if item.action is Action.UNCHANGED}
+    shots = [
+        {
+            "id": entry.id,
+            "status": "unchanged" if entry.id in unchanged else entry.status,
+            "file": entry.file,
+            "error": entry.error,
+            "error_code": entry.error_code,
+            "request_id": entry.request_id,
+        }
+        for entry in report.entries
+    ]
+    summary = {
+        "generated": report.count("generated"),
+        "cached": report.count("cached"),
+        "failed": report.count("failed"),
+        "unchanged": report.unchanged,
+        "requests": report.requests,
+        "billed": report.billed,
+        "throttled": report.throttled,
+        "retries": report.retries,
+        "cost": None,
+    }
+    return {"shots": shots, "summary": summary, "results": str(report.results_path)}
 
 
 class Progress:
