@@ -202,6 +202,7 @@ def run_all(quick: bool, work: Path) -> list[Row]:
         first_request_row(work, 3 if quick else 7),
     ]
     if not quick:
+        rows.append(whole_apply_row(work, ["--quota", f"{QUOTA:g}/s"], "`--quota 25/s`"))
         rows.append(whole_apply_row(work, ["--rps", f"{QUOTA:g}"], "`--rps 25`"))
         rows.append(whole_apply_row(work, [], "quota not given"))
     return rows
