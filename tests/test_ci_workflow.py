@@ -201,6 +201,7 @@ def test_apply_frozen_never_generates_even_when_a_restore_finds_the_cache_damage
     assert result.exit_code == 1, result.output
     assert fake_server.generation_count == generations
     assert "--frozen sends no paid request" in result.output
+    assert "0 requests sent" in result.stdout
 
 
 # ----- --json -------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import Any
 
 import filelock
 
-from imgbatch.errors import FrozenError, LockedError, PermanentError, StoreError, StoreWriteError
+from imgbatch.errors import FrozenError, LockedError, StoreError, StoreWriteError
 from imgbatch.executor import Executor, Listener, Phase, RunOutcome, failed_entry
 from imgbatch.expand import Expansion, expand, shot_list
 from imgbatch.learned import QuotaStore, default_store_path
@@ -235,8 +235,6 @@ async def apply_async(
         _refuse_paid(_plan(expansion, load_state(output_dir)))
     # Credentials are checked before anything is written.
     provider = provider or create_provider(expansion.provider, environ, options.home)
-    if options.frozen:
-        provider = _FrozenProvider(provider)
     started = time.monotonic()
     with exclusive_output(output_dir):
         cache = ImageCache(output_dir)
@@ -281,6 +279,7 @@ async def apply_async(
                     clock=clock,
                     listener=thumbnails,
                     simplify=options.simplify and manifest.simplify,
+                    frozen=options.frozen,
                 )
                 outcome, interrupted = await _run_interruptible(executor, plan, options)
         finally:
@@ -345,35 +344,6 @@ def _refuse_paid(plan: Plan) -> None:
         f"{', '.join(shown)}{more}; nothing was sent or written (run apply without --frozen "
         "to make them)"
     )
-
-
-class _FrozenProvider:
-    """A provider that may fetch images already paid for but never asks for a new one: the
-    guarantee of `--frozen` even when a cache entry turns out damaged mid-run."""
-
-    def __init__(self, inner: Provider) -> None:
-        self._inner = inner
-        self.name = inner.name
-        self.metered = inner.metered
-
-    async def __aenter__(self) -> _FrozenProvider:
-        await self._inner.__aenter__()
-        return self
-
-    async def __aexit__(self, *exc_info: Any) -> None:
-        await self._inner.__aexit__(*exc_info)
-
-    async def generate(self, request: Any, *, label: str) -> Any:
-        raise PermanentError(f"{label}: not sent: --frozen sends no paid request")
-
-    async def fetch(self, image: Any) -> bytes:
-        return await self._inner.fetch(image)
-
-    def describe_credentials(self) -> str:
-        return self._inner.describe_credentials()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)  # quota_account and the like
 
 
 def _given_quota(options: ApplyOptions, manifest: Manifest) -> Quota | None:

@@ -120,8 +120,12 @@ class Executor:
         clock: Clock | None = None,
         listener: Listener | None = None,
         simplify: bool = True,
+        frozen: bool = False,
     ) -> None:
         self.provider = provider
+        # `apply --frozen`: never ask for a new image, even when a restore finds the cache entry
+        # damaged; fetching one already paid for is allowed.
+        self.frozen = frozen
         # After a 200 without an image, ask once more with a simplified prompt (the seed's rule).
         self.simplify = simplify
         self.cache = cache
@@ -250,6 +254,10 @@ class Executor:
         self._finish(_entry(shot, "cached", None, width, height, digest, size, attempts=0))
 
     async def _generate(self, output_dir: Path, shot: Shot) -> None:
+        if self.frozen:
+            message = "not generated: --frozen sends no paid request"
+            self._finish(failed_entry(shot, message, None, 0))
+            return
         gate = self.pacer.gate(shot.request.model)
         attempt = tries = lost = 0
         # When the service began refusing this shot with 429s (None while it is not).
