@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from imgbatch.results import Journal, journal_path, write_results
 from tests.conftest import write_manifest
 from tests.fake_dashscope import FakeDashScope
 from tests.test_cli import (
@@ -27,6 +28,7 @@ from tests.test_cli import (
     output_dir,
     run,
 )
+from tests.test_store_results import result
 
 
 def results_file(manifest: Path) -> Path:
@@ -300,3 +302,26 @@ def test_apply_json_reports_what_the_run_did(
     assert statuses[shots[1]] == "cached"
     assert {statuses[s] for s in shots if s != shots[1]} == {"unchanged"}
     assert document["summary"]["unchanged"] == 7 and document["summary"]["requests"] == 0
+
+
+# ----- write_results: unchanged means untouched ---------------------------------------------------
+
+
+def test_write_results_keeps_updated_at_and_the_file_while_nothing_else_changes(
+    tmp_path: Path,
+) -> None:
+    meta = {"manifest": "shots.yaml", "provider": "placeholder", "key_format": 1}
+    entries = [result("s01"), result("s02")]
+    path = write_results(tmp_path, entries, [], meta, updated_at="2026-01-01T00:00:00+00:00")
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    before = path.read_bytes()
+    Journal(tmp_path).record(entries[0])  # a journal the results already include
+
+    write_results(tmp_path, entries, [], meta, updated_at="2026-02-02T00:00:00+00:00")
+    assert path.read_bytes() == before
+    assert path.stat().st_mtime_ns == 1_000_000_000
+    assert not journal_path(tmp_path).exists()
+
+    # An orphan is a change: the time moves.
+    write_results(tmp_path, entries, [result("old")], meta, updated_at="2026-03-03T00:00:00+00:00")
+    assert json.loads(path.read_text())["updated_at"] == "2026-03-03T00:00:00+00:00"
