@@ -29,14 +29,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.run import write_manifest  # noqa: E402
+from bench.run import Row, write_manifest  # noqa: E402
 from tests.fake_dashscope import FakeDashScope  # noqa: E402
 
 KEY = "sk-bench-fake-key-0123456789"
@@ -45,14 +44,6 @@ IMGBATCH = [sys.executable, "-m", "imgbatch"]
 
 # The headline scenario of issue 8's whole-command row.
 QUOTA, BURST, LATENCY, SHOTS = 25.0, 25, 0.8, 150
-
-
-@dataclass
-class Row:
-    case: str
-    measure: str
-    target: str
-    ok: bool | None
 
 
 def environment(home: Path, base_url: str | None = None) -> dict[str, str]:
