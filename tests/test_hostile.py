@@ -25,6 +25,7 @@ import pytest
 from PIL import Image
 
 from imgbatch.api import ApplyOptions, ApplyReport, apply
+from imgbatch.errors import ConfigError
 from imgbatch.pacing import RetryPolicy
 from imgbatch.providers.dashscope import ApiKey, DashScopeProvider
 from imgbatch.report import apply_summary
@@ -340,3 +341,19 @@ def test_sigterm_is_named_and_shots_waiting_to_retry_are_not_called_in_flight(
     for entry in shots:
         assert entry["error"] == "not run: interrupted while waiting to retry"
         assert "billed" not in entry["error"]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"rps": float("nan")}, "rps must be a finite number"),
+        ({"rps": float("inf")}, "rps must be a finite number"),
+        ({"rps": 1e-300}, "rps must be a finite number of at least 0.001"),
+        ({"concurrency": 0}, "concurrency must be at least 1"),
+    ],
+)
+def test_options_from_python_are_bounded_like_the_command_line(
+    options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ApplyOptions(**options)

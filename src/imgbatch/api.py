@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import signal
 import time
@@ -25,11 +26,12 @@ from typing import Any
 
 import filelock
 
-from imgbatch.errors import FrozenError, LockedError, StoreError, StoreWriteError
+from imgbatch.errors import ConfigError, FrozenError, LockedError, StoreError, StoreWriteError
 from imgbatch.executor import Executor, Listener, Phase, RunOutcome, failed_entry
 from imgbatch.expand import Expansion, expand, shot_list
 from imgbatch.learned import QuotaStore, default_store_path
 from imgbatch.manifest import Manifest, load_manifest, manifest_from_data
+from imgbatch.models import MIN_RPS
 from imgbatch.pacing import Clock, Finding, Pacer, RetryPolicy
 from imgbatch.plan import PAID_ACTIONS, Action, Plan, PlannedShot
 from imgbatch.plan import make_plan as plan_shots
@@ -67,6 +69,15 @@ class ApplyOptions:
     simplify: bool = True
     # Send no paid request: refuse (FrozenError) when a shot needs one; restores still happen.
     frozen: bool = False
+
+    def __post_init__(self) -> None:
+        # The same bounds as --rps and limits.rps: a NaN rate would send nothing, forever.
+        if self.rps is not None and not (math.isfinite(self.rps) and self.rps >= MIN_RPS):
+            raise ConfigError(
+                f"rps must be a finite number of at least {MIN_RPS:g}, got {self.rps}"
+            )
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ConfigError(f"concurrency must be at least 1, got {self.concurrency}")
 
 
 @dataclass(frozen=True)
