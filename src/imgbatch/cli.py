@@ -118,10 +118,11 @@ def main() -> None:
 @error_boundary
 def validate(manifest: Path, allow_reference_outside: bool) -> int:
     """Check a shot list against the schema and the model rules."""
-    from imgbatch.api import load_and_expand
+    from imgbatch.api import read_manifest
 
-    _, expansion = load_and_expand(manifest, allow_reference_outside=allow_reference_outside)
-    count = len(expansion.shots)
+    # The manifest's own checks, local references included; a reference URL is not downloaded
+    # (only apply and generate fetch one, to key it by its content).
+    count = len(read_manifest(manifest, allow_reference_outside=allow_reference_outside).shots)
     click.echo(f"{manifest}: valid, {count} shot{'s' if count != 1 else ''}")
     return EXIT_OK
 
