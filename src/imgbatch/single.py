@@ -43,17 +43,6 @@ from imgbatch.store import STATE_DIR, ImageCache
 
 SKILL_FOLDER = "ai-image-qwen-image"
 REQUEST_DISPLAY = "request"
-REQUEST_FIELDS = (
-    "prompt",
-    "negative_prompt",
-    "size",
-    "style",
-    "seed",
-    "reference_image",
-    "model",
-    "prompt_extend",
-    "watermark",
-)
 
 
 def generate(

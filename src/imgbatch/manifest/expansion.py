@@ -27,12 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from imgbatch.manifest.places import JsonPath
+from imgbatch.models import SEED_MAX
 
 # A matrix of ten variables of ten values is ten billion shots: a mistake, refused before a
 # single one is built. The 100,000-shot benchmark is far below.
 MAX_SHOTS = 1_000_000
 MAX_VARIANTS = 10_000  # as the schema says
-MAX_SEED = 2_147_483_647
 AUTO = "auto"
 # Fields a shot has that are instructions for expansion, not part of any request.
 EXPANSION_FIELDS = ("matrix", "variants")
@@ -60,7 +60,7 @@ def auto_seed(manifest_name: str, shot_id: str) -> int:
     """`seed: auto`: the first 4 bytes of SHA-256("<manifest name>/<shot id>"), big-endian, with
     the top bit cleared; the same on every machine and every run, in [0, 2147483647]."""
     digest = hashlib.sha256(f"{manifest_name}/{shot_id}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") & MAX_SEED
+    return int.from_bytes(digest[:4], "big") & SEED_MAX
 
 
 def fill(template: str, values: Mapping[str, Any]) -> str:
@@ -260,9 +260,9 @@ class _Expander:
             )
             self.slips.append(Slip(("shots", index), "variants", message))
             return False
-        if isinstance(seed, int) and not isinstance(seed, bool) and seed + count - 1 > MAX_SEED:
+        if isinstance(seed, int) and not isinstance(seed, bool) and seed + count - 1 > SEED_MAX:
             message = (
-                f"seed {seed} with variants: {count} goes past {MAX_SEED} "
+                f"seed {seed} with variants: {count} goes past {SEED_MAX} "
                 f"(the last variant would get {seed + count - 1}); lower the seed"
             )
             origin = self._origin(index, shot, "seed")
