@@ -17,6 +17,7 @@ import contextlib
 import math
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -26,8 +27,9 @@ from typing import Any
 
 import filelock
 
+from imgbatch.bounds import Bound, MaxDuration, MaxRequests
 from imgbatch.errors import ConfigError, FrozenError, LockedError, StoreError, StoreWriteError
-from imgbatch.executor import Executor, Listener, Phase, RunOutcome, failed_entry
+from imgbatch.executor import Executor, Listener, Phase, RunOutcome
 from imgbatch.expand import Expansion, expand, shot_list
 from imgbatch.learned import QuotaStore, default_store_path
 from imgbatch.manifest import Manifest, load_manifest, manifest_from_data
@@ -69,6 +71,10 @@ class ApplyOptions:
     simplify: bool = True
     # Send no paid request: refuse (FrozenError) when a shot needs one; restores still happen.
     frozen: bool = False
+    # Stop sending after this many requests (retries included), or this many seconds after
+    # sending began: requests in flight finish, the shots not run are left for the next apply.
+    max_requests: int | None = None
+    max_duration: float | None = None
 
     def __post_init__(self) -> None:
         # The same bounds as --rps and limits.rps: a NaN rate would send nothing, forever.
@@ -78,6 +84,23 @@ class ApplyOptions:
             )
         if self.concurrency is not None and self.concurrency < 1:
             raise ConfigError(f"concurrency must be at least 1, got {self.concurrency}")
+        if self.max_requests is not None and self.max_requests < 1:
+            raise ConfigError(f"max_requests must be at least 1, got {self.max_requests}")
+        if self.max_duration is not None and not (
+            math.isfinite(self.max_duration) and self.max_duration > 0
+        ):
+            raise ConfigError(
+                f"max_duration must be a finite number of seconds above 0, got {self.max_duration}"
+            )
+
+    def bounds(self) -> tuple[Bound, ...]:
+        """What may stop this run before its shots are all done (see `imgbatch.bounds`)."""
+        found: list[Bound] = []
+        if self.max_requests is not None:
+            found.append(MaxRequests(self.max_requests))
+        if self.max_duration is not None:
+            found.append(MaxDuration(self.max_duration))
+        return tuple(found)
 
 
 @dataclass(frozen=True)
@@ -93,6 +116,8 @@ class QuotaNote:
 class ApplyReport:
     plan: Plan
     results_path: Path
+    # results.json's shot entries: a shot this run did not run keeps its previous entry, or
+    # has none if it never had one.
     entries: tuple[ResultEntry, ...]
     stopped: str | None
     interrupted: bool
@@ -107,16 +132,31 @@ class ApplyReport:
     # The contact sheet (index.html), or why it could not be drawn: a warning, never a failure.
     sheet: Path | None = None
     sheet_problem: str | None = None
+    # Shots with something to do that this run did not do (stopped or interrupted first), and
+    # why: nothing of theirs changed, and the next apply does them.
+    not_run: Mapping[str, str] = field(default_factory=dict)
+    # The bound that stopped the run (`Bound.name`: max_requests, max_duration), if one did.
+    bounded: str | None = None
 
     def count(self, status: str) -> int:
         """Shots this run made `status` (generated, cached: restored from the cache, failed);
-        an unchanged shot keeps its entry, whatever its status, and is not counted here."""
-        acted = {item.id for item in self.plan.shots if item.action is not Action.UNCHANGED}
+        an unchanged or not-run shot keeps its entry, whatever its status, and is not counted
+        here."""
+        acted = {
+            item.id
+            for item in self.plan.shots
+            if item.action is not Action.UNCHANGED and item.id not in self.not_run
+        }
         return sum(1 for entry in self.entries if entry.status == status and entry.id in acted)
 
     @property
     def unchanged(self) -> int:
         return self.plan.count(Action.UNCHANGED)
+
+    @property
+    def remaining(self) -> int:
+        """Shots left for the next apply because this one stopped before them."""
+        return len(self.not_run)
 
     @property
     def ok(self) -> bool:
@@ -226,8 +266,23 @@ async def apply_async(
     """Plan, then make every shot that needs it, under one lock on the output folder.
 
     `on_plan` sees the plan before anything is sent; `listener` sees every finished shot and
-    every retry as it happens.
+    every retry as it happens, and a `Stopping` when the run stops sending.
+
+    Ctrl-C (in the main thread): before anything is sent, KeyboardInterrupt at once; once the
+    run is sending, see `_Interrupts` (the report says `interrupted`).
     """
+    with _interrupt_at_once():
+        return await _apply(path, options, provider, listener, on_plan, clock)
+
+
+async def _apply(
+    path: ManifestSource,
+    options: ApplyOptions | None,
+    provider: Provider | str | None,
+    listener: Listener | None,
+    on_plan: Callable[[Plan], None] | None,
+    clock: Clock | None,
+) -> ApplyReport:
     options = options or ApplyOptions()
     if isinstance(provider, str):
         # A name, as on the command line; an object is used as it is.
@@ -278,45 +333,57 @@ async def apply_async(
         )
         journal = Journal(output_dir)
         thumbnails = Thumbnailer(output_dir, listener)  # the contact sheet's, made as shots land
-        try:
-            async with provider:
-                executor = Executor(
-                    provider,
-                    cache,
-                    journal.record,
-                    pacer=pacer,
-                    concurrency=options.concurrency or manifest.limits.concurrency,
-                    retry=options.retry,
-                    clock=clock,
-                    listener=thumbnails,
-                    simplify=options.simplify and manifest.simplify,
-                    frozen=options.frozen,
+        interrupts = _Interrupts(options.grace_seconds)
+        # From the first request until results.json and the sheet are written: a Ctrl-C while
+        # they are written waits for them (they are what the run leaves behind).
+        with _signal_handler(asyncio.get_running_loop(), interrupts):
+            try:
+                async with provider:
+                    executor = Executor(
+                        provider,
+                        cache,
+                        journal.record,
+                        pacer=pacer,
+                        concurrency=options.concurrency or manifest.limits.concurrency,
+                        retry=options.retry,
+                        clock=clock,
+                        listener=thumbnails,
+                        simplify=options.simplify and manifest.simplify,
+                        frozen=options.frozen,
+                        bounds=options.bounds(),
+                    )
+                    outcome = await interrupts.run(executor, plan)
+            finally:
+                journal.close()
+                thumbnails.close()
+            entries, not_run = _settle(plan, outcome, provider.metered)
+            orphans = [item.previous for item in plan.orphans if item.previous is not None]
+            meta = {
+                # Relative, so an output folder can be moved or committed with its manifest.
+                "manifest": None
+                if isinstance(path, Mapping)
+                else os.path.relpath(Path(path).resolve(), output_dir.resolve()),
+                "provider": provider.name,
+                "key_format": KEY_FORMAT_VERSION,
+            }
+            try:
+                results = write_results(
+                    output_dir,
+                    entries,
+                    orphans,
+                    meta,
+                    updated_at=datetime.now(UTC).isoformat(timespec="seconds"),
                 )
-                outcome, interrupted = await _run_interruptible(executor, plan, options)
-        finally:
-            journal.close()
-            thumbnails.close()
-        entries = tuple(_final_entry(item, outcome, provider.metered) for item in plan.shots)
-        orphans = [item.previous for item in plan.orphans if item.previous is not None]
-        meta = {
-            # Relative, so an output folder can be moved or committed with its manifest.
-            "manifest": None
-            if isinstance(path, Mapping)
-            else os.path.relpath(Path(path).resolve(), output_dir.resolve()),
-            "provider": provider.name,
-            "key_format": KEY_FORMAT_VERSION,
-        }
-        try:
-            results = write_results(
-                output_dir,
-                entries,
-                orphans,
-                meta,
-                updated_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            except StoreWriteError as exc:
+                raise StoreError(_unwritten_results(exc, outcome, journal.path)) from None
+            # The sheet marks what changed: a shot not run changed nothing.
+            touched = tuple(
+                replace(item, action=Action.UNCHANGED) if item.id in not_run else item
+                for item in plan.shots
             )
-        except StoreWriteError as exc:
-            raise StoreError(_unwritten_results(exc, outcome, journal.path)) from None
-        sheet, sheet_problem = update_sheet(output_dir, manifest.name, plan, entries)
+            sheet, sheet_problem = update_sheet(
+                output_dir, manifest.name, replace(plan, shots=touched), entries
+            )
     saved: list[str] = []
     if store is not None and account is not None:
         with contextlib.suppress(OSError):  # a head start for next time, not worth failing for
@@ -330,7 +397,7 @@ async def apply_async(
         results_path=results,
         entries=entries,
         stopped=outcome.stopped,
-        interrupted=interrupted,
+        interrupted=interrupts.count > 0,
         requests=outcome.requests,
         billed=outcome.billed,
         maybe_billed=outcome.maybe_billed,
@@ -340,6 +407,8 @@ async def apply_async(
         elapsed=time.monotonic() - started,
         sheet=sheet,
         sheet_problem=sheet_problem,
+        not_run=not_run,
+        bounded=outcome.bounded,
     )
 
 
@@ -389,11 +458,33 @@ def _unwritten_results(error: StoreWriteError, outcome: RunOutcome, journal: Pat
     return "\n".join(lines)
 
 
-def _final_entry(item: PlannedShot, outcome: RunOutcome, metered: bool) -> ResultEntry:
+def _settle(
+    plan: Plan, outcome: RunOutcome, metered: bool
+) -> tuple[tuple[ResultEntry, ...], dict[str, str]]:
+    """results.json's shot entries, and the shots not run with why. A shot not run keeps its
+    previous entry (nothing of it changed), and a new one gets none."""
+    entries: list[ResultEntry] = []
+    not_run: dict[str, str] = {}
+    for item in plan.shots:
+        found = _final_entry(item, outcome, metered)
+        if isinstance(found, str):
+            not_run[item.id] = found
+            if item.previous is not None:
+                entries.append(item.previous)
+        else:
+            entries.append(found)
+    return tuple(entries), not_run
+
+
+def _final_entry(item: PlannedShot, outcome: RunOutcome, metered: bool) -> ResultEntry | str:
+    """The shot's entry after the run, or why it was not run."""
     entry = outcome.entries.get(item.id)
     if entry is not None:
         return entry
-    # Abandoned (second interrupt, or the grace time ran out): say what it may have cost.
+    reason = outcome.not_run.get(item.id)
+    if reason is not None:
+        return reason
+    # The run was cancelled outright (a third Ctrl-C, or from Python) with this shot unfinished.
     downloading = outcome.downloading.get(item.id)
     if downloading is not None:
         message = (
@@ -401,42 +492,77 @@ def _final_entry(item: PlannedShot, outcome: RunOutcome, metered: bool) -> Resul
             f"{downloading.request_id or 'unknown'}); the next apply fetches it before paying again"
         )
         return replace(downloading, error=message)
-    assert item.shot is not None
-    phase = outcome.in_flight.get(item.id, Phase.WAITING)
-    if phase == Phase.SENDING:
-        message = "abandoned in flight when interrupted"
-        if metered and item.action is not Action.RESTORE:
-            message += "; DashScope may have billed it"
-    else:
-        message = f"not run: interrupted while {phase}"
-    return failed_entry(item.shot, message, None, 1 if phase == Phase.SENDING else 0)
+    if metered and outcome.in_flight.get(item.id) == Phase.SENDING:
+        return "abandoned in flight when interrupted; DashScope may have billed it"
+    return f"not run: {outcome.stopped or 'interrupted'}"
 
 
-async def _run_interruptible(
-    executor: Executor, plan: Plan, options: ApplyOptions
-) -> tuple[RunOutcome, bool]:
-    """Run the plan; a first Ctrl-C stops sending, a second (or the grace time) abandons."""
-    loop = asyncio.get_running_loop()
-    task = asyncio.ensure_future(executor.run(plan))
-    interrupts = 0
+class _Interrupts:
+    """Ctrl-C and SIGTERM while a run is sending. The first stops sending and says so at once
+    (what is in flight, how long it may be waited for); the second, or the grace time out,
+    abandons the requests in flight (what is already received is still written); a third
+    cancels the run outright. Results are written in every case."""
 
-    def on_interrupt(signum: signal.Signals) -> None:
-        nonlocal interrupts
-        interrupts += 1
-        if interrupts == 1:
-            cause = "Ctrl-C" if signum == signal.SIGINT else signum.name
-            executor.stop(f"interrupted ({cause})")
-            loop.call_later(options.grace_seconds, task.cancel)
-        else:
-            task.cancel()
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self.count = 0
+        self._cause = "Ctrl-C"
+        self._executor: Executor | None = None
+        self._task: asyncio.Future[RunOutcome] | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
-    with _signal_handler(loop, on_interrupt):
+    async def run(self, executor: Executor, plan: Plan) -> RunOutcome:
+        self._executor = executor
+        self._task = asyncio.ensure_future(executor.run(plan))
+        if self.count:  # interrupted while the provider started: send nothing
+            executor.stop(f"interrupted ({self._cause})")
         try:
-            await task
+            await self._task
         except asyncio.CancelledError:
-            if interrupts == 0:
-                raise
-    return executor.outcome, interrupts > 0
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # cancelled from outside, not by a third interrupt
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+        return executor.outcome
+
+    def __call__(self, signum: signal.Signals) -> None:
+        if self._task is not None and self._task.done():
+            return  # the run is over; results are being written
+        self.count += 1
+        self._cause = "Ctrl-C" if signum == signal.SIGINT else signum.name
+        executor = self._executor
+        if executor is None:
+            return
+        if self.count == 1:
+            executor.stop(f"interrupted ({self._cause})", grace=self.grace)
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self.grace, executor.abandon)
+        elif self.count == 2:
+            executor.abandon()
+        elif self._task is not None:
+            self._task.cancel()
+
+
+@contextlib.contextmanager
+def _interrupt_at_once() -> Iterator[None]:
+    """Until the run sends, Ctrl-C raises KeyboardInterrupt at once (nothing has been sent or
+    written): asyncio.run's own handler would only cancel at the next await, after a plan that
+    can take seconds. A handler the caller installed is left alone."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    runner = getattr(getattr(previous, "func", None), "__self__", None)
+    if previous is not signal.default_int_handler and not isinstance(runner, asyncio.Runner):
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager
@@ -446,15 +572,19 @@ def _signal_handler(
     installed = []
     for signum in (signal.SIGINT, signal.SIGTERM):
         try:
+            previous = signal.getsignal(signum)
             loop.add_signal_handler(signum, handler, signum)
-            installed.append(signum)
+            installed.append((signum, previous))
         except (NotImplementedError, RuntimeError, ValueError):
             pass  # not the main thread, or a platform without loop signal handlers
     try:
         yield
     finally:
-        for signum in installed:
+        for signum, previous in installed:
             loop.remove_signal_handler(signum)
+            # Not the default remove_signal_handler puts back: the one that was there.
+            if previous is not None:
+                signal.signal(signum, previous)
 
 
 @contextlib.contextmanager

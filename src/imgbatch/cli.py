@@ -1,27 +1,38 @@
 """The `imgbatch` command: parse flags, call one library function, print, return an exit code.
 
 Exit codes: 0 all shots good; 1 some shots failed or the run stopped; 2 invalid manifest,
-options or credentials; 130 interrupted. Known errors print one clean message, never a
-traceback; an unexpected error prints one line and the path of a log with the traceback.
+options or credentials; 3 apply stopped at a bound (--max-requests, --max-duration) with shots
+remaining; 130 interrupted. Known errors print one clean message, never a traceback; an
+unexpected error prints one line and the path of a log with the traceback. A Ctrl-C at any
+moment, start-up included, prints "interrupted" and exits 130, never a traceback.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import math
-import os
+import signal
 import sys
-from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
 
-import click
+try:
+    import contextlib
+    import functools
+    import json
+    import math
+    import os
+    from collections.abc import Callable, Iterator
+    from pathlib import Path
+    from typing import TYPE_CHECKING, Any, TypeVar
 
-from imgbatch.errors import ConfigError, ImgbatchError, ManifestError
-from imgbatch.models import MIN_RPS
-from imgbatch.providers import PROVIDER_CHOICES, is_metered, secrets_for_redaction
-from imgbatch.quota import Quota, parse_quota
+    import click
+
+    from imgbatch.errors import ConfigError, ImgbatchError, ManifestError
+    from imgbatch.models import MIN_RPS
+    from imgbatch.providers import PROVIDER_CHOICES, is_metered, secrets_for_redaction
+    from imgbatch.quota import Quota, parse_quota
+except KeyboardInterrupt:
+    # Ctrl-C while the command starts: most of start-up is these imports.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.stderr.write("interrupted\n")
+    raise SystemExit(130) from None
 
 if TYPE_CHECKING:
     from imgbatch.plan import Plan
@@ -31,6 +42,7 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_CHANGES = 2  # plan --detailed-exitcode: something to do (Terraform's convention)
+EXIT_REMAINING = 3  # apply stopped at a bound; shots remain for the next run
 F = TypeVar("F", bound=Callable[..., int])
 
 
@@ -48,7 +60,8 @@ def error_boundary(command: F) -> F:
             click.echo(f"error: {exc}", err=True)
             code = EXIT_FAILED
         except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
+            with _ignoring_interrupts():  # a second Ctrl-C must not cut this message short
+                click.echo("interrupted", err=True)
             code = EXIT_INTERRUPTED
         except Exception as exc:  # noqa: BLE001 - the boundary: nothing escapes as a traceback
             log = _write_crash_log()
@@ -57,6 +70,20 @@ def error_boundary(command: F) -> F:
         sys.exit(code)
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _ignoring_interrupts() -> Iterator[None]:
+    """SIGINT ignored for the duration (in the main thread), then handled as it was."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _write_crash_log() -> str:
@@ -70,6 +97,15 @@ def _write_crash_log() -> str:
     with os.fdopen(handle, "w", encoding="utf-8") as log:
         log.write(text)
     return path
+
+
+def _duration_option(value: str | None) -> float | None:
+    from imgbatch.bounds import parse_duration
+
+    try:
+        return parse_duration(value) if value is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _quota_option(value: str | None) -> Quota | None:
@@ -257,6 +293,22 @@ def expand_command(
     "replace), before sending or writing anything. Restores from the cache still happen.",
 )
 @click.option(
+    "--max-requests",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Send at most N requests (retries included), then stop: requests in flight finish, "
+    "everything is written, and apply exits 3 if shots remain (run it again to continue).",
+)
+@click.option(
+    "--max-duration",
+    metavar="DURATION",
+    default=None,
+    callback=lambda _context, _parameter, value: _duration_option(value),
+    help="Send no request after this long, such as 45s, 90m, 5h or 1h30m (counted from the "
+    "start of sending); then as for --max-requests. Leave the requests in flight time to "
+    "finish within a CI job's limit.",
+)
+@click.option(
     "--json",
     "as_json",
     is_flag=True,
@@ -272,6 +324,8 @@ def apply_command(
     allow_reference_outside: bool,
     no_simplify: bool,
     frozen: bool,
+    max_requests: int | None,
+    max_duration: float | None,
     as_json: bool,
 ) -> int:
     """Generate the shots whose request changed; write images and results.json."""
@@ -308,6 +362,8 @@ def apply_command(
                 allow_reference_outside=allow_reference_outside,
                 simplify=not no_simplify,
                 frozen=frozen,
+                max_requests=max_requests,
+                max_duration=max_duration,
             ),
             listener=progress,
             on_plan=announce,
@@ -323,6 +379,8 @@ def apply_command(
         click.echo(json.dumps(apply_json(report), ensure_ascii=False))
     if report.interrupted:
         return EXIT_INTERRUPTED
+    if report.bounded and report.remaining:
+        return EXIT_REMAINING
     return EXIT_OK if report.ok else EXIT_FAILED
 
 

@@ -13,11 +13,10 @@ from typing import TYPE_CHECKING, Any, TextIO
 import click
 
 from imgbatch.errors import NoImageError
-from imgbatch.executor import Notice, Retrying
+from imgbatch.executor import Notice, Retrying, RunEvent, Stopping
 from imgbatch.plan import Action, Plan, PlannedShot
 from imgbatch.providers import is_metered
 from imgbatch.request import changed_fields
-from imgbatch.results import ResultEntry
 
 if TYPE_CHECKING:
     from imgbatch.api import ApplyReport
@@ -86,30 +85,53 @@ def _changed(item: PlannedShot) -> list[str] | None:
 
 
 def apply_json(report: ApplyReport) -> dict[str, Any]:
-    """`apply --json`: what the run did to each shot (`unchanged` for a shot it left alone,
-    else its entry's status), the counts, and where results.json is."""
+    """`apply --json`: what the run did to each shot, in manifest order (`unchanged` for a shot
+    it left alone, `not_run` with why for one it stopped before, else its entry's status), the
+    counts, whether a bound stopped it and how many shots remain, and where results.json is."""
     unchanged = {item.id for item in report.plan.shots if item.action is Action.UNCHANGED}
-    shots = [
-        {
-            "id": entry.id,
-            "status": "unchanged" if entry.id in unchanged else entry.status,
-            "file": entry.file,
-            "error": entry.error,
-            "error_code": entry.error_code,
-            "request_id": entry.request_id,
-        }
-        for entry in report.entries
-    ]
+    by_id = {entry.id: entry for entry in report.entries}
+    shots: list[dict[str, Any]] = []
+    for item in report.plan.shots:
+        entry = by_id.get(item.id)
+        reason = report.not_run.get(item.id)
+        if reason is not None:
+            # Its file (if it has one from before) is still there, untouched.
+            shots.append(
+                {
+                    "id": item.id,
+                    "status": "not_run",
+                    "file": entry.file if entry else None,
+                    "error": reason,
+                    "error_code": None,
+                    "request_id": None,
+                }
+            )
+            continue
+        assert entry is not None  # every shot the run did not skip has an entry
+        shots.append(
+            {
+                "id": entry.id,
+                "status": "unchanged" if entry.id in unchanged else entry.status,
+                "file": entry.file,
+                "error": entry.error,
+                "error_code": entry.error_code,
+                "request_id": entry.request_id,
+            }
+        )
     summary = {
         "generated": report.count("generated"),
         "cached": report.count("cached"),
         "failed": report.count("failed"),
+        "not_run": len(report.not_run),
         "unchanged": report.unchanged,
         "requests": report.requests,
         "billed": report.billed,
         "throttled": report.throttled,
         "retries": report.retries,
         "cost": None,
+        "interrupted": report.interrupted,
+        "bounded": report.bounded,
+        "remaining": report.remaining,
     }
     return {"shots": shots, "summary": summary, "results": str(report.results_path)}
 
@@ -127,7 +149,7 @@ class Progress:
         self.last_shown = 0.0
         self.done = self.failed = self.generated = self.retries = 0
 
-    def __call__(self, event: ResultEntry | Retrying | Notice) -> None:
+    def __call__(self, event: RunEvent) -> None:
         if isinstance(event, Retrying):
             if isinstance(event.error, NoImageError):
                 # The seed's rule: never quietly; say which request gave no image.
@@ -142,6 +164,9 @@ class Progress:
             return
         if isinstance(event, Notice):
             self._line(f"note {event.shot_id}: {event.message}", permanent=True)
+            return
+        if isinstance(event, Stopping):
+            self._line(stopping_line(event), permanent=True)
             return
         self.done += 1
         if event.status == "failed":
@@ -174,6 +199,28 @@ class Progress:
             self.stream.flush()
 
 
+def stopping_line(event: Stopping) -> str:
+    """The moment a run stops sending, or abandons what is in flight, said at once."""
+    count = event.in_flight
+    requests = f"{count} request{'s' if count != 1 else ''} in flight"
+    billing = "; DashScope bills those it answers with an image" if event.metered else ""
+    if event.abandoning:
+        text = f"Abandoning the {requests}{billing}."
+        if event.writing:
+            images = f"{event.writing} image{'s' if event.writing != 1 else ''}"
+            text += f" Writing the {images} already received; Ctrl-C again to stop without them."
+        return text
+    text = f"{event.reason[:1].upper()}{event.reason[1:]}: sending nothing new"
+    if not count:
+        return text + "."
+    if event.grace is None:
+        return f"{text}; waiting for the {requests} to finish."
+    return (
+        f"{text}; waiting up to {event.grace:g} s for the {requests} to finish{billing}. "
+        "Ctrl-C again to abandon them."
+    )
+
+
 def apply_summary(report: ApplyReport) -> str:
     parts = [
         f"{report.count('generated')} generated",
@@ -181,6 +228,8 @@ def apply_summary(report: ApplyReport) -> str:
         f"{report.count('failed')} failed",
         f"{report.unchanged} unchanged",
     ]
+    if report.not_run:
+        parts.append(f"{len(report.not_run)} not run")
     if not is_metered(report.plan.provider):
         sent = f"{report.requests} offline request{'s' if report.requests != 1 else ''}"
     else:
@@ -198,6 +247,13 @@ def apply_summary(report: ApplyReport) -> str:
     lines.extend(quota_lines(report))
     if report.stopped:
         lines.append(f"Stopped: {report.stopped}")
+    if report.remaining:
+        # Their previous images and entries stand; nothing of theirs was sent or written.
+        count = report.remaining
+        lines.append(
+            f"{count} shot{'s' if count != 1 else ''} remain{'s' if count == 1 else ''}; "
+            "run again to continue."
+        )
     lines.append(f"Results: {report.results_path}")
     return "\n".join(lines)
 
