@@ -11,28 +11,41 @@ from __future__ import annotations
 
 import signal
 import sys
+from types import FrameType
 
-try:
-    import contextlib
-    import functools
-    import json
-    import math
-    import os
-    from collections.abc import Callable, Iterator
-    from pathlib import Path
-    from typing import TYPE_CHECKING, Any, TypeVar
 
-    import click
-
-    from imgbatch.errors import ConfigError, ImgbatchError, ManifestError
-    from imgbatch.models import MIN_RPS
-    from imgbatch.providers import PROVIDER_CHOICES, is_metered, secrets_for_redaction
-    from imgbatch.quota import Quota, parse_quota
-except KeyboardInterrupt:
-    # Ctrl-C while the command starts: most of start-up is these imports.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _interrupted_while_starting(signum: int, frame: FrameType | None) -> None:
+    # Nothing has been read or written yet: one line, not the traceback of an import.
     sys.stderr.write("interrupted\n")
-    raise SystemExit(130) from None
+    raise SystemExit(130)
+
+
+# Most of the command's start-up is loading this module (click, then building the commands):
+# a Ctrl-C meanwhile ends it cleanly. The handler before is put back at the end of the module.
+_handler_before = signal.getsignal(signal.SIGINT)
+if _handler_before is None or _handler_before is signal.SIG_IGN:
+    _handler_before = None  # not Python's handler, or Ctrl-C ignored (a background job)
+else:
+    try:
+        signal.signal(signal.SIGINT, _interrupted_while_starting)
+    except ValueError:  # imported outside the main thread
+        _handler_before = None
+
+import contextlib  # noqa: E402 - after the handler, on purpose
+import functools  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING, Any, TypeVar  # noqa: E402
+
+import click  # noqa: E402
+
+from imgbatch.errors import ConfigError, ImgbatchError, ManifestError  # noqa: E402
+from imgbatch.models import MIN_RPS  # noqa: E402
+from imgbatch.providers import PROVIDER_CHOICES, is_metered, secrets_for_redaction  # noqa: E402
+from imgbatch.quota import Quota, parse_quota  # noqa: E402
 
 if TYPE_CHECKING:
     from imgbatch.plan import Plan
@@ -456,3 +469,7 @@ def _read_request(text: str) -> Any:
         return json.loads(text)
     except ValueError as exc:
         raise ConfigError(f"{source} is not valid JSON: {exc}") from None
+
+
+if _handler_before is not None:
+    signal.signal(signal.SIGINT, _handler_before)
