@@ -190,7 +190,7 @@ def test_first_ctrl_c_is_acknowledged_at_once_and_shots_never_sent_are_not_run(
     assert {shot["error"] for shot in not_run} == {"not run: interrupted (Ctrl-C)"}
     assert document["summary"]["not_run"] == SHOTS - 2
     assert document["summary"]["interrupted"] is True
-    assert f"{SHOTS - 2} shots remain; run again to continue." in text
+    assert f"{SHOTS - 2} shots not run: nothing of theirs was sent or changed" in text
 
 
 def test_second_ctrl_c_abandons_requests_in_flight(

@@ -536,11 +536,11 @@ class _Interrupts:
         if executor is None:
             return
         if self.count == 1:
-            executor.stop(f"interrupted ({self._cause})", grace=self.grace)
+            executor.stop(f"interrupted ({self._cause})", grace=self.grace, again=self._cause)
             loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(self.grace, executor.abandon)
+            self._timer = loop.call_later(self.grace, executor.abandon, self._cause)
         elif self.count == 2:
-            executor.abandon()
+            executor.abandon(self._cause)
         elif self._task is not None:
             self._task.cancel()
 

@@ -135,6 +135,8 @@ class Stopping:
     abandoning: bool = False
     # Images received and being written: abandoning does not drop them.
     writing: int = 0
+    # What abandons the requests in flight sooner: the interrupt again.
+    again: str = "Ctrl-C"
 
 
 RunEvent = ResultEntry | Retrying | Notice | Stopping
@@ -187,7 +189,14 @@ class Executor:
         self._sending: Counter[str] = Counter()  # requests sent and not answered, by model
         self.outcome = RunOutcome()
 
-    def stop(self, reason: str, *, bound: str | None = None, grace: float | None = None) -> None:
+    def stop(
+        self,
+        reason: str,
+        *,
+        bound: str | None = None,
+        grace: float | None = None,
+        again: str = "Ctrl-C",
+    ) -> None:
         """Send nothing new: shots not yet sent, or waiting for their turn or a retry, are not
         run; requests in flight finish. The listener hears of the first stop, and of every one
         given a `grace` (an interrupt, acknowledged even after a bound stopped the run)."""
@@ -199,9 +208,11 @@ class Executor:
         for task in tuple(self._waits):
             task.cancel()
         if self.listener and (first or grace is not None):
-            self.listener(Stopping(reason, self.in_flight(), self.provider.metered, grace))
+            self.listener(
+                Stopping(reason, self.in_flight(), self.provider.metered, grace, again=again)
+            )
 
-    def abandon(self) -> None:
+    def abandon(self, again: str = "Ctrl-C") -> None:
         """Stop waiting for requests in flight and downloads too. Images already received are
         still verified and written; a paid request abandoned after it was sent is counted as
         maybe billed."""
@@ -223,6 +234,7 @@ class Executor:
                     self.provider.metered,
                     abandoning=True,
                     writing=writing,
+                    again=again,
                 )
             )
 

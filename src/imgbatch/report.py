@@ -208,7 +208,9 @@ def stopping_line(event: Stopping) -> str:
         text = f"Abandoning the {requests}{billing}."
         if event.writing:
             images = f"{event.writing} image{'s' if event.writing != 1 else ''}"
-            text += f" Writing the {images} already received; Ctrl-C again to stop without them."
+            text += (
+                f" Writing the {images} already received; {event.again} again to stop without them."
+            )
         return text
     text = f"{event.reason[:1].upper()}{event.reason[1:]}: sending nothing new"
     if not count:
@@ -217,7 +219,7 @@ def stopping_line(event: Stopping) -> str:
         return f"{text}; waiting for the {requests} to finish."
     return (
         f"{text}; waiting up to {event.grace:g} s for the {requests} to finish{billing}. "
-        "Ctrl-C again to abandon them."
+        f"{event.again} again to abandon them."
     )
 
 
@@ -248,12 +250,17 @@ def apply_summary(report: ApplyReport) -> str:
     if report.stopped:
         lines.append(f"Stopped: {report.stopped}")
     if report.remaining:
-        # Their previous images and entries stand; nothing of theirs was sent or written.
         count = report.remaining
-        lines.append(
-            f"{count} shot{'s' if count != 1 else ''} remain{'s' if count == 1 else ''}; "
-            "run again to continue."
-        )
+        if report.bounded:
+            lines.append(
+                f"{count} shot{'s' if count != 1 else ''} remain{'s' if count == 1 else ''}; "
+                "run again to continue."
+            )
+        else:
+            lines.append(
+                f"{count} shot{'s' if count != 1 else ''} not run: nothing of theirs was sent or "
+                "changed, and the next apply makes them."
+            )
     lines.append(f"Results: {report.results_path}")
     return "\n".join(lines)
 
