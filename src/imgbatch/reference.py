@@ -134,12 +134,12 @@ def is_url(written: str) -> bool:
 
 
 async def fetch_urls(
-    urls: Iterable[str], *, concurrency: int = REFERENCE_URL_CONCURRENCY
+    urls: Iterable[str], *, concurrency: int | None = None
 ) -> dict[str, ReferenceImage]:
     """Each distinct URL fetched once, at most `concurrency` at a time: its reference keyed by
     the content fetched, or unfetched with the `problem` (not an image, too large, unreachable,
-    not in full within `REFERENCE_URL_DEADLINE`). The bodies are not kept: the API is given the
-    URL itself."""
+    not in full within `REFERENCE_URL_DEADLINE`). At most `REFERENCE_URL_CONCURRENCY` at once
+    unless `concurrency` says. The bodies are not kept: the API is given the URL itself."""
     distinct = list(dict.fromkeys(urls))
     if not distinct:
         return {}
@@ -147,7 +147,7 @@ async def fetch_urls(
     # not pay its import (tests/test_startup.py).
     import aiohttp
 
-    gate = asyncio.Semaphore(concurrency)
+    gate = asyncio.Semaphore(concurrency or REFERENCE_URL_CONCURRENCY)
     deadline = REFERENCE_URL_DEADLINE
     timeout = aiohttp.ClientTimeout(total=None, connect=deadline)
     async with aiohttp.ClientSession(timeout=timeout, trust_env=True) as session:
