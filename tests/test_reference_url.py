@@ -207,7 +207,7 @@ def test_a_url_that_cannot_be_fetched_fails_its_shots_only(
 def test_apply_fetches_distinct_urls_concurrently_and_bounded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("imgbatch.reference.REFERENCE_URL_CONCURRENCY", 3)
+    monkeypatch.setattr("imgbatch.reference.REFERENCE_URL_CONCURRENCY", 3, raising=False)
     bodies = {f"/r{index}.png": PNG for index in range(7)}
     with ReferenceServer(bodies, delay=0.3) as server:
         lines = ["version: 1", "name: many", "provider: placeholder", "shots:"]
