@@ -183,9 +183,11 @@ def test_a_url_that_cannot_be_fetched_fails_its_shots_only(
     assert result.exit_code == 1, result.output
     expected = f"failed front: field reference_image: '{missing}' cannot be fetched: HTTP 404"
     assert expected in result.output
+    assert "Plan: 3 create. 1 offline request." in result.output  # the failing two cost nothing
     assert server.requests == {"/missing.png": 1}
     entries = results_of(path)
     assert entries["plain"]["status"] == "generated"
+    assert "reference_url" not in entries["plain"]  # only URL-referenced shots have one
     assert [entries[name]["status"] for name in ("front", "side")] == ["failed"] * 2
     assert entries["side"]["error"].endswith("HTTP 404; nothing was sent")
     assert entries["side"]["attempts"] == 0

@@ -33,7 +33,7 @@ from imgbatch.learned import QuotaStore, default_store_path
 from imgbatch.manifest import Manifest, load_manifest, manifest_from_data
 from imgbatch.models import MIN_RPS
 from imgbatch.pacing import Clock, Finding, Pacer, RetryPolicy
-from imgbatch.plan import PAID_ACTIONS, Action, Plan, PlannedShot
+from imgbatch.plan import Action, Plan, PlannedShot
 from imgbatch.plan import make_plan as plan_shots
 from imgbatch.providers import Provider, create_provider, resolve_provider_name
 from imgbatch.quota import Quota
@@ -349,7 +349,7 @@ async def apply_async(
 
 def _refuse_paid(plan: Plan) -> None:
     """FrozenError naming the shots that would need a paid request, if any."""
-    paid = [item for item in plan.shots if item.action in PAID_ACTIONS and _sendable(item)]
+    paid = [item for item in plan.shots if item.paid]
     if not paid:
         return
     shown = [f"{item.id} ({item.action}: {item.reason})" for item in paid[:20]]
@@ -359,12 +359,6 @@ def _refuse_paid(plan: Plan) -> None:
         f"{', '.join(shown)}{more}; nothing was sent or written (run apply without --frozen "
         "to make them)"
     )
-
-
-def _sendable(item: PlannedShot) -> bool:
-    """False for a shot whose reference URL could not be fetched: it fails, unpaid."""
-    reference = item.shot.request.reference if item.shot else None
-    return reference is None or reference.fetched
 
 
 def _given_quota(options: ApplyOptions, manifest: Manifest) -> Quota | None:

@@ -14,7 +14,9 @@ downloaded is fetched by the next apply (`_recover`) instead of being paid for a
 A file that cannot be written fails its shot only, naming the path (a paid image stays in the
 cache, or its URL in the entry); a full disk, or a journal that cannot be written, also stops the
 run like a 401. A restore checks the cache entry first: a damaged one is discarded, said to the
-listener as a `Notice`, and the image fetched from its recorded URL or generated again.
+listener as a `Notice`, and the image fetched from its recorded URL or generated again. A shot
+whose reference URL could not be fetched (`apply` fetches them before planning) fails unsent,
+naming the field.
 """
 
 from __future__ import annotations

@@ -58,6 +58,13 @@ class PlannedShot:
     # For a restore: the entry that recorded the cached image's SHA-256 and size, if any.
     record: ResultEntry | None = None
 
+    @property
+    def paid(self) -> bool:
+        """Whether apply would send a paid request for it: a create or replace, unless its
+        reference URL could not be fetched (it then fails, unsent)."""
+        reference = self.shot.request.reference if self.shot is not None else None
+        return self.action in PAID_ACTIONS and (reference is None or reference.problem is None)
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -71,7 +78,7 @@ class Plan:
 
     @property
     def paid_requests(self) -> int:
-        return sum(1 for item in self.shots if item.action in PAID_ACTIONS)
+        return sum(1 for item in self.shots if item.paid)
 
     @property
     def has_work(self) -> bool:
