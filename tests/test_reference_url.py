@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ import imgbatch
 from imgbatch.api import ApplyOptions, apply, make_plan
 from imgbatch.cli import main
 from imgbatch.plan import Action
+from imgbatch.reference import ReferenceImage
+from imgbatch.request import ImageRequest
 from tests.conftest import write_manifest
 from tests.fake_dashscope import FakeDashScope
 from tests.reference_images import PNG, PNG_OTHER, ReferenceServer
@@ -242,3 +245,16 @@ def test_generate_fetches_the_url_and_a_failure_names_the_field(
     result = run("generate", "--request", json.dumps(request), "--provider", "placeholder")
     assert result.exit_code == 1, result.output
     assert "field reference_image" in result.output and "HTTP 404" in result.output
+
+
+def test_an_unfetched_url_shares_no_key_and_a_fetched_one_is_keyed_by_content() -> None:
+    plain = ImageRequest(prompt="a helmet")
+    unfetched = replace(plain, reference=ReferenceImage.at_url("http://a.test/h.png"))
+    digest = hashlib.sha256(PNG).hexdigest()
+    fetched = replace(plain, reference=ReferenceImage(digest, "http://a.test/h.png"))
+    moved = replace(plain, reference=ReferenceImage(digest, "http://b.test/other.png"))
+    # Unknown content never names a cached image: not the one without a reference, nor any
+    # content's (the provisional key names the URL, which a content key never does).
+    assert len({plain.key, unfetched.key, fetched.key}) == 3
+    assert fetched.key == moved.key
+    assert "reference_sha256" not in unfetched.canonical()

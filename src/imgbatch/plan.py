@@ -141,7 +141,7 @@ def _plan_shot(
 ) -> PlannedShot:
     reference = shot.request.reference
     if reference is not None and not reference.fetched:
-        return _plan_unfetched(output_dir, shot, reference, previous, cache, records)
+        return _plan_unknown_content(output_dir, shot, reference, previous, cache, records)
     key = shot.request.key
     made_before = previous is not None and previous.status != "failed"
     if made_before and previous is not None and previous.key == key:
@@ -170,7 +170,7 @@ def _plan_shot(
     return PlannedShot(shot.id, Action.CREATE, reason, shot, previous)
 
 
-def _plan_unfetched(
+def _plan_unknown_content(
     output_dir: Path,
     shot: Shot,
     reference: ReferenceImage,
