@@ -29,7 +29,7 @@ import filelock
 
 from imgbatch.bounds import Bound, MaxDuration, MaxRequests
 from imgbatch.errors import ConfigError, FrozenError, LockedError, StoreError, StoreWriteError
-from imgbatch.executor import Executor, Listener, Phase, RunOutcome
+from imgbatch.executor import Executor, Listener, Phase, RunOutcome, abandoned_download
 from imgbatch.expand import Expansion, expand, fetch_references, shot_list
 from imgbatch.learned import QuotaStore, default_store_path
 from imgbatch.manifest import Manifest, load_manifest, manifest_from_data
@@ -491,11 +491,7 @@ def _final_entry(item: PlannedShot, outcome: RunOutcome, metered: bool) -> Resul
     # The run was cancelled outright (a third Ctrl-C, or from Python) with this shot unfinished.
     downloading = outcome.downloading.get(item.id)
     if downloading is not None:
-        message = (
-            f"abandoned in flight while downloading its image (request "
-            f"{downloading.request_id or 'unknown'}); the next apply fetches it before paying again"
-        )
-        return replace(downloading, error=message)
+        return abandoned_download(downloading)
     if metered and outcome.in_flight.get(item.id) == Phase.SENDING:
         return "abandoned in flight when interrupted; DashScope may have billed it"
     return f"not run: {outcome.stopped or 'interrupted'}"

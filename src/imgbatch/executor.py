@@ -627,13 +627,10 @@ class Executor:
                 image, tries=self.retry.download_attempts, shot_id=shot.id
             )
         except _Cut:
-            if not self.provider.metered:
+            downloading = self.outcome.downloading.get(shot.id)
+            if downloading is None:  # offline: nothing was paid for
                 raise
-            message = (
-                f"abandoned in flight while downloading its image (request "
-                f"{image.request_id or 'unknown'}); the next apply fetches it before paying again"
-            )
-            self._finish(failed_entry(shot, message, None, attempts, generated=image))
+            self._finish(abandoned_download(downloading))
             return
         except (ProviderError, ValueError) as failure:
             message = (
@@ -753,6 +750,17 @@ def _with_reference_url(entry: ResultEntry, shot: Shot | None) -> ResultEntry:
     reference = shot.request.reference
     url = reference.source if reference is not None and reference.is_url else None
     return entry if entry.reference_url == url else replace(entry, reference_url=url)
+
+
+def abandoned_download(downloading: ResultEntry) -> ResultEntry:
+    """The entry of a paid image whose download was abandoned (`downloading`: the entry
+    journaled before it began): its URL is kept, and the next apply fetches it before paying
+    again."""
+    message = (
+        f"abandoned in flight while downloading its image (request "
+        f"{downloading.request_id or 'unknown'}); the next apply fetches it before paying again"
+    )
+    return replace(downloading, error=message)
 
 
 def failed_entry(
