@@ -488,6 +488,8 @@ def _final_entry(item: PlannedShot, outcome: RunOutcome, metered: bool) -> Resul
     reason = outcome.not_run.get(item.id)
     if reason is not None:
         return reason
+    if item.action is Action.UNCHANGED and item.previous is not None:
+        return item.previous  # cancelled before the run even began: nothing to do for it anyway
     # The run was cancelled outright (a third Ctrl-C, or from Python) with this shot unfinished.
     downloading = outcome.downloading.get(item.id)
     if downloading is not None:
