@@ -286,12 +286,16 @@ def test_apply_json_reports_what_the_run_did(
         "generated": 8,
         "cached": 0,
         "failed": 0,
+        "not_run": 0,
         "unchanged": 0,
         "requests": 8,
         "billed": 8,
         "throttled": 0,
         "retries": 0,
         "cost": None,
+        "interrupted": False,
+        "bounded": None,
+        "remaining": 0,
     }
 
     (output_dir(example_manifest) / f"{shots[1]}.png").unlink()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -239,8 +240,10 @@ def test_ctrl_c_at_any_moment_never_prints_a_traceback(tmp_path: Path) -> None:
     )
     outcomes = []
     for delay in (0.02, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2):
+        shutil.rmtree(tmp_path / "output", ignore_errors=True)  # every run has all to do
+        command = [sys.executable, "-c", launcher, "apply", str(manifest)]
         process = subprocess.Popen(
-            [sys.executable, "-c", launcher, "apply", str(manifest), "--provider", "placeholder"],
+            [*command, "--provider", "placeholder", "--concurrency", "4"],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
