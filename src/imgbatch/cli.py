@@ -257,6 +257,12 @@ def expand_command(
     "replace), before sending or writing anything. Restores from the cache still happen.",
 )
 @click.option(
+    "--prune",
+    is_flag=True,
+    help="Remove the files of orphaned shots (in the results, no longer in the manifest) and "
+    "their entries; a file changed since imgbatch wrote it is kept. Never the cache.",
+)
+@click.option(
     "--json",
     "as_json",
     is_flag=True,
@@ -272,6 +278,7 @@ def apply_command(
     allow_reference_outside: bool,
     no_simplify: bool,
     frozen: bool,
+    prune: bool,
     as_json: bool,
 ) -> int:
     """Generate the shots whose request changed; write images and results.json."""
@@ -308,6 +315,7 @@ def apply_command(
                 allow_reference_outside=allow_reference_outside,
                 simplify=not no_simplify,
                 frozen=frozen,
+                prune=prune,
             ),
             listener=progress,
             on_plan=announce,
