@@ -366,12 +366,12 @@ def gc_command(manifests: tuple[Path, ...], yes: bool, allow_reference_outside: 
         click.echo(f"{_shown(item.path)}  {_size_text(item.size)}  {item.kind}")
     count = len(collection.items)
     what = f"{count} file{'s' if count != 1 else ''}, {_size_text(collection.total)}"
-    if collection.deleted:
-        click.echo(f"Deleted {what}.")
-    elif count:
-        click.echo(f"{what} that no results refer to; run again with --yes to delete them.")
-    else:
+    if not count:
         click.echo("Nothing to collect: every file is referred to by the results.")
+    elif collection.deleted:
+        click.echo(f"Deleted {what}.")
+    else:
+        click.echo(f"{what} that no results refer to; run again with --yes to delete them.")
     return EXIT_OK
 
 
