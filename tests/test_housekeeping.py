@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
+from imgbatch import gc
 from imgbatch.api import exclusive_output
 from imgbatch.cli import main
 from imgbatch.results import load_state
@@ -132,7 +133,7 @@ def test_gc_lists_what_no_results_refer_to_and_deletes_it_only_with_yes(project:
 
 
 def test_gc_keeps_orphans_and_lists_an_unreferenced_image_only_if_imgbatch_wrote_it(
-    project: Path,
+    project: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     manifest = write_shots(project, PROMPTS)
     out = project / "output" / NAME
@@ -146,10 +147,21 @@ def test_gc_keeps_orphans_and_lists_an_unreferenced_image_only_if_imgbatch_wrote
     edited = out / "retouched.png"  # imgbatch's once, edited since: no longer provably ours
     edited.write_bytes(stray.read_bytes()[:-1] + b"!")
 
+    compared: list[str] = []
+    real = gc._same_bytes
+
+    def spy(one: Path, other: Path) -> bool:
+        compared.append(one.name)
+        return real(one, other)
+
+    monkeypatch.setattr(gc, "_same_bytes", spy)
+
     result = run("gc", manifest)
 
     assert result.exit_code == 0, result.output
     assert listed(result) == [str(stray.relative_to(project))]
+    # Only files no entry names are read: the shots' own images never are.
+    assert set(compared) == {"old-take.png", "retouched.png"}
     assert "image" in result.stdout
     assert (out / "s3.png").is_file() and ImageCache(out).has(state["s3"].key)
 
@@ -169,6 +181,10 @@ def test_gc_takes_several_manifests_sharing_a_folder_and_names_each_file_once(
 
     alone = run("gc", one)
     both = run("gc", one, two)
+    (project / "alias").symlink_to(project / "output", target_is_directory=True)
+    three = write_shots(
+        project, {"c1": "a kite"}, name="three", extra="output:\n  dir: alias/shared"
+    )
 
     assert both.exit_code == 0, both.output
     expected = [
@@ -178,6 +194,11 @@ def test_gc_takes_several_manifests_sharing_a_folder_and_names_each_file_once(
     assert listed(both) == sorted(expected)
     assert listed(alone) == listed(both)
     assert ImageCache(out).has(keys(out)["a1"])
+    # One folder under two spellings is one folder: listed once, locked once.
+    deleted = run("gc", one, three, two, "--yes")
+    assert deleted.exit_code == 0, deleted.output
+    assert listed(deleted) == listed(both)
+    assert not ImageCache(out).has(first) and ImageCache(out).has(keys(out)["a1"])
 
 
 def test_gc_yes_waits_for_no_apply_it_is_refused_while_one_runs(project: Path) -> None:

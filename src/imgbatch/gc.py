@@ -64,7 +64,7 @@ class Collection:
     """The garbage found, in path order; `deleted` when it is gone."""
 
     items: tuple[Garbage, ...]
-    deleted: bool
+    deleted: bool  # with `delete`: they are gone (an empty list was nothing to delete)
 
     @property
     def total(self) -> int:
@@ -119,7 +119,8 @@ def _folders(
     by_dir: dict[Path, tuple[set[str], set[Path]]] = {}
     for source in manifests:
         manifest = read_manifest(source, allow_reference_outside=allow_reference_outside)
-        output_dir = Path(os.path.abspath(output_dir_for(manifest, environ)))
+        # Resolved: two spellings of one folder are one folder (and one lock to take).
+        output_dir = output_dir_for(manifest, environ).resolve()
         ids, protected = by_dir.setdefault(output_dir, (set(), set()))
         ids.update(spec.id for spec in manifest.shots)
         protected.update(
@@ -178,10 +179,16 @@ def find_garbage(
         if entry.file:
             placed.add(entry.file)
     kept = {path.resolve() for path in protected}
+    candidates = [
+        path
+        for path in _listing(output_dir)
+        if path.suffix.lower() == ".png"
+        and path.name not in placed
+        and path.resolve() not in kept
+        and _is(path, stat.S_ISREG)
+    ]
     garbage += [
-        Garbage(path, _size(path), Kind.IMAGE)
-        for path in _own_images(output_dir, entries.values())
-        if path.name not in placed and path.resolve() not in kept
+        Garbage(path, _size(path), Kind.IMAGE) for path in _own_images(candidates, entries.values())
     ]
     return garbage
 
@@ -217,15 +224,16 @@ def _temporaries(output_dir: Path, cache_root: Path, thumbs: Path) -> Iterator[P
                 yield path
 
 
-def _own_images(output_dir: Path, entries: Iterable[Path]) -> Iterator[Path]:
-    """The PNGs directly in `output_dir` whose bytes are exactly a cache entry's."""
+def _own_images(candidates: Sequence[Path], entries: Iterable[Path]) -> Iterator[Path]:
+    """The `candidates` whose bytes are exactly a cache entry's. Only files no entry names are
+    candidates, so a folder of thousands of shots compares next to nothing."""
+    if not candidates:
+        return
     by_size: dict[int, list[Path]] = {}
     for entry in entries:
         if _is(entry, stat.S_ISREG):
             by_size.setdefault(_size(entry), []).append(entry)
-    for path in _listing(output_dir):
-        if path.suffix.lower() != ".png" or not _is(path, stat.S_ISREG):
-            continue
+    for path in candidates:
         if any(_same_bytes(path, entry) for entry in by_size.get(_size(path), ())):
             yield path
 

@@ -283,7 +283,7 @@ class ImageCache:
         try:
 
             def fill(fd: int) -> None:
-                # A reflink of what is not `data` (the entry changed since `put`) is undone.
+                # An entry of another size is not the one `put` just wrote: copy `data`.
                 if clone(entry, fd):
                     if os.fstat(fd).st_size == len(data):
                         return
