@@ -320,3 +320,25 @@ def test_apply_prune_keeps_a_retouched_orphan_and_drops_it_once_deleted(project:
     again = apply(shortened, "--prune")
     assert results_document(out)["orphans"] == []
     assert "Pruned 1 orphaned shot from the results." in again.output
+
+
+def test_gc_never_lists_a_reference_image_even_one_imgbatch_made(project: Path) -> None:
+    out = project / "output" / NAME
+    apply(write_shots(project, {"s1": PROMPTS["s1"]}))
+    hero = out / "hero.png"  # a generated image kept as the reference of another shot
+    hero.write_bytes((out / "s1.png").read_bytes())
+    manifest = project / "edit.yaml"
+    manifest.write_text(
+        f"version: 1\nname: {NAME}\nprovider: placeholder\nshots:\n"
+        f'  - id: s1\n    prompt: "{PROMPTS["s1"]}"\n'
+        "  - id: s2\n    prompt: this harbour at night\n"
+        f"    reference_image: output/{NAME}/hero.png\n",
+        encoding="utf-8",
+    )
+    copy = out / "copy.png"  # the same bytes, named by nothing: imgbatch's, listed
+    copy.write_bytes(hero.read_bytes())
+
+    result = run("gc", manifest)
+
+    assert result.exit_code == 0, result.output
+    assert listed(result) == [str(copy.relative_to(project))]
