@@ -13,7 +13,9 @@ retouched one, drops their entries and never touches the cache.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,8 @@ from click.testing import CliRunner, Result
 from imgbatch import gc
 from imgbatch.api import exclusive_output
 from imgbatch.cli import main
-from imgbatch.results import load_state
+from imgbatch.prune import prune_orphans
+from imgbatch.results import ResultEntry, load_state
 from imgbatch.sheet import thumb_path
 from imgbatch.store import STATE_DIR, TEMP_PREFIX, ImageCache
 
@@ -342,3 +345,65 @@ def test_gc_never_lists_a_reference_image_even_one_imgbatch_made(project: Path) 
 
     assert result.exit_code == 0, result.output
     assert listed(result) == [str(copy.relative_to(project))]
+
+
+def orphan(shot_id: str, data: bytes, **changes: Any) -> ResultEntry:
+    entry = ResultEntry(
+        id=shot_id,
+        status="generated",
+        file=f"{shot_id}.png",
+        key="ab" * 32,
+        width=64,
+        height=64,
+        seed=7,
+        model="qwen-image-max",
+        size="64*64",
+        prompt="p",
+        image_url=None,
+        request_id=None,
+        sha256=hashlib.sha256(data).hexdigest(),
+        bytes=len(data),
+    )
+    return replace(entry, **changes)
+
+
+def test_prune_removes_only_what_it_can_prove_it_wrote_in_the_output_folder(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    data = b"\x89PNG\r\n\x1a\nimage bytes"
+    outside = tmp_path / "precious.png"  # same bytes, outside the folder
+    outside.write_bytes(data)
+    (out / "plain.png").write_bytes(data)
+    (out / "linked.png").symlink_to(outside)
+    (out / "unrecorded.png").write_bytes(data)
+    (out / "current.png").write_bytes(data)
+    orphans = [
+        orphan("plain", data),
+        orphan("escape", data, file="../precious.png"),
+        orphan("linked", data),
+        orphan("unrecorded", data, sha256=None, bytes=None),
+        orphan("current", data),  # a hand edit: an orphan naming a current shot's file
+        orphan("failed", data, status="failed", file=None),
+        orphan("gone", data),
+    ]
+
+    done, kept = prune_orphans(out, orphans, in_use={"current.png"})
+
+    assert [(item.id, item.removed, item.reason) for item in done] == [
+        ("plain", True, "removed"),
+        ("escape", False, "its file is not its own to remove"),
+        ("linked", False, "it is not a regular file"),
+        ("unrecorded", False, "no size and SHA-256 recorded to check it against"),
+        ("current", False, "its file is not its own to remove"),
+        ("failed", True, "it had no image"),
+        ("gone", True, "its file was already gone"),
+    ]
+    assert [entry.id for entry in kept] == ["escape", "linked", "unrecorded", "current"]
+    assert sorted(path.name for path in out.iterdir()) == [
+        "current.png",
+        "linked.png",
+        "unrecorded.png",
+    ]
+    assert outside.read_bytes() == data
