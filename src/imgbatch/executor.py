@@ -201,11 +201,15 @@ class Executor:
         *,
         kept: str,
         generated: GeneratedImage | None = None,
+        sent: ImageRequest | None = None,
     ) -> None:
         """One shot's file could not be written: that shot fails; a full disk stops the run."""
         if error.disk_full:
             self._stop_for_write(error)
-        self._finish(failed_entry(shot, f"{error}; {kept}", None, attempts, generated=generated))
+        entry = failed_entry(
+            shot, f"{error}; {kept}", None, attempts, generated=generated, sent=sent
+        )
+        self._finish(entry)
 
     def _finish(self, entry: ResultEntry, *, journal: bool = True) -> None:
         self.outcome.in_flight.pop(entry.id, None)
@@ -361,7 +365,12 @@ class Executor:
                 # Journaled before the download, so that a run killed while downloading leaves
                 # the paid image's URL for the next apply to fetch instead of paying again.
                 downloading = failed_entry(
-                    shot, "generated; its download had not finished", None, attempt, generated=image
+                    shot,
+                    "generated; its download had not finished",
+                    None,
+                    attempt,
+                    generated=image,
+                    sent=sent,
                 )
                 self.record(downloading)
                 self.outcome.downloading[shot.id] = downloading
@@ -431,7 +440,7 @@ class Executor:
                 f"downloaded: {failure}"
             )
             error = failure if isinstance(failure, ProviderError) else None
-            self._finish(failed_entry(shot, message, error, attempts, generated=image))
+            self._finish(failed_entry(shot, message, error, attempts, generated=image, sent=sent))
             return
         await self._place(output_dir, shot, image, data, attempts=attempts, sent=sent)
 
@@ -457,13 +466,13 @@ class Executor:
             await asyncio.to_thread(self.cache.put, key, data)
         except StoreWriteError as exc:
             kept = "its URL is kept: the next apply downloads it instead of paying again"
-            self._write_failed(shot, exc, attempts, kept=kept, generated=image)
+            self._write_failed(shot, exc, attempts, kept=kept, generated=image, sent=sent)
             return
         try:
             await asyncio.to_thread(atomic_write, output_dir / shot.file, data)
         except StoreWriteError as exc:
             kept = "its image is in the cache: the next apply puts it in place without paying"
-            self._write_failed(shot, exc, attempts, kept=kept, generated=image)
+            self._write_failed(shot, exc, attempts, kept=kept, generated=image, sent=sent)
             return
         entry = _entry(
             shot,
@@ -551,9 +560,11 @@ def failed_entry(
     attempts: int,
     *,
     generated: GeneratedImage | None = None,
+    sent: ImageRequest | None = None,
 ) -> ResultEntry:
-    """A failed shot's entry; `generated` is the image it was billed for but could not keep."""
-    entry = _entry(shot, "failed", None, None, None, None, None, attempts=attempts)
+    """A failed shot's entry; `generated` is the image it was billed for but could not keep,
+    made from `sent` (the simplified request, when it was one)."""
+    entry = _entry(shot, "failed", None, None, None, None, None, attempts=attempts, sent=sent)
     # The generation's request id is the one a billing query or a support ticket needs.
     request_id = generated.request_id if generated else None
     return replace(
