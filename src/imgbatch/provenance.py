@@ -7,9 +7,13 @@ into the byte stream: the image data (IDAT) is not decoded or re-encoded, so the
 encoding stay exactly the provider's, and a 3.5 MB image costs one copy instead of seconds of
 zlib (bench/provenance.py). Bytes that are not a PNG are given back unchanged.
 
-    >>> stamped = embed(png_bytes, Provenance("s01", request, request.text, "7d2c-..."))
-    >>> read_provenance(stamped)["imgbatch:shot"]
-    's01'
+    >>> from imgbatch.providers.placeholder import render_placeholder
+    >>> from imgbatch.request import ImageRequest
+    >>> request = ImageRequest(prompt="a red bicycle", size="1328*1328", seed=7)
+    >>> drawn = render_placeholder(request, "s01")
+    >>> stamped = embed(drawn, Provenance("s01", request, request.text, None))
+    >>> read_provenance(stamped)["imgbatch:seed"], stamped.endswith(drawn[33:])
+    ('7', True)
 
 Reading needs no image library: `read_provenance` walks the chunks and returns the
 `imgbatch:` text chunks (iTXt, tEXt or zTXt) by keyword. The API key is never a field.
@@ -151,7 +155,9 @@ def inspect_image(path: str | Path) -> dict[str, str]:
     any field a later imgbatch wrote). Raises `InspectError` for a missing or unreadable file, a
     non-PNG, or a PNG without provenance.
 
-        >>> inspect_image("output/shots/s01-dusk.png")["seed"]
+        >>> from imgbatch import apply
+        >>> report = apply("manifests/shots.yaml", provider="placeholder")
+        >>> inspect_image("manifests/output/shots/s01-dusk.png")["seed"]
         '1234'
     """
     path = Path(path)
