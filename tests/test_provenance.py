@@ -291,6 +291,19 @@ def test_inspect_prints_aligned_lines(tmp_path: Path) -> None:
         assert value and not value.startswith(" "), line
 
 
+def test_inspect_shows_control_characters_escaped(tmp_path: Path) -> None:
+    # A PNG from anywhere may carry escape sequences that would clear or retitle the terminal.
+    path = tmp_path / "hostile.png"
+    request = ImageRequest(prompt="a helmet\x1b[2J\x1b]0;owned\x07", size="1328*1328")
+    plain = _encode_real_png(1328, 1328, (9, 9, 9))
+    path.write_bytes(embed(plain, Provenance("s01", request, request.text, None)))
+    result = run("inspect", path)
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.stdout and "\x07" not in result.stdout
+    assert "prompt:        a helmet\\x1b[2J\\x1b]0;owned\\x07" in result.stdout
+    assert inspected(path)["prompt"] == request.prompt  # JSON escapes them itself
+
+
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [

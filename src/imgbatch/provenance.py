@@ -193,14 +193,20 @@ def as_json(fields: Mapping[str, str]) -> dict[str, Any]:
 
 
 def as_lines(fields: Mapping[str, str]) -> list[str]:
-    """`fields` as aligned `name: value` lines; a value's further lines are indented under it."""
-    width = max(len(name) for name in fields) + 2
+    """`fields` as aligned `name: value` lines; a value's further lines are indented under it.
+    Control characters are shown escaped: a PNG from anywhere must not drive the terminal."""
+    shown = {_printable(name): text for name, text in fields.items()}
+    width = max(len(name) for name in shown) + 2
     lines = []
-    for name, text in fields.items():
-        first, *rest = text.split("\n")
+    for name, text in shown.items():
+        first, *rest = (_printable(line) for line in text.split("\n"))
         lines.append(f"{name + ':':<{width}}{first}")
         lines.extend(" " * width + line for line in rest)
     return lines
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() or c == "\t" else ascii(c)[1:-1] for c in text)
 
 
 def _as_text(value: object) -> str:
