@@ -1,7 +1,8 @@
 """Where the user's text goes: a rich `Console` per stream, colour only where it can be seen.
 
 Takes a text stream (stdout or stderr); gives a `Console` that colours a terminal only, honours
-`NO_COLOR` (never colour) and `FORCE_COLOR` (colour even in a log; https://force-color.org), and
+`NO_COLOR` (no colour nor bold, whatever else is set) and `FORCE_COLOR` (colour even in a log;
+https://force-color.org), and
 prints text as it is: no wrapping (a long error stays one line in a log), no markup (`[x]` in a
 prompt or an error is not a style), no guessing of numbers and URLs to highlight. Summaries are
 coloured by their words (`2 failed` red, `3 generated` green), so that the library's summaries
@@ -10,6 +11,7 @@ stay plain strings and an action or status added later simply appears uncoloured
 
 from __future__ import annotations
 
+import os
 import re
 from typing import TextIO
 
@@ -58,9 +60,13 @@ class SummaryHighlighter(Highlighter):
 
 
 def console_for(stream: TextIO) -> Console:
-    """A console writing to `stream`; rich reads NO_COLOR, FORCE_COLOR and TERM itself."""
+    """A console writing to `stream`; rich reads FORCE_COLOR and TERM itself."""
     return Console(
         file=stream,
+        # rich's own NO_COLOR handling drops colours but keeps bold and dim: NO_COLOR here means
+        # no styling escape at all (a live bar still moves the cursor on a terminal). It wins
+        # over FORCE_COLOR.
+        color_system=None if os.environ.get("NO_COLOR") else "auto",
         soft_wrap=True,
         markup=False,
         emoji=False,

@@ -45,6 +45,9 @@ DEFAULT_INTERVAL = 5.0
 # Statuses shown in the plain line even at zero (so "0 failed" can be read as good news), first
 # and last; any other status is shown between them once it occurs.
 _ALWAYS_SHOWN = ("generated", "failed")
+# Statuses of a finished shot that has no image (failed, or not sent, or paid and not fetched):
+# not counted in images per second. Any other status, even one added later, brought an image.
+_NO_IMAGE = frozenset({"failed", "not_run", "unfetched"})
 
 
 class Verbosity(IntEnum):
@@ -165,7 +168,7 @@ class Progress:
         return text
 
     def _rate(self, elapsed: float) -> float:
-        images = self.done - self.statuses["failed"]
+        images = sum(count for name, count in self.statuses.items() if name not in _NO_IMAGE)
         return images / elapsed if elapsed > 0 else 0.0
 
     def _tick(self) -> None:
