@@ -108,6 +108,8 @@ def test_quiet_prints_only_failures_and_the_final_line(
     slow_env: dict[str, str], tmp_path: Path
 ) -> None:
     manifest = write_manifest(tmp_path, MANIFEST.replace("at noon", "FORBIDDEN"))
+    plan = run("plan", "-q", manifest)
+    assert plan.stdout == "Plan: 2 create. 2 paid requests.\n"  # no table
     result = run("apply", manifest, "-q")
     assert result.exit_code == 1
     assert lines_of(result.stderr) == [
