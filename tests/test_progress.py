@@ -25,9 +25,10 @@ import pytest
 from click.testing import CliRunner, Result
 
 from imgbatch.cli import main
+from imgbatch.console import Verbosity
 from imgbatch.errors import TransientError
 from imgbatch.executor import Retrying
-from imgbatch.progress import Progress, Verbosity
+from imgbatch.progress import Progress
 from imgbatch.results import ResultEntry
 from tests.conftest import FAKE_KEY, REPO, write_manifest
 from tests.fake_dashscope import FakeDashScope

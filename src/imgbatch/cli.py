@@ -24,8 +24,8 @@ from imgbatch.providers import PROVIDER_CHOICES, is_metered, secrets_for_redacti
 from imgbatch.quota import Quota, parse_quota
 
 if TYPE_CHECKING:
+    from imgbatch.console import Verbosity
     from imgbatch.plan import Plan
-    from imgbatch.progress import Verbosity
 
 # The library is imported inside each command, not here: `--help` and `validate` must not pay for
 # the executor, aiohttp, Pillow or a provider's SDK (tests/test_startup.py keeps it so).
@@ -130,7 +130,7 @@ def verbosity_options(function: Callable[..., Any]) -> Callable[..., Any]:
 
 def _verbosity(given: str | None) -> Verbosity:
     """The command's own -v/-q, else the group's, else normal."""
-    from imgbatch.progress import Verbosity
+    from imgbatch.console import Verbosity
 
     chosen = given or click.get_current_context().find_root().obj
     return {"quiet": Verbosity.QUIET, "verbose": Verbosity.VERBOSE}.get(
@@ -224,8 +224,7 @@ def plan(
 ) -> int:
     """Show the shots apply would change, and why (-v: every shot)."""
     from imgbatch.api import make_plan
-    from imgbatch.console import console_for
-    from imgbatch.progress import Verbosity
+    from imgbatch.console import Verbosity, console_for
     from imgbatch.report import plan_json, plan_summary, plan_table
 
     level = _verbosity(verbosity)
@@ -341,9 +340,9 @@ def apply_command(
 ) -> int:
     """Generate the shots whose request changed; write images and results.json."""
     from imgbatch.api import ApplyOptions, apply
-    from imgbatch.console import console_for
+    from imgbatch.console import Verbosity, console_for
     from imgbatch.plan import Action
-    from imgbatch.progress import DEFAULT_INTERVAL, Progress, Verbosity
+    from imgbatch.progress import DEFAULT_INTERVAL, Progress
     from imgbatch.report import apply_json, apply_summary, plan_summary, quiet_summary
 
     level = _verbosity(verbosity)

@@ -13,11 +13,21 @@ from __future__ import annotations
 
 import os
 import re
+from enum import IntEnum
 from typing import TextIO
 
 from rich.console import Console
 from rich.highlighter import Highlighter
 from rich.text import Text
+
+
+class Verbosity(IntEnum):
+    """`-q`, none, `-v`."""
+
+    QUIET = 0  # errors and the final summary line only
+    NORMAL = 1
+    VERBOSE = 2  # plan: every shot; apply: a line per finished shot
+
 
 # Colours of plan actions and shot statuses, wherever they appear. A word not listed is plain.
 WORD_STYLES = {

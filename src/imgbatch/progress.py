@@ -23,13 +23,12 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from enum import IntEnum
 from types import TracebackType
 from typing import TYPE_CHECKING, TextIO
 
 from rich.text import Text
 
-from imgbatch.console import console_for, styled
+from imgbatch.console import Verbosity, console_for, styled
 from imgbatch.errors import NoImageError
 from imgbatch.executor import Notice, Retrying
 from imgbatch.results import ResultEntry
@@ -48,12 +47,6 @@ _ALWAYS_SHOWN = ("generated", "failed")
 # Statuses of a finished shot that has no image (failed, or not sent, or paid and not fetched):
 # not counted in images per second. Any other status, even one added later, brought an image.
 _NO_IMAGE = frozenset({"failed", "not_run", "unfetched"})
-
-
-class Verbosity(IntEnum):
-    QUIET = 0  # failures only; the caller prints the final line
-    NORMAL = 1
-    VERBOSE = 2  # and a line per finished shot
 
 
 class Progress:
