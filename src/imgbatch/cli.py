@@ -222,7 +222,8 @@ def plan(
     as_json: bool,
     verbosity: str | None,
 ) -> int:
-    """Show the shots apply would change, and why (-v: every shot)."""
+    """Show the shots apply would change, and why (-v: every shot); nothing is sent or
+    downloaded."""
     from imgbatch.api import make_plan
     from imgbatch.console import Verbosity, console_for
     from imgbatch.report import plan_json, plan_summary, plan_table
