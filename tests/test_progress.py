@@ -25,7 +25,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from imgbatch.cli import main
-from imgbatch.console import Verbosity
+from imgbatch.console import Verbosity, console_for
 from imgbatch.errors import TransientError
 from imgbatch.executor import Retrying
 from imgbatch.progress import Progress
@@ -291,3 +291,22 @@ def test_quiet_shows_no_progress_line_even_at_the_end() -> None:
         time.sleep(0.1)
         progress(entry("a", "generated"))
     assert stream.getvalue() == ""
+
+
+def test_user_text_is_printed_as_it_is_never_as_markup_nor_wrapped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FORCE_COLOR", "1")  # styled output: markup, if parsed, would show
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    error = "400 InvalidParameter: [bold]size[/bold] :smile: " + "x" * 300
+    stream = io.StringIO()
+    with Progress(stream, interval=3600) as progress:
+        progress.start(1)
+        progress(entry("a", "failed", error))
+    assert SGR.sub("", stream.getvalue()).splitlines()[0] == f"failed a: {error}"
+    # The summaries are strings, coloured by their words only.
+    summary = f"Done in 1.0 s: 1 generated, 1 failed.\nStopped: {error}"
+    stream = io.StringIO()
+    console_for(stream).print(summary)
+    assert SGR.search(stream.getvalue())
+    assert SGR.sub("", stream.getvalue()) == summary + "\n"
