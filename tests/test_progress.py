@@ -310,3 +310,16 @@ def test_user_text_is_printed_as_it_is_never_as_markup_nor_wrapped(
     console_for(stream).print(summary)
     assert SGR.search(stream.getvalue())
     assert SGR.sub("", stream.getvalue()) == summary + "\n"
+
+
+def test_a_log_says_once_that_every_shot_is_done() -> None:
+    stream = io.StringIO()
+    with Progress(stream, interval=0.01) as progress:
+        progress.start(1)
+        time.sleep(0.1)
+        progress(entry("a", "generated"))
+        time.sleep(0.1)  # results being written: no more lines, the count has not moved
+    lines = stream.getvalue().splitlines()
+    assert [line[:5] for line in lines].count("[1/1]") == 1
+    assert lines[-1].startswith("[1/1] 1 generated, 0 failed")
+    assert lines[0].startswith("[0/1] 0 generated")

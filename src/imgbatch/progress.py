@@ -76,6 +76,7 @@ class Progress:
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._ticker: threading.Thread | None = None
+        self._printed: int | None = None  # shots done when the last plain line was printed
         self._bar: Bar | None = None
         self._task: TaskID | None = None
 
@@ -167,7 +168,13 @@ class Progress:
     def _tick(self) -> None:
         while not self._stopped.wait(self.interval):
             with self._lock:
-                self.console.print(self.status())
+                # Once every shot is done, one line says so; results are written meanwhile.
+                if self._printed != self.total:
+                    self._print_status()
+
+    def _print_status(self) -> None:
+        self.console.print(self.status())
+        self._printed = self.done
 
     def _update_bar(self) -> None:
         if self._bar is None or self._task is None:
@@ -184,13 +191,15 @@ class Progress:
         )
 
     def close(self) -> None:
-        """Stop drawing; in a log, a last line with the final counts."""
+        """Stop drawing; in a log, a last line with the final counts (unless the last line
+        already had them)."""
         self._stopped.set()
         if self._ticker is not None:
             self._ticker.join()
             self._ticker = None
             with self._lock:
-                self.console.print(self.status())
+                if self._printed != self.done:
+                    self._print_status()
         if self._bar is not None:
             self._update_bar()
             self._bar.stop()
