@@ -216,8 +216,8 @@ def test_a_terminal_gets_a_live_bar_with_done_and_total(
     output = run_in_terminal(["apply", str(manifest)], slow_env, tmp_path)
     frames = re.split(r"\r|\x1b\[2K", output)
     bars = [SGR.sub("", frame) for frame in frames if "━" in frame]
-    assert any(re.search(r"━ 0/2 .*images/s ETA", bar) for bar in bars), bars
-    assert any(re.search(r"━ 2/2 .*images/s ETA.* 0 failed · 0 retries · 0 429s", b) for b in bars)
+    assert any(re.search(r"━ 0/2 .*images/s 0:00:0\d ETA", bar) for bar in bars), bars
+    assert any(re.search(r"━ 2/2 .*images/s 0:00:0\d ETA .* 0 failed$", b) for b in bars)
     assert "\x1b[?25l" in output  # the cursor is hidden while the bar is drawn, then shown
     assert SGR.search(output), "a terminal gets colour"
     assert "[2/2] 2 generated" not in output  # no log lines on a terminal
@@ -323,3 +323,30 @@ def test_a_log_says_once_that_every_shot_is_done() -> None:
     assert [line[:5] for line in lines].count("[1/1]") == 1
     assert lines[-1].startswith("[1/1] 1 generated, 0 failed")
     assert lines[0].startswith("[0/1] 0 generated")
+
+
+class TerminalStream(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_bar_shows_failures_retries_and_429s_once_there_are_any(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TERM", "xterm-256color")
+    monkeypatch.setenv("COLUMNS", "120")
+    for name in ("NO_COLOR", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+        monkeypatch.delenv(name, raising=False)
+    stream = TerminalStream()
+    with Progress(stream) as progress:
+        progress.start(3)
+        progress(Retrying("a", 1, 0.0, TransientError("429 Throttling", throttled=True)))
+        progress(Retrying("a", 2, 1.0, TransientError("503 busy")))
+        progress(entry("a", "generated"))
+        progress(entry("b", "failed", "400 InvalidParameter: bad size"))
+    frames = re.split(r"\r|\x1b\[2K", stream.getvalue())
+    frames = [re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", frame).strip() for frame in frames]
+    # The failure is printed above the bar, which is drawn again below it.
+    assert any(f.startswith("failed b: 400 InvalidParameter: bad size\n") for f in frames)
+    last = [frame for frame in frames if "━" in frame][-1]
+    assert re.search(r"━ 2/3 .* 1 failed · 2 retries · 1 throttled \(429\)$", last), last

@@ -183,11 +183,15 @@ class Progress:
         failed = f"{self.statuses['failed']} failed"
         if self.statuses["failed"]:
             failed = f"[bold red]{failed}[/]"  # markup: the bar's own text, never user text
+        # Retries and 429s once there are any: the bar must fit 80 columns.
+        counts = [failed]
+        counts += [f"{self.retries} retries"] if self.retries else []
+        counts += [f"{self.throttled} throttled (429)"] if self.throttled else []
         self._bar.update(
             self._task,
             completed=self.done,
             rate=f"{self._rate(elapsed):.1f} images/s",
-            counts=f"{failed} · {self.retries} retries · {self.throttled} 429s",
+            counts=" · ".join(counts),
         )
 
     def close(self) -> None:
@@ -224,15 +228,18 @@ def _make_bar(console: Console, total: int) -> tuple[Bar, TaskID]:
         MofNCompleteColumn,
         SpinnerColumn,
         TextColumn,
+        TimeElapsedColumn,
         TimeRemainingColumn,
     )
     from rich.progress import Progress as Bar
 
     bar = Bar(
         SpinnerColumn(),
-        BarColumn(bar_width=20),
+        BarColumn(bar_width=16),
         MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"),
+        # Elapsed time moves while a long generation is awaited: a wait, visibly, not a hang.
+        TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
         TextColumn("{task.fields[counts]}", markup=True),
