@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, TextIO
 from rich.text import Text
 
 from imgbatch.console import Verbosity, console_for, styled
-from imgbatch.errors import NoImageError
+from imgbatch.errors import NoImageError, TransientError
 from imgbatch.executor import Notice, Retrying
 from imgbatch.results import ResultEntry
 
@@ -135,7 +135,7 @@ class Progress:
             )
             return
         self.retries += 1
-        if getattr(event.error, "throttled", False):
+        if isinstance(event.error, TransientError) and event.error.throttled:
             self.throttled += 1
 
     def _say(self, text: Text, *, always: bool = False) -> None:
