@@ -38,6 +38,7 @@ from imgbatch.pacing import Clock, Finding, Pacer, RetryPolicy
 from imgbatch.plan import Action, Plan, PlannedShot
 from imgbatch.plan import make_plan as plan_shots
 from imgbatch.providers import Provider, create_provider, resolve_provider_name
+from imgbatch.prune import Pruned, prune_orphans
 from imgbatch.quota import Quota
 from imgbatch.request import KEY_FORMAT_VERSION
 from imgbatch.results import Journal, ResultEntry, load_state, write_results
@@ -75,6 +76,8 @@ class ApplyOptions:
     # sending began: requests in flight finish, the shots not run are left for the next apply.
     max_requests: int | None = None
     max_duration: float | None = None
+    # Remove the orphaned shots' files (as imgbatch wrote them) and their results entries.
+    prune: bool = False
 
     def __post_init__(self) -> None:
         # The same bounds as --rps and limits.rps: a NaN rate would send nothing, forever.
@@ -137,6 +140,8 @@ class ApplyReport:
     not_run: Mapping[str, str] = field(default_factory=dict)
     # The bound that stopped the run (`Bound.name`: max_requests, max_duration), if one did.
     bounded: str | None = None
+    # With `prune`: each orphan, and whether its file and entry are gone.
+    pruned: tuple[Pruned, ...] = ()
 
     def count(self, status: str) -> int:
         """Shots this run made `status` (generated, cached: restored from the cache, failed);
@@ -362,6 +367,11 @@ async def _apply(
                 thumbnails.close()
             entries, not_run = _settle(plan, outcome, provider.metered)
             orphans = [item.previous for item in plan.orphans if item.previous is not None]
+            pruned: tuple[Pruned, ...] = ()
+            if options.prune:
+                in_use = {shot.file for shot in expansion.shots}
+                pruned, kept = prune_orphans(output_dir, orphans, in_use)
+                orphans = list(kept)
             meta = {
                 # Relative, so an output folder can be moved or committed with its manifest.
                 "manifest": None
@@ -413,6 +423,7 @@ async def _apply(
         sheet_problem=sheet_problem,
         not_run=not_run,
         bounded=outcome.bounded,
+        pruned=pruned,
     )
 
 
