@@ -143,8 +143,9 @@ class StderrLines:
         self._thread.start()
 
     def _read(self, stream: IO[str]) -> None:
-        for line in stream:
-            self.lines.append(line.rstrip("\n"))
+        with stream:
+            for line in stream:
+                self.lines.append(line.rstrip("\n"))
 
     def has(self, start: str) -> bool:
         return any(line.startswith(start) for line in list(self.lines))
@@ -169,7 +170,10 @@ def test_first_ctrl_c_is_acknowledged_at_once_and_shots_never_sent_are_not_run(
         _wait_for(lambda: stderr.has("Interrupted (Ctrl-C)"))
         # Said while the requests are still in flight, not once they are done.
         answered_by_then = server.successes
-        stdout, _ = process.communicate(timeout=60)
+        assert process.stdout is not None
+        with process.stdout:
+            stdout = process.stdout.read()  # stderr is the reader's alone
+        process.wait(timeout=60)
         text = stderr.text
 
     assert answered_by_then == 0

@@ -29,6 +29,7 @@ from imgbatch.errors import ConfigError
 from imgbatch.executor import RunEvent, Stopping
 from imgbatch.pacing import Clock, RetryPolicy
 from imgbatch.plan import Action
+from imgbatch.report import apply_json, apply_summary, quiet_summary
 from imgbatch.request import GeneratedImage, ImageRequest
 from tests.conftest import write_many_shots
 
@@ -282,6 +283,12 @@ def test_max_requests_stops_sending_and_a_chain_of_runs_makes_each_shot_once(
     # Each shot was asked for exactly once over the chain, and all are done.
     assert sorted(provider.generated) == [shot(index) for index in range(10)]
     assert reports[-1].ok
+    # Said in the summary, even with --quiet: a CI job's log must tell why it exits 3.
+    summary = apply_summary(reports[0])
+    assert "Stopped: reached --max-requests 4" in quiet_summary(summary)
+    assert "6 shots remain; run again to continue." in quiet_summary(summary)
+    json_summary = apply_json(reports[0])["summary"]
+    assert (json_summary["bounded"], json_summary["remaining"]) == ("max_requests", 6)
     assert {entry["status"] for entry in results(reports[-1]).values()} == {"generated"}
     assert len(results(reports[-1])) == 10
 

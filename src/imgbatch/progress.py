@@ -12,7 +12,7 @@ run goes on:
 - always, a line for each failed shot, and the moment the run stops sending (a Ctrl-C, a
   bound: what is in flight and how long it may take) or abandons what is in flight; with
   `Verbosity.VERBOSE`, a line for each finished shot;
-  with `Verbosity.QUIET`, nothing but the failures (the caller prints the final line).
+  with `Verbosity.QUIET`, nothing but those (the caller prints the final line).
 
 Counts are by status as the entries name them, so a status added later is counted and shown
 without a change here. Events come from the run's event loop and the plain lines from a timer

@@ -7,6 +7,7 @@ front end.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
@@ -215,9 +216,13 @@ def prune_lines(report: ApplyReport) -> list[str]:
 
 def quiet_summary(summary: str) -> str:
     """`apply --quiet`: the summary's first line (counts, requests, 429s) and, if the run
-    stopped, why."""
+    stopped, why and how many shots it left (a bounded CI job's log needs that line)."""
     lines = summary.splitlines()
-    return "\n".join(lines[:1] + [line for line in lines[1:] if line.startswith("Stopped:")])
+    kept = [line for line in lines[1:] if line.startswith("Stopped:") or _LEFT.match(line)]
+    return "\n".join(lines[:1] + kept)
+
+
+_LEFT = re.compile(r"\d+ shots? (remains?;|not run:)")
 
 
 def quota_lines(report: ApplyReport) -> list[str]:
