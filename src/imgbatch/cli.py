@@ -97,6 +97,12 @@ class FiniteFloatRange(click.FloatRange):
         return number
 
 
+overwrite_edited_option = click.option(
+    "--overwrite-edited",
+    is_flag=True,
+    help="Put imgbatch's image back over a shot's file edited by hand (default: keep the edit; "
+    "when the shot's request changed too, the edited file is moved aside to <id>.edited.png).",
+)
 provider_option = click.option(
     "--provider",
     type=click.Choice(PROVIDER_CHOICES),
@@ -149,11 +155,12 @@ class _UsageErrorExit1(click.UsageError):
 @manifest_argument
 @provider_option
 @allow_outside_option
+@overwrite_edited_option
 @click.option(
     "--detailed-exitcode",
     is_flag=True,
-    help="Exit 0 when there is nothing to do, 2 when some shot would be created, replaced or "
-    "restored, 1 on any error (invalid manifest or options included).",
+    help="Exit 0 when there is nothing to do, 2 when some shot would be created, replaced, "
+    "restored or recovered, 1 on any error (invalid manifest or options included).",
 )
 @click.option(
     "--json", "as_json", is_flag=True, help="Print the plan as one JSON document on stdout."
@@ -163,6 +170,7 @@ def plan(
     manifest: Path,
     provider: str | None,
     allow_reference_outside: bool,
+    overwrite_edited: bool,
     detailed_exitcode: bool,
     as_json: bool,
 ) -> int:
@@ -172,7 +180,10 @@ def plan(
 
     try:
         result = make_plan(
-            manifest, provider=provider, allow_reference_outside=allow_reference_outside
+            manifest,
+            provider=provider,
+            allow_reference_outside=allow_reference_outside,
+            overwrite_edited=overwrite_edited,
         )
     except (ManifestError, ConfigError) as exc:
         if not detailed_exitcode:
@@ -256,6 +267,7 @@ def expand_command(
     help="Send no paid request: exit 1, naming them, if any shot would need one (create or "
     "replace), before sending or writing anything. Restores from the cache still happen.",
 )
+@overwrite_edited_option
 @click.option(
     "--json",
     "as_json",
@@ -272,6 +284,7 @@ def apply_command(
     allow_reference_outside: bool,
     no_simplify: bool,
     frozen: bool,
+    overwrite_edited: bool,
     as_json: bool,
 ) -> int:
     """Generate the shots whose request changed; write images and results.json."""
@@ -308,6 +321,7 @@ def apply_command(
                 allow_reference_outside=allow_reference_outside,
                 simplify=not no_simplify,
                 frozen=frozen,
+                overwrite_edited=overwrite_edited,
             ),
             listener=progress,
             on_plan=announce,

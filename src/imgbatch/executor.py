@@ -8,13 +8,17 @@ failures are retried with backoff, a 400 fails that
 shot only, a 401/403 stops the run: nothing new is sent, requests in flight finish. Every image is
 downloaded right after it is generated (its URL expires), verified to decode at the reported
 size, put in the cache and copied into place before its entry is journaled, so a crash loses only
-shots in flight; its URL is journaled before the download, so that a shot paid for but not yet
-downloaded is fetched by the next apply (`_recover`) instead of being paid for again.
+shots in flight; its URL is journaled before the download (an `unfetched` entry), so that a shot
+paid for but not yet downloaded is planned as a `recover` by the next apply, which fetches it
+instead of paying again (and, if the URL no longer works, pays again and says so).
 
 A file that cannot be written fails its shot only, naming the path (a paid image stays in the
-cache, or its URL in the entry); a full disk, or a journal that cannot be written, also stops the
-run like a 401. A restore checks the cache entry first: a damaged one is discarded, said to the
-listener as a `Notice`, and the image fetched from its recorded URL or generated again.
+cache, or its URL in an `unfetched` entry); a full disk, or a journal that cannot be written,
+also stops the run like a 401. A restore checks the cache entry first: a damaged one is
+discarded, said to the listener as a `Notice`, and the image fetched from its recorded URL or
+generated again. A shot the plan marked `move_aside` has its hand-edited file renamed beside it
+(`plan.aside_path`) just before the new image is written there, said as a `Notice` and kept in
+`RunOutcome.moved_aside`.
 """
 
 from __future__ import annotations
@@ -37,11 +41,11 @@ from imgbatch.errors import (
 )
 from imgbatch.expand import Shot
 from imgbatch.pacing import Clock, Finding, Pacer, RetryPolicy
-from imgbatch.plan import Action, Plan, PlannedShot
+from imgbatch.plan import WORK_ACTIONS, Action, Plan, PlannedShot, aside_path
 from imgbatch.providers import Provider
 from imgbatch.request import GeneratedImage, ImageRequest, simplified
-from imgbatch.results import ResultEntry
-from imgbatch.store import ImageCache, atomic_write, verify_image
+from imgbatch.results import WITH_IMAGE, ResultEntry
+from imgbatch.store import ImageCache, atomic_write, verify_image, write_error
 
 # Requests in flight when the user sets no cap. The rate is what limits a run; this only has to
 # be more than rate x latency (25 requests/s at a 15 s generation is 375 in flight), and stay
@@ -93,6 +97,9 @@ class RunOutcome:
     throttled: int = 0
     retries: int = 0
     quotas: list[Finding] = field(default_factory=list)
+    # Hand-edited files renamed aside before a new image took their place: shot id -> the new
+    # name, relative to the output folder.
+    moved_aside: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -137,6 +144,7 @@ class Executor:
         self.listener = listener
         self.stop_requested = asyncio.Event()
         self.outcome = RunOutcome()
+        self._aside: frozenset[str] = frozenset()
 
     def stop(self, reason: str) -> None:
         """Send nothing new; shots already in flight finish."""
@@ -145,10 +153,12 @@ class Executor:
         self.stop_requested.set()
 
     async def run(self, plan: Plan) -> RunOutcome:
-        pending = iter(item for item in plan.shots if item.action is not Action.UNCHANGED)
+        pending = iter(item for item in plan.shots if item.action in WORK_ACTIONS)
+        self._aside = frozenset(item.id for item in plan.shots if item.move_aside)
         for item in plan.shots:
-            if item.action is Action.UNCHANGED and item.previous is not None:
-                # Kept exactly as it was: results.json describes the image, not this run.
+            if item.action not in WORK_ACTIONS and item.previous is not None:
+                # Kept exactly as it was (unchanged, or a drift: the edit is left alone):
+                # results.json describes the image imgbatch made, not this run.
                 self.outcome.entries[item.id] = item.previous
         workers = [
             asyncio.create_task(self._worker(plan.output_dir, pending))
@@ -174,7 +184,9 @@ class Executor:
             self.outcome.in_flight[item.id] = Phase.WAITING
             if item.action is Action.RESTORE:
                 await self._restore(output_dir, item)
-            elif not await self._recover(output_dir, item.shot, item.previous):
+            elif item.action is Action.RECOVER:
+                await self._recover_billed(output_dir, item)
+            else:
                 await self._generate(output_dir, item.shot)
 
     def record(self, entry: ResultEntry) -> None:
@@ -198,12 +210,17 @@ class Executor:
         attempts: int,
         *,
         kept: str,
-        generated: GeneratedImage | None = None,
+        unfetched: GeneratedImage | None = None,
     ) -> None:
-        """One shot's file could not be written: that shot fails; a full disk stops the run."""
+        """One shot's file could not be written: that shot fails (is `unfetched`, with the
+        image's URL, when the image is kept nowhere else); a full disk stops the run."""
         if error.disk_full:
             self._stop_for_write(error)
-        self._finish(failed_entry(shot, f"{error}; {kept}", None, attempts, generated=generated))
+        message = f"{error}; {kept}"
+        if unfetched is not None:
+            self._finish(unfetched_entry(shot, message, unfetched, attempts))
+        else:
+            self._finish(failed_entry(shot, message, None, attempts))
 
     def _finish(self, entry: ResultEntry, *, journal: bool = True) -> None:
         self.outcome.in_flight.pop(entry.id, None)
@@ -221,6 +238,8 @@ class Executor:
         key = shot.request.key
         target = output_dir / shot.file
         try:
+            # Before the cache entry is checked: it writes the target only once checked.
+            await self._move_aside(output_dir, shot)
             digest, size = await asyncio.to_thread(
                 self.cache.restore,
                 key,
@@ -235,16 +254,14 @@ class Executor:
             if self.listener:
                 then = "fetching it from its URL" if fetchable else "generating it again"
                 self.listener(Notice(shot.id, f"{damaged}; discarded it, {then}"))
-            if record is not None and await self._recover(
-                output_dir, shot, replace(record, status="failed", key=key)
-            ):
+            if record is not None and await self._fetch_billed(output_dir, shot, record) is None:
                 return
             await self._generate(output_dir, shot)
             return
         except StoreWriteError as exc:
             self._write_failed(shot, exc, 0, kept="its image stays in the cache for the next apply")
             return
-        if previous is not None and previous.key == key and previous.status != "failed":
+        if previous is not None and previous.key == key and previous.has_image:
             # Same request as before: keep its provenance (URL, request id) from the results.
             self._finish(
                 replace(previous, status="cached", file=shot.file, sha256=digest, bytes=size)
@@ -358,8 +375,8 @@ class Executor:
                 self.outcome.billed += 1
                 # Journaled before the download, so that a run killed while downloading leaves
                 # the paid image's URL for the next apply to fetch instead of paying again.
-                downloading = failed_entry(
-                    shot, "generated; its download had not finished", None, attempt, generated=image
+                downloading = unfetched_entry(
+                    shot, "generated; its download had not finished", image, attempt
                 )
                 self.record(downloading)
                 self.outcome.downloading[shot.id] = downloading
@@ -368,27 +385,40 @@ class Executor:
             self.outcome.downloading.pop(shot.id, None)
             return
 
-    async def _recover(self, output_dir: Path, shot: Shot, previous: ResultEntry | None) -> bool:
-        """Keep an image billed by an earlier run that could not download it, if its URL still
-        works (about 24 hours): True when the shot is done without a new request."""
-        if (
-            previous is None
-            or previous.status != "failed"
-            or not previous.image_url
-            or previous.key != shot.request.key
-        ):
-            return False
+    async def _recover_billed(self, output_dir: Path, item: PlannedShot) -> None:
+        """A `recover`: fetch the image an earlier run was billed for; if its URL no longer
+        works, say so and make it again (a paid request on a metered provider)."""
+        shot, previous = item.shot, item.previous
+        assert shot is not None and previous is not None
+        failure = await self._fetch_billed(output_dir, shot, previous)
+        if failure is None:
+            return
+        if self.listener:
+            cost = "a new, paid request" if self.provider.metered else "a new request"
+            self.listener(
+                Notice(
+                    shot.id,
+                    f"the image billed by request {previous.request_id or 'unknown'} could not "
+                    f"be fetched from its URL ({failure}); making it again with {cost}",
+                )
+            )
+        await self._generate(output_dir, shot)
+
+    async def _fetch_billed(self, output_dir: Path, shot: Shot, source: ResultEntry) -> str | None:
+        """Keep the image at `source.image_url` (billed by an earlier run; it works for about
+        24 hours) as this shot's: None when done without a new request, else why not."""
+        if not source.image_url:
+            return "no image URL was recorded"
         width, height = shot.request.dimensions
-        image = GeneratedImage(
-            previous.image_url, width, height, shot.request.seed, previous.request_id
-        )
+        seed = shot.request.seed
+        image = GeneratedImage(source.image_url, width, height, seed, source.request_id)
         try:
             # One try: an expired URL stays expired, and a new request is the way out.
             data = await self._fetch_verified(image, tries=1)
-        except (ProviderError, ValueError):
-            return False
+        except (ProviderError, ValueError) as exc:
+            return str(exc)
         await self._place(output_dir, shot, image, data, attempts=0)
-        return True
+        return None
 
     async def _fetch_verified(self, image: GeneratedImage, *, tries: int) -> bytes:
         """The image's bytes, verified to decode at the size the request asked for (what the
@@ -427,7 +457,7 @@ class Executor:
                 f"downloaded: {failure}"
             )
             error = failure if isinstance(failure, ProviderError) else None
-            self._finish(failed_entry(shot, message, error, attempts, generated=image))
+            self._finish(unfetched_entry(shot, message, image, attempts, error))
             return
         await self._place(output_dir, shot, image, data, attempts=attempts, sent=sent)
 
@@ -447,13 +477,14 @@ class Executor:
             await asyncio.to_thread(self.cache.put, key, data)
         except StoreWriteError as exc:
             kept = "its URL is kept: the next apply downloads it instead of paying again"
-            self._write_failed(shot, exc, attempts, kept=kept, generated=image)
+            self._write_failed(shot, exc, attempts, kept=kept, unfetched=image)
             return
         try:
+            await self._move_aside(output_dir, shot)
             await asyncio.to_thread(atomic_write, output_dir / shot.file, data)
         except StoreWriteError as exc:
             kept = "its image is in the cache: the next apply puts it in place without paying"
-            self._write_failed(shot, exc, attempts, kept=kept, generated=image)
+            self._write_failed(shot, exc, attempts, kept=kept)
             return
         entry = _entry(
             shot,
@@ -467,6 +498,25 @@ class Executor:
             sent=sent,
         )
         self._finish(entry)
+
+    async def _move_aside(self, output_dir: Path, shot: Shot) -> None:
+        """Rename the shot's hand-edited file aside, if the plan said so, before it is written
+        over; StoreWriteError (naming both paths) when it cannot be renamed."""
+        if shot.id not in self._aside or shot.id in self.outcome.moved_aside:
+            return
+        target = output_dir / shot.file
+        try:
+            aside = aside_path(target)
+            await asyncio.to_thread(target.rename, aside)
+        except FileNotFoundError:
+            return  # gone since the plan: nothing of the user's to keep
+        except OSError as exc:
+            # Named by the edited file: the message says it could not be written (moved).
+            raise write_error(target, exc) from None
+        name = aside.relative_to(output_dir).as_posix()
+        self.outcome.moved_aside[shot.id] = name
+        if self.listener:
+            self.listener(Notice(shot.id, f"{shot.file} was edited by hand: moved aside to {name}"))
 
 
 def fit_to_open_files(concurrency: int) -> int:
@@ -507,7 +557,7 @@ def _entry(
     return ResultEntry(
         id=shot.id,
         status=status,  # type: ignore[arg-type]
-        file=shot.file if status != "failed" else None,
+        file=shot.file if status in WITH_IMAGE else None,
         key=request.key,
         width=width,
         height=height,
@@ -529,21 +579,33 @@ def _entry(
 
 
 def failed_entry(
-    shot: Shot,
-    message: str,
-    error: ProviderError | None,
-    attempts: int,
-    *,
-    generated: GeneratedImage | None = None,
+    shot: Shot, message: str, error: ProviderError | None, attempts: int
 ) -> ResultEntry:
-    """A failed shot's entry; `generated` is the image it was billed for but could not keep."""
+    """A failed shot's entry: no image, `message` says why."""
     entry = _entry(shot, "failed", None, None, None, None, None, attempts=attempts)
-    # The generation's request id is the one a billing query or a support ticket needs.
-    request_id = generated.request_id if generated else None
     return replace(
         entry,
         error=message,
         error_code=error.code if error else None,
-        request_id=request_id or (error.request_id if error else None),
-        image_url=generated.image_url if generated else None,
+        request_id=error.request_id if error else None,
+    )
+
+
+def unfetched_entry(
+    shot: Shot,
+    message: str,
+    image: GeneratedImage,
+    attempts: int,
+    error: ProviderError | None = None,
+) -> ResultEntry:
+    """The entry of a shot the service made (and billed) as `image`, not downloaded yet: its
+    URL is kept for the next apply's `recover`."""
+    entry = _entry(shot, "unfetched", None, None, None, None, None, attempts=attempts)
+    return replace(
+        entry,
+        error=message,
+        error_code=error.code if error else None,
+        # The generation's request id is the one a billing query or a support ticket needs.
+        request_id=image.request_id or (error.request_id if error else None),
+        image_url=image.image_url,
     )

@@ -27,6 +27,8 @@ _ACTION_STYLE = {
     Action.REPLACE: "yellow",
     Action.UNCHANGED: None,
     Action.RESTORE: "cyan",
+    Action.RECOVER: "blue",
+    Action.DRIFT: "red",
     Action.ORPHAN: "magenta",
 }
 
@@ -70,6 +72,8 @@ def plan_json(plan: Plan) -> dict[str, Any]:
             Action.REPLACE,
             Action.UNCHANGED,
             Action.RESTORE,
+            Action.RECOVER,
+            Action.DRIFT,
             Action.ORPHAN,
         )
     }
@@ -87,16 +91,23 @@ def _changed(item: PlannedShot) -> list[str] | None:
 
 def apply_json(report: ApplyReport) -> dict[str, Any]:
     """`apply --json`: what the run did to each shot (`unchanged` for a shot it left alone,
-    else its entry's status), the counts, and where results.json is."""
-    unchanged = {item.id for item in report.plan.shots if item.action is Action.UNCHANGED}
+    `drift` for one whose hand-edited file it kept, else its entry's status; `moved_aside`:
+    where an edited file went before a new image took its place), the counts, and where
+    results.json is."""
+    left = {
+        item.id: item.action.value
+        for item in report.plan.shots
+        if item.action in (Action.UNCHANGED, Action.DRIFT)
+    }
     shots = [
         {
             "id": entry.id,
-            "status": "unchanged" if entry.id in unchanged else entry.status,
+            "status": left.get(entry.id, entry.status),
             "file": entry.file,
             "error": entry.error,
             "error_code": entry.error_code,
             "request_id": entry.request_id,
+            "moved_aside": report.moved_aside.get(entry.id),
         }
         for entry in report.entries
     ]
@@ -104,7 +115,9 @@ def apply_json(report: ApplyReport) -> dict[str, Any]:
         "generated": report.count("generated"),
         "cached": report.count("cached"),
         "failed": report.count("failed"),
+        "unfetched": report.count("unfetched"),
         "unchanged": report.unchanged,
+        "drift": report.plan.count(Action.DRIFT),
         "requests": report.requests,
         "billed": report.billed,
         "throttled": report.throttled,
@@ -144,7 +157,7 @@ class Progress:
             self._line(f"note {event.shot_id}: {event.message}", permanent=True)
             return
         self.done += 1
-        if event.status == "failed":
+        if event.status in ("failed", "unfetched"):
             self.failed += 1
             self._line(f"failed {event.id}: {event.error}", permanent=True)
         elif event.status == "generated":
@@ -181,6 +194,12 @@ def apply_summary(report: ApplyReport) -> str:
         f"{report.count('failed')} failed",
         f"{report.unchanged} unchanged",
     ]
+    unfetched = report.count("unfetched")
+    if unfetched:
+        parts.insert(3, f"{unfetched} billed but not downloaded (the next apply fetches them)")
+    drift = report.plan.count(Action.DRIFT)
+    if drift:
+        parts.append(f"{drift} edited by hand and kept (--overwrite-edited puts them back)")
     if not is_metered(report.plan.provider):
         sent = f"{report.requests} offline request{'s' if report.requests != 1 else ''}"
     else:
@@ -195,6 +214,10 @@ def apply_summary(report: ApplyReport) -> str:
         f"Done in {report.elapsed:.1f} s: {', '.join(parts)}; {sent}, {report.retries} retries, "
         f"{report.throttled} throttled (429)."
     ]
+    lines.extend(
+        f"Edited by hand, moved aside: {shot_id} -> {name}"
+        for shot_id, name in report.moved_aside.items()
+    )
     lines.extend(quota_lines(report))
     if report.stopped:
         lines.append(f"Stopped: {report.stopped}")
