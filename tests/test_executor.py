@@ -27,11 +27,11 @@ from PIL import Image
 
 from imgbatch.api import ApplyOptions, ApplyReport, apply, apply_async, make_plan
 from imgbatch.errors import TransientError
-from imgbatch.executor import Notice
-from imgbatch.pacing import Clock, RetryPolicy
+from imgbatch.executor import Executor, Notice
+from imgbatch.pacing import Clock, Pacer, RetryPolicy
 from imgbatch.plan import Action
 from imgbatch.request import GeneratedImage, ImageRequest
-from imgbatch.store import STATE_DIR
+from imgbatch.store import STATE_DIR, ImageCache
 from tests.conftest import write_manifest, write_many_shots
 from tests.fake_dashscope import FakeDashScope
 
@@ -548,6 +548,40 @@ def test_a_download_abandoned_at_ctrl_c_keeps_the_url_for_the_next_apply(
     back = ScriptedProvider([png(SIZE)], tag="second")
     assert only_entry(apply(manifest, offline, provider=back))["request_id"] == "req-1"
     assert back.generated == []
+
+
+def test_a_recover_abandoned_at_ctrl_c_keeps_the_url_paid_for(
+    manifest: Path, offline: ApplyOptions
+) -> None:
+    unreachable = ScriptedProvider([TransientError("image download failed (ClientOSError)")])
+    first = only_entry(apply(manifest, offline, provider=unreachable))
+
+    quick_grace = replace(offline, grace_seconds=0.2)
+    report = apply(manifest, quick_grace, provider=InterruptedWhileDownloading([], tag="second"))
+
+    assert report.interrupted
+    assert report.plan.shots[0].action is Action.RECOVER
+    entry = only_entry(report)
+    assert (entry["status"], entry["image_url"]) == ("unfetched", first["image_url"])
+
+
+def test_a_recover_not_run_when_the_run_stops_keeps_the_url_paid_for(
+    manifest: Path, offline: ApplyOptions
+) -> None:
+    unreachable = ScriptedProvider([TransientError("image download failed (ClientOSError)")])
+    first = only_entry(apply(manifest, offline, provider=unreachable))
+    plan = make_plan(manifest, provider="dashscope", environ={}, home=offline.home)
+    back = ScriptedProvider([png(SIZE)], tag="second")
+    executor = Executor(
+        back, ImageCache(out_dir(manifest)), lambda entry: None, pacer=Pacer(unlimited=True)
+    )
+    executor.stop("the run's time is up")
+
+    outcome = asyncio.run(executor.run(plan))
+
+    assert back.fetched == [] and back.generated == []
+    kept = outcome.entries[SHOT]
+    assert (kept.status, kept.image_url) == ("unfetched", first["image_url"])
 
 
 # ----- RetryPolicy.backoff ------------------------------------------------------------------------

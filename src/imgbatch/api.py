@@ -473,6 +473,9 @@ def _final_entry(item: PlannedShot, outcome: RunOutcome, metered: bool) -> Resul
         )
         return replace(downloading, error=message)
     assert item.shot is not None
+    if item.action is Action.RECOVER and item.previous is not None:
+        # Abandoned while fetching an image paid for earlier: its URL stays for the next apply.
+        return item.previous
     phase = outcome.in_flight.get(item.id, Phase.WAITING)
     if phase == Phase.SENDING:
         message = "abandoned in flight when interrupted"

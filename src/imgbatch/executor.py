@@ -178,6 +178,10 @@ class Executor:
         for item in pending:
             assert item.shot is not None
             if self.stop_requested.is_set():
+                if item.action is Action.RECOVER and item.previous is not None:
+                    # Not fetched this time: its URL, what was paid for, stays for the next.
+                    self._finish(item.previous, journal=False)
+                    continue
                 reason = self.outcome.stopped or "stopped"
                 self._finish(failed_entry(item.shot, f"not run: {reason}", None, 0), journal=False)
                 continue
