@@ -93,6 +93,13 @@ def test_an_edited_image_is_drift_in_plan_and_kept_by_apply(
     assert "1 edited by hand and kept (--overwrite-edited puts them back)" in result.stderr
     assert not list(out.glob("*.edited*"))
 
+    # Beside a restore, progress counts only the shots the run acts on.
+    (out / f"{list(expected_shots(applied))[0]}.png").unlink()
+    restored = run("apply", applied, *FAST)
+    assert restored.exit_code == 0, restored.output
+    assert "[1/1] 0 generated, 0 failed" in restored.stderr
+    assert (out / f"{shot}.png").read_bytes() == edited
+
 
 def test_overwrite_edited_puts_imgbatchs_image_back_from_the_cache(
     applied: Path, fake_server: FakeDashScope

@@ -289,7 +289,7 @@ def apply_command(
 ) -> int:
     """Generate the shots whose request changed; write images and results.json."""
     from imgbatch.api import ApplyOptions, apply
-    from imgbatch.plan import Action
+    from imgbatch.plan import WORK_ACTIONS
     from imgbatch.report import Progress, apply_json, apply_summary, plan_summary
 
     progress = Progress(0)
@@ -308,7 +308,8 @@ def apply_command(
                 err=True,
             )
         click.echo(plan_summary(planned), err=True)
-        progress.total = sum(1 for item in planned.shots if item.action is not Action.UNCHANGED)
+        # A drift (an edit kept) is left alone like an unchanged shot: no event will come.
+        progress.total = sum(1 for item in planned.shots if item.action in WORK_ACTIONS)
 
     try:
         report = apply(
