@@ -35,12 +35,12 @@ from imgbatch.errors import (
     StoreWriteError,
 )
 from imgbatch.executor import Executor, Listener, Phase, RunOutcome, failed_entry
-from imgbatch.expand import Expansion, expand, shot_list
+from imgbatch.expand import Expansion, expand, fetch_references, shot_list
 from imgbatch.learned import QuotaStore, default_store_path
 from imgbatch.manifest import Manifest, load_manifest, manifest_from_data
 from imgbatch.models import MIN_RPS
 from imgbatch.pacing import Clock, Finding, Pacer, RetryPolicy
-from imgbatch.plan import PAID_ACTIONS, WORK_ACTIONS, Action, Plan, PlannedShot
+from imgbatch.plan import WORK_ACTIONS, Action, Plan, PlannedShot
 from imgbatch.plan import make_plan as plan_shots
 from imgbatch.providers import Provider, create_provider, is_metered, resolve_provider_name
 from imgbatch.quota import Quota
@@ -200,7 +200,8 @@ def make_plan(
     allow_reference_outside: bool = False,
     overwrite_edited: bool = False,
 ) -> Plan:
-    """What `apply` would do for each shot, reading the output folder but changing nothing.
+    """What `apply` would do for each shot, reading the output folder but changing nothing and
+    downloading nothing: see `imgbatch.plan` for what that means for a reference URL.
 
     Raises `PaidImagesError`, as apply would, when the placeholder provider, not named
     explicitly, would replace images a paid provider made."""
@@ -266,13 +267,18 @@ async def apply_async(
         options.home,
         allow_reference_outside=options.allow_reference_outside,
     )
-    output_dir = expansion.output_dir
-    if options.frozen or _may_replace_paid(expansion.provider, options.provider):
-        # Before credentials and before the lock: a refused run writes nothing at all.
-        early = _plan(expansion, load_state(output_dir), options.overwrite_edited)
+    if _may_replace_paid(expansion.provider, options.provider):
+        # Before anything is fetched, before credentials and before the lock: a refused run
+        # connects to nothing and writes nothing at all.
+        early = _plan(expansion, load_state(expansion.output_dir), options.overwrite_edited)
         _refuse_placeholder_over_paid(early, options.provider, manifest)
-        if options.frozen:
-            _refuse_paid(early)
+    # Each reference URL once, keyed by its content, so that the plan below knows every key
+    # (a frozen run pays nothing for a URL whose content did not change).
+    expansion = await fetch_references(expansion)
+    output_dir = expansion.output_dir
+    if options.frozen:
+        # Before credentials and before the lock: a refused frozen run writes nothing at all.
+        _refuse_paid(_plan(expansion, load_state(output_dir), options.overwrite_edited))
     # Credentials are checked before anything is written.
     provider = provider or create_provider(expansion.provider, environ, options.home)
     started = time.monotonic()
@@ -377,7 +383,7 @@ async def apply_async(
 
 def _refuse_paid(plan: Plan) -> None:
     """FrozenError naming the shots that would need a paid request, if any."""
-    paid = [item for item in plan.shots if item.action in PAID_ACTIONS]
+    paid = [item for item in plan.shots if item.paid]
     if not paid:
         return
     shown = [f"{item.id} ({item.action}: {item.reason})" for item in paid[:20]]

@@ -174,7 +174,7 @@ def plan(
     detailed_exitcode: bool,
     as_json: bool,
 ) -> int:
-    """Show what apply would do for each shot, and why."""
+    """Show what apply would do for each shot, and why; nothing is sent or downloaded."""
     from imgbatch.api import make_plan
     from imgbatch.report import plan_json, plan_summary, plan_table
 

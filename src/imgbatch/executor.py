@@ -18,7 +18,8 @@ also stops the run like a 401. A restore checks the cache entry first: a damaged
 discarded, said to the listener as a `Notice`, and the image fetched from its recorded URL or
 generated again. A shot the plan marked `move_aside` has its hand-edited file renamed beside it
 (`plan.aside_path`) just before the new image is written there, said as a `Notice` and kept in
-`RunOutcome.moved_aside`.
+`RunOutcome.moved_aside`. A shot whose reference URL could not be fetched (`apply` fetches
+them before planning) fails unsent, naming the field.
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ class Executor:
             if item.action not in WORK_ACTIONS and item.previous is not None:
                 # Kept exactly as it was (unchanged, or a drift: the edit is left alone):
                 # results.json describes the image imgbatch made, not this run.
-                self.outcome.entries[item.id] = item.previous
+                self.outcome.entries[item.id] = _with_reference_url(item.previous, item.shot)
         workers = [
             asyncio.create_task(self._worker(plan.output_dir, pending))
             for _ in range(self.concurrency)
@@ -184,6 +185,13 @@ class Executor:
                     continue
                 reason = self.outcome.stopped or "stopped"
                 self._finish(failed_entry(item.shot, f"not run: {reason}", None, 0), journal=False)
+                continue
+            reference = item.shot.request.reference
+            if reference is not None and not reference.fetched:
+                # Its content, and so its key, is unknown: nothing can be restored or sent.
+                reason = reference.problem or "was not fetched"
+                message = f"field reference_image: '{reference.source}' {reason}; nothing was sent"
+                self._finish(failed_entry(item.shot, message, None, 0))
                 continue
             self.outcome.in_flight[item.id] = Phase.WAITING
             if item.action is Action.RESTORE:
@@ -268,7 +276,13 @@ class Executor:
         if previous is not None and previous.key == key and previous.has_image:
             # Same request as before: keep its provenance (URL, request id) from the results.
             self._finish(
-                replace(previous, status="cached", file=shot.file, sha256=digest, bytes=size)
+                replace(
+                    _with_reference_url(previous, shot),
+                    status="cached",
+                    file=shot.file,
+                    sha256=digest,
+                    bytes=size,
+                )
             )
             return
         width, height = shot.request.dimensions
@@ -579,7 +593,20 @@ def _entry(
         request=request.canonical(),
         prompt_sent=sent.text,
         simplified=sent is not request,
+        reference_url=request.reference.source
+        if request.reference is not None and request.reference.is_url
+        else None,
     )
+
+
+def _with_reference_url(entry: ResultEntry, shot: Shot | None) -> ResultEntry:
+    """`entry` naming the reference URL the shot has now: the same content moved to another URL
+    keeps its image, and the next plan must compare against the new URL."""
+    if shot is None:
+        return entry
+    reference = shot.request.reference
+    url = reference.source if reference is not None and reference.is_url else None
+    return entry if entry.reference_url == url else replace(entry, reference_url=url)
 
 
 def failed_entry(

@@ -21,19 +21,26 @@ Whether this plan decides a shot is the only place it is decided: the executor d
 action says. A shot whose request changed while its file was edited by hand is replaced (or
 restored, or created) with `move_aside` set: the edited file is renamed beside it first
 (`aside_path`), never overwritten.
+
+A plan downloads nothing, so the content of a reference URL, and with it the shot's key, is
+unknown to it. When the shot's previous image was made from the same URL and nothing else
+changed, the plan assumes the URL still serves what it served then, and says so in the reason
+("unchanged, unless the reference URL's content changed"); otherwise it is a create or a replace
+as usual. `apply` fetches every URL and plans again with the real keys.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from imgbatch.expand import Shot
+from imgbatch.reference import ReferenceImage
 from imgbatch.request import changed_fields
 from imgbatch.results import ResultEntry
 from imgbatch.store import ImageCache
@@ -70,6 +77,13 @@ class PlannedShot:
     # aside first (`aside_path`).
     move_aside: bool = False
 
+    @property
+    def paid(self) -> bool:
+        """Whether apply would send a paid request for it: a create or replace, unless its
+        reference URL could not be fetched (it then fails, unsent)."""
+        reference = self.shot.request.reference if self.shot is not None else None
+        return self.action in PAID_ACTIONS and (reference is None or reference.problem is None)
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -83,7 +97,7 @@ class Plan:
 
     @property
     def paid_requests(self) -> int:
-        return sum(1 for item in self.shots if item.action in PAID_ACTIONS)
+        return sum(1 for item in self.shots if item.paid)
 
     @property
     def has_work(self) -> bool:
@@ -152,6 +166,11 @@ def _plan_shot(
     overwrite_edited: bool,
     now: float,
 ) -> PlannedShot:
+    reference = shot.request.reference
+    if reference is not None and not reference.fetched:
+        return _plan_unknown_content(
+            output_dir, shot, reference, previous, cache, records, overwrite_edited, now
+        )
     key = shot.request.key
     made = previous if previous is not None and previous.has_image else None
     on_disk = _size(output_dir / shot.file) if made is not None else None
@@ -215,6 +234,53 @@ def _plan_shot(
     else:
         reason = "image missing from disk and cache"
     return PlannedShot(shot.id, Action.CREATE, reason + note, shot, previous, move_aside=aside)
+
+
+def _plan_unknown_content(
+    output_dir: Path,
+    shot: Shot,
+    reference: ReferenceImage,
+    previous: ResultEntry | None,
+    cache: ImageCache,
+    records: _Records,
+    overwrite_edited: bool,
+    now: float,
+) -> PlannedShot:
+    """A shot whose reference URL is not fetched: see the module docstring."""
+    if reference.problem is not None:  # apply fetched it and could not: the shot fails
+        reason = f"reference_image cannot be used ({reference.problem}): fails, nothing is sent"
+        return PlannedShot(shot.id, Action.CREATE, reason, shot, previous)
+    known = previous.request.get("reference_sha256") if previous is not None else None
+    known = known if isinstance(known, str) else None
+    # The shot as it would be if the URL served what the previous image was made from.
+    assumed = replace(
+        shot, request=replace(shot.request, reference=ReferenceImage(known, reference.source))
+    )
+    if previous is not None and previous.reference_url == reference.source and known:
+        planned = _plan_shot(output_dir, assumed, previous, cache, records, overwrite_edited, now)
+        if planned.action in (Action.UNCHANGED, Action.RESTORE):
+            reason = f"{planned.reason}, unless the reference URL's content changed"
+            return replace(planned, reason=reason)
+        return planned
+    if previous is None:
+        return PlannedShot(shot.id, Action.CREATE, "new shot", shot, None)
+    if not previous.has_image:
+        reason = (
+            f"failed last time: {previous.error or 'unknown error'}"
+            if previous.status == "failed"
+            else "changed since its image was billed but not downloaded"
+        )
+        return PlannedShot(shot.id, Action.CREATE, reason, shot, previous)
+    # Another URL (or one the previous run did not record): what it serves is unknown.
+    others = [
+        name
+        for name in changed_fields(dict(previous.request), assumed.request.canonical())
+        if name != "reference_sha256"
+    ]
+    reason = f"changed: {', '.join(['reference URL', *others])}"
+    if not others:
+        reason += " (nothing is paid if it serves the same content: apply fetches it to see)"
+    return PlannedShot(shot.id, Action.REPLACE, reason, shot, previous)
 
 
 def aside_path(path: Path) -> Path:
