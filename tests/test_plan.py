@@ -11,6 +11,7 @@ from imgbatch.api import ApplyOptions, apply
 from imgbatch.api import make_plan as plan_manifest
 from imgbatch.expand import Shot
 from imgbatch.plan import Action, Plan, aside_path, make_plan
+from imgbatch.reference import ReferenceImage
 from imgbatch.request import ImageRequest
 from imgbatch.results import ResultEntry
 from imgbatch.store import ImageCache
@@ -182,6 +183,19 @@ def test_billed_but_not_downloaded_and_then_edited_is_created(out: Path, cache: 
     before = shot("s01", "a red bicycle")
     after = shot("s01", "a blue bicycle")
     plan = plan_of(out, [after], [unfetched(before, URL)], cache)
+    assert single_action(plan) == (
+        Action.CREATE,
+        "changed since its image was billed but not downloaded",
+    )
+
+
+def test_billed_but_not_downloaded_with_another_reference_url_is_created_not_replaced(
+    out: Path, cache: ImageCache
+) -> None:
+    before = shot("s01", reference=ReferenceImage("ab" * 32, "http://a.test/old.png"))
+    after = shot("s01", reference=ReferenceImage.at_url("http://a.test/new.png"))
+    billed = replace(unfetched(before, URL), reference_url="http://a.test/old.png")
+    plan = plan_of(out, [after], [billed], cache)
     assert single_action(plan) == (
         Action.CREATE,
         "changed since its image was billed but not downloaded",
