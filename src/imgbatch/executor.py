@@ -250,7 +250,8 @@ class Executor:
         key = shot.request.key
         target = output_dir / shot.file
         try:
-            # Before the cache entry is checked: it writes the target only once checked.
+            # The edit goes aside first, and stays there should the cache entry prove damaged
+            # (the image is then fetched or made again, and written in its place all the same).
             await self._move_aside(output_dir, shot)
             digest, size = await asyncio.to_thread(
                 self.cache.restore,
