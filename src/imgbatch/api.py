@@ -43,6 +43,7 @@ from imgbatch.pacing import Clock, Finding, Pacer, RetryPolicy
 from imgbatch.plan import WORK_ACTIONS, Action, Plan, PlannedShot
 from imgbatch.plan import make_plan as plan_shots
 from imgbatch.providers import Provider, create_provider, is_metered, resolve_provider_name
+from imgbatch.prune import Pruned, prune_orphans
 from imgbatch.quota import Quota
 from imgbatch.request import KEY_FORMAT_VERSION
 from imgbatch.results import Journal, ResultEntry, load_state, write_results
@@ -78,6 +79,8 @@ class ApplyOptions:
     frozen: bool = False
     # Put imgbatch's image back over a file edited by hand, instead of keeping the edit.
     overwrite_edited: bool = False
+    # Remove the orphaned shots' files (as imgbatch wrote them) and their results entries.
+    prune: bool = False
 
     def __post_init__(self) -> None:
         # The same bounds as --rps and limits.rps: a NaN rate would send nothing, forever.
@@ -119,6 +122,8 @@ class ApplyReport:
     # Hand-edited files renamed aside before a new image took their place: shot id -> new name
     # (relative to the output folder).
     moved_aside: Mapping[str, str] = field(default_factory=dict)
+    # With `prune`: each orphan, and whether its file and entry are gone.
+    pruned: tuple[Pruned, ...] = ()
 
     def count(self, status: str) -> int:
         """Shots this run made `status` (generated, cached: restored from the cache, failed,
@@ -335,6 +340,11 @@ async def apply_async(
             thumbnails.close()
         entries = tuple(_final_entry(item, outcome, provider.metered) for item in plan.shots)
         orphans = [item.previous for item in plan.orphans if item.previous is not None]
+        pruned: tuple[Pruned, ...] = ()
+        if options.prune:
+            in_use = {shot.file for shot in expansion.shots}
+            pruned, kept = prune_orphans(output_dir, orphans, in_use)
+            orphans = list(kept)
         meta = {
             # Relative, so an output folder can be moved or committed with its manifest.
             "manifest": None
@@ -378,6 +388,7 @@ async def apply_async(
         sheet=sheet,
         sheet_problem=sheet_problem,
         moved_aside=dict(outcome.moved_aside),
+        pruned=pruned,
     )
 
 

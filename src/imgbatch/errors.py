@@ -5,6 +5,8 @@
     │                             file:line:col, shot id and field (exit code 2)
     ├── ConfigError               bad options or environment: missing key, unknown provider (exit 2)
     │   └── PaidImagesError       placeholders would replace images a paid provider made
+    ├── InspectError              `inspect` of a missing file, a non-PNG or a PNG without
+    │                             provenance (exit 2)
     ├── LockedError               another apply holds the output folder (exit 1)
     ├── StoreError                the output folder or cache cannot be read or written (exit 1)
     │   ├── StoreWriteError       one file could not be written (disk full, a folder in its place)
@@ -65,6 +67,11 @@ class PaidImagesError(ConfigError):
     """The offline placeholder provider, not chosen explicitly (`auto` without a key, or the
     manifest's `provider:`), would replace images a paid provider made; nothing was sent or
     written."""
+
+
+class InspectError(ImgbatchError):
+    """An image `imgbatch inspect` cannot read provenance from: missing, not a PNG, damaged, or
+    without imgbatch's text chunks."""
 
 
 class FrozenError(ImgbatchError):

@@ -10,7 +10,8 @@ downloaded right after it is generated (its URL expires), verified to decode at 
 size, put in the cache and copied into place before its entry is journaled, so a crash loses only
 shots in flight; its URL is journaled before the download (an `unfetched` entry), so that a shot
 paid for but not yet downloaded is planned as a `recover` by the next apply, which fetches it
-instead of paying again (and, if the URL no longer works, pays again and says so).
+instead of paying again (and, if the URL no longer works, pays again and says so). Every PNG
+written carries its provenance (`provenance.py`); the cache holds it as written.
 
 A file that cannot be written fails its shot only, naming the path (a paid image stays in the
 cache, or its URL in an `unfetched` entry); a full disk, or a journal that cannot be written,
@@ -43,10 +44,11 @@ from imgbatch.errors import (
 from imgbatch.expand import Shot
 from imgbatch.pacing import Clock, Finding, Pacer, RetryPolicy
 from imgbatch.plan import WORK_ACTIONS, Action, Plan, PlannedShot, aside_path
+from imgbatch.provenance import Provenance, embed
 from imgbatch.providers import Provider
 from imgbatch.request import GeneratedImage, ImageRequest, simplified
 from imgbatch.results import WITH_IMAGE, ResultEntry
-from imgbatch.store import ImageCache, atomic_write, verify_image, write_error
+from imgbatch.store import ImageCache, verify_image, write_error
 
 # Requests in flight when the user sets no cap. The rate is what limits a run; this only has to
 # be more than rate x latency (25 requests/s at a 15 s generation is 375 in flight), and stay
@@ -223,6 +225,7 @@ class Executor:
         *,
         kept: str,
         unfetched: GeneratedImage | None = None,
+        sent: ImageRequest | None = None,
     ) -> None:
         """One shot's file could not be written: that shot fails (is `unfetched`, with the
         image's URL, when the image is kept nowhere else); a full disk stops the run."""
@@ -230,9 +233,9 @@ class Executor:
             self._stop_for_write(error)
         message = f"{error}; {kept}"
         if unfetched is not None:
-            self._finish(unfetched_entry(shot, message, unfetched, attempts))
+            self._finish(unfetched_entry(shot, message, unfetched, attempts, sent=sent))
         else:
-            self._finish(failed_entry(shot, message, None, attempts))
+            self._finish(failed_entry(shot, message, None, attempts, sent=sent))
 
     def _finish(self, entry: ResultEntry, *, journal: bool = True) -> None:
         self.outcome.in_flight.pop(entry.id, None)
@@ -395,7 +398,7 @@ class Executor:
                 # Journaled before the download, so that a run killed while downloading leaves
                 # the paid image's URL for the next apply to fetch instead of paying again.
                 downloading = unfetched_entry(
-                    shot, "generated; its download had not finished", image, attempt
+                    shot, "generated; its download had not finished", image, attempt, sent=sent
                 )
                 self.record(downloading)
                 self.outcome.downloading[shot.id] = downloading
@@ -436,7 +439,9 @@ class Executor:
             data = await self._fetch_verified(image, tries=1)
         except (ProviderError, ValueError) as exc:
             return str(exc)
-        await self._place(output_dir, shot, image, data, attempts=0)
+        # The text sent is part of what the image is: a simplified request stays one.
+        sent = simplified(shot.request) if source.simplified else None
+        await self._place(output_dir, shot, image, data, attempts=0, sent=sent)
         return None
 
     async def _fetch_verified(self, image: GeneratedImage, *, tries: int) -> bytes:
@@ -476,7 +481,7 @@ class Executor:
                 f"downloaded: {failure}"
             )
             error = failure if isinstance(failure, ProviderError) else None
-            self._finish(unfetched_entry(shot, message, image, attempts, error))
+            self._finish(unfetched_entry(shot, message, image, attempts, error, sent=sent))
             return
         await self._place(output_dir, shot, image, data, attempts=attempts, sent=sent)
 
@@ -490,20 +495,26 @@ class Executor:
         attempts: int,
         sent: ImageRequest | None = None,
     ) -> None:
-        """Put verified bytes in the cache and at the shot's file, then record the shot."""
+        """Stamp verified bytes with their provenance, put them in the cache and at the shot's
+        file, then record the shot. The cache keeps the bytes as written, so that a restore puts
+        back the very file (the same SHA-256 as recorded), provenance and all."""
         key = shot.request.key
+        provenance = Provenance(
+            shot.id, shot.request, (sent or shot.request).text, image.request_id
+        )
+        data, digest = await asyncio.to_thread(_stamp, data, provenance)
         try:
             await asyncio.to_thread(self.cache.put, key, data)
         except StoreWriteError as exc:
             kept = "its URL is kept: the next apply downloads it instead of paying again"
-            self._write_failed(shot, exc, attempts, kept=kept, unfetched=image)
+            self._write_failed(shot, exc, attempts, kept=kept, unfetched=image, sent=sent)
             return
         try:
             await self._move_aside(output_dir, shot)
-            await asyncio.to_thread(atomic_write, output_dir / shot.file, data)
+            await asyncio.to_thread(self.cache.place, key, output_dir / shot.file, data)
         except StoreWriteError as exc:
             kept = "its image is in the cache: the next apply puts it in place without paying"
-            self._write_failed(shot, exc, attempts, kept=kept)
+            self._write_failed(shot, exc, attempts, kept=kept, sent=sent)
             return
         entry = _entry(
             shot,
@@ -511,7 +522,7 @@ class Executor:
             image,
             image.width,
             image.height,
-            hashlib.sha256(data).hexdigest(),
+            digest,
             len(data),
             attempts=attempts,
             sent=sent,
@@ -536,6 +547,12 @@ class Executor:
         self.outcome.moved_aside[shot.id] = name
         if self.listener:
             self.listener(Notice(shot.id, f"{shot.file} was edited by hand: moved aside to {name}"))
+
+
+def _stamp(data: bytes, provenance: Provenance) -> tuple[bytes, str]:
+    """The bytes to write and their SHA-256 (off the event loop: a few ms for 3.5 MB)."""
+    stamped = embed(data, provenance)
+    return stamped, hashlib.sha256(stamped).hexdigest()
 
 
 def fit_to_open_files(concurrency: int) -> int:
@@ -611,10 +628,16 @@ def _with_reference_url(entry: ResultEntry, shot: Shot | None) -> ResultEntry:
 
 
 def failed_entry(
-    shot: Shot, message: str, error: ProviderError | None, attempts: int
+    shot: Shot,
+    message: str,
+    error: ProviderError | None,
+    attempts: int,
+    *,
+    sent: ImageRequest | None = None,
 ) -> ResultEntry:
-    """A failed shot's entry: no image, `message` says why."""
-    entry = _entry(shot, "failed", None, None, None, None, None, attempts=attempts)
+    """A failed shot's entry: no image, `message` says why; `sent` is the simplified request,
+    when the last one sent was."""
+    entry = _entry(shot, "failed", None, None, None, None, None, attempts=attempts, sent=sent)
     return replace(
         entry,
         error=message,
@@ -629,10 +652,13 @@ def unfetched_entry(
     image: GeneratedImage,
     attempts: int,
     error: ProviderError | None = None,
+    *,
+    sent: ImageRequest | None = None,
 ) -> ResultEntry:
-    """The entry of a shot the service made (and billed) as `image`, not downloaded yet: its
-    URL is kept for the next apply's `recover`."""
-    entry = _entry(shot, "unfetched", None, None, None, None, None, attempts=attempts)
+    """The entry of a shot the service made (and billed) as `image` from `sent` (the simplified
+    request, when it was one), not downloaded yet: its URL is kept for the next apply's
+    `recover`."""
+    entry = _entry(shot, "unfetched", None, None, None, None, None, attempts=attempts, sent=sent)
     return replace(
         entry,
         error=message,
