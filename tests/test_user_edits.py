@@ -97,7 +97,7 @@ def test_an_edited_image_is_drift_in_plan_and_kept_by_apply(
     (out / f"{list(expected_shots(applied))[0]}.png").unlink()
     restored = run("apply", applied, *FAST)
     assert restored.exit_code == 0, restored.output
-    assert "[1/1] 0 generated, 0 failed" in restored.stderr
+    assert "[1/1] 0 generated, 1 cached, 0 failed" in restored.stderr
     assert (out / f"{shot}.png").read_bytes() == edited
 
 
