@@ -6,7 +6,7 @@ shell over these two functions, and a pipeline can call them directly:
 
     >>> from imgbatch import apply
     >>> report = apply("manifests/matrix.yaml", provider="placeholder")
-    >>> [entry.file for entry in report.entries if entry.status != "failed"][:2]
+    >>> [entry.file for entry in report.entries if entry.has_image][:2]
     ['s03-front-dawn.png', 's03-front-noon.png']
 """
 
@@ -28,16 +28,23 @@ from typing import Any
 import filelock
 
 from imgbatch.bounds import Bound, MaxDuration, MaxRequests
-from imgbatch.errors import ConfigError, FrozenError, LockedError, StoreError, StoreWriteError
+from imgbatch.errors import (
+    ConfigError,
+    FrozenError,
+    LockedError,
+    PaidImagesError,
+    StoreError,
+    StoreWriteError,
+)
 from imgbatch.executor import Executor, Listener, Phase, RunOutcome, abandoned_download
 from imgbatch.expand import Expansion, expand, fetch_references, shot_list
 from imgbatch.learned import QuotaStore, default_store_path
 from imgbatch.manifest import Manifest, load_manifest, manifest_from_data
 from imgbatch.models import MIN_RPS
 from imgbatch.pacing import Clock, Finding, Pacer, RetryPolicy
-from imgbatch.plan import Action, Plan, PlannedShot
+from imgbatch.plan import WORK_ACTIONS, Action, Plan, PlannedShot
 from imgbatch.plan import make_plan as plan_shots
-from imgbatch.providers import Provider, create_provider, resolve_provider_name
+from imgbatch.providers import Provider, create_provider, is_metered, resolve_provider_name
 from imgbatch.prune import Pruned, prune_orphans
 from imgbatch.quota import Quota
 from imgbatch.request import KEY_FORMAT_VERSION
@@ -76,6 +83,8 @@ class ApplyOptions:
     # sending began: requests in flight finish, the shots not run are left for the next apply.
     max_requests: int | None = None
     max_duration: float | None = None
+    # Put imgbatch's image back over a file edited by hand, instead of keeping the edit.
+    overwrite_edited: bool = False
     # Remove the orphaned shots' files (as imgbatch wrote them) and their results entries.
     prune: bool = False
 
@@ -140,17 +149,21 @@ class ApplyReport:
     not_run: Mapping[str, str] = field(default_factory=dict)
     # The bound that stopped the run (`Bound.name`: max_requests, max_duration), if one did.
     bounded: str | None = None
+    # Hand-edited files renamed aside before a new image took their place: shot id -> new name
+    # (relative to the output folder).
+    moved_aside: Mapping[str, str] = field(default_factory=dict)
     # With `prune`: each orphan, and whether its file and entry are gone.
     pruned: tuple[Pruned, ...] = ()
 
     def count(self, status: str) -> int:
-        """Shots this run made `status` (generated, cached: restored from the cache, failed);
-        an unchanged or not-run shot keeps its entry, whatever its status, and is not counted
+        """Shots this run made `status` (generated, cached: restored from the cache, failed,
+        unfetched: billed but not downloaded); a shot it left alone (unchanged, or edited by
+        hand and kept) or did not run keeps its entry, whatever its status, and is not counted
         here."""
         acted = {
             item.id
             for item in self.plan.shots
-            if item.action is not Action.UNCHANGED and item.id not in self.not_run
+            if item.action in WORK_ACTIONS and item.id not in self.not_run
         }
         return sum(1 for entry in self.entries if entry.status == status and entry.id in acted)
 
@@ -165,7 +178,7 @@ class ApplyReport:
 
     @property
     def ok(self) -> bool:
-        return self.stopped is None and self.count("failed") == 0
+        return self.stopped is None and self.count("failed") == self.count("unfetched") == 0
 
 
 def provider_name(
@@ -230,19 +243,32 @@ def make_plan(
     environ: Mapping[str, str] | None = None,
     home: Path | None = None,
     allow_reference_outside: bool = False,
+    overwrite_edited: bool = False,
 ) -> Plan:
     """What `apply` would do for each shot, reading the output folder but changing nothing and
-    downloading nothing: see `imgbatch.plan` for what that means for a reference URL."""
-    _, expansion = load_and_expand(
+    downloading nothing: see `imgbatch.plan` for what that means for a reference URL.
+
+    Raises `PaidImagesError`, as apply would, when the placeholder provider, not named
+    explicitly, would replace images a paid provider made."""
+    manifest, expansion = load_and_expand(
         path, provider, environ, home, allow_reference_outside=allow_reference_outside
     )
-    return _plan(expansion, load_state(expansion.output_dir))
+    planned = _plan(expansion, load_state(expansion.output_dir), overwrite_edited)
+    _refuse_placeholder_over_paid(planned, provider, manifest)
+    return planned
 
 
-def _plan(expansion: Expansion, state: Mapping[str, ResultEntry]) -> Plan:
+def _plan(
+    expansion: Expansion, state: Mapping[str, ResultEntry], overwrite_edited: bool = False
+) -> Plan:
     output_dir = expansion.output_dir
     return plan_shots(
-        output_dir, expansion.shots, state, ImageCache(output_dir), provider=expansion.provider
+        output_dir,
+        expansion.shots,
+        state,
+        ImageCache(output_dir),
+        provider=expansion.provider,
+        overwrite_edited=overwrite_edited,
     )
 
 
@@ -301,13 +327,18 @@ async def _apply(
         options.home,
         allow_reference_outside=options.allow_reference_outside,
     )
+    if _may_replace_paid(expansion.provider, options.provider):
+        # Before anything is fetched, before credentials and before the lock: a refused run
+        # connects to nothing and writes nothing at all.
+        early = _plan(expansion, load_state(expansion.output_dir), options.overwrite_edited)
+        _refuse_placeholder_over_paid(early, options.provider, manifest)
     # Each reference URL once, keyed by its content, so that the plan below knows every key
     # (a frozen run pays nothing for a URL whose content did not change).
     expansion = await fetch_references(expansion)
     output_dir = expansion.output_dir
     if options.frozen:
         # Before credentials and before the lock: a refused frozen run writes nothing at all.
-        _refuse_paid(_plan(expansion, load_state(output_dir)))
+        _refuse_paid(_plan(expansion, load_state(output_dir), options.overwrite_edited))
     # Credentials are checked before anything is written.
     provider = provider or create_provider(expansion.provider, environ, options.home)
     started = time.monotonic()
@@ -320,9 +351,11 @@ async def _apply(
             check_writable(cache.root)
         remove_stale_temporaries(output_dir)
         state = load_state(output_dir)
-        plan = _plan(expansion, state)
+        plan = _plan(expansion, state, options.overwrite_edited)
+        # Again: another run may have changed the folder meanwhile.
+        _refuse_placeholder_over_paid(plan, options.provider, manifest)
         if options.frozen:
-            _refuse_paid(plan)  # again: another run may have changed the folder meanwhile
+            _refuse_paid(plan)
         if on_plan:
             on_plan(plan)
         given = _given_quota(options, manifest)
@@ -423,6 +456,7 @@ async def _apply(
         sheet_problem=sheet_problem,
         not_run=not_run,
         bounded=outcome.bounded,
+        moved_aside=dict(outcome.moved_aside),
         pruned=pruned,
     )
 
@@ -438,6 +472,45 @@ def _refuse_paid(plan: Plan) -> None:
         f"--frozen: {len(paid)} shot{'s' if len(paid) != 1 else ''} would need a paid request: "
         f"{', '.join(shown)}{more}; nothing was sent or written (run apply without --frozen "
         "to make them)"
+    )
+
+
+def _may_replace_paid(provider: str, chosen: str | None) -> bool:
+    """Whether `provider` (resolved) is the offline placeholder without having been chosen by
+    name (`chosen`: the provider option, before `auto` is resolved)."""
+    return not is_metered(provider) and chosen != provider
+
+
+def _refuse_placeholder_over_paid(plan: Plan, chosen: str | None, manifest: Manifest) -> None:
+    """PaidImagesError naming the shots whose image, made by a paid provider, an unmetered one
+    not chosen by name (`auto` without a key, the manifest's `provider:`) would replace."""
+    if not _may_replace_paid(plan.provider, chosen):
+        return
+    paid = [
+        item
+        for item in plan.shots
+        if item.action in WORK_ACTIONS
+        and item.previous is not None
+        and item.previous.status != "failed"
+        and is_metered(str(item.previous.request.get("provider", plan.provider)))
+    ]
+    if not paid:
+        return
+    made_by = sorted({str(item.previous.request.get("provider")) for item in paid if item.previous})
+    source = "--provider" if chosen is not None else "the manifest's provider:"
+    given = chosen or manifest.provider
+    if given == "auto":
+        why = f"{source} auto found no DashScope API key, so it chose"
+    else:
+        why = f"{source} {given} chose"
+    shown = ", ".join(item.id for item in paid[:20])
+    more = f", and {len(paid) - 20} more" if len(paid) > 20 else ""
+    count = f"{len(paid)} image{'s' if len(paid) != 1 else ''}"
+    raise PaidImagesError(
+        f"{why} the offline {plan.provider} provider, which would replace {count} made by "
+        f"{', '.join(made_by)} (a paid provider) with placeholders: {shown}{more}; nothing was "
+        "sent or written. Configure the API key (see Credentials in the README) to keep "
+        f"using {made_by[0]}, or pass --provider {plan.provider} to replace them on purpose"
     )
 
 
@@ -499,7 +572,7 @@ def _final_entry(item: PlannedShot, outcome: RunOutcome, metered: bool) -> Resul
     reason = outcome.not_run.get(item.id)
     if reason is not None:
         return reason
-    if item.action is Action.UNCHANGED and item.previous is not None:
+    if item.action not in WORK_ACTIONS and item.previous is not None:
         return item.previous  # cancelled before the run even began: nothing to do for it anyway
     # The run was cancelled outright (a third Ctrl-C, or from Python) with this shot unfinished.
     downloading = outcome.downloading.get(item.id)

@@ -148,6 +148,12 @@ class FiniteFloatRange(click.FloatRange):
         return number
 
 
+overwrite_edited_option = click.option(
+    "--overwrite-edited",
+    is_flag=True,
+    help="Put imgbatch's image back over a shot's file edited by hand (default: keep the edit; "
+    "when the shot's request changed too, the edited file is moved aside to <id>.edited.png).",
+)
 provider_option = click.option(
     "--provider",
     type=click.Choice(PROVIDER_CHOICES),
@@ -253,11 +259,12 @@ class _UsageErrorExit1(click.UsageError):
 @manifest_argument
 @provider_option
 @allow_outside_option
+@overwrite_edited_option
 @click.option(
     "--detailed-exitcode",
     is_flag=True,
-    help="Exit 0 when there is nothing to do, 2 when some shot would be created, replaced or "
-    "restored, 1 on any error (invalid manifest or options included).",
+    help="Exit 0 when there is nothing to do, 2 when some shot would be created, replaced, "
+    "restored or recovered, 1 on any error (invalid manifest or options included).",
 )
 @click.option(
     "--json", "as_json", is_flag=True, help="Print the plan as one JSON document on stdout."
@@ -268,6 +275,7 @@ def plan(
     manifest: Path,
     provider: str | None,
     allow_reference_outside: bool,
+    overwrite_edited: bool,
     detailed_exitcode: bool,
     as_json: bool,
     verbosity: str | None,
@@ -282,7 +290,10 @@ def plan(
 
     try:
         result = make_plan(
-            manifest, provider=provider, allow_reference_outside=allow_reference_outside
+            manifest,
+            provider=provider,
+            allow_reference_outside=allow_reference_outside,
+            overwrite_edited=overwrite_edited,
         )
     except (ManifestError, ConfigError) as exc:
         if not detailed_exitcode:
@@ -369,6 +380,7 @@ def expand_command(
     help="Send no paid request: exit 1, naming them, if any shot would need one (create or "
     "replace), before sending or writing anything. Restores from the cache still happen.",
 )
+@overwrite_edited_option
 @click.option(
     "--max-requests",
     type=click.IntRange(min=1),
@@ -410,6 +422,7 @@ def apply_command(
     frozen: bool,
     max_requests: int | None,
     max_duration: float | None,
+    overwrite_edited: bool,
     prune: bool,
     as_json: bool,
     verbosity: str | None,
@@ -417,7 +430,7 @@ def apply_command(
     """Generate the shots whose request changed; write images and results.json."""
     from imgbatch.api import ApplyOptions, apply
     from imgbatch.console import Verbosity, console_for
-    from imgbatch.plan import Action
+    from imgbatch.plan import WORK_ACTIONS
     from imgbatch.progress import DEFAULT_INTERVAL, Progress
     from imgbatch.report import apply_json, apply_summary, plan_summary, quiet_summary
 
@@ -443,7 +456,8 @@ def apply_command(
             )
         if not quiet:
             click.echo(plan_summary(planned), err=True)
-        progress.start(sum(1 for item in planned.shots if item.action is not Action.UNCHANGED))
+        # A drift (an edit kept) is left alone like an unchanged shot: no event will come.
+        progress.start(sum(1 for item in planned.shots if item.action in WORK_ACTIONS))
 
     try:
         report = apply(
@@ -458,6 +472,7 @@ def apply_command(
                 frozen=frozen,
                 max_requests=max_requests,
                 max_duration=max_duration,
+                overwrite_edited=overwrite_edited,
                 prune=prune,
             ),
             listener=progress,

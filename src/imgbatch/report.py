@@ -75,6 +75,8 @@ def plan_json(plan: Plan) -> dict[str, Any]:
             Action.REPLACE,
             Action.UNCHANGED,
             Action.RESTORE,
+            Action.RECOVER,
+            Action.DRIFT,
             Action.ORPHAN,
         )
     }
@@ -92,9 +94,15 @@ def _changed(item: PlannedShot) -> list[str] | None:
 
 def apply_json(report: ApplyReport) -> dict[str, Any]:
     """`apply --json`: what the run did to each shot, in manifest order (`unchanged` for a shot
-    it left alone, `not_run` with why for one it stopped before, else its entry's status), the
-    counts, whether a bound stopped it and how many shots remain, and where results.json is."""
-    unchanged = {item.id for item in report.plan.shots if item.action is Action.UNCHANGED}
+    it left alone, `drift` for one whose hand-edited file it kept, `not_run` with why for one it
+    stopped before, else its entry's status; `moved_aside`: where an edited file went before a
+    new image took its place), the counts, whether a bound stopped it and how many shots
+    remain, and where results.json is."""
+    left = {
+        item.id: item.action.value
+        for item in report.plan.shots
+        if item.action in (Action.UNCHANGED, Action.DRIFT)
+    }
     by_id = {entry.id: entry for entry in report.entries}
     shots: list[dict[str, Any]] = []
     for item in report.plan.shots:
@@ -110,26 +118,31 @@ def apply_json(report: ApplyReport) -> dict[str, Any]:
                     "error": reason,
                     "error_code": None,
                     "request_id": None,
+                    "moved_aside": None,
                 }
             )
             continue
-        assert entry is not None  # every shot the run did not skip has an entry
+        if entry is None:
+            continue  # left alone, with no entry to show (a drift that never had one)
         shots.append(
             {
                 "id": entry.id,
-                "status": "unchanged" if entry.id in unchanged else entry.status,
+                "status": left.get(entry.id, entry.status),
                 "file": entry.file,
                 "error": entry.error,
                 "error_code": entry.error_code,
                 "request_id": entry.request_id,
+                "moved_aside": report.moved_aside.get(entry.id),
             }
         )
     summary = {
         "generated": report.count("generated"),
         "cached": report.count("cached"),
         "failed": report.count("failed"),
+        "unfetched": report.count("unfetched"),
         "not_run": len(report.not_run),
         "unchanged": report.unchanged,
+        "drift": report.plan.count(Action.DRIFT),
         "requests": report.requests,
         "billed": report.billed,
         "throttled": report.throttled,
@@ -158,6 +171,12 @@ def apply_summary(report: ApplyReport) -> str:
         f"{report.count('failed')} failed",
         f"{report.unchanged} unchanged",
     ]
+    unfetched = report.count("unfetched")
+    if unfetched:
+        parts.insert(3, f"{unfetched} billed but not downloaded (the next apply fetches them)")
+    drift = report.plan.count(Action.DRIFT)
+    if drift:
+        parts.append(f"{drift} edited by hand and kept (--overwrite-edited puts them back)")
     if report.not_run:
         parts.append(f"{len(report.not_run)} not run")
     if not is_metered(report.plan.provider):
@@ -174,6 +193,10 @@ def apply_summary(report: ApplyReport) -> str:
         f"Done in {report.elapsed:.1f} s: {', '.join(parts)}; {sent}, {report.retries} retries, "
         f"{report.throttled} throttled (429)."
     ]
+    lines.extend(
+        f"Edited by hand, moved aside: {shot_id} -> {name}"
+        for shot_id, name in report.moved_aside.items()
+    )
     lines.extend(quota_lines(report))
     lines.extend(prune_lines(report))
     if report.stopped:
