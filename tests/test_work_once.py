@@ -1,4 +1,4 @@
-"""Two shots that are the same request are paid for once.
+"""Work not done twice: the same request is paid once, local drawing is not queued 512 deep.
 
 Takes: a manifest whose two shots differ only in id (same prompt, size, seed, model), applied
 against the fake DashScope server.
@@ -11,11 +11,17 @@ found a "damaged" entry and paid again).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Any
 
-from imgbatch.api import make_plan
+import pytest
+
+from imgbatch.api import apply, make_plan
 from imgbatch.plan import Action
-from tests.conftest import write_manifest
+from imgbatch.providers.placeholder import PlaceholderProvider
+from imgbatch.request import ImageRequest
+from tests.conftest import write_manifest, write_many_shots
 from tests.fake_dashscope import FakeDashScope
 from tests.test_cli import FAST, assert_clean, run
 
@@ -82,3 +88,27 @@ def test_a_twin_of_a_failed_shot_fails_naming_it_and_sends_nothing(
     assert entries["second"]["status"] == "failed"
     assert "the same request as shot first, which has no image" in entries["second"]["error"]
     assert "the prompt was refused" in entries["second"]["error"]
+
+
+def test_an_offline_provider_has_no_more_shots_in_flight_than_threads_to_draw_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """512 placeholder shots in flight only queued in a 6-thread pool, and a Ctrl-C then had
+    hundreds of shots to wait for."""
+    in_flight = peak = 0
+    draw = PlaceholderProvider.generate
+
+    async def counted(self: PlaceholderProvider, request: ImageRequest, *, label: str) -> Any:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        try:
+            return await draw(self, request, label=label)
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(PlaceholderProvider, "generate", counted)
+    monkeypatch.delenv("OUTPUT_DIR", raising=False)
+    report = apply(write_many_shots(tmp_path, "offline", 60), provider="placeholder")
+    assert report.ok
+    assert 2 <= peak <= min(32, (os.cpu_count() or 1) + 4)
