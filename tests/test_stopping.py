@@ -25,10 +25,11 @@ from PIL import Image
 
 from imgbatch.api import ApplyOptions, ApplyReport, apply, apply_async, make_plan
 from imgbatch.bounds import format_duration, parse_duration
-from imgbatch.errors import ConfigError
+from imgbatch.errors import ConfigError, TransientError
 from imgbatch.executor import RunEvent, Stopping
 from imgbatch.pacing import Clock, RetryPolicy
 from imgbatch.plan import Action
+from imgbatch.progress import stopping_line
 from imgbatch.report import apply_json, apply_summary, quiet_summary
 from imgbatch.request import GeneratedImage, ImageRequest
 from tests.conftest import write_many_shots
@@ -261,6 +262,33 @@ def test_an_offline_run_abandoned_says_nothing_of_billing(tmp_path: Path) -> Non
         shot(2): "not run: interrupted (Ctrl-C)",
     }
     assert report.maybe_billed == 0
+
+
+def test_ctrl_c_during_a_recover_says_nothing_of_billing(tmp_path: Path) -> None:
+    manifest = write_many_shots(tmp_path, "recover", 2)
+
+    async def unreachable() -> None:
+        raise TransientError("image host unreachable")
+
+    first = apply(
+        manifest,
+        options(tmp_path),
+        provider=Provider(on_fetch={shot(0): unreachable, shot(1): unreachable}),
+    )
+    assert first.count("unfetched") == 2
+    assert {item.action for item in make_plan(manifest).shots} == {Action.RECOVER}
+
+    # Ctrl-C while the paid image is downloaded again: no request is in flight, nothing can be
+    # billed, and the acknowledgement must not say otherwise.
+    events: list[RunEvent] = []
+    provider = Provider(on_fetch={shot(0): interrupt()})
+    report = apply(manifest, options(tmp_path), provider=provider, listener=events.append)
+
+    assert report.interrupted and provider.generated == []
+    stops = [event for event in events if isinstance(event, Stopping)]
+    assert len(stops) == 1
+    assert "bill" not in stopping_line(stops[0]), stopping_line(stops[0])
+    assert results(report)[shot(1)]["status"] == "unfetched"  # not run: its URL is kept
 
 
 # ----- bounds -------------------------------------------------------------------------------------

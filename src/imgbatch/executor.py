@@ -140,6 +140,8 @@ class Stopping:
 
     reason: str
     in_flight: int
+    # Some of them are paid requests still awaiting the service's answer, which it may bill;
+    # a download of an image already billed (a recover) is not.
     metered: bool
     grace: float | None = None
     abandoning: bool = False
@@ -219,9 +221,7 @@ class Executor:
         for task in tuple(self._waits):
             task.cancel()
         if self.listener and (first or grace is not None):
-            self.listener(
-                Stopping(reason, self.in_flight(), self.provider.metered, grace, again=again)
-            )
+            self.listener(Stopping(reason, self.in_flight(), self._may_bill(), grace, again=again))
 
     def abandon(self, again: str = "Ctrl-C") -> None:
         """Stop waiting for requests in flight and downloads too. Images already received are
@@ -242,12 +242,16 @@ class Executor:
                 Stopping(
                     reason,
                     in_flight - writing,
-                    self.provider.metered,
+                    self._may_bill(),
                     abandoning=True,
                     writing=writing,
                     again=again,
                 )
             )
+
+    def _may_bill(self) -> bool:
+        sending = Phase.SENDING in self.outcome.in_flight.values()
+        return self.provider.metered and sending
 
     def in_flight(self) -> int:
         """Shots waiting for the service's answer, downloading or writing their image."""
