@@ -169,6 +169,29 @@ def test_gc_keeps_orphans_and_lists_an_unreferenced_image_only_if_imgbatch_wrote
     assert (out / "s3.png").is_file() and ImageCache(out).has(state["s3"].key)
 
 
+def test_gc_never_deletes_the_last_copy_of_an_image_a_user_kept_under_another_name(
+    project: Path,
+) -> None:
+    manifest = write_shots(project, PROMPTS)
+    out = project / "output" / NAME
+    apply(manifest)
+    favourite = out / "s1-favourite.png"  # the take the user liked, kept before changing s1
+    favourite.write_bytes((out / "s1.png").read_bytes())
+    kept = favourite.read_bytes()
+    first = keys(out)["s1"]
+    apply(write_shots(project, {**PROMPTS, "s1": "a harbour at dawn, in fog"}))
+    # Another change: s1's first image is no longer the last change's previous one.
+    apply(write_shots(project, {**PROMPTS, "s1": "a harbour at dawn, in fog", "s2": "rain"}))
+    assert first not in keys(out).values()
+
+    result = run("gc", manifest, "--yes")
+
+    assert result.exit_code == 0, result.output
+    # Its cache entry may go (no record names it), but never together with the user's copy.
+    assert favourite.read_bytes() == kept
+    assert str(favourite.relative_to(project)) not in listed(result)
+
+
 def test_gc_takes_several_manifests_sharing_a_folder_and_names_each_file_once(
     project: Path,
 ) -> None:

@@ -13,11 +13,12 @@ none of those folders' results refer to, with its size, deleted only when asked.
 
 What is garbage: cache entries (`.imgbatch/cache/`) and thumbnails (`.imgbatch/thumbs/`) of any
 other key, temporary files a killed run left, and a PNG in the output folder that no entry
-refers to and whose bytes are exactly those of a cache entry (an image imgbatch wrote and nobody
-retouched; a file of the user's never matches). Results files are per output folder, so
-manifests sharing a folder share its results, and naming one of them never loses the other's
-images. A folder whose cache holds images but that has no results file at all is refused (a
-results file moved aside is how a damaged one is recovered: its images are in the cache).
+refers to and whose bytes are exactly those of a cache entry gc keeps (an image imgbatch wrote
+and nobody retouched, whose bytes stay in the cache: gc never deletes the last copy of an
+image). Results files are per output folder, so manifests sharing a folder share its results,
+and naming one of them never loses the other's images. A folder whose cache holds images but
+that has no results file at all is refused (a results file moved aside is how a damaged one is
+recovered: its images are in the cache).
 
 Deleting takes each folder's apply lock (`api.exclusive_output`), so it never runs beside an
 apply, and lists again under the lock before deleting.
@@ -187,8 +188,11 @@ def find_garbage(
         and path.resolve() not in kept
         and _is(path, stat.S_ISREG)
     ]
+    # Only against entries gc keeps: a file matching an entry it collects would be the last copy
+    # of that image (a take the user saved under another name before changing the shot).
+    kept_entries = [path for key, path in entries.items() if key in keys]
     garbage += [
-        Garbage(path, _size(path), Kind.IMAGE) for path in _own_images(candidates, entries.values())
+        Garbage(path, _size(path), Kind.IMAGE) for path in _own_images(candidates, kept_entries)
     ]
     return garbage
 
