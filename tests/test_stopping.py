@@ -291,6 +291,25 @@ def test_ctrl_c_during_a_recover_says_nothing_of_billing(tmp_path: Path) -> None
     assert results(report)[shot(1)]["status"] == "unfetched"  # not run: its URL is kept
 
 
+def test_the_summary_never_says_a_shot_abandoned_in_flight_was_not_sent(tmp_path: Path) -> None:
+    manifest = write_many_shots(tmp_path, "told", 4)
+
+    async def interrupt_twice() -> None:
+        await asyncio.sleep(0.05)  # shot-000 is sent and waiting for its answer by now
+        await interrupt(times=2)()
+
+    provider = Provider(on_generate={shot(0): hang, shot(1): interrupt_twice})
+    report = apply(manifest, options(tmp_path, concurrency=2), provider=provider)
+
+    assert report.interrupted and report.maybe_billed == 1
+    assert report.count("generated") == 1 and report.remaining == 3
+    summary = apply_summary(report)
+    # shot-002 and shot-003 were never sent; shot-000 was, and may be billed.
+    assert "2 shots not run: nothing of theirs was sent or changed" in summary, summary
+    assert f"1 shot sent and not answered ({shot(0)}): DashScope may have billed it" in summary
+    assert "3 shots not run" not in summary, summary
+
+
 # ----- bounds -------------------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ front end.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
@@ -209,12 +210,32 @@ def apply_summary(report: ApplyReport) -> str:
                 "run again to continue."
             )
         else:
-            lines.append(
-                f"{count} shot{'s' if count != 1 else ''} not run: nothing of theirs was sent or "
-                "changed, and the next apply makes them."
-            )
+            lines.extend(_not_run_lines(report.not_run))
     lines.append(f"Results: {report.results_path}")
     return "\n".join(lines)
+
+
+def _not_run_lines(not_run: Mapping[str, str]) -> list[str]:
+    """Shots never sent apart from those sent and abandoned (or whose earlier try lost its
+    answer): saying of those that nothing was sent would hide what may have been billed."""
+    # The executor's reasons say "may have ... billed" of exactly those.
+    sent = [shot_id for shot_id, reason in not_run.items() if "may have" in reason]
+    lines = []
+    untouched = len(not_run) - len(sent)
+    if untouched:
+        lines.append(
+            f"{untouched} shot{'s' if untouched != 1 else ''} not run: nothing of theirs was "
+            "sent or changed, and the next apply makes them."
+        )
+    if sent:
+        one = len(sent) == 1
+        lines.append(
+            f"{len(sent)} shot{'' if one else 's'} sent and not answered ({', '.join(sent)}): "
+            f"DashScope may have billed {'it' if one else 'them'}; nothing of "
+            f"{'its' if one else 'theirs'} changed, and the next apply sends "
+            f"{'it' if one else 'them'} again."
+        )
+    return lines
 
 
 def prune_lines(report: ApplyReport) -> list[str]:
