@@ -308,6 +308,7 @@ def test_the_summary_never_says_a_shot_abandoned_in_flight_was_not_sent(tmp_path
     assert "2 shots not run: nothing of theirs was sent or changed" in summary, summary
     assert f"1 shot sent and not answered ({shot(0)}): DashScope may have billed it" in summary
     assert "3 shots not run" not in summary, summary
+    assert "DashScope may have billed it" in quiet_summary(summary)  # -q keeps it too
 
 
 # ----- bounds -------------------------------------------------------------------------------------

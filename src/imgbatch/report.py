@@ -266,7 +266,7 @@ def quiet_summary(summary: str) -> str:
     return "\n".join(lines[:1] + kept)
 
 
-_LEFT = re.compile(r"\d+ shots? (remains?;|not run:)")
+_LEFT = re.compile(r"\d+ shots? (remains?;|not run:|sent and not answered)")
 
 
 def quota_lines(report: ApplyReport) -> list[str]:
