@@ -90,6 +90,42 @@ def test_a_twin_of_a_failed_shot_fails_naming_it_and_sends_nothing(
     assert "the prompt was refused" in entries["second"]["error"]
 
 
+@pytest.mark.parametrize("recover_first", [True, False], ids=["recover-first", "recover-last"])
+def test_a_twin_of_an_image_billed_but_not_downloaded_is_not_paid_again(
+    api_env: dict[str, str], fake_server: FakeDashScope, tmp_path: Path, recover_first: bool
+) -> None:
+    manifest = write_manifest(tmp_path, TWINS)
+    fake_server.cut_download_rate = 1.0  # billed, never downloaded: first is unfetched
+    result = run("apply", manifest, *FAST)
+    assert_clean(result)
+    assert fake_server.generation_count == 2
+    output = tmp_path / "output" / "twins"
+    entries = {e["id"]: e for e in json.loads((output / "results.json").read_text())["shots"]}
+    assert entries["first"]["status"] == "unfetched"
+    assert entries["second"]["status"] == "failed"  # its twin had no image
+
+    fake_server.cut_download_rate = 0.0
+    if not recover_first:  # the twin now comes before the shot whose image was billed
+        manifest.write_text(_swapped(TWINS), encoding="utf-8")
+    plan = {item.id: item for item in make_plan(manifest).shots}
+    assert plan["first"].action is Action.RECOVER
+    assert plan["second"].twin_of == "first", plan["second"].reason
+    # One worker: a twin listed before the shot it waits for must not wait for itself.
+    again = run("apply", manifest, *FAST, "--concurrency", "1")
+    assert_clean(again)
+    assert again.exit_code == 0, again.output
+    # The image billed last time is fetched and copied: not paid for a second time.
+    assert fake_server.generation_count == 2
+    assert (output / "first.png").read_bytes() == (output / "second.png").read_bytes()
+
+
+def _swapped(manifest: str) -> str:
+    """`manifest` with shot `second` listed before `first`."""
+    head, shots = manifest.split("shots:\n")
+    blocks = ["  - id:" + block for block in shots.split("  - id:")[1:]]
+    return head + "shots:\n" + "".join([blocks[2], blocks[1], blocks[0]])
+
+
 def test_an_offline_provider_has_no_more_shots_in_flight_than_threads_to_draw_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -306,7 +306,11 @@ class Executor:
         self.outcome.not_run[shot_id] = reason
 
     async def run(self, plan: Plan) -> RunOutcome:
-        pending = iter(item for item in plan.shots if item.action in WORK_ACTIONS)
+        work = [item for item in plan.shots if item.action in WORK_ACTIONS]
+        # Twins last: a twin waits for a shot already taken, which may come later in the list
+        # (a recover is the one made wherever it stands), and a worker must never wait for a
+        # shot it has yet to take itself.
+        pending = iter(sorted(work, key=lambda item: item.twin_of is not None))
         self._aside = frozenset(item.id for item in plan.shots if item.move_aside)
         # The shots whose image a twin (the same request) waits for.
         self._made = {item.twin_of: asyncio.Event() for item in plan.shots if item.twin_of}

@@ -143,10 +143,15 @@ def make_plan(
 
 def _pay_once(planned: Iterable[PlannedShot]) -> tuple[PlannedShot, ...]:
     """Shots that are the same request (same key) are paid for once: the first is made, the
-    others restore its image once it is in the cache."""
+    others restore its image once it is in the cache. An image already billed (a recover) is
+    the one made, wherever its shot stands in the list."""
+    items = tuple(planned)
     first_with_key: dict[str, str] = {}
+    for item in items:
+        if item.action is Action.RECOVER and item.shot is not None:
+            first_with_key.setdefault(item.shot.request.key, item.id)
     result = []
-    for item in planned:
+    for item in items:
         if item.paid and item.shot is not None:
             key = item.shot.request.key
             twin = first_with_key.setdefault(key, item.id)
