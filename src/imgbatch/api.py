@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from imgbatch.models import MIN_RPS
 from imgbatch.pacing import Clock, Finding, Pacer, RetryPolicy
 from imgbatch.plan import PAID_ACTIONS, Action, Plan, PlannedShot
 from imgbatch.plan import make_plan as plan_shots
+from imgbatch.pricing import Budget, Cost, CostLimit, PriceList, check_estimate, cost, price_list
 from imgbatch.providers import Provider, create_provider, resolve_provider_name
 from imgbatch.quota import Quota
 from imgbatch.request import KEY_FORMAT_VERSION
@@ -69,6 +71,8 @@ class ApplyOptions:
     simplify: bool = True
     # Send no paid request: refuse (FrozenError) when a shot needs one; restores still happen.
     frozen: bool = False
+    # The most the run may cost (5, "5 USD", a CostLimit); wins over the manifest's max_cost.
+    max_cost: CostLimit | Decimal | float | str | None = None
 
     def __post_init__(self) -> None:
         # The same bounds as --rps and limits.rps: a NaN rate would send nothing, forever.
@@ -78,6 +82,11 @@ class ApplyOptions:
             )
         if self.concurrency is not None and self.concurrency < 1:
             raise ConfigError(f"concurrency must be at least 1, got {self.concurrency}")
+        if self.max_cost is not None:
+            try:
+                CostLimit.parse(self.max_cost)
+            except ValueError as exc:
+                raise ConfigError(f"max_cost: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,9 @@ class ApplyReport:
     retries: int
     quotas: tuple[QuotaNote, ...]
     elapsed: float
+    # The images billed at their price, and what the requests whose answer was lost may add.
+    cost: Cost = Cost(None, None)
+    possible_extra_cost: Cost = Cost(None, None)
     # The contact sheet (index.html), or why it could not be drawn: a warning, never a failure.
     sheet: Path | None = None
     sheet_problem: str | None = None
@@ -187,17 +199,39 @@ def make_plan(
     allow_reference_outside: bool = False,
 ) -> Plan:
     """What `apply` would do for each shot, reading the output folder but changing nothing."""
-    _, expansion = load_and_expand(
+    environ = os.environ if environ is None else environ
+    manifest, expansion = load_and_expand(
         path, provider, environ, home, allow_reference_outside=allow_reference_outside
     )
-    return _plan(expansion, load_state(expansion.output_dir))
+    prices = _prices(manifest, expansion, environ)
+    return _plan(expansion, load_state(expansion.output_dir), prices)
 
 
-def _plan(expansion: Expansion, state: Mapping[str, ResultEntry]) -> Plan:
+def _plan(expansion: Expansion, state: Mapping[str, ResultEntry], prices: PriceList) -> Plan:
     output_dir = expansion.output_dir
-    return plan_shots(
+    plan = plan_shots(
         output_dir, expansion.shots, state, ImageCache(output_dir), provider=expansion.provider
     )
+    return replace(plan, prices=prices)
+
+
+def _prices(
+    manifest: Manifest,
+    expansion: Expansion,
+    environ: Mapping[str, str],
+    provider: Provider | None = None,
+) -> PriceList:
+    """The prices of the endpoint the run calls: the provider's, else the one the environment
+    names (DASHSCOPE_HTTP_BASE_URL, else the SDK's default, Beijing)."""
+    base_url = getattr(provider, "base_url", None) or environ.get("DASHSCOPE_HTTP_BASE_URL")
+    name = provider.name if provider is not None else expansion.provider
+    return price_list(name, base_url, manifest.pricing)
+
+
+def _cost_limit(options: ApplyOptions, manifest: Manifest) -> CostLimit | None:
+    if options.max_cost is not None:
+        return CostLimit.parse(options.max_cost)
+    return manifest.limits.max_cost
 
 
 def apply(
@@ -241,11 +275,14 @@ async def apply_async(
         allow_reference_outside=options.allow_reference_outside,
     )
     output_dir = expansion.output_dir
-    if options.frozen:
-        # Before credentials and before the lock: a refused frozen run writes nothing at all.
-        _refuse_paid(_plan(expansion, load_state(output_dir)))
+    limit = _cost_limit(options, manifest)
+    if options.frozen or limit is not None:
+        # Before credentials and before the lock: a refused run writes nothing at all.
+        early = _plan(expansion, load_state(output_dir), _prices(manifest, expansion, environ))
+        _refuse(early, options.frozen, limit)
     # Credentials are checked before anything is written.
     provider = provider or create_provider(expansion.provider, environ, options.home)
+    prices = _prices(manifest, expansion, environ, provider)
     started = time.monotonic()
     with exclusive_output(output_dir):
         cache = ImageCache(output_dir)
@@ -256,9 +293,9 @@ async def apply_async(
             check_writable(cache.root)
         remove_stale_temporaries(output_dir)
         state = load_state(output_dir)
-        plan = _plan(expansion, state)
-        if options.frozen:
-            _refuse_paid(plan)  # again: another run may have changed the folder meanwhile
+        plan = _plan(expansion, state, prices)
+        # Again: another run may have changed the folder meanwhile.
+        _refuse(plan, options.frozen, limit)
         if on_plan:
             on_plan(plan)
         given = _given_quota(options, manifest)
@@ -291,6 +328,7 @@ async def apply_async(
                     listener=thumbnails,
                     simplify=options.simplify and manifest.simplify,
                     frozen=options.frozen,
+                    budget=Budget(limit, prices) if limit is not None else None,
                 )
                 outcome, interrupted = await _run_interruptible(executor, plan, options)
         finally:
@@ -338,9 +376,19 @@ async def apply_async(
         retries=outcome.retries,
         quotas=quotas,
         elapsed=time.monotonic() - started,
+        cost=cost(outcome.billed_models.elements(), prices),
+        possible_extra_cost=cost(outcome.maybe_billed_models.elements(), prices),
         sheet=sheet,
         sheet_problem=sheet_problem,
     )
+
+
+def _refuse(plan: Plan, frozen: bool, limit: CostLimit | None) -> None:
+    """Refuse to start a run that --frozen or a cost limit does not allow."""
+    if frozen:
+        _refuse_paid(plan)
+    if limit is not None and plan.prices is not None:
+        check_estimate(plan.estimated_cost, limit, prices=plan.prices)
 
 
 def _refuse_paid(plan: Plan) -> None:

@@ -25,6 +25,7 @@ from imgbatch.quota import Quota, parse_quota
 
 if TYPE_CHECKING:
     from imgbatch.plan import Plan
+    from imgbatch.pricing import CostLimit
 
 # The library is imported inside each command, not here: `--help` and `validate` must not pay for
 # the executor, aiohttp, Pillow or a provider's SDK (tests/test_startup.py keeps it so).
@@ -75,6 +76,15 @@ def _write_crash_log() -> str:
 def _quota_option(value: str | None) -> Quota | None:
     try:
         return parse_quota(value) if value is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _cost_limit_option(value: str | None) -> CostLimit | None:
+    from imgbatch.pricing import CostLimit
+
+    try:
+        return CostLimit.parse(value) if value is not None else None
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
 
@@ -257,6 +267,15 @@ def expand_command(
     "replace), before sending or writing anything. Restores from the cache still happen.",
 )
 @click.option(
+    "--max-cost",
+    metavar="AMOUNT",
+    default=None,
+    callback=lambda _context, _parameter, value: _cost_limit_option(value),
+    help="The most the run may cost, such as 5 or '5 USD' (in the prices' currency): exit 1 "
+    "before sending or writing anything if the estimate exceeds it, and stop sending before "
+    "the images billed could (default: the manifest's limits.max_cost).",
+)
+@click.option(
     "--json",
     "as_json",
     is_flag=True,
@@ -272,6 +291,7 @@ def apply_command(
     allow_reference_outside: bool,
     no_simplify: bool,
     frozen: bool,
+    max_cost: CostLimit | None,
     as_json: bool,
 ) -> int:
     """Generate the shots whose request changed; write images and results.json."""
@@ -308,6 +328,7 @@ def apply_command(
                 allow_reference_outside=allow_reference_outside,
                 simplify=not no_simplify,
                 frozen=frozen,
+                max_cost=max_cost,
             ),
             listener=progress,
             on_plan=announce,

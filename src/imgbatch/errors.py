@@ -4,6 +4,7 @@
     ├── ManifestError             a shot list that cannot be run: all problems found, each with
     │                             file:line:col, shot id and field (exit code 2)
     ├── ConfigError               bad options or environment: missing key, unknown provider (exit 2)
+    ├── CostLimitError            the estimated cost exceeds --max-cost: nothing sent (exit 1)
     ├── LockedError               another apply holds the output folder (exit 1)
     ├── StoreError                the output folder or cache cannot be read or written (exit 1)
     │   ├── StoreWriteError       one file could not be written (disk full, a folder in its place)
@@ -62,6 +63,11 @@ class ConfigError(ImgbatchError):
 
 class FrozenError(ImgbatchError):
     """`apply --frozen` found shots that would need a paid request; nothing was sent or written."""
+
+
+class CostLimitError(ImgbatchError):
+    """The estimated cost exceeds `--max-cost` (or cannot be shown to stay within it); nothing
+    was sent or written."""
 
 
 class LockedError(ImgbatchError):

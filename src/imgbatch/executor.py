@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,6 +39,7 @@ from imgbatch.errors import (
 from imgbatch.expand import Shot
 from imgbatch.pacing import Clock, Finding, Pacer, RetryPolicy
 from imgbatch.plan import Action, Plan, PlannedShot
+from imgbatch.pricing import Budget
 from imgbatch.providers import Provider
 from imgbatch.request import GeneratedImage, ImageRequest, simplified
 from imgbatch.results import ResultEntry
@@ -90,6 +92,9 @@ class RunOutcome:
     # nothing.
     billed: int = 0
     maybe_billed: int = 0
+    # The same by model, to price them.
+    billed_models: Counter[str] = field(default_factory=Counter)
+    maybe_billed_models: Counter[str] = field(default_factory=Counter)
     throttled: int = 0
     retries: int = 0
     quotas: list[Finding] = field(default_factory=list)
@@ -121,8 +126,11 @@ class Executor:
         listener: Listener | None = None,
         simplify: bool = True,
         frozen: bool = False,
+        budget: Budget | None = None,
     ) -> None:
         self.provider = provider
+        # `--max-cost`: asked before each paid request; a refusal stops the run like Ctrl-C.
+        self.budget = budget
         # `apply --frozen`: never ask for a new image, even when a restore finds the cache entry
         # damaged; fetching one already paid for is allowed.
         self.frozen = frozen
@@ -272,6 +280,11 @@ class Executor:
                 return
             phase[shot.id] = Phase.WAITING
             ticket = await gate.acquire() if gate else 0
+            if not self.stop_requested.is_set() and self.budget is not None:
+                # Last thing before sending: what is in flight now is what may yet be billed.
+                refusal = self.budget.admit(sent.model)
+                if refusal is not None:
+                    self.stop(refusal)
             if self.stop_requested.is_set():
                 if gate:
                     gate.release(ticket)
@@ -280,7 +293,7 @@ class Executor:
             self.outcome.requests += 1
             phase[shot.id] = Phase.SENDING
             try:
-                image = await self.provider.generate(sent, label=shot.id)
+                image = await self._send(sent, shot.id)
             except NoImageError as exc:
                 if gate:
                     gate.answered(ticket)  # admitted (and answered), only without an image
@@ -306,6 +319,7 @@ class Executor:
                     gate.answered(ticket)
                 if exc.maybe_billed:
                     self.outcome.maybe_billed += 1
+                    self.outcome.maybe_billed_models[sent.model] += 1
                     lost += 1
                 if exc.retry_after is not None and exc.retry_after > MAX_RETRY_AFTER_SECONDS:
                     self.stop(
@@ -356,6 +370,7 @@ class Executor:
                 gate.answered(ticket, image.stated_quota)
             if self.provider.metered:
                 self.outcome.billed += 1
+                self.outcome.billed_models[sent.model] += 1
                 # Journaled before the download, so that a run killed while downloading leaves
                 # the paid image's URL for the next apply to fetch instead of paying again.
                 downloading = failed_entry(
@@ -367,6 +382,21 @@ class Executor:
             await self._keep(output_dir, shot, image, attempt, sent)
             self.outcome.downloading.pop(shot.id, None)
             return
+
+    async def _send(self, request: ImageRequest, label: str) -> GeneratedImage:
+        """One request to the provider, its price settled with the budget whatever the answer:
+        an image is billed, a lost answer may have been, a refusal is not."""
+        spent = False
+        try:
+            image = await self.provider.generate(request, label=label)
+            spent = True
+            return image
+        except TransientError as exc:
+            spent = exc.maybe_billed
+            raise
+        finally:
+            if self.budget is not None:
+                self.budget.settle(request.model, spent=spent)
 
     async def _recover(self, output_dir: Path, shot: Shot, previous: ResultEntry | None) -> bool:
         """Keep an image billed by an earlier run that could not download it, if its URL still

@@ -15,6 +15,7 @@ import click
 from imgbatch.errors import NoImageError
 from imgbatch.executor import Notice, Retrying
 from imgbatch.plan import Action, Plan, PlannedShot
+from imgbatch.pricing import Cost, as_json, format_money
 from imgbatch.providers import is_metered
 from imgbatch.request import changed_fields
 from imgbatch.results import ResultEntry
@@ -47,19 +48,34 @@ def plan_summary(plan: Plan) -> str:
     )
     paid = plan.paid_requests
     kind = "paid" if is_metered(plan.provider) else "offline"
-    return f"Plan: {counts}. {paid} {kind} request{'s' if paid != 1 else ''}."
+    text = f"Plan: {counts}. {paid} {kind} request{'s' if paid != 1 else ''}."
+    if is_metered(plan.provider) and plan.prices is not None:
+        text += f"\nEstimated cost: {_priced(plan.estimated_cost, plan)}."
+    return text
+
+
+def _priced(money: Cost, plan: Plan) -> str:
+    """An amount and where its prices come from; an unknown one says what is missing."""
+    source = plan.prices.source if plan.prices else "no prices"
+    if money.amount is None:
+        return (
+            f"unknown, no price for {', '.join(money.unpriced)} ({source}; give one under "
+            "pricing: in the manifest)"
+        )
+    return f"{format_money(money)} ({source})"
 
 
 def plan_json(plan: Plan) -> dict[str, Any]:
-    """`plan --json`: each shot (orphans last) and the counts. No price table yet, so `cost`
-    and `estimated_cost` are null."""
+    """`plan --json`: each shot (orphans last) with what it is expected to cost, the counts and
+    the estimate; a cost is null where a price is unknown, `currency` null where nothing is
+    priced (the offline placeholder)."""
     shots = [
         {
             "id": item.id,
             "action": item.action.value,
             "reason": item.reason,
             "changed": _changed(item),
-            "cost": None,
+            "cost": as_json(plan.cost_of(item)),
         }
         for item in (*plan.shots, *plan.orphans)
     ]
@@ -74,7 +90,9 @@ def plan_json(plan: Plan) -> dict[str, Any]:
         )
     }
     summary["paid_requests"] = plan.paid_requests
-    summary["estimated_cost"] = None
+    estimate = plan.estimated_cost
+    summary["estimated_cost"] = as_json(estimate)
+    summary["currency"] = estimate.currency
     return {"shots": shots, "summary": summary}
 
 
@@ -109,7 +127,9 @@ def apply_json(report: ApplyReport) -> dict[str, Any]:
         "billed": report.billed,
         "throttled": report.throttled,
         "retries": report.retries,
-        "cost": None,
+        "cost": as_json(report.cost),
+        "possible_extra_cost": as_json(report.possible_extra_cost),
+        "currency": report.cost.currency,
     }
     return {"shots": shots, "summary": summary, "results": str(report.results_path)}
 
@@ -195,11 +215,25 @@ def apply_summary(report: ApplyReport) -> str:
         f"Done in {report.elapsed:.1f} s: {', '.join(parts)}; {sent}, {report.retries} retries, "
         f"{report.throttled} throttled (429)."
     ]
+    if is_metered(report.plan.provider):
+        lines.append(cost_line(report))
     lines.extend(quota_lines(report))
     if report.stopped:
         lines.append(f"Stopped: {report.stopped}")
     lines.append(f"Results: {report.results_path}")
     return "\n".join(lines)
+
+
+def cost_line(report: ApplyReport) -> str:
+    """What the run cost: the images billed, and what lost answers may add."""
+    line = f"Cost: {_priced(report.cost, report.plan)}"
+    if report.maybe_billed:
+        extra = format_money(report.possible_extra_cost)
+        line += (
+            f"; up to {extra} more if the {report.maybe_billed} request"
+            f"{'s' if report.maybe_billed != 1 else ''} whose answer was lost were billed"
+        )
+    return line + "."
 
 
 def quota_lines(report: ApplyReport) -> list[str]:
