@@ -233,6 +233,7 @@ def test_plan_json_is_one_document_on_stdout_with_the_text_on_stderr(
         "orphan": 0,
         "paid_requests": 8,
         "estimated_cost": None,
+        "currency": None,
     }
 
     assert run("apply", example_manifest, *FAST).exit_code == 0
@@ -260,6 +261,7 @@ def test_plan_json_is_one_document_on_stdout_with_the_text_on_stderr(
         "orphan": 1,
         "paid_requests": 1,
         "estimated_cost": None,
+        "currency": None,
     }
 
 
@@ -292,6 +294,8 @@ def test_apply_json_reports_what_the_run_did(
         "throttled": 0,
         "retries": 0,
         "cost": None,
+        "possible_extra_cost": 0.0,
+        "currency": None,
     }
 
     (output_dir(example_manifest) / f"{shots[1]}.png").unlink()

@@ -258,7 +258,8 @@ class Budget:
     def admit(self, model: str) -> str | None:
         """Reserve one image of `model`; else why not (the reason the run stops)."""
         price = self.prices.price(model)
-        limit = f"{self.limit.origin} {self.limit}"
+        shown = format_money(self.limit.amount, self.limit.currency or self.prices.currency)
+        limit = f"{self.limit.origin} {shown}"
         if price is None:
             return f"{limit}: no price is known for {model} ({self.prices.source})"
         if price and self.limit.currency not in (None, self.prices.currency):
