@@ -74,6 +74,7 @@ def test_each_endpoint_has_its_own_currency_and_an_unknown_one_has_no_prices() -
     # The SDK's default endpoint is Beijing's.
     assert price_list("dashscope", None, None) == beijing
     assert region_of("https://DashScope-Intl.aliyuncs.com:443/api/v1") is not None
+    assert price_list("my-gateway", None, None).price("qwen-image-max") is None
     proxy = price_list("dashscope", "http://127.0.0.1:8080/api/v1", None)
     assert proxy.currency is None and proxy.price("qwen-image-max") is None
     assert "127.0.0.1:8080" in proxy.source
@@ -346,3 +347,12 @@ def test_max_cost_option_and_manifest_field_are_checked(tmp_path: Path) -> None:
         "field pricing.per_image.qwen-image-maxx: unknown model 'qwen-image-maxx'; did you mean "
         "'qwen-image-max'?" in result.stderr
     )
+
+
+def test_the_table_prices_only_models_imgbatch_knows_and_each_region_has_a_currency() -> None:
+    from imgbatch.models import MODELS
+    from imgbatch.pricing import REGIONS
+
+    for region in REGIONS.values():
+        assert set(region.per_image) <= set(MODELS)
+        assert len(region.currency) == 3 and region.currency.isupper()

@@ -223,9 +223,12 @@ def _prices(
 ) -> PriceList:
     """The prices of the endpoint the run calls: the provider's, else the one the environment
     names (DASHSCOPE_HTTP_BASE_URL, else the SDK's default, Beijing)."""
-    base_url = getattr(provider, "base_url", None) or environ.get("DASHSCOPE_HTTP_BASE_URL")
-    name = provider.name if provider is not None else expansion.provider
-    return price_list(name, base_url, manifest.pricing)
+    if provider is None:
+        base_url = environ.get("DASHSCOPE_HTTP_BASE_URL") or None
+        return price_list(expansion.provider, base_url, manifest.pricing)
+    # A provider object from Python: only its own endpoint says where it bills.
+    base_url = getattr(provider, "base_url", None)
+    return price_list(provider.name, base_url, manifest.pricing, metered=provider.metered)
 
 
 def _cost_limit(options: ApplyOptions, manifest: Manifest) -> CostLimit | None:

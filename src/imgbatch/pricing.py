@@ -105,24 +105,32 @@ class Cost:
     unpriced: tuple[str, ...] = field(default=())
 
 
-def region_of(base_url: str | None) -> Region | None:
+def region_of(base_url: str) -> Region | None:
     """The region whose built-in prices apply to calls to `base_url`; None for another host (a
     proxy, a test server, a region imgbatch has no prices for)."""
-    host = (urlsplit(base_url or DEFAULT_BASE_URL).hostname or "").lower()
-    return REGIONS.get(host)
+    return REGIONS.get((urlsplit(base_url).hostname or "").lower())
 
 
-def price_list(provider: str, base_url: str | None, pricing: Pricing | None) -> PriceList:
-    """The prices a run with `provider` calling `base_url` pays: the manifest's `pricing:` over
-    the built-in table of the endpoint's region (when it is in the same currency)."""
-    if not is_metered(provider):
+def price_list(
+    provider: str,
+    base_url: str | None,
+    pricing: Pricing | None,
+    *,
+    metered: bool | None = None,
+) -> PriceList:
+    """The prices a run with `provider` calling `base_url` (None: the dashscope SDK's default)
+    pays: the manifest's `pricing:` over the built-in table of the endpoint's region, when that
+    is in the same currency. `metered` defaults to what imgbatch knows of the provider."""
+    if not (is_metered(provider) if metered is None else metered):
         currency = pricing.currency if pricing else None
         return PriceList(currency, {}, f"the {provider} provider costs nothing", free=True)
-    region = region_of(base_url)
-    host = urlsplit(base_url or DEFAULT_BASE_URL).netloc or base_url or "?"
+    if base_url is None and provider == "dashscope":
+        base_url = DEFAULT_BASE_URL
+    region = region_of(base_url) if base_url else None
+    where = (urlsplit(base_url).netloc or base_url) if base_url else f"the {provider} provider"
     if pricing is None:
         if region is None:
-            return PriceList(None, {}, f"imgbatch has no prices for {host}")
+            return PriceList(None, {}, f"imgbatch has no prices for {where}")
         return PriceList(
             region.currency,
             region.per_image,
