@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from imgbatch import ApplyOptions, ConfigError, CostLimitError, apply, make_plan
 from imgbatch.pricing import (
     Budget,
     Cost,
@@ -232,10 +233,12 @@ def test_a_refused_request_costs_nothing_and_a_lost_answer_is_a_possible_extra(
     fake_server.enqueue_error(400, "InvalidParameter", "nope")
     # Twice: the SDK sends a POST again once when its connection drops.
     fake_server.enqueue_disconnect(2)
+    # And a 200 without an image (asked again, simplified): no image, no bill.
+    fake_server.no_image_next()
     result = run("apply", manifest, "--json", *FAST)
     assert result.exit_code == 1, result.output
     summary = json.loads(result.stdout)["summary"]
-    assert (summary["billed"], summary["failed"]) == (1, 1)
+    assert (summary["billed"], summary["failed"], summary["requests"]) == (1, 1, 4)
     assert summary["cost"] == 0.25
     assert summary["possible_extra_cost"] == 0.25
     assert (
@@ -356,3 +359,19 @@ def test_the_table_prices_only_models_imgbatch_knows_and_each_region_has_a_curre
     for region in REGIONS.values():
         assert set(region.per_image) <= set(MODELS)
         assert len(region.currency) == 3 and region.currency.isupper()
+
+
+def test_max_cost_from_python(
+    api_env: dict[str, str], fake_server: FakeDashScope, tmp_path: Path
+) -> None:
+    manifest = shots_manifest(tmp_path, 3, extra=PRICED)
+    with pytest.raises(ConfigError, match="max_cost: 'lots' is not an amount"):
+        ApplyOptions(max_cost="lots")
+    with pytest.raises(CostLimitError, match="exceeds --max-cost 0.50 USD"):
+        apply(manifest, ApplyOptions(rps=500, max_cost="0.5 USD"))
+    assert fake_server.generation_count == 0
+    plan = make_plan(manifest)
+    assert plan.estimated_cost == Cost(Decimal("0.75"), "USD")
+    report = apply(manifest, ApplyOptions(rps=500, max_cost=Decimal("0.75")))
+    assert report.cost == Cost(Decimal("0.75"), "USD")
+    assert report.possible_extra_cost == Cost(Decimal(0), "USD")
