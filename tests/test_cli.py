@@ -90,9 +90,14 @@ def plan_rows(result: Result) -> dict[str, tuple[str, str]]:
     rows = {}
     for line in result.stdout.splitlines()[1:]:
         parts = line.split(None, 2)
-        if len(parts) >= 2 and not line.startswith("Plan:"):
+        if len(parts) >= 2 and not line.startswith(("Plan:", "Estimated cost:")):
             rows[parts[0]] = (parts[1], parts[2] if len(parts) > 2 else "")
     return rows
+
+
+def plan_line(result: Result) -> str:
+    """The plan's summary line (`Plan: ...`); the estimated cost follows it."""
+    return next(line for line in result.stdout.splitlines() if line.startswith("Plan:"))
 
 
 def no_key_env(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
@@ -165,9 +170,7 @@ def test_plan_lists_every_shot_and_counts_paid_requests(
     shots = expected_shots(example_manifest)
     rows = plan_rows(result)
     assert rows == {shot_id: ("create", "new shot") for shot_id in shots}
-    assert (
-        result.stdout.splitlines()[-1] == f"Plan: {len(shots)} create. {len(shots)} paid requests."
-    )
+    assert plan_line(result) == f"Plan: {len(shots)} create. {len(shots)} paid requests."
     # A plan sends nothing and writes nothing.
     assert fake_server.requests == []
     assert not output_dir(example_manifest).exists()
@@ -239,7 +242,7 @@ def test_apply_generates_every_shot_then_a_second_apply_sends_nothing(
     result = run("plan", example_manifest)
     assert result.exit_code == 0
     assert set(plan_rows(result).values()) == {("unchanged", "image matches")}
-    assert result.stdout.splitlines()[-1].endswith("0 paid requests.")
+    assert plan_line(result).endswith("0 paid requests.")
 
 
 def test_edit_costs_one_request_revert_and_rename_cost_none(
@@ -261,7 +264,7 @@ def test_edit_costs_one_request_revert_and_rename_cost_none(
     rows = plan_rows(plan)
     assert rows[edited] == ("replace", "changed: text")
     assert all(action == "unchanged" for shot_id, (action, _) in rows.items() if shot_id != edited)
-    assert plan.stdout.splitlines()[-1].endswith(" 1 paid request.")
+    assert plan_line(plan).endswith(" 1 paid request.")
     result = run("apply", example_manifest, *FAST)
     assert result.exit_code == 0, result.output
     assert fake_server.generation_count == count + 1
