@@ -102,8 +102,9 @@ def test_a_cost_is_unknown_when_any_image_has_no_price_never_zero() -> None:
     assert format_money(unknown) == "unknown"
     assert cost([], prices).amount == 0
     assert format_money(Decimal("1.5"), "CNY") == "1.50 CNY"
-    assert format_money(Decimal("0.000"), "USD") == "0 USD"
-    assert format_money(Decimal("100"), None) == "100"
+    assert format_money(Decimal("0.000"), "USD") == "0.00 USD"
+    assert format_money(Decimal("100"), None) == "100.00"
+    assert format_money(Decimal("1E+1"), "CNY") == "10.00 CNY"
 
 
 @pytest.mark.parametrize(
@@ -327,7 +328,7 @@ def test_max_cost_stops_sending_before_the_images_billed_could_exceed_it(
     statuses = {shot["id"]: shot["status"] for shot in document["shots"]}
     assert statuses["shot-2"] != "generated"
     assert (
-        "Stopped: --max-cost 0.75 USD reached: 0.75 USD billed or maybe billed and 0 USD in "
+        "Stopped: --max-cost 0.75 USD reached: 0.75 USD billed or maybe billed and 0.00 USD in "
         "flight, so one more qwen-image-max image (0.25 USD) could exceed it" in result.stderr
     )
 

@@ -172,15 +172,14 @@ def to_decimal(value: object) -> Decimal:
 
 
 def format_money(money: Cost | Decimal | None, currency: str | None = None) -> str:
-    """`1.5` -> "1.50 CNY"; an unknown cost -> "unknown"."""
+    """`1.5` -> "1.50 CNY", `0.225` -> "0.225 USD"; an unknown cost -> "unknown"."""
     if isinstance(money, Cost):
         return format_money(money.amount, money.currency)
     if money is None:
         return "unknown"
-    text = format(money.normalize(), "f") if money else "0"
-    whole, _, cents = text.partition(".")
-    if cents and len(cents) < 2:
-        text = f"{whole}.{cents:0<2}"
+    # At least cents, more only where the price has them (0.075 x 3 is 0.225).
+    whole, _, cents = format(money.normalize(), "f").partition(".")
+    text = f"{whole}.{cents:0<2}"
     return f"{text} {currency}" if currency else text
 
 
