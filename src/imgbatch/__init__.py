@@ -26,6 +26,7 @@ if TYPE_CHECKING:
         CostLimitError,
         FrozenError,
         ImgbatchError,
+        InspectError,
         LockedError,
         ManifestError,
         ManifestProblem,
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     )
     from imgbatch.manifest import Manifest, load_manifest
     from imgbatch.plan import Action, Plan, PlannedShot
+    from imgbatch.provenance import inspect_image
     from imgbatch.request import GeneratedImage, ImageRequest
     from imgbatch.results import ResultEntry
     from imgbatch.single import agenerate, generate
@@ -58,6 +60,7 @@ _EXPORTS = {
     "CacheEntryDamaged": "imgbatch.errors",
     "CostLimitError": "imgbatch.errors",
     "FrozenError": "imgbatch.errors",
+    "InspectError": "imgbatch.errors",
     "LockedError": "imgbatch.errors",
     "ManifestProblem": "imgbatch.errors",
     "NoImageError": "imgbatch.errors",
@@ -73,6 +76,7 @@ _EXPORTS = {
     "ImageRequest": "imgbatch.request",
     "agenerate": "imgbatch.single",
     "generate": "imgbatch.single",
+    "inspect_image": "imgbatch.provenance",
 }
 
 __all__ = [
@@ -87,6 +91,7 @@ __all__ = [
     "GeneratedImage",
     "ImageRequest",
     "ImgbatchError",
+    "InspectError",
     "LockedError",
     "Manifest",
     "ManifestError",
@@ -104,6 +109,7 @@ __all__ = [
     "apply",
     "expand_shots",
     "generate",
+    "inspect_image",
     "load_manifest",
     "make_plan",
 ]

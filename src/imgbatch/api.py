@@ -29,12 +29,12 @@ import filelock
 
 from imgbatch.errors import ConfigError, FrozenError, LockedError, StoreError, StoreWriteError
 from imgbatch.executor import Executor, Listener, Phase, RunOutcome, failed_entry
-from imgbatch.expand import Expansion, expand, shot_list
+from imgbatch.expand import Expansion, expand, fetch_references, shot_list
 from imgbatch.learned import QuotaStore, default_store_path
 from imgbatch.manifest import Manifest, load_manifest, manifest_from_data
 from imgbatch.models import MIN_RPS
 from imgbatch.pacing import Clock, Finding, Pacer, RetryPolicy
-from imgbatch.plan import PAID_ACTIONS, Action, Plan, PlannedShot
+from imgbatch.plan import Action, Plan, PlannedShot
 from imgbatch.plan import make_plan as plan_shots
 from imgbatch.pricing import Budget, Cost, CostLimit, PriceList, check_estimate, cost, price_list
 from imgbatch.providers import Provider, create_provider, resolve_provider_name
@@ -198,7 +198,8 @@ def make_plan(
     home: Path | None = None,
     allow_reference_outside: bool = False,
 ) -> Plan:
-    """What `apply` would do for each shot, reading the output folder but changing nothing."""
+    """What `apply` would do for each shot, reading the output folder but changing nothing and
+    downloading nothing: see `imgbatch.plan` for what that means for a reference URL."""
     environ = os.environ if environ is None else environ
     manifest, expansion = load_and_expand(
         path, provider, environ, home, allow_reference_outside=allow_reference_outside
@@ -277,6 +278,9 @@ async def apply_async(
         options.home,
         allow_reference_outside=options.allow_reference_outside,
     )
+    # Each reference URL once, keyed by its content, so that the plan below knows every key
+    # (a frozen run pays nothing for a URL whose content did not change).
+    expansion = await fetch_references(expansion)
     output_dir = expansion.output_dir
     limit = _cost_limit(options, manifest)
     if options.frozen or limit is not None:
@@ -396,7 +400,7 @@ def _refuse(plan: Plan, frozen: bool, limit: CostLimit | None) -> None:
 
 def _refuse_paid(plan: Plan) -> None:
     """FrozenError naming the shots that would need a paid request, if any."""
-    paid = [item for item in plan.shots if item.action in PAID_ACTIONS]
+    paid = [item for item in plan.shots if item.paid]
     if not paid:
         return
     shown = [f"{item.id} ({item.action}: {item.reason})" for item in paid[:20]]

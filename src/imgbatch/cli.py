@@ -1,8 +1,9 @@
 """The `imgbatch` command: parse flags, call one library function, print, return an exit code.
 
 Exit codes: 0 all shots good; 1 some shots failed or the run stopped; 2 invalid manifest,
-options or credentials; 130 interrupted. Known errors print one clean message, never a
-traceback; an unexpected error prints one line and the path of a log with the traceback.
+options or credentials (for `inspect`: a missing file, a non-PNG or no provenance); 130
+interrupted. Known errors print one clean message, never a traceback; an unexpected error
+prints one line and the path of a log with the traceback.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from imgbatch.errors import ConfigError, ImgbatchError, ManifestError
+from imgbatch.errors import ConfigError, ImgbatchError, InspectError, ManifestError
 from imgbatch.models import MIN_RPS
 from imgbatch.providers import PROVIDER_CHOICES, is_metered, secrets_for_redaction
 from imgbatch.quota import Quota, parse_quota
@@ -42,7 +43,7 @@ def error_boundary(command: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> int:
         try:
             code = command(*args, **kwargs)
-        except (ManifestError, ConfigError) as exc:
+        except (ManifestError, ConfigError, InspectError) as exc:
             click.echo(f"error: {exc}", err=True)
             code = EXIT_USAGE
         except ImgbatchError as exc:
@@ -176,7 +177,7 @@ def plan(
     detailed_exitcode: bool,
     as_json: bool,
 ) -> int:
-    """Show what apply would do for each shot, and why."""
+    """Show what apply would do for each shot, and why; nothing is sent or downloaded."""
     from imgbatch.api import make_plan
     from imgbatch.report import plan_json, plan_summary, plan_table
 
@@ -357,6 +358,23 @@ def sheet(manifest: Path, allow_reference_outside: bool) -> int:
 
     path = write_sheet(manifest, allow_reference_outside=allow_reference_outside)
     click.echo(f"Contact sheet: {path}")
+    return EXIT_OK
+
+
+@main.command()
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the fields as one JSON object.")
+@error_boundary
+def inspect(image: Path, as_json: bool) -> int:
+    """Print the provenance an imgbatch PNG carries: prompt sent, seed, model, key, request id."""
+    from imgbatch.provenance import as_json as fields_json
+    from imgbatch.provenance import as_lines, inspect_image
+
+    fields = inspect_image(image)
+    if as_json:
+        click.echo(json.dumps(fields_json(fields), ensure_ascii=False))
+    else:
+        click.echo("\n".join(as_lines(fields)))
     return EXIT_OK
 
 

@@ -5,6 +5,8 @@
     │                             file:line:col, shot id and field (exit code 2)
     ├── ConfigError               bad options or environment: missing key, unknown provider (exit 2)
     ├── CostLimitError            the estimated cost exceeds --max-cost: nothing sent (exit 1)
+    ├── InspectError              `inspect` of a missing file, a non-PNG or a PNG without
+    │                             provenance (exit 2)
     ├── LockedError               another apply holds the output folder (exit 1)
     ├── StoreError                the output folder or cache cannot be read or written (exit 1)
     │   ├── StoreWriteError       one file could not be written (disk full, a folder in its place)
@@ -59,6 +61,11 @@ class ManifestError(ImgbatchError):
 
 class ConfigError(ImgbatchError):
     """Options, environment or credentials that keep imgbatch from starting."""
+
+
+class InspectError(ImgbatchError):
+    """An image `imgbatch inspect` cannot read provenance from: missing, not a PNG, damaged, or
+    without imgbatch's text chunks."""
 
 
 class FrozenError(ImgbatchError):
