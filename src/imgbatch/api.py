@@ -38,6 +38,7 @@ from imgbatch.plan import Action, Plan, PlannedShot
 from imgbatch.plan import make_plan as plan_shots
 from imgbatch.pricing import Budget, Cost, CostLimit, PriceList, check_estimate, cost, price_list
 from imgbatch.providers import Provider, create_provider, resolve_provider_name
+from imgbatch.prune import Pruned, prune_orphans
 from imgbatch.quota import Quota
 from imgbatch.request import KEY_FORMAT_VERSION
 from imgbatch.results import Journal, ResultEntry, load_state, write_results
@@ -73,6 +74,8 @@ class ApplyOptions:
     frozen: bool = False
     # The most the run may cost (5, "5 USD", a CostLimit); wins over the manifest's max_cost.
     max_cost: CostLimit | Decimal | float | str | None = None
+    # Remove the orphaned shots' files (as imgbatch wrote them) and their results entries.
+    prune: bool = False
 
     def __post_init__(self) -> None:
         # The same bounds as --rps and limits.rps: a NaN rate would send nothing, forever.
@@ -119,6 +122,8 @@ class ApplyReport:
     # The contact sheet (index.html), or why it could not be drawn: a warning, never a failure.
     sheet: Path | None = None
     sheet_problem: str | None = None
+    # With `prune`: each orphan, and whether its file and entry are gone.
+    pruned: tuple[Pruned, ...] = ()
 
     def count(self, status: str) -> int:
         """Shots this run made `status` (generated, cached: restored from the cache, failed);
@@ -343,6 +348,11 @@ async def apply_async(
             thumbnails.close()
         entries = tuple(_final_entry(item, outcome, provider.metered) for item in plan.shots)
         orphans = [item.previous for item in plan.orphans if item.previous is not None]
+        pruned: tuple[Pruned, ...] = ()
+        if options.prune:
+            in_use = {shot.file for shot in expansion.shots}
+            pruned, kept = prune_orphans(output_dir, orphans, in_use)
+            orphans = list(kept)
         meta = {
             # Relative, so an output folder can be moved or committed with its manifest.
             "manifest": None
@@ -387,6 +397,7 @@ async def apply_async(
         possible_extra_cost=cost(outcome.maybe_billed_models.elements(), prices),
         sheet=sheet,
         sheet_problem=sheet_problem,
+        pruned=pruned,
     )
 
 

@@ -25,6 +25,7 @@ from imgbatch.providers import PROVIDER_CHOICES, is_metered, secrets_for_redacti
 from imgbatch.quota import Quota, parse_quota
 
 if TYPE_CHECKING:
+    from imgbatch.console import Verbosity
     from imgbatch.plan import Plan
     from imgbatch.pricing import CostLimit
 
@@ -117,10 +118,63 @@ provider_option = click.option(
 )
 
 
+def verbosity_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """`-v` and `-q`, on the group (for every command after it) and on `plan` and `apply`
+    (which win over the group's); the last one given wins."""
+    function = click.option(
+        "-q",
+        "--quiet",
+        "verbosity",
+        flag_value="quiet",
+        default=None,
+        help="Print only errors and the final summary line.",
+    )(function)
+    return click.option(
+        "-v",
+        "--verbose",
+        "verbosity",
+        flag_value="verbose",
+        default=None,
+        help="plan: list unchanged shots too; apply: a line per finished shot.",
+    )(function)
+
+
+def _verbosity(given: str | None) -> Verbosity:
+    """The command's own -v/-q, else the group's, else normal."""
+    from imgbatch.console import Verbosity
+
+    chosen = given or click.get_current_context().find_root().obj
+    return {"quiet": Verbosity.QUIET, "verbose": Verbosity.VERBOSE}.get(
+        chosen or "", Verbosity.NORMAL
+    )
+
+
+PROGRESS_INTERVAL_VARIABLE = "IMGBATCH_PROGRESS_INTERVAL"
+
+
+def _progress_interval() -> float | None:
+    """Seconds between progress lines in a log, from the environment; None: the default."""
+    text = os.environ.get(PROGRESS_INTERVAL_VARIABLE)
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(
+            f"{PROGRESS_INTERVAL_VARIABLE}={text!r} is not a number of seconds above 0"
+        )
+    return seconds
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="imgbatch")
-def main() -> None:
+@verbosity_options
+@click.pass_context
+def main(context: click.Context, verbosity: str | None) -> None:
     """Declarative batch image generation with Qwen Image models on DashScope."""
+    context.obj = verbosity
 
 
 @main.command()
@@ -169,6 +223,7 @@ class _UsageErrorExit1(click.UsageError):
 @click.option(
     "--json", "as_json", is_flag=True, help="Print the plan as one JSON document on stdout."
 )
+@verbosity_options
 @error_boundary
 def plan(
     manifest: Path,
@@ -176,10 +231,15 @@ def plan(
     allow_reference_outside: bool,
     detailed_exitcode: bool,
     as_json: bool,
+    verbosity: str | None,
 ) -> int:
-    """Show what apply would do for each shot, and why; nothing is sent or downloaded."""
+    """Show the shots apply would change, and why (-v: every shot); nothing is sent or
+    downloaded."""
     from imgbatch.api import make_plan
-    from imgbatch.report import plan_json, plan_summary, plan_table
+    from imgbatch.console import Verbosity, console_for
+    from imgbatch.report import estimate_line, plan_json, plan_summary, plan_table
+
+    level = _verbosity(verbosity)
 
     try:
         result = make_plan(
@@ -192,8 +252,14 @@ def plan(
         click.echo(f"error: {exc}", err=True)
         return EXIT_FAILED
     # With --json, stdout is the document alone; the human text goes to stderr.
-    click.echo(plan_table(result), err=as_json)
-    click.echo(plan_summary(result), err=as_json)
+    out = console_for(sys.stderr if as_json else sys.stdout)
+    table = plan_table(result, verbose=level is Verbosity.VERBOSE)
+    if table and level is not Verbosity.QUIET:
+        out.print(table)
+    out.print(plan_summary(result))
+    estimate = estimate_line(result)
+    if estimate and level is not Verbosity.QUIET:
+        out.print(estimate)
     if as_json:
         click.echo(json.dumps(plan_json(result), ensure_ascii=False))
     if detailed_exitcode and result.has_work:
@@ -277,11 +343,18 @@ def expand_command(
     "the images billed could (default: the manifest's limits.max_cost).",
 )
 @click.option(
+    "--prune",
+    is_flag=True,
+    help="Remove the files of orphaned shots (in the results, no longer in the manifest) and "
+    "their entries; a file changed since imgbatch wrote it is kept. Never the cache.",
+)
+@click.option(
     "--json",
     "as_json",
     is_flag=True,
     help="Print what the run did as one JSON document on stdout (the summary goes to stderr).",
 )
+@verbosity_options
 @error_boundary
 def apply_command(
     manifest: Path,
@@ -293,17 +366,32 @@ def apply_command(
     no_simplify: bool,
     frozen: bool,
     max_cost: CostLimit | None,
+    prune: bool,
     as_json: bool,
+    verbosity: str | None,
 ) -> int:
     """Generate the shots whose request changed; write images and results.json."""
     from imgbatch.api import ApplyOptions, apply
+    from imgbatch.console import Verbosity, console_for
     from imgbatch.plan import Action
-    from imgbatch.report import Progress, apply_json, apply_summary, plan_summary
+    from imgbatch.progress import DEFAULT_INTERVAL, Progress
+    from imgbatch.report import (
+        apply_json,
+        apply_summary,
+        estimate_line,
+        plan_summary,
+        quiet_summary,
+    )
 
-    progress = Progress(0)
+    level = _verbosity(verbosity)
+    quiet = level is Verbosity.QUIET
+    progress = Progress(
+        sys.stderr, verbosity=level, interval=_progress_interval() or DEFAULT_INTERVAL
+    )
 
     def announce(planned: Plan) -> None:
-        if not is_metered(planned.provider):
+        # Even with --quiet, a fallback to placeholders is said: it is not what a key would do.
+        if not is_metered(planned.provider) and (provider == "auto" or not quiet):
             # With --provider auto the fallback must never be silent: say why.
             lead = (
                 "No DashScope API key is configured, so --provider auto uses"
@@ -315,8 +403,12 @@ def apply_command(
                 "calls, no cost.",
                 err=True,
             )
-        click.echo(plan_summary(planned), err=True)
-        progress.total = sum(1 for item in planned.shots if item.action is not Action.UNCHANGED)
+        if not quiet:
+            click.echo(plan_summary(planned), err=True)
+            estimate = estimate_line(planned)
+            if estimate:
+                click.echo(estimate, err=True)
+        progress.start(sum(1 for item in planned.shots if item.action is not Action.UNCHANGED))
 
     try:
         report = apply(
@@ -330,16 +422,20 @@ def apply_command(
                 simplify=not no_simplify,
                 frozen=frozen,
                 max_cost=max_cost,
+                prune=prune,
             ),
             listener=progress,
             on_plan=announce,
         )
     finally:
         progress.close()
-    click.echo(apply_summary(report), err=as_json)
+    summary = apply_summary(report)
+    console_for(sys.stderr if as_json else sys.stdout).print(
+        quiet_summary(summary) if quiet else summary
+    )
     if report.sheet_problem:
         click.echo(f"warning: {report.sheet_problem}", err=True)
-    elif report.sheet:
+    elif report.sheet and not quiet:
         click.echo(f"Contact sheet: {report.sheet}", err=as_json)
     if as_json:
         click.echo(json.dumps(apply_json(report), ensure_ascii=False))
@@ -359,6 +455,49 @@ def sheet(manifest: Path, allow_reference_outside: bool) -> int:
     path = write_sheet(manifest, allow_reference_outside=allow_reference_outside)
     click.echo(f"Contact sheet: {path}")
     return EXIT_OK
+
+
+@main.command("gc")
+@click.argument(
+    "manifests", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path)
+)
+@click.option("--yes", is_flag=True, help="Delete what is listed (default: only list it).")
+@allow_outside_option
+@error_boundary
+def gc_command(manifests: tuple[Path, ...], yes: bool, allow_reference_outside: bool) -> int:
+    """List the cached images, thumbnails and files in the manifests' output folders that no
+    results refer to, with their total size; --yes deletes them."""
+    from imgbatch.gc import collect_garbage
+
+    collection = collect_garbage(
+        manifests, delete=yes, allow_reference_outside=allow_reference_outside
+    )
+    for item in collection.items:
+        click.echo(f"{_shown(item.path)}  {_size_text(item.size)}  {item.kind}")
+    count = len(collection.items)
+    what = f"{count} file{'s' if count != 1 else ''}, {_size_text(collection.total)}"
+    if not count:
+        click.echo("Nothing to collect: every file is referred to by the results.")
+    elif collection.deleted:
+        click.echo(f"Deleted {what}.")
+    else:
+        click.echo(f"{what} that no results refer to; run again with --yes to delete them.")
+    return EXIT_OK
+
+
+def _size_text(size: int) -> str:
+    if size < 1000:
+        return f"{size} bytes"
+    value, units = size / 1000, ["KB", "MB", "GB"]
+    while value >= 1000 and len(units) > 1:
+        value, units = value / 1000, units[1:]
+    return f"{value:.1f} {units[0]}"
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the current folder when it is below it."""
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith("..") else relative
 
 
 @main.command()

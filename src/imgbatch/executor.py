@@ -47,7 +47,7 @@ from imgbatch.provenance import Provenance, embed
 from imgbatch.providers import Provider
 from imgbatch.request import GeneratedImage, ImageRequest, simplified
 from imgbatch.results import ResultEntry
-from imgbatch.store import ImageCache, atomic_write, verify_image
+from imgbatch.store import ImageCache, verify_image
 
 # Requests in flight when the user sets no cap. The rate is what limits a run; this only has to
 # be more than rate x latency (25 requests/s at a 15 s generation is 375 in flight), and stay
@@ -514,7 +514,7 @@ class Executor:
             self._write_failed(shot, exc, attempts, kept=kept, generated=image, sent=sent)
             return
         try:
-            await asyncio.to_thread(atomic_write, output_dir / shot.file, data)
+            await asyncio.to_thread(self.cache.place, key, output_dir / shot.file, data)
         except StoreWriteError as exc:
             kept = "its image is in the cache: the next apply puts it in place without paying"
             self._write_failed(shot, exc, attempts, kept=kept, generated=image, sent=sent)
