@@ -131,7 +131,7 @@ def test_a_body_over_the_cap_fails_once_and_keeps_the_url(
         report = run_apply(manifest, server, tmp_path, max_image_bytes=1024 * 1024)
         downloads = len(server.downloads)
     entry = only(report)
-    assert entry.status == "failed"
+    assert entry.status == "unfetched"
     assert "larger than 1 MiB" in entry.error
     assert downloads == 1  # the same bytes again would be just as large
     assert entry.image_url  # billed: the next apply can still fetch it
@@ -159,7 +159,7 @@ def test_an_image_host_that_trickles_fails_at_the_deadline_not_per_read(
         report = run_apply(manifest, server, tmp_path, download_timeout=0.3)
         elapsed = time.monotonic() - started
     entry = only(report)
-    assert entry.status == "failed"
+    assert entry.status == "unfetched"
     assert "did not finish within 0.3 s" in entry.error
     assert entry.image_url
     # Four tries of 0.3 s, not the 900 chunks x 0.05 s a per-read timeout would wait.

@@ -6,7 +6,7 @@ shell over these two functions, and a pipeline can call them directly:
 
     >>> from imgbatch import apply
     >>> report = apply("manifests/matrix.yaml", provider="placeholder")
-    >>> [entry.file for entry in report.entries if entry.status != "failed"][:2]
+    >>> [entry.file for entry in report.entries if entry.has_image][:2]
     ['s03-front-dawn.png', 's03-front-noon.png']
 """
 
@@ -27,17 +27,24 @@ from typing import Any
 
 import filelock
 
-from imgbatch.errors import ConfigError, FrozenError, LockedError, StoreError, StoreWriteError
+from imgbatch.errors import (
+    ConfigError,
+    FrozenError,
+    LockedError,
+    PaidImagesError,
+    StoreError,
+    StoreWriteError,
+)
 from imgbatch.executor import Executor, Listener, Phase, RunOutcome, failed_entry
 from imgbatch.expand import Expansion, expand, fetch_references, shot_list
 from imgbatch.learned import QuotaStore, default_store_path
 from imgbatch.manifest import Manifest, load_manifest, manifest_from_data
 from imgbatch.models import MIN_RPS
 from imgbatch.pacing import Clock, Finding, Pacer, RetryPolicy
-from imgbatch.plan import Action, Plan, PlannedShot
+from imgbatch.plan import WORK_ACTIONS, Action, Plan, PlannedShot
 from imgbatch.plan import make_plan as plan_shots
 from imgbatch.pricing import Budget, Cost, CostLimit, PriceList, check_estimate, cost, price_list
-from imgbatch.providers import Provider, create_provider, resolve_provider_name
+from imgbatch.providers import Provider, create_provider, is_metered, resolve_provider_name
 from imgbatch.prune import Pruned, prune_orphans
 from imgbatch.quota import Quota
 from imgbatch.request import KEY_FORMAT_VERSION
@@ -74,6 +81,8 @@ class ApplyOptions:
     frozen: bool = False
     # The most the run may cost (5, "5 USD", a CostLimit); wins over the manifest's max_cost.
     max_cost: CostLimit | Decimal | float | str | None = None
+    # Put imgbatch's image back over a file edited by hand, instead of keeping the edit.
+    overwrite_edited: bool = False
     # Remove the orphaned shots' files (as imgbatch wrote them) and their results entries.
     prune: bool = False
 
@@ -122,13 +131,17 @@ class ApplyReport:
     # The contact sheet (index.html), or why it could not be drawn: a warning, never a failure.
     sheet: Path | None = None
     sheet_problem: str | None = None
+    # Hand-edited files renamed aside before a new image took their place: shot id -> new name
+    # (relative to the output folder).
+    moved_aside: Mapping[str, str] = field(default_factory=dict)
     # With `prune`: each orphan, and whether its file and entry are gone.
     pruned: tuple[Pruned, ...] = ()
 
     def count(self, status: str) -> int:
-        """Shots this run made `status` (generated, cached: restored from the cache, failed);
-        an unchanged shot keeps its entry, whatever its status, and is not counted here."""
-        acted = {item.id for item in self.plan.shots if item.action is not Action.UNCHANGED}
+        """Shots this run made `status` (generated, cached: restored from the cache, failed,
+        unfetched: billed but not downloaded); a shot it left alone (unchanged, or edited by
+        hand and kept) keeps its entry, whatever its status, and is not counted here."""
+        acted = {item.id for item in self.plan.shots if item.action in WORK_ACTIONS}
         return sum(1 for entry in self.entries if entry.status == status and entry.id in acted)
 
     @property
@@ -137,7 +150,7 @@ class ApplyReport:
 
     @property
     def ok(self) -> bool:
-        return self.stopped is None and self.count("failed") == 0
+        return self.stopped is None and self.count("failed") == self.count("unfetched") == 0
 
 
 def provider_name(
@@ -202,21 +215,37 @@ def make_plan(
     environ: Mapping[str, str] | None = None,
     home: Path | None = None,
     allow_reference_outside: bool = False,
+    overwrite_edited: bool = False,
 ) -> Plan:
     """What `apply` would do for each shot, reading the output folder but changing nothing and
-    downloading nothing: see `imgbatch.plan` for what that means for a reference URL."""
+    downloading nothing: see `imgbatch.plan` for what that means for a reference URL.
+
+    Raises `PaidImagesError`, as apply would, when the placeholder provider, not named
+    explicitly, would replace images a paid provider made."""
     environ = os.environ if environ is None else environ
     manifest, expansion = load_and_expand(
         path, provider, environ, home, allow_reference_outside=allow_reference_outside
     )
     prices = _prices(manifest, expansion, environ)
-    return _plan(expansion, load_state(expansion.output_dir), prices)
+    planned = _plan(expansion, load_state(expansion.output_dir), prices, overwrite_edited)
+    _refuse_placeholder_over_paid(planned, provider, manifest)
+    return planned
 
 
-def _plan(expansion: Expansion, state: Mapping[str, ResultEntry], prices: PriceList) -> Plan:
+def _plan(
+    expansion: Expansion,
+    state: Mapping[str, ResultEntry],
+    prices: PriceList,
+    overwrite_edited: bool = False,
+) -> Plan:
     output_dir = expansion.output_dir
     plan = plan_shots(
-        output_dir, expansion.shots, state, ImageCache(output_dir), provider=expansion.provider
+        output_dir,
+        expansion.shots,
+        state,
+        ImageCache(output_dir),
+        provider=expansion.provider,
+        overwrite_edited=overwrite_edited,
     )
     return replace(plan, prices=prices)
 
@@ -283,6 +312,13 @@ async def apply_async(
         options.home,
         allow_reference_outside=options.allow_reference_outside,
     )
+    if _may_replace_paid(expansion.provider, options.provider):
+        # Before anything is fetched, before credentials and before the lock: a refused run
+        # connects to nothing and writes nothing at all.
+        prices = _prices(manifest, expansion, environ)
+        state = load_state(expansion.output_dir)
+        early = _plan(expansion, state, prices, options.overwrite_edited)
+        _refuse_placeholder_over_paid(early, options.provider, manifest)
     # Each reference URL once, keyed by its content, so that the plan below knows every key
     # (a frozen run pays nothing for a URL whose content did not change).
     expansion = await fetch_references(expansion)
@@ -290,7 +326,8 @@ async def apply_async(
     limit = _cost_limit(options, manifest)
     if options.frozen or limit is not None:
         # Before credentials and before the lock: a refused run writes nothing at all.
-        early = _plan(expansion, load_state(output_dir), _prices(manifest, expansion, environ))
+        prices = _prices(manifest, expansion, environ)
+        early = _plan(expansion, load_state(output_dir), prices, options.overwrite_edited)
         _refuse(early, options.frozen, limit)
     # Credentials are checked before anything is written.
     provider = provider or create_provider(expansion.provider, environ, options.home)
@@ -305,8 +342,9 @@ async def apply_async(
             check_writable(cache.root)
         remove_stale_temporaries(output_dir)
         state = load_state(output_dir)
-        plan = _plan(expansion, state, prices)
+        plan = _plan(expansion, state, prices, options.overwrite_edited)
         # Again: another run may have changed the folder meanwhile.
+        _refuse_placeholder_over_paid(plan, options.provider, manifest)
         _refuse(plan, options.frozen, limit)
         if on_plan:
             on_plan(plan)
@@ -397,6 +435,7 @@ async def apply_async(
         possible_extra_cost=cost(outcome.maybe_billed_models.elements(), prices),
         sheet=sheet,
         sheet_problem=sheet_problem,
+        moved_aside=dict(outcome.moved_aside),
         pruned=pruned,
     )
 
@@ -420,6 +459,45 @@ def _refuse_paid(plan: Plan) -> None:
         f"--frozen: {len(paid)} shot{'s' if len(paid) != 1 else ''} would need a paid request: "
         f"{', '.join(shown)}{more}; nothing was sent or written (run apply without --frozen "
         "to make them)"
+    )
+
+
+def _may_replace_paid(provider: str, chosen: str | None) -> bool:
+    """Whether `provider` (resolved) is the offline placeholder without having been chosen by
+    name (`chosen`: the provider option, before `auto` is resolved)."""
+    return not is_metered(provider) and chosen != provider
+
+
+def _refuse_placeholder_over_paid(plan: Plan, chosen: str | None, manifest: Manifest) -> None:
+    """PaidImagesError naming the shots whose image, made by a paid provider, an unmetered one
+    not chosen by name (`auto` without a key, the manifest's `provider:`) would replace."""
+    if not _may_replace_paid(plan.provider, chosen):
+        return
+    paid = [
+        item
+        for item in plan.shots
+        if item.action in WORK_ACTIONS
+        and item.previous is not None
+        and item.previous.status != "failed"
+        and is_metered(str(item.previous.request.get("provider", plan.provider)))
+    ]
+    if not paid:
+        return
+    made_by = sorted({str(item.previous.request.get("provider")) for item in paid if item.previous})
+    source = "--provider" if chosen is not None else "the manifest's provider:"
+    given = chosen or manifest.provider
+    if given == "auto":
+        why = f"{source} auto found no DashScope API key, so it chose"
+    else:
+        why = f"{source} {given} chose"
+    shown = ", ".join(item.id for item in paid[:20])
+    more = f", and {len(paid) - 20} more" if len(paid) > 20 else ""
+    count = f"{len(paid)} image{'s' if len(paid) != 1 else ''}"
+    raise PaidImagesError(
+        f"{why} the offline {plan.provider} provider, which would replace {count} made by "
+        f"{', '.join(made_by)} (a paid provider) with placeholders: {shown}{more}; nothing was "
+        "sent or written. Configure the API key (see Credentials in the README) to keep "
+        f"using {made_by[0]}, or pass --provider {plan.provider} to replace them on purpose"
     )
 
 
@@ -468,6 +546,9 @@ def _final_entry(item: PlannedShot, outcome: RunOutcome, metered: bool) -> Resul
         )
         return replace(downloading, error=message)
     assert item.shot is not None
+    if item.action is Action.RECOVER and item.previous is not None:
+        # Abandoned while fetching an image paid for earlier: its URL stays for the next apply.
+        return item.previous
     phase = outcome.in_flight.get(item.id, Phase.WAITING)
     if phase == Phase.SENDING:
         message = "abandoned in flight when interrupted"

@@ -109,6 +109,12 @@ class FiniteFloatRange(click.FloatRange):
         return number
 
 
+overwrite_edited_option = click.option(
+    "--overwrite-edited",
+    is_flag=True,
+    help="Put imgbatch's image back over a shot's file edited by hand (default: keep the edit; "
+    "when the shot's request changed too, the edited file is moved aside to <id>.edited.png).",
+)
 provider_option = click.option(
     "--provider",
     type=click.Choice(PROVIDER_CHOICES),
@@ -214,11 +220,12 @@ class _UsageErrorExit1(click.UsageError):
 @manifest_argument
 @provider_option
 @allow_outside_option
+@overwrite_edited_option
 @click.option(
     "--detailed-exitcode",
     is_flag=True,
-    help="Exit 0 when there is nothing to do, 2 when some shot would be created, replaced or "
-    "restored, 1 on any error (invalid manifest or options included).",
+    help="Exit 0 when there is nothing to do, 2 when some shot would be created, replaced, "
+    "restored or recovered, 1 on any error (invalid manifest or options included).",
 )
 @click.option(
     "--json", "as_json", is_flag=True, help="Print the plan as one JSON document on stdout."
@@ -229,6 +236,7 @@ def plan(
     manifest: Path,
     provider: str | None,
     allow_reference_outside: bool,
+    overwrite_edited: bool,
     detailed_exitcode: bool,
     as_json: bool,
     verbosity: str | None,
@@ -243,7 +251,10 @@ def plan(
 
     try:
         result = make_plan(
-            manifest, provider=provider, allow_reference_outside=allow_reference_outside
+            manifest,
+            provider=provider,
+            allow_reference_outside=allow_reference_outside,
+            overwrite_edited=overwrite_edited,
         )
     except (ManifestError, ConfigError) as exc:
         if not detailed_exitcode:
@@ -333,6 +344,7 @@ def expand_command(
     help="Send no paid request: exit 1, naming them, if any shot would need one (create or "
     "replace), before sending or writing anything. Restores from the cache still happen.",
 )
+@overwrite_edited_option
 @click.option(
     "--max-cost",
     metavar="AMOUNT",
@@ -366,6 +378,7 @@ def apply_command(
     no_simplify: bool,
     frozen: bool,
     max_cost: CostLimit | None,
+    overwrite_edited: bool,
     prune: bool,
     as_json: bool,
     verbosity: str | None,
@@ -373,7 +386,7 @@ def apply_command(
     """Generate the shots whose request changed; write images and results.json."""
     from imgbatch.api import ApplyOptions, apply
     from imgbatch.console import Verbosity, console_for
-    from imgbatch.plan import Action
+    from imgbatch.plan import WORK_ACTIONS
     from imgbatch.progress import DEFAULT_INTERVAL, Progress
     from imgbatch.report import (
         apply_json,
@@ -408,7 +421,8 @@ def apply_command(
             estimate = estimate_line(planned)
             if estimate:
                 click.echo(estimate, err=True)
-        progress.start(sum(1 for item in planned.shots if item.action is not Action.UNCHANGED))
+        # A drift (an edit kept) is left alone like an unchanged shot: no event will come.
+        progress.start(sum(1 for item in planned.shots if item.action in WORK_ACTIONS))
 
     try:
         report = apply(
@@ -422,6 +436,7 @@ def apply_command(
                 simplify=not no_simplify,
                 frozen=frozen,
                 max_cost=max_cost,
+                overwrite_edited=overwrite_edited,
                 prune=prune,
             ),
             listener=progress,

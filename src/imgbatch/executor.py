@@ -8,16 +8,19 @@ failures are retried with backoff, a 400 fails that
 shot only, a 401/403 stops the run: nothing new is sent, requests in flight finish. Every image is
 downloaded right after it is generated (its URL expires), verified to decode at the reported
 size, put in the cache and copied into place before its entry is journaled, so a crash loses only
-shots in flight; its URL is journaled before the download, so that a shot paid for but not yet
-downloaded is fetched by the next apply (`_recover`) instead of being paid for again. Every PNG
+shots in flight; its URL is journaled before the download (an `unfetched` entry), so that a shot
+paid for but not yet downloaded is planned as a `recover` by the next apply, which fetches it
+instead of paying again (and, if the URL no longer works, pays again and says so). Every PNG
 written carries its provenance (`provenance.py`); the cache holds it as written.
 
 A file that cannot be written fails its shot only, naming the path (a paid image stays in the
-cache, or its URL in the entry); a full disk, or a journal that cannot be written, also stops the
-run like a 401. A restore checks the cache entry first: a damaged one is discarded, said to the
-listener as a `Notice`, and the image fetched from its recorded URL or generated again. A shot
-whose reference URL could not be fetched (`apply` fetches them before planning) fails unsent,
-naming the field.
+cache, or its URL in an `unfetched` entry); a full disk, or a journal that cannot be written,
+also stops the run like a 401. A restore checks the cache entry first: a damaged one is
+discarded, said to the listener as a `Notice`, and the image fetched from its recorded URL or
+generated again. A shot the plan marked `move_aside` has its hand-edited file renamed beside it
+(`plan.aside_path`) just before the new image is written there, said as a `Notice` and kept in
+`RunOutcome.moved_aside`. A shot whose reference URL could not be fetched (`apply` fetches
+them before planning) fails unsent, naming the field.
 """
 
 from __future__ import annotations
@@ -41,13 +44,13 @@ from imgbatch.errors import (
 )
 from imgbatch.expand import Shot
 from imgbatch.pacing import Clock, Finding, Pacer, RetryPolicy
-from imgbatch.plan import Action, Plan, PlannedShot
+from imgbatch.plan import WORK_ACTIONS, Action, Plan, PlannedShot, aside_path
 from imgbatch.pricing import Budget
 from imgbatch.provenance import Provenance, embed
 from imgbatch.providers import Provider
 from imgbatch.request import GeneratedImage, ImageRequest, simplified
-from imgbatch.results import ResultEntry
-from imgbatch.store import ImageCache, verify_image
+from imgbatch.results import WITH_IMAGE, ResultEntry
+from imgbatch.store import ImageCache, verify_image, write_error
 
 # Requests in flight when the user sets no cap. The rate is what limits a run; this only has to
 # be more than rate x latency (25 requests/s at a 15 s generation is 375 in flight), and stay
@@ -102,6 +105,9 @@ class RunOutcome:
     throttled: int = 0
     retries: int = 0
     quotas: list[Finding] = field(default_factory=list)
+    # Hand-edited files renamed aside before a new image took their place: shot id -> the new
+    # name, relative to the output folder.
+    moved_aside: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -149,6 +155,7 @@ class Executor:
         self.listener = listener
         self.stop_requested = asyncio.Event()
         self.outcome = RunOutcome()
+        self._aside: frozenset[str] = frozenset()
 
     def stop(self, reason: str) -> None:
         """Send nothing new; shots already in flight finish."""
@@ -157,10 +164,12 @@ class Executor:
         self.stop_requested.set()
 
     async def run(self, plan: Plan) -> RunOutcome:
-        pending = iter(item for item in plan.shots if item.action is not Action.UNCHANGED)
+        pending = iter(item for item in plan.shots if item.action in WORK_ACTIONS)
+        self._aside = frozenset(item.id for item in plan.shots if item.move_aside)
         for item in plan.shots:
-            if item.action is Action.UNCHANGED and item.previous is not None:
-                # Kept exactly as it was: results.json describes the image, not this run.
+            if item.action not in WORK_ACTIONS and item.previous is not None:
+                # Kept exactly as it was (unchanged, or a drift: the edit is left alone):
+                # results.json describes the image imgbatch made, not this run.
                 self.outcome.entries[item.id] = _with_reference_url(item.previous, item.shot)
         workers = [
             asyncio.create_task(self._worker(plan.output_dir, pending))
@@ -180,6 +189,10 @@ class Executor:
         for item in pending:
             assert item.shot is not None
             if self.stop_requested.is_set():
+                if item.action is Action.RECOVER and item.previous is not None:
+                    # Not fetched this time: its URL, what was paid for, stays for the next.
+                    self._finish(item.previous, journal=False)
+                    continue
                 reason = self.outcome.stopped or "stopped"
                 self._finish(failed_entry(item.shot, f"not run: {reason}", None, 0), journal=False)
                 continue
@@ -193,7 +206,9 @@ class Executor:
             self.outcome.in_flight[item.id] = Phase.WAITING
             if item.action is Action.RESTORE:
                 await self._restore(output_dir, item)
-            elif not await self._recover(output_dir, item.shot, item.previous):
+            elif item.action is Action.RECOVER:
+                await self._recover_billed(output_dir, item)
+            else:
                 await self._generate(output_dir, item.shot)
 
     def record(self, entry: ResultEntry) -> None:
@@ -217,16 +232,18 @@ class Executor:
         attempts: int,
         *,
         kept: str,
-        generated: GeneratedImage | None = None,
+        unfetched: GeneratedImage | None = None,
         sent: ImageRequest | None = None,
     ) -> None:
-        """One shot's file could not be written: that shot fails; a full disk stops the run."""
+        """One shot's file could not be written: that shot fails (is `unfetched`, with the
+        image's URL, when the image is kept nowhere else); a full disk stops the run."""
         if error.disk_full:
             self._stop_for_write(error)
-        entry = failed_entry(
-            shot, f"{error}; {kept}", None, attempts, generated=generated, sent=sent
-        )
-        self._finish(entry)
+        message = f"{error}; {kept}"
+        if unfetched is not None:
+            self._finish(unfetched_entry(shot, message, unfetched, attempts, sent=sent))
+        else:
+            self._finish(failed_entry(shot, message, None, attempts, sent=sent))
 
     def _finish(self, entry: ResultEntry, *, journal: bool = True) -> None:
         self.outcome.in_flight.pop(entry.id, None)
@@ -244,6 +261,9 @@ class Executor:
         key = shot.request.key
         target = output_dir / shot.file
         try:
+            # The edit goes aside first, and stays there should the cache entry prove damaged
+            # (the image is then fetched or made again, and written in its place all the same).
+            await self._move_aside(output_dir, shot)
             digest, size = await asyncio.to_thread(
                 self.cache.restore,
                 key,
@@ -258,16 +278,14 @@ class Executor:
             if self.listener:
                 then = "fetching it from its URL" if fetchable else "generating it again"
                 self.listener(Notice(shot.id, f"{damaged}; discarded it, {then}"))
-            if record is not None and await self._recover(
-                output_dir, shot, replace(record, status="failed", key=key)
-            ):
+            if record is not None and await self._fetch_billed(output_dir, shot, record) is None:
                 return
             await self._generate(output_dir, shot)
             return
         except StoreWriteError as exc:
             self._write_failed(shot, exc, 0, kept="its image stays in the cache for the next apply")
             return
-        if previous is not None and previous.key == key and previous.status != "failed":
+        if previous is not None and previous.key == key and previous.has_image:
             # Same request as before: keep its provenance (URL, request id) from the results.
             self._finish(
                 replace(
@@ -394,13 +412,8 @@ class Executor:
                 self.outcome.billed_models[sent.model] += 1
                 # Journaled before the download, so that a run killed while downloading leaves
                 # the paid image's URL for the next apply to fetch instead of paying again.
-                downloading = failed_entry(
-                    shot,
-                    "generated; its download had not finished",
-                    None,
-                    attempt,
-                    generated=image,
-                    sent=sent,
+                downloading = unfetched_entry(
+                    shot, "generated; its download had not finished", image, attempt, sent=sent
                 )
                 self.record(downloading)
                 self.outcome.downloading[shot.id] = downloading
@@ -424,29 +437,42 @@ class Executor:
             if self.budget is not None:
                 self.budget.settle(request.model, spent=spent)
 
-    async def _recover(self, output_dir: Path, shot: Shot, previous: ResultEntry | None) -> bool:
-        """Keep an image billed by an earlier run that could not download it, if its URL still
-        works (about 24 hours): True when the shot is done without a new request."""
-        if (
-            previous is None
-            or previous.status != "failed"
-            or not previous.image_url
-            or previous.key != shot.request.key
-        ):
-            return False
+    async def _recover_billed(self, output_dir: Path, item: PlannedShot) -> None:
+        """A `recover`: fetch the image an earlier run was billed for; if its URL no longer
+        works, say so and make it again (a paid request on a metered provider)."""
+        shot, previous = item.shot, item.previous
+        assert shot is not None and previous is not None
+        failure = await self._fetch_billed(output_dir, shot, previous)
+        if failure is None:
+            return
+        if self.listener:
+            cost = "a new, paid request" if self.provider.metered else "a new request"
+            self.listener(
+                Notice(
+                    shot.id,
+                    f"the image billed by request {previous.request_id or 'unknown'} could not "
+                    f"be fetched from its URL ({failure}); making it again with {cost}",
+                )
+            )
+        await self._generate(output_dir, shot)
+
+    async def _fetch_billed(self, output_dir: Path, shot: Shot, source: ResultEntry) -> str | None:
+        """Keep the image at `source.image_url` (billed by an earlier run; it works for about
+        24 hours) as this shot's: None when done without a new request, else why not."""
+        if not source.image_url:
+            return "no image URL was recorded"
         width, height = shot.request.dimensions
-        image = GeneratedImage(
-            previous.image_url, width, height, shot.request.seed, previous.request_id
-        )
+        seed = shot.request.seed
+        image = GeneratedImage(source.image_url, width, height, seed, source.request_id)
         try:
             # One try: an expired URL stays expired, and a new request is the way out.
             data = await self._fetch_verified(image, tries=1)
-        except (ProviderError, ValueError):
-            return False
+        except (ProviderError, ValueError) as exc:
+            return str(exc)
         # The text sent is part of what the image is: a simplified request stays one.
-        sent = simplified(shot.request) if previous.simplified else None
+        sent = simplified(shot.request) if source.simplified else None
         await self._place(output_dir, shot, image, data, attempts=0, sent=sent)
-        return True
+        return None
 
     async def _fetch_verified(self, image: GeneratedImage, *, tries: int) -> bytes:
         """The image's bytes, verified to decode at the size the request asked for (what the
@@ -485,7 +511,7 @@ class Executor:
                 f"downloaded: {failure}"
             )
             error = failure if isinstance(failure, ProviderError) else None
-            self._finish(failed_entry(shot, message, error, attempts, generated=image, sent=sent))
+            self._finish(unfetched_entry(shot, message, image, attempts, error, sent=sent))
             return
         await self._place(output_dir, shot, image, data, attempts=attempts, sent=sent)
 
@@ -511,13 +537,14 @@ class Executor:
             await asyncio.to_thread(self.cache.put, key, data)
         except StoreWriteError as exc:
             kept = "its URL is kept: the next apply downloads it instead of paying again"
-            self._write_failed(shot, exc, attempts, kept=kept, generated=image, sent=sent)
+            self._write_failed(shot, exc, attempts, kept=kept, unfetched=image, sent=sent)
             return
         try:
+            await self._move_aside(output_dir, shot)
             await asyncio.to_thread(self.cache.place, key, output_dir / shot.file, data)
         except StoreWriteError as exc:
             kept = "its image is in the cache: the next apply puts it in place without paying"
-            self._write_failed(shot, exc, attempts, kept=kept, generated=image, sent=sent)
+            self._write_failed(shot, exc, attempts, kept=kept, sent=sent)
             return
         entry = _entry(
             shot,
@@ -531,6 +558,25 @@ class Executor:
             sent=sent,
         )
         self._finish(entry)
+
+    async def _move_aside(self, output_dir: Path, shot: Shot) -> None:
+        """Rename the shot's hand-edited file aside, if the plan said so, before it is written
+        over; StoreWriteError (naming both paths) when it cannot be renamed."""
+        if shot.id not in self._aside or shot.id in self.outcome.moved_aside:
+            return
+        target = output_dir / shot.file
+        try:
+            aside = aside_path(target)
+            await asyncio.to_thread(target.rename, aside)
+        except FileNotFoundError:
+            return  # gone since the plan: nothing of the user's to keep
+        except OSError as exc:
+            # Named by the edited file: the message says it could not be written (moved).
+            raise write_error(target, exc) from None
+        name = aside.relative_to(output_dir).as_posix()
+        self.outcome.moved_aside[shot.id] = name
+        if self.listener:
+            self.listener(Notice(shot.id, f"{shot.file} was edited by hand: moved aside to {name}"))
 
 
 def _stamp(data: bytes, provenance: Provenance) -> tuple[bytes, str]:
@@ -577,7 +623,7 @@ def _entry(
     return ResultEntry(
         id=shot.id,
         status=status,  # type: ignore[arg-type]
-        file=shot.file if status != "failed" else None,
+        file=shot.file if status in WITH_IMAGE else None,
         key=request.key,
         width=width,
         height=height,
@@ -617,18 +663,37 @@ def failed_entry(
     error: ProviderError | None,
     attempts: int,
     *,
-    generated: GeneratedImage | None = None,
     sent: ImageRequest | None = None,
 ) -> ResultEntry:
-    """A failed shot's entry; `generated` is the image it was billed for but could not keep,
-    made from `sent` (the simplified request, when it was one)."""
+    """A failed shot's entry: no image, `message` says why; `sent` is the simplified request,
+    when the last one sent was."""
     entry = _entry(shot, "failed", None, None, None, None, None, attempts=attempts, sent=sent)
-    # The generation's request id is the one a billing query or a support ticket needs.
-    request_id = generated.request_id if generated else None
     return replace(
         entry,
         error=message,
         error_code=error.code if error else None,
-        request_id=request_id or (error.request_id if error else None),
-        image_url=generated.image_url if generated else None,
+        request_id=error.request_id if error else None,
+    )
+
+
+def unfetched_entry(
+    shot: Shot,
+    message: str,
+    image: GeneratedImage,
+    attempts: int,
+    error: ProviderError | None = None,
+    *,
+    sent: ImageRequest | None = None,
+) -> ResultEntry:
+    """The entry of a shot the service made (and billed) as `image` from `sent` (the simplified
+    request, when it was one), not downloaded yet: its URL is kept for the next apply's
+    `recover`."""
+    entry = _entry(shot, "unfetched", None, None, None, None, None, attempts=attempts, sent=sent)
+    return replace(
+        entry,
+        error=message,
+        error_code=error.code if error else None,
+        # The generation's request id is the one a billing query or a support ticket needs.
+        request_id=image.request_id or (error.request_id if error else None),
+        image_url=image.image_url,
     )

@@ -112,9 +112,11 @@ class Progress:
 
     def _finished(self, entry: ResultEntry) -> None:
         self.statuses[entry.status] += 1
-        if entry.status == "failed":
-            # Errors are shown at every verbosity: --quiet means "only what went wrong".
-            self._say(Text(f"failed {entry.id}: {entry.error}", style="red"), always=True)
+        if entry.status in ("failed", "unfetched"):
+            # Errors are shown at every verbosity: --quiet means "only what went wrong". An
+            # image billed but not downloaded is one too (its URL is kept for the next apply).
+            failure = f"{entry.status} {entry.id}: {entry.error}"
+            self._say(Text(failure, style="red"), always=True)
         elif self.verbosity is Verbosity.VERBOSE:
             line = styled(entry.status, f"{entry.status:<9}")
             line.append(f" {entry.id}")

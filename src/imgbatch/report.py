@@ -95,6 +95,8 @@ def plan_json(plan: Plan) -> dict[str, Any]:
             Action.REPLACE,
             Action.UNCHANGED,
             Action.RESTORE,
+            Action.RECOVER,
+            Action.DRIFT,
             Action.ORPHAN,
         )
     }
@@ -114,16 +116,23 @@ def _changed(item: PlannedShot) -> list[str] | None:
 
 def apply_json(report: ApplyReport) -> dict[str, Any]:
     """`apply --json`: what the run did to each shot (`unchanged` for a shot it left alone,
-    else its entry's status), the counts, and where results.json is."""
-    unchanged = {item.id for item in report.plan.shots if item.action is Action.UNCHANGED}
+    `drift` for one whose hand-edited file it kept, else its entry's status; `moved_aside`:
+    where an edited file went before a new image took its place), the counts, and where
+    results.json is."""
+    left = {
+        item.id: item.action.value
+        for item in report.plan.shots
+        if item.action in (Action.UNCHANGED, Action.DRIFT)
+    }
     shots = [
         {
             "id": entry.id,
-            "status": "unchanged" if entry.id in unchanged else entry.status,
+            "status": left.get(entry.id, entry.status),
             "file": entry.file,
             "error": entry.error,
             "error_code": entry.error_code,
             "request_id": entry.request_id,
+            "moved_aside": report.moved_aside.get(entry.id),
         }
         for entry in report.entries
     ]
@@ -131,7 +140,9 @@ def apply_json(report: ApplyReport) -> dict[str, Any]:
         "generated": report.count("generated"),
         "cached": report.count("cached"),
         "failed": report.count("failed"),
+        "unfetched": report.count("unfetched"),
         "unchanged": report.unchanged,
+        "drift": report.plan.count(Action.DRIFT),
         "requests": report.requests,
         "billed": report.billed,
         "throttled": report.throttled,
@@ -159,6 +170,12 @@ def apply_summary(report: ApplyReport) -> str:
         f"{report.count('failed')} failed",
         f"{report.unchanged} unchanged",
     ]
+    unfetched = report.count("unfetched")
+    if unfetched:
+        parts.insert(3, f"{unfetched} billed but not downloaded (the next apply fetches them)")
+    drift = report.plan.count(Action.DRIFT)
+    if drift:
+        parts.append(f"{drift} edited by hand and kept (--overwrite-edited puts them back)")
     if not is_metered(report.plan.provider):
         sent = f"{report.requests} offline request{'s' if report.requests != 1 else ''}"
     else:
@@ -175,6 +192,10 @@ def apply_summary(report: ApplyReport) -> str:
     ]
     if is_metered(report.plan.provider):
         lines.append(cost_line(report))
+    lines.extend(
+        f"Edited by hand, moved aside: {shot_id} -> {name}"
+        for shot_id, name in report.moved_aside.items()
+    )
     lines.extend(quota_lines(report))
     lines.extend(prune_lines(report))
     if report.stopped:

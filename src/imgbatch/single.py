@@ -121,7 +121,7 @@ async def agenerate(
             )
             outcome = await executor.run(plan)
     entry = outcome.entries[shot.id]
-    if entry.status == "failed":
+    if not entry.has_image:
         raise ProviderError(
             entry.error or "the request failed", code=entry.error_code, request_id=entry.request_id
         )
