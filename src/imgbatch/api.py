@@ -18,7 +18,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,6 +39,7 @@ from imgbatch.providers import Provider, create_provider, resolve_provider_name
 from imgbatch.quota import Quota
 from imgbatch.request import KEY_FORMAT_VERSION
 from imgbatch.results import Journal, ResultEntry, load_state, write_results
+from imgbatch.selection import select_shots
 from imgbatch.sheet import Thumbnailer
 from imgbatch.sheet import update_after_apply as update_sheet
 from imgbatch.store import STATE_DIR, ImageCache, check_writable, remove_stale_temporaries
@@ -69,8 +70,12 @@ class ApplyOptions:
     simplify: bool = True
     # Send no paid request: refuse (FrozenError) when a shot needs one; restores still happen.
     frozen: bool = False
+    # Act on these shots only (ids or fnmatch globs); every other shot's entry is kept as it is.
+    only: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.only, str):  # only="s01" means one pattern, not three letters
+            object.__setattr__(self, "only", (self.only,))
         # The same bounds as --rps and limits.rps: a NaN rate would send nothing, forever.
         if self.rps is not None and not (math.isfinite(self.rps) and self.rps >= MIN_RPS):
             raise ConfigError(
@@ -185,19 +190,33 @@ def make_plan(
     environ: Mapping[str, str] | None = None,
     home: Path | None = None,
     allow_reference_outside: bool = False,
+    only: Sequence[str] = (),
 ) -> Plan:
-    """What `apply` would do for each shot, reading the output folder but changing nothing."""
+    """What `apply` would do for each shot, reading the output folder but changing nothing.
+
+    With `only` (shot ids or fnmatch globs), the plan has those shots alone and no orphans.
+    """
     _, expansion = load_and_expand(
         path, provider, environ, home, allow_reference_outside=allow_reference_outside
     )
-    return _plan(expansion, load_state(expansion.output_dir))
+    selected = _narrowed(expansion, only)
+    return _plan(selected, load_state(expansion.output_dir), only=bool(only))
 
 
-def _plan(expansion: Expansion, state: Mapping[str, ResultEntry]) -> Plan:
+def _plan(expansion: Expansion, state: Mapping[str, ResultEntry], *, only: bool = False) -> Plan:
     output_dir = expansion.output_dir
-    return plan_shots(
+    plan = plan_shots(
         output_dir, expansion.shots, state, ImageCache(output_dir), provider=expansion.provider
     )
+    # Under --only the shots left out are not orphans: nothing is said or done about orphans.
+    return replace(plan, orphans=()) if only else plan
+
+
+def _narrowed(expansion: Expansion, only: Sequence[str]) -> Expansion:
+    """The expansion with the shots `only` selects (ConfigError for a pattern matching none)."""
+    if not only:
+        return expansion
+    return replace(expansion, shots=select_shots(expansion.shots, only))
 
 
 def apply(
@@ -241,9 +260,12 @@ async def apply_async(
         allow_reference_outside=options.allow_reference_outside,
     )
     output_dir = expansion.output_dir
+    # Before anything is written: a pattern matching no shot is refused.
+    everything, expansion = expansion, _narrowed(expansion, options.only)
+    only = bool(options.only)
     if options.frozen:
         # Before credentials and before the lock: a refused frozen run writes nothing at all.
-        _refuse_paid(_plan(expansion, load_state(output_dir)))
+        _refuse_paid(_plan(expansion, load_state(output_dir), only=only))
     # Credentials are checked before anything is written.
     provider = provider or create_provider(expansion.provider, environ, options.home)
     started = time.monotonic()
@@ -256,7 +278,7 @@ async def apply_async(
             check_writable(cache.root)
         remove_stale_temporaries(output_dir)
         state = load_state(output_dir)
-        plan = _plan(expansion, state)
+        plan = _plan(expansion, state, only=only)
         if options.frozen:
             _refuse_paid(plan)  # again: another run may have changed the folder meanwhile
         if on_plan:
@@ -298,6 +320,9 @@ async def apply_async(
             thumbnails.close()
         entries = tuple(_final_entry(item, outcome, provider.metered) for item in plan.shots)
         orphans = [item.previous for item in plan.orphans if item.previous is not None]
+        written, sheet_plan = entries, plan
+        if only:
+            written, orphans, sheet_plan = _with_unselected(everything, state, plan, entries)
         meta = {
             # Relative, so an output folder can be moved or committed with its manifest.
             "manifest": None
@@ -309,14 +334,14 @@ async def apply_async(
         try:
             results = write_results(
                 output_dir,
-                entries,
+                written,
                 orphans,
                 meta,
                 updated_at=datetime.now(UTC).isoformat(timespec="seconds"),
             )
         except StoreWriteError as exc:
             raise StoreError(_unwritten_results(exc, outcome, journal.path)) from None
-        sheet, sheet_problem = update_sheet(output_dir, manifest.name, plan, entries)
+        sheet, sheet_problem = update_sheet(output_dir, manifest.name, sheet_plan, written)
     saved: list[str] = []
     if store is not None and account is not None:
         with contextlib.suppress(OSError):  # a head start for next time, not worth failing for
@@ -341,6 +366,32 @@ async def apply_async(
         sheet=sheet,
         sheet_problem=sheet_problem,
     )
+
+
+def _with_unselected(
+    everything: Expansion,
+    state: Mapping[str, ResultEntry],
+    plan: Plan,
+    entries: Sequence[ResultEntry],
+) -> tuple[tuple[ResultEntry, ...], list[ResultEntry], Plan]:
+    """Under --only: the results entries (the run's for the shots it acted on, every other
+    shot's as it was, in manifest order), the orphans as they were, and the plan the contact
+    sheet is drawn from (every shot, those left out as unchanged)."""
+    acted = {entry.id: entry for entry in entries}
+    planned = {item.id: item for item in plan.shots}
+    ids = {shot.id for shot in everything.shots}
+    written = []
+    for shot in everything.shots:
+        entry = acted.get(shot.id) or state.get(shot.id)
+        if entry is not None:
+            written.append(entry)
+    orphans = [entry for shot_id, entry in state.items() if shot_id not in ids]
+    shots = tuple(
+        planned.get(shot.id)
+        or PlannedShot(shot.id, Action.UNCHANGED, "not selected", shot, state.get(shot.id))
+        for shot in everything.shots
+    )
+    return tuple(written), orphans, replace(plan, shots=shots)
 
 
 def _refuse_paid(plan: Plan) -> None:

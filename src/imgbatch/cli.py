@@ -97,6 +97,14 @@ class FiniteFloatRange(click.FloatRange):
         return number
 
 
+only_option = click.option(
+    "--only",
+    metavar="ID_OR_GLOB",
+    multiple=True,
+    help="Act on the shots with this id, or whose id matches this glob (s01-*, *-noon); "
+    "repeatable. Every other shot's entry in results.json is kept as it is, and orphans are "
+    "left alone. A pattern that matches no shot is an error.",
+)
 provider_option = click.option(
     "--provider",
     type=click.Choice(PROVIDER_CHOICES),
@@ -158,6 +166,7 @@ class _UsageErrorExit1(click.UsageError):
 @click.option(
     "--json", "as_json", is_flag=True, help="Print the plan as one JSON document on stdout."
 )
+@only_option
 @error_boundary
 def plan(
     manifest: Path,
@@ -165,6 +174,7 @@ def plan(
     allow_reference_outside: bool,
     detailed_exitcode: bool,
     as_json: bool,
+    only: tuple[str, ...],
 ) -> int:
     """Show what apply would do for each shot, and why."""
     from imgbatch.api import make_plan
@@ -172,7 +182,10 @@ def plan(
 
     try:
         result = make_plan(
-            manifest, provider=provider, allow_reference_outside=allow_reference_outside
+            manifest,
+            provider=provider,
+            allow_reference_outside=allow_reference_outside,
+            only=only,
         )
     except (ManifestError, ConfigError) as exc:
         if not detailed_exitcode:
@@ -262,6 +275,7 @@ def expand_command(
     is_flag=True,
     help="Print what the run did as one JSON document on stdout (the summary goes to stderr).",
 )
+@only_option
 @error_boundary
 def apply_command(
     manifest: Path,
@@ -273,6 +287,7 @@ def apply_command(
     no_simplify: bool,
     frozen: bool,
     as_json: bool,
+    only: tuple[str, ...],
 ) -> int:
     """Generate the shots whose request changed; write images and results.json."""
     from imgbatch.api import ApplyOptions, apply
@@ -308,6 +323,7 @@ def apply_command(
                 allow_reference_outside=allow_reference_outside,
                 simplify=not no_simplify,
                 frozen=frozen,
+                only=only,
             ),
             listener=progress,
             on_plan=announce,
