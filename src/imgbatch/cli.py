@@ -196,8 +196,14 @@ def plan(
     # With --json, stdout is the document alone; the human text goes to stderr.
     click.echo(plan_table(result), err=as_json)
     click.echo(plan_summary(result), err=as_json)
+    document = plan_json(result)
     if as_json:
-        click.echo(json.dumps(plan_json(result), ensure_ascii=False))
+        click.echo(json.dumps(document, ensure_ascii=False))
+    if os.environ.get("GITHUB_STEP_SUMMARY"):
+        from imgbatch.step_summary import plan_markdown
+
+        title = _title("plan", manifest, only)
+        _step_summary(plan_markdown(document, title, metered=is_metered(result.provider)))
     if detailed_exitcode and result.has_work:
         return EXIT_CHANGES
     return EXIT_OK
@@ -335,8 +341,15 @@ def apply_command(
         click.echo(f"warning: {report.sheet_problem}", err=True)
     elif report.sheet:
         click.echo(f"Contact sheet: {report.sheet}", err=as_json)
+    document = apply_json(report)
     if as_json:
-        click.echo(json.dumps(apply_json(report), ensure_ascii=False))
+        click.echo(json.dumps(document, ensure_ascii=False))
+    if os.environ.get("GITHUB_STEP_SUMMARY"):
+        from imgbatch.step_summary import apply_markdown
+
+        title = _title("apply", manifest, only)
+        metered = is_metered(report.plan.provider)
+        _step_summary(apply_markdown(document, title, stopped=report.stopped, metered=metered))
     if report.interrupted:
         return EXIT_INTERRUPTED
     return EXIT_OK if report.ok else EXIT_FAILED
@@ -397,6 +410,20 @@ def generate_command(
     if print_response:
         click.echo(json.dumps(response, ensure_ascii=False))
     return EXIT_OK
+
+
+def _title(command: str, manifest: Path, only: tuple[str, ...]) -> str:
+    selection = "".join(f" --only {pattern}" for pattern in only)
+    return f"imgbatch {command} {manifest}{selection}"
+
+
+def _step_summary(markdown: str) -> None:
+    """Append to GitHub's job summary; a failure is a warning, never the run's."""
+    from imgbatch.step_summary import append
+
+    problem = append(markdown)
+    if problem:
+        click.echo(f"warning: {problem}", err=True)
 
 
 def _read_request(text: str) -> Any:
