@@ -121,18 +121,36 @@ def main() -> None:
 
 
 @main.command()
-@manifest_argument
+@click.argument(
+    "manifests", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path)
+)
 @allow_outside_option
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the verdict and every problem (file, line, shot, field) as one JSON document on "
+    "stdout.",
+)
 @error_boundary
-def validate(manifest: Path, allow_reference_outside: bool) -> int:
-    """Check a shot list against the schema and the model rules."""
-    from imgbatch.api import read_manifest
+def validate(manifests: tuple[Path, ...], allow_reference_outside: bool, as_json: bool) -> int:
+    """Check shot lists against the schema and the model rules (several at once: a pre-commit
+    hook passes every changed file)."""
+    from imgbatch.validation import validate, validate_json
 
     # The manifest's own checks, local references included; a reference URL is not downloaded
     # (only apply and generate fetch one, to key it by its content).
-    count = len(read_manifest(manifest, allow_reference_outside=allow_reference_outside).shots)
-    click.echo(f"{manifest}: valid, {count} shot{'s' if count != 1 else ''}")
-    return EXIT_OK
+    results = validate(manifests, allow_reference_outside=allow_reference_outside)
+    for result in results:
+        if result.shots is not None:
+            count = result.shots
+            line = f"{result.manifest}: valid, {count} shot{'s' if count != 1 else ''}"
+            click.echo(line, err=as_json)
+        else:
+            click.echo(f"error: {result.message}", err=True)
+    if as_json:
+        click.echo(json.dumps(validate_json(results), ensure_ascii=False))
+    return EXIT_OK if all(result.valid for result in results) else EXIT_USAGE
 
 
 class DetailedExitCommand(click.Command):
@@ -386,6 +404,12 @@ def sheet(manifest: Path, allow_reference_outside: bool) -> int:
     is_flag=True,
     help="Print the normalized response as one JSON object on stdout.",
 )
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='As --print-response, and on a failure print {"error": {...}} on stdout instead.',
+)
 @provider_option
 @allow_outside_option
 @error_boundary
@@ -393,21 +417,27 @@ def generate_command(
     request_text: str,
     output: Path | None,
     print_response: bool,
+    as_json: bool,
     provider: str | None,
     allow_reference_outside: bool,
 ) -> int:
     """Make one image from one request, as the seed skill's helper script does."""
-    from imgbatch.single import generate
+    from imgbatch.single import error_json, generate
 
-    response = generate(
-        _read_request(request_text),
-        output=output,
-        provider=provider,
-        allow_reference_outside=allow_reference_outside,
-    )
+    try:
+        response = generate(
+            _read_request(request_text),
+            output=output,
+            provider=provider,
+            allow_reference_outside=allow_reference_outside,
+        )
+    except ImgbatchError as exc:
+        if as_json:
+            click.echo(json.dumps(error_json(exc), ensure_ascii=False))
+        raise  # the message on stderr and the exit code, as without --json
     where = "from the cache, nothing sent" if response["cached"] else "generated"
     click.echo(f"{response['file']} ({where})", err=True)
-    if print_response:
+    if print_response or as_json:
         click.echo(json.dumps(response, ensure_ascii=False))
     return EXIT_OK
 
