@@ -27,7 +27,7 @@ class Validated:
     manifest: Path
     shots: int | None  # after vars, matrix and variants; None when the manifest is invalid
     problems: tuple[ManifestProblem, ...] = ()
-    # The error as the terminal shows it (each problem at file:line:column).
+    # The error as the terminal shows it, naming the file (a hook checks several at once).
     message: str | None = None
 
     @property
@@ -44,7 +44,8 @@ def validate(
         try:
             manifest = load_manifest(path, allow_reference_outside=allow_reference_outside)
         except ManifestError as error:
-            results.append(Validated(Path(path), None, error.problems, str(error)))
+            message = str(ManifestError(error.problems, subject=str(path)))
+            results.append(Validated(Path(path), None, error.problems, message))
         else:
             results.append(Validated(Path(path), len(manifest.shots)))
     return tuple(results)
