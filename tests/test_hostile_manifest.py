@@ -326,27 +326,34 @@ def drip() -> Iterator[DripServer]:
 def test_a_reference_url_dripping_its_body_is_cut_off_at_the_deadline(
     tmp_path: Path, drip: DripServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("imgbatch.expand.REFERENCE_URL_DEADLINE", 1.0, raising=False)
+    monkeypatch.setattr("imgbatch.reference.REFERENCE_URL_DEADLINE", 1.0, raising=False)
     path = manifest(f'version: 1\n{SHOT}    reference_image: "{drip.url}"\n')(tmp_path)
 
-    # plan fetches it (its key is its content); validate never does (below).
-    result = CliRunner().invoke(main, ["plan", str(path), "--provider", "placeholder"])
+    # Only apply (and generate) fetch it, to key it by its content; validate and plan never do.
+    result = CliRunner().invoke(main, ["apply", str(path), "--provider", "placeholder"])
 
-    assert result.exit_code == 2, result.output
-    assert f"{path}:5:22: shot a, field reference_image" in result.output
+    assert result.exit_code == 1, result.output  # the shot failed; nothing was sent for it
+    assert f"failed a: field reference_image: '{drip.url}' cannot be fetched" in result.output
     assert "not received in full within 1 s" in result.output
     assert drip.sent < drip.length
 
 
-def test_validate_never_downloads_a_reference_url(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "command",
+    [["validate"], ["plan", "--provider", "placeholder"], ["expand", "--json"]],
+    ids=["validate", "plan", "expand"],
+)
+def test_validate_plan_and_expand_never_download_a_reference_url(
+    tmp_path: Path, command: list[str]
+) -> None:
     with socket.create_server(("127.0.0.1", 0)) as listener:
         url = f"http://127.0.0.1:{listener.getsockname()[1]}/face.png"
         path = manifest(f'version: 1\n{SHOT}    reference_image: "{url}"\n')(tmp_path)
-        result = CliRunner().invoke(main, ["validate", str(path)])
+        result = CliRunner().invoke(main, [*command, str(path)])
         assert result.exit_code == 0, result.output
         listener.settimeout(0.2)
         with pytest.raises(TimeoutError):
-            listener.accept()  # a connection validate made would be waiting here
+            listener.accept()  # a connection the command made would be waiting here
 
 
 @pytest.mark.parametrize("declare", [True, False], ids=["content-length", "until-close"])
@@ -354,8 +361,8 @@ def test_a_reference_url_larger_than_the_cap_is_refused(tmp_path: Path, declare:
     limit = 10 * 1024 * 1024
     with DripServer(limit + 1, interval=0, chunk=256 * 1024, declare=declare) as server:
         path = manifest(f'version: 1\n{SHOT}    reference_image: "{server.url}"\n')(tmp_path)
-        result = CliRunner().invoke(main, ["plan", str(path), "--provider", "placeholder"])
+        result = CliRunner().invoke(main, ["apply", str(path), "--provider", "placeholder"])
 
-    assert result.exit_code == 2, result.output
-    assert f"{path}:5:22: shot a, field reference_image" in result.output
+    assert result.exit_code == 1, result.output
+    assert "failed a: field reference_image: " in result.output
     assert "is larger than 10 MiB" in result.output

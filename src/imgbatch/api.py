@@ -28,12 +28,12 @@ import filelock
 
 from imgbatch.errors import ConfigError, FrozenError, LockedError, StoreError, StoreWriteError
 from imgbatch.executor import Executor, Listener, Phase, RunOutcome, failed_entry
-from imgbatch.expand import Expansion, expand, shot_list
+from imgbatch.expand import Expansion, expand, fetch_references, shot_list
 from imgbatch.learned import QuotaStore, default_store_path
 from imgbatch.manifest import Manifest, load_manifest, manifest_from_data
 from imgbatch.models import MIN_RPS
 from imgbatch.pacing import Clock, Finding, Pacer, RetryPolicy
-from imgbatch.plan import PAID_ACTIONS, Action, Plan, PlannedShot
+from imgbatch.plan import Action, Plan, PlannedShot
 from imgbatch.plan import make_plan as plan_shots
 from imgbatch.providers import Provider, create_provider, resolve_provider_name
 from imgbatch.quota import Quota
@@ -192,7 +192,8 @@ def make_plan(
     allow_reference_outside: bool = False,
     only: Sequence[str] = (),
 ) -> Plan:
-    """What `apply` would do for each shot, reading the output folder but changing nothing.
+    """What `apply` would do for each shot, reading the output folder but changing nothing and
+    downloading nothing: see `imgbatch.plan` for what that means for a reference URL.
 
     With `only` (shot ids or fnmatch globs), the plan has those shots alone and no orphans.
     """
@@ -259,10 +260,13 @@ async def apply_async(
         options.home,
         allow_reference_outside=options.allow_reference_outside,
     )
-    output_dir = expansion.output_dir
-    # Before anything is written: a pattern matching no shot is refused.
+    # Before anything is fetched or written: a pattern matching no shot is refused.
     everything, expansion = expansion, _narrowed(expansion, options.only)
     only = bool(options.only)
+    # Each reference URL once, keyed by its content, so that the plan below knows every key
+    # (a frozen run pays nothing for a URL whose content did not change).
+    expansion = await fetch_references(expansion)
+    output_dir = expansion.output_dir
     if options.frozen:
         # Before credentials and before the lock: a refused frozen run writes nothing at all.
         _refuse_paid(_plan(expansion, load_state(output_dir), only=only))
@@ -396,7 +400,7 @@ def _with_unselected(
 
 def _refuse_paid(plan: Plan) -> None:
     """FrozenError naming the shots that would need a paid request, if any."""
-    paid = [item for item in plan.shots if item.action in PAID_ACTIONS]
+    paid = [item for item in plan.shots if item.paid]
     if not paid:
         return
     shown = [f"{item.id} ({item.action}: {item.reason})" for item in paid[:20]]

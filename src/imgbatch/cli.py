@@ -194,7 +194,7 @@ def plan(
     as_json: bool,
     only: tuple[str, ...],
 ) -> int:
-    """Show what apply would do for each shot, and why."""
+    """Show what apply would do for each shot, and why; nothing is sent or downloaded."""
     from imgbatch.api import make_plan
     from imgbatch.report import plan_json, plan_summary, plan_table
 

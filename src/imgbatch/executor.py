@@ -14,7 +14,9 @@ downloaded is fetched by the next apply (`_recover`) instead of being paid for a
 A file that cannot be written fails its shot only, naming the path (a paid image stays in the
 cache, or its URL in the entry); a full disk, or a journal that cannot be written, also stops the
 run like a 401. A restore checks the cache entry first: a damaged one is discarded, said to the
-listener as a `Notice`, and the image fetched from its recorded URL or generated again.
+listener as a `Notice`, and the image fetched from its recorded URL or generated again. A shot
+whose reference URL could not be fetched (`apply` fetches them before planning) fails unsent,
+naming the field.
 """
 
 from __future__ import annotations
@@ -149,7 +151,7 @@ class Executor:
         for item in plan.shots:
             if item.action is Action.UNCHANGED and item.previous is not None:
                 # Kept exactly as it was: results.json describes the image, not this run.
-                self.outcome.entries[item.id] = item.previous
+                self.outcome.entries[item.id] = _with_reference_url(item.previous, item.shot)
         workers = [
             asyncio.create_task(self._worker(plan.output_dir, pending))
             for _ in range(self.concurrency)
@@ -170,6 +172,13 @@ class Executor:
             if self.stop_requested.is_set():
                 reason = self.outcome.stopped or "stopped"
                 self._finish(failed_entry(item.shot, f"not run: {reason}", None, 0), journal=False)
+                continue
+            reference = item.shot.request.reference
+            if reference is not None and not reference.fetched:
+                # Its content, and so its key, is unknown: nothing can be restored or sent.
+                reason = reference.problem or "was not fetched"
+                message = f"field reference_image: '{reference.source}' {reason}; nothing was sent"
+                self._finish(failed_entry(item.shot, message, None, 0))
                 continue
             self.outcome.in_flight[item.id] = Phase.WAITING
             if item.action is Action.RESTORE:
@@ -247,7 +256,13 @@ class Executor:
         if previous is not None and previous.key == key and previous.status != "failed":
             # Same request as before: keep its provenance (URL, request id) from the results.
             self._finish(
-                replace(previous, status="cached", file=shot.file, sha256=digest, bytes=size)
+                replace(
+                    _with_reference_url(previous, shot),
+                    status="cached",
+                    file=shot.file,
+                    sha256=digest,
+                    bytes=size,
+                )
             )
             return
         width, height = shot.request.dimensions
@@ -525,7 +540,20 @@ def _entry(
         request=request.canonical(),
         prompt_sent=sent.text,
         simplified=sent is not request,
+        reference_url=request.reference.source
+        if request.reference is not None and request.reference.is_url
+        else None,
     )
+
+
+def _with_reference_url(entry: ResultEntry, shot: Shot | None) -> ResultEntry:
+    """`entry` naming the reference URL the shot has now: the same content moved to another URL
+    keeps its image, and the next plan must compare against the new URL."""
+    if shot is None:
+        return entry
+    reference = shot.request.reference
+    url = reference.source if reference is not None and reference.is_url else None
+    return entry if entry.reference_url == url else replace(entry, reference_url=url)
 
 
 def failed_entry(

@@ -2,35 +2,25 @@
 
 Takes a `Manifest` (defaults already merged) and the environment; gives the output folder and a
 `Shot` per manifest entry, each with its normalized `ImageRequest` and the file it becomes.
-Reference images come checked and hashed from `load_manifest`; reference URLs are fetched here,
-once each, because their content hash is part of the request's key. `shot_list` gives the same
-shots as plain dicts for `imgbatch expand`, without fetching anything.
+Reference images come checked and hashed from `load_manifest`. Nothing is downloaded here: a
+reference URL stays unfetched (its request's key is provisional) until `fetch_references`, which
+only `apply` and `generate` call, fetches each distinct URL once and keys its shots by its content.
+`shot_list` gives the same shots as plain dicts for `imgbatch expand`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from imgbatch.errors import ManifestError, ManifestProblem
 from imgbatch.manifest import Manifest, ShotSpec
 from imgbatch.models import DEFAULT_MODEL
-from imgbatch.reference import (
-    REFERENCE_MAX_BYTES,
-    ReferenceImage,
-    ReferenceProblem,
-    load_local_reference,
-)
+from imgbatch.reference import ReferenceImage, fetch_urls, is_url, load_local_reference
 from imgbatch.request import DEFAULT_SIZE, ImageRequest
-
-# The whole fetch of a reference URL (connect, headers, body), not each read.
-REFERENCE_URL_DEADLINE = 30.0
-_MIB = REFERENCE_MAX_BYTES // (1024 * 1024)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +64,27 @@ def expand(
     return Expansion(output_dir_for(manifest, environ), tuple(shots), provider)
 
 
+async def fetch_references(expansion: Expansion) -> Expansion:
+    """`expansion` with every reference URL fetched (once, however many shots name it) and its
+    shots keyed by the content; a URL that could not be fetched stays unfetched, with its
+    `problem`, and the executor fails its shots (naming the field) without sending them."""
+    urls = [
+        shot.request.reference.source
+        for shot in expansion.shots
+        if shot.request.reference is not None and not shot.request.reference.fetched
+    ]
+    if not urls:
+        return expansion
+    fetched = await fetch_urls(urls)
+    shots = tuple(
+        replace(shot, request=replace(shot.request, reference=fetched[reference.source]))
+        if (reference := shot.request.reference) is not None and not reference.fetched
+        else shot
+        for shot in expansion.shots
+    )
+    return replace(expansion, shots=shots)
+
+
 def _request(spec: ShotSpec, reference: ReferenceImage | None, provider: str) -> ImageRequest:
     fields = spec.fields
     return ImageRequest(
@@ -107,7 +118,7 @@ def shot_list(
     for spec in manifest.shots:
         source = spec.fields.get("reference_image")
         key: str | None = None
-        if not (source and _is_url(source)):
+        if not (source and is_url(source)):
             reference = references.read(spec, source) if source else None
             key = _request(spec, reference, provider).key
         fields = spec.fields
@@ -128,12 +139,8 @@ def shot_list(
     return shots
 
 
-def _is_url(source: str) -> bool:
-    return source.startswith(("http://", "https://"))
-
-
 class _ReferenceReader:
-    """Reads each distinct reference once; a failure names the shot that needed it."""
+    """Reads each distinct local reference once; a failure names the shot that needed it."""
 
     def __init__(self, manifest: Manifest) -> None:
         self.manifest = manifest
@@ -145,11 +152,9 @@ class _ReferenceReader:
         return self.seen[source]
 
     def _load(self, spec: ShotSpec, source: str) -> ReferenceImage:
+        if is_url(source):
+            return ReferenceImage.at_url(source)  # fetched by apply and generate only
         try:
-            if _is_url(source):
-                reference = ReferenceImage.from_bytes(_fetch(source), source)
-                # Keyed by what was fetched now; the URL is what the API is given.
-                return ReferenceImage(reference.sha256, source, reference.media_type)
             # Checked by load_manifest already, unless the Manifest was built by hand.
             return load_local_reference(
                 source,
@@ -168,44 +173,3 @@ class _ReferenceReader:
                 field="reference_image",
             )
             raise ManifestError([problem]) from None
-
-
-def _fetch(url: str) -> bytes:
-    """The body at `url`: at most REFERENCE_MAX_BYTES, all of it within REFERENCE_URL_DEADLINE.
-
-    A per-read timeout is not enough: a server sending a byte every few seconds would never be
-    cut off. The fetch runs on its own event loop in a worker thread, so it works the same
-    whether or not the caller is inside one.
-    """
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="imgbatch-ref") as pool:
-        return pool.submit(asyncio.run, _fetch_async(url)).result()
-
-
-async def _fetch_async(url: str) -> bytes:
-    # Imported here, not at the top: only a manifest with a reference URL needs it, and `validate`
-    # or `plan` of any other should not pay its import (tests/test_startup.py).
-    import aiohttp
-
-    deadline = REFERENCE_URL_DEADLINE
-    try:
-        async with asyncio.timeout(deadline):
-            timeout = aiohttp.ClientTimeout(total=None, connect=deadline)
-            async with (
-                aiohttp.ClientSession(timeout=timeout, trust_env=True) as session,
-                session.get(url, headers={"User-Agent": "imgbatch"}) as response,
-            ):
-                if response.status != 200:
-                    raise ValueError(f"cannot be fetched: HTTP {response.status}")
-                declared = response.content_length
-                if declared is not None and declared > REFERENCE_MAX_BYTES:
-                    raise ReferenceProblem(f"is larger than {_MIB} MiB ({declared} bytes)")
-                data = bytearray()
-                async for chunk in response.content.iter_chunked(64 * 1024):
-                    data += chunk
-                    if len(data) > REFERENCE_MAX_BYTES:
-                        raise ReferenceProblem(f"is larger than {_MIB} MiB")
-                return bytes(data)
-    except TimeoutError:
-        raise ValueError(f"cannot be fetched: not received in full within {deadline:g} s") from None
-    except aiohttp.ClientError as exc:
-        raise ValueError(f"cannot be fetched: {type(exc).__name__} {exc}".rstrip()) from None

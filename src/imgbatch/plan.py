@@ -12,16 +12,23 @@ no-op plan of thousands of shots stays fast.
     restore    an image for this exact request is in the cache: copied into place, no request
                (checked first; a damaged entry is discarded and the image fetched or made again)
     orphan     in the results but no longer in the manifest: left on disk, listed
+
+A plan downloads nothing, so the content of a reference URL, and with it the shot's key, is
+unknown to it. When the shot's previous image was made from the same URL and nothing else
+changed, the plan assumes the URL still serves what it served then, and says so in the reason
+("unchanged, unless the reference URL's content changed"); otherwise it is a create or a replace
+as usual. `apply` fetches every URL and plans again with the real keys.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 
 from imgbatch.expand import Shot
+from imgbatch.reference import ReferenceImage
 from imgbatch.request import changed_fields
 from imgbatch.results import ResultEntry
 from imgbatch.store import ImageCache
@@ -51,6 +58,13 @@ class PlannedShot:
     # For a restore: the entry that recorded the cached image's SHA-256 and size, if any.
     record: ResultEntry | None = None
 
+    @property
+    def paid(self) -> bool:
+        """Whether apply would send a paid request for it: a create or replace, unless its
+        reference URL could not be fetched (it then fails, unsent)."""
+        reference = self.shot.request.reference if self.shot is not None else None
+        return self.action in PAID_ACTIONS and (reference is None or reference.problem is None)
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -64,7 +78,7 @@ class Plan:
 
     @property
     def paid_requests(self) -> int:
-        return sum(1 for item in self.shots if item.action in PAID_ACTIONS)
+        return sum(1 for item in self.shots if item.paid)
 
     @property
     def has_work(self) -> bool:
@@ -125,6 +139,9 @@ def _plan_shot(
     cache: ImageCache,
     records: _Records,
 ) -> PlannedShot:
+    reference = shot.request.reference
+    if reference is not None and not reference.fetched:
+        return _plan_unknown_content(output_dir, shot, reference, previous, cache, records)
     key = shot.request.key
     made_before = previous is not None and previous.status != "failed"
     if made_before and previous is not None and previous.key == key:
@@ -151,6 +168,47 @@ def _plan_shot(
     else:
         reason = "image missing from disk and cache"
     return PlannedShot(shot.id, Action.CREATE, reason, shot, previous)
+
+
+def _plan_unknown_content(
+    output_dir: Path,
+    shot: Shot,
+    reference: ReferenceImage,
+    previous: ResultEntry | None,
+    cache: ImageCache,
+    records: _Records,
+) -> PlannedShot:
+    """A shot whose reference URL is not fetched: see the module docstring."""
+    if reference.problem is not None:  # apply fetched it and could not: the shot fails
+        reason = f"reference_image cannot be used ({reference.problem}): fails, nothing is sent"
+        return PlannedShot(shot.id, Action.CREATE, reason, shot, previous)
+    known = previous.request.get("reference_sha256") if previous is not None else None
+    known = known if isinstance(known, str) else None
+    # The shot as it would be if the URL served what the previous image was made from.
+    assumed = replace(
+        shot, request=replace(shot.request, reference=ReferenceImage(known, reference.source))
+    )
+    if previous is not None and previous.reference_url == reference.source and known:
+        planned = _plan_shot(output_dir, assumed, previous, cache, records)
+        if planned.action in (Action.UNCHANGED, Action.RESTORE):
+            reason = f"{planned.reason}, unless the reference URL's content changed"
+            return replace(planned, reason=reason)
+        return planned
+    if previous is None:
+        return PlannedShot(shot.id, Action.CREATE, "new shot", shot, None)
+    if previous.status == "failed":
+        reason = f"failed last time: {previous.error or 'unknown error'}"
+        return PlannedShot(shot.id, Action.CREATE, reason, shot, previous)
+    # Another URL (or one the previous run did not record): what it serves is unknown.
+    others = [
+        name
+        for name in changed_fields(dict(previous.request), assumed.request.canonical())
+        if name != "reference_sha256"
+    ]
+    reason = f"changed: {', '.join(['reference URL', *others])}"
+    if not others:
+        reason += " (nothing is paid if it serves the same content: apply fetches it to see)"
+    return PlannedShot(shot.id, Action.REPLACE, reason, shot, previous)
 
 
 def _file_matches(path: Path, previous: ResultEntry) -> bool:

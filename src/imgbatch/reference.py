@@ -1,8 +1,13 @@
 """Reference images: checked before anything is read, read once, keyed by their content.
 
 Takes a `reference_image` as written in a manifest (a path relative to the manifest's folder, or
-the bytes fetched from an http(s) URL); gives a `ReferenceImage` holding the content's SHA-256,
-or raises `ReferenceProblem` saying what is wrong in words a user can act on.
+an http(s) URL); gives a `ReferenceImage` holding the content's SHA-256, or raises
+`ReferenceProblem` saying what is wrong in words a user can act on.
+
+A URL is not fetched when the manifest is read: `validate`, `expand` and `plan` download nothing,
+so a URL's reference starts *unfetched* (`sha256` None). Only `apply` and `generate` call
+`fetch_urls`, which fetches each distinct URL once, a few at a time, within a deadline and a
+size cap, and gives it keyed by its content, or unfetched with the `problem` that fails its shots.
 
 A shot list can come from a pull request, so a local reference is read only when it resolves
 (after following links) to a regular file inside the manifest's folder tree, unless the user
@@ -17,20 +22,31 @@ TIFF or GIF, each side from 384 to 3072 pixels.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import io
 import os
 import stat
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
 from imgbatch.errors import PermanentError
 
+if TYPE_CHECKING:
+    import aiohttp
+
 REFERENCE_MAX_BYTES = 10 * 1024 * 1024
+# The whole fetch of a reference URL (connect, headers, body), not each read.
+REFERENCE_URL_DEADLINE = 30.0
+# Reference URLs fetched at once: enough to overlap slow servers, few enough that the bodies held
+# while they are checked stay under 100 MiB.
+REFERENCE_URL_CONCURRENCY = 8
 REFERENCE_MIN_SIDE = 384
 REFERENCE_MAX_SIDE = 3072
 MEDIA_TYPES = {
@@ -59,25 +75,38 @@ class ReferenceImage:
     """A reference image, identified by what it contains.
 
     `source` is where it came from (an absolute, resolved path, an http(s) URL, or "<bytes>");
-    only `sha256` enters the key, so moving the file does not regenerate anything. A local file's
+    only `sha256` enters the key, so moving the file does not regenerate anything. A URL's
+    `sha256` is None until `fetch_urls` fetched it (and stays None, with the `problem`, when it
+    could not be). A local file's
     bytes are not held: 100,000 shots sharing one reference must not hold 100,000 copies, and a
     list of many references must not hold them all. They are read again when a request is sent,
     and refused if they no longer match the hash that was keyed.
     """
 
-    sha256: str
+    sha256: str | None
     source: str
     media_type: str = "image/png"
     data: bytes | None = field(default=None, repr=False, compare=False)
+    problem: str | None = field(default=None, compare=False)
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "<bytes>") -> ReferenceImage:
         """Check that `data` is an accepted image; keep it."""
         return cls(hashlib.sha256(data).hexdigest(), source, describe_image(data), data)
 
+    @classmethod
+    def at_url(cls, url: str) -> ReferenceImage:
+        """A reference URL whose content is not known yet."""
+        return cls(None, url)
+
     @property
     def is_url(self) -> bool:
-        return self.source.startswith(("http://", "https://"))
+        return is_url(self.source)
+
+    @property
+    def fetched(self) -> bool:
+        """Whether its content, and so its key, is known."""
+        return self.sha256 is not None
 
     def message_value(self) -> str:
         """What goes into the API message: the URL itself, else the bytes as a data URI."""
@@ -98,6 +127,74 @@ class ReferenceImage:
                     "run apply again to key the new content"
                 )
         return f"data:{self.media_type};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def is_url(written: str) -> bool:
+    return written.startswith(("http://", "https://"))
+
+
+async def fetch_urls(
+    urls: Iterable[str], *, concurrency: int | None = None
+) -> dict[str, ReferenceImage]:
+    """Each distinct URL fetched once, at most `concurrency` at a time: its reference keyed by
+    the content fetched, or unfetched with the `problem` (not an image, too large, unreachable,
+    not in full within `REFERENCE_URL_DEADLINE`). At most `REFERENCE_URL_CONCURRENCY` at once
+    unless `concurrency` says. The bodies are not kept: the API is given the URL itself."""
+    distinct = list(dict.fromkeys(urls))
+    if not distinct:
+        return {}
+    # Imported here: only a run with a reference URL needs it, and `validate` or `plan` should
+    # not pay its import (tests/test_startup.py).
+    import aiohttp
+
+    gate = asyncio.Semaphore(concurrency or REFERENCE_URL_CONCURRENCY)
+    deadline = REFERENCE_URL_DEADLINE
+    timeout = aiohttp.ClientTimeout(total=None, connect=deadline)
+    async with aiohttp.ClientSession(timeout=timeout, trust_env=True) as session:
+
+        async def one(url: str) -> ReferenceImage:
+            async with gate:
+                try:
+                    data = await _fetch(session, url, deadline)
+                    media_type = await asyncio.to_thread(describe_image, data)
+                except ReferenceProblem as exc:
+                    return ReferenceImage(None, url, problem=str(exc))
+                return ReferenceImage(hashlib.sha256(data).hexdigest(), url, media_type)
+
+        found = await asyncio.gather(*(one(url) for url in distinct))
+    return dict(zip(distinct, found, strict=True))
+
+
+async def _fetch(session: aiohttp.ClientSession, url: str, deadline: float) -> bytes:
+    """The body at `url`: at most REFERENCE_MAX_BYTES, all of it within `deadline` seconds (a
+    per-read timeout is not enough: a server sending a byte every few seconds would never be
+    cut off); else `ReferenceProblem`."""
+    import aiohttp
+
+    limit = REFERENCE_MAX_BYTES
+    cap = f"{limit // (1024 * 1024)} MiB"
+    try:
+        async with (
+            asyncio.timeout(deadline),
+            session.get(url, headers={"User-Agent": "imgbatch"}) as response,
+        ):
+            if response.status != 200:
+                raise ReferenceProblem(f"cannot be fetched: HTTP {response.status}")
+            declared = response.content_length
+            if declared is not None and declared > limit:
+                raise ReferenceProblem(f"is larger than {cap} ({declared} bytes)")
+            data = bytearray()
+            async for chunk in response.content.iter_chunked(64 * 1024):
+                data += chunk
+                if len(data) > limit:
+                    raise ReferenceProblem(f"is larger than {cap}")
+            return bytes(data)
+    except TimeoutError:
+        message = f"cannot be fetched: not received in full within {deadline:g} s"
+        raise ReferenceProblem(message) from None
+    except (aiohttp.ClientError, OSError) as exc:
+        message = f"cannot be fetched: {type(exc).__name__} {exc}".rstrip()
+        raise ReferenceProblem(message) from None
 
 
 def load_local_reference(written: str, base_dir: Path, *, allow_outside: bool) -> ReferenceImage:

@@ -6,6 +6,10 @@ prompt, size, seed, the reference image's content hash (never its path or URL) a
 parameters. Fields left unset are omitted from the canonical form, so adding an optional field in
 a later version does not change the keys of existing shots.
 
+A reference URL not fetched yet has no content hash: such a request's key is provisional (it
+names the URL, which a content key never does), so no image is ever cached or found under it;
+`apply` and `generate` fetch the URL and key the request by its content before anything else.
+
     >>> ImageRequest(prompt="a red bicycle", size="1328*1328", seed=7).key[:12]
     '...'
 """
@@ -77,6 +81,8 @@ class ImageRequest:
     @cached_property
     def key(self) -> str:
         payload = {"key_format": KEY_FORMAT_VERSION, **self.canonical()}
+        if self.reference is not None and not self.reference.fetched:
+            payload["reference_url"] = self.reference.source  # provisional: see the module doc
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 

@@ -58,12 +58,19 @@ class ResultEntry:
     # whether the service's 200 without an image made imgbatch ask again, simplified.
     prompt_sent: str | None = None
     simplified: bool = False
+    # The reference URL the image was made from (its content hash is `request`'s
+    # reference_sha256): a plan, which downloads nothing, compares it to the manifest's.
+    reference_url: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         # Shallow on purpose: `request` is a flat mapping, and dataclasses.asdict's deep copy of
         # every entry was a third of a 10,000-shot no-op apply.
         data = {name: getattr(self, name) for name in _FIELD_NAMES}
         data["request"] = dict(self.request)
+        if self.reference_url is None:
+            # Only URL-referenced shots have it: every other line stays as older versions wrote
+            # it, so upgrading does not rewrite a committed results.json.
+            del data["reference_url"]
         return data
 
     @classmethod
@@ -98,12 +105,21 @@ def _check_types(entry: ResultEntry) -> None:
         and entry.status in _STATUSES
         and (entry.file is None or type(entry.file) is str)
         and (entry.image_url is None or type(entry.image_url) is str)
+        and (entry.reference_url is None or type(entry.reference_url) is str)
         and (entry.sha256 is None or type(entry.sha256) is str)
         and (entry.bytes is None or type(entry.bytes) is int)
         and type(entry.request) is dict
     ):
         return
-    allowed = {"id": str, "key": str, "file": str, "image_url": str, "sha256": str, "bytes": int}
+    allowed = {
+        "id": str,
+        "key": str,
+        "file": str,
+        "image_url": str,
+        "reference_url": str,
+        "sha256": str,
+        "bytes": int,
+    }
     bad = [
         name
         for name, kind in allowed.items()

@@ -86,7 +86,7 @@ async def agenerate(
     # Imported here: `imgbatch generate --help` must not pay for the executor and the SDK.
     from imgbatch.api import exclusive_output, provider_name
     from imgbatch.executor import Executor
-    from imgbatch.expand import Shot, expand
+    from imgbatch.expand import Shot, expand, fetch_references
     from imgbatch.pacing import Pacer
     from imgbatch.plan import Action, Plan, PlannedShot
     from imgbatch.providers import create_provider
@@ -97,7 +97,9 @@ async def agenerate(
     manifest = _as_manifest(request, allow_reference_outside)
     chosen = provider if not isinstance(provider, str | None) else None
     name = chosen.name if chosen is not None else provider_name(manifest, provider, environ, home)
-    (shot,) = expand(manifest, provider=name, environ=environ).shots
+    # A reference URL is fetched now and the request keyed by its content; one that cannot be
+    # fetched fails in the executor, naming the field, with nothing sent.
+    (shot,) = (await fetch_references(expand(manifest, provider=name, environ=environ))).shots
     key = shot.request.key
     state_folder, target = _places(key, output, environ)
     target = target.resolve()
