@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 
 from imgbatch import ApplyOptions, ConfigError, apply, make_plan
+from tests.conftest import write_manifest
 from tests.fake_dashscope import FakeDashScope
+from tests.reference_images import PNG, PNG_OTHER, ReferenceServer
 from tests.test_cli import FAST, assert_clean, edit_manifest, expected_shots, output_dir, run
 
 OFFLINE = ("--provider", "placeholder")
@@ -144,3 +146,23 @@ def test_only_from_python(example_manifest: Path) -> None:
 
     with pytest.raises(ConfigError, match="'nothing'"):
         make_plan(example_manifest, provider="placeholder", only=["nothing"])
+
+
+def test_a_left_out_shots_reference_url_is_not_fetched(tmp_path: Path) -> None:
+    with ReferenceServer({"/front.png": PNG, "/side.png": PNG_OTHER}) as server:
+        front, side = server.url("/front.png"), server.url("/side.png")
+        manifest = write_manifest(
+            tmp_path,
+            "version: 1\nname: refs\nprovider: placeholder\n"
+            'defaults:\n  size: "1328*1328"\nshots:\n'
+            f'  - id: front\n    prompt: a helmet\n    reference_image: "{front}"\n'
+            f'  - id: side\n    prompt: a helmet\n    reference_image: "{side}"\n',
+        )
+        report = apply(manifest, ApplyOptions(only=("side",)))
+        assert [entry.id for entry in report.entries] == ["side"]
+        assert server.requests == {"/side.png": 1}
+        # A pattern matching nothing is refused before any URL is fetched.
+        server.requests.clear()
+        with pytest.raises(ConfigError):
+            apply(manifest, ApplyOptions(only=("front", "back")))
+        assert server.total == 0
