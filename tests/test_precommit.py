@@ -30,7 +30,16 @@ NOT_A_SHOT_LIST = "not: [a shot list\n"  # and not even valid YAML
 
 def git(folder: Path, *args: str) -> str:
     done = subprocess.run(
-        ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", *args],
+        [
+            "git",
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@example.invalid",
+            "-c",
+            "commit.gpgsign=false",
+            *args,
+        ],
         cwd=folder,
         capture_output=True,
         text=True,
