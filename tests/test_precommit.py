@@ -28,22 +28,13 @@ BAD = "version: 1\nname: bad\nshots:\n  - id: one\n"
 NOT_A_SHOT_LIST = "not: [a shot list\n"  # and not even valid YAML
 
 
+# Commits in the test's own repositories: a name of their own, never signed.
+GIT_CONFIG = ("-c", "user.name=t", "-c", "user.email=t@example.invalid", "-c", "commit.gpgsign=0")
+
+
 def git(folder: Path, *args: str) -> str:
     done = subprocess.run(
-        [
-            "git",
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@example.invalid",
-            "-c",
-            "commit.gpgsign=false",
-            *args,
-        ],
-        cwd=folder,
-        capture_output=True,
-        text=True,
-        check=True,
+        ["git", *GIT_CONFIG, *args], cwd=folder, capture_output=True, text=True, check=True
     )
     return done.stdout
 
