@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from imgbatch.step_summary import MAX_ROWS
+from imgbatch.step_summary import MAX_ROWS, apply_markdown, plan_markdown
 from tests.conftest import write_manifest, write_many_shots
 from tests.fake_dashscope import FakeDashScope
 from tests.test_cli import FAST, assert_clean, run
@@ -134,3 +134,19 @@ def test_no_summary_without_the_variable(tmp_path: Path, monkeypatch: pytest.Mon
     assert result.exit_code == 0, result.output
     assert "warning" not in result.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["output", "shots.yaml"]
+
+
+def test_a_known_cost_is_shown_with_its_currency() -> None:
+    # The documents as `plan --json` and `apply --json` give them once prices are known.
+    plan = {
+        "shots": [{"id": "a", "action": "create", "reason": "new shot"}],
+        "summary": {"paid_requests": 1, "estimated_cost": 0.0375, "currency": "USD"},
+    }
+    assert "1 paid request · estimated cost: 0.0375 USD" in plan_markdown(plan, "imgbatch plan")
+    applied = {
+        "shots": [{"id": "a", "status": "generated", "error": None}],
+        "summary": {"requests": 3, "cost": 1.5, "possible_extra_cost": 0.5, "currency": "CNY"},
+    }
+    text = apply_markdown(applied, "imgbatch apply", stopped="a bound | was reached")
+    assert "3 requests sent · 0 throttled (429) · cost: 1.50 CNY (+0.50 CNY possibly)" in text
+    assert "Stopped: a bound \\| was reached" in text

@@ -37,7 +37,7 @@ def plan_markdown(document: Mapping[str, Any], title: str, *, metered: bool = Tr
     facts = [
         _counts(counts) or "no shots",
         f"{paid} {'paid' if metered else 'offline'} request{'s' if paid != 1 else ''}",
-        f"estimated cost: {_money(summary.get('estimated_cost'))}",
+        f"estimated cost: {_money(summary.get('estimated_cost'), summary.get('currency'))}",
     ]
     rows = [
         (str(shot["id"]), str(shot["action"]), shot.get("reason"))
@@ -55,11 +55,16 @@ def apply_markdown(
     summary: Mapping[str, Any] = document["summary"]
     counts = Counter(str(shot["status"]) for shot in shots)
     requests = summary.get("requests", 0)
+    currency = summary.get("currency")
+    cost = _money(summary.get("cost"), currency)
+    if summary.get("possible_extra_cost"):
+        # Requests whose answer was lost may have been billed too.
+        cost += f" (+{_money(summary['possible_extra_cost'], currency)} possibly)"
     facts = [
         _counts(counts) or "no shots",
         f"{requests} {'' if metered else 'offline '}request{'s' if requests != 1 else ''} sent",
         f"{summary.get('throttled', 0)} throttled (429)",
-        f"cost: {_money(summary.get('cost'))}",
+        f"cost: {cost}",
     ]
     rows = [
         (str(shot["id"]), str(shot["status"]), shot.get("error"))
@@ -112,17 +117,14 @@ def _counts(counts: Counter[str]) -> str:
     return ", ".join(f"{count} {name}" for name, count in counts.items())
 
 
-def _money(value: Any) -> str:
-    """A cost as the JSON gives it: null (no price known), a number, or an amount with its
-    currency."""
-    if value is None:
+def _money(value: Any, currency: Any = None) -> str:
+    """A cost as the JSON gives it (null: no price known) with its currency: cents at least,
+    and the fractions of a cent a per-image price can have."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
         return "unknown"
-    if isinstance(value, Mapping):
-        amount, currency = value.get("amount"), value.get("currency")
-        if amount is None:
-            return "unknown"
-        return _cell(f"{amount} {currency}" if currency else str(amount))
-    return _cell(str(value))
+    digits = f"{value:.4f}".rstrip("0")
+    digits += "0" * max(0, 2 - len(digits.partition(".")[2]))
+    return _cell(f"{digits} {currency}" if isinstance(currency, str) else digits)
 
 
 def _cell(text: str) -> str:
