@@ -214,10 +214,11 @@ def plan(
     # With --json, stdout is the document alone; the human text goes to stderr.
     click.echo(plan_table(result), err=as_json)
     click.echo(plan_summary(result), err=as_json)
-    document = plan_json(result)
+    summarize = bool(os.environ.get("GITHUB_STEP_SUMMARY"))
+    document = plan_json(result) if as_json or summarize else {}
     if as_json:
         click.echo(json.dumps(document, ensure_ascii=False))
-    if os.environ.get("GITHUB_STEP_SUMMARY"):
+    if summarize:
         from imgbatch.step_summary import plan_markdown
 
         title = _title("plan", manifest, only)
@@ -359,10 +360,11 @@ def apply_command(
         click.echo(f"warning: {report.sheet_problem}", err=True)
     elif report.sheet:
         click.echo(f"Contact sheet: {report.sheet}", err=as_json)
-    document = apply_json(report)
+    summarize = bool(os.environ.get("GITHUB_STEP_SUMMARY"))
+    document = apply_json(report) if as_json or summarize else {}
     if as_json:
         click.echo(json.dumps(document, ensure_ascii=False))
-    if os.environ.get("GITHUB_STEP_SUMMARY"):
+    if summarize:
         from imgbatch.step_summary import apply_markdown
 
         title = _title("apply", manifest, only)
