@@ -8,7 +8,7 @@ shot (a typo must not silently act on nothing):
     >>> from imgbatch.api import load_and_expand
     >>> _, expansion = load_and_expand("manifests/matrix.yaml", "placeholder")
     >>> [shot.id for shot in select_shots(expansion.shots, ["*-noon"])]
-    ['s03-front-noon', 's03-side-noon']
+    ['s03-front-noon', 's03-side-noon', 's03-top-noon']
 """
 
 from __future__ import annotations
