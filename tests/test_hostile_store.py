@@ -270,6 +270,9 @@ class Disk:
             real(fd, data, path)
 
         monkeypatch.setattr(store, "_write_fd", write)
+        # On a file system with reflinks an image placed from the cache shares its bytes rather
+        # than being written: copy instead, so every byte goes through the faulty write path.
+        monkeypatch.setattr(store, "clone", lambda source_fd, target_fd: False)
 
 
 def _cache_writes(path: Path) -> bool:

@@ -166,3 +166,11 @@ def test_a_left_out_shots_reference_url_is_not_fetched(tmp_path: Path) -> None:
         with pytest.raises(ConfigError):
             apply(manifest, ApplyOptions(only=("front", "back")))
         assert server.total == 0
+
+
+def test_only_and_prune_together_are_refused(example_manifest: Path) -> None:
+    result = run("apply", example_manifest, *OFFLINE, "--only", "s01*", "--prune")
+    assert result.exit_code == 2, result.output
+    assert_clean(result)
+    assert "--prune removes orphans, which --only leaves alone" in result.stderr
+    assert not output_dir(example_manifest).exists()

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
         ConfigError,
         FrozenError,
         ImgbatchError,
+        InspectError,
         LockedError,
         ManifestError,
         ManifestProblem,
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     )
     from imgbatch.manifest import Manifest, load_manifest
     from imgbatch.plan import Action, Plan, PlannedShot
+    from imgbatch.provenance import inspect_image
     from imgbatch.request import GeneratedImage, ImageRequest
     from imgbatch.results import ResultEntry
     from imgbatch.single import agenerate, generate
@@ -56,6 +58,7 @@ _EXPORTS = {
     "TransientError": "imgbatch.errors",
     "CacheEntryDamaged": "imgbatch.errors",
     "FrozenError": "imgbatch.errors",
+    "InspectError": "imgbatch.errors",
     "LockedError": "imgbatch.errors",
     "ManifestProblem": "imgbatch.errors",
     "NoImageError": "imgbatch.errors",
@@ -71,6 +74,7 @@ _EXPORTS = {
     "ImageRequest": "imgbatch.request",
     "agenerate": "imgbatch.single",
     "generate": "imgbatch.single",
+    "inspect_image": "imgbatch.provenance",
 }
 
 __all__ = [
@@ -84,6 +88,7 @@ __all__ = [
     "GeneratedImage",
     "ImageRequest",
     "ImgbatchError",
+    "InspectError",
     "LockedError",
     "Manifest",
     "ManifestError",
@@ -101,6 +106,7 @@ __all__ = [
     "apply",
     "expand_shots",
     "generate",
+    "inspect_image",
     "load_manifest",
     "make_plan",
 ]

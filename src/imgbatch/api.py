@@ -36,6 +36,7 @@ from imgbatch.pacing import Clock, Finding, Pacer, RetryPolicy
 from imgbatch.plan import Action, Plan, PlannedShot
 from imgbatch.plan import make_plan as plan_shots
 from imgbatch.providers import Provider, create_provider, resolve_provider_name
+from imgbatch.prune import Pruned, prune_orphans
 from imgbatch.quota import Quota
 from imgbatch.request import KEY_FORMAT_VERSION
 from imgbatch.results import Journal, ResultEntry, load_state, write_results
@@ -70,12 +71,18 @@ class ApplyOptions:
     simplify: bool = True
     # Send no paid request: refuse (FrozenError) when a shot needs one; restores still happen.
     frozen: bool = False
+    # Remove the orphaned shots' files (as imgbatch wrote them) and their results entries.
+    prune: bool = False
     # Act on these shots only (ids or fnmatch globs); every other shot's entry is kept as it is.
     only: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.only, str):  # only="s01" means one pattern, not three letters
             object.__setattr__(self, "only", (self.only,))
+        if self.only and self.prune:
+            raise ConfigError(
+                "--prune removes orphans, which --only leaves alone: use one or the other"
+            )
         # The same bounds as --rps and limits.rps: a NaN rate would send nothing, forever.
         if self.rps is not None and not (math.isfinite(self.rps) and self.rps >= MIN_RPS):
             raise ConfigError(
@@ -112,6 +119,8 @@ class ApplyReport:
     # The contact sheet (index.html), or why it could not be drawn: a warning, never a failure.
     sheet: Path | None = None
     sheet_problem: str | None = None
+    # With `prune`: each orphan, and whether its file and entry are gone.
+    pruned: tuple[Pruned, ...] = ()
 
     def count(self, status: str) -> int:
         """Shots this run made `status` (generated, cached: restored from the cache, failed);
@@ -324,6 +333,11 @@ async def apply_async(
             thumbnails.close()
         entries = tuple(_final_entry(item, outcome, provider.metered) for item in plan.shots)
         orphans = [item.previous for item in plan.orphans if item.previous is not None]
+        pruned: tuple[Pruned, ...] = ()
+        if options.prune:
+            in_use = {shot.file for shot in expansion.shots}
+            pruned, kept = prune_orphans(output_dir, orphans, in_use)
+            orphans = list(kept)
         written, sheet_plan = entries, plan
         if only:
             written, orphans, sheet_plan = _with_unselected(everything, state, plan, entries)
@@ -369,6 +383,7 @@ async def apply_async(
         elapsed=time.monotonic() - started,
         sheet=sheet,
         sheet_problem=sheet_problem,
+        pruned=pruned,
     )
 
 

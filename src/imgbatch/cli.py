@@ -1,8 +1,9 @@
 """The `imgbatch` command: parse flags, call one library function, print, return an exit code.
 
 Exit codes: 0 all shots good; 1 some shots failed or the run stopped; 2 invalid manifest,
-options or credentials; 130 interrupted. Known errors print one clean message, never a
-traceback; an unexpected error prints one line and the path of a log with the traceback.
+options or credentials (for `inspect`: a missing file, a non-PNG or no provenance); 130
+interrupted. Known errors print one clean message, never a traceback; an unexpected error
+prints one line and the path of a log with the traceback.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from imgbatch.errors import ConfigError, ImgbatchError, ManifestError
+from imgbatch.errors import ConfigError, ImgbatchError, InspectError, ManifestError
 from imgbatch.models import MIN_RPS
 from imgbatch.providers import PROVIDER_CHOICES, is_metered, secrets_for_redaction
 from imgbatch.quota import Quota, parse_quota
@@ -41,7 +42,7 @@ def error_boundary(command: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> int:
         try:
             code = command(*args, **kwargs)
-        except (ManifestError, ConfigError) as exc:
+        except (ManifestError, ConfigError, InspectError) as exc:
             click.echo(f"error: {exc}", err=True)
             code = EXIT_USAGE
         except ImgbatchError as exc:
@@ -295,6 +296,12 @@ def expand_command(
     "replace), before sending or writing anything. Restores from the cache still happen.",
 )
 @click.option(
+    "--prune",
+    is_flag=True,
+    help="Remove the files of orphaned shots (in the results, no longer in the manifest) and "
+    "their entries; a file changed since imgbatch wrote it is kept. Never the cache.",
+)
+@click.option(
     "--json",
     "as_json",
     is_flag=True,
@@ -311,6 +318,7 @@ def apply_command(
     allow_reference_outside: bool,
     no_simplify: bool,
     frozen: bool,
+    prune: bool,
     as_json: bool,
     only: tuple[str, ...],
 ) -> int:
@@ -348,6 +356,7 @@ def apply_command(
                 allow_reference_outside=allow_reference_outside,
                 simplify=not no_simplify,
                 frozen=frozen,
+                prune=prune,
                 only=only,
             ),
             listener=progress,
@@ -385,6 +394,66 @@ def sheet(manifest: Path, allow_reference_outside: bool) -> int:
 
     path = write_sheet(manifest, allow_reference_outside=allow_reference_outside)
     click.echo(f"Contact sheet: {path}")
+    return EXIT_OK
+
+
+@main.command("gc")
+@click.argument(
+    "manifests", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path)
+)
+@click.option("--yes", is_flag=True, help="Delete what is listed (default: only list it).")
+@allow_outside_option
+@error_boundary
+def gc_command(manifests: tuple[Path, ...], yes: bool, allow_reference_outside: bool) -> int:
+    """List the cached images, thumbnails and files in the manifests' output folders that no
+    results refer to, with their total size; --yes deletes them."""
+    from imgbatch.gc import collect_garbage
+
+    collection = collect_garbage(
+        manifests, delete=yes, allow_reference_outside=allow_reference_outside
+    )
+    for item in collection.items:
+        click.echo(f"{_shown(item.path)}  {_size_text(item.size)}  {item.kind}")
+    count = len(collection.items)
+    what = f"{count} file{'s' if count != 1 else ''}, {_size_text(collection.total)}"
+    if not count:
+        click.echo("Nothing to collect: every file is referred to by the results.")
+    elif collection.deleted:
+        click.echo(f"Deleted {what}.")
+    else:
+        click.echo(f"{what} that no results refer to; run again with --yes to delete them.")
+    return EXIT_OK
+
+
+def _size_text(size: int) -> str:
+    if size < 1000:
+        return f"{size} bytes"
+    value, units = size / 1000, ["KB", "MB", "GB"]
+    while value >= 1000 and len(units) > 1:
+        value, units = value / 1000, units[1:]
+    return f"{value:.1f} {units[0]}"
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the current folder when it is below it."""
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith("..") else relative
+
+
+@main.command()
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the fields as one JSON object.")
+@error_boundary
+def inspect(image: Path, as_json: bool) -> int:
+    """Print the provenance an imgbatch PNG carries: prompt sent, seed, model, key, request id."""
+    from imgbatch.provenance import as_json as fields_json
+    from imgbatch.provenance import as_lines, inspect_image
+
+    fields = inspect_image(image)
+    if as_json:
+        click.echo(json.dumps(fields_json(fields), ensure_ascii=False))
+    else:
+        click.echo("\n".join(as_lines(fields)))
     return EXIT_OK
 
 

@@ -4,6 +4,8 @@
     ├── ManifestError             a shot list that cannot be run: all problems found, each with
     │                             file:line:col, shot id and field (exit code 2)
     ├── ConfigError               bad options or environment: missing key, unknown provider (exit 2)
+    ├── InspectError              `inspect` of a missing file, a non-PNG or a PNG without
+    │                             provenance (exit 2)
     ├── LockedError               another apply holds the output folder (exit 1)
     ├── StoreError                the output folder or cache cannot be read or written (exit 1)
     │   ├── StoreWriteError       one file could not be written (disk full, a folder in its place)
@@ -76,6 +78,11 @@ class ManifestError(ImgbatchError):
 
 class ConfigError(ImgbatchError):
     """Options, environment or credentials that keep imgbatch from starting."""
+
+
+class InspectError(ImgbatchError):
+    """An image `imgbatch inspect` cannot read provenance from: missing, not a PNG, damaged, or
+    without imgbatch's text chunks."""
 
 
 class FrozenError(ImgbatchError):

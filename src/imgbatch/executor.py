@@ -9,7 +9,8 @@ shot only, a 401/403 stops the run: nothing new is sent, requests in flight fini
 downloaded right after it is generated (its URL expires), verified to decode at the reported
 size, put in the cache and copied into place before its entry is journaled, so a crash loses only
 shots in flight; its URL is journaled before the download, so that a shot paid for but not yet
-downloaded is fetched by the next apply (`_recover`) instead of being paid for again.
+downloaded is fetched by the next apply (`_recover`) instead of being paid for again. Every PNG
+written carries its provenance (`provenance.py`); the cache holds it as written.
 
 A file that cannot be written fails its shot only, naming the path (a paid image stays in the
 cache, or its URL in the entry); a full disk, or a journal that cannot be written, also stops the
@@ -40,10 +41,11 @@ from imgbatch.errors import (
 from imgbatch.expand import Shot
 from imgbatch.pacing import Clock, Finding, Pacer, RetryPolicy
 from imgbatch.plan import Action, Plan, PlannedShot
+from imgbatch.provenance import Provenance, embed
 from imgbatch.providers import Provider
 from imgbatch.request import GeneratedImage, ImageRequest, simplified
 from imgbatch.results import ResultEntry
-from imgbatch.store import ImageCache, atomic_write, verify_image
+from imgbatch.store import ImageCache, verify_image
 
 # Requests in flight when the user sets no cap. The rate is what limits a run; this only has to
 # be more than rate x latency (25 requests/s at a 15 s generation is 375 in flight), and stay
@@ -208,11 +210,15 @@ class Executor:
         *,
         kept: str,
         generated: GeneratedImage | None = None,
+        sent: ImageRequest | None = None,
     ) -> None:
         """One shot's file could not be written: that shot fails; a full disk stops the run."""
         if error.disk_full:
             self._stop_for_write(error)
-        self._finish(failed_entry(shot, f"{error}; {kept}", None, attempts, generated=generated))
+        entry = failed_entry(
+            shot, f"{error}; {kept}", None, attempts, generated=generated, sent=sent
+        )
+        self._finish(entry)
 
     def _finish(self, entry: ResultEntry, *, journal: bool = True) -> None:
         self.outcome.in_flight.pop(entry.id, None)
@@ -374,7 +380,12 @@ class Executor:
                 # Journaled before the download, so that a run killed while downloading leaves
                 # the paid image's URL for the next apply to fetch instead of paying again.
                 downloading = failed_entry(
-                    shot, "generated; its download had not finished", None, attempt, generated=image
+                    shot,
+                    "generated; its download had not finished",
+                    None,
+                    attempt,
+                    generated=image,
+                    sent=sent,
                 )
                 self.record(downloading)
                 self.outcome.downloading[shot.id] = downloading
@@ -402,7 +413,9 @@ class Executor:
             data = await self._fetch_verified(image, tries=1)
         except (ProviderError, ValueError):
             return False
-        await self._place(output_dir, shot, image, data, attempts=0)
+        # The text sent is part of what the image is: a simplified request stays one.
+        sent = simplified(shot.request) if previous.simplified else None
+        await self._place(output_dir, shot, image, data, attempts=0, sent=sent)
         return True
 
     async def _fetch_verified(self, image: GeneratedImage, *, tries: int) -> bytes:
@@ -442,7 +455,7 @@ class Executor:
                 f"downloaded: {failure}"
             )
             error = failure if isinstance(failure, ProviderError) else None
-            self._finish(failed_entry(shot, message, error, attempts, generated=image))
+            self._finish(failed_entry(shot, message, error, attempts, generated=image, sent=sent))
             return
         await self._place(output_dir, shot, image, data, attempts=attempts, sent=sent)
 
@@ -456,19 +469,25 @@ class Executor:
         attempts: int,
         sent: ImageRequest | None = None,
     ) -> None:
-        """Put verified bytes in the cache and at the shot's file, then record the shot."""
+        """Stamp verified bytes with their provenance, put them in the cache and at the shot's
+        file, then record the shot. The cache keeps the bytes as written, so that a restore puts
+        back the very file (the same SHA-256 as recorded), provenance and all."""
         key = shot.request.key
+        provenance = Provenance(
+            shot.id, shot.request, (sent or shot.request).text, image.request_id
+        )
+        data, digest = await asyncio.to_thread(_stamp, data, provenance)
         try:
             await asyncio.to_thread(self.cache.put, key, data)
         except StoreWriteError as exc:
             kept = "its URL is kept: the next apply downloads it instead of paying again"
-            self._write_failed(shot, exc, attempts, kept=kept, generated=image)
+            self._write_failed(shot, exc, attempts, kept=kept, generated=image, sent=sent)
             return
         try:
-            await asyncio.to_thread(atomic_write, output_dir / shot.file, data)
+            await asyncio.to_thread(self.cache.place, key, output_dir / shot.file, data)
         except StoreWriteError as exc:
             kept = "its image is in the cache: the next apply puts it in place without paying"
-            self._write_failed(shot, exc, attempts, kept=kept, generated=image)
+            self._write_failed(shot, exc, attempts, kept=kept, generated=image, sent=sent)
             return
         entry = _entry(
             shot,
@@ -476,12 +495,18 @@ class Executor:
             image,
             image.width,
             image.height,
-            hashlib.sha256(data).hexdigest(),
+            digest,
             len(data),
             attempts=attempts,
             sent=sent,
         )
         self._finish(entry)
+
+
+def _stamp(data: bytes, provenance: Provenance) -> tuple[bytes, str]:
+    """The bytes to write and their SHA-256 (off the event loop: a few ms for 3.5 MB)."""
+    stamped = embed(data, provenance)
+    return stamped, hashlib.sha256(stamped).hexdigest()
 
 
 def fit_to_open_files(concurrency: int) -> int:
@@ -563,9 +588,11 @@ def failed_entry(
     attempts: int,
     *,
     generated: GeneratedImage | None = None,
+    sent: ImageRequest | None = None,
 ) -> ResultEntry:
-    """A failed shot's entry; `generated` is the image it was billed for but could not keep."""
-    entry = _entry(shot, "failed", None, None, None, None, None, attempts=attempts)
+    """A failed shot's entry; `generated` is the image it was billed for but could not keep,
+    made from `sent` (the simplified request, when it was one)."""
+    entry = _entry(shot, "failed", None, None, None, None, None, attempts=attempts, sent=sent)
     # The generation's request id is the one a billing query or a support ticket needs.
     request_id = generated.request_id if generated else None
     return replace(

@@ -111,7 +111,16 @@ def apply_json(report: ApplyReport) -> dict[str, Any]:
         "retries": report.retries,
         "cost": None,
     }
-    return {"shots": shots, "summary": summary, "results": str(report.results_path)}
+    pruned = [
+        {"id": item.id, "file": item.file, "removed": item.removed, "reason": item.reason}
+        for item in report.pruned
+    ]
+    return {
+        "shots": shots,
+        "summary": summary,
+        "pruned": pruned,
+        "results": str(report.results_path),
+    }
 
 
 class Progress:
@@ -196,10 +205,31 @@ def apply_summary(report: ApplyReport) -> str:
         f"{report.throttled} throttled (429)."
     ]
     lines.extend(quota_lines(report))
+    lines.extend(prune_lines(report))
     if report.stopped:
         lines.append(f"Stopped: {report.stopped}")
     lines.append(f"Results: {report.results_path}")
     return "\n".join(lines)
+
+
+def prune_lines(report: ApplyReport) -> list[str]:
+    """What `--prune` did: the orphans that left the results, and the files it kept, and why."""
+    if not report.pruned:
+        return []
+    removed = [item for item in report.pruned if item.removed]
+    kept = [item for item in report.pruned if not item.removed]
+    lines = []
+    if removed:
+        files = [item.file for item in removed if item.file and item.reason == "removed"]
+        text = f"Pruned {len(removed)} orphaned shot{'s' if len(removed) != 1 else ''}"
+        text += f" from the results; removed {', '.join(files)}" if files else " from the results"
+        lines.append(text + ".")
+    lines.extend(
+        f"Kept orphan {item.id} ({item.file}): {item.reason}; delete it yourself and the next "
+        "--prune drops its entry."
+        for item in kept
+    )
+    return lines
 
 
 def quota_lines(report: ApplyReport) -> list[str]:

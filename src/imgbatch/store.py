@@ -13,6 +13,17 @@ what was recorded for that key (size and SHA-256), or, without a record, that th
 image of the shot's size: a damaged entry raises `CacheEntryDamaged` and is discarded, never
 copied into place. The executor never learns where bytes live beyond this interface, so an
 object-store cache can replace it.
+
+An image is in the cache and in the output folder, but its bytes are stored once where the file
+system can share them safely: a restore (and `place`, after a new image is cached) makes the
+output file a reflink of the cache entry (`FICLONE`: btrfs, XFS, bcachefs, overlayfs on those,
+NFS 4.2 with server-side clone). A reflink is copy-on-write: a tool that edits the output file in
+place changes its own copy, never the cache entry. Elsewhere (ext4, tmpfs) the bytes are copied.
+Never a hard link: image editors and `open(path, "wb")` rewrite a file in place, which through a
+hard link would rewrite the cache entry too (the SHA-256 check would catch it, but the image would
+be lost). `os.copy_file_range` is not used: the bytes are read to verify them anyway, so an
+in-kernel copy saves nothing where there is no reflink, and where there is, FICLONE shares them
+and says so.
 """
 
 from __future__ import annotations
@@ -22,10 +33,12 @@ import hashlib
 import io
 import os
 import stat
+import sys
 import tempfile
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 from PIL import Image
 
@@ -35,6 +48,9 @@ STATE_DIR = ".imgbatch"
 TEMP_PREFIX = ".imgbatch-tmp-"
 # A cache entry larger than any image the service makes is not one (and is never read whole).
 MAX_CACHED_BYTES = 64 * 1024 * 1024
+# linux/fs.h: _IOW(0x94, 9, int). Makes the file a reflink of another on the same file system.
+FICLONE = 0x40049409
+_T = TypeVar("_T")
 
 
 def atomic_write(path: Path, data: bytes | Iterable[bytes]) -> None:
@@ -44,6 +60,21 @@ def atomic_write(path: Path, data: bytes | Iterable[bytes]) -> None:
     need not be held in memory whole). Raises `StoreWriteError` naming `path`.
     """
     pieces = [data] if isinstance(data, bytes) else data
+
+    def fill(fd: int) -> None:
+        for piece in pieces:
+            _write_fd(fd, piece, path)
+
+    _atomic(path, fill)
+
+
+def _atomic(path: Path, fill: Callable[[int], _T]) -> _T:
+    """Give `path` the content `fill` puts in a new temporary file beside it, atomically.
+
+    `fill` gets the temporary file's descriptor (open for reading and writing); an OSError from
+    it is a failed write of `path` (`StoreWriteError`), anything else is raised as it is. Either
+    way the temporary file is gone and `path` untouched.
+    """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, temp = _create_temp(path.parent)
@@ -51,8 +82,7 @@ def atomic_write(path: Path, data: bytes | Iterable[bytes]) -> None:
         raise write_error(path, exc) from None
     try:
         try:
-            for piece in pieces:
-                _write_fd(fd, piece, path)
+            result = fill(fd)
             # mkstemp makes 0600 files; give what open() would, so an image or results.json
             # under umask 022 stays readable by the group and others.
             os.fchmod(fd, 0o666 & ~_umask())
@@ -65,6 +95,26 @@ def atomic_write(path: Path, data: bytes | Iterable[bytes]) -> None:
         if isinstance(exc, OSError):
             raise write_error(path, exc) from None
         raise
+    return result
+
+
+def clone(source_fd: int, target_fd: int) -> bool:
+    """Make the empty file `target_fd` a reflink of `source_fd` (shared, copy-on-write bytes);
+    False, with `target_fd` still empty, where the file system cannot (or across file systems).
+    """
+    if sys.platform != "linux":
+        return False
+    import fcntl
+
+    try:
+        fcntl.ioctl(target_fd, FICLONE, source_fd)
+    except OSError:
+        # EOPNOTSUPP (ext4, tmpfs), EXDEV (another file system), EINVAL (overlayfs across
+        # layers), ENOTTY: any refusal means "copy instead". A failed clone may have left part
+        # of the range behind on some file systems.
+        _empty(target_fd)
+        return False
+    return True
 
 
 def write_error(path: Path, error: OSError) -> StoreWriteError:
@@ -198,32 +248,51 @@ class ImageCache:
         size: int | None,
         dimensions: tuple[int, int],
     ) -> tuple[str, int]:
-        """Copy the entry to `target` once it is checked; give its SHA-256 and size.
+        """Put the entry at `target` once it is checked; give its SHA-256 and size.
 
         Checked against the recorded `sha256` and `size` when there is a record, else decoded
-        at `dimensions`. Raises `CacheEntryDamaged` (nothing written) or `StoreWriteError`.
+        at `dimensions`. The bytes checked are the ones placed: where `target` is made a reflink
+        of the entry, the reflink is what is read and checked. Raises `CacheEntryDamaged`
+        (nothing written) or `StoreWriteError`.
         """
-        data = self._read(key)
         path = self.path(key)
-        digest = hashlib.sha256(data).hexdigest()
-        if sha256 is not None:
-            if len(data) != size or digest != sha256:
-                raise CacheEntryDamaged(
-                    f"cache entry {path} does not match its record ({len(data)} bytes, "
-                    f"recorded {size}; SHA-256 {digest[:12]}..., recorded {sha256[:12]}...)"
-                )
-        else:
-            try:
-                found = _decoded_size(data, "its bytes")
-            except ValueError as exc:
-                raise CacheEntryDamaged(f"cache entry {path} is damaged: {exc}") from None
-            if found != dimensions:
-                raise CacheEntryDamaged(
-                    f"cache entry {path} is {found[0]}*{found[1]}, but the shot is "
-                    f"{dimensions[0]}*{dimensions[1]}"
-                )
-        atomic_write(target, data)
-        return digest, len(data)
+        entry = self._open(key)
+        try:
+
+            def fill(fd: int) -> tuple[str, int]:
+                shared = clone(entry, fd)
+                data = _read_fd(fd if shared else entry, path)
+                digest = _check_entry(path, data, sha256, size, dimensions)
+                if not shared:
+                    _write_fd(fd, data, target)
+                return digest, len(data)
+
+            return _atomic(target, fill)
+        finally:
+            os.close(entry)
+
+    def place(self, key: str, target: Path, data: bytes) -> None:
+        """Put `data`, just cached under `key` by `put`, at `target` too: a reflink of the entry
+        where the file system allows it, else a copy. Raises `StoreWriteError` naming `target`.
+        """
+        try:
+            entry = self._open(key)
+        except CacheEntryDamaged:
+            atomic_write(target, data)  # gone or replaced meanwhile: the bytes are at hand
+            return
+        try:
+
+            def fill(fd: int) -> None:
+                # An entry of another size is not the one `put` just wrote: copy `data`.
+                if clone(entry, fd):
+                    if os.fstat(fd).st_size == len(data):
+                        return
+                    _empty(fd)
+                _write_fd(fd, data, target)
+
+            _atomic(target, fill)
+        finally:
+            os.close(entry)
 
     def discard(self, key: str) -> None:
         """Remove a damaged entry (a link itself, never what it points to)."""
@@ -236,7 +305,9 @@ class ImageCache:
         except OSError:
             pass  # the next put replaces it
 
-    def _read(self, key: str) -> bytes:
+    def _open(self, key: str) -> int:
+        """The entry open for reading, checked to be a regular file of an image's size at most;
+        never through a symbolic link (the entry's or its shard folder's)."""
         path = self.path(key)
         nofollow = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
@@ -258,12 +329,61 @@ class ImageCache:
                 raise CacheEntryDamaged(f"cache entry {path} is not a regular file")
             if info.st_size > MAX_CACHED_BYTES:
                 raise CacheEntryDamaged(f"cache entry {path} is too large to be an image")
-            with os.fdopen(os.dup(fd), "rb") as handle:
-                return handle.read(MAX_CACHED_BYTES + 1)
-        except OSError as exc:
-            raise CacheEntryDamaged(f"cache entry {path} cannot be read ({exc})") from None
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        return fd
+
+
+def _read_fd(fd: int, path: Path) -> bytes:
+    """The bytes of the file open as `fd` (a cache entry, or a reflink of one), from the start;
+    a read that fails, or more than an image can be, makes the entry at `path` damaged."""
+    pieces: list[bytes] = []
+    offset = 0
+    try:
+        while offset <= MAX_CACHED_BYTES:
+            piece = os.pread(fd, 1 << 20, offset)
+            if not piece:
+                return b"".join(pieces)
+            pieces.append(piece)
+            offset += len(piece)
+    except OSError as exc:
+        raise CacheEntryDamaged(f"cache entry {path} cannot be read ({exc})") from None
+    raise CacheEntryDamaged(f"cache entry {path} is too large to be an image")
+
+
+def _check_entry(
+    path: Path,
+    data: bytes,
+    sha256: str | None,
+    size: int | None,
+    dimensions: tuple[int, int],
+) -> str:
+    """The SHA-256 of `data`, the entry at `path`, once checked against its record (or, without
+    one, decoded at `dimensions`); else `CacheEntryDamaged`."""
+    digest = hashlib.sha256(data).hexdigest()
+    if sha256 is not None:
+        if len(data) != size or digest != sha256:
+            raise CacheEntryDamaged(
+                f"cache entry {path} does not match its record ({len(data)} bytes, "
+                f"recorded {size}; SHA-256 {digest[:12]}..., recorded {sha256[:12]}...)"
+            )
+        return digest
+    try:
+        found = _decoded_size(data, "its bytes")
+    except ValueError as exc:
+        raise CacheEntryDamaged(f"cache entry {path} is damaged: {exc}") from None
+    if found != dimensions:
+        raise CacheEntryDamaged(
+            f"cache entry {path} is {found[0]}*{found[1]}, but the shot is "
+            f"{dimensions[0]}*{dimensions[1]}"
+        )
+    return digest
+
+
+def _empty(fd: int) -> None:
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
 
 
 def _create_temp(folder: Path) -> tuple[int, str]:
