@@ -88,9 +88,10 @@ def sha256(path: Path) -> str:
 def plan_rows(result: Result) -> dict[str, tuple[str, str]]:
     """`plan` table rows: shot id -> (action, why)."""
     rows = {}
-    for line in result.stdout.splitlines()[1:]:
+    lines = result.stdout.splitlines()
+    for line in lines[1:] if lines and lines[0].startswith("shot ") else []:
         parts = line.split(None, 2)
-        if len(parts) >= 2 and not line.startswith("Plan:"):
+        if len(parts) >= 2 and not line.startswith("Plan:") and "not listed" not in line:
             rows[parts[0]] = (parts[1], parts[2] if len(parts) > 2 else "")
     return rows
 
@@ -238,7 +239,14 @@ def test_apply_generates_every_shot_then_a_second_apply_sends_nothing(
 
     result = run("plan", example_manifest)
     assert result.exit_code == 0
-    assert set(plan_rows(result).values()) == {("unchanged", "image matches")}
+    # Nothing to do: one line for the unchanged shots, as Terraform does; -v lists them.
+    assert result.stdout.splitlines() == [
+        f"{len(shots)} unchanged shots not listed (plan -v lists them)",
+        f"Plan: {len(shots)} unchanged. 0 paid requests.",
+    ]
+    result = run("plan", "-v", example_manifest)
+    assert result.exit_code == 0
+    assert plan_rows(result) == {shot_id: ("unchanged", "image matches") for shot_id in shots}
     assert result.stdout.splitlines()[-1].endswith("0 paid requests.")
 
 
@@ -258,10 +266,16 @@ def test_edit_costs_one_request_revert_and_rename_cost_none(
 
     edit_manifest(example_manifest, reprompt)
     plan = run("plan", example_manifest)
-    rows = plan_rows(plan)
+    # Only the shot with something to do is listed, then a line for the others.
+    assert plan_rows(plan) == {edited: ("replace", "changed: text")}
+    assert plan.stdout.splitlines()[-2:] == [
+        f"{len(shots) - 1} unchanged shots not listed (plan -v lists them)",
+        f"Plan: 1 replace, {len(shots) - 1} unchanged. 1 paid request.",
+    ]
+    rows = plan_rows(run("-v", "plan", example_manifest))  # -v on the group works too
     assert rows[edited] == ("replace", "changed: text")
     assert all(action == "unchanged" for shot_id, (action, _) in rows.items() if shot_id != edited)
-    assert plan.stdout.splitlines()[-1].endswith(" 1 paid request.")
+    assert len(rows) == len(shots)
     result = run("apply", example_manifest, *FAST)
     assert result.exit_code == 0, result.output
     assert fake_server.generation_count == count + 1

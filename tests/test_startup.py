@@ -1,8 +1,8 @@
 """A fast start, guarded by what is imported rather than by a clock.
 
 Each check runs a command in a fresh interpreter and lists which heavy modules it loaded: `--help`
-must load none of the library's run machinery (executor, aiohttp, Pillow, a provider's SDK), and
-neither `validate` nor `plan` of a valid manifest may import a provider's SDK, aiohttp or
+must load none of the library's run machinery (executor, aiohttp, Pillow, a provider's SDK, rich),
+and neither `validate` nor `plan` of a valid manifest may import a provider's SDK, aiohttp or
 jsonschema. What lets them skip the SDK is that the providers package answers `auto`, `metered`
 and the secrets to redact without importing a provider; those answers are checked here too.
 The timings are in bench/startup.py and the README.
@@ -28,7 +28,15 @@ from imgbatch.providers import (
 )
 from tests.conftest import FAKE_KEY
 
-HEAVY = ("dashscope", "aiohttp", "PIL", "jsonschema", "imgbatch.executor", "imgbatch.api")
+HEAVY = (
+    "dashscope",
+    "aiohttp",
+    "PIL",
+    "jsonschema",
+    "rich",
+    "imgbatch.executor",
+    "imgbatch.api",
+)
 
 # Runs the CLI in-process in a fresh interpreter, then prints which HEAVY modules got loaded.
 PROBE = """

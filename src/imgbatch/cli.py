@@ -25,6 +25,7 @@ from imgbatch.providers import PROVIDER_CHOICES, is_metered, secrets_for_redacti
 from imgbatch.quota import Quota, parse_quota
 
 if TYPE_CHECKING:
+    from imgbatch.console import Verbosity
     from imgbatch.plan import Plan
 
 # The library is imported inside each command, not here: `--help` and `validate` must not pay for
@@ -115,10 +116,63 @@ provider_option = click.option(
 )
 
 
+def verbosity_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """`-v` and `-q`, on the group (for every command after it) and on `plan` and `apply`
+    (which win over the group's); the last one given wins."""
+    function = click.option(
+        "-q",
+        "--quiet",
+        "verbosity",
+        flag_value="quiet",
+        default=None,
+        help="Print only errors and the final summary line.",
+    )(function)
+    return click.option(
+        "-v",
+        "--verbose",
+        "verbosity",
+        flag_value="verbose",
+        default=None,
+        help="plan: list unchanged shots too; apply: a line per finished shot.",
+    )(function)
+
+
+def _verbosity(given: str | None) -> Verbosity:
+    """The command's own -v/-q, else the group's, else normal."""
+    from imgbatch.console import Verbosity
+
+    chosen = given or click.get_current_context().find_root().obj
+    return {"quiet": Verbosity.QUIET, "verbose": Verbosity.VERBOSE}.get(
+        chosen or "", Verbosity.NORMAL
+    )
+
+
+PROGRESS_INTERVAL_VARIABLE = "IMGBATCH_PROGRESS_INTERVAL"
+
+
+def _progress_interval() -> float | None:
+    """Seconds between progress lines in a log, from the environment; None: the default."""
+    text = os.environ.get(PROGRESS_INTERVAL_VARIABLE)
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(
+            f"{PROGRESS_INTERVAL_VARIABLE}={text!r} is not a number of seconds above 0"
+        )
+    return seconds
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="imgbatch")
-def main() -> None:
+@verbosity_options
+@click.pass_context
+def main(context: click.Context, verbosity: str | None) -> None:
     """Declarative batch image generation with Qwen Image models on DashScope."""
+    context.obj = verbosity
 
 
 @main.command()
@@ -186,6 +240,7 @@ class _UsageErrorExit1(click.UsageError):
     "--json", "as_json", is_flag=True, help="Print the plan as one JSON document on stdout."
 )
 @only_option
+@verbosity_options
 @error_boundary
 def plan(
     manifest: Path,
@@ -194,10 +249,15 @@ def plan(
     detailed_exitcode: bool,
     as_json: bool,
     only: tuple[str, ...],
+    verbosity: str | None,
 ) -> int:
-    """Show what apply would do for each shot, and why; nothing is sent or downloaded."""
+    """Show the shots apply would change, and why (-v: every shot); nothing is sent or
+    downloaded."""
     from imgbatch.api import make_plan
+    from imgbatch.console import Verbosity, console_for
     from imgbatch.report import plan_json, plan_summary, plan_table
+
+    level = _verbosity(verbosity)
 
     try:
         result = make_plan(
@@ -213,8 +273,11 @@ def plan(
         click.echo(f"error: {exc}", err=True)
         return EXIT_FAILED
     # With --json, stdout is the document alone; the human text goes to stderr.
-    click.echo(plan_table(result), err=as_json)
-    click.echo(plan_summary(result), err=as_json)
+    out = console_for(sys.stderr if as_json else sys.stdout)
+    table = plan_table(result, verbose=level is Verbosity.VERBOSE)
+    if table and level is not Verbosity.QUIET:
+        out.print(table)
+    out.print(plan_summary(result))
     summarize = bool(os.environ.get("GITHUB_STEP_SUMMARY"))
     document = plan_json(result) if as_json or summarize else {}
     if as_json:
@@ -308,6 +371,7 @@ def expand_command(
     help="Print what the run did as one JSON document on stdout (the summary goes to stderr).",
 )
 @only_option
+@verbosity_options
 @error_boundary
 def apply_command(
     manifest: Path,
@@ -321,16 +385,24 @@ def apply_command(
     prune: bool,
     as_json: bool,
     only: tuple[str, ...],
+    verbosity: str | None,
 ) -> int:
     """Generate the shots whose request changed; write images and results.json."""
     from imgbatch.api import ApplyOptions, apply
+    from imgbatch.console import Verbosity, console_for
     from imgbatch.plan import Action
-    from imgbatch.report import Progress, apply_json, apply_summary, plan_summary
+    from imgbatch.progress import DEFAULT_INTERVAL, Progress
+    from imgbatch.report import apply_json, apply_summary, plan_summary, quiet_summary
 
-    progress = Progress(0)
+    level = _verbosity(verbosity)
+    quiet = level is Verbosity.QUIET
+    progress = Progress(
+        sys.stderr, verbosity=level, interval=_progress_interval() or DEFAULT_INTERVAL
+    )
 
     def announce(planned: Plan) -> None:
-        if not is_metered(planned.provider):
+        # Even with --quiet, a fallback to placeholders is said: it is not what a key would do.
+        if not is_metered(planned.provider) and (provider == "auto" or not quiet):
             # With --provider auto the fallback must never be silent: say why.
             lead = (
                 "No DashScope API key is configured, so --provider auto uses"
@@ -342,8 +414,9 @@ def apply_command(
                 "calls, no cost.",
                 err=True,
             )
-        click.echo(plan_summary(planned), err=True)
-        progress.total = sum(1 for item in planned.shots if item.action is not Action.UNCHANGED)
+        if not quiet:
+            click.echo(plan_summary(planned), err=True)
+        progress.start(sum(1 for item in planned.shots if item.action is not Action.UNCHANGED))
 
     try:
         report = apply(
@@ -364,10 +437,13 @@ def apply_command(
         )
     finally:
         progress.close()
-    click.echo(apply_summary(report), err=as_json)
+    summary = apply_summary(report)
+    console_for(sys.stderr if as_json else sys.stdout).print(
+        quiet_summary(summary) if quiet else summary
+    )
     if report.sheet_problem:
         click.echo(f"warning: {report.sheet_problem}", err=True)
-    elif report.sheet:
+    elif report.sheet and not quiet:
         click.echo(f"Contact sheet: {report.sheet}", err=as_json)
     summarize = bool(os.environ.get("GITHUB_STEP_SUMMARY"))
     document = apply_json(report) if as_json or summarize else {}

@@ -1,44 +1,48 @@
-"""What the user reads: the plan table, live progress, the end-of-run summary.
+"""What the user reads: the plan table, the end-of-run summary, the JSON documents.
 
-Takes plans, result entries and run reports; gives text for a terminal. Nothing here decides
-anything, so the same library calls can be rendered differently by another front end.
+Takes plans and run reports; gives text for a terminal (live progress is `imgbatch.progress`).
+Nothing here decides anything, so the same library calls can be rendered differently by another
+front end.
 """
 
 from __future__ import annotations
 
-import sys
-import time
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
 
-import click
+from rich.text import Text
 
-from imgbatch.errors import NoImageError
-from imgbatch.executor import Notice, Retrying
+from imgbatch.console import WORD_STYLES
 from imgbatch.plan import Action, Plan, PlannedShot
 from imgbatch.providers import is_metered
 from imgbatch.request import changed_fields
-from imgbatch.results import ResultEntry
 
 if TYPE_CHECKING:
     from imgbatch.api import ApplyReport
 
-_ACTION_STYLE = {
-    Action.CREATE: "green",
-    Action.REPLACE: "yellow",
-    Action.UNCHANGED: None,
-    Action.RESTORE: "cyan",
-    Action.ORPHAN: "magenta",
-}
 
-
-def plan_table(plan: Plan) -> str:
-    rows = [(item.id, item.action, item.reason) for item in (*plan.shots, *plan.orphans)]
-    width = max([len("shot"), *(len(shot_id) for shot_id, _, _ in rows)])
-    lines = [f"{'shot'.ljust(width)}  {'action':<9}  why"]
-    for shot_id, action, reason in rows:
-        label = click.style(f"{action.value:<9}", fg=_ACTION_STYLE[action])
-        lines.append(f"{shot_id.ljust(width)}  {label}  {reason}")
-    return "\n".join(lines)
+def plan_table(plan: Plan, *, verbose: bool = False) -> Text:
+    """One row per shot with something to do (and per orphan), then one line counting the
+    unchanged shots, as Terraform does; `verbose` lists the unchanged shots too. Coloured by
+    action (`imgbatch.console`); `.plain` is the text without colour."""
+    rows = [
+        item
+        for item in (*plan.shots, *plan.orphans)
+        if verbose or item.action is not Action.UNCHANGED
+    ]
+    hidden = 0 if verbose else plan.count(Action.UNCHANGED)
+    table = Text()
+    if rows:
+        width = max([len("shot"), *(len(item.id) for item in rows)])
+        table.append(f"{'shot'.ljust(width)}  {'action':<9}  why", style="bold")
+        for item in rows:
+            table.append(f"\n{item.id.ljust(width)}  ")
+            table.append(f"{item.action.value:<9}", style=WORD_STYLES.get(item.action.value, ""))
+            table.append(f"  {item.reason}")
+    if hidden:
+        noun = "shot" if hidden == 1 else "shots"
+        lead = "\n" if rows else ""
+        table.append(f"{lead}{hidden} unchanged {noun} not listed (plan -v lists them)", "dim")
+    return table
 
 
 def plan_summary(plan: Plan) -> str:
@@ -123,66 +127,6 @@ def apply_json(report: ApplyReport) -> dict[str, Any]:
     }
 
 
-class Progress:
-    """Live done/total, failures and rate on stderr: one rewritten line on a terminal, a line
-    every few seconds in CI logs."""
-
-    def __init__(self, total: int, stream: TextIO | None = None, interval: float = 5.0) -> None:
-        self.total = total
-        self.stream = stream or sys.stderr
-        self.interactive = self.stream.isatty()
-        self.interval = interval if not self.interactive else 0.1
-        self.started = time.monotonic()
-        self.last_shown = 0.0
-        self.done = self.failed = self.generated = self.retries = 0
-
-    def __call__(self, event: ResultEntry | Retrying | Notice) -> None:
-        if isinstance(event, Retrying):
-            if isinstance(event.error, NoImageError):
-                # The seed's rule: never quietly; say which request gave no image.
-                self._line(
-                    f"{event.shot_id}: the service answered without an image (request "
-                    f"{event.error.request_id or 'unknown'}); asking once more with a "
-                    "simplified prompt",
-                    permanent=True,
-                )
-                return
-            self.retries += 1
-            return
-        if isinstance(event, Notice):
-            self._line(f"note {event.shot_id}: {event.message}", permanent=True)
-            return
-        self.done += 1
-        if event.status == "failed":
-            self.failed += 1
-            self._line(f"failed {event.id}: {event.error}", permanent=True)
-        elif event.status == "generated":
-            self.generated += 1
-        now = time.monotonic()
-        if now - self.last_shown >= self.interval or self.done == self.total:
-            self.last_shown = now
-            self._line(self.status(now), permanent=not self.interactive)
-
-    def status(self, now: float) -> str:
-        elapsed = max(now - self.started, 1e-9)
-        return (
-            f"[{self.done}/{self.total}] {self.generated} generated, {self.failed} failed, "
-            f"{self.retries} retries, {self.generated / elapsed:.1f} images/s"
-        )
-
-    def _line(self, text: str, *, permanent: bool) -> None:
-        if self.interactive:
-            self.stream.write("\r\033[K" + text + ("\n" if permanent else ""))
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.interactive and self.done:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
 def apply_summary(report: ApplyReport) -> str:
     parts = [
         f"{report.count('generated')} generated",
@@ -230,6 +174,13 @@ def prune_lines(report: ApplyReport) -> list[str]:
         for item in kept
     )
     return lines
+
+
+def quiet_summary(summary: str) -> str:
+    """`apply --quiet`: the summary's first line (counts, requests, 429s) and, if the run
+    stopped, why."""
+    lines = summary.splitlines()
+    return "\n".join(lines[:1] + [line for line in lines[1:] if line.startswith("Stopped:")])
 
 
 def quota_lines(report: ApplyReport) -> list[str]:
