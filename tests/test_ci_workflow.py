@@ -230,6 +230,8 @@ def test_plan_json_is_one_document_on_stdout_with_the_text_on_stderr(
         "replace": 0,
         "unchanged": 0,
         "restore": 0,
+        "recover": 0,
+        "drift": 0,
         "orphan": 0,
         "paid_requests": 8,
         "estimated_cost": None,
@@ -257,6 +259,8 @@ def test_plan_json_is_one_document_on_stdout_with_the_text_on_stderr(
         "replace": 1,
         "unchanged": 5,
         "restore": 1,
+        "recover": 0,
+        "drift": 0,
         "orphan": 1,
         "paid_requests": 1,
         "estimated_cost": None,
@@ -281,17 +285,24 @@ def test_apply_json_reports_what_the_run_did(
         "error": None,
         "error_code": None,
         "request_id": entries[shots[0]]["request_id"],
+        "moved_aside": None,
     }
     assert document["summary"] == {
         "generated": 8,
         "cached": 0,
         "failed": 0,
+        "unfetched": 0,
+        "not_run": 0,
         "unchanged": 0,
+        "drift": 0,
         "requests": 8,
         "billed": 8,
         "throttled": 0,
         "retries": 0,
         "cost": None,
+        "interrupted": False,
+        "bounded": None,
+        "remaining": 0,
     }
 
     (output_dir(example_manifest) / f"{shots[1]}.png").unlink()

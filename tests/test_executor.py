@@ -25,11 +25,13 @@ from typing import Any, Self
 import pytest
 from PIL import Image
 
-from imgbatch.api import ApplyOptions, ApplyReport, apply, apply_async, make_plan
+from imgbatch.api import ApplyOptions, ApplyReport, _settle, apply, apply_async, make_plan
 from imgbatch.errors import TransientError
-from imgbatch.pacing import Clock, RetryPolicy
+from imgbatch.executor import Executor, Notice
+from imgbatch.pacing import Clock, Pacer, RetryPolicy
+from imgbatch.plan import Action
 from imgbatch.request import GeneratedImage, ImageRequest
-from imgbatch.store import STATE_DIR
+from imgbatch.store import STATE_DIR, ImageCache
 from tests.conftest import write_manifest, write_many_shots
 from tests.fake_dashscope import FakeDashScope
 
@@ -244,16 +246,27 @@ def test_corrupt_download_is_downloaded_again_never_regenerated(
     assert len(fake_server.downloads) == FAST_RETRY.download_attempts >= 2
     assert len({d.path for d in fake_server.downloads}) == 1  # the same URL each time
     entry = only_entry(report)
-    assert entry["status"] == "failed"
+    assert entry["status"] == "unfetched"  # billed, and its URL kept
     assert "but the image could not be downloaded" in entry["error"]
     assert "not a whole image" in entry["error"]
     assert entry["image_url"].startswith(fake_server.image_base_url)
     assert_nothing_written(manifest)
 
-    # The next apply tries again (one new request), and this time the image is whole.
-    report = apply(manifest, options(api_env))
+    # The next apply fetches the URL once more (still cut short), says so, and only then pays
+    # for one new request; this time the image is whole.
+    notices: list[Notice] = []
+    report = apply(
+        manifest,
+        options(api_env),
+        listener=lambda event: notices.append(event) if isinstance(event, Notice) else None,
+    )
     assert report.ok
+    assert report.plan.shots[0].action is Action.RECOVER
     assert fake_server.generation_count == 2
+    assert [notice.message.split(" could not be fetched")[0] for notice in notices] == [
+        f"the image billed by request {entry['request_id']}"
+    ]
+    assert notices[0].message.endswith("; making it again with a new, paid request")
     assert_generated(report, manifest)
 
 
@@ -267,7 +280,7 @@ def test_image_of_another_size_than_requested_fails_the_shot_and_writes_no_file(
     assert fake_server.generation_count == 1
     assert len(fake_server.downloads) == FAST_RETRY.download_attempts
     entry = only_entry(report)
-    assert entry["status"] == "failed"
+    assert entry["status"] == "unfetched"
     assert entry["file"] is None
     width, height = SIZE
     assert f"downloaded image is 64*64, not the {width}*{height} asked for" in entry["error"]
@@ -399,7 +412,7 @@ def test_an_expired_image_url_fails_the_shot_as_generated_but_not_downloaded(
     # Backoff between download attempts, on the injected clock.
     assert len(fake.delays) >= FAST_RETRY.download_attempts - 1
     entry = only_entry(report)
-    assert entry["status"] == "failed"
+    assert entry["status"] == "unfetched"
     assert entry["error"] == (
         "generated (request req-1) but the image could not be downloaded: "
         "404: image download answered HTTP 404"
@@ -421,11 +434,16 @@ def test_the_next_apply_keeps_an_image_billed_but_not_downloaded_without_paying_
 ) -> None:
     unreachable = ScriptedProvider([TransientError("image download failed (ClientOSError)")])
     first = only_entry(apply(manifest, offline, provider=unreachable))
-    assert first["status"] == "failed" and first["image_url"]
+    assert first["status"] == "unfetched" and first["image_url"]
     plan = make_plan(manifest, provider="dashscope", environ={}, home=offline.home)
-    assert [item.reason for item in plan.shots] == [
-        "generated last time but not downloaded; its URL is tried before paying again"
+    assert [(item.action, item.reason) for item in plan.shots] == [
+        (
+            Action.RECOVER,
+            "billed last time but not downloaded: its URL is fetched (if it no longer works, "
+            "one paid request)",
+        )
     ]
+    assert plan.paid_requests == 0
 
     back = ScriptedProvider([png(SIZE)], tag="second")
     second = only_entry(apply(manifest, offline, provider=back))
@@ -437,6 +455,28 @@ def test_the_next_apply_keeps_an_image_billed_but_not_downloaded_without_paying_
     assert second["image_url"] == first["image_url"]
     with Image.open(out_dir(manifest) / SHOT_FILE) as image:
         assert image.size == SIZE
+
+
+def test_a_results_file_of_the_previous_version_still_recovers_its_billed_image(
+    manifest: Path, offline: ApplyOptions
+) -> None:
+    """Before `unfetched`, a billed image not downloaded was a `failed` entry with its URL."""
+    unreachable = ScriptedProvider([TransientError("image download failed (ClientOSError)")])
+    first = only_entry(apply(manifest, offline, provider=unreachable))
+    results = out_dir(manifest) / "results.json"
+    document = json.loads(results.read_text(encoding="utf-8"))
+    document["shots"][0]["status"] = "failed"
+    del document["summary"]["unfetched"]
+    results.write_text(json.dumps(document, indent=2), encoding="utf-8")
+
+    plan = make_plan(manifest, provider="dashscope", environ={}, home=offline.home)
+    assert [item.action for item in plan.shots] == [Action.RECOVER]
+
+    back = ScriptedProvider([png(SIZE)], tag="second")
+    second = only_entry(apply(manifest, offline, provider=back))
+    assert back.generated == []
+    assert [image.image_url for image in back.fetched] == [first["image_url"]]
+    assert second["status"] == "generated"
 
 
 def test_an_expired_url_from_last_time_is_tried_once_then_the_shot_is_generated_again(
@@ -500,7 +540,7 @@ def test_a_download_abandoned_at_ctrl_c_keeps_the_url_for_the_next_apply(
 
     assert report.interrupted
     entry = only_entry(report)
-    assert entry["status"] == "failed"
+    assert entry["status"] == "unfetched"
     assert entry["error"] == (
         "abandoned in flight while downloading its image (request req-1); the next apply "
         "fetches it before paying again"
@@ -510,6 +550,43 @@ def test_a_download_abandoned_at_ctrl_c_keeps_the_url_for_the_next_apply(
     back = ScriptedProvider([png(SIZE)], tag="second")
     assert only_entry(apply(manifest, offline, provider=back))["request_id"] == "req-1"
     assert back.generated == []
+
+
+def test_a_recover_abandoned_at_ctrl_c_keeps_the_url_paid_for(
+    manifest: Path, offline: ApplyOptions
+) -> None:
+    unreachable = ScriptedProvider([TransientError("image download failed (ClientOSError)")])
+    first = only_entry(apply(manifest, offline, provider=unreachable))
+
+    quick_grace = replace(offline, grace_seconds=0.2)
+    report = apply(manifest, quick_grace, provider=InterruptedWhileDownloading([], tag="second"))
+
+    assert report.interrupted
+    assert report.plan.shots[0].action is Action.RECOVER
+    entry = only_entry(report)
+    assert (entry["status"], entry["image_url"]) == ("unfetched", first["image_url"])
+
+
+def test_a_recover_not_run_when_the_run_stops_keeps_the_url_paid_for(
+    manifest: Path, offline: ApplyOptions
+) -> None:
+    unreachable = ScriptedProvider([TransientError("image download failed (ClientOSError)")])
+    first = only_entry(apply(manifest, offline, provider=unreachable))
+    plan = make_plan(manifest, provider="dashscope", environ={}, home=offline.home)
+    back = ScriptedProvider([png(SIZE)], tag="second")
+    executor = Executor(
+        back, ImageCache(out_dir(manifest)), lambda entry: None, pacer=Pacer(unlimited=True)
+    )
+    executor.stop("the run's time is up")
+
+    outcome = asyncio.run(executor.run(plan))
+
+    assert back.fetched == [] and back.generated == []
+    assert outcome.not_run == {SHOT: "not run: the run's time is up"}
+    # Not run: results.json keeps its entry as it was, the URL paid for included.
+    (kept,), not_run = _settle(plan, outcome, metered=True)
+    assert (kept.status, kept.image_url) == ("unfetched", first["image_url"])
+    assert not_run == outcome.not_run
 
 
 # ----- RetryPolicy.backoff ------------------------------------------------------------------------

@@ -10,7 +10,8 @@ import pytest
 from imgbatch.api import ApplyOptions, apply
 from imgbatch.api import make_plan as plan_manifest
 from imgbatch.expand import Shot
-from imgbatch.plan import Action, Plan, make_plan
+from imgbatch.plan import Action, Plan, aside_path, make_plan
+from imgbatch.reference import ReferenceImage
 from imgbatch.request import ImageRequest
 from imgbatch.results import ResultEntry
 from imgbatch.store import ImageCache
@@ -128,6 +129,88 @@ def test_failed_shot_edited_since_is_created_not_replaced(out: Path, cache: Imag
     assert "DataInspectionFailed" in reason
 
 
+URL = "https://dashscope-result-bj.oss-cn-beijing.aliyuncs.com/1.png"
+NOW = 1_800_000_000.0
+
+
+def unfetched(made: Shot, url: str) -> ResultEntry:
+    """The entry of `made` billed by the service but never downloaded."""
+    return replace(
+        entry(made, "failed", error="could not be downloaded"),
+        status="unfetched",
+        image_url=url,
+        request_id="req-1",
+    )
+
+
+def test_billed_but_not_downloaded_is_recovered_not_paid_for(out: Path, cache: ImageCache) -> None:
+    made = shot("s01")
+    billed = unfetched(made, f"{URL}?Expires={int(NOW) + 3600}&Signature=x")
+    plan = make_plan(out, (made,), {"s01": billed}, cache, provider="dashscope", now=NOW)
+
+    assert single_action(plan) == (
+        Action.RECOVER,
+        "billed last time but not downloaded: its URL is fetched (if it no longer works, one "
+        "paid request)",
+    )
+    assert plan.shots[0].previous is billed
+    assert plan.paid_requests == 0
+    assert plan.has_work  # `plan --detailed-exitcode` exits 2
+
+
+def test_a_url_without_an_expiry_is_tried(out: Path, cache: ImageCache) -> None:
+    made = shot("s01")
+    plan = plan_of(out, [made], [unfetched(made, URL)], cache)
+    assert single_action(plan)[0] is Action.RECOVER
+
+
+def test_an_expired_url_is_a_paid_create_saying_when_it_expired(
+    out: Path, cache: ImageCache
+) -> None:
+    made = shot("s01")
+    billed = unfetched(made, f"{URL}?Expires={int(NOW) - 60}&Signature=x")
+    plan = make_plan(out, (made,), {"s01": billed}, cache, provider="dashscope", now=NOW)
+
+    assert single_action(plan) == (
+        Action.CREATE,
+        "billed last time but not downloaded, and its URL expired at 2027-01-15 07:59 UTC: "
+        "one paid request",
+    )
+    assert plan.paid_requests == 1
+
+
+def test_billed_but_not_downloaded_and_then_edited_is_created(out: Path, cache: ImageCache) -> None:
+    before = shot("s01", "a red bicycle")
+    after = shot("s01", "a blue bicycle")
+    plan = plan_of(out, [after], [unfetched(before, URL)], cache)
+    assert single_action(plan) == (
+        Action.CREATE,
+        "changed since its image was billed but not downloaded",
+    )
+
+
+def test_billed_but_not_downloaded_with_another_reference_url_is_created_not_replaced(
+    out: Path, cache: ImageCache
+) -> None:
+    before = shot("s01", reference=ReferenceImage("ab" * 32, "http://a.test/old.png"))
+    after = shot("s01", reference=ReferenceImage.at_url("http://a.test/new.png"))
+    billed = replace(unfetched(before, URL), reference_url="http://a.test/old.png")
+    plan = plan_of(out, [after], [billed], cache)
+    assert single_action(plan) == (
+        Action.CREATE,
+        "changed since its image was billed but not downloaded",
+    )
+
+
+def test_billed_but_not_downloaded_whose_image_is_in_the_cache_is_restored(
+    out: Path, cache: ImageCache
+) -> None:
+    made = shot("s01")
+    cache.put(made.request.key, IMAGE)
+    plan = plan_of(out, [made], [unfetched(made, URL)], cache)
+    assert single_action(plan)[0] is Action.RESTORE
+
+
 def test_changed_request_is_replaced_naming_the_changed_fields(
     out: Path, cache: ImageCache
 ) -> None:
@@ -190,23 +273,110 @@ def test_deleted_file_is_restored_from_the_cache(out: Path, cache: ImageCache) -
     (out / made.file).unlink()
     plan = plan_of(out, [made], state, cache)
 
-    assert single_action(plan) == (
-        Action.RESTORE,
-        "file missing or modified; restored from the cache",
-    )
+    assert single_action(plan) == (Action.RESTORE, "file missing; restored from the cache")
     assert plan.paid_requests == 0
     assert plan.has_changes
 
 
-def test_modified_file_is_restored_from_the_cache(out: Path, cache: ImageCache) -> None:
+def test_a_file_edited_by_hand_is_drift_and_kept(out: Path, cache: ImageCache) -> None:
     made = shot("s01")
     place(out, made, IMAGE + b" edited in an image editor")
     cache.put(made.request.key, IMAGE)
     plan = plan_of(out, [made], [entry(made)], cache)
+
+    assert single_action(plan) == (
+        Action.DRIFT,
+        f"s01.png was edited since imgbatch wrote it ({len(IMAGE) + 26} bytes, not "
+        f"{len(IMAGE)}): kept as it is (--overwrite-edited puts imgbatch's image back)",
+    )
+    assert not plan.shots[0].move_aside
+    # Nothing to send, nothing to write: `plan --detailed-exitcode` exits 0 on a drift alone.
+    assert plan.paid_requests == 0
+    assert not plan.has_work
+    assert plan.has_changes
+
+
+def test_an_edited_file_is_put_back_only_when_told_to_overwrite(
+    out: Path, cache: ImageCache
+) -> None:
+    made = shot("s01")
+    place(out, made, IMAGE + b" edited")
+    cache.put(made.request.key, IMAGE)
+    state = {made.id: entry(made)}
+
+    plan = make_plan(out, (made,), state, cache, provider="placeholder", overwrite_edited=True)
     assert single_action(plan) == (
         Action.RESTORE,
-        "file missing or modified; restored from the cache",
+        "edited by hand; imgbatch's image is put back from the cache",
     )
+    assert not plan.shots[0].move_aside
+
+    cache.discard(made.request.key)
+    plan = make_plan(out, (made,), state, cache, provider="placeholder", overwrite_edited=True)
+    assert single_action(plan) == (
+        Action.CREATE,
+        "edited by hand, and imgbatch's image is not in the cache: made again",
+    )
+    # Without the flag, an edit is kept even when imgbatch's own image is gone.
+    assert single_action(plan_of(out, [made], [entry(made)], cache))[0] is Action.DRIFT
+
+
+def test_an_edited_file_whose_request_changed_too_is_moved_aside(
+    out: Path, cache: ImageCache
+) -> None:
+    before = shot("s01", "a red bicycle")
+    after = shot("s01", "a blue bicycle")
+    place(out, before, IMAGE + b" retouched")
+    (out / "s01.edited.png").write_bytes(b"an earlier edit, kept")
+
+    plan = plan_of(out, [after], [entry(before)], cache)
+
+    (item,) = plan.shots
+    assert (item.action, item.move_aside) == (Action.REPLACE, True)
+    assert item.reason == "changed: text; edited s01.png is moved aside to s01.edited-2.png"
+    assert plan.paid_requests == 1
+
+    unedited = plan_of(out, [after], [entry(before, data=IMAGE + b" retouched")], cache)
+    assert (unedited.shots[0].action, unedited.shots[0].move_aside) == (Action.REPLACE, False)
+    told = make_plan(
+        out,
+        (after,),
+        {"s01": entry(before)},
+        cache,
+        provider="placeholder",
+        overwrite_edited=True,
+    )
+    assert (told.shots[0].reason, told.shots[0].move_aside) == ("changed: text", False)
+
+
+def test_an_edited_file_is_moved_aside_before_a_restore_of_another_request_too(
+    out: Path, cache: ImageCache
+) -> None:
+    first = shot("s01", "a red bicycle")
+    second = shot("s01", "a blue bicycle")
+    cache.put(first.request.key, IMAGE)
+    place(out, second, b"retouched by hand")
+
+    plan = plan_of(out, [first], [entry(second)], cache)
+
+    (item,) = plan.shots
+    assert (item.action, item.move_aside) == (Action.RESTORE, True)
+    assert item.reason.endswith("; edited s01.png is moved aside to s01.edited.png")
+
+
+def test_a_missing_file_is_not_drift(out: Path, cache: ImageCache) -> None:
+    made = shot("s01")
+    plan = plan_of(out, [made], [entry(made)], cache)
+    assert single_action(plan)[0] is Action.CREATE
+    assert not plan.shots[0].move_aside
+
+
+def test_aside_path_never_names_a_file_that_exists(tmp_path: Path) -> None:
+    image = tmp_path / "s01.png"
+    assert aside_path(image) == tmp_path / "s01.edited.png"
+    (tmp_path / "s01.edited.png").write_bytes(b"1")
+    (tmp_path / "s01.edited-2.png").symlink_to(tmp_path / "nowhere")
+    assert aside_path(image) == tmp_path / "s01.edited-3.png"
 
 
 def test_deleted_file_not_in_the_cache_is_created(out: Path, cache: ImageCache) -> None:
@@ -307,6 +477,8 @@ def test_plan_keeps_manifest_order_and_counts_actions(out: Path, cache: ImageCac
         Action.REPLACE: 1,
         Action.UNCHANGED: 1,
         Action.RESTORE: 1,
+        Action.RECOVER: 0,
+        Action.DRIFT: 0,
         Action.ORPHAN: 1,
     }
     assert plan.paid_requests == 3

@@ -293,6 +293,14 @@ def test_quiet_shows_no_progress_line_even_at_the_end() -> None:
     assert stream.getvalue() == ""
 
 
+def test_an_image_billed_but_not_downloaded_gets_its_own_line_even_when_quiet() -> None:
+    stream = io.StringIO()
+    with Progress(stream, verbosity=Verbosity.QUIET, interval=3600) as progress:
+        progress.start(1)
+        progress(entry("a", "unfetched", "generated (request r1) but the download timed out"))
+    assert stream.getvalue() == "unfetched a: generated (request r1) but the download timed out\n"
+
+
 def test_user_text_is_printed_as_it_is_never_as_markup_nor_wrapped(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -259,7 +259,7 @@ def test_a_recovered_simplified_image_keeps_its_simplified_text(
     fake_server.no_image_next()
     fake_server.cut_next_download()
     (entry,) = apply(manifest, options).entries
-    assert entry.status == "failed" and entry.image_url and entry.simplified
+    assert entry.status == "unfetched" and entry.image_url and entry.simplified
     (entry,) = apply(manifest, options).entries
     assert fake_server.generation_count == 2  # the image paid for was fetched, not made again
     assert entry.status == "generated" and entry.simplified

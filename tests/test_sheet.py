@@ -301,6 +301,37 @@ def test_a_simplified_prompt_is_shown_as_what_was_sent_and_a_lost_image_breaks_n
     assert "no preview" in shot and "<img" not in shot  # its image is gone: no thumbnail
 
 
+def test_a_shot_billed_but_not_downloaded_has_its_own_status_and_filter(tmp_path: Path) -> None:
+    made = ResultEntry(
+        id="s01",
+        status="unfetched",
+        file=None,
+        key="cd" * 32,
+        width=None,
+        height=None,
+        seed=7,
+        model="qwen-image-max",
+        size="1664*928",
+        prompt="a red bicycle",
+        image_url="https://dashscope-result.example.invalid/1.png?Expires=1",
+        request_id="req-1",
+        error="generated (request req-1) but the image could not be downloaded: timed out",
+        request={"text": "a red bicycle"},
+    )
+
+    path = render_sheet(
+        tmp_path, title="t", order=["s01"], entries={"s01": made}, changes={}, finished_at=None
+    )
+
+    text = path.read_text(encoding="utf-8")
+    shot = card(text, "s01")
+    assert 'data-status="unfetched"' in shot
+    assert "billed, not downloaded yet: the next apply fetches it" in shot
+    assert "could not be downloaded: timed out" in shot
+    assert 'data-filter="unfetched"' in text
+    assert "<img" not in shot
+
+
 class WaitsForAThumbnail(PlaceholderProvider):
     """Holds the last shot until the first shot's thumbnail exists (or gives up after 10 s)."""
 

@@ -60,7 +60,8 @@ def result(shot_id: str, status: str = "generated", **changes: object) -> Result
         model="qwen-image-max",
         size="1328*1328",
         prompt=f"prompt of {shot_id}",
-        image_url=f"https://example.invalid/{shot_id}.png",
+        # A failed entry has no image URL (one with a URL is read as `unfetched`).
+        image_url=None if status == "failed" else f"https://example.invalid/{shot_id}.png",
         request_id=f"req-{shot_id}",
         sha256="f" * 64,
         bytes=1234,
@@ -254,6 +255,61 @@ def test_write_results_then_load_state_round_trips(tmp_path: Path) -> None:
     assert list(state) == ["s01", "s02", "s03", "s04", "s00-old"]
     assert state == {item.id: item for item in [*entries, orphan]}
     assert listing(tmp_path) == ["results.json"]
+
+
+def test_an_unfetched_entry_round_trips_and_is_counted_only_when_there_is_one(
+    tmp_path: Path,
+) -> None:
+    meta = {"manifest": "shots.yaml", "provider": "dashscope", "key_format": 1}
+    billed = result(
+        "s02", "unfetched", file=None, sha256=None, bytes=None, error="could not be downloaded"
+    )
+    path = write_results(tmp_path, [result("s01"), billed], [], meta)
+
+    document = json.loads(path.read_text(encoding="utf-8"))
+    assert document["summary"] == {
+        "shots": 2,
+        "generated": 1,
+        "cached": 0,
+        "failed": 0,
+        "unfetched": 1,
+    }
+    assert document["shots"][1]["status"] == "unfetched"
+    assert document["shots"][1]["image_url"] == "https://example.invalid/s02.png"
+    assert load_state(tmp_path)["s02"] == billed
+    assert not billed.has_image and result("s01").has_image
+
+    # None unfetched: the summary is as it was before the status existed, so a results file
+    # written by the previous version stays byte for byte the same.
+    write_results(tmp_path, [result("s01")], [], meta)
+    assert json.loads(path.read_text(encoding="utf-8"))["summary"] == {
+        "shots": 1,
+        "generated": 1,
+        "cached": 0,
+        "failed": 0,
+    }
+
+
+def test_a_failed_entry_with_an_image_url_from_the_previous_version_loads_as_unfetched(
+    tmp_path: Path,
+) -> None:
+    """Before `unfetched`, "billed but not downloaded" was a failed entry with an image URL."""
+    meta = {"manifest": "shots.yaml", "provider": "dashscope", "key_format": 1}
+    legacy = replace(
+        result("s01", "failed", file=None, error="generated but could not be downloaded"),
+        image_url="https://example.invalid/s01.png?Expires=4102444800",
+    )
+    write_results(tmp_path, [legacy, result("s02", "failed", file=None)], [], meta)
+    assert '"status": "failed"' in results_path(tmp_path).read_text(encoding="utf-8")
+
+    state = load_state(tmp_path)
+    assert state["s01"] == replace(legacy, status="unfetched")
+    assert state["s02"].status == "failed"  # no URL: a failure like any other
+
+    journal = Journal(tmp_path)
+    journal.record(replace(legacy, id="s03"))
+    journal.close()
+    assert [entry.status for entry in read_journal(tmp_path)] == ["unfetched"]
 
 
 def test_results_json_holds_one_shot_per_line_so_a_git_diff_names_the_changed_shots(

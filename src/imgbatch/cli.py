@@ -1,28 +1,52 @@
 """The `imgbatch` command: parse flags, call one library function, print, return an exit code.
 
 Exit codes: 0 all shots good; 1 some shots failed or the run stopped; 2 invalid manifest,
-options or credentials (for `inspect`: a missing file, a non-PNG or no provenance); 130
-interrupted. Known errors print one clean message, never a traceback; an unexpected error
-prints one line and the path of a log with the traceback.
+options or credentials (for `inspect`: a missing file, a non-PNG or no provenance); 3 apply
+stopped at a bound (--max-requests, --max-duration) with shots remaining; 130 interrupted. Known
+errors print one clean message, never a traceback; an unexpected error prints one line and the
+path of a log with the traceback. A Ctrl-C at any moment, start-up included, prints
+"interrupted" and exits 130, never a traceback.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import math
-import os
+import signal
 import sys
-from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from types import FrameType
 
-import click
 
-from imgbatch.errors import ConfigError, ImgbatchError, InspectError, ManifestError
-from imgbatch.models import MIN_RPS
-from imgbatch.providers import PROVIDER_CHOICES, is_metered, secrets_for_redaction
-from imgbatch.quota import Quota, parse_quota
+def _interrupted_while_starting(signum: int, frame: FrameType | None) -> None:
+    # Nothing has been read or written yet: one line, not the traceback of an import.
+    sys.stderr.write("interrupted\n")
+    raise SystemExit(130)
+
+
+# Most of the command's start-up is loading this module (click, then building the commands):
+# a Ctrl-C meanwhile ends it cleanly. The handler before is put back at the end of the module.
+_handler_before = signal.getsignal(signal.SIGINT)
+if _handler_before is None or _handler_before is signal.SIG_IGN:
+    _handler_before = None  # not Python's handler, or Ctrl-C ignored (a background job)
+else:
+    try:
+        signal.signal(signal.SIGINT, _interrupted_while_starting)
+    except ValueError:  # imported outside the main thread
+        _handler_before = None
+
+import contextlib  # noqa: E402 - after the handler, on purpose
+import functools  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING, Any, TypeVar  # noqa: E402
+
+import click  # noqa: E402
+
+from imgbatch.errors import ConfigError, ImgbatchError, InspectError, ManifestError  # noqa: E402
+from imgbatch.models import MIN_RPS  # noqa: E402
+from imgbatch.providers import PROVIDER_CHOICES, is_metered, secrets_for_redaction  # noqa: E402
+from imgbatch.quota import Quota, parse_quota  # noqa: E402
 
 if TYPE_CHECKING:
     from imgbatch.console import Verbosity
@@ -33,6 +57,7 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_CHANGES = 2  # plan --detailed-exitcode: something to do (Terraform's convention)
+EXIT_REMAINING = 3  # apply stopped at a bound; shots remain for the next run
 F = TypeVar("F", bound=Callable[..., int])
 
 
@@ -50,7 +75,8 @@ def error_boundary(command: F) -> F:
             click.echo(f"error: {exc}", err=True)
             code = EXIT_FAILED
         except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
+            with _ignoring_interrupts():  # a second Ctrl-C must not cut this message short
+                click.echo("interrupted", err=True)
             code = EXIT_INTERRUPTED
         except Exception as exc:  # noqa: BLE001 - the boundary: nothing escapes as a traceback
             log = _write_crash_log()
@@ -59,6 +85,20 @@ def error_boundary(command: F) -> F:
         sys.exit(code)
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _ignoring_interrupts() -> Iterator[None]:
+    """SIGINT ignored for the duration (in the main thread), then handled as it was."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _write_crash_log() -> str:
@@ -72,6 +112,15 @@ def _write_crash_log() -> str:
     with os.fdopen(handle, "w", encoding="utf-8") as log:
         log.write(text)
     return path
+
+
+def _duration_option(value: str | None) -> float | None:
+    from imgbatch.bounds import parse_duration
+
+    try:
+        return parse_duration(value) if value is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _quota_option(value: str | None) -> Quota | None:
@@ -106,6 +155,12 @@ only_option = click.option(
     help="Act on the shots with this id, or whose id matches this glob (s01-*, *-noon); "
     "repeatable. Every other shot's entry in results.json is kept as it is, and orphans are "
     "left alone. A pattern that matches no shot is an error.",
+)
+overwrite_edited_option = click.option(
+    "--overwrite-edited",
+    is_flag=True,
+    help="Put imgbatch's image back over a shot's file edited by hand (default: keep the edit; "
+    "when the shot's request changed too, the edited file is moved aside to <id>.edited.png).",
 )
 provider_option = click.option(
     "--provider",
@@ -230,11 +285,12 @@ class _UsageErrorExit1(click.UsageError):
 @manifest_argument
 @provider_option
 @allow_outside_option
+@overwrite_edited_option
 @click.option(
     "--detailed-exitcode",
     is_flag=True,
-    help="Exit 0 when there is nothing to do, 2 when some shot would be created, replaced or "
-    "restored, 1 on any error (invalid manifest or options included).",
+    help="Exit 0 when there is nothing to do, 2 when some shot would be created, replaced, "
+    "restored or recovered, 1 on any error (invalid manifest or options included).",
 )
 @click.option(
     "--json", "as_json", is_flag=True, help="Print the plan as one JSON document on stdout."
@@ -246,6 +302,7 @@ def plan(
     manifest: Path,
     provider: str | None,
     allow_reference_outside: bool,
+    overwrite_edited: bool,
     detailed_exitcode: bool,
     as_json: bool,
     only: tuple[str, ...],
@@ -264,6 +321,7 @@ def plan(
             manifest,
             provider=provider,
             allow_reference_outside=allow_reference_outside,
+            overwrite_edited=overwrite_edited,
             only=only,
         )
     except (ManifestError, ConfigError) as exc:
@@ -358,6 +416,23 @@ def expand_command(
     help="Send no paid request: exit 1, naming them, if any shot would need one (create or "
     "replace), before sending or writing anything. Restores from the cache still happen.",
 )
+@overwrite_edited_option
+@click.option(
+    "--max-requests",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Send at most N requests (retries included), then stop: requests in flight finish, "
+    "everything is written, and apply exits 3 if shots remain (run it again to continue).",
+)
+@click.option(
+    "--max-duration",
+    metavar="DURATION",
+    default=None,
+    callback=lambda _context, _parameter, value: _duration_option(value),
+    help="Send no request after this long, such as 45s, 90m, 5h or 1h30m (counted from the "
+    "start of sending); then as for --max-requests. Leave the requests in flight time to "
+    "finish within a CI job's limit.",
+)
 @click.option(
     "--prune",
     is_flag=True,
@@ -382,6 +457,9 @@ def apply_command(
     allow_reference_outside: bool,
     no_simplify: bool,
     frozen: bool,
+    max_requests: int | None,
+    max_duration: float | None,
+    overwrite_edited: bool,
     prune: bool,
     as_json: bool,
     only: tuple[str, ...],
@@ -390,7 +468,7 @@ def apply_command(
     """Generate the shots whose request changed; write images and results.json."""
     from imgbatch.api import ApplyOptions, apply
     from imgbatch.console import Verbosity, console_for
-    from imgbatch.plan import Action
+    from imgbatch.plan import WORK_ACTIONS
     from imgbatch.progress import DEFAULT_INTERVAL, Progress
     from imgbatch.report import apply_json, apply_summary, plan_summary, quiet_summary
 
@@ -416,7 +494,8 @@ def apply_command(
             )
         if not quiet:
             click.echo(plan_summary(planned), err=True)
-        progress.start(sum(1 for item in planned.shots if item.action is not Action.UNCHANGED))
+        # A drift (an edit kept) is left alone like an unchanged shot: no event will come.
+        progress.start(sum(1 for item in planned.shots if item.action in WORK_ACTIONS))
 
     try:
         report = apply(
@@ -429,6 +508,9 @@ def apply_command(
                 allow_reference_outside=allow_reference_outside,
                 simplify=not no_simplify,
                 frozen=frozen,
+                max_requests=max_requests,
+                max_duration=max_duration,
+                overwrite_edited=overwrite_edited,
                 prune=prune,
                 only=only,
             ),
@@ -457,6 +539,8 @@ def apply_command(
         _step_summary(apply_markdown(document, title, stopped=report.stopped, metered=metered))
     if report.interrupted:
         return EXIT_INTERRUPTED
+    if report.bounded and report.remaining:
+        return EXIT_REMAINING
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
@@ -618,3 +702,7 @@ def _read_request(text: str) -> Any:
         return json.loads(text)
     except ValueError as exc:
         raise ConfigError(f"{source} is not valid JSON: {exc}") from None
+
+
+if _handler_before is not None:
+    signal.signal(signal.SIGINT, _handler_before)

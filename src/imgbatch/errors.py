@@ -4,6 +4,7 @@
     ├── ManifestError             a shot list that cannot be run: all problems found, each with
     │                             file:line:col, shot id and field (exit code 2)
     ├── ConfigError               bad options or environment: missing key, unknown provider (exit 2)
+    │   └── PaidImagesError       placeholders would replace images a paid provider made
     ├── InspectError              `inspect` of a missing file, a non-PNG or a PNG without
     │                             provenance (exit 2)
     ├── LockedError               another apply holds the output folder (exit 1)
@@ -78,6 +79,12 @@ class ManifestError(ImgbatchError):
 
 class ConfigError(ImgbatchError):
     """Options, environment or credentials that keep imgbatch from starting."""
+
+
+class PaidImagesError(ConfigError):
+    """The offline placeholder provider, not chosen explicitly (`auto` without a key, or the
+    manifest's `provider:`), would replace images a paid provider made; nothing was sent or
+    written."""
 
 
 class InspectError(ImgbatchError):

@@ -8,27 +8,42 @@ failures are retried with backoff, a 400 fails that
 shot only, a 401/403 stops the run: nothing new is sent, requests in flight finish. Every image is
 downloaded right after it is generated (its URL expires), verified to decode at the reported
 size, put in the cache and copied into place before its entry is journaled, so a crash loses only
-shots in flight; its URL is journaled before the download, so that a shot paid for but not yet
-downloaded is fetched by the next apply (`_recover`) instead of being paid for again. Every PNG
+shots in flight; its URL is journaled before the download (an `unfetched` entry), so that a shot
+paid for but not yet downloaded is planned as a `recover` by the next apply, which fetches it
+instead of paying again (and, if the URL no longer works, pays again and says so). Every PNG
 written carries its provenance (`provenance.py`); the cache holds it as written.
 
 A file that cannot be written fails its shot only, naming the path (a paid image stays in the
-cache, or its URL in the entry); a full disk, or a journal that cannot be written, also stops the
-run like a 401. A restore checks the cache entry first: a damaged one is discarded, said to the
-listener as a `Notice`, and the image fetched from its recorded URL or generated again. A shot
-whose reference URL could not be fetched (`apply` fetches them before planning) fails unsent,
-naming the field.
+cache, or its URL in an `unfetched` entry); a full disk, or a journal that cannot be written,
+also stops the run like a 401. A restore checks the cache entry first: a damaged one is
+discarded, said to the listener as a `Notice`, and the image fetched from its recorded URL or
+generated again. A shot the plan marked `move_aside` has its hand-edited file renamed beside it
+(`plan.aside_path`) just before the new image is written there, said as a `Notice` and kept in
+`RunOutcome.moved_aside`. A shot whose reference URL could not be fetched (`apply` fetches
+them before planning) fails unsent, naming the field.
+
+Stopping comes in two steps. `stop` (a first Ctrl-C, a 401, a `Bound` refusing the next request)
+sends nothing new: shots not yet sent, and those waiting for their turn or a retry, are *not
+run* (`RunOutcome.not_run`: no entry, their previous state stands, an `unfetched` one included);
+requests in flight finish. `abandon` (a second Ctrl-C, or the grace time out) also stops waiting
+for the service's answers and downloads; what is already received is still verified and
+written, and only a paid request really sent is said to be maybe billed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import sys
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TypeVar
 
+from imgbatch.bounds import Bound, Tally
 from imgbatch.errors import (
     AuthError,
     CacheEntryDamaged,
@@ -40,12 +55,12 @@ from imgbatch.errors import (
 )
 from imgbatch.expand import Shot
 from imgbatch.pacing import Clock, Finding, Pacer, RetryPolicy
-from imgbatch.plan import Action, Plan, PlannedShot
+from imgbatch.plan import WORK_ACTIONS, Action, Plan, PlannedShot, aside_path
 from imgbatch.provenance import Provenance, embed
 from imgbatch.providers import Provider
 from imgbatch.request import GeneratedImage, ImageRequest, simplified
-from imgbatch.results import ResultEntry
-from imgbatch.store import ImageCache, verify_image
+from imgbatch.results import WITH_IMAGE, ResultEntry
+from imgbatch.store import ImageCache, verify_image, write_error
 
 # Requests in flight when the user sets no cap. The rate is what limits a run; this only has to
 # be more than rate x latency (25 requests/s at a 15 s generation is 375 in flight), and stay
@@ -61,6 +76,7 @@ MAX_RETRY_AFTER_SECONDS = 300.0
 # Tries of one shot whose answer was lost (dropped connection, no answer in time): each may
 # have been billed, so a shot is not sent again and again on a link that keeps losing answers.
 MAX_LOST_ANSWERS = 3
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -78,16 +94,21 @@ class Phase:
     SENDING = "waiting for the service's answer"
     BACKOFF = "waiting to retry"
     DOWNLOADING = "downloading its image"
+    WRITING = "writing its image"  # received: verified, cached and put in place, never abandoned
 
 
 @dataclass
 class RunOutcome:
     entries: dict[str, ResultEntry] = field(default_factory=dict)
+    # Shots this run did not finish and that changed nothing: why, by shot id.
+    not_run: dict[str, str] = field(default_factory=dict)
     # Shots generated (and billed) whose download has not finished yet.
     downloading: dict[str, ResultEntry] = field(default_factory=dict)
     # Shots started and not finished, by `Phase`.
     in_flight: dict[str, str] = field(default_factory=dict)
     stopped: str | None = None
+    # The `Bound.name` that stopped the run, if one did.
+    bounded: str | None = None
     requests: int = 0
     # Images the service answered with (billed), and requests whose answer was lost after they
     # were sent (may have been billed). Refusals (429, 4xx, 5xx) and unreachable servers cost
@@ -97,6 +118,9 @@ class RunOutcome:
     throttled: int = 0
     retries: int = 0
     quotas: list[Finding] = field(default_factory=list)
+    # Hand-edited files renamed aside before a new image took their place: shot id -> the new
+    # name, relative to the output folder.
+    moved_aside: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -108,7 +132,30 @@ class Notice:
     message: str
 
 
-Listener = Callable[[ResultEntry | Retrying | Notice], None]
+@dataclass(frozen=True)
+class Stopping:
+    """The run sends nothing new: why, and what is still in flight. `grace`: how long it is
+    waited for before being abandoned (None: until it finishes); `abandoning`: it is being
+    abandoned now."""
+
+    reason: str
+    in_flight: int
+    metered: bool
+    grace: float | None = None
+    abandoning: bool = False
+    # Images received and being written: abandoning does not drop them.
+    writing: int = 0
+    # What abandons the requests in flight sooner: the interrupt again.
+    again: str = "Ctrl-C"
+
+
+RunEvent = ResultEntry | Retrying | Notice | Stopping
+Listener = Callable[[RunEvent], None]
+
+
+class _Cut(Exception):
+    """A wait or a call the run no longer waits for (it stopped, or abandoned what is in
+    flight)."""
 
 
 class Executor:
@@ -125,6 +172,7 @@ class Executor:
         listener: Listener | None = None,
         simplify: bool = True,
         frozen: bool = False,
+        bounds: Sequence[Bound] = (),
     ) -> None:
         self.provider = provider
         # `apply --frozen`: never ask for a new image, even when a restore finds the cache entry
@@ -139,25 +187,133 @@ class Executor:
         self.retry = retry or RetryPolicy()
         self.clock = clock or pacer.clock
         self.listener = listener
+        # Asked before each request; the first refusal stops the run.
+        self.bounds = tuple(bounds)
         self.stop_requested = asyncio.Event()
+        self.abandon_requested = asyncio.Event()
+        # Waits for a turn or a retry (cut by `stop`) and the provider's calls (cut by `abandon`).
+        self._waits: set[asyncio.Future[Any]] = set()
+        self._calls: set[asyncio.Future[Any]] = set()
+        self._started = self.clock.now()
+        self._answered: Counter[str] = Counter()  # images answered, by model
+        self._sending: Counter[str] = Counter()  # requests sent and not answered, by model
         self.outcome = RunOutcome()
+        self._aside: frozenset[str] = frozenset()
 
-    def stop(self, reason: str) -> None:
-        """Send nothing new; shots already in flight finish."""
-        if self.outcome.stopped is None:
+    def stop(
+        self,
+        reason: str,
+        *,
+        bound: str | None = None,
+        grace: float | None = None,
+        again: str = "Ctrl-C",
+    ) -> None:
+        """Send nothing new: shots not yet sent, or waiting for their turn or a retry, are not
+        run; requests in flight finish. The listener hears of the first stop, and of every one
+        given a `grace` (an interrupt, acknowledged even after a bound stopped the run)."""
+        first = self.outcome.stopped is None
+        if first:
             self.outcome.stopped = reason
+            self.outcome.bounded = bound
         self.stop_requested.set()
+        for task in tuple(self._waits):
+            task.cancel()
+        if self.listener and (first or grace is not None):
+            self.listener(
+                Stopping(reason, self.in_flight(), self.provider.metered, grace, again=again)
+            )
+
+    def abandon(self, again: str = "Ctrl-C") -> None:
+        """Stop waiting for requests in flight and downloads too. Images already received are
+        still verified and written; a paid request abandoned after it was sent is counted as
+        maybe billed."""
+        if self.abandon_requested.is_set():
+            return
+        in_flight = self.in_flight()
+        writing = sum(1 for phase in self.outcome.in_flight.values() if phase == Phase.WRITING)
+        if not self.stop_requested.is_set():
+            self.stop("abandoned")
+        self.abandon_requested.set()
+        for task in (*self._waits, *self._calls):
+            task.cancel()
+        if self.listener and in_flight:
+            reason = self.outcome.stopped or "abandoned"
+            self.listener(
+                Stopping(
+                    reason,
+                    in_flight - writing,
+                    self.provider.metered,
+                    abandoning=True,
+                    writing=writing,
+                    again=again,
+                )
+            )
+
+    def in_flight(self) -> int:
+        """Shots waiting for the service's answer, downloading or writing their image."""
+        busy = (Phase.SENDING, Phase.DOWNLOADING, Phase.WRITING)
+        return sum(1 for phase in self.outcome.in_flight.values() if phase in busy)
+
+    async def _unless(self, abandon: bool, awaitable: Awaitable[T]) -> T:
+        """`awaitable`'s result; `_Cut` if the run stops (a wait) or abandons (a call) first."""
+        event = self.abandon_requested if abandon else self.stop_requested
+        if event.is_set():
+            if asyncio.iscoroutine(awaitable):
+                awaitable.close()
+            raise _Cut
+        task = asyncio.ensure_future(awaitable)
+        group = self._calls if abandon else self._waits
+        group.add(task)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            # Cut by stop or abandon, not this worker cancelled from outside.
+            if (
+                event.is_set()
+                and task.cancelled()
+                and (current is None or not current.cancelling())
+            ):
+                raise _Cut from None
+            raise
+        finally:
+            group.discard(task)
+
+    def _refused(self, request: ImageRequest) -> bool:
+        """Whether a bound refuses `request` (and so stopped the run)."""
+        if not self.bounds:
+            return False
+        tally = Tally(
+            requests=self.outcome.requests,
+            elapsed=self.clock.now() - self._started,
+            billed=MappingProxyType(self._answered),
+            in_flight=MappingProxyType(self._sending),
+        )
+        for bound in self.bounds:
+            reason = bound.refuse(request, tally)
+            if reason is not None:
+                self.stop(reason, bound=bound.name)
+                return True
+        return False
+
+    def _skip(self, shot_id: str, reason: str) -> None:
+        """`shot_id` is not run: no entry, nothing journaled; its previous state stands."""
+        self.outcome.in_flight.pop(shot_id, None)
+        self.outcome.not_run[shot_id] = reason
 
     async def run(self, plan: Plan) -> RunOutcome:
-        pending = iter(item for item in plan.shots if item.action is not Action.UNCHANGED)
+        pending = iter(item for item in plan.shots if item.action in WORK_ACTIONS)
+        self._aside = frozenset(item.id for item in plan.shots if item.move_aside)
         for item in plan.shots:
-            if item.action is Action.UNCHANGED and item.previous is not None:
-                # Kept exactly as it was: results.json describes the image, not this run.
+            if item.action not in WORK_ACTIONS and item.previous is not None:
+                # Kept exactly as it was (unchanged, or a drift: the edit is left alone):
+                # results.json describes the image imgbatch made, not this run.
                 self.outcome.entries[item.id] = _with_reference_url(item.previous, item.shot)
         workers = [
             asyncio.create_task(self._worker(plan.output_dir, pending))
             for _ in range(self.concurrency)
         ]
+        self._started = self.clock.now()
         try:
             await asyncio.gather(*workers)
         finally:
@@ -172,8 +328,8 @@ class Executor:
         for item in pending:
             assert item.shot is not None
             if self.stop_requested.is_set():
-                reason = self.outcome.stopped or "stopped"
-                self._finish(failed_entry(item.shot, f"not run: {reason}", None, 0), journal=False)
+                # An unfetched shot (a recover) keeps its entry too: the URL paid for stays.
+                self._skip(item.id, f"not run: {self.outcome.stopped or 'stopped'}")
                 continue
             reference = item.shot.request.reference
             if reference is not None and not reference.fetched:
@@ -183,10 +339,17 @@ class Executor:
                 self._finish(failed_entry(item.shot, message, None, 0))
                 continue
             self.outcome.in_flight[item.id] = Phase.WAITING
-            if item.action is Action.RESTORE:
-                await self._restore(output_dir, item)
-            elif not await self._recover(output_dir, item.shot, item.previous):
-                await self._generate(output_dir, item.shot)
+            try:
+                if item.action is Action.RESTORE:
+                    await self._restore(output_dir, item)
+                elif item.action is Action.RECOVER:
+                    await self._recover_billed(output_dir, item)
+                else:
+                    await self._generate(output_dir, item.shot)
+            except _Cut:
+                # A download abandoned that paid for nothing new (offline, or the image an earlier
+                # run paid for, whose URL stays in its unfetched entry).
+                self._skip(item.id, "not run: abandoned in flight when interrupted")
 
     def record(self, entry: ResultEntry) -> None:
         """Journal `entry`; a journal that cannot be written stops the run (the entry stays in
@@ -209,22 +372,23 @@ class Executor:
         attempts: int,
         *,
         kept: str,
-        generated: GeneratedImage | None = None,
+        unfetched: GeneratedImage | None = None,
         sent: ImageRequest | None = None,
     ) -> None:
-        """One shot's file could not be written: that shot fails; a full disk stops the run."""
+        """One shot's file could not be written: that shot fails (is `unfetched`, with the
+        image's URL, when the image is kept nowhere else); a full disk stops the run."""
         if error.disk_full:
             self._stop_for_write(error)
-        entry = failed_entry(
-            shot, f"{error}; {kept}", None, attempts, generated=generated, sent=sent
-        )
-        self._finish(entry)
+        message = f"{error}; {kept}"
+        if unfetched is not None:
+            self._finish(unfetched_entry(shot, message, unfetched, attempts, sent=sent))
+        else:
+            self._finish(failed_entry(shot, message, None, attempts, sent=sent))
 
-    def _finish(self, entry: ResultEntry, *, journal: bool = True) -> None:
+    def _finish(self, entry: ResultEntry) -> None:
         self.outcome.in_flight.pop(entry.id, None)
         self.outcome.entries[entry.id] = entry
-        if journal:
-            self.record(entry)
+        self.record(entry)
         if self.listener:
             self.listener(entry)
 
@@ -236,6 +400,9 @@ class Executor:
         key = shot.request.key
         target = output_dir / shot.file
         try:
+            # The edit goes aside first, and stays there should the cache entry prove damaged
+            # (the image is then fetched or made again, and written in its place all the same).
+            await self._move_aside(output_dir, shot)
             digest, size = await asyncio.to_thread(
                 self.cache.restore,
                 key,
@@ -250,16 +417,14 @@ class Executor:
             if self.listener:
                 then = "fetching it from its URL" if fetchable else "generating it again"
                 self.listener(Notice(shot.id, f"{damaged}; discarded it, {then}"))
-            if record is not None and await self._recover(
-                output_dir, shot, replace(record, status="failed", key=key)
-            ):
+            if record is not None and await self._fetch_billed(output_dir, shot, record) is None:
                 return
             await self._generate(output_dir, shot)
             return
         except StoreWriteError as exc:
             self._write_failed(shot, exc, 0, kept="its image stays in the cache for the next apply")
             return
-        if previous is not None and previous.key == key and previous.status != "failed":
+        if previous is not None and previous.key == key and previous.has_image:
             # Same request as before: keep its provenance (URL, request id) from the results.
             self._finish(
                 replace(
@@ -286,22 +451,41 @@ class Executor:
         phase = self.outcome.in_flight
         sent = shot.request  # the simplified request, after a 200 without an image
         imageless: list[str] = []  # request ids of the answers without an image
+        model = shot.request.model
         while True:
-            if self.stop_requested.is_set():
-                reason = self.outcome.stopped or "stopped"
-                self._finish(failed_entry(shot, f"not run: {reason}", None, attempt), journal=False)
+            if self.stop_requested.is_set() or self._refused(sent):
+                self._skip(shot.id, self._not_run(phase.get(shot.id), lost))
                 return
             phase[shot.id] = Phase.WAITING
-            ticket = await gate.acquire() if gate else 0
-            if self.stop_requested.is_set():
+            try:
+                ticket = await self._unless(False, gate.acquire()) if gate else 0
+            except _Cut:
+                continue
+            # Asked again after the wait: a turn may come after the bound (a duration).
+            if self.stop_requested.is_set() or self._refused(sent):
                 if gate:
                     gate.release(ticket)
                 continue
             attempt += 1
             self.outcome.requests += 1
+            self._sending[model] += 1
             phase[shot.id] = Phase.SENDING
             try:
-                image = await self.provider.generate(sent, label=shot.id)
+                try:
+                    image = await self._unless(True, self.provider.generate(sent, label=shot.id))
+                finally:
+                    self._sending[model] -= 1
+            except _Cut:
+                if gate:
+                    gate.release(ticket)
+                if self.provider.metered:
+                    # Sent and never answered: billed if the service went on to make it.
+                    self.outcome.maybe_billed += 1
+                    reason = "abandoned in flight when interrupted; DashScope may have billed it"
+                else:
+                    reason = "not run: abandoned in flight when interrupted"
+                self._skip(shot.id, reason)
+                return
             except NoImageError as exc:
                 if gate:
                     gate.answered(ticket)  # admitted (and answered), only without an image
@@ -334,7 +518,7 @@ class Executor:
                         f"(Retry-After), longer than imgbatch waits ({MAX_RETRY_AFTER_SECONDS:g} "
                         "s); run apply again later"
                     )
-                    self._finish(failed_entry(shot, f"not run: {exc}", exc, attempt))
+                    self._skip(shot.id, f"not run: {exc}")
                     return
                 if exc.throttled:
                     now = self.clock.now()
@@ -364,7 +548,8 @@ class Executor:
                 if self.listener:
                     self.listener(Retrying(shot.id, attempt, delay, exc))
                 phase[shot.id] = Phase.BACKOFF
-                await self.clock.sleep(delay)
+                with contextlib.suppress(_Cut):  # stopped: the loop says so
+                    await self._unless(False, self.clock.sleep(delay))
                 continue
             except (AuthError, PermanentError) as exc:
                 if gate:
@@ -375,17 +560,13 @@ class Executor:
                 return
             if gate:
                 gate.answered(ticket, image.stated_quota)
+            self._answered[model] += 1
             if self.provider.metered:
                 self.outcome.billed += 1
                 # Journaled before the download, so that a run killed while downloading leaves
                 # the paid image's URL for the next apply to fetch instead of paying again.
-                downloading = failed_entry(
-                    shot,
-                    "generated; its download had not finished",
-                    None,
-                    attempt,
-                    generated=image,
-                    sent=sent,
+                downloading = unfetched_entry(
+                    shot, "generated; its download had not finished", image, attempt, sent=sent
                 )
                 self.record(downloading)
                 self.outcome.downloading[shot.id] = downloading
@@ -394,43 +575,73 @@ class Executor:
             self.outcome.downloading.pop(shot.id, None)
             return
 
-    async def _recover(self, output_dir: Path, shot: Shot, previous: ResultEntry | None) -> bool:
-        """Keep an image billed by an earlier run that could not download it, if its URL still
-        works (about 24 hours): True when the shot is done without a new request."""
-        if (
-            previous is None
-            or previous.status != "failed"
-            or not previous.image_url
-            or previous.key != shot.request.key
-        ):
-            return False
+    def _not_run(self, phase: str | None, lost: int) -> str:
+        """Why a shot stopped before it was sent (again), and what earlier tries may have cost."""
+        reason = f"not run: {self.outcome.stopped or 'stopped'}"
+        if phase == Phase.BACKOFF:
+            reason += ", while waiting to retry"
+        if lost:
+            tries = "an earlier try" if lost == 1 else f"{lost} earlier tries"
+            reason += f" ({tries} lost the answer: may have been billed)"
+        return reason
+
+    async def _recover_billed(self, output_dir: Path, item: PlannedShot) -> None:
+        """A `recover`: fetch the image an earlier run was billed for; if its URL no longer
+        works, say so and make it again (a paid request on a metered provider)."""
+        shot, previous = item.shot, item.previous
+        assert shot is not None and previous is not None
+        failure = await self._fetch_billed(output_dir, shot, previous)
+        if failure is None:
+            return
+        if self.listener:
+            cost = "a new, paid request" if self.provider.metered else "a new request"
+            self.listener(
+                Notice(
+                    shot.id,
+                    f"the image billed by request {previous.request_id or 'unknown'} could not "
+                    f"be fetched from its URL ({failure}); making it again with {cost}",
+                )
+            )
+        await self._generate(output_dir, shot)
+
+    async def _fetch_billed(self, output_dir: Path, shot: Shot, source: ResultEntry) -> str | None:
+        """Keep the image at `source.image_url` (billed by an earlier run; it works for about
+        24 hours) as this shot's: None when done without a new request, else why not."""
+        if not source.image_url:
+            return "no image URL was recorded"
         width, height = shot.request.dimensions
-        image = GeneratedImage(
-            previous.image_url, width, height, shot.request.seed, previous.request_id
-        )
+        seed = shot.request.seed
+        image = GeneratedImage(source.image_url, width, height, seed, source.request_id)
         try:
             # One try: an expired URL stays expired, and a new request is the way out.
-            data = await self._fetch_verified(image, tries=1)
-        except (ProviderError, ValueError):
-            return False
+            data = await self._fetch_verified(image, tries=1, shot_id=shot.id)
+        except (ProviderError, ValueError) as exc:
+            return str(exc)
         # The text sent is part of what the image is: a simplified request stays one.
-        sent = simplified(shot.request) if previous.simplified else None
+        sent = simplified(shot.request) if source.simplified else None
         await self._place(output_dir, shot, image, data, attempts=0, sent=sent)
-        return True
+        return None
 
-    async def _fetch_verified(self, image: GeneratedImage, *, tries: int) -> bytes:
+    async def _fetch_verified(
+        self, image: GeneratedImage, *, tries: int, shot_id: str | None = None
+    ) -> bytes:
         """The image's bytes, verified to decode at the size the request asked for (what the
         service reports may be wrong); the last failure if not. A `PermanentError` (an image
         over the size cap) is not tried again."""
         for attempt in range(1, tries + 1):
             try:
-                data = await self.provider.fetch(image)
+                phase = self.outcome.in_flight
+                if shot_id is not None:
+                    phase[shot_id] = Phase.DOWNLOADING
+                data = await self._unless(True, self.provider.fetch(image))
+                if shot_id is not None:
+                    phase[shot_id] = Phase.WRITING
                 await asyncio.to_thread(verify_image, data, image.width, image.height)
                 return data
             except (TransientError, ValueError):
                 if attempt == tries:
                     raise
-                await self.clock.sleep(self.retry.backoff(attempt))
+                await self._unless(True, self.clock.sleep(self.retry.backoff(attempt)))
         raise AssertionError("unreachable: tries >= 1")
 
     async def _keep(
@@ -448,14 +659,22 @@ class Executor:
             # a wrong-sized image pass, nor a right one fail.
             image = replace(image, width=width, height=height)
         try:
-            data = await self._fetch_verified(image, tries=self.retry.download_attempts)
+            data = await self._fetch_verified(
+                image, tries=self.retry.download_attempts, shot_id=shot.id
+            )
+        except _Cut:
+            downloading = self.outcome.downloading.get(shot.id)
+            if downloading is None:  # offline: nothing was paid for
+                raise
+            self._finish(abandoned_download(downloading))
+            return
         except (ProviderError, ValueError) as failure:
             message = (
                 f"generated (request {image.request_id or 'unknown'}) but the image could not be "
                 f"downloaded: {failure}"
             )
             error = failure if isinstance(failure, ProviderError) else None
-            self._finish(failed_entry(shot, message, error, attempts, generated=image, sent=sent))
+            self._finish(unfetched_entry(shot, message, image, attempts, error, sent=sent))
             return
         await self._place(output_dir, shot, image, data, attempts=attempts, sent=sent)
 
@@ -481,13 +700,14 @@ class Executor:
             await asyncio.to_thread(self.cache.put, key, data)
         except StoreWriteError as exc:
             kept = "its URL is kept: the next apply downloads it instead of paying again"
-            self._write_failed(shot, exc, attempts, kept=kept, generated=image, sent=sent)
+            self._write_failed(shot, exc, attempts, kept=kept, unfetched=image, sent=sent)
             return
         try:
+            await self._move_aside(output_dir, shot)
             await asyncio.to_thread(self.cache.place, key, output_dir / shot.file, data)
         except StoreWriteError as exc:
             kept = "its image is in the cache: the next apply puts it in place without paying"
-            self._write_failed(shot, exc, attempts, kept=kept, generated=image, sent=sent)
+            self._write_failed(shot, exc, attempts, kept=kept, sent=sent)
             return
         entry = _entry(
             shot,
@@ -501,6 +721,25 @@ class Executor:
             sent=sent,
         )
         self._finish(entry)
+
+    async def _move_aside(self, output_dir: Path, shot: Shot) -> None:
+        """Rename the shot's hand-edited file aside, if the plan said so, before it is written
+        over; StoreWriteError (naming both paths) when it cannot be renamed."""
+        if shot.id not in self._aside or shot.id in self.outcome.moved_aside:
+            return
+        target = output_dir / shot.file
+        try:
+            aside = aside_path(target)
+            await asyncio.to_thread(target.rename, aside)
+        except FileNotFoundError:
+            return  # gone since the plan: nothing of the user's to keep
+        except OSError as exc:
+            # Named by the edited file: the message says it could not be written (moved).
+            raise write_error(target, exc) from None
+        name = aside.relative_to(output_dir).as_posix()
+        self.outcome.moved_aside[shot.id] = name
+        if self.listener:
+            self.listener(Notice(shot.id, f"{shot.file} was edited by hand: moved aside to {name}"))
 
 
 def _stamp(data: bytes, provenance: Provenance) -> tuple[bytes, str]:
@@ -547,7 +786,7 @@ def _entry(
     return ResultEntry(
         id=shot.id,
         status=status,  # type: ignore[arg-type]
-        file=shot.file if status != "failed" else None,
+        file=shot.file if status in WITH_IMAGE else None,
         key=request.key,
         width=width,
         height=height,
@@ -581,24 +820,54 @@ def _with_reference_url(entry: ResultEntry, shot: Shot | None) -> ResultEntry:
     return entry if entry.reference_url == url else replace(entry, reference_url=url)
 
 
+def abandoned_download(downloading: ResultEntry) -> ResultEntry:
+    """The entry of a paid image whose download was abandoned (`downloading`: the entry
+    journaled before it began): its URL is kept, and the next apply fetches it before paying
+    again."""
+    message = (
+        f"abandoned in flight while downloading its image (request "
+        f"{downloading.request_id or 'unknown'}); the next apply fetches it before paying again"
+    )
+    return replace(downloading, error=message)
+
+
 def failed_entry(
     shot: Shot,
     message: str,
     error: ProviderError | None,
     attempts: int,
     *,
-    generated: GeneratedImage | None = None,
     sent: ImageRequest | None = None,
 ) -> ResultEntry:
-    """A failed shot's entry; `generated` is the image it was billed for but could not keep,
-    made from `sent` (the simplified request, when it was one)."""
+    """A failed shot's entry: no image, `message` says why; `sent` is the simplified request,
+    when the last one sent was."""
     entry = _entry(shot, "failed", None, None, None, None, None, attempts=attempts, sent=sent)
-    # The generation's request id is the one a billing query or a support ticket needs.
-    request_id = generated.request_id if generated else None
     return replace(
         entry,
         error=message,
         error_code=error.code if error else None,
-        request_id=request_id or (error.request_id if error else None),
-        image_url=generated.image_url if generated else None,
+        request_id=error.request_id if error else None,
+    )
+
+
+def unfetched_entry(
+    shot: Shot,
+    message: str,
+    image: GeneratedImage,
+    attempts: int,
+    error: ProviderError | None = None,
+    *,
+    sent: ImageRequest | None = None,
+) -> ResultEntry:
+    """The entry of a shot the service made (and billed) as `image` from `sent` (the simplified
+    request, when it was one), not downloaded yet: its URL is kept for the next apply's
+    `recover`."""
+    entry = _entry(shot, "unfetched", None, None, None, None, None, attempts=attempts, sent=sent)
+    return replace(
+        entry,
+        error=message,
+        error_code=error.code if error else None,
+        # The generation's request id is the one a billing query or a support ticket needs.
+        request_id=image.request_id or (error.request_id if error else None),
+        image_url=image.image_url,
     )

@@ -11,7 +11,16 @@ no-op plan of thousands of shots stays fast.
     unchanged  its image on disk matches: nothing to do
     restore    an image for this exact request is in the cache: copied into place, no request
                (checked first; a damaged entry is discarded and the image fetched or made again)
+    recover    billed by an earlier run but never downloaded (`unfetched`): its URL is fetched,
+               no request; only if the URL no longer works is one paid request sent, and said
+    drift      its file was edited since imgbatch wrote it (its size differs from the record):
+               left as it is, unless `overwrite_edited` (then restored, or made again)
     orphan     in the results but no longer in the manifest: left on disk, listed
+
+Whether this plan decides a shot is the only place it is decided: the executor does what the
+action says. A shot whose request changed while its file was edited by hand is replaced (or
+restored, or created) with `move_aside` set: the edited file is renamed beside it first
+(`aside_path`), never overwritten.
 
 A plan downloads nothing, so the content of a reference URL, and with it the shot's key, is
 unknown to it. When the shot's previous image was made from the same URL and nothing else
@@ -22,10 +31,13 @@ as usual. `apply` fetches every URL and plans again with the real keys.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 from imgbatch.expand import Shot
 from imgbatch.reference import ReferenceImage
@@ -39,13 +51,17 @@ class Action(StrEnum):
     REPLACE = "replace"
     UNCHANGED = "unchanged"
     RESTORE = "restore"
+    RECOVER = "recover"
+    DRIFT = "drift"
     ORPHAN = "orphan"
 
 
 PAID_ACTIONS = frozenset({Action.CREATE, Action.REPLACE})
-# What an apply would change on disk. An orphan is only listed (its file is kept), so a plan with
-# orphans and nothing else has nothing to do.
-WORK_ACTIONS = frozenset({Action.CREATE, Action.REPLACE, Action.RESTORE})
+# What an apply would change on disk. An orphan is only listed (its file is kept), and so is a
+# drift (the edited file is kept): a plan with those and nothing else has nothing to do.
+WORK_ACTIONS = frozenset({Action.CREATE, Action.REPLACE, Action.RESTORE, Action.RECOVER})
+# What a hand-edited file is renamed to, beside it, when a new image must take its place.
+ASIDE_MARK = ".edited"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +73,9 @@ class PlannedShot:
     previous: ResultEntry | None
     # For a restore: the entry that recorded the cached image's SHA-256 and size, if any.
     record: ResultEntry | None = None
+    # The file on disk was edited by hand and a new image will be written there: rename it
+    # aside first (`aside_path`).
+    move_aside: bool = False
 
     @property
     def paid(self) -> bool:
@@ -97,10 +116,16 @@ def make_plan(
     cache: ImageCache,
     *,
     provider: str,
+    overwrite_edited: bool = False,
+    now: float | None = None,
 ) -> Plan:
+    """`overwrite_edited`: a file edited by hand is put back (restored or made again) instead
+    of kept; `now` (seconds since the epoch) decides whether a recorded image URL has expired."""
     records = _Records(state)
+    clock = time.time() if now is None else now
     planned = tuple(
-        _plan_shot(output_dir, shot, state.get(shot.id), cache, records) for shot in shots
+        _plan_shot(output_dir, shot, state.get(shot.id), cache, records, overwrite_edited, clock)
+        for shot in shots
     )
     wanted = {shot.id for shot in shots}
     orphans = tuple(
@@ -129,7 +154,7 @@ class _Records:
 
 
 def _has_record(entry: ResultEntry) -> bool:
-    return entry.status != "failed" and entry.sha256 is not None and entry.bytes is not None
+    return entry.has_image and entry.sha256 is not None and entry.bytes is not None
 
 
 def _plan_shot(
@@ -138,36 +163,77 @@ def _plan_shot(
     previous: ResultEntry | None,
     cache: ImageCache,
     records: _Records,
+    overwrite_edited: bool,
+    now: float,
 ) -> PlannedShot:
     reference = shot.request.reference
     if reference is not None and not reference.fetched:
-        return _plan_unknown_content(output_dir, shot, reference, previous, cache, records)
+        return _plan_unknown_content(
+            output_dir, shot, reference, previous, cache, records, overwrite_edited, now
+        )
     key = shot.request.key
-    made_before = previous is not None and previous.status != "failed"
-    if made_before and previous is not None and previous.key == key:
-        if _file_matches(output_dir / shot.file, previous):
+    made = previous if previous is not None and previous.has_image else None
+    on_disk = _size(output_dir / shot.file) if made is not None else None
+    # Size, not a hash: a no-op plan must not read every image, and an edit by hand (saved
+    # again by an image editor) all but always changes a PNG's size.
+    recorded = made.bytes if made is not None else None
+    edited = recorded is not None and on_disk is not None and on_disk != recorded
+    if made is not None and made.key == key:
+        if on_disk is not None and on_disk == made.bytes:
             return PlannedShot(shot.id, Action.UNCHANGED, "image matches", shot, previous)
+        if edited and not overwrite_edited:
+            reason = (
+                f"{shot.file} was edited since imgbatch wrote it ({on_disk} bytes, not "
+                f"{made.bytes}): kept as it is (--overwrite-edited puts imgbatch's image back)"
+            )
+            return PlannedShot(shot.id, Action.DRIFT, reason, shot, previous)
+    aside = edited and not overwrite_edited
+    note = f"; edited {shot.file} is moved aside to {aside_path(output_dir / shot.file).name}"
+    note = note if aside else ""
     if cache.has(key):
-        if previous is not None and previous.key == key:
-            reason = "file missing or modified; restored from the cache"
+        if previous is not None and previous.key == key and edited:
+            reason = "edited by hand; imgbatch's image is put back from the cache"
+        elif previous is not None and previous.key == key and made is not None:
+            reason = "file missing; restored from the cache"
         else:
             reason = "this exact request was made before; restored from the cache"
         return PlannedShot(
-            shot.id, Action.RESTORE, reason, shot, previous, records.get(key, previous)
+            shot.id,
+            Action.RESTORE,
+            reason + note,
+            shot,
+            previous,
+            records.get(key, previous),
+            move_aside=aside,
         )
-    if made_before and previous is not None and previous.key != key and previous.request:
-        changed = changed_fields(dict(previous.request), shot.request.canonical())
+    if previous is not None and previous.status == "unfetched" and previous.key == key:
+        expired = _expired_at(previous.image_url, now)
+        if expired is None:
+            reason = (
+                "billed last time but not downloaded: its URL is fetched (if it no longer "
+                "works, one paid request)"
+            )
+            return PlannedShot(shot.id, Action.RECOVER, reason, shot, previous)
+        reason = (
+            f"billed last time but not downloaded, and its URL expired at {expired}: "
+            "one paid request"
+        )
+        return PlannedShot(shot.id, Action.CREATE, reason, shot, previous)
+    if made is not None and made.key != key and made.request:
+        changed = changed_fields(dict(made.request), shot.request.canonical())
         reason = f"changed: {', '.join(changed)}" if changed else "request format changed"
-        return PlannedShot(shot.id, Action.REPLACE, reason, shot, previous)
+        return PlannedShot(shot.id, Action.REPLACE, reason + note, shot, previous, move_aside=aside)
     if previous is None:
         reason = "new shot"
-    elif previous.status == "failed" and previous.image_url and previous.key == key:
-        reason = "generated last time but not downloaded; its URL is tried before paying again"
+    elif previous.status == "unfetched":
+        reason = "changed since its image was billed but not downloaded"
     elif previous.status == "failed":
         reason = f"failed last time: {previous.error or 'unknown error'}"
+    elif edited:
+        reason = "edited by hand, and imgbatch's image is not in the cache: made again"
     else:
         reason = "image missing from disk and cache"
-    return PlannedShot(shot.id, Action.CREATE, reason, shot, previous)
+    return PlannedShot(shot.id, Action.CREATE, reason + note, shot, previous, move_aside=aside)
 
 
 def _plan_unknown_content(
@@ -177,6 +243,8 @@ def _plan_unknown_content(
     previous: ResultEntry | None,
     cache: ImageCache,
     records: _Records,
+    overwrite_edited: bool,
+    now: float,
 ) -> PlannedShot:
     """A shot whose reference URL is not fetched: see the module docstring."""
     if reference.problem is not None:  # apply fetched it and could not: the shot fails
@@ -189,15 +257,19 @@ def _plan_unknown_content(
         shot, request=replace(shot.request, reference=ReferenceImage(known, reference.source))
     )
     if previous is not None and previous.reference_url == reference.source and known:
-        planned = _plan_shot(output_dir, assumed, previous, cache, records)
+        planned = _plan_shot(output_dir, assumed, previous, cache, records, overwrite_edited, now)
         if planned.action in (Action.UNCHANGED, Action.RESTORE):
             reason = f"{planned.reason}, unless the reference URL's content changed"
             return replace(planned, reason=reason)
         return planned
     if previous is None:
         return PlannedShot(shot.id, Action.CREATE, "new shot", shot, None)
-    if previous.status == "failed":
-        reason = f"failed last time: {previous.error or 'unknown error'}"
+    if not previous.has_image:
+        reason = (
+            f"failed last time: {previous.error or 'unknown error'}"
+            if previous.status == "failed"
+            else "changed since its image was billed but not downloaded"
+        )
         return PlannedShot(shot.id, Action.CREATE, reason, shot, previous)
     # Another URL (or one the previous run did not record): what it serves is unknown.
     others = [
@@ -211,10 +283,38 @@ def _plan_unknown_content(
     return PlannedShot(shot.id, Action.REPLACE, reason, shot, previous)
 
 
-def _file_matches(path: Path, previous: ResultEntry) -> bool:
-    # Size, not a hash: a no-op plan must not read every image. A truncated or replaced file
-    # almost always changes size; `apply --verify` style hashing can come later.
+def aside_path(path: Path) -> Path:
+    """Where an edited file at `path` is moved to: `<stem>.edited<suffix>` beside it, or
+    `<stem>.edited-2<suffix>` and so on, the first name not taken (nothing is overwritten)."""
+    number = 1
+    while True:
+        mark = ASIDE_MARK if number == 1 else f"{ASIDE_MARK}-{number}"
+        candidate = path.with_name(f"{path.stem}{mark}{path.suffix}")
+        if not candidate.exists() and not candidate.is_symlink():
+            return candidate
+        number += 1
+
+
+def _size(path: Path) -> int | None:
     try:
-        return path.stat().st_size == previous.bytes
+        return path.stat().st_size
     except OSError:
-        return False
+        return None
+
+
+def _expired_at(url: str | None, now: float) -> str | None:
+    """When a signed image URL expired (its `Expires` query field), if it has; None while it
+    may still work, or when it does not say."""
+    if not url:
+        return None
+    try:
+        values = parse_qs(urlsplit(url).query).get("Expires")
+        expires = int(values[0]) if values else None
+    except ValueError:
+        return None
+    if expires is None or expires > now:
+        return None
+    try:
+        return datetime.fromtimestamp(expires, UTC).strftime("%Y-%m-%d %H:%M UTC")
+    except (OverflowError, OSError, ValueError):
+        return str(expires)

@@ -27,7 +27,13 @@ from imgbatch.store import STATE_DIR, AppendLog, atomic_write
 
 RESULTS_FILE = "results.json"
 RESULTS_FORMAT_VERSION = 1
-Status = Literal["generated", "cached", "failed"]
+# generated: made by a request; cached: restored from the cache; failed: `error` says why, no
+# image; unfetched: the service made (and billed) it, its `image_url` is kept, but it was never
+# downloaded: the next apply fetches it before it would pay again.
+Status = Literal["generated", "cached", "failed", "unfetched"]
+STATUSES: tuple[Status, ...] = ("generated", "cached", "failed", "unfetched")
+# The statuses of an entry whose image is in the output folder (as imgbatch wrote it).
+WITH_IMAGE = frozenset({"generated", "cached"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +68,11 @@ class ResultEntry:
     # reference_sha256): a plan, which downloads nothing, compares it to the manifest's.
     reference_url: str | None = None
 
+    @property
+    def has_image(self) -> bool:
+        """Whether imgbatch put this entry's image at `file` (its `sha256` and `bytes`)."""
+        return self.status in WITH_IMAGE
+
     def to_json(self) -> dict[str, Any]:
         # Shallow on purpose: `request` is a flat mapping, and dataclasses.asdict's deep copy of
         # every entry was a third of a 10,000-shot no-op apply.
@@ -80,6 +91,10 @@ class ResultEntry:
             raise ValueError(f"an entry is a JSON {type(data).__name__}, not an object")
         known = cls.__dataclass_fields__
         values = {name: _shared(name, value) for name, value in data.items() if name in known}
+        if values.get("status") == "failed" and values.get("image_url"):
+            # Written before `unfetched` existed: a failed entry with an image URL was billed
+            # but not downloaded (this version writes no failed entry with a URL).
+            values["status"] = "unfetched"
         request = values.get("request")
         if isinstance(request, dict):
             # Entries are parsed one by one: without sharing, every entry's request would hold
@@ -131,7 +146,7 @@ def _check_types(entry: ResultEntry) -> None:
     raise ValueError(f"entry {entry.id!r} has a bad {', '.join(bad)}")
 
 
-_STATUSES = frozenset({"generated", "cached", "failed"})
+_STATUSES = frozenset(STATUSES)
 _FIELD_NAMES = tuple(item.name for item in fields(ResultEntry))
 # Fields whose few values repeat across thousands of shots (defaults, mostly): loaded entries
 # share one string each instead of holding a copy apiece (a 100,000-shot state is held whole).
@@ -298,9 +313,13 @@ def write_results(
 def _results_pieces(
     entries: Sequence[ResultEntry], orphans: Sequence[ResultEntry], meta: Mapping[str, Any]
 ) -> Iterator[bytes]:
-    counts = {status: 0 for status in ("generated", "cached", "failed")}
+    counts = dict.fromkeys(STATUSES, 0)
     for entry in entries:
         counts[entry.status] += 1
+    if not counts["unfetched"]:
+        # Only when there are some: a results file written before `unfetched` existed stays
+        # byte for byte the same after an upgrade.
+        del counts["unfetched"]
     head = {
         "version": RESULTS_FORMAT_VERSION,
         **meta,

@@ -35,11 +35,11 @@ import jinja2
 from PIL import Image
 
 from imgbatch.errors import StoreError
-from imgbatch.executor import Listener, Notice, Retrying
+from imgbatch.executor import Listener, RunEvent
 from imgbatch.expand import output_dir_for
 from imgbatch.manifest import load_manifest
-from imgbatch.plan import Action, Plan
-from imgbatch.results import ResultEntry, load_state, results_path
+from imgbatch.plan import WORK_ACTIONS, Action, Plan
+from imgbatch.results import STATUSES, ResultEntry, load_state, results_path
 from imgbatch.store import STATE_DIR, TEMP_PREFIX, ImageCache, atomic_write
 
 SHEET_FILE = "index.html"
@@ -49,7 +49,7 @@ THUMBS_DIR = "thumbs"
 THUMB_BOX = (320, 320)
 THUMB_QUALITY = 80
 _LAST_RUN_VERSION = 1
-_STATUS_ORDER = ("generated", "cached", "failed", "pending")
+_STATUS_ORDER = (*STATUSES, "pending")
 # What a card shows of its shot's entry; none of it for a shot not applied yet.
 _DETAILS = tuple(
     "prompt text text_extra simplified negative_prompt size seed model provider style error"
@@ -57,14 +57,18 @@ _DETAILS = tuple(
 )
 _ERROR = re.compile(r"(?:(?P<status>\d{3}) )?(?P<code>\S+): (?P<message>.*)", re.DOTALL)
 _DIGEST = re.compile(r'<meta name="imgbatch-sheet" content="([0-9a-f]{64})">')
-_CHANGE_LABELS: dict[str, str] = {Action.REPLACE: "replaced", Action.RESTORE: "restored"}
+_CHANGE_LABELS: dict[str, str] = {
+    Action.REPLACE: "replaced",
+    Action.RESTORE: "restored",
+    Action.RECOVER: "recovered",
+}
 
 
 @dataclass(frozen=True, slots=True)
 class Change:
     """What the last apply did to one shot, and the entry it had before."""
 
-    action: str  # create, replace or restore
+    action: str  # create, replace, restore or recover
     reason: str
     previous: ResultEntry | None
 
@@ -74,7 +78,7 @@ class Change:
             return _CHANGE_LABELS.get(self.action, self.action)
         if self.previous is None:
             return "new"
-        return "retried" if self.previous.status == "failed" else "regenerated"
+        return "regenerated" if self.previous.has_image else "retried"
 
 
 def thumb_path(output_dir: Path, key: str) -> Path:
@@ -86,11 +90,12 @@ def last_run_path(output_dir: Path) -> Path:
 
 
 def changes_of(plan: Plan) -> dict[str, Change]:
-    """Every shot of the plan that the apply touched (all but the unchanged ones)."""
+    """Every shot of the plan that the apply touched (not the unchanged ones, nor those whose
+    hand-edited file it kept)."""
     return {
         item.id: Change(str(item.action), item.reason, item.previous)
         for item in plan.shots
-        if item.action is not Action.UNCHANGED
+        if item.action in WORK_ACTIONS
     }
 
 
@@ -149,7 +154,7 @@ def update_after_apply(
     by_id = {entry.id: entry for entry in entries}
     try:
         finished: datetime | None
-        if any(item.action is not Action.UNCHANGED for item in plan.shots):
+        if any(item.action in WORK_ACTIONS for item in plan.shots):
             finished = datetime.now(UTC)
             changes = changes_of(plan)
             save_changes(output_dir, changes, finished)
@@ -221,7 +226,7 @@ def render_sheet(
     wanted: dict[str, Path] = {}
     for shot_id in order:
         entry = entries.get(shot_id)
-        if entry is not None and entry.status != "failed":
+        if entry is not None and entry.has_image:
             wanted[entry.key] = _image_source(output_dir, cache, entry)
         previous = _shown_previous(changes.get(shot_id), entry)
         if previous is not None:
@@ -286,8 +291,8 @@ class Thumbnailer:
         self.listener = listener
         self._pool: ThreadPoolExecutor | None = None
 
-    def __call__(self, event: ResultEntry | Retrying | Notice) -> None:
-        if isinstance(event, ResultEntry) and event.status != "failed":
+    def __call__(self, event: RunEvent) -> None:
+        if isinstance(event, ResultEntry) and event.has_image:
             self._submit(event.key)
         if self.listener is not None:
             self.listener(event)
@@ -364,7 +369,7 @@ def _image_source(output_dir: Path, cache: ImageCache, entry: ResultEntry) -> Pa
 
 def _shown_previous(change: Change | None, entry: ResultEntry | None) -> ResultEntry | None:
     """The image the shot had before the last apply, when it differs from the current one."""
-    if change is None or change.previous is None or change.previous.status == "failed":
+    if change is None or change.previous is None or not change.previous.has_image:
         return None
     if entry is not None and entry.key == change.previous.key:
         return None
@@ -415,7 +420,7 @@ def _card(
         attempts=entry.attempts,
         key=entry.key,
     )
-    if entry.status != "failed" and entry.file:
+    if entry.has_image and entry.file:
         card["image"] = {
             "href": _url(output_dir, output_dir / entry.file),
             "thumb": _url(output_dir, thumb_path(output_dir, entry.key))

@@ -122,7 +122,7 @@ async def agenerate(
             )
             outcome = await executor.run(plan)
     entry = outcome.entries[shot.id]
-    if entry.status == "failed":
+    if not entry.has_image:
         # The entry's error already reads "400 DataInspectionFailed: ...": given as code= too,
         # the message would say the code twice.
         error = ProviderError(entry.error or "the request failed", request_id=entry.request_id)
