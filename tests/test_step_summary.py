@@ -145,8 +145,15 @@ def test_a_known_cost_is_shown_with_its_currency() -> None:
     assert "1 paid request · estimated cost: 0.0375 USD" in plan_markdown(plan, "imgbatch plan")
     applied = {
         "shots": [{"id": "a", "status": "generated", "error": None}],
-        "summary": {"requests": 3, "cost": 1.5, "possible_extra_cost": 0.5, "currency": "CNY"},
+        "summary": {
+            "requests": 3,
+            "cost": 1.5,
+            "possible_extra_cost": 0.5,
+            "currency": "CNY",
+            "remaining": 4,
+        },
     }
     text = apply_markdown(applied, "imgbatch apply", stopped="a bound | was reached")
     assert "3 requests sent · 0 throttled (429) · cost: 1.50 CNY (+0.50 CNY possibly)" in text
     assert "Stopped: a bound \\| was reached" in text
+    assert "4 shots remain: run again to continue." in text

@@ -74,6 +74,11 @@ def apply_markdown(
     lines = _section(title, facts, ("shot", "status", "error"), rows)
     if stopped:
         lines += f"\nStopped: {_cell(stopped)}\n"
+    remaining = summary.get("remaining")
+    if remaining:
+        lines += (
+            f"\n{remaining} shot{'s' if remaining != 1 else ''} remain: run again to continue.\n"
+        )
     return lines
 
 
