@@ -76,9 +76,8 @@ def apply_markdown(
         lines += f"\nStopped: {_cell(stopped)}\n"
     remaining = summary.get("remaining")
     if remaining:
-        lines += (
-            f"\n{remaining} shot{'s' if remaining != 1 else ''} remain: run again to continue.\n"
-        )
+        shots = "1 shot remains" if remaining == 1 else f"{remaining} shots remain"
+        lines += f"\n{shots}: run again to continue.\n"
     return lines
 
 
