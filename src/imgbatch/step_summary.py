@@ -76,8 +76,8 @@ def apply_markdown(
         lines += f"\nStopped: {_cell(stopped)}\n"
     remaining = summary.get("remaining")
     if remaining:
-        shots = "1 shot remains" if remaining == 1 else f"{remaining} shots remain"
-        lines += f"\n{shots}: run again to continue.\n"
+        left = "1 shot remains" if remaining == 1 else f"{remaining} shots remain"
+        lines += f"\n{left}: run again to continue.\n"
     return lines
 
 
