@@ -419,7 +419,9 @@ async def _apply(
                         cache,
                         journal.record,
                         pacer=pacer,
-                        concurrency=options.concurrency or manifest.limits.concurrency,
+                        concurrency=options.concurrency
+                        or manifest.limits.concurrency
+                        or _local_concurrency(provider),
                         retry=options.retry,
                         clock=clock,
                         listener=thumbnails,
@@ -521,6 +523,14 @@ def _with_unselected(
         for shot in everything.shots
     )
     return tuple(written), orphans, replace(plan, shots=shots)
+
+
+def _local_concurrency(provider: Provider) -> int | None:
+    """A provider that works on this machine (the placeholder draws in threads) gets as many
+    shots in flight as asyncio's default thread pool has threads: more would only queue, and a
+    Ctrl-C would then have hundreds of shots "in flight" to wait for. None: the executor's
+    default, for a service whose work in progress is elsewhere."""
+    return None if provider.metered else min(32, (os.cpu_count() or 1) + 4)
 
 
 def _refuse_paid(plan: Plan) -> None:

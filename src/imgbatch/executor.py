@@ -304,6 +304,8 @@ class Executor:
     async def run(self, plan: Plan) -> RunOutcome:
         pending = iter(item for item in plan.shots if item.action in WORK_ACTIONS)
         self._aside = frozenset(item.id for item in plan.shots if item.move_aside)
+        # The shots whose image a twin (the same request) waits for.
+        self._made = {item.twin_of: asyncio.Event() for item in plan.shots if item.twin_of}
         for item in plan.shots:
             if item.action not in WORK_ACTIONS and item.previous is not None:
                 # Kept exactly as it was (unchanged, or a drift: the edit is left alone):
@@ -326,30 +328,49 @@ class Executor:
 
     async def _worker(self, output_dir: Path, pending: Iterator[PlannedShot]) -> None:
         for item in pending:
-            assert item.shot is not None
-            if self.stop_requested.is_set():
-                # An unfetched shot (a recover) keeps its entry too: the URL paid for stays.
-                self._skip(item.id, f"not run: {self.outcome.stopped or 'stopped'}")
-                continue
-            reference = item.shot.request.reference
-            if reference is not None and not reference.fetched:
-                # Its content, and so its key, is unknown: nothing can be restored or sent.
-                reason = reference.problem or "was not fetched"
-                message = f"field reference_image: '{reference.source}' {reason}; nothing was sent"
-                self._finish(failed_entry(item.shot, message, None, 0))
-                continue
-            self.outcome.in_flight[item.id] = Phase.WAITING
+            if item.twin_of is not None:
+                # Taken from `pending` before this shot, so already being made by another worker.
+                await self._made[item.twin_of].wait()
             try:
-                if item.action is Action.RESTORE:
-                    await self._restore(output_dir, item)
-                elif item.action is Action.RECOVER:
-                    await self._recover_billed(output_dir, item)
-                else:
-                    await self._generate(output_dir, item.shot)
-            except _Cut:
-                # A download abandoned that paid for nothing new (offline, or the image an earlier
-                # run paid for, whose URL stays in its unfetched entry).
-                self._skip(item.id, "not run: abandoned in flight when interrupted")
+                await self._run_one(output_dir, item)
+            finally:
+                if item.id in self._made:
+                    self._made[item.id].set()
+
+    async def _run_one(self, output_dir: Path, item: PlannedShot) -> None:
+        shot = item.shot
+        assert shot is not None
+        if self.stop_requested.is_set():
+            # An unfetched shot (a recover) keeps its entry too: the URL paid for stays.
+            self._skip(item.id, f"not run: {self.outcome.stopped or 'stopped'}")
+            return
+        reference = shot.request.reference
+        if reference is not None and not reference.fetched:
+            # Its content, and so its key, is unknown: nothing can be restored or sent.
+            reason = reference.problem or "was not fetched"
+            message = f"field reference_image: '{reference.source}' {reason}; nothing was sent"
+            self._finish(failed_entry(shot, message, None, 0))
+            return
+        if item.twin_of is not None:
+            made = self.outcome.entries.get(item.twin_of)
+            if made is None or not made.has_image:
+                why = made.error if made is not None else "it was not run"
+                message = f"the same request as shot {item.twin_of}, which has no image: {why}"
+                self._finish(failed_entry(shot, message, None, 0))
+                return
+            item = replace(item, record=made)
+        self.outcome.in_flight[item.id] = Phase.WAITING
+        try:
+            if item.action is Action.RESTORE:
+                await self._restore(output_dir, item)
+            elif item.action is Action.RECOVER:
+                await self._recover_billed(output_dir, item)
+            else:
+                await self._generate(output_dir, shot)
+        except _Cut:
+            # A download abandoned that paid for nothing new (offline, or the image an earlier
+            # run paid for, whose URL stays in its unfetched entry).
+            self._skip(item.id, "not run: abandoned in flight when interrupted")
 
     def record(self, entry: ResultEntry) -> None:
         """Journal `entry`; a journal that cannot be written stops the run (the entry stays in
