@@ -294,6 +294,7 @@ def test_apply_json_reports_what_the_run_did(
         "cached": 0,
         "failed": 0,
         "unfetched": 0,
+        "not_run": 0,
         "unchanged": 0,
         "drift": 0,
         "requests": 8,
@@ -303,6 +304,9 @@ def test_apply_json_reports_what_the_run_did(
         "cost": None,
         "possible_extra_cost": 0.0,
         "currency": None,
+        "interrupted": False,
+        "bounded": None,
+        "remaining": 0,
     }
 
     (output_dir(example_manifest) / f"{shots[1]}.png").unlink()

@@ -25,7 +25,7 @@ from typing import Any, Self
 import pytest
 from PIL import Image
 
-from imgbatch.api import ApplyOptions, ApplyReport, apply, apply_async, make_plan
+from imgbatch.api import ApplyOptions, ApplyReport, _settle, apply, apply_async, make_plan
 from imgbatch.errors import TransientError
 from imgbatch.executor import Executor, Notice
 from imgbatch.pacing import Clock, Pacer, RetryPolicy
@@ -582,8 +582,11 @@ def test_a_recover_not_run_when_the_run_stops_keeps_the_url_paid_for(
     outcome = asyncio.run(executor.run(plan))
 
     assert back.fetched == [] and back.generated == []
-    kept = outcome.entries[SHOT]
+    assert outcome.not_run == {SHOT: "not run: the run's time is up"}
+    # Not run: results.json keeps its entry as it was, the URL paid for included.
+    (kept,), not_run = _settle(plan, outcome, metered=True)
     assert (kept.status, kept.image_url) == ("unfetched", first["image_url"])
+    assert not_run == outcome.not_run
 
 
 # ----- RetryPolicy.backoff ------------------------------------------------------------------------

@@ -197,7 +197,10 @@ def test_a_retry_after_of_a_day_stops_the_run_with_a_message(
     assert report.stopped is not None
     assert "asked to wait 100000 s" in report.stopped
     assert "run apply again later" in report.stopped
-    assert only(report).status == "failed"
+    # Refused, not made: it keeps its (absent) state and is left for the next apply.
+    assert report.entries == ()
+    assert report.not_run["only"].startswith("not run: ")
+    assert "come back tomorrow" in report.not_run["only"]
 
 
 # ----- what the service says is redacted at the boundary ------------------------------------------
@@ -327,20 +330,22 @@ def test_sigterm_is_named_and_shots_waiting_to_retry_are_not_called_in_flight(
     while throttling_server.status_counts[500] < 6 and time.monotonic() < deadline:
         time.sleep(0.02)
     time.sleep(0.2)
+    started = time.monotonic()
+    # One is enough: a shot waiting out its 30 s was not sent, and stops waiting at once.
     process.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    process.send_signal(signal.SIGTERM)  # the second abandons the shots waiting out the 30 s
     stdout, stderr = process.communicate(timeout=30)
 
+    assert time.monotonic() - started < 20
     assert process.returncode == 130
     assert "Traceback" not in stderr
+    assert "Interrupted (SIGTERM): sending nothing new." in stderr
     assert "interrupted (SIGTERM)" in stdout
     assert "Ctrl-C" not in stdout + stderr
     assert "6 throttled (429)" in stdout
+    assert "6 not run" in stdout and "billed" not in stdout.replace("0 images billed", "")
+    # Never made: they have no entry in results.json, and no failure is recorded for them.
     shots = json.loads((tmp_path / "output" / "signals" / "results.json").read_text())["shots"]
-    for entry in shots:
-        assert entry["error"] == "not run: interrupted while waiting to retry"
-        assert "billed" not in entry["error"]
+    assert shots == []
 
 
 @pytest.mark.parametrize(

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from imgbatch import ApplyOptions, ConfigError, CostLimitError, apply, make_plan
+from imgbatch import ApplyOptions, ConfigError, CostLimitError, ImageRequest, apply, make_plan
+from imgbatch.bounds import Tally
 from imgbatch.pricing import (
-    Budget,
     Cost,
     CostLimit,
+    MaxCost,
     Pricing,
     cost,
     format_money,
@@ -128,20 +129,36 @@ def test_a_cost_limit_that_is_not_an_amount_is_refused(text: str | bool) -> None
         CostLimit.parse(text)
 
 
-def test_the_budget_counts_requests_in_flight_and_lost_answers_as_spent() -> None:
-    budget = Budget(CostLimit(Decimal("0.2"), "USD"), price_list("dashscope", INTL, None))
-    assert budget.admit("qwen-image-max") is None
-    assert budget.admit("qwen-image-max") is None
+def test_max_cost_counts_requests_in_flight_and_lost_answers_as_spent() -> None:
+    bound = MaxCost(CostLimit(Decimal("0.2"), "USD"), price_list("dashscope", INTL, None))
+    image = ImageRequest("a lighthouse", model="qwen-image-max")
+
+    def tally(billed: int = 0, in_flight: int = 0, lost: int = 0) -> Tally:
+        model = image.model
+        return Tally(0, 0.0, {model: billed}, {model: in_flight}, {model: lost})
+
+    assert bound.refuse(image, tally()) is None
+    assert bound.refuse(image, tally(in_flight=1)) is None
     # 0.15 in flight: a third image could make 0.225.
-    refusal = budget.admit("qwen-image-max")
-    assert refusal is not None and "--max-cost 0.20 USD reached" in refusal
-    budget.settle("qwen-image-max", spent=False)  # refused by the service (a 429): not billed
-    assert budget.admit("qwen-image-max") is None
-    budget.settle("qwen-image-max", spent=True)  # an image
-    budget.settle("qwen-image-max", spent=True)  # a lost answer, maybe billed
-    assert budget.admit("qwen-image-max") is not None  # 0.15 spent, 0.075 in flight
-    refusal = budget.admit("qwen-image-plus")
+    refusal = bound.refuse(image, tally(in_flight=2))
+    assert refusal == (
+        "--max-cost 0.20 USD reached: 0.00 USD billed or maybe billed and 0.15 USD in flight, so "
+        "one more qwen-image-max image (0.075 USD) could exceed it"
+    )
+    # An image received, or a lost answer (it may have been billed), counts like one in flight.
+    assert bound.refuse(image, tally(billed=1)) is None
+    assert bound.refuse(image, tally(lost=1)) is None
+    assert bound.refuse(image, tally(billed=1, lost=1)) is not None
+    assert bound.refuse(image, tally(lost=1, in_flight=1)) is not None
+    plus = ImageRequest("a lighthouse", model="qwen-image-plus")
+    refusal = bound.refuse(plus, tally())
     assert refusal is not None and "no price is known for qwen-image-plus" in refusal
+    assert (
+        MaxCost(CostLimit(Decimal(1)), price_list("placeholder", None, None)).refuse(
+            image, tally(billed=1000)
+        )
+        is None
+    )
 
 
 # ----- plan ---------------------------------------------------------------------------------------
@@ -316,7 +333,8 @@ def test_max_cost_stops_sending_before_the_images_billed_could_exceed_it(
     manifest = shots_manifest(tmp_path, 3, extra=PRICED + "\nlimits:\n  concurrency: 1")
     fake_server.enqueue_disconnect(2)  # the SDK's own re-send is dropped too
     result = run("apply", manifest, "--json", "--max-cost", "0.75", *FAST)
-    assert result.exit_code != 0, result.output
+    # Stopped at a bound with a shot remaining, as --max-requests does.
+    assert result.exit_code == 3, result.output
     assert_clean(result)
     document = json.loads(result.stdout)
     summary = document["summary"]
@@ -326,7 +344,8 @@ def test_max_cost_stops_sending_before_the_images_billed_could_exceed_it(
     assert fake_server.generation_count == 4
     assert fake_server.successes == 2
     statuses = {shot["id"]: shot["status"] for shot in document["shots"]}
-    assert statuses["shot-2"] != "generated"
+    assert statuses["shot-2"] == "not_run"
+    assert (summary["bounded"], summary["remaining"]) == ("max_cost", 1)
     assert (
         "Stopped: --max-cost 0.75 USD reached: 0.75 USD billed or maybe billed and 0.00 USD in "
         "flight, so one more qwen-image-max image (0.25 USD) could exceed it" in result.stderr

@@ -17,8 +17,9 @@ import contextlib
 import math
 import os
 import signal
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -27,6 +28,7 @@ from typing import Any
 
 import filelock
 
+from imgbatch.bounds import Bound, MaxDuration, MaxRequests
 from imgbatch.errors import (
     ConfigError,
     FrozenError,
@@ -35,7 +37,7 @@ from imgbatch.errors import (
     StoreError,
     StoreWriteError,
 )
-from imgbatch.executor import Executor, Listener, Phase, RunOutcome, failed_entry
+from imgbatch.executor import Executor, Listener, Phase, RunOutcome, abandoned_download
 from imgbatch.expand import Expansion, expand, fetch_references, shot_list
 from imgbatch.learned import QuotaStore, default_store_path
 from imgbatch.manifest import Manifest, load_manifest, manifest_from_data
@@ -43,12 +45,13 @@ from imgbatch.models import MIN_RPS
 from imgbatch.pacing import Clock, Finding, Pacer, RetryPolicy
 from imgbatch.plan import WORK_ACTIONS, Action, Plan, PlannedShot
 from imgbatch.plan import make_plan as plan_shots
-from imgbatch.pricing import Budget, Cost, CostLimit, PriceList, check_estimate, cost, price_list
+from imgbatch.pricing import Cost, CostLimit, MaxCost, PriceList, check_estimate, cost, price_list
 from imgbatch.providers import Provider, create_provider, is_metered, resolve_provider_name
 from imgbatch.prune import Pruned, prune_orphans
 from imgbatch.quota import Quota
 from imgbatch.request import KEY_FORMAT_VERSION
 from imgbatch.results import Journal, ResultEntry, load_state, write_results
+from imgbatch.selection import select_shots
 from imgbatch.sheet import Thumbnailer
 from imgbatch.sheet import update_after_apply as update_sheet
 from imgbatch.store import STATE_DIR, ImageCache, check_writable, remove_stale_temporaries
@@ -79,14 +82,26 @@ class ApplyOptions:
     simplify: bool = True
     # Send no paid request: refuse (FrozenError) when a shot needs one; restores still happen.
     frozen: bool = False
+    # Stop sending after this many requests (retries included), or this many seconds after
+    # sending began: requests in flight finish, the shots not run are left for the next apply.
+    max_requests: int | None = None
+    max_duration: float | None = None
     # The most the run may cost (5, "5 USD", a CostLimit); wins over the manifest's max_cost.
     max_cost: CostLimit | Decimal | float | str | None = None
     # Put imgbatch's image back over a file edited by hand, instead of keeping the edit.
     overwrite_edited: bool = False
     # Remove the orphaned shots' files (as imgbatch wrote them) and their results entries.
     prune: bool = False
+    # Act on these shots only (ids or fnmatch globs); every other shot's entry is kept as it is.
+    only: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.only, str):  # only="s01" means one pattern, not three letters
+            object.__setattr__(self, "only", (self.only,))
+        if self.only and self.prune:
+            raise ConfigError(
+                "--prune removes orphans, which --only leaves alone: use one or the other"
+            )
         # The same bounds as --rps and limits.rps: a NaN rate would send nothing, forever.
         if self.rps is not None and not (math.isfinite(self.rps) and self.rps >= MIN_RPS):
             raise ConfigError(
@@ -94,11 +109,28 @@ class ApplyOptions:
             )
         if self.concurrency is not None and self.concurrency < 1:
             raise ConfigError(f"concurrency must be at least 1, got {self.concurrency}")
+        if self.max_requests is not None and self.max_requests < 1:
+            raise ConfigError(f"max_requests must be at least 1, got {self.max_requests}")
+        if self.max_duration is not None and not (
+            math.isfinite(self.max_duration) and self.max_duration > 0
+        ):
+            raise ConfigError(
+                f"max_duration must be a finite number of seconds above 0, got {self.max_duration}"
+            )
         if self.max_cost is not None:
             try:
                 CostLimit.parse(self.max_cost)
             except ValueError as exc:
                 raise ConfigError(f"max_cost: {exc}") from None
+
+    def bounds(self) -> tuple[Bound, ...]:
+        """What may stop this run before its shots are all done (see `imgbatch.bounds`)."""
+        found: list[Bound] = []
+        if self.max_requests is not None:
+            found.append(MaxRequests(self.max_requests))
+        if self.max_duration is not None:
+            found.append(MaxDuration(self.max_duration))
+        return tuple(found)
 
 
 @dataclass(frozen=True)
@@ -114,6 +146,8 @@ class QuotaNote:
 class ApplyReport:
     plan: Plan
     results_path: Path
+    # results.json's shot entries: a shot this run did not run keeps its previous entry, or
+    # has none if it never had one.
     entries: tuple[ResultEntry, ...]
     stopped: str | None
     interrupted: bool
@@ -131,6 +165,11 @@ class ApplyReport:
     # The contact sheet (index.html), or why it could not be drawn: a warning, never a failure.
     sheet: Path | None = None
     sheet_problem: str | None = None
+    # Shots with something to do that this run did not do (stopped or interrupted first), and
+    # why: nothing of theirs changed, and the next apply does them.
+    not_run: Mapping[str, str] = field(default_factory=dict)
+    # The bound that stopped the run (`Bound.name`: max_requests, max_duration), if one did.
+    bounded: str | None = None
     # Hand-edited files renamed aside before a new image took their place: shot id -> new name
     # (relative to the output folder).
     moved_aside: Mapping[str, str] = field(default_factory=dict)
@@ -140,13 +179,23 @@ class ApplyReport:
     def count(self, status: str) -> int:
         """Shots this run made `status` (generated, cached: restored from the cache, failed,
         unfetched: billed but not downloaded); a shot it left alone (unchanged, or edited by
-        hand and kept) keeps its entry, whatever its status, and is not counted here."""
-        acted = {item.id for item in self.plan.shots if item.action in WORK_ACTIONS}
+        hand and kept) or did not run keeps its entry, whatever its status, and is not counted
+        here."""
+        acted = {
+            item.id
+            for item in self.plan.shots
+            if item.action in WORK_ACTIONS and item.id not in self.not_run
+        }
         return sum(1 for entry in self.entries if entry.status == status and entry.id in acted)
 
     @property
     def unchanged(self) -> int:
         return self.plan.count(Action.UNCHANGED)
+
+    @property
+    def remaining(self) -> int:
+        """Shots left for the next apply because this one stopped before them."""
+        return len(self.not_run)
 
     @property
     def ok(self) -> bool:
@@ -216,18 +265,24 @@ def make_plan(
     home: Path | None = None,
     allow_reference_outside: bool = False,
     overwrite_edited: bool = False,
+    only: Sequence[str] = (),
 ) -> Plan:
     """What `apply` would do for each shot, reading the output folder but changing nothing and
     downloading nothing: see `imgbatch.plan` for what that means for a reference URL.
 
     Raises `PaidImagesError`, as apply would, when the placeholder provider, not named
-    explicitly, would replace images a paid provider made."""
+    explicitly, would replace images a paid provider made.
+
+    With `only` (shot ids or fnmatch globs), the plan has those shots alone and no orphans.
+    """
     environ = os.environ if environ is None else environ
     manifest, expansion = load_and_expand(
         path, provider, environ, home, allow_reference_outside=allow_reference_outside
     )
+    selected = _narrowed(expansion, only)
+    state = load_state(expansion.output_dir)
     prices = _prices(manifest, expansion, environ)
-    planned = _plan(expansion, load_state(expansion.output_dir), prices, overwrite_edited)
+    planned = _plan(selected, state, overwrite_edited, only=bool(only), prices=prices)
     _refuse_placeholder_over_paid(planned, provider, manifest)
     return planned
 
@@ -235,8 +290,10 @@ def make_plan(
 def _plan(
     expansion: Expansion,
     state: Mapping[str, ResultEntry],
-    prices: PriceList,
     overwrite_edited: bool = False,
+    *,
+    only: bool = False,
+    prices: PriceList | None = None,
 ) -> Plan:
     output_dir = expansion.output_dir
     plan = plan_shots(
@@ -247,7 +304,8 @@ def _plan(
         provider=expansion.provider,
         overwrite_edited=overwrite_edited,
     )
-    return replace(plan, prices=prices)
+    # Under --only the shots left out are not orphans: nothing is said or done about orphans.
+    return replace(plan, orphans=() if only else plan.orphans, prices=prices)
 
 
 def _prices(
@@ -270,6 +328,13 @@ def _cost_limit(options: ApplyOptions, manifest: Manifest) -> CostLimit | None:
     if options.max_cost is not None:
         return CostLimit.parse(options.max_cost)
     return manifest.limits.max_cost
+
+
+def _narrowed(expansion: Expansion, only: Sequence[str]) -> Expansion:
+    """The expansion with the shots `only` selects (ConfigError for a pattern matching none)."""
+    if not only:
+        return expansion
+    return replace(expansion, shots=select_shots(expansion.shots, only))
 
 
 def apply(
@@ -298,8 +363,23 @@ async def apply_async(
     """Plan, then make every shot that needs it, under one lock on the output folder.
 
     `on_plan` sees the plan before anything is sent; `listener` sees every finished shot and
-    every retry as it happens.
+    every retry as it happens, and a `Stopping` when the run stops sending.
+
+    Ctrl-C (in the main thread): before anything is sent, KeyboardInterrupt at once; once the
+    run is sending, see `_Interrupts` (the report says `interrupted`).
     """
+    with _interrupt_at_once():
+        return await _apply(path, options, provider, listener, on_plan, clock)
+
+
+async def _apply(
+    path: ManifestSource,
+    options: ApplyOptions | None,
+    provider: Provider | str | None,
+    listener: Listener | None,
+    on_plan: Callable[[Plan], None] | None,
+    clock: Clock | None,
+) -> ApplyReport:
     options = options or ApplyOptions()
     if isinstance(provider, str):
         # A name, as on the command line; an object is used as it is.
@@ -312,12 +392,14 @@ async def apply_async(
         options.home,
         allow_reference_outside=options.allow_reference_outside,
     )
+    # Before anything is fetched or written: a pattern matching no shot is refused.
+    everything, expansion = expansion, _narrowed(expansion, options.only)
+    only = bool(options.only)
     if _may_replace_paid(expansion.provider, options.provider):
         # Before anything is fetched, before credentials and before the lock: a refused run
         # connects to nothing and writes nothing at all.
-        prices = _prices(manifest, expansion, environ)
         state = load_state(expansion.output_dir)
-        early = _plan(expansion, state, prices, options.overwrite_edited)
+        early = _plan(expansion, state, options.overwrite_edited, only=only)
         _refuse_placeholder_over_paid(early, options.provider, manifest)
     # Each reference URL once, keyed by its content, so that the plan below knows every key
     # (a frozen run pays nothing for a URL whose content did not change).
@@ -326,8 +408,9 @@ async def apply_async(
     limit = _cost_limit(options, manifest)
     if options.frozen or limit is not None:
         # Before credentials and before the lock: a refused run writes nothing at all.
+        state = load_state(output_dir)
         prices = _prices(manifest, expansion, environ)
-        early = _plan(expansion, load_state(output_dir), prices, options.overwrite_edited)
+        early = _plan(expansion, state, options.overwrite_edited, only=only, prices=prices)
         _refuse(early, options.frozen, limit)
     # Credentials are checked before anything is written.
     provider = provider or create_provider(expansion.provider, environ, options.home)
@@ -342,7 +425,7 @@ async def apply_async(
             check_writable(cache.root)
         remove_stale_temporaries(output_dir)
         state = load_state(output_dir)
-        plan = _plan(expansion, state, prices, options.overwrite_edited)
+        plan = _plan(expansion, state, options.overwrite_edited, only=only, prices=prices)
         # Again: another run may have changed the folder meanwhile.
         _refuse_placeholder_over_paid(plan, options.provider, manifest)
         _refuse(plan, options.frozen, limit)
@@ -365,51 +448,70 @@ async def apply_async(
         )
         journal = Journal(output_dir)
         thumbnails = Thumbnailer(output_dir, listener)  # the contact sheet's, made as shots land
-        try:
-            async with provider:
-                executor = Executor(
-                    provider,
-                    cache,
-                    journal.record,
-                    pacer=pacer,
-                    concurrency=options.concurrency or manifest.limits.concurrency,
-                    retry=options.retry,
-                    clock=clock,
-                    listener=thumbnails,
-                    simplify=options.simplify and manifest.simplify,
-                    frozen=options.frozen,
-                    budget=Budget(limit, prices) if limit is not None else None,
-                )
-                outcome, interrupted = await _run_interruptible(executor, plan, options)
-        finally:
-            journal.close()
-            thumbnails.close()
-        entries = tuple(_final_entry(item, outcome, provider.metered) for item in plan.shots)
-        orphans = [item.previous for item in plan.orphans if item.previous is not None]
-        pruned: tuple[Pruned, ...] = ()
-        if options.prune:
-            in_use = {shot.file for shot in expansion.shots}
-            pruned, kept = prune_orphans(output_dir, orphans, in_use)
-            orphans = list(kept)
-        meta = {
-            # Relative, so an output folder can be moved or committed with its manifest.
-            "manifest": None
-            if isinstance(path, Mapping)
-            else os.path.relpath(Path(path).resolve(), output_dir.resolve()),
-            "provider": provider.name,
-            "key_format": KEY_FORMAT_VERSION,
-        }
-        try:
-            results = write_results(
-                output_dir,
-                entries,
-                orphans,
-                meta,
-                updated_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        interrupts = _Interrupts(options.grace_seconds)
+        # From the first request until results.json and the sheet are written: a Ctrl-C while
+        # they are written waits for them (they are what the run leaves behind).
+        with _signal_handler(asyncio.get_running_loop(), interrupts):
+            try:
+                async with provider:
+                    executor = Executor(
+                        provider,
+                        cache,
+                        journal.record,
+                        pacer=pacer,
+                        concurrency=options.concurrency
+                        or manifest.limits.concurrency
+                        or _local_concurrency(provider),
+                        retry=options.retry,
+                        clock=clock,
+                        listener=thumbnails,
+                        simplify=options.simplify and manifest.simplify,
+                        frozen=options.frozen,
+                        bounds=(
+                            *options.bounds(),
+                            *([MaxCost(limit, prices)] if limit is not None else []),
+                        ),
+                    )
+                    outcome = await interrupts.run(executor, plan)
+            finally:
+                journal.close()
+                thumbnails.close()
+            entries, not_run = _settle(plan, outcome, provider.metered)
+            orphans = [item.previous for item in plan.orphans if item.previous is not None]
+            pruned: tuple[Pruned, ...] = ()
+            if options.prune:
+                in_use = {shot.file for shot in expansion.shots}
+                pruned, kept = prune_orphans(output_dir, orphans, in_use)
+                orphans = list(kept)
+            # The sheet marks what changed: a shot not run changed nothing.
+            touched = tuple(
+                replace(item, action=Action.UNCHANGED) if item.id in not_run else item
+                for item in plan.shots
             )
-        except StoreWriteError as exc:
-            raise StoreError(_unwritten_results(exc, outcome, journal.path)) from None
-        sheet, sheet_problem = update_sheet(output_dir, manifest.name, plan, entries)
+            written, sheet_plan = entries, replace(plan, shots=touched)
+            if only:
+                written, orphans, sheet_plan = _with_unselected(
+                    everything, state, sheet_plan, entries
+                )
+            meta = {
+                # Relative, so an output folder can be moved or committed with its manifest.
+                "manifest": None
+                if isinstance(path, Mapping)
+                else os.path.relpath(Path(path).resolve(), output_dir.resolve()),
+                "provider": provider.name,
+                "key_format": KEY_FORMAT_VERSION,
+            }
+            try:
+                results = write_results(
+                    output_dir,
+                    written,
+                    orphans,
+                    meta,
+                    updated_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                )
+            except StoreWriteError as exc:
+                raise StoreError(_unwritten_results(exc, outcome, journal.path)) from None
+            sheet, sheet_problem = update_sheet(output_dir, manifest.name, sheet_plan, written)
     saved: list[str] = []
     if store is not None and account is not None:
         with contextlib.suppress(OSError):  # a head start for next time, not worth failing for
@@ -423,7 +525,7 @@ async def apply_async(
         results_path=results,
         entries=entries,
         stopped=outcome.stopped,
-        interrupted=interrupted,
+        interrupted=interrupts.count > 0,
         requests=outcome.requests,
         billed=outcome.billed,
         maybe_billed=outcome.maybe_billed,
@@ -435,9 +537,45 @@ async def apply_async(
         possible_extra_cost=cost(outcome.maybe_billed_models.elements(), prices),
         sheet=sheet,
         sheet_problem=sheet_problem,
+        not_run=not_run,
+        bounded=outcome.bounded,
         moved_aside=dict(outcome.moved_aside),
         pruned=pruned,
     )
+
+
+def _with_unselected(
+    everything: Expansion,
+    state: Mapping[str, ResultEntry],
+    plan: Plan,
+    entries: Sequence[ResultEntry],
+) -> tuple[tuple[ResultEntry, ...], list[ResultEntry], Plan]:
+    """Under --only: the results entries (the run's for the shots it acted on, every other
+    shot's as it was, in manifest order), the orphans as they were, and the plan the contact
+    sheet is drawn from (every shot, those left out as unchanged)."""
+    acted = {entry.id: entry for entry in entries}
+    planned = {item.id: item for item in plan.shots}
+    ids = {shot.id for shot in everything.shots}
+    written = []
+    for shot in everything.shots:
+        entry = acted.get(shot.id) or state.get(shot.id)
+        if entry is not None:
+            written.append(entry)
+    orphans = [entry for shot_id, entry in state.items() if shot_id not in ids]
+    shots = tuple(
+        planned.get(shot.id)
+        or PlannedShot(shot.id, Action.UNCHANGED, "not selected", shot, state.get(shot.id))
+        for shot in everything.shots
+    )
+    return tuple(written), orphans, replace(plan, shots=shots)
+
+
+def _local_concurrency(provider: Provider) -> int | None:
+    """A provider that works on this machine (the placeholder draws in threads) gets as many
+    shots in flight as asyncio's default thread pool has threads: more would only queue, and a
+    Ctrl-C would then have hundreds of shots "in flight" to wait for. None: the executor's
+    default, for a service whose work in progress is elsewhere."""
+    return None if provider.metered else min(32, (os.cpu_count() or 1) + 4)
 
 
 def _refuse(plan: Plan, frozen: bool, limit: CostLimit | None) -> None:
@@ -533,57 +671,109 @@ def _unwritten_results(error: StoreWriteError, outcome: RunOutcome, journal: Pat
     return "\n".join(lines)
 
 
-def _final_entry(item: PlannedShot, outcome: RunOutcome, metered: bool) -> ResultEntry:
+def _settle(
+    plan: Plan, outcome: RunOutcome, metered: bool
+) -> tuple[tuple[ResultEntry, ...], dict[str, str]]:
+    """results.json's shot entries, and the shots not run with why. A shot not run keeps its
+    previous entry (nothing of it changed), and a new one gets none."""
+    entries: list[ResultEntry] = []
+    not_run: dict[str, str] = {}
+    for item in plan.shots:
+        found = _final_entry(item, outcome, metered)
+        if isinstance(found, str):
+            not_run[item.id] = found
+            if item.previous is not None:
+                entries.append(item.previous)
+        else:
+            entries.append(found)
+    return tuple(entries), not_run
+
+
+def _final_entry(item: PlannedShot, outcome: RunOutcome, metered: bool) -> ResultEntry | str:
+    """The shot's entry after the run, or why it was not run."""
     entry = outcome.entries.get(item.id)
     if entry is not None:
         return entry
-    # Abandoned (second interrupt, or the grace time ran out): say what it may have cost.
+    reason = outcome.not_run.get(item.id)
+    if reason is not None:
+        return reason
+    if item.action not in WORK_ACTIONS and item.previous is not None:
+        return item.previous  # cancelled before the run even began: nothing to do for it anyway
+    # The run was cancelled outright (a third Ctrl-C, or from Python) with this shot unfinished.
     downloading = outcome.downloading.get(item.id)
     if downloading is not None:
-        message = (
-            f"abandoned in flight while downloading its image (request "
-            f"{downloading.request_id or 'unknown'}); the next apply fetches it before paying again"
-        )
-        return replace(downloading, error=message)
-    assert item.shot is not None
-    if item.action is Action.RECOVER and item.previous is not None:
-        # Abandoned while fetching an image paid for earlier: its URL stays for the next apply.
-        return item.previous
-    phase = outcome.in_flight.get(item.id, Phase.WAITING)
-    if phase == Phase.SENDING:
-        message = "abandoned in flight when interrupted"
-        if metered and item.action is not Action.RESTORE:
-            message += "; DashScope may have billed it"
-    else:
-        message = f"not run: interrupted while {phase}"
-    return failed_entry(item.shot, message, None, 1 if phase == Phase.SENDING else 0)
+        return abandoned_download(downloading)
+    if metered and outcome.in_flight.get(item.id) == Phase.SENDING:
+        return "abandoned in flight when interrupted; DashScope may have billed it"
+    return f"not run: {outcome.stopped or 'interrupted'}"
 
 
-async def _run_interruptible(
-    executor: Executor, plan: Plan, options: ApplyOptions
-) -> tuple[RunOutcome, bool]:
-    """Run the plan; a first Ctrl-C stops sending, a second (or the grace time) abandons."""
-    loop = asyncio.get_running_loop()
-    task = asyncio.ensure_future(executor.run(plan))
-    interrupts = 0
+class _Interrupts:
+    """Ctrl-C and SIGTERM while a run is sending. The first stops sending and says so at once
+    (what is in flight, how long it may be waited for); the second, or the grace time out,
+    abandons the requests in flight (what is already received is still written); a third
+    cancels the run outright. Results are written in every case."""
 
-    def on_interrupt(signum: signal.Signals) -> None:
-        nonlocal interrupts
-        interrupts += 1
-        if interrupts == 1:
-            cause = "Ctrl-C" if signum == signal.SIGINT else signum.name
-            executor.stop(f"interrupted ({cause})")
-            loop.call_later(options.grace_seconds, task.cancel)
-        else:
-            task.cancel()
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self.count = 0
+        self._cause = "Ctrl-C"
+        self._executor: Executor | None = None
+        self._task: asyncio.Future[RunOutcome] | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
-    with _signal_handler(loop, on_interrupt):
+    async def run(self, executor: Executor, plan: Plan) -> RunOutcome:
+        self._executor = executor
+        self._task = asyncio.ensure_future(executor.run(plan))
+        if self.count:  # interrupted while the provider started: send nothing
+            executor.stop(f"interrupted ({self._cause})")
         try:
-            await task
+            await self._task
         except asyncio.CancelledError:
-            if interrupts == 0:
-                raise
-    return executor.outcome, interrupts > 0
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # cancelled from outside, not by a third interrupt
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+        return executor.outcome
+
+    def __call__(self, signum: signal.Signals) -> None:
+        if self._task is not None and self._task.done():
+            return  # the run is over; results are being written
+        self.count += 1
+        self._cause = "Ctrl-C" if signum == signal.SIGINT else signum.name
+        executor = self._executor
+        if executor is None:
+            return
+        if self.count == 1:
+            executor.stop(f"interrupted ({self._cause})", grace=self.grace, again=self._cause)
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self.grace, executor.abandon, self._cause)
+        elif self.count == 2:
+            executor.abandon(self._cause)
+        elif self._task is not None:
+            self._task.cancel()
+
+
+@contextlib.contextmanager
+def _interrupt_at_once() -> Iterator[None]:
+    """Until the run sends, Ctrl-C raises KeyboardInterrupt at once (nothing has been sent or
+    written): asyncio.run's own handler would only cancel at the next await, after a plan that
+    can take seconds. A handler the caller installed is left alone."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    runner = getattr(getattr(previous, "func", None), "__self__", None)
+    if previous is not signal.default_int_handler and not isinstance(runner, asyncio.Runner):
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager
@@ -593,15 +783,19 @@ def _signal_handler(
     installed = []
     for signum in (signal.SIGINT, signal.SIGTERM):
         try:
+            previous = signal.getsignal(signum)
             loop.add_signal_handler(signum, handler, signum)
-            installed.append(signum)
+            installed.append((signum, previous))
         except (NotImplementedError, RuntimeError, ValueError):
             pass  # not the main thread, or a platform without loop signal handlers
     try:
         yield
     finally:
-        for signum in installed:
+        for signum, previous in installed:
             loop.remove_signal_handler(signum)
+            # Not the default remove_signal_handler puts back: the one that was there.
+            if previous is not None:
+                signal.signal(signum, previous)
 
 
 @contextlib.contextmanager

@@ -1,28 +1,52 @@
 """The `imgbatch` command: parse flags, call one library function, print, return an exit code.
 
 Exit codes: 0 all shots good; 1 some shots failed or the run stopped; 2 invalid manifest,
-options or credentials (for `inspect`: a missing file, a non-PNG or no provenance); 130
-interrupted. Known errors print one clean message, never a traceback; an unexpected error
-prints one line and the path of a log with the traceback.
+options or credentials (for `inspect`: a missing file, a non-PNG or no provenance); 3 apply
+stopped at a bound (--max-requests, --max-duration, --max-cost) with shots remaining; 130
+interrupted. Known errors print one clean message, never a traceback; an unexpected error prints
+one line and the path of a log with the traceback. A Ctrl-C at any moment, start-up included, prints
+"interrupted" and exits 130, never a traceback.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import math
-import os
+import signal
 import sys
-from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from types import FrameType
 
-import click
 
-from imgbatch.errors import ConfigError, ImgbatchError, InspectError, ManifestError
-from imgbatch.models import MIN_RPS
-from imgbatch.providers import PROVIDER_CHOICES, is_metered, secrets_for_redaction
-from imgbatch.quota import Quota, parse_quota
+def _interrupted_while_starting(signum: int, frame: FrameType | None) -> None:
+    # Nothing has been read or written yet: one line, not the traceback of an import.
+    sys.stderr.write("interrupted\n")
+    raise SystemExit(130)
+
+
+# Most of the command's start-up is loading this module (click, then building the commands):
+# a Ctrl-C meanwhile ends it cleanly. The handler before is put back at the end of the module.
+_handler_before = signal.getsignal(signal.SIGINT)
+if _handler_before is None or _handler_before is signal.SIG_IGN:
+    _handler_before = None  # not Python's handler, or Ctrl-C ignored (a background job)
+else:
+    try:
+        signal.signal(signal.SIGINT, _interrupted_while_starting)
+    except ValueError:  # imported outside the main thread
+        _handler_before = None
+
+import contextlib  # noqa: E402 - after the handler, on purpose
+import functools  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING, Any, TypeVar  # noqa: E402
+
+import click  # noqa: E402
+
+from imgbatch.errors import ConfigError, ImgbatchError, InspectError, ManifestError  # noqa: E402
+from imgbatch.models import MIN_RPS  # noqa: E402
+from imgbatch.providers import PROVIDER_CHOICES, is_metered, secrets_for_redaction  # noqa: E402
+from imgbatch.quota import Quota, parse_quota  # noqa: E402
 
 if TYPE_CHECKING:
     from imgbatch.console import Verbosity
@@ -34,6 +58,7 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_CHANGES = 2  # plan --detailed-exitcode: something to do (Terraform's convention)
+EXIT_REMAINING = 3  # apply stopped at a bound; shots remain for the next run
 F = TypeVar("F", bound=Callable[..., int])
 
 
@@ -51,7 +76,8 @@ def error_boundary(command: F) -> F:
             click.echo(f"error: {exc}", err=True)
             code = EXIT_FAILED
         except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
+            with _ignoring_interrupts():  # a second Ctrl-C must not cut this message short
+                click.echo("interrupted", err=True)
             code = EXIT_INTERRUPTED
         except Exception as exc:  # noqa: BLE001 - the boundary: nothing escapes as a traceback
             log = _write_crash_log()
@@ -60,6 +86,20 @@ def error_boundary(command: F) -> F:
         sys.exit(code)
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _ignoring_interrupts() -> Iterator[None]:
+    """SIGINT ignored for the duration (in the main thread), then handled as it was."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _write_crash_log() -> str:
@@ -73,6 +113,15 @@ def _write_crash_log() -> str:
     with os.fdopen(handle, "w", encoding="utf-8") as log:
         log.write(text)
     return path
+
+
+def _duration_option(value: str | None) -> float | None:
+    from imgbatch.bounds import parse_duration
+
+    try:
+        return parse_duration(value) if value is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _quota_option(value: str | None) -> Quota | None:
@@ -109,6 +158,14 @@ class FiniteFloatRange(click.FloatRange):
         return number
 
 
+only_option = click.option(
+    "--only",
+    metavar="ID_OR_GLOB",
+    multiple=True,
+    help="Act on the shots with this id, or whose id matches this glob (s01-*, *-noon); "
+    "repeatable. Every other shot's entry in results.json is kept as it is, and orphans are "
+    "left alone. A pattern that matches no shot is an error.",
+)
 overwrite_edited_option = click.option(
     "--overwrite-edited",
     is_flag=True,
@@ -184,18 +241,36 @@ def main(context: click.Context, verbosity: str | None) -> None:
 
 
 @main.command()
-@manifest_argument
+@click.argument(
+    "manifests", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path)
+)
 @allow_outside_option
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the verdict and every problem (file, line, shot, field) as one JSON document on "
+    "stdout.",
+)
 @error_boundary
-def validate(manifest: Path, allow_reference_outside: bool) -> int:
-    """Check a shot list against the schema and the model rules."""
-    from imgbatch.api import read_manifest
+def validate(manifests: tuple[Path, ...], allow_reference_outside: bool, as_json: bool) -> int:
+    """Check shot lists against the schema and the model rules (several at once: a pre-commit
+    hook passes every changed file)."""
+    from imgbatch.validation import validate, validate_json
 
     # The manifest's own checks, local references included; a reference URL is not downloaded
     # (only apply and generate fetch one, to key it by its content).
-    count = len(read_manifest(manifest, allow_reference_outside=allow_reference_outside).shots)
-    click.echo(f"{manifest}: valid, {count} shot{'s' if count != 1 else ''}")
-    return EXIT_OK
+    results = validate(manifests, allow_reference_outside=allow_reference_outside)
+    for result in results:
+        if result.shots is not None:
+            count = result.shots
+            line = f"{result.manifest}: valid, {count} shot{'s' if count != 1 else ''}"
+            click.echo(line, err=as_json)
+        else:
+            click.echo(f"error: {result.message}", err=True)
+    if as_json:
+        click.echo(json.dumps(validate_json(results), ensure_ascii=False))
+    return EXIT_OK if all(result.valid for result in results) else EXIT_USAGE
 
 
 class DetailedExitCommand(click.Command):
@@ -230,6 +305,7 @@ class _UsageErrorExit1(click.UsageError):
 @click.option(
     "--json", "as_json", is_flag=True, help="Print the plan as one JSON document on stdout."
 )
+@only_option
 @verbosity_options
 @error_boundary
 def plan(
@@ -239,6 +315,7 @@ def plan(
     overwrite_edited: bool,
     detailed_exitcode: bool,
     as_json: bool,
+    only: tuple[str, ...],
     verbosity: str | None,
 ) -> int:
     """Show the shots apply would change, and why (-v: every shot); nothing is sent or
@@ -255,6 +332,7 @@ def plan(
             provider=provider,
             allow_reference_outside=allow_reference_outside,
             overwrite_edited=overwrite_edited,
+            only=only,
         )
     except (ManifestError, ConfigError) as exc:
         if not detailed_exitcode:
@@ -271,8 +349,15 @@ def plan(
     estimate = estimate_line(result)
     if estimate and level is not Verbosity.QUIET:
         out.print(estimate)
+    summarize = bool(os.environ.get("GITHUB_STEP_SUMMARY"))
+    document = plan_json(result) if as_json or summarize else {}
     if as_json:
-        click.echo(json.dumps(plan_json(result), ensure_ascii=False))
+        click.echo(json.dumps(document, ensure_ascii=False))
+    if summarize:
+        from imgbatch.step_summary import plan_markdown
+
+        title = _title("plan", manifest, only)
+        _step_summary(plan_markdown(document, title, metered=is_metered(result.provider)))
     if detailed_exitcode and result.has_work:
         return EXIT_CHANGES
     return EXIT_OK
@@ -346,13 +431,30 @@ def expand_command(
 )
 @overwrite_edited_option
 @click.option(
+    "--max-requests",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Send at most N requests (retries included), then stop: requests in flight finish, "
+    "everything is written, and apply exits 3 if shots remain (run it again to continue).",
+)
+@click.option(
+    "--max-duration",
+    metavar="DURATION",
+    default=None,
+    callback=lambda _context, _parameter, value: _duration_option(value),
+    help="Send no request after this long, such as 45s, 90m, 5h or 1h30m (counted from the "
+    "start of sending); then as for --max-requests. Leave the requests in flight time to "
+    "finish within a CI job's limit.",
+)
+@click.option(
     "--max-cost",
     metavar="AMOUNT",
     default=None,
     callback=lambda _context, _parameter, value: _cost_limit_option(value),
     help="The most the run may cost, such as 5 or '5 USD' (in the prices' currency): exit 1 "
-    "before sending or writing anything if the estimate exceeds it, and stop sending before "
-    "the images billed could (default: the manifest's limits.max_cost).",
+    "before sending or writing anything if the estimate exceeds it; stop sending before the "
+    "images billed could, then as for --max-requests (default: the manifest's "
+    "limits.max_cost).",
 )
 @click.option(
     "--prune",
@@ -366,6 +468,7 @@ def expand_command(
     is_flag=True,
     help="Print what the run did as one JSON document on stdout (the summary goes to stderr).",
 )
+@only_option
 @verbosity_options
 @error_boundary
 def apply_command(
@@ -377,10 +480,13 @@ def apply_command(
     allow_reference_outside: bool,
     no_simplify: bool,
     frozen: bool,
+    max_requests: int | None,
+    max_duration: float | None,
     max_cost: CostLimit | None,
     overwrite_edited: bool,
     prune: bool,
     as_json: bool,
+    only: tuple[str, ...],
     verbosity: str | None,
 ) -> int:
     """Generate the shots whose request changed; write images and results.json."""
@@ -435,9 +541,12 @@ def apply_command(
                 allow_reference_outside=allow_reference_outside,
                 simplify=not no_simplify,
                 frozen=frozen,
+                max_requests=max_requests,
+                max_duration=max_duration,
                 max_cost=max_cost,
                 overwrite_edited=overwrite_edited,
                 prune=prune,
+                only=only,
             ),
             listener=progress,
             on_plan=announce,
@@ -452,10 +561,20 @@ def apply_command(
         click.echo(f"warning: {report.sheet_problem}", err=True)
     elif report.sheet and not quiet:
         click.echo(f"Contact sheet: {report.sheet}", err=as_json)
+    summarize = bool(os.environ.get("GITHUB_STEP_SUMMARY"))
+    document = apply_json(report) if as_json or summarize else {}
     if as_json:
-        click.echo(json.dumps(apply_json(report), ensure_ascii=False))
+        click.echo(json.dumps(document, ensure_ascii=False))
+    if summarize:
+        from imgbatch.step_summary import apply_markdown
+
+        title = _title("apply", manifest, only)
+        metered = is_metered(report.plan.provider)
+        _step_summary(apply_markdown(document, title, stopped=report.stopped, metered=metered))
     if report.interrupted:
         return EXIT_INTERRUPTED
+    if report.bounded and report.remaining:
+        return EXIT_REMAINING
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
@@ -550,6 +669,12 @@ def inspect(image: Path, as_json: bool) -> int:
     is_flag=True,
     help="Print the normalized response as one JSON object on stdout.",
 )
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='As --print-response, and on a failure print {"error": {...}} on stdout instead.',
+)
 @provider_option
 @allow_outside_option
 @error_boundary
@@ -557,23 +682,43 @@ def generate_command(
     request_text: str,
     output: Path | None,
     print_response: bool,
+    as_json: bool,
     provider: str | None,
     allow_reference_outside: bool,
 ) -> int:
     """Make one image from one request, as the seed skill's helper script does."""
-    from imgbatch.single import generate
+    from imgbatch.single import error_json, generate
 
-    response = generate(
-        _read_request(request_text),
-        output=output,
-        provider=provider,
-        allow_reference_outside=allow_reference_outside,
-    )
+    try:
+        response = generate(
+            _read_request(request_text),
+            output=output,
+            provider=provider,
+            allow_reference_outside=allow_reference_outside,
+        )
+    except ImgbatchError as exc:
+        if as_json:
+            click.echo(json.dumps(error_json(exc), ensure_ascii=False))
+        raise  # the message on stderr and the exit code, as without --json
     where = "from the cache, nothing sent" if response["cached"] else "generated"
     click.echo(f"{response['file']} ({where})", err=True)
-    if print_response:
+    if print_response or as_json:
         click.echo(json.dumps(response, ensure_ascii=False))
     return EXIT_OK
+
+
+def _title(command: str, manifest: Path, only: tuple[str, ...]) -> str:
+    selection = "".join(f" --only {pattern}" for pattern in only)
+    return f"imgbatch {command} {manifest}{selection}"
+
+
+def _step_summary(markdown: str) -> None:
+    """Append to GitHub's job summary; a failure is a warning, never the run's."""
+    from imgbatch.step_summary import append
+
+    problem = append(markdown)
+    if problem:
+        click.echo(f"warning: {problem}", err=True)
 
 
 def _read_request(text: str) -> Any:
@@ -591,3 +736,7 @@ def _read_request(text: str) -> Any:
         return json.loads(text)
     except ValueError as exc:
         raise ConfigError(f"{source} is not valid JSON: {exc}") from None
+
+
+if _handler_before is not None:
+    signal.signal(signal.SIGINT, _handler_before)

@@ -43,6 +43,24 @@ class ManifestProblem:
     column: int
     where: str
     message: str
+    # The same place for programs (`validate --json`): the shot's id, if the problem is in one
+    # shot, and the field, dotted (`size`; `defaults.size` outside a shot).
+    shot: str | None = None
+    field: str | None = None
+
+    def to_json(self) -> dict[str, str | int | None]:
+        """`validate --json`'s form: line and column are null where there are no lines (data
+        given as a dict, a `generate` request)."""
+        located = self.line > 0
+        return {
+            "file": self.file,
+            "line": self.line if located else None,
+            "column": self.column if located else None,
+            "shot": self.shot,
+            "field": self.field,
+            "where": self.where,
+            "message": self.message,
+        }
 
     def __str__(self) -> str:
         if self.line <= 0:  # parsed data with no lines to point at: the field says where

@@ -21,18 +21,29 @@ generated again. A shot the plan marked `move_aside` has its hand-edited file re
 (`plan.aside_path`) just before the new image is written there, said as a `Notice` and kept in
 `RunOutcome.moved_aside`. A shot whose reference URL could not be fetched (`apply` fetches
 them before planning) fails unsent, naming the field.
+
+Stopping comes in two steps. `stop` (a first Ctrl-C, a 401, a `Bound` refusing the next request)
+sends nothing new: shots not yet sent, and those waiting for their turn or a retry, are *not
+run* (`RunOutcome.not_run`: no entry, their previous state stands, an `unfetched` one included);
+requests in flight finish. `abandon` (a second Ctrl-C, or the grace time out) also stops waiting
+for the service's answers and downloads; what is already received is still verified and
+written, and only a paid request really sent is said to be maybe billed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TypeVar
 
+from imgbatch.bounds import Bound, Tally
 from imgbatch.errors import (
     AuthError,
     CacheEntryDamaged,
@@ -45,7 +56,6 @@ from imgbatch.errors import (
 from imgbatch.expand import Shot
 from imgbatch.pacing import Clock, Finding, Pacer, RetryPolicy
 from imgbatch.plan import WORK_ACTIONS, Action, Plan, PlannedShot, aside_path
-from imgbatch.pricing import Budget
 from imgbatch.provenance import Provenance, embed
 from imgbatch.providers import Provider
 from imgbatch.request import GeneratedImage, ImageRequest, simplified
@@ -66,6 +76,7 @@ MAX_RETRY_AFTER_SECONDS = 300.0
 # Tries of one shot whose answer was lost (dropped connection, no answer in time): each may
 # have been billed, so a shot is not sent again and again on a link that keeps losing answers.
 MAX_LOST_ANSWERS = 3
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -83,16 +94,21 @@ class Phase:
     SENDING = "waiting for the service's answer"
     BACKOFF = "waiting to retry"
     DOWNLOADING = "downloading its image"
+    WRITING = "writing its image"  # received: verified, cached and put in place, never abandoned
 
 
 @dataclass
 class RunOutcome:
     entries: dict[str, ResultEntry] = field(default_factory=dict)
+    # Shots this run did not finish and that changed nothing: why, by shot id.
+    not_run: dict[str, str] = field(default_factory=dict)
     # Shots generated (and billed) whose download has not finished yet.
     downloading: dict[str, ResultEntry] = field(default_factory=dict)
     # Shots started and not finished, by `Phase`.
     in_flight: dict[str, str] = field(default_factory=dict)
     stopped: str | None = None
+    # The `Bound.name` that stopped the run, if one did.
+    bounded: str | None = None
     requests: int = 0
     # Images the service answered with (billed), and requests whose answer was lost after they
     # were sent (may have been billed). Refusals (429, 4xx, 5xx) and unreachable servers cost
@@ -119,7 +135,30 @@ class Notice:
     message: str
 
 
-Listener = Callable[[ResultEntry | Retrying | Notice], None]
+@dataclass(frozen=True)
+class Stopping:
+    """The run sends nothing new: why, and what is still in flight. `grace`: how long it is
+    waited for before being abandoned (None: until it finishes); `abandoning`: it is being
+    abandoned now."""
+
+    reason: str
+    in_flight: int
+    metered: bool
+    grace: float | None = None
+    abandoning: bool = False
+    # Images received and being written: abandoning does not drop them.
+    writing: int = 0
+    # What abandons the requests in flight sooner: the interrupt again.
+    again: str = "Ctrl-C"
+
+
+RunEvent = ResultEntry | Retrying | Notice | Stopping
+Listener = Callable[[RunEvent], None]
+
+
+class _Cut(Exception):
+    """A wait or a call the run no longer waits for (it stopped, or abandoned what is in
+    flight)."""
 
 
 class Executor:
@@ -136,11 +175,9 @@ class Executor:
         listener: Listener | None = None,
         simplify: bool = True,
         frozen: bool = False,
-        budget: Budget | None = None,
+        bounds: Sequence[Bound] = (),
     ) -> None:
         self.provider = provider
-        # `--max-cost`: asked before each paid request; a refusal stops the run like Ctrl-C.
-        self.budget = budget
         # `apply --frozen`: never ask for a new image, even when a restore finds the cache entry
         # damaged; fetching one already paid for is allowed.
         self.frozen = frozen
@@ -153,19 +190,126 @@ class Executor:
         self.retry = retry or RetryPolicy()
         self.clock = clock or pacer.clock
         self.listener = listener
+        # Asked before each request; the first refusal stops the run.
+        self.bounds = tuple(bounds)
         self.stop_requested = asyncio.Event()
+        self.abandon_requested = asyncio.Event()
+        # Waits for a turn or a retry (cut by `stop`) and the provider's calls (cut by `abandon`).
+        self._waits: set[asyncio.Future[Any]] = set()
+        self._calls: set[asyncio.Future[Any]] = set()
+        self._started = self.clock.now()
+        self._answered: Counter[str] = Counter()  # images answered, by model
+        self._sending: Counter[str] = Counter()  # requests sent and not answered, by model
         self.outcome = RunOutcome()
         self._aside: frozenset[str] = frozenset()
 
-    def stop(self, reason: str) -> None:
-        """Send nothing new; shots already in flight finish."""
-        if self.outcome.stopped is None:
+    def stop(
+        self,
+        reason: str,
+        *,
+        bound: str | None = None,
+        grace: float | None = None,
+        again: str = "Ctrl-C",
+    ) -> None:
+        """Send nothing new: shots not yet sent, or waiting for their turn or a retry, are not
+        run; requests in flight finish. The listener hears of the first stop, and of every one
+        given a `grace` (an interrupt, acknowledged even after a bound stopped the run)."""
+        first = self.outcome.stopped is None
+        if first:
             self.outcome.stopped = reason
+            self.outcome.bounded = bound
         self.stop_requested.set()
+        for task in tuple(self._waits):
+            task.cancel()
+        if self.listener and (first or grace is not None):
+            self.listener(
+                Stopping(reason, self.in_flight(), self.provider.metered, grace, again=again)
+            )
+
+    def abandon(self, again: str = "Ctrl-C") -> None:
+        """Stop waiting for requests in flight and downloads too. Images already received are
+        still verified and written; a paid request abandoned after it was sent is counted as
+        maybe billed."""
+        if self.abandon_requested.is_set():
+            return
+        in_flight = self.in_flight()
+        writing = sum(1 for phase in self.outcome.in_flight.values() if phase == Phase.WRITING)
+        if not self.stop_requested.is_set():
+            self.stop("abandoned")
+        self.abandon_requested.set()
+        for task in (*self._waits, *self._calls):
+            task.cancel()
+        if self.listener and in_flight:
+            reason = self.outcome.stopped or "abandoned"
+            self.listener(
+                Stopping(
+                    reason,
+                    in_flight - writing,
+                    self.provider.metered,
+                    abandoning=True,
+                    writing=writing,
+                    again=again,
+                )
+            )
+
+    def in_flight(self) -> int:
+        """Shots waiting for the service's answer, downloading or writing their image."""
+        busy = (Phase.SENDING, Phase.DOWNLOADING, Phase.WRITING)
+        return sum(1 for phase in self.outcome.in_flight.values() if phase in busy)
+
+    async def _unless(self, abandon: bool, awaitable: Awaitable[T]) -> T:
+        """`awaitable`'s result; `_Cut` if the run stops (a wait) or abandons (a call) first."""
+        event = self.abandon_requested if abandon else self.stop_requested
+        if event.is_set():
+            if asyncio.iscoroutine(awaitable):
+                awaitable.close()
+            raise _Cut
+        task = asyncio.ensure_future(awaitable)
+        group = self._calls if abandon else self._waits
+        group.add(task)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            # Cut by stop or abandon, not this worker cancelled from outside.
+            if (
+                event.is_set()
+                and task.cancelled()
+                and (current is None or not current.cancelling())
+            ):
+                raise _Cut from None
+            raise
+        finally:
+            group.discard(task)
+
+    def _refused(self, request: ImageRequest) -> bool:
+        """Whether a bound refuses `request` (and so stopped the run)."""
+        if not self.bounds:
+            return False
+        tally = Tally(
+            requests=self.outcome.requests,
+            elapsed=self.clock.now() - self._started,
+            billed=MappingProxyType(self._answered),
+            in_flight=MappingProxyType(self._sending),
+            maybe_billed=MappingProxyType(self.outcome.maybe_billed_models),
+        )
+        for bound in self.bounds:
+            reason = bound.refuse(request, tally)
+            if reason is not None:
+                self.stop(reason, bound=bound.name)
+                return True
+        return False
+
+    def _skip(self, shot_id: str, reason: str) -> None:
+        """`shot_id` is not run: no entry, nothing journaled; its previous state stands."""
+        self.outcome.in_flight.pop(shot_id, None)
+        self.outcome.not_run[shot_id] = reason
 
     async def run(self, plan: Plan) -> RunOutcome:
         pending = iter(item for item in plan.shots if item.action in WORK_ACTIONS)
         self._aside = frozenset(item.id for item in plan.shots if item.move_aside)
+        # The shots whose image a twin (the same request) waits for.
+        self._made = {item.twin_of: asyncio.Event() for item in plan.shots if item.twin_of}
         for item in plan.shots:
             if item.action not in WORK_ACTIONS and item.previous is not None:
                 # Kept exactly as it was (unchanged, or a drift: the edit is left alone):
@@ -175,6 +319,7 @@ class Executor:
             asyncio.create_task(self._worker(plan.output_dir, pending))
             for _ in range(self.concurrency)
         ]
+        self._started = self.clock.now()
         try:
             await asyncio.gather(*workers)
         finally:
@@ -187,29 +332,49 @@ class Executor:
 
     async def _worker(self, output_dir: Path, pending: Iterator[PlannedShot]) -> None:
         for item in pending:
-            assert item.shot is not None
-            if self.stop_requested.is_set():
-                if item.action is Action.RECOVER and item.previous is not None:
-                    # Not fetched this time: its URL, what was paid for, stays for the next.
-                    self._finish(item.previous, journal=False)
-                    continue
-                reason = self.outcome.stopped or "stopped"
-                self._finish(failed_entry(item.shot, f"not run: {reason}", None, 0), journal=False)
-                continue
-            reference = item.shot.request.reference
-            if reference is not None and not reference.fetched:
-                # Its content, and so its key, is unknown: nothing can be restored or sent.
-                reason = reference.problem or "was not fetched"
-                message = f"field reference_image: '{reference.source}' {reason}; nothing was sent"
-                self._finish(failed_entry(item.shot, message, None, 0))
-                continue
-            self.outcome.in_flight[item.id] = Phase.WAITING
+            if item.twin_of is not None:
+                # Taken from `pending` before this shot, so already being made by another worker.
+                await self._made[item.twin_of].wait()
+            try:
+                await self._run_one(output_dir, item)
+            finally:
+                if item.id in self._made:
+                    self._made[item.id].set()
+
+    async def _run_one(self, output_dir: Path, item: PlannedShot) -> None:
+        shot = item.shot
+        assert shot is not None
+        if self.stop_requested.is_set():
+            # An unfetched shot (a recover) keeps its entry too: the URL paid for stays.
+            self._skip(item.id, f"not run: {self.outcome.stopped or 'stopped'}")
+            return
+        reference = shot.request.reference
+        if reference is not None and not reference.fetched:
+            # Its content, and so its key, is unknown: nothing can be restored or sent.
+            reason = reference.problem or "was not fetched"
+            message = f"field reference_image: '{reference.source}' {reason}; nothing was sent"
+            self._finish(failed_entry(shot, message, None, 0))
+            return
+        if item.twin_of is not None:
+            made = self.outcome.entries.get(item.twin_of)
+            if made is None or not made.has_image:
+                why = made.error if made is not None else "it was not run"
+                message = f"the same request as shot {item.twin_of}, which has no image: {why}"
+                self._finish(failed_entry(shot, message, None, 0))
+                return
+            item = replace(item, record=made)
+        self.outcome.in_flight[item.id] = Phase.WAITING
+        try:
             if item.action is Action.RESTORE:
                 await self._restore(output_dir, item)
             elif item.action is Action.RECOVER:
                 await self._recover_billed(output_dir, item)
             else:
-                await self._generate(output_dir, item.shot)
+                await self._generate(output_dir, shot)
+        except _Cut:
+            # A download abandoned that paid for nothing new (offline, or the image an earlier
+            # run paid for, whose URL stays in its unfetched entry).
+            self._skip(item.id, "not run: abandoned in flight when interrupted")
 
     def record(self, entry: ResultEntry) -> None:
         """Journal `entry`; a journal that cannot be written stops the run (the entry stays in
@@ -245,11 +410,10 @@ class Executor:
         else:
             self._finish(failed_entry(shot, message, None, attempts, sent=sent))
 
-    def _finish(self, entry: ResultEntry, *, journal: bool = True) -> None:
+    def _finish(self, entry: ResultEntry) -> None:
         self.outcome.in_flight.pop(entry.id, None)
         self.outcome.entries[entry.id] = entry
-        if journal:
-            self.record(entry)
+        self.record(entry)
         if self.listener:
             self.listener(entry)
 
@@ -312,27 +476,42 @@ class Executor:
         phase = self.outcome.in_flight
         sent = shot.request  # the simplified request, after a 200 without an image
         imageless: list[str] = []  # request ids of the answers without an image
+        model = shot.request.model
         while True:
-            if self.stop_requested.is_set():
-                reason = self.outcome.stopped or "stopped"
-                self._finish(failed_entry(shot, f"not run: {reason}", None, attempt), journal=False)
+            if self.stop_requested.is_set() or self._refused(sent):
+                self._skip(shot.id, self._not_run(phase.get(shot.id), lost))
                 return
             phase[shot.id] = Phase.WAITING
-            ticket = await gate.acquire() if gate else 0
-            if not self.stop_requested.is_set() and self.budget is not None:
-                # Last thing before sending: what is in flight now is what may yet be billed.
-                refusal = self.budget.admit(sent.model)
-                if refusal is not None:
-                    self.stop(refusal)
-            if self.stop_requested.is_set():
+            try:
+                ticket = await self._unless(False, gate.acquire()) if gate else 0
+            except _Cut:
+                continue
+            # Asked again after the wait: a turn may come after the bound (a duration).
+            if self.stop_requested.is_set() or self._refused(sent):
                 if gate:
                     gate.release(ticket)
                 continue
             attempt += 1
             self.outcome.requests += 1
+            self._sending[model] += 1
             phase[shot.id] = Phase.SENDING
             try:
-                image = await self._send(sent, shot.id)
+                try:
+                    image = await self._unless(True, self.provider.generate(sent, label=shot.id))
+                finally:
+                    self._sending[model] -= 1
+            except _Cut:
+                if gate:
+                    gate.release(ticket)
+                if self.provider.metered:
+                    # Sent and never answered: billed if the service went on to make it.
+                    self.outcome.maybe_billed += 1
+                    self.outcome.maybe_billed_models[model] += 1
+                    reason = "abandoned in flight when interrupted; DashScope may have billed it"
+                else:
+                    reason = "not run: abandoned in flight when interrupted"
+                self._skip(shot.id, reason)
+                return
             except NoImageError as exc:
                 if gate:
                     gate.answered(ticket)  # admitted (and answered), only without an image
@@ -366,7 +545,7 @@ class Executor:
                         f"(Retry-After), longer than imgbatch waits ({MAX_RETRY_AFTER_SECONDS:g} "
                         "s); run apply again later"
                     )
-                    self._finish(failed_entry(shot, f"not run: {exc}", exc, attempt))
+                    self._skip(shot.id, f"not run: {exc}")
                     return
                 if exc.throttled:
                     now = self.clock.now()
@@ -396,7 +575,8 @@ class Executor:
                 if self.listener:
                     self.listener(Retrying(shot.id, attempt, delay, exc))
                 phase[shot.id] = Phase.BACKOFF
-                await self.clock.sleep(delay)
+                with contextlib.suppress(_Cut):  # stopped: the loop says so
+                    await self._unless(False, self.clock.sleep(delay))
                 continue
             except (AuthError, PermanentError) as exc:
                 if gate:
@@ -407,6 +587,7 @@ class Executor:
                 return
             if gate:
                 gate.answered(ticket, image.stated_quota)
+            self._answered[model] += 1
             if self.provider.metered:
                 self.outcome.billed += 1
                 self.outcome.billed_models[sent.model] += 1
@@ -422,20 +603,15 @@ class Executor:
             self.outcome.downloading.pop(shot.id, None)
             return
 
-    async def _send(self, request: ImageRequest, label: str) -> GeneratedImage:
-        """One request to the provider, its price settled with the budget whatever the answer:
-        an image is billed, a lost answer may have been, a refusal is not."""
-        spent = False
-        try:
-            image = await self.provider.generate(request, label=label)
-            spent = True
-            return image
-        except TransientError as exc:
-            spent = exc.maybe_billed
-            raise
-        finally:
-            if self.budget is not None:
-                self.budget.settle(request.model, spent=spent)
+    def _not_run(self, phase: str | None, lost: int) -> str:
+        """Why a shot stopped before it was sent (again), and what earlier tries may have cost."""
+        reason = f"not run: {self.outcome.stopped or 'stopped'}"
+        if phase == Phase.BACKOFF:
+            reason += ", while waiting to retry"
+        if lost:
+            tries = "an earlier try" if lost == 1 else f"{lost} earlier tries"
+            reason += f" ({tries} lost the answer: may have been billed)"
+        return reason
 
     async def _recover_billed(self, output_dir: Path, item: PlannedShot) -> None:
         """A `recover`: fetch the image an earlier run was billed for; if its URL no longer
@@ -466,7 +642,7 @@ class Executor:
         image = GeneratedImage(source.image_url, width, height, seed, source.request_id)
         try:
             # One try: an expired URL stays expired, and a new request is the way out.
-            data = await self._fetch_verified(image, tries=1)
+            data = await self._fetch_verified(image, tries=1, shot_id=shot.id)
         except (ProviderError, ValueError) as exc:
             return str(exc)
         # The text sent is part of what the image is: a simplified request stays one.
@@ -474,19 +650,26 @@ class Executor:
         await self._place(output_dir, shot, image, data, attempts=0, sent=sent)
         return None
 
-    async def _fetch_verified(self, image: GeneratedImage, *, tries: int) -> bytes:
+    async def _fetch_verified(
+        self, image: GeneratedImage, *, tries: int, shot_id: str | None = None
+    ) -> bytes:
         """The image's bytes, verified to decode at the size the request asked for (what the
         service reports may be wrong); the last failure if not. A `PermanentError` (an image
         over the size cap) is not tried again."""
         for attempt in range(1, tries + 1):
             try:
-                data = await self.provider.fetch(image)
+                phase = self.outcome.in_flight
+                if shot_id is not None:
+                    phase[shot_id] = Phase.DOWNLOADING
+                data = await self._unless(True, self.provider.fetch(image))
+                if shot_id is not None:
+                    phase[shot_id] = Phase.WRITING
                 await asyncio.to_thread(verify_image, data, image.width, image.height)
                 return data
             except (TransientError, ValueError):
                 if attempt == tries:
                     raise
-                await self.clock.sleep(self.retry.backoff(attempt))
+                await self._unless(True, self.clock.sleep(self.retry.backoff(attempt)))
         raise AssertionError("unreachable: tries >= 1")
 
     async def _keep(
@@ -504,7 +687,15 @@ class Executor:
             # a wrong-sized image pass, nor a right one fail.
             image = replace(image, width=width, height=height)
         try:
-            data = await self._fetch_verified(image, tries=self.retry.download_attempts)
+            data = await self._fetch_verified(
+                image, tries=self.retry.download_attempts, shot_id=shot.id
+            )
+        except _Cut:
+            downloading = self.outcome.downloading.get(shot.id)
+            if downloading is None:  # offline: nothing was paid for
+                raise
+            self._finish(abandoned_download(downloading))
+            return
         except (ProviderError, ValueError) as failure:
             message = (
                 f"generated (request {image.request_id or 'unknown'}) but the image could not be "
@@ -655,6 +846,17 @@ def _with_reference_url(entry: ResultEntry, shot: Shot | None) -> ResultEntry:
     reference = shot.request.reference
     url = reference.source if reference is not None and reference.is_url else None
     return entry if entry.reference_url == url else replace(entry, reference_url=url)
+
+
+def abandoned_download(downloading: ResultEntry) -> ResultEntry:
+    """The entry of a paid image whose download was abandoned (`downloading`: the entry
+    journaled before it began): its URL is kept, and the next apply fetches it before paying
+    again."""
+    message = (
+        f"abandoned in flight while downloading its image (request "
+        f"{downloading.request_id or 'unknown'}); the next apply fetches it before paying again"
+    )
+    return replace(downloading, error=message)
 
 
 def failed_entry(

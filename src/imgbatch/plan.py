@@ -32,7 +32,7 @@ as usual. `apply` fetches every URL and plans again with the real keys.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -78,6 +78,9 @@ class PlannedShot:
     # The file on disk was edited by hand and a new image will be written there: rename it
     # aside first (`aside_path`).
     move_aside: bool = False
+    # A restore of an image another shot of this plan makes (the same request): it waits for
+    # that shot, so the request is paid for once.
+    twin_of: str | None = None
 
     @property
     def paid(self) -> bool:
@@ -143,7 +146,7 @@ def make_plan(
     of kept; `now` (seconds since the epoch) decides whether a recorded image URL has expired."""
     records = _Records(state)
     clock = time.time() if now is None else now
-    planned = tuple(
+    planned = _pay_once(
         _plan_shot(output_dir, shot, state.get(shot.id), cache, records, overwrite_edited, clock)
         for shot in shots
     )
@@ -156,6 +159,22 @@ def make_plan(
         if shot_id not in wanted
     )
     return Plan(output_dir, planned, orphans, provider)
+
+
+def _pay_once(planned: Iterable[PlannedShot]) -> tuple[PlannedShot, ...]:
+    """Shots that are the same request (same key) are paid for once: the first is made, the
+    others restore its image once it is in the cache."""
+    first_with_key: dict[str, str] = {}
+    result = []
+    for item in planned:
+        if item.paid and item.shot is not None:
+            key = item.shot.request.key
+            twin = first_with_key.setdefault(key, item.id)
+            if twin != item.id:
+                reason = f"the same request as shot {twin}: its image is copied, not paid twice"
+                item = replace(item, action=Action.RESTORE, reason=reason, twin_of=twin)
+        result.append(item)
+    return tuple(result)
 
 
 class _Records:

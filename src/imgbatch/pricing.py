@@ -2,8 +2,8 @@
 
 Takes the provider's name, the base URL it calls and the manifest's `pricing:`; gives a
 `PriceList` (a currency and a price per image for each model it knows), the `Cost` of a list of
-billed images, and a `Budget` that says, before each request, whether sending it could go past
-`--max-cost`. Only images the service delivers are billed; a refused request (429, 400, 5xx)
+billed images, and `MaxCost`, the bound that says, before each request, whether sending it could
+go past `--max-cost`. Only images the service delivers are billed; a refused request (429, 400, 5xx)
 costs nothing, and one whose answer was lost may have cost one image. A model or region with no
 known price has an unknown cost (None), never a guessed 0; the offline placeholder costs 0.
 
@@ -18,10 +18,15 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
+from typing import TYPE_CHECKING, ClassVar
 from urllib.parse import urlsplit
 
 from imgbatch.errors import CostLimitError
 from imgbatch.providers import is_metered
+
+if TYPE_CHECKING:
+    from imgbatch.bounds import Tally
+    from imgbatch.request import ImageRequest
 
 # What the dashscope SDK calls when DASHSCOPE_HTTP_BASE_URL is not set (its own default).
 DEFAULT_BASE_URL = "https://dashscope.aliyuncs.com/api/v1"
@@ -250,40 +255,40 @@ def check_estimate(estimate: Cost, limit: CostLimit, *, prices: PriceList) -> No
         )
 
 
-class Budget:
-    """`--max-cost` during a run. A request is sent only if the images already received, the
-    requests whose answer was lost (each may have been billed), the requests in flight and this
-    one, each at its image's price, stay within the limit; so the images actually billed can
-    never exceed it, whatever answers come back."""
+@dataclass(frozen=True)
+class MaxCost:
+    """`--max-cost` during a run, as a `imgbatch.bounds.Bound`. A request is sent only if the
+    images already received, the requests whose answer was lost (each may have been billed),
+    the requests in flight and this one, each at its image's price, stay within the limit; so
+    the images actually billed can never exceed it, whatever answers come back."""
 
-    def __init__(self, limit: CostLimit, prices: PriceList) -> None:
-        self.limit = limit
-        self.prices = prices
-        self.spent = Decimal(0)  # received, or lost and maybe billed
-        self.in_flight = Decimal(0)
+    limit: CostLimit
+    prices: PriceList
+    name: ClassVar[str] = "max_cost"
 
-    def admit(self, model: str) -> str | None:
-        """Reserve one image of `model`; else why not (the reason the run stops)."""
+    def refuse(self, request: ImageRequest, tally: Tally) -> str | None:
+        model = request.model
         price = self.prices.price(model)
-        shown = format_money(self.limit.amount, self.limit.currency or self.prices.currency)
+        currency = self.prices.currency
+        shown = format_money(self.limit.amount, self.limit.currency or currency)
         limit = f"{self.limit.origin} {shown}"
         if price is None:
             return f"{limit}: no price is known for {model} ({self.prices.source})"
-        if price and self.limit.currency not in (None, self.prices.currency):
-            return f"{limit}: prices are in {self.prices.currency} ({self.prices.source})"
-        if self.spent + self.in_flight + price > self.limit.amount:
-            currency = self.prices.currency
-            return (
-                f"{limit} reached: {format_money(self.spent, currency)} billed or maybe billed "
-                f"and {format_money(self.in_flight, currency)} in flight, so one more {model} "
-                f"image ({format_money(price, currency)}) could exceed it"
-            )
-        self.in_flight += price
-        return None
+        if price and self.limit.currency not in (None, currency):
+            return f"{limit}: prices are in {currency} ({self.prices.source})"
+        spent = self._total(tally.billed) + self._total(tally.maybe_billed)
+        in_flight = self._total(tally.in_flight)
+        if spent + in_flight + price <= self.limit.amount:
+            return None
+        return (
+            f"{limit} reached: {format_money(spent, currency)} billed or maybe billed and "
+            f"{format_money(in_flight, currency)} in flight, so one more {model} image "
+            f"({format_money(price, currency)}) could exceed it"
+        )
 
-    def settle(self, model: str, *, spent: bool) -> None:
-        """The request for one image of `model` has its answer: billed (or maybe) or not."""
-        price = self.prices.price(model) or Decimal(0)
-        self.in_flight -= price
-        if spent:
-            self.spent += price
+    def _total(self, counts: Mapping[str, int]) -> Decimal:
+        # Every model counted here was sent under this bound, so its price is known.
+        return sum(
+            ((self.prices.price(model) or Decimal(0)) * count for model, count in counts.items()),
+            Decimal(0),
+        )

@@ -1,15 +1,18 @@
 """Live progress of an apply, on stderr, in the form the stream can show.
 
 Takes the shots to do (`start`), then every event the executor reports (`__call__`: a finished
-shot's `ResultEntry`, a `Retrying`, a `Notice`); gives what the user sees while a run goes on:
+shot's `ResultEntry`, a `Retrying`, a `Notice`, a `Stopping`); gives what the user sees while a
+run goes on:
 
 - on a terminal, a rich bar: done/total, images per second, time elapsed and left, failures,
   retries and 429s, redrawn a few times a second (its spinner turns while a 16 s generation is
   awaited, so a long wait never looks like a hang);
 - anywhere else (a CI log, a pipe), one plain line every `interval` seconds from the moment the
   first shot starts, whether or not a shot finished since, and one at the end;
-- always, a line for each failed shot; with `Verbosity.VERBOSE`, a line for each finished shot;
-  with `Verbosity.QUIET`, nothing but the failures (the caller prints the final line).
+- always, a line for each failed shot, and the moment the run stops sending (a Ctrl-C, a
+  bound: what is in flight and how long it may take) or abandons what is in flight; with
+  `Verbosity.VERBOSE`, a line for each finished shot;
+  with `Verbosity.QUIET`, nothing but those (the caller prints the final line).
 
 Counts are by status as the entries name them, so a status added later is counted and shown
 without a change here. Events come from the run's event loop and the plain lines from a timer
@@ -30,7 +33,7 @@ from rich.text import Text
 
 from imgbatch.console import Verbosity, console_for, styled
 from imgbatch.errors import NoImageError, TransientError
-from imgbatch.executor import Notice, Retrying
+from imgbatch.executor import Notice, Retrying, RunEvent, Stopping
 from imgbatch.results import ResultEntry
 
 if TYPE_CHECKING:
@@ -100,7 +103,7 @@ class Progress:
             )
             self._ticker.start()
 
-    def __call__(self, event: ResultEntry | Retrying | Notice) -> None:
+    def __call__(self, event: RunEvent) -> None:
         with self._lock:
             if isinstance(event, ResultEntry):
                 self._finished(event)
@@ -108,6 +111,9 @@ class Progress:
                 self._retrying(event)
             elif isinstance(event, Notice):
                 self._say(Text(f"note {event.shot_id}: {event.message}", style="yellow"))
+            elif isinstance(event, Stopping):
+                # Said at once and at every verbosity: the user is waiting for an answer.
+                self._say(Text(stopping_line(event), style="yellow"), always=True)
             self._update_bar()
 
     def _finished(self, entry: ResultEntry) -> None:
@@ -269,3 +275,27 @@ def _duration(seconds: float) -> str:
     if whole < 3600:
         return f"{whole // 60}m{whole % 60:02d}s"
     return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
+def stopping_line(event: Stopping) -> str:
+    """The moment a run stops sending, or abandons what is in flight, said at once."""
+    count = event.in_flight
+    requests = f"{count} request{'s' if count != 1 else ''} in flight"
+    billing = "; DashScope bills those it answers with an image" if event.metered else ""
+    if event.abandoning:
+        text = f"Abandoning the {requests}{billing}."
+        if event.writing:
+            images = f"{event.writing} image{'s' if event.writing != 1 else ''}"
+            text += (
+                f" Writing the {images} already received; {event.again} again to stop without them."
+            )
+        return text
+    text = f"{event.reason[:1].upper()}{event.reason[1:]}: sending nothing new"
+    if not count:
+        return text + "."
+    if event.grace is None:
+        return f"{text}; waiting for the {requests} to finish."
+    return (
+        f"{text}; waiting up to {event.grace:g} s for the {requests} to finish{billing}. "
+        f"{event.again} again to abandon them."
+    )

@@ -7,6 +7,7 @@ front end.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
@@ -115,32 +116,54 @@ def _changed(item: PlannedShot) -> list[str] | None:
 
 
 def apply_json(report: ApplyReport) -> dict[str, Any]:
-    """`apply --json`: what the run did to each shot (`unchanged` for a shot it left alone,
-    `drift` for one whose hand-edited file it kept, else its entry's status; `moved_aside`:
-    where an edited file went before a new image took its place), the counts, and where
-    results.json is."""
+    """`apply --json`: what the run did to each shot, in manifest order (`unchanged` for a shot
+    it left alone, `drift` for one whose hand-edited file it kept, `not_run` with why for one it
+    stopped before, else its entry's status; `moved_aside`: where an edited file went before a
+    new image took its place), the counts, whether a bound stopped it and how many shots
+    remain, and where results.json is."""
     left = {
         item.id: item.action.value
         for item in report.plan.shots
         if item.action in (Action.UNCHANGED, Action.DRIFT)
     }
-    shots = [
-        {
-            "id": entry.id,
-            "status": left.get(entry.id, entry.status),
-            "file": entry.file,
-            "error": entry.error,
-            "error_code": entry.error_code,
-            "request_id": entry.request_id,
-            "moved_aside": report.moved_aside.get(entry.id),
-        }
-        for entry in report.entries
-    ]
+    by_id = {entry.id: entry for entry in report.entries}
+    shots: list[dict[str, Any]] = []
+    for item in report.plan.shots:
+        entry = by_id.get(item.id)
+        reason = report.not_run.get(item.id)
+        if reason is not None:
+            # Its file (if it has one from before) is still there, untouched.
+            shots.append(
+                {
+                    "id": item.id,
+                    "status": "not_run",
+                    "file": entry.file if entry else None,
+                    "error": reason,
+                    "error_code": None,
+                    "request_id": None,
+                    "moved_aside": None,
+                }
+            )
+            continue
+        if entry is None:
+            continue  # left alone, with no entry to show (a drift that never had one)
+        shots.append(
+            {
+                "id": entry.id,
+                "status": left.get(entry.id, entry.status),
+                "file": entry.file,
+                "error": entry.error,
+                "error_code": entry.error_code,
+                "request_id": entry.request_id,
+                "moved_aside": report.moved_aside.get(entry.id),
+            }
+        )
     summary = {
         "generated": report.count("generated"),
         "cached": report.count("cached"),
         "failed": report.count("failed"),
         "unfetched": report.count("unfetched"),
+        "not_run": len(report.not_run),
         "unchanged": report.unchanged,
         "drift": report.plan.count(Action.DRIFT),
         "requests": report.requests,
@@ -150,6 +173,9 @@ def apply_json(report: ApplyReport) -> dict[str, Any]:
         "cost": as_json(report.cost),
         "possible_extra_cost": as_json(report.possible_extra_cost),
         "currency": report.cost.currency,
+        "interrupted": report.interrupted,
+        "bounded": report.bounded,
+        "remaining": report.remaining,
     }
     pruned = [
         {"id": item.id, "file": item.file, "removed": item.removed, "reason": item.reason}
@@ -176,6 +202,8 @@ def apply_summary(report: ApplyReport) -> str:
     drift = report.plan.count(Action.DRIFT)
     if drift:
         parts.append(f"{drift} edited by hand and kept (--overwrite-edited puts them back)")
+    if report.not_run:
+        parts.append(f"{len(report.not_run)} not run")
     if not is_metered(report.plan.provider):
         sent = f"{report.requests} offline request{'s' if report.requests != 1 else ''}"
     else:
@@ -200,6 +228,18 @@ def apply_summary(report: ApplyReport) -> str:
     lines.extend(prune_lines(report))
     if report.stopped:
         lines.append(f"Stopped: {report.stopped}")
+    if report.remaining:
+        count = report.remaining
+        if report.bounded:
+            lines.append(
+                f"{count} shot{'s' if count != 1 else ''} remain{'s' if count == 1 else ''}; "
+                "run again to continue."
+            )
+        else:
+            lines.append(
+                f"{count} shot{'s' if count != 1 else ''} not run: nothing of theirs was sent or "
+                "changed, and the next apply makes them."
+            )
     lines.append(f"Results: {report.results_path}")
     return "\n".join(lines)
 
@@ -238,9 +278,13 @@ def prune_lines(report: ApplyReport) -> list[str]:
 
 def quiet_summary(summary: str) -> str:
     """`apply --quiet`: the summary's first line (counts, requests, 429s) and, if the run
-    stopped, why."""
+    stopped, why and how many shots it left (a bounded CI job's log needs that line)."""
     lines = summary.splitlines()
-    return "\n".join(lines[:1] + [line for line in lines[1:] if line.startswith("Stopped:")])
+    kept = [line for line in lines[1:] if line.startswith("Stopped:") or _LEFT.match(line)]
+    return "\n".join(lines[:1] + kept)
+
+
+_LEFT = re.compile(r"\d+ shots? (remains?;|not run:)")
 
 
 def quota_lines(report: ApplyReport) -> list[str]:

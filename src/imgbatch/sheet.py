@@ -35,7 +35,7 @@ import jinja2
 from PIL import Image
 
 from imgbatch.errors import StoreError
-from imgbatch.executor import Listener, Notice, Retrying
+from imgbatch.executor import Listener, RunEvent
 from imgbatch.expand import output_dir_for
 from imgbatch.manifest import load_manifest
 from imgbatch.plan import WORK_ACTIONS, Action, Plan
@@ -291,7 +291,7 @@ class Thumbnailer:
         self.listener = listener
         self._pool: ThreadPoolExecutor | None = None
 
-    def __call__(self, event: ResultEntry | Retrying | Notice) -> None:
+    def __call__(self, event: RunEvent) -> None:
         if isinstance(event, ResultEntry) and event.has_image:
             self._submit(event.key)
         if self.listener is not None:

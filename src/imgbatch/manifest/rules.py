@@ -18,7 +18,7 @@ from typing import Any
 
 from imgbatch.errors import ManifestProblem
 from imgbatch.manifest.expansion import ExpandedShot, expand_shots
-from imgbatch.manifest.places import JsonPath, describe, show
+from imgbatch.manifest.places import JsonPath, describe, field_name, in_shot, show
 from imgbatch.manifest.schema_messages import schema_problems
 from imgbatch.manifest.yaml_load import Document
 from imgbatch.models import DEFAULT_MODEL, MIN_RPS, MODELS, nearest_size
@@ -96,12 +96,15 @@ class Checker:
             path, self.document.values.get(parent)
         )
         line, column = position or (1, 1)
+        shot = (shot_id or self._shot_id(path)) if in_shot(parent) else None
         return ManifestProblem(
             self.display,
             line,
             column,
-            describe(parent, field, shot_id or self._shot_id(path)),
+            describe(parent, field, shot),
             message,
+            shot=shot,
+            field=field_name(parent, field),
         )
 
     def _limits_problems(self) -> Iterator[ManifestProblem]:
@@ -265,6 +268,7 @@ class Checker:
                 problem.column,
                 f"{problem.where} (used by shot{'s' if len(names) > 1 else ''} {shown})",
                 message,
+                field=problem.field,
             )
 
 

@@ -1,0 +1,114 @@
+"""Work not done twice: the same request is paid once, local drawing is not queued 512 deep.
+
+Takes: a manifest whose two shots differ only in id (same prompt, size, seed, model), applied
+against the fake DashScope server.
+Gives: evidence that the plan counts one paid request, that the server sees one generation, that
+both files hold the same image, and that a later restore of either is free and trusted (before,
+the second image overwrote the cache entry the first shot's record named, so restoring the first
+found a "damaged" entry and paid again).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imgbatch.api import apply, make_plan
+from imgbatch.plan import Action
+from imgbatch.providers.placeholder import PlaceholderProvider
+from imgbatch.request import ImageRequest
+from tests.conftest import write_manifest, write_many_shots
+from tests.fake_dashscope import FakeDashScope
+from tests.test_cli import FAST, assert_clean, run
+
+TWINS = """\
+version: 1
+name: twins
+defaults:
+  size: "1328*1328"
+  seed: 7
+shots:
+  - id: first
+    prompt: "a lighthouse at dawn"
+  - id: other
+    prompt: "a lone cyclist"
+  - id: second
+    prompt: "a lighthouse at dawn"
+"""
+
+
+def test_the_same_request_twice_is_paid_once_and_restores_stay_free(
+    api_env: dict[str, str], fake_server: FakeDashScope, tmp_path: Path
+) -> None:
+    manifest = write_manifest(tmp_path, TWINS)
+    plan = make_plan(manifest)
+    assert [item.action for item in plan.shots] == [Action.CREATE, Action.CREATE, Action.RESTORE]
+    assert plan.shots[2].twin_of == "first"
+    assert "the same request as shot first" in plan.shots[2].reason
+    assert plan.paid_requests == 2
+
+    result = run("apply", manifest, *FAST)
+    assert_clean(result)
+    assert result.exit_code == 0, result.output
+    assert fake_server.generation_count == 2
+    output = tmp_path / "output" / "twins"
+    first, second = (output / f"{name}.png" for name in ("first", "second"))
+    assert first.read_bytes() == second.read_bytes()
+    entries = {e["id"]: e for e in json.loads((output / "results.json").read_text())["shots"]}
+    assert entries["second"]["status"] == "cached"
+    assert entries["second"]["sha256"] == entries["first"]["sha256"]
+
+    # Either file deleted comes back from the cache, trusted and free.
+    first.unlink()
+    second.unlink()
+    again = run("apply", manifest, *FAST)
+    assert_clean(again)
+    assert again.exit_code == 0, again.output
+    assert "damaged" not in again.output
+    assert fake_server.generation_count == 2
+    assert first.read_bytes() == second.read_bytes()
+
+
+def test_a_twin_of_a_failed_shot_fails_naming_it_and_sends_nothing(
+    api_env: dict[str, str], fake_server: FakeDashScope, tmp_path: Path
+) -> None:
+    manifest = write_manifest(tmp_path, TWINS)
+    fake_server.enqueue_error(400, "InvalidParameter", "the prompt was refused")
+    result = run("apply", manifest, *FAST, "--concurrency", "1")
+    assert_clean(result)
+    assert result.exit_code == 1, result.output
+    assert fake_server.generation_count == 2
+    output = tmp_path / "output" / "twins"
+    entries = {e["id"]: e for e in json.loads((output / "results.json").read_text())["shots"]}
+    assert entries["first"]["status"] == "failed"
+    assert entries["second"]["status"] == "failed"
+    assert "the same request as shot first, which has no image" in entries["second"]["error"]
+    assert "the prompt was refused" in entries["second"]["error"]
+
+
+def test_an_offline_provider_has_no_more_shots_in_flight_than_threads_to_draw_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """512 placeholder shots in flight only queued in a 6-thread pool, and a Ctrl-C then had
+    hundreds of shots to wait for."""
+    in_flight = peak = 0
+    draw = PlaceholderProvider.generate
+
+    async def counted(self: PlaceholderProvider, request: ImageRequest, *, label: str) -> Any:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        try:
+            return await draw(self, request, label=label)
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(PlaceholderProvider, "generate", counted)
+    monkeypatch.delenv("OUTPUT_DIR", raising=False)
+    report = apply(write_many_shots(tmp_path, "offline", 60), provider="placeholder")
+    assert report.ok
+    assert 2 <= peak <= min(32, (os.cpu_count() or 1) + 4)
