@@ -132,10 +132,12 @@ def _quota_option(value: str | None) -> Quota | None:
 
 
 def _cost_limit_option(value: str | None) -> CostLimit | None:
+    if value is None:
+        return None  # nothing imported while click parses: start-up stays short
     from imgbatch.pricing import CostLimit
 
     try:
-        return CostLimit.parse(value) if value is not None else None
+        return CostLimit.parse(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
 
