@@ -80,6 +80,8 @@ def test_each_endpoint_has_its_own_currency_and_an_unknown_one_has_no_prices() -
     proxy = price_list("dashscope", "http://127.0.0.1:8080/api/v1", None)
     assert proxy.currency is None and proxy.price("qwen-image-max") is None
     assert "127.0.0.1:8080" in proxy.source
+    secret = price_list("dashscope", "https://me:s3cret@gateway.example/api/v1", None)
+    assert secret.source == "imgbatch has no prices for gateway.example"
     free = price_list("placeholder", INTL, None)
     assert free.price("qwen-image-plus") == 0 and free.currency is None
 

@@ -132,7 +132,7 @@ def price_list(
     if base_url is None and provider == "dashscope":
         base_url = DEFAULT_BASE_URL
     region = region_of(base_url) if base_url else None
-    where = (urlsplit(base_url).netloc or base_url) if base_url else f"the {provider} provider"
+    where = _host(base_url) if base_url else f"the {provider} provider"
     if pricing is None:
         if region is None:
             return PriceList(None, {}, f"imgbatch has no prices for {where}")
@@ -148,6 +148,17 @@ def price_list(
         per_image = dict(pricing.per_image)
         source = "pricing: in the manifest"
     return PriceList(pricing.currency, per_image, source)
+
+
+def _host(base_url: str) -> str:
+    """Host and port only: a proxy's URL may carry a user and password, never to be shown."""
+    parts = urlsplit(base_url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    host = parts.hostname or "an endpoint imgbatch cannot read"
+    return f"{host}:{port}" if port else host
 
 
 def cost(models: Iterable[str], prices: PriceList) -> Cost:
