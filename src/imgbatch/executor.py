@@ -537,7 +537,7 @@ class Executor:
                     gate.answered(ticket)
                 if exc.maybe_billed:
                     self.outcome.maybe_billed += 1
-                    self.outcome.maybe_billed_models[sent.model] += 1
+                    self.outcome.maybe_billed_models[model] += 1
                     lost += 1
                 if exc.retry_after is not None and exc.retry_after > MAX_RETRY_AFTER_SECONDS:
                     self.stop(
@@ -590,7 +590,7 @@ class Executor:
             self._answered[model] += 1
             if self.provider.metered:
                 self.outcome.billed += 1
-                self.outcome.billed_models[sent.model] += 1
+                self.outcome.billed_models[model] += 1
                 # Journaled before the download, so that a run killed while downloading leaves
                 # the paid image's URL for the next apply to fetch instead of paying again.
                 downloading = unfetched_entry(
