@@ -233,7 +233,36 @@ def _progress_interval() -> float | None:
     return seconds
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """Click turns a Ctrl-C while it parses the options into "Aborted!" and exit 1; imgbatch
+    says "interrupted" and exits 130 at every moment (a command's own run has `error_boundary`)."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        with _interrupt_exits():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _interrupt_exits():
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def _interrupt_exits() -> Iterator[None]:
+    try:
+        yield
+    except KeyboardInterrupt:
+        with _ignoring_interrupts():
+            click.echo("interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="imgbatch")
 @verbosity_options
 @click.pass_context
