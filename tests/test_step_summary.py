@@ -158,3 +158,22 @@ def test_a_known_cost_is_shown_with_its_currency() -> None:
     assert "3 requests sent · 0 throttled (429) · cost: 1.50 CNY (+0.50 CNY possibly)" in text
     assert "Stopped: a bound \\| was reached" in text
     assert "4 shots remain: run again to continue." in text
+
+
+def test_a_command_that_ends_in_an_error_says_why_in_the_summary(
+    summary_file: Path, tmp_path: Path
+) -> None:
+    """`apply --frozen` refusing is the CI check saying no: the job's page says which shots."""
+    manifest = write_many_shots(tmp_path, "frozen", 2)
+    result = run("apply", manifest, *OFFLINE, "--frozen")
+    assert result.exit_code == 1, result.output
+    part = summary_file.read_text(encoding="utf-8")[len(EARLIER) :]
+    assert part.startswith("### `imgbatch apply` failed (exit 1)\n")
+    assert "would need a paid request: shot-000 \\(create: new shot\\)" in part
+
+    bad = write_manifest(tmp_path, "version: 1\nshots:\n  - id: a\n    prompt: x\n    sise: 1\n")
+    before = summary_file.read_text(encoding="utf-8")
+    assert run("plan", bad).exit_code == 2
+    part = summary_file.read_text(encoding="utf-8")[len(before) :]
+    assert part.startswith("### `imgbatch plan` failed (exit 2)\n")
+    assert "sise" in part

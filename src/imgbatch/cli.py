@@ -72,9 +72,11 @@ def error_boundary(command: F) -> F:
         except (ManifestError, ConfigError, InspectError) as exc:
             click.echo(f"error: {exc}", err=True)
             code = EXIT_USAGE
+            _summarize_error(str(exc), code)
         except ImgbatchError as exc:
             click.echo(f"error: {exc}", err=True)
             code = EXIT_FAILED
+            _summarize_error(str(exc), code)
         except KeyboardInterrupt:
             with _ignoring_interrupts():  # a second Ctrl-C must not cut this message short
                 click.echo("interrupted", err=True)
@@ -741,6 +743,17 @@ def generate_command(
 def _title(command: str, manifest: Path, only: tuple[str, ...]) -> str:
     selection = "".join(f" --only {pattern}" for pattern in only)
     return f"imgbatch {command} {manifest}{selection}"
+
+
+def _summarize_error(message: str, code: int) -> None:
+    """In a GitHub Actions job, the error goes to the job's summary too."""
+    if not os.environ.get("GITHUB_STEP_SUMMARY"):
+        return
+    from imgbatch.step_summary import error_markdown
+
+    context = click.get_current_context(silent=True)
+    command = f"imgbatch {context.info_name}" if context is not None else "imgbatch"
+    _step_summary(error_markdown(command, message, code))
 
 
 def _step_summary(markdown: str) -> None:

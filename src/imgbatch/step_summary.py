@@ -81,6 +81,17 @@ def apply_markdown(
     return lines
 
 
+def error_markdown(command: str, message: str, exit_code: int) -> str:
+    """The summary of a command that ended in an error (a `--frozen` refusal, a bad manifest, a
+    cost limit): the check CI ran said no, and the job's page should say why."""
+    lines = message.splitlines() or [""]
+    shown = [f"- {_cell(line)}" for line in lines[:MAX_ROWS]]
+    if len(lines) > MAX_ROWS:
+        shown.append(f"- and {len(lines) - MAX_ROWS} more lines")
+    name = " ".join(command.split()).replace("`", "'")
+    return "\n".join([f"### `{name}` failed (exit {exit_code})", "", *shown, ""]) + "\n"
+
+
 def append(text: str, environ: Mapping[str, str] | None = None) -> str | None:
     """Append `text` to the step summary file, if GitHub named one; a warning if it failed."""
     environ = os.environ if environ is None else environ
