@@ -446,8 +446,8 @@ def expand_command(
     "--concurrency",
     type=click.IntRange(min=1),
     default=None,
-    help="Requests in flight at most (default: the manifest's limits.concurrency, else 512: "
-    "the rate decides).",
+    help="Requests in flight at most (default: the manifest's limits.concurrency, else 512 for "
+    "a service, where the rate decides, and the drawing threads for the placeholder).",
 )
 @allow_outside_option
 @click.option(
