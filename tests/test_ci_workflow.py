@@ -235,6 +235,7 @@ def test_plan_json_is_one_document_on_stdout_with_the_text_on_stderr(
         "orphan": 0,
         "paid_requests": 8,
         "estimated_cost": None,
+        "currency": None,
     }
 
     assert run("apply", example_manifest, *FAST).exit_code == 0
@@ -264,6 +265,7 @@ def test_plan_json_is_one_document_on_stdout_with_the_text_on_stderr(
         "orphan": 1,
         "paid_requests": 1,
         "estimated_cost": None,
+        "currency": None,
     }
 
 
@@ -300,6 +302,8 @@ def test_apply_json_reports_what_the_run_did(
         "throttled": 0,
         "retries": 0,
         "cost": None,
+        "possible_extra_cost": 0.0,
+        "currency": None,
         "interrupted": False,
         "bounded": None,
         "remaining": 0,

@@ -91,9 +91,18 @@ def plan_rows(result: Result) -> dict[str, tuple[str, str]]:
     lines = result.stdout.splitlines()
     for line in lines[1:] if lines and lines[0].startswith("shot ") else []:
         parts = line.split(None, 2)
-        if len(parts) >= 2 and not line.startswith("Plan:") and "not listed" not in line:
+        if (
+            len(parts) >= 2
+            and not line.startswith(("Plan:", "Estimated cost:"))
+            and "not listed" not in line
+        ):
             rows[parts[0]] = (parts[1], parts[2] if len(parts) > 2 else "")
     return rows
+
+
+def plan_line(result: Result) -> str:
+    """The plan's summary line (`Plan: ...`); the estimated cost follows it."""
+    return next(line for line in result.stdout.splitlines() if line.startswith("Plan:"))
 
 
 def no_key_env(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
@@ -166,9 +175,7 @@ def test_plan_lists_every_shot_and_counts_paid_requests(
     shots = expected_shots(example_manifest)
     rows = plan_rows(result)
     assert rows == {shot_id: ("create", "new shot") for shot_id in shots}
-    assert (
-        result.stdout.splitlines()[-1] == f"Plan: {len(shots)} create. {len(shots)} paid requests."
-    )
+    assert plan_line(result) == f"Plan: {len(shots)} create. {len(shots)} paid requests."
     # A plan sends nothing and writes nothing.
     assert fake_server.requests == []
     assert not output_dir(example_manifest).exists()
@@ -247,7 +254,7 @@ def test_apply_generates_every_shot_then_a_second_apply_sends_nothing(
     result = run("plan", "-v", example_manifest)
     assert result.exit_code == 0
     assert plan_rows(result) == {shot_id: ("unchanged", "image matches") for shot_id in shots}
-    assert result.stdout.splitlines()[-1].endswith("0 paid requests.")
+    assert plan_line(result).endswith("0 paid requests.")
 
 
 def test_edit_costs_one_request_revert_and_rename_cost_none(
@@ -268,10 +275,11 @@ def test_edit_costs_one_request_revert_and_rename_cost_none(
     plan = run("plan", example_manifest)
     # Only the shot with something to do is listed, then a line for the others.
     assert plan_rows(plan) == {edited: ("replace", "changed: text")}
-    assert plan.stdout.splitlines()[-2:] == [
+    assert plan.stdout.splitlines()[-3:-1] == [
         f"{len(shots) - 1} unchanged shots not listed (plan -v lists them)",
         f"Plan: 1 replace, {len(shots) - 1} unchanged. 1 paid request.",
     ]
+    assert plan.stdout.splitlines()[-1].startswith("Estimated cost: unknown")
     rows = plan_rows(run("-v", "plan", example_manifest))  # -v on the group works too
     assert rows[edited] == ("replace", "changed: text")
     assert all(action == "unchanged" for shot_id, (action, _) in rows.items() if shot_id != edited)

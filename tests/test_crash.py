@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import IO
 
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 
+from imgbatch.cli import FiniteFloatRange
+from imgbatch.cli import main as cli_main
 from tests.conftest import FAKE_KEY, write_many_shots
 from tests.fake_dashscope import FakeDashScope
 
@@ -300,3 +303,18 @@ def _take(body: object) -> int:
     found = re.search(r"take (\d+)", json.dumps(body))
     assert found is not None
     return int(found.group(1))
+
+
+def test_ctrl_c_while_the_options_are_parsed_is_130_not_click_s_abort(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Click would print "Aborted!" and exit 1: the moment the load test above can hit."""
+
+    def interrupted(*args: object, **kwargs: object) -> float:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FiniteFloatRange, "convert", interrupted)
+    result = CliRunner().invoke(cli_main, ["apply", "shots.yaml", "--rps", "2"])
+    assert result.exit_code == 130, result.output
+    assert "interrupted" in result.output
+    assert "Aborted" not in result.output

@@ -28,7 +28,9 @@ SHOT_ALLOWED = (
 )
 # The loader uses libyaml when PyYAML has it; its syntax error texts differ from pure Python's.
 LIBYAML = bool(getattr(yaml, "__with_libyaml__", False))
-TOP_ALLOWED = "defaults, limits, name, output, provider, shots, simplify, trust, vars, version"
+TOP_ALLOWED = (
+    "defaults, limits, name, output, pricing, provider, shots, simplify, trust, vars, version"
+)
 
 
 def manifest_error(path: Path) -> ManifestError:

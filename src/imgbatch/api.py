@@ -19,9 +19,10 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +45,13 @@ from imgbatch.models import MIN_RPS
 from imgbatch.pacing import Clock, Finding, Pacer, RetryPolicy
 from imgbatch.plan import WORK_ACTIONS, Action, Plan, PlannedShot
 from imgbatch.plan import make_plan as plan_shots
+from imgbatch.pricing import Cost, CostLimit, MaxCost, PriceList, check_estimate, cost, price_list
 from imgbatch.providers import Provider, create_provider, is_metered, resolve_provider_name
 from imgbatch.prune import Pruned, prune_orphans
 from imgbatch.quota import Quota
 from imgbatch.request import KEY_FORMAT_VERSION
 from imgbatch.results import Journal, ResultEntry, load_state, write_results
+from imgbatch.selection import select_shots
 from imgbatch.sheet import Thumbnailer
 from imgbatch.sheet import update_after_apply as update_sheet
 from imgbatch.store import STATE_DIR, ImageCache, check_writable, remove_stale_temporaries
@@ -83,12 +86,22 @@ class ApplyOptions:
     # sending began: requests in flight finish, the shots not run are left for the next apply.
     max_requests: int | None = None
     max_duration: float | None = None
+    # The most the run may cost (5, "5 USD", a CostLimit); wins over the manifest's max_cost.
+    max_cost: CostLimit | Decimal | float | str | None = None
     # Put imgbatch's image back over a file edited by hand, instead of keeping the edit.
     overwrite_edited: bool = False
     # Remove the orphaned shots' files (as imgbatch wrote them) and their results entries.
     prune: bool = False
+    # Act on these shots only (ids or fnmatch globs); every other shot's entry is kept as it is.
+    only: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.only, str):  # only="s01" means one pattern, not three letters
+            object.__setattr__(self, "only", (self.only,))
+        if self.only and self.prune:
+            raise ConfigError(
+                "--prune removes orphans, which --only leaves alone: use one or the other"
+            )
         # The same bounds as --rps and limits.rps: a NaN rate would send nothing, forever.
         if self.rps is not None and not (math.isfinite(self.rps) and self.rps >= MIN_RPS):
             raise ConfigError(
@@ -104,6 +117,11 @@ class ApplyOptions:
             raise ConfigError(
                 f"max_duration must be a finite number of seconds above 0, got {self.max_duration}"
             )
+        if self.max_cost is not None:
+            try:
+                CostLimit.parse(self.max_cost)
+            except ValueError as exc:
+                raise ConfigError(f"max_cost: {exc}") from None
 
     def bounds(self) -> tuple[Bound, ...]:
         """What may stop this run before its shots are all done (see `imgbatch.bounds`)."""
@@ -141,6 +159,9 @@ class ApplyReport:
     retries: int
     quotas: tuple[QuotaNote, ...]
     elapsed: float
+    # The images billed at their price, and what the requests whose answer was lost may add.
+    cost: Cost = Cost(None, None)
+    possible_extra_cost: Cost = Cost(None, None)
     # The contact sheet (index.html), or why it could not be drawn: a warning, never a failure.
     sheet: Path | None = None
     sheet_problem: str | None = None
@@ -244,25 +265,38 @@ def make_plan(
     home: Path | None = None,
     allow_reference_outside: bool = False,
     overwrite_edited: bool = False,
+    only: Sequence[str] = (),
 ) -> Plan:
     """What `apply` would do for each shot, reading the output folder but changing nothing and
     downloading nothing: see `imgbatch.plan` for what that means for a reference URL.
 
     Raises `PaidImagesError`, as apply would, when the placeholder provider, not named
-    explicitly, would replace images a paid provider made."""
+    explicitly, would replace images a paid provider made.
+
+    With `only` (shot ids or fnmatch globs), the plan has those shots alone and no orphans.
+    """
+    environ = os.environ if environ is None else environ
     manifest, expansion = load_and_expand(
         path, provider, environ, home, allow_reference_outside=allow_reference_outside
     )
-    planned = _plan(expansion, load_state(expansion.output_dir), overwrite_edited)
+    selected = _narrowed(expansion, only)
+    state = load_state(expansion.output_dir)
+    prices = _prices(manifest, expansion, environ)
+    planned = _plan(selected, state, overwrite_edited, only=bool(only), prices=prices)
     _refuse_placeholder_over_paid(planned, provider, manifest)
     return planned
 
 
 def _plan(
-    expansion: Expansion, state: Mapping[str, ResultEntry], overwrite_edited: bool = False
+    expansion: Expansion,
+    state: Mapping[str, ResultEntry],
+    overwrite_edited: bool = False,
+    *,
+    only: bool = False,
+    prices: PriceList | None = None,
 ) -> Plan:
     output_dir = expansion.output_dir
-    return plan_shots(
+    plan = plan_shots(
         output_dir,
         expansion.shots,
         state,
@@ -270,6 +304,37 @@ def _plan(
         provider=expansion.provider,
         overwrite_edited=overwrite_edited,
     )
+    # Under --only the shots left out are not orphans: nothing is said or done about orphans.
+    return replace(plan, orphans=() if only else plan.orphans, prices=prices)
+
+
+def _prices(
+    manifest: Manifest,
+    expansion: Expansion,
+    environ: Mapping[str, str],
+    provider: Provider | None = None,
+) -> PriceList:
+    """The prices of the endpoint the run calls: the provider's, else the one the environment
+    names (DASHSCOPE_HTTP_BASE_URL, else the SDK's default, Beijing)."""
+    if provider is None:
+        base_url = environ.get("DASHSCOPE_HTTP_BASE_URL") or None
+        return price_list(expansion.provider, base_url, manifest.pricing)
+    # A provider object from Python: only its own endpoint says where it bills.
+    base_url = getattr(provider, "base_url", None)
+    return price_list(provider.name, base_url, manifest.pricing, metered=provider.metered)
+
+
+def _cost_limit(options: ApplyOptions, manifest: Manifest) -> CostLimit | None:
+    if options.max_cost is not None:
+        return CostLimit.parse(options.max_cost)
+    return manifest.limits.max_cost
+
+
+def _narrowed(expansion: Expansion, only: Sequence[str]) -> Expansion:
+    """The expansion with the shots `only` selects (ConfigError for a pattern matching none)."""
+    if not only:
+        return expansion
+    return replace(expansion, shots=select_shots(expansion.shots, only))
 
 
 def apply(
@@ -327,20 +392,29 @@ async def _apply(
         options.home,
         allow_reference_outside=options.allow_reference_outside,
     )
+    # Before anything is fetched or written: a pattern matching no shot is refused.
+    everything, expansion = expansion, _narrowed(expansion, options.only)
+    only = bool(options.only)
     if _may_replace_paid(expansion.provider, options.provider):
         # Before anything is fetched, before credentials and before the lock: a refused run
         # connects to nothing and writes nothing at all.
-        early = _plan(expansion, load_state(expansion.output_dir), options.overwrite_edited)
+        state = load_state(expansion.output_dir)
+        early = _plan(expansion, state, options.overwrite_edited, only=only)
         _refuse_placeholder_over_paid(early, options.provider, manifest)
     # Each reference URL once, keyed by its content, so that the plan below knows every key
     # (a frozen run pays nothing for a URL whose content did not change).
     expansion = await fetch_references(expansion)
     output_dir = expansion.output_dir
-    if options.frozen:
-        # Before credentials and before the lock: a refused frozen run writes nothing at all.
-        _refuse_paid(_plan(expansion, load_state(output_dir), options.overwrite_edited))
+    limit = _cost_limit(options, manifest)
+    if options.frozen or limit is not None:
+        # Before credentials and before the lock: a refused run writes nothing at all.
+        state = load_state(output_dir)
+        prices = _prices(manifest, expansion, environ)
+        early = _plan(expansion, state, options.overwrite_edited, only=only, prices=prices)
+        _refuse(early, options.frozen, limit)
     # Credentials are checked before anything is written.
     provider = provider or create_provider(expansion.provider, environ, options.home)
+    prices = _prices(manifest, expansion, environ, provider)
     started = time.monotonic()
     with exclusive_output(output_dir):
         cache = ImageCache(output_dir)
@@ -351,11 +425,10 @@ async def _apply(
             check_writable(cache.root)
         remove_stale_temporaries(output_dir)
         state = load_state(output_dir)
-        plan = _plan(expansion, state, options.overwrite_edited)
+        plan = _plan(expansion, state, options.overwrite_edited, only=only, prices=prices)
         # Again: another run may have changed the folder meanwhile.
         _refuse_placeholder_over_paid(plan, options.provider, manifest)
-        if options.frozen:
-            _refuse_paid(plan)
+        _refuse(plan, options.frozen, limit)
         if on_plan:
             on_plan(plan)
         given = _given_quota(options, manifest)
@@ -394,7 +467,10 @@ async def _apply(
                         listener=thumbnails,
                         simplify=options.simplify and manifest.simplify,
                         frozen=options.frozen,
-                        bounds=options.bounds(),
+                        bounds=(
+                            *options.bounds(),
+                            *([MaxCost(limit, prices)] if limit is not None else []),
+                        ),
                     )
                     outcome = await interrupts.run(executor, plan)
             finally:
@@ -407,6 +483,16 @@ async def _apply(
                 in_use = {shot.file for shot in expansion.shots}
                 pruned, kept = prune_orphans(output_dir, orphans, in_use)
                 orphans = list(kept)
+            # The sheet marks what changed: a shot not run changed nothing.
+            touched = tuple(
+                replace(item, action=Action.UNCHANGED) if item.id in not_run else item
+                for item in plan.shots
+            )
+            written, sheet_plan = entries, replace(plan, shots=touched)
+            if only:
+                written, orphans, sheet_plan = _with_unselected(
+                    everything, state, sheet_plan, entries
+                )
             meta = {
                 # Relative, so an output folder can be moved or committed with its manifest.
                 "manifest": None
@@ -418,21 +504,14 @@ async def _apply(
             try:
                 results = write_results(
                     output_dir,
-                    entries,
+                    written,
                     orphans,
                     meta,
                     updated_at=datetime.now(UTC).isoformat(timespec="seconds"),
                 )
             except StoreWriteError as exc:
                 raise StoreError(_unwritten_results(exc, outcome, journal.path)) from None
-            # The sheet marks what changed: a shot not run changed nothing.
-            touched = tuple(
-                replace(item, action=Action.UNCHANGED) if item.id in not_run else item
-                for item in plan.shots
-            )
-            sheet, sheet_problem = update_sheet(
-                output_dir, manifest.name, replace(plan, shots=touched), entries
-            )
+            sheet, sheet_problem = update_sheet(output_dir, manifest.name, sheet_plan, written)
     saved: list[str] = []
     if store is not None and account is not None:
         with contextlib.suppress(OSError):  # a head start for next time, not worth failing for
@@ -454,6 +533,8 @@ async def _apply(
         retries=outcome.retries,
         quotas=quotas,
         elapsed=time.monotonic() - started,
+        cost=cost(outcome.billed_models.elements(), prices),
+        possible_extra_cost=cost(outcome.maybe_billed_models.elements(), prices),
         sheet=sheet,
         sheet_problem=sheet_problem,
         not_run=not_run,
@@ -463,12 +544,46 @@ async def _apply(
     )
 
 
+def _with_unselected(
+    everything: Expansion,
+    state: Mapping[str, ResultEntry],
+    plan: Plan,
+    entries: Sequence[ResultEntry],
+) -> tuple[tuple[ResultEntry, ...], list[ResultEntry], Plan]:
+    """Under --only: the results entries (the run's for the shots it acted on, every other
+    shot's as it was, in manifest order), the orphans as they were, and the plan the contact
+    sheet is drawn from (every shot, those left out as unchanged)."""
+    acted = {entry.id: entry for entry in entries}
+    planned = {item.id: item for item in plan.shots}
+    ids = {shot.id for shot in everything.shots}
+    written = []
+    for shot in everything.shots:
+        entry = acted.get(shot.id) or state.get(shot.id)
+        if entry is not None:
+            written.append(entry)
+    orphans = [entry for shot_id, entry in state.items() if shot_id not in ids]
+    shots = tuple(
+        planned.get(shot.id)
+        or PlannedShot(shot.id, Action.UNCHANGED, "not selected", shot, state.get(shot.id))
+        for shot in everything.shots
+    )
+    return tuple(written), orphans, replace(plan, shots=shots)
+
+
 def _local_concurrency(provider: Provider) -> int | None:
     """A provider that works on this machine (the placeholder draws in threads) gets as many
     shots in flight as asyncio's default thread pool has threads: more would only queue, and a
     Ctrl-C would then have hundreds of shots "in flight" to wait for. None: the executor's
     default, for a service whose work in progress is elsewhere."""
     return None if provider.metered else min(32, (os.cpu_count() or 1) + 4)
+
+
+def _refuse(plan: Plan, frozen: bool, limit: CostLimit | None) -> None:
+    """Refuse to start a run that --frozen or a cost limit does not allow."""
+    if frozen:
+        _refuse_paid(plan)
+    if limit is not None and plan.prices is not None:
+        check_estimate(plan.estimated_cost, limit, prices=plan.prices)
 
 
 def _refuse_paid(plan: Plan) -> None:

@@ -6,8 +6,9 @@ to stop. A refusal stops the run as a first Ctrl-C does: nothing new is sent, re
 finish, every shot finished is written, and the shots not run keep their previous state, so
 the next apply carries on where this one stopped (`apply` exits 3: shots remain).
 
-A bound only reads the `Tally` it is given, so a new one (a cost ceiling: price the request's
-model, add what is billed and in flight) is one small class with a `name` and `refuse`.
+A bound only reads the `Tally` it is given, so a new one is one small class with a `name` and
+`refuse`: `imgbatch.pricing.MaxCost` (`--max-cost`) prices what is billed, may have been billed
+and is in flight.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 if TYPE_CHECKING:
@@ -30,6 +31,8 @@ class Tally:
     elapsed: float  # seconds since the run began sending
     billed: Mapping[str, int]  # images answered, by model (billed when the provider is metered)
     in_flight: Mapping[str, int]  # requests sent and not yet answered, by model
+    # Requests whose answer was lost after they were sent (each may have been billed), by model.
+    maybe_billed: Mapping[str, int] = field(default_factory=dict)
 
 
 class Bound(Protocol):

@@ -2,9 +2,9 @@
 
 Exit codes: 0 all shots good; 1 some shots failed or the run stopped; 2 invalid manifest,
 options or credentials (for `inspect`: a missing file, a non-PNG or no provenance); 3 apply
-stopped at a bound (--max-requests, --max-duration) with shots remaining; 130 interrupted. Known
-errors print one clean message, never a traceback; an unexpected error prints one line and the
-path of a log with the traceback. A Ctrl-C at any moment, start-up included, prints
+stopped at a bound (--max-requests, --max-duration, --max-cost) with shots remaining; 130
+interrupted. Known errors print one clean message, never a traceback; an unexpected error prints
+one line and the path of a log with the traceback. A Ctrl-C at any moment, start-up included, prints
 "interrupted" and exits 130, never a traceback.
 """
 
@@ -51,6 +51,7 @@ from imgbatch.quota import Quota, parse_quota  # noqa: E402
 if TYPE_CHECKING:
     from imgbatch.console import Verbosity
     from imgbatch.plan import Plan
+    from imgbatch.pricing import CostLimit
 
 # The library is imported inside each command, not here: `--help` and `validate` must not pay for
 # the executor, aiohttp, Pillow or a provider's SDK (tests/test_startup.py keeps it so).
@@ -71,9 +72,11 @@ def error_boundary(command: F) -> F:
         except (ManifestError, ConfigError, InspectError) as exc:
             click.echo(f"error: {exc}", err=True)
             code = EXIT_USAGE
+            _summarize_error(str(exc), code)
         except ImgbatchError as exc:
             click.echo(f"error: {exc}", err=True)
             code = EXIT_FAILED
+            _summarize_error(str(exc), code)
         except KeyboardInterrupt:
             with _ignoring_interrupts():  # a second Ctrl-C must not cut this message short
                 click.echo("interrupted", err=True)
@@ -130,6 +133,17 @@ def _quota_option(value: str | None) -> Quota | None:
         raise click.BadParameter(str(exc)) from None
 
 
+def _cost_limit_option(value: str | None) -> CostLimit | None:
+    if value is None:
+        return None  # nothing imported while click parses: start-up stays short
+    from imgbatch.pricing import CostLimit
+
+    try:
+        return CostLimit.parse(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 manifest_argument = click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
 allow_outside_option = click.option(
     "--allow-reference-outside",
@@ -148,6 +162,14 @@ class FiniteFloatRange(click.FloatRange):
         return number
 
 
+only_option = click.option(
+    "--only",
+    metavar="ID_OR_GLOB",
+    multiple=True,
+    help="Act on the shots with this id, or whose id matches this glob (s01-*, *-noon); "
+    "repeatable. Every other shot's entry in results.json is kept as it is, and orphans are "
+    "left alone. A pattern that matches no shot is an error.",
+)
 overwrite_edited_option = click.option(
     "--overwrite-edited",
     is_flag=True,
@@ -213,7 +235,36 @@ def _progress_interval() -> float | None:
     return seconds
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """Click turns a Ctrl-C while it parses the options into "Aborted!" and exit 1; imgbatch
+    says "interrupted" and exits 130 at every moment (a command's own run has `error_boundary`)."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        with _interrupt_exits():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _interrupt_exits():
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def _interrupt_exits() -> Iterator[None]:
+    try:
+        yield
+    except KeyboardInterrupt:
+        with _ignoring_interrupts():
+            click.echo("interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="imgbatch")
 @verbosity_options
 @click.pass_context
@@ -223,18 +274,36 @@ def main(context: click.Context, verbosity: str | None) -> None:
 
 
 @main.command()
-@manifest_argument
+@click.argument(
+    "manifests", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path)
+)
 @allow_outside_option
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the verdict and every problem (file, line, shot, field) as one JSON document on "
+    "stdout.",
+)
 @error_boundary
-def validate(manifest: Path, allow_reference_outside: bool) -> int:
-    """Check a shot list against the schema and the model rules."""
-    from imgbatch.api import read_manifest
+def validate(manifests: tuple[Path, ...], allow_reference_outside: bool, as_json: bool) -> int:
+    """Check shot lists against the schema and the model rules (several at once: a pre-commit
+    hook passes every changed file)."""
+    from imgbatch.validation import validate, validate_json
 
     # The manifest's own checks, local references included; a reference URL is not downloaded
     # (only apply and generate fetch one, to key it by its content).
-    count = len(read_manifest(manifest, allow_reference_outside=allow_reference_outside).shots)
-    click.echo(f"{manifest}: valid, {count} shot{'s' if count != 1 else ''}")
-    return EXIT_OK
+    results = validate(manifests, allow_reference_outside=allow_reference_outside)
+    for result in results:
+        if result.shots is not None:
+            count = result.shots
+            line = f"{result.manifest}: valid, {count} shot{'s' if count != 1 else ''}"
+            click.echo(line, err=as_json)
+        else:
+            click.echo(f"error: {result.message}", err=True)
+    if as_json:
+        click.echo(json.dumps(validate_json(results), ensure_ascii=False))
+    return EXIT_OK if all(result.valid for result in results) else EXIT_USAGE
 
 
 class DetailedExitCommand(click.Command):
@@ -269,6 +338,7 @@ class _UsageErrorExit1(click.UsageError):
 @click.option(
     "--json", "as_json", is_flag=True, help="Print the plan as one JSON document on stdout."
 )
+@only_option
 @verbosity_options
 @error_boundary
 def plan(
@@ -278,13 +348,14 @@ def plan(
     overwrite_edited: bool,
     detailed_exitcode: bool,
     as_json: bool,
+    only: tuple[str, ...],
     verbosity: str | None,
 ) -> int:
     """Show the shots apply would change, and why (-v: every shot); nothing is sent or
     downloaded."""
     from imgbatch.api import make_plan
     from imgbatch.console import Verbosity, console_for
-    from imgbatch.report import plan_json, plan_summary, plan_table
+    from imgbatch.report import estimate_line, plan_json, plan_summary, plan_table
 
     level = _verbosity(verbosity)
 
@@ -294,6 +365,7 @@ def plan(
             provider=provider,
             allow_reference_outside=allow_reference_outside,
             overwrite_edited=overwrite_edited,
+            only=only,
         )
     except (ManifestError, ConfigError) as exc:
         if not detailed_exitcode:
@@ -307,8 +379,18 @@ def plan(
     if table and level is not Verbosity.QUIET:
         out.print(table)
     out.print(plan_summary(result))
+    estimate = estimate_line(result)
+    if estimate and level is not Verbosity.QUIET:
+        out.print(estimate)
+    summarize = bool(os.environ.get("GITHUB_STEP_SUMMARY"))
+    document = plan_json(result) if as_json or summarize else {}
     if as_json:
-        click.echo(json.dumps(plan_json(result), ensure_ascii=False))
+        click.echo(json.dumps(document, ensure_ascii=False))
+    if summarize:
+        from imgbatch.step_summary import plan_markdown
+
+        title = _title("plan", manifest, only)
+        _step_summary(plan_markdown(document, title, metered=is_metered(result.provider)))
     if detailed_exitcode and result.has_work:
         return EXIT_CHANGES
     return EXIT_OK
@@ -364,8 +446,8 @@ def expand_command(
     "--concurrency",
     type=click.IntRange(min=1),
     default=None,
-    help="Requests in flight at most (default: the manifest's limits.concurrency, else 512: "
-    "the rate decides).",
+    help="Requests in flight at most (default: the manifest's limits.concurrency, else 512 for "
+    "a service, where the rate decides, and the drawing threads for the placeholder).",
 )
 @allow_outside_option
 @click.option(
@@ -398,6 +480,16 @@ def expand_command(
     "finish within a CI job's limit.",
 )
 @click.option(
+    "--max-cost",
+    metavar="AMOUNT",
+    default=None,
+    callback=lambda _context, _parameter, value: _cost_limit_option(value),
+    help="The most the run may cost, such as 5 or '5 USD' (in the prices' currency): exit 1 "
+    "before sending or writing anything if the estimate exceeds it; stop sending before the "
+    "images billed could, then as for --max-requests (default: the manifest's "
+    "limits.max_cost).",
+)
+@click.option(
     "--prune",
     is_flag=True,
     help="Remove the files of orphaned shots (in the results, no longer in the manifest) and "
@@ -409,6 +501,7 @@ def expand_command(
     is_flag=True,
     help="Print what the run did as one JSON document on stdout (the summary goes to stderr).",
 )
+@only_option
 @verbosity_options
 @error_boundary
 def apply_command(
@@ -422,9 +515,11 @@ def apply_command(
     frozen: bool,
     max_requests: int | None,
     max_duration: float | None,
+    max_cost: CostLimit | None,
     overwrite_edited: bool,
     prune: bool,
     as_json: bool,
+    only: tuple[str, ...],
     verbosity: str | None,
 ) -> int:
     """Generate the shots whose request changed; write images and results.json."""
@@ -432,7 +527,13 @@ def apply_command(
     from imgbatch.console import Verbosity, console_for
     from imgbatch.plan import WORK_ACTIONS
     from imgbatch.progress import DEFAULT_INTERVAL, Progress
-    from imgbatch.report import apply_json, apply_summary, plan_summary, quiet_summary
+    from imgbatch.report import (
+        apply_json,
+        apply_summary,
+        estimate_line,
+        plan_summary,
+        quiet_summary,
+    )
 
     level = _verbosity(verbosity)
     quiet = level is Verbosity.QUIET
@@ -456,6 +557,9 @@ def apply_command(
             )
         if not quiet:
             click.echo(plan_summary(planned), err=True)
+            estimate = estimate_line(planned)
+            if estimate:
+                click.echo(estimate, err=True)
         # A drift (an edit kept) is left alone like an unchanged shot: no event will come.
         progress.start(sum(1 for item in planned.shots if item.action in WORK_ACTIONS))
 
@@ -472,8 +576,10 @@ def apply_command(
                 frozen=frozen,
                 max_requests=max_requests,
                 max_duration=max_duration,
+                max_cost=max_cost,
                 overwrite_edited=overwrite_edited,
                 prune=prune,
+                only=only,
             ),
             listener=progress,
             on_plan=announce,
@@ -488,8 +594,16 @@ def apply_command(
         click.echo(f"warning: {report.sheet_problem}", err=True)
     elif report.sheet and not quiet:
         click.echo(f"Contact sheet: {report.sheet}", err=as_json)
+    summarize = bool(os.environ.get("GITHUB_STEP_SUMMARY"))
+    document = apply_json(report) if as_json or summarize else {}
     if as_json:
-        click.echo(json.dumps(apply_json(report), ensure_ascii=False))
+        click.echo(json.dumps(document, ensure_ascii=False))
+    if summarize:
+        from imgbatch.step_summary import apply_markdown
+
+        title = _title("apply", manifest, only)
+        metered = is_metered(report.plan.provider)
+        _step_summary(apply_markdown(document, title, stopped=report.stopped, metered=metered))
     if report.interrupted:
         return EXIT_INTERRUPTED
     if report.bounded and report.remaining:
@@ -588,6 +702,12 @@ def inspect(image: Path, as_json: bool) -> int:
     is_flag=True,
     help="Print the normalized response as one JSON object on stdout.",
 )
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='As --print-response, and on a failure print {"error": {...}} on stdout instead.',
+)
 @provider_option
 @allow_outside_option
 @error_boundary
@@ -595,23 +715,54 @@ def generate_command(
     request_text: str,
     output: Path | None,
     print_response: bool,
+    as_json: bool,
     provider: str | None,
     allow_reference_outside: bool,
 ) -> int:
     """Make one image from one request, as the seed skill's helper script does."""
-    from imgbatch.single import generate
+    from imgbatch.single import error_json, generate
 
-    response = generate(
-        _read_request(request_text),
-        output=output,
-        provider=provider,
-        allow_reference_outside=allow_reference_outside,
-    )
+    try:
+        response = generate(
+            _read_request(request_text),
+            output=output,
+            provider=provider,
+            allow_reference_outside=allow_reference_outside,
+        )
+    except ImgbatchError as exc:
+        if as_json:
+            click.echo(json.dumps(error_json(exc), ensure_ascii=False))
+        raise  # the message on stderr and the exit code, as without --json
     where = "from the cache, nothing sent" if response["cached"] else "generated"
     click.echo(f"{response['file']} ({where})", err=True)
-    if print_response:
+    if print_response or as_json:
         click.echo(json.dumps(response, ensure_ascii=False))
     return EXIT_OK
+
+
+def _title(command: str, manifest: Path, only: tuple[str, ...]) -> str:
+    selection = "".join(f" --only {pattern}" for pattern in only)
+    return f"imgbatch {command} {manifest}{selection}"
+
+
+def _summarize_error(message: str, code: int) -> None:
+    """In a GitHub Actions job, the error goes to the job's summary too."""
+    if not os.environ.get("GITHUB_STEP_SUMMARY"):
+        return
+    from imgbatch.step_summary import error_markdown
+
+    context = click.get_current_context(silent=True)
+    command = f"imgbatch {context.info_name}" if context is not None else "imgbatch"
+    _step_summary(error_markdown(command, message, code))
+
+
+def _step_summary(markdown: str) -> None:
+    """Append to GitHub's job summary; a failure is a warning, never the run's."""
+    from imgbatch.step_summary import append
+
+    problem = append(markdown)
+    if problem:
+        click.echo(f"warning: {problem}", err=True)
 
 
 def _read_request(text: str) -> Any:

@@ -5,6 +5,7 @@
     │                             file:line:col, shot id and field (exit code 2)
     ├── ConfigError               bad options or environment: missing key, unknown provider (exit 2)
     │   └── PaidImagesError       placeholders would replace images a paid provider made
+    ├── CostLimitError            the estimated cost exceeds --max-cost: nothing sent (exit 1)
     ├── InspectError              `inspect` of a missing file, a non-PNG or a PNG without
     │                             provenance (exit 2)
     ├── LockedError               another apply holds the output folder (exit 1)
@@ -42,6 +43,24 @@ class ManifestProblem:
     column: int
     where: str
     message: str
+    # The same place for programs (`validate --json`): the shot's id, if the problem is in one
+    # shot, and the field, dotted (`size`; `defaults.size` outside a shot).
+    shot: str | None = None
+    field: str | None = None
+
+    def to_json(self) -> dict[str, str | int | None]:
+        """`validate --json`'s form: line and column are null where there are no lines (data
+        given as a dict, a `generate` request)."""
+        located = self.line > 0
+        return {
+            "file": self.file,
+            "line": self.line if located else None,
+            "column": self.column if located else None,
+            "shot": self.shot,
+            "field": self.field,
+            "where": self.where,
+            "message": self.message,
+        }
 
     def __str__(self) -> str:
         if self.line <= 0:  # parsed data with no lines to point at: the field says where
@@ -76,6 +95,11 @@ class InspectError(ImgbatchError):
 
 class FrozenError(ImgbatchError):
     """`apply --frozen` found shots that would need a paid request; nothing was sent or written."""
+
+
+class CostLimitError(ImgbatchError):
+    """The estimated cost exceeds `--max-cost` (or cannot be shown to stay within it); nothing
+    was sent or written."""
 
 
 class LockedError(ImgbatchError):

@@ -115,6 +115,9 @@ class RunOutcome:
     # nothing.
     billed: int = 0
     maybe_billed: int = 0
+    # The same by model, to price them.
+    billed_models: Counter[str] = field(default_factory=Counter)
+    maybe_billed_models: Counter[str] = field(default_factory=Counter)
     throttled: int = 0
     retries: int = 0
     quotas: list[Finding] = field(default_factory=list)
@@ -292,6 +295,7 @@ class Executor:
             elapsed=self.clock.now() - self._started,
             billed=MappingProxyType(self._answered),
             in_flight=MappingProxyType(self._sending),
+            maybe_billed=MappingProxyType(self.outcome.maybe_billed_models),
         )
         for bound in self.bounds:
             reason = bound.refuse(request, tally)
@@ -510,6 +514,7 @@ class Executor:
                 if self.provider.metered:
                     # Sent and never answered: billed if the service went on to make it.
                     self.outcome.maybe_billed += 1
+                    self.outcome.maybe_billed_models[model] += 1
                     reason = "abandoned in flight when interrupted; DashScope may have billed it"
                 else:
                     reason = "not run: abandoned in flight when interrupted"
@@ -540,6 +545,7 @@ class Executor:
                     gate.answered(ticket)
                 if exc.maybe_billed:
                     self.outcome.maybe_billed += 1
+                    self.outcome.maybe_billed_models[model] += 1
                     lost += 1
                 if exc.retry_after is not None and exc.retry_after > MAX_RETRY_AFTER_SECONDS:
                     self.stop(
@@ -592,6 +598,7 @@ class Executor:
             self._answered[model] += 1
             if self.provider.metered:
                 self.outcome.billed += 1
+                self.outcome.billed_models[model] += 1
                 # Journaled before the download, so that a run killed while downloading leaves
                 # the paid image's URL for the next apply to fetch instead of paying again.
                 downloading = unfetched_entry(

@@ -169,5 +169,7 @@ class _ReferenceReader:
                 column,
                 f"shot {spec.id}, field reference_image",
                 f"reference image '{source}' {exc}",
+                shot=spec.id,
+                field="reference_image",
             )
             raise ManifestError([problem]) from None

@@ -22,20 +22,20 @@ class ModelSpec:
     sizes: tuple[str, ...]
     max_prompt_chars: int
     max_negative_prompt_chars: int
-    price_cny: float
 
 
-def _qwen_image(name: str, price_cny: float) -> ModelSpec:
-    return ModelSpec(name, QWEN_IMAGE_SIZES, 800, 500, price_cny)
+def _qwen_image(name: str) -> ModelSpec:
+    # Prices depend on the region too: imgbatch.pricing has them.
+    return ModelSpec(name, QWEN_IMAGE_SIZES, 800, 500)
 
 
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
-        _qwen_image("qwen-image-max", 0.50),
-        _qwen_image("qwen-image-max-2025-12-30", 0.50),
-        _qwen_image("qwen-image-plus", 0.20),
-        _qwen_image("qwen-image-plus-2026-01-09", 0.20),
+        _qwen_image("qwen-image-max"),
+        _qwen_image("qwen-image-max-2025-12-30"),
+        _qwen_image("qwen-image-plus"),
+        _qwen_image("qwen-image-plus-2026-01-09"),
     )
 }
 DEFAULT_MODEL = "qwen-image-max"

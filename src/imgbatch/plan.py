@@ -35,11 +35,13 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from imgbatch.expand import Shot
+from imgbatch.pricing import Cost, PriceList, cost
 from imgbatch.reference import ReferenceImage
 from imgbatch.request import changed_fields
 from imgbatch.results import ResultEntry
@@ -94,6 +96,8 @@ class Plan:
     shots: tuple[PlannedShot, ...]
     orphans: tuple[PlannedShot, ...]
     provider: str
+    # What an image costs on the endpoint this plan is for; None: not priced at all.
+    prices: PriceList | None = None
 
     def count(self, action: Action) -> int:
         return sum(1 for item in (*self.shots, *self.orphans) if item.action is action)
@@ -101,6 +105,22 @@ class Plan:
     @property
     def paid_requests(self) -> int:
         return sum(1 for item in self.shots if item.paid)
+
+    def cost_of(self, item: PlannedShot) -> Decimal | None:
+        """What `item` is expected to cost: one image at its model's price if it needs a paid
+        request (None when that price is unknown), else nothing."""
+        if not item.paid or item.shot is None:
+            return Decimal(0)
+        return self.prices.price(item.shot.request.model) if self.prices else None
+
+    @property
+    def estimated_cost(self) -> Cost:
+        """One image for each paid request, at its model's price."""
+        paid = [
+            item.shot.request.model for item in self.shots if item.paid and item.shot is not None
+        ]
+        prices = self.prices or PriceList(None, {}, "no prices")
+        return cost(paid, prices)
 
     @property
     def has_work(self) -> bool:

@@ -15,6 +15,7 @@ from rich.text import Text
 
 from imgbatch.console import WORD_STYLES
 from imgbatch.plan import Action, Plan, PlannedShot
+from imgbatch.pricing import Cost, as_json, format_money
 from imgbatch.providers import is_metered
 from imgbatch.request import changed_fields
 
@@ -56,16 +57,36 @@ def plan_summary(plan: Plan) -> str:
     return f"Plan: {counts}. {paid} {kind} request{'s' if paid != 1 else ''}."
 
 
+def estimate_line(plan: Plan) -> str | None:
+    """The plan's estimated cost and where its prices come from; None when it sends no paid
+    request (nothing to estimate)."""
+    if not plan.paid_requests or not is_metered(plan.provider) or plan.prices is None:
+        return None
+    return f"Estimated cost: {_priced(plan.estimated_cost, plan)}."
+
+
+def _priced(money: Cost, plan: Plan) -> str:
+    """An amount and where its prices come from; an unknown one says what is missing."""
+    source = plan.prices.source if plan.prices else "no prices"
+    if money.amount is None:
+        return (
+            f"unknown, no price for {', '.join(money.unpriced)} ({source}; give one under "
+            "pricing: in the manifest)"
+        )
+    return f"{format_money(money)} ({source})"
+
+
 def plan_json(plan: Plan) -> dict[str, Any]:
-    """`plan --json`: each shot (orphans last) and the counts. No price table yet, so `cost`
-    and `estimated_cost` are null."""
+    """`plan --json`: each shot (orphans last) with what it is expected to cost, the counts and
+    the estimate; a cost is null where a price is unknown, `currency` null where nothing is
+    priced (the offline placeholder)."""
     shots = [
         {
             "id": item.id,
             "action": item.action.value,
             "reason": item.reason,
             "changed": _changed(item),
-            "cost": None,
+            "cost": as_json(plan.cost_of(item)),
         }
         for item in (*plan.shots, *plan.orphans)
     ]
@@ -82,7 +103,9 @@ def plan_json(plan: Plan) -> dict[str, Any]:
         )
     }
     summary["paid_requests"] = plan.paid_requests
-    summary["estimated_cost"] = None
+    estimate = plan.estimated_cost
+    summary["estimated_cost"] = as_json(estimate)
+    summary["currency"] = estimate.currency
     return {"shots": shots, "summary": summary}
 
 
@@ -148,7 +171,9 @@ def apply_json(report: ApplyReport) -> dict[str, Any]:
         "billed": report.billed,
         "throttled": report.throttled,
         "retries": report.retries,
-        "cost": None,
+        "cost": as_json(report.cost),
+        "possible_extra_cost": as_json(report.possible_extra_cost),
+        "currency": report.cost.currency,
         "interrupted": report.interrupted,
         "bounded": report.bounded,
         "remaining": report.remaining,
@@ -194,6 +219,8 @@ def apply_summary(report: ApplyReport) -> str:
         f"Done in {report.elapsed:.1f} s: {', '.join(parts)}; {sent}, {report.retries} retries, "
         f"{report.throttled} throttled (429)."
     ]
+    if is_metered(report.plan.provider):
+        lines.append(cost_line(report))
     lines.extend(
         f"Edited by hand, moved aside: {shot_id} -> {name}"
         for shot_id, name in report.moved_aside.items()
@@ -236,6 +263,18 @@ def _not_run_lines(not_run: Mapping[str, str]) -> list[str]:
             f"{'it' if one else 'them'} again."
         )
     return lines
+
+
+def cost_line(report: ApplyReport) -> str:
+    """What the run cost: the images billed, and what lost answers may add."""
+    line = f"Cost: {_priced(report.cost, report.plan)}"
+    if report.maybe_billed:
+        extra = format_money(report.possible_extra_cost)
+        line += (
+            f"; up to {extra} more if the {report.maybe_billed} request"
+            f"{'s' if report.maybe_billed != 1 else ''} whose answer was lost were billed"
+        )
+    return line + "."
 
 
 def prune_lines(report: ApplyReport) -> list[str]:

@@ -33,6 +33,7 @@ from typing import Any
 from imgbatch.errors import (
     CacheEntryDamaged,
     ConfigError,
+    ImgbatchError,
     ManifestError,
     ManifestProblem,
     ProviderError,
@@ -122,9 +123,11 @@ async def agenerate(
             outcome = await executor.run(plan)
     entry = outcome.entries[shot.id]
     if not entry.has_image:
-        raise ProviderError(
-            entry.error or "the request failed", code=entry.error_code, request_id=entry.request_id
-        )
+        # The entry's error already reads "400 DataInspectionFailed: ...": given as code= too,
+        # the message would say the code twice.
+        error = ProviderError(entry.error or "the request failed", request_id=entry.request_id)
+        error.code = entry.error_code
+        raise error
     return _response(
         entry.image_url, width, height, shot.request.seed, target, entry.request_id, cached=False
     )
@@ -150,7 +153,7 @@ def _as_manifest(request: Mapping[str, Any], allow_reference_outside: bool) -> M
     for name in EXPANSION_FIELDS:
         if name in request:
             message = f"unknown field '{name}'; a request makes one image ({name} is a manifest's)"
-            problem = ManifestProblem(REQUEST_DISPLAY, 0, 0, f"field {name}", message)
+            problem = ManifestProblem(REQUEST_DISPLAY, 0, 0, f"field {name}", message, field=name)
             raise ManifestError([problem], subject="the request")
     shot_fields = {"id": REQUEST_DISPLAY, **request}
     try:
@@ -163,7 +166,8 @@ def _as_manifest(request: Mapping[str, Any], allow_reference_outside: bool) -> M
     except ManifestError as error:
         shot = f"shot {REQUEST_DISPLAY}, "
         problems = [
-            replace(problem, where=problem.where.removeprefix(shot)) for problem in error.problems
+            replace(problem, where=problem.where.removeprefix(shot), shot=None)
+            for problem in error.problems
         ]
         raise ManifestError(problems, subject="the request") from None
 
@@ -181,6 +185,25 @@ def _places(key: str, output: str | Path | None, environ: Mapping[str, str]) -> 
         if (folder / STATE_DIR).is_dir():
             return folder, target
     return default_folder, target
+
+
+def error_json(error: ImgbatchError) -> dict[str, Any]:
+    """`generate --json`'s document for a request that failed: `{"error": {"type", "message",
+    "status", "code", "request_id", "problems"}}`; what does not apply is null (`problems`
+    lists an invalid request's fields, as `validate --json` does)."""
+    provider = error if isinstance(error, ProviderError) else None
+    return {
+        "error": {
+            "type": type(error).__name__,
+            "message": str(error),
+            "status": provider.status if provider else None,
+            "code": provider.code if provider else None,
+            "request_id": provider.request_id if provider else None,
+            "problems": [problem.to_json() for problem in error.problems]
+            if isinstance(error, ManifestError)
+            else None,
+        }
+    }
 
 
 def _response(

@@ -25,6 +25,7 @@ from imgbatch.manifest.rules import Checker
 from imgbatch.manifest.schema_messages import manifest_schema
 from imgbatch.manifest.yaml_load import Document, Positions, parse_yaml, read_manifest_text
 from imgbatch.models import MIN_RPS
+from imgbatch.pricing import CostLimit, Pricing
 from imgbatch.quota import Quota, parse_quota
 from imgbatch.reference import ReferenceImage
 
@@ -44,6 +45,8 @@ class Limits:
     concurrency: int | None = None
     rps: float | None = None
     quota: Quota | None = None
+    # `max_cost`: no run may cost more (the rules have checked it parses).
+    max_cost: CostLimit | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,8 @@ class Manifest:
     positions: Mapping[JsonPath, tuple[int, int]] = dataclasses.field(default_factory=dict)
     # `simplify: false`: a 200 without an image fails the shot instead of asking once more.
     simplify: bool = True
+    # `pricing:`: prices per image that win over the built-in table (see imgbatch.pricing).
+    pricing: Pricing | None = None
 
     @property
     def base_dir(self) -> Path:
@@ -128,12 +133,16 @@ def _build_manifest(path: Path, document: Document, checker: Checker) -> Manifes
             limits.get("rps"),
             # The schema's pattern has checked it: parse_quota accepts what the pattern does.
             parse_quota(limits["quota"]) if "quota" in limits else None,
+            CostLimit.parse(limits["max_cost"], "limits.max_cost")
+            if "max_cost" in limits
+            else None,
         ),
         shots=shots,
         references=references,
         allow_reference_outside=checker.allow_reference_outside,
         positions=dict(document.values),
         simplify=data.get("simplify", True),
+        pricing=Pricing.from_data(data["pricing"]) if "pricing" in data else None,
     )
 
 

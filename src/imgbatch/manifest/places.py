@@ -14,16 +14,24 @@ JsonPath = tuple[str | int, ...]
 
 def describe(parent: JsonPath, field: str | int | None, shot_id: str | None) -> str:
     """Name a place in the manifest: "shot s02-helmet, field size" or "field defaults.size"."""
-    if len(parent) >= 2 and parent[0] == "shots" and isinstance(parent[1], int):
+    name = field_name(parent, field)
+    if in_shot(parent):
         who = f"shot {shot_id}" if shot_id else f"shots[{parent[1]}]"
-        rest = [str(part) for part in parent[2:]]
-        if field is not None:
-            rest.append(str(field))
-        return f"{who}, field {'.'.join(rest)}" if rest else who
-    parts = [str(part) for part in parent]
+        return f"{who}, field {name}" if name else who
+    return f"field {name}" if name else "manifest"
+
+
+def in_shot(path: JsonPath) -> bool:
+    return len(path) >= 2 and path[0] == "shots" and isinstance(path[1], int)
+
+
+def field_name(parent: JsonPath, field: str | int | None) -> str | None:
+    """The field a place is, dotted: within its shot (`size`, `matrix.light`) for a shot's, else
+    from the top (`defaults.size`); None for a whole shot or the whole manifest."""
+    parts = [str(part) for part in (parent[2:] if in_shot(parent) else parent)]
     if field is not None:
         parts.append(str(field))
-    return f"field {'.'.join(parts)}" if parts else "manifest"
+    return ".".join(parts) or None
 
 
 def show(value: Any) -> str:

@@ -2,8 +2,9 @@
 
 Takes a parsed `Document`; gives every `ManifestProblem` in it: the schema's (explained by
 `schema_messages`), then the model rules (sizes per model, prompt lengths with the style
-appended), unique ids ignoring case, a finite `limits.rps`, and local reference images (read,
-checked and hashed once per load). A bad default is reported once, naming the shots it reaches.
+appended), unique ids ignoring case, a finite `limits.rps` and `limits.max_cost`, the models
+`pricing:` names, and local reference images (read, checked and hashed once per load). A bad
+default is reported once, naming the shots it reaches.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from imgbatch.errors import ManifestProblem
 from imgbatch.manifest.expansion import ExpandedShot, expand_shots
-from imgbatch.manifest.places import JsonPath, describe, show
+from imgbatch.manifest.places import JsonPath, describe, field_name, in_shot, show
 from imgbatch.manifest.schema_messages import schema_problems
 from imgbatch.manifest.yaml_load import Document
 from imgbatch.models import DEFAULT_MODEL, MIN_RPS, MODELS, nearest_size
@@ -62,6 +63,7 @@ class Checker:
     def problems(self) -> Iterator[ManifestProblem]:
         yield from schema_problems(self.document.data, self._problem)
         yield from self._limits_problems()
+        yield from self._pricing_problems()
         for slip in self._slips:
             problem = self._located(slip.parent, slip.shot_id, slip.field, slip.message)
             if problem is not _DEFERRED:
@@ -94,12 +96,15 @@ class Checker:
             path, self.document.values.get(parent)
         )
         line, column = position or (1, 1)
+        shot = (shot_id or self._shot_id(path)) if in_shot(parent) else None
         return ManifestProblem(
             self.display,
             line,
             column,
-            describe(parent, field, shot_id or self._shot_id(path)),
+            describe(parent, field, shot),
             message,
+            shot=shot,
+            field=field_name(parent, field),
         )
 
     def _limits_problems(self) -> Iterator[ManifestProblem]:
@@ -111,6 +116,28 @@ class Checker:
         if isinstance(rps, float) and not math.isfinite(rps):
             message = f"must be a finite number of requests per second (at least {MIN_RPS})"
             yield self._problem(("limits",), "rps", f"{message}, got {show(rps)}")
+        max_cost = limits.get("max_cost") if isinstance(limits, dict) else None
+        if isinstance(max_cost, float) and not math.isfinite(max_cost):
+            message = f"must be a finite amount such as 5 or '5 USD', got {show(max_cost)}"
+            yield self._problem(("limits",), "max_cost", message)
+
+    def _pricing_problems(self) -> Iterator[ManifestProblem]:
+        # A misspelt model would price nothing and leave its cost unknown; say so now.
+        data = self.document.data
+        pricing = data.get("pricing") if isinstance(data, dict) else None
+        per_image = pricing.get("per_image") if isinstance(pricing, dict) else None
+        if not isinstance(per_image, dict):
+            return
+        place = ("pricing", "per_image")
+        for model, price in per_image.items():
+            if not isinstance(model, str) or model not in MODELS:
+                close = difflib.get_close_matches(str(model), list(MODELS), n=1, cutoff=0.6)
+                hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(MODELS)}"
+                message = f"unknown model {show(model)}; {hint}"
+                yield self._problem(place, model, message, at_key=True)
+            if isinstance(price, float) and not math.isfinite(price):
+                message = f"must be a finite price of one image, got {show(price)}"
+                yield self._problem(place, model, message)
 
     def _id_problems(self) -> Iterator[ManifestProblem]:
         # Ids become file names: two ids differing only in case would overwrite each other on
@@ -241,6 +268,7 @@ class Checker:
                 problem.column,
                 f"{problem.where} (used by shot{'s' if len(names) > 1 else ''} {shown})",
                 message,
+                field=problem.field,
             )
 
 

@@ -79,6 +79,7 @@ _PATTERN_HINTS = {
     "matrix": "a variable name is letters, digits and '_', not starting with a digit",
     "dir": "a folder name without control characters (NUL, newline, tab, ...)",
     "reference_image": "a path or URL without control characters (NUL, newline, tab, ...)",
+    "currency": "three capital letters, such as USD or CNY",
 }
 
 
@@ -109,6 +110,9 @@ def _explain(error: jsonschema.ValidationError, problem: ProblemAt) -> Iterator[
     elif kind in ("minimum", "maximum", "anyOf") and field == "seed":
         message = f"seed must be a whole number from 0 to 2147483647 or auto, got {show(value)}"
         yield problem(parent, field, message)
+    elif kind == "anyOf" and field == "max_cost":
+        message = f"must be an amount such as 5 or '5 USD', got {show(value)}"
+        yield problem(parent, field, message)
     elif kind == "minimum":
         yield problem(parent, field, f"must be at least {expected}, got {show(value)}")
     elif kind == "maximum":
@@ -127,7 +131,8 @@ def _explain(error: jsonschema.ValidationError, problem: ProblemAt) -> Iterator[
         what = "add at least one shot" if path == ("shots",) else "give at least one value"
         yield problem(parent, field, f"the list is empty: {what}")
     elif kind == "minProperties":
-        yield problem(parent, field, "the mapping is empty: give at least one variable")
+        what = "one model's price" if field == "per_image" else "one variable"
+        yield problem(parent, field, f"the mapping is empty: give at least {what}")
     elif kind == "maxLength":
         yield problem(parent, field, f"must be at most {expected} characters")
     else:
