@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from imgbatch.api import apply, make_plan
 from imgbatch.plan import Action
@@ -108,8 +109,11 @@ def test_a_twin_of_an_image_billed_but_not_downloaded_is_not_paid_again(
     if not recover_first:  # the twin now comes before the shot whose image was billed
         manifest.write_text(_swapped(TWINS), encoding="utf-8")
     plan = {item.id: item for item in make_plan(manifest).shots}
-    assert plan["first"].action is Action.RECOVER
-    assert plan["second"].twin_of == "first", plan["second"].reason
+    # The image billed as first's is fetched once, by whichever comes first; the other copies it
+    # (two fetches would put two stampings of it under one cache key).
+    one, two = ("first", "second") if recover_first else ("second", "first")
+    assert plan[one].action is Action.RECOVER, plan[one].reason
+    assert plan[two].twin_of == one, plan[two].reason
     # One worker: a twin listed before the shot it waits for must not wait for itself.
     again = run("apply", manifest, *FAST, "--concurrency", "1")
     assert_clean(again)
@@ -117,6 +121,36 @@ def test_a_twin_of_an_image_billed_but_not_downloaded_is_not_paid_again(
     # The image billed last time is fetched and copied: not paid for a second time.
     assert fake_server.generation_count == 2
     assert (output / "first.png").read_bytes() == (output / "second.png").read_bytes()
+
+
+def test_a_shot_renamed_while_its_image_was_billed_but_not_downloaded_is_not_paid_again(
+    api_env: dict[str, str], fake_server: FakeDashScope, tmp_path: Path
+) -> None:
+    manifest = write_manifest(tmp_path, TWINS)
+    fake_server.cut_download_rate = 1.0
+    assert_clean(run("apply", manifest, *FAST))
+    assert fake_server.generation_count == 2
+    output = tmp_path / "output" / "twins"
+    entries = {e["id"]: e for e in json.loads((output / "results.json").read_text())["shots"]}
+    assert entries["other"]["status"] == "unfetched"
+
+    fake_server.cut_download_rate = 0.0
+    manifest.write_text(TWINS.replace("id: other", "id: renamed"), encoding="utf-8")
+    plan = {item.id: item for item in make_plan(manifest).shots}
+    assert plan["renamed"].action is Action.RECOVER, plan["renamed"].reason
+    assert "as shot other" in plan["renamed"].reason
+    again = run("apply", manifest, *FAST)
+    assert_clean(again)
+    assert again.exit_code == 0, again.output
+    # first and second are recovered and copied, renamed fetches the image billed as other.
+    assert fake_server.generation_count == 2
+    with Image.open(output / "renamed.png") as image:
+        assert image.size == (1328, 1328)
+    document = json.loads((output / "results.json").read_text())
+    entries = {e["id"]: e for e in document["shots"]}
+    (orphan,) = document["orphans"]
+    assert entries["renamed"]["request_id"] == orphan["request_id"]  # the same image, paid once
+    assert orphan["id"] == "other"  # kept, as any orphan
 
 
 def _swapped(manifest: str) -> str:

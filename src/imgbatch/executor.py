@@ -624,7 +624,7 @@ class Executor:
     async def _recover_billed(self, output_dir: Path, item: PlannedShot) -> None:
         """A `recover`: fetch the image an earlier run was billed for; if its URL no longer
         works, say so and make it again (a paid request on a metered provider)."""
-        shot, previous = item.shot, item.previous
+        shot, previous = item.shot, item.billed
         assert shot is not None and previous is not None
         failure = await self._fetch_billed(output_dir, shot, previous)
         if failure is None:

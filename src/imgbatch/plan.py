@@ -81,6 +81,9 @@ class PlannedShot:
     # A restore of an image another shot of this plan makes (the same request): it waits for
     # that shot, so the request is paid for once.
     twin_of: str | None = None
+    # For a recover: the entry whose billed image is fetched, the shot's own or, for a shot
+    # renamed since, the one its old id left behind.
+    billed: ResultEntry | None = None
 
     @property
     def paid(self) -> bool:
@@ -172,7 +175,8 @@ def _pay_once(planned: Iterable[PlannedShot]) -> tuple[PlannedShot, ...]:
             first_with_key.setdefault(item.shot.request.key, item.id)
     result = []
     for item in items:
-        if item.paid and item.shot is not None:
+        # Two recovers of one image would write two stampings of it under one cache key.
+        if (item.paid or item.action is Action.RECOVER) and item.shot is not None:
             key = item.shot.request.key
             twin = first_with_key.setdefault(key, item.id)
             if twin != item.id:
@@ -188,6 +192,18 @@ class _Records:
     def __init__(self, state: Mapping[str, ResultEntry]) -> None:
         self._state = state
         self._by_key: dict[str, ResultEntry] | None = None
+        self._unfetched: dict[str, ResultEntry] | None = None
+
+    def unfetched(self, key: str, previous: ResultEntry | None) -> ResultEntry | None:
+        """The entry of an image billed for `key` but not downloaded: `previous`, else another
+        id's (an orphan, once the shot is renamed)."""
+        if previous is not None and previous.status == "unfetched" and previous.key == key:
+            return previous
+        if self._unfetched is None:
+            self._unfetched = {
+                e.key: e for e in self._state.values() if e.status == "unfetched" and e.image_url
+            }
+        return self._unfetched.get(key)
 
     def get(self, key: str, previous: ResultEntry | None) -> ResultEntry | None:
         if previous is not None and previous.key == key and _has_record(previous):
@@ -250,19 +266,23 @@ def _plan_shot(
             records.get(key, previous),
             move_aside=aside,
         )
-    if previous is not None and previous.status == "unfetched" and previous.key == key:
-        expired = _expired_at(previous.image_url, now)
+    billed = records.unfetched(key, previous)
+    if billed is not None:
+        expired = _expired_at(billed.image_url, now)
+        # Renamed since: the image billed for its old id is the same request's.
+        by = "" if billed is previous else f" (as shot {billed.id})"
         if expired is None:
             reason = (
-                "billed last time but not downloaded: its URL is fetched (if it no longer "
+                f"billed last time{by} but not downloaded: its URL is fetched (if it no longer "
                 "works, one paid request)"
             )
-            return PlannedShot(shot.id, Action.RECOVER, reason, shot, previous)
-        reason = (
-            f"billed last time but not downloaded, and its URL expired at {expired}: "
-            "one paid request"
-        )
-        return PlannedShot(shot.id, Action.CREATE, reason, shot, previous)
+            return PlannedShot(shot.id, Action.RECOVER, reason, shot, previous, billed=billed)
+        if billed is previous:
+            reason = (
+                f"billed last time but not downloaded, and its URL expired at {expired}: "
+                "one paid request"
+            )
+            return PlannedShot(shot.id, Action.CREATE, reason, shot, previous)
     if made is not None and made.key != key and made.request:
         changed = changed_fields(dict(made.request), shot.request.canonical())
         reason = f"changed: {', '.join(changed)}" if changed else "request format changed"
