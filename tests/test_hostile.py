@@ -245,6 +245,25 @@ def test_a_key_echoed_by_the_service_never_reaches_results_journal_or_stderr(
         assert "OSSAccessKeyId=***" in entry["image_url"]
 
 
+def test_terminal_escapes_in_an_error_from_the_service_are_shown_not_obeyed(
+    manifest: Path, tmp_path: Path
+) -> None:
+    """A service (or a proxy) could clear the screen, retitle the terminal or forge a line of
+    the summary through the error it sends back."""
+    with FakeDashScope(api_key=FAKE_KEY, image_profile="tiny") as server:
+        server.enqueue_error(
+            400, "Bad\x1b[31mCode", "refused \x1b]0;pwned\x07\x1b[2J\r\nDone in 0.0 s: all good"
+        )
+        completed = _cli(manifest, server.base_url, tmp_path)
+    assert completed.returncode == 1, completed.stderr
+    assert "\x1b" not in completed.stderr + completed.stdout
+    (failed,) = [line for line in completed.stderr.splitlines() if line.startswith("failed only")]
+    assert "Bad\\x1b[31mCode" in failed and "\\r\\nDone in 0.0 s: all good" in failed
+    assert not any(
+        line.startswith("Done in 0.0 s: all good") for line in completed.stderr.splitlines()
+    )
+
+
 # ----- requests that never reached the service ----------------------------------------------------
 
 
