@@ -282,7 +282,9 @@ class DashScopeProvider:
         text = text.replace(self._key.value, "***") if self._key.value else text
         # Shown, not obeyed: an escape or line break from the service (or a proxy) would
         # otherwise clear the user's terminal or forge a line of the summary.
-        return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+        return "".join(
+            c if c.isprintable() else " " if c.isspace() else ascii(c)[1:-1] for c in text
+        )
 
     def _redact_optional(self, text: object) -> str | None:
         return self._redact(str(text)) if text else None
