@@ -311,6 +311,32 @@ def test_the_summary_never_says_a_shot_abandoned_in_flight_was_not_sent(tmp_path
     assert "DashScope may have billed it" in quiet_summary(summary)  # -q keeps it too
 
 
+def test_a_hand_edit_is_moved_aside_before_an_image_billed_under_another_id_is_recovered(
+    tmp_path: Path,
+) -> None:
+    manifest = write_many_shots(tmp_path, "aside", 2)
+
+    async def unreachable() -> None:
+        raise TransientError("image host unreachable")
+
+    first = apply(manifest, options(tmp_path), provider=Provider(on_fetch={shot(1): unreachable}))
+    assert results(first)[shot(1)]["status"] == "unfetched"
+    edited = tmp_path / "output" / "aside" / f"{shot(0)}.png"
+    edited.write_bytes(edited.read_bytes() + b"retouched")
+    # shot-000 now asks for the very image billed as shot-001's, and shot-001 is gone.
+    text = manifest.read_text(encoding="utf-8")
+    text = text.replace("take 0", "take 1").split(f"  - id: {shot(1)}")[0]
+    manifest.write_text(text, encoding="utf-8")
+    (item,) = make_plan(manifest).shots
+    assert item.action is Action.RECOVER and item.move_aside, item.reason
+
+    provider = Provider()
+    report = apply(manifest, options(tmp_path), provider=provider)
+
+    assert report.ok and provider.generated == []
+    assert (edited.parent / f"{shot(0)}.edited.png").read_bytes().endswith(b"retouched")
+
+
 # ----- bounds -------------------------------------------------------------------------------------
 
 

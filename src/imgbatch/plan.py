@@ -276,7 +276,15 @@ def _plan_shot(
                 f"billed last time{by} but not downloaded: its URL is fetched (if it no longer "
                 "works, one paid request)"
             )
-            return PlannedShot(shot.id, Action.RECOVER, reason, shot, previous, billed=billed)
+            return PlannedShot(
+                shot.id,
+                Action.RECOVER,
+                reason + note,
+                shot,
+                previous,
+                move_aside=aside,
+                billed=billed,
+            )
         if billed is previous:
             reason = (
                 f"billed last time but not downloaded, and its URL expired at {expired}: "
