@@ -8,6 +8,7 @@ the cache the second time (and from an apply's cache), and exits like `apply`.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from pathlib import Path
@@ -204,6 +205,40 @@ def test_a_reference_image_goes_before_the_text_and_is_keyed_by_content(
     again = response_of(run("generate", "--request", json.dumps(moved), "--print-response"))
     assert again["cached"] is True and again["file"] == first["file"]
     assert fake_server.generation_count == 1
+
+
+def test_a_data_uri_reference_is_sent_as_its_checked_image_and_keyed_like_the_file(
+    api_env: dict[str, str], fake_server: FakeDashScope, in_tmp: Path
+) -> None:
+    """Issue 9: `reference_image` as a `data:` URI in `--request` and in YAML."""
+    Image.new("RGB", (400, 400), (30, 200, 30)).save(in_tmp / "ref.png")
+    data = (in_tmp / "ref.png").read_bytes()
+    uri = "data:image/png;base64," + base64.b64encode(data).decode()
+    request = {**REQUEST, "reference_image": uri}
+    first = response_of(run("generate", "--request", json.dumps(request), "--print-response"))
+    (sent,) = fake_server.requests
+    image = sent.body["input"]["messages"][0]["content"][0]["image"]
+    assert base64.b64decode(image.removeprefix("data:image/png;base64,")) == data
+    # The same bytes as a file are the same request: nothing sent.
+    by_path = {**REQUEST, "reference_image": "ref.png"}
+    again = response_of(run("generate", "--request", json.dumps(by_path), "--print-response"))
+    assert again["cached"] is True and again["file"] == first["file"]
+    assert fake_server.generation_count == 1
+
+    manifest = write_manifest(
+        in_tmp,
+        f"version: 1\nname: inline\nshots:\n  - id: a\n    prompt: x\n"
+        f'    reference_image: "{uri}"\n  - id: b\n    prompt: x\n'
+        f'    reference_image: "data:image/png;base64,{"A" * 400}"\n',
+    )
+    result = run("validate", str(manifest))
+    assert result.exit_code == 2
+    # Shot b's bytes are no image; the message names it and quotes the URI's head only.
+    assert "shots.yaml:9:22: shot b, field reference_image: reference image 'data:image/png;" in (
+        result.output
+    )
+    assert "(422 characters)' is not a readable image" in result.output
+    assert "shot a" not in result.output
 
 
 def test_apply_takes_a_parsed_manifest_and_a_provider_name(

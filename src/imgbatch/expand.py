@@ -19,7 +19,13 @@ from typing import Any
 from imgbatch.errors import ManifestError, ManifestProblem
 from imgbatch.manifest import Manifest, ShotSpec
 from imgbatch.models import DEFAULT_MODEL
-from imgbatch.reference import ReferenceImage, fetch_urls, is_url, load_local_reference
+from imgbatch.reference import (
+    ReferenceImage,
+    fetch_urls,
+    is_url,
+    load_local_reference,
+    shown,
+)
 from imgbatch.request import DEFAULT_SIZE, ImageRequest
 
 
@@ -168,7 +174,7 @@ class _ReferenceReader:
                 line,
                 column,
                 f"shot {spec.id}, field reference_image",
-                f"reference image '{source}' {exc}",
+                f"reference image '{shown(source)}' {exc}",
                 shot=spec.id,
                 field="reference_image",
             )

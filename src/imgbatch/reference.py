@@ -1,8 +1,8 @@
 """Reference images: checked before anything is read, read once, keyed by their content.
 
-Takes a `reference_image` as written in a manifest (a path relative to the manifest's folder, or
-an http(s) URL); gives a `ReferenceImage` holding the content's SHA-256, or raises
-`ReferenceProblem` saying what is wrong in words a user can act on.
+Takes a `reference_image` as written in a manifest (a path relative to the manifest's folder, a
+`data:` URI with the image inline, or an http(s) URL); gives a `ReferenceImage` holding the
+content's SHA-256, or raises `ReferenceProblem` saying what is wrong in words a user can act on.
 
 A URL is not fetched when the manifest is read: `validate`, `expand` and `plan` download nothing,
 so a URL's reference starts *unfetched* (`sha256` None). Only `apply` and `generate` call
@@ -197,8 +197,37 @@ async def _fetch(session: aiohttp.ClientSession, url: str, deadline: float) -> b
         raise ReferenceProblem(message) from None
 
 
+def is_data_uri(written: str) -> bool:
+    return written[:5].lower() == "data:"
+
+
+def shown(written: str) -> str:
+    """`written` as an error message quotes it: a data URI by its head and length only."""
+    if is_data_uri(written) and len(written) > 60:
+        return f"{written[:40]}... ({len(written)} characters)"
+    return written
+
+
+def decode_data_uri(written: str) -> ReferenceImage:
+    """A `data:image/...;base64,...` reference (YAML and `generate --request`), checked as the
+    bytes it holds; the URI is never sent as written, only its decoded, checked image."""
+    header, comma, payload = written.partition(",")
+    if not comma or not header.lower().endswith(";base64"):
+        raise ReferenceProblem("is a data URI that is not base64 (data:image/png;base64,...)")
+    if len(payload) > (REFERENCE_MAX_BYTES * 4) // 3 + 4:  # before decoding anything
+        raise ReferenceProblem(f"is over {_mib(REFERENCE_MAX_BYTES)}, the limit")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except ValueError:
+        raise ReferenceProblem("is a data URI whose base64 does not decode") from None
+    return ReferenceImage.from_bytes(data, "<data URI>")
+
+
 def load_local_reference(written: str, base_dir: Path, *, allow_outside: bool) -> ReferenceImage:
-    """Check and read the reference `written` relative to `base_dir`; see the module docstring."""
+    """Check and read the reference `written` relative to `base_dir`, or the image a data URI
+    holds; see the module docstring."""
+    if is_data_uri(written):
+        return decode_data_uri(written)
     if "\0" in written:
         raise ReferenceProblem("contains a NUL character")
     root = base_dir.resolve()

@@ -22,7 +22,7 @@ from imgbatch.manifest.places import JsonPath, describe, field_name, in_shot, sh
 from imgbatch.manifest.schema_messages import schema_problems
 from imgbatch.manifest.yaml_load import Document
 from imgbatch.models import DEFAULT_MODEL, MIN_RPS, MODELS, nearest_size
-from imgbatch.reference import ReferenceImage, ReferenceProblem, load_local_reference
+from imgbatch.reference import ReferenceImage, ReferenceProblem, load_local_reference, shown
 from imgbatch.request import DEFAULT_SIZE, ImageRequest
 
 # The schema lets `{name}` placeholders through; what they expand to must be a plain id.
@@ -242,9 +242,11 @@ class Checker:
                     written, self.base_dir, allow_outside=self.allow_reference_outside
                 )
             except ReferenceProblem as exc:
-                message = f"reference image '{written}' {exc}"
+                message = f"reference image '{shown(written)}' {exc}"
                 if str(exc).startswith("not found"):
-                    message += "; give a path relative to the manifest or an http(s) URL"
+                    message += (
+                        "; give a path relative to the manifest, a data: URI or an http(s) URL"
+                    )
                 self.references[written] = message
         return self.references[written]
 
