@@ -719,7 +719,7 @@ def test_reference_image_path_missing(tmp_path: Path) -> None:
         22,
         "shot a, field reference_image",
         f"reference image 'refs/missing.png' not found (looked for {tmp_path}/refs/missing.png);"
-        " give a path relative to the manifest or an http(s) URL",
+        " give a path relative to the manifest, a data: URI or an http(s) URL",
     )
 
 
