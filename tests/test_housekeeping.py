@@ -430,3 +430,27 @@ def test_prune_removes_only_what_it_can_prove_it_wrote_in_the_output_folder(
         "unrecorded.png",
     ]
     assert outside.read_bytes() == data
+
+
+def test_prune_keeps_an_image_billed_but_not_downloaded_until_its_url_expires(
+    tmp_path: Path,
+) -> None:
+    """A shot with the same request recovers it from the orphan's URL: dropping the entry
+    would make that shot pay again."""
+    url = "https://dashscope-result.oss.example/x.png?Expires={}&Signature=s"
+    billed = dict(status="unfetched", sha256=None, bytes=None, request_id="req-1")
+    orphans = [
+        orphan("live", b"", image_url=url.format(4102444800), **billed),  # 2100
+        orphan("expired", b"", image_url=url.format(946684800), **billed),  # 2000
+        orphan("unsigned", b"", image_url="https://example.test/y.png", **billed),
+    ]
+
+    done, kept = prune_orphans(tmp_path, orphans, in_use=())
+
+    assert [(item.id, item.removed) for item in done] == [
+        ("live", False),
+        ("expired", True),
+        ("unsigned", False),
+    ]
+    assert done[0].reason == "billed but not downloaded; kept until its image URL expires"
+    assert [entry.id for entry in kept] == ["live", "unsigned"]

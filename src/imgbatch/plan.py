@@ -268,7 +268,7 @@ def _plan_shot(
         )
     billed = records.unfetched(key, previous)
     if billed is not None:
-        expired = _expired_at(billed.image_url, now)
+        expired = url_expired_at(billed.image_url, now)
         # Renamed since: the image billed for its old id is the same request's.
         by = "" if billed is previous else f" (as shot {billed.id})"
         if expired is None:
@@ -374,7 +374,7 @@ def _size(path: Path) -> int | None:
         return None
 
 
-def _expired_at(url: str | None, now: float) -> str | None:
+def url_expired_at(url: str | None, now: float) -> str | None:
     """When a signed image URL expired (its `Expires` query field), if it has; None while it
     may still work, or when it does not say."""
     if not url:

@@ -9,18 +9,21 @@ A file is removed only if it is still what imgbatch wrote: a regular file in the
 whose size and SHA-256 are its entry's. A file changed since (retouched by hand), a link, a
 folder, or one without a record to check against is kept with its entry, and the report says
 why: delete it yourself and the next `--prune` drops the entry. An orphan whose file is already
-gone, or that never had one (it failed), just leaves the results.
+gone, or that never had one (it failed), just leaves the results; one billed but not downloaded
+(`unfetched`) stays until its URL expires, since a shot with its request recovers it for free.
 """
 
 from __future__ import annotations
 
 import hashlib
 import stat
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from imgbatch.errors import StoreError
+from imgbatch.plan import url_expired_at
 from imgbatch.results import ResultEntry
 
 _CHUNK = 1 << 20
@@ -55,6 +58,12 @@ def prune_orphans(
 
 def _prune(output_dir: Path, entry: ResultEntry, used: set[str]) -> Pruned:
     name = entry.file
+    if entry.status == "unfetched" and url_expired_at(entry.image_url, time.time()) is None:
+        # A paid image not downloaded yet: a shot with the same request recovers it from this
+        # entry's URL instead of paying again, until the URL expires.
+        return Pruned(
+            entry.id, None, False, "billed but not downloaded; kept until its image URL expires"
+        )
     if name is None:
         return Pruned(entry.id, None, True, "it had no image")
     if Path(name).name != name or name in ("", ".", "..") or name in used:

@@ -292,6 +292,8 @@ def prune_lines(report: ApplyReport) -> list[str]:
     lines.extend(
         f"Kept orphan {item.id} ({item.file}): {item.reason}; delete it yourself and the next "
         "--prune drops its entry."
+        if item.file
+        else f"Kept orphan {item.id}: {item.reason}."
         for item in kept
     )
     return lines
