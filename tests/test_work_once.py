@@ -18,7 +18,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
+import imgbatch
 from imgbatch.api import apply, make_plan
+from imgbatch.errors import ConfigError
 from imgbatch.plan import Action
 from imgbatch.providers.placeholder import PlaceholderProvider
 from imgbatch.request import ImageRequest
@@ -182,3 +184,19 @@ def test_an_offline_provider_has_no_more_shots_in_flight_than_threads_to_draw_th
     report = apply(write_many_shots(tmp_path, "offline", 60), provider="placeholder")
     assert report.ok
     assert 2 <= peak <= min(32, (os.cpu_count() or 1) + 4)
+
+
+def test_output_dir_with_a_tilde_is_the_home_folder_and_an_unknown_provider_lists_auto(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`OUTPUT_DIR="~/renders"` (quoted: no shell expanded it) made a folder named `~`."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("OUTPUT_DIR", "~/renders")
+    monkeypatch.chdir(tmp_path)
+    report = apply(write_many_shots(tmp_path, "tilde", 1), provider="placeholder")
+    assert report.results_path == tmp_path / "home" / "renders" / "tilde" / "results.json"
+    response = imgbatch.generate({"prompt": "x"}, provider="placeholder")
+    assert Path(response["file"]).is_relative_to(tmp_path / "home" / "renders")
+    assert not (tmp_path / "~").exists()
+    with pytest.raises(ConfigError, match="choose one of dashscope, placeholder, auto"):
+        apply(write_many_shots(tmp_path, "tilde", 1), provider="bogus")

@@ -51,7 +51,8 @@ def output_dir_for(manifest: Manifest, environ: Mapping[str, str] | None = None)
     environ = os.environ if environ is None else environ
     override = environ.get("OUTPUT_DIR")
     if override:
-        return Path(override) / manifest.name
+        # `OUTPUT_DIR="~/renders"` (quoted, so no shell expanded it) means the home folder.
+        return Path(override).expanduser() / manifest.name
     if manifest.output_dir:
         return manifest.base_dir / manifest.output_dir
     return manifest.base_dir / "output" / manifest.name

@@ -174,7 +174,7 @@ def _as_manifest(request: Mapping[str, Any], allow_reference_outside: bool) -> M
 
 def _places(key: str, output: str | Path | None, environ: Mapping[str, str]) -> tuple[Path, Path]:
     """The folder whose cache serves the request, and the image file to write."""
-    base = Path(environ["OUTPUT_DIR"]) if environ.get("OUTPUT_DIR") else Path("output")
+    base = Path(environ["OUTPUT_DIR"]).expanduser() if environ.get("OUTPUT_DIR") else Path("output")
     default_folder = base / SKILL_FOLDER
     if output is None:
         return default_folder, default_folder / "images" / f"{key}.png"

@@ -86,4 +86,4 @@ def create_provider(name: str, environ: Mapping[str, str], home: Path | None = N
         from imgbatch.providers.dashscope_credentials import resolve_api_key
 
         return DashScopeProvider(resolve_api_key(environ, home), environ=environ)
-    raise ConfigError(f"unknown provider '{name}': choose one of {', '.join(PROVIDERS)}")
+    raise ConfigError(f"unknown provider '{name}': choose one of {', '.join(PROVIDER_CHOICES)}")
