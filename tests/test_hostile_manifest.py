@@ -208,6 +208,13 @@ CASES = [
     Case("ref-defaults-outside",
          manifest(f'version: 1\ndefaults:\n  reference_image: "../outside/x.png"\n{SHOT}'),
          ("{manifest}:3:20", "field defaults.reference_image", "outside the manifest's folder")),
+    # --- control characters hidden by escapes: noise to the model, commands to a terminal.
+    Case("prompt-escape", manifest('version: 1\nshots:\n  - id: a\n    prompt: "x\\e[2Jy"\n'),
+         ("{manifest}:4:13", "shot a, field prompt", "control character U+001B at position 2")),
+    Case("negative-nul", manifest(f'version: 1\n{SHOT}    negative_prompt: "n\\0"\n'),
+         ("{manifest}:5:22", "field negative_prompt", "control character U+0000")),
+    Case("style-c1", manifest(f'version: 1\n{SHOT}    style: "a\\x9bb"\n'),
+         ("{manifest}:5:12", "field style", "control character U+009B")),
 ]  # fmt: skip
 
 

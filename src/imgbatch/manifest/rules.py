@@ -209,6 +209,17 @@ class Checker:
                 hint += f"; {_TEMPLATE_HINT}"
             origin = self._field_origin(index, shot, "size")
             yield self._located(origin, shot_id, "size", f"{show(size)} is not valid: {hint}")
+        for name in _TEXT_FIELDS:
+            text = merged.get(name)
+            control = _CONTROL.search(text) if isinstance(text, str) else None
+            if control is not None:
+                # A YAML or JSON escape can hide NUL or ESC in a prompt: sent, it is noise to
+                # the model; printed, it drives the terminal.
+                message = (
+                    f"{name} contains the control character U+{ord(control.group()):04X} at "
+                    f"position {control.start() + 1}; only tabs and line breaks are allowed"
+                )
+                yield self._located(self._field_origin(index, shot, name), shot_id, name, message)
         prompt, style = merged.get("prompt"), merged.get("style")
         if isinstance(prompt, str):
             sent = len(ImageRequest(prompt, style=style if isinstance(style, str) else None).text)
@@ -275,6 +286,11 @@ class Checker:
 
 
 _DEFERRED = ManifestProblem("", 0, 0, "", "")
+
+
+_TEXT_FIELDS = ("prompt", "negative_prompt", "style")
+# C0 controls but tab, line feed and carriage return; DEL; C1 controls.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
 def _is_url(value: str) -> bool:
