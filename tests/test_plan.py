@@ -431,17 +431,29 @@ def test_orphans_are_listed_with_their_last_entry(out: Path, cache: ImageCache) 
     gone = shot("s02", "a helmet")
     failed_gone = shot("s03", "a bottle")
     place(out, kept)
-    state = [entry(kept), entry(gone), entry(failed_gone, "failed", error="x")]
+    billed_gone = shot("s04", "a lamp")
+    state = [
+        entry(kept),
+        entry(gone),
+        entry(failed_gone, "failed", error="x"),
+        replace(entry(billed_gone), status="unfetched", image_url="https://oss.example/s04.png"),
+    ]
 
     plan = plan_of(out, [kept], state, cache)
 
-    assert [item.id for item in plan.orphans] == ["s02", "s03"]
+    assert [item.id for item in plan.orphans] == ["s02", "s03", "s04"]
     for item, previous in zip(plan.orphans, state[1:], strict=True):
         assert item.action is Action.ORPHAN
-        assert item.reason == "no longer in the manifest; its file is kept"
         assert item.shot is None
         assert item.previous is previous
-    assert plan.count(Action.ORPHAN) == 2
+    # What each leaves behind: a file, nothing, or a paid image still to recover.
+    assert [item.reason for item in plan.orphans] == [
+        "no longer in the manifest; its file is kept",
+        "no longer in the manifest; it has no image",
+        "no longer in the manifest; its image was billed but not downloaded, and a shot with "
+        "the same request recovers it",
+    ]
+    assert plan.count(Action.ORPHAN) == 3
     assert plan.paid_requests == 0
     assert plan.has_changes  # orphans are news, though nothing is sent
 

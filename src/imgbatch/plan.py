@@ -155,13 +155,22 @@ def make_plan(
     )
     wanted = {shot.id for shot in shots}
     orphans = tuple(
-        PlannedShot(
-            entry.id, Action.ORPHAN, "no longer in the manifest; its file is kept", None, entry
-        )
+        PlannedShot(entry.id, Action.ORPHAN, _orphan_reason(entry), None, entry)
         for shot_id, entry in state.items()
         if shot_id not in wanted
     )
     return Plan(output_dir, planned, orphans, provider)
+
+
+def _orphan_reason(entry: ResultEntry) -> str:
+    if entry.has_image:
+        return "no longer in the manifest; its file is kept"
+    if entry.status == "unfetched":
+        return (
+            "no longer in the manifest; its image was billed but not downloaded, and a shot "
+            "with the same request recovers it"
+        )
+    return "no longer in the manifest; it has no image"
 
 
 def _pay_once(planned: Iterable[PlannedShot]) -> tuple[PlannedShot, ...]:
