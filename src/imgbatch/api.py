@@ -16,8 +16,6 @@ import asyncio
 import contextlib
 import math
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -31,22 +29,22 @@ import filelock
 from imgbatch.bounds import Bound, MaxDuration, MaxRequests
 from imgbatch.errors import (
     ConfigError,
-    FrozenError,
     LockedError,
-    PaidImagesError,
     StoreError,
     StoreWriteError,
 )
 from imgbatch.executor import Executor, Listener, Phase, RunOutcome, abandoned_download
 from imgbatch.expand import Expansion, expand, fetch_references, shot_list
+from imgbatch.guards import may_replace_paid, refuse_placeholder_over_paid, refuse_to_start
+from imgbatch.interrupts import Interrupts, interrupt_at_once, signal_handler
 from imgbatch.learned import QuotaStore, default_store_path
 from imgbatch.manifest import Manifest, load_manifest, manifest_from_data
 from imgbatch.models import MIN_RPS
 from imgbatch.pacing import Clock, Finding, Pacer, RetryPolicy
 from imgbatch.plan import WORK_ACTIONS, Action, Plan, PlannedShot
 from imgbatch.plan import make_plan as plan_shots
-from imgbatch.pricing import Cost, CostLimit, MaxCost, PriceList, check_estimate, cost, price_list
-from imgbatch.providers import Provider, create_provider, is_metered, resolve_provider_name
+from imgbatch.pricing import Cost, CostLimit, MaxCost, PriceList, cost, price_list
+from imgbatch.providers import Provider, create_provider, resolve_provider_name
 from imgbatch.prune import Pruned, prune_orphans
 from imgbatch.quota import Quota
 from imgbatch.request import KEY_FORMAT_VERSION
@@ -283,7 +281,7 @@ def make_plan(
     state = load_state(expansion.output_dir)
     prices = _prices(manifest, expansion, environ)
     planned = _plan(selected, state, overwrite_edited, only=bool(only), prices=prices)
-    _refuse_placeholder_over_paid(planned, provider, manifest)
+    refuse_placeholder_over_paid(planned, provider, manifest)
     return planned
 
 
@@ -366,9 +364,9 @@ async def apply_async(
     every retry as it happens, and a `Stopping` when the run stops sending.
 
     Ctrl-C (in the main thread): before anything is sent, KeyboardInterrupt at once; once the
-    run is sending, see `_Interrupts` (the report says `interrupted`).
+    run is sending, see `Interrupts` (the report says `interrupted`).
     """
-    with _interrupt_at_once():
+    with interrupt_at_once():
         return await _apply(path, options, provider, listener, on_plan, clock)
 
 
@@ -395,12 +393,12 @@ async def _apply(
     # Before anything is fetched or written: a pattern matching no shot is refused.
     everything, expansion = expansion, _narrowed(expansion, options.only)
     only = bool(options.only)
-    if _may_replace_paid(expansion.provider, options.provider):
+    if may_replace_paid(expansion.provider, options.provider):
         # Before anything is fetched, before credentials and before the lock: a refused run
         # connects to nothing and writes nothing at all.
         state = load_state(expansion.output_dir)
         early = _plan(expansion, state, options.overwrite_edited, only=only)
-        _refuse_placeholder_over_paid(early, options.provider, manifest)
+        refuse_placeholder_over_paid(early, options.provider, manifest)
     # Each reference URL once, keyed by its content, so that the plan below knows every key
     # (a frozen run pays nothing for a URL whose content did not change).
     expansion = await fetch_references(expansion)
@@ -411,7 +409,7 @@ async def _apply(
         state = load_state(output_dir)
         prices = _prices(manifest, expansion, environ)
         early = _plan(expansion, state, options.overwrite_edited, only=only, prices=prices)
-        _refuse(early, options.frozen, limit)
+        refuse_to_start(early, options.frozen, limit)
     # Credentials are checked before anything is written.
     provider = provider or create_provider(expansion.provider, environ, options.home)
     prices = _prices(manifest, expansion, environ, provider)
@@ -427,8 +425,8 @@ async def _apply(
         state = load_state(output_dir)
         plan = _plan(expansion, state, options.overwrite_edited, only=only, prices=prices)
         # Again: another run may have changed the folder meanwhile.
-        _refuse_placeholder_over_paid(plan, options.provider, manifest)
-        _refuse(plan, options.frozen, limit)
+        refuse_placeholder_over_paid(plan, options.provider, manifest)
+        refuse_to_start(plan, options.frozen, limit)
         if on_plan:
             on_plan(plan)
         given = _given_quota(options, manifest)
@@ -448,10 +446,10 @@ async def _apply(
         )
         journal = Journal(output_dir)
         thumbnails = Thumbnailer(output_dir, listener)  # the contact sheet's, made as shots land
-        interrupts = _Interrupts(options.grace_seconds)
+        interrupts = Interrupts(options.grace_seconds)
         # From the first request until results.json and the sheet are written: a Ctrl-C while
         # they are written waits for them (they are what the run leaves behind).
-        with _signal_handler(asyncio.get_running_loop(), interrupts):
+        with signal_handler(asyncio.get_running_loop(), interrupts):
             try:
                 async with provider:
                     executor = Executor(
@@ -578,67 +576,6 @@ def _local_concurrency(provider: Provider) -> int | None:
     return None if provider.metered else min(32, (os.cpu_count() or 1) + 4)
 
 
-def _refuse(plan: Plan, frozen: bool, limit: CostLimit | None) -> None:
-    """Refuse to start a run that --frozen or a cost limit does not allow."""
-    if frozen:
-        _refuse_paid(plan)
-    if limit is not None and plan.prices is not None:
-        check_estimate(plan.estimated_cost, limit, prices=plan.prices)
-
-
-def _refuse_paid(plan: Plan) -> None:
-    """FrozenError naming the shots that would need a paid request, if any."""
-    paid = [item for item in plan.shots if item.paid]
-    if not paid:
-        return
-    shown = [f"{item.id} ({item.action}: {item.reason})" for item in paid[:20]]
-    more = f", and {len(paid) - 20} more" if len(paid) > 20 else ""
-    raise FrozenError(
-        f"--frozen: {len(paid)} shot{'s' if len(paid) != 1 else ''} would need a paid request: "
-        f"{', '.join(shown)}{more}; nothing was sent or written (run apply without --frozen "
-        "to make them)"
-    )
-
-
-def _may_replace_paid(provider: str, chosen: str | None) -> bool:
-    """Whether `provider` (resolved) is the offline placeholder without having been chosen by
-    name (`chosen`: the provider option, before `auto` is resolved)."""
-    return not is_metered(provider) and chosen != provider
-
-
-def _refuse_placeholder_over_paid(plan: Plan, chosen: str | None, manifest: Manifest) -> None:
-    """PaidImagesError naming the shots whose image, made by a paid provider, an unmetered one
-    not chosen by name (`auto` without a key, the manifest's `provider:`) would replace."""
-    if not _may_replace_paid(plan.provider, chosen):
-        return
-    paid = [
-        item
-        for item in plan.shots
-        if item.action in WORK_ACTIONS
-        and item.previous is not None
-        and item.previous.status != "failed"
-        and is_metered(str(item.previous.request.get("provider", plan.provider)))
-    ]
-    if not paid:
-        return
-    made_by = sorted({str(item.previous.request.get("provider")) for item in paid if item.previous})
-    source = "--provider" if chosen is not None else "the manifest's provider:"
-    given = chosen or manifest.provider
-    if given == "auto":
-        why = f"{source} auto found no DashScope API key, so it chose"
-    else:
-        why = f"{source} {given} chose"
-    shown = ", ".join(item.id for item in paid[:20])
-    more = f", and {len(paid) - 20} more" if len(paid) > 20 else ""
-    count = f"{len(paid)} image{'s' if len(paid) != 1 else ''}"
-    raise PaidImagesError(
-        f"{why} the offline {plan.provider} provider, which would replace {count} made by "
-        f"{', '.join(made_by)} (a paid provider) with placeholders: {shown}{more}; nothing was "
-        "sent or written. Configure the API key (see Credentials in the README) to keep "
-        f"using {made_by[0]}, or pass --provider {plan.provider} to replace them on purpose"
-    )
-
-
 def _given_quota(options: ApplyOptions, manifest: Manifest) -> Quota | None:
     """The quota the user gave: options first, then the manifest; a quota wins over a rate."""
     if options.quota is not None:
@@ -706,96 +643,6 @@ def _final_entry(item: PlannedShot, outcome: RunOutcome, metered: bool) -> Resul
     if metered and outcome.in_flight.get(item.id) == Phase.SENDING:
         return "abandoned in flight when interrupted; DashScope may have billed it"
     return f"not run: {outcome.stopped or 'interrupted'}"
-
-
-class _Interrupts:
-    """Ctrl-C and SIGTERM while a run is sending. The first stops sending and says so at once
-    (what is in flight, how long it may be waited for); the second, or the grace time out,
-    abandons the requests in flight (what is already received is still written); a third
-    cancels the run outright. Results are written in every case."""
-
-    def __init__(self, grace: float) -> None:
-        self.grace = grace
-        self.count = 0
-        self._cause = "Ctrl-C"
-        self._executor: Executor | None = None
-        self._task: asyncio.Future[RunOutcome] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-
-    async def run(self, executor: Executor, plan: Plan) -> RunOutcome:
-        self._executor = executor
-        self._task = asyncio.ensure_future(executor.run(plan))
-        if self.count:  # interrupted while the provider started: send nothing
-            executor.stop(f"interrupted ({self._cause})")
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise  # cancelled from outside, not by a third interrupt
-        finally:
-            if self._timer is not None:
-                self._timer.cancel()
-        return executor.outcome
-
-    def __call__(self, signum: signal.Signals) -> None:
-        if self._task is not None and self._task.done():
-            return  # the run is over; results are being written
-        self.count += 1
-        self._cause = "Ctrl-C" if signum == signal.SIGINT else signum.name
-        executor = self._executor
-        if executor is None:
-            return
-        if self.count == 1:
-            executor.stop(f"interrupted ({self._cause})", grace=self.grace, again=self._cause)
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(self.grace, executor.abandon, self._cause)
-        elif self.count == 2:
-            executor.abandon(self._cause)
-        elif self._task is not None:
-            self._task.cancel()
-
-
-@contextlib.contextmanager
-def _interrupt_at_once() -> Iterator[None]:
-    """Until the run sends, Ctrl-C raises KeyboardInterrupt at once (nothing has been sent or
-    written): asyncio.run's own handler would only cancel at the next await, after a plan that
-    can take seconds. A handler the caller installed is left alone."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGINT)
-    runner = getattr(getattr(previous, "func", None), "__self__", None)
-    if previous is not signal.default_int_handler and not isinstance(runner, asyncio.Runner):
-        yield
-        return
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-@contextlib.contextmanager
-def _signal_handler(
-    loop: asyncio.AbstractEventLoop, handler: Callable[[signal.Signals], None]
-) -> Iterator[None]:
-    installed = []
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        try:
-            previous = signal.getsignal(signum)
-            loop.add_signal_handler(signum, handler, signum)
-            installed.append((signum, previous))
-        except (NotImplementedError, RuntimeError, ValueError):
-            pass  # not the main thread, or a platform without loop signal handlers
-    try:
-        yield
-    finally:
-        for signum, previous in installed:
-            loop.remove_signal_handler(signum)
-            # Not the default remove_signal_handler puts back: the one that was there.
-            if previous is not None:
-                signal.signal(signum, previous)
 
 
 @contextlib.contextmanager
