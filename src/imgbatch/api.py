@@ -27,13 +27,14 @@ from typing import Any
 import filelock
 
 from imgbatch.bounds import Bound, MaxDuration, MaxRequests
+from imgbatch.entries import abandoned_download
 from imgbatch.errors import (
     ConfigError,
     LockedError,
     StoreError,
     StoreWriteError,
 )
-from imgbatch.executor import Executor, Listener, Phase, RunOutcome, abandoned_download
+from imgbatch.executor import Executor, Listener, Phase, RunOutcome
 from imgbatch.expand import Expansion, expand, fetch_references, shot_list
 from imgbatch.guards import may_replace_paid, refuse_placeholder_over_paid, refuse_to_start
 from imgbatch.interrupts import Interrupts, interrupt_at_once, signal_handler

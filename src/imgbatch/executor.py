@@ -44,6 +44,13 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 
 from imgbatch.bounds import Bound, Tally
+from imgbatch.entries import (
+    abandoned_download,
+    failed_entry,
+    shot_entry,
+    unfetched_entry,
+    with_reference_url,
+)
 from imgbatch.errors import (
     AuthError,
     CacheEntryDamaged,
@@ -59,7 +66,7 @@ from imgbatch.plan import WORK_ACTIONS, Action, Plan, PlannedShot, aside_path
 from imgbatch.provenance import Provenance, embed
 from imgbatch.providers import Provider
 from imgbatch.request import GeneratedImage, ImageRequest, simplified
-from imgbatch.results import WITH_IMAGE, ResultEntry
+from imgbatch.results import ResultEntry
 from imgbatch.store import ImageCache, verify_image, write_error
 
 # Requests in flight when the user sets no cap. The rate is what limits a run; this only has to
@@ -322,7 +329,7 @@ class Executor:
             if item.action not in WORK_ACTIONS and item.previous is not None:
                 # Kept exactly as it was (unchanged, or a drift: the edit is left alone):
                 # results.json describes the image imgbatch made, not this run.
-                self.outcome.entries[item.id] = _with_reference_url(item.previous, item.shot)
+                self.outcome.entries[item.id] = with_reference_url(item.previous, item.shot)
         workers = [
             asyncio.create_task(self._worker(plan.output_dir, pending))
             for _ in range(self.concurrency)
@@ -461,7 +468,7 @@ class Executor:
             # Same request as before: keep its provenance (URL, request id) from the results.
             self._finish(
                 replace(
-                    _with_reference_url(previous, shot),
+                    with_reference_url(previous, shot),
                     status="cached",
                     file=shot.file,
                     sha256=digest,
@@ -470,7 +477,7 @@ class Executor:
             )
             return
         width, height = shot.request.dimensions
-        self._finish(_entry(shot, "cached", None, width, height, digest, size, attempts=0))
+        self._finish(shot_entry(shot, "cached", None, width, height, digest, size, attempts=0))
 
     async def _generate(self, output_dir: Path, shot: Shot) -> None:
         if self.frozen:
@@ -745,7 +752,7 @@ class Executor:
             kept = "its image is in the cache: the next apply puts it in place without paying"
             self._write_failed(shot, exc, attempts, kept=kept, sent=sent)
             return
-        entry = _entry(
+        entry = shot_entry(
             shot,
             "generated",
             image,
@@ -803,107 +810,3 @@ def fit_to_open_files(concurrency: int) -> int:
     if soft == resource.RLIM_INFINITY:
         return concurrency
     return max(1, min(concurrency, (soft - _FILES_RESERVED) // _FILES_PER_REQUEST))
-
-
-def _entry(
-    shot: Shot,
-    status: str,
-    image: GeneratedImage | None,
-    width: int | None,
-    height: int | None,
-    sha256: str | None,
-    size_bytes: int | None,
-    *,
-    attempts: int,
-    sent: ImageRequest | None = None,
-) -> ResultEntry:
-    request = shot.request
-    sent = sent or request
-    return ResultEntry(
-        id=shot.id,
-        status=status,  # type: ignore[arg-type]
-        file=shot.file if status in WITH_IMAGE else None,
-        key=request.key,
-        width=width,
-        height=height,
-        seed=request.seed,
-        model=request.model,
-        size=request.size,
-        prompt=request.prompt,
-        image_url=image.image_url if image else None,
-        request_id=image.request_id if image else None,
-        negative_prompt=request.negative_prompt,
-        style=request.style,
-        sha256=sha256,
-        bytes=size_bytes,
-        attempts=attempts,
-        request=request.canonical(),
-        prompt_sent=sent.text,
-        simplified=sent is not request,
-        reference_url=request.reference.source
-        if request.reference is not None and request.reference.is_url
-        else None,
-    )
-
-
-def _with_reference_url(entry: ResultEntry, shot: Shot | None) -> ResultEntry:
-    """`entry` naming the reference URL the shot has now: the same content moved to another URL
-    keeps its image, and the next plan must compare against the new URL."""
-    if shot is None:
-        return entry
-    reference = shot.request.reference
-    url = reference.source if reference is not None and reference.is_url else None
-    return entry if entry.reference_url == url else replace(entry, reference_url=url)
-
-
-def abandoned_download(downloading: ResultEntry) -> ResultEntry:
-    """The entry of a paid image whose download was abandoned (`downloading`: the entry
-    journaled before it began): its URL is kept, and the next apply fetches it before paying
-    again."""
-    message = (
-        f"abandoned in flight while downloading its image (request "
-        f"{downloading.request_id or 'unknown'}); the next apply fetches it before paying again"
-    )
-    return replace(downloading, error=message)
-
-
-def failed_entry(
-    shot: Shot,
-    message: str,
-    error: ProviderError | None,
-    attempts: int,
-    *,
-    sent: ImageRequest | None = None,
-) -> ResultEntry:
-    """A failed shot's entry: no image, `message` says why; `sent` is the simplified request,
-    when the last one sent was."""
-    entry = _entry(shot, "failed", None, None, None, None, None, attempts=attempts, sent=sent)
-    return replace(
-        entry,
-        error=message,
-        error_code=error.code if error else None,
-        request_id=error.request_id if error else None,
-    )
-
-
-def unfetched_entry(
-    shot: Shot,
-    message: str,
-    image: GeneratedImage,
-    attempts: int,
-    error: ProviderError | None = None,
-    *,
-    sent: ImageRequest | None = None,
-) -> ResultEntry:
-    """The entry of a shot the service made (and billed) as `image` from `sent` (the simplified
-    request, when it was one), not downloaded yet: its URL is kept for the next apply's
-    `recover`."""
-    entry = _entry(shot, "unfetched", None, None, None, None, None, attempts=attempts, sent=sent)
-    return replace(
-        entry,
-        error=message,
-        error_code=error.code if error else None,
-        # The generation's request id is the one a billing query or a support ticket needs.
-        request_id=image.request_id or (error.request_id if error else None),
-        image_url=image.image_url,
-    )
