@@ -200,3 +200,26 @@ def test_output_dir_with_a_tilde_is_the_home_folder_and_an_unknown_provider_list
     assert not (tmp_path / "~").exists()
     with pytest.raises(ConfigError, match="choose one of dashscope, placeholder, auto"):
         apply(write_many_shots(tmp_path, "tilde", 1), provider="bogus")
+
+
+@pytest.mark.parametrize("linked", [".imgbatch", ".imgbatch/cache"])
+def test_a_state_folder_that_is_a_link_is_refused_and_nothing_is_written_through_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, linked: str
+) -> None:
+    """A link committed in place of `.imgbatch/` would have the cache and lock written
+    wherever it points."""
+    monkeypatch.delenv("OUTPUT_DIR", raising=False)
+    manifest = write_many_shots(tmp_path, "linked", 1)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    link = tmp_path / "output" / "linked" / linked
+    link.parent.mkdir(parents=True)
+    link.symlink_to(elsewhere, target_is_directory=True)
+
+    result = run("apply", manifest, "--provider", "placeholder")
+
+    assert_clean(result)
+    assert result.exit_code == 1, result.output
+    assert f"{link} is a symbolic link" in result.output
+    assert list(elsewhere.iterdir()) == []
+    assert not (tmp_path / "output" / "linked" / "shot-000.png").exists()

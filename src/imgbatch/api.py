@@ -650,6 +650,14 @@ def _final_entry(item: PlannedShot, outcome: RunOutcome, metered: bool) -> Resul
 def exclusive_output(output_dir: Path) -> Iterator[None]:
     """One apply (or generate) per output folder at a time; the second is refused, never
     interleaved."""
+    for folder in (output_dir / STATE_DIR, output_dir / STATE_DIR / "cache"):
+        if folder.is_symlink():
+            # A shot list can come from a pull request: a link committed in place of the state
+            # folder would have imgbatch write its cache and lock wherever the link points.
+            raise StoreError(
+                f"{folder} is a symbolic link; imgbatch keeps its state only in a real folder "
+                "(replace the link by a folder); nothing was sent or written"
+            )
     try:
         (output_dir / STATE_DIR).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
