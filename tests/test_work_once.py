@@ -223,3 +223,19 @@ def test_a_state_folder_that_is_a_link_is_refused_and_nothing_is_written_through
     assert f"{link} is a symbolic link" in result.output
     assert list(elsewhere.iterdir()) == []
     assert not (tmp_path / "output" / "linked" / "shot-000.png").exists()
+
+
+def test_a_bounded_run_still_copies_a_twin_whose_image_it_made(
+    api_env: dict[str, str], fake_server: FakeDashScope, tmp_path: Path
+) -> None:
+    """The copy is local and free: leaving it for the next run only makes that run longer."""
+    manifest = write_manifest(tmp_path, TWINS)
+    result = run("apply", manifest, *FAST, "--concurrency", "1", "--max-requests", "1")
+    assert_clean(result)
+    assert result.exit_code == 3, result.output  # "other" remains
+    assert fake_server.generation_count == 1
+    output = tmp_path / "output" / "twins"
+    entries = {e["id"]: e for e in json.loads((output / "results.json").read_text())["shots"]}
+    assert sorted(entries) == ["first", "second"]
+    assert entries["second"]["status"] == "cached"
+    assert (output / "second.png").read_bytes() == (output / "first.png").read_bytes()

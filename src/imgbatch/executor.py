@@ -359,8 +359,11 @@ class Executor:
     async def _run_one(self, output_dir: Path, item: PlannedShot) -> None:
         shot = item.shot
         assert shot is not None
-        if self.stop_requested.is_set():
-            # An unfetched shot (a recover) keeps its entry too: the URL paid for stays.
+        made = self.outcome.entries.get(item.twin_of) if item.twin_of is not None else None
+        copyable = made is not None and made.has_image and made.key == shot.request.key
+        if self.stop_requested.is_set() and not copyable:
+            # An unfetched shot (a recover) keeps its entry too: the URL paid for stays. A twin
+            # whose image this run made is still copied: that is local, and free.
             self._skip(item.id, f"not run: {self.outcome.stopped or 'stopped'}")
             return
         reference = shot.request.reference
@@ -371,7 +374,6 @@ class Executor:
             self._finish(failed_entry(shot, message, None, 0))
             return
         if item.twin_of is not None:
-            made = self.outcome.entries.get(item.twin_of)
             if made is None or not made.has_image:
                 why = made.error if made is not None else "it was not run"
                 message = f"the same request as shot {item.twin_of}, which has no image: {why}"
