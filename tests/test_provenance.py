@@ -228,14 +228,17 @@ def test_generate_stamps_its_image(
     assert fields["shot"] == "request"  # generate has no shot id; the request is its one shot
 
 
+# A shot whose simplified request (after a 200 without an image) sends only its first sentence.
+TWO_SENTENCES = (
+    "version: 1\nname: imageless\nshots:\n  - id: s01\n"
+    "    prompt: A lighthouse at night. Waves crash below.\n    style: oil painting\n"
+)
+
+
 def test_a_simplified_request_records_the_text_actually_sent(
     api_env: dict[str, str], fake_server: FakeDashScope, tmp_path: Path
 ) -> None:
-    manifest = write_manifest(
-        tmp_path,
-        "version: 1\nname: imageless\nshots:\n  - id: s01\n"
-        "    prompt: A lighthouse at night. Waves crash below.\n    style: oil painting\n",
-    )
+    manifest = write_manifest(tmp_path, TWO_SENTENCES)
     fake_server.no_image_next()
     assert run("apply", manifest).exit_code == 0
     fields = inspected(tmp_path / "output" / "imageless" / "s01.png")
@@ -246,11 +249,7 @@ def test_a_simplified_request_records_the_text_actually_sent(
 def test_a_recovered_simplified_image_keeps_its_simplified_text(
     api_env: dict[str, str], fake_server: FakeDashScope, tmp_path: Path
 ) -> None:
-    manifest = write_manifest(
-        tmp_path,
-        "version: 1\nname: imageless\nshots:\n  - id: s01\n"
-        "    prompt: A lighthouse at night. Waves crash below.\n    style: oil painting\n",
-    )
+    manifest = write_manifest(tmp_path, TWO_SENTENCES)
     options = ApplyOptions(
         retry=RetryPolicy(base_delay=0.001, max_delay=0.01, download_attempts=1),
         environ=api_env,
