@@ -77,10 +77,6 @@ def error_boundary(command: F) -> F:
             click.echo(f"error: {exc}", err=True)
             code = EXIT_FAILED
             _summarize_error(str(exc), code)
-        except KeyboardInterrupt:
-            with _ignoring_interrupts():  # a second Ctrl-C must not cut this message short
-                click.echo("interrupted", err=True)
-            code = EXIT_INTERRUPTED
         except Exception as exc:  # noqa: BLE001 - the boundary: nothing escapes as a traceback
             log = _write_crash_log()
             click.echo(f"error: unexpected {type(exc).__name__}; details in {log}", err=True)
@@ -236,8 +232,9 @@ def _progress_interval() -> float | None:
 
 
 class _Commands(click.Group):
-    """Click turns a Ctrl-C while it parses the options into "Aborted!" and exit 1; imgbatch
-    says "interrupted" and exits 130 at every moment (a command's own run has `error_boundary`)."""
+    """A Ctrl-C says "interrupted" and exits 130 at every moment: while click parses the options
+    (click alone would print "Aborted!" and exit 1) and while a command runs (KeyboardInterrupt
+    is not an `Exception`, so `error_boundary` lets it through to here)."""
 
     def make_context(
         self,
@@ -259,7 +256,7 @@ def _interrupt_exits() -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
-        with _ignoring_interrupts():
+        with _ignoring_interrupts():  # a second Ctrl-C must not cut this message short
             click.echo("interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
 
