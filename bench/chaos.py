@@ -4,8 +4,8 @@
     python bench/chaos.py --quick              # 10 trials of 6 shots
     python bench/chaos.py --seed 7 --trial 12  # replay one trial's draws (reproduce a failure)
 
-Each trial starts the tests' fake DashScope server (tests/fake_dashscope.py, in a thread of this
-process, so that its records and this bench share one clock) with faults drawn at random (see
+Each trial starts the tests' fake DashScope server (tests/support/fake_dashscope.py, in a thread of
+this process, so that its records and this bench share one clock) with faults drawn at random (see
 KNOBS): 5xx answers, dropped connections, real-sized images (3 to 4 MB) sent in chunks over a
 throttled link, downloads cut short (per image: undeliverable; and per download: flaky), and
 redirected image URLs. It runs ``python -m imgbatch apply`` as a real subprocess with the
@@ -78,7 +78,7 @@ import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench.run import KEY, SIZE, write_manifest  # noqa: E402
-from tests.fake_dashscope import GENERATION_PATH, FakeDashScope, RecordedRequest  # noqa: E402
+from tests.support.fake_dashscope import GENERATION_PATH, FakeDashScope, RecordedRequest  # noqa: E402
 
 WIDTH, HEIGHT = (int(part) for part in SIZE.split("*"))
 KILL_SIGNALS = (signal.SIGTERM, signal.SIGKILL)

@@ -1,4 +1,4 @@
-"""Run tests/fake_dashscope.py's FakeDashScope in its own process, with counters on request.
+"""Run tests/support/fake_dashscope.py's FakeDashScope in its own process, with counters on request.
 
 Takes the FakeDashScope options on the command line; prints one JSON line with ``base_url`` once
 listening, then answers each line read on stdin:
@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.fake_dashscope import FakeDashScope  # noqa: E402
+from tests.support.fake_dashscope import FakeDashScope  # noqa: E402
 
 
 def main() -> int:

@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.run import Row  # noqa: E402
-from imgbatch.provenance import Provenance, embed  # noqa: E402
-from imgbatch.request import ImageRequest  # noqa: E402
-from tests.fake_dashscope import _encode_real_png  # noqa: E402
+from imgbatch.review.provenance import Provenance, embed  # noqa: E402
+from imgbatch.shots.request import ImageRequest  # noqa: E402
+from tests.support.fake_dashscope import _encode_real_png  # noqa: E402
 
 RUNS = 7
 REQUEST = ImageRequest(prompt="一只在黄昏骑行的自行车手, soft rim light", seed=1234)

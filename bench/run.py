@@ -3,7 +3,7 @@
     python bench/run.py            # the full table (about a minute)
     python bench/run.py --quick    # the seed loop timed on 10 shots instead of 20
 
-Prints ONE markdown table. Every case goes through `imgbatch.api.apply_async` (or `make_plan`)
+Prints ONE markdown table. Every case goes through `imgbatch.run.apply.apply_async` (or `make_plan`)
 with the real `dashscope` provider, configured the way a user configures it: DASHSCOPE_API_KEY,
 DASHSCOPE_HTTP_BASE_URL and HOME in os.environ. The fake server runs in a separate process by
 default (`--server subprocess`), so its CPU (JSON, PNG serving, latency timers) does not share the
@@ -37,12 +37,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from imgbatch.api import ApplyOptions, ApplyReport, apply_async, load_and_expand  # noqa: E402
-from imgbatch.executor import _entry as executor_entry  # noqa: E402
-from imgbatch.request import GeneratedImage  # noqa: E402
-from imgbatch.results import write_results  # noqa: E402
-from imgbatch.sheet import render_sheet, thumb_path  # noqa: E402
-from imgbatch.store import STATE_DIR, ImageCache  # noqa: E402
+from imgbatch.review.sheet import render_sheet, thumb_path  # noqa: E402
+from imgbatch.run.apply import ApplyOptions, ApplyReport, apply_async, load_and_expand  # noqa: E402
+from imgbatch.run.executor import _entry as executor_entry  # noqa: E402
+from imgbatch.shots.request import GeneratedImage  # noqa: E402
+from imgbatch.state.cache import STATE_DIR, ImageCache  # noqa: E402
+from imgbatch.state.results import write_results  # noqa: E402
 
 KEY = "sk-bench-fake-key-0123456789"
 MODEL = "qwen-image-max"
@@ -81,7 +81,7 @@ class FakeServer:
 
     async def __aenter__(self) -> FakeServer:
         if self.mode == "inprocess":
-            from tests.fake_dashscope import FakeDashScope
+            from tests.support.fake_dashscope import FakeDashScope
 
             self._server = await FakeDashScope(api_key=KEY, **self.options).astart()
             self.base_url = self._server.base_url
@@ -328,7 +328,7 @@ async def reapply_case(mode: str, shots: int, work: Path) -> Row:
 PLAN_ONLY = """
 import json, resource, sys, time
 started = time.perf_counter()
-from imgbatch.api import make_plan
+from imgbatch.run.apply import make_plan
 plan = make_plan(sys.argv[1], provider="dashscope")
 print(json.dumps({"wall": time.perf_counter() - started,
                   "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
@@ -338,7 +338,7 @@ print(json.dumps({"wall": time.perf_counter() - started,
 REAPPLY_ONLY = """
 import asyncio, json, resource, sys, time
 started = time.perf_counter()
-from imgbatch.api import ApplyOptions, apply_async
+from imgbatch.run.apply import ApplyOptions, apply_async
 report = asyncio.run(apply_async(sys.argv[1], ApplyOptions(provider="dashscope")))
 print(json.dumps({"wall": time.perf_counter() - started,
                   "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,

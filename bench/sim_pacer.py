@@ -3,8 +3,8 @@
     python bench/sim_pacer.py            # every shape, quota unknown, given and stated
     python bench/sim_pacer.py --quick    # the new shapes only, not the 1,500-shot rows
 
-The simulation is `tests/quota_sim.py`: imgbatch's own `apply_async` (manifest, plan, executor,
-gate, estimator, journal) with a fake provider whose account is a counted window, a token
+The simulation is `tests/support/quota_sim.py`: imgbatch's own `apply_async` (manifest, plan,
+executor, gate, estimator, journal) with a fake provider whose account is a counted window, a token
 bucket, a cap on requests in progress, or several; a sleep jumps virtual time forward, so a
 fifteen-minute run takes a second. Each shape runs three ways: the quota unknown (found from the
 429s), given (`--quota`, or `--rps` for a bucket without burst), and stated by the service in
@@ -21,9 +21,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "src"), str(REPO)]
 
-from imgbatch.api import ApplyOptions  # noqa: E402
-from imgbatch.quota import Quota  # noqa: E402
-from tests.quota_sim import Account, simulate  # noqa: E402
+from imgbatch.pacing.quota import Quota  # noqa: E402
+from imgbatch.run.apply import ApplyOptions  # noqa: E402
+from tests.support.quota_sim import Account, simulate  # noqa: E402
 
 # account, latency, shots; the shapes first, then the token-bucket rows of before.
 SHAPES: list[tuple[Account, float, int]] = [

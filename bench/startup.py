@@ -8,7 +8,7 @@ runs) in a fresh process, as a user would, and times it from the outside: the me
 runs after one warm-up, so the page cache is warm as it is for a user's second command, with
 the CPU time (user + system) beside it: on a busy machine the wall time grows, the CPU time
 much less. `apply`
-goes to the tests' fake DashScope server (tests/fake_dashscope.py) on 127.0.0.1, configured
+goes to the tests' fake DashScope server (tests/support/fake_dashscope.py) on 127.0.0.1, configured
 through DASHSCOPE_API_KEY and DASHSCOPE_HTTP_BASE_URL; its time to first request is measured
 from the moment the process is started to the moment the server receives the first generation
 POST (both on the machine's monotonic clock). Nothing but 127.0.0.1 is contacted.
@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.run import Row, write_manifest  # noqa: E402
-from tests.fake_dashscope import FakeDashScope  # noqa: E402
+from tests.support.fake_dashscope import FakeDashScope  # noqa: E402
 
 KEY = "sk-bench-fake-key-0123456789"
 EXAMPLE = REPO / "manifests" / "cyclist-spot.yaml"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fake_dashscope import FakeDashScope
+from tests.support.fake_dashscope import FakeDashScope
 
 FAKE_KEY = "sk-test-fake-key-0123456789abcdef"
 REPO = Path(__file__).resolve().parent.parent

@@ -18,7 +18,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from imgbatch.api import ApplyOptions, ApplyReport, apply, expand_shots, make_plan
+    from imgbatch.api import (
+        ApplyOptions,
+        ApplyReport,
+        agenerate,
+        apply,
+        expand_shots,
+        generate,
+        make_plan,
+    )
     from imgbatch.errors import (
         AuthError,
         CacheEntryDamaged,
@@ -39,11 +47,10 @@ if TYPE_CHECKING:
         TransientError,
     )
     from imgbatch.manifest import Manifest, load_manifest
-    from imgbatch.plan import Action, Plan, PlannedShot
-    from imgbatch.provenance import inspect_image
-    from imgbatch.request import GeneratedImage, ImageRequest
-    from imgbatch.results import ResultEntry
-    from imgbatch.single import agenerate, generate
+    from imgbatch.plan.decide import Action, Plan, PlannedShot
+    from imgbatch.review.provenance import inspect_image
+    from imgbatch.shots.request import GeneratedImage, ImageRequest
+    from imgbatch.state.results import ResultEntry
 
 _EXPORTS = {
     "ApplyOptions": "imgbatch.api",
@@ -68,17 +75,17 @@ _EXPORTS = {
     "NoImageError": "imgbatch.errors",
     "StoreError": "imgbatch.errors",
     "StoreWriteError": "imgbatch.errors",
-    "Action": "imgbatch.plan",
-    "Plan": "imgbatch.plan",
-    "PlannedShot": "imgbatch.plan",
-    "ResultEntry": "imgbatch.results",
+    "Action": "imgbatch.plan.decide",
+    "Plan": "imgbatch.plan.decide",
+    "PlannedShot": "imgbatch.plan.decide",
+    "ResultEntry": "imgbatch.state.results",
     "Manifest": "imgbatch.manifest",
     "load_manifest": "imgbatch.manifest",
-    "GeneratedImage": "imgbatch.request",
-    "ImageRequest": "imgbatch.request",
-    "agenerate": "imgbatch.single",
-    "generate": "imgbatch.single",
-    "inspect_image": "imgbatch.provenance",
+    "GeneratedImage": "imgbatch.shots.request",
+    "ImageRequest": "imgbatch.shots.request",
+    "agenerate": "imgbatch.api",
+    "generate": "imgbatch.api",
+    "inspect_image": "imgbatch.review.provenance",
 }
 
 __all__ = [

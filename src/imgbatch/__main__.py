@@ -1,5 +1,5 @@
 """`python -m imgbatch` is the `imgbatch` command."""
 
-from imgbatch.cli import main
+from imgbatch.cli.main import main
 
 main()

@@ -26,8 +26,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from imgbatch.manifest.catalogue import SEED_MAX
 from imgbatch.manifest.places import JsonPath
-from imgbatch.models import SEED_MAX
 
 # A matrix of ten variables of ten values is ten billion shots: a mistake, refused before a
 # single one is built. The 100,000-shot benchmark is far below.

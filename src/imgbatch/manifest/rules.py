@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from imgbatch.errors import ManifestProblem
+from imgbatch.manifest.catalogue import DEFAULT_MODEL, MIN_RPS, MODELS, nearest_size
 from imgbatch.manifest.expansion import ExpandedShot, expand_shots
 from imgbatch.manifest.places import JsonPath, describe, field_name, in_shot, show
 from imgbatch.manifest.schema_messages import schema_problems
 from imgbatch.manifest.yaml_load import Document
-from imgbatch.models import DEFAULT_MODEL, MIN_RPS, MODELS, nearest_size
-from imgbatch.reference import ReferenceImage, ReferenceProblem, load_local_reference, shown
-from imgbatch.request import DEFAULT_SIZE, ImageRequest
+from imgbatch.shots.reference import ReferenceImage, ReferenceProblem, load_local_reference, shown
+from imgbatch.shots.request import DEFAULT_SIZE, ImageRequest
 
 # The schema lets `{name}` placeholders through; what they expand to must be a plain id.
 _ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")

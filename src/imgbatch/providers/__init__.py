@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol, Self
 from imgbatch.errors import ConfigError
 
 if TYPE_CHECKING:
-    from imgbatch.request import GeneratedImage, ImageRequest
+    from imgbatch.shots.request import GeneratedImage, ImageRequest
 
 # Whether each provider spends quota (and money): the placeholder draws its images locally.
 METERED = {"dashscope": True, "placeholder": False}

@@ -15,7 +15,7 @@ from typing import Self
 from PIL import Image, ImageDraw, ImageFont
 
 from imgbatch.errors import TransientError
-from imgbatch.request import GeneratedImage, ImageRequest
+from imgbatch.shots.request import GeneratedImage, ImageRequest
 
 
 class PlaceholderProvider:

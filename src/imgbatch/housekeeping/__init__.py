@@ -1,0 +1,1 @@
+"""Cleaning up: gc of unreferenced images, apply --prune of orphaned shots."""

@@ -1,0 +1,290 @@
+"""Garbage in output folders: what no results file refers to, listed and (on request) deleted.
+
+Takes one or more manifests; gives a `Collection`: every file in their output folders that
+none of those folders' results refer to, with its size, deleted only when asked. What is kept:
+
+* every image key in results.json (its shots and its orphans) and in the journal of an
+  unfinished run: a shot's current image, even a failed or orphaned shot's;
+* the previous key of each shot the last apply changed (`.imgbatch/last-run.json`): the image
+  the contact sheet shows beside a replaced one, so reverting that edit still costs nothing;
+* every file at a shot's place (`<id>.png` of a shot in the results or in the manifests: a failed
+  replace leaves the previous image there), every local reference image of the manifests, and
+  every file imgbatch cannot prove it wrote.
+
+What is garbage: cache entries (`.imgbatch/cache/`) and thumbnails (`.imgbatch/thumbs/`) of any
+other key, temporary files a killed run left, and a PNG in the output folder that no entry
+refers to and whose bytes are exactly those of a cache entry gc keeps (an image imgbatch wrote
+and nobody retouched, whose bytes stay in the cache: gc never deletes the last copy of an
+image). Results files are per output folder, so manifests sharing a folder share its results,
+and naming one of them never loses the other's images. A folder whose cache holds images but
+that has no results file at all is refused (a results file moved aside is how a damaged one is
+recovered: its images are in the cache).
+
+Deleting takes each folder's apply lock (`api.exclusive_output`), so it never runs beside an
+apply, and lists again under the lock before deleting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import stat
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from imgbatch.errors import StoreError
+from imgbatch.review.sheet import THUMBS_DIR, load_changes
+from imgbatch.run.apply import ManifestSource, exclusive_output, read_manifest
+from imgbatch.shots.expand import output_dir_for
+from imgbatch.state.cache import STATE_DIR, TEMP_PREFIX, ImageCache
+from imgbatch.state.results import load_state, results_path
+
+_KEY = re.compile(r"[0-9a-f]{64}")
+_COMPARE_CHUNK = 1 << 20
+
+
+class Kind(StrEnum):
+    CACHE = "cache entry"
+    THUMBNAIL = "thumbnail"
+    IMAGE = "image"
+    TEMPORARY = "temporary file"
+
+
+@dataclass(frozen=True, slots=True)
+class Garbage:
+    path: Path
+    size: int
+    kind: Kind
+
+
+@dataclass(frozen=True)
+class Collection:
+    """The garbage found, in path order; `deleted` when it is gone."""
+
+    items: tuple[Garbage, ...]
+    deleted: bool  # with `delete`: they are gone (an empty list was nothing to delete)
+
+    @property
+    def total(self) -> int:
+        return sum(item.size for item in self.items)
+
+
+@dataclass(frozen=True)
+class _Folder:
+    output_dir: Path
+    shot_ids: frozenset[str]
+    protected: frozenset[Path]
+
+
+def collect_garbage(
+    manifests: Sequence[ManifestSource],
+    *,
+    delete: bool = False,
+    environ: Mapping[str, str] | None = None,
+    allow_reference_outside: bool = False,
+) -> Collection:
+    """List (and with `delete`, delete) what no results of the manifests' folders refer to.
+
+    Every manifest is read, and every folder's results loaded, before anything is deleted: an
+    invalid manifest or an unreadable results file changes nothing.
+    """
+    folders = _folders(manifests, environ, allow_reference_outside)
+    if not delete:
+        return Collection(_find_all(folders), deleted=False)
+    with contextlib.ExitStack() as locks:
+        for folder in folders:
+            # No state folder, no apply to wait for (and nothing of imgbatch's to delete).
+            if (folder.output_dir / STATE_DIR).is_dir():
+                locks.enter_context(exclusive_output(folder.output_dir))
+        items = _find_all(folders)
+        for item in items:
+            try:
+                item.path.unlink(missing_ok=True)
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot delete {item.path} ({exc.strerror or exc}); the files listed "
+                    "before it were deleted"
+                ) from None
+        _remove_empty_shards(folders)
+    return Collection(items, deleted=True)
+
+
+def _folders(
+    manifests: Sequence[ManifestSource],
+    environ: Mapping[str, str] | None,
+    allow_reference_outside: bool,
+) -> list[_Folder]:
+    by_dir: dict[Path, tuple[set[str], set[Path]]] = {}
+    for source in manifests:
+        manifest = read_manifest(source, allow_reference_outside=allow_reference_outside)
+        # Resolved: two spellings of one folder are one folder (and one lock to take).
+        output_dir = output_dir_for(manifest, environ).resolve()
+        ids, protected = by_dir.setdefault(output_dir, (set(), set()))
+        ids.update(spec.id for spec in manifest.shots)
+        protected.update(
+            Path(reference.source)
+            for reference in manifest.references.values()
+            if os.path.isabs(reference.source)
+        )
+    return [
+        _Folder(output_dir, frozenset(ids), frozenset(protected))
+        for output_dir, (ids, protected) in by_dir.items()
+    ]
+
+
+def _find_all(folders: Iterable[_Folder]) -> tuple[Garbage, ...]:
+    found: list[Garbage] = []
+    for folder in folders:
+        found += find_garbage(folder.output_dir, folder.shot_ids, folder.protected)
+    return tuple(sorted(found, key=lambda item: item.path))
+
+
+def find_garbage(
+    output_dir: Path, shot_ids: Iterable[str] = (), protected: Iterable[Path] = ()
+) -> list[Garbage]:
+    """The garbage in one output folder (see the module doc); `shot_ids` and `protected` are
+    the manifests' shots and reference files, kept whatever the results say."""
+    if not output_dir.is_dir():
+        return []
+    state = load_state(output_dir)
+    cache = ImageCache(output_dir)
+    entries = {key: path for key, path in _keyed_files(cache.root, ".png")}
+    if not state and entries and not _exists(results_path(output_dir)):
+        raise StoreError(
+            f"{output_dir} has {len(entries)} cached images but no {results_path(output_dir).name}"
+            ", so nothing says which are in use; run apply first (it restores its images from "
+            "the cache without a request), or delete the folder's .imgbatch/cache yourself"
+        )
+    keys = {entry.key for entry in state.values()}
+    changes, _ = load_changes(output_dir)
+    keys.update(change.previous.key for change in changes.values() if change.previous)
+    garbage = [
+        Garbage(path, _size(path), Kind.CACHE) for key, path in entries.items() if key not in keys
+    ]
+    thumbs = output_dir / STATE_DIR / THUMBS_DIR
+    garbage += [
+        Garbage(path, _size(path), Kind.THUMBNAIL)
+        for key, path in _keyed_files(thumbs, ".webp")
+        if key not in keys
+    ]
+    garbage += [
+        Garbage(path, _size(path), Kind.TEMPORARY)
+        for path in _temporaries(output_dir, cache.root, thumbs)
+    ]
+    placed = {f"{shot_id}.png" for shot_id in shot_ids}
+    for entry in state.values():
+        placed.add(f"{entry.id}.png")
+        if entry.file:
+            placed.add(entry.file)
+    kept = {path.resolve() for path in protected}
+    candidates = [
+        path
+        for path in _listing(output_dir)
+        if path.suffix.lower() == ".png"
+        and path.name not in placed
+        and path.resolve() not in kept
+        and _is(path, stat.S_ISREG)
+    ]
+    # Only against entries gc keeps: a file matching an entry it collects would be the last copy
+    # of that image (a take the user saved under another name before changing the shot).
+    kept_entries = [path for key, path in entries.items() if key in keys]
+    garbage += [
+        Garbage(path, _size(path), Kind.IMAGE) for path in _own_images(candidates, kept_entries)
+    ]
+    return garbage
+
+
+def _keyed_files(root: Path, suffix: str) -> Iterator[tuple[str, Path]]:
+    """`(key, path)` of each `<root>/ab/<key><suffix>` that is a file or a link (never followed:
+    a shard folder that is a link is not looked into)."""
+    for shard in _listing(root):
+        if not _is(shard, stat.S_ISDIR):
+            continue
+        for path in _listing(shard):
+            key = path.name.removesuffix(suffix)
+            if (
+                path.name.endswith(suffix)
+                and _KEY.fullmatch(key)
+                and key.startswith(shard.name)
+                and (_is(path, stat.S_ISREG) or _is(path, stat.S_ISLNK))
+            ):
+                yield key, path
+
+
+def _temporaries(output_dir: Path, cache_root: Path, thumbs: Path) -> Iterator[Path]:
+    folders = [output_dir, output_dir / STATE_DIR]
+    for root in (cache_root, thumbs):
+        folders += [shard for shard in _listing(root) if _is(shard, stat.S_ISDIR)]
+    for folder in folders:
+        for path in _listing(folder):
+            if (
+                path.name.startswith(TEMP_PREFIX)
+                and path.name.endswith(".tmp")
+                and _is(path, stat.S_ISREG)
+            ):
+                yield path
+
+
+def _own_images(candidates: Sequence[Path], entries: Iterable[Path]) -> Iterator[Path]:
+    """The `candidates` whose bytes are exactly a cache entry's. Only files no entry names are
+    candidates, so a folder of thousands of shots compares next to nothing."""
+    if not candidates:
+        return
+    by_size: dict[int, list[Path]] = {}
+    for entry in entries:
+        if _is(entry, stat.S_ISREG):
+            by_size.setdefault(_size(entry), []).append(entry)
+    for path in candidates:
+        if any(_same_bytes(path, entry) for entry in by_size.get(_size(path), ())):
+            yield path
+
+
+def _same_bytes(one: Path, other: Path) -> bool:
+    try:
+        with one.open("rb") as first, other.open("rb") as second:
+            while True:
+                piece = first.read(_COMPARE_CHUNK)
+                if piece != second.read(_COMPARE_CHUNK):
+                    return False
+                if not piece:
+                    return True
+    except OSError:
+        return False
+
+
+def _remove_empty_shards(folders: Iterable[_Folder]) -> None:
+    for folder in folders:
+        state_dir = folder.output_dir / STATE_DIR
+        for root in (ImageCache(folder.output_dir).root, state_dir / THUMBS_DIR):
+            for shard in _listing(root):
+                if _is(shard, stat.S_ISDIR):
+                    with contextlib.suppress(OSError):  # not empty: something of someone's
+                        shard.rmdir()
+
+
+def _listing(folder: Path) -> list[Path]:
+    try:
+        return sorted(folder.iterdir())
+    except OSError:
+        return []
+
+
+def _is(path: Path, test: Callable[[int], bool]) -> bool:
+    try:
+        return test(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.lstat().st_size
+    except OSError:
+        return 0
+
+
+def _exists(path: Path) -> bool:
+    return os.path.lexists(path)

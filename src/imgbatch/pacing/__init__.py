@@ -1,0 +1,1 @@
+"""How fast: the quota's shape and estimator, the gate, quotas learned by earlier runs."""

@@ -1,0 +1,1 @@
+"""What people read: the report, progress, console, step summary, provenance, contact sheet."""

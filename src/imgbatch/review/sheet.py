@@ -1,0 +1,515 @@
+"""The contact sheet: `index.html` in the output folder, to review a batch by eye.
+
+Takes the shot ids in manifest order, their results entries and what the last apply changed;
+gives `<output>/index.html`: one static page (styles and script inline, nothing fetched from a
+network, works from `file://`) with a card per shot: thumbnail, id, prompt and the text sent,
+negative prompt, size, seed, model, status and error, a mark on the shots the last apply
+changed, and for a replaced shot its previous image (still in the cache) to compare with.
+
+Thumbnails are small WebP files under `<output>/.imgbatch/thumbs/`, one per image key, made
+once and never again (a key names one image forever). What an apply changed is kept in
+`<output>/.imgbatch/last-run.json`, so `imgbatch sheet` can draw the same marks later; an apply
+that changes no shot keeps them. The page is rendered by Jinja2 with autoescaping (prompts are
+user text) and allows, by its Content-Security-Policy, no script but its own.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import re
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import jinja2
+from PIL import Image
+
+from imgbatch.errors import StoreError
+from imgbatch.manifest import load_manifest
+from imgbatch.plan.decide import WORK_ACTIONS, Action, Plan
+from imgbatch.run.executor import Listener, RunEvent
+from imgbatch.shots.expand import output_dir_for
+from imgbatch.state.cache import STATE_DIR, TEMP_PREFIX, ImageCache, atomic_write
+from imgbatch.state.results import STATUSES, ResultEntry, load_state, results_path
+
+SHEET_FILE = "index.html"
+LAST_RUN_FILE = "last-run.json"
+THUMBS_DIR = "thumbs"
+# Bounding box of a thumbnail: a 16:9 image becomes 320*178, a WebP of a few to a few tens of KB.
+THUMB_BOX = (320, 320)
+THUMB_QUALITY = 80
+_LAST_RUN_VERSION = 1
+_STATUS_ORDER = (*STATUSES, "pending")
+# What a card shows of its shot's entry; none of it for a shot not applied yet.
+_DETAILS = tuple(
+    "prompt text text_extra simplified negative_prompt size seed model provider style error"
+    " error_code error_message request_id attempts key".split()
+)
+_ERROR = re.compile(r"(?:(?P<status>\d{3}) )?(?P<code>\S+): (?P<message>.*)", re.DOTALL)
+_DIGEST = re.compile(r'<meta name="imgbatch-sheet" content="([0-9a-f]{64})">')
+_CHANGE_LABELS: dict[str, str] = {
+    Action.REPLACE: "replaced",
+    Action.RESTORE: "restored",
+    Action.RECOVER: "recovered",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What the last apply did to one shot, and the entry it had before."""
+
+    action: str  # create, replace, restore or recover
+    reason: str
+    previous: ResultEntry | None
+
+    @property
+    def label(self) -> str:
+        if self.action != Action.CREATE:
+            return _CHANGE_LABELS.get(self.action, self.action)
+        if self.previous is None:
+            return "new"
+        return "regenerated" if self.previous.has_image else "retried"
+
+
+def thumb_path(output_dir: Path, key: str) -> Path:
+    return output_dir / STATE_DIR / THUMBS_DIR / key[:2] / f"{key}.webp"
+
+
+def last_run_path(output_dir: Path) -> Path:
+    return output_dir / STATE_DIR / LAST_RUN_FILE
+
+
+def changes_of(plan: Plan) -> dict[str, Change]:
+    """Every shot of the plan that the apply touched (not the unchanged ones, nor those whose
+    hand-edited file it kept)."""
+    return {
+        item.id: Change(str(item.action), item.reason, item.previous)
+        for item in plan.shots
+        if item.action in WORK_ACTIONS
+    }
+
+
+def save_changes(output_dir: Path, changes: Mapping[str, Change], when: datetime) -> None:
+    document = {
+        "version": _LAST_RUN_VERSION,
+        "finished_at": when.isoformat(timespec="seconds"),
+        "changes": {
+            shot_id: {
+                "action": change.action,
+                "reason": change.reason,
+                "previous": change.previous.to_json() if change.previous else None,
+            }
+            for shot_id, change in changes.items()
+        },
+    }
+    data = json.dumps(document, ensure_ascii=False, indent=1) + "\n"
+    atomic_write(last_run_path(output_dir), data.encode("utf-8"))
+
+
+def load_changes(output_dir: Path) -> tuple[dict[str, Change], datetime | None]:
+    """What the last apply changed, and when it finished; nothing if it is unknown or unreadable.
+
+    The record only decorates the sheet, so a damaged one is ignored rather than reported.
+    """
+    try:
+        document = json.loads(last_run_path(output_dir).read_text(encoding="utf-8"))
+        changes = {
+            shot_id: Change(
+                str(raw["action"]),
+                str(raw["reason"]),
+                ResultEntry.from_json(raw["previous"]) if raw.get("previous") else None,
+            )
+            for shot_id, raw in document["changes"].items()
+        }
+        finished = datetime.fromisoformat(document["finished_at"])
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return {}, None
+    return changes, finished
+
+
+def update_after_apply(
+    output_dir: Path, title: str, plan: Plan, entries: Sequence[ResultEntry]
+) -> tuple[Path | None, str | None]:
+    """Record what this apply changed and redraw the sheet; gives (sheet path, problem).
+
+    Never raises: the images and results.json are what an apply is for, and a sheet that cannot
+    be drawn must not fail the run; the problem is handed back to show as a warning.
+
+    An apply that changed no shot keeps the marks of the last one that did, and leaves the page
+    as it is when it already shows these shots in this order, so a no-op re-apply of thousands of
+    shots costs nothing here.
+    """
+    sheet = output_dir / SHEET_FILE
+    order = [item.id for item in plan.shots]
+    by_id = {entry.id: entry for entry in entries}
+    try:
+        finished: datetime | None
+        if any(item.action in WORK_ACTIONS for item in plan.shots):
+            finished = datetime.now(UTC)
+            changes = changes_of(plan)
+            save_changes(output_dir, changes, finished)
+        elif drawn_digest(sheet) == sheet_digest(title, order, by_id):
+            return sheet, None
+        else:  # shots removed or moved, or the page is missing or from another imgbatch
+            changes, finished = load_changes(output_dir)
+        _remove_stale_thumb_temporaries(output_dir)
+        path = render_sheet(
+            output_dir,
+            title=title,
+            order=order,
+            entries=by_id,
+            changes=changes,
+            finished_at=_readable(finished) if finished else None,
+        )
+    except Exception as exc:  # noqa: BLE001 - the images and results.json are already safe
+        return None, f"the contact sheet {sheet} was not written: {type(exc).__name__}: {exc}"
+    return path, None
+
+
+def write_sheet(
+    manifest_path: str | Path,
+    environ: Mapping[str, str] | None = None,
+    *,
+    allow_reference_outside: bool = False,
+) -> Path:
+    """Draw `index.html` for a manifest's output folder from its results, without applying.
+
+    Shots in the manifest that have no result yet show as pending. Raises `StoreError` when the
+    folder has no results at all. The manifest is checked as `apply` checks it (references
+    included, under the same trust rule), so the sheet never shows a list apply would refuse.
+    """
+    manifest = load_manifest(manifest_path, allow_reference_outside=allow_reference_outside)
+    output_dir = output_dir_for(manifest, environ)
+    state = load_state(output_dir)
+    if not state:
+        raise StoreError(
+            f"no results in {output_dir} ({results_path(output_dir).name} is missing): "
+            f"run `imgbatch apply {manifest_path}` first"
+        )
+    changes, finished = load_changes(output_dir)
+    finished_at = _readable(finished) if finished else None
+    try:
+        return render_sheet(
+            output_dir,
+            title=manifest.name,
+            order=[spec.id for spec in manifest.shots],
+            entries=state,
+            changes=changes,
+            finished_at=finished_at,
+        )
+    except OSError as exc:
+        raise StoreError(f"cannot write the contact sheet in {output_dir}: {exc}") from None
+
+
+def render_sheet(
+    output_dir: Path,
+    *,
+    title: str,
+    order: Sequence[str],
+    entries: Mapping[str, ResultEntry],
+    changes: Mapping[str, Change],
+    finished_at: str | None,
+) -> Path:
+    """Make the missing thumbnails, then write `index.html` atomically; gives its path."""
+    cache = ImageCache(output_dir)
+    changes = {shot_id: change for shot_id, change in changes.items() if shot_id in entries}
+    wanted: dict[str, Path] = {}
+    for shot_id in order:
+        entry = entries.get(shot_id)
+        if entry is not None and entry.has_image:
+            wanted[entry.key] = _image_source(output_dir, cache, entry)
+        previous = _shown_previous(changes.get(shot_id), entry)
+        if previous is not None:
+            wanted[previous.key] = cache.path(previous.key)
+    thumbs = make_thumbnails(output_dir, wanted)
+    cards = [_card(output_dir, cache, shot_id, entries, changes, thumbs) for shot_id in order]
+    counts = {status: 0 for status in _STATUS_ORDER}
+    for card in cards:
+        counts[card["status"]] += 1
+    script = _asset("sheet.js")
+    context = {
+        "digest": sheet_digest(title, order, entries),
+        "title": title,
+        "cards": cards,
+        "total": len(cards),
+        "statuses": [(status, counts[status]) for status in _STATUS_ORDER if counts[status]],
+        "changed": sum(1 for card in cards if card["change"]),
+        "finished_at": finished_at,
+        "css": _asset("sheet.css"),
+        "script": script,
+        # The one script the page may run: a prompt that slipped past escaping still could not.
+        "script_hash": _csp_hash(script),
+    }
+    template = _environment().get_template("sheet.html.j2")
+    path = output_dir / SHEET_FILE
+    atomic_write(path, _encoded(template.generate(context)))
+    return path
+
+
+def sheet_digest(title: str, order: Sequence[str], entries: Mapping[str, ResultEntry]) -> str:
+    """What a page shows, in a word: the shots, their images, in order, drawn by this template."""
+    digest = hashlib.sha256(_template_digest().encode())
+    digest.update(title.encode("utf-8"))
+    for shot_id in order:
+        entry = entries.get(shot_id)
+        digest.update(f"\n{shot_id} {entry.key if entry else '-'}".encode())
+    return digest.hexdigest()
+
+
+def drawn_digest(sheet: Path) -> str | None:
+    """The digest a page was drawn with (in its first lines), or None."""
+    try:
+        with sheet.open("rb") as handle:
+            head = handle.read(2048).decode("utf-8", "replace")
+    except OSError:
+        return None
+    match = _DIGEST.search(head)
+    return match.group(1) if match else None
+
+
+class Thumbnailer:
+    """Makes an apply's thumbnails in the background as its shots finish; wraps its listener.
+
+    Each image is decoded a second time for its thumbnail: done while the run waits on the
+    network, that costs the run nothing, where at the end it would hold the run up (150 images
+    of DashScope's weight took seconds). One worker, so the run's own work keeps a core.
+    """
+
+    def __init__(self, output_dir: Path, listener: Listener | None = None) -> None:
+        self.output_dir = output_dir
+        self.cache = ImageCache(output_dir)
+        self.listener = listener
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __call__(self, event: RunEvent) -> None:
+        if isinstance(event, ResultEntry) and event.has_image:
+            self._submit(event.key)
+        if self.listener is not None:
+            self.listener(event)
+
+    def _submit(self, key: str) -> None:
+        if thumb_path(self.output_dir, key).is_file():
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgbatch-thumbs")
+        self._pool.submit(_make_thumbnail, self.output_dir, key, self.cache.path(key))
+
+    def close(self) -> None:
+        """Drop what is still queued (the sheet makes it, several at a time) and wait for the
+        one being made, so no thread outlives the apply."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+def make_thumbnails(output_dir: Path, sources: Mapping[str, Path]) -> set[str]:
+    """Make a thumbnail for each key that has none; gives the keys that have one now.
+
+    Several at a time: Pillow decodes and resizes outside the GIL. An image that cannot be read
+    gets no thumbnail (its card says so) rather than stopping the sheet.
+    """
+    missing = {
+        key: source for key, source in sources.items() if not thumb_path(output_dir, key).is_file()
+    }
+    have = set(sources) - set(missing)
+    if missing:
+        workers = min(len(missing), os.cpu_count() or 1, 8)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            made = pool.map(
+                lambda item: _make_thumbnail(output_dir, *item) and item[0], missing.items()
+            )
+            have.update(key for key in made if key)
+    return have
+
+
+def _make_thumbnail(output_dir: Path, key: str, source: Path) -> bool:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as image:
+                # Box-reduced to about the size, then Lanczos: a fraction of a full Lanczos.
+                image.thumbnail(THUMB_BOX, Image.Resampling.LANCZOS, reducing_gap=1.0)
+                converted = image.convert("RGBA" if image.has_transparency_data else "RGB")
+        buffer = io.BytesIO()
+        converted.save(buffer, format="WEBP", quality=THUMB_QUALITY, method=0)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning):
+        return False
+    atomic_write(thumb_path(output_dir, key), buffer.getvalue())
+    return True
+
+
+def _remove_stale_thumb_temporaries(output_dir: Path) -> None:
+    # Only called under the apply lock: another process's temp file is never in flight then.
+    root = output_dir / STATE_DIR / THUMBS_DIR
+    if not root.is_dir():
+        return
+    for folder in root.iterdir():
+        if folder.is_dir() and not folder.is_symlink():  # never reach out of the folder
+            for temp in folder.glob(f"{TEMP_PREFIX}*.tmp"):
+                temp.unlink(missing_ok=True)
+
+
+def _image_source(output_dir: Path, cache: ImageCache, entry: ResultEntry) -> Path:
+    # The cache holds the image exactly as made for this key; the output file may be edited.
+    cached = cache.path(entry.key)
+    if cached.is_file() or not entry.file:
+        return cached
+    return output_dir / entry.file
+
+
+def _shown_previous(change: Change | None, entry: ResultEntry | None) -> ResultEntry | None:
+    """The image the shot had before the last apply, when it differs from the current one."""
+    if change is None or change.previous is None or not change.previous.has_image:
+        return None
+    if entry is not None and entry.key == change.previous.key:
+        return None
+    return change.previous
+
+
+def _card(
+    output_dir: Path,
+    cache: ImageCache,
+    shot_id: str,
+    entries: Mapping[str, ResultEntry],
+    changes: Mapping[str, Change],
+    thumbs: set[str],
+) -> dict[str, Any]:
+    entry = entries.get(shot_id)
+    change = changes.get(shot_id)
+    previous = _shown_previous(change, entry)
+    card: dict[str, Any] = {
+        "id": shot_id,
+        "status": entry.status if entry else "pending",
+        "change": {"label": change.label, "reason": change.reason} if change else None,
+        "image": None,
+        "previous": None,
+        **dict.fromkeys(_DETAILS),
+    }
+    if entry is None:
+        return card
+    request = entry.request
+    # What was sent: the simplified prompt after a 200 without an image, else the request's text.
+    text = entry.prompt_sent or request.get("text")
+    if not isinstance(text, str) or text == entry.prompt:
+        text = None
+    card.update(
+        prompt=entry.prompt,
+        text=text,
+        simplified=entry.simplified,
+        text_extra=_appended(entry.prompt, text),
+        negative_prompt=entry.negative_prompt,
+        size=entry.size.replace("*", "×"),
+        seed=entry.seed,
+        model=entry.model,
+        provider=request.get("provider"),
+        style=entry.style,
+        error=entry.error,
+        error_code=_error_code(entry),
+        error_message=_error_message(entry),
+        request_id=entry.request_id,
+        attempts=entry.attempts,
+        key=entry.key,
+    )
+    if entry.has_image and entry.file:
+        card["image"] = {
+            "href": _url(output_dir, output_dir / entry.file),
+            "thumb": _url(output_dir, thumb_path(output_dir, entry.key))
+            if entry.key in thumbs
+            else None,
+            **_thumb_size(entry.width, entry.height),
+        }
+    if previous is not None:
+        card["previous"] = {
+            "href": _url(output_dir, cache.path(previous.key)),
+            "thumb": _url(output_dir, thumb_path(output_dir, previous.key))
+            if previous.key in thumbs
+            else None,
+            "prompt": previous.prompt if previous.prompt != entry.prompt else None,
+            **_thumb_size(previous.width, previous.height),
+        }
+    return card
+
+
+def _appended(prompt: str, text: str | None) -> str | None:
+    """What was added to the prompt to make the text sent (the style), shown on its own."""
+    if text is None or not text.startswith(prompt):
+        return None
+    return text[len(prompt) :].strip()
+
+
+def _csp_hash(script: str) -> str:
+    return "sha256-" + base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode()
+
+
+def _error_parts(entry: ResultEntry) -> re.Match[str] | None:
+    """A provider error's message reads "<HTTP status> <code>: <message>"."""
+    if not entry.error or not entry.error_code:
+        return None
+    match = _ERROR.match(entry.error)
+    return match if match and match["code"] == entry.error_code else None
+
+
+def _error_code(entry: ResultEntry) -> str | None:
+    match = _error_parts(entry)
+    if match is None:
+        return entry.error_code
+    return f"{match['status']} {match['code']}" if match["status"] else match["code"]
+
+
+def _error_message(entry: ResultEntry) -> str | None:
+    match = _error_parts(entry)
+    return match["message"] if match else entry.error
+
+
+def _thumb_size(width: int | None, height: int | None) -> dict[str, int | None]:
+    """The thumbnail's size as Pillow makes it, known without opening it (for the layout)."""
+    if not width or not height:
+        return {"width": None, "height": None}
+    scale = min(THUMB_BOX[0] / width, THUMB_BOX[1] / height, 1.0)
+    return {"width": max(1, round(width * scale)), "height": max(1, round(height * scale))}
+
+
+def _readable(when: datetime) -> str:
+    return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _url(output_dir: Path, path: Path) -> str:
+    return quote(path.relative_to(output_dir).as_posix())
+
+
+def _encoded(chunks: Iterator[str]) -> Iterator[bytes]:
+    for chunk in chunks:
+        yield chunk.encode("utf-8")
+
+
+@cache
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("imgbatch.review", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+@cache
+def _template_digest() -> str:
+    sources = (_asset(name) for name in ("sheet.html.j2", "sheet.css", "sheet.js"))
+    return hashlib.sha256("\0".join(sources).encode()).hexdigest()
+
+
+@cache
+def _asset(name: str) -> str:
+    source, _, _ = _environment().loader.get_source(_environment(), name)  # type: ignore[union-attr]
+    return source

@@ -1,0 +1,1 @@
+"""Carry out a plan: the executor, one attempt, placing an image, bounds, interrupts."""

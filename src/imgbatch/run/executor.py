@@ -1,0 +1,814 @@
+"""Carry out a plan: restore from the cache, generate what is missing, record each shot.
+
+Takes a `Plan`, a provider, the image cache and a journal; gives a `RunOutcome` with one
+`ResultEntry` per shot. Workers pull shots one at a time (memory does not grow with the manifest);
+paid requests wait for their model's `Gate`; a 429 sends the shot back to the gate (it uses up no
+try, and fails the shot only after `RetryPolicy.throttle_patience` of refusals), other transient
+failures are retried with backoff, a 400 fails that
+shot only, a 401/403 stops the run: nothing new is sent, requests in flight finish. Every image is
+downloaded right after it is generated (its URL expires), verified to decode at the reported
+size, put in the cache and copied into place before its entry is journaled, so a crash loses only
+shots in flight; its URL is journaled before the download (an `unfetched` entry), so that a shot
+paid for but not yet downloaded is planned as a `recover` by the next apply, which fetches it
+instead of paying again (and, if the URL no longer works, pays again and says so). Every PNG
+written carries its provenance (`provenance.py`); the cache holds it as written.
+
+A file that cannot be written fails its shot only, naming the path (a paid image stays in the
+cache, or its URL in an `unfetched` entry); a full disk, or a journal that cannot be written,
+also stops the run like a 401. A restore checks the cache entry first: a damaged one is
+discarded, said to the listener as a `Notice`, and the image fetched from its recorded URL or
+generated again. A shot the plan marked `move_aside` has its hand-edited file renamed beside it
+(`plan.aside_path`) just before the new image is written there, said as a `Notice` and kept in
+`RunOutcome.moved_aside`. A shot whose reference URL could not be fetched (`apply` fetches
+them before planning) fails unsent, naming the field.
+
+Stopping comes in two steps. `stop` (a first Ctrl-C, a 401, a `Bound` refusing the next request)
+sends nothing new: shots not yet sent, and those waiting for their turn or a retry, are *not
+run* (`RunOutcome.not_run`: no entry, their previous state stands, an `unfetched` one included);
+requests in flight finish. `abandon` (a second Ctrl-C, or the grace time out) also stops waiting
+for the service's answers and downloads; what is already received is still verified and
+written, and only a paid request really sent is said to be maybe billed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import sys
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+from imgbatch.errors import (
+    AuthError,
+    CacheEntryDamaged,
+    NoImageError,
+    PermanentError,
+    ProviderError,
+    StoreWriteError,
+    TransientError,
+)
+from imgbatch.pacing.gate import Clock, Finding, Pacer, RetryPolicy
+from imgbatch.plan.decide import WORK_ACTIONS, Action, Plan, PlannedShot, aside_path
+from imgbatch.providers import Provider
+from imgbatch.review.provenance import Provenance, embed
+from imgbatch.run.bounds import Bound, Tally
+from imgbatch.run.entries import (
+    abandoned_download,
+    failed_entry,
+    shot_entry,
+    unfetched_entry,
+    with_reference_url,
+)
+from imgbatch.shots.expand import Shot
+from imgbatch.shots.request import GeneratedImage, ImageRequest, simplified
+from imgbatch.state.cache import ImageCache, verify_image, write_error
+from imgbatch.state.results import ResultEntry
+
+# Requests in flight when the user sets no cap. The rate is what limits a run; this only has to
+# be more than rate x latency (25 requests/s at a 15 s generation is 375 in flight), and stay
+# under a default open-files limit of 1024 with a socket per request.
+DEFAULT_CONCURRENCY = 512
+# Open files each request in flight may hold (its API socket, then its download's) and those
+# kept for everything else (the journal, the cache, the interpreter's own).
+_FILES_PER_REQUEST = 2
+_FILES_RESERVED = 64
+# Longest Retry-After honoured. A service that asks for more is closed for now: the run stops
+# and says when to try again, instead of sleeping for hours.
+MAX_RETRY_AFTER_SECONDS = 300.0
+# Tries of one shot whose answer was lost (dropped connection, no answer in time): each may
+# have been billed, so a shot is not sent again and again on a link that keeps losing answers.
+MAX_LOST_ANSWERS = 3
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Retrying:
+    shot_id: str
+    attempt: int
+    delay: float
+    error: ProviderError
+
+
+class Phase:
+    """Where a shot in flight stands; says what an interrupted shot may have cost."""
+
+    WAITING = "waiting for its turn"
+    SENDING = "waiting for the service's answer"
+    BACKOFF = "waiting to retry"
+    DOWNLOADING = "downloading its image"
+    WRITING = "writing its image"  # received: verified, cached and put in place, never abandoned
+
+
+@dataclass
+class RunOutcome:
+    entries: dict[str, ResultEntry] = field(default_factory=dict)
+    # Shots this run did not finish and that changed nothing: why, by shot id.
+    not_run: dict[str, str] = field(default_factory=dict)
+    # Shots generated (and billed) whose download has not finished yet.
+    downloading: dict[str, ResultEntry] = field(default_factory=dict)
+    # Shots started and not finished, by `Phase`.
+    in_flight: dict[str, str] = field(default_factory=dict)
+    stopped: str | None = None
+    # The `Bound.name` that stopped the run, if one did.
+    bounded: str | None = None
+    requests: int = 0
+    # Images the service answered with (billed), and requests whose answer was lost after they
+    # were sent (may have been billed). Refusals (429, 4xx, 5xx) and unreachable servers cost
+    # nothing.
+    billed: int = 0
+    maybe_billed: int = 0
+    # The same by model, to price them.
+    billed_models: Counter[str] = field(default_factory=Counter)
+    maybe_billed_models: Counter[str] = field(default_factory=Counter)
+    throttled: int = 0
+    retries: int = 0
+    quotas: list[Finding] = field(default_factory=list)
+    # Hand-edited files renamed aside before a new image took their place: shot id -> the new
+    # name, relative to the output folder.
+    moved_aside: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something the user should know about a shot that is not its result (a damaged cache
+    entry, discarded)."""
+
+    shot_id: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Stopping:
+    """The run sends nothing new: why, and what is still in flight. `grace`: how long it is
+    waited for before being abandoned (None: until it finishes); `abandoning`: it is being
+    abandoned now."""
+
+    reason: str
+    in_flight: int
+    # Some of them are paid requests still awaiting the service's answer, which it may bill;
+    # a download of an image already billed (a recover) is not.
+    metered: bool
+    grace: float | None = None
+    abandoning: bool = False
+    # Images received and being written: abandoning does not drop them.
+    writing: int = 0
+    # What abandons the requests in flight sooner: the interrupt again.
+    again: str = "Ctrl-C"
+
+
+RunEvent = ResultEntry | Retrying | Notice | Stopping
+Listener = Callable[[RunEvent], None]
+
+
+class _Cut(Exception):
+    """A wait or a call the run no longer waits for (it stopped, or abandoned what is in
+    flight)."""
+
+
+class Executor:
+    def __init__(
+        self,
+        provider: Provider,
+        cache: ImageCache,
+        journal: Callable[[ResultEntry], None],
+        *,
+        pacer: Pacer,
+        concurrency: int | None = None,
+        retry: RetryPolicy | None = None,
+        clock: Clock | None = None,
+        listener: Listener | None = None,
+        simplify: bool = True,
+        frozen: bool = False,
+        bounds: Sequence[Bound] = (),
+    ) -> None:
+        self.provider = provider
+        # `apply --frozen`: never ask for a new image, even when a restore finds the cache entry
+        # damaged; fetching one already paid for is allowed.
+        self.frozen = frozen
+        # After a 200 without an image, ask once more with a simplified prompt (the seed's rule).
+        self.simplify = simplify
+        self.cache = cache
+        self.journal = journal
+        self.pacer = pacer
+        self.concurrency = fit_to_open_files(concurrency or DEFAULT_CONCURRENCY)
+        self.retry = retry or RetryPolicy()
+        self.clock = clock or pacer.clock
+        self.listener = listener
+        # Asked before each request; the first refusal stops the run.
+        self.bounds = tuple(bounds)
+        self.stop_requested = asyncio.Event()
+        self.abandon_requested = asyncio.Event()
+        # Waits for a turn or a retry (cut by `stop`) and the provider's calls (cut by `abandon`).
+        self._waits: set[asyncio.Future[Any]] = set()
+        self._calls: set[asyncio.Future[Any]] = set()
+        self._started = self.clock.now()
+        self._answered: Counter[str] = Counter()  # images answered, by model
+        self._sending: Counter[str] = Counter()  # requests sent and not answered, by model
+        self.outcome = RunOutcome()
+        self._aside: frozenset[str] = frozenset()
+
+    def stop(
+        self,
+        reason: str,
+        *,
+        bound: str | None = None,
+        grace: float | None = None,
+        again: str = "Ctrl-C",
+    ) -> None:
+        """Send nothing new: shots not yet sent, or waiting for their turn or a retry, are not
+        run; requests in flight finish. The listener hears of the first stop, and of every one
+        given a `grace` (an interrupt, acknowledged even after a bound stopped the run)."""
+        first = self.outcome.stopped is None
+        if first:
+            self.outcome.stopped = reason
+            self.outcome.bounded = bound
+        self.stop_requested.set()
+        for task in tuple(self._waits):
+            task.cancel()
+        if self.listener and (first or grace is not None):
+            self.listener(Stopping(reason, self.in_flight(), self._may_bill(), grace, again=again))
+
+    def abandon(self, again: str = "Ctrl-C") -> None:
+        """Stop waiting for requests in flight and downloads too. Images already received are
+        still verified and written; a paid request abandoned after it was sent is counted as
+        maybe billed."""
+        if self.abandon_requested.is_set():
+            return
+        in_flight = self.in_flight()
+        writing = sum(1 for phase in self.outcome.in_flight.values() if phase == Phase.WRITING)
+        if not self.stop_requested.is_set():
+            self.stop("abandoned")
+        self.abandon_requested.set()
+        for task in (*self._waits, *self._calls):
+            task.cancel()
+        if self.listener and in_flight:
+            reason = self.outcome.stopped or "abandoned"
+            self.listener(
+                Stopping(
+                    reason,
+                    in_flight - writing,
+                    self._may_bill(),
+                    abandoning=True,
+                    writing=writing,
+                    again=again,
+                )
+            )
+
+    def _may_bill(self) -> bool:
+        sending = Phase.SENDING in self.outcome.in_flight.values()
+        return self.provider.metered and sending
+
+    def in_flight(self) -> int:
+        """Shots waiting for the service's answer, downloading or writing their image."""
+        busy = (Phase.SENDING, Phase.DOWNLOADING, Phase.WRITING)
+        return sum(1 for phase in self.outcome.in_flight.values() if phase in busy)
+
+    async def _unless(self, abandon: bool, awaitable: Awaitable[T]) -> T:
+        """`awaitable`'s result; `_Cut` if the run stops (a wait) or abandons (a call) first."""
+        event = self.abandon_requested if abandon else self.stop_requested
+        if event.is_set():
+            if asyncio.iscoroutine(awaitable):
+                awaitable.close()
+            raise _Cut
+        task = asyncio.ensure_future(awaitable)
+        group = self._calls if abandon else self._waits
+        group.add(task)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            # Cut by stop or abandon, not this worker cancelled from outside.
+            if (
+                event.is_set()
+                and task.cancelled()
+                and (current is None or not current.cancelling())
+            ):
+                raise _Cut from None
+            raise
+        finally:
+            group.discard(task)
+
+    def _refused(self, request: ImageRequest) -> bool:
+        """Whether a bound refuses `request` (and so stopped the run)."""
+        if not self.bounds:
+            return False
+        tally = Tally(
+            requests=self.outcome.requests,
+            elapsed=self.clock.now() - self._started,
+            billed=MappingProxyType(self._answered),
+            in_flight=MappingProxyType(self._sending),
+            maybe_billed=MappingProxyType(self.outcome.maybe_billed_models),
+        )
+        for bound in self.bounds:
+            reason = bound.refuse(request, tally)
+            if reason is not None:
+                self.stop(reason, bound=bound.name)
+                return True
+        return False
+
+    def _skip(self, shot_id: str, reason: str) -> None:
+        """`shot_id` is not run: no entry, nothing journaled; its previous state stands."""
+        self.outcome.in_flight.pop(shot_id, None)
+        self.outcome.not_run[shot_id] = reason
+
+    async def run(self, plan: Plan) -> RunOutcome:
+        work = [item for item in plan.shots if item.action in WORK_ACTIONS]
+        # Twins last: a twin waits for a shot already taken, which may come later in the list
+        # (a recover is the one made wherever it stands), and a worker must never wait for a
+        # shot it has yet to take itself.
+        pending = iter(sorted(work, key=lambda item: item.twin_of is not None))
+        self._aside = frozenset(item.id for item in plan.shots if item.move_aside)
+        # The shots whose image a twin (the same request) waits for.
+        self._made = {item.twin_of: asyncio.Event() for item in plan.shots if item.twin_of}
+        for item in plan.shots:
+            if item.action not in WORK_ACTIONS and item.previous is not None:
+                # Kept exactly as it was (unchanged, or a drift: the edit is left alone):
+                # results.json describes the image imgbatch made, not this run.
+                self.outcome.entries[item.id] = with_reference_url(item.previous, item.shot)
+        workers = [
+            asyncio.create_task(self._worker(plan.output_dir, pending))
+            for _ in range(self.concurrency)
+        ]
+        self._started = self.clock.now()
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for worker in workers:
+                worker.cancel()
+            # Also when the run is abandoned: an interrupted run reports its 429s too.
+            self.outcome.throttled = self.pacer.throttled_count
+            self.outcome.quotas = self.pacer.findings()
+        return self.outcome
+
+    async def _worker(self, output_dir: Path, pending: Iterator[PlannedShot]) -> None:
+        for item in pending:
+            if item.twin_of is not None:
+                # Taken from `pending` before this shot, so already being made by another worker.
+                await self._made[item.twin_of].wait()
+            try:
+                await self._run_one(output_dir, item)
+            finally:
+                if item.id in self._made:
+                    self._made[item.id].set()
+
+    async def _run_one(self, output_dir: Path, item: PlannedShot) -> None:
+        shot = item.shot
+        assert shot is not None
+        made = self.outcome.entries.get(item.twin_of) if item.twin_of is not None else None
+        copyable = made is not None and made.has_image and made.key == shot.request.key
+        if self.stop_requested.is_set() and not copyable:
+            # An unfetched shot (a recover) keeps its entry too: the URL paid for stays. A twin
+            # whose image this run made is still copied: that is local, and free.
+            self._skip(item.id, f"not run: {self.outcome.stopped or 'stopped'}")
+            return
+        reference = shot.request.reference
+        if reference is not None and not reference.fetched:
+            # Its content, and so its key, is unknown: nothing can be restored or sent.
+            reason = reference.problem or "was not fetched"
+            message = f"field reference_image: '{reference.source}' {reason}; nothing was sent"
+            self._finish(failed_entry(shot, message, None, 0))
+            return
+        if item.twin_of is not None:
+            if made is None or not made.has_image:
+                why = made.error if made is not None else "it was not run"
+                message = f"the same request as shot {item.twin_of}, which has no image: {why}"
+                self._finish(failed_entry(shot, message, None, 0))
+                return
+            item = replace(item, record=made)
+        self.outcome.in_flight[item.id] = Phase.WAITING
+        try:
+            if item.action is Action.RESTORE:
+                await self._restore(output_dir, item)
+            elif item.action is Action.RECOVER:
+                await self._recover_billed(output_dir, item)
+            else:
+                await self._generate(output_dir, shot)
+        except _Cut:
+            # A download abandoned that paid for nothing new (offline, or the image an earlier
+            # run paid for, whose URL stays in its unfetched entry).
+            self._skip(item.id, "not run: abandoned in flight when interrupted")
+
+    def record(self, entry: ResultEntry) -> None:
+        """Journal `entry`; a journal that cannot be written stops the run (the entry stays in
+        the outcome, for results.json)."""
+        try:
+            self.journal(entry)
+        except StoreWriteError as exc:
+            self._stop_for_write(exc)
+
+    def _stop_for_write(self, error: StoreWriteError) -> None:
+        if error.disk_full:
+            self.stop(f"{error}; paid images already downloaded are kept")
+        else:
+            self.stop(str(error))
+
+    def _write_failed(
+        self,
+        shot: Shot,
+        error: StoreWriteError,
+        attempts: int,
+        *,
+        kept: str,
+        unfetched: GeneratedImage | None = None,
+        sent: ImageRequest | None = None,
+    ) -> None:
+        """One shot's file could not be written: that shot fails (is `unfetched`, with the
+        image's URL, when the image is kept nowhere else); a full disk stops the run."""
+        if error.disk_full:
+            self._stop_for_write(error)
+        message = f"{error}; {kept}"
+        if unfetched is not None:
+            self._finish(unfetched_entry(shot, message, unfetched, attempts, sent=sent))
+        else:
+            self._finish(failed_entry(shot, message, None, attempts, sent=sent))
+
+    def _finish(self, entry: ResultEntry) -> None:
+        self.outcome.in_flight.pop(entry.id, None)
+        self.outcome.entries[entry.id] = entry
+        self.record(entry)
+        if self.listener:
+            self.listener(entry)
+
+    async def _restore(self, output_dir: Path, item: PlannedShot) -> None:
+        """Copy the cached image into place once checked; a damaged entry is discarded and the
+        image fetched from its recorded URL, else generated again."""
+        shot, previous, record = item.shot, item.previous, item.record
+        assert shot is not None
+        key = shot.request.key
+        target = output_dir / shot.file
+        try:
+            # The edit goes aside first, and stays there should the cache entry prove damaged
+            # (the image is then fetched or made again, and written in its place all the same).
+            await self._move_aside(output_dir, shot)
+            digest, size = await asyncio.to_thread(
+                self.cache.restore,
+                key,
+                target,
+                sha256=record.sha256 if record else None,
+                size=record.bytes if record else None,
+                dimensions=shot.request.dimensions,
+            )
+        except CacheEntryDamaged as damaged:
+            await asyncio.to_thread(self.cache.discard, key)
+            fetchable = record is not None and record.image_url is not None
+            if self.listener:
+                then = "fetching it from its URL" if fetchable else "generating it again"
+                self.listener(Notice(shot.id, f"{damaged}; discarded it, {then}"))
+            if record is not None and await self._fetch_billed(output_dir, shot, record) is None:
+                return
+            await self._generate(output_dir, shot)
+            return
+        except StoreWriteError as exc:
+            self._write_failed(shot, exc, 0, kept="its image stays in the cache for the next apply")
+            return
+        if previous is not None and previous.key == key and previous.has_image:
+            # Same request as before: keep its provenance (URL, request id) from the results.
+            self._finish(
+                replace(
+                    with_reference_url(previous, shot),
+                    status="cached",
+                    file=shot.file,
+                    sha256=digest,
+                    bytes=size,
+                )
+            )
+            return
+        width, height = shot.request.dimensions
+        self._finish(shot_entry(shot, "cached", None, width, height, digest, size, attempts=0))
+
+    async def _generate(self, output_dir: Path, shot: Shot) -> None:
+        if self.frozen:
+            message = "not generated: --frozen sends no paid request"
+            self._finish(failed_entry(shot, message, None, 0))
+            return
+        gate = self.pacer.gate(shot.request.model)
+        attempt = tries = lost = 0
+        # When the service began refusing this shot with 429s (None while it is not).
+        refused_since: float | None = None
+        phase = self.outcome.in_flight
+        sent = shot.request  # the simplified request, after a 200 without an image
+        imageless: list[str] = []  # request ids of the answers without an image
+        model = shot.request.model
+        while True:
+            if self.stop_requested.is_set() or self._refused(sent):
+                self._skip(shot.id, self._not_run(phase.get(shot.id), lost))
+                return
+            phase[shot.id] = Phase.WAITING
+            try:
+                ticket = await self._unless(False, gate.acquire()) if gate else 0
+            except _Cut:
+                continue
+            # Asked again after the wait: a turn may come after the bound (a duration).
+            if self.stop_requested.is_set() or self._refused(sent):
+                if gate:
+                    gate.release(ticket)
+                continue
+            attempt += 1
+            self.outcome.requests += 1
+            self._sending[model] += 1
+            phase[shot.id] = Phase.SENDING
+            try:
+                try:
+                    image = await self._unless(True, self.provider.generate(sent, label=shot.id))
+                finally:
+                    self._sending[model] -= 1
+            except _Cut:
+                if gate:
+                    gate.release(ticket)
+                if self.provider.metered:
+                    # Sent and never answered: billed if the service went on to make it.
+                    self.outcome.maybe_billed += 1
+                    self.outcome.maybe_billed_models[model] += 1
+                    reason = "abandoned in flight when interrupted; DashScope may have billed it"
+                else:
+                    reason = "not run: abandoned in flight when interrupted"
+                self._skip(shot.id, reason)
+                return
+            except NoImageError as exc:
+                if gate:
+                    gate.answered(ticket)  # admitted (and answered), only without an image
+                imageless.append(exc.request_id or "unknown")
+                simpler = simplified(sent) if self.simplify and sent is shot.request else None
+                if simpler is None:
+                    message = (
+                        f"the service answered without an image (request {', '.join(imageless)})"
+                    )
+                    if len(imageless) > 1:
+                        message += ", also when asked again with a simplified prompt"
+                    self._finish(failed_entry(shot, message, exc, attempt))
+                    return
+                sent = simpler
+                if self.listener:
+                    self.listener(Retrying(shot.id, attempt, 0.0, exc))
+                continue
+            except TransientError as exc:
+                if exc.throttled:
+                    if gate:
+                        gate.refused(ticket, exc.retry_after, exc.stated_quota)
+                elif gate:
+                    gate.answered(ticket)
+                if exc.maybe_billed:
+                    self.outcome.maybe_billed += 1
+                    self.outcome.maybe_billed_models[model] += 1
+                    lost += 1
+                if exc.retry_after is not None and exc.retry_after > MAX_RETRY_AFTER_SECONDS:
+                    self.stop(
+                        f"the service asked to wait {exc.retry_after:g} s before the next request "
+                        f"(Retry-After), longer than imgbatch waits ({MAX_RETRY_AFTER_SECONDS:g} "
+                        "s); run apply again later"
+                    )
+                    self._skip(shot.id, f"not run: {exc}")
+                    return
+                if exc.throttled:
+                    now = self.clock.now()
+                    refused_since = now if refused_since is None else refused_since
+                    if now - refused_since >= self.retry.throttle_patience:
+                        message = (
+                            f"the service refused it for {now - refused_since:.0f} s "
+                            f"({attempt} tries): {exc}"
+                        )
+                        self._finish(failed_entry(shot, message, exc, attempt))
+                        return
+                    # Not a failed try: the gate has slowed down, and this shot waits its turn.
+                    self.outcome.retries += 1
+                    if self.listener:
+                        self.listener(Retrying(shot.id, attempt, 0.0, exc))
+                    continue
+                refused_since = None
+                tries += 1
+                if tries >= self.retry.max_attempts or lost >= MAX_LOST_ANSWERS:
+                    message = f"gave up after {attempt} tries: {exc}"
+                    if lost:
+                        message += f" ({lost} of them lost their answer and may have been billed)"
+                    self._finish(failed_entry(shot, message, exc, attempt))
+                    return
+                delay = self.retry.backoff(tries, exc.retry_after)
+                self.outcome.retries += 1
+                if self.listener:
+                    self.listener(Retrying(shot.id, attempt, delay, exc))
+                phase[shot.id] = Phase.BACKOFF
+                with contextlib.suppress(_Cut):  # stopped: the loop says so
+                    await self._unless(False, self.clock.sleep(delay))
+                continue
+            except (AuthError, PermanentError) as exc:
+                if gate:
+                    gate.answered(ticket)
+                if isinstance(exc, AuthError):
+                    self.stop(f"the service refused the credentials: {exc}")
+                self._finish(failed_entry(shot, str(exc), exc, attempt))
+                return
+            if gate:
+                gate.answered(ticket, image.stated_quota)
+            self._answered[model] += 1
+            if self.provider.metered:
+                self.outcome.billed += 1
+                self.outcome.billed_models[model] += 1
+                # Journaled before the download, so that a run killed while downloading leaves
+                # the paid image's URL for the next apply to fetch instead of paying again.
+                downloading = unfetched_entry(
+                    shot, "generated; its download had not finished", image, attempt, sent=sent
+                )
+                self.record(downloading)
+                self.outcome.downloading[shot.id] = downloading
+            phase[shot.id] = Phase.DOWNLOADING
+            await self._keep(output_dir, shot, image, attempt, sent)
+            self.outcome.downloading.pop(shot.id, None)
+            return
+
+    def _not_run(self, phase: str | None, lost: int) -> str:
+        """Why a shot stopped before it was sent (again), and what earlier tries may have cost."""
+        reason = f"not run: {self.outcome.stopped or 'stopped'}"
+        if phase == Phase.BACKOFF:
+            reason += ", while waiting to retry"
+        if lost:
+            tries = "an earlier try" if lost == 1 else f"{lost} earlier tries"
+            reason += f" ({tries} lost the answer: may have been billed)"
+        return reason
+
+    async def _recover_billed(self, output_dir: Path, item: PlannedShot) -> None:
+        """A `recover`: fetch the image an earlier run was billed for; if its URL no longer
+        works, say so and make it again (a paid request on a metered provider)."""
+        shot, previous = item.shot, item.billed
+        assert shot is not None and previous is not None
+        failure = await self._fetch_billed(output_dir, shot, previous)
+        if failure is None:
+            return
+        if self.listener:
+            cost = "a new, paid request" if self.provider.metered else "a new request"
+            self.listener(
+                Notice(
+                    shot.id,
+                    f"the image billed by request {previous.request_id or 'unknown'} could not "
+                    f"be fetched from its URL ({failure}); making it again with {cost}",
+                )
+            )
+        await self._generate(output_dir, shot)
+
+    async def _fetch_billed(self, output_dir: Path, shot: Shot, source: ResultEntry) -> str | None:
+        """Keep the image at `source.image_url` (billed by an earlier run; it works for about
+        24 hours) as this shot's: None when done without a new request, else why not."""
+        if not source.image_url:
+            return "no image URL was recorded"
+        width, height = shot.request.dimensions
+        seed = shot.request.seed
+        image = GeneratedImage(source.image_url, width, height, seed, source.request_id)
+        try:
+            # One try: an expired URL stays expired, and a new request is the way out.
+            data = await self._fetch_verified(image, tries=1, shot_id=shot.id)
+        except (ProviderError, ValueError) as exc:
+            return str(exc)
+        # The text sent is part of what the image is: a simplified request stays one.
+        sent = simplified(shot.request) if source.simplified else None
+        await self._place(output_dir, shot, image, data, attempts=0, sent=sent)
+        return None
+
+    async def _fetch_verified(
+        self, image: GeneratedImage, *, tries: int, shot_id: str | None = None
+    ) -> bytes:
+        """The image's bytes, verified to decode at the size the request asked for (what the
+        service reports may be wrong); the last failure if not. A `PermanentError` (an image
+        over the size cap) is not tried again."""
+        for attempt in range(1, tries + 1):
+            try:
+                phase = self.outcome.in_flight
+                if shot_id is not None:
+                    phase[shot_id] = Phase.DOWNLOADING
+                data = await self._unless(True, self.provider.fetch(image))
+                if shot_id is not None:
+                    phase[shot_id] = Phase.WRITING
+                await asyncio.to_thread(verify_image, data, image.width, image.height)
+                return data
+            except (TransientError, ValueError):
+                if attempt == tries:
+                    raise
+                await self._unless(True, self.clock.sleep(self.retry.backoff(attempt)))
+        raise AssertionError("unreachable: tries >= 1")
+
+    async def _keep(
+        self,
+        output_dir: Path,
+        shot: Shot,
+        image: GeneratedImage,
+        attempts: int,
+        sent: ImageRequest | None = None,
+    ) -> None:
+        """Download, verify, cache and place a paid-for image; never regenerate to get it."""
+        width, height = shot.request.dimensions
+        if (image.width, image.height) != (width, height):
+            # Verified at the size asked for: a service that misreports the size does not make
+            # a wrong-sized image pass, nor a right one fail.
+            image = replace(image, width=width, height=height)
+        try:
+            data = await self._fetch_verified(
+                image, tries=self.retry.download_attempts, shot_id=shot.id
+            )
+        except _Cut:
+            downloading = self.outcome.downloading.get(shot.id)
+            if downloading is None:  # offline: nothing was paid for
+                raise
+            self._finish(abandoned_download(downloading))
+            return
+        except (ProviderError, ValueError) as failure:
+            message = (
+                f"generated (request {image.request_id or 'unknown'}) but the image could not be "
+                f"downloaded: {failure}"
+            )
+            error = failure if isinstance(failure, ProviderError) else None
+            self._finish(unfetched_entry(shot, message, image, attempts, error, sent=sent))
+            return
+        await self._place(output_dir, shot, image, data, attempts=attempts, sent=sent)
+
+    async def _place(
+        self,
+        output_dir: Path,
+        shot: Shot,
+        image: GeneratedImage,
+        data: bytes,
+        *,
+        attempts: int,
+        sent: ImageRequest | None = None,
+    ) -> None:
+        """Stamp verified bytes with their provenance, put them in the cache and at the shot's
+        file, then record the shot. The cache keeps the bytes as written, so that a restore puts
+        back the very file (the same SHA-256 as recorded), provenance and all."""
+        key = shot.request.key
+        provenance = Provenance(
+            shot.id, shot.request, (sent or shot.request).text, image.request_id
+        )
+        data, digest = await asyncio.to_thread(_stamp, data, provenance)
+        try:
+            await asyncio.to_thread(self.cache.put, key, data)
+        except StoreWriteError as exc:
+            kept = "its URL is kept: the next apply downloads it instead of paying again"
+            self._write_failed(shot, exc, attempts, kept=kept, unfetched=image, sent=sent)
+            return
+        try:
+            await self._move_aside(output_dir, shot)
+            await asyncio.to_thread(self.cache.place, key, output_dir / shot.file, data)
+        except StoreWriteError as exc:
+            kept = "its image is in the cache: the next apply puts it in place without paying"
+            self._write_failed(shot, exc, attempts, kept=kept, sent=sent)
+            return
+        entry = shot_entry(
+            shot,
+            "generated",
+            image,
+            image.width,
+            image.height,
+            digest,
+            len(data),
+            attempts=attempts,
+            sent=sent,
+        )
+        self._finish(entry)
+
+    async def _move_aside(self, output_dir: Path, shot: Shot) -> None:
+        """Rename the shot's hand-edited file aside, if the plan said so, before it is written
+        over; StoreWriteError (naming both paths) when it cannot be renamed."""
+        if shot.id not in self._aside or shot.id in self.outcome.moved_aside:
+            return
+        target = output_dir / shot.file
+        try:
+            aside = aside_path(target)
+            await asyncio.to_thread(target.rename, aside)
+        except FileNotFoundError:
+            return  # gone since the plan: nothing of the user's to keep
+        except OSError as exc:
+            # Named by the edited file: the message says it could not be written (moved).
+            raise write_error(target, exc) from None
+        name = aside.relative_to(output_dir).as_posix()
+        self.outcome.moved_aside[shot.id] = name
+        if self.listener:
+            self.listener(Notice(shot.id, f"{shot.file} was edited by hand: moved aside to {name}"))
+
+
+def _stamp(data: bytes, provenance: Provenance) -> tuple[bytes, str]:
+    """The bytes to write and their SHA-256 (off the event loop: a few ms for 3.5 MB)."""
+    stamped = embed(data, provenance)
+    return stamped, hashlib.sha256(stamped).hexdigest()
+
+
+def fit_to_open_files(concurrency: int) -> int:
+    """`concurrency`, lowered if needed to what the open-files limit allows (raised first as far
+    as the hard limit permits): past it, every new socket fails as if the network were down."""
+    if sys.platform == "win32":
+        return concurrency
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = concurrency * _FILES_PER_REQUEST + _FILES_RESERVED
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return concurrency
+    return max(1, min(concurrency, (soft - _FILES_RESERVED) // _FILES_PER_REQUEST))

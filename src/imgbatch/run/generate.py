@@ -1,0 +1,229 @@
+"""One request at a time, as the seed skill's helper script does: `imgbatch generate`.
+
+Takes a normalized `image.generate` request (a dict: `prompt`, `negative_prompt`, `size`,
+`style`, `seed`, `reference_image`, `model`, `prompt_extend`, `watermark`); gives the normalized
+response (`image_url`, `width`, `height`, `seed`, plus `file`, `request_id` and `cached`) after
+writing the image. The request is checked by the same rules as a manifest shot and sent through
+the same executor (pacing, retries, download, verification) and image cache as `apply`:
+
+    >>> response = generate({"prompt": "a red bicycle", "size": "1328*1328"},
+    ...                     provider="placeholder")
+    >>> response["cached"], response["width"]
+    (False, 1328)
+
+Where the image and the cache go:
+
+* with no `output`, the image is `<folder>/images/<key>.png` and the cache `<folder>/.imgbatch/`,
+  where `<folder>` is `output/ai-image-qwen-image` in the current directory, or
+  `$OUTPUT_DIR/ai-image-qwen-image` when `OUTPUT_DIR` is set (the skill's layout);
+* with `output`, the image goes there, and the cache is that of the nearest folder above it that
+  an `apply` wrote (it has `.imgbatch/`), so a request an apply already paid for is free; when
+  there is none, the default folder's cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from imgbatch.errors import (
+    CacheEntryDamaged,
+    ConfigError,
+    ImgbatchError,
+    ManifestError,
+    ManifestProblem,
+    ProviderError,
+)
+from imgbatch.manifest import Manifest, manifest_from_data
+from imgbatch.manifest.expansion import EXPANSION_FIELDS
+from imgbatch.state.cache import STATE_DIR, ImageCache
+
+SKILL_FOLDER = "ai-image-qwen-image"
+REQUEST_DISPLAY = "request"
+
+
+def generate(
+    request: Mapping[str, Any],
+    *,
+    output: str | Path | None = None,
+    provider: Any = None,
+    environ: Mapping[str, str] | None = None,
+    home: Path | None = None,
+    allow_reference_outside: bool = False,
+) -> dict[str, Any]:
+    """Make (or take from the cache) the image for one normalized request; see the module doc.
+
+    `provider` is a name (`"dashscope"`, `"placeholder"`, `"auto"`) or a provider object.
+    Raises `ManifestError` for an invalid request (nothing sent), `ConfigError` for missing
+    credentials, `ProviderError` when the service refused or failed it.
+    """
+    return asyncio.run(
+        agenerate(
+            request,
+            output=output,
+            provider=provider,
+            environ=environ,
+            home=home,
+            allow_reference_outside=allow_reference_outside,
+        )
+    )
+
+
+async def agenerate(
+    request: Mapping[str, Any],
+    *,
+    output: str | Path | None = None,
+    provider: Any = None,
+    environ: Mapping[str, str] | None = None,
+    home: Path | None = None,
+    allow_reference_outside: bool = False,
+) -> dict[str, Any]:
+    """`generate` for callers already inside an event loop."""
+    # Imported here: `imgbatch generate --help` must not pay for the executor and the SDK.
+    from imgbatch.pacing.gate import Pacer
+    from imgbatch.plan.decide import Action, Plan, PlannedShot
+    from imgbatch.providers import create_provider
+    from imgbatch.run.apply import exclusive_output, provider_name
+    from imgbatch.run.executor import Executor
+    from imgbatch.shots.expand import Shot, expand, fetch_references
+
+    environ = os.environ if environ is None else environ
+    if not isinstance(request, Mapping):
+        raise ConfigError("the request must be a JSON object of image.generate fields")
+    manifest = _as_manifest(request, allow_reference_outside)
+    chosen = provider if not isinstance(provider, str | None) else None
+    name = chosen.name if chosen is not None else provider_name(manifest, provider, environ, home)
+    # A reference URL is fetched now and the request keyed by its content; one that cannot be
+    # fetched fails in the executor, naming the field, with nothing sent.
+    (shot,) = (await fetch_references(expand(manifest, provider=name, environ=environ))).shots
+    key = shot.request.key
+    state_folder, target = _places(key, output, environ)
+    target = target.resolve()
+    width, height = shot.request.dimensions
+    cache = ImageCache(state_folder)
+    with exclusive_output(state_folder):
+        if cache.has(key) and await _restored(cache, key, target, (width, height)):
+            return _response(None, width, height, shot.request.seed, target, None, cached=True)
+        chosen = chosen or create_provider(name, environ, home)
+        placed = Shot(shot.id, shot.request, str(target))
+        plan = Plan(
+            state_folder,
+            (PlannedShot(shot.id, Action.CREATE, "new request", placed, None),),
+            (),
+            name,
+        )
+        async with chosen:
+            executor = Executor(
+                chosen, cache, lambda entry: None, pacer=Pacer(unlimited=not chosen.metered)
+            )
+            outcome = await executor.run(plan)
+    entry = outcome.entries[shot.id]
+    if not entry.has_image:
+        # The entry's error already reads "400 DataInspectionFailed: ...": given as code= too,
+        # the message would say the code twice.
+        error = ProviderError(entry.error or "the request failed", request_id=entry.request_id)
+        error.code = entry.error_code
+        raise error
+    return _response(
+        entry.image_url, width, height, shot.request.seed, target, entry.request_id, cached=False
+    )
+
+
+async def _restored(cache: ImageCache, key: str, target: Path, size: tuple[int, int]) -> bool:
+    """Put the cached image at `target` once checked; False (the entry discarded) if damaged."""
+    if target.exists() and target.samefile(cache.path(key)):
+        return True
+    try:
+        await asyncio.to_thread(cache.restore, key, target, sha256=None, size=None, dimensions=size)
+    except CacheEntryDamaged:
+        await asyncio.to_thread(cache.discard, key)
+        return False
+    return True
+
+
+def _as_manifest(request: Mapping[str, Any], allow_reference_outside: bool) -> Manifest:
+    """The request as a one-shot manifest, checked by the manifest's rules; problems are named
+    by the request's own fields. Relative reference paths are taken from the current folder, and
+    a local reference must lie under it unless `allow_reference_outside` (a request may come
+    from a model or a pull request as much as from the person typing it)."""
+    for name in EXPANSION_FIELDS:
+        if name in request:
+            message = f"unknown field '{name}'; a request makes one image ({name} is a manifest's)"
+            problem = ManifestProblem(REQUEST_DISPLAY, 0, 0, f"field {name}", message, field=name)
+            raise ManifestError([problem], subject="the request")
+    shot_fields = {"id": REQUEST_DISPLAY, **request}
+    try:
+        return manifest_from_data(
+            {"version": 1, "name": SKILL_FOLDER, "shots": [shot_fields]},
+            display=REQUEST_DISPLAY,
+            base_dir=Path.cwd(),
+            allow_reference_outside=allow_reference_outside,
+        )
+    except ManifestError as error:
+        shot = f"shot {REQUEST_DISPLAY}, "
+        problems = [
+            replace(problem, where=problem.where.removeprefix(shot), shot=None)
+            for problem in error.problems
+        ]
+        raise ManifestError(problems, subject="the request") from None
+
+
+def _places(key: str, output: str | Path | None, environ: Mapping[str, str]) -> tuple[Path, Path]:
+    """The folder whose cache serves the request, and the image file to write."""
+    base = Path(environ["OUTPUT_DIR"]).expanduser() if environ.get("OUTPUT_DIR") else Path("output")
+    default_folder = base / SKILL_FOLDER
+    if output is None:
+        return default_folder, default_folder / "images" / f"{key}.png"
+    target = Path(output)
+    if target.is_dir():
+        raise ConfigError(f"--output {target} is a folder; give the image file's path")
+    for folder in target.resolve().parents:
+        if (folder / STATE_DIR).is_dir():
+            return folder, target
+    return default_folder, target
+
+
+def error_json(error: ImgbatchError) -> dict[str, Any]:
+    """`generate --json`'s document for a request that failed: `{"error": {"type", "message",
+    "status", "code", "request_id", "problems"}}`; what does not apply is null (`problems`
+    lists an invalid request's fields, as `validate --json` does)."""
+    provider = error if isinstance(error, ProviderError) else None
+    return {
+        "error": {
+            "type": type(error).__name__,
+            "message": str(error),
+            "status": provider.status if provider else None,
+            "code": provider.code if provider else None,
+            "request_id": provider.request_id if provider else None,
+            "problems": [problem.to_json() for problem in error.problems]
+            if isinstance(error, ManifestError)
+            else None,
+        }
+    }
+
+
+def _response(
+    image_url: str | None,
+    width: int,
+    height: int,
+    seed: int | None,
+    file: Path,
+    request_id: str | None,
+    *,
+    cached: bool,
+) -> dict[str, Any]:
+    return {
+        # A cached image was not fetched from the service now (its signed URL may have expired),
+        # and an offline one never had a URL: the URL given is then the local copy's.
+        "image_url": image_url if image_url and image_url.startswith("http") else file.as_uri(),
+        "width": width,
+        "height": height,
+        "seed": seed,
+        "file": str(file),
+        "request_id": request_id,
+        "cached": cached,
+    }

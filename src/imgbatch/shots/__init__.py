@@ -1,0 +1,1 @@
+"""Manifest -> shots: expansion, the normalized request and its key, references, --only."""

@@ -1,0 +1,381 @@
+"""The results manifest and the crash-safe journal behind it.
+
+Takes finished shots as `ResultEntry`s; gives `<output>/results.json` (the **contract**: one entry
+per shot in manifest order) and reads it back as the state the next plan compares against.
+
+Each finished shot is appended to `<output>/.imgbatch/journal.jsonl` and fsynced the moment it
+finishes, after its image is in the cache and in place (and a generated image's URL before its
+download starts); `results.json` is rewritten atomically at the end of a run (only if it
+changed: it describes the output folder, not the run) and the journal then emptied. A run
+killed at any point therefore loses only the shots in flight: the next load replays the
+journal over the last results file, a later line for a shot winning over an earlier one. A line
+that is not an entry (a torn last line: the kill came mid-append) is skipped; a results file or
+journal that cannot be read at all, or has a folder in its place, is a `StoreError` naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from imgbatch.errors import StoreError
+from imgbatch.state.cache import STATE_DIR, AppendLog, atomic_write
+
+RESULTS_FILE = "results.json"
+RESULTS_FORMAT_VERSION = 1
+# generated: made by a request; cached: restored from the cache; failed: `error` says why, no
+# image; unfetched: the service made (and billed) it, its `image_url` is kept, but it was never
+# downloaded: the next apply fetches it before it would pay again.
+Status = Literal["generated", "cached", "failed", "unfetched"]
+STATUSES: tuple[Status, ...] = ("generated", "cached", "failed", "unfetched")
+# The statuses of an entry whose image is in the output folder (as imgbatch wrote it).
+WITH_IMAGE = frozenset({"generated", "cached"})
+
+
+@dataclass(frozen=True, slots=True)
+class ResultEntry:
+    """One shot's line in results.json."""
+
+    id: str
+    status: Status
+    file: str | None
+    key: str
+    width: int | None
+    height: int | None
+    seed: int | None
+    model: str
+    size: str
+    prompt: str
+    image_url: str | None
+    request_id: str | None
+    error: str | None = None
+    error_code: str | None = None
+    negative_prompt: str | None = None
+    style: str | None = None
+    sha256: str | None = None
+    bytes: int | None = None
+    attempts: int = 0
+    request: Mapping[str, Any] = field(default_factory=dict)
+    # The text actually sent (the prompt with its style folded in, or its simplified form), and
+    # whether the service's 200 without an image made imgbatch ask again, simplified.
+    prompt_sent: str | None = None
+    simplified: bool = False
+    # The reference URL the image was made from (its content hash is `request`'s
+    # reference_sha256): a plan, which downloads nothing, compares it to the manifest's.
+    reference_url: str | None = None
+
+    @property
+    def has_image(self) -> bool:
+        """Whether imgbatch put this entry's image at `file` (its `sha256` and `bytes`)."""
+        return self.status in WITH_IMAGE
+
+    def to_json(self) -> dict[str, Any]:
+        # Shallow on purpose: `request` is a flat mapping, and dataclasses.asdict's deep copy of
+        # every entry was a third of a 10,000-shot no-op apply.
+        data = {name: getattr(self, name) for name in _FIELD_NAMES}
+        data["request"] = dict(self.request)
+        if self.reference_url is None:
+            # Only URL-referenced shots have it: every other line stays as older versions wrote
+            # it, so upgrading does not rewrite a committed results.json.
+            del data["reference_url"]
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any) -> ResultEntry:
+        """The entry `data` holds; ValueError if it is not one (a hand edit, a damaged file)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"an entry is a JSON {type(data).__name__}, not an object")
+        known = cls.__dataclass_fields__
+        values = {name: _shared(name, value) for name, value in data.items() if name in known}
+        if values.get("status") == "failed" and values.get("image_url"):
+            # Written before `unfetched` existed: a failed entry with an image URL was billed
+            # but not downloaded (this version writes no failed entry with a URL).
+            values["status"] = "unfetched"
+        request = values.get("request")
+        if isinstance(request, dict):
+            # Entries are parsed one by one: without sharing, every entry's request would hold
+            # its own copies of the same few key strings, and of its prompt.
+            prompt = values.get("prompt")
+            values["request"] = {
+                sys.intern(name): prompt
+                if name == "text" and value == prompt
+                else _shared(name, value)
+                for name, value in request.items()
+            }
+        entry = cls(**values)
+        _check_types(entry)
+        return entry
+
+
+def _check_types(entry: ResultEntry) -> None:
+    # Only the fields imgbatch computes with: a wrong type there would fail far from the file.
+    # One expression: this runs for every entry of a 100,000-shot state.
+    if (
+        type(entry.id) is str
+        and type(entry.key) is str
+        and entry.status in _STATUSES
+        and (entry.file is None or type(entry.file) is str)
+        and (entry.image_url is None or type(entry.image_url) is str)
+        and (entry.reference_url is None or type(entry.reference_url) is str)
+        and (entry.sha256 is None or type(entry.sha256) is str)
+        and (entry.bytes is None or type(entry.bytes) is int)
+        and type(entry.request) is dict
+    ):
+        return
+    allowed = {
+        "id": str,
+        "key": str,
+        "file": str,
+        "image_url": str,
+        "reference_url": str,
+        "sha256": str,
+        "bytes": int,
+    }
+    bad = [
+        name
+        for name, kind in allowed.items()
+        if not (getattr(entry, name) is None and name not in ("id", "key"))
+        and type(getattr(entry, name)) is not kind
+    ]
+    bad += [] if entry.status in _STATUSES else ["status"]
+    bad += [] if type(entry.request) is dict else ["request"]
+    raise ValueError(f"entry {entry.id!r} has a bad {', '.join(bad)}")
+
+
+_STATUSES = frozenset(STATUSES)
+_FIELD_NAMES = tuple(item.name for item in fields(ResultEntry))
+# Fields whose few values repeat across thousands of shots (defaults, mostly): loaded entries
+# share one string each instead of holding a copy apiece (a 100,000-shot state is held whole).
+_REPEATING = frozenset(
+    {"status", "model", "size", "negative_prompt", "style", "error_code", "provider"}
+)
+
+
+def _shared(name: str, value: Any) -> Any:
+    return sys.intern(value) if name in _REPEATING and isinstance(value, str) else value
+
+
+def results_path(output_dir: Path) -> Path:
+    return output_dir / RESULTS_FILE
+
+
+def journal_path(output_dir: Path) -> Path:
+    return output_dir / STATE_DIR / "journal.jsonl"
+
+
+def load_state(output_dir: Path) -> dict[str, ResultEntry]:
+    """Every shot's last known result: results.json, then the journal of an unfinished run."""
+    state: dict[str, ResultEntry] = {}
+    path = results_path(output_dir)
+    if _exists_as_file(path):
+        try:
+            for entry in _read_entries(path):
+                state[entry.id] = entry
+        except (OSError, ValueError, TypeError, AttributeError, RecursionError) as exc:
+            raise StoreError(
+                f"{path} cannot be read ({exc}); move it aside and run apply again: "
+                "images already in the cache are restored without new requests"
+            ) from None
+    for entry in read_journal(output_dir):
+        state[entry.id] = entry
+    return state
+
+
+def _exists_as_file(path: Path) -> bool:
+    """False if absent; raise StoreError naming `path` when something else is in its place."""
+    try:
+        path.stat()
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise StoreError(f"{path} cannot be read ({exc.strerror or exc})") from None
+    if not path.is_file():
+        raise StoreError(f"{path} is not a file (a folder?); move it aside and run apply again")
+    return True
+
+
+def _read_entries(path: Path) -> list[ResultEntry]:
+    """The shot and orphan entries of a results file.
+
+    A file as `write_results` writes it is read a line at a time, each entry parsed on its own,
+    so a 100,000-shot file is never in memory whole as text and as objects at once. The lines
+    that are not entries must still parse as the JSON document around them, with the entries'
+    places in its `shots` and `orphans`; anything else (a file edited or pretty-printed by hand)
+    is parsed whole.
+    """
+    entries: list[ResultEntry] = []
+    skeleton: list[str] = []
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if not line.startswith("    {"):
+                skeleton.append(line)
+                continue
+            text = line.rstrip()
+            try:
+                entries.append(ResultEntry.from_json(json.loads(text.removesuffix(","))))
+            except (ValueError, TypeError, AttributeError):
+                break
+            skeleton.append("0," if text.endswith(",") else "0")
+        else:
+            try:
+                document = json.loads("".join(skeleton))
+                places = [*document["shots"], *document["orphans"]]
+            except (ValueError, KeyError, TypeError):
+                places = None
+            if places == [0] * len(entries):
+                return entries
+    del entries, skeleton
+    document = json.loads(path.read_text(encoding="utf-8"))
+    raws = [*document.get("shots", []), *document.get("orphans", [])]
+    return [ResultEntry.from_json(raw) for raw in raws]
+
+
+def read_journal(output_dir: Path) -> list[ResultEntry]:
+    """The journal's entries; a line that is not one (a torn last line) is skipped."""
+    path = journal_path(output_dir)
+    if path.is_symlink():
+        raise StoreError(
+            f"{path} is a symbolic link; imgbatch never follows links in {STATE_DIR}/: "
+            "move it aside and run apply again"
+        )
+    if not _exists_as_file(path):
+        return []
+    entries = []
+    try:
+        with path.open("rb") as handle:
+            for line in handle:
+                try:
+                    entries.append(ResultEntry.from_json(json.loads(line.decode("utf-8"))))
+                except (ValueError, TypeError, RecursionError):
+                    # The torn tail of a run killed mid-append (possibly inside a multi-byte
+                    # character: UnicodeDecodeError is a ValueError), or a damaged line.
+                    continue
+    except OSError as exc:
+        raise StoreError(f"{path} cannot be read ({exc.strerror or exc})") from None
+    return entries
+
+
+class Journal:
+    """Append-only record of shots finished by the current run, durable line by line."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.path = journal_path(output_dir)
+        self._log = AppendLog(self.path)
+
+    def record(self, entry: ResultEntry) -> None:
+        """Raises `StoreWriteError` when the line cannot be written (a full disk)."""
+        line = json.dumps(entry.to_json(), ensure_ascii=False) + "\n"
+        self._log.append(line.encode("utf-8"))
+
+    def close(self) -> None:
+        self._log.close()
+
+
+def write_results(
+    output_dir: Path,
+    entries: Sequence[ResultEntry],
+    orphans: Sequence[ResultEntry],
+    meta: Mapping[str, Any],
+    *,
+    updated_at: str | None = None,
+) -> Path:
+    """Write results.json atomically unless it already says exactly this; drop the journal.
+
+    With `updated_at`, the file describes the output folder rather than the run: its
+    `updated_at` is the previous file's as long as nothing else in it changes, and a file that
+    would come out byte for byte the same is not written at all, so a no-op apply leaves it
+    untouched (same bytes, same mtime) and a committed results file only shows a diff when an
+    image or an error changed.
+
+    One shot per line: a re-run's diff in git shows exactly the shots that changed. The lines
+    go through json's C encoder (an indented dump is pure Python, and was the slowest part of a
+    10,000-shot no-op apply) and are written as they are made, so a 100,000-shot file is never
+    held in memory whole.
+    """
+    path = results_path(output_dir)
+    if updated_at is not None:
+        previous = _previous_updated_at(path)
+        if previous is not None and _same_bytes(
+            path, _results_pieces(entries, orphans, {**meta, "updated_at": previous})
+        ):
+            journal_path(output_dir).unlink(missing_ok=True)
+            return path
+        meta = {**meta, "updated_at": updated_at}
+    atomic_write(path, _results_pieces(entries, orphans, meta))
+    journal_path(output_dir).unlink(missing_ok=True)
+    return path
+
+
+def _results_pieces(
+    entries: Sequence[ResultEntry], orphans: Sequence[ResultEntry], meta: Mapping[str, Any]
+) -> Iterator[bytes]:
+    counts = dict.fromkeys(STATUSES, 0)
+    for entry in entries:
+        counts[entry.status] += 1
+    if not counts["unfetched"]:
+        # Only when there are some: a results file written before `unfetched` existed stays
+        # byte for byte the same after an upgrade.
+        del counts["unfetched"]
+    head = {
+        "version": RESULTS_FORMAT_VERSION,
+        **meta,
+        "summary": {"shots": len(entries), **counts},
+    }
+    yield b"{\n"
+    for name, value in head.items():
+        yield f"  {_compact(name)}: {_compact(value)},\n".encode()
+    yield b'  "shots": '
+    yield from _json_lines(entries)
+    yield b',\n  "orphans": '
+    yield from _json_lines(orphans)
+    yield b"\n}\n"
+
+
+def _previous_updated_at(path: Path) -> str | None:
+    """The `updated_at` of the results file at `path` as `write_results` wrote it, else None."""
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith('  "shots"'):
+                    break
+                name, _, value = line.strip().partition(": ")
+                if name == '"updated_at"':
+                    stamp = json.loads(value.removesuffix(","))
+                    return stamp if isinstance(stamp, str) else None
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _same_bytes(path: Path, pieces: Iterator[bytes]) -> bool:
+    """Whether the file at `path` holds exactly the concatenation of `pieces`, read as they
+    come (never the whole file in memory)."""
+    try:
+        with path.open("rb") as handle:
+            for piece in pieces:
+                if handle.read(len(piece)) != piece:
+                    return False
+            return handle.read(1) == b""
+    except OSError:
+        return False
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _json_lines(entries: Sequence[ResultEntry]) -> Iterator[bytes]:
+    """A JSON list with one compact entry per line."""
+    if not entries:
+        yield b"[]"
+        return
+    yield b"[\n"
+    last = len(entries) - 1
+    for index, entry in enumerate(entries):
+        ending = "\n" if index == last else ",\n"
+        yield f"    {_compact(entry.to_json())}{ending}".encode()
+    yield b"  ]"

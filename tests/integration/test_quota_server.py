@@ -1,0 +1,139 @@
+"""apply against the fake DashScope server with each quota shape, through the real provider.
+
+Takes the fake server's counted window (`quota_window`), cap on work in progress
+(`max_in_progress`) and stated quota (the flow-control header), and imgbatch's `apply` with the
+quota given, stated, unknown or learned; gives evidence that a given window is used in full and
+no faster, that the stated quota is read from the header, that a cap and an unknown window are
+found, that what was found is kept (by a fingerprint, never the key) for the next run, and that
+429s do not use up a shot's tries. Time scaled down: a window of a second, not a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from imgbatch.pacing.gate import RetryPolicy
+from imgbatch.pacing.quota import Quota
+from imgbatch.review.report import apply_summary
+from imgbatch.run.apply import ApplyOptions, apply
+from tests.conftest import FAKE_KEY, write_many_shots
+from tests.support.fake_dashscope import FakeDashScope
+
+FAST_RETRY = RetryPolicy(base_delay=0.001, max_delay=0.01)
+
+
+def options(tmp_path: Path, server: FakeDashScope, **overrides: object) -> ApplyOptions:
+    environ = {"DASHSCOPE_API_KEY": FAKE_KEY, "DASHSCOPE_HTTP_BASE_URL": server.base_url}
+    settings: dict[str, object] = {
+        "retry": FAST_RETRY,
+        "environ": environ,
+        "home": tmp_path,
+        "provider": "dashscope",
+        "quota_store": tmp_path / "cache" / "quotas.json",
+    }
+    settings.update(overrides)
+    return ApplyOptions(**settings)  # type: ignore[arg-type]
+
+
+def test_a_given_window_is_used_in_full_and_no_faster(tmp_path: Path) -> None:
+    manifest = write_many_shots(tmp_path, "given", 9)
+    with FakeDashScope(api_key=FAKE_KEY, quota_window=(3, 1.0)) as server:
+        report = apply(manifest, options(tmp_path, server, quota=Quota(3, 1.0)))
+    assert report.count("generated") == 9
+    assert server.status_counts[429] == 0
+    # Three at once, three a second later, three more a second after that.
+    arrived = [r.received_at - server.requests[0].received_at for r in server.requests]
+    assert max(arrived[:3]) < 0.3
+    assert 1.0 <= min(arrived[3:6]) <= max(arrived[3:6]) < 1.5
+    assert 2.0 <= min(arrived[6:]) < 2.7
+    finding = report.quotas[0].finding
+    assert finding.source == "given" and not report.quotas[0].saved
+
+
+def test_the_quota_stated_in_the_flow_control_header_is_used(tmp_path: Path) -> None:
+    manifest = write_many_shots(tmp_path, "stated", 6)
+    with FakeDashScope(
+        api_key=FAKE_KEY, quota_window=(2, 1.0), state_quota=True, latency=0.2
+    ) as server:
+        report = apply(manifest, options(tmp_path, server))
+    assert report.count("generated") == 6
+    assert server.status_counts[429] <= 1
+    finding = report.quotas[0].finding
+    assert finding.stated == Quota(2, 1.0)
+    assert finding.window == Quota(2, 1.0) and finding.source == "stated"
+    assert "2 requests per 1 s (as the service stated it)" in apply_summary(report)
+
+
+def test_an_unknown_window_is_found_kept_and_where_the_next_run_starts(tmp_path: Path) -> None:
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    first = write_many_shots(tmp_path / "first", "first", 12)
+    second = write_many_shots(tmp_path / "second", "second", 8)
+    with FakeDashScope(api_key=FAKE_KEY, quota_window=(4, 1.0), latency=0.05) as server:
+        report = apply(first, options(tmp_path, server))
+        assert report.count("generated") == 12
+        assert server.status_counts[429] >= 1
+        assert report.quotas[0].saved
+        summary = apply_summary(report)
+        assert "remembered for the next run" in summary
+        server.reset()
+        time.sleep(1.1)  # the first run's requests leave the window
+        again = apply(second, options(tmp_path, server))
+    assert again.count("generated") == 8
+    assert server.status_counts[429] == 0
+    assert again.quotas[0].learned_before
+    assert "as learned by an earlier run" in apply_summary(again)
+    stored = (tmp_path / "cache" / "quotas.json").read_text(encoding="utf-8")
+    assert FAKE_KEY not in stored and FAKE_KEY[3:15] not in stored
+    assert any(key.endswith(" qwen-image-max") for key in json.loads(stored))
+
+
+def test_a_given_quota_overrides_the_learned_one(tmp_path: Path) -> None:
+    store = tmp_path / "cache" / "quotas.json"
+    with FakeDashScope(api_key=FAKE_KEY) as server:
+        account = f"{'0' * 16}@{server.base_url}"
+        store.parent.mkdir(parents=True)
+        store.write_text(json.dumps({f"{account} qwen-image-max": {"count": 1, "period": 60}}))
+        manifest = write_many_shots(tmp_path, "override", 4)
+        report = apply(manifest, options(tmp_path, server, quota=Quota(100, 1.0)))
+    assert report.count("generated") == 4
+    assert report.quotas[0].finding.source == "given"
+
+
+def test_a_cap_on_work_in_progress_is_found(tmp_path: Path) -> None:
+    """Two in progress, each 1.5 s: the third request, sent at the rate the first two were
+    admitted at, is refused with two in flight; that happens again, and the cap is confirmed."""
+    manifest = write_many_shots(tmp_path, "cap", 8)
+    with FakeDashScope(api_key=FAKE_KEY, max_in_progress=2, latency=1.5) as server:
+        report = apply(manifest, options(tmp_path, server))
+    assert report.count("generated") == 8
+    assert server.status_counts[429] <= 3
+    finding = report.quotas[0].finding
+    assert finding.cap == 2 and finding.cap_confirmed
+
+
+def test_429s_do_not_use_up_a_shots_tries(tmp_path: Path) -> None:
+    manifest = write_many_shots(tmp_path, "refused", 1)
+    with FakeDashScope(api_key=FAKE_KEY) as server:
+        server.enqueue_error(429, "Throttling.RateQuota", "Requests rate limit exceeded.", times=5)
+        single_try = RetryPolicy(max_attempts=1, base_delay=0.001)
+        report = apply(manifest, options(tmp_path, server, quota=Quota(100, 1.0), retry=single_try))
+    assert report.count("generated") == 1
+    assert server.status_counts == {429: 5, 200: 1}
+    assert report.entries[0].attempts == 6
+
+
+@pytest.mark.parametrize("header", ["not json", '{"user_spec": {"count_limit": "2"}}', "{}"])
+def test_a_malformed_flow_control_header_is_ignored(header: str) -> None:
+    from imgbatch.providers.dashscope import FLOW_CONTROL_HEADER, _stated_quota
+
+    assert _stated_quota({FLOW_CONTROL_HEADER: header}) is None
+    recorded = (
+        '{"model":"qwen-image-max","user_id":"...","user_spec":{"default_spec":false,'
+        '"count_limit":2,"count_limit_period":60,"burst_factor":0,"burst_timeout":10000}}'
+    )
+    assert _stated_quota({"X-DashScope-Inner-Flow-Control-Meta": recorded}) == Quota(2, 60)

@@ -1,0 +1,375 @@
+"""The contact sheet as files: what index.html says, the thumbnails, and when it is drawn.
+
+The browser test (test_sheet_browser.py) checks the page as a user sees it; these check the
+markup and the files behind it, without a browser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from markupsafe import escape
+from PIL import Image
+
+from imgbatch.cli.main import main
+from imgbatch.providers.placeholder import PlaceholderProvider
+from imgbatch.review import sheet as sheet_module
+from imgbatch.review.sheet import render_sheet, thumb_path
+from imgbatch.run.apply import ApplyOptions, apply, load_and_expand
+from imgbatch.shots.request import GeneratedImage, ImageRequest
+from imgbatch.state.cache import ImageCache
+from imgbatch.state.results import ResultEntry
+from tests.support.sheet_scenario import (
+    ADDED,
+    FAILED,
+    HOSTILE,
+    HOSTILE_NEGATIVE,
+    HOSTILE_PROMPT,
+    ORDER,
+    REPLACED,
+    ModeratedPlaceholder,
+    Scenario,
+    make_scenario,
+)
+
+
+@pytest.fixture
+def scenario(tmp_path: Path) -> Scenario:
+    return make_scenario(tmp_path)
+
+
+def page(scenario: Scenario) -> str:
+    return scenario.sheet.read_text(encoding="utf-8")
+
+
+def card(text: str, shot_id: str) -> str:
+    """The markup of one shot's card: up to the next card, or the end of the grid."""
+    match = re.search(
+        rf'<li class="card[^"]*" id="shot-{re.escape(shot_id)}".*?(?=<li class="card|</ol>)',
+        text,
+        re.S,
+    )
+    assert match, f"no card for {shot_id}"
+    return match.group(0)
+
+
+def test_every_shot_has_a_card_in_manifest_order(scenario: Scenario) -> None:
+    assert scenario.second.sheet == scenario.sheet
+    assert scenario.second.sheet_problem is None
+    assert re.findall(r'<li class="card[^"]*" id="shot-([^"]+)"', page(scenario)) == ORDER
+
+
+def test_user_text_is_escaped_never_markup(scenario: Scenario) -> None:
+    text = page(scenario)
+    hostile = card(text, HOSTILE)
+    assert str(escape(HOSTILE_PROMPT)) in hostile
+    assert str(escape(HOSTILE_NEGATIVE)) in hostile
+    assert "&lt;img src=x onerror=&#34;window.__xss=1" in hostile
+    assert "<img src=x" not in text
+    assert "<script>window" not in text
+    # Exactly one script on the page: the sheet's own.
+    assert text.count("<script") == 1
+
+
+def test_the_page_runs_only_its_own_script_and_fetches_nothing_from_a_network(
+    scenario: Scenario,
+) -> None:
+    text = page(scenario)
+    script = re.search(r"<script>(.*?)</script>", text, re.S)
+    assert script
+    digest = base64.b64encode(hashlib.sha256(script.group(1).encode()).digest()).decode()
+    policy = re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', text)
+    assert policy and f"script-src 'sha256-{digest}'" in policy.group(1)
+    assert "default-src 'none'" in policy.group(1)
+    assert not re.search(r'(src|href)="(https?:)?//', text)
+    assert "<link" not in text
+
+
+def test_the_card_shows_what_was_asked_and_what_happened(scenario: Scenario) -> None:
+    text = page(scenario)
+    helmet = card(text, "s03-helmet")
+    assert "1328×1328" in helmet and "seed 7" in helmet and "qwen-image-max" in helmet
+    # The style is appended to the prompt: the text sent is shown whole, and what differs.
+    assert "a studio product photo of a matte black cycling helmet\nStyle: studio" in helmet
+    assert "prompt + Style: studio photography, softbox lighting" in helmet
+    assert "blurry, low quality, watermark" in helmet
+    failed = card(text, FAILED)
+    assert 'data-status="failed"' in failed
+    assert "400 DataInspectionFailed</code>" in failed
+    assert "Input data may contain inappropriate content." in failed
+    assert "<img" not in failed
+
+
+def test_the_last_run_s_changes_are_marked(scenario: Scenario) -> None:
+    text = page(scenario)
+    changed = re.findall(r'id="shot-([^"]+)"[^>]*data-changed="1"', text)
+    assert changed == [FAILED, REPLACED, ADDED]
+    assert ">replaced</span>" in card(text, REPLACED)
+    assert ">new</span>" in card(text, ADDED)
+    assert ">retried</span>" in card(text, FAILED)
+    assert 'data-changed="0"' in card(text, "s01-dawn-road")
+
+
+def test_a_replaced_shot_shows_its_previous_image_from_the_cache(scenario: Scenario) -> None:
+    previous = next(e for e in scenario.first.entries if e.id == REPLACED)
+    current = next(e for e in scenario.second.entries if e.id == REPLACED)
+    assert previous.key != current.key
+    replaced = card(page(scenario), REPLACED)
+    cached = ImageCache(scenario.output_dir).path(previous.key)
+    assert cached.is_file()
+    assert f'href=".imgbatch/cache/{previous.key[:2]}/{previous.key}.png"' in replaced
+    assert f'src=".imgbatch/thumbs/{previous.key[:2]}/{previous.key}.webp"' in replaced
+    assert f'src=".imgbatch/thumbs/{current.key[:2]}/{current.key}.webp"' in replaced
+    assert f'href="{REPLACED}.png"' in replaced
+    assert "close-up of a hand pulling a water bottle from a carbon frame" in replaced  # was
+
+
+def test_thumbnails_are_small_lazy_and_made_once_per_image(scenario: Scenario) -> None:
+    text = page(scenario)
+    sources = re.findall(r'<img src="([^"]+)"', text)
+    assert len(sources) == 9
+    assert all(src.startswith(".imgbatch/thumbs/") and src.endswith(".webp") for src in sources)
+    assert text.count('loading="lazy"') == len(sources)
+    stats = {}
+    for src in sources:
+        path = scenario.output_dir / src
+        with Image.open(path) as image:
+            assert image.format == "WEBP"
+            assert max(image.size) <= 320
+        assert path.stat().st_size < 40_000
+        stats[src] = path.stat().st_mtime_ns
+
+    result = CliRunner().invoke(main, ["sheet", str(scenario.manifest)])
+
+    assert result.exit_code == 0, result.output
+    assert {src: (scenario.output_dir / src).stat().st_mtime_ns for src in stats} == stats
+
+
+def changed_ids(text: str) -> list[str]:
+    return re.findall(r'id="shot-([^"]+)"[^>]*data-changed="1"', text)
+
+
+def test_the_marks_show_the_last_apply_that_changed_a_shot(scenario: Scenario) -> None:
+    manifest = scenario.manifest
+    options = ApplyOptions(environ={}, home=manifest.parent)
+    # The failed shot is tried again: the marks move to it alone.
+    apply(manifest, options, provider=ModeratedPlaceholder())
+    assert changed_ids(page(scenario)) == [FAILED]
+
+    manifest.write_text(
+        manifest.read_text(encoding="utf-8").replace("a FORBIDDEN sign", "a closed sign"),
+        encoding="utf-8",
+    )
+    apply(manifest, options, provider=ModeratedPlaceholder())
+    drawn = page(scenario)
+    assert changed_ids(drawn) == [FAILED]
+    assert 'data-status="generated"' in card(drawn, FAILED)
+    inode = scenario.sheet.stat().st_ino
+
+    again = apply(manifest, options, provider=ModeratedPlaceholder())
+
+    assert not again.plan.has_changes
+    assert again.sheet == scenario.sheet
+    assert scenario.sheet.stat().st_ino == inode  # not even rewritten
+    assert page(scenario) == drawn
+
+    # Shots moved or removed, nothing made: drawn again, the last change still marked.
+    text = manifest.read_text(encoding="utf-8")
+    s01 = text[text.index("  - id: s01-dawn-road") : text.index("  - id: s02-dusk-portrait")]
+    s09 = text[text.index("  - id: s09-podium") :]
+    manifest.write_text(text.replace(s01, "").replace(s09, "") + s01, encoding="utf-8")
+
+    moved = apply(manifest, options, provider=ModeratedPlaceholder())
+
+    assert not [item for item in moved.plan.shots if item.action != "unchanged"]
+    ids = re.findall(r'<li class="card[^"]*" id="shot-([^"]+)"', page(scenario))
+    assert ids == [*ORDER[1:-1], "s01-dawn-road"]
+    assert changed_ids(page(scenario)) == [FAILED]
+
+
+def test_a_sheet_that_cannot_be_drawn_warns_and_never_fails_the_run(
+    scenario: Scenario, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> Path:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sheet_module, "render_sheet", broken)
+    manifest = scenario.manifest
+    manifest.write_text(
+        manifest.read_text(encoding="utf-8").replace("at noon", "at midnight"), encoding="utf-8"
+    )
+    report = apply(
+        manifest, ApplyOptions(environ={}, home=manifest.parent), provider=ModeratedPlaceholder()
+    )
+    assert report.count("generated") == 1
+    assert report.sheet is None
+    assert report.sheet_problem and "No space left on device" in report.sheet_problem
+    assert str(scenario.sheet) in report.sheet_problem
+
+    manifest.write_text(
+        manifest.read_text(encoding="utf-8").replace("at midnight", "at dawn"), encoding="utf-8"
+    )
+    result = CliRunner().invoke(
+        main,
+        ["apply", str(manifest), "--provider", "placeholder"],
+        env={"HOME": str(manifest.parent)},
+    )
+    # The command's own placeholder has no moderation: every shot is made, and the run is good.
+    assert result.exit_code == 0, result.output
+    assert "warning: the contact sheet" in result.output
+    assert "No space left on device" in result.output
+
+
+def test_imgbatch_sheet_draws_the_page_again_with_the_last_run_s_marks(
+    scenario: Scenario,
+) -> None:
+    before = page(scenario)
+    scenario.sheet.unlink()
+
+    result = CliRunner().invoke(main, ["sheet", str(scenario.manifest)])
+
+    assert result.exit_code == 0, result.output
+    assert f"Contact sheet: {scenario.sheet}" in result.output
+    assert page(scenario) == before
+
+
+def test_imgbatch_sheet_shows_shots_not_applied_yet_as_pending(scenario: Scenario) -> None:
+    manifest = scenario.manifest
+    manifest.write_text(
+        manifest.read_text(encoding="utf-8")
+        + '  - id: s10-later\n    prompt: "a shot added after the last apply"\n',
+        encoding="utf-8",
+    )
+
+    result = CliRunner().invoke(main, ["sheet", str(manifest)])
+
+    assert result.exit_code == 0, result.output
+    later = card(page(scenario), "s10-later")
+    assert 'data-status="pending"' in later and "not generated yet" in later
+
+
+def test_imgbatch_sheet_before_any_apply_says_so_and_writes_nothing(tmp_path: Path) -> None:
+    manifest = tmp_path / "shots.yaml"
+    manifest.write_text(
+        'version: 1\nname: fresh\nshots:\n  - id: a\n    prompt: "a red bicycle"\n',
+        encoding="utf-8",
+    )
+
+    result = CliRunner().invoke(main, ["sheet", str(manifest)])
+
+    assert result.exit_code == 1
+    assert "no results in" in result.output and "imgbatch apply" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "output").exists()
+
+
+def test_a_simplified_prompt_is_shown_as_what_was_sent_and_a_lost_image_breaks_nothing(
+    tmp_path: Path,
+) -> None:
+    prompt = "a red bicycle. It leans on a wall in the rain"
+    entry = ResultEntry(
+        id="s01",
+        status="generated",
+        file="s01.png",
+        key="ab" * 32,
+        width=1664,
+        height=928,
+        seed=None,
+        model="qwen-image-max",
+        size="1664*928",
+        prompt=prompt,
+        image_url=None,
+        request_id="req-1",
+        request={"text": prompt + "\nStyle: watercolour"},
+        prompt_sent="a red bicycle.",
+        simplified=True,
+    )
+
+    path = render_sheet(
+        tmp_path, title="t", order=["s01"], entries={"s01": entry}, changes={}, finished_at=None
+    )
+
+    shot = card(path.read_text(encoding="utf-8"), "s01")
+    assert '<span class="label">simplified</span><span class="value">a red bicycle.</span>' in shot
+    assert "seed random" in shot
+    assert "no preview" in shot and "<img" not in shot  # its image is gone: no thumbnail
+
+
+def test_a_shot_billed_but_not_downloaded_has_its_own_status_and_filter(tmp_path: Path) -> None:
+    made = ResultEntry(
+        id="s01",
+        status="unfetched",
+        file=None,
+        key="cd" * 32,
+        width=None,
+        height=None,
+        seed=7,
+        model="qwen-image-max",
+        size="1664*928",
+        prompt="a red bicycle",
+        image_url="https://dashscope-result.example.invalid/1.png?Expires=1",
+        request_id="req-1",
+        error="generated (request req-1) but the image could not be downloaded: timed out",
+        request={"text": "a red bicycle"},
+    )
+
+    path = render_sheet(
+        tmp_path, title="t", order=["s01"], entries={"s01": made}, changes={}, finished_at=None
+    )
+
+    text = path.read_text(encoding="utf-8")
+    shot = card(text, "s01")
+    assert 'data-status="unfetched"' in shot
+    assert "billed, not downloaded yet: the next apply fetches it" in shot
+    assert "could not be downloaded: timed out" in shot
+    assert 'data-filter="unfetched"' in text
+    assert "<img" not in shot
+
+
+class WaitsForAThumbnail(PlaceholderProvider):
+    """Holds the last shot until the first shot's thumbnail exists (or gives up after 10 s)."""
+
+    def __init__(self, thumb: Path) -> None:
+        super().__init__()
+        self.thumb = thumb
+        self.seen_during_run = False
+
+    async def generate(self, request: ImageRequest, *, label: str) -> GeneratedImage:
+        if label == "c":
+            for _ in range(1000):
+                if self.thumb.is_file():
+                    self.seen_during_run = True
+                    break
+                await asyncio.sleep(0.01)
+        return await super().generate(request, label=label)
+
+
+def test_thumbnails_are_made_while_the_run_goes_on_and_the_listener_still_hears_all(
+    tmp_path: Path,
+) -> None:
+    manifest = tmp_path / "shots.yaml"
+    shots = "".join(f'  - id: {name}\n    prompt: "shot {name}"\n' for name in "abc")
+    manifest.write_text(
+        f'version: 1\nname: bg\ndefaults:\n  size: "1328*1328"\nshots:\n{shots}', encoding="utf-8"
+    )
+    first = load_and_expand(manifest, "placeholder", environ={})[1].shots[0]
+    output_dir = tmp_path / "output" / "bg"
+    provider = WaitsForAThumbnail(thumb_path(output_dir, first.request.key))
+    heard: list[object] = []
+
+    report = apply(
+        manifest,
+        ApplyOptions(provider="placeholder", environ={}, home=tmp_path, concurrency=1),
+        provider=provider,
+        listener=heard.append,
+    )
+
+    assert report.count("generated") == 3
+    assert provider.seen_during_run
+    assert [event.id for event in heard if isinstance(event, ResultEntry)] == ["a", "b", "c"]

@@ -1,0 +1,243 @@
+"""The gate and whole runs against simulated accounts, on virtual time: nothing here sleeps.
+
+Takes the `Gate` alone (a known window kept, a cap kept, a Retry-After honoured) and the real
+`apply_async` against the accounts of `tests/support/quota_sim.py` (a counted window, a cap on work
+in progress, a token bucket; the quota unknown, given, stated or learned); gives evidence that each
+shape is run near its physical limit with few 429s, and that 429s do not fail shots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from imgbatch.pacing.gate import Clock, Gate, Pacer, RetryPolicy
+from imgbatch.pacing.quota import Quota, QuotaEstimator
+from imgbatch.run.apply import ApplyOptions
+from tests.support.quota_sim import Account, simulate
+from tests.support.virtual_time import run_virtual
+
+
+def loop_clock() -> Clock:
+    loop = asyncio.get_running_loop()
+    return Clock(now=loop.time, sleep=asyncio.sleep)
+
+
+async def send_times(gate: Gate, count: int, workers: int = 8, hold: float = 0.0) -> list[float]:
+    """When each of `count` requests was let go by workers that all want to go at once; each
+    request is answered `hold` seconds after it went."""
+    loop = asyncio.get_running_loop()
+    times: list[float] = []
+    pending = iter(range(count))
+
+    async def worker() -> None:
+        for _ in pending:
+            ticket = await gate.acquire()
+            times.append(loop.time())
+            await asyncio.sleep(hold)
+            gate.answered(ticket)
+
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    return times
+
+
+def given(quota: Quota) -> Gate:
+    """A gate keeping `quota` strictly (as --quota does)."""
+    return Gate(QuotaEstimator(given=quota), loop_clock())
+
+
+# ----- the gate ----------------------------------------------------------------------------------
+
+
+def test_a_known_rate_is_kept_evenly_from_the_first_request() -> None:
+    async def scenario() -> list[float]:
+        gate = Gate(QuotaEstimator(given=Quota.per_second(10)), loop_clock(), average=True)
+        return await send_times(gate, 51)
+
+    times = run_virtual(scenario())
+    gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
+    assert times[-1] - times[0] == pytest.approx(5.0, abs=0.01)  # 51 starts, 0.1 s apart
+    assert min(gaps) >= 0.0999  # no burst at the start, when a strict account would refuse it
+
+
+def test_a_late_turn_is_made_up_on_the_next_so_a_known_rate_holds() -> None:
+    """The event loop wakes a waiter late now and then; the gate must not lose that time."""
+
+    async def scenario() -> float:
+        loop = asyncio.get_running_loop()
+        gate = Gate(QuotaEstimator(given=Quota.per_second(10)), loop_clock(), average=True)
+        started = loop.time()
+        for index in range(50):
+            gate.answered(await gate.acquire())
+            if index % 2:
+                await asyncio.sleep(0.15)  # this caller comes back 0.05 s after its turn
+        return loop.time() - started
+
+    # Unrecovered lateness would add 25 x 0.05 s = 1.25 s.
+    assert run_virtual(scenario()) == pytest.approx(4.9 + 0.15, abs=0.06)
+
+
+def test_a_known_window_sends_its_k_at_once_then_waits_for_the_window_to_pass() -> None:
+    """Two a minute: the account has saved up two, so two go at once, then two a minute later."""
+
+    async def scenario() -> list[float]:
+        return await send_times(given(Quota(2, 60)), 6)
+
+    times = run_virtual(scenario())
+    assert times[:2] == pytest.approx([0.0, 0.0], abs=1e-6)
+    # The next pair a little after the window (a margin for the network's jitter), not before.
+    assert 60.0 <= times[2] <= times[3] <= times[2] + 1e-6 <= 61.0
+    assert 120.0 <= times[4] <= times[5] <= times[4] + 1e-6 <= 122.0
+
+
+def test_no_span_of_a_window_ever_holds_more_than_k() -> None:
+    async def scenario() -> list[float]:
+        return await send_times(given(Quota(5, 1)), 40, workers=16, hold=0.3)
+
+    times = run_virtual(scenario())
+    assert max(sum(1 for t in times if start <= t < start + 1.0) for start in times) <= 5
+    assert 7.0 <= times[-1] < 7.5  # 8 windows of 5, the first at once (and a margin each)
+
+
+def test_the_cap_holds_requests_in_flight_under_it() -> None:
+    async def scenario() -> int:
+        estimator = QuotaEstimator(given=Quota(1000, 1), learned_cap=3)
+        gate = Gate(estimator, loop_clock())
+        most = 0
+
+        async def worker() -> None:
+            nonlocal most
+            for _ in range(5):
+                ticket = await gate.acquire()
+                most = max(most, gate.in_flight)
+                await asyncio.sleep(1.0)
+                gate.answered(ticket)
+
+        await asyncio.gather(*(worker() for _ in range(8)))
+        return most
+
+    assert run_virtual(scenario()) == 3
+
+
+def test_retry_after_holds_back_every_request_until_it_has_passed() -> None:
+    async def scenario() -> list[float]:
+        clock = loop_clock()
+        gate = given(Quota.per_second(100))
+        await send_times(gate, 5)
+        ticket = await gate.acquire()
+        gate.refused(ticket, retry_after=30.0)
+        paused_at = clock.now()
+        return [t - paused_at for t in await send_times(gate, 10)]
+
+    after_pause = run_virtual(scenario())
+    assert min(after_pause) >= 30.0
+    assert max(after_pause) < 30.2
+
+
+def test_a_429_under_a_known_quota_holds_everyone_back_one_interval() -> None:
+    async def scenario() -> tuple[Quota, float]:
+        clock = loop_clock()
+        gate = given(Quota.per_second(10))
+        await send_times(gate, 20)
+        await asyncio.sleep(1.0)  # idle: the window alone would let the next one go at once
+        ticket = await gate.acquire()
+        gate.refused(ticket)
+        refused_at = clock.now()
+        await gate.acquire()
+        return gate.estimator.window, clock.now() - refused_at
+
+    window, held_back = run_virtual(scenario())
+    assert window == Quota.per_second(10)
+    assert held_back >= 0.1
+
+
+def test_the_placeholder_is_not_paced() -> None:
+    assert Pacer(unlimited=True).gate("qwen-image-max") is None
+
+
+def test_each_model_has_a_gate_of_its_own() -> None:
+    pacer = Pacer()
+    assert pacer.gate("qwen-image-max") is pacer.gate("qwen-image-max")
+    assert pacer.gate("qwen-image-max") is not pacer.gate("qwen-image-plus")
+
+
+# ----- whole runs against simulated accounts -----------------------------------------------------
+
+TWO_A_MINUTE = Account(window=(2, 60))
+
+
+def test_two_a_minute_unknown_is_found_with_two_429s_and_run_near_its_limit() -> None:
+    run = simulate(TWO_A_MINUTE, 16.5, 30)
+    assert run.report.count("generated") == 30
+    assert run.refused <= 2  # the first cannot tell a cap of 2 from 2 a minute
+    assert run.ratio >= 0.95
+    assert run.report.quotas[0].finding.window == Quota(2, 60)
+
+
+def test_two_a_minute_stated_by_the_service_sees_one_429_at_most() -> None:
+    run = simulate(Account(window=(2, 60), states=True), 16.5, 30)
+    assert run.report.count("generated") == 30
+    assert run.refused <= 1
+    assert run.ratio >= 0.95
+    assert run.report.quotas[0].finding.source == "stated"
+
+
+def test_two_a_minute_given_is_used_in_full_with_no_429() -> None:
+    run = simulate(TWO_A_MINUTE, 16.5, 30, options=ApplyOptions(quota=Quota(2, 60)))
+    assert run.refused == 0
+    assert run.ratio >= 0.95
+
+
+def test_what_a_run_learned_is_where_the_next_run_starts(tmp_path: Path) -> None:
+    first = simulate(TWO_A_MINUTE, 16.5, 10, folder=tmp_path / "first")
+    assert first.refused >= 1 and first.report.quotas[0].saved
+    store = tmp_path / "first" / "quotas.json"
+    second = simulate(
+        TWO_A_MINUTE, 16.5, 10, folder=tmp_path / "second", options=ApplyOptions(quota_store=store)
+    )
+    assert second.refused == 0
+    assert second.report.quotas[0].learned_before
+
+
+@pytest.mark.parametrize("cap", [1, 2, 4])
+def test_a_cap_on_work_in_progress_is_found_and_held(cap: int) -> None:
+    run = simulate(Account(max_in_progress=cap), 16.5, 30)
+    assert run.report.count("generated") == 30
+    assert run.refused <= 2
+    assert run.ratio >= 0.95
+    finding = run.report.quotas[0].finding
+    assert finding.cap == cap and finding.cap_confirmed
+
+
+def test_an_even_rate_without_burst_is_found() -> None:
+    run = simulate(Account(bucket=(2, 1)), 16.5, 100)
+    assert run.refused <= 5
+    assert run.ratio >= 0.9
+
+
+def test_a_token_bucket_with_a_burst_is_found_and_held() -> None:
+    run = simulate(Account(bucket=(25, 25)), 0.8, 600)
+    assert run.share <= 0.05
+    # The gentle opening costs about 2 s of the ideal's 24.8 (which sends the burst at once).
+    assert run.ratio >= 0.85
+    assert run.report.quotas[0].finding.window.rate == pytest.approx(25, rel=0.1)
+
+
+def test_429s_do_not_use_up_a_shots_tries() -> None:
+    """Two a minute with a single try per shot: every shot still made, none failed."""
+    run = simulate(TWO_A_MINUTE, 16.5, 8, options=ApplyOptions(retry=RetryPolicy(max_attempts=1)))
+    assert run.refused >= 1
+    assert run.report.count("generated") == 8
+
+
+def test_a_shot_fails_on_429s_only_after_the_service_refused_it_for_the_patience() -> None:
+    """One request a day: the second shot is refused for the patience (10 minutes), then fails."""
+    patience = RetryPolicy(throttle_patience=600.0)
+    run = simulate(Account(window=(1, 86400)), 1.0, 2, options=ApplyOptions(retry=patience))
+    failed = [entry for entry in run.report.entries if entry.status == "failed"]
+    assert len(failed) == 1
+    assert failed[0].error is not None and "the service refused it for" in failed[0].error
+    # Failed at the first 429 after the patience, not before; the slowed gate spaces those out.
+    assert 600 <= run.wall < 1500

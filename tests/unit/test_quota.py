@@ -1,0 +1,271 @@
+"""The account's limits estimated from plain numbers: no event loop, no clock, no sleeping.
+
+Takes `QuotaEstimator` fed with sends (time, others in flight), answers and 429s, as a gate
+would feed it; gives evidence that each quota shape is recognised from what it admits and
+refuses (a counted window, even spacing, a cap on work in progress, a token bucket's burst), that
+a stated quota is used until a 429 shows it wrong, that a given one is never changed, and that
+quotas are written and read the way the CLI and the manifest take them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from imgbatch.errors import ManifestError
+from imgbatch.manifest import load_manifest
+from imgbatch.pacing.quota import Quota, QuotaEstimator, parse_quota
+
+
+class Account:
+    """Drives an estimator the way the gate does: sends when it is allowed, answers at once."""
+
+    def __init__(self, estimator: QuotaEstimator) -> None:
+        self.estimator = estimator
+        self.in_flight: dict[int, float] = {}  # send id -> when its answer comes
+
+    def send(self, at: float, *, refused: bool, latency: float = 16.5) -> int:
+        for send_id, done in list(self.in_flight.items()):
+            if done <= at:
+                self.estimator.answered(send_id, done)
+                del self.in_flight[send_id]
+        send_id = self.estimator.sent(at, len(self.in_flight))
+        if refused:
+            self.estimator.refused(send_id, at + 0.004)
+        else:
+            self.in_flight[send_id] = at + latency
+        return send_id
+
+
+# ----- writing a quota ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "count", "period"),
+    [
+        ("2/60s", 2, 60.0),
+        ("2/min", 2, 60.0),
+        ("25/s", 25, 1.0),
+        ("10/1m", 10, 60.0),
+        (" 3 / 0.5s ", 3, 0.5),
+        ("100/hour", 100, 3600.0),
+        ("2/60", 2, 60.0),
+        ("5/2 minutes", 5, 120.0),
+    ],
+)
+def test_a_quota_is_read_as_k_requests_per_period(text: str, count: int, period: float) -> None:
+    assert parse_quota(text) == Quota(count, period)
+
+
+@pytest.mark.parametrize("text", ["0/60s", "2/0s", "2/60x", "2/", "/s", "two a minute", "2-60s"])
+def test_a_quota_not_written_k_over_p_is_refused_with_the_forms_that_work(text: str) -> None:
+    with pytest.raises(ValueError, match=r"2/60s"):
+        parse_quota(text)
+
+
+def test_a_rate_a_second_is_a_window_of_one_evenly_spaced() -> None:
+    assert Quota.per_second(4) == Quota(1, 0.25)
+    assert Quota(2, 60).rate == pytest.approx(1 / 30)
+    assert str(Quota(2, 60)) == "2/60s"
+
+
+# ----- nothing known: the opening ----------------------------------------------------------------
+
+
+def test_with_nothing_known_it_opens_with_one_request_then_spaced_ones_not_a_burst() -> None:
+    estimator = QuotaEstimator()
+    assert estimator.window == Quota(1, 0.55)  # one request, the next 0.55 s later
+    assert estimator.cap is None
+    assert not estimator.found
+
+
+def test_the_rate_doubles_while_requests_wait_and_nothing_is_refused() -> None:
+    estimator = QuotaEstimator()
+    t = 0.0
+    for _ in range(40):
+        estimator.sent(t, 0, waited=True)
+        t += estimator.window.period / estimator.window.count
+    assert estimator.window.rate >= 2 / 0.55 * 2**4
+
+
+def test_the_rate_is_not_raised_while_requests_do_not_wait_for_it() -> None:
+    estimator = QuotaEstimator()
+    for second in range(40):
+        estimator.sent(float(second), 0, waited=False)
+    assert estimator.window == Quota(1, 0.55)
+
+
+# ----- a counted window --------------------------------------------------------------------------
+
+
+def test_two_a_minute_is_recognised_from_the_third_request_being_refused_at_once() -> None:
+    """Refused at 1.1 s with two admitted since 0: a second-long window would have admitted it
+    (one admitted in the last second), and even spacing would have admitted the second request
+    at the same gap, so only a window of two per minute explains it."""
+    estimator = QuotaEstimator()
+    account = Account(estimator)
+    account.send(0.0, refused=False)
+    account.send(0.55, refused=False)
+    account.send(1.1, refused=True)
+    # Not told apart from a cap of 2 yet: the cap is believed first, the window kept.
+    assert estimator.cap == 2
+    account.send(16.6, refused=True)  # one in flight, fewer than were admitted before: a rate
+    assert estimator.window == Quota(2, 60.0)
+    assert estimator.source == "probed"
+
+
+def test_ten_a_minute_is_recognised_once_a_faster_explanation_is_refused_too() -> None:
+    """Ten admitted in 2 s, then refused: a token bucket of a few a second with its burst saved
+    up explains it too and is faster, so it is tried; refused again with nothing admitted in
+    between, only ten a minute is left."""
+    estimator = QuotaEstimator()
+    account = Account(estimator)
+    for at in [0.0, 0.55, 1.1, 1.4, 1.6, 1.75, 1.85, 1.9, 1.95, 2.0]:
+        account.send(at, refused=False, latency=0.5)
+    account.send(2.6, refused=True, latency=0.5)  # none in flight: not a cap
+    assert estimator.window.rate > 1
+    account.send(2.6 + estimator.window.period, refused=True, latency=0.5)
+    assert estimator.window == Quota(10, 60.0)
+
+
+def test_even_spacing_is_narrowed_between_the_gap_refused_and_the_gap_admitted() -> None:
+    """A token bucket of 2 a second without a burst: 0.55 s gaps admitted, 0.275 s refused."""
+    estimator = QuotaEstimator()
+    account = Account(estimator)
+    for at in (0.0, 0.55, 1.1, 1.65):
+        account.send(at, refused=False, latency=0.1)
+    account.send(1.925, refused=True, latency=0.1)
+    window = estimator.window
+    assert window.count == 1
+    assert 0.275 < window.period <= 0.55
+
+
+# ----- a cap on work in progress -----------------------------------------------------------------
+
+
+def test_a_cap_is_found_from_the_count_in_flight_and_confirmed_at_the_same_count() -> None:
+    estimator = QuotaEstimator()
+    account = Account(estimator)
+    account.send(0.0, refused=False)
+    account.send(0.55, refused=True)  # one in flight
+    assert estimator.cap == 1 and not estimator.cap_confirmed
+    account.send(16.6, refused=False)  # the first answered: the tentative cap grew
+    assert estimator.cap == 2
+    account.send(17.2, refused=True)  # refused with one in flight again: it is a cap of 1
+    assert estimator.cap == 1 and estimator.cap_confirmed
+
+
+def test_a_429_with_fewer_in_flight_than_were_admitted_is_not_blamed_on_a_cap() -> None:
+    estimator = QuotaEstimator()
+    account = Account(estimator)
+    for at in (0.0, 0.55, 1.1, 1.65):
+        account.send(at, refused=False, latency=2.0)
+    # Admitted with 3 others in flight; refused with 3 in flight (the first has been answered).
+    account.send(2.2, refused=True, latency=2.0)
+    assert estimator.cap is None
+
+
+def test_a_confirmed_cap_is_tried_one_higher_now_and_then() -> None:
+    estimator = QuotaEstimator(learned_cap=3)
+    estimator.sent(0.0, 0)
+    estimator.sent(1000.0, 2)
+    assert estimator.cap == 4
+
+
+# ----- a token bucket with a saved-up burst -------------------------------------------------------
+
+
+def test_a_token_buckets_burst_is_not_read_as_a_window_of_everything_sent() -> None:
+    """25 a second holding 25: the ramp got 60 through in 2 s before the first 429. A window of
+    60 a minute fits too, but the fastest explanation is taken (a wrong one is refused again)."""
+    estimator = QuotaEstimator()
+    t, gap = 0.0, 0.55
+    for index in range(60):
+        estimator.sent(t, 0)
+        estimator.answered(index, t + 0.1)
+        t += gap
+        gap = max(gap * 0.8, 0.01)
+    refused = estimator.sent(t, 0)
+    estimator.refused(refused, t + 0.004)
+    assert estimator.window.rate > 10  # not 60 a minute
+
+
+def test_between_two_429s_of_a_dry_bucket_what_was_admitted_is_the_rate() -> None:
+    estimator = QuotaEstimator()
+    t = 0.0
+    send_id = 0
+    for index in range(200):
+        refused = index in (100, 199)
+        send_id = estimator.sent(t, 0)
+        if refused:
+            estimator.refused(send_id, t + 0.004)
+        else:
+            estimator.answered(send_id, t + 0.1)
+        t += 0.04  # 25 a second
+    # 98 admitted between the two 429s, 3.96 s apart: about 24.7 a second, less the margin.
+    assert estimator.window.rate == pytest.approx(98 / 3.96 * 0.95, rel=0.05)
+
+
+# ----- a stated or a given quota -----------------------------------------------------------------
+
+
+def test_a_stated_quota_is_used_at_once() -> None:
+    estimator = QuotaEstimator()
+    estimator.stated(Quota(2, 60))
+    assert estimator.window == Quota(2, 60) and estimator.source == "stated"
+
+
+def test_a_stated_quota_shown_wrong_by_a_429_is_dropped_for_what_the_429s_say() -> None:
+    estimator = QuotaEstimator()
+    account = Account(estimator)
+    estimator.stated(Quota(10, 1))  # says 10 a second
+    for at in (0.0, 0.1, 0.2):
+        account.send(at, refused=False, latency=0.01)
+    account.send(0.3, refused=True, latency=0.01)  # refused with 3 in the last second
+    assert estimator.source == "probed"
+    assert estimator.window.rate < 10
+    estimator.stated(Quota(10, 1))  # said again: no longer believed
+    assert estimator.source == "probed"
+
+
+def test_a_429_the_stated_quota_explains_keeps_it() -> None:
+    """Another client of the same account used the window up: the quota is still right."""
+    estimator = QuotaEstimator()
+    account = Account(estimator)
+    estimator.stated(Quota(2, 60))
+    account.send(0.0, refused=False, latency=0.01)
+    account.send(0.1, refused=False, latency=0.01)
+    account.send(0.2, refused=True, latency=0.01)
+    assert estimator.window == Quota(2, 60) and estimator.source == "stated"
+
+
+def test_a_given_quota_is_never_changed_by_429s_or_statements() -> None:
+    estimator = QuotaEstimator(given=Quota(25, 1))
+    account = Account(estimator)
+    for index in range(5):
+        account.send(index * 0.01, refused=True, latency=0.01)
+    estimator.stated(Quota(2, 60))
+    assert estimator.window == Quota(25, 1) and estimator.source == "given"
+
+
+def test_a_learned_quota_is_where_the_run_starts() -> None:
+    estimator = QuotaEstimator(learned=Quota(2, 60), learned_cap=4)
+    assert estimator.window == Quota(2, 60) and estimator.source == "learned"
+    assert estimator.cap == 4 and estimator.found
+
+
+# ----- in the manifest ---------------------------------------------------------------------------
+
+
+def test_limits_quota_in_the_manifest_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "shots.yaml"
+    path.write_text("version: 1\nlimits:\n  quota: 2/min\nshots:\n  - id: a\n    prompt: x\n")
+    assert load_manifest(path).limits.quota == Quota(2, 60)
+
+
+def test_a_limits_quota_not_written_k_over_p_is_a_manifest_error_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "shots.yaml"
+    path.write_text("version: 1\nlimits:\n  quota: 2 a minute\nshots:\n  - id: a\n    prompt: x\n")
+    with pytest.raises(ManifestError, match=r"shots.yaml:3:\d+: .*limits.quota"):
+        load_manifest(path)
