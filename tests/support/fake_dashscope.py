@@ -4,7 +4,8 @@ Takes: HTTP requests in the real wire format of
 ``POST {base}/services/aigc/multimodal-generation/generation`` (Bearer key, JSON body with
 ``model``, ``input.messages`` and ``parameters``), plus scripted faults set by the test
 (queued errors, dropped connections, corrupt or wrongly sized images, a rate quota, random 500s,
-cut, stalled, slow and redirected downloads, a key echoed back).
+cut, stalled, slow and redirected downloads, a key echoed back, and images whose bytes the test
+chooses: an EPS, a DDS, a decode bomb, a JPEG, or a PNG sent gzip-encoded).
 Gives: DashScope-shaped JSON answers, with the real answer's headers (``x-request-id``,
 ``req-cost-time``), whose image URLs point at a second listener that plays the OSS bucket (a
 different host name, ``localhost``, with a signed-looking query string) and serves PNGs of the
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import hashlib
 import io
 import json
@@ -152,12 +154,23 @@ class _Generation:
 
 
 @dataclass(frozen=True)
+class _Served:
+    """Scripted image bytes: served instead of a drawn PNG (`body` None: the drawn one), with
+    this Content-Type, and gzip-encoded on the wire when `gzip`."""
+
+    body: bytes | None
+    content_type: str
+    gzip: bool
+
+
+@dataclass(frozen=True)
 class _StoredImage:
     width: int
     height: int
     colour: int
     signature: str
     corrupt: bool
+    served: _Served | None = None
 
 
 class TokenBucket:
@@ -253,6 +266,7 @@ class FakeDashScope:
         self._lock = threading.Lock()
         self._faults: deque[_Fault] = deque()
         self._pending: Counter[str] = Counter()  # "corrupt" / "wrong_size" toggles still due
+        self._served: deque[_Served] = deque()  # scripted image bytes for the next successes
         self._images: dict[str, _StoredImage] = {}
         self._png_cache: dict[tuple[int, int, int], bytes] = {}
         self._runners: list[web.AppRunner] = []
@@ -380,6 +394,21 @@ class FakeDashScope:
         """Make the next ``times`` images 64*64 whatever size was asked, and report 64*64."""
         with self._lock:
             self._pending["small"] += times
+
+    def serve_next_image(
+        self,
+        body: bytes | None = None,
+        *,
+        content_type: str = "image/png",
+        gzip: bool = False,
+        times: int = 1,
+    ) -> None:
+        """Serve `body` (an EPS, a DDS, a decode bomb, a JPEG...) as the image of the next
+        ``times`` successes, labelled `content_type`; with `gzip`, sent gzip-encoded
+        (``Content-Encoding: gzip``, ``Content-Length`` of the compressed bytes), and without a
+        `body`, the drawn PNG is what is compressed."""
+        with self._lock:
+            self._served.extend(_Served(body, content_type, gzip) for _ in range(times))
 
     def forget_images(self) -> None:
         """Make every image URL handed out so far answer 404, like an expired result."""
@@ -601,7 +630,8 @@ class FakeDashScope:
             corrupt = self._consume_toggle("corrupt")
             wrong_size = self._consume_toggle("wrong_size")
             echo = self._consume_toggle("echo_url")
-            self._images[image_id] = _StoredImage(width, height, colour, signature, corrupt)
+            served = self._served.popleft() if self._served else None
+            self._images[image_id] = _StoredImage(width, height, colour, signature, corrupt, served)
         expires = int(time.time()) + URL_LIFETIME_S
         # A redirecting URL first passes through /r/, like a CDN in front of the bucket.
         folder = "r" if self.redirect_images else "results"
@@ -658,16 +688,28 @@ class FakeDashScope:
             return _oss_error(404, "NoSuchKey", "The specified key does not exist.")
         if request.query.get("Signature") != stored.signature:
             return _oss_error(403, "SignatureDoesNotMatch", "The request signature is wrong.")
-        png = await self._png(stored.width, stored.height, stored.colour)
+        served = stored.served
+        if served is not None and served.body is not None:
+            png = served.body
+        else:
+            png = await self._png(stored.width, stored.height, stored.colour)
         if stored.corrupt:
             png = png[: len(png) // 2]
+        if served is not None and served.gzip:
+            png = gzip.compress(png, mtime=0)
         return await self._send_image(request, png, stored)
 
     async def _send_image(
         self, request: web.Request, png: bytes, stored: _StoredImage
     ) -> web.StreamResponse:
         """The body in chunks, as a real object store over a real link sends it."""
-        headers = {"Content-Type": "image/png", "ETag": f'"{stored.signature}"'}
+        served = stored.served
+        headers = {
+            "Content-Type": served.content_type if served else "image/png",
+            "ETag": f'"{stored.signature}"',
+        }
+        if served is not None and served.gzip:
+            headers["Content-Encoding"] = "gzip"
         response = web.StreamResponse(headers=headers)
         if self.send_content_length:
             response.content_length = len(png)

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from imgbatch.errors import CacheEntryDamaged, StoreError, StoreWriteError
+from imgbatch.errors import CacheEntryDamaged, ImageError, StoreError, StoreWriteError
 from imgbatch.state import cache as store
 from imgbatch.state.cache import TEMP_PREFIX, ImageCache, atomic_write, check_writable, verify_image
 from imgbatch.state.results import (
@@ -144,8 +144,11 @@ def test_verify_image_rejects_truncated_bytes() -> None:
 
 
 def test_verify_image_rejects_garbage() -> None:
-    with pytest.raises(ValueError, match=r"^downloaded bytes are not a whole image \(cannot "):
+    with pytest.raises(ImageError) as caught:
         verify_image(b"<html>access denied</html>", 64, 32)
+    assert str(caught.value) == (
+        "downloaded bytes are HTML or XML text, not a PNG image (imgbatch reads PNG only)"
+    )
 
 
 def test_verify_image_rejects_empty_bytes() -> None:

@@ -260,6 +260,10 @@ class DashScopeProvider:
         cap = self._max_image_bytes
         too_large = PermanentError(f"the image is larger than {cap / 2**20:g} MiB", code="TooLarge")
         declared = response.content_length
+        if response.headers.get("Content-Encoding", "identity").lower() not in ("", "identity"):
+            # Decoded as it is read (gzip, deflate...): the length declared is the encoded one,
+            # and the cap counts the decoded bytes.
+            declared = None
         if declared is not None and declared > cap:
             raise too_large
         body = bytearray()

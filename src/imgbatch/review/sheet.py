@@ -21,7 +21,6 @@ import io
 import json
 import os
 import re
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,12 +33,13 @@ from urllib.parse import quote
 import jinja2
 from PIL import Image
 
-from imgbatch.errors import StoreError
+from imgbatch.errors import ImageError, StoreError
 from imgbatch.manifest import load_manifest
 from imgbatch.plan.decide import WORK_ACTIONS, Action, Plan
 from imgbatch.run.executor import Listener, RunEvent
 from imgbatch.shots.expand import output_dir_for
 from imgbatch.state.cache import STATE_DIR, TEMP_PREFIX, ImageCache, atomic_write
+from imgbatch.state.png import decode_png, read_image_file
 from imgbatch.state.results import STATUSES, ResultEntry, load_state, results_path
 
 SHEET_FILE = "index.html"
@@ -333,16 +333,16 @@ def make_thumbnails(output_dir: Path, sources: Mapping[str, Path]) -> set[str]:
 
 
 def _make_thumbnail(output_dir: Path, key: str, source: Path) -> bool:
+    # The source may be a file a pull request committed: read as a PNG only (never handed to
+    # another program), its size checked in its header before it is decoded.
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as image:
-                # Box-reduced to about the size, then Lanczos: a fraction of a full Lanczos.
-                image.thumbnail(THUMB_BOX, Image.Resampling.LANCZOS, reducing_gap=1.0)
-                converted = image.convert("RGBA" if image.has_transparency_data else "RGB")
+        with decode_png(read_image_file(source), f"the bytes of {source}") as image:
+            # Box-reduced to about the size, then Lanczos: a fraction of a full Lanczos.
+            image.thumbnail(THUMB_BOX, Image.Resampling.LANCZOS, reducing_gap=1.0)
+            converted = image.convert("RGBA" if image.has_transparency_data else "RGB")
         buffer = io.BytesIO()
         converted.save(buffer, format="WEBP", quality=THUMB_QUALITY, method=0)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning):
+    except (ImageError, OSError, ValueError):
         return False
     atomic_write(thumb_path(output_dir, key), buffer.getvalue())
     return True

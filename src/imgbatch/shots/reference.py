@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from imgbatch.errors import PermanentError
+from imgbatch.state.png import image_kind, pillow_format
 
 if TYPE_CHECKING:
     import aiohttp
@@ -264,17 +265,20 @@ def describe_image(data: bytes) -> str:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
+            # Only the documented formats: Pillow left to guess opens EPS too, and runs
+            # Ghostscript on it.
+            with Image.open(io.BytesIO(data), formats=list(MEDIA_TYPES)) as image:
                 kind, (width, height) = image.format, image.size
                 image.verify()
     # Pillow's decoders raise many exception types on hostile bytes; any of them means "not an
     # image we can vouch for".
     except Exception as exc:  # noqa: BLE001
+        detected = pillow_format(data)
+        if detected is not None and detected not in MEDIA_TYPES:
+            accepted = ", ".join(MEDIA_TYPES)
+            raise ReferenceProblem(f"is {image_kind(data)}; accepted formats: {accepted}") from None
         raise ReferenceProblem(f"is not a readable image ({_reason(exc)})") from None
-    media_type = MEDIA_TYPES.get(kind or "")
-    if media_type is None:
-        accepted = ", ".join(MEDIA_TYPES)
-        raise ReferenceProblem(f"is a {kind} image; accepted formats: {accepted}")
+    media_type = MEDIA_TYPES[kind or ""]  # one of `formats`
     low, high = REFERENCE_MIN_SIDE, REFERENCE_MAX_SIDE
     if not (low <= width <= high and low <= height <= high):
         raise ReferenceProblem(
