@@ -21,6 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from imgbatch.cli.main import main
+from tests.support import hostile_images
 from tests.support.fake_dashscope import FakeDashScope
 from tests.support.reference_images import PNG, image_bytes
 
@@ -205,6 +206,11 @@ CASES = [
          ("{manifest}:5:22", "64x64 pixels", "from 384 to 3072")),
     Case("ref-other-format", with_reference(file_at("face.ppm", image_bytes("PPM"))),
          ("{manifest}:5:22", "PPM image", "accepted formats")),
+    # Opened in the documented formats only: Pillow left to guess runs Ghostscript on an EPS.
+    Case("ref-eps", with_reference(file_at("face.png", hostile_images.eps(1024, 1024))),
+         ("{manifest}:5:22", "is a PostScript (EPS) document; accepted formats: JPEG, PNG")),
+    Case("ref-dds", with_reference(file_at("face.png", hostile_images.dds_unknown_pixel_format())),
+         ("{manifest}:5:22", "is a DDS image; accepted formats")),
     Case("ref-defaults-outside",
          manifest(f'version: 1\ndefaults:\n  reference_image: "../outside/x.png"\n{SHOT}'),
          ("{manifest}:3:20", "field defaults.reference_image", "outside the manifest's folder")),
@@ -232,14 +238,20 @@ def tree(root: Path) -> dict[str, int]:
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_hostile_manifest_is_refused_cleanly(
-    case: Case, tmp_path: Path, api_env: dict[str, str], fake_server: FakeDashScope
+    case: Case,
+    tmp_path: Path,
+    api_env: dict[str, str],
+    fake_server: FakeDashScope,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     project = tmp_path / "project"
     project.mkdir()
     path = case.setup(project)
+    marker = hostile_images.fake_gs(tmp_path / "gs", monkeypatch)
     before = tree(tmp_path)
 
     result = CliRunner().invoke(main, [case.command, str(path), *case.args])
+    assert not marker.exists()  # nothing handed to Ghostscript, whatever the bytes
 
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and "unexpected" not in result.output

@@ -10,7 +10,10 @@ Thumbnails are small WebP files under `<output>/.imgbatch/thumbs/`, one per imag
 once and never again (a key names one image forever). What an apply changed is kept in
 `<output>/.imgbatch/last-run.json`, so `imgbatch sheet` can draw the same marks later; an apply
 that changes no shot keeps them. The page is rendered by Jinja2 with autoescaping (prompts are
-user text) and allows, by its Content-Security-Policy, no script but its own.
+user text) and allows, by its Content-Security-Policy, no script but its own. It replaces only
+a page it drew itself (its generator tag and digest): any other `index.html` is left as it is,
+and drawing the sheet is refused with a message saying how to proceed. Thumbnails are made from
+the images read as PNG only (`state.png`), never handed to another program.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import io
 import json
 import os
 import re
+import stat
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -57,6 +61,8 @@ _DETAILS = tuple(
 )
 _ERROR = re.compile(r"(?:(?P<status>\d{3}) )?(?P<code>\S+): (?P<message>.*)", re.DOTALL)
 _DIGEST = re.compile(r'<meta name="imgbatch-sheet" content="([0-9a-f]{64})">')
+# With the digest, how a page is known to be imgbatch's own (it replaces no other index.html).
+_GENERATOR = '<meta name="generator" content="imgbatch">'
 _CHANGE_LABELS: dict[str, str] = {
     Action.REPLACE: "replaced",
     Action.RESTORE: "restored",
@@ -252,8 +258,28 @@ def render_sheet(
     }
     template = _environment().get_template("sheet.html.j2")
     path = output_dir / SHEET_FILE
+    check_own_sheet(path)
     atomic_write(path, _encoded(template.generate(context)))
     return path
+
+
+def check_own_sheet(path: Path) -> None:
+    """Raise `StoreError` naming `path` unless it is absent or a page imgbatch drew: a regular
+    file whose head has the generator tag and the sheet's digest (a user's own index.html in an
+    output folder set to `.` is never replaced)."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StoreError(f"cannot read {path} ({exc.strerror or exc})") from None
+    if stat.S_ISREG(info.st_mode) and drawn_digest(path) and _GENERATOR in _head(path):
+        return
+    raise StoreError(
+        f"{path} is not a contact sheet imgbatch drew, so it is left as it is: move it aside "
+        "(or delete it) and run `imgbatch sheet` again, or give the shot list an output "
+        "folder of its own (output.dir)"
+    )
 
 
 def sheet_digest(title: str, order: Sequence[str], entries: Mapping[str, ResultEntry]) -> str:
@@ -268,13 +294,23 @@ def sheet_digest(title: str, order: Sequence[str], entries: Mapping[str, ResultE
 
 def drawn_digest(sheet: Path) -> str | None:
     """The digest a page was drawn with (in its first lines), or None."""
-    try:
-        with sheet.open("rb") as handle:
-            head = handle.read(2048).decode("utf-8", "replace")
-    except OSError:
-        return None
-    match = _DIGEST.search(head)
+    match = _DIGEST.search(_head(sheet))
     return match.group(1) if match else None
+
+
+def _head(sheet: Path) -> str:
+    """The first 2 KiB of the page at `sheet` (never through a link, never a FIFO), or ""."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(sheet, flags)
+    except OSError:
+        return ""
+    try:
+        return os.read(fd, 2048).decode("utf-8", "replace")
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
 
 
 class Thumbnailer:
