@@ -143,6 +143,27 @@ def oversized(project: Path) -> Path:
     return path
 
 
+def output_at(make: Callable[[Path], str], extra: str = "") -> Callable[[Path], Path]:
+    """A valid one-shot manifest whose output.dir is what `make` prepares and returns."""
+
+    def setup(project: Path) -> Path:
+        text = f'version: 1\noutput:\n  dir: "{make(project)}"\n{extra}{SHOT}'
+        return manifest(text)(project)
+
+    return setup
+
+
+def link_outside(name: str) -> Callable[[Path], str]:
+    """A link in the project, `name`, to a folder beside the project."""
+
+    def make(project: Path) -> str:
+        (project.parent / "elsewhere").mkdir(exist_ok=True)
+        (project / name).symlink_to(project.parent / "elsewhere")
+        return name
+
+    return make
+
+
 def nested(depth: int) -> str:
     return "version: 1\n" + SHOT + "defaults: " + "{a: " * depth + "1" + "}" * depth + "\n"
 
@@ -175,6 +196,17 @@ CASES = [
          ("{manifest}:5:11", "field size", "'1328*1328\\n' is not valid")),
     Case("output-dir-nul", manifest(f'version: 1\noutput:\n  dir: "out\\0put"\n{SHOT}'),
          ("{manifest}:3:8", "field output.dir", "control characters")),
+    # --- output.dir: written only inside the manifest's folder tree unless trusted.
+    Case("output-dir-absolute", output_at(lambda project: str(project.parent / "elsewhere")),
+         ("{manifest}:3:8", "field output.dir", "outside the manifest's folder",
+          "'trust: {output_outside: true}'")),
+    Case("output-dir-dotdot", output_at(lambda project: "../elsewhere"),
+         ("{manifest}:3:8", "field output.dir", "outside the manifest's folder")),
+    Case("output-dir-link-outside", output_at(link_outside("renders")),
+         ("{manifest}:3:8", "field output.dir", "outside the manifest's folder")),
+    Case("output-dir-trusted-references-only",
+         output_at(lambda project: "../elsewhere", "trust:\n  references_outside: true\n"),
+         ("{manifest}:3:8", "field output.dir", "outside the manifest's folder")),
     # --- things that are not a manifest file.
     Case("dev-zero", real_file("/dev/zero"), ("/dev/zero", "not a regular file")),
     Case("fifo-manifest", a_fifo, ("{manifest}", "not a regular file"), command="validate"),
@@ -264,6 +296,21 @@ def test_hostile_manifest_is_refused_cleanly(
 
 
 # --- what a trusted reference may do, and what it may not --------------------------------------
+
+
+def test_an_output_folder_outside_is_written_when_the_shot_list_trusts_it(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    text = (
+        f"version: 1\nname: out\nprovider: placeholder\noutput:\n  dir: ../renders\n"
+        f"trust:\n  output_outside: true\n{SHOT}"
+    )
+    path = manifest(text)(project)
+
+    result = CliRunner().invoke(main, ["apply", str(path)])
+
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "renders" / "a.png").is_file()
 
 
 def test_a_reference_outside_is_sent_when_the_user_allows_it(

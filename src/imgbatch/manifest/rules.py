@@ -51,6 +51,7 @@ class Checker:
         self.allow_reference_outside = allow_reference_outside or (
             isinstance(trust, dict) and trust.get("references_outside") is True
         )
+        self.allow_output_outside = isinstance(trust, dict) and trust.get("output_outside") is True
         # Each distinct reference is checked and read once per load, across both passes.
         self.references = references
         shots = data.get("shots") if isinstance(data, dict) else None
@@ -63,6 +64,7 @@ class Checker:
     def problems(self) -> Iterator[ManifestProblem]:
         yield from schema_problems(self.document.data, self._problem)
         yield from self._limits_problems()
+        yield from self._output_problems()
         yield from self._pricing_problems()
         for slip in self._slips:
             problem = self._located(slip.parent, slip.shot_id, slip.field, slip.message)
@@ -120,6 +122,29 @@ class Checker:
         if isinstance(max_cost, float) and not math.isfinite(max_cost):
             message = f"must be a finite amount such as 5 or '5 USD', got {show(max_cost)}"
             yield self._problem(("limits",), "max_cost", message)
+
+    def _output_problems(self) -> Iterator[ManifestProblem]:
+        # A shot list can come from anyone: like a reference it reads, the folder it writes
+        # (results.json, images, .imgbatch/, index.html) stays inside its folder tree unless it
+        # is trusted. OUTPUT_DIR replaces `output.dir` and is the user's own choice.
+        data = self.document.data
+        output = data.get("output") if isinstance(data, dict) else None
+        written = output.get("dir") if isinstance(output, dict) else None
+        if self.allow_output_outside or not isinstance(written, str) or _CONTROL.search(written):
+            return  # trusted, or the schema says what is wrong
+        root = self.base_dir.resolve()
+        try:
+            resolved = (self.base_dir / written).resolve()
+        except (OSError, RuntimeError, ValueError) as exc:  # RuntimeError: a link loop
+            yield self._problem(("output",), "dir", f"cannot be resolved: {exc}")
+            return
+        if not resolved.is_relative_to(root):
+            message = (
+                f"resolves to {resolved}, outside the manifest's folder {root}; a shot list can "
+                "come from anyone, so it writes only inside its folder unless it says "
+                "'trust: {output_outside: true}' (or leave output.dir out and set OUTPUT_DIR)"
+            )
+            yield self._problem(("output",), "dir", message)
 
     def _pricing_problems(self) -> Iterator[ManifestProblem]:
         # A misspelt model would price nothing and leave its cost unknown; say so now.
