@@ -728,6 +728,35 @@ def _cache_entry_copying_a_users_image(project: Path) -> None:
     _edit_results(project, edit)
 
 
+def _results_field(
+    field: str, value: Callable[[Path], Any], orphan: bool = False
+) -> Callable[[Path], None]:
+    """results.json's first shot (or an orphan copy of it) gets `field` = `value(project)`."""
+
+    def commit(project: Path) -> None:
+        def edit(document: dict[str, Any]) -> None:
+            entry = document["shots"][0]
+            if orphan:
+                entry = dict(entry, id="old-shot")
+                document["orphans"] = [entry]
+            entry[field] = value(project)
+
+        _edit_results(project, edit)
+
+    return commit
+
+
+def _outside_path(project: Path) -> str:
+    return str(project.parent / "outside" / "x")
+
+
+def _outside_victim(project: Path) -> str:
+    return str(project.parent / "outside" / "victim.txt")
+
+
+NO_FOLDERS = "(a file name in the output folder, no folders)"
+
+
 def _users_page(project: Path) -> None:
     (project / "index.html").write_bytes(USERS_PAGE)
 
@@ -746,7 +775,51 @@ class Committed:
     kept: tuple[str, ...] = ()  # files of the project whose bytes must not change
 
 
+PATH_IN_STATE = [
+    ("key-dotdot", _results_field("key", lambda project: "../../outside/x"), "'../../outside/x'"),
+    ("key-absolute", _results_field("key", _outside_path), "/outside/x'"),
+    ("file-dotdot", _results_field("file", lambda project: "../outside/victim.txt"), NO_FOLDERS),
+    ("orphan-file-absolute", _results_field("file", _outside_victim, orphan=True), NO_FOLDERS),
+]
+COMMANDS = [("sheet", "{manifest}"), ("gc", "{manifest}", "--yes"), ("apply", "{manifest}")]
+
+
+def _entry_replaced_by(value: Any) -> Callable[[Path], None]:
+    def commit(project: Path) -> None:
+        _edit_results(project, lambda document: document["shots"].__setitem__(0, value))
+
+    return commit
+
+
+# Hand-edited value types: the sheet formats every field, and crashed with a traceback.
+TYPES_IN_STATE = [
+    ("width-text", _results_field("width", lambda project: "wide"), "bad width"),
+    ("prompt-list", _results_field("prompt", lambda project: ["a"]), "bad prompt (text, not"),
+    ("size-number", _results_field("size", lambda project: 5), "bad size (text, not 5)"),
+    ("entry-list", _entry_replaced_by([1, 2]), "an entry is a JSON list, not an object"),
+]
 COMMITTED = [
+    *(
+        Committed(
+            f"{name}-sheet",
+            commits,
+            ("sheet", "{manifest}"),
+            1,
+            ("{project}/results.json cannot be read", shown),
+        )
+        for name, commits, shown in TYPES_IN_STATE
+    ),
+    *(
+        Committed(
+            f"{name}-{'-'.join(command[0::2])}",
+            commits,
+            command,
+            1,
+            ("{project}/results.json cannot be read", shown),
+        )
+        for name, commits, shown in PATH_IN_STATE
+        for command in [*COMMANDS, ("apply", "{manifest}", "--prune")]
+    ),
     Committed("eps-image-sheet", _eps_at_the_image, ("sheet", "{manifest}"), 0),
     Committed("eps-image-apply", _eps_at_the_image, ("apply", "{manifest}"), 0),
     Committed(

@@ -48,12 +48,17 @@ def listing(folder: Path) -> list[str]:
     return sorted(path.name for path in folder.iterdir())
 
 
+def hex_key(text: str) -> str:
+    """A request key as imgbatch makes one (the SHA-256 of something, in hex)."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def result(shot_id: str, status: str = "generated", **changes: object) -> ResultEntry:
     entry = ResultEntry(
         id=shot_id,
         status=status,  # type: ignore[arg-type]
         file=f"{shot_id}.png",
-        key=f"{shot_id}-key",
+        key=hex_key(shot_id),
         width=1328,
         height=1328,
         seed=7,
@@ -376,7 +381,7 @@ def test_from_json_ignores_unknown_fields() -> None:
 
 def test_journal_is_replayed_over_an_older_results_file(tmp_path: Path) -> None:
     write_results(tmp_path, [result("s01"), result("s02")], [], {})
-    newer_s01 = result("s01", key="s01-key-2", prompt="edited")
+    newer_s01 = result("s01", key=hex_key("s01, edited"), prompt="edited")
     s03 = result("s03", "failed", file=None, error="gave up")
 
     journal = Journal(tmp_path)
