@@ -178,7 +178,17 @@ def _cache_is_a_file(out: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
+def _thumbs_is_a_link(out: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = out / STATE_DIR / "thumbs"
+    shutil.rmtree(path, ignore_errors=True)
+    elsewhere = out.parent / "elsewhere"
+    elsewhere.mkdir()
+    path.symlink_to(elsewhere)
+    return path
+
+
 BROKEN = [
+    Broken("thumbs-is-a-link", _thumbs_is_a_link, "is a symbolic link"),
     Broken("results.json-is-a-folder", _results_is_a_folder, "is not a file (a folder?)"),
     Broken("results-entry-is-a-number", _results_has_a_number_for_an_entry, "cannot be read"),
     Broken("results-entry-bad-status", _results_has_a_bad_status, "has a bad status"),
@@ -798,7 +808,22 @@ TYPES_IN_STATE = [
     ("size-number", _results_field("size", lambda project: 5), "bad size (text, not 5)"),
     ("entry-list", _entry_replaced_by([1, 2]), "an entry is a JSON list, not an object"),
 ]
+
+
+def _thumbs_linked_outside(project: Path) -> None:
+    thumbs = project / STATE_DIR / "thumbs"
+    shutil.rmtree(thumbs, ignore_errors=True)
+    thumbs.symlink_to(project.parent / "outside")
+
+
 COMMITTED = [
+    Committed(
+        "thumbs-linked-outside-sheet",
+        _thumbs_linked_outside,
+        ("sheet", "{manifest}"),
+        1,
+        ("thumbs is a symbolic link",),
+    ),
     *(
         Committed(
             f"{name}-sheet",

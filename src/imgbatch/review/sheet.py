@@ -227,6 +227,13 @@ def render_sheet(
     finished_at: str | None,
 ) -> Path:
     """Make the missing thumbnails, then write `index.html` atomically; gives its path."""
+    thumbs_dir = output_dir / STATE_DIR / THUMBS_DIR
+    if thumbs_dir.is_symlink():
+        # Committed by a pull request, it would have the sheet write wherever it points.
+        raise StoreError(
+            f"{thumbs_dir} is a symbolic link; imgbatch keeps its thumbnails only in a real folder "
+            "(replace the link by a folder)"
+        )
     cache = ImageCache(output_dir)
     changes = {shot_id: change for shot_id, change in changes.items() if shot_id in entries}
     wanted: dict[str, Path] = {}

@@ -43,7 +43,7 @@ from imgbatch.plan.decide import make_plan as plan_shots
 from imgbatch.plan.guards import may_replace_paid, refuse_placeholder_over_paid, refuse_to_start
 from imgbatch.plan.pricing import Cost, CostLimit, MaxCost, PriceList, cost, price_list
 from imgbatch.providers import Provider, create_provider, resolve_provider_name
-from imgbatch.review.sheet import Thumbnailer
+from imgbatch.review.sheet import THUMBS_DIR, Thumbnailer
 from imgbatch.review.sheet import update_after_apply as update_sheet
 from imgbatch.run.bounds import Bound, MaxDuration, MaxRequests
 from imgbatch.run.entries import abandoned_download
@@ -650,7 +650,8 @@ def _final_entry(item: PlannedShot, outcome: RunOutcome, metered: bool) -> Resul
 def exclusive_output(output_dir: Path) -> Iterator[None]:
     """One apply (or generate) per output folder at a time; the second is refused, never
     interleaved."""
-    for folder in (output_dir / STATE_DIR, output_dir / STATE_DIR / "cache"):
+    state_dir = output_dir / STATE_DIR
+    for folder in (state_dir, state_dir / "cache", state_dir / THUMBS_DIR):
         if folder.is_symlink():
             # A shot list can come from a pull request: a link committed in place of the state
             # folder would have imgbatch write its cache and lock wherever the link points.
