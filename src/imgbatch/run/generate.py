@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import stat
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -178,6 +179,7 @@ class GenerateSession:
         expansion = expand(manifest, provider=name, environ=self._environ)
         (shot,) = (await fetch_references(expansion)).shots
         state_folder, target = _places(shot.request.key, output, self._environ)
+        _check_replaceable(target.resolve())
         async with self._holding(state_folder), self._one_request(state_folder, shot.request.key):
             return await self._made(shot, name, state_folder, target.resolve())
 
@@ -251,6 +253,33 @@ class GenerateSession:
         lock = self._requests.setdefault((folder, key), asyncio.Lock())
         async with lock:
             yield
+
+
+def _check_replaceable(target: Path) -> None:
+    """Raise `ConfigError` unless `target` is absent or an image imgbatch wrote (its provenance
+    says so): a device node, a folder or a user's own file is never replaced."""
+    from imgbatch.review.provenance import read_provenance
+    from imgbatch.state.png import read_image_file
+
+    try:
+        info = target.stat()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"output {target} cannot be read: {exc.strerror or exc}") from None
+    if stat.S_ISREG(info.st_mode):
+        try:
+            read_provenance(read_image_file(target), name=str(target))
+            return
+        except ImgbatchError:
+            what = "a file imgbatch did not write"
+    else:
+        special = "not a regular file (a device or a pipe)"
+        what = "a folder" if stat.S_ISDIR(info.st_mode) else special
+    raise ConfigError(
+        f"output {target} is {what}, so it is not replaced: remove it or choose another path; "
+        "nothing was sent"
+    )
 
 
 async def _restored(cache: ImageCache, key: str, target: Path, size: tuple[int, int]) -> bool:
