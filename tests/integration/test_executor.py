@@ -28,8 +28,9 @@ from PIL import Image
 from imgbatch.errors import TransientError
 from imgbatch.pacing.gate import Clock, Pacer, RetryPolicy
 from imgbatch.plan.decide import Action
+from imgbatch.review.events import Notice
 from imgbatch.run.apply import ApplyOptions, ApplyReport, _settle, apply, apply_async, make_plan
-from imgbatch.run.executor import Executor, Notice
+from imgbatch.run.executor import Executor
 from imgbatch.shots.request import GeneratedImage, ImageRequest
 from imgbatch.state.cache import STATE_DIR, ImageCache
 from tests.conftest import write_manifest, write_many_shots

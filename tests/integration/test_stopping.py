@@ -26,11 +26,11 @@ from PIL import Image
 from imgbatch.errors import ConfigError, TransientError
 from imgbatch.pacing.gate import Clock, RetryPolicy
 from imgbatch.plan.decide import Action
+from imgbatch.review.events import RunEvent, Stopping
 from imgbatch.review.progress import stopping_line
 from imgbatch.review.report import apply_json, apply_summary, quiet_summary
 from imgbatch.run.apply import ApplyOptions, ApplyReport, apply, apply_async, make_plan
 from imgbatch.run.bounds import format_duration, parse_duration
-from imgbatch.run.executor import RunEvent, Stopping
 from imgbatch.shots.request import GeneratedImage, ImageRequest
 from tests.conftest import write_many_shots
 

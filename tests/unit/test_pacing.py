@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from imgbatch.pacing.gate import Clock, Gate, Pacer, RetryPolicy
-from imgbatch.pacing.quota import Quota, QuotaEstimator
+from imgbatch.pacing.quota import QuotaEstimator
 from imgbatch.run.apply import ApplyOptions
+from imgbatch.units.quota import Quota
 from tests.support.quota_sim import Account, simulate
 from tests.support.virtual_time import run_virtual
 

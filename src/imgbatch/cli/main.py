@@ -45,13 +45,13 @@ import click  # noqa: E402
 
 from imgbatch.errors import ConfigError, ImgbatchError, InspectError, ManifestError  # noqa: E402
 from imgbatch.manifest.catalogue import MIN_RPS  # noqa: E402
-from imgbatch.pacing.quota import Quota, parse_quota  # noqa: E402
 from imgbatch.providers import PROVIDER_CHOICES, is_metered, secrets_for_redaction  # noqa: E402
+from imgbatch.units.quota import Quota, parse_quota  # noqa: E402
 
 if TYPE_CHECKING:
     from imgbatch.plan.decide import Plan
-    from imgbatch.plan.pricing import CostLimit
     from imgbatch.review.console import Verbosity
+    from imgbatch.units.money import CostLimit
 
 # The library is imported inside each command, not here: `--help` and `validate` must not pay for
 # the executor, aiohttp, Pillow or a provider's SDK (tests/cli/test_startup.py keeps it so).
@@ -132,7 +132,7 @@ def _quota_option(value: str | None) -> Quota | None:
 def _cost_limit_option(value: str | None) -> CostLimit | None:
     if value is None:
         return None  # nothing imported while click parses: start-up stays short
-    from imgbatch.plan.pricing import CostLimit
+    from imgbatch.units.money import CostLimit
 
     try:
         return CostLimit.parse(value)

@@ -34,18 +34,18 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
-from imgbatch.plan.pricing import Cost, PriceList, cost
+from imgbatch.manifest.reference import ReferenceImage
+from imgbatch.plan.pricing import PriceList, cost
+from imgbatch.providers.image_url import url_expired_at
 from imgbatch.shots.expand import Shot
-from imgbatch.shots.reference import ReferenceImage
 from imgbatch.shots.request import changed_fields
 from imgbatch.state.cache import ImageCache
 from imgbatch.state.results import ResultEntry
+from imgbatch.units.money import Cost
 
 
 class Action(StrEnum):
@@ -381,21 +381,3 @@ def _size(path: Path) -> int | None:
         return path.stat().st_size
     except OSError:
         return None
-
-
-def url_expired_at(url: str | None, now: float) -> str | None:
-    """When a signed image URL expired (its `Expires` query field), if it has; None while it
-    may still work, or when it does not say."""
-    if not url:
-        return None
-    try:
-        values = parse_qs(urlsplit(url).query).get("Expires")
-        expires = int(values[0]) if values else None
-    except ValueError:
-        return None
-    if expires is None or expires > now:
-        return None
-    try:
-        return datetime.fromtimestamp(expires, UTC).strftime("%Y-%m-%d %H:%M UTC")
-    except (OverflowError, OSError, ValueError):
-        return str(expires)

@@ -12,8 +12,9 @@ from __future__ import annotations
 from imgbatch.errors import FrozenError, PaidImagesError
 from imgbatch.manifest import Manifest
 from imgbatch.plan.decide import WORK_ACTIONS, Plan
-from imgbatch.plan.pricing import CostLimit, check_estimate
+from imgbatch.plan.pricing import check_estimate
 from imgbatch.providers import is_metered
+from imgbatch.units.money import CostLimit
 
 
 def refuse_to_start(plan: Plan, frozen: bool, limit: CostLimit | None) -> None:

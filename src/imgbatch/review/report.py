@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any
 from rich.text import Text
 
 from imgbatch.plan.decide import Action, Plan, PlannedShot
-from imgbatch.plan.pricing import Cost, as_json, format_money
 from imgbatch.providers import is_metered
 from imgbatch.review.console import WORD_STYLES
 from imgbatch.shots.request import changed_fields
+from imgbatch.units.money import Cost, as_json, format_money
 
 if TYPE_CHECKING:
-    from imgbatch.run.apply import ApplyReport
+    from imgbatch.review.outcome import ApplyReport
 
 
 def plan_table(plan: Plan, *, verbose: bool = False) -> Text:

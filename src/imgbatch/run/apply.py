@@ -17,43 +17,45 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import filelock
-
 from imgbatch.errors import (
     ConfigError,
-    LockedError,
     StoreError,
     StoreWriteError,
 )
 from imgbatch.housekeeping.prune import Pruned, prune_orphans
-from imgbatch.manifest import Manifest, load_manifest, manifest_from_data
+from imgbatch.manifest import Manifest
 from imgbatch.manifest.catalogue import MIN_RPS
-from imgbatch.pacing.gate import Clock, Finding, Pacer, RetryPolicy
+from imgbatch.manifest.loader import ManifestSource, read_manifest
+from imgbatch.pacing.gate import Clock, Pacer, RetryPolicy
 from imgbatch.pacing.learned import QuotaStore, default_store_path
-from imgbatch.pacing.quota import Quota
 from imgbatch.plan.decide import WORK_ACTIONS, Action, Plan, PlannedShot
 from imgbatch.plan.decide import make_plan as plan_shots
 from imgbatch.plan.guards import may_replace_paid, refuse_placeholder_over_paid, refuse_to_start
-from imgbatch.plan.pricing import Cost, CostLimit, MaxCost, PriceList, cost, price_list
+from imgbatch.plan.pricing import PriceList, cost, price_list
 from imgbatch.providers import Provider, create_provider, resolve_provider_name
+from imgbatch.review.events import Listener
+from imgbatch.review.outcome import ApplyReport, QuotaNote
 from imgbatch.review.sheet import Thumbnailer
 from imgbatch.review.sheet import update_after_apply as update_sheet
-from imgbatch.run.bounds import Bound, MaxDuration, MaxRequests
+from imgbatch.run.bounds import Bound, MaxCost, MaxDuration, MaxRequests
 from imgbatch.run.entries import abandoned_download
-from imgbatch.run.executor import Executor, Listener, Phase, RunOutcome
+from imgbatch.run.executor import Executor, Phase, RunOutcome
 from imgbatch.run.interrupts import Interrupts, interrupt_at_once, signal_handler
 from imgbatch.shots.expand import Expansion, expand, fetch_references, shot_list
 from imgbatch.shots.request import KEY_FORMAT_VERSION
 from imgbatch.shots.selection import select_shots
 from imgbatch.state.cache import STATE_DIR, ImageCache, check_writable, remove_stale_temporaries
+from imgbatch.state.lock import exclusive_output
 from imgbatch.state.results import Journal, ResultEntry, load_state, write_results
+from imgbatch.units.money import CostLimit
+from imgbatch.units.quota import Quota
 
 DEFAULT_PROVIDER = "dashscope"
 
@@ -132,75 +134,6 @@ class ApplyOptions:
         return tuple(found)
 
 
-@dataclass(frozen=True)
-class QuotaNote:
-    """What a run knew of one model's quota: how it began and what it ended with."""
-
-    finding: Finding
-    learned_before: bool  # the run started from a quota an earlier run learned
-    saved: bool  # what this run found is kept for the next one
-
-
-@dataclass(frozen=True)
-class ApplyReport:
-    plan: Plan
-    results_path: Path
-    # results.json's shot entries: a shot this run did not run keeps its previous entry, or
-    # has none if it never had one.
-    entries: tuple[ResultEntry, ...]
-    stopped: str | None
-    interrupted: bool
-    requests: int
-    # Images the service made (billed), and requests sent whose answer was lost (may have been).
-    billed: int
-    maybe_billed: int
-    throttled: int
-    retries: int
-    quotas: tuple[QuotaNote, ...]
-    elapsed: float
-    # The images billed at their price, and what the requests whose answer was lost may add.
-    cost: Cost = Cost(None, None)
-    possible_extra_cost: Cost = Cost(None, None)
-    # The contact sheet (index.html), or why it could not be drawn: a warning, never a failure.
-    sheet: Path | None = None
-    sheet_problem: str | None = None
-    # Shots with something to do that this run did not do (stopped or interrupted first), and
-    # why: nothing of theirs changed, and the next apply does them.
-    not_run: Mapping[str, str] = field(default_factory=dict)
-    # The bound that stopped the run (`Bound.name`: max_requests, max_duration), if one did.
-    bounded: str | None = None
-    # Hand-edited files renamed aside before a new image took their place: shot id -> new name
-    # (relative to the output folder).
-    moved_aside: Mapping[str, str] = field(default_factory=dict)
-    # With `prune`: each orphan, and whether its file and entry are gone.
-    pruned: tuple[Pruned, ...] = ()
-
-    def count(self, status: str) -> int:
-        """Shots this run made `status` (generated, cached: restored from the cache, failed,
-        unfetched: billed but not downloaded); a shot it left alone (unchanged, or edited by
-        hand and kept) or did not run keeps its entry, whatever its status, and is not counted
-        here."""
-        acted = {
-            item.id
-            for item in self.plan.shots
-            if item.action in WORK_ACTIONS and item.id not in self.not_run
-        }
-        return sum(1 for entry in self.entries if entry.status == status and entry.id in acted)
-
-    @property
-    def unchanged(self) -> int:
-        return self.plan.count(Action.UNCHANGED)
-
-    @property
-    def remaining(self) -> int:
-        """Shots left for the next apply because this one stopped before them."""
-        return len(self.not_run)
-
-    @property
-    def ok(self) -> bool:
-        return self.stopped is None and self.count("failed") == self.count("unfetched") == 0
-
-
 def provider_name(
     manifest: Manifest,
     override: str | None,
@@ -210,22 +143,6 @@ def provider_name(
     """The provider to use: the override, else the manifest's, else dashscope; `auto` resolved."""
     name = override or manifest.provider or DEFAULT_PROVIDER
     return resolve_provider_name(name, os.environ if environ is None else environ, home)
-
-
-ManifestSource = str | Path | Mapping[str, Any]
-"""A manifest file's path, or a manifest already parsed into a dict (relative paths in it are
-taken from the current folder)."""
-
-
-def read_manifest(source: ManifestSource, *, allow_reference_outside: bool = False) -> Manifest:
-    if isinstance(source, Mapping):
-        return manifest_from_data(
-            dict(source),
-            display="manifest",
-            base_dir=Path.cwd(),
-            allow_reference_outside=allow_reference_outside,
-        )
-    return load_manifest(source, allow_reference_outside=allow_reference_outside)
 
 
 def load_and_expand(
@@ -644,40 +561,3 @@ def _final_entry(item: PlannedShot, outcome: RunOutcome, metered: bool) -> Resul
     if metered and outcome.in_flight.get(item.id) == Phase.SENDING:
         return "abandoned in flight when interrupted; DashScope may have billed it"
     return f"not run: {outcome.stopped or 'interrupted'}"
-
-
-@contextlib.contextmanager
-def exclusive_output(output_dir: Path) -> Iterator[None]:
-    """One apply (or generate) per output folder at a time; the second is refused, never
-    interleaved."""
-    for folder in (output_dir / STATE_DIR, output_dir / STATE_DIR / "cache"):
-        if folder.is_symlink():
-            # A shot list can come from a pull request: a link committed in place of the state
-            # folder would have imgbatch write its cache and lock wherever the link points.
-            raise StoreError(
-                f"{folder} is a symbolic link; imgbatch keeps its state only in a real folder "
-                "(replace the link by a folder); nothing was sent or written"
-            )
-    try:
-        (output_dir / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StoreError(f"cannot create the output folder {output_dir}: {exc}") from None
-    path = output_dir / STATE_DIR / "lock"
-    lock = filelock.FileLock(str(path), timeout=0)
-    try:
-        lock.acquire()
-    except filelock.Timeout:
-        raise LockedError(
-            f"another imgbatch apply is writing to {output_dir}; wait for it to finish "
-            "(the lock is released when that process exits, even if it crashed)"
-        ) from None
-    except OSError as exc:
-        # A folder or a symbolic link in its place (filelock never follows a link).
-        raise StoreError(
-            f"cannot take the lock {path} ({exc.strerror or exc}); move it aside and run apply "
-            "again"
-        ) from None
-    try:
-        yield
-    finally:
-        lock.release()

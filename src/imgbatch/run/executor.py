@@ -55,6 +55,7 @@ from imgbatch.errors import (
 from imgbatch.pacing.gate import Clock, Finding, Pacer, RetryPolicy
 from imgbatch.plan.decide import WORK_ACTIONS, Action, Plan, PlannedShot, aside_path
 from imgbatch.providers import Provider
+from imgbatch.review.events import Listener, Notice, Retrying, Stopping
 from imgbatch.review.provenance import Provenance, embed
 from imgbatch.run.bounds import Bound, Tally
 from imgbatch.run.entries import (
@@ -84,14 +85,6 @@ MAX_RETRY_AFTER_SECONDS = 300.0
 # have been billed, so a shot is not sent again and again on a link that keeps losing answers.
 MAX_LOST_ANSWERS = 3
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Retrying:
-    shot_id: str
-    attempt: int
-    delay: float
-    error: ProviderError
 
 
 class Phase:
@@ -131,38 +124,6 @@ class RunOutcome:
     # Hand-edited files renamed aside before a new image took their place: shot id -> the new
     # name, relative to the output folder.
     moved_aside: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Notice:
-    """Something the user should know about a shot that is not its result (a damaged cache
-    entry, discarded)."""
-
-    shot_id: str
-    message: str
-
-
-@dataclass(frozen=True)
-class Stopping:
-    """The run sends nothing new: why, and what is still in flight. `grace`: how long it is
-    waited for before being abandoned (None: until it finishes); `abandoning`: it is being
-    abandoned now."""
-
-    reason: str
-    in_flight: int
-    # Some of them are paid requests still awaiting the service's answer, which it may bill;
-    # a download of an image already billed (a recover) is not.
-    metered: bool
-    grace: float | None = None
-    abandoning: bool = False
-    # Images received and being written: abandoning does not drop them.
-    writing: int = 0
-    # What abandons the requests in flight sooner: the interrupt again.
-    again: str = "Ctrl-C"
-
-
-RunEvent = ResultEntry | Retrying | Notice | Stopping
-Listener = Callable[[RunEvent], None]
 
 
 class _Cut(Exception):

@@ -87,9 +87,10 @@ async def agenerate(
     from imgbatch.pacing.gate import Pacer
     from imgbatch.plan.decide import Action, Plan, PlannedShot
     from imgbatch.providers import create_provider
-    from imgbatch.run.apply import exclusive_output, provider_name
+    from imgbatch.run.apply import provider_name
     from imgbatch.run.executor import Executor
     from imgbatch.shots.expand import Shot, expand, fetch_references
+    from imgbatch.state.lock import exclusive_output
 
     environ = os.environ if environ is None else environ
     if not isinstance(request, Mapping):
