@@ -239,3 +239,21 @@ def test_a_bounded_run_still_copies_a_twin_whose_image_it_made(
     assert sorted(entries) == ["first", "second"]
     assert entries["second"]["status"] == "cached"
     assert (output / "second.png").read_bytes() == (output / "first.png").read_bytes()
+
+
+def test_a_provider_object_keys_its_images_under_its_own_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`apply(manifest, provider=PlaceholderProvider())` on a shot list with no `provider:`
+    keyed the placeholder's drawings under dashscope's name, so a plan for dashscope then said
+    `unchanged` and the real images were never made."""
+    monkeypatch.delenv("OUTPUT_DIR", raising=False)
+    manifest = write_many_shots(tmp_path, "drawn", 2)
+    report = apply(manifest, provider=PlaceholderProvider())
+    assert report.ok and report.count("generated") == 2
+    written = json.loads(report.results_path.read_text(encoding="utf-8"))
+    assert {shot["request"]["provider"] for shot in written["shots"]} == {"placeholder"}
+    assert written["provider"] == "placeholder"
+    real = make_plan(manifest, provider="dashscope")
+    assert [item.action for item in real.shots] == [Action.REPLACE, Action.REPLACE]
+    assert make_plan(manifest, provider="placeholder").count(Action.UNCHANGED) == 2

@@ -300,6 +300,10 @@ async def _apply(
     if isinstance(provider, str):
         # A name, as on the command line; an object is used as it is.
         options, provider = replace(options, provider=provider), None
+    elif provider is not None:
+        # An object is chosen by name as surely as --provider is, and its images are keyed
+        # under its own name: keys come from the provider actually used.
+        options = replace(options, provider=provider.name)
     environ = os.environ if options.environ is None else options.environ
     manifest, expansion = load_and_expand(
         path,
