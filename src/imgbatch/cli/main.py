@@ -45,7 +45,7 @@ import click  # noqa: E402
 
 from imgbatch.errors import ConfigError, ImgbatchError, InspectError, ManifestError  # noqa: E402
 from imgbatch.manifest.catalogue import MIN_RPS  # noqa: E402
-from imgbatch.providers import PROVIDER_CHOICES, is_metered, secrets_for_redaction  # noqa: E402
+from imgbatch.providers import PROVIDER_CHOICES, secrets_for_redaction  # noqa: E402
 from imgbatch.units.quota import Quota, parse_quota  # noqa: E402
 
 if TYPE_CHECKING:
@@ -387,7 +387,7 @@ def plan(
         from imgbatch.review.step_summary import plan_markdown
 
         title = _title("plan", manifest, only)
-        _step_summary(plan_markdown(document, title, metered=is_metered(result.provider)))
+        _step_summary(plan_markdown(document, title, metered=result.metered))
     if detailed_exitcode and result.has_work:
         return EXIT_CHANGES
     return EXIT_OK
@@ -540,7 +540,7 @@ def apply_command(
 
     def announce(planned: Plan) -> None:
         # Even with --quiet, a fallback to placeholders is said: it is not what a key would do.
-        if not is_metered(planned.provider) and (provider == "auto" or not quiet):
+        if not planned.metered and (provider == "auto" or not quiet):
             # With --provider auto the fallback must never be silent: say why.
             lead = (
                 "No DashScope API key is configured, so --provider auto uses"
@@ -599,7 +599,7 @@ def apply_command(
         from imgbatch.review.step_summary import apply_markdown
 
         title = _title("apply", manifest, only)
-        metered = is_metered(report.plan.provider)
+        metered = report.plan.metered
         _step_summary(apply_markdown(document, title, stopped=report.stopped, metered=metered))
     if report.interrupted:
         return EXIT_INTERRUPTED

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from imgbatch.manifest.reference import ReferenceImage
 from imgbatch.plan.pricing import PriceList, cost
+from imgbatch.providers import is_metered
 from imgbatch.providers.image_url import url_expired_at
 from imgbatch.shots.expand import Shot
 from imgbatch.shots.request import changed_fields
@@ -101,6 +102,9 @@ class Plan:
     provider: str
     # What an image costs on the endpoint this plan is for; None: not priced at all.
     prices: PriceList | None = None
+    # Whether the provider this plan is for spends quota and money: the provider object's own
+    # answer when the run has one, else what `imgbatch.providers.is_metered` says of its name.
+    metered: bool = True
 
     def count(self, action: Action) -> int:
         return sum(1 for item in (*self.shots, *self.orphans) if item.action is action)
@@ -159,7 +163,7 @@ def make_plan(
         for shot_id, entry in state.items()
         if shot_id not in wanted
     )
-    return Plan(output_dir, planned, orphans, provider)
+    return Plan(output_dir, planned, orphans, provider, metered=is_metered(provider))
 
 
 def _orphan_reason(entry: ResultEntry) -> str:

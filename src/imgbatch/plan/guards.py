@@ -48,7 +48,7 @@ def may_replace_paid(provider: str, chosen: str | None) -> bool:
 def refuse_placeholder_over_paid(plan: Plan, chosen: str | None, manifest: Manifest) -> None:
     """PaidImagesError naming the shots whose image, made by a paid provider, an unmetered one
     not chosen by name (`auto` without a key, the manifest's `provider:`) would replace."""
-    if not may_replace_paid(plan.provider, chosen):
+    if plan.metered or chosen == plan.provider:
         return
     paid = [
         item

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 from rich.text import Text
 
 from imgbatch.plan.decide import Action, Plan, PlannedShot
-from imgbatch.providers import is_metered
 from imgbatch.review.console import WORD_STYLES
 from imgbatch.shots.request import changed_fields
 from imgbatch.units.money import Cost, as_json, format_money
@@ -53,14 +52,14 @@ def plan_summary(plan: Plan) -> str:
         f"{plan.count(action)} {action.value}" for action in Action if plan.count(action)
     )
     paid = plan.paid_requests
-    kind = "paid" if is_metered(plan.provider) else "offline"
+    kind = "paid" if plan.metered else "offline"
     return f"Plan: {counts}. {paid} {kind} request{'s' if paid != 1 else ''}."
 
 
 def estimate_line(plan: Plan) -> str | None:
     """The plan's estimated cost and where its prices come from; None when it sends no paid
     request (nothing to estimate)."""
-    if not plan.paid_requests or not is_metered(plan.provider) or plan.prices is None:
+    if not plan.paid_requests or not plan.metered or plan.prices is None:
         return None
     return f"Estimated cost: {_priced(plan.estimated_cost, plan)}."
 
@@ -205,7 +204,7 @@ def apply_summary(report: ApplyReport) -> str:
         parts.append(f"{drift} edited by hand and kept (--overwrite-edited puts them back)")
     if report.not_run:
         parts.append(f"{len(report.not_run)} not run")
-    if not is_metered(report.plan.provider):
+    if not report.plan.metered:
         sent = f"{report.requests} offline request{'s' if report.requests != 1 else ''}"
     else:
         # Only images are billed: refusals, errors and unreachable servers cost nothing.
@@ -219,7 +218,7 @@ def apply_summary(report: ApplyReport) -> str:
         f"Done in {report.elapsed:.1f} s: {', '.join(parts)}; {sent}, {report.retries} retries, "
         f"{report.throttled} throttled (429)."
     ]
-    if is_metered(report.plan.provider):
+    if report.plan.metered:
         lines.append(cost_line(report))
     lines.extend(
         f"Edited by hand, moved aside: {shot_id} -> {name}"

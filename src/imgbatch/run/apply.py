@@ -30,7 +30,7 @@ from imgbatch.errors import (
     StoreWriteError,
 )
 from imgbatch.housekeeping.prune import Pruned, prune_orphans
-from imgbatch.manifest import Manifest
+from imgbatch.manifest import Limits, Manifest
 from imgbatch.manifest.catalogue import MIN_RPS
 from imgbatch.manifest.loader import ManifestSource, read_manifest
 from imgbatch.pacing.gate import Clock, Pacer, RetryPolicy
@@ -346,22 +346,22 @@ async def _apply(
         remove_stale_temporaries(output_dir)
         state = load_state(output_dir)
         plan = _plan(expansion, state, options.overwrite_edited, only=only, prices=prices)
+        # The provider object answers for itself (one of the caller's own may be free).
+        plan = replace(plan, metered=provider.metered)
         # Again: another run may have changed the folder meanwhile.
         refuse_placeholder_over_paid(plan, options.provider, manifest)
         refuse_to_start(plan, options.frozen, limit)
         if on_plan:
             on_plan(plan)
-        given = _given_quota(options, manifest)
+        pace = given_pace(options, manifest.limits)
+        given = pace.quota if pace else None
         models = sorted({item.shot.request.model for item in plan.shots if item.shot})
         account: str | None = getattr(provider, "quota_account", None)
         store = _quota_store(options) if provider.metered and account else None
         learned = store.load(account, models) if store and account and given is None else {}
         pacer = Pacer(
             given=given,
-            # A rate (--rps, limits.rps) is kept on average; a quota K/P strictly.
-            average=options.quota is None
-            and (options.rps or manifest.limits.rps) is not None
-            and manifest.limits.quota is None,
+            average=pace.average if pace else False,
             learned={model: (found.window, found.cap) for model, found in learned.items()},
             unlimited=not provider.metered,
             clock=clock,
@@ -498,16 +498,22 @@ def _local_concurrency(provider: Provider) -> int | None:
     return None if provider.metered else min(32, (os.cpu_count() or 1) + 4)
 
 
-def _given_quota(options: ApplyOptions, manifest: Manifest) -> Quota | None:
-    """The quota the user gave: options first, then the manifest; a quota wins over a rate."""
-    if options.quota is not None:
-        return options.quota
-    if options.rps is not None:
-        return Quota.per_second(options.rps)
-    if manifest.limits.quota is not None:
-        return manifest.limits.quota
-    if manifest.limits.rps is not None:
-        return Quota.per_second(manifest.limits.rps)
+@dataclass(frozen=True)
+class Pace:
+    """The pace the user gave: a quota (K/P) is kept strictly, a rate (--rps) on average."""
+
+    quota: Quota
+    average: bool
+
+
+def given_pace(options: ApplyOptions, limits: Limits) -> Pace | None:
+    """The one place the given pace is decided: the options first, then the manifest's limits;
+    at each, a quota wins over a rate. None: nothing given (learned, stated or probed)."""
+    for quota, rps in ((options.quota, options.rps), (limits.quota, limits.rps)):
+        if quota is not None:
+            return Pace(quota, average=False)
+        if rps is not None:
+            return Pace(Quota.per_second(rps), average=True)
     return None
 
 
