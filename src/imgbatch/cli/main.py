@@ -583,9 +583,8 @@ def apply_command(
         )
     finally:
         progress.close()
-    summary = apply_summary(report)
     console_for(sys.stderr if as_json else sys.stdout).print(
-        quiet_summary(summary) if quiet else summary
+        quiet_summary(report) if quiet else apply_summary(report)
     )
     if report.sheet_problem:
         click.echo(f"warning: {report.sheet_problem}", err=True)

@@ -52,6 +52,9 @@ class ApplyReport:
     # Shots with something to do that this run did not do (stopped or interrupted first), and
     # why: nothing of theirs changed, and the next apply does them.
     not_run: Mapping[str, str] = field(default_factory=dict)
+    # Those of them that were sent and never answered (now, or on an earlier try): each may
+    # have been billed, so they are not said to have sent nothing.
+    maybe_billed_not_run: frozenset[str] = frozenset()
     # The bound that stopped the run (`Bound.name`: max_requests, max_duration), if one did.
     bounded: str | None = None
     # Hand-edited files renamed aside before a new image took their place: shot id -> new name

@@ -396,7 +396,7 @@ async def _apply(
             finally:
                 journal.close()
                 thumbnails.close()
-            entries, not_run = _settle(plan, outcome, provider.metered)
+            entries, not_run, maybe_billed_not_run = _settle(plan, outcome, provider.metered)
             orphans = [item.previous for item in plan.orphans if item.previous is not None]
             pruned: tuple[Pruned, ...] = ()
             if options.prune:
@@ -458,6 +458,7 @@ async def _apply(
         sheet=sheet,
         sheet_problem=sheet_problem,
         not_run=not_run,
+        maybe_billed_not_run=maybe_billed_not_run,
         bounded=outcome.bounded,
         moved_aside=dict(outcome.moved_aside),
         pruned=pruned,
@@ -538,30 +539,40 @@ def _unwritten_results(error: StoreWriteError, outcome: RunOutcome, journal: Pat
 
 def _settle(
     plan: Plan, outcome: RunOutcome, metered: bool
-) -> tuple[tuple[ResultEntry, ...], dict[str, str]]:
-    """results.json's shot entries, and the shots not run with why. A shot not run keeps its
-    previous entry (nothing of it changed), and a new one gets none."""
+) -> tuple[tuple[ResultEntry, ...], dict[str, str], frozenset[str]]:
+    """results.json's shot entries, the shots not run with why, and those of them that were
+    sent with no answer (each may have been billed). A shot not run keeps its previous entry
+    (nothing of it changed), and a new one gets none."""
     entries: list[ResultEntry] = []
     not_run: dict[str, str] = {}
+    maybe_billed: set[str] = set()
     for item in plan.shots:
         found = _final_entry(item, outcome, metered)
-        if isinstance(found, str):
-            not_run[item.id] = found
+        if isinstance(found, _NotRun):
+            not_run[item.id] = found.reason
+            if found.maybe_billed:
+                maybe_billed.add(item.id)
             if item.previous is not None:
                 entries.append(item.previous)
         else:
             entries.append(found)
-    return tuple(entries), not_run
+    return tuple(entries), not_run, frozenset(maybe_billed)
 
 
-def _final_entry(item: PlannedShot, outcome: RunOutcome, metered: bool) -> ResultEntry | str:
+@dataclass(frozen=True)
+class _NotRun:
+    reason: str
+    maybe_billed: bool = False  # sent, and its answer lost: the service may have billed it
+
+
+def _final_entry(item: PlannedShot, outcome: RunOutcome, metered: bool) -> ResultEntry | _NotRun:
     """The shot's entry after the run, or why it was not run."""
     entry = outcome.entries.get(item.id)
     if entry is not None:
         return entry
     reason = outcome.not_run.get(item.id)
     if reason is not None:
-        return reason
+        return _NotRun(reason, item.id in outcome.maybe_billed_not_run)
     if item.action not in WORK_ACTIONS and item.previous is not None:
         return item.previous  # cancelled before the run even began: nothing to do for it anyway
     # The run was cancelled outright (a third Ctrl-C, or from Python) with this shot unfinished.
@@ -569,5 +580,5 @@ def _final_entry(item: PlannedShot, outcome: RunOutcome, metered: bool) -> Resul
     if downloading is not None:
         return abandoned_download(downloading)
     if metered and outcome.in_flight.get(item.id) == Phase.SENDING:
-        return "abandoned in flight when interrupted; DashScope may have billed it"
-    return f"not run: {outcome.stopped or 'interrupted'}"
+        return _NotRun("abandoned in flight when interrupted; DashScope may have billed it", True)
+    return _NotRun(f"not run: {outcome.stopped or 'interrupted'}")

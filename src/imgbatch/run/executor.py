@@ -102,6 +102,8 @@ class RunOutcome:
     entries: dict[str, ResultEntry] = field(default_factory=dict)
     # Shots this run did not finish and that changed nothing: why, by shot id.
     not_run: dict[str, str] = field(default_factory=dict)
+    # Those of them sent with no answer (now, or on an earlier try): each may have been billed.
+    maybe_billed_not_run: set[str] = field(default_factory=set)
     # Shots generated (and billed) whose download has not finished yet.
     downloading: dict[str, ResultEntry] = field(default_factory=dict)
     # Shots started and not finished, by `Phase`.
@@ -272,10 +274,13 @@ class Executor:
                 return True
         return False
 
-    def _skip(self, shot_id: str, reason: str) -> None:
-        """`shot_id` is not run: no entry, nothing journaled; its previous state stands."""
+    def _skip(self, shot_id: str, reason: str, *, maybe_billed: bool = False) -> None:
+        """`shot_id` is not run: no entry, nothing journaled; its previous state stands.
+        `maybe_billed`: it was sent and its answer lost, so the service may have billed it."""
         self.outcome.in_flight.pop(shot_id, None)
         self.outcome.not_run[shot_id] = reason
+        if maybe_billed:
+            self.outcome.maybe_billed_not_run.add(shot_id)
 
     async def run(self, plan: Plan) -> RunOutcome:
         work = [item for item in plan.shots if item.action in WORK_ACTIONS]
@@ -457,7 +462,7 @@ class Executor:
         model = shot.request.model
         while True:
             if self.stop_requested.is_set() or self._refused(sent):
-                self._skip(shot.id, self._not_run(phase.get(shot.id), lost))
+                self._skip(shot.id, self._not_run(phase.get(shot.id), lost), maybe_billed=lost > 0)
                 return
             phase[shot.id] = Phase.WAITING
             try:
@@ -488,7 +493,7 @@ class Executor:
                     reason = "abandoned in flight when interrupted; DashScope may have billed it"
                 else:
                     reason = "not run: abandoned in flight when interrupted"
-                self._skip(shot.id, reason)
+                self._skip(shot.id, reason, maybe_billed=self.provider.metered)
                 return
             except NoImageError as exc:
                 if gate:
