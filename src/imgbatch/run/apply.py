@@ -34,7 +34,7 @@ from imgbatch.manifest import Limits, Manifest
 from imgbatch.manifest.catalogue import MIN_RPS
 from imgbatch.manifest.loader import ManifestSource, read_manifest
 from imgbatch.pacing.gate import Clock, Pacer, RetryPolicy
-from imgbatch.pacing.learned import QuotaStore, default_store_path
+from imgbatch.pacing.learned import Learned, QuotaStore, default_store_path
 from imgbatch.plan.decide import WORK_ACTIONS, Action, Plan, PlannedShot
 from imgbatch.plan.decide import make_plan as plan_shots
 from imgbatch.plan.guards import may_replace_paid, refuse_placeholder_over_paid, refuse_to_start
@@ -296,7 +296,64 @@ async def _apply(
     on_plan: Callable[[Plan], None] | None,
     clock: Clock | None,
 ) -> ApplyReport:
-    options = options or ApplyOptions()
+    """The phases: prepare, then under the lock preflight (the plan, then the guards), execute
+    and settle (results.json, prune, the sheet), then the report."""
+    prep = await _prepare(path, options or ApplyOptions(), provider)
+    started = time.monotonic()
+    with exclusive_output(prep.expansion.output_dir):
+        plan, state = _preflight(prep, on_plan)
+        pacing = _pacing(prep, plan, clock)
+        interrupts = Interrupts(prep.options.grace_seconds)
+        # From the first request until results.json and the sheet are written: a Ctrl-C while
+        # they are written waits for them (they are what the run leaves behind).
+        with signal_handler(asyncio.get_running_loop(), interrupts):
+            outcome, journal = await _execute(prep, plan, pacing.pacer, listener, clock, interrupts)
+            settled = _settle_run(prep, plan, state, outcome, journal)
+    return ApplyReport(
+        plan=plan,
+        results_path=settled.results,
+        entries=settled.entries,
+        stopped=outcome.stopped,
+        interrupted=interrupts.count > 0,
+        requests=outcome.requests,
+        billed=outcome.billed,
+        maybe_billed=outcome.maybe_billed,
+        throttled=outcome.throttled,
+        retries=outcome.retries,
+        quotas=pacing.remember(outcome),
+        elapsed=time.monotonic() - started,
+        cost=cost(outcome.billed_models.elements(), prep.prices),
+        possible_extra_cost=cost(outcome.maybe_billed_models.elements(), prep.prices),
+        sheet=settled.sheet,
+        sheet_problem=settled.sheet_problem,
+        not_run=settled.not_run,
+        maybe_billed_not_run=settled.maybe_billed_not_run,
+        bounded=outcome.bounded,
+        moved_aside=dict(outcome.moved_aside),
+        pruned=settled.pruned,
+    )
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """What preparing gives: the manifest, its shots (every one, and those selected, their
+    references fetched), and the provider chosen, with its prices."""
+
+    path: ManifestSource
+    options: ApplyOptions
+    manifest: Manifest
+    everything: Expansion
+    expansion: Expansion
+    limit: CostLimit | None
+    provider: Provider
+    prices: PriceList
+
+
+async def _prepare(
+    path: ManifestSource, options: ApplyOptions, provider: Provider | str | None
+) -> _Prepared:
+    """Load, expand, fetch the references and choose the provider; the refusals that need no
+    lock come first, so a refused run connects to nothing and writes nothing at all."""
     if isinstance(provider, str):
         # A name, as on the command line; an object is used as it is.
         options, provider = replace(options, provider=provider), None
@@ -316,153 +373,189 @@ async def _apply(
     everything, expansion = expansion, _narrowed(expansion, options.only)
     only = bool(options.only)
     if may_replace_paid(expansion.provider, options.provider):
-        # Before anything is fetched, before credentials and before the lock: a refused run
-        # connects to nothing and writes nothing at all.
+        # Before anything is fetched, before credentials and before the lock.
         state = load_state(expansion.output_dir)
         early = _plan(expansion, state, options.overwrite_edited, only=only)
         refuse_placeholder_over_paid(early, options.provider, manifest)
-    # Each reference URL once, keyed by its content, so that the plan below knows every key
-    # (a frozen run pays nothing for a URL whose content did not change).
+    # Each reference URL once, keyed by its content, so that the plan knows every key (a
+    # frozen run pays nothing for a URL whose content did not change).
     expansion = await fetch_references(expansion)
-    output_dir = expansion.output_dir
     limit = _cost_limit(options, manifest)
     if options.frozen or limit is not None:
         # Before credentials and before the lock: a refused run writes nothing at all.
-        state = load_state(output_dir)
+        state = load_state(expansion.output_dir)
         prices = _prices(manifest, expansion, environ)
         early = _plan(expansion, state, options.overwrite_edited, only=only, prices=prices)
         refuse_to_start(early, options.frozen, limit)
     # Credentials are checked before anything is written.
     provider = provider or create_provider(expansion.provider, environ, options.home)
     prices = _prices(manifest, expansion, environ, provider)
-    started = time.monotonic()
-    with exclusive_output(output_dir):
-        cache = ImageCache(output_dir)
-        # Before the first request: a folder that cannot be written would waste every image.
-        check_writable(output_dir)
-        check_writable(output_dir / STATE_DIR)
-        if cache.root.exists():
-            check_writable(cache.root)
-        remove_stale_temporaries(output_dir)
-        state = load_state(output_dir)
-        plan = _plan(expansion, state, options.overwrite_edited, only=only, prices=prices)
-        # The provider object answers for itself (one of the caller's own may be free).
-        plan = replace(plan, metered=provider.metered)
-        # Again: another run may have changed the folder meanwhile.
-        refuse_placeholder_over_paid(plan, options.provider, manifest)
-        refuse_to_start(plan, options.frozen, limit)
-        if on_plan:
-            on_plan(plan)
-        pace = given_pace(options, manifest.limits)
-        given = pace.quota if pace else None
-        models = sorted({item.shot.request.model for item in plan.shots if item.shot})
-        account: str | None = getattr(provider, "quota_account", None)
-        store = _quota_store(options) if provider.metered and account else None
-        learned = store.load(account, models) if store and account and given is None else {}
-        pacer = Pacer(
-            given=given,
-            average=pace.average if pace else False,
-            learned={model: (found.window, found.cap) for model, found in learned.items()},
-            unlimited=not provider.metered,
-            clock=clock,
+    return _Prepared(path, options, manifest, everything, expansion, limit, provider, prices)
+
+
+def _preflight(
+    prep: _Prepared, on_plan: Callable[[Plan], None] | None
+) -> tuple[Plan, Mapping[str, ResultEntry]]:
+    """Under the lock: the folder checked writable, the plan, then the guards again (another
+    run may have changed the folder meanwhile); gives the plan and the state it was made from."""
+    options, output_dir = prep.options, prep.expansion.output_dir
+    cache = ImageCache(output_dir)
+    # Before the first request: a folder that cannot be written would waste every image.
+    check_writable(output_dir)
+    check_writable(output_dir / STATE_DIR)
+    if cache.root.exists():
+        check_writable(cache.root)
+    remove_stale_temporaries(output_dir)
+    state = load_state(output_dir)
+    plan = _plan(
+        prep.expansion, state, options.overwrite_edited, only=bool(options.only), prices=prep.prices
+    )
+    # The provider object answers for itself (one of the caller's own may be free).
+    plan = replace(plan, metered=prep.provider.metered)
+    refuse_placeholder_over_paid(plan, options.provider, prep.manifest)
+    refuse_to_start(plan, options.frozen, prep.limit)
+    if on_plan:
+        on_plan(plan)
+    return plan, state
+
+
+@dataclass(frozen=True)
+class _Pacing:
+    """The run's pacer, and where what it learns of the quotas is kept."""
+
+    pacer: Pacer
+    store: QuotaStore | None
+    account: str | None
+    learned: Mapping[str, Learned]
+
+    def remember(self, outcome: RunOutcome) -> tuple[QuotaNote, ...]:
+        """Keep what the run found for the next one; say what it knew and kept."""
+        saved: list[str] = []
+        if self.store is not None and self.account is not None:
+            with contextlib.suppress(OSError):  # a head start for next time, not worth failing
+                saved = self.store.save(self.account, outcome.quotas)
+        return tuple(
+            QuotaNote(finding, finding.model in self.learned, finding.model in saved)
+            for finding in outcome.quotas
         )
-        journal = Journal(output_dir)
-        thumbnails = Thumbnailer(output_dir, listener)  # the contact sheet's, made as shots land
-        interrupts = Interrupts(options.grace_seconds)
-        # From the first request until results.json and the sheet are written: a Ctrl-C while
-        # they are written waits for them (they are what the run leaves behind).
-        with signal_handler(asyncio.get_running_loop(), interrupts):
-            try:
-                async with provider:
-                    executor = Executor(
-                        provider,
-                        cache,
-                        journal.record,
-                        pacer=pacer,
-                        concurrency=options.concurrency
-                        or manifest.limits.concurrency
-                        or _local_concurrency(provider),
-                        retry=options.retry,
-                        clock=clock,
-                        listener=thumbnails,
-                        simplify=options.simplify and manifest.simplify,
-                        frozen=options.frozen,
-                        bounds=(
-                            *options.bounds(),
-                            *([MaxCost(limit, prices)] if limit is not None else []),
-                        ),
-                    )
-                    outcome = await interrupts.run(executor, plan)
-            finally:
-                journal.close()
-                thumbnails.close()
-            entries, not_run, maybe_billed_not_run = _settle(plan, outcome, provider.metered)
-            orphans = [item.previous for item in plan.orphans if item.previous is not None]
-            pruned: tuple[Pruned, ...] = ()
-            if options.prune:
-                in_use = {shot.file for shot in expansion.shots}
-                pruned, kept = prune_orphans(output_dir, orphans, in_use)
-                orphans = list(kept)
-            # The sheet marks what changed: a shot not run changed nothing.
-            touched = tuple(
-                replace(item, action=Action.UNCHANGED) if item.id in not_run else item
-                for item in plan.shots
+
+
+def _pacing(prep: _Prepared, plan: Plan, clock: Clock | None) -> _Pacing:
+    pace = given_pace(prep.options, prep.manifest.limits)
+    given = pace.quota if pace else None
+    provider = prep.provider
+    models = sorted({item.shot.request.model for item in plan.shots if item.shot})
+    account: str | None = getattr(provider, "quota_account", None)
+    store = _quota_store(prep.options) if provider.metered and account else None
+    learned = store.load(account, models) if store and account and given is None else {}
+    pacer = Pacer(
+        given=given,
+        average=pace.average if pace else False,
+        learned={model: (found.window, found.cap) for model, found in learned.items()},
+        unlimited=not provider.metered,
+        clock=clock,
+    )
+    return _Pacing(pacer, store, account, learned)
+
+
+async def _execute(
+    prep: _Prepared,
+    plan: Plan,
+    pacer: Pacer,
+    listener: Listener | None,
+    clock: Clock | None,
+    interrupts: Interrupts,
+) -> tuple[RunOutcome, Path]:
+    """Carry out the plan; gives what happened and the journal it was recorded in."""
+    options, manifest, provider = prep.options, prep.manifest, prep.provider
+    output_dir = prep.expansion.output_dir
+    journal = Journal(output_dir)
+    thumbnails = Thumbnailer(output_dir, listener)  # the contact sheet's, made as shots land
+    try:
+        async with provider:
+            executor = Executor(
+                provider,
+                ImageCache(output_dir),
+                journal.record,
+                pacer=pacer,
+                concurrency=options.concurrency
+                or manifest.limits.concurrency
+                or _local_concurrency(provider),
+                retry=options.retry,
+                clock=clock,
+                listener=thumbnails,
+                simplify=options.simplify and manifest.simplify,
+                frozen=options.frozen,
+                bounds=(
+                    *options.bounds(),
+                    *([MaxCost(prep.limit, prep.prices)] if prep.limit is not None else []),
+                ),
             )
-            written, sheet_plan = entries, replace(plan, shots=touched)
-            if only:
-                written, orphans, sheet_plan = _with_unselected(
-                    everything, state, sheet_plan, entries
-                )
-            meta = {
-                # Relative, so an output folder can be moved or committed with its manifest.
-                "manifest": None
-                if isinstance(path, Mapping)
-                else os.path.relpath(Path(path).resolve(), output_dir.resolve()),
-                "provider": provider.name,
-                "key_format": KEY_FORMAT_VERSION,
-            }
-            try:
-                results = write_results(
-                    output_dir,
-                    written,
-                    orphans,
-                    meta,
-                    updated_at=datetime.now(UTC).isoformat(timespec="seconds"),
-                )
-            except StoreWriteError as exc:
-                raise StoreError(_unwritten_results(exc, outcome, journal.path)) from None
-            sheet, sheet_problem = update_sheet(output_dir, manifest.name, sheet_plan, written)
-    saved: list[str] = []
-    if store is not None and account is not None:
-        with contextlib.suppress(OSError):  # a head start for next time, not worth failing for
-            saved = store.save(account, outcome.quotas)
-    quotas = tuple(
-        QuotaNote(finding, finding.model in learned, finding.model in saved)
-        for finding in outcome.quotas
+            return await interrupts.run(executor, plan), journal.path
+    finally:
+        journal.close()
+        thumbnails.close()
+
+
+@dataclass(frozen=True)
+class _Settled:
+    entries: tuple[ResultEntry, ...]
+    not_run: Mapping[str, str]
+    maybe_billed_not_run: frozenset[str]
+    pruned: tuple[Pruned, ...]
+    results: Path
+    sheet: Path | None
+    sheet_problem: str | None
+
+
+def _settle_run(
+    prep: _Prepared,
+    plan: Plan,
+    state: Mapping[str, ResultEntry],
+    outcome: RunOutcome,
+    journal: Path,
+) -> _Settled:
+    """Each shot's outcome; then results.json, the orphans pruned, and the contact sheet."""
+    output_dir = prep.expansion.output_dir
+    entries, not_run, maybe_billed_not_run = _settle(plan, outcome, prep.provider.metered)
+    orphans = [item.previous for item in plan.orphans if item.previous is not None]
+    pruned: tuple[Pruned, ...] = ()
+    if prep.options.prune:
+        in_use = {shot.file for shot in prep.expansion.shots}
+        pruned, kept = prune_orphans(output_dir, orphans, in_use)
+        orphans = list(kept)
+    # The sheet marks what changed: a shot not run changed nothing.
+    touched = tuple(
+        replace(item, action=Action.UNCHANGED) if item.id in not_run else item
+        for item in plan.shots
     )
-    return ApplyReport(
-        plan=plan,
-        results_path=results,
-        entries=entries,
-        stopped=outcome.stopped,
-        interrupted=interrupts.count > 0,
-        requests=outcome.requests,
-        billed=outcome.billed,
-        maybe_billed=outcome.maybe_billed,
-        throttled=outcome.throttled,
-        retries=outcome.retries,
-        quotas=quotas,
-        elapsed=time.monotonic() - started,
-        cost=cost(outcome.billed_models.elements(), prices),
-        possible_extra_cost=cost(outcome.maybe_billed_models.elements(), prices),
-        sheet=sheet,
-        sheet_problem=sheet_problem,
-        not_run=not_run,
-        maybe_billed_not_run=maybe_billed_not_run,
-        bounded=outcome.bounded,
-        moved_aside=dict(outcome.moved_aside),
-        pruned=pruned,
-    )
+    written, sheet_plan = entries, replace(plan, shots=touched)
+    if prep.options.only:
+        written, orphans, sheet_plan = _with_unselected(prep.everything, state, sheet_plan, entries)
+    try:
+        results = write_results(
+            output_dir,
+            written,
+            orphans,
+            _results_meta(prep),
+            updated_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+    except StoreWriteError as exc:
+        raise StoreError(_unwritten_results(exc, outcome, journal)) from None
+    sheet, sheet_problem = update_sheet(output_dir, prep.manifest.name, sheet_plan, written)
+    return _Settled(entries, not_run, maybe_billed_not_run, pruned, results, sheet, sheet_problem)
+
+
+def _results_meta(prep: _Prepared) -> dict[str, Any]:
+    path, output_dir = prep.path, prep.expansion.output_dir
+    return {
+        # Relative, so an output folder can be moved or committed with its manifest.
+        "manifest": None
+        if isinstance(path, Mapping)
+        else os.path.relpath(Path(path).resolve(), output_dir.resolve()),
+        "provider": prep.provider.name,
+        "key_format": KEY_FORMAT_VERSION,
+    }
 
 
 def _with_unselected(
