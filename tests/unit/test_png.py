@@ -23,8 +23,8 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from imgbatch.errors import ImageError
+from imgbatch.png import image_kind, png_dimensions
 from imgbatch.state.cache import verify_image
-from imgbatch.state.png import image_kind, png_dimensions
 from tests.support import hostile_images
 
 FUZZ_CASES = 3000

@@ -26,9 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imgbatch.errors import ImageError, InspectError, StoreError
-from imgbatch.plan.decide import url_expired_at
-from imgbatch.review.provenance import PREFIX, read_provenance
-from imgbatch.state.png import read_image_file
+from imgbatch.png import PREFIX, read_image_file, read_provenance
+from imgbatch.providers.image_url import url_expired_at
 from imgbatch.state.results import ResultEntry
 
 

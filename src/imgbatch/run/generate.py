@@ -229,7 +229,7 @@ class GenerateSession:
     async def _holding(self, folder: Path) -> AsyncIterator[None]:
         """The output folder's lock, taken by the first call that needs it and kept while any
         call of this session uses it: one process's calls share it, another process is refused."""
-        from imgbatch.run.apply import exclusive_output
+        from imgbatch.state.lock import exclusive_output
 
         async with self._folder_guard:
             hold = self._holds.get(folder)
@@ -258,8 +258,7 @@ class GenerateSession:
 def _check_replaceable(target: Path) -> None:
     """Raise `ConfigError` unless `target` is absent or an image imgbatch wrote (its provenance
     says so): a device node, a folder or a user's own file is never replaced."""
-    from imgbatch.review.provenance import read_provenance
-    from imgbatch.state.png import read_image_file
+    from imgbatch.png import read_image_file, read_provenance
 
     try:
         info = target.stat()

@@ -10,7 +10,7 @@ file (`disk_full` when the filesystem is out of space).
 The cache keeps one PNG per request key under `<output>/.imgbatch/cache/ab/<key>.png`. Its
 entries are read without following symbolic links, and every restore checks the bytes against
 what was recorded for that key (size and SHA-256), or, without a record, that they decode as a
-PNG of the shot's size (`state.png`: PNG only, its size read from its header first): a damaged
+PNG of the shot's size (`imgbatch.png`: PNG only, its size read from its header first): a damaged
 entry raises `CacheEntryDamaged` and is discarded, never copied into place. The executor never
 learns where bytes live beyond this interface, so an object-store cache can replace it.
 
@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from imgbatch.errors import CacheEntryDamaged, ImageError, StoreError, StoreWriteError
-from imgbatch.state.png import check_png, png_dimensions
+from imgbatch.png import check_png, png_dimensions
 
 STATE_DIR = ".imgbatch"
 TEMP_PREFIX = ".imgbatch-tmp-"

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from imgbatch.errors import PermanentError
-from imgbatch.state.png import image_kind, pillow_format
+from imgbatch.png import image_kind, pillow_format
 
 if TYPE_CHECKING:
     import aiohttp

@@ -1,4 +1,4 @@
-"""Reading untrusted image bytes as PNG, and only as PNG.
+"""Reading untrusted image bytes as PNG, and only as PNG (and the provenance chunks in them).
 
 Takes bytes (or a file) that a server sent, a pull request committed or a cache holds; gives the
 decoded image, or raises `ImageError` saying what the bytes are instead (a JPEG, an EPS, HTML...).
@@ -10,6 +10,10 @@ against the size asked for (or a pixel budget) before a pixel is decoded, and on
 Pillow asked to open the bytes with `formats=["PNG"]`. Any exception its decoder raises on
 hostile bytes (there are many types: OSError, SyntaxError, EOFError, struct.error,
 NotImplementedError...) becomes an `ImageError`, so one bad image fails one shot.
+
+It also reads imgbatch's provenance (`read_provenance`: the `imgbatch:` text chunks, walked
+without an image library), which review/provenance.py writes: prune, gc and generate --output
+prove with it that a file is one imgbatch wrote before they delete or replace it.
 
     >>> import io
     >>> from PIL import Image
@@ -30,13 +34,19 @@ import os
 import stat
 import struct
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from PIL import Image
 
-from imgbatch.errors import ImageError
+from imgbatch.errors import ImageError, InspectError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# imgbatch's provenance: text chunks whose keyword starts so (review/provenance.py writes them).
+PREFIX = "imgbatch:"
+TEXT_CHUNKS = frozenset({b"iTXt", b"tEXt", b"zTXt"})
+# A text chunk inflating past this is not provenance imgbatch wrote (prompts are short).
+_MAX_TEXT_BYTES = 1 << 20
 # Signature, then IHDR: length, type, width, height, five one-byte fields, CRC.
 _HEADER_BYTES = len(PNG_SIGNATURE) + 8 + 13 + 4
 # Pixels decoded when no exact size is asked (a file in the output folder, for its thumbnail):
@@ -192,3 +202,80 @@ def _singular(what: str) -> str:
 def _reason(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text if len(text) <= 200 else text[:200] + "..."
+
+
+# ----- provenance: imgbatch's text chunks, read without an image library -------------------
+
+
+def read_provenance(data: bytes, *, name: str = "the image") -> dict[str, str]:
+    """The `imgbatch:` text chunks of the PNG `data`, keyword to text (prefix kept).
+
+    Raises `InspectError` naming `name` when `data` is not a PNG, a chunk is damaged, or there
+    is no provenance."""
+    if not data.startswith(PNG_SIGNATURE):
+        raise InspectError(f"{name} is not a PNG image; imgbatch keeps provenance only in PNGs")
+    found: dict[str, str] = {}
+    for kind, start, end in chunks(data, strict=name):
+        if kind not in TEXT_CHUNKS or not text_keyword(data, start).startswith(PREFIX.encode()):
+            continue
+        body = data[start + 8 : end - 4]
+        if zlib.crc32(data[start + 4 : end - 4]) != struct.unpack(">I", data[end - 4 : end])[0]:
+            raise InspectError(f"{name} is a damaged PNG: its {kind.decode()} chunk fails its CRC")
+        try:
+            keyword, text = _decode_text(kind, body)
+        except (ValueError, zlib.error) as exc:
+            raise InspectError(f"{name} has a damaged {kind.decode()} chunk: {exc}") from None
+        found.setdefault(keyword, text)  # the first wins, as in Pillow
+    if not found:
+        raise InspectError(
+            f"{name} has no imgbatch provenance (not written by imgbatch, written before "
+            "provenance existed, or re-saved by a tool that drops text chunks)"
+        )
+    return found
+
+
+def chunks(data: bytes, *, strict: str | None = None) -> Iterator[tuple[bytes, int, int]]:
+    """Each chunk's type, start and end (length field to CRC, inclusive) up to IEND. Stops at
+    the first chunk that does not fit; with `strict` (the image's name) raises instead."""
+    if not data.startswith(PNG_SIGNATURE):
+        return
+    position = len(PNG_SIGNATURE)
+    while position + 12 <= len(data):
+        length, kind = struct.unpack(">I4s", data[position : position + 8])
+        end = position + 12 + length
+        if end > len(data):
+            break
+        yield kind, position, end
+        if kind == b"IEND":
+            return
+        position = end
+    if strict is not None:
+        raise InspectError(f"{strict} is a damaged PNG: it is cut short before its end")
+
+
+def text_keyword(data: bytes, start: int) -> bytes:
+    body = data[start + 8 : start + 8 + 80]
+    return body.split(b"\0", 1)[0]
+
+
+def _decode_text(kind: bytes, body: bytes) -> tuple[str, str]:
+    keyword, _, rest = body.partition(b"\0")
+    name = keyword.decode("latin-1")
+    if kind == b"tEXt":
+        return name, rest.decode("latin-1")
+    if kind == b"zTXt":
+        return name, _inflate(rest[1:]).decode("latin-1")
+    if len(rest) < 2:
+        raise ValueError("it is cut short")
+    compressed = rest[0] == 1
+    _language, _, rest = rest[2:].partition(b"\0")
+    _translated, _, text = rest.partition(b"\0")
+    return name, (_inflate(text) if compressed else text).decode("utf-8")
+
+
+def _inflate(data: bytes) -> bytes:
+    inflater = zlib.decompressobj()
+    out = inflater.decompress(data, _MAX_TEXT_BYTES)
+    if inflater.unconsumed_tail:
+        raise ValueError(f"its text inflates past {_MAX_TEXT_BYTES} bytes")
+    return out
