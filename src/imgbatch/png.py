@@ -36,10 +36,12 @@ import struct
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-
-from PIL import Image
+from typing import TYPE_CHECKING
 
 from imgbatch.errors import ImageError, InspectError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # imgbatch's provenance: text chunks whose keyword starts so (review/provenance.py writes them).
@@ -122,6 +124,8 @@ def decode_png(
             f"{max_pixels:,} imgbatch decodes"
         )
     try:
+        from PIL import Image  # here: `inspect`, which reads only text chunks, stays light
+
         image = Image.open(io.BytesIO(data), formats=["PNG"])
         image.load()  # the pixels are the image's now; the buffer is not needed again
         if image.size != found:  # never, for Pillow's PNG reader: checked all the same
@@ -184,6 +188,8 @@ def image_kind(data: bytes) -> str:
 def pillow_format(data: bytes) -> str | None:
     """The name of the first Pillow format whose prefix test accepts `data` ("PPM", "EPS"), or
     None: the test only looks at the first bytes, nothing is opened or decoded."""
+    from PIL import Image
+
     Image.init()
     for name, (_factory, accept) in Image.OPEN.items():
         try:
