@@ -2,6 +2,9 @@
 
 No test reaches a real host: the dashscope provider is configured through the environment
 (`DASHSCOPE_HTTP_BASE_URL`, `DASHSCOPE_API_KEY`, `HOME`) to talk to the fake server only.
+
+Also the `slow` marker: a plain `pytest` skips the tests marked `@pytest.mark.slow` (the quick
+loop); `pytest --slow` runs them too, as the README's test command and CI do.
 """
 
 from __future__ import annotations
@@ -17,6 +20,29 @@ from tests.support.fake_dashscope import FakeDashScope
 FAKE_KEY = "sk-test-fake-key-0123456789abcdef"
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "manifests" / "cyclist-spot.yaml"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--slow",
+        action="store_true",
+        help="also run the tests marked slow (the README's test command and CI do)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "slow: takes many seconds; skipped by a plain `pytest`, run by `pytest --slow`"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: `pytest --slow` runs it")
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

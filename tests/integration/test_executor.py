@@ -212,7 +212,7 @@ def test_a_400_is_not_retried(
 def test_dropped_connections_are_retried_and_the_shot_completes(
     api_env: dict[str, str], fake_server: FakeDashScope, manifest: Path
 ) -> None:
-    # The SDK re-sends a POST once itself (README: "Dropped connections can bill twice"); two
+    # The SDK re-sends a POST once itself (docs/apply.md: "Dropped connections can bill twice"); two
     # drops in a row reach imgbatch, which retries with backoff.
     fake_server.enqueue_disconnect(times=2)
     report = apply(manifest, options(api_env))
