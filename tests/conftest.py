@@ -17,9 +17,8 @@ import pytest
 
 from tests.support.fake_dashscope import FakeDashScope
 
-FAKE_KEY = "sk-test-fake-key-0123456789abcdef"
-REPO = Path(__file__).resolve().parent.parent
-EXAMPLE = REPO / "manifests" / "cyclist-spot.yaml"
+# The helpers' old home: tests written before they moved to tests/support/ still import them here.
+from tests.support.files import EXAMPLE, FAKE_KEY, REPO, write_manifest, write_many_shots  # noqa: F401
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -84,17 +83,3 @@ def example_manifest(tmp_path: Path) -> Path:
     target.parent.mkdir(parents=True)
     shutil.copy(EXAMPLE, target)
     return target
-
-
-def write_manifest(directory: Path, text: str, name: str = "shots.yaml") -> Path:
-    path = directory / name
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def write_many_shots(directory: Path, name: str, count: int) -> Path:
-    """A manifest called `name` with `count` distinct 1:1 shots, shot-000 onwards."""
-    lines = ["version: 1", f"name: {name}", "defaults:", '  size: "1328*1328"', "shots:"]
-    for index in range(count):
-        lines += [f"  - id: shot-{index:03d}", f'    prompt: "a lighthouse, take {index}"']
-    return write_manifest(directory, "\n".join(lines) + "\n")

@@ -22,8 +22,8 @@ import imgbatch
 from imgbatch.cli.main import main
 from imgbatch.errors import ManifestError, ProviderError
 from imgbatch.shots.request import ImageRequest, simplified
-from tests.conftest import write_manifest
 from tests.support.fake_dashscope import FakeDashScope
+from tests.support.files import write_manifest
 
 REQUEST = {
     "prompt": "a studio product photo of headphones on a walnut desk",

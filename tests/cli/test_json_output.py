@@ -18,8 +18,8 @@ from click.testing import Result
 
 from tests.cli.test_cli import assert_clean, run
 from tests.cli.test_generate import REQUEST
-from tests.conftest import FAKE_KEY, write_manifest
 from tests.support.fake_dashscope import FakeDashScope
+from tests.support.files import FAKE_KEY, write_manifest
 
 BAD = (
     "version: 1\n"

@@ -26,7 +26,7 @@ from imgbatch.providers import (
     resolve_provider_name,
     secrets_for_redaction,
 )
-from tests.conftest import FAKE_KEY
+from tests.support.files import FAKE_KEY
 
 HEAVY = (
     "dashscope",

@@ -21,8 +21,8 @@ from typing import Any
 
 import yaml
 
-from tests.conftest import REPO
 from tests.support.fake_dashscope import FakeDashScope
+from tests.support.files import REPO
 
 WORKFLOW = REPO / "docs" / "github-actions.yml"
 PAGE = REPO / "docs" / "ci.md"

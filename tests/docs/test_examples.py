@@ -44,9 +44,9 @@ from click.testing import CliRunner
 from imgbatch.cli.main import main
 from imgbatch.manifest import load_manifest, manifest_from_data
 from imgbatch.providers.dashscope_credentials import resolve_api_key
-from tests.conftest import REPO
 from tests.docs.pages import Block, all_blocks, blocks, name, pages
 from tests.support.fake_dashscope import FakeDashScope
+from tests.support.files import REPO
 
 MANIFESTS = REPO / "manifests"
 SCHEMA_LINE = "# yaml-language-server: $schema=../schema/manifest.schema.json\n"

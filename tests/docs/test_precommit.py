@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EXAMPLE, REPO
+from tests.support.files import EXAMPLE, REPO
 
 BAD = "version: 1\nname: bad\nshots:\n  - id: one\n"
 NOT_A_SHOT_LIST = "not: [a shot list\n"  # and not even valid YAML

@@ -22,8 +22,8 @@ from PIL import Image
 
 from imgbatch.cli.main import FiniteFloatRange
 from imgbatch.cli.main import main as cli_main
-from tests.conftest import FAKE_KEY, write_many_shots
 from tests.support.fake_dashscope import FakeDashScope
+from tests.support.files import FAKE_KEY, write_many_shots
 
 SHOTS = 16
 

@@ -31,9 +31,9 @@ from imgbatch.run.apply import ApplyOptions, ApplyReport, _settle, apply, apply_
 from imgbatch.run.executor import Executor, Notice
 from imgbatch.shots.request import GeneratedImage
 from imgbatch.state.cache import STATE_DIR, ImageCache
-from tests.conftest import write_manifest, write_many_shots
 from tests.support.fake_dashscope import FakeDashScope
 from tests.support.fake_provider import FakeProvider
+from tests.support.files import write_manifest, write_many_shots
 
 FAST_RETRY = RetryPolicy(base_delay=0.001, max_delay=0.01)
 SHOT = "only"

@@ -20,8 +20,8 @@ from imgbatch.pacing.gate import RetryPolicy
 from imgbatch.pacing.quota import Quota
 from imgbatch.review.report import apply_summary
 from imgbatch.run.apply import ApplyOptions, apply
-from tests.conftest import FAKE_KEY, write_many_shots
 from tests.support.fake_dashscope import FakeDashScope
+from tests.support.files import FAKE_KEY, write_many_shots
 
 FAST_RETRY = RetryPolicy(base_delay=0.001, max_delay=0.01)
 

@@ -29,8 +29,8 @@ from imgbatch.review.report import apply_json, apply_summary, quiet_summary
 from imgbatch.run.apply import ApplyOptions, ApplyReport, apply, apply_async, make_plan
 from imgbatch.run.bounds import format_duration, parse_duration
 from imgbatch.run.executor import RunEvent, Stopping
-from tests.conftest import write_many_shots
 from tests.support.fake_provider import FakeProvider
+from tests.support.files import write_many_shots
 
 SIZE = (1328, 1328)
 

@@ -30,8 +30,8 @@ from imgbatch.review.provenance import FIELDS, Provenance, embed, read_provenanc
 from imgbatch.run.apply import ApplyOptions, apply
 from imgbatch.shots.request import ImageRequest
 from tests.cli.test_startup import loaded_after
-from tests.conftest import FAKE_KEY, write_manifest
 from tests.support.fake_dashscope import FakeDashScope, _encode_real_png
+from tests.support.files import FAKE_KEY, write_manifest
 from tests.support.reference_images import JPEG
 
 # Chinese, accents and an emoji: what a tEXt chunk (Latin-1) could not hold.
