@@ -33,6 +33,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "slow: takes many seconds; skipped by a plain `pytest`, run by `pytest --slow`"
     )
+    config.addinivalue_line(
+        "markers", "real_images: the fake_server fixture serves real-sized images (3 to 4 MB)"
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -53,8 +56,10 @@ def user_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mon
 
 
 @pytest.fixture
-def fake_server() -> Iterator[FakeDashScope]:
-    with FakeDashScope(api_key=FAKE_KEY) as server:
+def fake_server(request: pytest.FixtureRequest) -> Iterator[FakeDashScope]:
+    """The fake service: small images, unless the test is marked `real_images` (3 to 4 MB)."""
+    real = request.node.get_closest_marker("real_images") is not None
+    with FakeDashScope(api_key=FAKE_KEY, image_profile="real" if real else "tiny") as server:
         yield server
 
 
