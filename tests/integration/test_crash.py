@@ -25,6 +25,8 @@ from imgbatch.cli.main import main as cli_main
 from tests.support.fake_dashscope import FakeDashScope
 from tests.support.files import FAKE_KEY, write_many_shots
 
+pytestmark = pytest.mark.slow  # real processes killed and interrupted, chains of runs
+
 SHOTS = 16
 
 

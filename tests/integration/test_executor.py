@@ -307,6 +307,7 @@ def png(size: tuple[int, int]) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.slow  # 300 shots in real time
 def test_with_no_cap_the_requests_in_flight_follow_rate_times_latency(tmp_path: Path) -> None:
     manifest = write_many_shots(tmp_path, "wide", 300)
     provider = FakeProvider(latency=0.5)

@@ -104,6 +104,7 @@ class Runner:
         return completed.returncode
 
 
+@pytest.mark.slow  # every command, as processes
 def test_the_key_appears_nowhere(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()

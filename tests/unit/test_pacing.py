@@ -217,6 +217,7 @@ def test_an_even_rate_without_burst_is_found() -> None:
     assert run.ratio >= 0.9
 
 
+@pytest.mark.slow  # a long simulated run
 def test_a_token_bucket_with_a_burst_is_found_and_held() -> None:
     run = simulate(Account(bucket=(25, 25)), 0.8, 600)
     assert run.share <= 0.05
