@@ -128,6 +128,7 @@ def test_bytes_that_are_not_a_png_are_written_unchanged() -> None:
     assert embed(JPEG, Provenance("s01", request, request.text, None)) == JPEG
 
 
+@pytest.mark.real_images  # stamped without re-encoding megabytes
 def test_apply_stamps_every_image_and_results_describe_the_file_as_written(
     api_env: dict[str, str], fake_server: FakeDashScope, tmp_path: Path
 ) -> None:
