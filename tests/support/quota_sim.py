@@ -26,9 +26,9 @@ from unittest import mock
 
 from imgbatch.errors import TransientError
 from imgbatch.pacing.gate import Clock
-from imgbatch.pacing.quota import Quota
 from imgbatch.run.apply import ApplyOptions, ApplyReport, apply_async
 from imgbatch.shots.request import GeneratedImage, ImageRequest
+from imgbatch.units.quota import Quota
 from tests.support.fake_dashscope import TokenBucket
 from tests.support.fake_provider import FakeProvider
 from tests.support.virtual_time import run_virtual
