@@ -28,7 +28,7 @@ from unittest import mock
 
 from PIL import Image
 
-from imgbatch.errors import TransientError
+from imgbatch.errors import RateLimited
 from imgbatch.pacing.gate import Clock
 from imgbatch.run.apply import ApplyOptions, ApplyReport, apply_async
 from imgbatch.shots.request import GeneratedImage, ImageRequest
@@ -143,11 +143,9 @@ class SimProvider:
         if not admitted:
             self.refused += 1
             await asyncio.sleep(self.rtt / 2)
-            raise TransientError(
+            raise RateLimited(
                 "Requests rate limit exceeded",
-                status=429,
                 code="Throttling.RateQuota",
-                throttled=True,
                 stated_quota=self.account.stated,
             )
         self.in_progress += 1

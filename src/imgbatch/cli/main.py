@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, TypeVar  # noqa: E402
 
 import click  # noqa: E402
 
-from imgbatch.errors import ConfigError, ImgbatchError, InspectError, ManifestError  # noqa: E402
+from imgbatch.errors import EXIT_FAILED, EXIT_USAGE, ConfigError, ImgbatchError  # noqa: E402
 from imgbatch.manifest.catalogue import MIN_RPS  # noqa: E402
 from imgbatch.providers import PROVIDER_CHOICES, secrets_for_redaction  # noqa: E402
 from imgbatch.units.quota import Quota, parse_quota  # noqa: E402
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 # The library is imported inside each command, not here: `--help` and `validate` must not pay for
 # the executor, aiohttp, Pillow or a provider's SDK (tests/cli/test_startup.py keeps it so).
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_INTERRUPTED = 0, 130
 EXIT_CHANGES = 2  # plan --detailed-exitcode: something to do (Terraform's convention)
 EXIT_REMAINING = 3  # apply stopped at a bound; shots remain for the next run
 F = TypeVar("F", bound=Callable[..., int])
@@ -69,13 +69,9 @@ def error_boundary(command: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> int:
         try:
             code = command(*args, **kwargs)
-        except (ManifestError, ConfigError, InspectError) as exc:
-            click.echo(f"error: {exc}", err=True)
-            code = EXIT_USAGE
-            _summarize_error(str(exc), code)
         except ImgbatchError as exc:
             click.echo(f"error: {exc}", err=True)
-            code = EXIT_FAILED
+            code = exc.exit_code  # the error says which (errors.py), not a table here
             _summarize_error(str(exc), code)
         except Exception as exc:  # noqa: BLE001 - the boundary: nothing escapes as a traceback
             log = write_crash_log()
@@ -364,8 +360,8 @@ def plan(
             overwrite_edited=overwrite_edited,
             only=only,
         )
-    except (ManifestError, ConfigError) as exc:
-        if not detailed_exitcode:
+    except ImgbatchError as exc:
+        if not detailed_exitcode or exc.exit_code != EXIT_CHANGES:
             raise
         # 2 means "changes pending" here: an invalid shot list is an error like any other.
         click.echo(f"error: {exc}", err=True)

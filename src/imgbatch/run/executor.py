@@ -49,6 +49,7 @@ from imgbatch.errors import (
     NoImageError,
     PermanentError,
     ProviderError,
+    RateLimited,
     StoreWriteError,
     TransientError,
 )
@@ -513,7 +514,7 @@ class Executor:
                     self.listener(Retrying(shot.id, attempt, 0.0, exc))
                 continue
             except TransientError as exc:
-                if exc.throttled:
+                if isinstance(exc, RateLimited):
                     if gate:
                         gate.refused(ticket, exc.retry_after, exc.stated_quota)
                 elif gate:
@@ -530,7 +531,7 @@ class Executor:
                     )
                     self._skip(shot.id, f"not run: {exc}")
                     return
-                if exc.throttled:
+                if isinstance(exc, RateLimited):
                     now = self.clock.now()
                     refused_since = now if refused_since is None else refused_since
                     if now - refused_since >= self.retry.throttle_patience:
