@@ -120,6 +120,8 @@ class RunOutcome:
     maybe_billed: int = 0
     # The same by model, to price them.
     billed_models: Counter[str] = field(default_factory=Counter)
+    # The shots whose image the service made (and billed) in this run.
+    billed_shots: set[str] = field(default_factory=set)
     maybe_billed_models: Counter[str] = field(default_factory=Counter)
     throttled: int = 0
     retries: int = 0
@@ -575,6 +577,7 @@ class Executor:
             if self.provider.metered:
                 self.outcome.billed += 1
                 self.outcome.billed_models[model] += 1
+                self.outcome.billed_shots.add(shot.id)
                 # Journaled before the download, so that a run killed while downloading leaves
                 # the paid image's URL for the next apply to fetch instead of paying again.
                 downloading = unfetched_entry(
