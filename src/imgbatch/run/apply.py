@@ -369,6 +369,11 @@ async def _prepare(
     # Before anything is fetched or written: a pattern matching no shot is refused.
     everything, expansion = expansion, _narrowed(expansion, options.only)
     only = bool(options.only)
+    # The plans made here only refuse; the plan made under the lock (`_preflight`) is the only
+    # one that decides what is sent. One plan before the lock would not be safe: another apply
+    # may change the folder until the lock is held, and the lock cannot come first, because
+    # taking it writes into the folder and a refused run must write nothing at all. A refusal
+    # from a state that then changes is only a refusal too soon (the guards run again).
     if may_replace_paid(expansion.provider, options.provider):
         # Before anything is fetched, before credentials and before the lock.
         state = load_state(expansion.output_dir)
