@@ -277,6 +277,12 @@ class Executor:
                 return True
         return False
 
+    def _billed(self, shot_id: str, model: str) -> None:
+        """The service made (and billed) an image of `model` for the shot."""
+        self.outcome.billed += 1
+        self.outcome.billed_models[model] += 1
+        self.outcome.billed_shots.add(shot_id)
+
     def _skip(self, shot_id: str, reason: str, *, maybe_billed: bool = False) -> None:
         """`shot_id` is not run: no entry, nothing journaled; its previous state stands.
         `maybe_billed`: it was sent and its answer lost, so the service may have billed it."""
@@ -575,9 +581,7 @@ class Executor:
                 gate.answered(ticket, image.stated_quota)
             self._answered[model] += 1
             if self.provider.metered:
-                self.outcome.billed += 1
-                self.outcome.billed_models[model] += 1
-                self.outcome.billed_shots.add(shot.id)
+                self._billed(shot.id, model)
                 # Journaled before the download, so that a run killed while downloading leaves
                 # the paid image's URL for the next apply to fetch instead of paying again.
                 downloading = unfetched_entry(
