@@ -18,8 +18,6 @@ LONGER = {
     ("imgbatch/plan/decide.py", "_plan_shot"): 89,
     ("imgbatch/cli/agent_server.py", "build_server"): 82,
     ("imgbatch/cli/main.py", "plan"): 70,
-    ("imgbatch/manifest/rules.py", "_shot_rule_problems"): 65,
-    ("imgbatch/review/sheet.py", "_card"): 62,
 }
 
 

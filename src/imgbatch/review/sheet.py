@@ -344,29 +344,7 @@ def _card(
     }
     if entry is None:
         return card
-    request = entry.request
-    # What was sent: the simplified prompt after a 200 without an image, else the request's text.
-    text = entry.prompt_sent or request.get("text")
-    if not isinstance(text, str) or text == entry.prompt:
-        text = None
-    card.update(
-        prompt=entry.prompt,
-        text=text,
-        simplified=entry.simplified,
-        text_extra=_appended(entry.prompt, text),
-        negative_prompt=entry.negative_prompt,
-        size=entry.size.replace("*", "×"),
-        seed=entry.seed,
-        model=entry.model,
-        provider=request.get("provider"),
-        style=entry.style,
-        error=entry.error,
-        error_code=_error_code(entry),
-        error_message=_error_message(entry),
-        request_id=entry.request_id,
-        attempts=entry.attempts,
-        key=entry.key,
-    )
+    card.update(_details(entry))
     if entry.has_image and entry.file:
         card["image"] = {
             "href": _url(output_dir, output_dir / entry.file),
@@ -385,6 +363,33 @@ def _card(
             **_thumb_size(previous.width, previous.height),
         }
     return card
+
+
+def _details(entry: ResultEntry) -> dict[str, Any]:
+    """What the card says of the request and its answer."""
+    request = entry.request
+    # What was sent: the simplified prompt after a 200 without an image, else the request's text.
+    text = entry.prompt_sent or request.get("text")
+    if not isinstance(text, str) or text == entry.prompt:
+        text = None
+    return dict(
+        prompt=entry.prompt,
+        text=text,
+        simplified=entry.simplified,
+        text_extra=_appended(entry.prompt, text),
+        negative_prompt=entry.negative_prompt,
+        size=entry.size.replace("*", "×"),
+        seed=entry.seed,
+        model=entry.model,
+        provider=request.get("provider"),
+        style=entry.style,
+        error=entry.error,
+        error_code=_error_code(entry),
+        error_message=_error_message(entry),
+        request_id=entry.request_id,
+        attempts=entry.attempts,
+        key=entry.key,
+    )
 
 
 def _appended(prompt: str, text: str | None) -> str | None:
