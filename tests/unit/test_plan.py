@@ -15,7 +15,7 @@ from imgbatch.shots.expand import Shot
 from imgbatch.shots.request import ImageRequest
 from imgbatch.state.cache import ImageCache
 from imgbatch.state.results import ResultEntry
-from tests.conftest import write_manifest
+from tests.support.files import write_manifest
 
 IMAGE = b"\x89PNG pretend image bytes"
 
