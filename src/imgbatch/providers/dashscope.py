@@ -109,12 +109,19 @@ class DashScopeProvider:
     async def __aenter__(self) -> Self:
         # Made inside the running loop (aiohttp sessions are loop-bound), shared by the API
         # calls and the downloads; it carries no default headers, so the key is only ever in the
-        # per-request headers the SDK sets on API calls.
+        # per-request headers the SDK sets on API calls. Nothing ambient goes with a request
+        # either: the image URL is the service's to choose, so no ~/.netrc login, no proxy from
+        # the environment (trust_env off), and no cookie carried from one host to another.
         trace = aiohttp.TraceConfig()
         trace.on_request_start.append(self._on_request_start)
         trace.on_request_exception.append(self._on_request_exception)
         connector = aiohttp.TCPConnector(limit=0)
-        self._session = aiohttp.ClientSession(connector=connector, trace_configs=[trace])
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            trace_configs=[trace],
+            trust_env=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
         return self
 
     async def __aexit__(
