@@ -11,6 +11,8 @@ counted and reported. Each case is one of issue 18's wire defects and fails with
 
 from __future__ import annotations
 
+import asyncio
+import tracemalloc
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +20,14 @@ from typing import Any
 
 import pytest
 
+from imgbatch.errors import ProviderError, TransientError
 from imgbatch.pacing.gate import RetryPolicy
 from imgbatch.providers.dashscope import ApiKey, DashScopeProvider
+from imgbatch.review.report import apply_summary
 from imgbatch.run.apply import ApplyOptions, ApplyReport, apply
+from imgbatch.shots.request import ImageRequest
 from tests.conftest import FAKE_KEY, write_manifest
-from tests.support.fake_dashscope import FakeDashScope
+from tests.support.fake_dashscope import FakeDashScope, _gzip_bomb
 from tests.support.recording_http import Received, RecordingServer
 from tests.support.reference_images import PNG
 
@@ -137,15 +142,135 @@ def test_api_calls_and_image_downloads_send_no_ambient_credential(
     assert_no_credentials(as_received)
 
 
-def run_apply(path: Path, server: Any, home: Path, **provider_options: Any) -> ApplyReport:
+def run_apply(path: Path, server: Any, home: Path, max_cost: str | None = None) -> ApplyReport:
     environ = {
         "DASHSCOPE_API_KEY": FAKE_KEY,
         "DASHSCOPE_HTTP_BASE_URL": server.base_url,
         "HOME": str(home),
     }
-    provider = DashScopeProvider(ApiKey(FAKE_KEY, "the test"), environ=environ, **provider_options)
-    return apply(
-        path,
-        ApplyOptions(provider="dashscope", rps=1000, retry=FAST_RETRY, environ=environ),
-        provider=provider,
+    provider = DashScopeProvider(ApiKey(FAKE_KEY, "the test"), environ=environ)
+    options = ApplyOptions(
+        provider="dashscope", rps=1000, retry=FAST_RETRY, environ=environ, max_cost=max_cost
     )
+    return apply(path, options, provider=provider)
+
+
+# ----- answers the client cannot use: bounded, counted, reported ----------------------------------
+
+SHOT = """\
+version: 1
+name: wire
+shots:
+  - id: only
+    prompt: a lighthouse on a cliff at night, long exposure
+    size: "1328*1328"
+    seed: 3
+"""
+GZIP_BOMB_BYTES = 64 * 1024 * 1024
+HUGE_JSON_BYTES = 100 * 1024 * 1024
+# What reading one refused answer may take at most, every Python allocation counted (the fake
+# server's too: it runs in this process); an answer read whole takes at least its size.
+MEMORY_BOUND = 24 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Misbehaviour:
+    name: str  # a key of tests.support.fake_dashscope.MISBEHAVIOURS
+    error: str  # in the shot's error
+    billed: bool  # a 200: the service made, and may have billed, an image
+    size: int = 0
+
+
+UNUSABLE_ANSWERS = [
+    Misbehaviour("gzip bomb", f"an answer larger than {1024 * 1024} bytes", True, GZIP_BOMB_BYTES),
+    Misbehaviour("huge json", f"an answer larger than {1024 * 1024} bytes", True, HUGE_JSON_BYTES),
+    Misbehaviour("200 html", "answered 200 with an answer of text/html, not JSON", True),
+    Misbehaviour("200 html as json", "cannot be read (JSONDecodeError)", True),
+    Misbehaviour("200 empty", "malformed answer", True),
+    Misbehaviour("200 cut json", "cannot be read (JSONDecodeError)", True),
+    Misbehaviour("200 json list", "cannot be read (ValueError)", True),
+    Misbehaviour("200 nested brackets", "cannot be read (nested too deeply)", True),
+    Misbehaviour("200 no content type", "an answer of application/octet-stream, not JSON", True),
+    Misbehaviour("200 multipart", "an answer of multipart/mixed, not JSON", True),
+    Misbehaviour("200 event stream", "an answer of text/event-stream, not JSON", True),
+    Misbehaviour("200 bad charset", "cannot be read (JSONDecodeError)", True),
+    Misbehaviour("200 not utf-8", "cannot be read (UnicodeDecodeError)", True),
+    Misbehaviour("200 without output", "malformed answer", True),
+    Misbehaviour("500 nested brackets", "cannot be read (nested too deeply)", False),
+    Misbehaviour("500 not utf-8", "cannot be read (UnicodeDecodeError)", False),
+]
+
+
+@pytest.mark.parametrize("case", UNUSABLE_ANSWERS, ids=lambda case: case.name)
+def test_an_answer_that_cannot_be_used_fails_the_shot_and_a_200_counts_as_maybe_billed(
+    case: Misbehaviour, tmp_path: Path
+) -> None:
+    path = write_manifest(tmp_path, SHOT)
+    with FakeDashScope(api_key=FAKE_KEY, image_profile="tiny") as server:
+        server.misbehave_next(case.name, times=10, size=case.size)
+        report = run_apply(path, server, tmp_path)
+        posts = server.generation_count
+    (entry,) = report.entries
+    assert entry.status == "failed"
+    assert case.error in entry.error
+    # Every POST the server received is a request the report counts; each 200 may be billed.
+    assert report.requests == posts
+    assert report.maybe_billed == (posts if case.billed else 0)
+    assert report.billed == 0
+    if case.billed:
+        assert posts == 3  # given up after three lost answers, not six tries
+        assert "may have billed it" in entry.error
+        assert f"(+{posts} whose answer was lost, maybe billed)" in apply_summary(report)
+
+
+@pytest.mark.parametrize(
+    ("name", "size"), [("gzip bomb", GZIP_BOMB_BYTES), ("huge json", HUGE_JSON_BYTES)]
+)
+def test_a_huge_answer_is_read_no_further_than_the_cap(name: str, size: int) -> None:
+    _gzip_bomb(size) if name == "gzip bomb" else None  # the server's bomb, made before measuring
+
+    async def scenario(server: FakeDashScope) -> ProviderError:
+        server.misbehave_next(name, size=size)
+        provider = DashScopeProvider(ApiKey(FAKE_KEY, "the test"), base_url=server.base_url)
+        async with provider:
+            tracemalloc.start()
+            try:
+                await provider.generate(ImageRequest(prompt="a lighthouse"), label="only")
+            except ProviderError as exc:
+                error = exc
+            finally:
+                peak = tracemalloc.get_traced_memory()[1]
+                tracemalloc.stop()
+        assert peak < MEMORY_BOUND, f"{peak / 2**20:.0f} MiB"
+        return error
+
+    with FakeDashScope(api_key=FAKE_KEY, image_profile="tiny") as server:
+        error = asyncio.run(scenario(server))
+    assert isinstance(error, TransientError) and error.maybe_billed
+    assert f"an answer larger than {1024 * 1024} bytes" in str(error)
+
+
+def test_max_cost_counts_a_200_that_cannot_be_read(tmp_path: Path) -> None:
+    priced = "pricing:\n  currency: USD\n  per_image:\n    qwen-image-max: 0.075\n"
+    path = write_manifest(tmp_path, SHOT.replace("shots:\n", priced + "shots:\n"))
+    with FakeDashScope(api_key=FAKE_KEY, image_profile="tiny") as server:
+        server.misbehave_next("200 html as json", times=10)
+        report = run_apply(path, server, tmp_path, max_cost="0.15 USD")  # two images
+        posts = server.generation_count
+    assert posts == 2
+    assert report.bounded == "max_cost"
+    assert (report.requests, report.maybe_billed) == (2, 2)
+
+
+def test_a_redirect_loop_is_not_followed_and_every_post_is_counted(tmp_path: Path) -> None:
+    path = write_manifest(tmp_path, SHOT)
+    with FakeDashScope(api_key=FAKE_KEY, image_profile="tiny") as server:
+        server.misbehave_next("redirect loop", times=100)
+        report = run_apply(path, server, tmp_path)
+        posts = server.generation_count
+    (entry,) = report.entries
+    assert entry.status == "failed"
+    assert "HTTP 307, a redirect to http://127.0.0.1:" in entry.error
+    assert "API calls are never redirected" in entry.error
+    assert posts == report.requests == 1  # refused, not sent again and again
+    assert report.maybe_billed == 0
