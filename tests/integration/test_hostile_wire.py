@@ -12,6 +12,9 @@ counted and reported. Each case is one of issue 18's wire defects and fails with
 from __future__ import annotations
 
 import asyncio
+import email.utils
+import json
+import time
 import tracemalloc
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,15 +22,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
+from imgbatch.cli.main import main
 from imgbatch.errors import ProviderError, TransientError
 from imgbatch.pacing.gate import RetryPolicy
 from imgbatch.providers.dashscope import ApiKey, DashScopeProvider
+from imgbatch.providers.dashscope_wire import retry_after
 from imgbatch.review.report import apply_summary
 from imgbatch.run.apply import ApplyOptions, ApplyReport, apply
 from imgbatch.shots.request import ImageRequest
 from tests.conftest import FAKE_KEY, write_manifest
-from tests.support.fake_dashscope import FakeDashScope, _gzip_bomb
+from tests.support.fake_dashscope import KEY_TRANSFORMS, FakeDashScope, _gzip_bomb
 from tests.support.recording_http import Received, RecordingServer
 from tests.support.reference_images import PNG
 
@@ -274,3 +280,134 @@ def test_a_redirect_loop_is_not_followed_and_every_post_is_counted(tmp_path: Pat
     assert "API calls are never redirected" in entry.error
     assert posts == report.requests == 1  # refused, not sent again and again
     assert report.maybe_billed == 0
+
+
+# ----- what the service says: redacted in every form, bounded, never obeyed -----------------------
+
+
+def cli_apply(path: Path, server: FakeDashScope, home: Path) -> Any:
+    env = {
+        "DASHSCOPE_API_KEY": FAKE_KEY,
+        "DASHSCOPE_HTTP_BASE_URL": server.base_url,
+        "HOME": str(home),
+        "OUTPUT_DIR": None,
+    }
+    return CliRunner().invoke(main, ["apply", str(path), "--rps", "100"], env=env)
+
+
+def written(folder: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(folder)): path.read_text(errors="replace")
+        for path in folder.rglob("*")
+        if path.is_file() and path.suffix != ".png"
+    }
+
+
+@pytest.mark.parametrize("transform", list(KEY_TRANSFORMS))
+def test_a_key_echoed_back_in_any_form_is_redacted_everywhere(
+    transform: str, tmp_path: Path
+) -> None:
+    path = write_manifest(tmp_path, SHOT)
+    echoed = KEY_TRANSFORMS[transform](FAKE_KEY)
+    with FakeDashScope(api_key=FAKE_KEY, image_profile="tiny") as server:
+        server.echo_key_next(transform=transform)
+        result = cli_apply(path, server, tmp_path)
+    assert result.exit_code == 1, result.output
+    files = written(tmp_path / "output" / "wire")
+    assert "results.json" in files
+    for text in (result.stdout, result.stderr, *files.values()):
+        assert echoed not in text
+        assert FAKE_KEY not in text
+    assert "bad key " in result.stderr and "***" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("size", "shown"),
+    [
+        # Under the answer cap: the message is kept to its first 1000 characters.
+        (900_000, f"{'x' * 1000}... (899000 more characters)"),
+        # Over it (the 20 MB message of the issue): not read at all.
+        (20_000_000, f"DashScope answered with an answer larger than {1024 * 1024} bytes"),
+    ],
+    ids=["900 KB", "20 MB"],
+)
+def test_a_huge_message_from_the_service_is_bounded_wherever_it_is_stored_or_shown(
+    size: int, shown: str, tmp_path: Path
+) -> None:
+    path = write_manifest(tmp_path, SHOT)
+    with FakeDashScope(api_key=FAKE_KEY, image_profile="tiny") as server:
+        server.misbehave_next("huge message", size=size)
+        result = cli_apply(path, server, tmp_path)
+    assert result.exit_code == 1, result.output
+    assert shown in result.stderr
+    assert len(result.stderr) + len(result.stdout) < 20_000
+    files = written(tmp_path / "output" / "wire")
+    # The sheet (index.html) is 20 KB without any message.
+    assert files and all(len(text) < 50_000 for text in files.values()), {
+        name: len(text) for name, text in files.items()
+    }
+    (entry,) = json.loads(files["results.json"])["shots"]
+    assert shown in entry["error"]
+
+
+# ----- headers: a date-form Retry-After is honoured, poison is ignored ----------------------------
+
+NOW = 1_780_000_000.0  # a fixed "now" for the pure cases
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("120", 120.0),
+        ("0", 0.0),
+        (" 1.5 ", 1.5),
+        (email.utils.formatdate(NOW + 90, usegmt=True), 90.0),
+        (email.utils.formatdate(NOW - 90, usegmt=True), 0.0),  # a date gone by: now
+        ("inf", None),
+        ("nan", None),
+        ("1e999", None),
+        ("-5", None),
+        ("Infinity", None),
+        ("tomorrow", None),
+        ("Wed, 31 Feb 2026 99:99:99 GMT", None),
+        ("Sat, 01 Jan 2000 00:00:00", None),  # no zone: not an HTTP date
+        ("9" * 5000, None),
+    ],
+)
+def test_retry_after_reads_seconds_and_http_dates_and_nothing_else(
+    value: str, seconds: float | None
+) -> None:
+    got = retry_after({"Retry-After": value}, now=NOW)
+    assert got == (None if seconds is None else pytest.approx(seconds))
+
+
+def test_a_retry_after_given_as_a_date_is_honoured(tmp_path: Path) -> None:
+    path = write_manifest(tmp_path, SHOT)
+    in_an_hour = email.utils.formatdate(time.time() + 3600, usegmt=True)
+    with FakeDashScope(api_key=FAKE_KEY, image_profile="tiny") as server:
+        server.enqueue_error(429, "Throttling", "come back later", retry_after=in_an_hour)
+        report = run_apply(path, server, tmp_path)
+        posts = server.generation_count
+    assert posts == 1  # not tried again at once, as when the date was ignored
+    assert report.stopped is not None
+    assert "asked to wait 3" in report.stopped and "run apply again later" in report.stopped
+
+
+@pytest.mark.parametrize("value", ["inf", "1e999", "nan", "-1", "Infinity"])
+def test_a_poisoned_retry_after_is_ignored_and_the_shot_made(value: str, tmp_path: Path) -> None:
+    path = write_manifest(tmp_path, SHOT)
+    with FakeDashScope(api_key=FAKE_KEY, image_profile="tiny") as server:
+        server.enqueue_error(429, "Throttling", "slow down", retry_after=value)
+        report = run_apply(path, server, tmp_path)
+    assert report.ok, report.stopped
+    assert report.stopped is None
+
+
+def test_poisoned_headers_and_sizes_on_a_success_are_ignored(tmp_path: Path) -> None:
+    path = write_manifest(tmp_path, SHOT)
+    with FakeDashScope(api_key=FAKE_KEY, image_profile="tiny") as server:
+        server.poison_next()
+        report = run_apply(path, server, tmp_path)
+    assert report.ok, report.entries
+    ((entry,),) = [report.entries]
+    assert (entry.width, entry.height) == (1328, 1328)

@@ -122,7 +122,7 @@ class ApiError(Exception):
     """An answer in DashScope's error shape: HTTP status plus JSON ``code`` and ``message``."""
 
     def __init__(
-        self, status: int, code: str, message: str, retry_after: float | None = None
+        self, status: int, code: str, message: str, retry_after: float | str | None = None
     ) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
@@ -346,9 +346,11 @@ class FakeDashScope:
         code: str,
         message: str,
         times: int = 1,
-        retry_after: float | None = None,
+        retry_after: float | str | None = None,
     ) -> None:
         """Answer the next ``times`` authenticated generation requests with this error.
+
+        ``retry_after``: seconds, or a header value as given (an HTTP date, or poison).
 
         Queued faults (errors and disconnects) are served in the order they were queued, right
         after the API key check and before quota, validation and latency.
@@ -416,6 +418,12 @@ class FakeDashScope:
         """Answer the next ``times`` successes 200 with a text item and no image."""
         with self._lock:
             self._pending["no_image"] += times
+
+    def poison_next(self, times: int = 1) -> None:
+        """Give the next ``times`` successes poisoned extras: a flow-control header nested too
+        deep for a JSON parser, and ``usage`` sizes of Infinity (the image itself is sound)."""
+        with self._lock:
+            self._pending["poison"] += times
 
     def small_image_next(self, times: int = 1) -> None:
         """Make the next ``times`` images 64*64 whatever size was asked, and report 64*64."""
@@ -596,8 +604,12 @@ class FakeDashScope:
             if self._consume_toggle("no_image"):
                 text = {"text": "I cannot draw that."}
                 body["output"]["choices"][0]["message"]["content"] = [text]
+            poison = self._consume_toggle("poison")
         headers = _answer_headers(body["request_id"], time.monotonic() - started)
         headers.update(self.shapes.headers())
+        if poison:
+            body["usage"].update(width=float("inf"), height=float("-inf"))
+            headers[FLOW_CONTROL_HEADER] = "[" * 4000 + "]" * 4000
         return web.json_response(body, headers=headers)
 
     async def _misbehave(self, request: web.Request, fault: _Misbehave) -> web.StreamResponse:
@@ -919,7 +931,8 @@ def _error_response(error: ApiError, request_id: str | None = None) -> web.Respo
     body = {"request_id": request_id, "code": error.code, "message": error.message}
     headers = _answer_headers(request_id, 0.0)
     if error.retry_after is not None:
-        headers["Retry-After"] = f"{error.retry_after:g}"
+        value = error.retry_after
+        headers["Retry-After"] = value if isinstance(value, str) else f"{value:g}"
     return web.json_response(body, status=error.status, headers=headers)
 
 

@@ -229,7 +229,7 @@ class DashScopeProvider:
             width, height = request.dimensions
             try:
                 width, height = int(response.usage["width"]), int(response.usage["height"])
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: 1e999
                 pass
             stated = _stated_quota(response.headers)
             # Redacted, not shortened: a URL cut short would not fetch the image paid for.
@@ -345,6 +345,7 @@ def _stated_quota(headers: Mapping[str, str] | None) -> Quota | None:
             if isinstance(count, bool) or not isinstance(count, int):
                 return None
             return Quota(count, float(period))
-        except (ValueError, TypeError, KeyError):
+        # RecursionError: a header nested deeper than json can follow.
+        except (ValueError, TypeError, KeyError, RecursionError):
             return None
     return None
