@@ -411,3 +411,46 @@ def test_poisoned_headers_and_sizes_on_a_success_are_ignored(tmp_path: Path) -> 
     assert report.ok, report.entries
     ((entry,),) = [report.entries]
     assert (entry.width, entry.height) == (1328, 1328)
+
+
+# ----- the base URL --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("base", "message"),
+    [
+        (
+            "http://alice:hunter2@{host}/api/v1",
+            "DASHSCOPE_HTTP_BASE_URL has a user name or password before the host of "
+            "http://{host}/api/v1: remove them",
+        ),
+        ("http://hunter2@{host}/api/v1", "has a user name or password before the host"),
+        ("ftp://{host}/api/v1", "must be an http:// or https:// URL with a host"),
+        ("http://{host}:port/api/v1", "DASHSCOPE_HTTP_BASE_URL is not a URL imgbatch can call"),
+    ],
+    ids=["user and password", "user only", "not http", "port not a number"],
+)
+@pytest.mark.parametrize("command", ["apply", "generate"])
+def test_a_base_url_imgbatch_cannot_call_is_refused_before_anything_is_sent(
+    base: str, message: str, command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_manifest(tmp_path, SHOT)
+    monkeypatch.chdir(tmp_path)
+    with FakeDashScope(api_key=FAKE_KEY, image_profile="tiny") as server:
+        host = server.base_url.removeprefix("http://").removesuffix("/api/v1")
+        env = {
+            "DASHSCOPE_API_KEY": FAKE_KEY,
+            "DASHSCOPE_HTTP_BASE_URL": base.format(host=host),
+            "HOME": str(tmp_path),
+            "OUTPUT_DIR": None,
+        }
+        request = ["generate", "--request", '{"prompt": "a lighthouse"}']
+        args = ["apply", str(path)] if command == "apply" else request
+        result = CliRunner().invoke(main, args, env=env)
+        sent = len(server.requests)
+    assert result.exit_code == 2, result.output
+    assert message.format(host=host) in result.stderr
+    assert "hunter2" not in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert sent == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shots.yaml"]

@@ -32,6 +32,7 @@ from imgbatch.errors import (
     TransientError,
 )
 from imgbatch.pacing.quota import Quota
+from imgbatch.providers import checked_base_url
 from imgbatch.providers.dashscope_credentials import ApiKey
 from imgbatch.providers.dashscope_wire import (
     MAX_ANSWER_BYTES,
@@ -93,6 +94,7 @@ class DashScopeProvider:
         self.wire = WireStats()
         self._guard = WireGuard(self.wire, max_answer_bytes)
         self._shown = ServiceText(api_key.value)
+        self.base_url  # noqa: B018 (checked now: refused before anything is sent or written)
 
     def describe_credentials(self) -> str:
         return f"API key from {self._key.source}"
@@ -106,10 +108,16 @@ class DashScopeProvider:
 
     @property
     def base_url(self) -> str:
-        configured = self._base_url or self._environ.get("DASHSCOPE_HTTP_BASE_URL")
-        return configured or str(dashscope.base_http_api_url)
+        """Where API calls go; `ConfigError` for one that cannot be (see `checked_base_url`)."""
+        if self._base_url:
+            return checked_base_url(self._base_url, "the provider's base_url")
+        configured = self._environ.get("DASHSCOPE_HTTP_BASE_URL")
+        if configured:
+            return checked_base_url(configured, "DASHSCOPE_HTTP_BASE_URL")
+        return str(dashscope.base_http_api_url)
 
     async def __aenter__(self) -> Self:
+        self.base_url  # noqa: B018 (set after the provider was made: checked before a request)
         # Made inside the running loop (aiohttp sessions are loop-bound), shared by the API
         # calls and the downloads; it carries no default headers, so the key is only ever in the
         # per-request headers the SDK sets on API calls. Nothing ambient goes with a request

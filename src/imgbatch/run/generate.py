@@ -86,7 +86,7 @@ async def agenerate(
     # Imported here: `imgbatch generate --help` must not pay for the executor and the SDK.
     from imgbatch.pacing.gate import Pacer
     from imgbatch.plan.decide import Action, Plan, PlannedShot
-    from imgbatch.providers import create_provider
+    from imgbatch.providers import check_endpoint, create_provider
     from imgbatch.run.apply import exclusive_output, provider_name
     from imgbatch.run.executor import Executor
     from imgbatch.shots.expand import Shot, expand, fetch_references
@@ -97,6 +97,8 @@ async def agenerate(
     manifest = _as_manifest(request, allow_reference_outside)
     chosen = provider if not isinstance(provider, str | None) else None
     name = chosen.name if chosen is not None else provider_name(manifest, provider, environ, home)
+    if chosen is None:
+        check_endpoint(name, environ)  # before the lock is taken: nothing written for it
     # A reference URL is fetched now and the request keyed by its content; one that cannot be
     # fetched fails in the executor, naming the field, with nothing sent.
     (shot,) = (await fetch_references(expand(manifest, provider=name, environ=environ))).shots
