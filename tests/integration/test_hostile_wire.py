@@ -413,7 +413,7 @@ def test_poisoned_headers_and_sizes_on_a_success_are_ignored(tmp_path: Path) -> 
     assert (entry.width, entry.height) == (1328, 1328)
 
 
-# ----- the base URL --------------------------------------------------------------------------------
+# ----- the base URL -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
