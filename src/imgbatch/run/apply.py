@@ -52,7 +52,13 @@ from imgbatch.run.interrupts import Interrupts, interrupt_at_once, signal_handle
 from imgbatch.shots.expand import Expansion, expand, fetch_references, shot_list
 from imgbatch.shots.request import KEY_FORMAT_VERSION
 from imgbatch.shots.selection import select_shots
-from imgbatch.state.cache import STATE_DIR, ImageCache, check_writable, remove_stale_temporaries
+from imgbatch.state.cache import (
+    STATE_DIR,
+    ImageCache,
+    atomic_write,
+    check_writable,
+    remove_stale_temporaries,
+)
 from imgbatch.state.results import Journal, ResultEntry, load_state, write_results
 
 DEFAULT_PROVIDER = "dashscope"
@@ -647,9 +653,9 @@ def _final_entry(item: PlannedShot, outcome: RunOutcome, metered: bool) -> Resul
 
 
 @contextlib.contextmanager
-def exclusive_output(output_dir: Path) -> Iterator[None]:
-    """One apply (or generate) per output folder at a time; the second is refused, never
-    interleaved."""
+def exclusive_output(output_dir: Path, holder: str = "apply") -> Iterator[None]:
+    """One apply (or generate, or gc: the `holder`) per output folder at a time; the second is
+    refused, never interleaved, and told which command holds the folder."""
     for folder in (output_dir / STATE_DIR, output_dir / STATE_DIR / "cache"):
         if folder.is_symlink():
             # A shot list can come from a pull request: a link committed in place of the state
@@ -667,9 +673,10 @@ def exclusive_output(output_dir: Path) -> Iterator[None]:
     try:
         lock.acquire()
     except filelock.Timeout:
+        command, pid = _lock_holder(path)
         raise LockedError(
-            f"another imgbatch apply is writing to {output_dir}; wait for it to finish "
-            "(the lock is released when that process exits, even if it crashed)"
+            f"another imgbatch {command} is writing to {output_dir}{pid}; wait for it to "
+            "finish (the lock is released when that process exits, even if it crashed)"
         ) from None
     except OSError as exc:
         # A folder or a symbolic link in its place (filelock never follows a link).
@@ -677,7 +684,31 @@ def exclusive_output(output_dir: Path) -> Iterator[None]:
             f"cannot take the lock {path} ({exc.strerror or exc}); move it aside and run apply "
             "again"
         ) from None
+    # Who holds it, for another command's refusal; gone again before the lock is released, so
+    # a command that changes nothing leaves nothing changed. Never worth failing for.
+    named = path.with_name(LOCK_HOLDER)
+    with contextlib.suppress(OSError):
+        atomic_write(named, f"{holder} {os.getpid()}\n".encode())
     try:
         yield
     finally:
+        with contextlib.suppress(OSError):
+            named.unlink(missing_ok=True)
         lock.release()
+
+
+LOCK_HOLDER = "lock.holder"
+_HOLDERS = ("apply", "generate", "gc")
+
+
+def _lock_holder(lock: Path) -> tuple[str, str]:
+    """Which command holds `lock` and " (process N)", as the holder wrote them beside the lock
+    (read, never trusted: only a known command and a number are shown); else "command", ""."""
+    try:
+        with open(lock.with_name(LOCK_HOLDER), "rb") as stream:
+            command, _, pid = stream.read(64).decode("ascii").strip().partition(" ")
+    except (OSError, UnicodeDecodeError):
+        return "command", ""
+    if command not in _HOLDERS:
+        return "command", ""
+    return command, f" (process {pid})" if pid.isdigit() else ""

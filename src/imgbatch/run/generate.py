@@ -236,7 +236,7 @@ class GenerateSession:
             hold = self._holds.get(folder)
             if hold is None:
                 stack = contextlib.ExitStack()
-                stack.enter_context(exclusive_output(folder))
+                stack.enter_context(exclusive_output(folder, "generate"))
                 hold = self._holds[folder] = [0, stack]
             hold[0] += 1
         try:
