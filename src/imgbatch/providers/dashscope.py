@@ -31,8 +31,7 @@ from imgbatch.errors import (
     ProviderError,
     TransientError,
 )
-from imgbatch.pacing.quota import Quota
-from imgbatch.providers import checked_base_url
+from imgbatch.providers import checked_base_url, is_metered
 from imgbatch.providers.dashscope_credentials import ApiKey
 from imgbatch.providers.dashscope_wire import (
     MAX_ANSWER_BYTES,
@@ -44,6 +43,7 @@ from imgbatch.providers.dashscope_wire import (
     retry_after,
 )
 from imgbatch.shots.request import GeneratedImage, ImageRequest
+from imgbatch.units.quota import Quota
 
 # The SDK logs failed requests with logger.exception; with no handler configured Python would
 # print those tracebacks to stderr. imgbatch reports the error itself.
@@ -71,7 +71,7 @@ class _TextOnlyImageGeneration(AioImageGeneration):
 
 class DashScopeProvider:
     name = "dashscope"
-    metered = True
+    metered = is_metered(name)  # the one table: imgbatch.providers.METERED
 
     def __init__(
         self,
