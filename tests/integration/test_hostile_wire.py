@@ -12,6 +12,7 @@ counted and reported. Each case is one of issue 18's wire defects and fails with
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import json
 import time
@@ -28,7 +29,7 @@ from imgbatch.cli.main import main
 from imgbatch.errors import ProviderError, TransientError
 from imgbatch.pacing.gate import RetryPolicy
 from imgbatch.providers.dashscope import ApiKey, DashScopeProvider
-from imgbatch.providers.dashscope_wire import retry_after
+from imgbatch.providers.dashscope_wire import ServiceText, retry_after
 from imgbatch.review.report import apply_summary
 from imgbatch.run.apply import ApplyOptions, ApplyReport, apply
 from imgbatch.shots.request import ImageRequest
@@ -454,3 +455,20 @@ def test_a_base_url_imgbatch_cannot_call_is_refused_before_anything_is_sent(
     assert "Traceback" not in result.stdout + result.stderr
     assert sent == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shots.yaml"]
+
+
+@pytest.mark.parametrize("prefix", ["", "a", "ab", "Bearer ", "key="])
+@pytest.mark.parametrize("urlsafe", [False, True])
+def test_a_key_inside_base64_is_found_at_every_alignment(prefix: str, urlsafe: bool) -> None:
+    encode = base64.urlsafe_b64encode if urlsafe else base64.b64encode
+    encoded = encode(f"{prefix}{FAKE_KEY} and more".encode()).decode()
+    shown = ServiceText(FAKE_KEY)(f"echo: {encoded}")
+    assert "***" in shown
+    # What is left either side is the prefix's and the tail's own few characters.
+    assert len(shown) < len(f"echo: {encoded}") - 30
+
+
+def test_service_text_is_cut_after_redaction_and_escaping() -> None:
+    text = ServiceText(FAKE_KEY, limit=20)("\x1b" * 10 + FAKE_KEY + "x" * 100)
+    assert text == "\\x1b" * 5 + "... (" + str(40 + 3 + 100 - 20) + " more characters)"
+    assert FAKE_KEY not in ServiceText(FAKE_KEY, limit=5)(FAKE_KEY)

@@ -6,7 +6,9 @@ here; the SDK's habit of uploading any text item that names an existing local fi
 off, so no prompt is ever mistaken for a file. The key (found by `dashscope_credentials`) goes
 into the Authorization header of API calls only, never to the image host, and never into a
 message or log line. The base URL is read from `DASHSCOPE_HTTP_BASE_URL` at each call, so setting
-it after import works too.
+it after import works too (one with a login in it is refused). Every API answer passes
+`dashscope_wire`'s guard before the SDK reads it (bounded, never redirected, one POST per call),
+and everything the service says passes its `ServiceText` (redacted, bounded) before it is kept.
 """
 
 from __future__ import annotations

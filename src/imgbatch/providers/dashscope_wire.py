@@ -24,7 +24,7 @@ import re
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aiohttp
 
@@ -61,24 +61,27 @@ class CallRecord:
     status: int | None = None
 
 
+# The call the running task is in (each shot's calls run in a task of their own).
+_CALL: contextvars.ContextVar[CallRecord | None] = contextvars.ContextVar(
+    "imgbatch_dashscope_call", default=None
+)
+
+
 @dataclass
 class WireStats:
-    """What actually crossed the wire, counted in the session itself (redirects included)."""
+    """What actually crossed the wire, counted in the session itself."""
 
     posts_sent: int = 0
-    calls: contextvars.ContextVar[CallRecord | None] = field(
-        default_factory=lambda: contextvars.ContextVar("imgbatch_call", default=None)
-    )
 
     @contextmanager
     def call(self) -> Iterator[CallRecord]:
-        """Count one provider call's POSTs (a context variable: calls run in their own tasks)."""
+        """One provider call: what the wire sees of it goes to the record given."""
         record = CallRecord()
-        token = self.calls.set(record)
+        token = _CALL.set(record)
         try:
             yield record
         finally:
-            self.calls.reset(token)
+            _CALL.reset(token)
 
 
 class WireGuard:
@@ -93,7 +96,7 @@ class WireGuard:
     ) -> aiohttp.ClientResponse:
         if request.method != "POST":
             return await handler(request)  # image downloads stream with their own cap
-        record = self.stats.calls.get() or CallRecord()
+        record = _CALL.get() or CallRecord()
         if record.posts:
             raise Refused(None, "the SDK's re-send after a lost answer")
         record.posts += 1
