@@ -57,7 +57,7 @@ def exclusive_output(output_dir: Path, holder: str = "apply") -> Iterator[None]:
     # Who holds it, for another command's refusal; gone again before the lock is released, so
     # a command that changes nothing leaves nothing changed. Never worth failing for.
     named = path.with_name(LOCK_HOLDER)
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError, StoreError):  # StoreWriteError: a folder it cannot write
         atomic_write(named, f"{holder} {os.getpid()}\n".encode())
     try:
         yield
