@@ -31,6 +31,7 @@ from imgbatch.errors import (
     NoImageError,
     PermanentError,
     ProviderError,
+    RateLimited,
     TransientError,
 )
 from imgbatch.providers import checked_base_url, is_metered
@@ -267,13 +268,13 @@ class DashScopeProvider:
                 request_id=request_id,
             )
         if status == 429 or status == 408 or status >= 500:
-            return TransientError(
+            transient = RateLimited if status == 429 else TransientError
+            return transient(
                 message,
                 status=status,
                 code=code,
                 request_id=request_id,
                 retry_after=retry_after(headers),
-                throttled=status == 429,
                 stated_quota=_stated_quota(headers),
             )
         return PermanentError(message, status=status, code=code, request_id=request_id)
