@@ -101,7 +101,7 @@ def collect_garbage(
         for folder in folders:
             # No state folder, no apply to wait for (and nothing of imgbatch's to delete).
             if (folder.output_dir / STATE_DIR).is_dir():
-                locks.enter_context(exclusive_output(folder.output_dir))
+                locks.enter_context(exclusive_output(folder.output_dir, "gc"))
         items = _find_all(folders)
         for item in items:
             try:

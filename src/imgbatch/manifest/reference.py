@@ -9,6 +9,9 @@ so a URL's reference starts *unfetched* (`sha256` None). Only `apply` and `gener
 `fetch_urls`, which fetches each distinct URL once, a few at a time, within a deadline and a
 size cap, and gives it keyed by its content, or unfetched with the `problem` that fails its shots.
 
+A URL is fetched with nothing of the user's: no ~/.netrc login, no proxy from the environment,
+no cookies, at most `REFERENCE_MAX_REDIRECTS` redirects (each to a host the list did not name).
+
 A shot list can come from a pull request, so a local reference is read only when it resolves
 (after following links) to a regular file inside the manifest's folder tree, unless the user
 allows more; `/proc/self/environ` or `/etc/shadow` are refused before a byte is read. Then it
@@ -48,6 +51,7 @@ REFERENCE_URL_DEADLINE = 30.0
 # Reference URLs fetched at once: enough to overlap slow servers, few enough that the bodies held
 # while they are checked stay under 100 MiB.
 REFERENCE_URL_CONCURRENCY = 8
+REFERENCE_MAX_REDIRECTS = 5
 REFERENCE_MIN_SIDE = 384
 REFERENCE_MAX_SIDE = 3072
 MEDIA_TYPES = {
@@ -151,7 +155,13 @@ async def fetch_urls(
     gate = asyncio.Semaphore(concurrency or REFERENCE_URL_CONCURRENCY)
     deadline = REFERENCE_URL_DEADLINE
     timeout = aiohttp.ClientTimeout(total=None, connect=deadline)
-    async with aiohttp.ClientSession(timeout=timeout, trust_env=True) as session:
+    # The shot list chooses these hosts, so nothing of the user's goes with the request: no
+    # ~/.netrc login and no proxy from the environment (trust_env off; a proxy's login would go
+    # with every request, and an http:// URL sends it in clear), no cookies from one host to the
+    # next. The API calls and image downloads go direct too (providers/dashscope.py).
+    async with aiohttp.ClientSession(
+        timeout=timeout, trust_env=False, cookie_jar=aiohttp.DummyCookieJar()
+    ) as session:
 
         async def one(url: str) -> ReferenceImage:
             async with gate:
@@ -177,7 +187,9 @@ async def _fetch(session: aiohttp.ClientSession, url: str, deadline: float) -> b
     try:
         async with (
             asyncio.timeout(deadline),
-            session.get(url, headers={"User-Agent": "imgbatch"}) as response,
+            session.get(
+                url, headers={"User-Agent": "imgbatch"}, max_redirects=REFERENCE_MAX_REDIRECTS
+            ) as response,
         ):
             if response.status != 200:
                 raise ReferenceProblem(f"cannot be fetched: HTTP {response.status}")

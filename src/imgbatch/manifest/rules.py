@@ -26,7 +26,7 @@ from imgbatch.manifest.catalogue import (
     sent_text,
 )
 from imgbatch.manifest.expansion import ExpandedShot, expand_shots
-from imgbatch.manifest.places import JsonPath, describe, field_name, in_shot, show
+from imgbatch.manifest.places import TOO_LONG, JsonPath, describe, field_name, in_shot, show
 from imgbatch.manifest.reference import (
     ReferenceImage,
     ReferenceProblem,
@@ -73,6 +73,10 @@ class Checker:
         self.expanded, self._slips = expand_shots(data, manifest_name)
 
     def problems(self) -> Iterator[ManifestProblem]:
+        unreadable = list(self._value_problems())
+        if unreadable:  # the other checks could not even show these values
+            yield from unreadable
+            return
         yield from schema_problems(self.document.data, self._problem)
         yield from self._limits_problems()
         yield from self._output_problems()
@@ -119,6 +123,33 @@ class Checker:
             shot=shot,
             field=field_name(parent, field),
         )
+
+    def _value_problems(self) -> Iterator[ManifestProblem]:
+        """Values no check can show: strings that are not text (a lone surrogate, from JSON's
+        "\\ud800" or a Python str, can be neither hashed, written nor sent) and, from Python,
+        integers longer than any field takes (Python will not print one of 4300 digits)."""
+        pending: list[tuple[JsonPath, Any]] = [((), self.document.data)]
+        while pending:  # a loop, not recursion: data from Python may be nested deep
+            path, value = pending.pop()
+            if isinstance(value, dict):
+                items = [(key, item) for key, item in value.items() if isinstance(key, str)]
+                for key, _ in items:
+                    yield from self._not_text(path, key, key)
+                pending.extend(((*path, key), item) for key, item in reversed(items))
+            elif isinstance(value, list):
+                pending.extend(((*path, i), item) for i, item in reversed(list(enumerate(value))))
+            elif isinstance(value, str) and path:
+                yield from self._not_text(path[:-1], path[-1], value)
+            elif isinstance(value, int) and abs(value) > TOO_LONG and path:
+                message = f"is {show(value)}; no field takes a number that long"
+                yield self._problem(path[:-1], path[-1], message)
+
+    def _not_text(self, parent: JsonPath, field: str | int, text: str) -> Iterator[ManifestProblem]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = ascii(text[exc.start])
+            yield self._problem(parent, field, f"holds {bad}, a lone surrogate, which is not text")
 
     def _limits_problems(self) -> Iterator[ManifestProblem]:
         # JSON Schema's minimum lets NaN through (every comparison with it is false) and has no

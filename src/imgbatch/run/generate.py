@@ -162,6 +162,7 @@ class GenerateSession:
     async def _generate(
         self, request: Mapping[str, Any], output: str | Path | None
     ) -> dict[str, Any]:
+        from imgbatch.providers import check_endpoint
         from imgbatch.run.apply import provider_name
         from imgbatch.shots.expand import expand, fetch_references
 
@@ -174,6 +175,8 @@ class GenerateSession:
             if chosen is not None
             else provider_name(manifest, self._choice, self._environ, self._home)
         )
+        if chosen is None:
+            check_endpoint(name, self._environ)  # before the lock is taken: nothing written
         # A reference URL is fetched now and the request keyed by its content; one that cannot
         # be fetched fails in the executor, naming the field, with nothing sent.
         expansion = expand(manifest, provider=name, environ=self._environ)
@@ -235,7 +238,7 @@ class GenerateSession:
             hold = self._holds.get(folder)
             if hold is None:
                 stack = contextlib.ExitStack()
-                stack.enter_context(exclusive_output(folder))
+                stack.enter_context(exclusive_output(folder, "generate"))
                 hold = self._holds[folder] = [0, stack]
             hold[0] += 1
         try:
