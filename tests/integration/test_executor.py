@@ -31,7 +31,7 @@ from imgbatch.plan.decide import Action
 from imgbatch.run.apply import ApplyOptions, ApplyReport, _settle, apply, apply_async, make_plan
 from imgbatch.run.executor import Executor, Notice
 from imgbatch.shots.request import GeneratedImage, ImageRequest
-from imgbatch.state.cache import STATE_DIR, ImageCache
+from imgbatch.state.folder import STATE_DIR, OutputFolder
 from tests.conftest import write_manifest, write_many_shots
 from tests.support.fake_dashscope import FakeDashScope
 
@@ -575,7 +575,7 @@ def test_a_recover_not_run_when_the_run_stops_keeps_the_url_paid_for(
     plan = make_plan(manifest, provider="dashscope", environ={}, home=offline.home)
     back = ScriptedProvider([png(SIZE)], tag="second")
     executor = Executor(
-        back, ImageCache(out_dir(manifest)), lambda entry: None, pacer=Pacer(unlimited=True)
+        back, OutputFolder(out_dir(manifest)).cache, lambda entry: None, pacer=Pacer(unlimited=True)
     )
     executor.stop("the run's time is up")
 

@@ -166,6 +166,12 @@ only_option = click.option(
     "repeatable. Every other shot's entry in results.json is kept as it is, and orphans are "
     "left alone. A pattern that matches no shot is an error.",
 )
+force_option = click.option(
+    "--force",
+    is_flag=True,
+    help="Use an output folder another manifest owns (same name: or output.dir); each "
+    "manifest's shots are kept apart there: neither lists nor prunes the other's.",
+)
 overwrite_edited_option = click.option(
     "--overwrite-edited",
     is_flag=True,
@@ -336,6 +342,7 @@ class _UsageErrorExit1(click.UsageError):
     "--json", "as_json", is_flag=True, help="Print the plan as one JSON document on stdout."
 )
 @only_option
+@force_option
 @verbosity_options
 @error_boundary
 def plan(
@@ -346,6 +353,7 @@ def plan(
     detailed_exitcode: bool,
     as_json: bool,
     only: tuple[str, ...],
+    force: bool,
     verbosity: str | None,
 ) -> int:
     """Show the shots apply would change, and why (-v: every shot); nothing is sent or
@@ -363,6 +371,7 @@ def plan(
             allow_reference_outside=allow_reference_outside,
             overwrite_edited=overwrite_edited,
             only=only,
+            force=force,
         )
     except (ManifestError, ConfigError) as exc:
         if not detailed_exitcode:
@@ -499,6 +508,7 @@ def expand_command(
     help="Print what the run did as one JSON document on stdout (the summary goes to stderr).",
 )
 @only_option
+@force_option
 @verbosity_options
 @error_boundary
 def apply_command(
@@ -517,6 +527,7 @@ def apply_command(
     prune: bool,
     as_json: bool,
     only: tuple[str, ...],
+    force: bool,
     verbosity: str | None,
 ) -> int:
     """Generate the shots whose request changed; write images and results.json."""
@@ -577,6 +588,7 @@ def apply_command(
                 overwrite_edited=overwrite_edited,
                 prune=prune,
                 only=only,
+                force=force,
             ),
             listener=progress,
             on_plan=announce,

@@ -6,9 +6,9 @@ network, works from `file://`) with a card per shot: thumbnail, id, prompt and t
 negative prompt, size, seed, model, status and error, a mark on the shots the last apply
 changed, and for a replaced shot its previous image (still in the cache) to compare with.
 
-Thumbnails are small WebP files under `<output>/.imgbatch/thumbs/`, one per image key, made
-once and never again (a key names one image forever). What an apply changed is kept in
-`<output>/.imgbatch/last-run.json`, so `imgbatch sheet` can draw the same marks later; an apply
+Thumbnails are small WebP files in the output folder's state (`OutputFolder.thumb_path`), one
+per image key, made once and never again (a key names one image forever). What an apply changed
+is kept as the folder's last run, so `imgbatch sheet` can draw the same marks later; an apply
 that changes no shot keeps them. The page is rendered by Jinja2 with autoescaping (prompts are
 user text) and allows, by its Content-Security-Policy, no script but its own.
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import json
 import os
 import re
 import warnings
@@ -39,12 +38,11 @@ from imgbatch.manifest import load_manifest
 from imgbatch.plan.decide import WORK_ACTIONS, Action, Plan
 from imgbatch.run.executor import Listener, RunEvent
 from imgbatch.shots.expand import output_dir_for
-from imgbatch.state.cache import STATE_DIR, TEMP_PREFIX, ImageCache, atomic_write
-from imgbatch.state.results import STATUSES, ResultEntry, load_state, results_path
+from imgbatch.state.cache import ImageCache, atomic_write
+from imgbatch.state.folder import OutputFolder
+from imgbatch.state.results import STATUSES, ResultEntry
 
 SHEET_FILE = "index.html"
-LAST_RUN_FILE = "last-run.json"
-THUMBS_DIR = "thumbs"
 # Bounding box of a thumbnail: a 16:9 image becomes 320*178, a WebP of a few to a few tens of KB.
 THUMB_BOX = (320, 320)
 THUMB_QUALITY = 80
@@ -82,11 +80,7 @@ class Change:
 
 
 def thumb_path(output_dir: Path, key: str) -> Path:
-    return output_dir / STATE_DIR / THUMBS_DIR / key[:2] / f"{key}.webp"
-
-
-def last_run_path(output_dir: Path) -> Path:
-    return output_dir / STATE_DIR / LAST_RUN_FILE
+    return OutputFolder(output_dir).thumb_path(key)
 
 
 def changes_of(plan: Plan) -> dict[str, Change]:
@@ -112,8 +106,7 @@ def save_changes(output_dir: Path, changes: Mapping[str, Change], when: datetime
             for shot_id, change in changes.items()
         },
     }
-    data = json.dumps(document, ensure_ascii=False, indent=1) + "\n"
-    atomic_write(last_run_path(output_dir), data.encode("utf-8"))
+    OutputFolder(output_dir).write_last_run(document)
 
 
 def load_changes(output_dir: Path) -> tuple[dict[str, Change], datetime | None]:
@@ -121,8 +114,8 @@ def load_changes(output_dir: Path) -> tuple[dict[str, Change], datetime | None]:
 
     The record only decorates the sheet, so a damaged one is ignored rather than reported.
     """
+    document = OutputFolder(output_dir).read_last_run()
     try:
-        document = json.loads(last_run_path(output_dir).read_text(encoding="utf-8"))
         changes = {
             shot_id: Change(
                 str(raw["action"]),
@@ -132,7 +125,7 @@ def load_changes(output_dir: Path) -> tuple[dict[str, Change], datetime | None]:
             for shot_id, raw in document["changes"].items()
         }
         finished = datetime.fromisoformat(document["finished_at"])
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+    except (ValueError, TypeError, KeyError, AttributeError):
         return {}, None
     return changes, finished
 
@@ -162,7 +155,6 @@ def update_after_apply(
             return sheet, None
         else:  # shots removed or moved, or the page is missing or from another imgbatch
             changes, finished = load_changes(output_dir)
-        _remove_stale_thumb_temporaries(output_dir)
         path = render_sheet(
             output_dir,
             title=title,
@@ -190,10 +182,11 @@ def write_sheet(
     """
     manifest = load_manifest(manifest_path, allow_reference_outside=allow_reference_outside)
     output_dir = output_dir_for(manifest, environ)
-    state = load_state(output_dir)
+    folder = OutputFolder(output_dir)
+    state = folder.load().entries
     if not state:
         raise StoreError(
-            f"no results in {output_dir} ({results_path(output_dir).name} is missing): "
+            f"no results in {output_dir} ({folder.results_path.name} is missing): "
             f"run `imgbatch apply {manifest_path}` first"
         )
     changes, finished = load_changes(output_dir)
@@ -221,7 +214,7 @@ def render_sheet(
     finished_at: str | None,
 ) -> Path:
     """Make the missing thumbnails, then write `index.html` atomically; gives its path."""
-    cache = ImageCache(output_dir)
+    cache = OutputFolder(output_dir).cache
     changes = {shot_id: change for shot_id, change in changes.items() if shot_id in entries}
     wanted: dict[str, Path] = {}
     for shot_id in order:
@@ -287,7 +280,7 @@ class Thumbnailer:
 
     def __init__(self, output_dir: Path, listener: Listener | None = None) -> None:
         self.output_dir = output_dir
-        self.cache = ImageCache(output_dir)
+        self.cache = OutputFolder(output_dir).cache
         self.listener = listener
         self._pool: ThreadPoolExecutor | None = None
 
@@ -346,17 +339,6 @@ def _make_thumbnail(output_dir: Path, key: str, source: Path) -> bool:
         return False
     atomic_write(thumb_path(output_dir, key), buffer.getvalue())
     return True
-
-
-def _remove_stale_thumb_temporaries(output_dir: Path) -> None:
-    # Only called under the apply lock: another process's temp file is never in flight then.
-    root = output_dir / STATE_DIR / THUMBS_DIR
-    if not root.is_dir():
-        return
-    for folder in root.iterdir():
-        if folder.is_dir() and not folder.is_symlink():  # never reach out of the folder
-            for temp in folder.glob(f"{TEMP_PREFIX}*.tmp"):
-                temp.unlink(missing_ok=True)
 
 
 def _image_source(output_dir: Path, cache: ImageCache, entry: ResultEntry) -> Path:

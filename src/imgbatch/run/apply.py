@@ -17,21 +17,14 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import filelock
-
-from imgbatch.errors import (
-    ConfigError,
-    LockedError,
-    StoreError,
-    StoreWriteError,
-)
+from imgbatch.errors import ConfigError, StoreError, StoreWriteError
 from imgbatch.housekeeping.prune import Pruned, prune_orphans
 from imgbatch.manifest import Manifest, load_manifest, manifest_from_data
 from imgbatch.manifest.catalogue import MIN_RPS
@@ -52,8 +45,9 @@ from imgbatch.run.interrupts import Interrupts, interrupt_at_once, signal_handle
 from imgbatch.shots.expand import Expansion, expand, fetch_references, shot_list
 from imgbatch.shots.request import KEY_FORMAT_VERSION
 from imgbatch.shots.selection import select_shots
-from imgbatch.state.cache import STATE_DIR, ImageCache, check_writable, remove_stale_temporaries
-from imgbatch.state.results import Journal, ResultEntry, load_state, write_results
+from imgbatch.state.folder import OutputFolder, owner_of
+from imgbatch.state.record import FolderState, Owner
+from imgbatch.state.results import ResultEntry
 
 DEFAULT_PROVIDER = "dashscope"
 
@@ -93,6 +87,8 @@ class ApplyOptions:
     prune: bool = False
     # Act on these shots only (ids or fnmatch globs); every other shot's entry is kept as it is.
     only: tuple[str, ...] = ()
+    # Apply into an output folder another manifest owns (its shots are kept apart, untouched).
+    force: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.only, str):  # only="s01" means one pattern, not three letters
@@ -265,6 +261,7 @@ def make_plan(
     allow_reference_outside: bool = False,
     overwrite_edited: bool = False,
     only: Sequence[str] = (),
+    force: bool = False,
 ) -> Plan:
     """What `apply` would do for each shot, reading the output folder but changing nothing and
     downloading nothing: see `imgbatch.plan.decide` for what that means for a reference URL.
@@ -273,13 +270,15 @@ def make_plan(
     explicitly, would replace images a paid provider made.
 
     With `only` (shot ids or fnmatch globs), the plan has those shots alone and no orphans.
+    Raises `FolderOwnedError`, as apply would, when another manifest owns the output folder
+    (unless `force`).
     """
     environ = os.environ if environ is None else environ
     manifest, expansion = load_and_expand(
         path, provider, environ, home, allow_reference_outside=allow_reference_outside
     )
     selected = _narrowed(expansion, only)
-    state = load_state(expansion.output_dir)
+    _, state, _ = _owned_state(path, manifest, expansion, force=force)
     prices = _prices(manifest, expansion, environ)
     planned = _plan(selected, state, overwrite_edited, only=bool(only), prices=prices)
     refuse_placeholder_over_paid(planned, provider, manifest)
@@ -299,7 +298,7 @@ def _plan(
         output_dir,
         expansion.shots,
         state,
-        ImageCache(output_dir),
+        OutputFolder(output_dir).cache,
         provider=expansion.provider,
         overwrite_edited=overwrite_edited,
     )
@@ -394,10 +393,15 @@ async def _apply(
     # Before anything is fetched or written: a pattern matching no shot is refused.
     everything, expansion = expansion, _narrowed(expansion, options.only)
     only = bool(options.only)
+    # Before anything is fetched, before credentials and before the lock: a folder another
+    # manifest owns is refused having connected to nothing and written nothing at all.
+    OutputFolder(everything.output_dir).claim(
+        None, _owner(path, manifest, everything.output_dir), shown=_shown(path), force=options.force
+    )
     if may_replace_paid(expansion.provider, options.provider):
         # Before anything is fetched, before credentials and before the lock: a refused run
         # connects to nothing and writes nothing at all.
-        state = load_state(expansion.output_dir)
+        _, state, _ = _owned_state(path, manifest, everything, force=options.force)
         early = _plan(expansion, state, options.overwrite_edited, only=only)
         refuse_placeholder_over_paid(early, options.provider, manifest)
     # Each reference URL once, keyed by its content, so that the plan below knows every key
@@ -407,7 +411,7 @@ async def _apply(
     limit = _cost_limit(options, manifest)
     if options.frozen or limit is not None:
         # Before credentials and before the lock: a refused run writes nothing at all.
-        state = load_state(output_dir)
+        _, state, _ = _owned_state(path, manifest, everything, force=options.force)
         prices = _prices(manifest, expansion, environ)
         early = _plan(expansion, state, options.overwrite_edited, only=only, prices=prices)
         refuse_to_start(early, options.frozen, limit)
@@ -415,15 +419,11 @@ async def _apply(
     provider = provider or create_provider(expansion.provider, environ, options.home)
     prices = _prices(manifest, expansion, environ, provider)
     started = time.monotonic()
-    with exclusive_output(output_dir):
-        cache = ImageCache(output_dir)
-        # Before the first request: a folder that cannot be written would waste every image.
-        check_writable(output_dir)
-        check_writable(output_dir / STATE_DIR)
-        if cache.root.exists():
-            check_writable(cache.root)
-        remove_stale_temporaries(output_dir)
-        state = load_state(output_dir)
+    folder = OutputFolder(output_dir)
+    with folder.lock():
+        folder.prepare()
+        # Again under the lock: another run may have changed the folder meanwhile.
+        before, state, others = _owned_state(path, manifest, everything, force=options.force)
         plan = _plan(expansion, state, options.overwrite_edited, only=only, prices=prices)
         # Again: another run may have changed the folder meanwhile.
         refuse_placeholder_over_paid(plan, options.provider, manifest)
@@ -445,7 +445,7 @@ async def _apply(
             unlimited=not provider.metered,
             clock=clock,
         )
-        journal = Journal(output_dir)
+        journal = folder.journal()
         thumbnails = Thumbnailer(output_dir, listener)  # the contact sheet's, made as shots land
         interrupts = Interrupts(options.grace_seconds)
         # From the first request until results.json and the sheet are written: a Ctrl-C while
@@ -455,7 +455,7 @@ async def _apply(
                 async with provider:
                     executor = Executor(
                         provider,
-                        cache,
+                        folder.cache,
                         journal.record,
                         pacer=pacer,
                         concurrency=options.concurrency
@@ -492,21 +492,22 @@ async def _apply(
                 written, orphans, sheet_plan = _with_unselected(
                     everything, state, sheet_plan, entries
                 )
+            owner = _owner(path, manifest, output_dir)
             meta = {
                 # Relative, so an output folder can be moved or committed with its manifest.
-                "manifest": None
-                if isinstance(path, Mapping)
-                else os.path.relpath(Path(path).resolve(), output_dir.resolve()),
+                "manifest": owner.manifest,
                 "provider": provider.name,
                 "key_format": KEY_FORMAT_VERSION,
             }
             try:
-                results = write_results(
-                    output_dir,
+                results = folder.save(
                     written,
                     orphans,
+                    list(others.values()),
                     meta,
-                    updated_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                    owner=owner,
+                    before=before,
+                    now=datetime.now(UTC).isoformat(timespec="seconds"),
                 )
             except StoreWriteError as exc:
                 raise StoreError(_unwritten_results(exc, outcome, journal.path)) from None
@@ -646,38 +647,23 @@ def _final_entry(item: PlannedShot, outcome: RunOutcome, metered: bool) -> Resul
     return f"not run: {outcome.stopped or 'interrupted'}"
 
 
-@contextlib.contextmanager
-def exclusive_output(output_dir: Path) -> Iterator[None]:
-    """One apply (or generate) per output folder at a time; the second is refused, never
-    interleaved."""
-    for folder in (output_dir / STATE_DIR, output_dir / STATE_DIR / "cache"):
-        if folder.is_symlink():
-            # A shot list can come from a pull request: a link committed in place of the state
-            # folder would have imgbatch write its cache and lock wherever the link points.
-            raise StoreError(
-                f"{folder} is a symbolic link; imgbatch keeps its state only in a real folder "
-                "(replace the link by a folder); nothing was sent or written"
-            )
-    try:
-        (output_dir / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StoreError(f"cannot create the output folder {output_dir}: {exc}") from None
-    path = output_dir / STATE_DIR / "lock"
-    lock = filelock.FileLock(str(path), timeout=0)
-    try:
-        lock.acquire()
-    except filelock.Timeout:
-        raise LockedError(
-            f"another imgbatch apply is writing to {output_dir}; wait for it to finish "
-            "(the lock is released when that process exits, even if it crashed)"
-        ) from None
-    except OSError as exc:
-        # A folder or a symbolic link in its place (filelock never follows a link).
-        raise StoreError(
-            f"cannot take the lock {path} ({exc.strerror or exc}); move it aside and run apply "
-            "again"
-        ) from None
-    try:
-        yield
-    finally:
-        lock.release()
+def _owner(path: ManifestSource, manifest: Manifest, output_dir: Path) -> Owner:
+    return owner_of(None if isinstance(path, Mapping) else Path(path), manifest.name, output_dir)
+
+
+def _shown(path: ManifestSource) -> str:
+    return "this manifest" if isinstance(path, Mapping) else str(path)
+
+
+def _owned_state(
+    path: ManifestSource, manifest: Manifest, expansion: Expansion, *, force: bool
+) -> tuple[FolderState, dict[str, ResultEntry], dict[str, ResultEntry]]:
+    """The output folder's state (refused when another manifest owns the folder, unless
+    `force`), the part of it that is this manifest's (what it plans from), and the rest: another
+    manifest's entries, kept as they are."""
+    folder = OutputFolder(expansion.output_dir)
+    owner = _owner(path, manifest, expansion.output_dir)
+    state = folder.load()
+    folder.claim(state, owner, shown=_shown(path), force=force)
+    mine, others = state.split(owner, {shot.id for shot in expansion.shots})
+    return state, mine, others

@@ -13,12 +13,12 @@ the same executor (pacing, retries, download, verification) and image cache as `
 
 Where the image and the cache go:
 
-* with no `output`, the image is `<folder>/images/<key>.png` and the cache `<folder>/.imgbatch/`,
-  where `<folder>` is `output/ai-image-qwen-image` in the current directory, or
-  `$OUTPUT_DIR/ai-image-qwen-image` when `OUTPUT_DIR` is set (the skill's layout);
+* with no `output`, the image is `<folder>/images/<key>.png` and the cache that folder's
+  (`OutputFolder`), where `<folder>` is `output/ai-image-qwen-image` in the current directory,
+  or `$OUTPUT_DIR/ai-image-qwen-image` when `OUTPUT_DIR` is set (the skill's layout);
 * with `output`, the image goes there, and the cache is that of the nearest folder above it that
-  an `apply` wrote (it has `.imgbatch/`), so a request an apply already paid for is free; when
-  there is none, the default folder's cache.
+  an `apply` wrote (`OutputFolder.is_made`), so a request an apply already paid for is free;
+  when there is none, the default folder's cache.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ from imgbatch.errors import (
 )
 from imgbatch.manifest import Manifest, manifest_from_data
 from imgbatch.manifest.expansion import EXPANSION_FIELDS
-from imgbatch.state.cache import STATE_DIR, ImageCache
+from imgbatch.state.cache import ImageCache
+from imgbatch.state.folder import OutputFolder
 
 SKILL_FOLDER = "ai-image-qwen-image"
 REQUEST_DISPLAY = "request"
@@ -87,7 +88,7 @@ async def agenerate(
     from imgbatch.pacing.gate import Pacer
     from imgbatch.plan.decide import Action, Plan, PlannedShot
     from imgbatch.providers import create_provider
-    from imgbatch.run.apply import exclusive_output, provider_name
+    from imgbatch.run.apply import provider_name
     from imgbatch.run.executor import Executor
     from imgbatch.shots.expand import Shot, expand, fetch_references
 
@@ -104,8 +105,9 @@ async def agenerate(
     state_folder, target = _places(key, output, environ)
     target = target.resolve()
     width, height = shot.request.dimensions
-    cache = ImageCache(state_folder)
-    with exclusive_output(state_folder):
+    folder = OutputFolder(state_folder)
+    cache = folder.cache
+    with folder.lock():
         if cache.has(key) and await _restored(cache, key, target, (width, height)):
             return _response(None, width, height, shot.request.seed, target, None, cached=True)
         chosen = chosen or create_provider(name, environ, home)
@@ -182,7 +184,7 @@ def _places(key: str, output: str | Path | None, environ: Mapping[str, str]) -> 
     if target.is_dir():
         raise ConfigError(f"--output {target} is a folder; give the image file's path")
     for folder in target.resolve().parents:
-        if (folder / STATE_DIR).is_dir():
+        if OutputFolder(folder).is_made():
             return folder, target
     return default_folder, target
 
