@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from imgbatch.cli.main import main
 from imgbatch.errors import FolderOwnedError
 from imgbatch.run.apply import apply, make_plan
 from imgbatch.state import results as results_module
+from tests.conftest import FAKE_KEY
+from tests.support.fake_dashscope import FakeDashScope
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "imgbatch"
 STATE = ".imgbatch"
@@ -209,3 +212,43 @@ def test_forced_manifests_share_a_folder_apart_and_prune_never_takes_the_other_s
     assert run("apply", second).exit_code == 2  # still the first manifest's folder
     again = run("apply", second, "--force")
     assert again.exit_code == 0 and "1 unchanged" in again.output, again.output
+
+
+# ----- a stopped run never overwrites a shot's earlier error --------------------------------------
+
+
+def test_a_run_stopped_by_a_wrong_key_keeps_the_shot_s_real_earlier_error(
+    tmp_path: Path, fake_server: FakeDashScope
+) -> None:
+    manifest = write_shots(
+        tmp_path, {"s1": "a FORBIDDEN kite", "s2": "a red kite"}, name="kites"
+    ).read_text()
+    path = tmp_path / "kites.yaml"
+    path.write_text(manifest.replace("provider: placeholder", "provider: dashscope"))
+    out = tmp_path / "output" / "kites"
+    env = {
+        "HOME": str(tmp_path),
+        "DASHSCOPE_API_KEY": FAKE_KEY,
+        "DASHSCOPE_HTTP_BASE_URL": fake_server.base_url,
+    }
+    first = run("apply", path, "--concurrency", "1", env=env)
+    assert first.exit_code == 1, first.output
+    moderated = {item["id"]: item for item in results(out)["shots"]}["s1"]
+    assert moderated["error"].startswith("400 DataInspectionFailed")
+    before = (out / "results.json").read_bytes()
+
+    wrong = run(
+        "apply", path, "--concurrency", "1", env={**env, "DASHSCOPE_API_KEY": "sk-wrong-key-1"}
+    )
+
+    assert wrong.exit_code == 1, wrong.output
+    assert "Stopped: the service refused the credentials" in wrong.stdout
+    assert fake_server.status_counts[401] == 1  # the one request sent was refused
+    kept = {item["id"]: item for item in results(out)["shots"]}["s1"]
+    assert kept == moderated
+    assert (out / "results.json").read_bytes() == before
+    plan = run("plan", path, env=env)
+    assert re.search(r"s1\s+create\s+failed last time: 400 DataInspectionFailed", plan.stdout), (
+        plan.stdout
+    )
+    assert "InvalidApiKey" not in plan.stdout
