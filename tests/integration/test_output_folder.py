@@ -137,7 +137,8 @@ def test_a_folder_of_the_previous_version_is_imported_once_and_its_results_kept_
     assert (out / "results.json").stat().st_mtime_ns == 1_000_000_000  # not even rewritten
     record = json.loads((out / STATE / "state.json").read_text(encoding="utf-8"))
     assert [item["id"] for item in record["entries"]] == ["s1", "s2"]
-    assert record["owner"]["manifest"] == "../../kites.yaml"
+    # The owner its results.json named, with the name it did not record filled in.
+    assert record["owner"] == {"manifest": "../../kites.yaml", "name": "kites"}
     assert record["results"]["updated_at"] == results(out)["updated_at"]
 
 

@@ -83,10 +83,11 @@ class OutputFolder:
     ('results.json', 'cache')
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, cache: ImageCache | None = None) -> None:
         self.root = root
         self.state_dir = root / STATE_DIR
-        self.cache = ImageCache(self.state_dir / CACHE_DIR)
+        # The folder's own cache unless one is given (the seam for a cache kept elsewhere).
+        self.cache = cache if cache is not None else ImageCache(self.state_dir / CACHE_DIR)
 
     @property
     def results_path(self) -> Path:
@@ -244,7 +245,7 @@ class OutputFolder:
         `orphans`, and the entries of other manifests `kept` as they are; gives results.json's
         path. `meta` heads results.json; its `updated_at` is `now` only when something in it
         changed since `before` was rendered."""
-        folder_owner = before.owner or owner
+        folder_owner = owner.fill(before.owner)
         guests = {e.id: before.guests[e.id] for e in kept if e.id in before.guests}
         if not owner.same(folder_owner):
             guests.update({entry.id: owner for entry in (*entries, *orphans)})

@@ -50,6 +50,16 @@ class Owner:
             return self.name == other.name
         return True
 
+    def fill(self, recorded: Owner | None) -> Owner:
+        """The folder's owner after this manifest applied into it: `recorded` (this manifest
+        filling in what it did not say, such as the name a folder of an earlier version lacks),
+        or this manifest when nothing was recorded."""
+        if recorded is None:
+            return self
+        if not recorded.same(self):
+            return recorded
+        return Owner(recorded.manifest or self.manifest, recorded.name or self.name)
+
     def to_json(self) -> dict[str, str | None]:
         return {"manifest": self.manifest, "name": self.name}
 
