@@ -28,7 +28,7 @@ import errno
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from imgbatch.pacing.quota import Quota
+from imgbatch.units.quota import Quota
 
 
 class ImgbatchError(Exception):

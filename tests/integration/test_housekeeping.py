@@ -25,9 +25,9 @@ from click.testing import CliRunner, Result
 from imgbatch.cli.main import main
 from imgbatch.housekeeping import gc
 from imgbatch.housekeeping.prune import prune_orphans
-from imgbatch.review.sheet import thumb_path
 from imgbatch.state.cache import TEMP_PREFIX
 from imgbatch.state.folder import STATE_DIR, OutputFolder
+from imgbatch.state.last_run import thumb_path
 from imgbatch.state.results import ResultEntry
 
 NAME = "harbour"

@@ -45,13 +45,14 @@ import click  # noqa: E402
 
 from imgbatch.errors import ConfigError, ImgbatchError, InspectError, ManifestError  # noqa: E402
 from imgbatch.manifest.catalogue import MIN_RPS  # noqa: E402
-from imgbatch.pacing.quota import Quota, parse_quota  # noqa: E402
-from imgbatch.providers import PROVIDER_CHOICES, is_metered, secrets_for_redaction  # noqa: E402
+from imgbatch.providers import PROVIDER_CHOICES, secrets_for_redaction  # noqa: E402
+from imgbatch.units.quota import Quota, parse_quota  # noqa: E402
 
 if TYPE_CHECKING:
     from imgbatch.plan.decide import Plan
-    from imgbatch.plan.pricing import CostLimit
     from imgbatch.review.console import Verbosity
+    from imgbatch.review.outcome import ApplyReport
+    from imgbatch.units.money import CostLimit
 
 # The library is imported inside each command, not here: `--help` and `validate` must not pay for
 # the executor, aiohttp, Pillow or a provider's SDK (tests/cli/test_startup.py keeps it so).
@@ -132,7 +133,7 @@ def _quota_option(value: str | None) -> Quota | None:
 def _cost_limit_option(value: str | None) -> CostLimit | None:
     if value is None:
         return None  # nothing imported while click parses: start-up stays short
-    from imgbatch.plan.pricing import CostLimit
+    from imgbatch.units.money import CostLimit
 
     try:
         return CostLimit.parse(value)
@@ -359,7 +360,7 @@ def plan(
     """Show the shots apply would change, and why (-v: every shot); nothing is sent or
     downloaded."""
     from imgbatch.review.console import Verbosity, console_for
-    from imgbatch.review.report import estimate_line, plan_json, plan_summary, plan_table
+    from imgbatch.review.report import estimate_line, plan_summary, plan_table
     from imgbatch.run.apply import make_plan
 
     level = _verbosity(verbosity)
@@ -388,6 +389,16 @@ def plan(
     estimate = estimate_line(result)
     if estimate and level is not Verbosity.QUIET:
         out.print(estimate)
+    _plan_documents(result, _title("plan", manifest, only), as_json)
+    if detailed_exitcode and result.has_work:
+        return EXIT_CHANGES
+    return EXIT_OK
+
+
+def _plan_documents(result: Plan, title: str, as_json: bool) -> None:
+    """`plan --json`'s document on stdout, and the CI step summary when there is one."""
+    from imgbatch.review.report import plan_json
+
     summarize = bool(os.environ.get("GITHUB_STEP_SUMMARY"))
     document = plan_json(result) if as_json or summarize else {}
     if as_json:
@@ -395,11 +406,7 @@ def plan(
     if summarize:
         from imgbatch.review.step_summary import plan_markdown
 
-        title = _title("plan", manifest, only)
-        _step_summary(plan_markdown(document, title, metered=is_metered(result.provider)))
-    if detailed_exitcode and result.has_work:
-        return EXIT_CHANGES
-    return EXIT_OK
+        _step_summary(plan_markdown(document, title, metered=result.metered))
 
 
 @main.command("expand")
@@ -534,13 +541,7 @@ def apply_command(
     from imgbatch.plan.decide import WORK_ACTIONS
     from imgbatch.review.console import Verbosity, console_for
     from imgbatch.review.progress import DEFAULT_INTERVAL, Progress
-    from imgbatch.review.report import (
-        apply_json,
-        apply_summary,
-        estimate_line,
-        plan_summary,
-        quiet_summary,
-    )
+    from imgbatch.review.report import apply_summary, estimate_line, plan_summary, quiet_summary
     from imgbatch.run.apply import ApplyOptions, apply
 
     level = _verbosity(verbosity)
@@ -551,7 +552,7 @@ def apply_command(
 
     def announce(planned: Plan) -> None:
         # Even with --quiet, a fallback to placeholders is said: it is not what a key would do.
-        if not is_metered(planned.provider) and (provider == "auto" or not quiet):
+        if not planned.metered and (provider == "auto" or not quiet):
             # With --provider auto the fallback must never be silent: say why.
             lead = (
                 "No DashScope API key is configured, so --provider auto uses"
@@ -595,14 +596,25 @@ def apply_command(
         )
     finally:
         progress.close()
-    summary = apply_summary(report)
     console_for(sys.stderr if as_json else sys.stdout).print(
-        quiet_summary(summary) if quiet else summary
+        quiet_summary(report) if quiet else apply_summary(report)
     )
     if report.sheet_problem:
         click.echo(f"warning: {report.sheet_problem}", err=True)
     elif report.sheet and not quiet:
         click.echo(f"Contact sheet: {report.sheet}", err=as_json)
+    _apply_documents(report, _title("apply", manifest, only), as_json)
+    if report.interrupted:
+        return EXIT_INTERRUPTED
+    if report.bounded and report.remaining:
+        return EXIT_REMAINING
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _apply_documents(report: ApplyReport, title: str, as_json: bool) -> None:
+    """`apply --json`'s document on stdout, and the CI step summary when there is one."""
+    from imgbatch.review.report import apply_json
+
     summarize = bool(os.environ.get("GITHUB_STEP_SUMMARY"))
     document = apply_json(report) if as_json or summarize else {}
     if as_json:
@@ -610,14 +622,8 @@ def apply_command(
     if summarize:
         from imgbatch.review.step_summary import apply_markdown
 
-        title = _title("apply", manifest, only)
-        metered = is_metered(report.plan.provider)
+        metered = report.plan.metered
         _step_summary(apply_markdown(document, title, stopped=report.stopped, metered=metered))
-    if report.interrupted:
-        return EXIT_INTERRUPTED
-    if report.bounded and report.remaining:
-        return EXIT_REMAINING
-    return EXIT_OK if report.ok else EXIT_FAILED
 
 
 @main.command()

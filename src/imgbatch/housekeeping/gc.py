@@ -36,10 +36,10 @@ from enum import StrEnum
 from pathlib import Path
 
 from imgbatch.errors import StoreError
-from imgbatch.review.sheet import load_changes
-from imgbatch.run.apply import ManifestSource, read_manifest
+from imgbatch.manifest.loader import ManifestSource, read_manifest
 from imgbatch.shots.expand import output_dir_for
 from imgbatch.state.folder import OutputFolder
+from imgbatch.state.last_run import load_changes
 
 _KEY = re.compile(r"[0-9a-f]{64}")
 _COMPARE_CHUNK = 1 << 20
