@@ -83,7 +83,8 @@ class FakeServer:
         if self.mode == "inprocess":
             from tests.support.fake_dashscope import FakeDashScope
 
-            self._server = await FakeDashScope(api_key=KEY, **self.options).astart()
+            options = {"image_profile": "real", **self.options}
+            self._server = await FakeDashScope(api_key=KEY, **options).astart()
             self.base_url = self._server.base_url
             return self
         argv = [sys.executable, str(SERVER_SCRIPT), "--api-key", KEY]

@@ -1,6 +1,7 @@
 """`imgbatch generate` and `imgbatch.generate`: one request at a time, as the seed skill does.
 
-Takes: the fake DashScope server (real-sized images) and the CLI through click's runner.
+Takes: the fake DashScope server (real-sized images where a test says so) and the CLI through
+click's runner.
 Gives: evidence that a single request is validated like a manifest shot (nothing sent when it is
 wrong), written where the skill writes it, answered with the normalized response, served from
 the cache the second time (and from an apply's cache), and exits like `apply`.
@@ -22,8 +23,8 @@ import imgbatch
 from imgbatch.cli.main import main
 from imgbatch.errors import ManifestError, ProviderError
 from imgbatch.shots.request import ImageRequest, simplified
-from tests.conftest import write_manifest
 from tests.support.fake_dashscope import FakeDashScope
+from tests.support.files import write_manifest
 
 REQUEST = {
     "prompt": "a studio product photo of headphones on a walnut desk",
@@ -51,6 +52,7 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+@pytest.mark.real_images
 def test_generate_writes_the_skill_folder_and_prints_the_normalized_response(
     api_env: dict[str, str], fake_server: FakeDashScope, in_tmp: Path
 ) -> None:

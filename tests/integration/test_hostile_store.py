@@ -33,8 +33,8 @@ from imgbatch.cli.main import main
 from imgbatch.state import cache as store
 from imgbatch.state.cache import TEMP_PREFIX
 from imgbatch.state.folder import STATE_DIR
-from tests.conftest import write_manifest, write_many_shots
 from tests.support.fake_dashscope import FakeDashScope
+from tests.support.files import write_manifest, write_many_shots
 
 SHOTS = 4
 IDS = [f"shot-{index:03d}" for index in range(SHOTS)]

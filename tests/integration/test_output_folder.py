@@ -23,8 +23,8 @@ from imgbatch.cli.main import main
 from imgbatch.errors import FolderOwnedError
 from imgbatch.run.apply import apply, make_plan
 from imgbatch.state import results as results_module
-from tests.conftest import FAKE_KEY
 from tests.support.fake_dashscope import FakeDashScope
+from tests.support.files import FAKE_KEY
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "imgbatch"
 STATE = ".imgbatch"

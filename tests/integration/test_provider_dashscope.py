@@ -45,8 +45,8 @@ from imgbatch.providers.dashscope import DashScopeProvider
 from imgbatch.providers.dashscope_credentials import ApiKey, resolve_api_key
 from imgbatch.shots.request import GeneratedImage, ImageRequest
 from imgbatch.state.cache import verify_image
-from tests.conftest import FAKE_KEY
 from tests.support.fake_dashscope import GENERATION_PATH, FakeDashScope
+from tests.support.files import FAKE_KEY
 
 RECORDING = os.environ.get("IMGBATCH_RECORD") == "1"
 RECORD_PORT, RECORD_IMAGE_PORT = 47231, 47232

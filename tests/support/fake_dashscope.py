@@ -10,11 +10,12 @@ Gives: DashScope-shaped JSON answers, with the real answer's headers (``x-reques
 different host name, ``localhost``, with a signed-looking query string) and serves PNGs of the
 reported size; and a record of every request either listener received.
 
-Images are as hostile as the real ones by default (``image_profile="real"``): 3 to 4 MB of
-mostly incompressible PNG, sent with a ``Content-Length`` in chunks of ``chunk_size`` bytes,
-``chunk_delay`` seconds apart (a throttled link). ``image_profile="tiny"`` serves the small
-solid-colour PNGs that a test of many shots can afford. A real generation takes about 16.5 s
-(``REAL_LATENCY_S``); tests pass a scaled ``latency``.
+Images are small solid-colour PNGs by default (``image_profile="tiny"``), which keeps the test
+loop fast; a test about downloads asks for images as hostile as the real ones
+(``image_profile="real"``, or the ``real_images`` marker with the ``fake_server`` fixture): 3 to
+4 MB of mostly incompressible PNG, sent with a ``Content-Length`` in chunks of ``chunk_size``
+bytes, ``chunk_delay`` seconds apart (a throttled link). The benchmarks serve real ones. A real
+generation takes about 16.5 s (``REAL_LATENCY_S``); tests pass a scaled ``latency``.
 
 Three ways to run it:
 
@@ -200,7 +201,7 @@ class FakeDashScope:
         seed: int = 0,
         moderation_words: Sequence[str] = ("FORBIDDEN",),
         reject_download_auth: bool = True,
-        image_profile: str = "real",
+        image_profile: str = "tiny",
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         chunk_delay: float = 0.0,
         send_content_length: bool = True,
@@ -212,6 +213,7 @@ class FakeDashScope:
         quota_window: tuple[int, float] | None = None,
         max_in_progress: int | None = None,
         state_quota: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if image_profile not in IMAGE_PROFILES:
             raise ValueError(f"image_profile must be one of {', '.join(IMAGE_PROFILES)}")
@@ -242,9 +244,9 @@ class FakeDashScope:
         self.redirect_images = redirect_images
         self.requests: list[RecordedRequest] = []
         self.downloads: list[RecordedRequest] = []
-        # API requests received and not yet answered (or dropped).
-        self.in_flight = 0
-        self._quota = _make_bucket(quota_rps, quota_burst)
+        # API requests received and not yet answered (or dropped), and the most at once.
+        self.in_flight = self.most_in_flight = 0
+        self._quota = _make_bucket(quota_rps, quota_burst, clock)
         self.shapes = QuotaShapes(quota_window, max_in_progress, state_quota)
         self._rng = random.Random(seed)
         self._port = port
@@ -488,6 +490,7 @@ class FakeDashScope:
     async def _handle_api(self, request: web.Request) -> web.StreamResponse:
         received_at = time.monotonic()
         self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
         raw = await request.read()
         body = _parse_json(raw)
         status: int | None = None
@@ -962,10 +965,12 @@ class QuotaShapes:
         return {FLOW_CONTROL_HEADER: json.dumps(meta, separators=(",", ":"))}
 
 
-def _make_bucket(rate: float | None, burst: int | None) -> TokenBucket | None:
+def _make_bucket(
+    rate: float | None, burst: int | None, clock: Callable[[], float]
+) -> TokenBucket | None:
     if rate is None:
         return None
-    return TokenBucket(rate, burst if burst is not None else max(1, int(rate)))
+    return TokenBucket(rate, burst if burst is not None else max(1, int(rate)), clock)
 
 
 # ----- subprocess mode ---------------------------------------------------------------------------

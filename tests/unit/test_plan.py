@@ -16,7 +16,7 @@ from imgbatch.shots.request import ImageRequest
 from imgbatch.state.cache import ImageCache
 from imgbatch.state.folder import OutputFolder
 from imgbatch.state.results import ResultEntry
-from tests.conftest import write_manifest
+from tests.support.files import write_manifest
 
 IMAGE = b"\x89PNG pretend image bytes"
 

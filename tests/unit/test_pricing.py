@@ -22,8 +22,8 @@ from imgbatch.plan.pricing import cost, price_list, region_of
 from imgbatch.run.bounds import MaxCost, Tally
 from imgbatch.units.money import Cost, CostLimit, Pricing, format_money
 from tests.cli.test_cli import assert_clean, run
-from tests.conftest import write_manifest
 from tests.support.fake_dashscope import FakeDashScope
+from tests.support.files import write_manifest
 
 INTL = "https://dashscope-intl.aliyuncs.com/api/v1"
 BEIJING = "https://dashscope.aliyuncs.com/api/v1"

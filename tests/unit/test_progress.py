@@ -30,8 +30,8 @@ from imgbatch.review.console import Verbosity, console_for
 from imgbatch.review.events import Retrying
 from imgbatch.review.progress import Progress
 from imgbatch.state.results import ResultEntry
-from tests.conftest import FAKE_KEY, REPO, write_manifest
 from tests.support.fake_dashscope import FakeDashScope
+from tests.support.files import FAKE_KEY, REPO, write_manifest
 
 # Select Graphic Rendition: colour, bold, dim. Cursor movements of a live bar are not styling.
 SGR = re.compile(r"\x1b\[[0-9;]*m")

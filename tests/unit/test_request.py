@@ -21,7 +21,7 @@ from imgbatch.shots.request import (
     ImageRequest,
     changed_fields,
 )
-from tests.conftest import write_manifest
+from tests.support.files import write_manifest
 from tests.support.reference_images import JPEG, PNG, PNG_OTHER, image_bytes
 
 PNG_BYTES = PNG
