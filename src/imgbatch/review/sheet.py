@@ -169,7 +169,9 @@ def render_sheet(
     finished_at: str | None,
 ) -> Path:
     """Make the missing thumbnails, then write `index.html` atomically; gives its path."""
-    cache = OutputFolder(output_dir).cache
+    folder = OutputFolder(output_dir)
+    folder.refuse_links()  # thumbnails are written under it
+    cache = folder.cache
     changes = {shot_id: change for shot_id, change in changes.items() if shot_id in entries}
     wanted: dict[str, Path] = {}
     for shot_id in order:

@@ -123,14 +123,7 @@ class OutputFolder:
         """One apply (or generate, or `gc --yes`: the `holder`) per output folder at a time; the
         second is refused (`LockedError`, naming the command that holds it), never interleaved.
         Makes the folder if it is missing."""
-        for folder in (self.state_dir, self.cache.root, self.thumbs_dir):
-            if folder.is_symlink():
-                # A shot list can come from a pull request: a link committed in place of the
-                # state folder would have imgbatch write its cache and lock wherever it points.
-                raise StoreError(
-                    f"{folder} is a symbolic link; imgbatch keeps its state only in a real "
-                    "folder (replace the link by a folder); nothing was sent or written"
-                )
+        self.refuse_links()
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -170,6 +163,17 @@ class OutputFolder:
         finally:
             with contextlib.suppress(OSError):
                 named.unlink(missing_ok=True)
+
+    def refuse_links(self) -> None:
+        """Refuse a state folder, cache or thumbnails folder that is a symbolic link: a shot
+        list can come from a pull request, and a link committed in their place would have
+        imgbatch write its cache, lock or thumbnails wherever it points."""
+        for folder in (self.state_dir, self.cache.root, self.thumbs_dir):
+            if folder.is_symlink():
+                raise StoreError(
+                    f"{folder} is a symbolic link; imgbatch keeps its state only in a real "
+                    "folder (replace the link by a folder); nothing was sent or written"
+                )
 
     def prepare(self) -> None:
         """Under the lock, before the first request: check that the folder, its state folder and
