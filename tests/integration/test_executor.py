@@ -31,7 +31,7 @@ from imgbatch.review.events import Notice
 from imgbatch.run.apply import ApplyOptions, ApplyReport, _settle, apply, apply_async, make_plan
 from imgbatch.run.executor import Executor
 from imgbatch.shots.request import GeneratedImage
-from imgbatch.state.cache import STATE_DIR, ImageCache
+from imgbatch.state.folder import STATE_DIR, OutputFolder
 from tests.support.fake_dashscope import FakeDashScope
 from tests.support.fake_provider import FakeProvider
 from tests.support.files import write_manifest, write_many_shots
@@ -523,7 +523,7 @@ def test_a_recover_not_run_when_the_run_stops_keeps_the_url_paid_for(
     plan = make_plan(manifest, provider="dashscope", environ={}, home=offline.home)
     back = FakeProvider([png(SIZE)], tag="second")
     executor = Executor(
-        back, ImageCache(out_dir(manifest)), lambda entry: None, pacer=Pacer(unlimited=True)
+        back, OutputFolder(out_dir(manifest)).cache, lambda entry: None, pacer=Pacer(unlimited=True)
     )
     executor.stop("the run's time is up")
 

@@ -32,7 +32,8 @@ from PIL import Image
 
 from imgbatch.cli.main import main
 from imgbatch.state import cache as store
-from imgbatch.state.cache import STATE_DIR, TEMP_PREFIX
+from imgbatch.state.cache import TEMP_PREFIX
+from imgbatch.state.folder import STATE_DIR
 from tests.support import hostile_images
 from tests.support.fake_dashscope import FakeDashScope
 from tests.support.files import write_manifest, write_many_shots
@@ -558,8 +559,9 @@ def test_a_damaged_cache_entry_is_discarded_and_the_image_fetched_or_made_again(
     case.damage(entry, outside)
     outside_before = snapshot(outside)
     (out / f"{SECOND}.png").unlink()  # so that the plan restores it from the cache
-    if case.forget_results:
+    if case.forget_results:  # the state record and results.json: nothing records the hashes
         (out / "results.json").unlink()
+        (out / STATE_DIR / "state.json").unlink()
     if case.expired:
         fake_server.forget_images()
     plan = run("plan", manifest)

@@ -5,7 +5,8 @@ Takes a `Plan`, a provider, the image cache and a journal; gives a `RunOutcome` 
 paid requests wait for their model's `Gate`; a 429 sends the shot back to the gate (it uses up no
 try, and fails the shot only after `RetryPolicy.throttle_patience` of refusals), other transient
 failures are retried with backoff, a 400 fails that
-shot only, a 401/403 stops the run: nothing new is sent, requests in flight finish. Every image is
+shot only, a 401/403 stops the run: nothing new is sent, requests in flight finish, and the
+shots it answered are not run (a refused key says nothing about them). Every image is
 downloaded right after it is generated (its URL expires), verified to decode at the reported
 size, put in the cache and copied into place before its entry is journaled, so a crash loses only
 shots in flight; its URL is journaled before the download (an `unfetched` entry), so that a shot
@@ -574,7 +575,7 @@ class Executor:
                 if gate:
                     gate.answered(ticket)
                 if isinstance(exc, AuthError):
-                    self.stop(f"the service refused the credentials: {exc}")
+                    return self._refused_key(shot.id, exc, lost)
                 self._finish(failed_entry(shot, str(exc), exc, attempt))
                 return
             if gate:
@@ -593,6 +594,13 @@ class Executor:
             await self._keep(output_dir, shot, image, attempt, sent)
             self.outcome.downloading.pop(shot.id, None)
             return
+
+    def _refused_key(self, shot_id: str, error: AuthError, lost: int) -> None:
+        """Stop the run: the key is refused. That is the run's stop reason, not this shot's
+        outcome: its earlier entry (a real error, or its image) stands, like that of every shot
+        the stop leaves."""
+        self.stop(f"the service refused the credentials: {error}")
+        self._skip(shot_id, self._not_run(None, lost))
 
     def _not_run(self, phase: str | None, lost: int) -> str:
         """Why a shot stopped before it was sent (again), and what earlier tries may have cost."""

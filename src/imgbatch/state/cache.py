@@ -7,7 +7,7 @@ renamed over the target, so a reader (or a crash) never sees half an image. File
 0666 minus the umask, as `open()` would. A write that fails raises `StoreWriteError` naming the
 file (`disk_full` when the filesystem is out of space).
 
-The cache keeps one PNG per request key under `<output>/.imgbatch/cache/ab/<key>.png`. Its
+The cache keeps one PNG per request key under its root, as `ab/<key>.png`. Its
 entries are read without following symbolic links, and every restore checks the bytes against
 what was recorded for that key (size and SHA-256), or, without a record, that they decode as a
 PNG of the shot's size (`imgbatch.png`: PNG only, its size read from its header first): a damaged
@@ -41,7 +41,6 @@ from typing import TypeVar
 from imgbatch.errors import CacheEntryDamaged, ImageError, StoreError, StoreWriteError
 from imgbatch.png import check_png, png_dimensions
 
-STATE_DIR = ".imgbatch"
 TEMP_PREFIX = ".imgbatch-tmp-"
 # A cache entry larger than any image the service makes is not one (and is never read whole).
 MAX_CACHED_BYTES = 64 * 1024 * 1024
@@ -133,18 +132,23 @@ def check_writable(folder: Path) -> None:
         ) from None
 
 
-def remove_stale_temporaries(output_dir: Path) -> int:
-    """Delete temp files a killed run left behind; call only while holding the output lock."""
+def remove_temporaries(folders: Iterable[Path]) -> int:
+    """Delete the temp files a killed run left in `folders` (never their subfolders); call
+    only while holding the output lock (another run's temp file is never in flight then)."""
     removed = 0
-    folders = [output_dir, output_dir / STATE_DIR]
-    cache_root = output_dir / STATE_DIR / "cache"
-    if cache_root.is_dir():
-        folders += [path for path in cache_root.iterdir() if _is_real_folder(path)]
     for folder in folders:
         for temp in folder.glob(f"{TEMP_PREFIX}*.tmp"):
             temp.unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+def real_subfolders(root: Path) -> list[Path]:
+    """The folders directly in `root` that are real ones (a link to a folder is not followed)."""
+    try:
+        return sorted(path for path in root.iterdir() if _is_real_folder(path))
+    except OSError:
+        return []
 
 
 def verify_image(data: bytes, width: int, height: int) -> None:
@@ -191,10 +195,14 @@ class AppendLog:
 
 
 class ImageCache:
-    """One verified PNG per request key, never overwritten once written."""
+    """One verified PNG per request key under `root`, never overwritten once written.
 
-    def __init__(self, output_dir: Path) -> None:
-        self.root = output_dir / STATE_DIR / "cache"
+    Its operations are `has`, `put`, `restore` (checked against the key's record), `place`
+    and `discard`; nothing outside it knows how entries are laid out beyond `path`.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.png"
@@ -210,7 +218,7 @@ class ImageCache:
     def put(self, key: str, data: bytes) -> None:
         shard = self.path(key).parent
         if shard.is_symlink():
-            # Never write through a link inside .imgbatch/: make the folder a real one.
+            # Never write through a link inside the cache: make the folder a real one.
             shard.unlink()
         atomic_write(self.path(key), data)
 
@@ -295,7 +303,7 @@ class ImageCache:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise CacheEntryDamaged(
                     f"cache entry {path} is a symbolic link; imgbatch never follows links in "
-                    f"{STATE_DIR}/"
+                    "its cache"
                 ) from None
             raise CacheEntryDamaged(f"cache entry {path} cannot be read ({exc})") from None
         try:
