@@ -38,6 +38,7 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -182,6 +183,10 @@ class Executor:
         self._sending: Counter[str] = Counter()  # requests sent and not answered, by model
         self.outcome = RunOutcome()
         self._aside: frozenset[str] = frozenset()
+        # The journal's writer: one thread, so lines keep their order and fsyncs leave the loop.
+        self._journal_pool: ThreadPoolExecutor | None = None
+        self._journaling: set[asyncio.Future[StoreWriteError | None]] = set()
+        self._journal_failure: BaseException | None = None
 
     def stop(
         self,
@@ -317,6 +322,7 @@ class Executor:
             # Also when the run is abandoned: an interrupted run reports its 429s too.
             self.outcome.throttled = self.pacer.throttled_count
             self.outcome.quotas = self.pacer.findings()
+            await self._drain_journal()
         return self.outcome
 
     async def _worker(self, output_dir: Path, pending: Iterator[PlannedShot]) -> None:
@@ -368,12 +374,43 @@ class Executor:
             self._skip(item.id, "not run: abandoned in flight when interrupted")
 
     def record(self, entry: ResultEntry) -> None:
-        """Journal `entry`; a journal that cannot be written stops the run (the entry stays in
-        the outcome, for results.json)."""
+        """Journal `entry`: lines are appended (each fsynced) in order by one worker thread,
+        never on the event loop; a journal that cannot be written stops the run (the entry
+        stays in the outcome, for results.json). `run` returns once every line is written."""
+        if self._journal_pool is None:
+            self._journal_pool = ThreadPoolExecutor(1, thread_name_prefix="imgbatch-journal")
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._journal_pool, self._append, entry)
+        self._journaling.add(future)
+        future.add_done_callback(self._journaled)
+
+    def _append(self, entry: ResultEntry) -> StoreWriteError | None:
         try:
             self.journal(entry)
         except StoreWriteError as exc:
-            self._stop_for_write(exc)
+            return exc
+        return None
+
+    def _journaled(self, future: asyncio.Future[StoreWriteError | None]) -> None:
+        self._journaling.discard(future)
+        if future.cancelled():
+            return
+        if future.exception() is not None:
+            self._journal_failure = self._journal_failure or future.exception()
+        elif (failure := future.result()) is not None:
+            self._stop_for_write(failure)
+
+    async def _drain_journal(self) -> None:
+        """Wait for every line on its way to the journal; then no thread writes to it."""
+        try:
+            while self._journaling:
+                await asyncio.wait(tuple(self._journaling))
+        finally:
+            if self._journal_pool is not None:
+                self._journal_pool.shutdown(wait=True)
+                self._journal_pool = None
+        if self._journal_failure is not None:
+            raise self._journal_failure
 
     def _stop_for_write(self, error: StoreWriteError) -> None:
         if error.disk_full:
@@ -582,11 +619,13 @@ class Executor:
             if self.provider.metered:
                 self.outcome.billed += 1
                 self.outcome.billed_models[model] += 1
-                # Journaled before the download, so that a run killed while downloading leaves
-                # the paid image's URL for the next apply to fetch instead of paying again.
+                # Journaled (queued first) before the download, so that a run killed while
+                # downloading leaves the paid image's URL for the next apply to fetch.
                 downloading = unfetched_entry(
                     shot, "generated; its download had not finished", image, attempt, sent=sent
                 )
+                # Not waited for: a kill before the line is on disk loses the URL whether the
+                # download has begun or not, and every later line of this shot comes after it.
                 self.record(downloading)
                 self.outcome.downloading[shot.id] = downloading
             phase[shot.id] = Phase.DOWNLOADING
@@ -661,7 +700,8 @@ class Executor:
             shot.id, shot.request, (sent or shot.request).text, image.request_id
         )
         for attempt in range(1, tries + 1):
-            incoming = await asyncio.to_thread(self.cache.receive, shot.request.key)
+            # On the loop, as the pieces' writes are: creating a file costs microseconds.
+            incoming = self.cache.receive(shot.request.key)
             try:
                 await self._download(shot.id, image, provenance, incoming)
                 return incoming

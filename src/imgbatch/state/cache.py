@@ -426,7 +426,20 @@ class Incoming:
 
 def _copy_fd(source: int, target: int, size: int, path: Path) -> None:
     """Copy the first `size` bytes of `source` to the empty `target` (open on a temporary file
-    beside `path`): in the kernel where it can, else through a 1 MiB buffer."""
+    beside `path`): in the kernel where it can, the rest through a 1 MiB buffer."""
+    offset = _copy_in_kernel(source, target, size)
+    os.lseek(target, offset, os.SEEK_SET)
+    while offset < size:
+        piece = os.pread(source, min(1 << 20, size - offset), offset)
+        if not piece:
+            raise OSError(errno.EIO, f"{path}: the cache entry ended after {offset} bytes")
+        _write_fd(target, piece, path)
+        offset += len(piece)
+
+
+def _copy_in_kernel(source: int, target: int, size: int) -> int:
+    """How many of the first `size` bytes of `source` `os.copy_file_range` copied to `target`
+    (none where the kernel or file system cannot; a test seam, like `_write_fd`)."""
     offset = 0
     try:
         while offset < size:
@@ -437,13 +450,7 @@ def _copy_fd(source: int, target: int, size: int, path: Path) -> None:
     except OSError as exc:
         if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
             raise
-    os.lseek(target, offset, os.SEEK_SET)
-    while offset < size:
-        piece = os.pread(source, min(1 << 20, size - offset), offset)
-        if not piece:
-            raise OSError(errno.EIO, f"{path}: the cache entry ended after {offset} bytes")
-        _write_fd(target, piece, path)
-        offset += len(piece)
+    return offset
 
 
 def _read_fd(fd: int, path: Path) -> bytes:
