@@ -132,6 +132,9 @@ def test_429_then_success_is_retried_and_counted_as_throttled(
     assert report.throttled == 1
     assert report.retries == 1
     assert report.requests == 2
+    # One image billed, the 429 free: the shot's outcome says so as data.
+    (shot,) = report.shots
+    assert (shot.status, shot.billed, shot.maybe_billed) == ("generated", True, False)
     entry = assert_generated(report, manifest)
     assert entry["attempts"] == 2
     assert entry["error"] is None
@@ -529,9 +532,11 @@ def test_a_recover_not_run_when_the_run_stops_keeps_the_url_paid_for(
     assert back.fetched == [] and back.generated == []
     assert outcome.not_run == {SHOT: "not run: the run's time is up"}
     # Not run: results.json keeps its entry as it was, the URL paid for included.
-    (kept,), not_run, maybe_billed = _settle(plan, outcome, metered=True)
-    assert (kept.status, kept.image_url) == ("unfetched", first["image_url"])
-    assert not_run == outcome.not_run and maybe_billed == frozenset()  # never sent
+    (shot,) = _settle(plan, outcome, metered=True)
+    assert shot.entry is not None
+    assert (shot.entry.status, shot.entry.image_url) == ("unfetched", first["image_url"])
+    assert shot.status == "not_run" and shot.why_not_run == outcome.not_run[SHOT]
+    assert not shot.maybe_billed and not shot.billed  # never sent
 
 
 # ----- RetryPolicy.backoff ------------------------------------------------------------------------

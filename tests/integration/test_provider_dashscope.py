@@ -39,6 +39,7 @@ from imgbatch.errors import (
     ConfigError,
     PermanentError,
     ProviderError,
+    RateLimited,
     TransientError,
 )
 from imgbatch.providers.dashscope import DashScopeProvider
@@ -231,19 +232,17 @@ ERROR_CASES: dict[str, dict[str, Any]] = {
         "script": lambda s: s.enqueue_error(
             429, "Throttling.RateQuota", "Requests rate limit exceeded.", retry_after=7
         ),
-        "error": TransientError,
+        "error": RateLimited,
         "status": 429,
         "code": "Throttling.RateQuota",
-        "throttled": True,
         "retry_after": 7.0,
     },
     "dashscope_429": {
         "request": ImageRequest(prompt="a bicycle, throttled"),
         "script": lambda s: s.enqueue_error(429, "Throttling", "Too many requests."),
-        "error": TransientError,
+        "error": RateLimited,
         "status": 429,
         "code": "Throttling",
-        "throttled": True,
         "retry_after": None,
     },
     "dashscope_500": {
@@ -253,7 +252,6 @@ ERROR_CASES: dict[str, dict[str, Any]] = {
         "status": 500,
         "code": "InternalError",
         "message": "500 InternalError: An internal error.",
-        "throttled": False,
         "retry_after": None,
     },
     "dashscope_408": {
@@ -262,7 +260,6 @@ ERROR_CASES: dict[str, dict[str, Any]] = {
         "error": TransientError,
         "status": 408,
         "code": "RequestTimeOut",
-        "throttled": False,
     },
 }
 
@@ -284,8 +281,9 @@ def test_error_statuses_map_to_exception_classes(name: str) -> None:
     assert error.request_id == recorded["request_id"]
     if "message" in case:
         assert str(error) == case["message"]
+    # A 429 is its own class (the pacer's cue), every other transient answer is not.
+    assert isinstance(error, RateLimited) is (case["status"] == 429)
     if isinstance(error, TransientError):
-        assert error.throttled is case["throttled"]
         if "retry_after" in case:
             assert error.retry_after == case["retry_after"]
     key: ApiKey | None = case.get("key")

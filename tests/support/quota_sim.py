@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-from imgbatch.errors import TransientError
+from imgbatch.errors import RateLimited
 from imgbatch.pacing.gate import Clock
 from imgbatch.run.apply import ApplyOptions, ApplyReport, apply_async
 from imgbatch.shots.request import GeneratedImage, ImageRequest
@@ -123,11 +123,9 @@ class SimProvider(FakeProvider):
         if not admitted:
             self.refused += 1
             await asyncio.sleep(self.rtt / 2)
-            raise TransientError(
+            raise RateLimited(
                 "Requests rate limit exceeded",
-                status=429,
                 code="Throttling.RateQuota",
-                throttled=True,
                 stated_quota=self.account.stated,
             )
         image = await super().generate(request, label=label)  # in flight for the latency

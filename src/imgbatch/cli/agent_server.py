@@ -237,7 +237,7 @@ async def _tool_errors() -> AsyncIterator[None]:
     except ImgbatchError as exc:
         raise ToolError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - the boundary: no traceback reaches the agent
-        from imgbatch.cli.main import write_crash_log
+        from imgbatch.cli.common import write_crash_log
 
         log = write_crash_log()
         raise ToolError(f"unexpected {type(exc).__name__}; details in {log}") from None

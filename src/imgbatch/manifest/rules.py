@@ -220,17 +220,7 @@ class Checker:
                 hint += f"; {_TEMPLATE_HINT}"
             origin = self._field_origin(index, shot, "size")
             yield self._located(origin, shot_id, "size", f"{show(size)} is not valid: {hint}")
-        for name in _TEXT_FIELDS:
-            text = merged.get(name)
-            control = _CONTROL.search(text) if isinstance(text, str) else None
-            if control is not None:
-                # A YAML or JSON escape can hide NUL or ESC in a prompt: sent, it is noise to
-                # the model; printed, it drives the terminal.
-                message = (
-                    f"{name} contains the control character U+{ord(control.group()):04X} at "
-                    f"position {control.start() + 1}; only tabs and line breaks are allowed"
-                )
-                yield self._located(self._field_origin(index, shot, name), shot_id, name, message)
+        yield from self._control_problems(expanded)
         prompt, style = merged.get("prompt"), merged.get("style")
         if isinstance(prompt, str):
             sent = len(sent_text(prompt, style if isinstance(style, str) else None))
@@ -255,6 +245,21 @@ class Checker:
             if isinstance(checked, str):
                 origin = self._field_origin(index, shot, "reference_image")
                 yield self._located(origin, shot_id, "reference_image", checked)
+
+    def _control_problems(self, expanded: ExpandedShot) -> Iterator[ManifestProblem]:
+        """A control character in a text field: a YAML or JSON escape can hide NUL or ESC in a
+        prompt (sent, it is noise to the model; printed, it drives the terminal)."""
+        shot: dict[str, Any] = self.shots[expanded.index]
+        for name in _TEXT_FIELDS:
+            text = expanded.fields.get(name)
+            control = _CONTROL.search(text) if isinstance(text, str) else None
+            if control is not None:
+                message = (
+                    f"{name} contains the control character U+{ord(control.group()):04X} at "
+                    f"position {control.start() + 1}; only tabs and line breaks are allowed"
+                )
+                origin = self._field_origin(expanded.index, shot, name)
+                yield self._located(origin, expanded.id, name, message)
 
     def _reference(self, written: str) -> ReferenceImage | str:
         """The checked reference, or what is wrong with it; each file is read once per load."""

@@ -30,6 +30,7 @@ from imgbatch.errors import (
     NoImageError,
     PermanentError,
     ProviderError,
+    RateLimited,
     TransientError,
 )
 from imgbatch.providers import Sink, is_metered
@@ -218,13 +219,13 @@ class DashScopeProvider:
                 request_id=request_id,
             )
         if status == 429 or status == 408 or status >= 500:
-            raise TransientError(
+            transient = RateLimited if status == 429 else TransientError
+            raise transient(
                 message,
                 status=status,
                 code=code,
                 request_id=request_id,
                 retry_after=_retry_after(response.headers),
-                throttled=status == 429,
                 stated_quota=_stated_quota(response.headers),
             )
         raise PermanentError(message, status=status, code=code, request_id=request_id)

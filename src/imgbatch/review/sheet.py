@@ -57,7 +57,6 @@ _DETAILS = tuple(
     "prompt text text_extra simplified negative_prompt size seed model provider style error"
     " error_code error_message request_id attempts key".split()
 )
-_ERROR = re.compile(r"(?:(?P<status>\d{3}) )?(?P<code>\S+): (?P<message>.*)", re.DOTALL)
 _DIGEST = re.compile(r'<meta name="imgbatch-sheet" content="([0-9a-f]{64})">')
 _CHANGE_LABELS: dict[str, str] = {
     Action.REPLACE: "replaced",
@@ -359,29 +358,7 @@ def _card(
     }
     if entry is None:
         return card
-    request = entry.request
-    # What was sent: the simplified prompt after a 200 without an image, else the request's text.
-    text = entry.prompt_sent or request.get("text")
-    if not isinstance(text, str) or text == entry.prompt:
-        text = None
-    card.update(
-        prompt=entry.prompt,
-        text=text,
-        simplified=entry.simplified,
-        text_extra=_appended(entry.prompt, text),
-        negative_prompt=entry.negative_prompt,
-        size=entry.size.replace("*", "×"),
-        seed=entry.seed,
-        model=entry.model,
-        provider=request.get("provider"),
-        style=entry.style,
-        error=entry.error,
-        error_code=_error_code(entry),
-        error_message=_error_message(entry),
-        request_id=entry.request_id,
-        attempts=entry.attempts,
-        key=entry.key,
-    )
+    card.update(_details(entry))
     if entry.has_image and entry.file:
         card["image"] = {
             "href": _url(output_dir, output_dir / entry.file),
@@ -402,6 +379,33 @@ def _card(
     return card
 
 
+def _details(entry: ResultEntry) -> dict[str, Any]:
+    """What the card says of the request and its answer."""
+    request = entry.request
+    # What was sent: the simplified prompt after a 200 without an image, else the request's text.
+    text = entry.prompt_sent or request.get("text")
+    if not isinstance(text, str) or text == entry.prompt:
+        text = None
+    return dict(
+        prompt=entry.prompt,
+        text=text,
+        simplified=entry.simplified,
+        text_extra=_appended(entry.prompt, text),
+        negative_prompt=entry.negative_prompt,
+        size=entry.size.replace("*", "×"),
+        seed=entry.seed,
+        model=entry.model,
+        provider=request.get("provider"),
+        style=entry.style,
+        error=entry.error,
+        error_code=_error_code(entry),
+        error_message=_error_message(entry),
+        request_id=entry.request_id,
+        attempts=entry.attempts,
+        key=entry.key,
+    )
+
+
 def _appended(prompt: str, text: str | None) -> str | None:
     """What was added to the prompt to make the text sent (the style), shown on its own."""
     if text is None or not text.startswith(prompt):
@@ -413,24 +417,15 @@ def _csp_hash(script: str) -> str:
     return "sha256-" + base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode()
 
 
-def _error_parts(entry: ResultEntry) -> re.Match[str] | None:
-    """A provider error's message reads "<HTTP status> <code>: <message>"."""
-    if not entry.error or not entry.error_code:
-        return None
-    match = _ERROR.match(entry.error)
-    return match if match and match["code"] == entry.error_code else None
-
-
 def _error_code(entry: ResultEntry) -> str | None:
-    match = _error_parts(entry)
-    if match is None:
-        return entry.error_code
-    return f"{match['status']} {match['code']}" if match["status"] else match["code"]
+    """The card's badge: the service's HTTP status and code, as the entry holds them."""
+    shown = [str(part) for part in (entry.error_status, entry.error_code) if part]
+    return " ".join(shown) or None
 
 
 def _error_message(entry: ResultEntry) -> str | None:
-    match = _error_parts(entry)
-    return match["message"] if match else entry.error
+    """The service's own words beside the badge, or the whole error when the run said more."""
+    return entry.error_message or entry.error
 
 
 def _thumb_size(width: int | None, height: int | None) -> dict[str, int | None]:

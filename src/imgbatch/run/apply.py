@@ -42,7 +42,7 @@ from imgbatch.plan.guards import may_replace_paid, refuse_placeholder_over_paid,
 from imgbatch.plan.pricing import PriceList, cost, price_list
 from imgbatch.providers import Provider, create_provider, resolve_provider_name
 from imgbatch.review.events import Listener
-from imgbatch.review.outcome import ApplyReport, QuotaNote
+from imgbatch.review.outcome import ApplyReport, QuotaNote, ShotOutcome
 from imgbatch.review.sheet import Thumbnailer, write_thumbnail
 from imgbatch.review.sheet import update_after_apply as update_sheet
 from imgbatch.run.bounds import Bound, MaxCost, MaxDuration, MaxRequests
@@ -313,7 +313,7 @@ async def _apply(
     return ApplyReport(
         plan=plan,
         results_path=settled.results,
-        entries=settled.entries,
+        shots=settled.shots,
         stopped=outcome.stopped,
         interrupted=interrupts.count > 0,
         requests=outcome.requests,
@@ -327,10 +327,7 @@ async def _apply(
         possible_extra_cost=cost(outcome.maybe_billed_models.elements(), prep.prices),
         sheet=settled.sheet,
         sheet_problem=settled.sheet_problem,
-        not_run=settled.not_run,
-        maybe_billed_not_run=settled.maybe_billed_not_run,
         bounded=outcome.bounded,
-        moved_aside=dict(outcome.moved_aside),
         pruned=settled.pruned,
     )
 
@@ -373,6 +370,11 @@ async def _prepare(
     # Before anything is fetched or written: a pattern matching no shot is refused.
     everything, expansion = expansion, _narrowed(expansion, options.only)
     only = bool(options.only)
+    # The plans made here only refuse; the plan made under the lock (`_preflight`) is the only
+    # one that decides what is sent. One plan before the lock would not be safe: another apply
+    # may change the folder until the lock is held, and the lock cannot come first, because
+    # taking it writes into the folder and a refused run must write nothing at all. A refusal
+    # from a state that then changes is only a refusal too soon (the guards run again).
     if may_replace_paid(expansion.provider, options.provider):
         # Before anything is fetched, before credentials and before the lock.
         state = load_state(expansion.output_dir)
@@ -501,9 +503,7 @@ async def _execute(
 
 @dataclass(frozen=True)
 class _Settled:
-    entries: tuple[ResultEntry, ...]
-    not_run: Mapping[str, str]
-    maybe_billed_not_run: frozenset[str]
+    shots: tuple[ShotOutcome, ...]
     pruned: tuple[Pruned, ...]
     results: Path
     sheet: Path | None
@@ -519,7 +519,8 @@ def _settle_run(
 ) -> _Settled:
     """Each shot's outcome; then results.json, the orphans pruned, and the contact sheet."""
     output_dir = prep.expansion.output_dir
-    entries, not_run, maybe_billed_not_run = _settle(plan, outcome, prep.provider.metered)
+    shots = _settle(plan, outcome, prep.provider.metered)
+    entries = tuple(shot.entry for shot in shots if shot.entry is not None)
     orphans = [item.previous for item in plan.orphans if item.previous is not None]
     pruned: tuple[Pruned, ...] = ()
     if prep.options.prune:
@@ -528,8 +529,8 @@ def _settle_run(
         orphans = list(kept)
     # The sheet marks what changed: a shot not run changed nothing.
     touched = tuple(
-        replace(item, action=Action.UNCHANGED) if item.id in not_run else item
-        for item in plan.shots
+        replace(item, action=Action.UNCHANGED) if shot.status == "not_run" else item
+        for item, shot in zip(plan.shots, shots, strict=True)
     )
     written, sheet_plan = entries, replace(plan, shots=touched)
     if prep.options.only:
@@ -545,7 +546,7 @@ def _settle_run(
     except StoreWriteError as exc:
         raise StoreError(_unwritten_results(exc, outcome, journal)) from None
     sheet, sheet_problem = update_sheet(output_dir, prep.manifest.name, sheet_plan, written)
-    return _Settled(entries, not_run, maybe_billed_not_run, pruned, results, sheet, sheet_problem)
+    return _Settled(shots, pruned, results, sheet, sheet_problem)
 
 
 def _results_meta(prep: _Prepared) -> dict[str, Any]:
@@ -632,26 +633,33 @@ def _unwritten_results(error: StoreWriteError, outcome: RunOutcome, journal: Pat
     return "\n".join(lines)
 
 
-def _settle(
-    plan: Plan, outcome: RunOutcome, metered: bool
-) -> tuple[tuple[ResultEntry, ...], dict[str, str], frozenset[str]]:
-    """results.json's shot entries, the shots not run with why, and those of them that were
-    sent with no answer (each may have been billed). A shot not run keeps its previous entry
-    (nothing of it changed), and a new one gets none."""
-    entries: list[ResultEntry] = []
-    not_run: dict[str, str] = {}
-    maybe_billed: set[str] = set()
-    for item in plan.shots:
-        found = _final_entry(item, outcome, metered)
-        if isinstance(found, _NotRun):
-            not_run[item.id] = found.reason
-            if found.maybe_billed:
-                maybe_billed.add(item.id)
-            if item.previous is not None:
-                entries.append(item.previous)
-        else:
-            entries.append(found)
-    return tuple(entries), not_run, frozenset(maybe_billed)
+def _settle(plan: Plan, outcome: RunOutcome, metered: bool) -> tuple[ShotOutcome, ...]:
+    """Each planned shot's one final outcome: what every report reads, and results.json's
+    entries. A shot not run keeps its previous entry (nothing of it changed), and a new one gets
+    none."""
+    return tuple(_outcome(item, outcome, metered) for item in plan.shots)
+
+
+def _outcome(item: PlannedShot, outcome: RunOutcome, metered: bool) -> ShotOutcome:
+    found = _final_entry(item, outcome, metered)
+    if isinstance(found, _NotRun):
+        return ShotOutcome(
+            item.id,
+            item.action,
+            "not_run",
+            item.previous,
+            why_not_run=found.reason,
+            maybe_billed=found.maybe_billed,
+        )
+    left_alone = item.action in (Action.UNCHANGED, Action.DRIFT)
+    return ShotOutcome(
+        item.id,
+        item.action,
+        item.action.value if left_alone else found.status,  # type: ignore[arg-type]
+        found,
+        billed=item.id in outcome.billed_shots,
+        moved_aside=outcome.moved_aside.get(item.id),
+    )
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ from imgbatch.errors import (
     NoImageError,
     PermanentError,
     ProviderError,
+    RateLimited,
     StoreWriteError,
     TransientError,
 )
@@ -123,6 +124,8 @@ class RunOutcome:
     maybe_billed: int = 0
     # The same by model, to price them.
     billed_models: Counter[str] = field(default_factory=Counter)
+    # The shots whose image the service made (and billed) in this run.
+    billed_shots: set[str] = field(default_factory=set)
     maybe_billed_models: Counter[str] = field(default_factory=Counter)
     throttled: int = 0
     retries: int = 0
@@ -286,6 +289,12 @@ class Executor:
                 self.stop(reason, bound=bound.name)
                 return True
         return False
+
+    def _billed(self, shot_id: str, model: str) -> None:
+        """The service made (and billed) an image of `model` for the shot."""
+        self.outcome.billed += 1
+        self.outcome.billed_models[model] += 1
+        self.outcome.billed_shots.add(shot_id)
 
     def _skip(self, shot_id: str, reason: str, *, maybe_billed: bool = False) -> None:
         """`shot_id` is not run: no entry, nothing journaled; its previous state stands.
@@ -558,7 +567,7 @@ class Executor:
                     self.listener(Retrying(shot.id, attempt, 0.0, exc))
                 continue
             except TransientError as exc:
-                if exc.throttled:
+                if isinstance(exc, RateLimited):
                     if gate:
                         gate.refused(ticket, exc.retry_after, exc.stated_quota)
                 elif gate:
@@ -575,7 +584,7 @@ class Executor:
                     )
                     self._skip(shot.id, f"not run: {exc}")
                     return
-                if exc.throttled:
+                if isinstance(exc, RateLimited):
                     now = self.clock.now()
                     refused_since = now if refused_since is None else refused_since
                     if now - refused_since >= self.retry.throttle_patience:
@@ -617,8 +626,7 @@ class Executor:
                 gate.answered(ticket, image.stated_quota)
             self._answered[model] += 1
             if self.provider.metered:
-                self.outcome.billed += 1
-                self.outcome.billed_models[model] += 1
+                self._billed(shot.id, model)
                 # Journaled (queued first) before the download, so that a run killed while
                 # downloading leaves the paid image's URL for the next apply to fetch.
                 downloading = unfetched_entry(

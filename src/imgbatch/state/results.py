@@ -67,6 +67,11 @@ class ResultEntry:
     # The reference URL the image was made from (its content hash is `request`'s
     # reference_sha256): a plan, which downloads nothing, compares it to the manifest's.
     reference_url: str | None = None
+    # A provider error as data, where the entry is made: the HTTP status the service answered,
+    # and its own words when `error` is its answer as such ("<status> <code>: <words>"), so
+    # that nothing reads them back out of `error`.
+    error_status: int | None = None
+    error_message: str | None = None
 
     @property
     def has_image(self) -> bool:
@@ -78,10 +83,12 @@ class ResultEntry:
         # every entry was a third of a 10,000-shot no-op apply.
         data = {name: getattr(self, name) for name in _FIELD_NAMES}
         data["request"] = dict(self.request)
-        if self.reference_url is None:
-            # Only URL-referenced shots have it: every other line stays as older versions wrote
-            # it, so upgrading does not rewrite a committed results.json.
-            del data["reference_url"]
+        for name in _WRITTEN_WHEN_SET:
+            if data[name] is None:
+                # Only some entries have them (a URL-referenced shot, a provider's error): every
+                # other line stays as older versions wrote it, so upgrading does not rewrite a
+                # committed results.json.
+                del data[name]
         return data
 
     @classmethod
@@ -148,6 +155,7 @@ def _check_types(entry: ResultEntry) -> None:
 
 _STATUSES = frozenset(STATUSES)
 _FIELD_NAMES = tuple(item.name for item in fields(ResultEntry))
+_WRITTEN_WHEN_SET = ("reference_url", "error_status", "error_message")
 # Fields whose few values repeat across thousands of shots (defaults, mostly): loaded entries
 # share one string each instead of holding a copy apiece (a 100,000-shot state is held whole).
 _REPEATING = frozenset(
