@@ -161,7 +161,12 @@ class Executor:
         # Given each new image once it is decoded to verify it (by key): the contact sheet's
         # thumbnail comes from that one decode.
         self.thumbnail = thumbnail
-        self._decoding = asyncio.Semaphore(os.cpu_count() or 1)
+        # Decodes run here, one per core: the pixels decoded are the one whole copy of an image
+        # in memory, so peak memory follows the cores, never the requests in flight (and only
+        # these threads' malloc arenas ever hold an image's worth).
+        self._decoder = ThreadPoolExecutor(
+            os.cpu_count() or 1, thread_name_prefix="imgbatch-decode"
+        )
         # `apply --frozen`: never ask for a new image, even when a restore finds the cache entry
         # damaged; fetching one already paid for is allowed.
         self.frozen = frozen
@@ -331,6 +336,7 @@ class Executor:
             # Also when the run is abandoned: an interrupted run reports its 429s too.
             self.outcome.throttled = self.pacer.throttled_count
             self.outcome.quotas = self.pacer.findings()
+            self._decoder.shutdown(wait=True)
             await self._drain_journal()
         return self.outcome
 
@@ -741,16 +747,14 @@ class Executor:
         incoming.write(stamper.end())
         phase[shot_id] = Phase.WRITING
         key = provenance.request.key
-        # One image decoded per core at a time: the pixels decoded are the one whole copy of an
-        # image in memory, so peak memory follows the cores, never the requests in flight.
-        async with self._decoding:
-            await asyncio.to_thread(self._verify, incoming, image, key)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._decoder, self._verify, incoming, image, key)
 
     def _verify(self, incoming: Incoming, image: GeneratedImage, key: str) -> None:
         """Decode the bytes received once: that checks them, and makes the thumbnail."""
         thumbnail = self.thumbnail
         verify_image(
-            incoming.read(),
+            incoming.reader(),
             image.width,
             image.height,
             then=None if thumbnail is None else lambda decoded: thumbnail(key, decoded),

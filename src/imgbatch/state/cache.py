@@ -42,7 +42,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 from PIL import Image
 
@@ -155,11 +155,16 @@ def remove_stale_temporaries(output_dir: Path) -> int:
 
 
 def verify_image(
-    data: bytes, width: int, height: int, *, then: Callable[[Image.Image], object] | None = None
+    data: bytes | BinaryIO,
+    width: int,
+    height: int,
+    *,
+    then: Callable[[Image.Image], object] | None = None,
 ) -> None:
-    """Raise ValueError unless `data` decodes fully as an image of `width` x `height` (the size
-    the request asked for: what the service reports about it is not evidence). `then` is given
-    the decoded image (to make a thumbnail from the one decode), only once it has passed."""
+    """Raise ValueError unless `data` (bytes, or a file read from its start and closed here)
+    decodes fully as an image of `width` x `height` (the size the request asked for: what the
+    service reports about it is not evidence). `then` is given the decoded image (to make a
+    thumbnail from the one decode), only once it has passed."""
     with _decoded(data, "downloaded bytes") as image:
         size = image.size
         if size != (width, height):
@@ -175,13 +180,15 @@ def _decoded_size(data: bytes, what: str) -> tuple[int, int]:
         return image.size
 
 
-def _decoded(data: bytes, what: str) -> Image.Image:
-    """`data` decoded whole (the caller closes it); ValueError naming `what` if it is not."""
+def _decoded(data: bytes | BinaryIO, what: str) -> Image.Image:
+    """`data` decoded whole (the caller closes it; a file given is closed once decoded);
+    ValueError naming `what` if it is not."""
+    source = io.BytesIO(data) if isinstance(data, bytes) else data
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), source:
             # A truncated or bomb-sized image is an error here, never a warning.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(source)
             image.load()
     except (
         OSError,
@@ -390,13 +397,12 @@ class Incoming:
             raise write_error(self.path, exc) from None
         self.size += len(piece)
 
-    def read(self) -> bytes:
-        """The bytes written so far (to check them: one image, in one worker thread)."""
-        try:
-            return _read_fd(self._fd, self.path)
-        except CacheEntryDamaged as exc:
-            error = OSError(str(exc))
-            raise StoreWriteError(str(self.path), error, _mount_point(self.path)) from None
+    def reader(self) -> BinaryIO:
+        """The bytes written so far, as a file read from the start (the caller closes it): to
+        check them without holding them in memory whole."""
+        reader = os.fdopen(os.dup(self._fd), "rb")
+        reader.seek(0)
+        return reader
 
     def commit(self) -> None:
         """Make the bytes written the entry: on disk first (fsync), then renamed into place."""
