@@ -13,6 +13,13 @@ paid for but not yet downloaded is planned as a `recover` by the next apply, whi
 instead of paying again (and, if the URL no longer works, pays again and says so). Every PNG
 written carries its provenance (`provenance.py`); the cache holds it as written.
 
+An image is never held whole while it downloads: each piece, as it arrives, has the provenance
+spliced in (`Stamper`), is hashed and written to the cache entry's temporary file (on the event
+loop: a write to the page cache, no fsync). It is then decoded once, in a pool of one thread per
+core, which both verifies it and gives the contact sheet its thumbnail; only then is it fsynced
+and renamed into the cache, and copied (or reflinked) to the shot's file from the same open
+file. The journal is written by a thread of its own, so its fsyncs never block the loop.
+
 A file that cannot be written fails its shot only, naming the path (a paid image stays in the
 cache, or its URL in an `unfetched` entry); a full disk, or a journal that cannot be written,
 also stops the run like a 401. A restore checks the cache entry first: a damaged one is
