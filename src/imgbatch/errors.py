@@ -10,6 +10,8 @@
     ├── InspectError              `inspect` of a missing file, a non-PNG or a PNG without
     │                             provenance (exit 2)
     ├── LockedError               another apply holds the output folder (exit 1)
+    ├── ImageError                bytes that are not a whole PNG of the size asked for (a
+    │                             download, a cache entry, a file in the output folder)
     ├── StoreError                the output folder or cache cannot be read or written (exit 1)
     │   ├── StoreWriteError       one file could not be written (disk full, a folder in its place)
     │   └── CacheEntryDamaged     a cache entry that is not its image: discarded, made again
@@ -122,6 +124,13 @@ class CostLimitError(ImgbatchError):
 
 class LockedError(ImgbatchError):
     """Another imgbatch process is applying to the same output folder."""
+
+
+class ImageError(ImgbatchError, ValueError):
+    """Bytes that are not a whole PNG image of the size asked for; str() says what they are.
+
+    A ValueError too: it is what was long raised for an image that does not decode, so code
+    that fails a shot on a ValueError keeps doing so."""
 
 
 class StoreError(ImgbatchError):

@@ -217,23 +217,24 @@ def test_a_400_is_not_retried(
 def test_dropped_connections_are_retried_and_the_shot_completes(
     api_env: dict[str, str], fake_server: FakeDashScope, manifest: Path
 ) -> None:
-    # The SDK re-sends a POST once itself (docs/apply.md: "Dropped connections can bill twice"); two
-    # drops in a row reach imgbatch, which retries with backoff.
+    # Each drop reaches imgbatch (the SDK's own re-send, a second image paid for one answer
+    # lost, is refused), which counts it as maybe billed and retries with backoff.
     fake_server.enqueue_disconnect(times=2)
     report = apply(manifest, options(api_env))
     assert report.ok
     assert fake_server.status_counts == {None: 2, 200: 1}
-    assert report.retries == 1
-    assert assert_generated(report, manifest)["attempts"] == 2
+    assert (report.requests, report.retries, report.maybe_billed) == (3, 2, 2)
+    assert assert_generated(report, manifest)["attempts"] == 3
 
 
-def test_a_single_dropped_connection_is_resent_by_the_sdk(
+def test_a_single_dropped_connection_is_one_request_sent_and_counted(
     api_env: dict[str, str], fake_server: FakeDashScope, manifest: Path
 ) -> None:
     fake_server.enqueue_disconnect(times=1)
     report = apply(manifest, options(api_env))
     assert report.ok
     assert fake_server.status_counts == {None: 1, 200: 1}
+    assert (report.requests, report.maybe_billed) == (2, 1)
     assert_generated(report, manifest)
 
 

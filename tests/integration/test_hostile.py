@@ -16,8 +16,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from imgbatch.pacing.gate import RetryPolicy
 from imgbatch.providers.dashscope import ApiKey, DashScopeProvider
 from imgbatch.review.report import apply_summary
 from imgbatch.run.apply import ApplyOptions, ApplyReport, apply
+from tests.support import hostile_images
 from tests.support.fake_dashscope import FakeDashScope
 from tests.support.files import FAKE_KEY, write_manifest, write_many_shots
 
@@ -42,6 +44,19 @@ shots:
     prompt: a lighthouse on a cliff at night, long exposure
     size: "1328*1328"
     seed: 3
+"""
+MANIFEST_TWO = """\
+version: 1
+name: hostile
+defaults:
+  size: "1328*1328"
+limits:
+  concurrency: 1
+shots:
+  - id: first
+    prompt: a lighthouse on a cliff at night, long exposure
+  - id: second
+    prompt: a harbour at dawn, fishing boats
 """
 
 
@@ -169,6 +184,87 @@ def test_an_image_host_that_trickles_fails_at_the_deadline_not_per_read(
     assert entry.image_url
     # Four tries of 0.3 s, not the 900 chunks x 0.05 s a per-read timeout would wait.
     assert elapsed < 20
+
+
+# ----- hostile image bytes: PNG only, nothing run, the size read before a pixel -----------------
+
+
+@dataclass(frozen=True)
+class Served:
+    name: str
+    body: Callable[[], bytes]
+    message: str
+    content_type: str = "image/png"
+
+
+SERVED_NOT_A_PNG = [
+    # Pillow left to guess opens EPS and runs Ghostscript on it.
+    Served("EPS", hostile_images.eps, "are a PostScript (EPS) document, not a PNG image"),
+    # Pillow's DDS reader raised NotImplementedError, which ended the run with nothing written.
+    Served("DDS", hostile_images.dds_unknown_pixel_format, "are a DDS image, not a PNG image"),
+    # 9400*9400 pixels in a few hundred KB: refused from its header, never decoded.
+    Served(
+        "decode bomb",
+        hostile_images.decode_bomb,
+        "downloaded image is 9400*9400, not the 1328*1328 asked for",
+    ),
+    *(
+        Served(kind, partial(hostile_images.other_format, kind), f"are a {name}, not a PNG", mime)
+        for kind, name, mime in [
+            ("JPEG", "JPEG image", "image/jpeg"),
+            ("WEBP", "WebP image", "image/webp"),
+            ("GIF", "GIF image", "image/gif"),
+            ("BMP", "BMP image", "image/bmp"),
+            ("TIFF", "TIFF image", "image/png"),  # labelled PNG: the bytes decide, not the label
+        ]
+    ),
+]
+
+
+@pytest.mark.parametrize("case", SERVED_NOT_A_PNG, ids=lambda case: case.name)
+def test_an_image_that_is_not_a_png_fails_its_shot_keeps_its_url_and_runs_nothing(
+    case: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = hostile_images.fake_gs(tmp_path, monkeypatch)
+    manifest = write_manifest(tmp_path, MANIFEST_TWO)
+    with FakeDashScope(api_key=FAKE_KEY, image_profile="tiny") as server:
+        server.serve_next_image(case.body(), content_type=case.content_type)
+        report = run_apply(manifest, server, tmp_path)
+        generations = server.generation_count
+    assert not marker.exists(), marker.read_text()
+    by_id = {entry.id: entry for entry in report.entries}
+    entry = by_id["first"]
+    assert entry.status == "unfetched", entry.error
+    assert case.message in (entry.error or "")
+    assert entry.image_url  # paid for: its URL is kept
+    assert generations == 2  # one each: the bad image was not paid for twice
+    assert by_id["second"].status == "generated"  # the run went on
+    folder = manifest.parent / "output" / "hostile"
+    assert not (folder / "first.png").exists()
+    saved = json.loads((folder / "results.json").read_text())
+    assert [shot["status"] for shot in saved["shots"]] == ["unfetched", "generated"]
+
+
+def test_a_gzip_encoded_image_is_decoded_not_called_cut_short(
+    manifest: Path, tmp_path: Path
+) -> None:
+    with FakeDashScope(api_key=FAKE_KEY, image_profile="real") as server:
+        server.serve_next_image(gzip=True)
+        report = run_apply(manifest, server, tmp_path)
+        (download,) = server.downloads
+    assert report.ok, only(report).error
+    assert download.status == 200
+    assert_whole_image(manifest, minimum_bytes=3 * 1024 * 1024)
+
+
+def test_a_gzip_encoded_image_is_capped_at_its_decoded_size(manifest: Path, tmp_path: Path) -> None:
+    with FakeDashScope(api_key=FAKE_KEY, image_profile="tiny") as server:
+        # 8 MiB of zeros: 8 KB on the wire.
+        server.serve_next_image(bytes(8 * 1024 * 1024), gzip=True)
+        report = run_apply(manifest, server, tmp_path, max_image_bytes=1024 * 1024)
+    entry = only(report)
+    assert entry.status == "unfetched"
+    assert "larger than 1 MiB" in entry.error
 
 
 # ----- answers that never come, waits that never end ----------------------------------------------

@@ -393,8 +393,11 @@ def test_expired_download_is_a_transient_error(fake_server: FakeDashScope) -> No
     assert [d.status for d in fake_server.downloads] == [404]
 
 
-def test_dropped_connection_is_transient(fake_server: FakeDashScope) -> None:
-    fake_server.enqueue_disconnect(times=2)  # the SDK re-sends once by itself
+def test_dropped_connection_is_transient_and_not_sent_again_by_the_sdk(
+    fake_server: FakeDashScope,
+) -> None:
+    # The SDK would re-send once by itself: a second image paid for one answer lost.
+    fake_server.enqueue_disconnect(times=2)
     provider = DashScopeProvider(
         ApiKey(FAKE_KEY, ENV_SOURCE), environ={"DASHSCOPE_HTTP_BASE_URL": fake_server.base_url}
     )
@@ -406,8 +409,9 @@ def test_dropped_connection_is_transient(fake_server: FakeDashScope) -> None:
     error = asyncio.run(scenario())
     assert type(error) is TransientError
     assert error.code == "ConnectionDropped"
-    assert fake_server.status_counts == {None: 2}
-    assert provider.wire.posts_sent == 2
+    assert error.maybe_billed
+    assert fake_server.status_counts == {None: 1}
+    assert provider.wire.posts_sent == 1
 
 
 def test_provider_outside_async_with_is_an_error() -> None:

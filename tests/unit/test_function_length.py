@@ -48,4 +48,3 @@ def test_a_function_split_under_the_limit_leaves_the_list() -> None:
     lengths = function_lengths()
     done = [where for where in LONGER if lengths.get(where, 0) <= LIMIT]
     assert done == [], f"under {LIMIT} lines now: remove them from LONGER: {done}"
-

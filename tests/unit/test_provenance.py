@@ -26,7 +26,8 @@ from PIL import Image
 
 from imgbatch.cli.main import main
 from imgbatch.pacing.gate import RetryPolicy
-from imgbatch.review.provenance import FIELDS, Provenance, Stamper, embed, read_provenance
+from imgbatch.png import read_provenance
+from imgbatch.review.provenance import FIELDS, Provenance, Stamper, embed
 from imgbatch.run.apply import ApplyOptions, apply
 from imgbatch.shots.request import ImageRequest
 from tests.cli.test_startup import loaded_after

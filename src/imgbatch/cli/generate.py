@@ -88,7 +88,12 @@ def _read_request(text: str) -> Any:
             text, source = path.read_text(encoding="utf-8"), str(path)
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read the request file {path}: {exc}") from None
+    from imgbatch.manifest.places import bounded_int
+
     try:
-        return json.loads(text)
+        # bounded_int: a 5000-digit seed is refused by the field's own check, by name.
+        return json.loads(text, parse_int=bounded_int)
     except ValueError as exc:
         raise ConfigError(f"{source} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{source} is nested too deeply to be a request") from None

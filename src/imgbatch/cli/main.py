@@ -75,15 +75,57 @@ class _Commands(click.Group):
         with _interrupt_exits():
             return super().invoke(ctx)
 
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        with _sigterm_stops():
+            return super().main(*args, **kwargs)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a cancelled CI job, `kill`): the same orderly stop as a Ctrl-C, named as such;
+    every write is atomic, so what a command was writing is whole or absent."""
+
+
+_in_command = [0]  # how deep in `_interrupt_exits`: there a SIGTERM unwinds as a Ctrl-C does
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    if _in_command[0]:
+        raise _Terminated
+    # In click's own parsing or teardown, which would call it "Aborted!" and exit 1.
+    sys.stderr.write("interrupted (SIGTERM)\n")
+    raise SystemExit(EXIT_INTERRUPTED)
+
+
+@contextlib.contextmanager
+def _sigterm_stops() -> Iterator[None]:
+    """SIGTERM stops every command as a Ctrl-C does (apply puts its own handler over this one
+    while it sends); a handler the embedding program set is left alone."""
+    try:
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            yield
+            return
+        signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
 
 @contextlib.contextmanager
 def _interrupt_exits() -> Iterator[None]:
+    _in_command[0] += 1
     try:
         yield
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         with _ignoring_interrupts():  # a second Ctrl-C must not cut this message short
-            click.echo("interrupted", err=True)
+            shown = "interrupted (SIGTERM)" if isinstance(exc, _Terminated) else "interrupted"
+            click.echo(shown, err=True)
         sys.exit(EXIT_INTERRUPTED)
+    finally:
+        _in_command[0] -= 1
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})

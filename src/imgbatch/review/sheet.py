@@ -10,7 +10,10 @@ Thumbnails are small WebP files under `<output>/.imgbatch/thumbs/`, one per imag
 once and never again (a key names one image forever). What an apply changed is kept in
 `<output>/.imgbatch/last-run.json`, so `imgbatch sheet` can draw the same marks later; an apply
 that changes no shot keeps them. The page is rendered by Jinja2 with autoescaping (prompts are
-user text) and allows, by its Content-Security-Policy, no script but its own.
+user text) and allows, by its Content-Security-Policy, no script but its own. It replaces only
+a page it drew itself (its generator tag and digest): any other `index.html` is left as it is,
+and drawing the sheet is refused with a message saying how to proceed. Thumbnails are made from
+the images read as PNG only (`imgbatch.png`), never handed to another program.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import hashlib
 import io
 import os
 import re
-import warnings
+import stat
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -32,9 +35,10 @@ from urllib.parse import quote
 import jinja2
 from PIL import Image
 
-from imgbatch.errors import StoreError
+from imgbatch.errors import ImageError, StoreError
 from imgbatch.manifest import load_manifest
 from imgbatch.plan.decide import WORK_ACTIONS, Action, Plan
+from imgbatch.png import decode_png, read_image_file
 from imgbatch.review.events import Listener, RunEvent
 from imgbatch.shots.expand import output_dir_for
 from imgbatch.state.cache import STATE_DIR, TEMP_PREFIX, ImageCache, atomic_write
@@ -58,6 +62,8 @@ _DETAILS = tuple(
     " error_code error_message request_id attempts key".split()
 )
 _DIGEST = re.compile(r'<meta name="imgbatch-sheet" content="([0-9a-f]{64})">')
+# With the digest, how a page is known to be imgbatch's own (it replaces no other index.html).
+_GENERATOR = '<meta name="generator" content="imgbatch">'
 _CHANGE_LABELS: dict[str, str] = {
     Action.REPLACE: "replaced",
     Action.RESTORE: "restored",
@@ -168,6 +174,13 @@ def render_sheet(
     finished_at: str | None,
 ) -> Path:
     """Make the missing thumbnails, then write `index.html` atomically; gives its path."""
+    thumbs_dir = output_dir / STATE_DIR / THUMBS_DIR
+    if thumbs_dir.is_symlink():
+        # Committed by a pull request, it would have the sheet write wherever it points.
+        raise StoreError(
+            f"{thumbs_dir} is a symbolic link; imgbatch keeps its thumbnails only in a real folder "
+            "(replace the link by a folder)"
+        )
     cache = ImageCache(output_dir)
     changes = {shot_id: change for shot_id, change in changes.items() if shot_id in entries}
     wanted: dict[str, Path] = {}
@@ -199,8 +212,28 @@ def render_sheet(
     }
     template = _environment().get_template("sheet.html.j2")
     path = output_dir / SHEET_FILE
+    check_own_sheet(path)
     atomic_write(path, _encoded(template.generate(context)))
     return path
+
+
+def check_own_sheet(path: Path) -> None:
+    """Raise `StoreError` naming `path` unless it is absent or a page imgbatch drew: a regular
+    file whose head has the generator tag and the sheet's digest (a user's own index.html in an
+    output folder set to `.` is never replaced)."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StoreError(f"cannot read {path} ({exc.strerror or exc})") from None
+    if stat.S_ISREG(info.st_mode) and drawn_digest(path) and _GENERATOR in _head(path):
+        return
+    raise StoreError(
+        f"{path} is not a contact sheet imgbatch drew, so it is left as it is: move it aside "
+        "(or delete it) and run `imgbatch sheet` again, or give the shot list an output "
+        "folder of its own (output.dir)"
+    )
 
 
 def sheet_digest(title: str, order: Sequence[str], entries: Mapping[str, ResultEntry]) -> str:
@@ -215,13 +248,23 @@ def sheet_digest(title: str, order: Sequence[str], entries: Mapping[str, ResultE
 
 def drawn_digest(sheet: Path) -> str | None:
     """The digest a page was drawn with (in its first lines), or None."""
-    try:
-        with sheet.open("rb") as handle:
-            head = handle.read(2048).decode("utf-8", "replace")
-    except OSError:
-        return None
-    match = _DIGEST.search(head)
+    match = _DIGEST.search(_head(sheet))
     return match.group(1) if match else None
+
+
+def _head(sheet: Path) -> str:
+    """The first 2 KiB of the page at `sheet` (never through a link, never a FIFO), or ""."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(sheet, flags)
+    except OSError:
+        return ""
+    try:
+        return os.read(fd, 2048).decode("utf-8", "replace")
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
 
 
 class Thumbnailer:
@@ -281,17 +324,17 @@ def make_thumbnails(output_dir: Path, sources: Mapping[str, Path]) -> set[str]:
 
 
 def _make_thumbnail(output_dir: Path, key: str, source: Path) -> bool:
+    # The source may be a file a pull request committed: read as a PNG only (never handed to
+    # another program), its size checked in its header before it is decoded.
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as image:
-                return write_thumbnail(output_dir, key, image)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning):
+        with decode_png(read_image_file(source), f"the bytes of {source}") as image:
+            return write_thumbnail(output_dir, key, image)
+    except (ImageError, OSError, ValueError):
         return False
 
 
 def write_thumbnail(output_dir: Path, key: str, image: Image.Image) -> bool:
-    """Write the thumbnail of `image` (opened or decoded already: an apply gives the one it
+    """Write the thumbnail of `image` (decoded already, as a PNG: an apply gives the one it
     decoded to verify a new image) as `key`'s; False when it cannot be made. `image` is
     reduced in place."""
     try:
@@ -300,7 +343,7 @@ def write_thumbnail(output_dir: Path, key: str, image: Image.Image) -> bool:
         converted = image.convert("RGBA" if image.has_transparency_data else "RGB")
         buffer = io.BytesIO()
         converted.save(buffer, format="WEBP", quality=THUMB_QUALITY, method=0)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning):
+    except (OSError, ValueError):
         return False
     try:
         atomic_write(thumb_path(output_dir, key), buffer.getvalue())

@@ -761,7 +761,7 @@ class Executor:
         """Decode the bytes received once: that checks them, and makes the thumbnail."""
         thumbnail = self.thumbnail
         verify_image(
-            incoming.reader(),
+            incoming.read(),
             image.width,
             image.height,
             then=None if thumbnail is None else lambda decoded: thumbnail(key, decoded),

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import stat
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -161,6 +162,7 @@ class GenerateSession:
     async def _generate(
         self, request: Mapping[str, Any], output: str | Path | None
     ) -> dict[str, Any]:
+        from imgbatch.providers import check_endpoint
         from imgbatch.run.apply import provider_name
         from imgbatch.shots.expand import expand, fetch_references
 
@@ -173,11 +175,14 @@ class GenerateSession:
             if chosen is not None
             else provider_name(manifest, self._choice, self._environ, self._home)
         )
+        if chosen is None:
+            check_endpoint(name, self._environ)  # before the lock is taken: nothing written
         # A reference URL is fetched now and the request keyed by its content; one that cannot
         # be fetched fails in the executor, naming the field, with nothing sent.
         expansion = expand(manifest, provider=name, environ=self._environ)
         (shot,) = (await fetch_references(expansion)).shots
         state_folder, target = _places(shot.request.key, output, self._environ)
+        _check_replaceable(target.resolve())
         async with self._holding(state_folder), self._one_request(state_folder, shot.request.key):
             return await self._made(shot, name, state_folder, target.resolve())
 
@@ -233,7 +238,7 @@ class GenerateSession:
             hold = self._holds.get(folder)
             if hold is None:
                 stack = contextlib.ExitStack()
-                stack.enter_context(exclusive_output(folder))
+                stack.enter_context(exclusive_output(folder, "generate"))
                 hold = self._holds[folder] = [0, stack]
             hold[0] += 1
         try:
@@ -251,6 +256,32 @@ class GenerateSession:
         lock = self._requests.setdefault((folder, key), asyncio.Lock())
         async with lock:
             yield
+
+
+def _check_replaceable(target: Path) -> None:
+    """Raise `ConfigError` unless `target` is absent or an image imgbatch wrote (its provenance
+    says so): a device node, a folder or a user's own file is never replaced."""
+    from imgbatch.png import read_image_file, read_provenance
+
+    try:
+        info = target.stat()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"output {target} cannot be read: {exc.strerror or exc}") from None
+    if stat.S_ISREG(info.st_mode):
+        try:
+            read_provenance(read_image_file(target), name=str(target))
+            return
+        except ImgbatchError:
+            what = "a file imgbatch did not write"
+    else:
+        special = "not a regular file (a device or a pipe)"
+        what = "a folder" if stat.S_ISDIR(info.st_mode) else special
+    raise ConfigError(
+        f"output {target} is {what}, so it is not replaced: remove it or choose another path; "
+        "nothing was sent"
+    )
 
 
 async def _restored(cache: ImageCache, key: str, target: Path, size: tuple[int, int]) -> bool:

@@ -9,10 +9,10 @@ file (`disk_full` when the filesystem is out of space).
 
 The cache keeps one PNG per request key under `<output>/.imgbatch/cache/ab/<key>.png`. Its
 entries are read without following symbolic links, and every restore checks the bytes against
-what was recorded for that key (size and SHA-256), or, without a record, that they decode as an
-image of the shot's size: a damaged entry raises `CacheEntryDamaged` and is discarded, never
-copied into place. The executor never learns where bytes live beyond this interface, so an
-object-store cache can replace it.
+what was recorded for that key (size and SHA-256), or, without a record, that they decode as a
+PNG of the shot's size (`imgbatch.png`: PNG only, its size read from its header first): a damaged
+entry raises `CacheEntryDamaged` and is discarded, never copied into place. The executor never
+learns where bytes live beyond this interface, so an object-store cache can replace it.
 
 An image is in the cache and in the output folder, but its bytes are stored once where the file
 system can share them safely: a restore (and `place`, after a new image is cached) makes the
@@ -34,19 +34,19 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import os
 import stat
 import sys
 import tempfile
-import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from PIL import Image
+from imgbatch.errors import CacheEntryDamaged, ImageError, StoreError, StoreWriteError
+from imgbatch.png import check_png, decode_png, png_dimensions
 
-from imgbatch.errors import CacheEntryDamaged, StoreError, StoreWriteError
+if TYPE_CHECKING:
+    from PIL import Image
 
 STATE_DIR = ".imgbatch"
 TEMP_PREFIX = ".imgbatch-tmp-"
@@ -155,50 +155,15 @@ def remove_stale_temporaries(output_dir: Path) -> int:
 
 
 def verify_image(
-    data: bytes | BinaryIO,
-    width: int,
-    height: int,
-    *,
-    then: Callable[[Image.Image], object] | None = None,
+    data: bytes, width: int, height: int, *, then: Callable[[Image.Image], object] | None = None
 ) -> None:
-    """Raise ValueError unless `data` (bytes, or a file read from its start and closed here)
-    decodes fully as an image of `width` x `height` (the size the request asked for: what the
-    service reports about it is not evidence). `then` is given the decoded image (to make a
-    thumbnail from the one decode), only once it has passed."""
-    with _decoded(data, "downloaded bytes") as image:
-        size = image.size
-        if size != (width, height):
-            raise ValueError(
-                f"downloaded image is {size[0]}*{size[1]}, not the {width}*{height} asked for"
-            )
+    """Raise `ImageError` (a ValueError) unless `data` decodes fully as a PNG of `width` x
+    `height` (the size the request asked for: what the service reports about it is not
+    evidence). The size is read from the PNG header before a pixel is decoded. `then` is given
+    the decoded image (to make a thumbnail from the one decode), only once it has passed."""
+    with decode_png(data, "downloaded bytes", size=(width, height)) as image:
         if then is not None:
             then(image)
-
-
-def _decoded_size(data: bytes, what: str) -> tuple[int, int]:
-    with _decoded(data, what) as image:
-        return image.size
-
-
-def _decoded(data: bytes | BinaryIO, what: str) -> Image.Image:
-    """`data` decoded whole (the caller closes it; a file given is closed once decoded);
-    ValueError naming `what` if it is not."""
-    source = io.BytesIO(data) if isinstance(data, bytes) else data
-    try:
-        with warnings.catch_warnings(), source:
-            # A truncated or bomb-sized image is an error here, never a warning.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(source)
-            image.load()
-    except (
-        OSError,
-        SyntaxError,
-        ValueError,
-        Image.DecompressionBombWarning,
-        Image.DecompressionBombError,
-    ) as exc:
-        raise ValueError(f"{what} are not a whole image ({exc})") from None
-    return image
 
 
 class AppendLog:
@@ -397,12 +362,13 @@ class Incoming:
             raise write_error(self.path, exc) from None
         self.size += len(piece)
 
-    def reader(self) -> BinaryIO:
-        """The bytes written so far, as a file read from the start (the caller closes it): to
-        check them without holding them in memory whole."""
-        reader = os.fdopen(os.dup(self._fd), "rb")
-        reader.seek(0)
-        return reader
+    def read(self) -> bytes:
+        """The bytes written so far, to check them (in a decode thread: one image per core)."""
+        try:
+            return _read_fd(self._fd, self.path)
+        except CacheEntryDamaged as exc:
+            error = OSError(str(exc))
+            raise StoreWriteError(str(self.path), error, _mount_point(self.path)) from None
 
     def commit(self) -> None:
         """Make the bytes written the entry: on disk first (fsync), then renamed into place."""
@@ -494,8 +460,10 @@ def _check_entry(
             )
         return digest
     try:
-        found = _decoded_size(data, "its bytes")
-    except ValueError as exc:
+        found = png_dimensions(data, "its bytes")
+        if found == dimensions:
+            check_png(data, "its bytes", dimensions)
+    except ImageError as exc:
         raise CacheEntryDamaged(f"cache entry {path} is damaged: {exc}") from None
     if found != dimensions:
         raise CacheEntryDamaged(
