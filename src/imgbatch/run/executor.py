@@ -640,13 +640,11 @@ class Executor:
             self._answered[model] += 1
             if self.provider.metered:
                 self._billed(shot.id, model)
-                # Journaled (queued first) before the download, so that a run killed while
-                # downloading leaves the paid image's URL for the next apply to fetch.
+                # Journaled (queued first; a kill before the line is on disk loses it, download
+                # begun or not) so that a run killed while downloading leaves the URL paid for.
                 downloading = unfetched_entry(
                     shot, "generated; its download had not finished", image, attempt, sent=sent
                 )
-                # Not waited for: a kill before the line is on disk loses the URL whether the
-                # download has begun or not, and every later line of this shot comes after it.
                 self.record(downloading)
                 self.outcome.downloading[shot.id] = downloading
             phase[shot.id] = Phase.DOWNLOADING
