@@ -332,7 +332,7 @@ def test_live_key_only_in_the_api_calls_authorization_header(
         {"role": "user", "content": [{"text": str(existing)}]}
     ]
     assert api_call.body["parameters"]["seed"] == 3
-    (download,) = fake_server.downloads
+    (download,) = fake_server.downloads_when_done(1)
     assert "authorization" not in download.headers
     assert download.headers["host"].startswith("localhost:")
     assert download.status == 200
