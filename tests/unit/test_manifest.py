@@ -23,8 +23,8 @@ from tests.support.reference_images import PNG, PNG_OTHER
 
 SUPPORTED = "1664*928, 1472*1104, 1328*1328, 1104*1472, 928*1664"
 SHOT_ALLOWED = (
-    "id, matrix, model, negative_prompt, prompt, prompt_extend, reference_image, seed, size, "
-    "style, variants, watermark"
+    "id, matrix, model, negative_prompt, pick, prompt, prompt_extend, reference_image, seed, "
+    "size, style, variants, watermark"
 )
 # The loader uses libyaml when PyYAML has it; its syntax error texts differ from pure Python's.
 LIBYAML = bool(getattr(yaml, "__with_libyaml__", False))

@@ -591,6 +591,8 @@ def apply_command(
         click.echo(f"warning: {report.sheet_problem}", err=True)
     elif report.sheet and not quiet:
         click.echo(f"Contact sheet: {report.sheet}", err=as_json)
+    if report.picked and not quiet:
+        click.echo(f"Picked takes written: {', '.join(report.picked)}", err=as_json)
     summarize = bool(os.environ.get("GITHUB_STEP_SUMMARY"))
     document = apply_json(report) if as_json or summarize else {}
     if as_json:
@@ -618,6 +620,41 @@ def sheet(manifest: Path, allow_reference_outside: bool) -> int:
 
     path = write_sheet(manifest, allow_reference_outside=allow_reference_outside)
     click.echo(f"Contact sheet: {path}")
+    return EXIT_OK
+
+
+@main.command()
+@manifest_argument
+@click.argument("shot_ids", metavar="ID...", nargs=-1, required=True)
+@allow_outside_option
+@error_boundary
+def reroll(manifest: Path, shot_ids: tuple[str, ...], allow_reference_outside: bool) -> int:
+    """Give shots a new seed in the shot list, so the next apply makes a new take of them.
+
+    Only those shots change; their old takes stay in the cache (revert the edit to get them back
+    for free). Name a shot with variants by the id they share to reroll all its takes.
+    """
+    from imgbatch.manifest.edit import reroll as reroll_shots
+
+    for change in reroll_shots(manifest, shot_ids, allow_reference_outside=allow_reference_outside):
+        click.echo(f"{change}")
+    click.echo(f"Next: imgbatch apply {manifest}")
+    return EXIT_OK
+
+
+@main.command()
+@manifest_argument
+@click.argument("take_ids", metavar="ID-N...", nargs=-1, required=True)
+@allow_outside_option
+@error_boundary
+def pick(manifest: Path, take_ids: tuple[str, ...], allow_reference_outside: bool) -> int:
+    """Choose a shot's take among its variants (poster-2): writes pick: 2 on the shot, and
+    apply then also writes that take as poster.png."""
+    from imgbatch.manifest.edit import pick as pick_takes
+
+    for change in pick_takes(manifest, take_ids, allow_reference_outside=allow_reference_outside):
+        click.echo(f"{change}")
+    click.echo(f"Next: imgbatch apply {manifest}")
     return EXIT_OK
 
 

@@ -168,6 +168,20 @@ class Checker:
                 yield self._problem(("shots", shot.index), "id", message, shot_id=shot.id)
             else:
                 seen[folded] = shot.index
+        yield from self._pick_file_problems(seen)
+
+    def _pick_file_problems(self, seen: dict[str, int]) -> Iterator[ManifestProblem]:
+        # `pick:` writes the chosen take as <base id>.png: a file no other shot may have.
+        for shot in self.expanded:
+            if shot.base_id is None or shot.variant != self.shots[shot.index].get("pick"):
+                continue
+            other = seen.get(shot.base_id.casefold())
+            if other is not None:
+                message = (
+                    f"pick: writes the chosen take as {shot.base_id}.png, the file of "
+                    f"shots[{other}] ('{self.shots[other].get('id')}'); rename one of the two"
+                )
+                yield self._problem(("shots", shot.index), "pick", message, shot_id=shot.base_id)
 
     def _written(self, shot: dict[str, Any], field: str) -> Any:
         """The field as written for `shot` (its own, else the default), before expansion."""

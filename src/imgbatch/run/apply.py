@@ -49,6 +49,7 @@ from imgbatch.run.bounds import Bound, MaxDuration, MaxRequests
 from imgbatch.run.entries import abandoned_download
 from imgbatch.run.executor import Executor, Listener, Phase, RunOutcome
 from imgbatch.run.interrupts import Interrupts, interrupt_at_once, signal_handler
+from imgbatch.run.picks import place_picks
 from imgbatch.shots.expand import Expansion, expand, fetch_references, shot_list
 from imgbatch.shots.request import KEY_FORMAT_VERSION
 from imgbatch.shots.selection import select_shots
@@ -174,6 +175,8 @@ class ApplyReport:
     moved_aside: Mapping[str, str] = field(default_factory=dict)
     # With `prune`: each orphan, and whether its file and entry are gone.
     pruned: tuple[Pruned, ...] = ()
+    # Chosen takes (`pick:`) copied to <shot>.png by this run: the file names.
+    picked: tuple[str, ...] = ()
 
     def count(self, status: str) -> int:
         """Shots this run made `status` (generated, cached: restored from the cache, failed,
@@ -510,6 +513,7 @@ async def _apply(
                 )
             except StoreWriteError as exc:
                 raise StoreError(_unwritten_results(exc, outcome, journal.path)) from None
+            picked = place_picks(output_dir, manifest.picks, written)
             sheet, sheet_problem = update_sheet(output_dir, manifest.name, sheet_plan, written)
     saved: list[str] = []
     if store is not None and account is not None:
@@ -540,6 +544,7 @@ async def _apply(
         bounded=outcome.bounded,
         moved_aside=dict(outcome.moved_aside),
         pruned=pruned,
+        picked=picked,
     )
 
 
