@@ -514,7 +514,9 @@ async def _apply(
             except StoreWriteError as exc:
                 raise StoreError(_unwritten_results(exc, outcome, journal.path)) from None
             picked = place_picks(output_dir, manifest.picks, written)
-            sheet, sheet_problem = update_sheet(output_dir, manifest.name, sheet_plan, written)
+            sheet, sheet_problem = update_sheet(
+                output_dir, manifest.name, sheet_plan, written, manifest
+            )
     saved: list[str] = []
     if store is not None and account is not None:
         with contextlib.suppress(OSError):  # a head start for next time, not worth failing for

@@ -1,0 +1,175 @@
+"""The contact sheet's cards as one compact data file beside the page, whatever the batch size.
+
+Takes the cards `sheet` builds (one dict per shot) and what the shot list says about each shot
+(`ShotInfo`: the variants it is a take of, its matrix values, whether it is the picked take, the
+id a reroll of it names); gives `.imgbatch/sheet-data.js`, a script that sets
+`window.imgbatchSheet` to `{"fields": [...], "strings": [...], "rows": [[...], ...]}`: one array
+per card, its cells in `fields` order, repeated texts (sizes, models, negative prompts, statuses)
+as numbers into `strings`. The page draws only the cards in view from it, so 100,000 shots make
+a page of a few kilobytes and a data file the browser reads once; a script file (not JSON) so
+that it loads from `file://`, where a page may not fetch files. Written in one write, atomically,
+before the page that names it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imgbatch.manifest import Manifest
+from imgbatch.state.cache import STATE_DIR, atomic_write
+
+DATA_FILE = "sheet-data.js"
+GLOBAL = "imgbatchSheet"
+# A card's cells, in order. Those in _INTERNED are numbers into `strings`.
+FIELDS = (
+    "id status change reason prompt sent sent_label negative size seed model provider style"
+    " error_code error_message request_id attempts key file thumb tw th prev_file prev_thumb"
+    " prev_prompt prev_w prev_h base variant values picked reroll reroll_note"
+).split()
+_INTERNED = frozenset(
+    "status change sent_label negative size model provider style error_code".split()
+)
+
+
+@dataclass(frozen=True)
+class ShotInfo:
+    """What the shot list says about one shot, for grouping and for the marks' commands."""
+
+    base: str | None = None  # the id its variants share (poster for poster-2)
+    variant: int | None = None
+    values: Mapping[str, Any] | None = None  # its matrix combination
+    picked: bool = False
+    reroll: str | None = None  # the id `imgbatch reroll` takes for it; None: it cannot
+    reroll_note: str | None = None  # what a reroll does, or why there is none
+
+
+def shot_infos(manifest: Manifest) -> dict[str, ShotInfo]:
+    """Each shot's `ShotInfo`, by id."""
+    takes: dict[int, int] = {}
+    for spec in manifest.shots:
+        takes[spec.index] = takes.get(spec.index, 0) + 1
+    picked = set(manifest.picks.values())
+    infos = {}
+    for spec in manifest.shots:
+        reroll: str | None = spec.id
+        note = None
+        if spec.values:
+            reroll = None
+            note = (
+                f"one of {takes[spec.index]} matrix combinations sharing a seed: "
+                "edit that shot's seed in the YAML"
+            )
+        elif spec.base_id is not None:
+            reroll = spec.base_id
+            note = f"rerolls all {takes[spec.index]} takes of {spec.base_id}"
+        infos[spec.id] = ShotInfo(
+            spec.base_id,
+            spec.variant,
+            dict(spec.values) or None,
+            spec.id in picked,
+            reroll,
+            note,
+        )
+    return infos
+
+
+def data_path(output_dir: Path) -> Path:
+    return output_dir / STATE_DIR / DATA_FILE
+
+
+def page_url() -> str:
+    """The data file as the page names it (relative to the output folder)."""
+    return f"{STATE_DIR}/{DATA_FILE}"
+
+
+def write_data(
+    output_dir: Path,
+    cards: Sequence[Mapping[str, Any]],
+    infos: Mapping[str, ShotInfo],
+    meta: Mapping[str, Any],
+) -> None:
+    """Write the data file. `meta` goes in as it is: the page's title, the shot list's path for
+    the commands, and the page's digest (a page that finds another drawing's data says so)."""
+    strings: dict[str, int] = {}
+    rows = [_row(card, infos.get(card["id"]), strings) for card in cards]
+    document = {"version": 1, **meta, "fields": FIELDS, "strings": list(strings), "rows": rows}
+    text = json.dumps(document, ensure_ascii=False, separators=(",", ":"))
+    # Inside a script, a JSON text is a literal; these escapes keep it one whatever a prompt says.
+    text = text.replace("<", "\\u003c").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    script = f"window.{GLOBAL}={text};\n"
+    atomic_write(data_path(output_dir), script.encode("utf-8"))
+
+
+def _row(card: Mapping[str, Any], info: ShotInfo | None, strings: dict[str, int]) -> list[Any]:
+    info = info or ShotInfo(reroll=str(card["id"]))
+    image = card.get("image") or {}
+    previous = card.get("previous") or {}
+    change = card.get("change") or {}
+    text = card.get("text")
+    sent = f"prompt + {card['text_extra']}" if card.get("text_extra") else text
+    cells: dict[str, Any] = {
+        "id": card["id"],
+        "status": card["status"],
+        "change": change.get("label"),
+        "reason": change.get("reason"),
+        "prompt": card.get("prompt"),
+        "sent": sent,
+        "sent_label": ("simplified" if card.get("simplified") else "sent") if text else None,
+        "negative": card.get("negative_prompt"),
+        "size": card.get("size"),
+        "seed": card.get("seed"),
+        "model": card.get("model"),
+        "provider": card.get("provider"),
+        "style": card.get("style"),
+        "error_code": card.get("error_code"),
+        "error_message": card.get("error_message"),
+        "request_id": card.get("request_id"),
+        "attempts": card.get("attempts"),
+        "key": card.get("key"),
+        "file": image.get("href"),
+        "thumb": image.get("thumb"),
+        "tw": image.get("width"),
+        "th": image.get("height"),
+        "prev_file": previous.get("href"),
+        "prev_thumb": previous.get("thumb"),
+        "prev_prompt": previous.get("prompt"),
+        "prev_w": previous.get("width"),
+        "prev_h": previous.get("height"),
+        "base": info.base,
+        "variant": info.variant,
+        "values": info.values,
+        "picked": 1 if info.picked else 0,
+        "reroll": info.reroll,
+        "reroll_note": info.reroll_note,
+    }
+    row = []
+    for name in FIELDS:
+        value = cells[name]
+        if name in _INTERNED and isinstance(value, str):
+            value = strings.setdefault(value, len(strings))
+        row.append(value)
+    # Trailing empty cells are left out: most shots have no error, change or variants.
+    while row and row[-1] is None:
+        row.pop()
+    return row
+
+
+def read_data(output_dir: Path) -> list[dict[str, Any]]:
+    """The cards as dicts, read back from the data file (for tests and tools; the page reads
+    it itself)."""
+    text = data_path(output_dir).read_text(encoding="utf-8")
+    prefix = f"window.{GLOBAL}="
+    document = json.loads(text.removeprefix(prefix).rstrip().removesuffix(";"))
+    fields, strings = document["fields"], document["strings"]
+    cards = []
+    for row in document["rows"]:
+        card = dict.fromkeys(fields)
+        for name, value in zip(fields, row, strict=False):
+            interned = name in _INTERNED and isinstance(value, int)
+            card[name] = strings[value] if interned else value
+        cards.append(card)
+    return cards
