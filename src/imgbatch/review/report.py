@@ -16,7 +16,7 @@ from rich.text import Text
 from imgbatch.plan.decide import Action, Plan, PlannedShot
 from imgbatch.plan.pricing import Cost, as_json, format_money
 from imgbatch.providers import is_metered
-from imgbatch.review.console import WORD_STYLES
+from imgbatch.review.console import WORD_STYLES, counted
 from imgbatch.shots.request import changed_fields
 
 if TYPE_CHECKING:
@@ -216,7 +216,8 @@ def apply_summary(report: ApplyReport) -> str:
         if report.maybe_billed:
             sent += f" (+{report.maybe_billed} whose answer was lost, maybe billed)"
     lines = [
-        f"Done in {report.elapsed:.1f} s: {', '.join(parts)}; {sent}, {report.retries} retries, "
+        f"Done in {report.elapsed:.1f} s: {', '.join(parts)}; {sent}, "
+        f"{counted(report.retries, 'retry', 'retries')}, "
         f"{report.throttled} throttled (429)."
     ]
     if is_metered(report.plan.provider):
@@ -321,7 +322,7 @@ def quota_lines(report: ApplyReport) -> list[str]:
             if window.count == 1 and window.period < 1:
                 limits.append(f"{1 / window.period:.3g} requests a second, evenly spaced")
             else:
-                limits.append(f"{window.count} requests per {window.period:g} s")
+                limits.append(f"{counted(window.count, 'request')} per {window.period:g} s")
         if finding.cap is not None and finding.cap_confirmed:
             limits.append(f"{finding.cap} in progress at once")
         if not limits:
