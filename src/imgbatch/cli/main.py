@@ -231,6 +231,33 @@ def _progress_interval() -> float | None:
     return seconds
 
 
+# Options that delete or overwrite: a close spelling of another option never suggests them.
+_DESTRUCTIVE_OPTIONS = frozenset({"--prune", "--yes", "--overwrite-edited"})
+# Options other tools have that imgbatch says differently: what to use instead.
+_INSTEAD = {
+    "--dry-run": "`imgbatch plan MANIFEST` shows what apply would do, and sends nothing",
+    "-n": "`imgbatch plan MANIFEST` shows what apply would do, and sends nothing",
+}
+
+
+class SafeCommand(click.Command):
+    """A command whose "no such option" error never suggests an option that deletes, and
+    points `--dry-run` (which many tools have) to `plan`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as exc:
+            exc.possibilities = [  # type: ignore[misc]
+                name for name in exc.possibilities or () if name not in _DESTRUCTIVE_OPTIONS
+            ]
+            instead = _INSTEAD.get(exc.option_name)
+            if instead and ctx.command.name == "apply":
+                exc.message = f"No such option: {exc.option_name}; {instead}."  # type: ignore[misc]
+                exc.possibilities = []  # type: ignore[misc]
+            raise
+
+
 class _Commands(click.Group):
     """A Ctrl-C says "interrupted" and exits 130 at every moment: while click parses the options
     (click alone would print "Aborted!" and exit 1) and while a command runs (KeyboardInterrupt
@@ -251,6 +278,9 @@ class _Commands(click.Group):
             return super().invoke(ctx)
 
 
+_Commands.command_class = SafeCommand
+
+
 @contextlib.contextmanager
 def _interrupt_exits() -> Iterator[None]:
     try:
@@ -262,7 +292,7 @@ def _interrupt_exits() -> Iterator[None]:
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="imgbatch")
+@click.version_option(package_name="imgbatch", prog_name="imgbatch", message="%(prog)s %(version)s")
 @verbosity_options
 @click.pass_context
 def main(context: click.Context, verbosity: str | None) -> None:
@@ -303,7 +333,7 @@ def validate(manifests: tuple[Path, ...], allow_reference_outside: bool, as_json
     return EXIT_OK if all(result.valid for result in results) else EXIT_USAGE
 
 
-class DetailedExitCommand(click.Command):
+class DetailedExitCommand(SafeCommand):
     """With `--detailed-exitcode`, exit code 2 means "something to do", so a bad option exits 1
     (an error), as Terraform's does."""
 
@@ -761,8 +791,26 @@ def mcp_command(provider: str | None, allow_reference_outside: bool) -> int:
     is_flag=True,
     help='As --print-response, and on a failure print {"error": {...}} on stdout instead.',
 )
-@provider_option
-@allow_outside_option
+@click.option(
+    "--provider",
+    type=click.Choice(PROVIDER_CHOICES),
+    default=None,
+    help="Image provider; auto = dashscope when an API key is configured, else the offline "
+    "placeholder (default: dashscope).",
+)
+@click.option(
+    "--allow-reference-outside",
+    is_flag=True,
+    help="Trust this request: read a local reference_image outside the current folder's tree.",
+)
+@click.option(
+    "-q",
+    "--quiet",
+    "verbosity",
+    flag_value="quiet",
+    default=None,
+    help="Print only errors and the final line (no spinner, no progress lines).",
+)
 @error_boundary
 def generate_command(
     request_text: str,
@@ -771,17 +819,23 @@ def generate_command(
     as_json: bool,
     provider: str | None,
     allow_reference_outside: bool,
+    verbosity: str | None,
 ) -> int:
-    """Make one image from one request, as the seed skill's helper script does."""
+    """Make one image from one request, as the seed skill's helper script does. While the
+    request is awaited, a spinner (on a terminal) or a line when it is sent and when it is
+    answered (in a log) says what it waits for."""
+    from imgbatch.review.waiting import Waiting
     from imgbatch.run.generate import error_json, generate
 
     try:
-        response = generate(
-            _read_request(request_text),
-            output=output,
-            provider=provider,
-            allow_reference_outside=allow_reference_outside,
-        )
+        with Waiting(sys.stderr, verbosity=_verbosity(verbosity)) as waiting:
+            response = generate(
+                _read_request(request_text),
+                output=output,
+                provider=provider,
+                allow_reference_outside=allow_reference_outside,
+                on_phase=waiting,
+            )
     except ImgbatchError as exc:
         if as_json:
             click.echo(json.dumps(error_json(exc), ensure_ascii=False))

@@ -1,0 +1,46 @@
+"""Messages that explain themselves: `apply --dry-run` points to `plan`, a close spelling never
+suggests an option that deletes, and `python -m imgbatch` names itself `imgbatch`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from imgbatch.cli.main import main
+from tests.conftest import REPO
+
+
+def test_apply_dry_run_points_to_plan() -> None:
+    result = CliRunner().invoke(main, ["apply", "--dry-run", "shots.yaml"])
+    assert result.exit_code == 2
+    assert result.stderr.splitlines()[-1] == (
+        "Error: No such option: --dry-run; `imgbatch plan MANIFEST` shows what apply would do, "
+        "and sends nothing."
+    )
+
+
+def test_no_suggestion_ever_names_an_option_that_deletes() -> None:
+    for command, typo in (("apply", "--prun"), ("apply", "--overwrite"), ("gc", "--ye")):
+        result = CliRunner().invoke(main, [command, typo, "shots.yaml"])
+        assert result.exit_code == 2
+        assert "--prune" not in result.stderr
+        assert "--yes" not in result.stderr
+        assert "--overwrite-edited" not in result.stderr
+    # A harmless close spelling is still suggested.
+    result = CliRunner().invoke(main, ["apply", "--frozn", "shots.yaml"])
+    assert "--frozen" in result.stderr
+
+
+def test_python_m_imgbatch_says_imgbatch_and_its_version() -> None:
+    env = {"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, "-m", "imgbatch", "--version"], capture_output=True, text=True, env=env
+    )
+    assert done.stdout == "imgbatch 0.1.0\n"
+    done = subprocess.run(
+        [sys.executable, "-m", "imgbatch", "apply"], capture_output=True, text=True, env=env
+    )
+    assert done.stderr.startswith("Usage: imgbatch apply [OPTIONS] MANIFEST\n")
