@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from imgbatch.cli.main import main
@@ -44,3 +46,20 @@ def test_python_m_imgbatch_says_imgbatch_and_its_version() -> None:
         [sys.executable, "-m", "imgbatch", "apply"], capture_output=True, text=True, env=env
     )
     assert done.stderr.startswith("Usage: imgbatch apply [OPTIONS] MANIFEST\n")
+
+
+def test_plan_without_a_key_says_first_that_apply_would_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DASHSCOPE_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    manifest = tmp_path / "shots.yaml"
+    manifest.write_text("version: 1\nshots:\n  - id: a\n    prompt: p\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["plan", str(manifest)])
+    assert result.exit_code == 0, result.output
+    first = result.stdout.splitlines()[0]
+    assert first.startswith("Note: apply would stop before sending anything: No DashScope API key")
+    assert "--provider placeholder" in first
+    # With a key, or offline, no such note.
+    result = CliRunner().invoke(main, ["plan", str(manifest), "--provider", "placeholder"])
+    assert "Note:" not in result.stdout

@@ -402,6 +402,10 @@ def plan(
         return EXIT_FAILED
     # With --json, stdout is the document alone; the human text goes to stderr.
     out = console_for(sys.stderr if as_json else sys.stdout)
+    missing_key = _missing_key(result.provider) if result.has_work else None
+    if missing_key:
+        # First, not after a paid plan that looks ready: apply would stop at the key.
+        out.print(f"Note: apply would stop before sending anything: {missing_key}")
     table = plan_table(result, verbose=level is Verbosity.VERBOSE)
     if table and level is not Verbosity.QUIET:
         out.print(table)
@@ -421,6 +425,19 @@ def plan(
     if detailed_exitcode and result.has_work:
         return EXIT_CHANGES
     return EXIT_OK
+
+
+def _missing_key(provider: str) -> str | None:
+    """What is wrong with the DashScope key when `provider` needs one; None when it is fine."""
+    if provider != "dashscope":
+        return None
+    from imgbatch.providers.dashscope_credentials import resolve_api_key
+
+    try:
+        resolve_api_key(os.environ)
+    except ConfigError as exc:
+        return str(exc)
+    return None
 
 
 @main.command("expand")
