@@ -63,3 +63,62 @@ def test_plan_without_a_key_says_first_that_apply_would_stop(
     # With a key, or offline, no such note.
     result = CliRunner().invoke(main, ["plan", str(manifest), "--provider", "placeholder"])
     assert "Note:" not in result.stdout
+
+
+BAD = """\
+version: 1
+shots:
+  - id: a
+    prompt: p
+    reference_image: bad.png
+  - id: a
+    prompt: q
+"""
+
+
+def test_validate_plan_and_apply_word_a_problem_alike_with_no_python_repr(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "bad.png").write_bytes(b"not an image at all")
+    manifest = tmp_path / "shots.yaml"
+    manifest.write_text(BAD, encoding="utf-8")
+    said = set()
+    for command in ("validate", "plan", "apply"):
+        result = CliRunner().invoke(
+            main,
+            [command, str(manifest), "--provider", "placeholder"]
+            if command != "validate"
+            else [command, str(manifest)],
+        )
+        assert result.exit_code == 2
+        said.add(result.stderr)
+    (text,) = said
+    assert text == (
+        f"error: 2 problems in {manifest}:\n"
+        f"  {manifest}:5:22: shot a, field reference_image: reference image 'bad.png' is not a "
+        "readable image (cannot identify image file)\n"
+        f"  {manifest}:6:9: shot a, field id: id 'a' is already used by shots[0] on line 3; ids "
+        "must be unique (ignoring case)\n"
+    )
+    assert " object at 0x" not in text
+
+
+def test_an_unclosed_quote_is_reported_where_it_opens_and_a_missing_file_has_no_line(
+    tmp_path: Path,
+) -> None:
+    manifest = tmp_path / "shots.yaml"
+    manifest.write_text(
+        'version: 1\nname: x\nshots:\n  - id: a\n    prompt: "unterminated\n  - id: b\n'
+        "    prompt: q\n",
+        encoding="utf-8",
+    )
+    result = CliRunner().invoke(main, ["validate", str(manifest)])
+    assert result.stderr.splitlines()[1] == (
+        f"  {manifest}:5:13: YAML: a quoted string starts here and is never closed (found "
+        "unexpected end of stream); not valid YAML"
+    )
+    missing = tmp_path / "missing.yaml"
+    for command in ("validate", "plan"):
+        result = CliRunner().invoke(main, [command, str(missing)])
+        assert result.stderr == f"error: 1 problem in {missing}:\n  {missing}: file: no such file\n"

@@ -263,8 +263,10 @@ def test_shipped_schema_is_the_repository_schema() -> None:
 def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "nope.yaml"
     error = manifest_error(path)
-    assert str(error) == single(path, 1, 1, "file", "no such file")
-    assert error.problems == (ManifestProblem(str(path), 1, 1, "file", "no such file"),)
+    # About the whole file: no line or column.
+    assert str(error) == f"1 problem in the manifest:\n  {path}: file: no such file"
+    assert error.problems == (ManifestProblem(str(path), 0, 0, "file", "no such file"),)
+    assert error.problems[0].to_json()["line"] is None
 
 
 @pytest.mark.parametrize("text", ["", "# only a comment\n", "\n\n"])

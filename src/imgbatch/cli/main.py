@@ -43,7 +43,13 @@ from typing import TYPE_CHECKING, Any, TypeVar  # noqa: E402
 
 import click  # noqa: E402
 
-from imgbatch.errors import ConfigError, ImgbatchError, InspectError, ManifestError  # noqa: E402
+from imgbatch.errors import (  # noqa: E402
+    ConfigError,
+    ImgbatchError,
+    InspectError,
+    ManifestError,
+    without_reprs,
+)
 from imgbatch.manifest.catalogue import MIN_RPS  # noqa: E402
 from imgbatch.pacing.quota import Quota, parse_quota  # noqa: E402
 from imgbatch.providers import PROVIDER_CHOICES, is_metered, secrets_for_redaction  # noqa: E402
@@ -69,14 +75,22 @@ def error_boundary(command: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> int:
         try:
             code = command(*args, **kwargs)
-        except (ManifestError, ConfigError, InspectError) as exc:
-            click.echo(f"error: {exc}", err=True)
+        except ManifestError as exc:
+            # Named by its file, as `validate` names it: every command words a problem alike.
+            named = kwargs.get("manifest")
+            if named is not None and exc.subject == "the manifest":
+                exc = ManifestError(exc.problems, subject=str(named))
             code = EXIT_USAGE
-            _summarize_error(str(exc), code)
+            click.echo(f"error: {without_reprs(str(exc))}", err=True)
+            _summarize_error(without_reprs(str(exc)), code)
+        except (ConfigError, InspectError) as exc:
+            code = EXIT_USAGE
+            click.echo(f"error: {without_reprs(str(exc))}", err=True)
+            _summarize_error(without_reprs(str(exc)), code)
         except ImgbatchError as exc:
-            click.echo(f"error: {exc}", err=True)
             code = EXIT_FAILED
-            _summarize_error(str(exc), code)
+            click.echo(f"error: {without_reprs(str(exc))}", err=True)
+            _summarize_error(without_reprs(str(exc)), code)
         except Exception as exc:  # noqa: BLE001 - the boundary: nothing escapes as a traceback
             log = write_crash_log()
             click.echo(f"error: unexpected {type(exc).__name__}; details in {log}", err=True)

@@ -42,7 +42,7 @@ from typing import TypeVar
 
 from PIL import Image
 
-from imgbatch.errors import CacheEntryDamaged, StoreError, StoreWriteError
+from imgbatch.errors import CacheEntryDamaged, StoreError, StoreWriteError, without_reprs
 
 STATE_DIR = ".imgbatch"
 TEMP_PREFIX = ".imgbatch-tmp-"
@@ -175,7 +175,7 @@ def _decoded_size(data: bytes, what: str) -> tuple[int, int]:
         Image.DecompressionBombWarning,
         Image.DecompressionBombError,
     ) as exc:
-        raise ValueError(f"{what} are not a whole image ({exc})") from None
+        raise ValueError(f"{what} are not a whole image ({without_reprs(str(exc))})") from None
     return size
 
 
