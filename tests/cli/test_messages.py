@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from imgbatch.cli.main import main
 from tests.conftest import REPO
+from tests.support.fake_dashscope import FakeDashScope
 
 
 def test_apply_dry_run_points_to_plan() -> None:
@@ -122,3 +123,37 @@ def test_an_unclosed_quote_is_reported_where_it_opens_and_a_missing_file_has_no_
     for command in ("validate", "plan"):
         result = CliRunner().invoke(main, [command, str(missing)])
         assert result.stderr == f"error: 1 problem in {missing}:\n  {missing}: file: no such file\n"
+
+
+def test_paths_are_shown_normalised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "manifests").mkdir()
+    (tmp_path / "manifests" / "shots.yaml").write_text(
+        "version: 1\nname: n\noutput:\n  dir: ../output/n\nshots:\n  - id: a\n    prompt: p\n",
+        encoding="utf-8",
+    )
+    result = CliRunner().invoke(
+        main, ["apply", "manifests/shots.yaml", "--provider", "placeholder"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "Results: output/n/results.json" in result.stdout
+    assert "Contact sheet: output/n/index.html" in result.stdout
+    assert ".." not in result.stdout
+
+
+def test_a_run_that_billed_nothing_names_no_price_list(
+    api_env: dict[str, str], fake_server: FakeDashScope, tmp_path: Path
+) -> None:
+    manifest = tmp_path / "shots.yaml"
+    manifest.write_text(
+        'version: 1\nshots:\n  - id: a\n    prompt: p\n    size: "1328*1328"\n',
+        encoding="utf-8",
+    )
+    first = CliRunner().invoke(main, ["apply", str(manifest)])
+    assert first.exit_code == 0, first.output
+    assert "Cost: unknown, no price for qwen-image-max" in first.stdout  # a local fake server
+    again = CliRunner().invoke(main, ["apply", str(manifest)])
+    assert again.exit_code == 0, again.output
+    assert "Cost: nothing billed." in again.stdout
+    assert "127.0.0.1" not in again.stdout

@@ -590,6 +590,7 @@ def apply_command(
         estimate_line,
         plan_summary,
         quiet_summary,
+        shown_path,
     )
     from imgbatch.run.apply import ApplyOptions, apply
 
@@ -651,7 +652,7 @@ def apply_command(
     if report.sheet_problem:
         click.echo(f"warning: {report.sheet_problem}", err=True)
     elif report.sheet and not quiet:
-        click.echo(f"Contact sheet: {report.sheet}", err=as_json)
+        click.echo(f"Contact sheet: {shown_path(report.sheet)}", err=as_json)
     if report.picked and not quiet:
         click.echo(f"Picked takes written: {', '.join(report.picked)}", err=as_json)
     summarize = bool(os.environ.get("GITHUB_STEP_SUMMARY"))
@@ -677,10 +678,11 @@ def apply_command(
 @error_boundary
 def sheet(manifest: Path, allow_reference_outside: bool) -> int:
     """Draw the contact sheet (index.html in the output folder) from the last results."""
+    from imgbatch.review.report import shown_path
     from imgbatch.review.sheet import write_sheet
 
     path = write_sheet(manifest, allow_reference_outside=allow_reference_outside)
-    click.echo(f"Contact sheet: {path}")
+    click.echo(f"Contact sheet: {shown_path(path)}")
     return EXIT_OK
 
 

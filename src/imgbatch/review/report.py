@@ -7,6 +7,7 @@ rendered differently by another front end.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -239,7 +240,7 @@ def apply_summary(report: ApplyReport) -> str:
             )
         else:
             lines.extend(_not_run_lines(report.not_run))
-    lines.append(f"Results: {report.results_path}")
+    lines.append(f"Results: {shown_path(report.results_path)}")
     return "\n".join(lines)
 
 
@@ -266,8 +267,20 @@ def _not_run_lines(not_run: Mapping[str, str]) -> list[str]:
     return lines
 
 
+def shown_path(path: str | os.PathLike[str]) -> str:
+    """A path as the user reads it: `output/x/results.json`, never `manifests/../output/...`.
+
+    >>> shown_path("manifests/../output/cyclist-spot/results.json")
+    'output/cyclist-spot/results.json'
+    """
+    return os.path.normpath(path)
+
+
 def cost_line(report: ApplyReport) -> str:
-    """What the run cost: the images billed, and what lost answers may add."""
+    """What the run cost: the images billed, and what lost answers may add; a run that billed
+    nothing says so, without the price list it did not need."""
+    if not report.billed and not report.maybe_billed:
+        return "Cost: nothing billed."
     line = f"Cost: {_priced(report.cost, report.plan)}"
     if report.maybe_billed:
         extra = format_money(report.possible_extra_cost)
