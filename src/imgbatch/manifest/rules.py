@@ -144,6 +144,9 @@ class Checker:
         # case-insensitive file systems (macOS, Windows). Checked after expansion, where a
         # matrix or variants can make an id another shot already has.
         seen: dict[str, int] = {}
+        # A written shot that repeats another's ids is reported once, however many of its
+        # variants or matrix combinations repeat them: (its index, the other's) -> the ids.
+        repeats: dict[tuple[int, int], list[str]] = {}
         for shot in self.expanded:
             raw = self.shots[shot.index].get("id")
             if not isinstance(raw, str):
@@ -159,15 +162,23 @@ class Checker:
                     continue
             folded = shot.id.casefold()
             if folded in seen:
-                first = seen[folded]
-                line = self.document.values.get(("shots", first, "id"), (0, 0))[0]
-                message = (
-                    f"id '{shot.id}' is already used by shots[{first}] on line {line}; "
-                    "ids must be unique (ignoring case)"
-                )
-                yield self._problem(("shots", shot.index), "id", message, shot_id=shot.id)
+                repeats.setdefault((shot.index, seen[folded]), []).append(shot.id)
             else:
                 seen[folded] = shot.index
+        for (index, first), ids in repeats.items():
+            line = self.document.values.get(("shots", first, "id"), (0, 0))[0]
+            named = (
+                f"id '{ids[0]}' is"
+                if len(ids) == 1
+                else (f"ids '{ids[0]}' to '{ids[-1]}' ({len(ids)} of them) are")
+            )
+            message = (
+                f"{named} already used by shots[{first}] on line {line}; "
+                "ids must be unique (ignoring case)"
+            )
+            written = self.shots[index].get("id")
+            shot_id = ids[0] if len(ids) == 1 or not isinstance(written, str) else written
+            yield self._problem(("shots", index), "id", message, shot_id=shot_id)
         yield from self._pick_file_problems(seen)
 
     def _pick_file_problems(self, seen: dict[str, int]) -> Iterator[ManifestProblem]:
