@@ -28,7 +28,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from imgbatch.pacing.quota import Quota
+from imgbatch.units.quota import Quota
 
 _OBJECT_REPR = re.compile(r"\s*<[A-Za-z_][\w.]* object at 0x[0-9a-fA-F]+>")
 

@@ -14,7 +14,10 @@ from click.testing import CliRunner
 from imgbatch.cli.main import main
 from tests.support.fake_dashscope import FakeDashScope
 
-REQUEST = json.dumps({"prompt": "a red bicycle", "size": "1328*1328", "seed": 7})
+
+def request(tmp_path: Path) -> str:
+    # A prompt of its own: no cache anywhere has its image yet.
+    return json.dumps({"prompt": f"a red bicycle {tmp_path.name}", "size": "1328*1328"})
 
 
 @pytest.fixture
@@ -27,7 +30,9 @@ def test_a_log_gets_a_line_when_the_request_is_sent_and_when_it_is_answered(
     api_env: dict[str, str], slow_server: FakeDashScope, tmp_path: Path
 ) -> None:
     out = tmp_path / "bike.png"
-    result = CliRunner().invoke(main, ["generate", "--request", REQUEST, "--output", str(out)])
+    result = CliRunner().invoke(
+        main, ["generate", "--request", request(tmp_path), "--output", str(out)]
+    )
     assert result.exit_code == 0, result.output
     lines = result.stderr.splitlines()
     assert lines[0] == "generate: request sent; waiting for the service's answer"
@@ -42,7 +47,9 @@ def test_quiet_says_only_where_the_image_went(
     out = tmp_path / "bike.png"
     for args in (["generate", "-q"], ["-q", "generate"]):
         out.unlink(missing_ok=True)
-        result = CliRunner().invoke(main, [*args, "--request", REQUEST, "--output", str(out)])
+        result = CliRunner().invoke(
+            main, [*args, "--request", request(tmp_path), "--output", str(out)]
+        )
         assert result.exit_code == 0, result.output
         assert result.stderr.splitlines() == [f"{out} (from the cache, nothing sent)"] or (
             result.stderr.splitlines() == [f"{out} (generated)"]

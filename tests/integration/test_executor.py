@@ -28,8 +28,9 @@ from PIL import Image
 from imgbatch.errors import TransientError
 from imgbatch.pacing.gate import Clock, Pacer, RetryPolicy
 from imgbatch.plan.decide import Action
+from imgbatch.review.events import Notice
 from imgbatch.run.apply import ApplyOptions, ApplyReport, _settle, apply, apply_async, make_plan
-from imgbatch.run.executor import Executor, Notice
+from imgbatch.run.executor import Executor
 from imgbatch.shots.request import GeneratedImage, ImageRequest
 from imgbatch.state.cache import STATE_DIR, ImageCache
 from tests.conftest import write_manifest, write_many_shots
@@ -584,9 +585,9 @@ def test_a_recover_not_run_when_the_run_stops_keeps_the_url_paid_for(
     assert back.fetched == [] and back.generated == []
     assert outcome.not_run == {SHOT: "not run: the run's time is up"}
     # Not run: results.json keeps its entry as it was, the URL paid for included.
-    (kept,), not_run = _settle(plan, outcome, metered=True)
+    (kept,), not_run, maybe_billed = _settle(plan, outcome, metered=True)
     assert (kept.status, kept.image_url) == ("unfetched", first["image_url"])
-    assert not_run == outcome.not_run
+    assert not_run == outcome.not_run and maybe_billed == frozenset()  # never sent
 
 
 # ----- RetryPolicy.backoff ------------------------------------------------------------------------

@@ -25,9 +25,9 @@ from click.testing import CliRunner, Result
 from imgbatch.cli.main import main
 from imgbatch.housekeeping import gc
 from imgbatch.housekeeping.prune import prune_orphans
-from imgbatch.review.sheet import thumb_path
-from imgbatch.run.apply import exclusive_output
 from imgbatch.state.cache import STATE_DIR, TEMP_PREFIX, ImageCache
+from imgbatch.state.last_run import thumb_path
+from imgbatch.state.lock import exclusive_output
 from imgbatch.state.results import ResultEntry, load_state
 
 NAME = "harbour"

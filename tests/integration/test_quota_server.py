@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from imgbatch.pacing.gate import RetryPolicy
-from imgbatch.pacing.quota import Quota
 from imgbatch.review.report import apply_summary
 from imgbatch.run.apply import ApplyOptions, apply
+from imgbatch.units.quota import Quota
 from tests.conftest import FAKE_KEY, write_many_shots
 from tests.support.fake_dashscope import FakeDashScope
 

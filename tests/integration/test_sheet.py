@@ -21,11 +21,12 @@ from PIL import Image
 from imgbatch.cli.main import main
 from imgbatch.providers.placeholder import PlaceholderProvider
 from imgbatch.review import sheet as sheet_module
-from imgbatch.review.sheet import render_sheet, thumb_path
+from imgbatch.review.sheet import render_sheet
 from imgbatch.review.sheet_data import data_path, read_data
 from imgbatch.run.apply import ApplyOptions, apply, load_and_expand
 from imgbatch.shots.request import GeneratedImage, ImageRequest
 from imgbatch.state.cache import ImageCache
+from imgbatch.state.last_run import thumb_path
 from imgbatch.state.results import ResultEntry
 from tests.support.sheet_scenario import (
     ADDED,

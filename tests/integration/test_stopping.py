@@ -26,11 +26,11 @@ from PIL import Image
 from imgbatch.errors import ConfigError, TransientError
 from imgbatch.pacing.gate import Clock, RetryPolicy
 from imgbatch.plan.decide import Action
+from imgbatch.review.events import RunEvent, Stopping
 from imgbatch.review.progress import stopping_line
 from imgbatch.review.report import apply_json, apply_summary, quiet_summary
 from imgbatch.run.apply import ApplyOptions, ApplyReport, apply, apply_async, make_plan
 from imgbatch.run.bounds import format_duration, parse_duration
-from imgbatch.run.executor import RunEvent, Stopping
 from imgbatch.shots.request import GeneratedImage, ImageRequest
 from tests.conftest import write_many_shots
 
@@ -308,7 +308,7 @@ def test_the_summary_never_says_a_shot_abandoned_in_flight_was_not_sent(tmp_path
     assert "2 shots not run: nothing of theirs was sent or changed" in summary, summary
     assert f"1 shot sent and not answered ({shot(0)}): DashScope may have billed it" in summary
     assert "3 shots not run" not in summary, summary
-    assert "DashScope may have billed it" in quiet_summary(summary)  # -q keeps it too
+    assert "DashScope may have billed it" in quiet_summary(report)  # -q keeps it too
 
 
 def test_a_hand_edit_is_moved_aside_before_an_image_billed_under_another_id_is_recovered(
@@ -358,9 +358,9 @@ def test_max_requests_stops_sending_and_a_chain_of_runs_makes_each_shot_once(
     assert sorted(provider.generated) == [shot(index) for index in range(10)]
     assert reports[-1].ok
     # Said in the summary, even with --quiet: a CI job's log must tell why it exits 3.
-    summary = apply_summary(reports[0])
-    assert "Stopped: reached --max-requests 4" in quiet_summary(summary)
-    assert "6 shots remain; run again to continue." in quiet_summary(summary)
+    assert "Stopped: reached --max-requests 4" in apply_summary(reports[0])
+    assert "Stopped: reached --max-requests 4" in quiet_summary(reports[0])
+    assert "6 shots remain; run again to continue." in quiet_summary(reports[0])
     json_summary = apply_json(reports[0])["summary"]
     assert (json_summary["bounded"], json_summary["remaining"]) == ("max_requests", 6)
     assert {entry["status"] for entry in results(reports[-1]).values()} == {"generated"}

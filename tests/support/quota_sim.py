@@ -30,9 +30,9 @@ from PIL import Image
 
 from imgbatch.errors import TransientError
 from imgbatch.pacing.gate import Clock
-from imgbatch.pacing.quota import Quota
 from imgbatch.run.apply import ApplyOptions, ApplyReport, apply_async
 from imgbatch.shots.request import GeneratedImage, ImageRequest
+from imgbatch.units.quota import Quota
 from tests.support.fake_dashscope import TokenBucket
 from tests.support.virtual_time import run_virtual
 

@@ -333,7 +333,7 @@ def drip() -> Iterator[DripServer]:
 def test_a_reference_url_dripping_its_body_is_cut_off_at_the_deadline(
     tmp_path: Path, drip: DripServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("imgbatch.shots.reference.REFERENCE_URL_DEADLINE", 1.0, raising=False)
+    monkeypatch.setattr("imgbatch.manifest.reference.REFERENCE_URL_DEADLINE", 1.0, raising=False)
     path = manifest(f'version: 1\n{SHOT}    reference_image: "{drip.url}"\n')(tmp_path)
 
     # Only apply (and generate) fetch it, to key it by its content; validate and plan never do.

@@ -18,17 +18,9 @@ from pathlib import Path
 import pytest
 
 from imgbatch import ApplyOptions, ConfigError, CostLimitError, ImageRequest, apply, make_plan
-from imgbatch.plan.pricing import (
-    Cost,
-    CostLimit,
-    MaxCost,
-    Pricing,
-    cost,
-    format_money,
-    price_list,
-    region_of,
-)
-from imgbatch.run.bounds import Tally
+from imgbatch.plan.pricing import cost, price_list, region_of
+from imgbatch.run.bounds import MaxCost, Tally
+from imgbatch.units.money import Cost, CostLimit, Pricing, format_money
 from tests.cli.test_cli import assert_clean, run
 from tests.conftest import write_manifest
 from tests.support.fake_dashscope import FakeDashScope

@@ -27,8 +27,8 @@ from click.testing import CliRunner, Result
 from imgbatch.cli.main import main
 from imgbatch.errors import TransientError
 from imgbatch.review.console import Verbosity, console_for
+from imgbatch.review.events import Retrying
 from imgbatch.review.progress import Progress, bar_counts
-from imgbatch.run.executor import Retrying
 from imgbatch.state.results import ResultEntry
 from tests.conftest import FAKE_KEY, REPO, write_manifest
 from tests.support.fake_dashscope import FakeDashScope

@@ -13,11 +13,10 @@ import pytest
 
 from imgbatch.errors import ManifestError, PermanentError
 from imgbatch.manifest import load_manifest
-from imgbatch.manifest.catalogue import DEFAULT_MODEL
+from imgbatch.manifest.catalogue import DEFAULT_MODEL, DEFAULT_SIZE
+from imgbatch.manifest.reference import ReferenceImage, load_local_reference
 from imgbatch.shots.expand import expand, output_dir_for
-from imgbatch.shots.reference import ReferenceImage, load_local_reference
 from imgbatch.shots.request import (
-    DEFAULT_SIZE,
     KEY_FORMAT_VERSION,
     ImageRequest,
     changed_fields,

@@ -51,13 +51,13 @@ from imgbatch.errors import (  # noqa: E402
     without_reprs,
 )
 from imgbatch.manifest.catalogue import MIN_RPS  # noqa: E402
-from imgbatch.pacing.quota import Quota, parse_quota  # noqa: E402
-from imgbatch.providers import PROVIDER_CHOICES, is_metered, secrets_for_redaction  # noqa: E402
+from imgbatch.providers import PROVIDER_CHOICES, secrets_for_redaction  # noqa: E402
+from imgbatch.units.quota import Quota, parse_quota  # noqa: E402
 
 if TYPE_CHECKING:
     from imgbatch.plan.decide import Plan
-    from imgbatch.plan.pricing import CostLimit
     from imgbatch.review.console import Verbosity
+    from imgbatch.units.money import CostLimit
 
 # The library is imported inside each command, not here: `--help` and `validate` must not pay for
 # the executor, aiohttp, Pillow or a provider's SDK (tests/cli/test_startup.py keeps it so).
@@ -146,7 +146,7 @@ def _quota_option(value: str | None) -> Quota | None:
 def _cost_limit_option(value: str | None) -> CostLimit | None:
     if value is None:
         return None  # nothing imported while click parses: start-up stays short
-    from imgbatch.plan.pricing import CostLimit
+    from imgbatch.units.money import CostLimit
 
     try:
         return CostLimit.parse(value)
@@ -435,7 +435,7 @@ def plan(
         from imgbatch.review.step_summary import plan_markdown
 
         title = _title("plan", manifest, only)
-        _step_summary(plan_markdown(document, title, metered=is_metered(result.provider)))
+        _step_summary(plan_markdown(document, title, metered=result.metered))
     if detailed_exitcode and result.has_work:
         return EXIT_CHANGES
     return EXIT_OK
@@ -602,7 +602,7 @@ def apply_command(
 
     def announce(planned: Plan) -> None:
         # Even with --quiet, a fallback to placeholders is said: it is not what a key would do.
-        if not is_metered(planned.provider) and (provider == "auto" or not quiet):
+        if not planned.metered and (provider == "auto" or not quiet):
             # With --provider auto the fallback must never be silent: say why.
             lead = (
                 "No DashScope API key is configured, so --provider auto uses"
@@ -645,9 +645,8 @@ def apply_command(
         )
     finally:
         progress.close()
-    summary = apply_summary(report)
     console_for(sys.stderr if as_json else sys.stdout).print(
-        quiet_summary(summary) if quiet else summary
+        quiet_summary(report) if quiet else apply_summary(report)
     )
     if report.sheet_problem:
         click.echo(f"warning: {report.sheet_problem}", err=True)
@@ -663,7 +662,7 @@ def apply_command(
         from imgbatch.review.step_summary import apply_markdown
 
         title = _title("apply", manifest, only)
-        metered = is_metered(report.plan.provider)
+        metered = report.plan.metered
         _step_summary(apply_markdown(document, title, stopped=report.stopped, metered=metered))
     if report.interrupted:
         return EXIT_INTERRUPTED

@@ -20,7 +20,7 @@ and naming one of them never loses the other's images. A folder whose cache hold
 that has no results file at all is refused (a results file moved aside is how a damaged one is
 recovered: its images are in the cache).
 
-Deleting takes each folder's apply lock (`api.exclusive_output`), so it never runs beside an
+Deleting takes each folder's apply lock (`imgbatch.state.lock`), so it never runs beside an
 apply, and lists again under the lock before deleting.
 """
 
@@ -36,10 +36,11 @@ from enum import StrEnum
 from pathlib import Path
 
 from imgbatch.errors import StoreError
-from imgbatch.review.sheet import THUMBS_DIR, load_changes
-from imgbatch.run.apply import ManifestSource, exclusive_output, read_manifest
+from imgbatch.manifest.loader import ManifestSource, read_manifest
 from imgbatch.shots.expand import output_dir_for
 from imgbatch.state.cache import STATE_DIR, TEMP_PREFIX, ImageCache
+from imgbatch.state.last_run import THUMBS_DIR, load_changes
+from imgbatch.state.lock import exclusive_output
 from imgbatch.state.results import load_state, results_path
 
 _KEY = re.compile(r"[0-9a-f]{64}")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imgbatch.errors import StoreError
-from imgbatch.plan.decide import url_expired_at
+from imgbatch.providers.image_url import url_expired_at
 from imgbatch.state.results import ResultEntry
 
 _CHUNK = 1 << 20

@@ -17,13 +17,24 @@ from pathlib import Path
 from typing import Any
 
 from imgbatch.errors import ManifestProblem
-from imgbatch.manifest.catalogue import DEFAULT_MODEL, MIN_RPS, MODELS, nearest_size
+from imgbatch.manifest.catalogue import (
+    DEFAULT_MODEL,
+    DEFAULT_SIZE,
+    MIN_RPS,
+    MODELS,
+    nearest_size,
+    sent_text,
+)
 from imgbatch.manifest.expansion import ExpandedShot, expand_shots
 from imgbatch.manifest.places import JsonPath, describe, field_name, in_shot, show
+from imgbatch.manifest.reference import (
+    ReferenceImage,
+    ReferenceProblem,
+    load_local_reference,
+    shown,
+)
 from imgbatch.manifest.schema_messages import schema_problems
 from imgbatch.manifest.yaml_load import Document
-from imgbatch.shots.reference import ReferenceImage, ReferenceProblem, load_local_reference, shown
-from imgbatch.shots.request import DEFAULT_SIZE, ImageRequest
 
 # The schema lets `{name}` placeholders through; what they expand to must be a plain id.
 _ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
@@ -247,7 +258,7 @@ class Checker:
                 yield self._located(self._field_origin(index, shot, name), shot_id, name, message)
         prompt, style = merged.get("prompt"), merged.get("style")
         if isinstance(prompt, str):
-            sent = len(ImageRequest(prompt, style=style if isinstance(style, str) else None).text)
+            sent = len(sent_text(prompt, style if isinstance(style, str) else None))
             if sent > spec.max_prompt_chars:
                 with_style = " with its style appended" if isinstance(style, str) else ""
                 message = (

@@ -32,9 +32,10 @@ from imgbatch.errors import (
     ProviderError,
     TransientError,
 )
-from imgbatch.pacing.quota import Quota
+from imgbatch.providers import is_metered
 from imgbatch.providers.dashscope_credentials import ApiKey
 from imgbatch.shots.request import GeneratedImage, ImageRequest
+from imgbatch.units.quota import Quota
 
 # The SDK logs failed requests with logger.exception; with no handler configured Python would
 # print those tracebacks to stderr. imgbatch reports the error itself.
@@ -70,7 +71,7 @@ class WireStats:
 
 class DashScopeProvider:
     name = "dashscope"
-    metered = True
+    metered = is_metered(name)  # the one table: imgbatch.providers.METERED
 
     def __init__(
         self,

@@ -33,7 +33,7 @@ from rich.text import Text
 
 from imgbatch.errors import NoImageError, TransientError
 from imgbatch.review.console import Verbosity, console_for, counted, styled
-from imgbatch.run.executor import Notice, Retrying, RunEvent, Stopping
+from imgbatch.review.events import Notice, Retrying, RunEvent, Stopping
 from imgbatch.state.results import ResultEntry
 
 if TYPE_CHECKING:

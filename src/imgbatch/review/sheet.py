@@ -23,13 +23,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import json
 import os
 import re
 import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
@@ -42,19 +40,23 @@ from PIL import Image
 from imgbatch.errors import StoreError
 from imgbatch.manifest import Manifest, load_manifest
 from imgbatch.plan.decide import WORK_ACTIONS, Action, Plan
+from imgbatch.review.events import Listener, RunEvent
 from imgbatch.review.sheet_data import ShotInfo, page_url, shot_infos, write_data
-from imgbatch.run.executor import Listener, RunEvent
 from imgbatch.shots.expand import output_dir_for
 from imgbatch.state.cache import STATE_DIR, TEMP_PREFIX, ImageCache, atomic_write
+from imgbatch.state.last_run import (
+    THUMBS_DIR,
+    Change,
+    load_changes,
+    save_changes,
+    thumb_path,
+)
 from imgbatch.state.results import STATUSES, ResultEntry, load_state, results_path
 
 SHEET_FILE = "index.html"
-LAST_RUN_FILE = "last-run.json"
-THUMBS_DIR = "thumbs"
 # Bounding box of a thumbnail: a 16:9 image becomes 320*178, a WebP of a few to a few tens of KB.
 THUMB_BOX = (320, 320)
 THUMB_QUALITY = 80
-_LAST_RUN_VERSION = 1
 _STATUS_ORDER = (*STATUSES, "pending")
 # What a card shows of its shot's entry; none of it for a shot not applied yet.
 _DETAILS = tuple(
@@ -70,29 +72,13 @@ _CHANGE_LABELS: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
-    """What the last apply did to one shot, and the entry it had before."""
-
-    action: str  # create, replace, restore or recover
-    reason: str
-    previous: ResultEntry | None
-
-    @property
-    def label(self) -> str:
-        if self.action != Action.CREATE:
-            return _CHANGE_LABELS.get(self.action, self.action)
-        if self.previous is None:
-            return "new"
-        return "regenerated" if self.previous.has_image else "retried"
-
-
-def thumb_path(output_dir: Path, key: str) -> Path:
-    return output_dir / STATE_DIR / THUMBS_DIR / key[:2] / f"{key}.webp"
-
-
-def last_run_path(output_dir: Path) -> Path:
-    return output_dir / STATE_DIR / LAST_RUN_FILE
+def change_label(change: Change) -> str:
+    """The word on a changed shot's card: new, regenerated, retried, replaced, restored..."""
+    if change.action != Action.CREATE:
+        return _CHANGE_LABELS.get(change.action, change.action)
+    if change.previous is None:
+        return "new"
+    return "regenerated" if change.previous.has_image else "retried"
 
 
 def changes_of(plan: Plan) -> dict[str, Change]:
@@ -103,44 +89,6 @@ def changes_of(plan: Plan) -> dict[str, Change]:
         for item in plan.shots
         if item.action in WORK_ACTIONS
     }
-
-
-def save_changes(output_dir: Path, changes: Mapping[str, Change], when: datetime) -> None:
-    document = {
-        "version": _LAST_RUN_VERSION,
-        "finished_at": when.isoformat(timespec="seconds"),
-        "changes": {
-            shot_id: {
-                "action": change.action,
-                "reason": change.reason,
-                "previous": change.previous.to_json() if change.previous else None,
-            }
-            for shot_id, change in changes.items()
-        },
-    }
-    data = json.dumps(document, ensure_ascii=False, indent=1) + "\n"
-    atomic_write(last_run_path(output_dir), data.encode("utf-8"))
-
-
-def load_changes(output_dir: Path) -> tuple[dict[str, Change], datetime | None]:
-    """What the last apply changed, and when it finished; nothing if it is unknown or unreadable.
-
-    The record only decorates the sheet, so a damaged one is ignored rather than reported.
-    """
-    try:
-        document = json.loads(last_run_path(output_dir).read_text(encoding="utf-8"))
-        changes = {
-            shot_id: Change(
-                str(raw["action"]),
-                str(raw["reason"]),
-                ResultEntry.from_json(raw["previous"]) if raw.get("previous") else None,
-            )
-            for shot_id, raw in document["changes"].items()
-        }
-        finished = datetime.fromisoformat(document["finished_at"])
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return {}, None
-    return changes, finished
 
 
 def update_after_apply(
@@ -425,7 +373,7 @@ def _card(
     card: dict[str, Any] = {
         "id": shot_id,
         "status": entry.status if entry else "pending",
-        "change": {"label": change.label, "reason": change.reason} if change else None,
+        "change": {"label": change_label(change), "reason": change.reason} if change else None,
         "image": None,
         "previous": None,
         **dict.fromkeys(_DETAILS),

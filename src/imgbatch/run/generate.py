@@ -250,7 +250,7 @@ class GenerateSession:
     async def _holding(self, folder: Path) -> AsyncIterator[None]:
         """The output folder's lock, taken by the first call that needs it and kept while any
         call of this session uses it: one process's calls share it, another process is refused."""
-        from imgbatch.run.apply import exclusive_output
+        from imgbatch.state.lock import exclusive_output
 
         async with self._folder_guard:
             hold = self._holds.get(folder)
