@@ -21,7 +21,10 @@ def request(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def slow_server(fake_server: FakeDashScope) -> FakeDashScope:
+def slow_server(
+    fake_server: FakeDashScope, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> FakeDashScope:
+    monkeypatch.chdir(tmp_path)  # generate's cache folder is under the current one
     fake_server.latency = 0.6
     return fake_server
 

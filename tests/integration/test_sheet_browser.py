@@ -21,11 +21,13 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 from urllib.parse import parse_qs
 
 import pytest
 
 from imgbatch.providers.placeholder import PlaceholderProvider
+from imgbatch.review import sheet_data
 from imgbatch.run.apply import ApplyOptions, apply
 from tests.conftest import FAKE_KEY, REPO
 from tests.support.fake_dashscope import FakeDashScope
@@ -279,9 +281,30 @@ def many(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp_path = tmp_path_factory.mktemp("many")
     manifest = many_shots_list(tmp_path)
     options = ApplyOptions(environ={}, home=tmp_path)
-    report = apply(manifest, options, provider=PlaceholderProvider())
+    # Small parts, so that these tests see the page load its data part by part.
+    with (
+        mock.patch.object(sheet_data, "FIRST_ROWS", 50),
+        mock.patch.object(sheet_data, "PART_ROWS", 60),
+    ):
+        report = apply(manifest, options, provider=PlaceholderProvider())
     assert report.count("generated") == MANY
+    state = manifest.parent / "output" / "many" / ".imgbatch"
+    assert sorted(p.name for p in state.glob("sheet-data*.js")) == [
+        "sheet-data-1.js",
+        "sheet-data-2.js",
+        "sheet-data-3.js",
+        "sheet-data.js",
+    ]
     return manifest
+
+
+def goto(page: Page, url: str) -> None:
+    """Open the page and wait until every part of its data is loaded."""
+    page.goto(url)
+    page.wait_for_selector(".tile")
+    page.wait_for_function(
+        "() => !document.getElementById('shown').textContent.includes('loading')"
+    )
 
 
 def in_view(page: Page) -> list[str]:
@@ -304,8 +327,7 @@ def test_the_dense_grid_shows_dozens_of_shots_a_screen_and_only_those_in_view(
     sheet = many.parent / "output" / "many" / "index.html"
     assert sheet.stat().st_size < 60_000  # the page does not grow with the shots
     page, watched = new_page(browser)
-    page.goto(sheet.as_uri())
-    page.wait_for_selector(".tile")
+    goto(page, sheet.as_uri())
     seen = in_view(page)
     assert len(seen) >= 32, len(seen)
     assert seen[:3] == ["helmet-front-dawn", "helmet-front-noon", "helmet-side-dawn"]
@@ -360,7 +382,7 @@ def test_the_viewer_shows_prompt_seed_size_and_status_beside_the_image(
     many: Path, browser: Browser
 ) -> None:
     page, watched = new_page(browser)
-    page.goto((many.parent / "output" / "many" / "index.html").as_uri())
+    goto(page, (many.parent / "output" / "many" / "index.html").as_uri())
     page.locator("#shot-shot-002").click()
     page.wait_for_function("() => document.getElementById('v-after').naturalWidth > 0")
     details = dict(
@@ -385,7 +407,7 @@ def test_the_viewer_shows_prompt_seed_size_and_status_beside_the_image(
 
 def test_filters_search_grouping_and_view_live_in_the_url(many: Path, browser: Browser) -> None:
     page, _ = new_page(browser)
-    page.goto((many.parent / "output" / "many" / "index.html").as_uri())
+    goto(page, (many.parent / "output" / "many" / "index.html").as_uri())
     page.fill("#search", "helmet noon")
     page.select_option("#group", "var:angle")
     page.click("#view")
@@ -400,7 +422,7 @@ def test_filters_search_grouping_and_view_live_in_the_url(many: Path, browser: B
 
     # The same link in another window shows the same view.
     other, watched = new_page(browser)
-    other.goto(url)
+    goto(other, url)
     assert visible_ids(other) == shown
     assert other.input_value("#search") == "helmet noon"
     assert other.input_value("#group") == "var:angle"
@@ -411,7 +433,7 @@ def test_filters_search_grouping_and_view_live_in_the_url(many: Path, browser: B
 def test_marking_cards_builds_the_reroll_and_pick_commands(many: Path, browser: Browser) -> None:
     page, watched = new_page(browser)
     page.context.grant_permissions(["clipboard-read", "clipboard-write"])
-    page.goto((many.parent / "output" / "many" / "index.html").as_uri())
+    goto(page, (many.parent / "output" / "many" / "index.html").as_uri())
     assert page.is_hidden("#commands")
 
     page.locator("#shot-shot-005").click()  # the viewer: R marks the shot it shows
@@ -445,6 +467,9 @@ def test_marking_cards_builds_the_reroll_and_pick_commands(many: Path, browser: 
     # The marks are in the URL too: a reload keeps them; "Marked" shows only them.
     page.fill("#search", "")
     page.reload()
+    page.wait_for_function(
+        "() => !document.getElementById('shown').textContent.includes('loading')"
+    )
     assert page.inner_text("#command") == expected
     page.check("#marked-only")
     assert visible_ids(page) == [*(f"poster-{n}" for n in range(1, 7)), "shot-005"]
@@ -480,7 +505,7 @@ def test_mark_in_the_page_run_the_command_apply_and_only_those_shots_are_paid(
         server.reset()
 
         page, watched = new_page(browser)
-        page.goto((tmp_path / "output" / "many" / "index.html").as_uri())
+        goto(page, (tmp_path / "output" / "many" / "index.html").as_uri())
         for shot_id in ("shot-010", "shot-150"):
             page.fill("#search", shot_id)
             page.keyboard.press("Enter")

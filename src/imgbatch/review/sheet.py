@@ -206,7 +206,10 @@ def render_sheet(
         counts[card["status"]] += 1
     digest = sheet_digest(title, order, entries, infos, command_path)
     meta = {"title": title, "manifest": command_path, "page": digest}
-    write_data(output_dir, cards, infos, meta)
+    key = "0" * 64  # any key: its place in the thumbnail's path is what is wanted
+    template = _url(output_dir, thumb_path(output_dir, key))
+    template = template.replace(key, "{key}").replace(f"/{key[:2]}/", "/{k2}/")
+    write_data(output_dir, cards, infos, meta, template)
     script = _asset("sheet.js")
     variables = sorted({name for info in infos.values() for name in (info.values or {})})
     context = {
@@ -224,9 +227,9 @@ def render_sheet(
         # The one inline script the page may run: a prompt that slipped past escaping could not.
         "script_hash": _csp_hash(script),
     }
-    template = _environment().get_template("sheet.html.j2")
+    page = _environment().get_template("sheet.html.j2").render(context)
     path = output_dir / SHEET_FILE
-    atomic_write(path, template.render(context).encode("utf-8"))
+    atomic_write(path, page.encode("utf-8"))
     return path
 
 

@@ -18,12 +18,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from imgbatch.manifest import Manifest
 from imgbatch.state.cache import STATE_DIR, atomic_write
 
 DATA_FILE = "sheet-data.js"
+PART_FILE = "sheet-data-{number}.js"
 GLOBAL = "imgbatchSheet"
+# Cards in the first part (drawn at once) and in each later part (loaded after it).
+FIRST_ROWS = 2_000
+PART_ROWS = 10_000
 # A card's cells, in order. Those in _INTERNED are numbers into `strings`.
 FIELDS = (
     "id status change reason prompt sent sent_label negative size seed model provider style"
@@ -91,21 +96,59 @@ def write_data(
     cards: Sequence[Mapping[str, Any]],
     infos: Mapping[str, ShotInfo],
     meta: Mapping[str, Any],
+    thumbs: str,
 ) -> None:
     """Write the data file. `meta` goes in as it is: the page's title, the shot list's path for
-    the commands, and the page's digest (a page that finds another drawing's data says so)."""
+    the commands, and the page's digest (a page that finds another drawing's data says so).
+    `thumbs` is a thumbnail's URL with `{k2}` and `{key}` for its key: a card whose thumbnail
+    and image are where they usually are (`<id>.png`) says 1 instead of repeating the path."""
     strings: dict[str, int] = {}
-    rows = [_row(card, infos.get(card["id"]), strings) for card in cards]
-    document = {"version": 1, **meta, "fields": FIELDS, "strings": list(strings), "rows": rows}
+    rows = [_row(card, infos.get(card["id"]), strings, thumbs) for card in cards]
+    # The first part is small, so the first cards are drawn at once whatever the batch size;
+    # the page loads the others one after another, after it.
+    parts = [rows[:FIRST_ROWS]] + [
+        rows[start : start + PART_ROWS] for start in range(FIRST_ROWS, len(rows), PART_ROWS)
+    ]
+    document = {
+        "version": 1,
+        **meta,
+        "thumbs": thumbs,
+        "total": len(rows),
+        "parts": len(parts),
+        "fields": FIELDS,
+        "strings": list(strings),
+        "rows": parts[0],
+    }
+    atomic_write(data_path(output_dir), _script(f"window.{GLOBAL}=", document))
+    for number, part in enumerate(parts[1:], start=1):
+        chunk = {"page": meta.get("page"), "rows": part}
+        atomic_write(part_path(output_dir, number), _script(f"{GLOBAL}Part({number},", chunk, ")"))
+    stale = len(parts)
+    while part_path(output_dir, stale).exists():  # a larger batch's parts, drawn before
+        part_path(output_dir, stale).unlink()
+        stale += 1
+
+
+def part_path(output_dir: Path, number: int) -> Path:
+    return output_dir / STATE_DIR / PART_FILE.format(number=number)
+
+
+def _script(head: str, document: Mapping[str, Any], tail: str = "") -> bytes:
+    """A script that hands `document` over as a JSON string: browsers read JSON several times
+    faster than the same object written as a script literal."""
     text = json.dumps(document, ensure_ascii=False, separators=(",", ":"))
-    # Inside a script, a JSON text is a literal; these escapes keep it one whatever a prompt says.
-    text = text.replace("<", "\\u003c").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
-    script = f"window.{GLOBAL}={text};\n"
-    atomic_write(data_path(output_dir), script.encode("utf-8"))
+    literal = json.dumps(text, ensure_ascii=False)
+    # Inside a script a string literal stays one whatever a prompt says; no `<` can end a tag.
+    literal = literal.replace("<", "\\u003c").replace("\u2028", "\\u2028")
+    literal = literal.replace("\u2029", "\\u2029")
+    return f"{head}JSON.parse({literal}){tail};\n".encode()
 
 
-def _row(card: Mapping[str, Any], info: ShotInfo | None, strings: dict[str, int]) -> list[Any]:
+def _row(
+    card: Mapping[str, Any], info: ShotInfo | None, strings: dict[str, int], thumbs: str
+) -> list[Any]:
     info = info or ShotInfo(reroll=str(card["id"]))
+    key = card.get("key") or ""
     image = card.get("image") or {}
     previous = card.get("previous") or {}
     change = card.get("change") or {}
@@ -130,8 +173,10 @@ def _row(card: Mapping[str, Any], info: ShotInfo | None, strings: dict[str, int]
         "request_id": card.get("request_id"),
         "attempts": card.get("attempts"),
         "key": card.get("key"),
-        "file": image.get("href"),
-        "thumb": image.get("thumb"),
+        "file": 1 if image.get("href") == quote(f"{card['id']}.png") else image.get("href"),
+        "thumb": 1
+        if image.get("thumb") and image["thumb"] == _thumb(thumbs, key)
+        else image.get("thumb"),
         "tw": image.get("width"),
         "th": image.get("height"),
         "prev_file": previous.get("href"),
@@ -158,18 +203,34 @@ def _row(card: Mapping[str, Any], info: ShotInfo | None, strings: dict[str, int]
     return row
 
 
+def _read_script(path: Path) -> Any:
+    text = path.read_text(encoding="utf-8")
+    start = text.index("JSON.parse(") + len("JSON.parse(")
+    literal, _ = json.JSONDecoder().raw_decode(text, start)
+    return json.loads(literal)
+
+
+def _thumb(template: str, key: str) -> str:
+    return template.replace("{k2}", key[:2]).replace("{key}", key)
+
+
 def read_data(output_dir: Path) -> list[dict[str, Any]]:
     """The cards as dicts, read back from the data file (for tests and tools; the page reads
-    it itself)."""
-    text = data_path(output_dir).read_text(encoding="utf-8")
-    prefix = f"window.{GLOBAL}="
-    document = json.loads(text.removeprefix(prefix).rstrip().removesuffix(";"))
+    it itself), the short forms written out."""
+    document = _read_script(data_path(output_dir))
+    rows = list(document["rows"])
+    for number in range(1, document["parts"]):
+        rows.extend(_read_script(part_path(output_dir, number))["rows"])
     fields, strings = document["fields"], document["strings"]
     cards = []
-    for row in document["rows"]:
+    for row in rows:
         card = dict.fromkeys(fields)
         for name, value in zip(fields, row, strict=False):
             interned = name in _INTERNED and isinstance(value, int)
             card[name] = strings[value] if interned else value
+        if card["file"] == 1:
+            card["file"] = quote(f"{card['id']}.png")
+        if card["thumb"] == 1:
+            card["thumb"] = _thumb(document["thumbs"], str(card["key"]))
         cards.append(card)
     return cards

@@ -16,14 +16,27 @@
   data.fields.forEach((name, index) => { F[name] = index; });
   const INTERNED = new Set(["status", "change", "sent_label", "negative", "size", "model",
     "provider", "style", "error_code"]);
+  // The first part of the cards is in the data file; the others load after it, one by one.
   const rows = data.rows;
-  const count = rows.length;
+  let count = rows.length;
+  const total = data.total ?? count;
   function get(index, name) {
     const value = rows[index][F[name]];
     if (value === undefined || value === null) return null;
     return INTERNED.has(name) && typeof value === "number" ? data.strings[value] : value;
   }
   const idOf = rows.map((row) => row[F.id]);
+  // A card whose image is <id>.png and whose thumbnail is where thumbnails go says 1 for them.
+  function fileOf(index) {
+    const file = get(index, "file");
+    return file === 1 ? `${encodeURIComponent(idOf[index])}.png` : file;
+  }
+  function thumbOf(index) {
+    const thumb = get(index, "thumb");
+    if (thumb !== 1) return thumb;
+    const key = get(index, "key");
+    return data.thumbs.replace("{k2}", key.slice(0, 2)).replace("{key}", key);
+  }
   const indexOf = new Map(idOf.map((id, index) => [id, index]));
   const haystacks = new Array(count);
   function haystack(index) {
@@ -59,13 +72,20 @@
     rerolls.clear();
     picks.clear();
     for (const id of (params.get("reroll") || "").split(",").filter(Boolean)) rerolls.add(id);
-    for (const id of (params.get("pick") || "").split(",").filter(Boolean)) {
-      const index = indexOf.get(id);
-      if (index !== undefined && get(index, "base") && !get(index, "values")) {
-        picks.set(get(index, "base"), id);
-      }
-    }
+    pendingPicks = (params.get("pick") || "").split(",").filter(Boolean);
+    resolvePicks();
     return params.get("open");
+  }
+
+  let pendingPicks = [];
+  function resolvePicks() {
+    // A pick names a take that may be in a part not loaded yet: kept until it is.
+    pendingPicks = pendingPicks.filter((id) => {
+      const index = indexOf.get(id);
+      if (index === undefined) return true;
+      if (get(index, "base") && !get(index, "values")) picks.set(get(index, "base"), id);
+      return false;
+    });
   }
 
   function writeHash(open) {
@@ -175,8 +195,7 @@
       }
     }
     grid.style.height = `${y}px`;
-    shown.textContent = indices.length === count
-      ? plural(count) : `${indices.length} of ${plural(count)}`;
+    layoutCount();
     empty.hidden = indices.length > 0;
     for (const element of drawn.values()) element.remove();
     drawn.clear();
@@ -293,7 +312,7 @@
     if (get(index, "change")) element.classList.add("changed");
     if (index === current) element.classList.add("current");
     const media = make("div", "media");
-    const file = get(index, "file");
+    const file = fileOf(index);
     const previous = get(index, "prev_file");
     if (previous && state.view === "cards") {
       media.classList.add("pair");
@@ -301,7 +320,7 @@
         get(index, "prev_h"), `${id} (before)`));
     }
     media.append(file
-      ? thumbImage(file, get(index, "thumb"), get(index, "tw"), get(index, "th"), id)
+      ? thumbImage(file, thumbOf(index), get(index, "tw"), get(index, "th"), id)
       : blankFor(status));
     const badges = make("div", "badges");
     if (get(index, "change")) {
@@ -425,8 +444,10 @@
     note.timer = setTimeout(() => layoutCount(), 4000);
   }
   function layoutCount() {
-    const total = order.length;
-    shown.textContent = total === count ? plural(count) : `${total} of ${plural(count)}`;
+    const matching = order.length;
+    let text = matching === count ? plural(count) : `${matching} of ${plural(count)}`;
+    if (count < total) text += ` (loading: ${count.toLocaleString("en")} of ${total.toLocaleString("en")})`;
+    shown.textContent = text;
   }
 
   function toggleReroll(index) {
@@ -589,7 +610,7 @@
     $("v-title").textContent = id;
     $("v-note").textContent = get(index, "change")
       ? `${get(index, "change")}: ${get(index, "reason")}` : "";
-    const file = get(index, "file");
+    const file = fileOf(index);
     const previous = get(index, "prev_file");
     const none = $("v-none");
     none.hidden = Boolean(file);
@@ -727,9 +748,54 @@
     event.preventDefault();
   });
 
+  // ---- the other parts of the data, loaded one after another once the first cards are drawn
+  const source = document.querySelector("script[src]").getAttribute("src");
+  let parts = 1;
+  let relayout = false;
+  let pendingOpen = null;
+  window.imgbatchSheetPart = (number, part) => {
+    if (number !== parts || part.page !== data.page) {
+      $("stale").hidden = false;
+      return;
+    }
+    for (const row of part.rows) {
+      indexOf.set(row[F.id], rows.length);
+      idOf.push(row[F.id]);
+      rows.push(row);
+    }
+    count = rows.length;
+    parts += 1;
+    resolvePicks();
+    updateCommands();
+    if (!relayout) {
+      relayout = true;
+      requestAnimationFrame(() => {
+        relayout = false;
+        layout();
+        setCurrent(current, false);
+        if (pendingOpen && indexOf.has(pendingOpen)) {
+          open(indexOf.get(pendingOpen));
+          pendingOpen = null;
+        }
+      });
+    }
+    loadPart();
+  };
+  function loadPart() {
+    if (parts >= (data.parts ?? 1)) return;
+    const script = document.createElement("script");
+    script.src = source.replace(/\.js$/, `-${parts}.js`);
+    script.onerror = () => { $("stale").hidden = false; };
+    document.body.append(script);
+  }
+
   const opened = readHash();
   syncControls();
   layout();
   updateCommands();
+  performance.mark("imgbatch-first-cards"); // what bench/sheet.py measures
   if (opened && indexOf.has(opened)) open(indexOf.get(opened));
+  else if (opened) pendingOpen = opened;
+  // After the first cards are on the screen.
+  requestAnimationFrame(() => setTimeout(loadPart, 0));
 })();
