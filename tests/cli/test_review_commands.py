@@ -9,6 +9,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner, Result
 
 from imgbatch.cli.main import main
@@ -137,3 +138,18 @@ def test_the_edit_reads_as_one_line_in_git(tmp_path: Path) -> None:
     assert run("reroll", manifest, "road").exit_code == 0
     stat = subprocess.run([*git, "diff", "--numstat"], check=True, capture_output=True, text=True)
     assert stat.stdout.split()[:2] == ["1", "0"]  # one line added, none removed
+
+
+def test_gc_keeps_the_picked_take_s_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    manifest = write_manifest(
+        tmp_path, LIST.replace("version: 1\n", "version: 1\nprovider: placeholder\n")
+    )
+    assert run("pick", manifest, "poster-2").exit_code == 0
+    assert run("apply", manifest).exit_code == 0
+    picked = tmp_path / "output" / "review" / "poster.png"
+    assert picked.is_file()
+    result = run("gc", manifest, "--yes")
+    assert result.exit_code == 0, result.output
+    assert "poster.png" not in result.output
+    assert picked.is_file()

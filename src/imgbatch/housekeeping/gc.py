@@ -8,8 +8,8 @@ none of those folders' results refer to, with its size, deleted only when asked.
 * the previous key of each shot the last apply changed (`.imgbatch/last-run.json`): the image
   the contact sheet shows beside a replaced one, so reverting that edit still costs nothing;
 * every file at a shot's place (`<id>.png` of a shot in the results or in the manifests: a failed
-  replace leaves the previous image there), every local reference image of the manifests, and
-  every file imgbatch cannot prove it wrote.
+  replace leaves the previous image there; a picked take's copy), every local reference image
+  of the manifests, and every file imgbatch cannot prove it wrote.
 
 What is garbage: cache entries (`.imgbatch/cache/`) and thumbnails (`.imgbatch/thumbs/`) of any
 other key, temporary files a killed run left, and a PNG in the output folder that no entry
@@ -125,6 +125,7 @@ def _folders(
         output_dir = output_dir_for(manifest, environ).resolve()
         ids, protected = by_dir.setdefault(output_dir, (set(), set()))
         ids.update(spec.id for spec in manifest.shots)
+        ids.update(manifest.picks)  # a chosen take's copy, <shot>.png, is a shot's place too
         protected.update(
             Path(reference.source)
             for reference in manifest.references.values()
