@@ -399,7 +399,6 @@ def plan(
     from imgbatch.run.apply import make_plan
 
     level = _verbosity(verbosity)
-
     try:
         result = make_plan(
             manifest,
@@ -416,10 +415,7 @@ def plan(
         return EXIT_FAILED
     # With --json, stdout is the document alone; the human text goes to stderr.
     out = console_for(sys.stderr if as_json else sys.stdout)
-    missing_key = _missing_key(result.provider) if result.has_work else None
-    if missing_key:
-        # First, not after a paid plan that looks ready: apply would stop at the key.
-        out.print(f"Note: apply would stop before sending anything: {missing_key}")
+    _note_missing_key(out, result)
     table = plan_table(result, verbose=level is Verbosity.VERBOSE)
     if table and level is not Verbosity.QUIET:
         out.print(table)
@@ -439,6 +435,13 @@ def plan(
     if detailed_exitcode and result.has_work:
         return EXIT_CHANGES
     return EXIT_OK
+
+
+def _note_missing_key(out: Any, result: Plan) -> None:
+    """First, not after a paid plan that looks ready: apply would stop at the key."""
+    missing = _missing_key(result.provider) if result.has_work else None
+    if missing:
+        out.print(f"Note: apply would stop before sending anything: {missing}")
 
 
 def _missing_key(provider: str) -> str | None:
@@ -590,7 +593,6 @@ def apply_command(
         estimate_line,
         plan_summary,
         quiet_summary,
-        shown_path,
     )
     from imgbatch.run.apply import ApplyOptions, apply
 
@@ -648,12 +650,7 @@ def apply_command(
     console_for(sys.stderr if as_json else sys.stdout).print(
         quiet_summary(report) if quiet else apply_summary(report)
     )
-    if report.sheet_problem:
-        click.echo(f"warning: {report.sheet_problem}", err=True)
-    elif report.sheet and not quiet:
-        click.echo(f"Contact sheet: {shown_path(report.sheet)}", err=as_json)
-    if report.picked and not quiet:
-        click.echo(f"Picked takes written: {', '.join(report.picked)}", err=as_json)
+    _say_files(report, quiet=quiet, as_json=as_json)
     summarize = bool(os.environ.get("GITHUB_STEP_SUMMARY"))
     document = apply_json(report) if as_json or summarize else {}
     if as_json:
@@ -799,6 +796,30 @@ def mcp_command(provider: str | None, allow_reference_outside: bool) -> int:
     return EXIT_OK
 
 
+def generate_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """`generate`'s --provider, --allow-reference-outside and -q, worded for one request."""
+    function = click.option(
+        "-q",
+        "--quiet",
+        "verbosity",
+        flag_value="quiet",
+        default=None,
+        help="Print only errors and the final line (no spinner, no progress lines).",
+    )(function)
+    function = click.option(
+        "--allow-reference-outside",
+        is_flag=True,
+        help="Trust this request: read a local reference_image outside the current folder.",
+    )(function)
+    return click.option(
+        "--provider",
+        type=click.Choice(PROVIDER_CHOICES),
+        default=None,
+        help="Image provider; auto = dashscope when an API key is configured, else the offline "
+        "placeholder (default: dashscope).",
+    )(function)
+
+
 @main.command("generate")
 @click.option(
     "--request",
@@ -823,26 +844,7 @@ def mcp_command(provider: str | None, allow_reference_outside: bool) -> int:
     is_flag=True,
     help='As --print-response, and on a failure print {"error": {...}} on stdout instead.',
 )
-@click.option(
-    "--provider",
-    type=click.Choice(PROVIDER_CHOICES),
-    default=None,
-    help="Image provider; auto = dashscope when an API key is configured, else the offline "
-    "placeholder (default: dashscope).",
-)
-@click.option(
-    "--allow-reference-outside",
-    is_flag=True,
-    help="Trust this request: read a local reference_image outside the current folder's tree.",
-)
-@click.option(
-    "-q",
-    "--quiet",
-    "verbosity",
-    flag_value="quiet",
-    default=None,
-    help="Print only errors and the final line (no spinner, no progress lines).",
-)
+@generate_options
 @error_boundary
 def generate_command(
     request_text: str,
@@ -877,6 +879,18 @@ def generate_command(
     if print_response or as_json:
         click.echo(json.dumps(response, ensure_ascii=False))
     return EXIT_OK
+
+
+def _say_files(report: Any, *, quiet: bool, as_json: bool) -> None:
+    """After apply's summary: the contact sheet (or why it was not drawn), the picked takes."""
+    from imgbatch.review.report import shown_path
+
+    if report.sheet_problem:
+        click.echo(f"warning: {report.sheet_problem}", err=True)
+    elif report.sheet and not quiet:
+        click.echo(f"Contact sheet: {shown_path(report.sheet)}", err=as_json)
+    if report.picked and not quiet:
+        click.echo(f"Picked takes written: {', '.join(report.picked)}", err=as_json)
 
 
 def _title(command: str, manifest: Path, only: tuple[str, ...]) -> str:
