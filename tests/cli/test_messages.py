@@ -130,7 +130,8 @@ def test_paths_are_shown_normalised(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "manifests").mkdir()
     (tmp_path / "manifests" / "shots.yaml").write_text(
-        "version: 1\nname: n\noutput:\n  dir: ../output/n\nshots:\n  - id: a\n    prompt: p\n",
+        "version: 1\nname: n\noutput:\n  dir: ../output/n\ntrust:\n  output_outside: true\n"
+        "shots:\n  - id: a\n    prompt: p\n",
         encoding="utf-8",
     )
     result = CliRunner().invoke(

@@ -27,8 +27,8 @@ from imgbatch.manifest.reference import ReferenceImage
 from imgbatch.plan.decide import Action
 from imgbatch.run.apply import ApplyOptions, apply, make_plan
 from imgbatch.shots.request import ImageRequest
-from tests.conftest import write_manifest
 from tests.support.fake_dashscope import FakeDashScope
+from tests.support.files import write_manifest
 from tests.support.reference_images import PNG, PNG_OTHER, ReferenceServer
 
 

@@ -26,8 +26,8 @@ from imgbatch.review.report import apply_summary
 from imgbatch.run.apply import apply, make_plan
 from imgbatch.shots.request import ImageRequest
 from tests.cli.test_cli import FAST, assert_clean, run
-from tests.conftest import write_manifest, write_many_shots
 from tests.support.fake_dashscope import FakeDashScope
+from tests.support.files import write_manifest, write_many_shots
 
 TWINS = """\
 version: 1

@@ -13,14 +13,9 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 LIMIT = 60
 # Still to be split, with their lengths when the check came in: a ceiling, never a target.
 LONGER = {
-    ("imgbatch/cli/main.py", "apply_command"): 185,
-    ("imgbatch/run/executor.py", "_generate"): 138,
-    ("imgbatch/plan/decide.py", "_plan_shot"): 89,
-    ("imgbatch/cli/agent_server.py", "build_server"): 82,
-    ("imgbatch/review/report.py", "apply_json"): 72,
-    ("imgbatch/cli/main.py", "plan"): 70,
-    ("imgbatch/manifest/rules.py", "_shot_rule_problems"): 65,
-    ("imgbatch/review/sheet.py", "_card"): 62,
+    ("imgbatch/cli/plan_apply.py", "apply_command"): 185,
+    ("imgbatch/run/executor.py", "_generate"): 137,
+    ("imgbatch/cli/plan_apply.py", "plan"): 70,
 }
 
 
@@ -51,4 +46,3 @@ def test_a_function_split_under_the_limit_leaves_the_list() -> None:
     lengths = function_lengths()
     done = [where for where in LONGER if lengths.get(where, 0) <= LIMIT]
     assert done == [], f"under {LIMIT} lines now: remove them from LONGER: {done}"
-

@@ -18,7 +18,7 @@ from imgbatch.pacing.gate import Clock, Gate, Pacer, RetryPolicy
 from imgbatch.pacing.quota import QuotaEstimator
 from imgbatch.run.apply import ApplyOptions
 from imgbatch.units.quota import Quota
-from tests.conftest import write_manifest
+from tests.support.files import write_manifest
 from tests.support.quota_sim import Account, simulate
 from tests.support.virtual_time import run_virtual
 
@@ -220,6 +220,7 @@ def test_an_even_rate_without_burst_is_found() -> None:
     assert run.ratio >= 0.9
 
 
+@pytest.mark.slow  # a long simulated run
 def test_a_token_bucket_with_a_burst_is_found_and_held() -> None:
     run = simulate(Account(bucket=(25, 25)), 0.8, 600)
     assert run.share <= 0.05

@@ -21,7 +21,7 @@ from imgbatch.shots.request import (
     ImageRequest,
     changed_fields,
 )
-from tests.conftest import write_manifest
+from tests.support.files import write_manifest
 from tests.support.reference_images import JPEG, PNG, PNG_OTHER, image_bytes
 
 PNG_BYTES = PNG
@@ -315,8 +315,8 @@ def test_output_dir_is_relative_to_the_manifest(tmp_path: Path) -> None:
     (tmp_path / "manifests").mkdir()
     path = write_manifest(
         tmp_path / "manifests",
-        "version: 1\nname: spot\noutput:\n  dir: ../renders/here\nshots:\n  - id: a\n"
-        "    prompt: p\n",
+        "version: 1\nname: spot\noutput:\n  dir: ../renders/here\ntrust:\n  output_outside: true\n"
+        "shots:\n  - id: a\n    prompt: p\n",
     )
     expansion = expand(load_manifest(path), provider="placeholder", environ={})
     assert expansion.output_dir == tmp_path / "manifests" / "../renders/here"

@@ -102,7 +102,7 @@ def load_manifest(path: str | Path, *, allow_reference_outside: bool = False) ->
     """Parse, validate and merge a manifest; raise `ManifestError` with every problem found.
 
     `allow_reference_outside` lets local reference images lie outside the manifest's folder
-    tree (a trust decision; the manifest can also say so itself, see the README).
+    tree (a trust decision; the manifest can also say so itself, see docs/manifest.md).
     """
     path = Path(path)
     display = str(path)

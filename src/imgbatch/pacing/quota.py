@@ -80,7 +80,7 @@ class _Send:
 
 @dataclass(frozen=True)
 class EstimatorSettings:
-    """How the estimator probes; the defaults are what the README's benchmarks ran."""
+    """How the estimator probes; the defaults are what bench/README.md's benchmarks ran."""
 
     opening: Quota = Quota(1, 0.55)  # three requests 0.55 s apart before the rate is raised
     opening_sends: int = 3

@@ -120,51 +120,29 @@ def apply_json(report: ApplyReport) -> dict[str, Any]:
     stopped before, else its entry's status; `moved_aside`: where an edited file went before a
     new image took its place), the counts, whether a bound stopped it and how many shots
     remain, and where results.json is."""
-    left = {
-        item.id: item.action.value
-        for item in report.plan.shots
-        if item.action in (Action.UNCHANGED, Action.DRIFT)
-    }
-    by_id = {entry.id: entry for entry in report.entries}
-    shots: list[dict[str, Any]] = []
-    for item in report.plan.shots:
-        entry = by_id.get(item.id)
-        reason = report.not_run.get(item.id)
-        if reason is not None:
-            # Its file (if it has one from before) is still there, untouched.
-            shots.append(
-                {
-                    "id": item.id,
-                    "status": "not_run",
-                    "file": entry.file if entry else None,
-                    "error": reason,
-                    "error_code": None,
-                    "request_id": None,
-                    "moved_aside": None,
-                }
-            )
-            continue
-        if entry is None:
-            continue  # left alone, with no entry to show (a drift that never had one)
-        shots.append(
-            {
-                "id": entry.id,
-                "status": left.get(entry.id, entry.status),
-                "file": entry.file,
-                "error": entry.error,
-                "error_code": entry.error_code,
-                "request_id": entry.request_id,
-                "moved_aside": report.moved_aside.get(entry.id),
-            }
-        )
+    shots = [
+        {
+            "id": shot.id,
+            "status": shot.status,
+            # A shot not run: its file (if it has one from before) is still there, untouched.
+            "file": shot.file,
+            "error": shot.error,
+            "error_code": shot.error_code,
+            "request_id": shot.request_id,
+            "moved_aside": shot.moved_aside,
+        }
+        for shot in report.shots
+        # Left alone with no entry to show (a drift that never had one): not listed.
+        if shot.entry is not None or shot.status == "not_run"
+    ]
     summary = {
         "generated": report.count("generated"),
         "cached": report.count("cached"),
         "failed": report.count("failed"),
         "unfetched": report.count("unfetched"),
-        "not_run": len(report.not_run),
+        "not_run": report.count("not_run"),
         "unchanged": report.unchanged,
-        "drift": report.plan.count(Action.DRIFT),
+        "drift": report.count("drift"),
         "requests": report.requests,
         "billed": report.billed,
         "throttled": report.throttled,
@@ -225,11 +203,11 @@ def _counts_line(report: ApplyReport) -> str:
     unfetched = report.count("unfetched")
     if unfetched:
         parts.insert(3, f"{unfetched} billed but not downloaded (the next apply fetches them)")
-    drift = report.plan.count(Action.DRIFT)
+    drift = report.count("drift")
     if drift:
         parts.append(f"{drift} edited by hand and kept (--overwrite-edited puts them back)")
-    if report.not_run:
-        parts.append(f"{len(report.not_run)} not run")
+    if report.count("not_run"):
+        parts.append(f"{report.count('not_run')} not run")
     if not report.plan.metered:
         sent = f"{report.requests} offline request{'s' if report.requests != 1 else ''}"
     else:

@@ -21,7 +21,8 @@ from typing import Any
 from urllib.parse import quote
 
 from imgbatch.manifest import Manifest
-from imgbatch.state.cache import STATE_DIR, atomic_write
+from imgbatch.state.cache import atomic_write
+from imgbatch.state.folder import OutputFolder
 
 DATA_FILE = "sheet-data.js"
 PART_FILE = "sheet-data-{number}.js"
@@ -83,12 +84,12 @@ def shot_infos(manifest: Manifest) -> dict[str, ShotInfo]:
 
 
 def data_path(output_dir: Path) -> Path:
-    return output_dir / STATE_DIR / DATA_FILE
+    return OutputFolder(output_dir).state_dir / DATA_FILE
 
 
-def page_url() -> str:
+def page_url(output_dir: Path) -> str:
     """The data file as the page names it (relative to the output folder)."""
-    return f"{STATE_DIR}/{DATA_FILE}"
+    return data_path(output_dir).relative_to(output_dir).as_posix()
 
 
 def write_data(
@@ -130,7 +131,7 @@ def write_data(
 
 
 def part_path(output_dir: Path, number: int) -> Path:
-    return output_dir / STATE_DIR / PART_FILE.format(number=number)
+    return OutputFolder(output_dir).state_dir / PART_FILE.format(number=number)
 
 
 def _script(head: str, document: Mapping[str, Any], tail: str = "") -> bytes:

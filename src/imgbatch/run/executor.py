@@ -5,7 +5,8 @@ Takes a `Plan`, a provider, the image cache and a journal; gives a `RunOutcome` 
 paid requests wait for their model's `Gate`; a 429 sends the shot back to the gate (it uses up no
 try, and fails the shot only after `RetryPolicy.throttle_patience` of refusals), other transient
 failures are retried with backoff, a 400 fails that
-shot only, a 401/403 stops the run: nothing new is sent, requests in flight finish. Every image is
+shot only, a 401/403 stops the run: nothing new is sent, requests in flight finish, and the
+shots it answered are not run (a refused key says nothing about them). Every image is
 downloaded right after it is generated (its URL expires), verified to decode at the reported
 size, put in the cache and copied into place before its entry is journaled, so a crash loses only
 shots in flight; its URL is journaled before the download (an `unfetched` entry), so that a shot
@@ -49,6 +50,7 @@ from imgbatch.errors import (
     NoImageError,
     PermanentError,
     ProviderError,
+    RateLimited,
     StoreWriteError,
     TransientError,
 )
@@ -119,6 +121,8 @@ class RunOutcome:
     maybe_billed: int = 0
     # The same by model, to price them.
     billed_models: Counter[str] = field(default_factory=Counter)
+    # The shots whose image the service made (and billed) in this run.
+    billed_shots: set[str] = field(default_factory=set)
     maybe_billed_models: Counter[str] = field(default_factory=Counter)
     throttled: int = 0
     retries: int = 0
@@ -273,6 +277,12 @@ class Executor:
                 self.stop(reason, bound=bound.name)
                 return True
         return False
+
+    def _billed(self, shot_id: str, model: str) -> None:
+        """The service made (and billed) an image of `model` for the shot."""
+        self.outcome.billed += 1
+        self.outcome.billed_models[model] += 1
+        self.outcome.billed_shots.add(shot_id)
 
     def _skip(self, shot_id: str, reason: str, *, maybe_billed: bool = False) -> None:
         """`shot_id` is not run: no entry, nothing journaled; its previous state stands.
@@ -513,7 +523,7 @@ class Executor:
                     self.listener(Retrying(shot.id, attempt, 0.0, exc))
                 continue
             except TransientError as exc:
-                if exc.throttled:
+                if isinstance(exc, RateLimited):
                     if gate:
                         gate.refused(ticket, exc.retry_after, exc.stated_quota)
                 elif gate:
@@ -530,7 +540,7 @@ class Executor:
                     )
                     self._skip(shot.id, f"not run: {exc}")
                     return
-                if exc.throttled:
+                if isinstance(exc, RateLimited):
                     now = self.clock.now()
                     refused_since = now if refused_since is None else refused_since
                     if now - refused_since >= self.retry.throttle_patience:
@@ -565,15 +575,14 @@ class Executor:
                 if gate:
                     gate.answered(ticket)
                 if isinstance(exc, AuthError):
-                    self.stop(f"the service refused the credentials: {exc}")
+                    return self._refused_key(shot.id, exc, lost)
                 self._finish(failed_entry(shot, str(exc), exc, attempt))
                 return
             if gate:
                 gate.answered(ticket, image.stated_quota)
             self._answered[model] += 1
             if self.provider.metered:
-                self.outcome.billed += 1
-                self.outcome.billed_models[model] += 1
+                self._billed(shot.id, model)
                 # Journaled before the download, so that a run killed while downloading leaves
                 # the paid image's URL for the next apply to fetch instead of paying again.
                 downloading = unfetched_entry(
@@ -585,6 +594,13 @@ class Executor:
             await self._keep(output_dir, shot, image, attempt, sent)
             self.outcome.downloading.pop(shot.id, None)
             return
+
+    def _refused_key(self, shot_id: str, error: AuthError, lost: int) -> None:
+        """Stop the run: the key is refused. That is the run's stop reason, not this shot's
+        outcome: its earlier entry (a real error, or its image) stands, like that of every shot
+        the stop leaves."""
+        self.stop(f"the service refused the credentials: {error}")
+        self._skip(shot_id, self._not_run(None, lost))
 
     def _not_run(self, phase: str | None, lost: int) -> str:
         """Why a shot stopped before it was sent (again), and what earlier tries may have cost."""

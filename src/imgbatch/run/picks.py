@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from imgbatch.state.cache import ImageCache, atomic_write
+from imgbatch.state.cache import atomic_write
+from imgbatch.state.folder import OutputFolder
 from imgbatch.state.results import ResultEntry
 
 
@@ -21,7 +22,7 @@ def place_picks(
 ) -> tuple[str, ...]:
     """Write each chosen take as `<shot>.png`; gives the names of the files written."""
     by_id = {entry.id: entry for entry in entries}
-    cache = ImageCache(output_dir)
+    cache = OutputFolder(output_dir).cache
     written = []
     for shot, take in picks.items():
         entry = by_id.get(take)
