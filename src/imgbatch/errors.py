@@ -30,11 +30,25 @@ Retry decisions follow the class, never the message text; the command's exit cod
 from __future__ import annotations
 
 import errno
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 from imgbatch.units.quota import Quota
+
+_OBJECT_REPR = re.compile(r"\s*<[A-Za-z_][\w.]* object at 0x[0-9a-fA-F]+>")
+
+
+def without_reprs(text: str) -> str:
+    """`text` with Python object reprs taken out: a library's message such as Pillow's "cannot
+    identify image file <_io.BytesIO object at 0x7f...>" reads "cannot identify image file".
+
+    >>> without_reprs("cannot identify image file <_io.BytesIO object at 0x7f90407b83b0>")
+    'cannot identify image file'
+    """
+    return _OBJECT_REPR.sub("", text)
+
 
 # The exit codes errors give (the docs list them): 1 a run that failed or stopped, 2 input that
 # cannot be run (a shot list, options, credentials, an image `inspect` cannot read).
@@ -90,6 +104,7 @@ class ManifestError(ImgbatchError):
 
     def __init__(self, problems: Sequence[ManifestProblem], subject: str = "the manifest") -> None:
         self.problems = tuple(problems)
+        self.subject = subject
         count = len(self.problems)
         head = f"{count} problem{'s' if count != 1 else ''} in {subject}:"
         super().__init__("\n".join([head, *(f"  {p}" for p in self.problems)]))

@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from imgbatch.errors import ImageError, InspectError
+from imgbatch.errors import ImageError, InspectError, without_reprs
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -206,7 +206,7 @@ def _singular(what: str) -> str:
 
 
 def _reason(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
+    text = without_reprs(str(exc)) or type(exc).__name__
     return text if len(text) <= 200 else text[:200] + "..."
 
 

@@ -164,7 +164,7 @@ def test_validate_broken_yaml_and_missing_file(tmp_path: Path) -> None:
     result = run("validate", missing)
     assert result.exit_code == 2
     assert_clean(result)
-    assert f"{missing}:1:1: file: no such file" in result.stderr
+    assert f"{missing}: file: no such file" in result.stderr
 
 
 def test_plan_lists_every_shot_and_counts_paid_requests(

@@ -1,7 +1,8 @@
-"""The contact sheet as files: what index.html says, the thumbnails, and when it is drawn.
+"""The contact sheet as files: index.html, the cards' data file, the thumbnails, and when they
+are drawn.
 
 The browser test (test_sheet_browser.py) checks the page as a user sees it; these check the
-markup and the files behind it, without a browser.
+page's markup and the data behind it, without a browser.
 """
 
 from __future__ import annotations
@@ -11,16 +12,17 @@ import base64
 import hashlib
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from markupsafe import escape
 from PIL import Image
 
 from imgbatch.cli.main import main
 from imgbatch.providers.placeholder import PlaceholderProvider
 from imgbatch.review import sheet as sheet_module
 from imgbatch.review.sheet import render_sheet
+from imgbatch.review.sheet_data import data_path, read_data
 from imgbatch.run.apply import ApplyOptions, apply, load_and_expand
 from imgbatch.shots.request import GeneratedImage, ImageRequest
 from imgbatch.state.folder import OutputFolder
@@ -49,33 +51,38 @@ def page(scenario: Scenario) -> str:
     return scenario.sheet.read_text(encoding="utf-8")
 
 
-def card(text: str, shot_id: str) -> str:
-    """The markup of one shot's card: up to the next card, or the end of the grid."""
-    match = re.search(
-        rf'<li class="card[^"]*" id="shot-{re.escape(shot_id)}".*?(?=<li class="card|</ol>)',
-        text,
-        re.S,
-    )
-    assert match, f"no card for {shot_id}"
-    return match.group(0)
+def cards(output_dir: Path) -> dict[str, dict[str, Any]]:
+    return {card["id"]: card for card in read_data(output_dir)}
+
+
+def card(scenario: Scenario, shot_id: str) -> dict[str, Any]:
+    return cards(scenario.output_dir)[shot_id]
 
 
 def test_every_shot_has_a_card_in_manifest_order(scenario: Scenario) -> None:
     assert scenario.second.sheet == scenario.sheet
     assert scenario.second.sheet_problem is None
-    assert re.findall(r'<li class="card[^"]*" id="shot-([^"]+)"', page(scenario)) == ORDER
+    assert [entry["id"] for entry in read_data(scenario.output_dir)] == ORDER
 
 
-def test_user_text_is_escaped_never_markup(scenario: Scenario) -> None:
+def test_the_page_is_small_whatever_the_batch(scenario: Scenario) -> None:
+    # No card is in the page: its size does not grow with the shots.
     text = page(scenario)
-    hostile = card(text, HOSTILE)
-    assert str(escape(HOSTILE_PROMPT)) in hostile
-    assert str(escape(HOSTILE_NEGATIVE)) in hostile
-    assert "&lt;img src=x onerror=&#34;window.__xss=1" in hostile
-    assert "<img src=x" not in text
-    assert "<script>window" not in text
-    # Exactly one script on the page: the sheet's own.
-    assert text.count("<script") == 1
+    assert all(shot_id not in text for shot_id in ORDER)
+    assert len(text.encode()) < 60_000
+    assert '<script src=".imgbatch/sheet-data.js"></script>' in text
+
+
+def test_user_text_is_data_never_markup(scenario: Scenario) -> None:
+    hostile = card(scenario, HOSTILE)
+    assert hostile["prompt"] == HOSTILE_PROMPT
+    assert hostile["negative"] == HOSTILE_NEGATIVE
+    data = data_path(scenario.output_dir).read_text(encoding="utf-8")
+    # A `<` never appears raw in the data script: no text can close or open a tag in it.
+    assert "<" not in data
+    text = page(scenario)
+    # Two scripts on the page: the data file and the sheet's own.
+    assert text.count("<script") == 2
 
 
 def test_the_page_runs_only_its_own_script_and_fetches_nothing_from_a_network(
@@ -86,57 +93,57 @@ def test_the_page_runs_only_its_own_script_and_fetches_nothing_from_a_network(
     assert script
     digest = base64.b64encode(hashlib.sha256(script.group(1).encode()).digest()).decode()
     policy = re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', text)
-    assert policy and f"script-src 'sha256-{digest}'" in policy.group(1)
+    # Its own inline script, and scripts from its own place (the data file beside it).
+    assert policy and f"script-src 'sha256-{digest}' 'self';" in policy.group(1)
     assert "default-src 'none'" in policy.group(1)
     assert not re.search(r'(src|href)="(https?:)?//', text)
     assert "<link" not in text
 
 
 def test_the_card_shows_what_was_asked_and_what_happened(scenario: Scenario) -> None:
-    text = page(scenario)
-    helmet = card(text, "s03-helmet")
-    assert "1328×1328" in helmet and "seed 7" in helmet and "qwen-image-max" in helmet
-    # The style is appended to the prompt: the text sent is shown whole, and what differs.
-    assert "a studio product photo of a matte black cycling helmet\nStyle: studio" in helmet
-    assert "prompt + Style: studio photography, softbox lighting" in helmet
-    assert "blurry, low quality, watermark" in helmet
-    failed = card(text, FAILED)
-    assert 'data-status="failed"' in failed
-    assert "400 DataInspectionFailed</code>" in failed
-    assert "Input data may contain inappropriate content." in failed
-    assert "<img" not in failed
+    helmet = card(scenario, "s03-helmet")
+    assert (helmet["size"], helmet["seed"], helmet["model"]) == ("1328×1328", 7, "qwen-image-max")
+    # The style is appended to the prompt: what was added to it is shown.
+    assert helmet["sent"] == "prompt + Style: studio photography, softbox lighting"
+    assert helmet["sent_label"] == "sent"
+    assert helmet["negative"] == "blurry, low quality, watermark"
+    assert helmet["provider"] == "placeholder"  # the page marks its drawing as a placeholder
+    failed = card(scenario, FAILED)
+    assert failed["status"] == "failed"
+    assert failed["error_code"] == "400 DataInspectionFailed"
+    assert failed["error_message"] == "Input data may contain inappropriate content."
+    assert failed["file"] is None and failed["thumb"] is None
 
 
 def test_the_last_run_s_changes_are_marked(scenario: Scenario) -> None:
-    text = page(scenario)
-    changed = re.findall(r'id="shot-([^"]+)"[^>]*data-changed="1"', text)
-    assert changed == [FAILED, REPLACED, ADDED]
-    assert ">replaced</span>" in card(text, REPLACED)
-    assert ">new</span>" in card(text, ADDED)
-    assert ">retried</span>" in card(text, FAILED)
-    assert 'data-changed="0"' in card(text, "s01-dawn-road")
+    assert changed_ids(scenario) == [FAILED, REPLACED, ADDED]
+    assert card(scenario, REPLACED)["change"] == "replaced"
+    assert card(scenario, ADDED)["change"] == "new"
+    assert card(scenario, FAILED)["change"] == "retried"
+    assert card(scenario, "s01-dawn-road")["change"] is None
 
 
 def test_a_replaced_shot_shows_its_previous_image_from_the_cache(scenario: Scenario) -> None:
     previous = next(e for e in scenario.first.entries if e.id == REPLACED)
     current = next(e for e in scenario.second.entries if e.id == REPLACED)
     assert previous.key != current.key
-    replaced = card(page(scenario), REPLACED)
+    replaced = card(scenario, REPLACED)
     cached = OutputFolder(scenario.output_dir).cache.path(previous.key)
     assert cached.is_file()
-    assert f'href=".imgbatch/cache/{previous.key[:2]}/{previous.key}.png"' in replaced
-    assert f'src=".imgbatch/thumbs/{previous.key[:2]}/{previous.key}.webp"' in replaced
-    assert f'src=".imgbatch/thumbs/{current.key[:2]}/{current.key}.webp"' in replaced
-    assert f'href="{REPLACED}.png"' in replaced
-    assert "close-up of a hand pulling a water bottle from a carbon frame" in replaced  # was
+    assert replaced["prev_file"] == f".imgbatch/cache/{previous.key[:2]}/{previous.key}.png"
+    assert replaced["prev_thumb"] == f".imgbatch/thumbs/{previous.key[:2]}/{previous.key}.webp"
+    assert replaced["thumb"] == f".imgbatch/thumbs/{current.key[:2]}/{current.key}.webp"
+    assert replaced["file"] == f"{REPLACED}.png"
+    assert (
+        replaced["prev_prompt"] == "close-up of a hand pulling a water bottle from a carbon frame"
+    )
 
 
 def test_thumbnails_are_small_lazy_and_made_once_per_image(scenario: Scenario) -> None:
-    text = page(scenario)
-    sources = re.findall(r'<img src="([^"]+)"', text)
+    drawn = cards(scenario.output_dir).values()
+    sources = [c[name] for c in drawn for name in ("thumb", "prev_thumb") if c[name]]
     assert len(sources) == 9
     assert all(src.startswith(".imgbatch/thumbs/") and src.endswith(".webp") for src in sources)
-    assert text.count('loading="lazy"') == len(sources)
     stats = {}
     for src in sources:
         path = scenario.output_dir / src
@@ -152,8 +159,8 @@ def test_thumbnails_are_small_lazy_and_made_once_per_image(scenario: Scenario) -
     assert {src: (scenario.output_dir / src).stat().st_mtime_ns for src in stats} == stats
 
 
-def changed_ids(text: str) -> list[str]:
-    return re.findall(r'id="shot-([^"]+)"[^>]*data-changed="1"', text)
+def changed_ids(scenario: Scenario) -> list[str]:
+    return [c["id"] for c in read_data(scenario.output_dir) if c["change"]]
 
 
 def test_the_marks_show_the_last_apply_that_changed_a_shot(scenario: Scenario) -> None:
@@ -161,7 +168,7 @@ def test_the_marks_show_the_last_apply_that_changed_a_shot(scenario: Scenario) -
     options = ApplyOptions(environ={}, home=manifest.parent)
     # The failed shot is tried again: the marks move to it alone.
     apply(manifest, options, provider=ModeratedPlaceholder())
-    assert changed_ids(page(scenario)) == [FAILED]
+    assert changed_ids(scenario) == [FAILED]
 
     manifest.write_text(
         manifest.read_text(encoding="utf-8").replace("a FORBIDDEN sign", "a closed sign"),
@@ -169,8 +176,8 @@ def test_the_marks_show_the_last_apply_that_changed_a_shot(scenario: Scenario) -
     )
     apply(manifest, options, provider=ModeratedPlaceholder())
     drawn = page(scenario)
-    assert changed_ids(drawn) == [FAILED]
-    assert 'data-status="generated"' in card(drawn, FAILED)
+    assert changed_ids(scenario) == [FAILED]
+    assert card(scenario, FAILED)["status"] == "generated"
     inode = scenario.sheet.stat().st_ino
 
     again = apply(manifest, options, provider=ModeratedPlaceholder())
@@ -189,9 +196,9 @@ def test_the_marks_show_the_last_apply_that_changed_a_shot(scenario: Scenario) -
     moved = apply(manifest, options, provider=ModeratedPlaceholder())
 
     assert not [item for item in moved.plan.shots if item.action != "unchanged"]
-    ids = re.findall(r'<li class="card[^"]*" id="shot-([^"]+)"', page(scenario))
+    ids = [c["id"] for c in read_data(scenario.output_dir)]
     assert ids == [*ORDER[1:-1], "s01-dawn-road"]
-    assert changed_ids(page(scenario)) == [FAILED]
+    assert changed_ids(scenario) == [FAILED]
 
 
 def test_a_sheet_that_cannot_be_drawn_warns_and_never_fails_the_run(
@@ -251,8 +258,8 @@ def test_imgbatch_sheet_shows_shots_not_applied_yet_as_pending(scenario: Scenari
     result = CliRunner().invoke(main, ["sheet", str(manifest)])
 
     assert result.exit_code == 0, result.output
-    later = card(page(scenario), "s10-later")
-    assert 'data-status="pending"' in later and "not generated yet" in later
+    later = card(scenario, "s10-later")
+    assert later["status"] == "pending" and later["prompt"] is None
 
 
 def test_imgbatch_sheet_before_any_apply_says_so_and_writes_nothing(tmp_path: Path) -> None:
@@ -296,10 +303,11 @@ def test_a_simplified_prompt_is_shown_as_what_was_sent_and_a_lost_image_breaks_n
         tmp_path, title="t", order=["s01"], entries={"s01": entry}, changes={}, finished_at=None
     )
 
-    shot = card(path.read_text(encoding="utf-8"), "s01")
-    assert '<span class="label">simplified</span><span class="value">a red bicycle.</span>' in shot
-    assert "seed random" in shot
-    assert "no preview" in shot and "<img" not in shot  # its image is gone: no thumbnail
+    assert path == tmp_path / "index.html"
+    shot = cards(tmp_path)["s01"]
+    assert (shot["sent_label"], shot["sent"]) == ("simplified", "a red bicycle.")
+    assert shot["seed"] is None  # the page says "no seed"
+    assert shot["file"] == "s01.png" and shot["thumb"] is None  # the image is gone: no preview
 
 
 def test_a_shot_billed_but_not_downloaded_has_its_own_status_and_filter(tmp_path: Path) -> None:
@@ -325,12 +333,11 @@ def test_a_shot_billed_but_not_downloaded_has_its_own_status_and_filter(tmp_path
     )
 
     text = path.read_text(encoding="utf-8")
-    shot = card(text, "s01")
-    assert 'data-status="unfetched"' in shot
-    assert "billed, not downloaded yet: the next apply fetches it" in shot
-    assert "could not be downloaded: timed out" in shot
+    shot = cards(tmp_path)["s01"]
+    assert shot["status"] == "unfetched"
+    assert shot["error_message"] and "could not be downloaded: timed out" in shot["error_message"]
     assert 'data-filter="unfetched"' in text
-    assert "<img" not in shot
+    assert shot["file"] is None
 
 
 class WaitsForAThumbnail(PlaceholderProvider):
@@ -409,9 +416,10 @@ def test_a_failed_card_shows_the_status_and_words_the_entry_holds_never_parsed(
     path = render_sheet(
         tmp_path, title="t", order=["s01", "s02"], entries=entries, changes={}, finished_at=None
     )
-    text = path.read_text(encoding="utf-8")
-    assert '<code class="code">429 Throttling</code>' in card(text, "s01")
-    assert f'<span class="message">{refused}</span>' in card(text, "s01")
-    lookalike = card(text, "s02")
-    assert '<code class="code">Lookalike</code>' in lookalike
-    assert '<span class="message">500 Lookalike: not the service&#39;s words</span>' in lookalike
+    assert path == tmp_path / "index.html"
+    shown = cards(tmp_path)
+    assert shown["s01"]["error_code"] == "429 Throttling"
+    assert shown["s01"]["error_message"] == refused
+    lookalike = shown["s02"]
+    assert lookalike["error_code"] == "Lookalike"
+    assert lookalike["error_message"] == "500 Lookalike: not the service's words"

@@ -542,3 +542,27 @@ def test_huge_variants_are_refused_without_being_built(tmp_path: Path) -> None:
         "field matrix: the matrix makes 600,000 combinations x 2 variants: more than "
         "1,000,000 shots"
     )
+
+
+def test_a_shot_repeating_another_s_ids_is_reported_once_not_once_per_take(
+    tmp_path: Path,
+) -> None:
+    path = write_manifest(
+        tmp_path,
+        """\
+version: 1
+shots:
+  - id: poster
+    prompt: p
+    seed: 1
+    variants: 3
+  - id: poster
+    prompt: q
+    seed: 5
+    variants: 3
+""",
+    )
+    assert problems(path) == [
+        f"{path}:7:9: shot poster, field id: ids 'poster-1' to 'poster-3' (3 of them) are "
+        "already used by shots[0] on line 3; ids must be unique (ignoring case)"
+    ]

@@ -23,8 +23,8 @@ from tests.support.reference_images import PNG, PNG_OTHER
 
 SUPPORTED = "1664*928, 1472*1104, 1328*1328, 1104*1472, 928*1664"
 SHOT_ALLOWED = (
-    "id, matrix, model, negative_prompt, prompt, prompt_extend, reference_image, seed, size, "
-    "style, variants, watermark"
+    "id, matrix, model, negative_prompt, pick, prompt, prompt_extend, reference_image, seed, "
+    "size, style, variants, watermark"
 )
 # The loader uses libyaml when PyYAML has it; its syntax error texts differ from pure Python's.
 LIBYAML = bool(getattr(yaml, "__with_libyaml__", False))
@@ -263,8 +263,10 @@ def test_shipped_schema_is_the_repository_schema() -> None:
 def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "nope.yaml"
     error = manifest_error(path)
-    assert str(error) == single(path, 1, 1, "file", "no such file")
-    assert error.problems == (ManifestProblem(str(path), 1, 1, "file", "no such file"),)
+    # About the whole file: no line or column.
+    assert str(error) == f"1 problem in the manifest:\n  {path}: file: no such file"
+    assert error.problems == (ManifestProblem(str(path), 0, 0, "file", "no such file"),)
+    assert error.problems[0].to_json()["line"] is None
 
 
 @pytest.mark.parametrize("text", ["", "# only a comment\n", "\n\n"])

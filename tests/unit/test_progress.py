@@ -28,7 +28,7 @@ from imgbatch.cli.main import main
 from imgbatch.errors import RateLimited, TransientError
 from imgbatch.review.console import Verbosity, console_for
 from imgbatch.review.events import Retrying
-from imgbatch.review.progress import Progress
+from imgbatch.review.progress import Progress, bar_counts
 from imgbatch.state.results import ResultEntry
 from tests.support.fake_dashscope import FakeDashScope
 from tests.support.files import FAKE_KEY, REPO, write_manifest
@@ -216,8 +216,8 @@ def test_a_terminal_gets_a_live_bar_with_done_and_total(
     output = run_in_terminal(["apply", str(manifest)], slow_env, tmp_path)
     frames = re.split(r"\r|\x1b\[2K", output)
     bars = [SGR.sub("", frame) for frame in frames if "━" in frame]
-    assert any(re.search(r"━ 0/2 .*images/s 0:00:0\d ETA", bar) for bar in bars), bars
-    assert any(re.search(r"━ 2/2 .*images/s 0:00:0\d ETA .* 0 failed$", b) for b in bars)
+    assert any(re.search(r"━ 0/2 .*img/s 0:00:0\d ETA", bar) for bar in bars), bars
+    assert any(re.search(r"━ 2/2 .*img/s 0:00:0\d ETA .* 0 failed$", b) for b in bars)
     assert "\x1b[?25l" in output  # the cursor is hidden while the bar is drawn, then shown
     assert SGR.search(output), "a terminal gets colour"
     assert "[2/2] 2 generated" not in output  # no log lines on a terminal
@@ -358,3 +358,18 @@ def test_the_bar_shows_failures_retries_and_429s_once_there_are_any(
     assert any(f.startswith("failed b: 400 InvalidParameter: bad size\n") for f in frames)
     last = [frame for frame in frames if "━" in frame][-1]
     assert re.search(r"━ 2/3 .* 1 failed · 2 retries · 1 throttled \(429\)$", last), last
+
+
+def test_one_retry_is_a_retry_and_the_bar_s_counters_fit_what_is_left() -> None:
+    progress = Progress(io.StringIO(), clock=lambda: 10.0)
+    progress.start(3)
+    progress.retries = 1
+    assert ", 1 retry, 0 throttled (429);" in progress.status()
+    progress.retries = 2
+    assert ", 2 retries, 0 throttled (429);" in progress.status()
+    progress.close()
+    # Failures always; the 429s shorten, then go, then the retries.
+    assert bar_counts(2, 1, 3, 40) == (2, ["2 failed", "1 retry", "3 throttled (429)"])
+    assert bar_counts(2, 1, 3, 26) == (2, ["2 failed", "1 retry", "3×429"])
+    assert bar_counts(2, 1, 3, 20) == (2, ["2 failed", "1 retry"])
+    assert bar_counts(2, 1, 3, 5) == (2, ["2 failed"])

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from imgbatch.errors import EXIT_FAILED, ConfigError, ImgbatchError
+from imgbatch.errors import EXIT_FAILED, ConfigError, ImgbatchError, ManifestError, without_reprs
 from imgbatch.providers import PROVIDER_CHOICES, secrets_for_redaction
 from imgbatch.units.quota import Quota, parse_quota
 
@@ -42,9 +42,18 @@ def error_boundary(command: F) -> F:
         try:
             code = command(*args, **kwargs)
         except ImgbatchError as exc:
-            click.echo(f"error: {exc}", err=True)
+            named = kwargs.get("manifest")
+            if (
+                isinstance(exc, ManifestError)
+                and named is not None
+                and exc.subject == "the manifest"
+            ):
+                # Named by its file, as `validate` names it: every command words it alike.
+                exc = ManifestError(exc.problems, subject=str(named))
+            message = without_reprs(str(exc))
+            click.echo(f"error: {message}", err=True)
             code = exc.exit_code  # the error says which (errors.py), not a table here
-            _summarize_error(str(exc), code)
+            _summarize_error(message, code)
         except Exception as exc:  # noqa: BLE001 - the boundary: nothing escapes as a traceback
             log = write_crash_log()
             click.echo(f"error: unexpected {type(exc).__name__}; details in {log}", err=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,14 +12,38 @@ import click
 
 from imgbatch.cli.common import (
     EXIT_OK,
-    allow_outside_option,
+    _verbosity,
     error_boundary,
-    provider_option,
 )
 from imgbatch.errors import ConfigError, ImgbatchError
+from imgbatch.providers import PROVIDER_CHOICES
 
 if TYPE_CHECKING:
     pass
+
+
+def generate_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """`generate`'s --provider, --allow-reference-outside and -q, worded for one request."""
+    function = click.option(
+        "-q",
+        "--quiet",
+        "verbosity",
+        flag_value="quiet",
+        default=None,
+        help="Print only errors and the final line (no spinner, no progress lines).",
+    )(function)
+    function = click.option(
+        "--allow-reference-outside",
+        is_flag=True,
+        help="Trust this request: read a local reference_image outside the current folder.",
+    )(function)
+    return click.option(
+        "--provider",
+        type=click.Choice(PROVIDER_CHOICES),
+        default=None,
+        help="Image provider; auto = dashscope when an API key is configured, else the offline "
+        "placeholder (default: dashscope).",
+    )(function)
 
 
 @click.command("generate")
@@ -45,8 +70,7 @@ if TYPE_CHECKING:
     is_flag=True,
     help='As --print-response, and on a failure print {"error": {...}} on stdout instead.',
 )
-@provider_option
-@allow_outside_option
+@generate_options
 @error_boundary
 def generate_command(
     request_text: str,
@@ -55,17 +79,23 @@ def generate_command(
     as_json: bool,
     provider: str | None,
     allow_reference_outside: bool,
+    verbosity: str | None,
 ) -> int:
-    """Make one image from one request, as the seed skill's helper script does."""
+    """Make one image from one request, as the seed skill's helper script does. While the
+    request is awaited, a spinner (on a terminal) or a line when it is sent and when it is
+    answered (in a log) says what it waits for."""
+    from imgbatch.review.waiting import Waiting
     from imgbatch.run.generate import error_json, generate
 
     try:
-        response = generate(
-            _read_request(request_text),
-            output=output,
-            provider=provider,
-            allow_reference_outside=allow_reference_outside,
-        )
+        with Waiting(sys.stderr, verbosity=_verbosity(verbosity)) as waiting:
+            response = generate(
+                _read_request(request_text),
+                output=output,
+                provider=provider,
+                allow_reference_outside=allow_reference_outside,
+                on_phase=waiting,
+            )
     except ImgbatchError as exc:
         if as_json:
             click.echo(json.dumps(error_json(exc), ensure_ascii=False))

@@ -73,11 +73,37 @@ class _Commands(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         with _interrupt_exits():
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            except click.NoSuchOption as exc:
+                _safer_suggestion(exc)
+                raise
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         with _sigterm_stops():
             return super().main(*args, **kwargs)
+
+
+# Options that delete or overwrite: a close spelling of another option never suggests them.
+_DESTRUCTIVE_OPTIONS = frozenset({"--prune", "--yes", "--overwrite-edited", "--force"})
+# Options other tools have that imgbatch words differently: what to use instead, by command.
+_INSTEAD = {
+    ("apply", "--dry-run"): "`imgbatch plan MANIFEST` shows what apply would do, and sends nothing",
+    ("apply", "-n"): "`imgbatch plan MANIFEST` shows what apply would do, and sends nothing",
+}
+
+
+def _safer_suggestion(exc: click.NoSuchOption) -> None:
+    """A mistyped option is never answered with one that deletes; `apply --dry-run` names
+    `plan`."""
+    exc.possibilities = [  # type: ignore[misc]
+        name for name in exc.possibilities or () if name not in _DESTRUCTIVE_OPTIONS
+    ]
+    command = exc.ctx.command.name if exc.ctx is not None else None
+    instead = _INSTEAD.get((command or "", exc.option_name))
+    if instead:
+        exc.message = f"No such option: {exc.option_name}; {instead}."  # type: ignore[misc]
+        exc.possibilities = []  # type: ignore[misc]
 
 
 class _Terminated(KeyboardInterrupt):
@@ -129,7 +155,7 @@ def _interrupt_exits() -> Iterator[None]:
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="imgbatch")
+@click.version_option(package_name="imgbatch", prog_name="imgbatch", message="%(prog)s %(version)s")
 @verbosity_options
 @click.pass_context
 def main(context: click.Context, verbosity: str | None) -> None:
@@ -157,6 +183,8 @@ for command in (
     manifest.expand_command,
     plan_apply.apply_command,
     review.sheet,
+    review.reroll,
+    review.pick,
     housekeeping.gc_command,
     review.inspect,
     agent.mcp_command,

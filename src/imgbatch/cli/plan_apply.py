@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -32,7 +32,7 @@ from imgbatch.cli.common import (
     provider_option,
     verbosity_options,
 )
-from imgbatch.errors import EXIT_FAILED, ImgbatchError
+from imgbatch.errors import EXIT_FAILED, ConfigError, ImgbatchError
 from imgbatch.manifest.catalogue import MIN_RPS
 from imgbatch.units.quota import Quota
 
@@ -114,6 +114,7 @@ def plan(
         return EXIT_FAILED
     # With --json, stdout is the document alone; the human text goes to stderr.
     out = console_for(sys.stderr if as_json else sys.stdout)
+    _note_missing_key(out, result)
     table = plan_table(result, verbose=level is Verbosity.VERBOSE)
     if table and level is not Verbosity.QUIET:
         out.print(table)
@@ -125,6 +126,30 @@ def plan(
     if detailed_exitcode and result.has_work:
         return EXIT_CHANGES
     return EXIT_OK
+
+
+def _note_missing_key(out: Any, result: Plan) -> None:
+    """First, not after a paid plan that looks ready: apply would stop at the key."""
+    if result.provider != "dashscope" or not result.has_work:
+        return
+    from imgbatch.providers.dashscope_credentials import resolve_api_key
+
+    try:
+        resolve_api_key(os.environ)
+    except ConfigError as exc:
+        out.print(f"Note: apply would stop before sending anything: {exc}")
+
+
+def _say_files(report: Any, *, quiet: bool, as_json: bool) -> None:
+    """After apply's summary: the contact sheet (or why it was not drawn), the picked takes."""
+    from imgbatch.review.report import shown_path
+
+    if report.sheet_problem:
+        click.echo(f"warning: {report.sheet_problem}", err=True)
+    elif report.sheet and not quiet:
+        click.echo(f"Contact sheet: {shown_path(report.sheet)}", err=as_json)
+    if report.picked and not quiet:
+        click.echo(f"Picked takes written: {', '.join(report.picked)}", err=as_json)
 
 
 def _plan_documents(result: Plan, title: str, as_json: bool) -> None:
@@ -304,10 +329,7 @@ def apply_command(
     console_for(sys.stderr if as_json else sys.stdout).print(
         quiet_summary(report) if quiet else apply_summary(report)
     )
-    if report.sheet_problem:
-        click.echo(f"warning: {report.sheet_problem}", err=True)
-    elif report.sheet and not quiet:
-        click.echo(f"Contact sheet: {report.sheet}", err=as_json)
+    _say_files(report, quiet=quiet, as_json=as_json)
     _apply_documents(report, _title("apply", manifest, only), as_json)
     if report.interrupted:
         return EXIT_INTERRUPTED

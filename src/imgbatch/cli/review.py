@@ -25,10 +25,46 @@ if TYPE_CHECKING:
 @error_boundary
 def sheet(manifest: Path, allow_reference_outside: bool) -> int:
     """Draw the contact sheet (index.html in the output folder) from the last results."""
+    from imgbatch.review.report import shown_path
     from imgbatch.review.sheet import write_sheet
 
     path = write_sheet(manifest, allow_reference_outside=allow_reference_outside)
-    click.echo(f"Contact sheet: {path}")
+    click.echo(f"Contact sheet: {shown_path(path)}")
+    return EXIT_OK
+
+
+@click.command()
+@manifest_argument
+@click.argument("shot_ids", metavar="ID...", nargs=-1, required=True)
+@allow_outside_option
+@error_boundary
+def reroll(manifest: Path, shot_ids: tuple[str, ...], allow_reference_outside: bool) -> int:
+    """Give shots a new seed in the shot list, so the next apply makes a new take of them.
+
+    Only those shots change; their old takes stay in the cache (revert the edit to get them back
+    for free). Name a shot with variants by the id they share to reroll all its takes.
+    """
+    from imgbatch.manifest.edit import reroll as reroll_shots
+
+    for change in reroll_shots(manifest, shot_ids, allow_reference_outside=allow_reference_outside):
+        click.echo(f"{change}")
+    click.echo(f"Next: imgbatch apply {manifest}")
+    return EXIT_OK
+
+
+@click.command()
+@manifest_argument
+@click.argument("take_ids", metavar="ID-N...", nargs=-1, required=True)
+@allow_outside_option
+@error_boundary
+def pick(manifest: Path, take_ids: tuple[str, ...], allow_reference_outside: bool) -> int:
+    """Choose a shot's take among its variants (poster-2): writes pick: 2 on the shot, and
+    apply then also writes that take as poster.png."""
+    from imgbatch.manifest.edit import pick as pick_takes
+
+    for change in pick_takes(manifest, take_ids, allow_reference_outside=allow_reference_outside):
+        click.echo(f"{change}")
+    click.echo(f"Next: imgbatch apply {manifest}")
     return EXIT_OK
 
 

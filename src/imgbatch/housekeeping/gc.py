@@ -8,9 +8,10 @@ none of those folders' results refer to, with its size, deleted only when asked.
 * the previous key of each shot the last apply changed (the folder's last run): the image the
   contact sheet shows beside a replaced one, so reverting that edit still costs nothing;
 * every file at a shot's place (`<id>.png` of a shot in the results or in the manifests: a failed
-  replace leaves the previous image there), every local reference image of the manifests, and
-  every file imgbatch cannot prove it wrote: proof is its provenance chunk naming a key whose
-  cache entry holds the very same bytes, never what a results file says (it may be hand-edited).
+  replace leaves the previous image there; a picked take's copy), every local reference image
+  of the manifests, and every file imgbatch cannot prove it wrote: proof is its provenance chunk
+  naming a key whose cache entry holds the very same bytes, never what a results file says (it
+  may be hand-edited).
 
 What is garbage: cache entries and thumbnails (in the folder's state, `OutputFolder`) of any
 other key, temporary files a killed run left, and a PNG in the output folder that no entry
@@ -128,6 +129,7 @@ def _folders(
         output_dir = output_dir_for(manifest, environ).resolve()
         ids, protected = by_dir.setdefault(output_dir, (set(), set()))
         ids.update(spec.id for spec in manifest.shots)
+        ids.update(manifest.picks)  # a chosen take's copy, <shot>.png, is a shot's place too
         protected.update(
             Path(reference.source)
             for reference in manifest.references.values()

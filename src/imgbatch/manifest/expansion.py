@@ -18,6 +18,7 @@ means what it always meant.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import math
@@ -35,7 +36,7 @@ MAX_SHOTS = 1_000_000
 MAX_VARIANTS = 10_000  # as the schema says
 AUTO = "auto"
 # Fields a shot has that are instructions for expansion, not part of any request.
-EXPANSION_FIELDS = ("matrix", "variants")
+EXPANSION_FIELDS = ("matrix", "variants", "pick")
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -44,6 +45,12 @@ class ExpandedShot:
     id: str
     index: int  # the shot as written: shots[index]
     fields: Mapping[str, Any]
+    # Made by `variants:`: its number (1..N) and the id the variants share (`poster` for
+    # poster-2); what the contact sheet groups by and what `pick:` chooses among.
+    variant: int | None = None
+    base_id: str | None = None
+    # Made by `matrix:`: this combination's values, by variable.
+    values: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,8 +146,11 @@ class _Expander:
         merged = {**self.defaults, **shot}
         matrix = shot.get("matrix")
         variants = shot.get("variants")
+        if "pick" in shot and not self._pick_allowed(index, shot):
+            return
         if self.variables is None and matrix is None and variants is None:
             # A version-1 shot: only `seed: auto` can need resolving.
+            merged.pop("pick", None)
             shot_id = merged.get("id")
             if merged.get("seed") == AUTO and isinstance(shot_id, str):
                 merged["seed"] = auto_seed(self.name, shot_id)
@@ -171,21 +181,53 @@ class _Expander:
             if not isinstance(base_id, str):
                 continue
             if count is None:
-                yield self._seeded(index, fields, base_id, 0)
+                yield self._seeded(index, fields, base_id, None, combination)
             else:
                 for number in range(1, count + 1):
-                    yield self._seeded(index, fields, f"{base_id}-{number}", number - 1)
+                    yield self._seeded(index, fields, base_id, number, combination)
 
     def _seeded(
-        self, index: int, fields: dict[str, Any], shot_id: str, offset: int
+        self,
+        index: int,
+        fields: dict[str, Any],
+        base_id: str,
+        variant: int | None,
+        values: dict[str, Any],
     ) -> ExpandedShot:
+        shot_id = base_id if variant is None else f"{base_id}-{variant}"
         seed = fields.get("seed")
         resolved = dict(fields, id=shot_id)
         if seed == AUTO:
             resolved["seed"] = auto_seed(self.name, shot_id)
         elif isinstance(seed, int | float) and not isinstance(seed, bool):
-            resolved["seed"] = seed + offset
-        return ExpandedShot(shot_id, index, resolved)
+            resolved["seed"] = seed + (variant or 1) - 1
+        if variant is None:
+            return ExpandedShot(shot_id, index, resolved, values=values)
+        return ExpandedShot(shot_id, index, resolved, variant, base_id, values)
+
+    def _pick_allowed(self, index: int, shot: dict[str, Any]) -> bool:
+        """`pick: N` chooses one of a shot's own variants; anything else is a slip."""
+        pick, variants = shot.get("pick"), shot.get("variants")
+        if not isinstance(pick, int) or isinstance(pick, bool):
+            return True  # the schema says what is wrong with it
+        message = None
+        if variants is None:
+            message = (
+                f"pick: {pick} chooses among a shot's variants, and this shot has no variants:; "
+                "add variants: N, or remove pick:"
+            )
+        elif "matrix" in shot:
+            message = (
+                f"pick: {pick} would choose take {pick} of every matrix combination at once; "
+                "pick works on a shot with variants: and no matrix: (write the combination you "
+                "want to pick from as its own shot)"
+            )
+        elif isinstance(variants, int) and not isinstance(variants, bool) and pick > variants:
+            message = f"pick: {pick} names a take this shot does not have (variants: {variants})"
+        if message is None:
+            return True
+        self.slips.append(Slip(("shots", index), "pick", message, _label(shot)))
+        return False
 
     def _origin(self, index: int, shot: dict[str, Any], field: str) -> JsonPath:
         return ("shots", index) if field in shot or field not in self.defaults else ("defaults",)

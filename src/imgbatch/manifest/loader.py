@@ -58,6 +58,11 @@ class ShotSpec:
     id: str
     index: int
     fields: Mapping[str, Any]
+    # Made by `variants:`: its number and the id the variants share (poster-2: 2, poster).
+    variant: int | None = None
+    base_id: str | None = None
+    # Made by `matrix:`: this combination's values, by variable.
+    values: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,9 @@ class Manifest:
     simplify: bool = True
     # `pricing:`: prices per image that win over the built-in table (see imgbatch.plan.pricing).
     pricing: Pricing | None = None
+    # `pick:`: the take chosen among a shot's variants, by the id they share (poster: poster-2);
+    # apply also writes it as <that id>.png.
+    picks: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def base_dir(self) -> Path:
@@ -116,7 +124,16 @@ def load_manifest(path: str | Path, *, allow_reference_outside: bool = False) ->
 
 def _build_manifest(path: Path, document: Document, checker: Checker) -> Manifest:
     data: dict[str, Any] = document.data
-    shots = tuple(ShotSpec(shot.id, shot.index, shot.fields) for shot in checker.expanded)
+    shots = tuple(
+        ShotSpec(shot.id, shot.index, shot.fields, shot.variant, shot.base_id, shot.values)
+        for shot in checker.expanded
+    )
+    written = data["shots"]
+    picks = {
+        shot.base_id: shot.id
+        for shot in shots
+        if shot.base_id is not None and shot.variant == written[shot.index].get("pick")
+    }
     limits = data.get("limits", {})
     references = {
         written: reference
@@ -143,6 +160,7 @@ def _build_manifest(path: Path, document: Document, checker: Checker) -> Manifes
         positions=dict(document.values),
         simplify=data.get("simplify", True),
         pricing=Pricing.from_data(data["pricing"]) if "pricing" in data else None,
+        picks=picks,
     )
 
 

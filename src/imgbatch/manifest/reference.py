@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from imgbatch.errors import PermanentError
+from imgbatch.errors import PermanentError, without_reprs
 from imgbatch.png import image_kind, pillow_format
 
 if TYPE_CHECKING:
@@ -343,4 +343,4 @@ def _mib(size: int) -> str:
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
-    return str(exc) or type(exc).__name__
+    return without_reprs(str(exc)) or type(exc).__name__

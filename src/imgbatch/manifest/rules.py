@@ -211,6 +211,9 @@ class Checker:
         # case-insensitive file systems (macOS, Windows). Checked after expansion, where a
         # matrix or variants can make an id another shot already has.
         seen: dict[str, int] = {}
+        # A written shot that repeats another's ids is reported once, however many of its
+        # variants or matrix combinations repeat them: (its index, the other's) -> the ids.
+        repeats: dict[tuple[int, int], list[str]] = {}
         for shot in self.expanded:
             raw = self.shots[shot.index].get("id")
             if not isinstance(raw, str):
@@ -226,15 +229,37 @@ class Checker:
                     continue
             folded = shot.id.casefold()
             if folded in seen:
-                first = seen[folded]
-                line = self.document.values.get(("shots", first, "id"), (0, 0))[0]
-                message = (
-                    f"id '{shot.id}' is already used by shots[{first}] on line {line}; "
-                    "ids must be unique (ignoring case)"
-                )
-                yield self._problem(("shots", shot.index), "id", message, shot_id=shot.id)
+                repeats.setdefault((shot.index, seen[folded]), []).append(shot.id)
             else:
                 seen[folded] = shot.index
+        for (index, first), ids in repeats.items():
+            line = self.document.values.get(("shots", first, "id"), (0, 0))[0]
+            named = (
+                f"id '{ids[0]}' is"
+                if len(ids) == 1
+                else (f"ids '{ids[0]}' to '{ids[-1]}' ({len(ids)} of them) are")
+            )
+            message = (
+                f"{named} already used by shots[{first}] on line {line}; "
+                "ids must be unique (ignoring case)"
+            )
+            written = self.shots[index].get("id")
+            shot_id = ids[0] if len(ids) == 1 or not isinstance(written, str) else written
+            yield self._problem(("shots", index), "id", message, shot_id=shot_id)
+        yield from self._pick_file_problems(seen)
+
+    def _pick_file_problems(self, seen: dict[str, int]) -> Iterator[ManifestProblem]:
+        # `pick:` writes the chosen take as <base id>.png: a file no other shot may have.
+        for shot in self.expanded:
+            if shot.base_id is None or shot.variant != self.shots[shot.index].get("pick"):
+                continue
+            other = seen.get(shot.base_id.casefold())
+            if other is not None:
+                message = (
+                    f"pick: writes the chosen take as {shot.base_id}.png, the file of "
+                    f"shots[{other}] ('{self.shots[other].get('id')}'); rename one of the two"
+                )
+                yield self._problem(("shots", shot.index), "pick", message, shot_id=shot.base_id)
 
     def _written(self, shot: dict[str, Any], field: str) -> Any:
         """The field as written for `shot` (its own, else the default), before expansion."""

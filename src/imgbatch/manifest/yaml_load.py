@@ -30,7 +30,8 @@ def read_manifest_text(path: Path, display: str) -> str:
     """The file's text; a folder, FIFO, device or oversized file is refused before reading."""
 
     def problem(message: str) -> ManifestError:
-        return ManifestError([ManifestProblem(display, 1, 1, "file", message)])
+        # About the file as a whole: no line or column to point at.
+        return ManifestError([ManifestProblem(display, 0, 0, "file", message)])
 
     try:
         info = os.stat(path)
@@ -101,9 +102,14 @@ def parse_yaml(
             message = "a second YAML document ('---'); a manifest is one document"
             raise ManifestError([ManifestProblem(display, line, column, "file", message)])
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
+        # A scalar never closed (a quote left open) is found at the end of the file: the place
+        # to fix is where it starts, which the context mark points at.
+        scanning = (exc.context or "").startswith("while scanning")
+        mark = (exc.context_mark if scanning else None) or exc.problem_mark or exc.context_mark
         line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         detail = exc.problem or str(exc)
+        if scanning and "quoted scalar" in (exc.context or ""):
+            detail = f"a quoted string starts here and is never closed ({detail})"
         problem = ManifestProblem(display, line, column, "YAML", f"{detail}; not valid YAML")
         raise ManifestError([problem]) from None
     except yaml.reader.ReaderError as exc:  # a NUL or other control character

@@ -21,6 +21,15 @@ from rich.highlighter import Highlighter
 from rich.text import Text
 
 
+def counted(count: int, singular: str, plural: str | None = None) -> str:
+    """`1 retry`, `2 retries`: a count with its noun in the right number.
+
+    >>> counted(1, "retry", "retries"), counted(0, "request")
+    ('1 retry', '0 requests')
+    """
+    return f"{count} {singular if count == 1 else plural or singular + 's'}"
+
+
 class Verbosity(IntEnum):
     """`-q`, none, `-v`."""
 

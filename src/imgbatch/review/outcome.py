@@ -103,6 +103,8 @@ class ApplyReport:
     bounded: str | None = None
     # With `prune`: each orphan, and whether its file and entry are gone.
     pruned: tuple[Pruned, ...] = ()
+    # Chosen takes (`pick:`) copied to <shot>.png by this run: the file names.
+    picked: tuple[str, ...] = ()
 
     @property
     def entries(self) -> tuple[ResultEntry, ...]:

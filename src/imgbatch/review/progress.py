@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, TextIO
 from rich.text import Text
 
 from imgbatch.errors import NoImageError, RateLimited
-from imgbatch.review.console import Verbosity, console_for, styled
+from imgbatch.review.console import Verbosity, console_for, counted, styled
 from imgbatch.review.events import Notice, Retrying, RunEvent, Stopping
 from imgbatch.state.results import ResultEntry
 
@@ -159,7 +159,8 @@ class Progress:
         names = ("generated", *(name for name in others if self.statuses[name]), "failed")
         counts = [f"{self.statuses[name]} {name}" for name in names]
         text = (
-            f"[{done}/{self.total}] {', '.join(counts)}, {self.retries} retries, "
+            f"[{done}/{self.total}] {', '.join(counts)}, "
+            f"{counted(self.retries, 'retry', 'retries')}, "
             f"{self.throttled} throttled (429); {self._rate(elapsed):.1f} images/s, "
             f"{_duration(elapsed)} elapsed"
         )
@@ -188,19 +189,15 @@ class Progress:
         if self._bar is None or self._task is None:
             return
         elapsed = self.clock() - (self.started or self.clock())
-        failed = f"{self.statuses['failed']} failed"
-        if self.statuses["failed"]:
-            failed = f"[bold red]{failed}[/]"  # markup: the bar's own text, never user text
-        # Retries and 429s once there are any: the bar must fit 80 columns.
-        counts = [failed]
-        counts += [f"{self.retries} retries"] if self.retries else []
-        counts += [f"{self.throttled} throttled (429)"] if self.throttled else []
-        self._bar.update(
-            self._task,
-            completed=self.done,
-            rate=f"{self._rate(elapsed):.1f} images/s",
-            counts=" · ".join(counts),
-        )
+        rate = f"{self._rate(elapsed):.1f} img/s"
+        # done/total, elapsed and left are always whole: the counters after them take what the
+        # line has left (an 80-column terminal), the secondary ones giving way first.
+        room = self.console.width - _fixed_width(self.total, rate)
+        failed, fits = bar_counts(self.statuses["failed"], self.retries, self.throttled, room)
+        text = " · ".join(fits)
+        if failed and fits and fits[0].endswith("failed"):
+            text = f"[bold red]{fits[0]}[/]" + text[len(fits[0]) :]  # markup: never user text
+        self._bar.update(self._task, completed=self.done, rate=rate, counts=text)
 
     def close(self) -> None:
         """Stop drawing; in a log, a last line with the final counts (unless the last line
@@ -229,6 +226,44 @@ class Progress:
         self.close()
 
 
+def bar_counts(failed: int, retries: int, throttled: int, room: int) -> tuple[int, list[str]]:
+    """The bar's counters in at most `room` columns: failures always, then retries, then 429s
+    once there are any; the 429s are shortened, then left out, then the retries (the final
+    summary line has them all).
+
+    >>> bar_counts(1, 1, 1, 80)
+    (1, ['1 failed', '1 retry', '1 throttled (429)'])
+    >>> bar_counts(1, 1, 1, 26)
+    (1, ['1 failed', '1 retry', '1×429'])
+    >>> bar_counts(0, 3, 2, 12)
+    (0, ['0 failed'])
+    """
+    chosen = [f"{failed} failed"]
+    if retries:
+        chosen.append(counted(retries, "retry", "retries"))
+    if throttled:
+        chosen.append(f"{throttled} throttled (429)")
+        if _width(chosen) > room:
+            chosen[-1] = f"{throttled}×429"
+    while len(chosen) > 1 and _width(chosen) > room:
+        chosen.pop()
+    return failed, chosen
+
+
+def _width(parts: list[str]) -> int:
+    return sum(len(part) for part in parts) + 3 * (len(parts) - 1)
+
+
+def _fixed_width(total: int, rate: str) -> int:
+    """Columns the bar uses before its counters: spinner, bar, done/total, rate, elapsed,
+    "ETA", left, and the spaces between them."""
+    digits = len(str(total))
+    return 1 + _BAR_WIDTH + (2 * digits + 1) + len(rate) + 7 + 3 + 7 + 7
+
+
+_BAR_WIDTH = 12
+
+
 def _make_bar(console: Console, total: int) -> tuple[Bar, TaskID]:
     # Imported here: only a run on a terminal draws a bar.
     from rich.progress import (
@@ -243,7 +278,7 @@ def _make_bar(console: Console, total: int) -> tuple[Bar, TaskID]:
 
     bar = Bar(
         SpinnerColumn(),
-        BarColumn(bar_width=16),
+        BarColumn(bar_width=_BAR_WIDTH),
         MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"),
         # Elapsed time moves while a long generation is awaited: a wait, visibly, not a hang.

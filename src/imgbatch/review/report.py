@@ -7,12 +7,13 @@ rendered differently by another front end.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
 
 from imgbatch.plan.decide import Action, Plan, PlannedShot
-from imgbatch.review.console import WORD_STYLES
+from imgbatch.review.console import WORD_STYLES, counted
 from imgbatch.shots.request import changed_fields
 from imgbatch.units.money import Cost, as_json, format_money
 
@@ -183,7 +184,7 @@ def apply_summary(report: ApplyReport, *, quiet: bool = False) -> str:
     lines.extend(quota_lines(report))
     lines.extend(prune_lines(report))
     lines.extend(stopped)
-    lines.append(f"Results: {report.results_path}")
+    lines.append(f"Results: {shown_path(report.results_path)}")
     return "\n".join(lines)
 
 
@@ -218,7 +219,8 @@ def _counts_line(report: ApplyReport) -> str:
         if report.maybe_billed:
             sent += f" (+{report.maybe_billed} whose answer was lost, maybe billed)"
     return (
-        f"Done in {report.elapsed:.1f} s: {', '.join(parts)}; {sent}, {report.retries} retries, "
+        f"Done in {report.elapsed:.1f} s: {', '.join(parts)}; {sent}, "
+        f"{counted(report.retries, 'retry', 'retries')}, "
         f"{report.throttled} throttled (429)."
     )
 
@@ -260,8 +262,20 @@ def _not_run_lines(report: ApplyReport) -> list[str]:
     return lines
 
 
+def shown_path(path: str | os.PathLike[str]) -> str:
+    """A path as the user reads it: `output/x/results.json`, never `manifests/../output/...`.
+
+    >>> shown_path("manifests/../output/cyclist-spot/results.json")
+    'output/cyclist-spot/results.json'
+    """
+    return os.path.normpath(path)
+
+
 def cost_line(report: ApplyReport) -> str:
-    """What the run cost: the images billed, and what lost answers may add."""
+    """What the run cost: the images billed, and what lost answers may add; a run that billed
+    nothing says so, without the price list it did not need."""
+    if not report.billed and not report.maybe_billed:
+        return "Cost: nothing billed."
     line = f"Cost: {_priced(report.cost, report.plan)}"
     if report.maybe_billed:
         extra = format_money(report.possible_extra_cost)
@@ -305,7 +319,7 @@ def quota_lines(report: ApplyReport) -> list[str]:
             if window.count == 1 and window.period < 1:
                 limits.append(f"{1 / window.period:.3g} requests a second, evenly spaced")
             else:
-                limits.append(f"{window.count} requests per {window.period:g} s")
+                limits.append(f"{counted(window.count, 'request')} per {window.period:g} s")
         if finding.cap is not None and finding.cap_confirmed:
             limits.append(f"{finding.cap} in progress at once")
         if not limits:

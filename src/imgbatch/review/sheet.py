@@ -1,16 +1,22 @@
-"""The contact sheet: `index.html` in the output folder, to review a batch by eye.
+"""The contact sheet: `index.html` in the output folder, to review a batch by eye and decide.
 
-Takes the shot ids in manifest order, their results entries and what the last apply changed;
-gives `<output>/index.html`: one static page (styles and script inline, nothing fetched from a
-network, works from `file://`) with a card per shot: thumbnail, id, prompt and the text sent,
-negative prompt, size, seed, model, status and error, a mark on the shots the last apply
-changed, and for a replaced shot its previous image (still in the cache) to compare with.
+Takes the shot ids in manifest order, their results entries, what the last apply changed and
+what the shot list says of each shot (variants, matrix values, picks); gives `<output>/index.html`,
+a static page (styles and script inline, nothing fetched from a network, works from `file://`)
+whose cards come from a data file beside it (`sheet_data`): a dense grid of thumbnails (or
+detailed cards) drawn as they scroll into view, so the page stays a few kilobytes whatever the
+batch. Each card has its thumbnail, id, status and marks (changed by the last apply, a placeholder
+drawing, the picked take); the viewer shows the image beside its prompt, the text sent, negative
+prompt, size, seed, model, status and error, and for a replaced shot its previous image (still in
+the cache) to compare with. Marking cards builds the `imgbatch reroll` and `imgbatch pick`
+commands (the page cannot write files).
 
 Thumbnails are small WebP files in the output folder's state (`OutputFolder.thumb_path`), one
 per image key, made once and never again (a key names one image forever). What an apply changed
 is kept as the folder's last run, so `imgbatch sheet` can draw the same marks later; an apply
 that changes no shot keeps them. The page is rendered by Jinja2 with autoescaping (prompts are
-user text) and allows, by its Content-Security-Policy, no script but its own. It replaces only
+user text) and allows, by its Content-Security-Policy, no script but its own and the data
+files beside it. It replaces only
 a page it drew itself (its generator tag and digest): any other `index.html` is left as it is,
 and drawing the sheet is refused with a message saying how to proceed. Thumbnails are made from
 the images read as PNG only (`imgbatch.png`), never handed to another program.
@@ -24,7 +30,7 @@ import io
 import os
 import re
 import stat
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import cache
@@ -36,10 +42,11 @@ import jinja2
 from PIL import Image
 
 from imgbatch.errors import ImageError, StoreError
-from imgbatch.manifest import load_manifest
+from imgbatch.manifest import Manifest, load_manifest
 from imgbatch.plan.decide import WORK_ACTIONS, Action, Plan
 from imgbatch.png import decode_png, read_image_file
 from imgbatch.review.events import Listener, RunEvent
+from imgbatch.review.sheet_data import ShotInfo, page_url, shot_infos, write_data
 from imgbatch.shots.expand import output_dir_for
 from imgbatch.state.cache import ImageCache, atomic_write
 from imgbatch.state.folder import OutputFolder
@@ -86,7 +93,11 @@ def changes_of(plan: Plan) -> dict[str, Change]:
 
 
 def update_after_apply(
-    output_dir: Path, title: str, plan: Plan, entries: Sequence[ResultEntry]
+    output_dir: Path,
+    title: str,
+    plan: Plan,
+    entries: Sequence[ResultEntry],
+    manifest: Manifest | None = None,
 ) -> tuple[Path | None, str | None]:
     """Record what this apply changed and redraw the sheet; gives (sheet path, problem).
 
@@ -100,13 +111,15 @@ def update_after_apply(
     sheet = output_dir / SHEET_FILE
     order = [item.id for item in plan.shots]
     by_id = {entry.id: entry for entry in entries}
+    infos = shot_infos(manifest) if manifest is not None else {}
+    command_path = _command_path(manifest)
     try:
         finished: datetime | None
         if any(item.action in WORK_ACTIONS for item in plan.shots):
             finished = datetime.now(UTC)
             changes = changes_of(plan)
             save_changes(output_dir, changes, finished)
-        elif drawn_digest(sheet) == sheet_digest(title, order, by_id):
+        elif drawn_digest(sheet) == sheet_digest(title, order, by_id, infos, command_path):
             return sheet, None
         else:  # shots removed or moved, or the page is missing or from another imgbatch
             changes, finished = load_changes(output_dir)
@@ -117,6 +130,8 @@ def update_after_apply(
             entries=by_id,
             changes=changes,
             finished_at=_readable(finished) if finished else None,
+            infos=infos,
+            command_path=command_path,
         )
     except Exception as exc:  # noqa: BLE001 - the images and results.json are already safe
         return None, f"the contact sheet {sheet} was not written: {type(exc).__name__}: {exc}"
@@ -154,6 +169,8 @@ def write_sheet(
             entries=state,
             changes=changes,
             finished_at=finished_at,
+            infos=shot_infos(manifest),
+            command_path=_command_path(manifest),
         )
     except OSError as exc:
         raise StoreError(f"cannot write the contact sheet in {output_dir}: {exc}") from None
@@ -167,8 +184,12 @@ def render_sheet(
     entries: Mapping[str, ResultEntry],
     changes: Mapping[str, Change],
     finished_at: str | None,
+    infos: Mapping[str, ShotInfo] | None = None,
+    command_path: str | None = None,
 ) -> Path:
-    """Make the missing thumbnails, then write `index.html` atomically; gives its path."""
+    """Make the missing thumbnails, write the cards' data files, then `index.html` (each
+    atomically, the page last); gives the page's path."""
+    infos = infos or {}
     folder = OutputFolder(output_dir)
     folder.refuse_links()  # thumbnails are written under it
     cache = folder.cache
@@ -186,24 +207,33 @@ def render_sheet(
     counts = {status: 0 for status in _STATUS_ORDER}
     for card in cards:
         counts[card["status"]] += 1
+    digest = sheet_digest(title, order, entries, infos, command_path)
+    meta = {"title": title, "manifest": command_path, "page": digest}
+    key = "0" * 64  # any key: its place in the thumbnail's path is what is wanted
+    template = _url(output_dir, thumb_path(output_dir, key))
+    template = template.replace(key, "{key}").replace(f"/{key[:2]}/", "/{k2}/")
+    write_data(output_dir, cards, infos, meta, template)
     script = _asset("sheet.js")
+    variables = sorted({name for info in infos.values() for name in (info.values or {})})
     context = {
-        "digest": sheet_digest(title, order, entries),
+        "digest": digest,
         "title": title,
-        "cards": cards,
         "total": len(cards),
         "statuses": [(status, counts[status]) for status in _STATUS_ORDER if counts[status]],
         "changed": sum(1 for card in cards if card["change"]),
+        "variants": any(info.base for info in infos.values()),
+        "variables": variables,
         "finished_at": finished_at,
+        "data_url": page_url(output_dir),
         "css": _asset("sheet.css"),
         "script": script,
-        # The one script the page may run: a prompt that slipped past escaping still could not.
+        # The one inline script the page may run: a prompt that slipped past escaping could not.
         "script_hash": _csp_hash(script),
     }
-    template = _environment().get_template("sheet.html.j2")
+    page = _environment().get_template("sheet.html.j2").render(context)
     path = output_dir / SHEET_FILE
     check_own_sheet(path)
-    atomic_write(path, _encoded(template.generate(context)))
+    atomic_write(path, page.encode("utf-8"))
     return path
 
 
@@ -226,13 +256,22 @@ def check_own_sheet(path: Path) -> None:
     )
 
 
-def sheet_digest(title: str, order: Sequence[str], entries: Mapping[str, ResultEntry]) -> str:
-    """What a page shows, in a word: the shots, their images, in order, drawn by this template."""
+def sheet_digest(
+    title: str,
+    order: Sequence[str],
+    entries: Mapping[str, ResultEntry],
+    infos: Mapping[str, ShotInfo] | None = None,
+    command_path: str | None = None,
+) -> str:
+    """What a page shows, in a word: the shots, their images, in order, how the shot list groups
+    them and which takes it picked, drawn by this template."""
     digest = hashlib.sha256(_template_digest().encode())
-    digest.update(title.encode("utf-8"))
+    digest.update(f"{title}\n{command_path}".encode())
+    infos = infos or {}
     for shot_id in order:
         entry = entries.get(shot_id)
-        digest.update(f"\n{shot_id} {entry.key if entry else '-'}".encode())
+        info = infos.get(shot_id)
+        digest.update(f"\n{shot_id} {entry.key if entry else '-'} {info!r}".encode())
     return digest.hexdigest()
 
 
@@ -466,9 +505,11 @@ def _url(output_dir: Path, path: Path) -> str:
     return quote(path.relative_to(output_dir).as_posix())
 
 
-def _encoded(chunks: Iterator[str]) -> Iterator[bytes]:
-    for chunk in chunks:
-        yield chunk.encode("utf-8")
+def _command_path(manifest: Manifest | None) -> str | None:
+    """The shot list as the commands the page builds name it: as it was given, normalised."""
+    if manifest is None:
+        return None
+    return os.path.normpath(manifest.path).replace(os.sep, "/")
 
 
 @cache

@@ -49,6 +49,7 @@ from imgbatch.run.bounds import Bound, MaxCost, MaxDuration, MaxRequests
 from imgbatch.run.entries import abandoned_download
 from imgbatch.run.executor import Executor, Phase, RunOutcome
 from imgbatch.run.interrupts import Interrupts, interrupt_at_once, signal_handler
+from imgbatch.run.picks import place_picks
 from imgbatch.shots.expand import Expansion, expand, fetch_references, shot_list
 from imgbatch.shots.request import KEY_FORMAT_VERSION
 from imgbatch.shots.selection import select_shots
@@ -334,6 +335,7 @@ async def _apply(
         sheet_problem=settled.sheet_problem,
         bounded=outcome.bounded,
         pruned=settled.pruned,
+        picked=settled.picked,
     )
 
 
@@ -515,6 +517,7 @@ class _Settled:
     results: Path
     sheet: Path | None
     sheet_problem: str | None
+    picked: tuple[str, ...] = ()
 
 
 def _settle_run(
@@ -557,8 +560,11 @@ def _settle_run(
         )
     except StoreWriteError as exc:
         raise StoreError(_unwritten_results(exc, outcome, journal)) from None
-    sheet, sheet_problem = update_sheet(output_dir, prep.manifest.name, sheet_plan, written)
-    return _Settled(shots, pruned, results, sheet, sheet_problem)
+    picked = place_picks(output_dir, prep.manifest.picks, written)
+    sheet, sheet_problem = update_sheet(
+        output_dir, prep.manifest.name, sheet_plan, written, prep.manifest
+    )
+    return _Settled(shots, pruned, results, sheet, sheet_problem, picked)
 
 
 def _results_meta(prep: _Prepared, owner: Owner) -> dict[str, Any]:

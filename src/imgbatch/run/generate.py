@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import os
 import stat
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +49,8 @@ if TYPE_CHECKING:
     from imgbatch.shots.expand import Shot
 
 SKILL_FOLDER = "ai-image-qwen-image"
+# Hears a request's `Phase` as it changes, then None when it is done.
+PhaseListener = Callable[[str | None], None]
 REQUEST_DISPLAY = "request"
 
 
@@ -60,10 +62,14 @@ def generate(
     environ: Mapping[str, str] | None = None,
     home: Path | None = None,
     allow_reference_outside: bool = False,
+    on_phase: PhaseListener | None = None,
 ) -> dict[str, Any]:
     """Make (or take from the cache) the image for one normalized request; see the module doc.
 
     `provider` is a name (`"dashscope"`, `"placeholder"`, `"auto"`) or a provider object.
+    `on_phase` hears what the request waits for as it changes (`run.executor.Phase`: its turn,
+    the service's answer, a retry's pause, the download), then None when it is done: what a
+    spinner or a log line shows while a 16-second generation is awaited.
     Raises `ManifestError` for an invalid request (nothing sent), `ConfigError` for missing
     credentials, `ProviderError` when the service refused or failed it.
     """
@@ -75,6 +81,7 @@ def generate(
             environ=environ,
             home=home,
             allow_reference_outside=allow_reference_outside,
+            on_phase=on_phase,
         )
     )
 
@@ -87,6 +94,7 @@ async def agenerate(
     environ: Mapping[str, str] | None = None,
     home: Path | None = None,
     allow_reference_outside: bool = False,
+    on_phase: PhaseListener | None = None,
 ) -> dict[str, Any]:
     """`generate` for callers already inside an event loop."""
     session = GenerateSession(
@@ -94,6 +102,7 @@ async def agenerate(
         environ=environ,
         home=home,
         allow_reference_outside=allow_reference_outside,
+        on_phase=on_phase,
     )
     async with session:
         return await session.generate(request, output=output)
@@ -124,7 +133,9 @@ class GenerateSession:
         environ: Mapping[str, str] | None = None,
         home: Path | None = None,
         allow_reference_outside: bool = False,
+        on_phase: PhaseListener | None = None,
     ) -> None:
+        self._on_phase = on_phase
         self._choice = provider
         self._environ = os.environ if environ is None else environ
         self._home = home
@@ -204,7 +215,19 @@ class GenerateSession:
         placed = Shot(shot.id, shot.request, str(target))
         planned = PlannedShot(shot.id, Action.CREATE, "new request", placed, None)
         plan = Plan(state_folder, (planned,), (), name)
-        outcome = await Executor(provider, cache, lambda entry: None, pacer=pacer).run(plan)
+        executor = Executor(provider, cache, lambda entry: None, pacer=pacer)
+        on_phase = self._on_phase
+        watch = (
+            asyncio.ensure_future(_watch(executor.outcome.in_flight, shot.id, on_phase))
+            if on_phase is not None
+            else None
+        )
+        try:
+            outcome = await executor.run(plan)
+        finally:
+            if watch is not None and on_phase is not None:
+                watch.cancel()
+                on_phase(None)
         entry = outcome.entries[shot.id]
         if not entry.has_image:
             # The entry's error already reads "400 DataInspectionFailed: ...": given as code=
@@ -255,6 +278,19 @@ class GenerateSession:
         lock = self._requests.setdefault((folder, key), asyncio.Lock())
         async with lock:
             yield
+
+
+async def _watch(
+    in_flight: Mapping[str, str], shot_id: str, on_phase: PhaseListener, every: float = 0.05
+) -> None:
+    """Tell `on_phase` each new phase of `shot_id` (the executor's record, read as it runs)."""
+    last: str | None = None
+    while True:
+        phase = in_flight.get(shot_id)
+        if phase is not None and phase != last:
+            on_phase(phase)
+            last = phase
+        await asyncio.sleep(every)
 
 
 def _check_replaceable(target: Path) -> None:
