@@ -28,6 +28,9 @@ from tests.support.files import FAKE_KEY
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "imgbatch"
 STATE = ".imgbatch"
+# The folder's name as a name (a path part or a string), not `.imgbatch-` temporary files or
+# `window.imgbatchSheet`.
+SPELLED = re.compile(r"(?<![\w.])\.imgbatch(?![\w-])")
 
 
 def run(*args: str | Path, env: dict[str, str] | None = None) -> Result:
@@ -65,7 +68,7 @@ def test_nothing_outside_state_spells_the_state_folder() -> None:
         for path in sorted(SRC.rglob("*"))
         if path.is_file() and path.suffix != ".pyc" and "state" not in path.relative_to(SRC).parts
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-        if STATE in line
+        if SPELLED.search(line)
     ]
     assert spelled == [], (
         f"only imgbatch.state may know where the folder keeps its state: {spelled}"

@@ -2,7 +2,7 @@
 
 Takes the cards `sheet` builds (one dict per shot) and what the shot list says about each shot
 (`ShotInfo`: the variants it is a take of, its matrix values, whether it is the picked take, the
-id a reroll of it names); gives `.imgbatch/sheet-data.js`, a script that sets
+id a reroll of it names); gives `sheet-data.js` in the folder's state, a script that sets
 `window.imgbatchSheet` to `{"fields": [...], "strings": [...], "rows": [[...], ...]}`: one array
 per card, its cells in `fields` order, repeated texts (sizes, models, negative prompts, statuses)
 as numbers into `strings`. The page draws only the cards in view from it, so 100,000 shots make
