@@ -48,6 +48,7 @@ class ServerSettings:
 
     provider: str | None = None
     allow_reference_outside: bool = False
+    allow_output_outside: bool = False
 
 
 def build_server(settings: ServerSettings, session: Any) -> MCPServer:
@@ -78,6 +79,8 @@ def build_server(settings: ServerSettings, session: Any) -> MCPServer:
         }
         request = {name: value for name, value in fields.items() if value is not None}
         async with _tool_errors():
+            if output is not None and not settings.allow_output_outside:
+                _check_inside(Path(output))
             return dict(await session.generate(request, output=output))
 
     @server.tool(description="Check shot lists (YAML manifests, by path) against the schema and "
@@ -151,6 +154,23 @@ _APPLY_DOC = (
     "'5 USD'); a bounded run stops sending, finishes what is in flight and says how many shots "
     "remain: call apply again to continue."
 )
+
+
+def _check_inside(output: Path) -> None:
+    """Raise `ConfigError` unless `output` lies under the current folder, links resolved: a
+    call's arguments come from a model and whatever it read, so, as for a reference image, a
+    file outside the folder the server runs in is not written without the user's trust."""
+    root = Path.cwd().resolve()
+    try:
+        resolved = (root / output).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # RuntimeError: a link loop
+        raise ConfigError(f"output {output} cannot be resolved: {exc}") from None
+    if not resolved.is_relative_to(root):
+        raise ConfigError(
+            f"output {output} resolves to {resolved}, outside the folder the server runs in "
+            f"({root}); start the server with --allow-output-outside to write there; nothing "
+            "was sent or written"
+        )
 
 
 @dataclass(frozen=True)
