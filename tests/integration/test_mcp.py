@@ -254,6 +254,27 @@ def test_generate_writes_no_output_outside_the_folder_unless_trusted(
     assert Path(json.loads(trusted.content[0].text)["file"]).is_file()
 
 
+def test_no_tool_gives_the_key_from_a_file_it_quotes(project: Path) -> None:
+    """A model told by a page it read to `validate` the `.env` beside it: the problem quotes the
+    file's text, and the key would be in the model's context."""
+    (project / ".env").write_text(f"DASHSCOPE_API_KEY={FAKE_KEY}\n", encoding="utf-8")
+    with FakeDashScope(api_key=FAKE_KEY, image_profile="tiny") as fake:
+
+        async def scenario() -> list[Any]:
+            async with connected(project, fake) as session:
+                return [
+                    await session.call_tool("validate", {"manifests": [".env"]}),
+                    await session.call_tool("plan", {"manifest": ".env"}),
+                    await session.call_tool("apply", {"manifest": ".env"}),
+                ]
+
+        answers = run(scenario)
+    for answer in answers:
+        text = answer.content[0].text
+        assert "expected a mapping" in text
+        assert FAKE_KEY not in text
+
+
 def test_closing_stdin_mid_request_keeps_the_paid_image(project: Path) -> None:
     """The agent goes away while a generation is in flight: the server waits for the answer,
     writes the image (it was paid for) and exits."""

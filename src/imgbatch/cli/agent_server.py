@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +82,7 @@ def build_server(settings: ServerSettings, session: Any) -> MCPServer:
         async with _tool_errors():
             if output is not None and not settings.allow_output_outside:
                 _check_inside(Path(output))
-            return dict(await session.generate(request, output=output))
+            return _shown(dict(await session.generate(request, output=output)))
 
     @server.tool(description="Check shot lists (YAML manifests, by path) against the schema and "
                  "the model rules; gives the verdict and every problem with file, line, shot "
@@ -94,7 +95,7 @@ def build_server(settings: ServerSettings, session: Any) -> MCPServer:
             paths = [Path(name) for name in manifests]
             allow = settings.allow_reference_outside
             results = await asyncio.to_thread(check, paths, allow_reference_outside=allow)
-            return validate_json(results)
+            return _shown(validate_json(results))
 
     @server.tool(description="What `apply` would do to a shot list (by path), shot by shot and "
                  "why, with the estimated cost; nothing is sent or downloaded. As "
@@ -111,7 +112,7 @@ def build_server(settings: ServerSettings, session: Any) -> MCPServer:
                 allow_reference_outside=settings.allow_reference_outside,
                 only=tuple(only or ()),
             )
-            return plan_json(made)
+            return _shown(plan_json(made))
 
     @server.tool(description=_APPLY_DOC)
     async def apply(
@@ -124,7 +125,7 @@ def build_server(settings: ServerSettings, session: Any) -> MCPServer:
     ) -> dict[str, Any]:
         async with _tool_errors(), applying:
             bounds = _bounds(max_requests, max_duration, max_cost)
-            return await _apply(Path(manifest), settings, tuple(only or ()), bounds, ctx)
+            return _shown(await _apply(Path(manifest), settings, tuple(only or ()), bounds, ctx))
 
     @server.tool(description="The provenance an imgbatch PNG carries (prompt sent, seed, model, "
                  "request key, request id), as `imgbatch inspect --json`.")  # fmt: skip
@@ -132,7 +133,7 @@ def build_server(settings: ServerSettings, session: Any) -> MCPServer:
         from imgbatch.review.provenance import as_json, inspect_image
 
         async with _tool_errors():
-            return as_json(await asyncio.to_thread(inspect_image, Path(image)))
+            return _shown(as_json(await asyncio.to_thread(inspect_image, Path(image))))
 
     return server
 
@@ -248,6 +249,15 @@ class _ProgressNotes:
             await asyncio.gather(*self._sent, return_exceptions=True)
 
 
+def _shown(document: dict[str, Any]) -> dict[str, Any]:
+    """`document` with the API key hidden wherever it quotes a file's text (a shot list that is
+    the `.env` beside it, a PNG's text chunk): what a tool gives goes into a model's context."""
+    from imgbatch.cli.common import hide_secrets
+
+    shown: dict[str, Any] = json.loads(hide_secrets(json.dumps(document, ensure_ascii=False)))
+    return shown
+
+
 @contextlib.asynccontextmanager
 async def _tool_errors() -> AsyncIterator[None]:
     """imgbatch's errors as MCP tool errors in the CLI's words; anything else as the CLI says
@@ -255,7 +265,9 @@ async def _tool_errors() -> AsyncIterator[None]:
     try:
         yield
     except ImgbatchError as exc:
-        raise ToolError(str(exc)) from None
+        from imgbatch.cli.common import hide_secrets
+
+        raise ToolError(hide_secrets(str(exc))) from None
     except Exception as exc:  # noqa: BLE001 - the boundary: no traceback reaches the agent
         from imgbatch.cli.common import write_crash_log
 
