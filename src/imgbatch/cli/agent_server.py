@@ -56,8 +56,14 @@ def build_server(settings: ServerSettings, session: Any) -> MCPServer:
     """The MCP server with imgbatch's tools; `session` is the `GenerateSession` they share."""
     # Warnings only on stderr: the SDK logs every failed call at INFO, which the result says.
     server = MCPServer(SERVER_NAME, instructions=INSTRUCTIONS, log_level="WARNING")
-    applying = asyncio.Lock()
+    _add_generate(server, session)
+    _add_manifest_tools(server, settings)
+    _add_apply(server, settings)
+    _add_inspect(server)
+    return server
 
+
+def _add_generate(server: MCPServer, session: Any) -> None:
     @server.tool(description=_GENERATE_DOC)
     async def generate(
         prompt: str,
@@ -84,6 +90,8 @@ def build_server(settings: ServerSettings, session: Any) -> MCPServer:
                 _check_inside(Path(output))
             return _shown(dict(await session.generate(request, output=output)))
 
+
+def _add_manifest_tools(server: MCPServer, settings: ServerSettings) -> None:
     @server.tool(description="Check shot lists (YAML manifests, by path) against the schema and "
                  "the model rules; gives the verdict and every problem with file, line, shot "
                  "and field, as `imgbatch validate --json`.")  # fmt: skip
@@ -114,6 +122,10 @@ def build_server(settings: ServerSettings, session: Any) -> MCPServer:
             )
             return _shown(plan_json(made))
 
+
+def _add_apply(server: MCPServer, settings: ServerSettings) -> None:
+    applying = asyncio.Lock()
+
     @server.tool(description=_APPLY_DOC)
     async def apply(
         manifest: str,
@@ -127,6 +139,8 @@ def build_server(settings: ServerSettings, session: Any) -> MCPServer:
             bounds = _bounds(max_requests, max_duration, max_cost)
             return _shown(await _apply(Path(manifest), settings, tuple(only or ()), bounds, ctx))
 
+
+def _add_inspect(server: MCPServer) -> None:
     @server.tool(description="The provenance an imgbatch PNG carries (prompt sent, seed, model, "
                  "request key, request id), as `imgbatch inspect --json`.")  # fmt: skip
     async def inspect(image: str) -> dict[str, Any]:
@@ -134,8 +148,6 @@ def build_server(settings: ServerSettings, session: Any) -> MCPServer:
 
         async with _tool_errors():
             return _shown(as_json(await asyncio.to_thread(inspect_image, Path(image))))
-
-    return server
 
 
 _GENERATE_DOC = (
