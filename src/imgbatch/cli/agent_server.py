@@ -56,14 +56,14 @@ def build_server(settings: ServerSettings, session: Any) -> MCPServer:
     """The MCP server with imgbatch's tools; `session` is the `GenerateSession` they share."""
     # Warnings only on stderr: the SDK logs every failed call at INFO, which the result says.
     server = MCPServer(SERVER_NAME, instructions=INSTRUCTIONS, log_level="WARNING")
-    _add_generate(server, session)
+    _add_generate(server, settings, session)
     _add_manifest_tools(server, settings)
     _add_apply(server, settings)
     _add_inspect(server)
     return server
 
 
-def _add_generate(server: MCPServer, session: Any) -> None:
+def _add_generate(server: MCPServer, settings: ServerSettings, session: Any) -> None:
     @server.tool(description=_GENERATE_DOC)
     async def generate(
         prompt: str,
