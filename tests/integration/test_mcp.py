@@ -227,6 +227,54 @@ def test_a_bad_call_is_a_tool_error_in_the_clis_words(
     assert not alive.is_error
 
 
+@pytest.mark.parametrize("output", ["../{name}/frame.png", "{outside}/frame.png", "link/x.png"])
+def test_generate_writes_no_output_outside_the_folder_unless_trusted(
+    project: Path, output: str
+) -> None:
+    """A tool call's arguments come from a model (and what it read): as a reference image
+    outside the folder is not read, an `output` outside it is not written, links included."""
+    outside = project.parent / f"{project.name}-outside"
+    outside.mkdir()
+    (project / "link").symlink_to(outside)
+    output = output.replace("{outside}", str(outside)).replace("{name}", outside.name)
+    request = {"prompt": "a frame", "size": SIZE, "output": output}
+
+    async def scenario(*flags: str) -> Any:
+        async with connected(project, None, "--provider", "placeholder", *flags) as session:
+            return await session.call_tool("generate", request)
+
+    refused = run(lambda: scenario())
+    assert refused.is_error
+    assert "outside the folder" in refused.content[0].text
+    assert "--allow-output-outside" in refused.content[0].text
+    assert list(outside.iterdir()) == [] and not (project / "output").exists()
+
+    trusted = run(lambda: scenario("--allow-output-outside"))
+    assert not trusted.is_error, trusted.content[0].text
+    assert Path(json.loads(trusted.content[0].text)["file"]).is_file()
+
+
+def test_no_tool_gives_the_key_from_a_file_it_quotes(project: Path) -> None:
+    """A model told by a page it read to `validate` the `.env` beside it: the problem quotes the
+    file's text, and the key would be in the model's context."""
+    (project / ".env").write_text(f"DASHSCOPE_API_KEY={FAKE_KEY}\n", encoding="utf-8")
+    with FakeDashScope(api_key=FAKE_KEY, image_profile="tiny") as fake:
+
+        async def scenario() -> list[Any]:
+            async with connected(project, fake) as session:
+                return [
+                    await session.call_tool("validate", {"manifests": [".env"]}),
+                    await session.call_tool("plan", {"manifest": ".env"}),
+                    await session.call_tool("apply", {"manifest": ".env"}),
+                ]
+
+        answers = run(scenario)
+    for answer in answers:
+        text = answer.content[0].text
+        assert "expected a mapping" in text
+        assert FAKE_KEY not in text
+
+
 def test_closing_stdin_mid_request_keeps_the_paid_image(project: Path) -> None:
     """The agent goes away while a generation is in flight: the server waits for the answer,
     writes the image (it was paid for) and exits."""

@@ -211,3 +211,27 @@ def test_a_crash_log_redacts_a_key_from_the_credentials_file(
     text = Path(log).read_text(encoding="utf-8")
     assert "RuntimeError: a library bug that quotes the key ***" in text
     assert SECRET not in text
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["validate"], ["validate", "--json"], ["plan"], ["apply", "--provider", "placeholder"]],
+    ids=["validate", "validate-json", "plan", "apply"],
+)
+def test_a_shot_list_that_is_a_link_to_the_key_file_does_not_print_it(
+    tmp_path: Path, args: list[str]
+) -> None:
+    """A pull request commits `shots.yaml` as a link to the `.env` beside it (or any file that
+    holds the key): the problem quotes the file's text, and CI would print the key in its log."""
+    (tmp_path / ".env").write_text(f"DASHSCOPE_API_KEY={SECRET}\n", encoding="utf-8")
+    (tmp_path / "shots.yaml").symlink_to(tmp_path / ".env")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DASHSCOPE_")}
+    env |= {"DASHSCOPE_API_KEY": SECRET, "HOME": str(tmp_path)}
+
+    done = subprocess.run(
+        [*COMMAND, *args, "shots.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+
+    assert done.returncode == 2, done.stderr
+    assert "expected a mapping" in done.stdout + done.stderr
+    assert SECRET not in done.stdout + done.stderr

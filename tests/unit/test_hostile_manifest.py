@@ -158,10 +158,22 @@ def link_outside(name: str) -> Callable[[Path], str]:
 
     def make(project: Path) -> str:
         (project.parent / "elsewhere").mkdir(exist_ok=True)
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
         (project / name).symlink_to(project.parent / "elsewhere")
         return name
 
     return make
+
+
+def default_output_through(make: Callable[[Path], str]) -> Callable[[Path], Path]:
+    """A valid one-shot manifest named `out` with no output.dir, once `make` prepared the
+    project (a link where its default output folder goes)."""
+
+    def setup(project: Path) -> Path:
+        make(project)
+        return manifest(f"version: 1\nname: out\n{SHOT}")(project)
+
+    return setup
 
 
 def nested(depth: int) -> str:
@@ -204,6 +216,13 @@ CASES = [
          ("{manifest}:3:8", "field output.dir", "outside the manifest's folder")),
     Case("output-dir-link-outside", output_at(link_outside("renders")),
          ("{manifest}:3:8", "field output.dir", "outside the manifest's folder")),
+    # With no output.dir, the folder is output/<name> beside the manifest: a committed link
+    # there must not carry the writes outside either.
+    Case("output-default-link-outside", default_output_through(link_outside("output")),
+         ("{manifest}:2:7", "field name", "output/out", "outside the manifest's folder",
+          "'trust: {output_outside: true}'")),
+    Case("output-default-deeper-link", default_output_through(link_outside("output/out")),
+         ("{manifest}:2:7", "field name", "outside the manifest's folder")),
     Case("output-dir-trusted-references-only",
          output_at(lambda project: "../elsewhere", "trust:\n  references_outside: true\n"),
          ("{manifest}:3:8", "field output.dir", "outside the manifest's folder")),

@@ -21,8 +21,15 @@ if TYPE_CHECKING:
 @click.command("mcp")
 @provider_option
 @allow_outside_option
+@click.option(
+    "--allow-output-outside",
+    is_flag=True,
+    help="Trust the agent: let generate's output name a file outside the current folder.",
+)
 @error_boundary
-def mcp_command(provider: str | None, allow_reference_outside: bool) -> int:
+def mcp_command(
+    provider: str | None, allow_reference_outside: bool, allow_output_outside: bool
+) -> int:
     """Serve generate, validate, plan, apply and inspect to an AI agent over the Model Context
     Protocol on stdin and stdout (needs the extra: pip install 'imgbatch[mcp]')."""
     try:
@@ -33,5 +40,11 @@ def mcp_command(provider: str | None, allow_reference_outside: bool) -> int:
         raise ConfigError(
             "imgbatch mcp needs the MCP SDK, an optional extra: pip install 'imgbatch[mcp]'"
         ) from None
-    serve(ServerSettings(provider=provider, allow_reference_outside=allow_reference_outside))
+    serve(
+        ServerSettings(
+            provider=provider,
+            allow_reference_outside=allow_reference_outside,
+            allow_output_outside=allow_output_outside,
+        )
+    )
     return EXIT_OK

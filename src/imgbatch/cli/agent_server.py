@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,20 +49,21 @@ class ServerSettings:
 
     provider: str | None = None
     allow_reference_outside: bool = False
+    allow_output_outside: bool = False
 
 
 def build_server(settings: ServerSettings, session: Any) -> MCPServer:
     """The MCP server with imgbatch's tools; `session` is the `GenerateSession` they share."""
     # Warnings only on stderr: the SDK logs every failed call at INFO, which the result says.
     server = MCPServer(SERVER_NAME, instructions=INSTRUCTIONS, log_level="WARNING")
-    _add_generate(server, session)
+    _add_generate(server, settings, session)
     _add_manifest_tools(server, settings)
     _add_apply(server, settings)
     _add_inspect(server)
     return server
 
 
-def _add_generate(server: MCPServer, session: Any) -> None:
+def _add_generate(server: MCPServer, settings: ServerSettings, session: Any) -> None:
     @server.tool(description=_GENERATE_DOC)
     async def generate(
         prompt: str,
@@ -84,7 +86,9 @@ def _add_generate(server: MCPServer, session: Any) -> None:
         }
         request = {name: value for name, value in fields.items() if value is not None}
         async with _tool_errors():
-            return dict(await session.generate(request, output=output))
+            if output is not None and not settings.allow_output_outside:
+                _check_inside(Path(output))
+            return _shown(dict(await session.generate(request, output=output)))
 
 
 def _add_manifest_tools(server: MCPServer, settings: ServerSettings) -> None:
@@ -99,7 +103,7 @@ def _add_manifest_tools(server: MCPServer, settings: ServerSettings) -> None:
             paths = [Path(name) for name in manifests]
             allow = settings.allow_reference_outside
             results = await asyncio.to_thread(check, paths, allow_reference_outside=allow)
-            return validate_json(results)
+            return _shown(validate_json(results))
 
     @server.tool(description="What `apply` would do to a shot list (by path), shot by shot and "
                  "why, with the estimated cost; nothing is sent or downloaded. As "
@@ -116,7 +120,7 @@ def _add_manifest_tools(server: MCPServer, settings: ServerSettings) -> None:
                 allow_reference_outside=settings.allow_reference_outside,
                 only=tuple(only or ()),
             )
-            return plan_json(made)
+            return _shown(plan_json(made))
 
 
 def _add_apply(server: MCPServer, settings: ServerSettings) -> None:
@@ -133,7 +137,7 @@ def _add_apply(server: MCPServer, settings: ServerSettings) -> None:
     ) -> dict[str, Any]:
         async with _tool_errors(), applying:
             bounds = _bounds(max_requests, max_duration, max_cost)
-            return await _apply(Path(manifest), settings, tuple(only or ()), bounds, ctx)
+            return _shown(await _apply(Path(manifest), settings, tuple(only or ()), bounds, ctx))
 
 
 def _add_inspect(server: MCPServer) -> None:
@@ -143,7 +147,7 @@ def _add_inspect(server: MCPServer) -> None:
         from imgbatch.review.provenance import as_json, inspect_image
 
         async with _tool_errors():
-            return as_json(await asyncio.to_thread(inspect_image, Path(image)))
+            return _shown(as_json(await asyncio.to_thread(inspect_image, Path(image))))
 
 
 _GENERATE_DOC = (
@@ -163,6 +167,23 @@ _APPLY_DOC = (
     "'5 USD'); a bounded run stops sending, finishes what is in flight and says how many shots "
     "remain: call apply again to continue."
 )
+
+
+def _check_inside(output: Path) -> None:
+    """Raise `ConfigError` unless `output` lies under the current folder, links resolved: a
+    call's arguments come from a model and whatever it read, so, as for a reference image, a
+    file outside the folder the server runs in is not written without the user's trust."""
+    root = Path.cwd().resolve()
+    try:
+        resolved = (root / output).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # RuntimeError: a link loop
+        raise ConfigError(f"output {output} cannot be resolved: {exc}") from None
+    if not resolved.is_relative_to(root):
+        raise ConfigError(
+            f"output {output} resolves to {resolved}, outside the folder the server runs in "
+            f"({root}); start the server with --allow-output-outside to write there; nothing "
+            "was sent or written"
+        )
 
 
 @dataclass(frozen=True)
@@ -240,6 +261,15 @@ class _ProgressNotes:
             await asyncio.gather(*self._sent, return_exceptions=True)
 
 
+def _shown(document: dict[str, Any]) -> dict[str, Any]:
+    """`document` with the API key hidden wherever it quotes a file's text (a shot list that is
+    the `.env` beside it, a PNG's text chunk): what a tool gives goes into a model's context."""
+    from imgbatch.cli.common import hide_secrets
+
+    shown: dict[str, Any] = json.loads(hide_secrets(json.dumps(document, ensure_ascii=False)))
+    return shown
+
+
 @contextlib.asynccontextmanager
 async def _tool_errors() -> AsyncIterator[None]:
     """imgbatch's errors as MCP tool errors in the CLI's words; anything else as the CLI says
@@ -247,7 +277,9 @@ async def _tool_errors() -> AsyncIterator[None]:
     try:
         yield
     except ImgbatchError as exc:
-        raise ToolError(str(exc)) from None
+        from imgbatch.cli.common import hide_secrets
+
+        raise ToolError(hide_secrets(str(exc))) from None
     except Exception as exc:  # noqa: BLE001 - the boundary: no traceback reaches the agent
         from imgbatch.cli.common import write_crash_log
 

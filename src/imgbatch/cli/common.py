@@ -50,7 +50,7 @@ def error_boundary(command: F) -> F:
             ):
                 # Named by its file, as `validate` names it: every command words it alike.
                 exc = ManifestError(exc.problems, subject=str(named))
-            message = without_reprs(str(exc))
+            message = hide_secrets(without_reprs(str(exc)))
             click.echo(f"error: {message}", err=True)
             code = exc.exit_code  # the error says which (errors.py), not a table here
             _summarize_error(message, code)
@@ -77,13 +77,19 @@ def _ignoring_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def hide_secrets(text: str) -> str:
+    """`text` with the configured API key replaced by ***: a message may quote a file's text
+    (a shot list that is a link to a `.env`), and it goes to a terminal, a CI log or an agent."""
+    for secret in secrets_for_redaction(os.environ):
+        text = text.replace(secret, "***")
+    return text
+
+
 def write_crash_log() -> str:
     import tempfile
     import traceback
 
-    text = traceback.format_exc()
-    for secret in secrets_for_redaction(os.environ):
-        text = text.replace(secret, "***")
+    text = hide_secrets(traceback.format_exc())
     handle, path = tempfile.mkstemp(prefix="imgbatch-crash-", suffix=".log")
     with os.fdopen(handle, "w", encoding="utf-8") as log:
         log.write(text)

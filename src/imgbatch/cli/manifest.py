@@ -12,6 +12,7 @@ from imgbatch.cli.common import (
     EXIT_OK,
     allow_outside_option,
     error_boundary,
+    hide_secrets,
     manifest_argument,
     provider_option,
 )
@@ -48,9 +49,9 @@ def validate(manifests: tuple[Path, ...], allow_reference_outside: bool, as_json
             line = f"{result.manifest}: valid, {count} shot{'s' if count != 1 else ''}"
             click.echo(line, err=as_json)
         else:
-            click.echo(f"error: {result.message}", err=True)
+            click.echo(hide_secrets(f"error: {result.message}"), err=True)
     if as_json:
-        click.echo(json.dumps(validate_json(results), ensure_ascii=False))
+        click.echo(hide_secrets(json.dumps(validate_json(results), ensure_ascii=False)))
     return EXIT_OK if all(result.valid for result in results) else EXIT_USAGE
 
 

@@ -57,6 +57,7 @@ class Checker:
         self.document = document
         self.display = display
         self.base_dir = base_dir
+        self.manifest_name = manifest_name
         data = document.data
         trust = data.get("trust") if isinstance(data, dict) else None
         self.allow_reference_outside = allow_reference_outside or (
@@ -169,24 +170,36 @@ class Checker:
         # A shot list can come from anyone: like a reference it reads, the folder it writes
         # (results.json, images, its state, index.html) stays inside its folder tree unless it
         # is trusted. OUTPUT_DIR replaces `output.dir` and is the user's own choice.
+        # With no output.dir the folder is output/<name> beside the manifest, which a link
+        # committed there could carry anywhere: that default is held to the same rule.
         data = self.document.data
         output = data.get("output") if isinstance(data, dict) else None
         written = output.get("dir") if isinstance(output, dict) else None
+        place: tuple[JsonPath, str] = (("output",), "dir")
+        if written is None and _ID.fullmatch(self.manifest_name):
+            written, place = f"output/{self.manifest_name}", ((), "name")
         if self.allow_output_outside or not isinstance(written, str) or _CONTROL.search(written):
             return  # trusted, or the schema says what is wrong
         root = self.base_dir.resolve()
         try:
             resolved = (self.base_dir / written).resolve()
         except (OSError, RuntimeError, ValueError) as exc:  # RuntimeError: a link loop
-            yield self._problem(("output",), "dir", f"cannot be resolved: {exc}")
+            yield self._problem(*place, f"cannot be resolved: {exc}")
             return
         if not resolved.is_relative_to(root):
+            default = place[1] == "name"
             message = (
-                f"resolves to {resolved}, outside the manifest's folder {root}; a shot list can "
-                "come from anyone, so it writes only inside its folder unless it says "
-                "'trust: {output_outside: true}' (or leave output.dir out and set OUTPUT_DIR)"
+                (f"names the output folder {written}, which " if default else "")
+                + f"resolves to {resolved}, outside the manifest's folder {root}; a shot list "
+                "can come from anyone, so it writes only inside its folder unless it says "
+                "'trust: {output_outside: true}'"
+                + (
+                    " (or replace the link by a folder)"
+                    if default
+                    else " (or leave output.dir out and set OUTPUT_DIR)"
+                )
             )
-            yield self._problem(("output",), "dir", message)
+            yield self._problem(*place, message)
 
     def _pricing_problems(self) -> Iterator[ManifestProblem]:
         # A misspelt model would price nothing and leave its cost unknown; say so now.
