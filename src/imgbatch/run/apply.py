@@ -141,7 +141,7 @@ class QuotaNote:
     saved: bool  # what this run found is kept for the next one
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ApplyReport:
     plan: Plan
     results_path: Path
@@ -199,6 +199,15 @@ class ApplyReport:
     @property
     def ok(self) -> bool:
         return self.stopped is None and self.count("failed") == self.count("unfetched") == 0
+
+    def __repr__(self) -> str:
+        # Short, whatever the run's size: asyncio.run formats the finished task, result and all,
+        # when it puts back the SIGINT handler (an enum's error message quotes the old handler),
+        # and a dataclass repr of 100,000 entries cost seconds and hundreds of megabytes there.
+        return (
+            f"<ApplyReport {len(self.entries)} shots, {self.requests} requests, "
+            f"stopped={self.stopped!r}, results={str(self.results_path)!r}>"
+        )
 
 
 def provider_name(
