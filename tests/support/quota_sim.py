@@ -46,20 +46,49 @@ def _png(width: int, height: int) -> bytes:
 
 
 class CountedWindow:
-    """At most `count` requests admitted in any `period` seconds (a sliding count)."""
+    """At most `count` requests admitted in any `period` seconds (a sliding count); from
+    `change[0]` seconds on, the window `change[1]` (an account's quota raised or lowered)."""
 
-    def __init__(self, count: int, period: float, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        count: int,
+        period: float,
+        clock: Callable[[], float],
+        change: tuple[float, tuple[int, float]] | None = None,
+    ) -> None:
         self.count, self.period, self._clock = count, period, clock
+        self._change = change
         self._admitted: deque[float] = deque()
 
     def try_take(self) -> bool:
         now = self._clock()
+        if self._change is not None and now >= self._change[0]:
+            self.count, self.period = self._change[1]
+            self._change = None
         while self._admitted and self._admitted[0] <= now - self.period:
             self._admitted.popleft()
         if len(self._admitted) >= self.count:
             return False
         self._admitted.append(now)
         return True
+
+
+def greedy_last_send(
+    shots: int, count: int, period: float, change: tuple[float, tuple[int, float]] | None
+) -> float:
+    """When the last of `shots` goes if each goes the moment the window admits it."""
+    window = CountedWindow(count, period, lambda: now, change)
+    now, sent = 0.0, 0
+    while sent < shots:
+        if window.try_take():
+            sent += 1
+            continue
+        # The next moment something changes: the oldest admitted leaves, or the quota changes.
+        moments = [window._admitted[0] + window.period] if window._admitted else []
+        if window._change is not None:
+            moments.append(window._change[0])
+        now = max(now + 1e-9, min(moments))
+    return now
 
 
 @dataclass(frozen=True)
@@ -70,13 +99,15 @@ class Account:
     bucket: tuple[float, float] | None = None  # rate a second, burst (full at the start)
     max_in_progress: int | None = None
     states: bool = False  # answers carry the window in the flow-control header
+    # From this many seconds on, the window is this one instead (a quota raised or lowered).
+    change: tuple[float, tuple[int, float]] | None = None
 
     def ideal(self, shots: int, latency: float) -> float:
         """The physical limit: each limit's best, the slowest of them."""
         times = [latency]
         if self.window is not None:
             count, period = self.window
-            times.append(max(0, math.ceil(shots / count) - 1) * period + latency)
+            times.append(greedy_last_send(shots, count, period, self.change) + latency)
         if self.bucket is not None:
             rate, burst = self.bucket
             times.append(max(0.0, shots - burst) / rate + latency)
@@ -88,10 +119,19 @@ class Account:
     def stated(self) -> Quota | None:
         return Quota(*self.window) if self.states and self.window else None
 
+    def stated_at(self, now: float) -> Quota | None:
+        """The window the flow-control header states at `now` (the new one after a change)."""
+        if self.change is not None and now >= self.change[0] and self.states:
+            return Quota(*self.change[1])
+        return self.stated
+
     def describe(self) -> str:
         parts = []
         if self.window:
             parts.append(f"{self.window[0]} per {self.window[1]:g} s")
+        if self.change:
+            (count, period) = self.change[1]
+            parts[-1] += f", {count} per {period:g} s from {self.change[0]:g} s"
         if self.bucket:
             parts.append(f"bucket {self.bucket[0]:g}/s burst {self.bucket[1]:g}")
         if self.max_in_progress:
@@ -112,11 +152,14 @@ class SimProvider:
         self.latency, self.rtt, self.download = latency, rtt, download
         self._limits: list[CountedWindow | TokenBucket] = []
         if account.window:
-            self._limits.append(CountedWindow(*account.window, clock=loop.time))
+            self._limits.append(
+                CountedWindow(*account.window, clock=loop.time, change=account.change)
+            )
         if account.bucket:
             self._limits.append(TokenBucket(*account.bucket, clock=loop.time))
         self.in_progress = 0
         self.requests = self.refused = 0
+        self.sends: list[tuple[float, bool]] = []  # when each request reached it, admitted
 
     async def __aenter__(self) -> Self:
         return self
@@ -140,6 +183,7 @@ class SimProvider:
         admitted = (cap is None or self.in_progress < cap) and all(
             limit.try_take() for limit in self._limits
         )
+        self.sends.append((asyncio.get_running_loop().time(), admitted))
         if not admitted:
             self.refused += 1
             await asyncio.sleep(self.rtt / 2)
@@ -148,7 +192,7 @@ class SimProvider:
                 status=429,
                 code="Throttling.RateQuota",
                 throttled=True,
-                stated_quota=self.account.stated,
+                stated_quota=self.account.stated_at(asyncio.get_running_loop().time()),
             )
         self.in_progress += 1
         try:
@@ -157,9 +201,8 @@ class SimProvider:
             self.in_progress -= 1
         await asyncio.sleep(self.rtt / 2)
         width, height = request.dimensions
-        return GeneratedImage(
-            f"sim:{label}", width, height, request.seed, None, self.account.stated
-        )
+        stated = self.account.stated_at(asyncio.get_running_loop().time())
+        return GeneratedImage(f"sim:{label}", width, height, request.seed, None, stated)
 
     async def fetch(self, image: GeneratedImage) -> bytes:
         await asyncio.sleep(self.download)
@@ -173,6 +216,24 @@ class SimResult:
     requests: int
     refused: int
     report: ApplyReport = field(repr=False)
+    sends: tuple[tuple[float, bool], ...] = field(default=(), repr=False)
+
+    def followed_in(self, change: tuple[float, tuple[int, float]], *, raised: bool) -> float:
+        """How many of the new windows after a quota changed at `change[0]` the run took to
+        follow it: raised, until a new window's worth was admitted within one window (inf if
+        never); lowered, until its last 429."""
+        at, (count, period) = change
+        if not raised:
+            refused = [t for t, ok in self.sends if not ok and t >= at]
+            return (refused[-1] - at) / period if refused else 0.0
+        admitted = [t for t, ok in self.sends if ok and t >= at]
+        for first, last in zip(admitted, admitted[count - 1 :], strict=False):
+            if last - first < period:
+                return (last - at) / period
+        return math.inf
+
+    def refused_after(self, at: float) -> int:
+        return sum(1 for t, ok in self.sends if not ok and t >= at)
 
     @property
     def ratio(self) -> float:
@@ -232,6 +293,7 @@ async def run_against(
         requests=provider.requests,
         refused=provider.refused,
         report=report,
+        sends=tuple(provider.sends),
     )
 
 

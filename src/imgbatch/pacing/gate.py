@@ -37,6 +37,8 @@ _MAX_LOG = 100_000
 # How many requests deep the --rps spacing limiter is: one late turn is made up on the next, and
 # never more than two requests start back to back.
 _SPACING_DEPTH = 2
+# How often a gate waiting on its window asks the estimator whether to try a faster one.
+_PROBE_POLL = 1.0
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,10 @@ class Gate:
                         break
                     continue
                 waited = True
-                await self._wait_for_change(delay)
+                if delay > 0 and self.estimator.waiting(now):
+                    continue  # a faster window to try at once
+                # Woken now and then while waiting: the estimator may try a faster window.
+                await self._wait_for_change(min(delay, _PROBE_POLL) if delay > 0 else delay)
             ticket = self.estimator.sent(now, self.in_flight, waited=waited)
             self._log.append((ticket, now))
             self.in_flight += 1
