@@ -37,11 +37,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "src"), str(REPO)]
 
-from imgbatch.review.sheet import render_sheet, thumb_path  # noqa: E402
+from imgbatch.review.sheet import render_sheet  # noqa: E402
 from imgbatch.run.apply import ApplyOptions, ApplyReport, apply_async, load_and_expand  # noqa: E402
 from imgbatch.run.entries import shot_entry  # noqa: E402
 from imgbatch.shots.request import GeneratedImage  # noqa: E402
 from imgbatch.state.cache import STATE_DIR, ImageCache  # noqa: E402
+from imgbatch.state.last_run import thumb_path  # noqa: E402
 from imgbatch.state.results import write_results  # noqa: E402
 
 KEY = "sk-bench-fake-key-0123456789"
@@ -83,7 +84,8 @@ class FakeServer:
         if self.mode == "inprocess":
             from tests.support.fake_dashscope import FakeDashScope
 
-            self._server = await FakeDashScope(api_key=KEY, **self.options).astart()
+            options = {"image_profile": "real", **self.options}
+            self._server = await FakeDashScope(api_key=KEY, **options).astart()
             self.base_url = self._server.base_url
             return self
         argv = [sys.executable, str(SERVER_SCRIPT), "--api-key", KEY]

@@ -26,8 +26,8 @@ sys.path[:0] = [str(REPO / "src"), str(REPO)]
 from imgbatch.manifest.catalogue import DEFAULT_MODEL  # noqa: E402
 from imgbatch.pacing.gate import Finding  # noqa: E402
 from imgbatch.pacing.learned import QuotaStore  # noqa: E402
-from imgbatch.pacing.quota import Quota  # noqa: E402
 from imgbatch.run.apply import ApplyOptions  # noqa: E402
+from imgbatch.units.quota import Quota  # noqa: E402
 from tests.support.quota_sim import Account, SimProvider, SimResult, simulate  # noqa: E402
 
 # account, latency, shots; the shapes first, then the token-bucket rows of before.

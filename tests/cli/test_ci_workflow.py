@@ -26,8 +26,8 @@ from tests.cli.test_cli import (
     output_dir,
     run,
 )
-from tests.conftest import write_manifest
 from tests.support.fake_dashscope import FakeDashScope
+from tests.support.files import write_manifest
 from tests.unit.test_store_results import result
 
 

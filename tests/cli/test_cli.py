@@ -22,8 +22,8 @@ from click.testing import CliRunner, Result
 from PIL import Image
 
 from imgbatch.cli.main import main
-from tests.conftest import FAKE_KEY, write_manifest, write_many_shots
 from tests.support.fake_dashscope import GENERATION_PATH, FakeDashScope
+from tests.support.files import FAKE_KEY, write_manifest, write_many_shots
 
 # The example pins limits.rps: 2; tests lift it so eight shots take milliseconds, not seconds.
 FAST = ("--rps", "500")

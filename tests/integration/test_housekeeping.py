@@ -14,6 +14,7 @@ retouched one, drops their entries and never touches the cache.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -21,13 +22,14 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
+from PIL import Image, PngImagePlugin
 
 from imgbatch.cli.main import main
 from imgbatch.housekeeping import gc
 from imgbatch.housekeeping.prune import prune_orphans
-from imgbatch.review.sheet import thumb_path
-from imgbatch.run.apply import exclusive_output
 from imgbatch.state.cache import STATE_DIR, TEMP_PREFIX, ImageCache
+from imgbatch.state.last_run import thumb_path
+from imgbatch.state.lock import exclusive_output
 from imgbatch.state.results import ResultEntry, load_state
 
 NAME = "harbour"
@@ -395,13 +397,17 @@ def test_prune_removes_only_what_it_can_prove_it_wrote_in_the_output_folder(
 ) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    data = b"\x89PNG\r\n\x1a\nimage bytes"
+    data = stamped_png("ab" * 32)  # what imgbatch writes: its provenance names the key
     outside = tmp_path / "precious.png"  # same bytes, outside the folder
     outside.write_bytes(data)
     (out / "plain.png").write_bytes(data)
     (out / "linked.png").symlink_to(outside)
     (out / "unrecorded.png").write_bytes(data)
     (out / "current.png").write_bytes(data)
+    readme = b"# My project\n"
+    (out / "README.md").write_bytes(readme)
+    another = stamped_png("cd" * 32)
+    (out / "another.png").write_bytes(another)
     orphans = [
         orphan("plain", data),
         orphan("escape", data, file="../precious.png"),
@@ -410,6 +416,10 @@ def test_prune_removes_only_what_it_can_prove_it_wrote_in_the_output_folder(
         orphan("current", data),  # a hand edit: an orphan naming a current shot's file
         orphan("failed", data, status="failed", file=None),
         orphan("gone", data),
+        # Hand edits naming a user's file, or another request's image, with its real size and
+        # SHA-256: results.json alone is no proof.
+        orphan("readme", readme, file="README.md"),
+        orphan("another", another),
     ]
 
     done, kept = prune_orphans(out, orphans, in_use={"current.png"})
@@ -422,14 +432,38 @@ def test_prune_removes_only_what_it_can_prove_it_wrote_in_the_output_folder(
         ("current", False, "its file is not its own to remove"),
         ("failed", True, "it had no image"),
         ("gone", True, "its file was already gone"),
+        ("readme", False, NO_PROVENANCE),
+        ("another", False, "its provenance names another request: not its own to remove"),
     ]
-    assert [entry.id for entry in kept] == ["escape", "linked", "unrecorded", "current"]
+    assert [entry.id for entry in kept] == [
+        "escape",
+        "linked",
+        "unrecorded",
+        "current",
+        "readme",
+        "another",
+    ]
     assert sorted(path.name for path in out.iterdir()) == [
+        "README.md",
+        "another.png",
         "current.png",
         "linked.png",
         "unrecorded.png",
     ]
     assert outside.read_bytes() == data
+    assert (out / "README.md").read_bytes() == readme
+
+
+NO_PROVENANCE = "it carries no provenance of imgbatch's for this shot: not its own to remove"
+
+
+def stamped_png(key: str) -> bytes:
+    """A small PNG with imgbatch's provenance chunk naming request `key`."""
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("imgbatch:key", key)
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
 
 
 def test_prune_keeps_an_image_billed_but_not_downloaded_until_its_url_expires(

@@ -28,7 +28,7 @@ from imgbatch.cli.main import main
 from imgbatch.state import cache as store
 from imgbatch.state.cache import ImageCache
 from imgbatch.state.results import load_state
-from tests.conftest import write_many_shots
+from tests.support.files import write_many_shots
 
 FICLONE = 0x40049409  # linux/fs.h; asked here directly, not through the code under test
 KEY = "ab" + "0123456789abcdef" * 3 + "0123456789abcd"

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from imgbatch.manifest.catalogue import DEFAULT_MODEL
 from imgbatch.pacing.gate import Clock, Finding, Gate, Pacer, RetryPolicy
 from imgbatch.pacing.learned import QuotaStore
-from imgbatch.pacing.quota import Quota, QuotaEstimator
+from imgbatch.pacing.quota import QuotaEstimator
 from imgbatch.run.apply import ApplyOptions
+from imgbatch.units.quota import Quota
+from tests.support.files import write_manifest
 from tests.support.quota_sim import Account, SimProvider, simulate
 from tests.support.virtual_time import run_virtual
 
@@ -219,6 +222,7 @@ def test_an_even_rate_without_burst_is_found() -> None:
     assert run.ratio >= 0.9
 
 
+@pytest.mark.slow  # a long simulated run
 def test_a_token_bucket_with_a_burst_is_found_and_held() -> None:
     run = simulate(Account(bucket=(25, 25)), 0.8, 600)
     assert run.share <= 0.05
@@ -300,3 +304,41 @@ def test_a_remembered_quota_is_where_a_run_starts_not_a_ceiling(
     assert run.ratio >= 0.85
     assert run.report.quotas[0].finding.window == Quota(3, 3)
     assert "3/3" in store.read_text() or '"period": 3.0' in store.read_text()
+
+
+@pytest.mark.parametrize(
+    ("given", "limits", "expected"),
+    [
+        # --rps over a manifest's quota: the rate given is kept on average, as a rate is.
+        ({"rps": 4.0}, "  quota: 2/60s\n", (Quota.per_second(4.0), True)),
+        ({"quota": Quota(3, 1.0)}, "  rps: 4\n", (Quota(3, 1.0), False)),
+        ({}, "  quota: 2/60s\n  rps: 4\n", (Quota(2, 60.0), False)),
+        ({}, "  rps: 4\n", (Quota.per_second(4.0), True)),
+        ({"rps": 4.0, "quota": Quota(1, 2.0)}, "", (Quota(1, 2.0), False)),
+    ],
+)
+def test_the_pace_given_is_one_decision_a_rate_on_average_a_quota_strictly(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    given: dict[str, Any],
+    limits: str,
+    expected: tuple[Quota, bool],
+) -> None:
+    """`--rps` met a manifest's `limits.quota`: the rate won, but was then kept strictly, as a
+    quota, since two functions decided which pace was given and how to keep it."""
+    import imgbatch.run.apply as apply_module
+
+    seen: list[tuple[Quota | None, bool]] = []
+    real = apply_module.Pacer
+
+    def capture(**kwargs: Any) -> Pacer:
+        pacer = real(**kwargs)
+        seen.append((pacer.given, pacer.average))
+        return pacer
+
+    monkeypatch.setattr(apply_module, "Pacer", capture)
+    head = f"version: 1\nname: paced\n{'limits:' if limits else ''}\n{limits}"
+    manifest = write_manifest(tmp_path, head + "shots:\n  - id: a\n    prompt: a lighthouse\n")
+    options = ApplyOptions(**given, quota_store=False)
+    assert apply_module.apply(manifest, options, provider="placeholder").ok
+    assert seen == [expected]

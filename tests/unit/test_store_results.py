@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from imgbatch.errors import CacheEntryDamaged, StoreError, StoreWriteError
+from imgbatch.errors import CacheEntryDamaged, ImageError, StoreError, StoreWriteError
 from imgbatch.state import cache as store
 from imgbatch.state.cache import TEMP_PREFIX, ImageCache, atomic_write, check_writable, verify_image
 from imgbatch.state.results import (
@@ -48,12 +48,17 @@ def listing(folder: Path) -> list[str]:
     return sorted(path.name for path in folder.iterdir())
 
 
+def hex_key(text: str) -> str:
+    """A request key as imgbatch makes one (the SHA-256 of something, in hex)."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def result(shot_id: str, status: str = "generated", **changes: object) -> ResultEntry:
     entry = ResultEntry(
         id=shot_id,
         status=status,  # type: ignore[arg-type]
         file=f"{shot_id}.png",
-        key=f"{shot_id}-key",
+        key=hex_key(shot_id),
         width=1328,
         height=1328,
         seed=7,
@@ -144,8 +149,11 @@ def test_verify_image_rejects_truncated_bytes() -> None:
 
 
 def test_verify_image_rejects_garbage() -> None:
-    with pytest.raises(ValueError, match=r"^downloaded bytes are not a whole image \(cannot "):
+    with pytest.raises(ImageError) as caught:
         verify_image(b"<html>access denied</html>", 64, 32)
+    assert str(caught.value) == (
+        "downloaded bytes are HTML or XML text, not a PNG image (imgbatch reads PNG only)"
+    )
 
 
 def test_verify_image_rejects_empty_bytes() -> None:
@@ -373,7 +381,7 @@ def test_from_json_ignores_unknown_fields() -> None:
 
 def test_journal_is_replayed_over_an_older_results_file(tmp_path: Path) -> None:
     write_results(tmp_path, [result("s01"), result("s02")], [], {})
-    newer_s01 = result("s01", key="s01-key-2", prompt="edited")
+    newer_s01 = result("s01", key=hex_key("s01, edited"), prompt="edited")
     s03 = result("s03", "failed", file=None, error="gave up")
 
     journal = Journal(tmp_path)

@@ -9,18 +9,19 @@ none of those folders' results refer to, with its size, deleted only when asked.
   the contact sheet shows beside a replaced one, so reverting that edit still costs nothing;
 * every file at a shot's place (`<id>.png` of a shot in the results or in the manifests: a failed
   replace leaves the previous image there), every local reference image of the manifests, and
-  every file imgbatch cannot prove it wrote.
+  every file imgbatch cannot prove it wrote: proof is its provenance chunk naming a key whose
+  cache entry holds the very same bytes, never what a results file says (it may be hand-edited).
 
 What is garbage: cache entries (`.imgbatch/cache/`) and thumbnails (`.imgbatch/thumbs/`) of any
 other key, temporary files a killed run left, and a PNG in the output folder that no entry
-refers to and whose bytes are exactly those of a cache entry gc keeps (an image imgbatch wrote
-and nobody retouched, whose bytes stay in the cache: gc never deletes the last copy of an
-image). Results files are per output folder, so manifests sharing a folder share its results,
-and naming one of them never loses the other's images. A folder whose cache holds images but
-that has no results file at all is refused (a results file moved aside is how a damaged one is
-recovered: its images are in the cache).
+refers to, whose bytes are exactly those of a cache entry gc keeps and whose provenance names
+that entry's key (an image imgbatch wrote and nobody retouched, whose bytes stay in the cache:
+gc never deletes the last copy of an image). Results files are per output folder, so manifests
+sharing a folder share its results, and naming one of them never loses the other's images. A
+folder whose cache holds images but that has no results file at all is refused (a results file
+moved aside is how a damaged one is recovered: its images are in the cache).
 
-Deleting takes each folder's apply lock (`api.exclusive_output`), so it never runs beside an
+Deleting takes each folder's apply lock (`imgbatch.state.lock`), so it never runs beside an
 apply, and lists again under the lock before deleting.
 """
 
@@ -35,11 +36,13 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from imgbatch.errors import StoreError
-from imgbatch.review.sheet import THUMBS_DIR, load_changes
-from imgbatch.run.apply import ManifestSource, exclusive_output, read_manifest
+from imgbatch.errors import ImgbatchError, StoreError
+from imgbatch.manifest.loader import ManifestSource, read_manifest
+from imgbatch.png import PREFIX, read_image_file, read_provenance
 from imgbatch.shots.expand import output_dir_for
 from imgbatch.state.cache import STATE_DIR, TEMP_PREFIX, ImageCache
+from imgbatch.state.last_run import THUMBS_DIR, load_changes
+from imgbatch.state.lock import exclusive_output
 from imgbatch.state.results import load_state, results_path
 
 _KEY = re.compile(r"[0-9a-f]{64}")
@@ -98,7 +101,7 @@ def collect_garbage(
         for folder in folders:
             # No state folder, no apply to wait for (and nothing of imgbatch's to delete).
             if (folder.output_dir / STATE_DIR).is_dir():
-                locks.enter_context(exclusive_output(folder.output_dir))
+                locks.enter_context(exclusive_output(folder.output_dir, "gc"))
         items = _find_all(folders)
         for item in items:
             try:
@@ -190,7 +193,7 @@ def find_garbage(
     ]
     # Only against entries gc keeps: a file matching an entry it collects would be the last copy
     # of that image (a take the user saved under another name before changing the shot).
-    kept_entries = [path for key, path in entries.items() if key in keys]
+    kept_entries = {key: path for key, path in entries.items() if key in keys}
     garbage += [
         Garbage(path, _size(path), Kind.IMAGE) for path in _own_images(candidates, kept_entries)
     ]
@@ -228,18 +231,32 @@ def _temporaries(output_dir: Path, cache_root: Path, thumbs: Path) -> Iterator[P
                 yield path
 
 
-def _own_images(candidates: Sequence[Path], entries: Iterable[Path]) -> Iterator[Path]:
-    """The `candidates` whose bytes are exactly a cache entry's. Only files no entry names are
-    candidates, so a folder of thousands of shots compares next to nothing."""
+def _own_images(candidates: Sequence[Path], entries: Mapping[str, Path]) -> Iterator[Path]:
+    """The `candidates` whose bytes are exactly a cache entry's, and whose provenance names that
+    entry's key: an image imgbatch wrote, never a user's file that a committed cache entry (or
+    results file) copies. Only files no entry names are candidates, so a folder of thousands of
+    shots compares next to nothing."""
     if not candidates:
         return
-    by_size: dict[int, list[Path]] = {}
-    for entry in entries:
+    by_size: dict[int, list[tuple[str, Path]]] = {}
+    for key, entry in entries.items():
         if _is(entry, stat.S_ISREG):
-            by_size.setdefault(_size(entry), []).append(entry)
+            by_size.setdefault(_size(entry), []).append((key, entry))
     for path in candidates:
-        if any(_same_bytes(path, entry) for entry in by_size.get(_size(path), ())):
+        if any(
+            _same_bytes(path, entry) and _made_for(path, key)
+            for key, entry in by_size.get(_size(path), ())
+        ):
             yield path
+
+
+def _made_for(path: Path, key: str) -> bool:
+    """Whether the PNG at `path` carries imgbatch's provenance naming request `key`."""
+    try:
+        found = read_provenance(read_image_file(path), name=str(path))
+    except (ImgbatchError, OSError):
+        return False
+    return found.get(PREFIX + "key") == key
 
 
 def _same_bytes(one: Path, other: Path) -> bool:

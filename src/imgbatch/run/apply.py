@@ -17,43 +17,45 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import filelock
-
 from imgbatch.errors import (
     ConfigError,
-    LockedError,
     StoreError,
     StoreWriteError,
 )
 from imgbatch.housekeeping.prune import Pruned, prune_orphans
-from imgbatch.manifest import Manifest, load_manifest, manifest_from_data
+from imgbatch.manifest import Limits, Manifest
 from imgbatch.manifest.catalogue import MIN_RPS
-from imgbatch.pacing.gate import Clock, Finding, Pacer, RetryPolicy
-from imgbatch.pacing.learned import QuotaStore, default_store_path
-from imgbatch.pacing.quota import Quota
+from imgbatch.manifest.loader import ManifestSource, read_manifest
+from imgbatch.pacing.gate import Clock, Pacer, RetryPolicy
+from imgbatch.pacing.learned import Learned, QuotaStore, default_store_path
 from imgbatch.plan.decide import WORK_ACTIONS, Action, Plan, PlannedShot
 from imgbatch.plan.decide import make_plan as plan_shots
 from imgbatch.plan.guards import may_replace_paid, refuse_placeholder_over_paid, refuse_to_start
-from imgbatch.plan.pricing import Cost, CostLimit, MaxCost, PriceList, cost, price_list
+from imgbatch.plan.pricing import PriceList, cost, price_list
 from imgbatch.providers import Provider, create_provider, resolve_provider_name
+from imgbatch.review.events import Listener
+from imgbatch.review.outcome import ApplyReport, QuotaNote, ShotOutcome
 from imgbatch.review.sheet import Thumbnailer
 from imgbatch.review.sheet import update_after_apply as update_sheet
-from imgbatch.run.bounds import Bound, MaxDuration, MaxRequests
+from imgbatch.run.bounds import Bound, MaxCost, MaxDuration, MaxRequests
 from imgbatch.run.entries import abandoned_download
-from imgbatch.run.executor import Executor, Listener, Phase, RunOutcome
+from imgbatch.run.executor import Executor, Phase, RunOutcome
 from imgbatch.run.interrupts import Interrupts, interrupt_at_once, signal_handler
 from imgbatch.shots.expand import Expansion, expand, fetch_references, shot_list
 from imgbatch.shots.request import KEY_FORMAT_VERSION
 from imgbatch.shots.selection import select_shots
 from imgbatch.state.cache import STATE_DIR, ImageCache, check_writable, remove_stale_temporaries
+from imgbatch.state.lock import exclusive_output
 from imgbatch.state.results import Journal, ResultEntry, load_state, write_results
+from imgbatch.units.money import CostLimit
+from imgbatch.units.quota import Quota
 
 DEFAULT_PROVIDER = "dashscope"
 
@@ -132,84 +134,6 @@ class ApplyOptions:
         return tuple(found)
 
 
-@dataclass(frozen=True)
-class QuotaNote:
-    """What a run knew of one model's quota: how it began and what it ended with."""
-
-    finding: Finding
-    learned_before: bool  # the run started from a quota an earlier run learned
-    saved: bool  # what this run found is kept for the next one
-
-
-@dataclass(frozen=True, repr=False)
-class ApplyReport:
-    plan: Plan
-    results_path: Path
-    # results.json's shot entries: a shot this run did not run keeps its previous entry, or
-    # has none if it never had one.
-    entries: tuple[ResultEntry, ...]
-    stopped: str | None
-    interrupted: bool
-    requests: int
-    # Images the service made (billed), and requests sent whose answer was lost (may have been).
-    billed: int
-    maybe_billed: int
-    throttled: int
-    retries: int
-    quotas: tuple[QuotaNote, ...]
-    elapsed: float
-    # The images billed at their price, and what the requests whose answer was lost may add.
-    cost: Cost = Cost(None, None)
-    possible_extra_cost: Cost = Cost(None, None)
-    # The contact sheet (index.html), or why it could not be drawn: a warning, never a failure.
-    sheet: Path | None = None
-    sheet_problem: str | None = None
-    # Shots with something to do that this run did not do (stopped or interrupted first), and
-    # why: nothing of theirs changed, and the next apply does them.
-    not_run: Mapping[str, str] = field(default_factory=dict)
-    # The bound that stopped the run (`Bound.name`: max_requests, max_duration), if one did.
-    bounded: str | None = None
-    # Hand-edited files renamed aside before a new image took their place: shot id -> new name
-    # (relative to the output folder).
-    moved_aside: Mapping[str, str] = field(default_factory=dict)
-    # With `prune`: each orphan, and whether its file and entry are gone.
-    pruned: tuple[Pruned, ...] = ()
-
-    def count(self, status: str) -> int:
-        """Shots this run made `status` (generated, cached: restored from the cache, failed,
-        unfetched: billed but not downloaded); a shot it left alone (unchanged, or edited by
-        hand and kept) or did not run keeps its entry, whatever its status, and is not counted
-        here."""
-        acted = {
-            item.id
-            for item in self.plan.shots
-            if item.action in WORK_ACTIONS and item.id not in self.not_run
-        }
-        return sum(1 for entry in self.entries if entry.status == status and entry.id in acted)
-
-    @property
-    def unchanged(self) -> int:
-        return self.plan.count(Action.UNCHANGED)
-
-    @property
-    def remaining(self) -> int:
-        """Shots left for the next apply because this one stopped before them."""
-        return len(self.not_run)
-
-    @property
-    def ok(self) -> bool:
-        return self.stopped is None and self.count("failed") == self.count("unfetched") == 0
-
-    def __repr__(self) -> str:
-        # Short, whatever the run's size: asyncio.run formats the finished task, result and all,
-        # when it puts back the SIGINT handler (an enum's error message quotes the old handler),
-        # and a dataclass repr of 100,000 entries cost seconds and hundreds of megabytes there.
-        return (
-            f"<ApplyReport {len(self.entries)} shots, {self.requests} requests, "
-            f"stopped={self.stopped!r}, results={str(self.results_path)!r}>"
-        )
-
-
 def provider_name(
     manifest: Manifest,
     override: str | None,
@@ -219,22 +143,6 @@ def provider_name(
     """The provider to use: the override, else the manifest's, else dashscope; `auto` resolved."""
     name = override or manifest.provider or DEFAULT_PROVIDER
     return resolve_provider_name(name, os.environ if environ is None else environ, home)
-
-
-ManifestSource = str | Path | Mapping[str, Any]
-"""A manifest file's path, or a manifest already parsed into a dict (relative paths in it are
-taken from the current folder)."""
-
-
-def read_manifest(source: ManifestSource, *, allow_reference_outside: bool = False) -> Manifest:
-    if isinstance(source, Mapping):
-        return manifest_from_data(
-            dict(source),
-            display="manifest",
-            base_dir=Path.cwd(),
-            allow_reference_outside=allow_reference_outside,
-        )
-    return load_manifest(source, allow_reference_outside=allow_reference_outside)
 
 
 def load_and_expand(
@@ -388,10 +296,68 @@ async def _apply(
     on_plan: Callable[[Plan], None] | None,
     clock: Clock | None,
 ) -> ApplyReport:
-    options = options or ApplyOptions()
+    """The phases: prepare, then under the lock preflight (the plan, then the guards), execute
+    and settle (results.json, prune, the sheet), then the report."""
+    prep = await _prepare(path, options or ApplyOptions(), provider)
+    started = time.monotonic()
+    with exclusive_output(prep.expansion.output_dir):
+        plan, state = _preflight(prep, on_plan)
+        pacing = _pacing(prep, plan, clock)
+        interrupts = Interrupts(prep.options.grace_seconds)
+        # From the first request until results.json and the sheet are written: a Ctrl-C while
+        # they are written waits for them (they are what the run leaves behind).
+        with signal_handler(asyncio.get_running_loop(), interrupts):
+            outcome, journal = await _execute(prep, plan, pacing.pacer, listener, clock, interrupts)
+            settled = _settle_run(prep, plan, state, outcome, journal)
+    return ApplyReport(
+        plan=plan,
+        results_path=settled.results,
+        shots=settled.shots,
+        stopped=outcome.stopped,
+        interrupted=interrupts.count > 0,
+        requests=outcome.requests,
+        billed=outcome.billed,
+        maybe_billed=outcome.maybe_billed,
+        throttled=outcome.throttled,
+        retries=outcome.retries,
+        quotas=pacing.remember(outcome),
+        elapsed=time.monotonic() - started,
+        cost=cost(outcome.billed_models.elements(), prep.prices),
+        possible_extra_cost=cost(outcome.maybe_billed_models.elements(), prep.prices),
+        sheet=settled.sheet,
+        sheet_problem=settled.sheet_problem,
+        bounded=outcome.bounded,
+        pruned=settled.pruned,
+    )
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """What preparing gives: the manifest, its shots (every one, and those selected, their
+    references fetched), and the provider chosen, with its prices."""
+
+    path: ManifestSource
+    options: ApplyOptions
+    manifest: Manifest
+    everything: Expansion
+    expansion: Expansion
+    limit: CostLimit | None
+    provider: Provider
+    prices: PriceList
+
+
+async def _prepare(
+    path: ManifestSource, options: ApplyOptions, provider: Provider | str | None
+) -> _Prepared:
+    """Load, expand, fetch the references and choose the provider; the refusals that need no
+    lock come first, so a refused run connects to nothing and writes nothing at all."""
     if isinstance(provider, str):
         # A name, as on the command line; an object is used as it is.
         options, provider = replace(options, provider=provider), None
+    elif provider is not None:
+        # An object is chosen by name as surely as --provider is, and its images are keyed
+        # under its own name: keys come from the provider actually used.
+        options = replace(options, provider=provider.name)
     environ = os.environ if options.environ is None else options.environ
     manifest, expansion = load_and_expand(
         path,
@@ -403,153 +369,194 @@ async def _apply(
     # Before anything is fetched or written: a pattern matching no shot is refused.
     everything, expansion = expansion, _narrowed(expansion, options.only)
     only = bool(options.only)
+    # The plans made here only refuse; the plan made under the lock (`_preflight`) is the only
+    # one that decides what is sent. One plan before the lock would not be safe: another apply
+    # may change the folder until the lock is held, and the lock cannot come first, because
+    # taking it writes into the folder and a refused run must write nothing at all. A refusal
+    # from a state that then changes is only a refusal too soon (the guards run again).
     if may_replace_paid(expansion.provider, options.provider):
-        # Before anything is fetched, before credentials and before the lock: a refused run
-        # connects to nothing and writes nothing at all.
+        # Before anything is fetched, before credentials and before the lock.
         state = load_state(expansion.output_dir)
         early = _plan(expansion, state, options.overwrite_edited, only=only)
         refuse_placeholder_over_paid(early, options.provider, manifest)
-    # Each reference URL once, keyed by its content, so that the plan below knows every key
-    # (a frozen run pays nothing for a URL whose content did not change).
+    # Each reference URL once, keyed by its content, so that the plan knows every key (a
+    # frozen run pays nothing for a URL whose content did not change).
     expansion = await fetch_references(expansion)
-    output_dir = expansion.output_dir
     limit = _cost_limit(options, manifest)
     if options.frozen or limit is not None:
         # Before credentials and before the lock: a refused run writes nothing at all.
-        state = load_state(output_dir)
+        state = load_state(expansion.output_dir)
         prices = _prices(manifest, expansion, environ)
         early = _plan(expansion, state, options.overwrite_edited, only=only, prices=prices)
         refuse_to_start(early, options.frozen, limit)
     # Credentials are checked before anything is written.
     provider = provider or create_provider(expansion.provider, environ, options.home)
     prices = _prices(manifest, expansion, environ, provider)
-    started = time.monotonic()
-    with exclusive_output(output_dir):
-        cache = ImageCache(output_dir)
-        # Before the first request: a folder that cannot be written would waste every image.
-        check_writable(output_dir)
-        check_writable(output_dir / STATE_DIR)
-        if cache.root.exists():
-            check_writable(cache.root)
-        remove_stale_temporaries(output_dir)
-        state = load_state(output_dir)
-        plan = _plan(expansion, state, options.overwrite_edited, only=only, prices=prices)
-        # Again: another run may have changed the folder meanwhile.
-        refuse_placeholder_over_paid(plan, options.provider, manifest)
-        refuse_to_start(plan, options.frozen, limit)
-        if on_plan:
-            on_plan(plan)
-        given = _given_quota(options, manifest)
-        models = sorted({item.shot.request.model for item in plan.shots if item.shot})
-        account: str | None = getattr(provider, "quota_account", None)
-        store = _quota_store(options) if provider.metered and account else None
-        learned = store.load(account, models) if store and account and given is None else {}
-        pacer = Pacer(
-            given=given,
-            # A rate (--rps, limits.rps) is kept on average; a quota K/P strictly.
-            average=options.quota is None
-            and (options.rps or manifest.limits.rps) is not None
-            and manifest.limits.quota is None,
-            learned={model: (found.window, found.cap) for model, found in learned.items()},
-            unlimited=not provider.metered,
-            clock=clock,
+    return _Prepared(path, options, manifest, everything, expansion, limit, provider, prices)
+
+
+def _preflight(
+    prep: _Prepared, on_plan: Callable[[Plan], None] | None
+) -> tuple[Plan, Mapping[str, ResultEntry]]:
+    """Under the lock: the folder checked writable, the plan, then the guards again (another
+    run may have changed the folder meanwhile); gives the plan and the state it was made from."""
+    options, output_dir = prep.options, prep.expansion.output_dir
+    cache = ImageCache(output_dir)
+    # Before the first request: a folder that cannot be written would waste every image.
+    check_writable(output_dir)
+    check_writable(output_dir / STATE_DIR)
+    if cache.root.exists():
+        check_writable(cache.root)
+    remove_stale_temporaries(output_dir)
+    state = load_state(output_dir)
+    plan = _plan(
+        prep.expansion, state, options.overwrite_edited, only=bool(options.only), prices=prep.prices
+    )
+    # The provider object answers for itself (one of the caller's own may be free).
+    plan = replace(plan, metered=prep.provider.metered)
+    refuse_placeholder_over_paid(plan, options.provider, prep.manifest)
+    refuse_to_start(plan, options.frozen, prep.limit)
+    if on_plan:
+        on_plan(plan)
+    return plan, state
+
+
+@dataclass(frozen=True)
+class _Pacing:
+    """The run's pacer, and where what it learns of the quotas is kept."""
+
+    pacer: Pacer
+    store: QuotaStore | None
+    account: str | None
+    learned: Mapping[str, Learned]
+
+    def remember(self, outcome: RunOutcome) -> tuple[QuotaNote, ...]:
+        """Keep what the run found for the next one; say what it knew and kept."""
+        saved: list[str] = []
+        if self.store is not None and self.account is not None:
+            with contextlib.suppress(OSError):  # a head start for next time, not worth failing
+                saved = self.store.save(self.account, outcome.quotas)
+        return tuple(
+            QuotaNote(finding, finding.model in self.learned, finding.model in saved)
+            for finding in outcome.quotas
         )
-        journal = Journal(output_dir)
-        thumbnails = Thumbnailer(output_dir, listener)  # the contact sheet's, made as shots land
-        interrupts = Interrupts(options.grace_seconds)
-        # From the first request until results.json and the sheet are written: a Ctrl-C while
-        # they are written waits for them (they are what the run leaves behind).
-        with signal_handler(asyncio.get_running_loop(), interrupts):
-            try:
-                async with provider:
-                    executor = Executor(
-                        provider,
-                        cache,
-                        journal.record,
-                        pacer=pacer,
-                        concurrency=options.concurrency
-                        or manifest.limits.concurrency
-                        or _local_concurrency(provider),
-                        retry=options.retry,
-                        clock=clock,
-                        listener=thumbnails,
-                        simplify=options.simplify and manifest.simplify,
-                        frozen=options.frozen,
-                        bounds=(
-                            *options.bounds(),
-                            *([MaxCost(limit, prices)] if limit is not None else []),
-                        ),
-                    )
-                    outcome = await interrupts.run(executor, plan)
-            finally:
-                journal.close()
-                thumbnails.close()
-            entries, not_run = _settle(plan, outcome, provider.metered)
-            orphans = [item.previous for item in plan.orphans if item.previous is not None]
-            pruned: tuple[Pruned, ...] = ()
-            if options.prune:
-                in_use = {shot.file for shot in expansion.shots}
-                pruned, kept = prune_orphans(output_dir, orphans, in_use)
-                orphans = list(kept)
-            # The sheet marks what changed: a shot not run changed nothing.
-            touched = tuple(
-                replace(item, action=Action.UNCHANGED) if item.id in not_run else item
-                for item in plan.shots
+
+
+def _pacing(prep: _Prepared, plan: Plan, clock: Clock | None) -> _Pacing:
+    pace = given_pace(prep.options, prep.manifest.limits)
+    given = pace.quota if pace else None
+    provider = prep.provider
+    models = sorted({item.shot.request.model for item in plan.shots if item.shot})
+    account: str | None = getattr(provider, "quota_account", None)
+    store = _quota_store(prep.options) if provider.metered and account else None
+    learned = store.load(account, models) if store and account and given is None else {}
+    pacer = Pacer(
+        given=given,
+        average=pace.average if pace else False,
+        learned={model: (found.window, found.cap) for model, found in learned.items()},
+        unlimited=not provider.metered,
+        clock=clock,
+    )
+    return _Pacing(pacer, store, account, learned)
+
+
+async def _execute(
+    prep: _Prepared,
+    plan: Plan,
+    pacer: Pacer,
+    listener: Listener | None,
+    clock: Clock | None,
+    interrupts: Interrupts,
+) -> tuple[RunOutcome, Path]:
+    """Carry out the plan; gives what happened and the journal it was recorded in."""
+    options, manifest, provider = prep.options, prep.manifest, prep.provider
+    output_dir = prep.expansion.output_dir
+    journal = Journal(output_dir)
+    thumbnails = Thumbnailer(output_dir, listener)  # the contact sheet's, made as shots land
+    try:
+        async with provider:
+            executor = Executor(
+                provider,
+                ImageCache(output_dir),
+                journal.record,
+                pacer=pacer,
+                concurrency=options.concurrency
+                or manifest.limits.concurrency
+                or _local_concurrency(provider),
+                retry=options.retry,
+                clock=clock,
+                listener=thumbnails,
+                simplify=options.simplify and manifest.simplify,
+                frozen=options.frozen,
+                bounds=(
+                    *options.bounds(),
+                    *([MaxCost(prep.limit, prep.prices)] if prep.limit is not None else []),
+                ),
             )
-            written, sheet_plan = entries, replace(plan, shots=touched)
-            if only:
-                written, orphans, sheet_plan = _with_unselected(
-                    everything, state, sheet_plan, entries
-                )
-            meta = {
-                # Relative, so an output folder can be moved or committed with its manifest.
-                "manifest": None
-                if isinstance(path, Mapping)
-                else os.path.relpath(Path(path).resolve(), output_dir.resolve()),
-                "provider": provider.name,
-                "key_format": KEY_FORMAT_VERSION,
-            }
-            try:
-                results = write_results(
-                    output_dir,
-                    written,
-                    orphans,
-                    meta,
-                    updated_at=datetime.now(UTC).isoformat(timespec="seconds"),
-                )
-            except StoreWriteError as exc:
-                raise StoreError(_unwritten_results(exc, outcome, journal.path)) from None
-            sheet, sheet_problem = update_sheet(output_dir, manifest.name, sheet_plan, written)
-    saved: list[str] = []
-    if store is not None and account is not None:
-        with contextlib.suppress(OSError):  # a head start for next time, not worth failing for
-            saved = store.save(account, outcome.quotas)
-    quotas = tuple(
-        QuotaNote(finding, finding.model in learned, finding.model in saved)
-        for finding in outcome.quotas
+            return await interrupts.run(executor, plan), journal.path
+    finally:
+        journal.close()
+        thumbnails.close()
+
+
+@dataclass(frozen=True)
+class _Settled:
+    shots: tuple[ShotOutcome, ...]
+    pruned: tuple[Pruned, ...]
+    results: Path
+    sheet: Path | None
+    sheet_problem: str | None
+
+
+def _settle_run(
+    prep: _Prepared,
+    plan: Plan,
+    state: Mapping[str, ResultEntry],
+    outcome: RunOutcome,
+    journal: Path,
+) -> _Settled:
+    """Each shot's outcome; then results.json, the orphans pruned, and the contact sheet."""
+    output_dir = prep.expansion.output_dir
+    shots = _settle(plan, outcome, prep.provider.metered)
+    entries = tuple(shot.entry for shot in shots if shot.entry is not None)
+    orphans = [item.previous for item in plan.orphans if item.previous is not None]
+    pruned: tuple[Pruned, ...] = ()
+    if prep.options.prune:
+        in_use = {shot.file for shot in prep.expansion.shots}
+        pruned, kept = prune_orphans(output_dir, orphans, in_use)
+        orphans = list(kept)
+    # The sheet marks what changed: a shot not run changed nothing.
+    touched = tuple(
+        replace(item, action=Action.UNCHANGED) if shot.status == "not_run" else item
+        for item, shot in zip(plan.shots, shots, strict=True)
     )
-    return ApplyReport(
-        plan=plan,
-        results_path=results,
-        entries=entries,
-        stopped=outcome.stopped,
-        interrupted=interrupts.count > 0,
-        requests=outcome.requests,
-        billed=outcome.billed,
-        maybe_billed=outcome.maybe_billed,
-        throttled=outcome.throttled,
-        retries=outcome.retries,
-        quotas=quotas,
-        elapsed=time.monotonic() - started,
-        cost=cost(outcome.billed_models.elements(), prices),
-        possible_extra_cost=cost(outcome.maybe_billed_models.elements(), prices),
-        sheet=sheet,
-        sheet_problem=sheet_problem,
-        not_run=not_run,
-        bounded=outcome.bounded,
-        moved_aside=dict(outcome.moved_aside),
-        pruned=pruned,
-    )
+    written, sheet_plan = entries, replace(plan, shots=touched)
+    if prep.options.only:
+        written, orphans, sheet_plan = _with_unselected(prep.everything, state, sheet_plan, entries)
+    try:
+        results = write_results(
+            output_dir,
+            written,
+            orphans,
+            _results_meta(prep),
+            updated_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+    except StoreWriteError as exc:
+        raise StoreError(_unwritten_results(exc, outcome, journal)) from None
+    sheet, sheet_problem = update_sheet(output_dir, prep.manifest.name, sheet_plan, written)
+    return _Settled(shots, pruned, results, sheet, sheet_problem)
+
+
+def _results_meta(prep: _Prepared) -> dict[str, Any]:
+    path, output_dir = prep.path, prep.expansion.output_dir
+    return {
+        # Relative, so an output folder can be moved or committed with its manifest.
+        "manifest": None
+        if isinstance(path, Mapping)
+        else os.path.relpath(Path(path).resolve(), output_dir.resolve()),
+        "provider": prep.provider.name,
+        "key_format": KEY_FORMAT_VERSION,
+    }
 
 
 def _with_unselected(
@@ -586,16 +593,22 @@ def _local_concurrency(provider: Provider) -> int | None:
     return None if provider.metered else min(32, (os.cpu_count() or 1) + 4)
 
 
-def _given_quota(options: ApplyOptions, manifest: Manifest) -> Quota | None:
-    """The quota the user gave: options first, then the manifest; a quota wins over a rate."""
-    if options.quota is not None:
-        return options.quota
-    if options.rps is not None:
-        return Quota.per_second(options.rps)
-    if manifest.limits.quota is not None:
-        return manifest.limits.quota
-    if manifest.limits.rps is not None:
-        return Quota.per_second(manifest.limits.rps)
+@dataclass(frozen=True)
+class Pace:
+    """The pace the user gave: a quota (K/P) is kept strictly, a rate (--rps) on average."""
+
+    quota: Quota
+    average: bool
+
+
+def given_pace(options: ApplyOptions, limits: Limits) -> Pace | None:
+    """The one place the given pace is decided: the options first, then the manifest's limits;
+    at each, a quota wins over a rate. None: nothing given (learned, stated or probed)."""
+    for quota, rps in ((options.quota, options.rps), (limits.quota, limits.rps)):
+        if quota is not None:
+            return Pace(quota, average=False)
+        if rps is not None:
+            return Pace(Quota.per_second(rps), average=True)
     return None
 
 
@@ -618,32 +631,49 @@ def _unwritten_results(error: StoreWriteError, outcome: RunOutcome, journal: Pat
     return "\n".join(lines)
 
 
-def _settle(
-    plan: Plan, outcome: RunOutcome, metered: bool
-) -> tuple[tuple[ResultEntry, ...], dict[str, str]]:
-    """results.json's shot entries, and the shots not run with why. A shot not run keeps its
-    previous entry (nothing of it changed), and a new one gets none."""
-    entries: list[ResultEntry] = []
-    not_run: dict[str, str] = {}
-    for item in plan.shots:
-        found = _final_entry(item, outcome, metered)
-        if isinstance(found, str):
-            not_run[item.id] = found
-            if item.previous is not None:
-                entries.append(item.previous)
-        else:
-            entries.append(found)
-    return tuple(entries), not_run
+def _settle(plan: Plan, outcome: RunOutcome, metered: bool) -> tuple[ShotOutcome, ...]:
+    """Each planned shot's one final outcome: what every report reads, and results.json's
+    entries. A shot not run keeps its previous entry (nothing of it changed), and a new one gets
+    none."""
+    return tuple(_outcome(item, outcome, metered) for item in plan.shots)
 
 
-def _final_entry(item: PlannedShot, outcome: RunOutcome, metered: bool) -> ResultEntry | str:
+def _outcome(item: PlannedShot, outcome: RunOutcome, metered: bool) -> ShotOutcome:
+    found = _final_entry(item, outcome, metered)
+    if isinstance(found, _NotRun):
+        return ShotOutcome(
+            item.id,
+            item.action,
+            "not_run",
+            item.previous,
+            why_not_run=found.reason,
+            maybe_billed=found.maybe_billed,
+        )
+    left_alone = item.action in (Action.UNCHANGED, Action.DRIFT)
+    return ShotOutcome(
+        item.id,
+        item.action,
+        item.action.value if left_alone else found.status,  # type: ignore[arg-type]
+        found,
+        billed=item.id in outcome.billed_shots,
+        moved_aside=outcome.moved_aside.get(item.id),
+    )
+
+
+@dataclass(frozen=True)
+class _NotRun:
+    reason: str
+    maybe_billed: bool = False  # sent, and its answer lost: the service may have billed it
+
+
+def _final_entry(item: PlannedShot, outcome: RunOutcome, metered: bool) -> ResultEntry | _NotRun:
     """The shot's entry after the run, or why it was not run."""
     entry = outcome.entries.get(item.id)
     if entry is not None:
         return entry
     reason = outcome.not_run.get(item.id)
     if reason is not None:
-        return reason
+        return _NotRun(reason, item.id in outcome.maybe_billed_not_run)
     if item.action not in WORK_ACTIONS and item.previous is not None:
         return item.previous  # cancelled before the run even began: nothing to do for it anyway
     # The run was cancelled outright (a third Ctrl-C, or from Python) with this shot unfinished.
@@ -651,42 +681,5 @@ def _final_entry(item: PlannedShot, outcome: RunOutcome, metered: bool) -> Resul
     if downloading is not None:
         return abandoned_download(downloading)
     if metered and outcome.in_flight.get(item.id) == Phase.SENDING:
-        return "abandoned in flight when interrupted; DashScope may have billed it"
-    return f"not run: {outcome.stopped or 'interrupted'}"
-
-
-@contextlib.contextmanager
-def exclusive_output(output_dir: Path) -> Iterator[None]:
-    """One apply (or generate) per output folder at a time; the second is refused, never
-    interleaved."""
-    for folder in (output_dir / STATE_DIR, output_dir / STATE_DIR / "cache"):
-        if folder.is_symlink():
-            # A shot list can come from a pull request: a link committed in place of the state
-            # folder would have imgbatch write its cache and lock wherever the link points.
-            raise StoreError(
-                f"{folder} is a symbolic link; imgbatch keeps its state only in a real folder "
-                "(replace the link by a folder); nothing was sent or written"
-            )
-    try:
-        (output_dir / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StoreError(f"cannot create the output folder {output_dir}: {exc}") from None
-    path = output_dir / STATE_DIR / "lock"
-    lock = filelock.FileLock(str(path), timeout=0)
-    try:
-        lock.acquire()
-    except filelock.Timeout:
-        raise LockedError(
-            f"another imgbatch apply is writing to {output_dir}; wait for it to finish "
-            "(the lock is released when that process exits, even if it crashed)"
-        ) from None
-    except OSError as exc:
-        # A folder or a symbolic link in its place (filelock never follows a link).
-        raise StoreError(
-            f"cannot take the lock {path} ({exc.strerror or exc}); move it aside and run apply "
-            "again"
-        ) from None
-    try:
-        yield
-    finally:
-        lock.release()
+        return _NotRun("abandoned in flight when interrupted; DashScope may have billed it", True)
+    return _NotRun(f"not run: {outcome.stopped or 'interrupted'}")

@@ -49,12 +49,14 @@ from imgbatch.errors import (
     NoImageError,
     PermanentError,
     ProviderError,
+    RateLimited,
     StoreWriteError,
     TransientError,
 )
 from imgbatch.pacing.gate import Clock, Finding, Pacer, RetryPolicy
 from imgbatch.plan.decide import WORK_ACTIONS, Action, Plan, PlannedShot, aside_path
 from imgbatch.providers import Provider
+from imgbatch.review.events import Listener, Notice, Retrying, Stopping
 from imgbatch.review.provenance import Provenance, embed
 from imgbatch.run.bounds import Bound, Tally
 from imgbatch.run.entries import (
@@ -86,14 +88,6 @@ MAX_LOST_ANSWERS = 3
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class Retrying:
-    shot_id: str
-    attempt: int
-    delay: float
-    error: ProviderError
-
-
 class Phase:
     """Where a shot in flight stands; says what an interrupted shot may have cost."""
 
@@ -109,6 +103,8 @@ class RunOutcome:
     entries: dict[str, ResultEntry] = field(default_factory=dict)
     # Shots this run did not finish and that changed nothing: why, by shot id.
     not_run: dict[str, str] = field(default_factory=dict)
+    # Those of them sent with no answer (now, or on an earlier try): each may have been billed.
+    maybe_billed_not_run: set[str] = field(default_factory=set)
     # Shots generated (and billed) whose download has not finished yet.
     downloading: dict[str, ResultEntry] = field(default_factory=dict)
     # Shots started and not finished, by `Phase`.
@@ -124,6 +120,8 @@ class RunOutcome:
     maybe_billed: int = 0
     # The same by model, to price them.
     billed_models: Counter[str] = field(default_factory=Counter)
+    # The shots whose image the service made (and billed) in this run.
+    billed_shots: set[str] = field(default_factory=set)
     maybe_billed_models: Counter[str] = field(default_factory=Counter)
     throttled: int = 0
     retries: int = 0
@@ -131,38 +129,6 @@ class RunOutcome:
     # Hand-edited files renamed aside before a new image took their place: shot id -> the new
     # name, relative to the output folder.
     moved_aside: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Notice:
-    """Something the user should know about a shot that is not its result (a damaged cache
-    entry, discarded)."""
-
-    shot_id: str
-    message: str
-
-
-@dataclass(frozen=True)
-class Stopping:
-    """The run sends nothing new: why, and what is still in flight. `grace`: how long it is
-    waited for before being abandoned (None: until it finishes); `abandoning`: it is being
-    abandoned now."""
-
-    reason: str
-    in_flight: int
-    # Some of them are paid requests still awaiting the service's answer, which it may bill;
-    # a download of an image already billed (a recover) is not.
-    metered: bool
-    grace: float | None = None
-    abandoning: bool = False
-    # Images received and being written: abandoning does not drop them.
-    writing: int = 0
-    # What abandons the requests in flight sooner: the interrupt again.
-    again: str = "Ctrl-C"
-
-
-RunEvent = ResultEntry | Retrying | Notice | Stopping
-Listener = Callable[[RunEvent], None]
 
 
 class _Cut(Exception):
@@ -311,10 +277,19 @@ class Executor:
                 return True
         return False
 
-    def _skip(self, shot_id: str, reason: str) -> None:
-        """`shot_id` is not run: no entry, nothing journaled; its previous state stands."""
+    def _billed(self, shot_id: str, model: str) -> None:
+        """The service made (and billed) an image of `model` for the shot."""
+        self.outcome.billed += 1
+        self.outcome.billed_models[model] += 1
+        self.outcome.billed_shots.add(shot_id)
+
+    def _skip(self, shot_id: str, reason: str, *, maybe_billed: bool = False) -> None:
+        """`shot_id` is not run: no entry, nothing journaled; its previous state stands.
+        `maybe_billed`: it was sent and its answer lost, so the service may have billed it."""
         self.outcome.in_flight.pop(shot_id, None)
         self.outcome.not_run[shot_id] = reason
+        if maybe_billed:
+            self.outcome.maybe_billed_not_run.add(shot_id)
 
     async def run(self, plan: Plan) -> RunOutcome:
         work = [item for item in plan.shots if item.action in WORK_ACTIONS]
@@ -496,7 +471,7 @@ class Executor:
         model = shot.request.model
         while True:
             if self.stop_requested.is_set() or self._refused(sent):
-                self._skip(shot.id, self._not_run(phase.get(shot.id), lost))
+                self._skip(shot.id, self._not_run(phase.get(shot.id), lost), maybe_billed=lost > 0)
                 return
             phase[shot.id] = Phase.WAITING
             try:
@@ -527,7 +502,7 @@ class Executor:
                     reason = "abandoned in flight when interrupted; DashScope may have billed it"
                 else:
                     reason = "not run: abandoned in flight when interrupted"
-                self._skip(shot.id, reason)
+                self._skip(shot.id, reason, maybe_billed=self.provider.metered)
                 return
             except NoImageError as exc:
                 if gate:
@@ -547,7 +522,7 @@ class Executor:
                     self.listener(Retrying(shot.id, attempt, 0.0, exc))
                 continue
             except TransientError as exc:
-                if exc.throttled:
+                if isinstance(exc, RateLimited):
                     if gate:
                         gate.refused(ticket, exc.retry_after, exc.stated_quota)
                 elif gate:
@@ -564,7 +539,7 @@ class Executor:
                     )
                     self._skip(shot.id, f"not run: {exc}")
                     return
-                if exc.throttled:
+                if isinstance(exc, RateLimited):
                     now = self.clock.now()
                     refused_since = now if refused_since is None else refused_since
                     if now - refused_since >= self.retry.throttle_patience:
@@ -606,8 +581,7 @@ class Executor:
                 gate.answered(ticket, image.stated_quota)
             self._answered[model] += 1
             if self.provider.metered:
-                self.outcome.billed += 1
-                self.outcome.billed_models[model] += 1
+                self._billed(shot.id, model)
                 # Journaled before the download, so that a run killed while downloading leaves
                 # the paid image's URL for the next apply to fetch instead of paying again.
                 downloading = unfetched_entry(

@@ -9,10 +9,10 @@ file (`disk_full` when the filesystem is out of space).
 
 The cache keeps one PNG per request key under `<output>/.imgbatch/cache/ab/<key>.png`. Its
 entries are read without following symbolic links, and every restore checks the bytes against
-what was recorded for that key (size and SHA-256), or, without a record, that they decode as an
-image of the shot's size: a damaged entry raises `CacheEntryDamaged` and is discarded, never
-copied into place. The executor never learns where bytes live beyond this interface, so an
-object-store cache can replace it.
+what was recorded for that key (size and SHA-256), or, without a record, that they decode as a
+PNG of the shot's size (`imgbatch.png`: PNG only, its size read from its header first): a damaged
+entry raises `CacheEntryDamaged` and is discarded, never copied into place. The executor never
+learns where bytes live beyond this interface, so an object-store cache can replace it.
 
 An image is in the cache and in the output folder, but its bytes are stored once where the file
 system can share them safely: a restore (and `place`, after a new image is cached) makes the
@@ -30,19 +30,16 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import os
 import stat
 import sys
 import tempfile
-import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
-from PIL import Image
-
-from imgbatch.errors import CacheEntryDamaged, StoreError, StoreWriteError
+from imgbatch.errors import CacheEntryDamaged, ImageError, StoreError, StoreWriteError
+from imgbatch.png import check_png, png_dimensions
 
 STATE_DIR = ".imgbatch"
 TEMP_PREFIX = ".imgbatch-tmp-"
@@ -151,32 +148,10 @@ def remove_stale_temporaries(output_dir: Path) -> int:
 
 
 def verify_image(data: bytes, width: int, height: int) -> None:
-    """Raise ValueError unless `data` decodes fully as an image of `width` x `height` (the size
-    the request asked for: what the service reports about it is not evidence)."""
-    size = _decoded_size(data, "downloaded bytes")
-    if size != (width, height):
-        raise ValueError(
-            f"downloaded image is {size[0]}*{size[1]}, not the {width}*{height} asked for"
-        )
-
-
-def _decoded_size(data: bytes, what: str) -> tuple[int, int]:
-    try:
-        with warnings.catch_warnings():
-            # A truncated or bomb-sized image is an error here, never a warning.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                size = image.size
-                image.load()
-    except (
-        OSError,
-        SyntaxError,
-        ValueError,
-        Image.DecompressionBombWarning,
-        Image.DecompressionBombError,
-    ) as exc:
-        raise ValueError(f"{what} are not a whole image ({exc})") from None
-    return size
+    """Raise `ImageError` (a ValueError) unless `data` decodes fully as a PNG of `width` x
+    `height` (the size the request asked for: what the service reports about it is not
+    evidence). The size is read from the PNG header before a pixel is decoded."""
+    check_png(data, "downloaded bytes", (width, height))
 
 
 class AppendLog:
@@ -370,8 +345,10 @@ def _check_entry(
             )
         return digest
     try:
-        found = _decoded_size(data, "its bytes")
-    except ValueError as exc:
+        found = png_dimensions(data, "its bytes")
+        if found == dimensions:
+            check_png(data, "its bytes", dimensions)
+    except ImageError as exc:
         raise CacheEntryDamaged(f"cache entry {path} is damaged: {exc}") from None
     if found != dimensions:
         raise CacheEntryDamaged(

@@ -16,6 +16,7 @@ journal that cannot be read at all, or has a folder in its place, is a `StoreErr
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -67,6 +68,11 @@ class ResultEntry:
     # The reference URL the image was made from (its content hash is `request`'s
     # reference_sha256): a plan, which downloads nothing, compares it to the manifest's.
     reference_url: str | None = None
+    # A provider error as data, where the entry is made: the HTTP status the service answered,
+    # and its own words when `error` is its answer as such ("<status> <code>: <words>"), so
+    # that nothing reads them back out of `error`.
+    error_status: int | None = None
+    error_message: str | None = None
 
     @property
     def has_image(self) -> bool:
@@ -78,10 +84,12 @@ class ResultEntry:
         # every entry was a third of a 10,000-shot no-op apply.
         data = {name: getattr(self, name) for name in _FIELD_NAMES}
         data["request"] = dict(self.request)
-        if self.reference_url is None:
-            # Only URL-referenced shots have it: every other line stays as older versions wrote
-            # it, so upgrading does not rewrite a committed results.json.
-            del data["reference_url"]
+        for name in _WRITTEN_WHEN_SET:
+            if data[name] is None:
+                # Only some entries have them (a URL-referenced shot, a provider's error): every
+                # other line stays as older versions wrote it, so upgrading does not rewrite a
+                # committed results.json.
+                del data[name]
         return data
 
     @classmethod
@@ -112,42 +120,101 @@ class ResultEntry:
 
 
 def _check_types(entry: ResultEntry) -> None:
-    # Only the fields imgbatch computes with: a wrong type there would fail far from the file.
-    # One expression: this runs for every entry of a 100,000-shot state.
+    # A hand edit must fail here, naming the file and the entry, never as a traceback far from
+    # it (the sheet formats every field). The key and the file name paths (the cache entry, the
+    # thumbnail, the file prune removes): a `../../outside/x` must never reach one. One
+    # expression: this runs for every entry of a 100,000-shot state.
     if (
         type(entry.id) is str
         and type(entry.key) is str
+        and _KEY.fullmatch(entry.key)
         and entry.status in _STATUSES
-        and (entry.file is None or type(entry.file) is str)
-        and (entry.image_url is None or type(entry.image_url) is str)
-        and (entry.reference_url is None or type(entry.reference_url) is str)
-        and (entry.sha256 is None or type(entry.sha256) is str)
-        and (entry.bytes is None or type(entry.bytes) is int)
+        and (
+            entry.file is None
+            or (type(entry.file) is str and "/" not in entry.file and _plain_name(entry.file))
+        )
+        and type(entry.model) is str
+        and type(entry.size) is str
+        and type(entry.prompt) is str
+        and type(entry.attempts) is int
+        and type(entry.simplified) is bool
         and type(entry.request) is dict
+        and type(entry.width) in _INT_OR_NONE
+        and type(entry.height) in _INT_OR_NONE
+        and type(entry.seed) in _INT_OR_NONE
+        and type(entry.bytes) in _INT_OR_NONE
+        and type(entry.image_url) in _STR_OR_NONE
+        and type(entry.request_id) in _STR_OR_NONE
+        and type(entry.error) in _STR_OR_NONE
+        and type(entry.error_code) in _STR_OR_NONE
+        and type(entry.negative_prompt) in _STR_OR_NONE
+        and type(entry.style) in _STR_OR_NONE
+        and type(entry.sha256) in _STR_OR_NONE
+        and type(entry.prompt_sent) in _STR_OR_NONE
+        and type(entry.reference_url) in _STR_OR_NONE
     ):
         return
-    allowed = {
-        "id": str,
-        "key": str,
-        "file": str,
-        "image_url": str,
-        "reference_url": str,
-        "sha256": str,
-        "bytes": int,
-    }
     bad = [
-        name
-        for name, kind in allowed.items()
-        if not (getattr(entry, name) is None and name not in ("id", "key"))
-        and type(getattr(entry, name)) is not kind
+        f"{name} ({expected}, not {_shown(getattr(entry, name))})"
+        for name, (kinds, expected) in _TYPES.items()
+        if type(getattr(entry, name)) not in kinds
     ]
-    bad += [] if entry.status in _STATUSES else ["status"]
-    bad += [] if type(entry.request) is dict else ["request"]
-    raise ValueError(f"entry {entry.id!r} has a bad {', '.join(bad)}")
+    if entry.status not in _STATUSES:
+        bad.append(f"status ({', '.join(STATUSES)}, not {_shown(entry.status)})")
+    if type(entry.key) is str and not _KEY.fullmatch(entry.key):
+        bad.append(f"key {entry.key[:80]!r} (a request key is 64 hex digits)")
+    if type(entry.file) is str and not _plain_name(entry.file):
+        bad.append(f"file {entry.file[:80]!r} (a file name in the output folder, no folders)")
+    raise ValueError(f"entry {_shown(entry.id)} has a bad {', '.join(bad)}")
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+_NONE: type = type(None)
+_INT_OR_NONE: frozenset[type] = frozenset({int, _NONE})
+_STR_OR_NONE: frozenset[type] = frozenset({str, _NONE})
+_TEXT, _OPTIONAL_TEXT = (frozenset({str}), "text"), (_STR_OR_NONE, "text or null")
+_OPTIONAL_NUMBER = (_INT_OR_NONE, "a whole number or null")
+# Each field's JSON types, for the message that names what a hand edit got wrong.
+_TYPES: dict[str, tuple[frozenset[type], str]] = {
+    "id": _TEXT,
+    "key": _TEXT,
+    "model": _TEXT,
+    "size": _TEXT,
+    "prompt": _TEXT,
+    "file": _OPTIONAL_TEXT,
+    "image_url": _OPTIONAL_TEXT,
+    "request_id": _OPTIONAL_TEXT,
+    "error": _OPTIONAL_TEXT,
+    "error_code": _OPTIONAL_TEXT,
+    "negative_prompt": _OPTIONAL_TEXT,
+    "style": _OPTIONAL_TEXT,
+    "sha256": _OPTIONAL_TEXT,
+    "prompt_sent": _OPTIONAL_TEXT,
+    "reference_url": _OPTIONAL_TEXT,
+    "width": _OPTIONAL_NUMBER,
+    "height": _OPTIONAL_NUMBER,
+    "seed": _OPTIONAL_NUMBER,
+    "bytes": _OPTIONAL_NUMBER,
+    "attempts": (frozenset({int}), "a whole number"),
+    "simplified": (frozenset({bool}), "true or false"),
+    "request": (frozenset({dict}), "an object"),
+}
+
+
+def _plain_name(name: str) -> bool:
+    """A file name with no folder in it: never absolute, never `..`, never a separator."""
+    return name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
 
 
 _STATUSES = frozenset(STATUSES)
+# A request key as `ImageRequest.key` makes it: the SHA-256 of the request, in hex.
+_KEY = re.compile(r"[0-9a-f]{64}")
 _FIELD_NAMES = tuple(item.name for item in fields(ResultEntry))
+_WRITTEN_WHEN_SET = ("reference_url", "error_status", "error_message")
 # Fields whose few values repeat across thousands of shots (defaults, mostly): loaded entries
 # share one string each instead of holding a copy apiece (a 100,000-shot state is held whole).
 _REPEATING = frozenset(
