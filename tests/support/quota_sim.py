@@ -26,6 +26,7 @@ from unittest import mock
 
 from imgbatch.errors import RateLimited
 from imgbatch.pacing.gate import Clock
+from imgbatch.review.events import Listener
 from imgbatch.run.apply import ApplyOptions, ApplyReport, apply_async
 from imgbatch.shots.request import GeneratedImage, ImageRequest
 from imgbatch.units.quota import Quota
@@ -243,6 +244,7 @@ async def run_against(
     options: ApplyOptions | None = None,
     rtt: float = 0.004,
     download: float = 0.02,
+    listener: Listener | None = None,
 ) -> SimResult:
     loop = asyncio.get_running_loop()
     provider = SimProvider(account, latency, rtt, download)
@@ -256,7 +258,7 @@ async def run_against(
     manifest = write_manifest(folder, shots)
     started = loop.time()
     clock = Clock(now=loop.time, sleep=asyncio.sleep)
-    report = await apply_async(manifest, options, provider=provider, clock=clock)
+    report = await apply_async(manifest, options, provider=provider, clock=clock, listener=listener)
     return SimResult(
         wall=loop.time() - started,
         ideal=account.ideal(shots, latency),

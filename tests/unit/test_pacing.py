@@ -9,6 +9,7 @@ shape is run near its physical limit with few 429s, and that 429s do not fail sh
 from __future__ import annotations
 
 import asyncio
+import io
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from imgbatch.manifest.catalogue import DEFAULT_MODEL
 from imgbatch.pacing.gate import Clock, Finding, Gate, Pacer, RetryPolicy
 from imgbatch.pacing.learned import QuotaStore
 from imgbatch.pacing.quota import QuotaEstimator
+from imgbatch.review.events import Pacing
+from imgbatch.review.progress import Progress, pacing_text
 from imgbatch.run.apply import ApplyOptions
 from imgbatch.units.quota import Quota
 from tests.support.files import write_manifest
@@ -342,3 +345,22 @@ def test_the_pace_given_is_one_decision_a_rate_on_average_a_quota_strictly(
     options = ApplyOptions(**given, quota_store=False)
     assert apply_module.apply(manifest, options, provider="placeholder").ok
     assert seen == [expected]
+
+
+def test_a_run_says_what_quota_it_paces_at_and_where_it_came_from() -> None:
+    """A slow run explains itself: the progress line and -v show the quota in force."""
+    events: list[Pacing] = []
+    simulate(
+        Account(window=(3, 3)),
+        2.0,
+        20,
+        listener=lambda event: events.append(event) if isinstance(event, Pacing) else None,
+    )
+    texts = [pacing_text(event) for event in events]
+    assert texts[0] == "pacing at 1.82 a second, finding it; probing up"
+    assert "pacing at 3 per 3 s, found from 429s" in texts
+    progress = Progress(io.StringIO())
+    progress.start(20)
+    progress(events[-1])
+    assert progress.status().endswith(f"; {texts[-1]}, waiting for the first shot")
+    progress.close()

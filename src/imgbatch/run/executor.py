@@ -53,10 +53,10 @@ from imgbatch.errors import (
     StoreWriteError,
     TransientError,
 )
-from imgbatch.pacing.gate import Clock, Finding, Pacer, RetryPolicy
+from imgbatch.pacing.gate import Clock, Finding, Gate, Pacer, RetryPolicy
 from imgbatch.plan.decide import WORK_ACTIONS, Action, Plan, PlannedShot, aside_path
 from imgbatch.providers import Provider
-from imgbatch.review.events import Listener, Notice, Retrying, Stopping
+from imgbatch.review.events import Listener, Notice, Pacing, Retrying, Stopping
 from imgbatch.review.provenance import Provenance, embed
 from imgbatch.run.bounds import Bound, Tally
 from imgbatch.run.entries import (
@@ -173,6 +173,7 @@ class Executor:
         self._waits: set[asyncio.Future[Any]] = set()
         self._calls: set[asyncio.Future[Any]] = set()
         self._started = self.clock.now()
+        self._pacing: dict[str, Pacing] = {}  # what the listener was last told, by model
         self._answered: Counter[str] = Counter()  # images answered, by model
         self._sending: Counter[str] = Counter()  # requests sent and not answered, by model
         self.outcome = RunOutcome()
@@ -276,6 +277,17 @@ class Executor:
                 self.stop(reason, bound=bound.name)
                 return True
         return False
+
+    def _tell_pacing(self, model: str, gate: Gate | None) -> None:
+        """Tell the listener when the quota a model is paced at changes, or its source."""
+        if gate is None or self.listener is None:
+            return
+        estimator = gate.estimator
+        cap = estimator.cap if estimator.cap_confirmed else None
+        now = Pacing(model, estimator.window, estimator.source, estimator.probing_up, cap)
+        if self._pacing.get(model) != now:
+            self._pacing[model] = now
+            self.listener(now)
 
     def _billed(self, shot_id: str, model: str) -> None:
         """The service made (and billed) an image of `model` for the shot."""
@@ -476,6 +488,7 @@ class Executor:
             phase[shot.id] = Phase.WAITING
             try:
                 ticket = await self._unless(False, gate.acquire()) if gate else 0
+                self._tell_pacing(model, gate)
             except _Cut:
                 continue
             # Asked again after the wait: a turn may come after the bound (a duration).
@@ -525,6 +538,7 @@ class Executor:
                 if isinstance(exc, RateLimited):
                     if gate:
                         gate.refused(ticket, exc.retry_after, exc.stated_quota)
+                        self._tell_pacing(model, gate)
                 elif gate:
                     gate.answered(ticket)
                 if exc.maybe_billed:
@@ -579,6 +593,7 @@ class Executor:
                 return
             if gate:
                 gate.answered(ticket, image.stated_quota)
+                self._tell_pacing(model, gate)
             self._answered[model] += 1
             if self.provider.metered:
                 self._billed(shot.id, model)
