@@ -173,6 +173,7 @@ class QuotaEstimator:
         self.stated_quota: Quota | None = None
         self.refusals = 0
         self._hint_wrong = False
+        self._disproved: Quota | None = None  # the hint shown wrong
         self._sends: deque[_Send] = deque(maxlen=_HISTORY_EVENTS)
         self._sent_total = 0
         self._max_admitted_in_flight = -1
@@ -255,7 +256,7 @@ class QuotaEstimator:
             self._held_since = at
         elif self.source in ("stated", "learned") and self._too_slow(send):
             # Admitted where the hint would have refused it: the run's own evidence outranks it.
-            self._hint_wrong = True
+            self._hint_wrong, self._disproved = True, self.window
             self._restart_ramp(at)
 
     def refused(self, send_id: int, at: float) -> None:
@@ -309,29 +310,37 @@ class QuotaEstimator:
                 return
         self._settling = False
         if hinted:
-            self._hint_wrong = True
+            self._hint_wrong, self._disproved = True, self.window
         self._ramping = False
         self.window, self.source = self._fit() or self._fallback(), "probed"
 
-    def stated(self, quota: Quota) -> None:
+    def stated(self, quota: Quota, *, with_429: bool = False) -> None:
         """The service stated its quota (a hint: enforced until a 429 it does not explain, and
-        only while it is plausible and no request was admitted faster than it allows)."""
+        only while it is plausible and no request was admitted faster than it allows; stated
+        with a 429, it explains the 429, and earlier admissions are of a quota since changed)."""
         self.stated_quota = quota
-        if self.given is not None or self._hint_wrong or self.window == quota:
+        # (A new statement with a 429 is a changed quota; the one shown wrong stays wrong.)
+        renewed = with_429 and quota != self._disproved
+        if self.given is not None or (self._hint_wrong and not renewed) or self.window == quota:
             return
-        if not plausible(quota) or self._contradicted(quota):
-            self._hint_wrong = True
+        if not plausible(quota) or (not with_429 and self._contradicted(quota)):
+            self._hint_wrong, self._disproved = True, quota
             return
         self.window, self.source = quota, "stated"
         self._ramping = False
         self._probe = None
+        self._hint_wrong = False
+
+    @property
+    def may_probe(self) -> bool:
+        """Could a faster window be tried while requests wait (see `waiting`)?"""
+        # (Not a given quota; not the service's own word, which its header changes when the
+        # quota does; not while the rate is being raised until a 429 anyway.)
+        return self.given is None and not self._ramping and self.source != "stated"
 
     def waiting(self, now: float) -> bool:
         """Requests are waiting for the window: True when a faster one is to be tried now."""
-        if self.given is not None or self._ramping or self.source == "stated":
-            # (The service's own word changes in its header when the quota does.)
-            return False
-        return self._maybe_probe(now)
+        return self.may_probe and self._maybe_probe(now)
 
     # ----- probing up --------------------------------------------------------------------------
 
