@@ -37,18 +37,21 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "src"), str(REPO)]
 
+from bench.per_image import per_image_row  # noqa: E402
 from imgbatch.review.sheet import render_sheet  # noqa: E402
 from imgbatch.run.apply import ApplyOptions, ApplyReport, apply_async, load_and_expand  # noqa: E402
 from imgbatch.run.entries import shot_entry  # noqa: E402
 from imgbatch.shots.request import GeneratedImage  # noqa: E402
-from imgbatch.state.cache import STATE_DIR, ImageCache  # noqa: E402
+from imgbatch.state.folder import OutputFolder, owner_of  # noqa: E402
 from imgbatch.state.last_run import thumb_path  # noqa: E402
-from imgbatch.state.results import write_results  # noqa: E402
 
 KEY = "sk-bench-fake-key-0123456789"
 MODEL = "qwen-image-max"
 SIZE = "1664*928"
 SERVER_SCRIPT = Path(__file__).with_name("fake_server.py")
+# Images, concurrency (None: the default) of the CPU-and-memory-per-image rows.
+PER_IMAGE_CASES = ((200, None), (200, 8), (2000, None), (2000, 8))
+PER_IMAGE_QUICK = ((20, None),)
 
 # The headline scenario of the issue.
 QUOTA = 25.0
@@ -259,24 +262,25 @@ def solid_webp() -> bytes:
 def seed_state(manifest: Path) -> int:
     """Write the cache, the images and results.json as a finished apply leaves them.
 
-    Uses the library's own layout (`ImageCache.path`, the executor's entries, `write_results`)
+    Uses the library's own layout (`OutputFolder`, the executor's entries, `OutputFolder.save`)
     with the keys of the real `dashscope` provider, so the re-apply plans every shot as unchanged.
     """
     loaded, expansion = load_and_expand(manifest, "dashscope")
     output_dir = expansion.output_dir
-    cache = ImageCache(output_dir)
+    folder = OutputFolder(output_dir)
+    cache = folder.cache
     width, height = (int(part) for part in SIZE.split("*"))
     png = solid_png(width, height)
     digest = hashlib.sha256(png).hexdigest()
     # A few files, hard-linked everywhere: the plan looks at sizes, and 200,000 copies would
     # cost the bench minutes and a gigabyte for nothing. (ext4 allows 65,000 links a file.)
-    (output_dir / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    folder.state_dir.mkdir(parents=True, exist_ok=True)
     entries = []
     for index, shot in enumerate(expansion.shots):
         if index % 30_000 == 0:
-            original = output_dir / STATE_DIR / f"bench-image-{index}.png"
+            original = folder.state_dir / f"bench-image-{index}.png"
             original.write_bytes(png)
-            thumb = output_dir / STATE_DIR / f"bench-thumb-{index}.webp"
+            thumb = folder.state_dir / f"bench-thumb-{index}.webp"
             thumb.write_bytes(solid_webp())
         request = shot.request
         path = cache.path(request.key)
@@ -293,8 +297,9 @@ def seed_state(manifest: Path) -> int:
         entries.append(
             shot_entry(shot, "generated", image, width, height, digest, len(png), attempts=1)
         )
-    meta = {"manifest": str(manifest.resolve()), "provider": "dashscope", "key_format": 1}
-    write_results(output_dir, entries, [], meta)
+    owner = owner_of(manifest, loaded.name, output_dir)
+    meta = {"manifest": owner.manifest, "provider": "dashscope", "key_format": 1}
+    folder.save(entries, [], [], meta, owner=owner, before=folder.load(), now="2026-01-01T00:00:00")
     # And the contact sheet the apply drew (its thumbnails are linked above, like the images).
     render_sheet(
         output_dir,
@@ -414,6 +419,23 @@ async def run_all(args: argparse.Namespace, work: Path, log: Callable[[str], Non
     rows.append(await asyncio.to_thread(plan_case, args.plan_shots, work / "plan"))
     log("big re-apply ...")
     rows.append(await asyncio.to_thread(big_reapply_case, args.plan_shots, work / "big"))
+    rows += await per_image_rows(args.quick, work / "per-image", log)
+    return rows
+
+
+async def per_image_rows(quick: bool, work: Path, log: Callable[[str], None]) -> list[Row]:
+    """CPU and peak memory per real-sized image, with the floor measured alongside
+    (bench/per_image.py); the server always in a process of its own, so it is not counted."""
+    cases = PER_IMAGE_QUICK if quick else PER_IMAGE_CASES
+    rows: list[Row] = []
+    async with FakeServer("subprocess") as server:
+        for index, (count, concurrency) in enumerate(cases):
+            log(f"per image: {count} images, concurrency {concurrency or 'default'} ...")
+            folder = work / str(index)
+            measured = await asyncio.to_thread(
+                per_image_row, server.base_url, KEY, folder, count, concurrency
+            )
+            rows.append(Row(*measured))
     return rows
 
 

@@ -5,7 +5,8 @@
     ├── ManifestError             a shot list that cannot be run: all problems found, each with
     │                             file:line:col, shot id and field (exit code 2)
     ├── ConfigError               bad options or environment: missing key, unknown provider (exit 2)
-    │   └── PaidImagesError       placeholders would replace images a paid provider made
+    │   ├── PaidImagesError       placeholders would replace images a paid provider made
+    │   └── FolderOwnedError      the output folder is another manifest's (--force to share it)
     ├── CostLimitError            the estimated cost exceeds --max-cost: nothing sent (exit 1)
     ├── InspectError              `inspect` of a missing file, a non-PNG or a PNG without
     │                             provenance (exit 2)
@@ -104,6 +105,12 @@ class PaidImagesError(ConfigError):
     """The offline placeholder provider, not chosen explicitly (`auto` without a key, or the
     manifest's `provider:`), would replace images a paid provider made; nothing was sent or
     written."""
+
+
+class FolderOwnedError(ConfigError):
+    """The output folder holds another manifest's shots (two manifests with one `name:`, or one
+    `output.dir`); nothing was sent or written. `--force` shares it, keeping each manifest's
+    shots apart."""
 
 
 class InspectError(ImgbatchError):

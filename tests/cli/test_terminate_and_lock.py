@@ -19,7 +19,8 @@ import pytest
 from click.testing import CliRunner
 
 from imgbatch.cli.main import main
-from imgbatch.run.apply import ApplyOptions, apply, exclusive_output
+from imgbatch.run.apply import ApplyOptions, apply
+from imgbatch.state.folder import OutputFolder
 from tests.conftest import write_many_shots
 
 SIGTERM_BIT = 1 << (signal.SIGTERM - 1)
@@ -87,7 +88,7 @@ def test_the_lock_refusal_names_the_command_that_holds_it(
 ) -> None:
     manifest = write_many_shots(tmp_path, "locked", 1)
     out = tmp_path / "output" / "locked"
-    with exclusive_output(out, holder):
+    with OutputFolder(out).lock(holder):
         if written is not None:
             (out / ".imgbatch" / "lock.holder").write_bytes(written)
         result = CliRunner().invoke(

@@ -27,11 +27,12 @@ from PIL import Image
 from imgbatch.errors import TransientError
 from imgbatch.pacing.gate import Clock, Pacer, RetryPolicy
 from imgbatch.plan.decide import Action
+from imgbatch.providers import Sink
 from imgbatch.review.events import Notice
 from imgbatch.run.apply import ApplyOptions, ApplyReport, _settle, apply, apply_async, make_plan
 from imgbatch.run.executor import Executor
 from imgbatch.shots.request import GeneratedImage
-from imgbatch.state.cache import STATE_DIR, ImageCache
+from imgbatch.state.folder import STATE_DIR, OutputFolder
 from tests.support.fake_dashscope import FakeDashScope
 from tests.support.fake_provider import FakeProvider
 from tests.support.files import write_manifest, write_many_shots
@@ -450,7 +451,7 @@ class Killed(BaseException):
 
 
 class KilledWhileDownloading(FakeProvider):
-    async def fetch(self, image: GeneratedImage) -> bytes:
+    async def fetch(self, image: GeneratedImage, sink: Sink) -> None:
         raise Killed
 
 
@@ -474,7 +475,7 @@ def test_a_run_killed_while_downloading_leaves_the_paid_image_to_the_next_apply(
 class InterruptedWhileDownloading(FakeProvider):
     """Ctrl-C arrives during the download, which then hangs until abandoned."""
 
-    async def fetch(self, image: GeneratedImage) -> bytes:
+    async def fetch(self, image: GeneratedImage, sink: Sink) -> None:
         os.kill(os.getpid(), signal.SIGINT)
         await asyncio.Event().wait()
         raise AssertionError("abandoned downloads never finish")
@@ -523,7 +524,7 @@ def test_a_recover_not_run_when_the_run_stops_keeps_the_url_paid_for(
     plan = make_plan(manifest, provider="dashscope", environ={}, home=offline.home)
     back = FakeProvider([png(SIZE)], tag="second")
     executor = Executor(
-        back, ImageCache(out_dir(manifest)), lambda entry: None, pacer=Pacer(unlimited=True)
+        back, OutputFolder(out_dir(manifest)).cache, lambda entry: None, pacer=Pacer(unlimited=True)
     )
     executor.stop("the run's time is up")
 

@@ -248,6 +248,7 @@ def test_an_image_that_is_not_a_png_fails_its_shot_keeps_its_url_and_runs_nothin
 def test_a_gzip_encoded_image_is_decoded_not_called_cut_short(
     manifest: Path, tmp_path: Path
 ) -> None:
+    # A real-sized image: megabytes of gzip in many chunks, decoded as they arrive.
     with FakeDashScope(api_key=FAKE_KEY, image_profile="real") as server:
         server.serve_next_image(gzip=True)
         report = run_apply(manifest, server, tmp_path)

@@ -31,9 +31,9 @@ COMMAND = [sys.executable, "-c", "from imgbatch.cli.main import main; main()"]
 CRASHING_COMMAND = [
     sys.executable,
     "-c",
-    "import imgbatch.run.apply\n"
+    "import imgbatch.state.folder\n"
     "def bug(*args, **kwargs): raise RuntimeError('a bug while writing results.json')\n"
-    "imgbatch.run.apply.write_results = bug\n"
+    "imgbatch.state.folder.OutputFolder.save = bug\n"
     "from imgbatch.cli.main import main; main()",
 ]
 

@@ -23,7 +23,7 @@ from imgbatch.review import sheet as sheet_module
 from imgbatch.review.sheet import render_sheet
 from imgbatch.run.apply import ApplyOptions, apply, load_and_expand
 from imgbatch.shots.request import GeneratedImage, ImageRequest
-from imgbatch.state.cache import ImageCache
+from imgbatch.state.folder import OutputFolder
 from imgbatch.state.last_run import thumb_path
 from imgbatch.state.results import ResultEntry
 from tests.support.sheet_scenario import (
@@ -122,7 +122,7 @@ def test_a_replaced_shot_shows_its_previous_image_from_the_cache(scenario: Scena
     current = next(e for e in scenario.second.entries if e.id == REPLACED)
     assert previous.key != current.key
     replaced = card(page(scenario), REPLACED)
-    cached = ImageCache(scenario.output_dir).path(previous.key)
+    cached = OutputFolder(scenario.output_dir).cache.path(previous.key)
     assert cached.is_file()
     assert f'href=".imgbatch/cache/{previous.key[:2]}/{previous.key}.png"' in replaced
     assert f'src=".imgbatch/thumbs/{previous.key[:2]}/{previous.key}.webp"' in replaced

@@ -14,6 +14,7 @@ from imgbatch.run.apply import make_plan as plan_manifest
 from imgbatch.shots.expand import Shot
 from imgbatch.shots.request import ImageRequest
 from imgbatch.state.cache import ImageCache
+from imgbatch.state.folder import OutputFolder
 from imgbatch.state.results import ResultEntry
 from tests.support.files import write_manifest
 
@@ -58,7 +59,7 @@ def out(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def cache(out: Path) -> ImageCache:
-    return ImageCache(out)
+    return OutputFolder(out).cache
 
 
 def place(out: Path, made: Shot, data: bytes = IMAGE) -> None:

@@ -134,6 +134,12 @@ only_option = click.option(
     "repeatable. Every other shot's entry in results.json is kept as it is, and orphans are "
     "left alone. A pattern that matches no shot is an error.",
 )
+force_option = click.option(
+    "--force",
+    is_flag=True,
+    help="Use an output folder another manifest owns (same name: or output.dir); each "
+    "manifest's shots are kept apart there: neither lists nor prunes the other's.",
+)
 overwrite_edited_option = click.option(
     "--overwrite-edited",
     is_flag=True,

@@ -25,6 +25,7 @@ from imgbatch.cli.common import (
     _verbosity,
     allow_outside_option,
     error_boundary,
+    force_option,
     manifest_argument,
     only_option,
     overwrite_edited_option,
@@ -37,6 +38,7 @@ from imgbatch.units.quota import Quota
 
 if TYPE_CHECKING:
     from imgbatch.plan.decide import Plan
+    from imgbatch.review.outcome import ApplyReport
     from imgbatch.units.money import CostLimit
 
 
@@ -73,6 +75,7 @@ class _UsageErrorExit1(click.UsageError):
     "--json", "as_json", is_flag=True, help="Print the plan as one JSON document on stdout."
 )
 @only_option
+@force_option
 @verbosity_options
 @error_boundary
 def plan(
@@ -83,12 +86,13 @@ def plan(
     detailed_exitcode: bool,
     as_json: bool,
     only: tuple[str, ...],
+    force: bool,
     verbosity: str | None,
 ) -> int:
     """Show the shots apply would change, and why (-v: every shot); nothing is sent or
     downloaded."""
     from imgbatch.review.console import Verbosity, console_for
-    from imgbatch.review.report import estimate_line, plan_json, plan_summary, plan_table
+    from imgbatch.review.report import estimate_line, plan_summary, plan_table
     from imgbatch.run.apply import make_plan
 
     level = _verbosity(verbosity)
@@ -100,6 +104,7 @@ def plan(
             allow_reference_outside=allow_reference_outside,
             overwrite_edited=overwrite_edited,
             only=only,
+            force=force,
         )
     except ImgbatchError as exc:
         if not detailed_exitcode or exc.exit_code != EXIT_CHANGES:
@@ -116,6 +121,16 @@ def plan(
     estimate = estimate_line(result)
     if estimate and level is not Verbosity.QUIET:
         out.print(estimate)
+    _plan_documents(result, _title("plan", manifest, only), as_json)
+    if detailed_exitcode and result.has_work:
+        return EXIT_CHANGES
+    return EXIT_OK
+
+
+def _plan_documents(result: Plan, title: str, as_json: bool) -> None:
+    """`plan --json`'s document on stdout, and the CI step summary when there is one."""
+    from imgbatch.review.report import plan_json
+
     summarize = bool(os.environ.get("GITHUB_STEP_SUMMARY"))
     document = plan_json(result) if as_json or summarize else {}
     if as_json:
@@ -123,11 +138,7 @@ def plan(
     if summarize:
         from imgbatch.review.step_summary import plan_markdown
 
-        title = _title("plan", manifest, only)
         _step_summary(plan_markdown(document, title, metered=result.metered))
-    if detailed_exitcode and result.has_work:
-        return EXIT_CHANGES
-    return EXIT_OK
 
 
 @click.command("apply")
@@ -209,6 +220,7 @@ def plan(
     help="Print what the run did as one JSON document on stdout (the summary goes to stderr).",
 )
 @only_option
+@force_option
 @verbosity_options
 @error_boundary
 def apply_command(
@@ -227,19 +239,14 @@ def apply_command(
     prune: bool,
     as_json: bool,
     only: tuple[str, ...],
+    force: bool,
     verbosity: str | None,
 ) -> int:
     """Generate the shots whose request changed; write images and results.json."""
     from imgbatch.plan.decide import WORK_ACTIONS
     from imgbatch.review.console import Verbosity, console_for
     from imgbatch.review.progress import DEFAULT_INTERVAL, Progress
-    from imgbatch.review.report import (
-        apply_json,
-        apply_summary,
-        estimate_line,
-        plan_summary,
-        quiet_summary,
-    )
+    from imgbatch.review.report import apply_summary, estimate_line, plan_summary, quiet_summary
     from imgbatch.run.apply import ApplyOptions, apply
 
     level = _verbosity(verbosity)
@@ -287,6 +294,7 @@ def apply_command(
                 overwrite_edited=overwrite_edited,
                 prune=prune,
                 only=only,
+                force=force,
             ),
             listener=progress,
             on_plan=announce,
@@ -300,6 +308,18 @@ def apply_command(
         click.echo(f"warning: {report.sheet_problem}", err=True)
     elif report.sheet and not quiet:
         click.echo(f"Contact sheet: {report.sheet}", err=as_json)
+    _apply_documents(report, _title("apply", manifest, only), as_json)
+    if report.interrupted:
+        return EXIT_INTERRUPTED
+    if report.bounded and report.remaining:
+        return EXIT_REMAINING
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _apply_documents(report: ApplyReport, title: str, as_json: bool) -> None:
+    """`apply --json`'s document on stdout, and the CI step summary when there is one."""
+    from imgbatch.review.report import apply_json
+
     summarize = bool(os.environ.get("GITHUB_STEP_SUMMARY"))
     document = apply_json(report) if as_json or summarize else {}
     if as_json:
@@ -307,11 +327,5 @@ def apply_command(
     if summarize:
         from imgbatch.review.step_summary import apply_markdown
 
-        title = _title("apply", manifest, only)
         metered = report.plan.metered
         _step_summary(apply_markdown(document, title, stopped=report.stopped, metered=metered))
-    if report.interrupted:
-        return EXIT_INTERRUPTED
-    if report.bounded and report.remaining:
-        return EXIT_REMAINING
-    return EXIT_OK if report.ok else EXIT_FAILED

@@ -167,7 +167,7 @@ class Checker:
 
     def _output_problems(self) -> Iterator[ManifestProblem]:
         # A shot list can come from anyone: like a reference it reads, the folder it writes
-        # (results.json, images, .imgbatch/, index.html) stays inside its folder tree unless it
+        # (results.json, images, its state, index.html) stays inside its folder tree unless it
         # is trusted. OUTPUT_DIR replaces `output.dir` and is the user's own choice.
         data = self.document.data
         output = data.get("output") if isinstance(data, dict) else None

@@ -6,9 +6,9 @@ network, works from `file://`) with a card per shot: thumbnail, id, prompt and t
 negative prompt, size, seed, model, status and error, a mark on the shots the last apply
 changed, and for a replaced shot its previous image (still in the cache) to compare with.
 
-Thumbnails are small WebP files under `<output>/.imgbatch/thumbs/`, one per image key, made
-once and never again (a key names one image forever). What an apply changed is kept in
-`<output>/.imgbatch/last-run.json`, so `imgbatch sheet` can draw the same marks later; an apply
+Thumbnails are small WebP files in the output folder's state (`OutputFolder.thumb_path`), one
+per image key, made once and never again (a key names one image forever). What an apply changed
+is kept as the folder's last run, so `imgbatch sheet` can draw the same marks later; an apply
 that changes no shot keeps them. The page is rendered by Jinja2 with autoescaping (prompts are
 user text) and allows, by its Content-Security-Policy, no script but its own. It replaces only
 a page it drew itself (its generator tag and digest): any other `index.html` is left as it is,
@@ -41,15 +41,10 @@ from imgbatch.plan.decide import WORK_ACTIONS, Action, Plan
 from imgbatch.png import decode_png, read_image_file
 from imgbatch.review.events import Listener, RunEvent
 from imgbatch.shots.expand import output_dir_for
-from imgbatch.state.cache import STATE_DIR, TEMP_PREFIX, ImageCache, atomic_write
-from imgbatch.state.last_run import (
-    THUMBS_DIR,
-    Change,
-    load_changes,
-    save_changes,
-    thumb_path,
-)
-from imgbatch.state.results import STATUSES, ResultEntry, load_state, results_path
+from imgbatch.state.cache import ImageCache, atomic_write
+from imgbatch.state.folder import OutputFolder
+from imgbatch.state.last_run import Change, load_changes, save_changes, thumb_path
+from imgbatch.state.results import STATUSES, ResultEntry
 
 SHEET_FILE = "index.html"
 # Bounding box of a thumbnail: a 16:9 image becomes 320*178, a WebP of a few to a few tens of KB.
@@ -115,7 +110,6 @@ def update_after_apply(
             return sheet, None
         else:  # shots removed or moved, or the page is missing or from another imgbatch
             changes, finished = load_changes(output_dir)
-        _remove_stale_thumb_temporaries(output_dir)
         path = render_sheet(
             output_dir,
             title=title,
@@ -143,10 +137,11 @@ def write_sheet(
     """
     manifest = load_manifest(manifest_path, allow_reference_outside=allow_reference_outside)
     output_dir = output_dir_for(manifest, environ)
-    state = load_state(output_dir)
+    folder = OutputFolder(output_dir)
+    state = folder.load().entries
     if not state:
         raise StoreError(
-            f"no results in {output_dir} ({results_path(output_dir).name} is missing): "
+            f"no results in {output_dir} ({folder.results_path.name} is missing): "
             f"run `imgbatch apply {manifest_path}` first"
         )
     changes, finished = load_changes(output_dir)
@@ -174,14 +169,9 @@ def render_sheet(
     finished_at: str | None,
 ) -> Path:
     """Make the missing thumbnails, then write `index.html` atomically; gives its path."""
-    thumbs_dir = output_dir / STATE_DIR / THUMBS_DIR
-    if thumbs_dir.is_symlink():
-        # Committed by a pull request, it would have the sheet write wherever it points.
-        raise StoreError(
-            f"{thumbs_dir} is a symbolic link; imgbatch keeps its thumbnails only in a real folder "
-            "(replace the link by a folder)"
-        )
-    cache = ImageCache(output_dir)
+    folder = OutputFolder(output_dir)
+    folder.refuse_links()  # thumbnails are written under it
+    cache = folder.cache
     changes = {shot_id: change for shot_id, change in changes.items() if shot_id in entries}
     wanted: dict[str, Path] = {}
     for shot_id in order:
@@ -270,14 +260,15 @@ def _head(sheet: Path) -> str:
 class Thumbnailer:
     """Makes an apply's thumbnails in the background as its shots finish; wraps its listener.
 
-    Each image is decoded a second time for its thumbnail: done while the run waits on the
-    network, that costs the run nothing, where at the end it would hold the run up (150 images
-    of DashScope's weight took seconds). One worker, so the run's own work keeps a core.
+    A new image's thumbnail is made by the executor from the decode that verifies it
+    (`write_thumbnail`), before its shot finishes, so it is found here and skipped; an image
+    restored from the cache is decoded here, while the run waits on the network (at the end it
+    would hold the run up). One worker, so the run's own work keeps a core.
     """
 
     def __init__(self, output_dir: Path, listener: Listener | None = None) -> None:
         self.output_dir = output_dir
-        self.cache = ImageCache(output_dir)
+        self.cache = OutputFolder(output_dir).cache
         self.listener = listener
         self._pool: ThreadPoolExecutor | None = None
 
@@ -327,26 +318,28 @@ def _make_thumbnail(output_dir: Path, key: str, source: Path) -> bool:
     # another program), its size checked in its header before it is decoded.
     try:
         with decode_png(read_image_file(source), f"the bytes of {source}") as image:
-            # Box-reduced to about the size, then Lanczos: a fraction of a full Lanczos.
-            image.thumbnail(THUMB_BOX, Image.Resampling.LANCZOS, reducing_gap=1.0)
-            converted = image.convert("RGBA" if image.has_transparency_data else "RGB")
-        buffer = io.BytesIO()
-        converted.save(buffer, format="WEBP", quality=THUMB_QUALITY, method=0)
+            return write_thumbnail(output_dir, key, image)
     except (ImageError, OSError, ValueError):
         return False
-    atomic_write(thumb_path(output_dir, key), buffer.getvalue())
+
+
+def write_thumbnail(output_dir: Path, key: str, image: Image.Image) -> bool:
+    """Write the thumbnail of `image` (decoded already, as a PNG: an apply gives the one it
+    decoded to verify a new image) as `key`'s; False when it cannot be made. `image` is
+    reduced in place."""
+    try:
+        # Box-reduced to about the size, then Lanczos: a fraction of a full Lanczos.
+        image.thumbnail(THUMB_BOX, Image.Resampling.LANCZOS, reducing_gap=1.0)
+        converted = image.convert("RGBA" if image.has_transparency_data else "RGB")
+        buffer = io.BytesIO()
+        converted.save(buffer, format="WEBP", quality=THUMB_QUALITY, method=0)
+    except (OSError, ValueError):
+        return False
+    try:
+        atomic_write(thumb_path(output_dir, key), buffer.getvalue())
+    except StoreError:
+        return False  # a thumbnail is not worth a shot: the sheet makes it again, or says so
     return True
-
-
-def _remove_stale_thumb_temporaries(output_dir: Path) -> None:
-    # Only called under the apply lock: another process's temp file is never in flight then.
-    root = output_dir / STATE_DIR / THUMBS_DIR
-    if not root.is_dir():
-        return
-    for folder in root.iterdir():
-        if folder.is_dir() and not folder.is_symlink():  # never reach out of the folder
-            for temp in folder.glob(f"{TEMP_PREFIX}*.tmp"):
-                temp.unlink(missing_ok=True)
 
 
 def _image_source(output_dir: Path, cache: ImageCache, entry: ResultEntry) -> Path:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import os
 import time
@@ -42,7 +43,7 @@ from imgbatch.plan.pricing import PriceList, cost, price_list
 from imgbatch.providers import Provider, create_provider, resolve_provider_name
 from imgbatch.review.events import Listener
 from imgbatch.review.outcome import ApplyReport, QuotaNote, ShotOutcome
-from imgbatch.review.sheet import Thumbnailer
+from imgbatch.review.sheet import Thumbnailer, write_thumbnail
 from imgbatch.review.sheet import update_after_apply as update_sheet
 from imgbatch.run.bounds import Bound, MaxCost, MaxDuration, MaxRequests
 from imgbatch.run.entries import abandoned_download
@@ -51,9 +52,9 @@ from imgbatch.run.interrupts import Interrupts, interrupt_at_once, signal_handle
 from imgbatch.shots.expand import Expansion, expand, fetch_references, shot_list
 from imgbatch.shots.request import KEY_FORMAT_VERSION
 from imgbatch.shots.selection import select_shots
-from imgbatch.state.cache import STATE_DIR, ImageCache, check_writable, remove_stale_temporaries
-from imgbatch.state.lock import exclusive_output
-from imgbatch.state.results import Journal, ResultEntry, load_state, write_results
+from imgbatch.state.folder import OutputFolder, owner_of
+from imgbatch.state.record import FolderState, Owner
+from imgbatch.state.results import ResultEntry
 from imgbatch.units.money import CostLimit
 from imgbatch.units.quota import Quota
 
@@ -95,6 +96,8 @@ class ApplyOptions:
     prune: bool = False
     # Act on these shots only (ids or fnmatch globs); every other shot's entry is kept as it is.
     only: tuple[str, ...] = ()
+    # Apply into an output folder another manifest owns (its shots are kept apart, untouched).
+    force: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.only, str):  # only="s01" means one pattern, not three letters
@@ -182,6 +185,7 @@ def make_plan(
     allow_reference_outside: bool = False,
     overwrite_edited: bool = False,
     only: Sequence[str] = (),
+    force: bool = False,
 ) -> Plan:
     """What `apply` would do for each shot, reading the output folder but changing nothing and
     downloading nothing: see `imgbatch.plan.decide` for what that means for a reference URL.
@@ -190,13 +194,15 @@ def make_plan(
     explicitly, would replace images a paid provider made.
 
     With `only` (shot ids or fnmatch globs), the plan has those shots alone and no orphans.
+    Raises `FolderOwnedError`, as apply would, when another manifest owns the output folder
+    (unless `force`).
     """
     environ = os.environ if environ is None else environ
     manifest, expansion = load_and_expand(
         path, provider, environ, home, allow_reference_outside=allow_reference_outside
     )
     selected = _narrowed(expansion, only)
-    state = load_state(expansion.output_dir)
+    state = _owned_state(path, manifest, expansion, force=force).mine
     prices = _prices(manifest, expansion, environ)
     planned = _plan(selected, state, overwrite_edited, only=bool(only), prices=prices)
     refuse_placeholder_over_paid(planned, provider, manifest)
@@ -216,7 +222,7 @@ def _plan(
         output_dir,
         expansion.shots,
         state,
-        ImageCache(output_dir),
+        OutputFolder(output_dir).cache,
         provider=expansion.provider,
         overwrite_edited=overwrite_edited,
     )
@@ -300,15 +306,15 @@ async def _apply(
     and settle (results.json, prune, the sheet), then the report."""
     prep = await _prepare(path, options or ApplyOptions(), provider)
     started = time.monotonic()
-    with exclusive_output(prep.expansion.output_dir):
-        plan, state = _preflight(prep, on_plan)
+    with OutputFolder(prep.expansion.output_dir).lock():
+        plan, held = _preflight(prep, on_plan)
         pacing = _pacing(prep, plan, clock)
         interrupts = Interrupts(prep.options.grace_seconds)
         # From the first request until results.json and the sheet are written: a Ctrl-C while
         # they are written waits for them (they are what the run leaves behind).
         with signal_handler(asyncio.get_running_loop(), interrupts):
             outcome, journal = await _execute(prep, plan, pacing.pacer, listener, clock, interrupts)
-            settled = _settle_run(prep, plan, state, outcome, journal)
+            settled = _settle_run(prep, plan, held, outcome, journal)
     return ApplyReport(
         plan=plan,
         results_path=settled.results,
@@ -374,9 +380,13 @@ async def _prepare(
     # may change the folder until the lock is held, and the lock cannot come first, because
     # taking it writes into the folder and a refused run must write nothing at all. A refusal
     # from a state that then changes is only a refusal too soon (the guards run again).
+    # Before anything is fetched: a folder another manifest owns (its record's head says).
+    OutputFolder(everything.output_dir).claim(
+        None, _owner(path, manifest, everything.output_dir), shown=_shown(path), force=options.force
+    )
     if may_replace_paid(expansion.provider, options.provider):
         # Before anything is fetched, before credentials and before the lock.
-        state = load_state(expansion.output_dir)
+        state = _owned_state(path, manifest, everything, force=options.force).mine
         early = _plan(expansion, state, options.overwrite_edited, only=only)
         refuse_placeholder_over_paid(early, options.provider, manifest)
     # Each reference URL once, keyed by its content, so that the plan knows every key (a
@@ -385,7 +395,7 @@ async def _prepare(
     limit = _cost_limit(options, manifest)
     if options.frozen or limit is not None:
         # Before credentials and before the lock: a refused run writes nothing at all.
-        state = load_state(expansion.output_dir)
+        state = _owned_state(path, manifest, everything, force=options.force).mine
         prices = _prices(manifest, expansion, environ)
         early = _plan(expansion, state, options.overwrite_edited, only=only, prices=prices)
         refuse_to_start(early, options.frozen, limit)
@@ -395,22 +405,19 @@ async def _prepare(
     return _Prepared(path, options, manifest, everything, expansion, limit, provider, prices)
 
 
-def _preflight(
-    prep: _Prepared, on_plan: Callable[[Plan], None] | None
-) -> tuple[Plan, Mapping[str, ResultEntry]]:
+def _preflight(prep: _Prepared, on_plan: Callable[[Plan], None] | None) -> tuple[Plan, _Held]:
     """Under the lock: the folder checked writable, the plan, then the guards again (another
     run may have changed the folder meanwhile); gives the plan and the state it was made from."""
-    options, output_dir = prep.options, prep.expansion.output_dir
-    cache = ImageCache(output_dir)
+    options = prep.options
     # Before the first request: a folder that cannot be written would waste every image.
-    check_writable(output_dir)
-    check_writable(output_dir / STATE_DIR)
-    if cache.root.exists():
-        check_writable(cache.root)
-    remove_stale_temporaries(output_dir)
-    state = load_state(output_dir)
+    OutputFolder(prep.expansion.output_dir).prepare()
+    held = _owned_state(prep.path, prep.manifest, prep.everything, force=options.force)
     plan = _plan(
-        prep.expansion, state, options.overwrite_edited, only=bool(options.only), prices=prep.prices
+        prep.expansion,
+        held.mine,
+        options.overwrite_edited,
+        only=bool(options.only),
+        prices=prep.prices,
     )
     # The provider object answers for itself (one of the caller's own may be free).
     plan = replace(plan, metered=prep.provider.metered)
@@ -418,7 +425,7 @@ def _preflight(
     refuse_to_start(plan, options.frozen, prep.limit)
     if on_plan:
         on_plan(plan)
-    return plan, state
+    return plan, held
 
 
 @dataclass(frozen=True)
@@ -471,13 +478,14 @@ async def _execute(
     """Carry out the plan; gives what happened and the journal it was recorded in."""
     options, manifest, provider = prep.options, prep.manifest, prep.provider
     output_dir = prep.expansion.output_dir
-    journal = Journal(output_dir)
+    folder = OutputFolder(output_dir)
+    journal = folder.journal()
     thumbnails = Thumbnailer(output_dir, listener)  # the contact sheet's, made as shots land
     try:
         async with provider:
             executor = Executor(
                 provider,
-                ImageCache(output_dir),
+                folder.cache,
                 journal.record,
                 pacer=pacer,
                 concurrency=options.concurrency
@@ -488,6 +496,7 @@ async def _execute(
                 listener=thumbnails,
                 simplify=options.simplify and manifest.simplify,
                 frozen=options.frozen,
+                thumbnail=functools.partial(write_thumbnail, output_dir),
                 bounds=(
                     *options.bounds(),
                     *([MaxCost(prep.limit, prep.prices)] if prep.limit is not None else []),
@@ -511,7 +520,7 @@ class _Settled:
 def _settle_run(
     prep: _Prepared,
     plan: Plan,
-    state: Mapping[str, ResultEntry],
+    held: _Held,
     outcome: RunOutcome,
     journal: Path,
 ) -> _Settled:
@@ -532,14 +541,19 @@ def _settle_run(
     )
     written, sheet_plan = entries, replace(plan, shots=touched)
     if prep.options.only:
-        written, orphans, sheet_plan = _with_unselected(prep.everything, state, sheet_plan, entries)
+        written, orphans, sheet_plan = _with_unselected(
+            prep.everything, held.mine, sheet_plan, entries
+        )
+    owner = _owner(prep.path, prep.manifest, output_dir)
     try:
-        results = write_results(
-            output_dir,
+        results = OutputFolder(output_dir).save(
             written,
             orphans,
-            _results_meta(prep),
-            updated_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            list(held.others.values()),
+            _results_meta(prep, owner),
+            owner=owner,
+            before=held.before,
+            now=datetime.now(UTC).isoformat(timespec="seconds"),
         )
     except StoreWriteError as exc:
         raise StoreError(_unwritten_results(exc, outcome, journal)) from None
@@ -547,13 +561,10 @@ def _settle_run(
     return _Settled(shots, pruned, results, sheet, sheet_problem)
 
 
-def _results_meta(prep: _Prepared) -> dict[str, Any]:
-    path, output_dir = prep.path, prep.expansion.output_dir
+def _results_meta(prep: _Prepared, owner: Owner) -> dict[str, Any]:
     return {
         # Relative, so an output folder can be moved or committed with its manifest.
-        "manifest": None
-        if isinstance(path, Mapping)
-        else os.path.relpath(Path(path).resolve(), output_dir.resolve()),
+        "manifest": owner.manifest,
         "provider": prep.provider.name,
         "key_format": KEY_FORMAT_VERSION,
     }
@@ -683,3 +694,34 @@ def _final_entry(item: PlannedShot, outcome: RunOutcome, metered: bool) -> Resul
     if metered and outcome.in_flight.get(item.id) == Phase.SENDING:
         return _NotRun("abandoned in flight when interrupted; DashScope may have billed it", True)
     return _NotRun(f"not run: {outcome.stopped or 'interrupted'}")
+
+
+@dataclass(frozen=True)
+class _Held:
+    """The output folder's state as loaded (`before`), the part that is this manifest's (what
+    it plans from), and the rest: another manifest's entries, kept as they are."""
+
+    before: FolderState
+    mine: dict[str, ResultEntry]
+    others: dict[str, ResultEntry]
+
+
+def _owner(path: ManifestSource, manifest: Manifest, output_dir: Path) -> Owner:
+    return owner_of(None if isinstance(path, Mapping) else Path(path), manifest.name, output_dir)
+
+
+def _shown(path: ManifestSource) -> str:
+    return "this manifest" if isinstance(path, Mapping) else str(path)
+
+
+def _owned_state(
+    path: ManifestSource, manifest: Manifest, expansion: Expansion, *, force: bool
+) -> _Held:
+    """The output folder's state, refused when another manifest owns the folder (unless
+    `force`), split into this manifest's part and the others'."""
+    folder = OutputFolder(expansion.output_dir)
+    owner = _owner(path, manifest, expansion.output_dir)
+    state = folder.load()
+    folder.claim(state, owner, shown=_shown(path), force=force)
+    mine, others = state.split(owner, {shot.id for shot in expansion.shots})
+    return _Held(state, mine, others)

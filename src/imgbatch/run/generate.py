@@ -13,12 +13,12 @@ the same executor (pacing, retries, download, verification) and image cache as `
 
 Where the image and the cache go:
 
-* with no `output`, the image is `<folder>/images/<key>.png` and the cache `<folder>/.imgbatch/`,
-  where `<folder>` is `output/ai-image-qwen-image` in the current directory, or
-  `$OUTPUT_DIR/ai-image-qwen-image` when `OUTPUT_DIR` is set (the skill's layout);
+* with no `output`, the image is `<folder>/images/<key>.png` and the cache that folder's
+  (`OutputFolder`), where `<folder>` is `output/ai-image-qwen-image` in the current directory,
+  or `$OUTPUT_DIR/ai-image-qwen-image` when `OUTPUT_DIR` is set (the skill's layout);
 * with `output`, the image goes there, and the cache is that of the nearest folder above it that
-  an `apply` wrote (it has `.imgbatch/`), so a request an apply already paid for is free; when
-  there is none, the default folder's cache.
+  an `apply` wrote (`OutputFolder.is_made`), so a request an apply already paid for is free;
+  when there is none, the default folder's cache.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ from imgbatch.errors import (
 )
 from imgbatch.manifest import Manifest, manifest_from_data
 from imgbatch.manifest.expansion import EXPANSION_FIELDS
-from imgbatch.state.cache import STATE_DIR, ImageCache
+from imgbatch.state.cache import ImageCache
+from imgbatch.state.folder import OutputFolder
 
 if TYPE_CHECKING:
     from imgbatch.shots.expand import Shot
@@ -196,7 +197,7 @@ class GenerateSession:
 
         key = shot.request.key
         width, height = shot.request.dimensions
-        cache = ImageCache(state_folder)
+        cache = OutputFolder(state_folder).cache
         if cache.has(key) and await _restored(cache, key, target, (width, height)):
             return _response(None, width, height, shot.request.seed, target, None, cached=True)
         provider, pacer = await self._provider(name)
@@ -232,13 +233,11 @@ class GenerateSession:
     async def _holding(self, folder: Path) -> AsyncIterator[None]:
         """The output folder's lock, taken by the first call that needs it and kept while any
         call of this session uses it: one process's calls share it, another process is refused."""
-        from imgbatch.state.lock import exclusive_output
-
         async with self._folder_guard:
             hold = self._holds.get(folder)
             if hold is None:
                 stack = contextlib.ExitStack()
-                stack.enter_context(exclusive_output(folder, "generate"))
+                stack.enter_context(OutputFolder(folder).lock("generate"))
                 hold = self._holds[folder] = [0, stack]
             hold[0] += 1
         try:
@@ -333,7 +332,7 @@ def _places(key: str, output: str | Path | None, environ: Mapping[str, str]) -> 
     if target.is_dir():
         raise ConfigError(f"--output {target} is a folder; give the image file's path")
     for folder in target.resolve().parents:
-        if (folder / STATE_DIR).is_dir():
+        if OutputFolder(folder).is_made():
             return folder, target
     return default_folder, target
 

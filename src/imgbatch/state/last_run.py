@@ -1,4 +1,4 @@
-"""What the last apply changed (`.imgbatch/last-run.json`) and where thumbnails are kept.
+"""What the last apply changed (the folder's last-run record) and where thumbnails are kept.
 
 Takes the changes an apply made (shot id -> action, reason, the entry it had before) and gives
 them back to whoever draws the contact sheet later or must keep the images it shows beside a
@@ -8,17 +8,14 @@ nothing changed rather than an error.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from imgbatch.state.cache import STATE_DIR, atomic_write
+from imgbatch.state.folder import OutputFolder
 from imgbatch.state.results import ResultEntry
 
-LAST_RUN_FILE = "last-run.json"
-THUMBS_DIR = "thumbs"
 _LAST_RUN_VERSION = 1
 
 
@@ -32,11 +29,7 @@ class Change:
 
 
 def thumb_path(output_dir: Path, key: str) -> Path:
-    return output_dir / STATE_DIR / THUMBS_DIR / key[:2] / f"{key}.webp"
-
-
-def last_run_path(output_dir: Path) -> Path:
-    return output_dir / STATE_DIR / LAST_RUN_FILE
+    return OutputFolder(output_dir).thumb_path(key)
 
 
 def save_changes(output_dir: Path, changes: Mapping[str, Change], when: datetime) -> None:
@@ -52,8 +45,7 @@ def save_changes(output_dir: Path, changes: Mapping[str, Change], when: datetime
             for shot_id, change in changes.items()
         },
     }
-    data = json.dumps(document, ensure_ascii=False, indent=1) + "\n"
-    atomic_write(last_run_path(output_dir), data.encode("utf-8"))
+    OutputFolder(output_dir).write_last_run(document)
 
 
 def load_changes(output_dir: Path) -> tuple[dict[str, Change], datetime | None]:
@@ -61,8 +53,8 @@ def load_changes(output_dir: Path) -> tuple[dict[str, Change], datetime | None]:
 
     The record only decorates the sheet, so a damaged one is ignored rather than reported.
     """
+    document = OutputFolder(output_dir).read_last_run()
     try:
-        document = json.loads(last_run_path(output_dir).read_text(encoding="utf-8"))
         changes = {
             shot_id: Change(
                 str(raw["action"]),
@@ -72,6 +64,6 @@ def load_changes(output_dir: Path) -> tuple[dict[str, Change], datetime | None]:
             for shot_id, raw in document["changes"].items()
         }
         finished = datetime.fromisoformat(document["finished_at"])
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+    except (ValueError, TypeError, KeyError, AttributeError):
         return {}, None
     return changes, finished
