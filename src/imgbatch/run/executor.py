@@ -304,9 +304,17 @@ class Executor:
                 return True
         return False
 
-    def _tell_pacing(self, model: str, gate: Gate | None) -> None:
-        """Tell the listener when the quota a model is paced at changes, or its source."""
-        if gate is None or self.listener is None:
+    async def _turn(self, model: str, gate: Gate | None) -> int:
+        """Wait for the model's gate to let one more request go (its ticket; 0 unpaced), and
+        tell the listener when the quota it paces at, or where that came from, has changed."""
+        if gate is None:
+            return 0
+        ticket = await self._unless(False, gate.acquire())
+        self._tell_pacing(model, gate)
+        return ticket
+
+    def _tell_pacing(self, model: str, gate: Gate) -> None:
+        if self.listener is None:
             return
         estimator = gate.estimator
         cap = estimator.cap if estimator.cap_confirmed else None
@@ -546,8 +554,7 @@ class Executor:
                 return
             phase[shot.id] = Phase.WAITING
             try:
-                ticket = await self._unless(False, gate.acquire()) if gate else 0
-                self._tell_pacing(model, gate)
+                ticket = await self._turn(model, gate)
             except _Cut:
                 continue
             # Asked again after the wait: a turn may come after the bound (a duration).
@@ -597,7 +604,6 @@ class Executor:
                 if isinstance(exc, RateLimited):
                     if gate:
                         gate.refused(ticket, exc.retry_after, exc.stated_quota)
-                        self._tell_pacing(model, gate)
                 elif gate:
                     gate.answered(ticket)
                 if exc.maybe_billed:
@@ -652,7 +658,6 @@ class Executor:
                 return
             if gate:
                 gate.answered(ticket, image.stated_quota)
-                self._tell_pacing(model, gate)
             self._answered[model] += 1
             if self.provider.metered:
                 self._billed(shot.id, model)
