@@ -1,7 +1,7 @@
 """Chaos run: kill `imgbatch apply` at random moments under injected faults; nothing may be lost.
 
     python bench/chaos.py                      # 50 trials of 8 shots (about 4.5 minutes)
-    python bench/chaos.py --quick              # 10 trials of 6 shots
+    python bench/chaos.py --quick              # 3 trials of 4 shots (what CI runs)
     python bench/chaos.py --seed 7 --trial 12  # replay one trial's draws (reproduce a failure)
 
 Each trial starts the tests' fake DashScope server (tests/support/fake_dashscope.py, in a thread of
@@ -515,7 +515,7 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=50)
     parser.add_argument("--shots", type=int, default=8, help="shots per trial")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--quick", action="store_true", help="10 trials of 6 shots")
+    parser.add_argument("--quick", action="store_true", help="3 trials of 4 shots (CI)")
     parser.add_argument("--trial", type=int, default=None, help="run only this trial's draws")
     parser.add_argument("--concurrency", type=int, default=4, help="passed to apply")
     parser.add_argument("--finish-timeout", type=float, default=120.0, help="seconds per apply")
@@ -526,7 +526,7 @@ def main() -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args()
     if args.quick:
-        args.trials, args.shots = 10, 6
+        args.trials, args.shots = 3, 4
     indices = [args.trial] if args.trial is not None else list(range(args.trials))
 
     def log(message: str) -> None:

@@ -1,6 +1,7 @@
 """What stamping provenance into a real-sized PNG costs: splicing chunks vs re-encoding.
 
     python bench/provenance.py
+    python bench/provenance.py --quick    # one run a row (what CI runs)
 
 Prints ONE markdown table. The image is the tests' fake server's real-sized PNG (1664*928, about
 3.5 MB, mostly noise, as the service's are). Each row is the median of several runs: imgbatch's
@@ -11,6 +12,7 @@ first idea, Pillow re-saving the image with a `PngInfo` (at Pillow's default lev
 
 from __future__ import annotations
 
+import argparse
 import io
 import statistics
 import sys
@@ -22,7 +24,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO / "src"), str(REPO)]
 
 from bench.run import Row  # noqa: E402
 from imgbatch.review.provenance import Provenance, embed  # noqa: E402
@@ -44,9 +46,9 @@ def reencode(data: bytes, level: int) -> bytes:
     return buffer.getvalue()
 
 
-def measure(label: str, original: bytes, stamp: Callable[[bytes], bytes]) -> Row:
+def measure(label: str, original: bytes, stamp: Callable[[bytes], bytes], runs: int = RUNS) -> Row:
     timings, out = [], b""
-    for _ in range(RUNS):
+    for _ in range(runs):
         started = time.perf_counter()
         out = stamp(original)
         timings.append(time.perf_counter() - started)
@@ -62,11 +64,14 @@ def measure(label: str, original: bytes, stamp: Callable[[bytes], bytes]) -> Row
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one run a row (CI)")
+    runs = 1 if parser.parse_args().quick else RUNS
     original = _encode_real_png(1664, 928, (200, 40, 90))
     rows = [
-        measure("splice iTXt chunks (imgbatch)", original, lambda data: embed(data, PROVENANCE)),
-        measure("Pillow re-save + PngInfo, level 6", original, lambda data: reencode(data, 6)),
-        measure("Pillow re-save + PngInfo, level 1", original, lambda data: reencode(data, 1)),
+        measure("splice iTXt chunks (imgbatch)", original, lambda d: embed(d, PROVENANCE), runs),
+        measure("Pillow re-save + PngInfo, level 6", original, lambda d: reencode(d, 6), runs),
+        measure("Pillow re-save + PngInfo, level 1", original, lambda d: reencode(d, 1), runs),
     ]
     print("| case | measure | target | met |")
     print("|---|---|---|---|")

@@ -16,14 +16,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "src"), str(REPO)]
 
+from imgbatch.manifest.catalogue import DEFAULT_MODEL  # noqa: E402
+from imgbatch.pacing.gate import Finding  # noqa: E402
+from imgbatch.pacing.learned import QuotaStore  # noqa: E402
 from imgbatch.run.apply import ApplyOptions  # noqa: E402
 from imgbatch.units.quota import Quota  # noqa: E402
-from tests.support.quota_sim import Account, simulate  # noqa: E402
+from tests.support.quota_sim import Account, SimProvider, SimResult, simulate  # noqa: E402
 
 # account, latency, shots; the issue's shapes first, then the token-bucket rows of before.
 SHAPES: list[tuple[Account, float, int]] = [
@@ -34,6 +39,25 @@ SHAPES: list[tuple[Account, float, int]] = [
     (Account(max_in_progress=2), 16.5, 30),
     (Account(max_in_progress=4), 16.5, 30),
     (Account(max_in_progress=4, bucket=(2, 1)), 16.5, 30),
+]
+# Issue 20: windows of odd periods, the quota not given.
+ODD: list[tuple[Account, float, int]] = [
+    (Account(window=(3, 3)), 2, 30),
+    (Account(window=(3, 3)), 2, 100),
+    (Account(window=(4, 6)), 2, 100),
+    (Account(window=(5, 10)), 2, 100),
+    (Account(window=(20, 300)), 16.5, 200),
+    (Account(window=(2, 60)), 16.5, 30),
+]
+# A quota raised or lowered midway: (account, latency, shots, raised).
+CHANGED: list[tuple[Account, float, int, bool]] = [
+    (Account(window=(2, 3), change=(60.0, (6, 3))), 2, 150, True),
+    (Account(window=(6, 3), change=(30.0, (2, 3))), 2, 100, False),
+]
+# A remembered quota wrong in each direction: (account, latency, shots, remembered).
+REMEMBERED: list[tuple[Account, float, int, Quota]] = [
+    (Account(window=(3, 3)), 2, 100, Quota(3, 60)),
+    (Account(window=(3, 3)), 2, 100, Quota(10, 3)),
 ]
 BUCKETS: list[tuple[Account, float, int]] = [
     (Account(bucket=(25, 25)), 0.8, 150),
@@ -57,29 +81,67 @@ def given(account: Account) -> ApplyOptions | None:
     return None
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="the issue's new shapes only")
-    args = parser.parse_args()
-    rows = SHAPES if args.quick else SHAPES + BUCKETS
-    print("| account | latency | shots | quota | wall s | ideal s | ideal/actual | 429s | found |")
-    print("|---|---|---|---|---|---|---|---|---|")
+def row(account: Account, latency: float, shots: int, how: str, result: SimResult) -> str:
+    return (
+        f"| {account.describe()} | {latency:g} | {shots} | {how} | {result.wall:.1f} | "
+        f"{result.ideal:.1f} | {result.ratio:.3f} | {result.refused}/{result.requests} "
+        f"({result.share:.1%}) | {result.found} |"
+    )
+
+
+def remembered(folder: Path, quota: Quota) -> Path:
+    """A quotas.json holding `quota` for the simulated account's default model."""
+    path = folder / "quotas.json"
+    finding = Finding(DEFAULT_MODEL, quota, "probed", None, False, None, 0)
+    QuotaStore(path).save(SimProvider.quota_account, [finding])
+    return path
+
+
+def shape_rows(rows: list[tuple[Account, float, int]]) -> None:
     for account, latency, shots in rows:
         runs: list[tuple[str, Account, ApplyOptions | None]] = [("unknown", account, None)]
         options = given(account)
         if options is not None:
             runs.append(("given", account, options))
         if account.window is not None:
-            stated = Account(account.window, account.bucket, account.max_in_progress, states=True)
+            stated = replace(account, states=True)
             runs.append(("stated", stated, None))
         for how, simulated, run_options in runs:
             result = simulate(simulated, latency, shots, options=run_options)
-            print(
-                f"| {account.describe()} | {latency:g} | {shots} | {how} | {result.wall:.1f} | "
-                f"{result.ideal:.1f} | {result.ratio:.3f} | {result.refused}/{result.requests} "
-                f"({result.share:.1%}) | {result.found} |",
-                flush=True,
-            )
+            print(row(account, latency, shots, how, result), flush=True)
+
+
+def changed_rows() -> None:
+    for account, latency, shots, raised in CHANGED:
+        assert account.change is not None
+        for how, simulated in (("unknown", account), ("stated", replace(account, states=True))):
+            result = simulate(simulated, latency, shots)
+            lag = result.followed_in(account.change, raised=raised)
+            after = result.refused_after(account.change[0])
+            note = f"followed in {lag:.1f} windows, {after} 429s after the change"
+            print(row(account, latency, shots, how, result)[:-2] + f"; {note} |", flush=True)
+
+
+def remembered_rows() -> None:
+    for account, latency, shots, quota in REMEMBERED:
+        with tempfile.TemporaryDirectory(prefix="imgbatch-sim-") as temp:
+            store = remembered(Path(temp), quota)
+            options = ApplyOptions(quota_store=store)
+            result = simulate(account, latency, shots, options=options, folder=Path(temp) / "run")
+        print(row(account, latency, shots, f"remembered {quota}", result), flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="the issue's new shapes only")
+    args = parser.parse_args()
+    print("| account | latency | shots | quota | wall s | ideal s | ideal/actual | 429s | found |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    shape_rows(ODD)
+    changed_rows()
+    remembered_rows()
+    if not args.quick:
+        shape_rows(SHAPES + BUCKETS)
     return 0
 
 

@@ -11,6 +11,7 @@ found, that what was found is kept (by a fingerprint, never the key) for the nex
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pytest
 
 from imgbatch.pacing.gate import RetryPolicy
 from imgbatch.review.report import apply_summary
-from imgbatch.run.apply import ApplyOptions, apply
+from imgbatch.run.apply import ApplyOptions, ApplyReport, apply
 from imgbatch.units.quota import Quota
 from tests.support.fake_dashscope import FakeDashScope
 from tests.support.files import FAKE_KEY, write_many_shots
@@ -139,3 +140,46 @@ def test_a_malformed_flow_control_header_is_ignored(header: str) -> None:
         '"count_limit":2,"count_limit_period":60,"burst_factor":0,"burst_timeout":10000}}'
     )
     assert _stated_quota({"X-DashScope-Inner-Flow-Control-Meta": recorded}) == Quota(2, 60)
+
+
+def run_with_deadline(manifest: Path, apply_options: ApplyOptions, seconds: float) -> ApplyReport:
+    """`apply` in a thread: a run that stalls fails the test instead of hanging it."""
+    reports: list[ApplyReport] = []
+    worker = threading.Thread(target=lambda: reports.append(apply(manifest, apply_options)))
+    worker.daemon = True
+    worker.start()
+    worker.join(seconds)
+    assert reports, f"the run did not finish in {seconds:g} s"
+    return reports[0]
+
+
+@pytest.mark.parametrize("stated", [(1, 1e9), (1, 3600.0)])
+def test_a_flow_control_header_stating_an_implausible_quota_stalls_nothing(
+    tmp_path: Path, stated: tuple[int, float]
+) -> None:
+    """Issue 18: `count_limit: 1, count_limit_period: 1e9` stopped all progress and was
+    remembered, so the next run against a healthy server stalled too."""
+    store = tmp_path / "cache" / "quotas.json"
+    for run in ("first", "second"):
+        (tmp_path / run).mkdir()
+        manifest = write_many_shots(tmp_path / run, run, 5)
+        with FakeDashScope(api_key=FAKE_KEY, state_quota=stated, latency=0.05) as server:
+            report = run_with_deadline(manifest, options(tmp_path, server), 60)
+        assert report.count("generated") == 5
+        finding = report.quotas[0].finding
+        assert finding.stated == Quota(*stated)
+        assert finding.source != "stated" and finding.window.period < 3600
+    remembered = json.loads(store.read_text()) if store.exists() else {}
+    assert all(record.get("period", 0) < 3600 for record in remembered.values())
+
+
+def test_a_stated_quota_a_faster_admission_contradicts_is_not_believed() -> None:
+    from imgbatch.pacing.quota import QuotaEstimator
+
+    estimator = QuotaEstimator()
+    for send_id, at in enumerate((0.0, 0.55, 1.1)):
+        estimator.sent(at, send_id)
+    estimator.answered(0, 16.5)
+    estimator.answered(1, 17.0)
+    estimator.stated(Quota(1, 60))  # two were admitted 0.55 s apart: not one a minute
+    assert estimator.source != "stated"

@@ -255,7 +255,7 @@ class FakeDashScope:
         image_port: int = 0,
         quota_window: tuple[int, float] | None = None,
         max_in_progress: int | None = None,
-        state_quota: bool = False,
+        state_quota: bool | tuple[int, float] = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if image_profile not in IMAGE_PROFILES:
@@ -1126,22 +1126,24 @@ class QuotaShapes:
     ``window=(K, P)``: at most K requests admitted in any P seconds (a counted window; the first
     K may go at once). ``max_in_progress``: a request arriving while that many are being
     generated is refused. Both answer 429 at once. ``state``: successful answers carry the
-    window in the undocumented ``x-dashscope-inner-flow-control-meta`` header, as recorded.
+    window in the undocumented ``x-dashscope-inner-flow-control-meta`` header, as recorded; a
+    window ``(K, P)`` instead is stated whatever is enforced (a header that lies, such as
+    ``(1, 1e9)``).
     """
 
     def __init__(
         self,
         window: tuple[int, float] | None,
         max_in_progress: int | None,
-        state: bool,
+        state: bool | tuple[int, float],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if window is not None and (window[0] < 1 or window[1] <= 0):
             raise ValueError("quota_window needs K >= 1 requests per P > 0 seconds")
         if max_in_progress is not None and max_in_progress < 1:
             raise ValueError("max_in_progress must be at least 1")
-        if state and window is None:
-            raise ValueError("state_quota needs quota_window")
+        if state is True and window is None:
+            raise ValueError("state_quota needs quota_window (or the window to state)")
         self.window = window
         self.max_in_progress = max_in_progress
         self.state = state
@@ -1170,9 +1172,10 @@ class QuotaShapes:
         self.in_progress -= 1
 
     def headers(self) -> dict[str, str]:
-        if not self.state or self.window is None:
+        stated = self.state if isinstance(self.state, tuple) else self.window
+        if not self.state or stated is None:
             return {}
-        count, period = self.window
+        count, period = stated
         spec = {
             "default_spec": False,
             "count_limit": count,

@@ -26,6 +26,7 @@ from unittest import mock
 
 from imgbatch.errors import RateLimited
 from imgbatch.pacing.gate import Clock
+from imgbatch.review.events import Listener
 from imgbatch.run.apply import ApplyOptions, ApplyReport, apply_async
 from imgbatch.shots.request import GeneratedImage, ImageRequest
 from imgbatch.units.quota import Quota
@@ -35,20 +36,49 @@ from tests.support.virtual_time import run_virtual
 
 
 class CountedWindow:
-    """At most `count` requests admitted in any `period` seconds (a sliding count)."""
+    """At most `count` requests admitted in any `period` seconds (a sliding count); from
+    `change[0]` seconds on, the window `change[1]` (an account's quota raised or lowered)."""
 
-    def __init__(self, count: int, period: float, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        count: int,
+        period: float,
+        clock: Callable[[], float],
+        change: tuple[float, tuple[int, float]] | None = None,
+    ) -> None:
         self.count, self.period, self._clock = count, period, clock
+        self._change = change
         self._admitted: deque[float] = deque()
 
     def try_take(self) -> bool:
         now = self._clock()
+        if self._change is not None and now >= self._change[0]:
+            self.count, self.period = self._change[1]
+            self._change = None
         while self._admitted and self._admitted[0] <= now - self.period:
             self._admitted.popleft()
         if len(self._admitted) >= self.count:
             return False
         self._admitted.append(now)
         return True
+
+
+def greedy_last_send(
+    shots: int, count: int, period: float, change: tuple[float, tuple[int, float]] | None
+) -> float:
+    """When the last of `shots` goes if each goes the moment the window admits it."""
+    window = CountedWindow(count, period, lambda: now, change)
+    now, sent = 0.0, 0
+    while sent < shots:
+        if window.try_take():
+            sent += 1
+            continue
+        # The next moment something changes: the oldest admitted leaves, or the quota changes.
+        moments = [window._admitted[0] + window.period] if window._admitted else []
+        if window._change is not None:
+            moments.append(window._change[0])
+        now = max(now + 1e-9, min(moments))
+    return now
 
 
 @dataclass(frozen=True)
@@ -59,13 +89,15 @@ class Account:
     bucket: tuple[float, float] | None = None  # rate a second, burst (full at the start)
     max_in_progress: int | None = None
     states: bool = False  # answers carry the window in the flow-control header
+    # From this many seconds on, the window is this one instead (a quota raised or lowered).
+    change: tuple[float, tuple[int, float]] | None = None
 
     def ideal(self, shots: int, latency: float) -> float:
         """The physical limit: each limit's best, the slowest of them."""
         times = [latency]
         if self.window is not None:
             count, period = self.window
-            times.append(max(0, math.ceil(shots / count) - 1) * period + latency)
+            times.append(greedy_last_send(shots, count, period, self.change) + latency)
         if self.bucket is not None:
             rate, burst = self.bucket
             times.append(max(0.0, shots - burst) / rate + latency)
@@ -77,10 +109,19 @@ class Account:
     def stated(self) -> Quota | None:
         return Quota(*self.window) if self.states and self.window else None
 
+    def stated_at(self, now: float) -> Quota | None:
+        """The window the flow-control header states at `now` (the new one after a change)."""
+        if self.change is not None and now >= self.change[0] and self.states:
+            return Quota(*self.change[1])
+        return self.stated
+
     def describe(self) -> str:
         parts = []
         if self.window:
             parts.append(f"{self.window[0]} per {self.window[1]:g} s")
+        if self.change:
+            (count, period) = self.change[1]
+            parts[-1] += f", {count} per {period:g} s from {self.change[0]:g} s"
         if self.bucket:
             parts.append(f"bucket {self.bucket[0]:g}/s burst {self.bucket[1]:g}")
         if self.max_in_progress:
@@ -104,10 +145,13 @@ class SimProvider(FakeProvider):
         self.rtt = rtt
         self._limits: list[CountedWindow | TokenBucket] = []
         if account.window:
-            self._limits.append(CountedWindow(*account.window, clock=loop.time))
+            self._limits.append(
+                CountedWindow(*account.window, clock=loop.time, change=account.change)
+            )
         if account.bucket:
             self._limits.append(TokenBucket(*account.bucket, clock=loop.time))
         self.requests = self.refused = 0
+        self.sends: list[tuple[float, bool]] = []  # when each request reached it, admitted
 
     def describe_credentials(self) -> str:
         return "simulated"
@@ -120,17 +164,20 @@ class SimProvider(FakeProvider):
         admitted = (cap is None or self.in_flight < cap) and all(
             limit.try_take() for limit in self._limits
         )
+        self.sends.append((asyncio.get_running_loop().time(), admitted))
         if not admitted:
             self.refused += 1
             await asyncio.sleep(self.rtt / 2)
             raise RateLimited(
                 "Requests rate limit exceeded",
                 code="Throttling.RateQuota",
-                stated_quota=self.account.stated,
+                stated_quota=self.account.stated_at(asyncio.get_running_loop().time()),
             )
         image = await super().generate(request, label=label)  # in flight for the latency
         await asyncio.sleep(self.rtt / 2)
-        return image
+        # (A quota changed midway is stated as it now is.)
+        stated = self.account.stated_at(asyncio.get_running_loop().time())
+        return replace(image, stated_quota=stated)
 
 
 @dataclass(frozen=True)
@@ -140,6 +187,24 @@ class SimResult:
     requests: int
     refused: int
     report: ApplyReport = field(repr=False)
+    sends: tuple[tuple[float, bool], ...] = field(default=(), repr=False)
+
+    def followed_in(self, change: tuple[float, tuple[int, float]], *, raised: bool) -> float:
+        """How many of the new windows after a quota changed at `change[0]` the run took to
+        follow it: raised, until a new window's worth was admitted within one window (inf if
+        never); lowered, until its last 429."""
+        at, (count, period) = change
+        if not raised:
+            refused = [t for t, ok in self.sends if not ok and t >= at]
+            return (refused[-1] - at) / period if refused else 0.0
+        admitted = [t for t, ok in self.sends if ok and t >= at]
+        for first, last in zip(admitted, admitted[count - 1 :], strict=False):
+            if last - first < period:
+                return (last - at) / period
+        return math.inf
+
+    def refused_after(self, at: float) -> int:
+        return sum(1 for t, ok in self.sends if not ok and t >= at)
 
     @property
     def ratio(self) -> float:
@@ -179,6 +244,7 @@ async def run_against(
     options: ApplyOptions | None = None,
     rtt: float = 0.004,
     download: float = 0.02,
+    listener: Listener | None = None,
 ) -> SimResult:
     loop = asyncio.get_running_loop()
     provider = SimProvider(account, latency, rtt, download)
@@ -192,13 +258,14 @@ async def run_against(
     manifest = write_manifest(folder, shots)
     started = loop.time()
     clock = Clock(now=loop.time, sleep=asyncio.sleep)
-    report = await apply_async(manifest, options, provider=provider, clock=clock)
+    report = await apply_async(manifest, options, provider=provider, clock=clock, listener=listener)
     return SimResult(
         wall=loop.time() - started,
         ideal=account.ideal(shots, latency),
         requests=provider.requests,
         refused=provider.refused,
         report=report,
+        sends=tuple(provider.sends),
     )
 
 

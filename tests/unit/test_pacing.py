@@ -9,17 +9,22 @@ shape is run near its physical limit with few 429s, and that 429s do not fail sh
 from __future__ import annotations
 
 import asyncio
+import io
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from imgbatch.pacing.gate import Clock, Gate, Pacer, RetryPolicy
+from imgbatch.manifest.catalogue import DEFAULT_MODEL
+from imgbatch.pacing.gate import Clock, Finding, Gate, Pacer, RetryPolicy
+from imgbatch.pacing.learned import QuotaStore
 from imgbatch.pacing.quota import QuotaEstimator
+from imgbatch.review.events import Pacing
+from imgbatch.review.progress import Progress, pacing_text
 from imgbatch.run.apply import ApplyOptions
 from imgbatch.units.quota import Quota
 from tests.support.files import write_manifest
-from tests.support.quota_sim import Account, simulate
+from tests.support.quota_sim import Account, SimProvider, simulate
 from tests.support.virtual_time import run_virtual
 
 
@@ -226,7 +231,8 @@ def test_a_token_bucket_with_a_burst_is_found_and_held() -> None:
     assert run.share <= 0.05
     # The gentle opening costs about 2 s of the ideal's 24.8 (which sends the burst at once).
     assert run.ratio >= 0.85
-    assert run.report.quotas[0].finding.window.rate == pytest.approx(25, rel=0.1)
+    # Kept at its rate or tried above it (a bucket admits bursts a window of that rate would not).
+    assert run.report.quotas[0].finding.window.rate >= 25 * 0.9
 
 
 def test_429s_do_not_use_up_a_shots_tries() -> None:
@@ -245,6 +251,62 @@ def test_a_shot_fails_on_429s_only_after_the_service_refused_it_for_the_patience
     assert failed[0].error is not None and "the service refused it for" in failed[0].error
     # Failed at the first 429 after the patience, not before; the slowed gate spaces those out.
     assert 600 <= run.wall < 1500
+
+
+# ----- beliefs that are tested, not kept (issue 20) -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("window", "latency", "shots"),
+    [((3, 3.0), 2.0, 100), ((4, 6.0), 2.0, 100), ((5, 10.0), 2.0, 100)],
+)
+def test_a_window_of_any_period_is_found_not_one_of_a_second_or_a_minute(
+    window: tuple[int, float], latency: float, shots: int
+) -> None:
+    """3 per 3 s was taken for 3 per 60 s (a run 20 times too slow, remembered)."""
+    run = simulate(Account(window=window), latency, shots)
+    assert run.report.count("generated") == shots
+    assert run.ratio >= 0.9
+    assert run.share <= 0.05
+    assert run.report.quotas[0].finding.window == Quota(*window)
+
+
+def test_a_raised_quota_is_followed() -> None:
+    """A window that held is tried one higher (then two, four...) now and then, within the
+    run's budget of 429s. (Two per 3 s, the issue's row, is not told from two a minute before
+    the budget allows a third 429: see bench/sim_pacer.py.)"""
+    change = (60.0, (6, 3.0))
+    run = simulate(Account(window=(3, 3), change=change), 2.0, 150)
+    assert run.followed_in(change, raised=True) < 15
+    assert run.report.quotas[0].finding.window.count >= 5
+    assert run.share <= 0.05
+
+
+def test_a_lowered_quota_settles_after_a_few_429s() -> None:
+    change = (30.0, (2, 3.0))
+    run = simulate(Account(window=(6, 3), change=change), 2.0, 100)
+    assert run.refused_after(change[0]) <= 3
+    assert run.report.quotas[0].finding.window == Quota(2, 3)
+
+
+@pytest.mark.parametrize("remembered", [Quota(3, 60), Quota(10, 3)])
+def test_a_remembered_quota_is_where_a_run_starts_not_a_ceiling(
+    tmp_path: Path, remembered: Quota
+) -> None:
+    store = tmp_path / "quotas.json"
+    finding = Finding(DEFAULT_MODEL, remembered, "probed", None, False, None, 0)
+    QuotaStore(store).save(SimProvider.quota_account, [finding])
+    run = simulate(
+        Account(window=(3, 3)),
+        2.0,
+        100,
+        folder=tmp_path / "run",
+        options=ApplyOptions(quota_store=store),
+    )
+    assert run.report.quotas[0].learned_before
+    assert run.ratio >= 0.85
+    assert run.report.quotas[0].finding.window == Quota(3, 3)
+    assert "3/3" in store.read_text() or '"period": 3.0' in store.read_text()
 
 
 @pytest.mark.parametrize(
@@ -283,3 +345,22 @@ def test_the_pace_given_is_one_decision_a_rate_on_average_a_quota_strictly(
     options = ApplyOptions(**given, quota_store=False)
     assert apply_module.apply(manifest, options, provider="placeholder").ok
     assert seen == [expected]
+
+
+def test_a_run_says_what_quota_it_paces_at_and_where_it_came_from() -> None:
+    """A slow run explains itself: the progress line and -v show the quota in force."""
+    events: list[Pacing] = []
+    simulate(
+        Account(window=(3, 3)),
+        2.0,
+        20,
+        listener=lambda event: events.append(event) if isinstance(event, Pacing) else None,
+    )
+    texts = [pacing_text(event) for event in events]
+    assert texts[0] == "pacing at 1.82 a second, finding it; probing up"
+    assert "pacing at 3 per 3 s, found from 429s" in texts
+    progress = Progress(io.StringIO())
+    progress.start(20)
+    progress(events[-1])
+    assert progress.status().endswith(f"; {texts[-1]}, waiting for the first shot")
+    progress.close()

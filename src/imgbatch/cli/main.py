@@ -41,7 +41,15 @@ from typing import Any  # noqa: E402
 
 import click  # noqa: E402
 
-from imgbatch.cli import agent, generate, housekeeping, manifest, plan_apply, review  # noqa: E402
+from imgbatch.cli import (  # noqa: E402
+    agent,
+    generate,
+    housekeeping,
+    manifest,
+    plan_apply,
+    quota,
+    review,
+)
 from imgbatch.cli.common import (  # noqa: E402
     EXIT_CHANGES,
     EXIT_INTERRUPTED,
@@ -189,6 +197,7 @@ for command in (
     review.inspect,
     agent.mcp_command,
     generate.generate_command,
+    quota.quota_group,
 ):
     main.add_command(command)
 

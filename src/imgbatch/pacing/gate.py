@@ -38,6 +38,8 @@ _MAX_LOG = 100_000
 # How many requests deep the --rps spacing limiter is: one late turn is made up on the next, and
 # never more than two requests start back to back.
 _SPACING_DEPTH = 2
+# How often a gate waiting on its window asks the estimator whether to try a faster one.
+_PROBE_POLL = 1.0
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,8 @@ class Gate:
         async with self._turn:
             while True:
                 now = self.clock.now()
-                delay = max(self._paused_until - now, self._window_delay(now))
+                paused, window_delay = self._paused_until - now, self._window_delay(now)
+                delay = max(paused, window_delay)
                 cap = self.estimator.cap
                 if delay <= 0 and (cap is None or self.in_flight < cap):
                     if not self._spaced:
@@ -122,7 +125,13 @@ class Gate:
                         break
                     continue
                 waited = True
-                await self._wait_for_change(delay)
+                # Held back by the window (not a Retry-After): the estimator may try a faster
+                # one, now or while the wait lasts, so it is woken now and then to ask.
+                on_window = window_delay > 0 and paused < window_delay
+                if on_window and self.estimator.waiting(now):
+                    continue  # a faster window to try at once
+                polled = on_window and self.estimator.may_probe
+                await self._wait_for_change(min(delay, _PROBE_POLL) if polled else delay)
             ticket = self.estimator.sent(now, self.in_flight, waited=waited)
             self._log.append((ticket, now))
             self.in_flight += 1
@@ -166,7 +175,7 @@ class Gate:
         now = self.clock.now()
         self._forget(ticket)
         if stated is not None:
-            self.estimator.stated(stated)
+            self.estimator.stated(stated, with_429=True)
         self.estimator.refused(ticket, now)
         # Nobody goes again for one interval of the window as it now stands: the refused request
         # took nothing from the window, and without a pause the next would go at once into the

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from imgbatch.pacing.gate import Finding
+from imgbatch.pacing.quota import plausible
 from imgbatch.state.cache import atomic_write
 from imgbatch.units.quota import Quota
 
@@ -33,6 +34,18 @@ def default_store_path() -> Path:
 class Learned:
     window: Quota | None
     cap: int | None
+
+
+@dataclass(frozen=True)
+class Remembered:
+    """One remembered quota, as `imgbatch quota show` lists it."""
+
+    account: str  # the provider's fingerprint of the key (never the key)
+    endpoint: str
+    model: str
+    learned: Learned
+    source: str  # how the run that kept it knew it: "probed" (from 429s) or "stated"
+    saved_at: int | None  # seconds since the epoch
 
 
 class QuotaStore:
@@ -63,7 +76,7 @@ class QuotaStore:
             cap = finding.cap if finding.cap_confirmed else None
             if window is None and cap is None:
                 continue
-            record: dict[str, Any] = {"saved_at": int(time.time())}
+            record: dict[str, Any] = {"saved_at": int(time.time()), "source": finding.source}
             if window is not None:
                 record["count"], record["period"] = window.count, window.period
             if cap is not None:
@@ -75,6 +88,45 @@ class QuotaStore:
             text = json.dumps(records, indent=1, sort_keys=True) + "\n"
             atomic_write(self.path, text.encode("utf-8"))
         return kept
+
+    def remembered(self) -> list[Remembered]:
+        """Every quota kept, ordered by account and model (records that cannot be read left
+        out: they are not used either)."""
+        found = []
+        for key, record in sorted(self._read().items()):
+            account, _, model = key.rpartition(" ")
+            learned = _parse(record) if isinstance(record, dict) else None
+            if not account or learned is None:
+                continue
+            fingerprint, _, endpoint = account.partition("@")
+            saved_at = record.get("saved_at")
+            found.append(
+                Remembered(
+                    fingerprint,
+                    endpoint,
+                    model,
+                    learned,
+                    str(record.get("source", "probed")),
+                    saved_at if isinstance(saved_at, int) else None,
+                )
+            )
+        return found
+
+    def forget(self, model: str | None = None) -> int:
+        """Drop the remembered quotas (of `model` only, if given); how many were dropped.
+
+        Raises OSError when the file cannot be rewritten.
+        """
+        records = self._read()
+        kept = {
+            key: record
+            for key, record in records.items()
+            if model is not None and key.rpartition(" ")[2] != model
+        }
+        if len(kept) != len(records):
+            text = json.dumps(kept, indent=1, sort_keys=True) + "\n"
+            atomic_write(self.path, text.encode("utf-8"))
+        return len(records) - len(kept)
 
     def _read(self) -> dict[str, Any]:
         try:
@@ -94,6 +146,9 @@ def _parse(record: Mapping[str, Any]) -> Learned | None:
     try:
         if count is not None and period is not None:
             window = Quota(int(count), float(period))
+            # A remembered quota no service would mean (a poisoned header's, kept by an older
+            # version) is not where a run starts.
+            window = window if plausible(window) else None
         cap = int(cap) if cap is not None and int(cap) >= 1 else None
     except (TypeError, ValueError):
         return None

@@ -23,11 +23,19 @@ How a quota is found when nothing is known (no `--quota`/`--rps`, no stated or l
   third), then the rate doubles every `probe_interval` while requests wait for their turn and
   nothing is refused.
 * **A 429 is explained.** Every window (K, P) that fits what was seen is one where no admitted
-  request had K others admitted in the P seconds before it, and every refused one had. For the
-  periods quotas are written in (`PERIODS`: a second and a minute) K is then bounded on both
-  sides and the largest K that fits is taken; a window of one request (even spacing) may have
-  any period between the longest gap refused and the shortest admitted. The fastest window that
-  fits is enforced, so a wrong one is refused again and ruled out.
+  request had K others admitted in the P seconds before it, and every refused one had: for each
+  K, P lies between the longest span refused and the shortest span admitted, whatever its
+  length. The fastest K that fits is enforced at the shortest admitted span; a K no admitted
+  span bounds yet is guessed (the period believed before, a minute when the gentle opening
+  itself was refused, else the next round period a fifth above the span refused): a wrong guess
+  is refused at once, costing a 429 and no time.
+* **Beliefs are tested, not kept.** While requests wait on the window, a period not narrowed
+  down yet is tried shorter (a round period halfway, one request: kept if admitted, dropped if
+  refused), and a window that held two periods without a 429 is tried one higher (then two,
+  four...), within the run's budget of 429s (`REFUSAL_BUDGET`). A window that held and is
+  refused means the quota changed: the count the service just admitted is the count now, and
+  older evidence is set aside. A remembered (learned) window is where a run starts and is
+  tested the same way.
 * **Cap or rate.** A 429 with n in flight fits a cap of n when no request was ever admitted with
   n or more in flight. If a window fits too, the cap is believed first, tentatively, and raised
   by one per answer (doubling per round trip, as TCP's slow start): a cap is confirmed when the
@@ -37,9 +45,9 @@ How a quota is found when nothing is known (no `--quota`/`--rps`, no stated or l
   window): the admissions before the first 429 are set aside; failing that, even spacing at what
   was admitted between the first and last 429.
 
-A stated quota is a hint: it is enforced until a 429 it does not explain (with no cap to explain
-it either), then the estimator fits the window as if nothing were stated. A given quota is never
-changed by a 429.
+A stated quota is a hint: enforced until a 429 it does not explain (with no cap to explain
+it either), and only while it is plausible (`plausible`) and no request was admitted faster than
+it allows. A given quota is never changed by a 429.
 """
 
 from __future__ import annotations
@@ -60,11 +68,35 @@ _MIN_SAMPLE = 8
 # Caps on work in progress are small (Model Studio's example: 1 at once). A 429 with more in
 # flight is taken for a rate: a token bucket's saved-up burst, spent, looks like a cap otherwise.
 MAX_CAP = 32
-# The periods quotas are written in: per second and per minute (RPS, RPM).
-PERIODS = (1.0, 60.0)
+# The periods quotas are written in, for a guess and for narrowing one down: a period between two
+# of them is found too (by halving), only more slowly.
+ROUND_PERIODS: tuple[float, ...] = (0.1, 0.2, 0.25, 0.5, 1, 2, 3, 5, 6, 10, 12, 15, 20, 30, 60)
+ROUND_PERIODS += (90, 120, 180, 240, 300, 600, 900, 1200, 1800, 3600)
+# The most common quota of a few requests: per minute (RPM). The first guess for a window whose
+# period no admitted request has bounded yet.
+_MINUTE = 60.0
+# A stated or remembered quota outside these is not believed (a flow-control header of 1 request
+# per 1e9 s stalled a run forever): no real quota counts over more than an hour, or allows less
+# than one request every two minutes (the slowest recorded: two a minute).
+PLAUSIBLE_PERIOD = (0.001, 3600.0)
+PLAUSIBLE_COUNT = 100_000
+PLAUSIBLE_RATE = 1 / 120
 # Evidence older than this says nothing about the next request (longer than the longest period).
-HISTORY_SECONDS = 180.0
+HISTORY_SECONDS = 2 * PLAUSIBLE_PERIOD[1]
 _HISTORY_EVENTS = 8192
+# A window is fitted over at most this many of the latest sends, and at most this many a window.
+_FIT_EVENTS = 2048
+_FIT_COUNT = 256
+# Share of requests a run may have refused (its probes' included).
+REFUSAL_BUDGET = 0.05
+# 429s a run may spend beyond its budget to narrow a period down (finding one costs a few).
+_SPARE = 4
+# No window is shorter (a span shorter than this is requests sent at once).
+_SHORTEST_PERIOD = 0.01
+# A remembered window nothing has refused yet is narrowed after holding this long at most.
+_HOLD_UNTESTED = 10.0
+# Probing a narrowed period stops when the gap left is this small a share of it.
+_CLOSE_ENOUGH = 0.08
 
 Source = Literal["given", "stated", "learned", "probed", "probing"]
 
@@ -89,10 +121,31 @@ class EstimatorSettings:
     cap_probe_after: float = 900.0  # a confirmed cap is tried one higher after this long
 
 
+def plausible(quota: Quota) -> bool:
+    """Could a service mean it? See `PLAUSIBLE_PERIOD`."""
+    low, high = PLAUSIBLE_PERIOD
+    return (
+        low <= quota.period <= high
+        and quota.count <= PLAUSIBLE_COUNT
+        and quota.rate >= PLAUSIBLE_RATE
+    )
+
+
+@dataclass
+class _Probe:
+    """A faster window tried with one request: kept if that one is admitted."""
+
+    before: Quota  # what to go back to when it is refused
+    target: Quota  # the faster window
+    raising: bool  # the count raised (additive increase), not the period narrowed
+    send_id: int | None = None  # the request that tests it, once sent
+
+
 class QuotaEstimator:
     """The account's limits as far as the requests so far show them; see the module docstring.
 
-    Feed it with `sent`, `answered`, `refused` and `stated`; read `window`, `cap` and `source`.
+    Feed it with `sent`, `answered`, `refused` and `stated`; read `window`, `cap`, `source` and
+    `probing_up`.
     """
 
     def __init__(
@@ -109,26 +162,41 @@ class QuotaEstimator:
         self.window: Quota
         if given is not None:
             self.window, self.source = given, "given"
-        elif learned is not None:
+        elif learned is not None and plausible(learned):
             self.window, self.source = learned, "learned"
         else:
             self.window, self.source = self.settings.opening, "probing"
-        self.cap: int | None = learned_cap
-        self.cap_confirmed = learned_cap is not None
-        self._cap_measured: int | None = learned_cap
+        self._ramping = self.source == "probing"
+        self.cap: int | None = learned_cap if learned_cap and learned_cap <= MAX_CAP else None
+        self.cap_confirmed = self.cap is not None
+        self._cap_measured: int | None = self.cap
         self.stated_quota: Quota | None = None
         self.refusals = 0
         self._hint_wrong = False
+        self._disproved: Quota | None = None  # the hint shown wrong
         self._sends: deque[_Send] = deque(maxlen=_HISTORY_EVENTS)
         self._sent_total = 0
         self._max_admitted_in_flight = -1
         self._ramp_since: float | None = None
         self._cap_since = 0.0
+        # Evidence sent before this is set aside: the quota changed since.
+        self._epoch = -math.inf
+        self._probe: _Probe | None = None
+        self._step = 1  # the next additive increase; doubles while increases are admitted
+        self._held_since: float | None = None  # the window in force, with no 429, since then
+        self._proven = False  # a request sent since then was admitted
+        self._settling = False  # a changed quota's count is being found
+        self._narrowed = False  # a narrower period was tried and admitted
 
     @property
     def found(self) -> bool:
         """True once the window is more than a probe: given, stated, learned or fitted."""
         return self.source != "probing"
+
+    @property
+    def probing_up(self) -> bool:
+        """A faster window is being tried (or the rate raised until a 429 says where it ends)."""
+        return self._probe is not None or self._ramping
 
     # ----- events ------------------------------------------------------------------------------
 
@@ -138,13 +206,15 @@ class QuotaEstimator:
         `waited`: it had to wait for its turn (the rate, not the work, is holding the run back).
         """
         self._forget(at)
+        if self._held_since is None:
+            self._held_since = at
         self._sends.append(_Send(at, in_flight))
         self._sent_total += 1
-        if (
-            self.source == "probing"
-            and self.refusals == 0
-            and self._sent_total >= self.settings.opening_sends
-        ):
+        if self._probe is not None and self._probe.send_id is None:
+            # The one request that tests the faster window: the others wait for its answer.
+            self._probe.send_id = self._sent_total - 1
+            self.window = self._probe.before
+        if self._ramping and self._sent_total >= self.settings.opening_sends:
             self._ramp(at, waited)
         if (
             self.cap is not None
@@ -168,78 +238,254 @@ class QuotaEstimator:
             self._cap_measured = max(self._cap_measured, send.in_flight + 1)
         if self.cap is not None and not self.cap_confirmed:
             self.cap += 1  # slow start: doubles per round trip while nothing is refused
+        if self._held_since is not None and send.at >= self._held_since:
+            self._proven, self._settling = True, False
+        probe = self._probe
+        if probe is not None and probe.send_id == send_id:
+            self._probe = None
+            # (Counted over the period as the gate keeps it, a little longer than stated.)
+            if self._admitted_before(send, probe.before, slack=1 / 1.03) < probe.before.count:
+                return  # the window before would have admitted it too: it proves nothing
+            # Admitted where the window before would have held it back: the faster window is
+            # the window now (and the next raise bigger, up to doubling the count).
+            self._step = min(self._step * 2, max(probe.before.count, 4)) if probe.raising else 1
+            self._narrowed |= not probe.raising
+            self.window = probe.target
+            if self.source == "learned":
+                self.source = "probed"  # the run learned better than it remembered
+            self._held_since = at
+        elif self.source in ("stated", "learned") and self._too_slow(send):
+            # Admitted where the hint would have refused it: the run's own evidence outranks it.
+            self._hint_wrong, self._disproved = True, self.window
+            self._restart_ramp(at)
 
     def refused(self, send_id: int, at: float) -> None:
         """The request `send_id` was refused with a 429."""
         self.refusals += 1
         self._ramp_since = None
+        proven, since = self._proven, self._held_since
+        self._held_since, self._proven = at, False
         send = self._find(send_id)
         if send is None:
             return
         send.refused = True
         send.answered_at = at
-        hinted = self.source in ("stated", "learned")
-        if self.given is not None or (hinted and self._explains(send)):
+        if self.given is not None:
             # The window is right (or shared with other clients of the account): only a cap
             # can be new.
-            if self.given is not None and self._cap_fits(send.in_flight):
+            if self._cap_fits(send.in_flight):
                 self._set_cap(send.in_flight, at, confirm=True)
             return
+        probe = self._probe
+        self._probe = None
+        if probe is not None and probe.send_id == send_id:
+            # The faster window was one too far: back to the one that held.
+            self._step = 1
+            self.window = probe.before
+            return
+        if self.source == "stated" and self._explains(send):
+            return  # another client of the account used the window up: the quota is right
         self._admit_pending(at)
-        spacing = _spacing_bounds(*self._evidence())
-        # Refused after a shorter gap than any admitted: the rate was raised too far.
-        raised = spacing is not None and _shorter(spacing[0], spacing[1])
-        if self._cap_fits(send.in_flight):
-            if not raised or send.in_flight == self._cap_measured:
-                # Sent at a rate admitted before (only the work in progress had grown), or at a
-                # new rate but with as many in flight as at the last 429: a cap.
-                self._set_cap(send.in_flight, at, confirm=True)
+        hinted = self.source in ("stated", "learned")
+        # (A hint refused is a window too fast, not a cap: it let its whole count go at once.)
+        if not hinted and self._cap_refusal(send, at):
+            return
+        if (proven or self._settling or self.source == "learned") and self.source in (
+            "probed",
+            "learned",
+        ):
+            # A window that held was refused: the quota changed (or another client shares it).
+            # What the service just admitted in one period is the count now; what came before
+            # is set aside.
+            window = self.window
+            admitted = self._admitted_before(send, window, slack=1.0)
+            if admitted >= window.count and since is not None and send.at < since:
+                return  # sent before the window was narrowed to what refuses it
+            if 1 <= admitted < window.count:
+                # (Halved at the first 429: the count just admitted includes what came before.)
+                count = admitted if self._settling else min(admitted, max(1, window.count // 2))
+                self.window, self.source = Quota(count, window.period), "probed"
+                self._epoch = max(self._epoch, send.at - window.period)
+                self._settling = True  # until a request under the new count is admitted
                 return
-            if spacing is not None and not math.isinf(spacing[1]):
-                # Too many in progress or too fast: back to the fastest spacing admitted. The
-                # count is noted, not enforced: if it was a cap, its next 429 comes at a rate
-                # admitted before and at the same count, and confirms it.
-                self._cap_measured = send.in_flight
-                self.window, self.source = Quota(1, spacing[1]), "probed"
-                return
-            self._set_cap(send.in_flight, at, confirm=False)
+        self._settling = False
         if hinted:
-            self._hint_wrong = True
+            self._hint_wrong, self._disproved = True, self.window
+        self._ramping = False
         self.window, self.source = self._fit() or self._fallback(), "probed"
 
-    def stated(self, quota: Quota) -> None:
-        """The service stated its quota (a hint: enforced until a 429 it does not explain)."""
+    def stated(self, quota: Quota, *, with_429: bool = False) -> None:
+        """The service stated its quota (a hint: enforced until a 429 it does not explain, and
+        only while it is plausible and no request was admitted faster than it allows; stated
+        with a 429, it explains the 429, and earlier admissions are of a quota since changed)."""
         self.stated_quota = quota
-        if self.given is None and not self._hint_wrong and self.window != quota:
-            self.window, self.source = quota, "stated"
+        # (A new statement with a 429 is a changed quota; the one shown wrong stays wrong.)
+        renewed = with_429 and quota != self._disproved
+        if self.given is not None or (self._hint_wrong and not renewed) or self.window == quota:
+            return
+        if not plausible(quota) or (not with_429 and self._contradicted(quota)):
+            self._hint_wrong, self._disproved = True, quota
+            return
+        self.window, self.source = quota, "stated"
+        self._ramping = False
+        self._probe = None
+        self._hint_wrong = False
 
-    # ----- the window that explains the 429s ---------------------------------------------------
+    @property
+    def may_probe(self) -> bool:
+        """Could a faster window be tried while requests wait (see `waiting`)?"""
+        # (Not a given quota; not the service's own word, which its header changes when the
+        # quota does; not while the rate is being raised until a 429 anyway.)
+        return self.given is None and not self._ramping and self.source != "stated"
+
+    def waiting(self, now: float) -> bool:
+        """Requests are waiting for the window: True when a faster one is to be tried now."""
+        return self.may_probe and self._maybe_probe(now)
+
+    # ----- probing up --------------------------------------------------------------------------
+
+    def _maybe_probe(self, at: float) -> bool:
+        """Requests wait and no 429 came for a while: try a faster window (see `waiting`)."""
+        window = self.window
+        if self._probe is not None:
+            return False
+        # A period not narrowed down yet is narrowed as soon as it was admitted once (the
+        # requests wait on it), with a few 429s to spare beyond the run's budget, unless the
+        # gentle opening was refused (a few a minute, most likely: guessed right, and narrowed
+        # only within the budget). A count is raised after two windows without a 429, within
+        # the budget.
+        if not self._proven:
+            return False  # a guess not admitted yet: it may be refused itself
+        lower = self._period_refused(window.count)
+        narrower = _narrower(lower, window.period)
+        faster = None if narrower is None else Quota(window.count, narrower)
+        raising = faster is None
+        spare = _SPARE if not raising and window.count >= self.settings.opening_sends else 0
+        if self.refusals + 1 > REFUSAL_BUDGET * self._sent_total + spare:
+            return False
+        held = at - (at if self._held_since is None else self._held_since)
+        untested = lower == 0 and not self._narrowed
+        if (raising or untested) and held < min(2 * window.period, _HOLD_UNTESTED):
+            # (A remembered window nothing in this run has refused yet is tested too, but
+            # after it held for a while.)
+            return False
+        if faster is None:
+            if window.count == 1:
+                faster = Quota(1, window.period / (1 + 0.05 * self._step))
+            else:
+                faster = Quota(window.count + self._step, window.period)
+        self._probe = _Probe(window, faster, raising)
+        self.window = faster
+        self._held_since = at
+        return True
+
+    def _period_refused(self, count: int) -> float:
+        """The longest span refused with `count` admitted in it (a window of `count` is longer)."""
+        admitted: list[float] = []
+        longest = 0.0
+        for send in self._evidence():
+            if send.refused:
+                if len(admitted) >= count:
+                    longest = max(longest, send.at - admitted[-count])
+            else:
+                admitted.append(send.at)
+        return longest
+
+    def _too_slow(self, send: _Send) -> bool:
+        """Was `send` admitted with a full window of admitted requests before it?"""
+        return self._admitted_before(send, self.window) >= self.window.count
+
+    def _contradicted(self, quota: Quota) -> bool:
+        """Was any request admitted that `quota` would have refused?"""
+        return any(
+            self._admitted_before(send, quota) >= quota.count
+            for send in self._sends
+            if send.answered and not send.refused
+        )
+
+    def _admitted_before(self, send: _Send, window: Quota, slack: float = 1.05) -> int:
+        # (A little shorter than stated: the network delays each request differently.)
+        earliest = send.at - window.period / slack
+        # (Sent before it and not refused: a 429 comes back at once, so by the time `send` is
+        # answered, those still in flight were admitted.)
+        return sum(
+            1
+            for other in self._sends
+            if other is not send and not other.refused and earliest < other.at <= send.at
+        )
+
+    def _restart_ramp(self, at: float) -> None:
+        """Back to raising the rate until a 429, from the fastest spacing admitted lately."""
+        admitted = [s.at for s in self._sends if s.answered and s.at > at - 60.0]
+        gaps = [b - a for a, b in zip(admitted, admitted[1:], strict=False) if b > a]
+        spacing = min(gaps, default=self.settings.opening.period)
+        self.window, self.source = Quota(1, max(spacing, 1e-3)), "probing"
+        self._ramping = True
+        self._probe = None
+
+    # ----- a 429 -------------------------------------------------------------------------------
+
+    def _cap_refusal(self, send: _Send, at: float) -> bool:
+        """Is the 429 a cap on work in progress (kept, or tried)? True when it was taken so."""
+        if not self._cap_fits(send.in_flight):
+            return False
+        times, refused = self._times()
+        spacing = _spacing_bounds(times, refused)
+        # Refused after a shorter gap than any admitted: the rate was raised too far.
+        raised = spacing is not None and _shorter(spacing[0], spacing[1])
+        if not raised or send.in_flight == self._cap_measured:
+            # Sent at a rate admitted before (only the work in progress had grown), or at a new
+            # rate but with as many in flight as at the last 429: a cap.
+            self._set_cap(send.in_flight, at, confirm=True)
+            return True
+        if spacing is not None and _SHORTEST_PERIOD <= spacing[1] < math.inf:
+            # Too many in progress or too fast: back to the fastest spacing admitted. The count
+            # is noted, not enforced: if it was a cap, its next 429 comes at a rate admitted
+            # before and at the same count, and confirms it.
+            self._cap_measured = send.in_flight
+            self.window, self.source = Quota(1, spacing[1]), "probed"
+            self._ramping = False
+            return True
+        self._set_cap(send.in_flight, at, confirm=False)
+        return False
 
     def _fit(self) -> Quota | None:
-        """The fastest window that explains every 429 the cap does not; None if none does."""
+        """The fastest window that explains every 429 the cap does not, fitted over the latest
+        evidence that any window explains (older evidence is of a quota since changed)."""
+        while True:
+            fitted = self._fit_once()
+            if fitted is not None:
+                return fitted
+            evidence = self._evidence()
+            refusals = [send for send in evidence if send.refused]
+            if len(evidence) < 4 or len(refusals) < 2:
+                return None
+            # Set the older half aside, always keeping the latest 429.
+            epoch = min(evidence[len(evidence) // 2].at, refusals[-1].at)
+            if epoch <= self._epoch:
+                return None
+            self._epoch = epoch
+
+    def _fit_once(self) -> Quota | None:
         cap = self.cap if self.cap_confirmed else None
-        sends = [s for s in self._sends if not (cap and s.refused and s.in_flight >= cap)]
+        sends = [s for s in self._evidence() if not (cap and s.refused and s.in_flight >= cap)]
         times = [s.at for s in sends]
         refused = [s.refused for s in sends]
         if not any(refused):
             return None
-        candidates: list[Quota] = []
-        for period in PERIODS:
-            low, high = _count_bounds(times, refused, period)
-            if high >= 1 and low <= high:
-                candidates.append(Quota(high, period))
+        previous = self.window.period if self.source != "probing" else None
+        candidates = _windows(times, refused, previous, self.settings.opening_sends)
         spacing = _spacing_bounds(times, refused)
-        if spacing is not None:
+        if spacing is not None and _shorter(*spacing):
             longest_refused, shortest_admitted = spacing
-            if _shorter(longest_refused, shortest_admitted):
-                if math.isinf(shortest_admitted):
-                    period = longest_refused * 2
-                else:
-                    # Halfway in log scale: a wrong guess is refused and halves the range.
-                    period = math.sqrt(max(longest_refused, 1e-3) * shortest_admitted)
+            if math.isinf(shortest_admitted):
+                candidates.append(Quota(1, longest_refused * 2))
+            else:
+                # Halfway in log scale: a wrong guess is refused and halves the range.
+                period = math.sqrt(max(longest_refused, 1e-3) * shortest_admitted)
                 candidates.append(Quota(1, period))
         first = refused.index(True)
-        if self.source == "probing":
+        if self.source == "probing" and self.refusals == 1:
             # The first 429: a token bucket, full at the start with a second of its rate saved
             # up, would explain it too; its rate, evenly spaced.
             bucket = _bucket_rate(times[: first + 1])
@@ -291,8 +537,14 @@ class QuotaEstimator:
             if not send.refused and not send.answered and now - send.at > 2 * refusal_time + 0.1:
                 self._max_admitted_in_flight = max(self._max_admitted_in_flight, send.in_flight)
 
-    def _evidence(self) -> tuple[list[float], list[bool]]:
-        return [s.at for s in self._sends], [s.refused for s in self._sends]
+    def _evidence(self) -> list[_Send]:
+        """The latest sends since the quota last changed, oldest first."""
+        sends = [s for s in self._sends if s.at >= self._epoch]
+        return sends[-_FIT_EVENTS:]
+
+    def _times(self) -> tuple[list[float], list[bool]]:
+        sends = self._evidence()
+        return [s.at for s in sends], [s.refused for s in sends]
 
     # ----- housekeeping -----------------------------------------------------------------------
 
@@ -320,6 +572,61 @@ class QuotaEstimator:
             self._sends.popleft()
 
 
+def _windows(
+    times: list[float], refused: list[bool], previous: float | None, opening: int
+) -> list[Quota]:
+    """Every count K that some period explains (no admitted send had K admitted in the P
+    seconds before it, every refused one had), each at the period to enforce: the shortest
+    admitted span when one bounds it, else a guess above the longest refused span (the period
+    the run believed before when it fits, else a minute when fewer than the `opening` were
+    admitted, else the next round period a fifth longer), which a 429 rules out or an
+    admission confirms."""
+    admitted: list[float] = []
+    refusals: list[tuple[float, int]] = []  # when, and how many were admitted before it
+    for at, was_refused in zip(times, refused, strict=True):
+        if was_refused:
+            refusals.append((at, len(admitted)))
+        else:
+            admitted.append(at)
+    most = min(min(count for _, count in refusals), _FIT_COUNT)
+    found = []
+    for count in range(1, most + 1):
+        lower = max(at - admitted[before - count] for at, before in refusals)
+        upper = min(
+            (b - a for a, b in zip(admitted, admitted[count:], strict=False)), default=math.inf
+        )
+        if not _shorter(lower, upper) or upper < _SHORTEST_PERIOD:
+            # (K + 1 admitted at once says K is too few, whatever the period.)
+            continue
+        if not math.isinf(upper):
+            found.append(Quota(count, upper))
+        elif previous is not None and _shorter(lower, previous):
+            found.append(Quota(count, previous))
+        elif count < opening and _shorter(lower, _MINUTE):
+            # The gentle opening was refused: a few a minute.
+            found.append(Quota(count, _MINUTE))
+        else:
+            found.append(Quota(count, _round_above(1.2 * lower)))
+    return found
+
+
+def _round_above(period: float) -> float:
+    return next((p for p in ROUND_PERIODS if p >= period), period)
+
+
+def _narrower(lower: float, period: float) -> float | None:
+    """A period between the longest span refused and the window's, to try next; None when the
+    window's is close enough (a round period with none between, or within a few percent)."""
+    if not _shorter(lower * (1 + _CLOSE_ENOUGH), period):
+        return None
+    between = [p for p in ROUND_PERIODS if lower * 1.02 < p < period / 1.02]
+    if between:
+        return float(between[len(between) // 2])
+    if period in ROUND_PERIODS or lower <= 0:
+        return None
+    return math.sqrt(lower * period)
+
+
 def _slack(period: float) -> float:
     """A period as the service may have seen it: the network delays each request differently."""
     return period * 1.05 + 0.05
@@ -328,22 +635,6 @@ def _slack(period: float) -> float:
 def _shorter(gap: float, other: float) -> bool:
     """`gap` < `other`, not by a rounding error of the clock."""
     return gap < other * (1 - 1e-6)
-
-
-def _count_bounds(times: list[float], refused: list[bool], period: float) -> tuple[int, int]:
-    """For windows of `period`: the least K that admits every admitted send and the most K
-    that refuses every refused one (each counts the admitted sends before it in the period)."""
-    low, high = 1, 1 << 30
-    admitted_times: deque[float] = deque()
-    for at, was_refused in zip(times, refused, strict=True):
-        while admitted_times and admitted_times[0] <= at - period:
-            admitted_times.popleft()
-        if was_refused:
-            high = min(high, len(admitted_times))
-        else:
-            low = max(low, len(admitted_times) + 1)
-            admitted_times.append(at)
-    return low, high
 
 
 def _spacing_bounds(times: list[float], refused: list[bool]) -> tuple[float, float] | None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from imgbatch.errors import ProviderError
 from imgbatch.state.results import ResultEntry
+from imgbatch.units.quota import Quota
 
 
 @dataclass(frozen=True)
@@ -50,5 +51,18 @@ class Stopping:
     again: str = "Ctrl-C"
 
 
-RunEvent = ResultEntry | Retrying | Notice | Stopping
+@dataclass(frozen=True)
+class Pacing:
+    """The quota a model's requests are paced at changed, or where it came from: `source` is
+    given, stated, learned, probed (found from 429s) or probing; `probing_up`: a faster window is
+    being tried."""
+
+    model: str
+    window: Quota
+    source: str
+    probing_up: bool
+    cap: int | None  # requests in progress at most, once confirmed
+
+
+RunEvent = ResultEntry | Retrying | Notice | Stopping | Pacing
 Listener = Callable[[RunEvent], None]

@@ -77,7 +77,7 @@ class ShotOutcome:
         return self.entry.request_id if self.entry and self.status != "not_run" else None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ApplyReport:
     plan: Plan
     results_path: Path
@@ -149,3 +149,12 @@ class ApplyReport:
     @property
     def ok(self) -> bool:
         return self.stopped is None and self.count("failed") == self.count("unfetched") == 0
+
+    def __repr__(self) -> str:
+        # Short, whatever the run's size: asyncio.run formats the finished task, result and all,
+        # when it puts back the SIGINT handler (an enum's error message quotes the old handler),
+        # and a dataclass repr of 100,000 shots cost seconds and hundreds of megabytes there.
+        return (
+            f"<ApplyReport {len(self.shots)} shots, {self.requests} requests, "
+            f"stopped={self.stopped!r}, results={str(self.results_path)!r}>"
+        )

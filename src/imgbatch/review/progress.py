@@ -33,7 +33,7 @@ from rich.text import Text
 
 from imgbatch.errors import NoImageError, RateLimited
 from imgbatch.review.console import Verbosity, console_for, counted, styled
-from imgbatch.review.events import Notice, Retrying, RunEvent, Stopping
+from imgbatch.review.events import Notice, Pacing, Retrying, RunEvent, Stopping
 from imgbatch.state.results import ResultEntry
 
 if TYPE_CHECKING:
@@ -75,6 +75,7 @@ class Progress:
         self.total = 0
         self.statuses: Counter[str] = Counter()
         self.retries = self.throttled = 0
+        self.pacing: dict[str, str] = {}  # by model: the quota in force and where it came from
         self.started: float | None = None
         self._lock = threading.Lock()
         self._stopped = threading.Event()
@@ -111,6 +112,10 @@ class Progress:
                 self._retrying(event)
             elif isinstance(event, Notice):
                 self._say(Text(f"note {event.shot_id}: {event.message}", style="yellow"))
+            elif isinstance(event, Pacing):
+                self.pacing[event.model] = pacing_text(event)
+                if self.verbosity is Verbosity.VERBOSE:
+                    self._say(Text(f"{event.model}: {self.pacing[event.model]}", style="dim"))
             elif isinstance(event, Stopping):
                 # Said at once and at every verbosity: the user is waiting for an answer.
                 self._say(Text(stopping_line(event), style="yellow"), always=True)
@@ -164,6 +169,9 @@ class Progress:
             f"{self.throttled} throttled (429); {self._rate(elapsed):.1f} images/s, "
             f"{_duration(elapsed)} elapsed"
         )
+        if self.pacing:
+            # A slow run explains itself: the quota in force and where it came from.
+            text += "; " + "; ".join(self.pacing.values())
         if done == 0:
             return text + ", waiting for the first shot"
         if done < self.total:
@@ -310,6 +318,28 @@ def _duration(seconds: float) -> str:
     if whole < 3600:
         return f"{whole // 60}m{whole % 60:02d}s"
     return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
+_PACING_SOURCES = {
+    "given": "as given",
+    "stated": "as the service states it",
+    "learned": "as an earlier run found it",
+    "probed": "found from 429s",
+    "probing": "finding it",
+}
+
+
+def pacing_text(event: Pacing) -> str:
+    """`pacing at 3 per 60 s, found from 429s; probing up`."""
+    window = event.window
+    if window.count == 1 and window.period < 1:
+        quota = f"{1 / window.period:.3g} a second"
+    else:
+        quota = f"{window.count} per {window.period:g} s"
+    if event.cap is not None:
+        quota += f", {event.cap} in progress"
+    text = f"pacing at {quota}, {_PACING_SOURCES.get(event.source, event.source)}"
+    return text + ("; probing up" if event.probing_up else "")
 
 
 def stopping_line(event: Stopping) -> str:

@@ -62,10 +62,10 @@ from imgbatch.errors import (
     StoreWriteError,
     TransientError,
 )
-from imgbatch.pacing.gate import Clock, Finding, Pacer, RetryPolicy
+from imgbatch.pacing.gate import Clock, Finding, Gate, Pacer, RetryPolicy
 from imgbatch.plan.decide import WORK_ACTIONS, Action, Plan, PlannedShot, aside_path
 from imgbatch.providers import Provider
-from imgbatch.review.events import Listener, Notice, Retrying, Stopping
+from imgbatch.review.events import Listener, Notice, Pacing, Retrying, Stopping
 from imgbatch.review.provenance import Provenance, Stamper
 from imgbatch.run.bounds import Bound, Tally
 from imgbatch.run.entries import (
@@ -195,6 +195,7 @@ class Executor:
         self._waits: set[asyncio.Future[Any]] = set()
         self._calls: set[asyncio.Future[Any]] = set()
         self._started = self.clock.now()
+        self._pacing: dict[str, Pacing] = {}  # what the listener was last told, by model
         self._answered: Counter[str] = Counter()  # images answered, by model
         self._sending: Counter[str] = Counter()  # requests sent and not answered, by model
         self.outcome = RunOutcome()
@@ -302,6 +303,25 @@ class Executor:
                 self.stop(reason, bound=bound.name)
                 return True
         return False
+
+    async def _turn(self, model: str, gate: Gate | None) -> int:
+        """Wait for the model's gate to let one more request go (its ticket; 0 unpaced), and
+        tell the listener when the quota it paces at, or where that came from, has changed."""
+        if gate is None:
+            return 0
+        ticket = await self._unless(False, gate.acquire())
+        self._tell_pacing(model, gate)
+        return ticket
+
+    def _tell_pacing(self, model: str, gate: Gate) -> None:
+        if self.listener is None:
+            return
+        estimator = gate.estimator
+        cap = estimator.cap if estimator.cap_confirmed else None
+        now = Pacing(model, estimator.window, estimator.source, estimator.probing_up, cap)
+        if self._pacing.get(model) != now:
+            self._pacing[model] = now
+            self.listener(now)
 
     def _billed(self, shot_id: str, model: str) -> None:
         """The service made (and billed) an image of `model` for the shot."""
@@ -534,7 +554,7 @@ class Executor:
                 return
             phase[shot.id] = Phase.WAITING
             try:
-                ticket = await self._unless(False, gate.acquire()) if gate else 0
+                ticket = await self._turn(model, gate)
             except _Cut:
                 continue
             # Asked again after the wait: a turn may come after the bound (a duration).

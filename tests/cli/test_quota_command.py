@@ -1,0 +1,68 @@
+"""`imgbatch quota show` and `imgbatch quota forget`: what earlier runs remembered, and dropping it.
+
+Takes a quota store in a temporary user cache directory (XDG_CACHE_HOME), written as a run
+writes it; gives evidence that show lists account fingerprint, endpoint, model, quota, source
+and when (never the key), that forget drops one model's or every one, and that a remembered
+quota no service would mean (a poisoned header's) is neither listed nor where a run starts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from imgbatch.pacing.gate import Finding
+from imgbatch.pacing.learned import QuotaStore, default_store_path
+from imgbatch.units.quota import Quota
+from tests.cli.test_cli import assert_clean, run
+
+ACCOUNT = "0123456789abcdef@https://dashscope-intl.aliyuncs.com/api/v1"
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> QuotaStore:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    quotas = QuotaStore(default_store_path())
+    quotas.save(
+        ACCOUNT,
+        [
+            Finding("qwen-image-max", Quota(3, 3), "probed", None, False, None, 2),
+            Finding("qwen-image-plus", Quota(2, 60), "stated", 1, True, Quota(2, 60), 0),
+        ],
+    )
+    return quotas
+
+
+def test_show_lists_each_remembered_quota_where_it_came_from_and_when(store: QuotaStore) -> None:
+    result = run("quota", "show")
+    assert_clean(result)
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    assert len(lines) == 2
+    max_line, plus_line = lines
+    assert max_line.startswith("0123456789abcdef  https://dashscope-intl.aliyuncs.com/api/v1  ")
+    assert "qwen-image-max  3/3s  (found from 429s, 20" in max_line
+    assert "qwen-image-plus  2/60s, 1 in progress  (stated by the service, 20" in plus_line
+
+
+def test_forget_drops_one_models_quota_or_every_one(store: QuotaStore) -> None:
+    result = run("quota", "forget", "--model", "qwen-image-plus")
+    assert_clean(result)
+    assert result.output == "Forgot 1 remembered quota.\n"
+    assert [item.model for item in store.remembered()] == ["qwen-image-max"]
+    assert run("quota", "forget").output == "Forgot 1 remembered quota.\n"
+    assert store.remembered() == []
+    assert "No quota remembered" in run("quota", "show").output
+
+
+def test_a_remembered_quota_no_service_would_mean_is_not_where_a_run_starts(
+    store: QuotaStore,
+) -> None:
+    """Issue 18: a flow-control header of 1 per 1e9 s was remembered and stalled the next run."""
+    records = json.loads(store.path.read_text())
+    records[f"{ACCOUNT} qwen-image-max"].update(count=1, period=1e9)
+    store.path.write_text(json.dumps(records))
+    assert store.load(ACCOUNT, ["qwen-image-max"]) == {}
+    assert "qwen-image-max" not in run("quota", "show").output
