@@ -3,6 +3,7 @@
     python bench/sheet.py                   # 200, 10,000 and 100,000 shots
     python bench/sheet.py --shots 1000      # one size
     python bench/sheet.py --no-browser      # without opening the page in Chromium
+    python bench/sheet.py --quick           # 200 and 2,000 shots (CI runs this)
 
 For each size, the sheet of that many generated shots (made-up results entries with realistic
 prompts, keys and request ids; thumbnails taken as made, since this measures the page, not
@@ -122,8 +123,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shots", type=int, action="append")
     parser.add_argument("--no-browser", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="200 and 2,000 shots")
     args = parser.parse_args()
-    sizes = args.shots or [200, 10_000, 100_000]
+    sizes = args.shots or ([200, 2_000] if args.quick else [200, 10_000, 100_000])
     browser = not args.no_browser and CHROMIUM.exists()
     print(f"{'shots':>8} {'draw s':>7} {'index.html':>11} {'data file':>10} {'writes':>7}", end="")
     print(f" {'first cards ms':>15} {'cards in page':>14} {'all loaded ms':>14}" if browser else "")
