@@ -187,6 +187,7 @@ class QuotaEstimator:
         self._proven = False  # a request sent since then was admitted
         self._settling = False  # a changed quota's count is being found
         self._narrowed = False  # a narrower period was tried and admitted
+        self._opening_refused = False  # the first 429 came within the gentle opening
 
     @property
     def found(self) -> bool:
@@ -262,6 +263,8 @@ class QuotaEstimator:
     def refused(self, send_id: int, at: float) -> None:
         """The request `send_id` was refused with a 429."""
         self.refusals += 1
+        if self.refusals == 1:
+            self._opening_refused = self._sent_total <= self.settings.opening_sends
         self._ramp_since = None
         proven, since = self._proven, self._held_since
         self._held_since, self._proven = at, False
@@ -474,7 +477,7 @@ class QuotaEstimator:
         if not any(refused):
             return None
         previous = self.window.period if self.source != "probing" else None
-        candidates = _windows(times, refused, previous, self.settings.opening_sends)
+        candidates = _windows(times, refused, previous, self._opening_refused)
         spacing = _spacing_bounds(times, refused)
         if spacing is not None and _shorter(*spacing):
             longest_refused, shortest_admitted = spacing
@@ -573,14 +576,14 @@ class QuotaEstimator:
 
 
 def _windows(
-    times: list[float], refused: list[bool], previous: float | None, opening: int
+    times: list[float], refused: list[bool], previous: float | None, opening_refused: bool
 ) -> list[Quota]:
     """Every count K that some period explains (no admitted send had K admitted in the P
     seconds before it, every refused one had), each at the period to enforce: the shortest
     admitted span when one bounds it, else a guess above the longest refused span (the period
-    the run believed before when it fits, else a minute when fewer than the `opening` were
-    admitted, else the next round period a fifth longer), which a 429 rules out or an
-    admission confirms."""
+    the run believed before when it fits, else a minute when the gentle opening itself was
+    refused, else the next round period a fifth longer), which a 429 rules out or an admission
+    confirms."""
     admitted: list[float] = []
     refusals: list[tuple[float, int]] = []  # when, and how many were admitted before it
     for at, was_refused in zip(times, refused, strict=True):
@@ -602,7 +605,7 @@ def _windows(
             found.append(Quota(count, upper))
         elif previous is not None and _shorter(lower, previous):
             found.append(Quota(count, previous))
-        elif count < opening and _shorter(lower, _MINUTE):
+        elif opening_refused and _shorter(lower, _MINUTE):
             # The gentle opening was refused: a few a minute.
             found.append(Quota(count, _MINUTE))
         else:
