@@ -391,7 +391,8 @@ def _replace_text(path: Path, before: str, after: str) -> None:
         message = "the file changed while it was being edited; nothing was written: try again"
         raise ManifestError([ManifestProblem(str(path), 0, 0, "file", message)])
     mode = target.stat().st_mode & 0o7777
-    handle, temporary = tempfile.mkstemp(prefix=".imgbatch-", suffix=".tmp", dir=target.parent)
+    folder, prefix = target.parent, f".{target.name}."
+    handle, temporary = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
     try:
         with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
             stream.write(after)

@@ -1,14 +1,15 @@
-"""The contact sheet's cards as one compact data file beside the page, whatever the batch size.
+"""The contact sheet's cards as compact data files beside the page, whatever the batch size.
 
 Takes the cards `sheet` builds (one dict per shot) and what the shot list says about each shot
 (`ShotInfo`: the variants it is a take of, its matrix values, whether it is the picked take, the
 id a reroll of it names); gives `sheet-data.js` in the folder's state, a script that sets
-`window.imgbatchSheet` to `{"fields": [...], "strings": [...], "rows": [[...], ...]}`: one array
+`window.contactSheet` to `{"fields": [...], "strings": [...], "rows": [[...], ...]}`: one array
 per card, its cells in `fields` order, repeated texts (sizes, models, negative prompts, statuses)
-as numbers into `strings`. The page draws only the cards in view from it, so 100,000 shots make
-a page of a few kilobytes and a data file the browser reads once; a script file (not JSON) so
-that it loads from `file://`, where a page may not fetch files. Written in one write, atomically,
-before the page that names it.
+as numbers into `strings`, the first 2,000 cards in it and the others in parts
+(`sheet-data-N.js`) the page loads after its first cards are drawn. The page draws only the
+cards in view, so 100,000 shots make a page of a few kilobytes that shows its first cards as
+fast as 200 do. Scripts, not JSON files, so that they load from `file://`, where a page may not
+fetch files; each written in one write, atomically, before the page that names them.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from imgbatch.state.folder import OutputFolder
 
 DATA_FILE = "sheet-data.js"
 PART_FILE = "sheet-data-{number}.js"
-GLOBAL = "imgbatchSheet"
+GLOBAL = "contactSheet"
 # Cards in the first part (drawn at once) and in each later part (loaded after it).
 FIRST_ROWS = 2_000
 PART_ROWS = 10_000

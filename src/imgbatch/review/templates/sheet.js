@@ -1,10 +1,10 @@
 (() => {
   "use strict";
-  // The cards come from the data file beside the page (window.imgbatchSheet); only the lines of
+  // The cards come from the data file beside the page (window.contactSheet); only the lines of
   // cards in view are in the document, so 100,000 shots draw as fast as 200. Every text from the
   // data is set as textContent, never as markup: prompts are user text.
   const $ = (id) => document.getElementById(id);
-  const data = window.imgbatchSheet;
+  const data = window.contactSheet;
   const grid = $("grid");
   if (!data) {
     $("stale").hidden = false;
@@ -753,7 +753,7 @@
   let parts = 1;
   let relayout = false;
   let pendingOpen = null;
-  window.imgbatchSheetPart = (number, part) => {
+  window.contactSheetPart = (number, part) => {
     if (number !== parts || part.page !== data.page) {
       $("stale").hidden = false;
       return;
