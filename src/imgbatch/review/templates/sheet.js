@@ -660,7 +660,12 @@
     before.removeAttribute("src");
     after.removeAttribute("src");
     writeHash(null);
-    grid.focus({ preventScroll: true });
+    // Back to the grid, unless the user has already gone elsewhere (the close event comes
+    // after the key that closed it: a search typed at once keeps its focus).
+    const focused = document.activeElement;
+    if (!focused || focused === document.body || viewer.contains(focused)) {
+      grid.focus({ preventScroll: true });
+    }
   });
 
   // ---- events
