@@ -78,7 +78,7 @@ def error_boundary(command: F) -> F:
             code = EXIT_FAILED
             _summarize_error(str(exc), code)
         except Exception as exc:  # noqa: BLE001 - the boundary: nothing escapes as a traceback
-            log = _write_crash_log()
+            log = write_crash_log()
             click.echo(f"error: unexpected {type(exc).__name__}; details in {log}", err=True)
             code = EXIT_FAILED
         sys.exit(code)
@@ -100,7 +100,7 @@ def _ignoring_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _write_crash_log() -> str:
+def write_crash_log() -> str:
     import tempfile
     import traceback
 
@@ -678,6 +678,25 @@ def inspect(image: Path, as_json: bool) -> int:
         click.echo(json.dumps(fields_json(fields), ensure_ascii=False))
     else:
         click.echo("\n".join(as_lines(fields)))
+    return EXIT_OK
+
+
+@main.command("mcp")
+@provider_option
+@allow_outside_option
+@error_boundary
+def mcp_command(provider: str | None, allow_reference_outside: bool) -> int:
+    """Serve generate, validate, plan, apply and inspect to an AI agent over the Model Context
+    Protocol on stdin and stdout (needs the extra: pip install 'imgbatch[mcp]')."""
+    try:
+        from imgbatch.cli.agent_server import ServerSettings, serve
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] != "mcp":
+            raise
+        raise ConfigError(
+            "imgbatch mcp needs the MCP SDK, an optional extra: pip install 'imgbatch[mcp]'"
+        ) from None
+    serve(ServerSettings(provider=provider, allow_reference_outside=allow_reference_outside))
     return EXIT_OK
 
 

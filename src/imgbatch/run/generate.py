@@ -24,11 +24,12 @@ Where the image and the cache go:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imgbatch.errors import (
     CacheEntryDamaged,
@@ -41,6 +42,9 @@ from imgbatch.errors import (
 from imgbatch.manifest import Manifest, manifest_from_data
 from imgbatch.manifest.expansion import EXPANSION_FIELDS
 from imgbatch.state.cache import STATE_DIR, ImageCache
+
+if TYPE_CHECKING:
+    from imgbatch.shots.expand import Shot
 
 SKILL_FOLDER = "ai-image-qwen-image"
 REQUEST_DISPLAY = "request"
@@ -83,54 +87,170 @@ async def agenerate(
     allow_reference_outside: bool = False,
 ) -> dict[str, Any]:
     """`generate` for callers already inside an event loop."""
-    # Imported here: `imgbatch generate --help` must not pay for the executor and the SDK.
-    from imgbatch.pacing.gate import Pacer
-    from imgbatch.plan.decide import Action, Plan, PlannedShot
-    from imgbatch.providers import create_provider
-    from imgbatch.run.apply import exclusive_output, provider_name
-    from imgbatch.run.executor import Executor
-    from imgbatch.shots.expand import Shot, expand, fetch_references
+    session = GenerateSession(
+        provider=provider,
+        environ=environ,
+        home=home,
+        allow_reference_outside=allow_reference_outside,
+    )
+    async with session:
+        return await session.generate(request, output=output)
 
-    environ = os.environ if environ is None else environ
-    if not isinstance(request, Mapping):
-        raise ConfigError("the request must be a JSON object of image.generate fields")
-    manifest = _as_manifest(request, allow_reference_outside)
-    chosen = provider if not isinstance(provider, str | None) else None
-    name = chosen.name if chosen is not None else provider_name(manifest, provider, environ, home)
-    # A reference URL is fetched now and the request keyed by its content; one that cannot be
-    # fetched fails in the executor, naming the field, with nothing sent.
-    (shot,) = (await fetch_references(expand(manifest, provider=name, environ=environ))).shots
-    key = shot.request.key
-    state_folder, target = _places(key, output, environ)
-    target = target.resolve()
-    width, height = shot.request.dimensions
-    cache = ImageCache(state_folder)
-    with exclusive_output(state_folder):
+
+class GenerateSession:
+    """Many `generate` calls in one process (an MCP server, a pipeline's worker) that share what
+    one account has: one pacer per provider (so parallel calls are paced under the quota, not
+    refused), one open provider, one hold on each output folder's lock, and one request for
+    calls that ask the same thing at the same time (the second takes the first's image from the
+    cache). Leaving the session waits for the requests already sent, so an image paid for is
+    written even when the caller stopped waiting for it.
+
+        >>> import asyncio
+        >>> async def two_at_once():
+        ...     async with GenerateSession(provider="placeholder") as session:
+        ...         request = {"prompt": "a red bicycle", "size": "1328*1328"}
+        ...         return await asyncio.gather(session.generate(request),
+        ...                                     session.generate(request))
+        >>> sorted(response["cached"] for response in asyncio.run(two_at_once()))
+        [False, True]
+    """
+
+    def __init__(
+        self,
+        *,
+        provider: Any = None,
+        environ: Mapping[str, str] | None = None,
+        home: Path | None = None,
+        allow_reference_outside: bool = False,
+    ) -> None:
+        self._choice = provider
+        self._environ = os.environ if environ is None else environ
+        self._home = home
+        self._allow_outside = allow_reference_outside
+        self._providers: dict[str, tuple[Any, Any]] = {}
+        self._holds: dict[Path, list[Any]] = {}
+        self._folder_guard = asyncio.Lock()
+        self._requests: dict[tuple[Path, str], asyncio.Lock] = {}
+        self._work: set[asyncio.Task[dict[str, Any]]] = set()
+        self._stack = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> GenerateSession:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        try:
+            # Requests already sent finish and their images are written; nothing new starts.
+            if self._work:
+                await asyncio.wait(self._work)
+        finally:
+            await self._stack.aclose()
+            for hold in self._holds.values():
+                hold[1].close()
+            self._holds.clear()
+
+    async def generate(
+        self, request: Mapping[str, Any], *, output: str | Path | None = None
+    ) -> dict[str, Any]:
+        """The normalized response for `request` (see `generate`); a caller that stops waiting
+        (cancelled) does not cancel a request already sent."""
+        task = asyncio.ensure_future(self._generate(request, output))
+        self._work.add(task)
+        task.add_done_callback(self._work.discard)
+        return await asyncio.shield(task)
+
+    async def _generate(
+        self, request: Mapping[str, Any], output: str | Path | None
+    ) -> dict[str, Any]:
+        from imgbatch.run.apply import provider_name
+        from imgbatch.shots.expand import expand, fetch_references
+
+        if not isinstance(request, Mapping):
+            raise ConfigError("the request must be a JSON object of image.generate fields")
+        manifest = _as_manifest(request, self._allow_outside)
+        chosen = self._choice if not isinstance(self._choice, str | None) else None
+        name = (
+            chosen.name
+            if chosen is not None
+            else provider_name(manifest, self._choice, self._environ, self._home)
+        )
+        # A reference URL is fetched now and the request keyed by its content; one that cannot
+        # be fetched fails in the executor, naming the field, with nothing sent.
+        expansion = expand(manifest, provider=name, environ=self._environ)
+        (shot,) = (await fetch_references(expansion)).shots
+        state_folder, target = _places(shot.request.key, output, self._environ)
+        async with self._holding(state_folder), self._one_request(state_folder, shot.request.key):
+            return await self._made(shot, name, state_folder, target.resolve())
+
+    async def _made(
+        self, shot: Shot, name: str, state_folder: Path, target: Path
+    ) -> dict[str, Any]:
+        """The image for `shot` at `target`: restored from the cache, else generated."""
+        from imgbatch.plan.decide import Action, Plan, PlannedShot
+        from imgbatch.run.executor import Executor
+        from imgbatch.shots.expand import Shot
+
+        key = shot.request.key
+        width, height = shot.request.dimensions
+        cache = ImageCache(state_folder)
         if cache.has(key) and await _restored(cache, key, target, (width, height)):
             return _response(None, width, height, shot.request.seed, target, None, cached=True)
-        chosen = chosen or create_provider(name, environ, home)
+        provider, pacer = await self._provider(name)
         placed = Shot(shot.id, shot.request, str(target))
-        plan = Plan(
-            state_folder,
-            (PlannedShot(shot.id, Action.CREATE, "new request", placed, None),),
-            (),
-            name,
+        planned = PlannedShot(shot.id, Action.CREATE, "new request", placed, None)
+        plan = Plan(state_folder, (planned,), (), name)
+        outcome = await Executor(provider, cache, lambda entry: None, pacer=pacer).run(plan)
+        entry = outcome.entries[shot.id]
+        if not entry.has_image:
+            # The entry's error already reads "400 DataInspectionFailed: ...": given as code=
+            # too, the message would say the code twice.
+            error = ProviderError(entry.error or "the request failed", request_id=entry.request_id)
+            error.code = entry.error_code
+            raise error
+        seed = shot.request.seed
+        return _response(
+            entry.image_url, width, height, seed, target, entry.request_id, cached=False
         )
-        async with chosen:
-            executor = Executor(
-                chosen, cache, lambda entry: None, pacer=Pacer(unlimited=not chosen.metered)
-            )
-            outcome = await executor.run(plan)
-    entry = outcome.entries[shot.id]
-    if not entry.has_image:
-        # The entry's error already reads "400 DataInspectionFailed: ...": given as code= too,
-        # the message would say the code twice.
-        error = ProviderError(entry.error or "the request failed", request_id=entry.request_id)
-        error.code = entry.error_code
-        raise error
-    return _response(
-        entry.image_url, width, height, shot.request.seed, target, entry.request_id, cached=False
-    )
+
+    async def _provider(self, name: str) -> tuple[Any, Any]:
+        """The open provider called `name` and its pacer, made on first use."""
+        from imgbatch.pacing.gate import Pacer
+        from imgbatch.providers import create_provider
+
+        if name not in self._providers:
+            chosen = self._choice if not isinstance(self._choice, str | None) else None
+            provider = chosen or create_provider(name, self._environ, self._home)
+            await self._stack.enter_async_context(provider)
+            self._providers[name] = (provider, Pacer(unlimited=not provider.metered))
+        return self._providers[name]
+
+    @contextlib.asynccontextmanager
+    async def _holding(self, folder: Path) -> AsyncIterator[None]:
+        """The output folder's lock, taken by the first call that needs it and kept while any
+        call of this session uses it: one process's calls share it, another process is refused."""
+        from imgbatch.run.apply import exclusive_output
+
+        async with self._folder_guard:
+            hold = self._holds.get(folder)
+            if hold is None:
+                stack = contextlib.ExitStack()
+                stack.enter_context(exclusive_output(folder))
+                hold = self._holds[folder] = [0, stack]
+            hold[0] += 1
+        try:
+            yield
+        finally:
+            async with self._folder_guard:
+                hold[0] -= 1
+                if hold[0] == 0:
+                    del self._holds[folder]
+                    hold[1].close()
+
+    @contextlib.asynccontextmanager
+    async def _one_request(self, folder: Path, key: str) -> AsyncIterator[None]:
+        """Calls for the same request take turns: the first pays, the next restores its image."""
+        lock = self._requests.setdefault((folder, key), asyncio.Lock())
+        async with lock:
+            yield
 
 
 async def _restored(cache: ImageCache, key: str, target: Path, size: tuple[int, int]) -> bool:

@@ -75,7 +75,12 @@ def _objects(url: str, base: Path, environ: Mapping[str, str]) -> ObjectStore:
     where = location(url, base)
     if isinstance(where, Path):
         return FolderStore(where)
-    from imgbatch.state.store.s3 import BucketStore  # the client library: only now
+    try:
+        from imgbatch.state.store.s3 import BucketStore  # the client library: only now
+    except ImportError:
+        raise ConfigError(
+            f"store {url!r} needs the S3 client: pip install 'imgbatch[s3]' (aiobotocore)"
+        ) from None
 
     return BucketStore(*where, environ)
 
