@@ -77,6 +77,8 @@ class Manifest:
     simplify: bool = True
     # `pricing:`: prices per image that win over the built-in table (see imgbatch.plan.pricing).
     pricing: Pricing | None = None
+    # `output.store:`: a shared store (s3://, oss://, or a folder relative to the manifest).
+    store: str | None = None
 
     @property
     def base_dir(self) -> Path:
@@ -128,6 +130,7 @@ def _build_manifest(path: Path, document: Document, checker: Checker) -> Manifes
         name=_name(data, path),
         provider=data.get("provider"),
         output_dir=data.get("output", {}).get("dir"),
+        store=data.get("output", {}).get("store"),
         limits=Limits(
             limits.get("concurrency"),
             limits.get("rps"),

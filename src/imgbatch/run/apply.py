@@ -49,9 +49,10 @@ from imgbatch.run.bounds import Bound, MaxDuration, MaxRequests
 from imgbatch.run.entries import abandoned_download
 from imgbatch.run.executor import Executor, Listener, Phase, RunOutcome
 from imgbatch.run.interrupts import Interrupts, interrupt_at_once, signal_handler
+from imgbatch.run.sharing import StoreUse, open_sharing
 from imgbatch.shots.expand import Expansion, expand, fetch_references, shot_list
 from imgbatch.shots.request import KEY_FORMAT_VERSION
-from imgbatch.shots.selection import select_shots
+from imgbatch.shots.selection import in_shard, select_shots
 from imgbatch.state.cache import STATE_DIR, ImageCache, check_writable, remove_stale_temporaries
 from imgbatch.state.results import Journal, ResultEntry, load_state, write_results
 
@@ -93,6 +94,12 @@ class ApplyOptions:
     prune: bool = False
     # Act on these shots only (ids or fnmatch globs); every other shot's entry is kept as it is.
     only: tuple[str, ...] = ()
+    # A shared store (s3://, oss://, a folder); None: IMGBATCH_STORE, else the manifest's
+    # output.store. Read-only restores from it and never writes it (untrusted jobs).
+    store: str | None = None
+    store_read_only: bool = False
+    # (K, N): only the shots whose request key falls in shard K of N (sharding.py).
+    shard: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.only, str):  # only="s01" means one pattern, not three letters
@@ -174,6 +181,9 @@ class ApplyReport:
     moved_aside: Mapping[str, str] = field(default_factory=dict)
     # With `prune`: each orphan, and whether its file and entry are gone.
     pruned: tuple[Pruned, ...] = ()
+    # With a shared store: its URL, the requests sent to it by operation, the images restored
+    # from it and published to it, and what was wrong with records found damaged.
+    store: StoreUse | None = None
 
     def count(self, status: str) -> int:
         """Shots this run made `status` (generated, cached: restored from the cache, failed,
@@ -368,10 +378,12 @@ async def apply_async(
     run is sending, see `Interrupts` (the report says `interrupted`).
     """
     with interrupt_at_once():
-        return await _apply(path, options, provider, listener, on_plan, clock)
+        async with contextlib.AsyncExitStack() as stack:  # a shared store, open for the run
+            return await _apply(stack, path, options, provider, listener, on_plan, clock)
 
 
 async def _apply(
+    stack: contextlib.AsyncExitStack,
     path: ManifestSource,
     options: ApplyOptions | None,
     provider: Provider | str | None,
@@ -404,6 +416,16 @@ async def _apply(
     # (a frozen run pays nothing for a URL whose content did not change).
     expansion = await fetch_references(expansion)
     output_dir = expansion.output_dir
+    if options.shard is not None:
+        # By request key, known only now (a reference URL's content is part of it).
+        expansion, only = replace(expansion, shots=in_shard(expansion.shots, options.shard)), True
+    sharing = await open_sharing(
+        stack, options.store, options.store_read_only, manifest, environ, output_dir
+    )
+    if sharing is not None:
+        # Before any plan: what any process made is restored like a locally cached image.
+        early = _plan(expansion, load_state(output_dir), options.overwrite_edited, only=only)
+        await sharing.hydrate(item.shot for item in early.shots if item.shot and item.paid)
     limit = _cost_limit(options, manifest)
     if options.frozen or limit is not None:
         # Before credentials and before the lock: a refused run writes nothing at all.
@@ -470,6 +492,7 @@ async def _apply(
                             *options.bounds(),
                             *([MaxCost(limit, prices)] if limit is not None else []),
                         ),
+                        shared=sharing,
                     )
                     outcome = await interrupts.run(executor, plan)
             finally:
@@ -540,6 +563,7 @@ async def _apply(
         bounded=outcome.bounded,
         moved_aside=dict(outcome.moved_aside),
         pruned=pruned,
+        store=sharing.use() if sharing is not None else None,
     )
 
 

@@ -49,6 +49,7 @@ from imgbatch.errors import (
     NoImageError,
     PermanentError,
     ProviderError,
+    SharedStoreError,
     StoreWriteError,
     TransientError,
 )
@@ -64,10 +65,12 @@ from imgbatch.run.entries import (
     unfetched_entry,
     with_reference_url,
 )
+from imgbatch.run.sharing import Restored, SharedRun
 from imgbatch.shots.expand import Shot
 from imgbatch.shots.request import GeneratedImage, ImageRequest, simplified
 from imgbatch.state.cache import ImageCache, verify_image, write_error
 from imgbatch.state.results import ResultEntry
+from imgbatch.state.store.claims import Claim
 
 # Requests in flight when the user sets no cap. The rate is what limits a run; this only has to
 # be more than rate x latency (25 requests/s at a 15 s generation is 375 in flight), and stay
@@ -185,8 +188,11 @@ class Executor:
         simplify: bool = True,
         frozen: bool = False,
         bounds: Sequence[Bound] = (),
+        shared: SharedRun | None = None,
     ) -> None:
         self.provider = provider
+        # A shared store (`--store`): claim before paying, publish what is made (sharing.py).
+        self.shared = shared
         # `apply --frozen`: never ask for a new image, even when a restore finds the cache entry
         # damaged; fetching one already paid for is allowed.
         self.frozen = frozen
@@ -392,6 +398,10 @@ class Executor:
             # A download abandoned that paid for nothing new (offline, or the image an earlier
             # run paid for, whose URL stays in its unfetched entry).
             self._skip(item.id, "not run: abandoned in flight when interrupted")
+        finally:
+            if self.shared is not None:
+                entry = self.outcome.entries.get(item.id)
+                await asyncio.shield(self.shared.finished(shot.request.key, entry))
 
     def record(self, entry: ResultEntry) -> None:
         """Journal `entry`; a journal that cannot be written stops the run (the entry stays in
@@ -466,6 +476,11 @@ class Executor:
         except StoreWriteError as exc:
             self._write_failed(shot, exc, 0, kept="its image stays in the cache for the next apply")
             return
+        shared = self.shared.entry_for(shot, digest, size) if self.shared else None
+        if shared is not None and not (previous is not None and previous.key == key):
+            # Made by another process sharing the store: its maker's provenance, as this shot.
+            self._finish(with_reference_url(shared, shot))
+            return
         if previous is not None and previous.key == key and previous.has_image:
             # Same request as before: keep its provenance (URL, request id) from the results.
             self._finish(
@@ -485,6 +500,8 @@ class Executor:
         if self.frozen:
             message = "not generated: --frozen sends no paid request"
             self._finish(failed_entry(shot, message, None, 0))
+            return
+        if self.shared is not None and await self._settled_by_store(output_dir, shot):
             return
         gate = self.pacer.gate(shot.request.model)
         attempt = tries = lost = 0
@@ -615,10 +632,45 @@ class Executor:
                 )
                 self.record(downloading)
                 self.outcome.downloading[shot.id] = downloading
+            if self.shared is not None and self.provider.metered:
+                await self.shared.answered(shot.request.key, image.image_url, image.request_id)
             phase[shot.id] = Phase.DOWNLOADING
             await self._keep(output_dir, shot, image, attempt, sent)
             self.outcome.downloading.pop(shot.id, None)
             return
+
+    async def _settled_by_store(self, output_dir: Path, shot: Shot) -> bool:
+        """Claim `shot`'s key in the shared store before paying; True when the shot was
+        settled without paying (another process made it, or had paid for it before it died)."""
+        assert self.shared is not None
+        try:
+            found = await self._unless(False, self.shared.settle(shot))
+        except SharedStoreError as exc:
+            self.stop(f"the shared store failed: {exc}")
+            self._skip(shot.id, f"not run: {exc}")
+            return True
+        if isinstance(found, Claim):
+            return False
+        if isinstance(found, Restored):
+            key = shot.request.key
+            try:
+                await asyncio.to_thread(self.cache.put, key, found.data)
+                await self._move_aside(output_dir, shot)
+                await asyncio.to_thread(self.cache.place, key, output_dir / shot.file, found.data)
+            except StoreWriteError as exc:
+                self._write_failed(shot, exc, 0, kept="its image stays in the shared store")
+                return True
+            entry = self.shared.entry_for(shot, found.record.sha256, found.record.size)
+            if entry is None:
+                width, height = shot.request.dimensions
+                digest, size = found.record.sha256, found.record.size
+                entry = shot_entry(shot, "cached", None, width, height, digest, size, attempts=0)
+            self._finish(with_reference_url(entry, shot))
+            return True
+        # A stale claim whose holder was answered, then died: fetch the paid image.
+        image = GeneratedImage(found.image_url, 0, 0, None, found.request_id)
+        billed = unfetched_entry(shot, "paid by a process that stopped", image, 0)
+        return await self._fetch_billed(output_dir, shot, billed) is None
 
     def _not_run(self, phase: str | None, lost: int) -> str:
         """Why a shot stopped before it was sent (again), and what earlier tries may have cost."""
@@ -765,6 +817,8 @@ class Executor:
             attempts=attempts,
             sent=sent,
         )
+        if self.shared is not None:
+            entry = await asyncio.shield(self.shared.made(shot, data, entry))
         self._finish(entry)
 
     async def _move_aside(self, output_dir: Path, shot: Shot) -> None:

@@ -56,7 +56,8 @@ class Record:
             "height": self.height,
             "entry": dict(self.entry),
         }
-        return json.dumps(body, ensure_ascii=False, sort_keys=True).encode("utf-8")
+        # Key order kept: the entry comes back exactly as its maker wrote it in results.json.
+        return json.dumps(body, ensure_ascii=False).encode("utf-8")
 
     @classmethod
     def parse(cls, key: str, data: bytes) -> Record:
