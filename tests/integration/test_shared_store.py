@@ -269,3 +269,31 @@ def test_store_location_and_precedence(tmp_path: Path) -> None:
     assert choose_store(None, {}, None) is None
     assert read_only_from(False, {"IMGBATCH_STORE_READ_ONLY": "1"})
     assert not read_only_from(False, {"IMGBATCH_STORE_READ_ONLY": "0"})
+
+
+def test_store_claims_lists_and_store_unlock_releases(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from imgbatch.cli.main import main
+
+    key = "ab" * 32
+    with FakeOss() as server:
+        environ = s3_environ(server.endpoint)
+        url = f"oss://{BUCKET}/team"
+
+        async def hold() -> None:
+            async with open_shared(url, environ) as cache:
+                assert isinstance(await cache.claims.acquire(key), Claim)
+
+        run(hold())
+        runner = CliRunner(env=environ)
+        listed = runner.invoke(main, ["store", "claims", "--store", url])
+        assert listed.exit_code == 0, listed.output
+        assert listed.output.startswith(f"{key}  live  ")
+        released = runner.invoke(main, ["store", "unlock", key, "--store", url])
+        assert released.exit_code == 0 and f"Released the claim on {key}." in released.output
+        assert runner.invoke(main, ["store", "unlock", key, "--store", url]).exit_code == 1
+        empty = runner.invoke(main, ["store", "claims"], env={"IMGBATCH_STORE": url})
+        assert empty.output == f"No claims in {url}.\n"
+        bad = runner.invoke(main, ["store", "unlock", "../x", "--store", url])
+        assert bad.exit_code == 2 and "is not a request key" in bad.output
