@@ -19,7 +19,8 @@ import pytest
 
 from imgbatch.errors import FrozenError
 from imgbatch.pacing.gate import RetryPolicy
-from imgbatch.run.apply import ApplyOptions, apply
+from imgbatch.plan.decide import Action
+from imgbatch.run.apply import ApplyOptions, apply, make_plan
 from tests.conftest import FAKE_KEY, write_many_shots
 from tests.support.fake_dashscope import FakeDashScope
 from tests.support.object_servers import BUCKET, FakeOss, moto_server, s3_environ
@@ -86,6 +87,10 @@ def test_a_second_machine_restores_everything_and_pays_nothing(
     # results.json names each image by its blob in the store, with its SHA-256: no signed URL.
     for entry in results(tmp_path / "b")["shots"]:
         assert entry["image_url"] == f"{store_env['IMGBATCH_STORE']}/cas/{entry['sha256']}"
+    # A plan for a third machine sees them in the store: nothing to pay.
+    planned = make_plan(manifest, environ={**store_env, "OUTPUT_DIR": str(tmp_path / "c")})
+    assert planned.paid_requests == 0 and planned.count(Action.RESTORE) == SHOTS
+    assert "restored from s3://" in planned.shots[0].reason
     # A third run of the same folder asks the store nothing: results.json answers it all.
     third = apply(manifest, machine(store_env, tmp_path / "b"))
     assert third.store is not None and third.store.total_requests == 0

@@ -369,6 +369,7 @@ class _UsageErrorExit1(click.UsageError):
     "--json", "as_json", is_flag=True, help="Print the plan as one JSON document on stdout."
 )
 @only_option
+@store_option
 @verbosity_options
 @error_boundary
 def plan(
@@ -379,6 +380,7 @@ def plan(
     detailed_exitcode: bool,
     as_json: bool,
     only: tuple[str, ...],
+    store: str | None,
     verbosity: str | None,
 ) -> int:
     """Show the shots apply would change, and why (-v: every shot); nothing is sent or
@@ -396,6 +398,7 @@ def plan(
             allow_reference_outside=allow_reference_outside,
             overwrite_edited=overwrite_edited,
             only=only,
+            store=store,
         )
     except (ManifestError, ConfigError) as exc:
         if not detailed_exitcode:

@@ -49,7 +49,7 @@ from imgbatch.run.bounds import Bound, MaxDuration, MaxRequests
 from imgbatch.run.entries import abandoned_download
 from imgbatch.run.executor import Executor, Listener, Phase, RunOutcome
 from imgbatch.run.interrupts import Interrupts, interrupt_at_once, signal_handler
-from imgbatch.run.sharing import StoreUse, open_sharing
+from imgbatch.run.sharing import StoreUse, open_sharing, planned_with_store
 from imgbatch.shots.expand import Expansion, expand, fetch_references, shot_list
 from imgbatch.shots.request import KEY_FORMAT_VERSION
 from imgbatch.shots.selection import in_shard, select_shots
@@ -275,6 +275,7 @@ def make_plan(
     allow_reference_outside: bool = False,
     overwrite_edited: bool = False,
     only: Sequence[str] = (),
+    store: str | None = None,
 ) -> Plan:
     """What `apply` would do for each shot, reading the output folder but changing nothing and
     downloading nothing: see `imgbatch.plan.decide` for what that means for a reference URL.
@@ -293,7 +294,8 @@ def make_plan(
     prices = _prices(manifest, expansion, environ)
     planned = _plan(selected, state, overwrite_edited, only=bool(only), prices=prices)
     refuse_placeholder_over_paid(planned, provider, manifest)
-    return planned
+    # With a shared store (--store, IMGBATCH_STORE, output.store): what another run made.
+    return planned_with_store(planned, store, manifest, environ)
 
 
 def _plan(

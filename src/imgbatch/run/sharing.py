@@ -29,6 +29,7 @@ from pathlib import Path
 
 from imgbatch.errors import SharedEntryDamaged, SharedStoreError
 from imgbatch.manifest import Manifest
+from imgbatch.plan.decide import Action, Plan
 from imgbatch.shots.expand import Shot
 from imgbatch.state.cache import ImageCache
 from imgbatch.state.results import ResultEntry
@@ -94,6 +95,43 @@ async def open_sharing(
         open_shared(url, environ, read_only=read_only, base=base)
     )
     return SharedRun(shared, ImageCache(output_dir))
+
+
+def planned_with_store(
+    plan: Plan, flag: str | None, manifest: Manifest, environ: Mapping[str, str]
+) -> Plan:
+    """`plan` with each paid shot whose key the store has a record for planned as a restore
+    (nothing is written or downloaded: one lookup per such key, concurrently)."""
+    chosen = choose_store(flag, environ, manifest.store)
+    paid = [item for item in plan.shots if item.paid and item.shot is not None]
+    if chosen is None or not paid:
+        return plan
+    url, origin = chosen
+    base = manifest.base_dir if origin == "output.store" else Path.cwd()
+
+    async def lookups() -> set[str]:
+        limit = asyncio.Semaphore(LOOKUPS_IN_FLIGHT)
+        async with open_shared(url, environ, read_only=True, base=base) as shared:
+
+            async def one(key: str) -> str | None:
+                async with limit:
+                    try:
+                        return key if await shared.lookup(key) is not None else None
+                    except SharedEntryDamaged:
+                        return None
+
+            keys = {item.shot.request.key for item in paid if item.shot is not None}
+            return {key for key in await asyncio.gather(*map(one, keys)) if key}
+
+    found = asyncio.run(lookups())
+    reason = f"made by another run: restored from {url}, no request"
+    shots = tuple(
+        replace(item, action=Action.RESTORE, reason=reason)
+        if item.paid and item.shot is not None and item.shot.request.key in found
+        else item
+        for item in plan.shots
+    )
+    return replace(plan, shots=shots)
 
 
 class SharedRun:
