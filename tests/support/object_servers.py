@@ -63,8 +63,8 @@ def _wait_for(port: int, seconds: float, process: subprocess.Popen[bytes] | None
 
 
 @contextlib.contextmanager
-def moto_server() -> Iterator[str]:
-    """moto's S3 server with the test bucket; gives its endpoint URL."""
+def moto_server(*buckets: str) -> Iterator[str]:
+    """moto's S3 server with the test bucket (and `buckets`); gives its endpoint URL."""
     moto_server_module = pytest.importorskip("moto.server")
     import botocore.session
 
@@ -80,7 +80,8 @@ def moto_server() -> Iterator[str]:
             aws_access_key_id="test-key-id",
             aws_secret_access_key="test-secret",
         )
-        client.create_bucket(Bucket=BUCKET)
+        for bucket in (BUCKET, *buckets):
+            client.create_bucket(Bucket=bucket)
         yield endpoint
     finally:
         server.stop()
