@@ -70,7 +70,7 @@ from imgbatch.shots.expand import Shot
 from imgbatch.shots.request import GeneratedImage, ImageRequest, simplified
 from imgbatch.state.cache import ImageCache, verify_image, write_error
 from imgbatch.state.results import ResultEntry
-from imgbatch.state.store.claims import Claim
+from imgbatch.state.store.claims import Claim, ClaimInfo
 
 # Requests in flight when the user sets no cap. The rate is what limits a run; this only has to
 # be more than rate x latency (25 requests/s at a 15 s generation is 375 in flight), and stay
@@ -501,8 +501,6 @@ class Executor:
             message = "not generated: --frozen sends no paid request"
             self._finish(failed_entry(shot, message, None, 0))
             return
-        if self.shared is not None and await self._settled_by_store(output_dir, shot):
-            return
         gate = self.pacer.gate(shot.request.model)
         attempt = tries = lost = 0
         # When the service began refusing this shot with 429s (None while it is not).
@@ -511,6 +509,9 @@ class Executor:
         sent = shot.request  # the simplified request, after a 200 without an image
         imageless: list[str] = []  # request ids of the answers without an image
         model = shot.request.model
+        # With a shared store: whether this process holds the key's claim (taken once its turn
+        # has come, so that only the requests about to be sent are claimed).
+        claimed = self.shared is None
         while True:
             if self.stop_requested.is_set() or self._refused(sent):
                 self._skip(shot.id, self._not_run(phase.get(shot.id), lost))
@@ -525,6 +526,16 @@ class Executor:
                 if gate:
                     gate.release(ticket)
                 continue
+            if not claimed:
+                settled = await self._claim(output_dir, shot)
+                if settled is not False:
+                    if gate:
+                        gate.release(ticket)  # not sent: the turn goes to another shot
+                    if settled:
+                        return
+                    claimed = True
+                    continue  # claimed after waiting on another process: wait for a turn again
+                claimed = True
             attempt += 1
             self.outcome.requests += 1
             self._sending[model] += 1
@@ -639,38 +650,49 @@ class Executor:
             self.outcome.downloading.pop(shot.id, None)
             return
 
-    async def _settled_by_store(self, output_dir: Path, shot: Shot) -> bool:
-        """Claim `shot`'s key in the shared store before paying; True when the shot was
-        settled without paying (another process made it, or had paid for it before it died)."""
+    async def _claim(self, output_dir: Path, shot: Shot) -> bool | None:
+        """Claim `shot`'s key in the shared store before its request is sent. False: claimed,
+        send it now. True: settled without paying (another process made it, or had paid for
+        it before it died). None: claimed only after waiting on another process."""
         assert self.shared is not None
         try:
-            found = await self._unless(False, self.shared.settle(shot))
+            found = await self.shared.try_claim(shot)
+            if isinstance(found, Claim):
+                return False
+            if isinstance(found, ClaimInfo):
+                self.outcome.in_flight[shot.id] = Phase.WAITING
+                found = await self._unless(False, self.shared.settle(shot))
+                if isinstance(found, Claim):
+                    return None
         except SharedStoreError as exc:
             self.stop(f"the shared store failed: {exc}")
             self._skip(shot.id, f"not run: {exc}")
             return True
-        if isinstance(found, Claim):
-            return False
         if isinstance(found, Restored):
-            key = shot.request.key
-            try:
-                await asyncio.to_thread(self.cache.put, key, found.data)
-                await self._move_aside(output_dir, shot)
-                await asyncio.to_thread(self.cache.place, key, output_dir / shot.file, found.data)
-            except StoreWriteError as exc:
-                self._write_failed(shot, exc, 0, kept="its image stays in the shared store")
-                return True
-            entry = self.shared.entry_for(shot, found.record.sha256, found.record.size)
-            if entry is None:
-                width, height = shot.request.dimensions
-                digest, size = found.record.sha256, found.record.size
-                entry = shot_entry(shot, "cached", None, width, height, digest, size, attempts=0)
-            self._finish(with_reference_url(entry, shot))
-            return True
+            return await self._place_shared(output_dir, shot, found)
         # A stale claim whose holder was answered, then died: fetch the paid image.
         image = GeneratedImage(found.image_url, 0, 0, None, found.request_id)
         billed = unfetched_entry(shot, "paid by a process that stopped", image, 0)
-        return await self._fetch_billed(output_dir, shot, billed) is None
+        return await self._fetch_billed(output_dir, shot, billed) is None or None
+
+    async def _place_shared(self, output_dir: Path, shot: Shot, found: Restored) -> bool:
+        """Put the image another process made (checked) in the cache and at the shot's file."""
+        assert self.shared is not None
+        key = shot.request.key
+        try:
+            await asyncio.to_thread(self.cache.put, key, found.data)
+            await self._move_aside(output_dir, shot)
+            await asyncio.to_thread(self.cache.place, key, output_dir / shot.file, found.data)
+        except StoreWriteError as exc:
+            self._write_failed(shot, exc, 0, kept="its image stays in the shared store")
+            return True
+        entry = self.shared.entry_for(shot, found.record.sha256, found.record.size)
+        if entry is None:
+            width, height = shot.request.dimensions
+            digest, size = found.record.sha256, found.record.size
+            entry = shot_entry(shot, "cached", None, width, height, digest, size, attempts=0)
+        self._finish(with_reference_url(entry, shot))
+        return True
 
     def _not_run(self, phase: str | None, lost: int) -> str:
         """Why a shot stopped before it was sent (again), and what earlier tries may have cost."""

@@ -34,7 +34,7 @@ from imgbatch.shots.expand import Shot
 from imgbatch.state.cache import ImageCache
 from imgbatch.state.results import ResultEntry
 from imgbatch.state.store import Record, SharedCache, choose_store, open_shared, read_only_from
-from imgbatch.state.store.claims import Claim
+from imgbatch.state.store.claims import Claim, ClaimInfo
 
 # Lookups of a warm store in flight at once (a plan of 10,000 misses is not 10,000 sockets).
 LOOKUPS_IN_FLIGHT = 32
@@ -199,27 +199,35 @@ class SharedRun:
             return None
         return replace(entry, sha256=sha256, bytes=size)
 
-    async def settle(self, shot: Shot) -> Claim | Restored | Inherited:
-        """Before paying for `shot`: this process's claim (pay), the image another process
-        made (restore it), or a paid image's URL from a stale claim (fetch it)."""
+    async def try_claim(self, shot: Shot) -> Claim | Restored | Inherited | ClaimInfo:
+        """Just before paying for `shot` (its turn has come): this process's claim (pay), the
+        image another process made (restore it), a paid image's URL from a stale claim taken
+        over (fetch it), or the live claim of another process (wait: `settle`)."""
         key = shot.request.key
         if self.shared.read_only:
             found = await self._restore(shot)
             return found if found is not None else Claim(key, "read-only", etag="")
+        claim = await self.shared.claims.acquire(key)
+        # Claimed or not, a record may have landed since the plan: never pay for it twice.
+        restored = await self._restore(shot)
+        if restored is not None:
+            if isinstance(claim, Claim):
+                await self.shared.claims.release(key)
+            return restored
+        if isinstance(claim, Claim) and claim.image_url is not None:
+            return Inherited(claim.image_url, claim.request_id)
+        return claim
+
+    async def settle(self, shot: Shot) -> Claim | Restored | Inherited:
+        """Wait on another process's claim on `shot`'s key until its record appears (restore
+        it) or the claim goes stale (take it over). The executor cuts the wait when the run
+        stops."""
         wait = 0.25
         while True:
-            claim = await self.shared.claims.acquire(key)
-            # Claimed or not, a record may have landed since the plan: never pay for it twice.
-            found = await self._restore(shot)
-            if found is not None:
-                if isinstance(claim, Claim):
-                    await self.shared.claims.release(key)
+            found = await self.try_claim(shot)
+            if not isinstance(found, ClaimInfo):
                 return found
-            if isinstance(claim, Claim):
-                if claim.image_url is not None:
-                    return Inherited(claim.image_url, claim.request_id)
-                return claim
-            await asyncio.sleep(wait)  # the executor cuts this wait when the run stops
+            await asyncio.sleep(wait)
             wait = min(wait * 2, MAX_POLL_SECONDS, self.shared.claims.claims.lease / 2)
 
     async def answered(self, key: str, image_url: str, request_id: str | None) -> None:
