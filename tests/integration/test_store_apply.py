@@ -192,3 +192,16 @@ def test_no_credential_or_signed_url_in_what_a_run_writes(
         ):
             assert secret not in text
         assert "X-Amz-Signature" not in text and "Signature=" not in text
+
+
+def test_generate_shares_the_store_with_apply(
+    tmp_path: Path, store_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    from imgbatch.run.generate import generate
+
+    request = {"prompt": "a lighthouse, take 0", "size": "1328*1328"}
+    first = generate(request, environ={**store_env, "OUTPUT_DIR": str(tmp_path / "a")})
+    assert not first["cached"] and fake_server.successes == 1
+    second = generate(request, environ={**store_env, "OUTPUT_DIR": str(tmp_path / "b")})
+    assert second["cached"] and fake_server.successes == 1
+    assert Path(first["file"]).read_bytes() == Path(second["file"]).read_bytes()

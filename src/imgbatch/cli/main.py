@@ -809,6 +809,8 @@ def mcp_command(provider: str | None, allow_reference_outside: bool) -> int:
 )
 @provider_option
 @allow_outside_option
+@store_option
+@store_read_only_option
 @error_boundary
 def generate_command(
     request_text: str,
@@ -817,6 +819,8 @@ def generate_command(
     as_json: bool,
     provider: str | None,
     allow_reference_outside: bool,
+    store: str | None,
+    store_read_only: bool,
 ) -> int:
     """Make one image from one request, as the seed skill's helper script does."""
     from imgbatch.run.generate import error_json, generate
@@ -827,6 +831,8 @@ def generate_command(
             output=output,
             provider=provider,
             allow_reference_outside=allow_reference_outside,
+            store=store,
+            store_read_only=store_read_only,
         )
     except ImgbatchError as exc:
         if as_json:

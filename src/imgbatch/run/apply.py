@@ -49,7 +49,7 @@ from imgbatch.run.bounds import Bound, MaxDuration, MaxRequests
 from imgbatch.run.entries import abandoned_download
 from imgbatch.run.executor import Executor, Listener, Phase, RunOutcome
 from imgbatch.run.interrupts import Interrupts, interrupt_at_once, signal_handler
-from imgbatch.run.sharing import StoreUse, open_sharing, planned_with_store
+from imgbatch.run.sharing import StoreUse, Unsent, open_sharing, planned_with_store
 from imgbatch.shots.expand import Expansion, expand, fetch_references, shot_list
 from imgbatch.shots.request import KEY_FORMAT_VERSION
 from imgbatch.shots.selection import in_shard, select_shots
@@ -436,7 +436,12 @@ async def _apply(
         early = _plan(expansion, state, options.overwrite_edited, only=only, prices=prices)
         refuse_to_start(early, options.frozen, limit)
     # Credentials are checked before anything is written.
-    provider = provider or create_provider(expansion.provider, environ, options.home)
+    try:
+        provider = provider or create_provider(expansion.provider, environ, options.home)
+    except ConfigError:
+        if not (options.frozen and sharing is not None):
+            raise
+        provider = Unsent(expansion.provider)  # assembling from the store: no key needed
     prices = _prices(manifest, expansion, environ, provider)
     started = time.monotonic()
     with exclusive_output(output_dir):

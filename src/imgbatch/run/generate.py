@@ -58,8 +58,12 @@ def generate(
     environ: Mapping[str, str] | None = None,
     home: Path | None = None,
     allow_reference_outside: bool = False,
+    store: str | None = None,
+    store_read_only: bool = False,
 ) -> dict[str, Any]:
     """Make (or take from the cache) the image for one normalized request; see the module doc.
+
+    `store` (else `IMGBATCH_STORE`): a shared store, as for `apply --store`.
 
     `provider` is a name (`"dashscope"`, `"placeholder"`, `"auto"`) or a provider object.
     Raises `ManifestError` for an invalid request (nothing sent), `ConfigError` for missing
@@ -73,6 +77,8 @@ def generate(
             environ=environ,
             home=home,
             allow_reference_outside=allow_reference_outside,
+            store=store,
+            store_read_only=store_read_only,
         )
     )
 
@@ -85,6 +91,8 @@ async def agenerate(
     environ: Mapping[str, str] | None = None,
     home: Path | None = None,
     allow_reference_outside: bool = False,
+    store: str | None = None,
+    store_read_only: bool = False,
 ) -> dict[str, Any]:
     """`generate` for callers already inside an event loop."""
     session = GenerateSession(
@@ -92,6 +100,8 @@ async def agenerate(
         environ=environ,
         home=home,
         allow_reference_outside=allow_reference_outside,
+        store=store,
+        store_read_only=store_read_only,
     )
     async with session:
         return await session.generate(request, output=output)
@@ -122,8 +132,13 @@ class GenerateSession:
         environ: Mapping[str, str] | None = None,
         home: Path | None = None,
         allow_reference_outside: bool = False,
+        store: str | None = None,
+        store_read_only: bool = False,
     ) -> None:
         self._choice = provider
+        # A shared store (`store`, else IMGBATCH_STORE): opened on first use, one per session.
+        self._store = (store, store_read_only)
+        self._shared: Any = None
         self._environ = os.environ if environ is None else environ
         self._home = home
         self._allow_outside = allow_reference_outside
@@ -192,13 +207,17 @@ class GenerateSession:
         key = shot.request.key
         width, height = shot.request.dimensions
         cache = ImageCache(state_folder)
+        sharing = await self._sharing(state_folder)
+        if sharing is not None and not cache.has(key):
+            await sharing.hydrate([shot])  # made by anyone sharing the store: restored
         if cache.has(key) and await _restored(cache, key, target, (width, height)):
             return _response(None, width, height, shot.request.seed, target, None, cached=True)
         provider, pacer = await self._provider(name)
         placed = Shot(shot.id, shot.request, str(target))
         planned = PlannedShot(shot.id, Action.CREATE, "new request", placed, None)
         plan = Plan(state_folder, (planned,), (), name)
-        outcome = await Executor(provider, cache, lambda entry: None, pacer=pacer).run(plan)
+        executor = Executor(provider, cache, lambda entry: None, pacer=pacer, shared=sharing)
+        outcome = await executor.run(plan)
         entry = outcome.entries[shot.id]
         if not entry.has_image:
             # The entry's error already reads "400 DataInspectionFailed: ...": given as code=
@@ -210,6 +229,23 @@ class GenerateSession:
         return _response(
             entry.image_url, width, height, seed, target, entry.request_id, cached=False
         )
+
+    async def _sharing(self, state_folder: Path) -> Any:
+        """The shared store's view for `state_folder`'s cache (None without a store)."""
+        from imgbatch.run.sharing import SharedRun
+        from imgbatch.state.store import choose_store, open_shared, read_only_from
+
+        flag, read_only = self._store
+        chosen = choose_store(flag, self._environ, None)
+        if chosen is None:
+            return None
+        if self._shared is None:
+            self._shared = await self._stack.enter_async_context(
+                open_shared(
+                    chosen[0], self._environ, read_only=read_only_from(read_only, self._environ)
+                )
+            )
+        return SharedRun(self._shared, ImageCache(state_folder))
 
     async def _provider(self, name: str) -> tuple[Any, Any]:
         """The open provider called `name` and its pacer, made on first use."""

@@ -23,14 +23,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from imgbatch.errors import SharedEntryDamaged, SharedStoreError
+from imgbatch.errors import AuthError, SharedEntryDamaged, SharedStoreError, TransientError
 from imgbatch.manifest import Manifest
 from imgbatch.plan.decide import Action, Plan
+from imgbatch.providers import is_metered
 from imgbatch.shots.expand import Shot
+from imgbatch.shots.request import GeneratedImage, ImageRequest
 from imgbatch.state.cache import ImageCache
 from imgbatch.state.results import ResultEntry
 from imgbatch.state.store import Record, SharedCache, choose_store, open_shared, read_only_from
@@ -39,7 +42,7 @@ from imgbatch.state.store.claims import Claim, ClaimInfo
 # Lookups of a warm store in flight at once (a plan of 10,000 misses is not 10,000 sockets).
 LOOKUPS_IN_FLIGHT = 32
 # How often a process waiting on another's claim looks for its record, at most.
-MAX_POLL_SECONDS = 5.0
+MAX_POLL_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,31 @@ async def open_sharing(
         open_shared(url, environ, read_only=read_only, base=base)
     )
     return SharedRun(shared, ImageCache(output_dir))
+
+
+class Unsent:
+    """The provider of an assembling run (`apply --frozen` with a store) that has no key: it
+    sends nothing, and needs nothing (every shot comes from the store, or the run is refused
+    before it starts)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.metered = is_metered(name)
+
+    async def __aenter__(self) -> Unsent:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+    async def generate(self, request: ImageRequest, *, label: str) -> GeneratedImage:
+        raise AuthError(f"{label}: no key: an assembling run sends no request")
+
+    async def fetch(self, image: GeneratedImage) -> bytes:
+        raise TransientError("no key: an assembling run downloads nothing from the service")
+
+    def describe_credentials(self) -> str:
+        return "none (an assembling run sends no request)"
 
 
 def planned_with_store(
@@ -220,15 +248,22 @@ class SharedRun:
 
     async def settle(self, shot: Shot) -> Claim | Restored | Inherited:
         """Wait on another process's claim on `shot`'s key until its record appears (restore
-        it) or the claim goes stale (take it over). The executor cuts the wait when the run
-        stops."""
-        wait = 0.25
+        it) or the claim goes stale (take it over). The record is polled (one request), the
+        claim read again only every half lease. The executor cuts the wait when the run stops."""
+        wait, lease = 0.2, self.shared.claims.claims.lease
+        checked = time.monotonic()
         while True:
-            found = await self.try_claim(shot)
-            if not isinstance(found, ClaimInfo):
-                return found
             await asyncio.sleep(wait)
-            wait = min(wait * 2, MAX_POLL_SECONDS, self.shared.claims.claims.lease / 2)
+            wait = min(wait * 1.5, MAX_POLL_SECONDS, lease / 4)
+            if time.monotonic() - checked >= lease / 2:
+                checked = time.monotonic()
+                found = await self.try_claim(shot)
+                if not isinstance(found, ClaimInfo):
+                    return found
+                continue
+            restored = await self._restore(shot)
+            if restored is not None:
+                return restored
 
     async def answered(self, key: str, image_url: str, request_id: str | None) -> None:
         if not self.shared.read_only:
