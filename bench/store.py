@@ -4,7 +4,7 @@
     python bench/store.py --shots 200     # the same rows, scaled down
 
 Four fake accounts: four FakeDashScope servers, each with its own key and a quota of 2 requests a
-second (a token bucket, no burst), 1 s per generation. Every process is a real
+second (a token bucket holding 2), 1 s per generation. Every process is a real
 `imgbatch apply` in its own output folder, paced with `--quota 2/s`, sharing one store on a real
 S3 server (SeaweedFS, `weed mini`, on 127.0.0.1; `--store folder` for a local folder). Rows:
 
@@ -107,7 +107,7 @@ def main() -> int:
                     api_key=f"sk-bench-account-{index}",
                     latency=LATENCY,
                     quota_rps=QUOTA,
-                    quota_burst=1,
+                    quota_burst=int(QUOTA),
                     image_profile="tiny",
                 )
             )

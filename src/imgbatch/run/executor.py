@@ -65,7 +65,7 @@ from imgbatch.run.entries import (
     unfetched_entry,
     with_reference_url,
 )
-from imgbatch.run.sharing import Restored, SharedRun
+from imgbatch.run.sharing import Inherited, Restored, SharedRun
 from imgbatch.shots.expand import Shot
 from imgbatch.shots.request import GeneratedImage, ImageRequest, simplified
 from imgbatch.state.cache import ImageCache, verify_image, write_error
@@ -527,14 +527,14 @@ class Executor:
                     gate.release(ticket)
                 continue
             if not claimed:
-                settled = await self._claim(output_dir, shot)
-                if settled is not False:
+                found = await self._try_claim(shot)
+                if not isinstance(found, Claim):
                     if gate:
-                        gate.release(ticket)  # not sent: the turn goes to another shot
-                    if settled:
+                        gate.release(ticket)  # not sent: the turn goes to another shot at once
+                    if found is None or await self._settle(output_dir, shot, found):
                         return
-                    claimed = True
-                    continue  # claimed after waiting on another process: wait for a turn again
+                    claimed = True  # after waiting, or its URL failed: a turn again, then pay
+                    continue
                 claimed = True
             attempt += 1
             self.outcome.requests += 1
@@ -650,30 +650,43 @@ class Executor:
             self.outcome.downloading.pop(shot.id, None)
             return
 
-    async def _claim(self, output_dir: Path, shot: Shot) -> bool | None:
-        """Claim `shot`'s key in the shared store before its request is sent. False: claimed,
-        send it now. True: settled without paying (another process made it, or had paid for
-        it before it died). None: claimed only after waiting on another process."""
+    async def _try_claim(self, shot: Shot) -> Claim | Restored | Inherited | ClaimInfo | None:
+        """Claim `shot`'s key in the shared store as its turn to be sent has come (see
+        `SharedRun.try_claim`); None when the store failed (the run stops)."""
         assert self.shared is not None
         try:
-            found = await self.shared.try_claim(shot)
-            if isinstance(found, Claim):
-                return False
-            if isinstance(found, ClaimInfo):
-                self.outcome.in_flight[shot.id] = Phase.WAITING
-                found = await self._unless(False, self.shared.settle(shot))
-                if isinstance(found, Claim):
-                    return None
+            return await self.shared.try_claim(shot)
         except SharedStoreError as exc:
             self.stop(f"the shared store failed: {exc}")
             self._skip(shot.id, f"not run: {exc}")
-            return True
-        if isinstance(found, Restored):
-            return await self._place_shared(output_dir, shot, found)
-        # A stale claim whose holder was answered, then died: fetch the paid image.
-        image = GeneratedImage(found.image_url, 0, 0, None, found.request_id)
+            return None
+
+    async def _settle(
+        self, output_dir: Path, shot: Shot, found: Restored | Inherited | ClaimInfo
+    ) -> bool:
+        """True when `shot` was settled without paying: another process made it (restored), or
+        paid for it before it died (fetched from the URL its claim kept). False: this process
+        holds the claim now and pays (after waiting on another process's claim, or when the
+        paid image's URL no longer works)."""
+        assert self.shared is not None
+        settled: Claim | Restored | Inherited
+        if isinstance(found, ClaimInfo):
+            self.outcome.in_flight[shot.id] = Phase.WAITING
+            try:
+                settled = await self._unless(False, self.shared.settle(shot))
+            except SharedStoreError as exc:
+                self.stop(f"the shared store failed: {exc}")
+                self._skip(shot.id, f"not run: {exc}")
+                return True
+            if isinstance(settled, Claim):
+                return False
+        else:
+            settled = found
+        if isinstance(settled, Restored):
+            return await self._place_shared(output_dir, shot, settled)
+        image = GeneratedImage(settled.image_url, 0, 0, None, settled.request_id)
         billed = unfetched_entry(shot, "paid by a process that stopped", image, 0)
-        return await self._fetch_billed(output_dir, shot, billed) is None or None
+        return await self._fetch_billed(output_dir, shot, billed) is None
 
     async def _place_shared(self, output_dir: Path, shot: Shot, found: Restored) -> bool:
         """Put the image another process made (checked) in the cache and at the shot's file."""
