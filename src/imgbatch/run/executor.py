@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import random
 import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -70,6 +71,7 @@ from imgbatch.shots.expand import Shot
 from imgbatch.shots.request import GeneratedImage, ImageRequest, simplified
 from imgbatch.state.cache import ImageCache, verify_image, write_error
 from imgbatch.state.results import ResultEntry
+from imgbatch.state.store import Record
 from imgbatch.state.store.claims import Claim, ClaimInfo
 
 # Requests in flight when the user sets no cap. The rate is what limits a run; this only has to
@@ -324,6 +326,10 @@ class Executor:
 
     async def run(self, plan: Plan) -> RunOutcome:
         work = [item for item in plan.shots if item.action in WORK_ACTIONS]
+        if self.shared is not None:
+            # Processes sharing a store each take the shots in an order of their own, so that
+            # they rarely reach the same shot at once: one makes it, the others restore it.
+            random.shuffle(work)
         # Twins last: a twin waits for a shot already taken, which may come later in the list
         # (a recover is the one made wherever it stands), and a worker must never wait for a
         # shot it has yet to take itself.
@@ -650,7 +656,7 @@ class Executor:
             self.outcome.downloading.pop(shot.id, None)
             return
 
-    async def _try_claim(self, shot: Shot) -> Claim | Restored | Inherited | ClaimInfo | None:
+    async def _try_claim(self, shot: Shot) -> Claim | Record | Inherited | ClaimInfo | None:
         """Claim `shot`'s key in the shared store as its turn to be sent has come (see
         `SharedRun.try_claim`); None when the store failed (the run stops)."""
         assert self.shared is not None
@@ -662,31 +668,32 @@ class Executor:
             return None
 
     async def _settle(
-        self, output_dir: Path, shot: Shot, found: Restored | Inherited | ClaimInfo
+        self, output_dir: Path, shot: Shot, found: Record | Inherited | ClaimInfo | Claim
     ) -> bool:
         """True when `shot` was settled without paying: another process made it (restored), or
         paid for it before it died (fetched from the URL its claim kept). False: this process
-        holds the claim now and pays (after waiting on another process's claim, or when the
-        paid image's URL no longer works)."""
+        holds the claim now and pays (after waiting on another process's claim, when the
+        store's image proved damaged, or when the paid image's URL no longer works)."""
         assert self.shared is not None
-        settled: Claim | Restored | Inherited
-        if isinstance(found, ClaimInfo):
-            self.outcome.in_flight[shot.id] = Phase.WAITING
-            try:
-                settled = await self._unless(False, self.shared.settle(shot))
-            except SharedStoreError as exc:
-                self.stop(f"the shared store failed: {exc}")
-                self._skip(shot.id, f"not run: {exc}")
-                return True
-            if isinstance(settled, Claim):
-                return False
-        else:
-            settled = found
-        if isinstance(settled, Restored):
-            return await self._place_shared(output_dir, shot, settled)
-        image = GeneratedImage(settled.image_url, 0, 0, None, settled.request_id)
-        billed = unfetched_entry(shot, "paid by a process that stopped", image, 0)
-        return await self._fetch_billed(output_dir, shot, billed) is None
+        try:
+            while not isinstance(found, Claim):
+                if isinstance(found, Record):
+                    restored = await self.shared.fetch(shot, found)
+                    if restored is not None:
+                        return await self._place_shared(output_dir, shot, restored)
+                    found = await self.shared.try_claim(shot, look=False)
+                elif isinstance(found, ClaimInfo):
+                    self.outcome.in_flight[shot.id] = Phase.WAITING
+                    found = await self._unless(False, self.shared.settle(shot))
+                else:
+                    image = GeneratedImage(found.image_url, 0, 0, None, found.request_id)
+                    billed = unfetched_entry(shot, "paid by a process that stopped", image, 0)
+                    return await self._fetch_billed(output_dir, shot, billed) is None
+        except SharedStoreError as exc:
+            self.stop(f"the shared store failed: {exc}")
+            self._skip(shot.id, f"not run: {exc}")
+            return True
+        return False
 
     async def _place_shared(self, output_dir: Path, shot: Shot, found: Restored) -> bool:
         """Put the image another process made (checked) in the cache and at the shot's file."""

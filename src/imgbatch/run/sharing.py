@@ -42,7 +42,7 @@ from imgbatch.state.store.claims import Claim, ClaimInfo
 # Lookups of a warm store in flight at once (a plan of 10,000 misses is not 10,000 sockets).
 LOOKUPS_IN_FLIGHT = 32
 # How often a process waiting on another's claim looks for its record, at most.
-MAX_POLL_SECONDS = 2.0
+MAX_POLL_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -202,16 +202,26 @@ class SharedRun:
 
     async def _restore(self, shot: Shot) -> Restored | None:
         """The store's image for `shot`'s key, checked; None on a miss or damage (said)."""
-        key = shot.request.key
+        record = await self._lookup(shot)
+        return None if record is None else await self.fetch(shot, record)
+
+    async def _lookup(self, shot: Shot) -> Record | None:
+        """`shot`'s key's record; None on a miss, or a record that is not one (said)."""
         try:
-            record = await self.shared.lookup(key)
-            if record is None:
-                return None
+            return await self.shared.lookup(shot.request.key)
+        except SharedEntryDamaged as damaged:
+            self.notices.append((shot.id, f"{damaged}; not used"))
+            return None
+
+    async def fetch(self, shot: Shot, record: Record) -> Restored | None:
+        """`record`'s blob, checked against it and decoded at `shot`'s size; None if damaged
+        (said: the shot is then made as if the store had nothing)."""
+        try:
             data = await self.shared.fetch(record, shot.request.dimensions)
         except SharedEntryDamaged as damaged:
             self.notices.append((shot.id, f"{damaged}; not used"))
             return None
-        self.records[key] = record
+        self.records[record.key] = record
         self.restored += 1
         return Restored(data, record)
 
@@ -227,29 +237,34 @@ class SharedRun:
             return None
         return replace(entry, sha256=sha256, bytes=size)
 
-    async def try_claim(self, shot: Shot) -> Claim | Restored | Inherited | ClaimInfo:
-        """Just before paying for `shot` (its turn has come): this process's claim (pay), the
-        image another process made (restore it), a paid image's URL from a stale claim taken
-        over (fetch it), or the live claim of another process (wait: `settle`)."""
+    async def try_claim(
+        self, shot: Shot, *, look: bool = True
+    ) -> Claim | Record | Inherited | ClaimInfo:
+        """As `shot`'s turn to be sent comes (a few requests: the pacing turn is held): its
+        record, if another process made it meanwhile (restore it, after giving the turn back);
+        else this process's claim (pay), a paid image's URL from a stale claim taken over
+        (fetch it), or another process's live claim (wait: `settle`). `look=False` claims
+        without looking for a record first (the one found was damaged)."""
         key = shot.request.key
-        if self.shared.read_only:
-            found = await self._restore(shot)
-            return found if found is not None else Claim(key, "read-only", etag="")
+        record = await self._lookup(shot) if look else None
+        if record is not None or self.shared.read_only:
+            return record if record is not None else Claim(key, "read-only", etag="")
+        await self.shared.probe()  # before the first claim: a store must refuse a second create
         claim = await self.shared.claims.acquire(key)
-        # Claimed or not, a record may have landed since the plan: never pay for it twice.
-        restored = await self._restore(shot)
-        if restored is not None:
+        # Published between the look and the claim: never pay for it twice.
+        record = await self._lookup(shot) if look else None
+        if record is not None:
             if isinstance(claim, Claim):
                 await self.shared.claims.release(key)
-            return restored
+            return record
         if isinstance(claim, Claim) and claim.image_url is not None:
             return Inherited(claim.image_url, claim.request_id)
         return claim
 
-    async def settle(self, shot: Shot) -> Claim | Restored | Inherited:
-        """Wait on another process's claim on `shot`'s key until its record appears (restore
-        it) or the claim goes stale (take it over). The record is polled (one request), the
-        claim read again only every half lease. The executor cuts the wait when the run stops."""
+    async def settle(self, shot: Shot) -> Claim | Record | Inherited:
+        """Wait on another process's claim on `shot`'s key until its record appears or the
+        claim goes stale (taken over). The record is polled (one request), the claim read again
+        only every half lease. The executor cuts the wait when the run stops."""
         wait, lease = 0.2, self.shared.claims.claims.lease
         checked = time.monotonic()
         while True:
@@ -261,9 +276,9 @@ class SharedRun:
                 if not isinstance(found, ClaimInfo):
                     return found
                 continue
-            restored = await self._restore(shot)
-            if restored is not None:
-                return restored
+            record = await self._lookup(shot)
+            if record is not None:
+                return record
 
     async def answered(self, key: str, image_url: str, request_id: str | None) -> None:
         if not self.shared.read_only:

@@ -140,10 +140,13 @@ class Claims:
         return await self.renew(replace(claim, image_url=image_url, request_id=request_id))
 
     async def release(self, claim: Claim) -> None:
-        """Remove `claim`. Unchecked (one request, not two): a claim is taken over only once
-        stale, and whoever took it over finds the key's record before paying, so removing
-        their claim after this process published costs nothing."""
-        await self.objects.delete(f"claims/{claim.key}")
+        """Remove `claim`, if it is still this process's: a claim taken over (this process
+        stalled past its lease) is the taker's, and removing it could let a third process pay
+        for a key the taker is paying for."""
+        name = f"claims/{claim.key}"
+        stored = await self.objects.get(name)
+        if stored is not None and stored.etag == claim.etag:
+            await self.objects.delete(name)
 
     async def held(self) -> list[ClaimInfo]:
         """Every claim in the store (one LIST of `claims/`): for `imgbatch store claims`."""
