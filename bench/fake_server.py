@@ -37,6 +37,7 @@ def main() -> int:
         quota_rps=args.quota_rps,
         quota_burst=args.quota_burst,
         retry_after=args.retry_after,
+        image_profile="real",  # the real service's weight: what the bench measures
     )
     with server:
         print(json.dumps({"base_url": server.base_url}), flush=True)

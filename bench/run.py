@@ -37,12 +37,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from imgbatch.review.sheet import render_sheet, thumb_path  # noqa: E402
+from imgbatch.review.sheet import render_sheet  # noqa: E402
 from imgbatch.run.apply import ApplyOptions, ApplyReport, apply_async, load_and_expand  # noqa: E402
-from imgbatch.run.executor import _entry as executor_entry  # noqa: E402
+from imgbatch.run.entries import shot_entry as executor_entry  # noqa: E402
 from imgbatch.shots.request import GeneratedImage  # noqa: E402
-from imgbatch.state.cache import STATE_DIR, ImageCache  # noqa: E402
-from imgbatch.state.results import write_results  # noqa: E402
+from imgbatch.state.folder import OutputFolder, owner_of  # noqa: E402
+from imgbatch.state.last_run import thumb_path  # noqa: E402
 
 KEY = "sk-bench-fake-key-0123456789"
 MODEL = "qwen-image-max"
@@ -83,7 +83,8 @@ class FakeServer:
         if self.mode == "inprocess":
             from tests.support.fake_dashscope import FakeDashScope
 
-            self._server = await FakeDashScope(api_key=KEY, **self.options).astart()
+            options = {"image_profile": "real", **self.options}
+            self._server = await FakeDashScope(api_key=KEY, **options).astart()
             self.base_url = self._server.base_url
             return self
         argv = [sys.executable, str(SERVER_SCRIPT), "--api-key", KEY]
@@ -257,24 +258,25 @@ def solid_webp() -> bytes:
 def seed_state(manifest: Path) -> int:
     """Write the cache, the images and results.json as a finished apply leaves them.
 
-    Uses the library's own layout (`ImageCache.path`, the executor's entries, `write_results`)
+    Uses the library's own layout (`OutputFolder`, the executor's entries, `OutputFolder.save`)
     with the keys of the real `dashscope` provider, so the re-apply plans every shot as unchanged.
     """
     loaded, expansion = load_and_expand(manifest, "dashscope")
     output_dir = expansion.output_dir
-    cache = ImageCache(output_dir)
+    folder = OutputFolder(output_dir)
+    cache = folder.cache
     width, height = (int(part) for part in SIZE.split("*"))
     png = solid_png(width, height)
     digest = hashlib.sha256(png).hexdigest()
     # A few files, hard-linked everywhere: the plan looks at sizes, and 200,000 copies would
     # cost the bench minutes and a gigabyte for nothing. (ext4 allows 65,000 links a file.)
-    (output_dir / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    folder.state_dir.mkdir(parents=True, exist_ok=True)
     entries = []
     for index, shot in enumerate(expansion.shots):
         if index % 30_000 == 0:
-            original = output_dir / STATE_DIR / f"bench-image-{index}.png"
+            original = folder.state_dir / f"bench-image-{index}.png"
             original.write_bytes(png)
-            thumb = output_dir / STATE_DIR / f"bench-thumb-{index}.webp"
+            thumb = folder.state_dir / f"bench-thumb-{index}.webp"
             thumb.write_bytes(solid_webp())
         request = shot.request
         path = cache.path(request.key)
@@ -291,8 +293,9 @@ def seed_state(manifest: Path) -> int:
         entries.append(
             executor_entry(shot, "generated", image, width, height, digest, len(png), attempts=1)
         )
-    meta = {"manifest": str(manifest.resolve()), "provider": "dashscope", "key_format": 1}
-    write_results(output_dir, entries, [], meta)
+    owner = owner_of(manifest, loaded.name, output_dir)
+    meta = {"manifest": owner.manifest, "provider": "dashscope", "key_format": 1}
+    folder.save(entries, [], [], meta, owner=owner, before=folder.load(), now="2026-01-01T00:00:00")
     # And the contact sheet the apply drew (its thumbnails are linked above, like the images).
     render_sheet(
         output_dir,

@@ -21,8 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "src"), str(REPO)]
 
-from imgbatch.pacing.quota import Quota  # noqa: E402
 from imgbatch.run.apply import ApplyOptions  # noqa: E402
+from imgbatch.units.quota import Quota  # noqa: E402
 from tests.support.quota_sim import Account, simulate  # noqa: E402
 
 # account, latency, shots; the shapes first, then the token-bucket rows of before.

@@ -2,6 +2,9 @@
 
 No test reaches a real host: the dashscope provider is configured through the environment
 (`DASHSCOPE_HTTP_BASE_URL`, `DASHSCOPE_API_KEY`, `HOME`) to talk to the fake server only.
+
+Also the `slow` marker: a plain `pytest` skips the tests marked `@pytest.mark.slow` (the quick
+loop); `pytest --slow` runs them too, as the README's test command and CI do.
 """
 
 from __future__ import annotations
@@ -14,9 +17,34 @@ import pytest
 
 from tests.support.fake_dashscope import FakeDashScope
 
-FAKE_KEY = "sk-test-fake-key-0123456789abcdef"
-REPO = Path(__file__).resolve().parent.parent
-EXAMPLE = REPO / "manifests" / "cyclist-spot.yaml"
+# The helpers' old home: tests written before they moved to tests/support/ still import them here.
+from tests.support.files import EXAMPLE, FAKE_KEY, REPO, write_manifest, write_many_shots  # noqa: F401
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--slow",
+        action="store_true",
+        help="also run the tests marked slow (the README's test command and CI do)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "slow: takes many seconds; skipped by a plain `pytest`, run by `pytest --slow`"
+    )
+    config.addinivalue_line(
+        "markers", "real_images: the fake_server fixture serves real-sized images (3 to 4 MB)"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: `pytest --slow` runs it")
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
@@ -28,8 +56,10 @@ def user_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mon
 
 
 @pytest.fixture
-def fake_server() -> Iterator[FakeDashScope]:
-    with FakeDashScope(api_key=FAKE_KEY) as server:
+def fake_server(request: pytest.FixtureRequest) -> Iterator[FakeDashScope]:
+    """The fake service: small images, unless the test is marked `real_images` (3 to 4 MB)."""
+    real = request.node.get_closest_marker("real_images") is not None
+    with FakeDashScope(api_key=FAKE_KEY, image_profile="real" if real else "tiny") as server:
         yield server
 
 
@@ -58,17 +88,3 @@ def example_manifest(tmp_path: Path) -> Path:
     target.parent.mkdir(parents=True)
     shutil.copy(EXAMPLE, target)
     return target
-
-
-def write_manifest(directory: Path, text: str, name: str = "shots.yaml") -> Path:
-    path = directory / name
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def write_many_shots(directory: Path, name: str, count: int) -> Path:
-    """A manifest called `name` with `count` distinct 1:1 shots, shot-000 onwards."""
-    lines = ["version: 1", f"name: {name}", "defaults:", '  size: "1328*1328"', "shots:"]
-    for index in range(count):
-        lines += [f"  - id: shot-{index:03d}", f'    prompt: "a lighthouse, take {index}"']
-    return write_manifest(directory, "\n".join(lines) + "\n")

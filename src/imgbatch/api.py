@@ -10,9 +10,9 @@ The work is done in `imgbatch.run`; this module only names what a program may re
 
 from __future__ import annotations
 
+from imgbatch.review.outcome import ApplyReport
 from imgbatch.run.apply import (
     ApplyOptions,
-    ApplyReport,
     apply,
     apply_async,
     expand_shots,

@@ -1,14 +1,18 @@
 """One exception tree for everything imgbatch reports to a user.
 
-    ImgbatchError                 every error imgbatch raises on purpose; str() is the message
+    ImgbatchError                 every error imgbatch raises on purpose; str() is the message;
+                                  `exit_code` the command's exit code, `status` the HTTP status
     ├── ManifestError             a shot list that cannot be run: all problems found, each with
     │                             file:line:col, shot id and field (exit code 2)
     ├── ConfigError               bad options or environment: missing key, unknown provider (exit 2)
-    │   └── PaidImagesError       placeholders would replace images a paid provider made
+    │   ├── PaidImagesError       placeholders would replace images a paid provider made
+    │   └── FolderOwnedError      the output folder is another manifest's (--force to share it)
     ├── CostLimitError            the estimated cost exceeds --max-cost: nothing sent (exit 1)
     ├── InspectError              `inspect` of a missing file, a non-PNG or a PNG without
     │                             provenance (exit 2)
     ├── LockedError               another apply holds the output folder (exit 1)
+    ├── ImageError                bytes that are not a whole PNG of the size asked for (a
+    │                             download, a cache entry, a file in the output folder)
     ├── StoreError                the output folder or cache cannot be read or written (exit 1)
     │   ├── StoreWriteError       one file could not be written (disk full, a folder in its place)
     │   ├── CacheEntryDamaged     a cache entry that is not its image: discarded, made again
@@ -16,12 +20,14 @@
     │       │                     or it does not refuse a second create
     │       └── SharedEntryDamaged  a shared record whose blob is missing or not its image
     └── ProviderError             the image service refused or failed a request
-        ├── TransientError        429, 408, 5xx, dropped connections: retried with backoff
+        ├── TransientError        408, 5xx, dropped connections: retried with backoff
+        │   └── RateLimited       429: the pacer slows the model down; not a try used up
         ├── PermanentError        400 (bad parameter, moderation): that shot fails, others go on
         ├── NoImageError          a 200 without an image: asked once more, simplified
         └── AuthError             401/403: every request would fail, so the run stops
 
-Retry decisions follow the class, never the message text. No message ever contains the API key.
+Retry decisions follow the class, never the message text; the command's exit code is the error's
+`exit_code`, read by the CLI's one error boundary. No message ever contains the API key.
 """
 
 from __future__ import annotations
@@ -29,12 +35,21 @@ from __future__ import annotations
 import errno
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
-from imgbatch.pacing.quota import Quota
+from imgbatch.units.quota import Quota
+
+# The exit codes errors give (the docs list them): 1 a run that failed or stopped, 2 input that
+# cannot be run (a shot list, options, credentials, an image `inspect` cannot read).
+EXIT_FAILED, EXIT_USAGE = 1, 2
 
 
 class ImgbatchError(Exception):
-    """Base of every error imgbatch raises on purpose; its str() is meant for the user."""
+    """Base of every error imgbatch raises on purpose; its str() is meant for the user, its
+    `exit_code` is the command's, its `status` the HTTP status the service answered (if any)."""
+
+    exit_code: ClassVar[int] = EXIT_FAILED
+    status: int | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +89,8 @@ class ManifestProblem:
 class ManifestError(ImgbatchError):
     """A manifest that cannot be run; holds every problem found, not only the first."""
 
+    exit_code = EXIT_USAGE
+
     def __init__(self, problems: Sequence[ManifestProblem], subject: str = "the manifest") -> None:
         self.problems = tuple(problems)
         count = len(self.problems)
@@ -84,6 +101,8 @@ class ManifestError(ImgbatchError):
 class ConfigError(ImgbatchError):
     """Options, environment or credentials that keep imgbatch from starting."""
 
+    exit_code = EXIT_USAGE
+
 
 class PaidImagesError(ConfigError):
     """The offline placeholder provider, not chosen explicitly (`auto` without a key, or the
@@ -91,9 +110,17 @@ class PaidImagesError(ConfigError):
     written."""
 
 
+class FolderOwnedError(ConfigError):
+    """The output folder holds another manifest's shots (two manifests with one `name:`, or one
+    `output.dir`); nothing was sent or written. `--force` shares it, keeping each manifest's
+    shots apart."""
+
+
 class InspectError(ImgbatchError):
     """An image `imgbatch inspect` cannot read provenance from: missing, not a PNG, damaged, or
     without imgbatch's text chunks."""
+
+    exit_code = EXIT_USAGE
 
 
 class FrozenError(ImgbatchError):
@@ -107,6 +134,13 @@ class CostLimitError(ImgbatchError):
 
 class LockedError(ImgbatchError):
     """Another imgbatch process is applying to the same output folder."""
+
+
+class ImageError(ImgbatchError, ValueError):
+    """Bytes that are not a whole PNG image of the size asked for; str() says what they are.
+
+    A ValueError too: it is what was long raised for an image that does not decode, so code
+    that fails a shot on a ValueError keeps doing so."""
 
 
 class StoreError(ImgbatchError):
@@ -124,6 +158,8 @@ class ProviderError(ImgbatchError):
         code: str | None = None,
         request_id: str | None = None,
     ) -> None:
+        # A class that stands for one status (RateLimited: 429) gives it when none is given.
+        status = self.status if status is None else status
         self.status = status
         self.code = code
         self.request_id = request_id
@@ -143,18 +179,23 @@ class TransientError(ProviderError):
         code: str | None = None,
         request_id: str | None = None,
         retry_after: float | None = None,
-        throttled: bool = False,
         maybe_billed: bool = False,
         stated_quota: Quota | None = None,
     ) -> None:
         super().__init__(message, status=status, code=code, request_id=request_id)
         self.retry_after = retry_after
-        self.throttled = throttled
         # The request was sent and its answer lost (dropped connection, timeout): the service
         # may have made, and billed, an image that never arrived.
         self.maybe_billed = maybe_billed
         # The quota the service says the account has, if its answer said (a hint).
         self.stated_quota = stated_quota
+
+
+class RateLimited(TransientError):
+    """A 429: the account's quota is used up for now. The pacer slows the model down and the
+    shot waits its turn again; it is not one of the shot's tries."""
+
+    status = 429
 
 
 class PermanentError(ProviderError):

@@ -17,7 +17,9 @@ from typing import Any
 
 import pytest
 
-from imgbatch.state.results import Journal, journal_path, write_results
+from imgbatch.state.folder import OutputFolder
+from imgbatch.state.record import Owner
+from imgbatch.state.results import ResultEntry
 from tests.cli.test_cli import (
     FAST,
     assert_clean,
@@ -26,8 +28,8 @@ from tests.cli.test_cli import (
     output_dir,
     run,
 )
-from tests.conftest import write_manifest
 from tests.support.fake_dashscope import FakeDashScope
+from tests.support.files import write_manifest
 from tests.unit.test_store_results import result
 
 
@@ -319,24 +321,37 @@ def test_apply_json_reports_what_the_run_did(
     assert document["summary"]["unchanged"] == 7 and document["summary"]["requests"] == 0
 
 
-# ----- write_results: unchanged means untouched ---------------------------------------------------
+# ----- results.json: unchanged means untouched ----------------------------------------------------
 
 
-def test_write_results_keeps_updated_at_and_the_file_while_nothing_else_changes(
+def test_results_keep_updated_at_and_the_file_while_nothing_else_changes(
     tmp_path: Path,
 ) -> None:
     meta = {"manifest": "shots.yaml", "provider": "placeholder", "key_format": 1}
     entries = [result("s01"), result("s02")]
-    path = write_results(tmp_path, entries, [], meta, updated_at="2026-01-01T00:00:00+00:00")
+    folder = OutputFolder(tmp_path)
+
+    def save(orphans: list[ResultEntry], now: str) -> Path:
+        before = folder.load()
+        return folder.save(
+            entries, orphans, [], meta, owner=Owner("shots.yaml", "x"), before=before, now=now
+        )
+
+    path = save([], "2026-01-01T00:00:00+00:00")
     os.utime(path, ns=(1_000_000_000, 1_000_000_000))
     before = path.read_bytes()
-    Journal(tmp_path).record(entries[0])  # a journal the results already include
+    folder.journal().record(entries[0])  # a journal the results already include
 
-    write_results(tmp_path, entries, [], meta, updated_at="2026-02-02T00:00:00+00:00")
+    save([], "2026-02-02T00:00:00+00:00")
     assert path.read_bytes() == before
     assert path.stat().st_mtime_ns == 1_000_000_000
-    assert not journal_path(tmp_path).exists()
+    assert not folder.journal_path.exists()
+
+    # Deleted (or edited by hand) with nothing changed since: put back as it was, time and all.
+    path.unlink()
+    save([], "2026-02-03T00:00:00+00:00")
+    assert path.read_bytes() == before
 
     # An orphan is a change: the time moves.
-    write_results(tmp_path, entries, [result("old")], meta, updated_at="2026-03-03T00:00:00+00:00")
+    save([result("old")], "2026-03-03T00:00:00+00:00")
     assert json.loads(path.read_text())["updated_at"] == "2026-03-03T00:00:00+00:00"

@@ -1,6 +1,7 @@
 """`imgbatch generate` and `imgbatch.generate`: one request at a time, as the seed skill does.
 
-Takes: the fake DashScope server (real-sized images) and the CLI through click's runner.
+Takes: the fake DashScope server (real-sized images where a test says so) and the CLI through
+click's runner.
 Gives: evidence that a single request is validated like a manifest shot (nothing sent when it is
 wrong), written where the skill writes it, answered with the normalized response, served from
 the cache the second time (and from an apply's cache), and exits like `apply`.
@@ -10,7 +11,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
+import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +26,8 @@ import imgbatch
 from imgbatch.cli.main import main
 from imgbatch.errors import ManifestError, ProviderError
 from imgbatch.shots.request import ImageRequest, simplified
-from tests.conftest import write_manifest
 from tests.support.fake_dashscope import FakeDashScope
+from tests.support.files import write_manifest
 
 REQUEST = {
     "prompt": "a studio product photo of headphones on a walnut desk",
@@ -51,6 +55,7 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+@pytest.mark.real_images
 def test_generate_writes_the_skill_folder_and_prints_the_normalized_response(
     api_env: dict[str, str], fake_server: FakeDashScope, in_tmp: Path
 ) -> None:
@@ -356,3 +361,68 @@ def test_every_type_a_caller_receives_or_catches_is_exported() -> None:
     assert raised <= {getattr(imgbatch, name) for name in imgbatch.__all__}
     for received in (ResultEntry, Plan, PlannedShot, Action, errors.ManifestProblem):
         assert getattr(imgbatch, received.__name__) is received
+
+
+def _device(folder: Path) -> str:
+    """A character device like /dev/null, made in the test's folder: a test that failed must
+    never have replaced the real one."""
+    path = folder / "null"
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("making a device node needs CAP_MKNOD")
+    return str(path)
+
+
+def _fifo(folder: Path) -> str:
+    path = folder / "pipe.png"
+    os.mkfifo(path)
+    return str(path)
+
+
+def _users_png(path: Path) -> str:
+    Image.new("RGB", (8, 8)).save(path, format="PNG")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("target", "what"),
+    [
+        (_device, "not a regular file (a device or a pipe)"),
+        (_fifo, "not a regular file (a device or a pipe)"),
+        (lambda folder: _users_png(folder / "portrait.png"), "a file imgbatch did not write"),
+    ],
+    ids=["device", "fifo", "users-file"],
+)
+def test_generate_output_never_replaces_what_imgbatch_did_not_write(
+    api_env: dict[str, str],
+    fake_server: FakeDashScope,
+    in_tmp: Path,
+    target: Callable[[Path], str],
+    what: str,
+) -> None:
+    path = target(in_tmp)
+    before = Path(path).read_bytes() if Path(path).is_file() else None
+    result = CliRunner().invoke(
+        main, ["generate", "--request", json.dumps(REQUEST), "--output", path]
+    )
+    assert result.exit_code == 2, result.output
+    assert f"output {Path(path).resolve()} is {what}, so it is not replaced" in result.output
+    assert "remove it or choose another path; nothing was sent" in result.output
+    assert fake_server.generation_count == 0
+    if before is not None:
+        assert Path(path).read_bytes() == before
+
+
+def test_generate_output_replaces_an_image_it_wrote(
+    api_env: dict[str, str], fake_server: FakeDashScope, in_tmp: Path
+) -> None:
+    target = str(in_tmp / "take.png")
+    response_of(
+        run("generate", "--request", json.dumps(REQUEST), "--output", target, "--print-response")
+    )
+    other = {**REQUEST, "seed": 99}
+    response = response_of(
+        run("generate", "--request", json.dumps(other), "--output", target, "--print-response")
+    )
+    assert response["seed"] == 99 and fake_server.generation_count == 2

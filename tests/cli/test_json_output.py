@@ -1,7 +1,7 @@
 """`--json` on `validate` and `generate`: one JSON document on stdout, human text on stderr.
 
 Takes: small manifests written into tmp_path (good, bad, several at once) and, for `generate`,
-the fake DashScope server (real-sized images, its moderation refusal).
+the fake DashScope server (its moderation refusal).
 Gives: evidence of each document's shape and content (every problem with file, line, column,
 shot and field; the normalized response; a failure as `{"error": ...}` with the service's
 code and request id), of the exit codes, and that stdout holds the document alone.
@@ -18,8 +18,8 @@ from click.testing import Result
 
 from tests.cli.test_cli import assert_clean, run
 from tests.cli.test_generate import REQUEST
-from tests.conftest import FAKE_KEY, write_manifest
 from tests.support.fake_dashscope import FakeDashScope
+from tests.support.files import FAKE_KEY, write_manifest
 
 BAD = (
     "version: 1\n"

@@ -17,8 +17,8 @@ import pytest
 
 from imgbatch import ApplyOptions, ConfigError, apply, make_plan
 from tests.cli.test_cli import FAST, assert_clean, edit_manifest, expected_shots, output_dir, run
-from tests.conftest import write_manifest
 from tests.support.fake_dashscope import FakeDashScope
+from tests.support.files import write_manifest
 from tests.support.reference_images import PNG, PNG_OTHER, ReferenceServer
 
 OFFLINE = ("--provider", "placeholder")

@@ -5,7 +5,7 @@ must load none of the library's run machinery (executor, aiohttp, Pillow, a prov
 and neither `validate` nor `plan` of a valid manifest may import a provider's SDK, aiohttp or
 jsonschema. What lets them skip the SDK is that the providers package answers `auto`, `metered`
 and the secrets to redact without importing a provider; those answers are checked here too.
-The timings are in bench/startup.py and the README.
+The timings are in bench/startup.py and bench/README.md.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from imgbatch.providers import (
     resolve_provider_name,
     secrets_for_redaction,
 )
-from tests.conftest import FAKE_KEY
+from tests.support.files import FAKE_KEY
 
 HEAVY = (
     "dashscope",

@@ -19,10 +19,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
-from tests.conftest import REPO
 from tests.support.fake_dashscope import FakeDashScope
+from tests.support.files import REPO
 
 WORKFLOW = REPO / "docs" / "github-actions.yml"
 PAGE = REPO / "docs" / "ci.md"
@@ -73,6 +74,7 @@ def run_steps(job: str, root: Path, env: dict[str, str]) -> dict[str, str]:
     return dict(pairs)
 
 
+@pytest.mark.slow  # the workflow's steps as processes
 def test_the_workflows_steps_validate_plan_and_apply(
     api_env: dict[str, str], fake_server: FakeDashScope, tmp_path: Path
 ) -> None:

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EXAMPLE, REPO
+from tests.support.files import EXAMPLE, REPO
+
+pytestmark = pytest.mark.slow  # pre-commit builds the hook's virtualenv with pip
 
 BAD = "version: 1\nname: bad\nshots:\n  - id: one\n"
 NOT_A_SHOT_LIST = "not: [a shot list\n"  # and not even valid YAML

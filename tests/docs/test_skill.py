@@ -26,7 +26,7 @@ import yaml
 from mcp import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 
-from tests.conftest import REPO
+from tests.support.files import REPO
 
 SKILL = REPO / "skills" / "imgbatch" / "SKILL.md"
 AGENTS_PAGE = REPO / "docs" / "agents.md"

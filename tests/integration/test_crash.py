@@ -22,8 +22,10 @@ from PIL import Image
 
 from imgbatch.cli.main import FiniteFloatRange
 from imgbatch.cli.main import main as cli_main
-from tests.conftest import FAKE_KEY, write_many_shots
 from tests.support.fake_dashscope import FakeDashScope
+from tests.support.files import FAKE_KEY, write_many_shots
+
+pytestmark = pytest.mark.slow  # real processes killed and interrupted, chains of runs
 
 SHOTS = 16
 
@@ -202,18 +204,25 @@ def test_first_ctrl_c_is_acknowledged_at_once_and_shots_never_sent_are_not_run(
     assert f"{SHOTS - 2} shots not run: nothing of theirs was sent or changed" in text
 
 
-def test_second_ctrl_c_abandons_requests_in_flight(
-    tmp_path: Path, slow_server: FakeDashScope
-) -> None:
+def test_second_ctrl_c_abandons_requests_in_flight(tmp_path: Path) -> None:
     manifest = _manifest(tmp_path)
     output = tmp_path / "output" / "crash"
-    process = _start_apply(manifest, slow_server, "--json")
-    # A request surely in flight: received by the server, with most of its latency still to go.
-    _wait_for(lambda: len(_finished(_journal_lines(output))) >= 1 and slow_server.in_flight >= 1)
-    process.send_signal(signal.SIGINT)
-    time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=30)
+    # A latency long enough that what is in flight stays in flight while the first Ctrl-C is
+    # handled, however loaded the machine.
+    with FakeDashScope(api_key=FAKE_KEY, latency=2.0) as server:
+        process = _start_apply(manifest, server, "--json")
+        lines = StderrLines(process)
+        # A request surely in flight: sent after the first two finished, its 2 s still to go.
+        _wait_for(lambda: len(_finished(_journal_lines(output))) >= 2 and server.in_flight >= 1)
+        process.send_signal(signal.SIGINT)
+        # The second Ctrl-C once the first is handled (two signals before it count as one).
+        _wait_for(lambda: lines.has("Interrupted (Ctrl-C)"))
+        process.send_signal(signal.SIGINT)
+        assert process.stdout is not None
+        with process.stdout:
+            stdout = process.stdout.read()  # stderr is the reader's alone
+        process.wait(timeout=30)
+        stderr = lines.text
 
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr

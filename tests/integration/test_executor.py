@@ -19,8 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -28,12 +27,14 @@ from PIL import Image
 from imgbatch.errors import TransientError
 from imgbatch.pacing.gate import Clock, Pacer, RetryPolicy
 from imgbatch.plan.decide import Action
+from imgbatch.review.events import Notice
 from imgbatch.run.apply import ApplyOptions, ApplyReport, _settle, apply, apply_async, make_plan
-from imgbatch.run.executor import Executor, Notice
-from imgbatch.shots.request import GeneratedImage, ImageRequest
-from imgbatch.state.cache import STATE_DIR, ImageCache
-from tests.conftest import write_manifest, write_many_shots
+from imgbatch.run.executor import Executor
+from imgbatch.shots.request import GeneratedImage
+from imgbatch.state.folder import STATE_DIR, OutputFolder
 from tests.support.fake_dashscope import FakeDashScope
+from tests.support.fake_provider import FakeProvider
+from tests.support.files import write_manifest, write_many_shots
 
 FAST_RETRY = RetryPolicy(base_delay=0.001, max_delay=0.01)
 SHOT = "only"
@@ -130,6 +131,9 @@ def test_429_then_success_is_retried_and_counted_as_throttled(
     assert report.throttled == 1
     assert report.retries == 1
     assert report.requests == 2
+    # One image billed, the 429 free: the shot's outcome says so as data.
+    (shot,) = report.shots
+    assert (shot.status, shot.billed, shot.maybe_billed) == ("generated", True, False)
     entry = assert_generated(report, manifest)
     assert entry["attempts"] == 2
     assert entry["error"] is None
@@ -212,23 +216,24 @@ def test_a_400_is_not_retried(
 def test_dropped_connections_are_retried_and_the_shot_completes(
     api_env: dict[str, str], fake_server: FakeDashScope, manifest: Path
 ) -> None:
-    # The SDK re-sends a POST once itself (README: "Dropped connections can bill twice"); two
-    # drops in a row reach imgbatch, which retries with backoff.
+    # Each drop reaches imgbatch (the SDK's own re-send, a second image paid for one answer
+    # lost, is refused), which counts it as maybe billed and retries with backoff.
     fake_server.enqueue_disconnect(times=2)
     report = apply(manifest, options(api_env))
     assert report.ok
     assert fake_server.status_counts == {None: 2, 200: 1}
-    assert report.retries == 1
-    assert assert_generated(report, manifest)["attempts"] == 2
+    assert (report.requests, report.retries, report.maybe_billed) == (3, 2, 2)
+    assert assert_generated(report, manifest)["attempts"] == 3
 
 
-def test_a_single_dropped_connection_is_resent_by_the_sdk(
+def test_a_single_dropped_connection_is_one_request_sent_and_counted(
     api_env: dict[str, str], fake_server: FakeDashScope, manifest: Path
 ) -> None:
     fake_server.enqueue_disconnect(times=1)
     report = apply(manifest, options(api_env))
     assert report.ok
     assert fake_server.status_counts == {None: 1, 200: 1}
+    assert (report.requests, report.maybe_billed) == (2, 1)
     assert_generated(report, manifest)
 
 
@@ -307,67 +312,10 @@ def png(size: tuple[int, int]) -> bytes:
     return buffer.getvalue()
 
 
-class ScriptedProvider:
-    """Generates instantly; each fetch takes the next scripted outcome (bytes or an exception)."""
-
-    name = "dashscope"
-    metered = True
-
-    def __init__(self, fetches: list[bytes | Exception], tag: str = "run") -> None:
-        self.fetches = fetches
-        self.tag = tag  # in its image URLs, to tell one provider's images from another's
-        self.generated: list[ImageRequest] = []
-        self.fetched: list[GeneratedImage] = []
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        return None
-
-    async def generate(self, request: ImageRequest, *, label: str) -> GeneratedImage:
-        self.generated.append(request)
-        width, height = request.dimensions
-        url = f"https://bucket.example.invalid/{self.tag}-{len(self.generated)}.png?Signature=x"
-        return GeneratedImage(url, width, height, request.seed, f"req-{len(self.generated)}")
-
-    async def fetch(self, image: GeneratedImage) -> bytes:
-        self.fetched.append(image)
-        outcome = self.fetches[min(len(self.fetched), len(self.fetches)) - 1]
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
-
-    def describe_credentials(self) -> str:
-        return "no credentials (test)"
-
-
-class SlowProvider(ScriptedProvider):
-    """Takes `latency` seconds per generation and counts the requests it holds at once."""
-
-    def __init__(self, latency: float) -> None:
-        super().__init__([png(SIZE)])
-        self.latency = latency
-        self.in_flight = self.most_in_flight = 0
-
-    async def generate(self, request: ImageRequest, *, label: str) -> GeneratedImage:
-        self.in_flight += 1
-        self.most_in_flight = max(self.most_in_flight, self.in_flight)
-        try:
-            await asyncio.sleep(self.latency)
-            return await super().generate(request, label=label)
-        finally:
-            self.in_flight -= 1
-
-
+@pytest.mark.slow  # 300 shots in real time
 def test_with_no_cap_the_requests_in_flight_follow_rate_times_latency(tmp_path: Path) -> None:
     manifest = write_many_shots(tmp_path, "wide", 300)
-    provider = SlowProvider(latency=0.5)
+    provider = FakeProvider(latency=0.5)
     options = ApplyOptions(retry=FAST_RETRY, environ={}, home=tmp_path, rps=400.0)
 
     report = apply(manifest, options, provider=provider)
@@ -386,7 +334,7 @@ def test_a_download_corrupt_once_is_fetched_again_and_kept(
     manifest: Path, offline: ApplyOptions
 ) -> None:
     good = png(SIZE)
-    provider = ScriptedProvider([good[: len(good) // 2], good])
+    provider = FakeProvider([good[: len(good) // 2], good])
     report = apply(manifest, offline, provider=provider)
     assert report.ok
     assert len(provider.generated) == 1
@@ -396,14 +344,14 @@ def test_a_download_corrupt_once_is_fetched_again_and_kept(
     written = (out_dir(manifest) / entry["file"]).read_bytes()
     # The good download, byte for byte, behind its provenance chunks (spliced in after IHDR).
     assert written.startswith(good[:33]) and written.endswith(good[33:])
-    assert entry["request_id"] == "req-1"
+    assert entry["request_id"] == "req-run-1"
 
 
 def test_an_expired_image_url_fails_the_shot_as_generated_but_not_downloaded(
     manifest: Path, offline: ApplyOptions
 ) -> None:
     expired = TransientError("image download answered HTTP 404", status=404)
-    provider = ScriptedProvider([expired])
+    provider = FakeProvider([expired])
     fake = RecordingClock()
     report = asyncio.run(apply_async(manifest, offline, provider=provider, clock=fake.clock()))
     assert not report.ok
@@ -414,7 +362,7 @@ def test_an_expired_image_url_fails_the_shot_as_generated_but_not_downloaded(
     entry = only_entry(report)
     assert entry["status"] == "unfetched"
     assert entry["error"] == (
-        "generated (request req-1) but the image could not be downloaded: "
+        "generated (request req-run-1) but the image could not be downloaded: "
         "404: image download answered HTTP 404"
     )
     assert entry["image_url"] == provider.fetched[0].image_url
@@ -424,15 +372,15 @@ def test_an_expired_image_url_fails_the_shot_as_generated_but_not_downloaded(
 def test_a_generated_but_undownloadable_shot_keeps_its_request_id(
     manifest: Path, offline: ApplyOptions
 ) -> None:
-    provider = ScriptedProvider([TransientError("image download answered HTTP 404", status=404)])
+    provider = FakeProvider([TransientError("image download answered HTTP 404", status=404)])
     report = apply(manifest, offline, provider=provider)
-    assert only_entry(report)["request_id"] == "req-1"
+    assert only_entry(report)["request_id"] == "req-run-1"
 
 
 def test_the_next_apply_keeps_an_image_billed_but_not_downloaded_without_paying_again(
     manifest: Path, offline: ApplyOptions
 ) -> None:
-    unreachable = ScriptedProvider([TransientError("image download failed (ClientOSError)")])
+    unreachable = FakeProvider([TransientError("image download failed (ClientOSError)")])
     first = only_entry(apply(manifest, offline, provider=unreachable))
     assert first["status"] == "unfetched" and first["image_url"]
     plan = make_plan(manifest, provider="dashscope", environ={}, home=offline.home)
@@ -445,13 +393,13 @@ def test_the_next_apply_keeps_an_image_billed_but_not_downloaded_without_paying_
     ]
     assert plan.paid_requests == 0
 
-    back = ScriptedProvider([png(SIZE)], tag="second")
+    back = FakeProvider([png(SIZE)], tag="second")
     second = only_entry(apply(manifest, offline, provider=back))
 
     assert back.generated == []  # not paid for again
     assert [image.image_url for image in back.fetched] == [first["image_url"]]
     assert second["status"] == "generated"
-    assert second["request_id"] == first["request_id"] == "req-1"
+    assert second["request_id"] == first["request_id"] == "req-run-1"
     assert second["image_url"] == first["image_url"]
     with Image.open(out_dir(manifest) / SHOT_FILE) as image:
         assert image.size == SIZE
@@ -461,7 +409,7 @@ def test_a_results_file_of_the_previous_version_still_recovers_its_billed_image(
     manifest: Path, offline: ApplyOptions
 ) -> None:
     """Before `unfetched`, a billed image not downloaded was a `failed` entry with its URL."""
-    unreachable = ScriptedProvider([TransientError("image download failed (ClientOSError)")])
+    unreachable = FakeProvider([TransientError("image download failed (ClientOSError)")])
     first = only_entry(apply(manifest, offline, provider=unreachable))
     results = out_dir(manifest) / "results.json"
     document = json.loads(results.read_text(encoding="utf-8"))
@@ -472,7 +420,7 @@ def test_a_results_file_of_the_previous_version_still_recovers_its_billed_image(
     plan = make_plan(manifest, provider="dashscope", environ={}, home=offline.home)
     assert [item.action for item in plan.shots] == [Action.RECOVER]
 
-    back = ScriptedProvider([png(SIZE)], tag="second")
+    back = FakeProvider([png(SIZE)], tag="second")
     second = only_entry(apply(manifest, offline, provider=back))
     assert back.generated == []
     assert [image.image_url for image in back.fetched] == [first["image_url"]]
@@ -482,15 +430,15 @@ def test_a_results_file_of_the_previous_version_still_recovers_its_billed_image(
 def test_an_expired_url_from_last_time_is_tried_once_then_the_shot_is_generated_again(
     manifest: Path, offline: ApplyOptions
 ) -> None:
-    unreachable = ScriptedProvider([TransientError("image download failed (ClientOSError)")])
+    unreachable = FakeProvider([TransientError("image download failed (ClientOSError)")])
     first = only_entry(apply(manifest, offline, provider=unreachable))
 
     expired = TransientError("image download answered HTTP 403", status=403)
-    again = ScriptedProvider([expired, png(SIZE)], tag="second")
+    again = FakeProvider([expired, png(SIZE)], tag="second")
     second = only_entry(apply(manifest, offline, provider=again))
 
     assert len(again.generated) == 1
-    new_url = "https://bucket.example.invalid/second-1.png?Signature=x"
+    new_url = "https://bucket.example.invalid/second-1.png?Signature=x&shot=only"
     # The old URL once (no retries: expired stays expired), then the new image.
     assert [image.image_url for image in again.fetched] == [first["image_url"], new_url]
     assert second["status"] == "generated" and second["attempts"] == 1
@@ -501,7 +449,7 @@ class Killed(BaseException):
     """Stands for kill -9: nothing after it runs, in imgbatch or anywhere."""
 
 
-class KilledWhileDownloading(ScriptedProvider):
+class KilledWhileDownloading(FakeProvider):
     async def fetch(self, image: GeneratedImage) -> bytes:
         raise Killed
 
@@ -513,17 +461,17 @@ def test_a_run_killed_while_downloading_leaves_the_paid_image_to_the_next_apply(
         apply(manifest, offline, provider=KilledWhileDownloading([]))
     assert not (out_dir(manifest) / "results.json").exists()
 
-    back = ScriptedProvider([png(SIZE)], tag="second")
+    back = FakeProvider([png(SIZE)], tag="second")
     entry = only_entry(apply(manifest, offline, provider=back))
 
     assert back.generated == []
     assert [image.image_url for image in back.fetched] == [
-        "https://bucket.example.invalid/run-1.png?Signature=x"
+        "https://bucket.example.invalid/run-1.png?Signature=x&shot=only"
     ]
-    assert entry["status"] == "generated" and entry["request_id"] == "req-1"
+    assert entry["status"] == "generated" and entry["request_id"] == "req-run-1"
 
 
-class InterruptedWhileDownloading(ScriptedProvider):
+class InterruptedWhileDownloading(FakeProvider):
     """Ctrl-C arrives during the download, which then hangs until abandoned."""
 
     async def fetch(self, image: GeneratedImage) -> bytes:
@@ -542,20 +490,20 @@ def test_a_download_abandoned_at_ctrl_c_keeps_the_url_for_the_next_apply(
     entry = only_entry(report)
     assert entry["status"] == "unfetched"
     assert entry["error"] == (
-        "abandoned in flight while downloading its image (request req-1); the next apply "
+        "abandoned in flight while downloading its image (request req-run-1); the next apply "
         "fetches it before paying again"
     )
-    assert entry["image_url"] == "https://bucket.example.invalid/run-1.png?Signature=x"
+    assert entry["image_url"] == "https://bucket.example.invalid/run-1.png?Signature=x&shot=only"
 
-    back = ScriptedProvider([png(SIZE)], tag="second")
-    assert only_entry(apply(manifest, offline, provider=back))["request_id"] == "req-1"
+    back = FakeProvider([png(SIZE)], tag="second")
+    assert only_entry(apply(manifest, offline, provider=back))["request_id"] == "req-run-1"
     assert back.generated == []
 
 
 def test_a_recover_abandoned_at_ctrl_c_keeps_the_url_paid_for(
     manifest: Path, offline: ApplyOptions
 ) -> None:
-    unreachable = ScriptedProvider([TransientError("image download failed (ClientOSError)")])
+    unreachable = FakeProvider([TransientError("image download failed (ClientOSError)")])
     first = only_entry(apply(manifest, offline, provider=unreachable))
 
     quick_grace = replace(offline, grace_seconds=0.2)
@@ -570,12 +518,12 @@ def test_a_recover_abandoned_at_ctrl_c_keeps_the_url_paid_for(
 def test_a_recover_not_run_when_the_run_stops_keeps_the_url_paid_for(
     manifest: Path, offline: ApplyOptions
 ) -> None:
-    unreachable = ScriptedProvider([TransientError("image download failed (ClientOSError)")])
+    unreachable = FakeProvider([TransientError("image download failed (ClientOSError)")])
     first = only_entry(apply(manifest, offline, provider=unreachable))
     plan = make_plan(manifest, provider="dashscope", environ={}, home=offline.home)
-    back = ScriptedProvider([png(SIZE)], tag="second")
+    back = FakeProvider([png(SIZE)], tag="second")
     executor = Executor(
-        back, ImageCache(out_dir(manifest)), lambda entry: None, pacer=Pacer(unlimited=True)
+        back, OutputFolder(out_dir(manifest)).cache, lambda entry: None, pacer=Pacer(unlimited=True)
     )
     executor.stop("the run's time is up")
 
@@ -584,9 +532,11 @@ def test_a_recover_not_run_when_the_run_stops_keeps_the_url_paid_for(
     assert back.fetched == [] and back.generated == []
     assert outcome.not_run == {SHOT: "not run: the run's time is up"}
     # Not run: results.json keeps its entry as it was, the URL paid for included.
-    (kept,), not_run = _settle(plan, outcome, metered=True)
-    assert (kept.status, kept.image_url) == ("unfetched", first["image_url"])
-    assert not_run == outcome.not_run
+    (shot,) = _settle(plan, outcome, metered=True)
+    assert shot.entry is not None
+    assert (shot.entry.status, shot.entry.image_url) == ("unfetched", first["image_url"])
+    assert shot.status == "not_run" and shot.why_not_run == outcome.not_run[SHOT]
+    assert not shot.maybe_billed and not shot.billed  # never sent
 
 
 # ----- RetryPolicy.backoff ------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Hostile service and hard stops: real-sized images over bad links, answers that never come,
 a service that echoes the key, requests that never reached it, signals.
 
-Takes: the fake DashScope server (real-sized images by default, in chunks) with scripted faults,
-and `imgbatch apply` through the library or as a real process.
+Takes: the fake DashScope server with scripted faults (real-sized images, in chunks, where the
+download is the point), and `imgbatch apply` through the library or as a real process.
 Gives: evidence, case by case, of the exit or outcome, the message, what was sent (the server's
 own records), and that nothing paid for was lost. Each case is one of issue 7's defects, and
 fails without its fix. (Hostile manifests and hostile output folders have their own files.)
@@ -16,8 +16,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,9 @@ from imgbatch.pacing.gate import RetryPolicy
 from imgbatch.providers.dashscope import ApiKey, DashScopeProvider
 from imgbatch.review.report import apply_summary
 from imgbatch.run.apply import ApplyOptions, ApplyReport, apply
-from tests.conftest import FAKE_KEY, write_manifest, write_many_shots
+from tests.support import hostile_images
 from tests.support.fake_dashscope import FakeDashScope
+from tests.support.files import FAKE_KEY, write_manifest, write_many_shots
 
 FAST_RETRY = RetryPolicy(base_delay=0.001, max_delay=0.01)
 SIZE = (1328, 1328)
@@ -42,6 +44,19 @@ shots:
     prompt: a lighthouse on a cliff at night, long exposure
     size: "1328*1328"
     seed: 3
+"""
+MANIFEST_TWO = """\
+version: 1
+name: hostile
+defaults:
+  size: "1328*1328"
+limits:
+  concurrency: 1
+shots:
+  - id: first
+    prompt: a lighthouse on a cliff at night, long exposure
+  - id: second
+    prompt: a harbour at dawn, fishing boats
 """
 
 
@@ -105,7 +120,7 @@ DOWNLOADS_THAT_SUCCEED = [
 
 @pytest.mark.parametrize("case", DOWNLOADS_THAT_SUCCEED, ids=lambda case: case.name)
 def test_real_sized_images_arrive_whole(case: DownloadCase, manifest: Path, tmp_path: Path) -> None:
-    with FakeDashScope(api_key=FAKE_KEY, **case.server) as server:
+    with FakeDashScope(api_key=FAKE_KEY, image_profile="real", **case.server) as server:
         if case.fault:
             getattr(server, case.fault)()
         report = run_apply(manifest, server, tmp_path)
@@ -127,7 +142,9 @@ def test_real_sized_images_arrive_whole(case: DownloadCase, manifest: Path, tmp_
 def test_a_body_over_the_cap_fails_once_and_keeps_the_url(
     content_length: bool, manifest: Path, tmp_path: Path
 ) -> None:
-    with FakeDashScope(api_key=FAKE_KEY, send_content_length=content_length) as server:
+    with FakeDashScope(
+        api_key=FAKE_KEY, image_profile="real", send_content_length=content_length
+    ) as server:
         report = run_apply(manifest, server, tmp_path, max_image_bytes=1024 * 1024)
         downloads = len(server.downloads)
     entry = only(report)
@@ -141,9 +158,10 @@ def test_a_body_over_the_cap_fails_once_and_keeps_the_url(
 def test_a_stalled_download_is_cut_at_its_deadline_and_tried_again(
     manifest: Path, tmp_path: Path
 ) -> None:
-    with FakeDashScope(api_key=FAKE_KEY) as server:
+    with FakeDashScope(api_key=FAKE_KEY, image_profile="real") as server:
         server.stall_next_download()
-        report = run_apply(manifest, server, tmp_path, download_timeout=0.5)
+        # Long enough for the second try to bring 3.7 MB on a loaded machine.
+        report = run_apply(manifest, server, tmp_path, download_timeout=2.0)
         generations = server.generation_count
     assert report.ok
     assert generations == 1
@@ -154,7 +172,9 @@ def test_an_image_host_that_trickles_fails_at_the_deadline_not_per_read(
     manifest: Path, tmp_path: Path
 ) -> None:
     # Each chunk comes well within any per-read timeout; the whole body never could in time.
-    with FakeDashScope(api_key=FAKE_KEY, chunk_size=4096, chunk_delay=0.05) as server:
+    with FakeDashScope(
+        api_key=FAKE_KEY, image_profile="real", chunk_size=4096, chunk_delay=0.05
+    ) as server:
         started = time.monotonic()
         report = run_apply(manifest, server, tmp_path, download_timeout=0.3)
         elapsed = time.monotonic() - started
@@ -164,6 +184,88 @@ def test_an_image_host_that_trickles_fails_at_the_deadline_not_per_read(
     assert entry.image_url
     # Four tries of 0.3 s, not the 900 chunks x 0.05 s a per-read timeout would wait.
     assert elapsed < 20
+
+
+# ----- hostile image bytes: PNG only, nothing run, the size read before a pixel -----------------
+
+
+@dataclass(frozen=True)
+class Served:
+    name: str
+    body: Callable[[], bytes]
+    message: str
+    content_type: str = "image/png"
+
+
+SERVED_NOT_A_PNG = [
+    # Pillow left to guess opens EPS and runs Ghostscript on it.
+    Served("EPS", hostile_images.eps, "are a PostScript (EPS) document, not a PNG image"),
+    # Pillow's DDS reader raised NotImplementedError, which ended the run with nothing written.
+    Served("DDS", hostile_images.dds_unknown_pixel_format, "are a DDS image, not a PNG image"),
+    # 9400*9400 pixels in a few hundred KB: refused from its header, never decoded.
+    Served(
+        "decode bomb",
+        hostile_images.decode_bomb,
+        "downloaded image is 9400*9400, not the 1328*1328 asked for",
+    ),
+    *(
+        Served(kind, partial(hostile_images.other_format, kind), f"are a {name}, not a PNG", mime)
+        for kind, name, mime in [
+            ("JPEG", "JPEG image", "image/jpeg"),
+            ("WEBP", "WebP image", "image/webp"),
+            ("GIF", "GIF image", "image/gif"),
+            ("BMP", "BMP image", "image/bmp"),
+            ("TIFF", "TIFF image", "image/png"),  # labelled PNG: the bytes decide, not the label
+        ]
+    ),
+]
+
+
+@pytest.mark.parametrize("case", SERVED_NOT_A_PNG, ids=lambda case: case.name)
+def test_an_image_that_is_not_a_png_fails_its_shot_keeps_its_url_and_runs_nothing(
+    case: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = hostile_images.fake_gs(tmp_path, monkeypatch)
+    manifest = write_manifest(tmp_path, MANIFEST_TWO)
+    with FakeDashScope(api_key=FAKE_KEY, image_profile="tiny") as server:
+        server.serve_next_image(case.body(), content_type=case.content_type)
+        report = run_apply(manifest, server, tmp_path)
+        generations = server.generation_count
+    assert not marker.exists(), marker.read_text()
+    by_id = {entry.id: entry for entry in report.entries}
+    entry = by_id["first"]
+    assert entry.status == "unfetched", entry.error
+    assert case.message in (entry.error or "")
+    assert entry.image_url  # paid for: its URL is kept
+    assert generations == 2  # one each: the bad image was not paid for twice
+    assert by_id["second"].status == "generated"  # the run went on
+    folder = manifest.parent / "output" / "hostile"
+    assert not (folder / "first.png").exists()
+    saved = json.loads((folder / "results.json").read_text())
+    assert [shot["status"] for shot in saved["shots"]] == ["unfetched", "generated"]
+
+
+def test_a_gzip_encoded_image_is_decoded_not_called_cut_short(
+    manifest: Path, tmp_path: Path
+) -> None:
+    # A real-sized image: megabytes of gzip in many chunks, decoded as they arrive.
+    with FakeDashScope(api_key=FAKE_KEY, image_profile="real") as server:
+        server.serve_next_image(gzip=True)
+        report = run_apply(manifest, server, tmp_path)
+        (download,) = server.downloads
+    assert report.ok, only(report).error
+    assert download.status == 200
+    assert_whole_image(manifest, minimum_bytes=3 * 1024 * 1024)
+
+
+def test_a_gzip_encoded_image_is_capped_at_its_decoded_size(manifest: Path, tmp_path: Path) -> None:
+    with FakeDashScope(api_key=FAKE_KEY, image_profile="tiny") as server:
+        # 8 MiB of zeros: 8 KB on the wire.
+        server.serve_next_image(bytes(8 * 1024 * 1024), gzip=True)
+        report = run_apply(manifest, server, tmp_path, max_image_bytes=1024 * 1024)
+    entry = only(report)
+    assert entry.status == "unfetched"
+    assert "larger than 1 MiB" in entry.error
 
 
 # ----- answers that never come, waits that never end ----------------------------------------------
@@ -228,7 +330,7 @@ def _everything_written(folder: Path) -> str:
 def test_a_key_echoed_by_the_service_never_reaches_results_journal_or_stderr(
     fault: str, manifest: Path, tmp_path: Path
 ) -> None:
-    with FakeDashScope(api_key=FAKE_KEY, image_profile="tiny") as server:
+    with FakeDashScope(api_key=FAKE_KEY) as server:
         getattr(server, fault)()
         completed = _cli(manifest, server.base_url, tmp_path)
         echoed = [r for r in server.requests if r.status == 400]
@@ -250,7 +352,7 @@ def test_terminal_escapes_in_an_error_from_the_service_are_shown_not_obeyed(
 ) -> None:
     """A service (or a proxy) could clear the screen, retitle the terminal or forge a line of
     the summary through the error it sends back."""
-    with FakeDashScope(api_key=FAKE_KEY, image_profile="tiny") as server:
+    with FakeDashScope(api_key=FAKE_KEY) as server:
         server.enqueue_error(
             400, "Bad\x1b[31mCode", "refused \x1b]0;pwned\x07\x1b[2J\r\nDone in 0.0 s: all good"
         )
@@ -270,7 +372,7 @@ def test_terminal_escapes_in_an_error_from_the_service_are_shown_not_obeyed(
 def test_a_key_with_a_line_break_is_refused_before_any_request(
     manifest: Path, tmp_path: Path
 ) -> None:
-    with FakeDashScope(api_key=FAKE_KEY, image_profile="tiny") as server:
+    with FakeDashScope(api_key=FAKE_KEY) as server:
         completed = _cli(manifest, server.base_url, tmp_path, "sk-first\nsecond")
         sent = len(server.requests)
     assert completed.returncode == 2
@@ -320,7 +422,7 @@ def test_requests_in_flight_stay_under_the_open_files_limit() -> None:
 
 @pytest.fixture
 def throttling_server() -> Iterator[FakeDashScope]:
-    with FakeDashScope(api_key=FAKE_KEY, image_profile="tiny", latency=0.2) as server:
+    with FakeDashScope(api_key=FAKE_KEY, latency=0.2) as server:
         yield server
 
 

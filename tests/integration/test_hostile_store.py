@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,9 +32,11 @@ from PIL import Image
 
 from imgbatch.cli.main import main
 from imgbatch.state import cache as store
-from imgbatch.state.cache import STATE_DIR, TEMP_PREFIX
-from tests.conftest import write_manifest, write_many_shots
+from imgbatch.state.cache import TEMP_PREFIX
+from imgbatch.state.folder import STATE_DIR
+from tests.support import hostile_images
 from tests.support.fake_dashscope import FakeDashScope
+from tests.support.files import write_manifest, write_many_shots
 
 SHOTS = 4
 IDS = [f"shot-{index:03d}" for index in range(SHOTS)]
@@ -176,7 +179,17 @@ def _cache_is_a_file(out: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
+def _thumbs_is_a_link(out: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = out / STATE_DIR / "thumbs"
+    shutil.rmtree(path, ignore_errors=True)
+    elsewhere = out.parent / "elsewhere"
+    elsewhere.mkdir()
+    path.symlink_to(elsewhere)
+    return path
+
+
 BROKEN = [
+    Broken("thumbs-is-a-link", _thumbs_is_a_link, "is a symbolic link"),
     Broken("results.json-is-a-folder", _results_is_a_folder, "is not a file (a folder?)"),
     Broken("results-entry-is-a-number", _results_has_a_number_for_an_entry, "cannot be read"),
     Broken("results-entry-bad-status", _results_has_a_bad_status, "has a bad status"),
@@ -546,8 +559,9 @@ def test_a_damaged_cache_entry_is_discarded_and_the_image_fetched_or_made_again(
     case.damage(entry, outside)
     outside_before = snapshot(outside)
     (out / f"{SECOND}.png").unlink()  # so that the plan restores it from the cache
-    if case.forget_results:
+    if case.forget_results:  # the state record and results.json: nothing records the hashes
         (out / "results.json").unlink()
+        (out / STATE_DIR / "state.json").unlink()
     if case.expired:
         fake_server.forget_images()
     plan = run("plan", manifest)
@@ -659,3 +673,275 @@ def test_written_files_follow_the_umask(tmp_path: Path, umask: int, mode: int) -
         assert stat.S_IMODE(image.stat().st_mode) == mode
     finally:
         os.umask(old)
+
+
+# ----- hostile files a pull request commits: nothing run, nothing of the user's touched -------
+#
+# A project applied once with `output.dir: .` (the images beside the shot list, as some keep
+# them), then files committed by someone else: an EPS where an image was, a results.json naming
+# the user's files, a cache entry copying a user's image, a page of the user's at index.html.
+# Each command runs with a recording `gs` first on PATH, beside a folder outside the project:
+# Ghostscript never runs, the user's files keep their bytes, nothing outside the project changes.
+
+USERS_PAGE = b"<!doctype html><title>My portfolio</title><p>Hand-written, not a contact sheet.\n"
+USERS_README = b"# My project\n\nNotes nobody else has a copy of.\n"
+
+
+def _plain_png(colour: tuple[int, int, int] = (10, 120, 200)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _edit_results(project: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    path = project / "results.json"
+    document = json.loads(path.read_text(encoding="utf-8"))
+    edit(document)
+    path.write_text(json.dumps(document), encoding="utf-8")
+
+
+def _orphan_naming(name: str) -> Callable[[Path], None]:
+    """results.json gains an orphan entry naming `name` with that file's real size and SHA-256."""
+
+    def commit(project: Path) -> None:
+        data = (project / name).read_bytes()
+
+        def edit(document: dict[str, Any]) -> None:
+            entry = dict(document["shots"][0])
+            entry.update(id="old-shot", file=name, bytes=len(data))
+            entry["sha256"] = hashlib.sha256(data).hexdigest()
+            document["orphans"] = [entry]
+
+        _edit_results(project, edit)
+
+    return commit
+
+
+def _eps_at_the_image(project: Path) -> None:
+    # No cache entry to prefer: the sheet's thumbnail would be made from the committed file.
+    shutil.rmtree(project / STATE_DIR / "cache")
+    shutil.rmtree(project / STATE_DIR / "thumbs", ignore_errors=True)
+    (project / "s1.png").write_bytes(hostile_images.eps())
+
+
+def _cache_entry_copying_a_users_image(project: Path) -> None:
+    logo = _plain_png()
+    (project / "logo.png").write_bytes(logo)
+    key = "c0" * 32
+    entry = project / STATE_DIR / "cache" / key[:2] / f"{key}.png"
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    entry.write_bytes(logo)
+
+    def edit(document: dict[str, Any]) -> None:
+        orphan = dict(document["shots"][0])
+        orphan.update(id="old-logo", key=key, file="old-logo.png")
+        document["orphans"] = [orphan]
+
+    _edit_results(project, edit)
+
+
+def _results_field(
+    field: str, value: Callable[[Path], Any], orphan: bool = False
+) -> Callable[[Path], None]:
+    """results.json's first shot (or an orphan copy of it) gets `field` = `value(project)`."""
+
+    def commit(project: Path) -> None:
+        def edit(document: dict[str, Any]) -> None:
+            entry = document["shots"][0]
+            if orphan:
+                entry = dict(entry, id="old-shot")
+                document["orphans"] = [entry]
+            entry[field] = value(project)
+
+        _edit_results(project, edit)
+
+    return commit
+
+
+def _outside_path(project: Path) -> str:
+    return str(project.parent / "outside" / "x")
+
+
+def _outside_victim(project: Path) -> str:
+    return str(project.parent / "outside" / "victim.txt")
+
+
+NO_FOLDERS = "(a file name in the output folder, no folders)"
+
+
+def _users_page(project: Path) -> None:
+    (project / "index.html").write_bytes(USERS_PAGE)
+
+
+def _nothing(project: Path) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Committed:
+    id: str
+    commits: Callable[[Path], None]
+    command: tuple[str, ...]  # "{manifest}" and "{project}" are substituted
+    exit_code: int
+    messages: tuple[str, ...] = ()  # each in the output, "{project}" substituted
+    kept: tuple[str, ...] = ()  # files of the project whose bytes must not change
+
+
+PATH_IN_STATE = [
+    ("key-dotdot", _results_field("key", lambda project: "../../outside/x"), "'../../outside/x'"),
+    ("key-absolute", _results_field("key", _outside_path), "/outside/x'"),
+    ("file-dotdot", _results_field("file", lambda project: "../outside/victim.txt"), NO_FOLDERS),
+    ("orphan-file-absolute", _results_field("file", _outside_victim, orphan=True), NO_FOLDERS),
+]
+COMMANDS = [("sheet", "{manifest}"), ("gc", "{manifest}", "--yes"), ("apply", "{manifest}")]
+
+
+def _entry_replaced_by(value: Any) -> Callable[[Path], None]:
+    def commit(project: Path) -> None:
+        _edit_results(project, lambda document: document["shots"].__setitem__(0, value))
+
+    return commit
+
+
+# Hand-edited value types: the sheet formats every field, and crashed with a traceback.
+TYPES_IN_STATE = [
+    ("width-text", _results_field("width", lambda project: "wide"), "bad width"),
+    ("prompt-list", _results_field("prompt", lambda project: ["a"]), "bad prompt (text, not"),
+    ("size-number", _results_field("size", lambda project: 5), "bad size (text, not 5)"),
+    ("entry-list", _entry_replaced_by([1, 2]), "an entry is a JSON list, not an object"),
+]
+
+
+def _thumbs_linked_outside(project: Path) -> None:
+    thumbs = project / STATE_DIR / "thumbs"
+    shutil.rmtree(thumbs, ignore_errors=True)
+    thumbs.symlink_to(project.parent / "outside")
+
+
+COMMITTED = [
+    Committed(
+        "thumbs-linked-outside-sheet",
+        _thumbs_linked_outside,
+        ("sheet", "{manifest}"),
+        1,
+        ("thumbs is a symbolic link",),
+    ),
+    *(
+        Committed(
+            f"{name}-sheet",
+            commits,
+            ("sheet", "{manifest}"),
+            1,
+            ("{project}/results.json cannot be read", shown),
+        )
+        for name, commits, shown in TYPES_IN_STATE
+    ),
+    *(
+        Committed(
+            f"{name}-{'-'.join(command[0::2])}",
+            commits,
+            command,
+            1,
+            ("{project}/results.json cannot be read", shown),
+        )
+        for name, commits, shown in PATH_IN_STATE
+        for command in [*COMMANDS, ("apply", "{manifest}", "--prune")]
+    ),
+    Committed("eps-image-sheet", _eps_at_the_image, ("sheet", "{manifest}"), 0),
+    Committed("eps-image-apply", _eps_at_the_image, ("apply", "{manifest}"), 0),
+    Committed(
+        "eps-image-inspect",
+        _eps_at_the_image,
+        ("inspect", "{project}/s1.png"),
+        2,
+        ("is not a PNG image",),
+    ),
+    Committed(
+        "prune-orphan-naming-readme",
+        _orphan_naming("README.md"),
+        ("apply", "{manifest}", "--prune"),
+        0,
+        kept=("README.md",),
+    ),
+    Committed(
+        "prune-orphan-naming-the-manifest",
+        _orphan_naming("shots.yaml"),
+        ("apply", "{manifest}", "--prune"),
+        0,
+        kept=("shots.yaml",),
+    ),
+    Committed(
+        "gc-cache-entry-copying-a-users-image",
+        _cache_entry_copying_a_users_image,
+        ("gc", "{manifest}", "--yes"),
+        0,
+        kept=("logo.png",),
+    ),
+    Committed(
+        "sheet-over-a-users-page",
+        _users_page,
+        ("sheet", "{manifest}"),
+        1,
+        ("{project}/index.html is not a contact sheet imgbatch drew", "output.dir"),
+        kept=("index.html",),
+    ),
+    Committed(
+        "apply-beside-a-users-page",
+        _users_page,
+        ("apply", "{manifest}"),
+        0,
+        ("{project}/index.html is not a contact sheet imgbatch drew",),
+        kept=("index.html",),
+    ),
+]
+
+
+def _outside(root: Path, project: Path) -> dict[str, bytes | None]:
+    """Every path under `root` but the project's, with a file's bytes (None for a folder)."""
+    found: dict[str, bytes | None] = {}
+    for path in sorted(root.rglob("*")):
+        if path == project or project in path.parents:
+            continue
+        found[str(path)] = path.read_bytes() if path.is_file() else None
+    return found
+
+
+@pytest.mark.parametrize("case", COMMITTED, ids=[case.id for case in COMMITTED])
+def test_committed_files_run_nothing_and_lose_nothing_of_the_users(
+    case: Committed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = hostile_images.fake_gs(tmp_path / "gs", monkeypatch)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "victim.txt").write_bytes(b"outside the project")
+    project = tmp_path / "project"
+    project.mkdir()
+    manifest = write_manifest(project, IN_PLACE)
+    (project / "README.md").write_bytes(USERS_README)
+    assert apply(manifest).exit_code == 0
+    case.commits(project)
+    kept = {name: (project / name).read_bytes() for name in case.kept}
+    outside = _outside(tmp_path, project)
+
+    command = [part.format(manifest=manifest, project=project) for part in case.command]
+    result = run(*command)
+
+    assert "Traceback" not in result.output and "unexpected" not in result.output, result.output
+    assert result.exit_code == case.exit_code, result.output
+    for message in case.messages:
+        assert message.format(project=project) in " ".join(result.output.split()), result.output
+    assert not marker.exists(), marker.read_text()
+    assert {name: (project / name).read_bytes() for name in case.kept} == kept
+    assert _outside(tmp_path, project) == outside
+
+
+def test_the_sheet_replaces_a_page_it_drew_itself(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path, IN_PLACE)
+    assert apply(manifest).exit_code == 0
+    page = tmp_path / "index.html"
+    drawn = page.read_text(encoding="utf-8")
+    page.write_text(drawn.replace("</title>", "</title><!-- stale -->"), encoding="utf-8")
+
+    result = run("sheet", manifest)
+
+    assert result.exit_code == 0, result.output
+    assert page.read_text(encoding="utf-8") == drawn

@@ -14,6 +14,7 @@ retouched one, drops their entries and never touches the cache.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -21,14 +22,15 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
+from PIL import Image, PngImagePlugin
 
 from imgbatch.cli.main import main
 from imgbatch.housekeeping import gc
 from imgbatch.housekeeping.prune import prune_orphans
-from imgbatch.review.sheet import thumb_path
-from imgbatch.run.apply import exclusive_output
-from imgbatch.state.cache import STATE_DIR, TEMP_PREFIX, ImageCache
-from imgbatch.state.results import ResultEntry, load_state
+from imgbatch.state.cache import TEMP_PREFIX
+from imgbatch.state.folder import STATE_DIR, OutputFolder
+from imgbatch.state.last_run import thumb_path
+from imgbatch.state.results import ResultEntry
 
 NAME = "harbour"
 
@@ -65,7 +67,7 @@ def snapshot(out: Path) -> dict[str, bytes]:
 
 
 def keys(out: Path) -> dict[str, str]:
-    return {shot_id: entry.key for shot_id, entry in load_state(out).items()}
+    return {shot_id: entry.key for shot_id, entry in OutputFolder(out).load().entries.items()}
 
 
 def listed(result: Result) -> list[str]:
@@ -95,7 +97,7 @@ def test_gc_lists_what_no_results_refer_to_and_deletes_it_only_with_yes(project:
     # The last apply changed s2 only: s2's previous image is what the sheet shows beside it.
     apply(write_shots(project, {**PROMPTS, "s1": "a harbour at dawn, in fog", "s2": "rain"}))
     current = keys(out)
-    cache = ImageCache(out)
+    cache = OutputFolder(out).cache
     (out / STATE_DIR / "cache" / first["s1"][:2] / f"{TEMP_PREFIX}killed.tmp").write_bytes(b"x")
     gone = [
         cache.path(first["s1"]),
@@ -142,9 +144,9 @@ def test_gc_keeps_orphans_and_lists_an_unreferenced_image_only_if_imgbatch_wrote
     out = project / "output" / NAME
     apply(manifest)
     apply(write_shots(project, {"s1": PROMPTS["s1"], "s2": PROMPTS["s2"]}))  # s3: an orphan
-    state = load_state(out)
+    state = OutputFolder(out).load().entries
     stray = out / "old-take.png"  # an image imgbatch wrote that no entry names any more
-    stray.write_bytes(ImageCache(out).path(state["s1"].key).read_bytes())
+    stray.write_bytes(OutputFolder(out).cache.path(state["s1"].key).read_bytes())
     mine = out / "moodboard.png"  # the user's
     mine.write_bytes(b"\x89PNG\r\n\x1a\n" + b"mine" * 100)
     edited = out / "retouched.png"  # imgbatch's once, edited since: no longer provably ours
@@ -166,7 +168,7 @@ def test_gc_keeps_orphans_and_lists_an_unreferenced_image_only_if_imgbatch_wrote
     # Only files no entry names are read: the shots' own images never are.
     assert set(compared) == {"old-take.png", "retouched.png"}
     assert "image" in result.stdout
-    assert (out / "s3.png").is_file() and ImageCache(out).has(state["s3"].key)
+    assert (out / "s3.png").is_file() and OutputFolder(out).cache.has(state["s3"].key)
 
 
 def test_gc_never_deletes_the_last_copy_of_an_image_a_user_kept_under_another_name(
@@ -200,10 +202,10 @@ def test_gc_takes_several_manifests_sharing_a_folder_and_names_each_file_once(
     two = write_shots(project, {"b1": "a blue kite"}, name="two", extra=shared)
     out = project / "output" / "shared"
     apply(one)
-    apply(two)  # one's shot becomes an orphan of the shared results: still referred to
+    apply(two, "--force")  # one's shot is kept apart in the shared results: still referred to
     first = keys(out)["b1"]
-    apply(write_shots(project, {"b1": "a green kite"}, name="two", extra=shared))
-    apply(write_shots(project, {"b1": "a yellow kite"}, name="two", extra=shared))
+    apply(write_shots(project, {"b1": "a green kite"}, name="two", extra=shared), "--force")
+    apply(write_shots(project, {"b1": "a yellow kite"}, name="two", extra=shared), "--force")
 
     alone = run("gc", one)
     both = run("gc", one, two)
@@ -214,17 +216,17 @@ def test_gc_takes_several_manifests_sharing_a_folder_and_names_each_file_once(
 
     assert both.exit_code == 0, both.output
     expected = [
-        str(ImageCache(out).path(first).relative_to(project)),
+        str(OutputFolder(out).cache.path(first).relative_to(project)),
         str(thumb_path(out, first).relative_to(project)),
     ]
     assert listed(both) == sorted(expected)
     assert listed(alone) == listed(both)
-    assert ImageCache(out).has(keys(out)["a1"])
+    assert OutputFolder(out).cache.has(keys(out)["a1"])
     # One folder under two spellings is one folder: listed once, locked once.
     deleted = run("gc", one, three, two, "--yes")
     assert deleted.exit_code == 0, deleted.output
     assert listed(deleted) == listed(both)
-    assert not ImageCache(out).has(first) and ImageCache(out).has(keys(out)["a1"])
+    assert not OutputFolder(out).cache.has(first) and OutputFolder(out).cache.has(keys(out)["a1"])
 
 
 def test_gc_yes_waits_for_no_apply_it_is_refused_while_one_runs(project: Path) -> None:
@@ -235,7 +237,7 @@ def test_gc_yes_waits_for_no_apply_it_is_refused_while_one_runs(project: Path) -
     apply(write_shots(project, {**PROMPTS, "s1": "fog", "s2": "rain"}))
     before = snapshot(out)
 
-    with exclusive_output(out):
+    with OutputFolder(out).lock():
         result = run("gc", manifest, "--yes")
 
     assert result.exit_code == 1
@@ -250,6 +252,9 @@ def test_gc_refuses_a_folder_whose_results_are_missing_and_changes_nothing(proje
     out = project / "output" / NAME
     apply(manifest)
     (out / "results.json").rename(project / "results.json.bak")  # moved aside by the user
+    with_a_record = run("gc", manifest)  # the state record still says which images are in use
+    assert with_a_record.exit_code == 0 and "Nothing to collect" in with_a_record.output
+    (out / ".imgbatch" / "state.json").rename(project / "state.json.bak")  # and that too
     before = snapshot(out)
 
     result = run("gc", manifest, "--yes")
@@ -298,7 +303,7 @@ def test_apply_prune_removes_orphans_files_and_entries_but_never_the_cache(proje
     manifest = write_shots(project, {**PROMPTS, "s4": "a harbour at night"})
     out = project / "output" / NAME
     apply(manifest)
-    state = load_state(out)
+    state = OutputFolder(out).load().entries
     shortened = write_shots(project, {"s1": PROMPTS["s1"], "s3": PROMPTS["s3"]})
     apply(shortened)  # without --prune the orphans keep their files and entries
     assert (out / "s2.png").is_file()
@@ -320,7 +325,9 @@ def test_apply_prune_removes_orphans_files_and_entries_but_never_the_cache(proje
     # Bringing a pruned shot back costs nothing: its image is still in the cache.
     back = apply(write_shots(project, {**PROMPTS}))
     assert "0 generated, 1 cached" in back.output, back.output
-    assert (out / "s2.png").read_bytes() == ImageCache(out).path(state["s2"].key).read_bytes()
+    assert (out / "s2.png").read_bytes() == OutputFolder(out).cache.path(
+        state["s2"].key
+    ).read_bytes()
 
 
 def test_apply_prune_keeps_a_retouched_orphan_and_drops_it_once_deleted(project: Path) -> None:
@@ -395,13 +402,17 @@ def test_prune_removes_only_what_it_can_prove_it_wrote_in_the_output_folder(
 ) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    data = b"\x89PNG\r\n\x1a\nimage bytes"
+    data = stamped_png("ab" * 32)  # what imgbatch writes: its provenance names the key
     outside = tmp_path / "precious.png"  # same bytes, outside the folder
     outside.write_bytes(data)
     (out / "plain.png").write_bytes(data)
     (out / "linked.png").symlink_to(outside)
     (out / "unrecorded.png").write_bytes(data)
     (out / "current.png").write_bytes(data)
+    readme = b"# My project\n"
+    (out / "README.md").write_bytes(readme)
+    another = stamped_png("cd" * 32)
+    (out / "another.png").write_bytes(another)
     orphans = [
         orphan("plain", data),
         orphan("escape", data, file="../precious.png"),
@@ -410,6 +421,10 @@ def test_prune_removes_only_what_it_can_prove_it_wrote_in_the_output_folder(
         orphan("current", data),  # a hand edit: an orphan naming a current shot's file
         orphan("failed", data, status="failed", file=None),
         orphan("gone", data),
+        # Hand edits naming a user's file, or another request's image, with its real size and
+        # SHA-256: results.json alone is no proof.
+        orphan("readme", readme, file="README.md"),
+        orphan("another", another),
     ]
 
     done, kept = prune_orphans(out, orphans, in_use={"current.png"})
@@ -422,14 +437,38 @@ def test_prune_removes_only_what_it_can_prove_it_wrote_in_the_output_folder(
         ("current", False, "its file is not its own to remove"),
         ("failed", True, "it had no image"),
         ("gone", True, "its file was already gone"),
+        ("readme", False, NO_PROVENANCE),
+        ("another", False, "its provenance names another request: not its own to remove"),
     ]
-    assert [entry.id for entry in kept] == ["escape", "linked", "unrecorded", "current"]
+    assert [entry.id for entry in kept] == [
+        "escape",
+        "linked",
+        "unrecorded",
+        "current",
+        "readme",
+        "another",
+    ]
     assert sorted(path.name for path in out.iterdir()) == [
+        "README.md",
+        "another.png",
         "current.png",
         "linked.png",
         "unrecorded.png",
     ]
     assert outside.read_bytes() == data
+    assert (out / "README.md").read_bytes() == readme
+
+
+NO_PROVENANCE = "it carries no provenance of imgbatch's for this shot: not its own to remove"
+
+
+def stamped_png(key: str) -> bytes:
+    """A small PNG with imgbatch's provenance chunk naming request `key`."""
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("imgbatch:key", key)
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
 
 
 def test_prune_keeps_an_image_billed_but_not_downloaded_until_its_url_expires(

@@ -26,8 +26,8 @@ import pytest
 from mcp import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 
-from tests.conftest import FAKE_KEY
 from tests.support.fake_dashscope import FakeDashScope
+from tests.support.files import FAKE_KEY
 
 TOOLS = {"generate", "validate", "plan", "apply", "inspect"}
 SIZE = "1328*1328"

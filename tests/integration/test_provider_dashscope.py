@@ -39,14 +39,15 @@ from imgbatch.errors import (
     ConfigError,
     PermanentError,
     ProviderError,
+    RateLimited,
     TransientError,
 )
 from imgbatch.providers.dashscope import DashScopeProvider
 from imgbatch.providers.dashscope_credentials import ApiKey, resolve_api_key
 from imgbatch.shots.request import GeneratedImage, ImageRequest
 from imgbatch.state.cache import verify_image
-from tests.conftest import FAKE_KEY
 from tests.support.fake_dashscope import GENERATION_PATH, FakeDashScope
+from tests.support.files import FAKE_KEY
 
 RECORDING = os.environ.get("IMGBATCH_RECORD") == "1"
 RECORD_PORT, RECORD_IMAGE_PORT = 47231, 47232
@@ -231,19 +232,17 @@ ERROR_CASES: dict[str, dict[str, Any]] = {
         "script": lambda s: s.enqueue_error(
             429, "Throttling.RateQuota", "Requests rate limit exceeded.", retry_after=7
         ),
-        "error": TransientError,
+        "error": RateLimited,
         "status": 429,
         "code": "Throttling.RateQuota",
-        "throttled": True,
         "retry_after": 7.0,
     },
     "dashscope_429": {
         "request": ImageRequest(prompt="a bicycle, throttled"),
         "script": lambda s: s.enqueue_error(429, "Throttling", "Too many requests."),
-        "error": TransientError,
+        "error": RateLimited,
         "status": 429,
         "code": "Throttling",
-        "throttled": True,
         "retry_after": None,
     },
     "dashscope_500": {
@@ -253,7 +252,6 @@ ERROR_CASES: dict[str, dict[str, Any]] = {
         "status": 500,
         "code": "InternalError",
         "message": "500 InternalError: An internal error.",
-        "throttled": False,
         "retry_after": None,
     },
     "dashscope_408": {
@@ -262,7 +260,6 @@ ERROR_CASES: dict[str, dict[str, Any]] = {
         "error": TransientError,
         "status": 408,
         "code": "RequestTimeOut",
-        "throttled": False,
     },
 }
 
@@ -284,8 +281,9 @@ def test_error_statuses_map_to_exception_classes(name: str) -> None:
     assert error.request_id == recorded["request_id"]
     if "message" in case:
         assert str(error) == case["message"]
+    # A 429 is its own class (the pacer's cue), every other transient answer is not.
+    assert isinstance(error, RateLimited) is (case["status"] == 429)
     if isinstance(error, TransientError):
-        assert error.throttled is case["throttled"]
         if "retry_after" in case:
             assert error.retry_after == case["retry_after"]
     key: ApiKey | None = case.get("key")
@@ -395,8 +393,11 @@ def test_expired_download_is_a_transient_error(fake_server: FakeDashScope) -> No
     assert [d.status for d in fake_server.downloads] == [404]
 
 
-def test_dropped_connection_is_transient(fake_server: FakeDashScope) -> None:
-    fake_server.enqueue_disconnect(times=2)  # the SDK re-sends once by itself
+def test_dropped_connection_is_transient_and_not_sent_again_by_the_sdk(
+    fake_server: FakeDashScope,
+) -> None:
+    # The SDK would re-send once by itself: a second image paid for one answer lost.
+    fake_server.enqueue_disconnect(times=2)
     provider = DashScopeProvider(
         ApiKey(FAKE_KEY, ENV_SOURCE), environ={"DASHSCOPE_HTTP_BASE_URL": fake_server.base_url}
     )
@@ -408,8 +409,9 @@ def test_dropped_connection_is_transient(fake_server: FakeDashScope) -> None:
     error = asyncio.run(scenario())
     assert type(error) is TransientError
     assert error.code == "ConnectionDropped"
-    assert fake_server.status_counts == {None: 2}
-    assert provider.wire.posts_sent == 2
+    assert error.maybe_billed
+    assert fake_server.status_counts == {None: 1}
+    assert provider.wire.posts_sent == 1
 
 
 def test_provider_outside_async_with_is_an_error() -> None:

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 from imgbatch.pacing.gate import RetryPolicy
-from imgbatch.pacing.quota import Quota
 from imgbatch.review.report import apply_summary
 from imgbatch.run.apply import ApplyOptions, apply
-from tests.conftest import FAKE_KEY, write_many_shots
+from imgbatch.units.quota import Quota
 from tests.support.fake_dashscope import FakeDashScope
+from tests.support.files import FAKE_KEY, write_many_shots
 
 FAST_RETRY = RetryPolicy(base_delay=0.001, max_delay=0.01)
 
@@ -68,6 +68,7 @@ def test_the_quota_stated_in_the_flow_control_header_is_used(tmp_path: Path) -> 
     assert "2 requests per 1 s (as the service stated it)" in apply_summary(report)
 
 
+@pytest.mark.slow  # real-time probing
 def test_an_unknown_window_is_found_kept_and_where_the_next_run_starts(tmp_path: Path) -> None:
     (tmp_path / "first").mkdir()
     (tmp_path / "second").mkdir()
@@ -104,6 +105,7 @@ def test_a_given_quota_overrides_the_learned_one(tmp_path: Path) -> None:
     assert report.quotas[0].finding.source == "given"
 
 
+@pytest.mark.slow  # real-time probing
 def test_a_cap_on_work_in_progress_is_found(tmp_path: Path) -> None:
     """Two in progress, each 1.5 s: the third request, sent at the rate the first two were
     admitted at, is refused with two in flight; that happens again, and the cap is confirmed."""

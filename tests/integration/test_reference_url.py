@@ -23,12 +23,12 @@ from click.testing import CliRunner, Result
 
 import imgbatch
 from imgbatch.cli.main import main
+from imgbatch.manifest.reference import ReferenceImage
 from imgbatch.plan.decide import Action
 from imgbatch.run.apply import ApplyOptions, apply, make_plan
-from imgbatch.shots.reference import ReferenceImage
 from imgbatch.shots.request import ImageRequest
-from tests.conftest import write_manifest
 from tests.support.fake_dashscope import FakeDashScope
+from tests.support.files import write_manifest
 from tests.support.reference_images import PNG, PNG_OTHER, ReferenceServer
 
 
@@ -212,7 +212,7 @@ def test_a_url_that_cannot_be_fetched_fails_its_shots_only(
 def test_apply_fetches_distinct_urls_concurrently_and_bounded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("imgbatch.shots.reference.REFERENCE_URL_CONCURRENCY", 3, raising=False)
+    monkeypatch.setattr("imgbatch.manifest.reference.REFERENCE_URL_CONCURRENCY", 3, raising=False)
     bodies = {f"/r{index}.png": PNG for index in range(7)}
     with ReferenceServer(bodies, delay=0.3) as server:
         lines = ["version: 1", "name: many", "provider: placeholder", "shots:"]

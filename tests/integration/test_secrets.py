@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from imgbatch.cli.main import error_boundary
-from tests.conftest import write_manifest
 from tests.support.fake_dashscope import GENERATION_PATH, FakeDashScope
+from tests.support.files import write_manifest
 
 SECRET = "sk-SECRET-7f3a9c21e5b84d06aa5e0c9d1b2f4e68"
 CASSETTES = Path(__file__).resolve().parent / "cassettes"
@@ -31,9 +31,9 @@ COMMAND = [sys.executable, "-c", "from imgbatch.cli.main import main; main()"]
 CRASHING_COMMAND = [
     sys.executable,
     "-c",
-    "import imgbatch.run.apply\n"
+    "import imgbatch.state.folder\n"
     "def bug(*args, **kwargs): raise RuntimeError('a bug while writing results.json')\n"
-    "imgbatch.run.apply.write_results = bug\n"
+    "imgbatch.state.folder.OutputFolder.save = bug\n"
     "from imgbatch.cli.main import main; main()",
 ]
 
@@ -104,6 +104,7 @@ class Runner:
         return completed.returncode
 
 
+@pytest.mark.slow  # every command, as processes
 def test_the_key_appears_nowhere(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()

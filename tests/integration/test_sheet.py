@@ -20,10 +20,11 @@ from PIL import Image
 from imgbatch.cli.main import main
 from imgbatch.providers.placeholder import PlaceholderProvider
 from imgbatch.review import sheet as sheet_module
-from imgbatch.review.sheet import render_sheet, thumb_path
+from imgbatch.review.sheet import render_sheet
 from imgbatch.run.apply import ApplyOptions, apply, load_and_expand
 from imgbatch.shots.request import GeneratedImage, ImageRequest
-from imgbatch.state.cache import ImageCache
+from imgbatch.state.folder import OutputFolder
+from imgbatch.state.last_run import thumb_path
 from imgbatch.state.results import ResultEntry
 from tests.support.sheet_scenario import (
     ADDED,
@@ -121,7 +122,7 @@ def test_a_replaced_shot_shows_its_previous_image_from_the_cache(scenario: Scena
     current = next(e for e in scenario.second.entries if e.id == REPLACED)
     assert previous.key != current.key
     replaced = card(page(scenario), REPLACED)
-    cached = ImageCache(scenario.output_dir).path(previous.key)
+    cached = OutputFolder(scenario.output_dir).cache.path(previous.key)
     assert cached.is_file()
     assert f'href=".imgbatch/cache/{previous.key[:2]}/{previous.key}.png"' in replaced
     assert f'src=".imgbatch/thumbs/{previous.key[:2]}/{previous.key}.webp"' in replaced
@@ -373,3 +374,44 @@ def test_thumbnails_are_made_while_the_run_goes_on_and_the_listener_still_hears_
     assert report.count("generated") == 3
     assert provider.seen_during_run
     assert [event.id for event in heard if isinstance(event, ResultEntry)] == ["a", "b", "c"]
+
+
+def _failed(error: str, **provider: object) -> ResultEntry:
+    return ResultEntry(
+        id="s01",
+        status="failed",
+        file=None,
+        key="ef" * 32,
+        width=None,
+        height=None,
+        seed=7,
+        model="qwen-image-max",
+        size="1664*928",
+        prompt="a red bicycle",
+        image_url=None,
+        request_id="req-9",
+        error=error,
+        request={"text": "a red bicycle"},
+        **provider,  # type: ignore[arg-type]
+    )
+
+
+def test_a_failed_card_shows_the_status_and_words_the_entry_holds_never_parsed(
+    tmp_path: Path,
+) -> None:
+    refused = "the service refused it for 300 s (40 tries): 429 Throttling: Too many requests."
+    entries = {
+        # The run's own words around the service's: the badge still has the status, as data.
+        "s01": _failed(refused, error_code="Throttling", error_status=429),
+        # Text that only looks like "<status> <code>: ..." is shown as it is, whole.
+        "s02": _failed("500 Lookalike: not the service's words", error_code="Lookalike"),
+    }
+    path = render_sheet(
+        tmp_path, title="t", order=["s01", "s02"], entries=entries, changes={}, finished_at=None
+    )
+    text = path.read_text(encoding="utf-8")
+    assert '<code class="code">429 Throttling</code>' in card(text, "s01")
+    assert f'<span class="message">{refused}</span>' in card(text, "s01")
+    lookalike = card(text, "s02")
+    assert '<code class="code">Lookalike</code>' in lookalike
+    assert '<span class="message">500 Lookalike: not the service&#39;s words</span>' in lookalike

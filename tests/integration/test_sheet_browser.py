@@ -56,6 +56,8 @@ if not IN_CI:
 
 from playwright.sync_api import Browser, Dialog, Page, sync_playwright  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a real browser
+
 
 @pytest.fixture
 def scenario(tmp_path: Path) -> Scenario:

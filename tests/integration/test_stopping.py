@@ -11,14 +11,12 @@ when the rest is abandoned, that the first Ctrl-C is acknowledged at once, and t
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -26,74 +24,18 @@ from PIL import Image
 from imgbatch.errors import ConfigError, TransientError
 from imgbatch.pacing.gate import Clock, RetryPolicy
 from imgbatch.plan.decide import Action
+from imgbatch.review.events import RunEvent, Stopping
 from imgbatch.review.progress import stopping_line
 from imgbatch.review.report import apply_json, apply_summary, quiet_summary
 from imgbatch.run.apply import ApplyOptions, ApplyReport, apply, apply_async, make_plan
 from imgbatch.run.bounds import format_duration, parse_duration
-from imgbatch.run.executor import RunEvent, Stopping
-from imgbatch.shots.request import GeneratedImage, ImageRequest
-from tests.conftest import write_many_shots
+from tests.support.fake_provider import FakeProvider
+from tests.support.files import write_many_shots
 
 SIZE = (1328, 1328)
 
 
-def png(size: tuple[int, int] = SIZE) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, (200, 80, 20)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-class Provider:
-    """Answers at once unless a hook for the shot says otherwise; records what it was asked."""
-
-    name = "dashscope"
-    metered = True
-
-    def __init__(
-        self,
-        *,
-        on_generate: dict[str, Callable[[], Any]] | None = None,
-        on_fetch: dict[str, Callable[[], Any]] | None = None,
-    ) -> None:
-        self.on_generate = on_generate or {}
-        self.on_fetch = on_fetch or {}
-        self.generated: list[str] = []
-        self.fetched: list[str] = []
-        self.data = png()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        return None
-
-    async def generate(self, request: ImageRequest, *, label: str) -> GeneratedImage:
-        self.generated.append(label)
-        hook = self.on_generate.get(label)
-        if hook is not None:
-            await hook()
-        width, height = request.dimensions
-        url = f"https://bucket.example.invalid/{label}-{len(self.generated)}.png?Signature=x"
-        return GeneratedImage(url, width, height, request.seed, f"req-{label}")
-
-    async def fetch(self, image: GeneratedImage) -> bytes:
-        label = image.image_url.rsplit("/", 1)[1].rsplit("-", 1)[0]
-        self.fetched.append(label)
-        hook = self.on_fetch.get(label)
-        if hook is not None:
-            await hook()
-        return self.data
-
-    def describe_credentials(self) -> str:
-        return "no credentials (test)"
-
-
-class Offline(Provider):
+class Offline(FakeProvider):
     name = "placeholder"
     metered = False
 
@@ -149,7 +91,7 @@ def test_shots_never_sent_keep_their_previous_entry_and_new_ones_get_none(
     tmp_path: Path,
 ) -> None:
     manifest = write_many_shots(tmp_path, "kept", 4)
-    first = apply(manifest, options(tmp_path), provider=Provider())
+    first = apply(manifest, options(tmp_path), provider=FakeProvider())
     assert first.ok
     before = result_lines(first)
     # Every prompt changes (each shot is a replace) and a fifth shot is new.
@@ -157,13 +99,13 @@ def test_shots_never_sent_keep_their_previous_entry_and_new_ones_get_none(
     manifest.write_text(text + '  - id: shot-004\n    prompt: "a barn"\n', encoding="utf-8")
 
     # Ctrl-C while shot-001 is in flight: it finishes, nothing new is sent.
-    provider = Provider(on_generate={shot(1): interrupt()})
+    provider = FakeProvider(on_generate={shot(1): interrupt()})
     report = apply(manifest, options(tmp_path), provider=provider)
 
     assert report.interrupted
-    assert provider.generated == [shot(0), shot(1)]
+    assert provider.labels == [shot(0), shot(1)]
     after = result_lines(report)
-    assert results(report)[shot(1)]["request_id"] == f"req-{shot(1)}"
+    assert results(report)[shot(1)]["request_id"] == provider.request_ids[shot(1)]
     assert after[shot(1)] != before[shot(1)]
     # Never sent: their lines are exactly as they were, and the new shot has none.
     assert after[shot(2)] == before[shot(2)]
@@ -202,7 +144,7 @@ def test_a_second_ctrl_c_abandons_what_is_in_flight_and_writes_what_was_received
         await downloading.wait()
         await interrupt(times=2)()
 
-    provider = Provider(
+    provider = FakeProvider(
         on_generate={shot(0): hang},  # sent, never answered
         on_fetch={shot(1): hang_downloading, shot(2): interrupt_twice_once_downloading},
     )
@@ -218,9 +160,10 @@ def test_a_second_ctrl_c_abandons_what_is_in_flight_and_writes_what_was_received
     with Image.open(manifest.parent / "output" / "abandon" / entries[shot(2)]["file"]) as image:
         assert image.size == SIZE
     # Billed, not downloaded: its URL is kept for the next apply.
-    assert entries[shot(1)]["image_url"].startswith("https://bucket.example.invalid/shot-001")
+    assert entries[shot(1)]["image_url"] == provider.urls[shot(1)]
+    request = provider.request_ids[shot(1)]
     assert entries[shot(1)]["error"] == (
-        f"abandoned in flight while downloading its image (request req-{shot(1)}); the next "
+        f"abandoned in flight while downloading its image (request {request}); the next "
         "apply fetches it before paying again"
     )
     # Sent and abandoned: no entry, and the only shot said to be maybe billed.
@@ -238,21 +181,27 @@ def test_a_second_ctrl_c_abandons_what_is_in_flight_and_writes_what_was_received
     ]
 
     # The next apply fetches the paid image and pays only for the two never answered.
-    again = Provider()
+    again = FakeProvider()
     final = apply(manifest, options(tmp_path), provider=again)
     assert final.ok
-    assert sorted(again.generated) == [shot(0), shot(3)]
-    assert sorted(again.fetched) == [shot(0), shot(1), shot(3)]
+    assert sorted(again.labels) == [shot(0), shot(3)]
+    assert sorted(again.fetched_labels) == [shot(0), shot(1), shot(3)]
 
 
 def test_an_offline_run_abandoned_says_nothing_of_billing(tmp_path: Path) -> None:
     manifest = write_many_shots(tmp_path, "offline", 3)
 
+    drawing = asyncio.Event()
+
+    async def hang_drawing() -> None:
+        drawing.set()
+        await hang()
+
     async def interrupt_twice() -> None:
-        await asyncio.sleep(0.05)  # shot-000 is drawing by now
+        await drawing.wait()  # shot-000 is drawing
         await interrupt(times=2)()
 
-    provider = Offline(on_generate={shot(0): hang, shot(1): interrupt_twice})
+    provider = Offline(on_generate={shot(0): hang_drawing, shot(1): interrupt_twice})
     report = apply(manifest, options(tmp_path, concurrency=2), provider=provider)
 
     assert report.interrupted
@@ -273,7 +222,7 @@ def test_ctrl_c_during_a_recover_says_nothing_of_billing(tmp_path: Path) -> None
     first = apply(
         manifest,
         options(tmp_path),
-        provider=Provider(on_fetch={shot(0): unreachable, shot(1): unreachable}),
+        provider=FakeProvider(on_fetch={shot(0): unreachable, shot(1): unreachable}),
     )
     assert first.count("unfetched") == 2
     assert {item.action for item in make_plan(manifest).shots} == {Action.RECOVER}
@@ -281,7 +230,7 @@ def test_ctrl_c_during_a_recover_says_nothing_of_billing(tmp_path: Path) -> None
     # Ctrl-C while the paid image is downloaded again: no request is in flight, nothing can be
     # billed, and the acknowledgement must not say otherwise.
     events: list[RunEvent] = []
-    provider = Provider(on_fetch={shot(0): interrupt()})
+    provider = FakeProvider(on_fetch={shot(0): interrupt()})
     report = apply(manifest, options(tmp_path), provider=provider, listener=events.append)
 
     assert report.interrupted and provider.generated == []
@@ -294,11 +243,17 @@ def test_ctrl_c_during_a_recover_says_nothing_of_billing(tmp_path: Path) -> None
 def test_the_summary_never_says_a_shot_abandoned_in_flight_was_not_sent(tmp_path: Path) -> None:
     manifest = write_many_shots(tmp_path, "told", 4)
 
+    waiting = asyncio.Event()
+
+    async def hang_waiting() -> None:
+        waiting.set()
+        await hang()
+
     async def interrupt_twice() -> None:
-        await asyncio.sleep(0.05)  # shot-000 is sent and waiting for its answer by now
+        await waiting.wait()  # shot-000 is sent and waiting for its answer
         await interrupt(times=2)()
 
-    provider = Provider(on_generate={shot(0): hang, shot(1): interrupt_twice})
+    provider = FakeProvider(on_generate={shot(0): hang_waiting, shot(1): interrupt_twice})
     report = apply(manifest, options(tmp_path, concurrency=2), provider=provider)
 
     assert report.interrupted and report.maybe_billed == 1
@@ -308,7 +263,7 @@ def test_the_summary_never_says_a_shot_abandoned_in_flight_was_not_sent(tmp_path
     assert "2 shots not run: nothing of theirs was sent or changed" in summary, summary
     assert f"1 shot sent and not answered ({shot(0)}): DashScope may have billed it" in summary
     assert "3 shots not run" not in summary, summary
-    assert "DashScope may have billed it" in quiet_summary(summary)  # -q keeps it too
+    assert "DashScope may have billed it" in quiet_summary(report)  # -q keeps it too
 
 
 def test_a_hand_edit_is_moved_aside_before_an_image_billed_under_another_id_is_recovered(
@@ -319,7 +274,8 @@ def test_a_hand_edit_is_moved_aside_before_an_image_billed_under_another_id_is_r
     async def unreachable() -> None:
         raise TransientError("image host unreachable")
 
-    first = apply(manifest, options(tmp_path), provider=Provider(on_fetch={shot(1): unreachable}))
+    unreachable_second = FakeProvider(on_fetch={shot(1): unreachable})
+    first = apply(manifest, options(tmp_path), provider=unreachable_second)
     assert results(first)[shot(1)]["status"] == "unfetched"
     edited = tmp_path / "output" / "aside" / f"{shot(0)}.png"
     edited.write_bytes(edited.read_bytes() + b"retouched")
@@ -330,7 +286,7 @@ def test_a_hand_edit_is_moved_aside_before_an_image_billed_under_another_id_is_r
     (item,) = make_plan(manifest).shots
     assert item.action is Action.RECOVER and item.move_aside, item.reason
 
-    provider = Provider()
+    provider = FakeProvider()
     report = apply(manifest, options(tmp_path), provider=provider)
 
     assert report.ok and provider.generated == []
@@ -344,7 +300,7 @@ def test_max_requests_stops_sending_and_a_chain_of_runs_makes_each_shot_once(
     tmp_path: Path,
 ) -> None:
     manifest = write_many_shots(tmp_path, "chain", 10)
-    provider = Provider()
+    provider = FakeProvider()
     bounded = options(tmp_path, concurrency=3, max_requests=4)
 
     reports = [apply(manifest, bounded, provider=provider) for _ in range(3)]
@@ -355,12 +311,12 @@ def test_max_requests_stops_sending_and_a_chain_of_runs_makes_each_shot_once(
     assert reports[0].stopped == "reached --max-requests 4"
     assert set(reports[0].not_run.values()) == {"not run: reached --max-requests 4"}
     # Each shot was asked for exactly once over the chain, and all are done.
-    assert sorted(provider.generated) == [shot(index) for index in range(10)]
+    assert sorted(provider.labels) == [shot(index) for index in range(10)]
     assert reports[-1].ok
     # Said in the summary, even with --quiet: a CI job's log must tell why it exits 3.
-    summary = apply_summary(reports[0])
-    assert "Stopped: reached --max-requests 4" in quiet_summary(summary)
-    assert "6 shots remain; run again to continue." in quiet_summary(summary)
+    assert "Stopped: reached --max-requests 4" in apply_summary(reports[0])
+    assert "Stopped: reached --max-requests 4" in quiet_summary(reports[0])
+    assert "6 shots remain; run again to continue." in quiet_summary(reports[0])
     json_summary = apply_json(reports[0])["summary"]
     assert (json_summary["bounded"], json_summary["remaining"]) == ("max_requests", 6)
     assert {entry["status"] for entry in results(reports[-1]).values()} == {"generated"}
@@ -378,7 +334,7 @@ def test_max_duration_stops_sending_once_the_time_is_up(tmp_path: Path) -> None:
     async def ten_seconds() -> None:
         now[0] += 10.0
 
-    provider = Provider(on_generate={shot(index): ten_seconds for index in range(6)})
+    provider = FakeProvider(on_generate={shot(index): ten_seconds for index in range(6)})
     report = asyncio.run(
         apply_async(
             manifest,
@@ -389,7 +345,7 @@ def test_max_duration_stops_sending_once_the_time_is_up(tmp_path: Path) -> None:
     )
 
     # Sent at 0, 10 and 20 s; at 30 s the bound says stop.
-    assert provider.generated == [shot(0), shot(1), shot(2)]
+    assert provider.labels == [shot(0), shot(1), shot(2)]
     assert report.bounded == "max_duration"
     assert report.remaining == 3
     assert report.not_run[shot(3)] == "not run: reached --max-duration 25s"

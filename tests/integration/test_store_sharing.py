@@ -27,8 +27,8 @@ from PIL import Image
 from imgbatch.cli.main import main
 from imgbatch.state import cache as store
 from imgbatch.state.cache import ImageCache
-from imgbatch.state.results import load_state
-from tests.conftest import write_many_shots
+from imgbatch.state.folder import OutputFolder
+from tests.support.files import write_many_shots
 
 FICLONE = 0x40049409  # linux/fs.h; asked here directly, not through the code under test
 KEY = "ab" + "0123456789abcdef" * 3 + "0123456789abcd"
@@ -137,7 +137,7 @@ def test_the_output_file_is_never_a_link_and_edits_stay_out_of_the_cache(
     way: str, tmp_path: Path
 ) -> None:
     data = noisy_png()
-    cache = ImageCache(tmp_path)
+    cache = OutputFolder(tmp_path).cache
     cache.put(KEY, data)
     target = tmp_path / "s01.png"
     WAYS[way](cache, target, data)
@@ -155,7 +155,7 @@ def test_the_cache_entry_is_offered_to_the_file_system_to_share(
     """Whatever the file system answers, the output file is asked to be a reflink of the entry
     (and copied when it cannot be)."""
     data = noisy_png()
-    cache = ImageCache(tmp_path)
+    cache = OutputFolder(tmp_path).cache
     cache.put(KEY, data)
     asked: list[tuple[int, Path]] = []
     real = store.clone
@@ -179,7 +179,7 @@ def test_a_file_system_that_refuses_a_reflink_gets_a_copy(
     way: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = noisy_png()
-    cache = ImageCache(tmp_path)
+    cache = OutputFolder(tmp_path).cache
     cache.put(KEY, data)
     real_ioctl = fcntl.ioctl
 
@@ -203,7 +203,7 @@ def test_a_file_system_that_refuses_a_reflink_gets_a_copy(
 @pytest.mark.parametrize("way", WAYS)
 def test_the_output_file_shares_the_entry_bytes_copy_on_write(way: str, reflink_dir: Path) -> None:
     data = noisy_png()
-    cache = ImageCache(reflink_dir)
+    cache = OutputFolder(reflink_dir).cache
     cache.put(KEY, data)
     target = reflink_dir / "s01.png"
     WAYS[way](cache, target, data)
@@ -213,7 +213,7 @@ def test_the_output_file_shares_the_entry_bytes_copy_on_write(way: str, reflink_
 
 def test_a_restore_checks_the_bytes_it_shares(reflink_dir: Path) -> None:
     data = noisy_png()
-    cache = ImageCache(reflink_dir)
+    cache = OutputFolder(reflink_dir).cache
     cache.put(KEY, data)
     with cache.path(KEY).open("r+b") as handle:  # damaged after it was recorded
         handle.seek(1000)
@@ -230,8 +230,8 @@ def test_apply_stores_each_image_once(reflink_dir: Path) -> None:
     runner = CliRunner()
     first = runner.invoke(main, ["apply", str(manifest), "--provider", "placeholder"])
     assert first.exit_code == 0, first.output
-    state = load_state(out)
-    cache = ImageCache(out)
+    state = OutputFolder(out).load().entries
+    cache = OutputFolder(out).cache
     for entry in state.values():
         assert_shared(cache.path(entry.key), out / f"{entry.id}.png")  # generated
     (out / "shot-001.png").unlink()

@@ -8,8 +8,10 @@ import pytest
 
 from imgbatch.pacing.gate import RetryPolicy
 from imgbatch.run.apply import ApplyOptions, apply
-from tests.conftest import FAKE_KEY, write_many_shots
 from tests.support.fake_dashscope import FakeDashScope
+from tests.support.files import FAKE_KEY, write_many_shots
+
+pytestmark = pytest.mark.slow  # a storm of server errors over many shots
 
 
 def test_thirty_percent_server_errors_complete_every_shot_once(

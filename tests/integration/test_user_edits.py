@@ -32,8 +32,8 @@ from tests.cli.test_cli import (
     results,
     run,
 )
-from tests.conftest import write_many_shots
 from tests.support.fake_dashscope import FakeDashScope
+from tests.support.files import write_many_shots
 
 
 def retouch(path: Path) -> bytes:

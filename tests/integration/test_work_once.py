@@ -22,11 +22,12 @@ import imgbatch
 from imgbatch.errors import ConfigError
 from imgbatch.plan.decide import Action
 from imgbatch.providers.placeholder import PlaceholderProvider
+from imgbatch.review.report import apply_summary
 from imgbatch.run.apply import apply, make_plan
 from imgbatch.shots.request import ImageRequest
 from tests.cli.test_cli import FAST, assert_clean, run
-from tests.conftest import write_manifest, write_many_shots
 from tests.support.fake_dashscope import FakeDashScope
+from tests.support.files import write_manifest, write_many_shots
 
 TWINS = """\
 version: 1
@@ -239,3 +240,40 @@ def test_a_bounded_run_still_copies_a_twin_whose_image_it_made(
     assert sorted(entries) == ["first", "second"]
     assert entries["second"]["status"] == "cached"
     assert (output / "second.png").read_bytes() == (output / "first.png").read_bytes()
+
+
+def test_a_provider_object_keys_its_images_under_its_own_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`apply(manifest, provider=PlaceholderProvider())` on a shot list with no `provider:`
+    keyed the placeholder's drawings under dashscope's name, so a plan for dashscope then said
+    `unchanged` and the real images were never made."""
+    monkeypatch.delenv("OUTPUT_DIR", raising=False)
+    manifest = write_many_shots(tmp_path, "drawn", 2)
+    report = apply(manifest, provider=PlaceholderProvider())
+    assert report.ok and report.count("generated") == 2
+    written = json.loads(report.results_path.read_text(encoding="utf-8"))
+    assert {shot["request"]["provider"] for shot in written["shots"]} == {"placeholder"}
+    assert written["provider"] == "placeholder"
+    real = make_plan(manifest, provider="dashscope")
+    assert [item.action for item in real.shots] == [Action.REPLACE, Action.REPLACE]
+    assert make_plan(manifest, provider="placeholder").count(Action.UNCHANGED) == 2
+
+
+class Sketches(PlaceholderProvider):
+    """A provider of the caller's own, free like the placeholder, under a name imgbatch does
+    not know."""
+
+    name = "sketches"
+
+
+def test_whether_a_provider_object_is_metered_is_its_own_answer_everywhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The summary asked a table by the provider's name, the run asked the object: a free
+    provider of one's own was paced as free but reported as billed, with a cost line."""
+    monkeypatch.delenv("OUTPUT_DIR", raising=False)
+    report = apply(write_many_shots(tmp_path, "sketched", 2), provider=Sketches())
+    assert report.ok and not report.plan.metered
+    summary = apply_summary(report)
+    assert "2 offline requests" in summary and "Cost:" not in summary

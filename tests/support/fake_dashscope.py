@@ -4,17 +4,21 @@ Takes: HTTP requests in the real wire format of
 ``POST {base}/services/aigc/multimodal-generation/generation`` (Bearer key, JSON body with
 ``model``, ``input.messages`` and ``parameters``), plus scripted faults set by the test
 (queued errors, dropped connections, corrupt or wrongly sized images, a rate quota, random 500s,
-cut, stalled, slow and redirected downloads, a key echoed back).
+cut, stalled, slow and redirected downloads, a key echoed back, plain or transformed, and images
+whose bytes the test chooses: an EPS, a DDS, a decode bomb, a JPEG, or a PNG sent gzip-encoded)
+and the misbehaviours of a hostile API (``misbehave_next``: gzip bombs, huge answers, 200s that
+are not JSON, redirect loops, huge messages, poisoned headers; see ``MISBEHAVIOURS``).
 Gives: DashScope-shaped JSON answers, with the real answer's headers (``x-request-id``,
 ``req-cost-time``), whose image URLs point at a second listener that plays the OSS bucket (a
 different host name, ``localhost``, with a signed-looking query string) and serves PNGs of the
 reported size; and a record of every request either listener received.
 
-Images are as hostile as the real ones by default (``image_profile="real"``): 3 to 4 MB of
-mostly incompressible PNG, sent with a ``Content-Length`` in chunks of ``chunk_size`` bytes,
-``chunk_delay`` seconds apart (a throttled link). ``image_profile="tiny"`` serves the small
-solid-colour PNGs that a test of many shots can afford. A real generation takes about 16.5 s
-(``REAL_LATENCY_S``); tests pass a scaled ``latency``.
+Images are small solid-colour PNGs by default (``image_profile="tiny"``), which keeps the test
+loop fast; a test about downloads asks for images as hostile as the real ones
+(``image_profile="real"``, or the ``real_images`` marker with the ``fake_server`` fixture): 3 to
+4 MB of mostly incompressible PNG, sent with a ``Content-Length`` in chunks of ``chunk_size``
+bytes, ``chunk_delay`` seconds apart (a throttled link). The benchmarks serve real ones. A real
+generation takes about 16.5 s (``REAL_LATENCY_S``); tests pass a scaled ``latency``.
 
 Three ways to run it:
 
@@ -31,6 +35,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import gzip
 import hashlib
 import io
 import json
@@ -41,8 +47,9 @@ import sys
 import threading
 import time
 import uuid
+import zlib
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,7 +125,7 @@ class ApiError(Exception):
     """An answer in DashScope's error shape: HTTP status plus JSON ``code`` and ``message``."""
 
     def __init__(
-        self, status: int, code: str, message: str, retry_after: float | None = None
+        self, status: int, code: str, message: str, retry_after: float | str | None = None
     ) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
@@ -135,11 +142,37 @@ class _Stall:
     """Queued fault: take the request and never answer it (until the server stops)."""
 
 
+@dataclass(frozen=True)
 class _EchoKey:
-    """Queued fault: a 400 whose code, message and request id all carry the caller's key."""
+    """Queued fault: a 400 whose code, message and request id all carry the caller's key, put
+    through ``transform`` (a name in ``KEY_TRANSFORMS``)."""
+
+    transform: str = "plain"
 
 
-_Fault = ApiError | _Disconnect | _Stall | _EchoKey
+# How a service (or a proxy) might echo a key back: each must be redacted all the same.
+KEY_TRANSFORMS: dict[str, Callable[[str], str]] = {
+    "plain": lambda key: key,
+    "upper-case": str.upper,
+    "reversed": lambda key: key[::-1],
+    "truncated by one": lambda key: key[:-1],
+    "base64": lambda key: base64.b64encode(key.encode()).decode(),
+    "base64 of the header": lambda key: base64.b64encode(f"Bearer {key}".encode()).decode(),
+    "url-safe base64, no padding": (
+        lambda key: base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
+    ),
+}
+
+
+@dataclass(frozen=True)
+class _Misbehave:
+    """Queued fault: answer with whatever a hostile server sends (see ``MISBEHAVIOURS``)."""
+
+    name: str
+    size: int
+
+
+_Fault = ApiError | _Disconnect | _Stall | _EchoKey | _Misbehave
 
 
 @dataclass(frozen=True)
@@ -152,12 +185,23 @@ class _Generation:
 
 
 @dataclass(frozen=True)
+class _Served:
+    """Scripted image bytes: served instead of a drawn PNG (`body` None: the drawn one), with
+    this Content-Type, and gzip-encoded on the wire when `gzip`."""
+
+    body: bytes | None
+    content_type: str
+    gzip: bool
+
+
+@dataclass(frozen=True)
 class _StoredImage:
     width: int
     height: int
     colour: int
     signature: str
     corrupt: bool
+    served: _Served | None = None
 
 
 class TokenBucket:
@@ -200,7 +244,7 @@ class FakeDashScope:
         seed: int = 0,
         moderation_words: Sequence[str] = ("FORBIDDEN",),
         reject_download_auth: bool = True,
-        image_profile: str = "real",
+        image_profile: str = "tiny",
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         chunk_delay: float = 0.0,
         send_content_length: bool = True,
@@ -212,6 +256,7 @@ class FakeDashScope:
         quota_window: tuple[int, float] | None = None,
         max_in_progress: int | None = None,
         state_quota: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if image_profile not in IMAGE_PROFILES:
             raise ValueError(f"image_profile must be one of {', '.join(IMAGE_PROFILES)}")
@@ -242,9 +287,9 @@ class FakeDashScope:
         self.redirect_images = redirect_images
         self.requests: list[RecordedRequest] = []
         self.downloads: list[RecordedRequest] = []
-        # API requests received and not yet answered (or dropped).
-        self.in_flight = 0
-        self._quota = _make_bucket(quota_rps, quota_burst)
+        # API requests received and not yet answered (or dropped), and the most at once.
+        self.in_flight = self.most_in_flight = 0
+        self._quota = _make_bucket(quota_rps, quota_burst, clock)
         self.shapes = QuotaShapes(quota_window, max_in_progress, state_quota)
         self._rng = random.Random(seed)
         self._port = port
@@ -253,6 +298,7 @@ class FakeDashScope:
         self._lock = threading.Lock()
         self._faults: deque[_Fault] = deque()
         self._pending: Counter[str] = Counter()  # "corrupt" / "wrong_size" toggles still due
+        self._served: deque[_Served] = deque()  # scripted image bytes for the next successes
         self._images: dict[str, _StoredImage] = {}
         self._png_cache: dict[tuple[int, int, int], bytes] = {}
         self._runners: list[web.AppRunner] = []
@@ -316,9 +362,11 @@ class FakeDashScope:
         code: str,
         message: str,
         times: int = 1,
-        retry_after: float | None = None,
+        retry_after: float | str | None = None,
     ) -> None:
         """Answer the next ``times`` authenticated generation requests with this error.
+
+        ``retry_after``: seconds, or a header value as given (an HTTP date, or poison).
 
         Queued faults (errors and disconnects) are served in the order they were queued, right
         after the API key check and before quota, validation and latency.
@@ -340,11 +388,22 @@ class FakeDashScope:
         with self._lock:
             self._faults.extend(_Stall() for _ in range(times))
 
-    def echo_key_next(self, times: int = 1) -> None:
+    def echo_key_next(self, times: int = 1, transform: str = "plain") -> None:
         """Answer the next ``times`` generation requests with a 400 that quotes the caller's key
-        in its ``code``, ``message`` and ``request_id`` (and its ``x-request-id`` header)."""
+        in its ``code``, ``message`` and ``request_id`` (and its ``x-request-id`` header), put
+        through ``transform`` (a name in ``KEY_TRANSFORMS``: upper-case, reversed, base64...)."""
+        if transform not in KEY_TRANSFORMS:
+            raise ValueError(f"transform must be one of {', '.join(KEY_TRANSFORMS)}")
         with self._lock:
-            self._faults.extend(_EchoKey() for _ in range(times))
+            self._faults.extend(_EchoKey(transform) for _ in range(times))
+
+    def misbehave_next(self, name: str, times: int = 1, size: int = 0) -> None:
+        """Answer the next ``times`` authenticated generation requests as ``name`` says (a key of
+        ``MISBEHAVIOURS``); ``size`` is the bytes a bomb inflates to, or a message's length."""
+        if name not in MISBEHAVIOURS:
+            raise ValueError(f"name must be one of {', '.join(MISBEHAVIOURS)}")
+        with self._lock:
+            self._faults.extend(_Misbehave(name, size) for _ in range(times))
 
     def echo_key_in_next_url(self, times: int = 1) -> None:
         """Put the caller's key into the signed image URL of the next ``times`` successes."""
@@ -376,10 +435,31 @@ class FakeDashScope:
         with self._lock:
             self._pending["no_image"] += times
 
+    def poison_next(self, times: int = 1) -> None:
+        """Give the next ``times`` successes poisoned extras: a flow-control header nested too
+        deep for a JSON parser, and ``usage`` sizes of Infinity (the image itself is sound)."""
+        with self._lock:
+            self._pending["poison"] += times
+
     def small_image_next(self, times: int = 1) -> None:
         """Make the next ``times`` images 64*64 whatever size was asked, and report 64*64."""
         with self._lock:
             self._pending["small"] += times
+
+    def serve_next_image(
+        self,
+        body: bytes | None = None,
+        *,
+        content_type: str = "image/png",
+        gzip: bool = False,
+        times: int = 1,
+    ) -> None:
+        """Serve `body` (an EPS, a DDS, a decode bomb, a JPEG...) as the image of the next
+        ``times`` successes, labelled `content_type`; with `gzip`, sent gzip-encoded
+        (``Content-Encoding: gzip``, ``Content-Length`` of the compressed bytes), and without a
+        `body`, the drawn PNG is what is compressed."""
+        with self._lock:
+            self._served.extend(_Served(body, content_type, gzip) for _ in range(times))
 
     def forget_images(self) -> None:
         """Make every image URL handed out so far answer 404, like an expired result."""
@@ -488,6 +568,7 @@ class FakeDashScope:
     async def _handle_api(self, request: web.Request) -> web.StreamResponse:
         received_at = time.monotonic()
         self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
         raw = await request.read()
         body = _parse_json(raw)
         status: int | None = None
@@ -524,7 +605,10 @@ class FakeDashScope:
             await asyncio.Event().wait()  # until the server stops and cancels the handler
         if isinstance(fault, _EchoKey):
             key = (request.headers.get("Authorization") or "").removeprefix("Bearer ")
+            key = KEY_TRANSFORMS[fault.transform](key)
             return _error_response(ApiError(400, f"Invalid.{key}", f"bad key {key}"), key)
+        if isinstance(fault, _Misbehave):
+            return await self._misbehave(request, fault)
         if isinstance(fault, _Disconnect) or (
             self.disconnect_rate and self._draw() < self.disconnect_rate
         ):
@@ -552,9 +636,38 @@ class FakeDashScope:
             if self._consume_toggle("no_image"):
                 text = {"text": "I cannot draw that."}
                 body["output"]["choices"][0]["message"]["content"] = [text]
+            poison = self._consume_toggle("poison")
         headers = _answer_headers(body["request_id"], time.monotonic() - started)
         headers.update(self.shapes.headers())
+        if poison:
+            body["usage"].update(width=float("inf"), height=float("-inf"))
+            headers[FLOW_CONTROL_HEADER] = "[" * 4000 + "]" * 4000
         return web.json_response(body, headers=headers)
+
+    async def _misbehave(self, request: web.Request, fault: _Misbehave) -> web.StreamResponse:
+        request_id = str(uuid.uuid4())
+        headers = _answer_headers(request_id, 0.0)
+        if fault.name == "redirect loop":
+            # Back to the same address: a client that follows it POSTs (and may pay) again.
+            headers["Location"] = str(request.url)
+            return web.Response(status=307, headers=headers)
+        if fault.name == "huge message":
+            body = {"request_id": request_id, "code": "InternalError", "message": "x" * fault.size}
+            return web.json_response(body, status=400, headers=headers)
+        status, content_type, chunks = await MISBEHAVIOURS[fault.name](fault.size, request_id)
+        response = web.StreamResponse(status=status, headers=headers)
+        if content_type:
+            response.headers["Content-Type"] = content_type
+        if fault.name == "gzip bomb":
+            response.headers["Content-Encoding"] = "gzip"
+        await response.prepare(request)
+        try:
+            for chunk in chunks:
+                await response.write(chunk)
+            await response.write_eof()
+        except ConnectionError:
+            pass  # the client stopped reading: what a capped reader does
+        return response
 
     def _draw(self) -> float:
         with self._lock:
@@ -601,7 +714,8 @@ class FakeDashScope:
             corrupt = self._consume_toggle("corrupt")
             wrong_size = self._consume_toggle("wrong_size")
             echo = self._consume_toggle("echo_url")
-            self._images[image_id] = _StoredImage(width, height, colour, signature, corrupt)
+            served = self._served.popleft() if self._served else None
+            self._images[image_id] = _StoredImage(width, height, colour, signature, corrupt, served)
         expires = int(time.time()) + URL_LIFETIME_S
         # A redirecting URL first passes through /r/, like a CDN in front of the bucket.
         folder = "r" if self.redirect_images else "results"
@@ -658,16 +772,28 @@ class FakeDashScope:
             return _oss_error(404, "NoSuchKey", "The specified key does not exist.")
         if request.query.get("Signature") != stored.signature:
             return _oss_error(403, "SignatureDoesNotMatch", "The request signature is wrong.")
-        png = await self._png(stored.width, stored.height, stored.colour)
+        served = stored.served
+        if served is not None and served.body is not None:
+            png = served.body
+        else:
+            png = await self._png(stored.width, stored.height, stored.colour)
         if stored.corrupt:
             png = png[: len(png) // 2]
+        if served is not None and served.gzip:
+            png = gzip.compress(png, mtime=0)
         return await self._send_image(request, png, stored)
 
     async def _send_image(
         self, request: web.Request, png: bytes, stored: _StoredImage
     ) -> web.StreamResponse:
         """The body in chunks, as a real object store over a real link sends it."""
-        headers = {"Content-Type": "image/png", "ETag": f'"{stored.signature}"'}
+        served = stored.served
+        headers = {
+            "Content-Type": served.content_type if served else "image/png",
+            "ETag": f'"{stored.signature}"',
+        }
+        if served is not None and served.gzip:
+            headers["Content-Encoding"] = "gzip"
         response = web.StreamResponse(headers=headers)
         if self.send_content_length:
             response.content_length = len(png)
@@ -850,7 +976,8 @@ def _error_response(error: ApiError, request_id: str | None = None) -> web.Respo
     body = {"request_id": request_id, "code": error.code, "message": error.message}
     headers = _answer_headers(request_id, 0.0)
     if error.retry_after is not None:
-        headers["Retry-After"] = f"{error.retry_after:g}"
+        value = error.retry_after
+        headers["Retry-After"] = value if isinstance(value, str) else f"{value:g}"
     return web.json_response(body, status=error.status, headers=headers)
 
 
@@ -888,6 +1015,96 @@ def _encode_real_png(width: int, height: int, rgb: tuple[int, int, int]) -> byte
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
+
+
+# ----- a hostile API's answers -------------------------------------------------------------------
+
+_Chunks = tuple[int, str | None, Iterator[bytes]]
+
+
+def _success_json(request_id: str) -> bytes:
+    """A well-formed success, as a bomb's or a padded answer's payload ends with."""
+    answer = {
+        "output": {"choices": [{"message": {"content": [{"image": "http://localhost:1/x.png"}]}}]},
+        "usage": {"width": 1328, "height": 1328, "image_count": 1},
+        "request_id": request_id,
+    }
+    return json.dumps(answer).encode()
+
+
+_GZIP_BOMBS: dict[int, bytes] = {}
+
+
+def _gzip_bomb(size: int) -> bytes:
+    """``size`` bytes of JSON whitespace and then a well-formed success answer, gzip-compressed
+    (about 1000:1: 2 MB on the wire for 2 GiB); made once per size, through the compressor in
+    blocks, so the server never holds ``size`` bytes."""
+    bomb = _GZIP_BOMBS.get(size)
+    if bomb is None:
+        compressor = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: a gzip stream
+        block, parts = b" " * (1 << 20), []
+        for _ in range(size >> 20):
+            parts.append(compressor.compress(block))
+        parts.append(compressor.compress(b" " * (size & ((1 << 20) - 1))))
+        parts += [compressor.compress(_success_json("bomb")), compressor.flush()]
+        bomb = _GZIP_BOMBS[size] = b"".join(parts)
+    return bomb
+
+
+async def _bomb(size: int, request_id: str) -> _Chunks:
+    body = await asyncio.to_thread(_gzip_bomb, size)
+    return 200, "application/json", _in_chunks(body)
+
+
+async def _huge_json(size: int, request_id: str) -> _Chunks:
+    """A valid success answer padded to ``size`` bytes, streamed (never held whole)."""
+    head = _success_json(request_id)[:-1] + b', "padding": "'
+
+    def chunks() -> Iterator[bytes]:
+        yield head
+        block = b"x" * DEFAULT_CHUNK_SIZE
+        for _ in range(max(0, size - len(head)) // len(block)):
+            yield block
+        yield b'"}'
+
+    return 200, "application/json", chunks()
+
+
+def _fixed(status: int, content_type: str | None, body: bytes) -> Callable[..., Any]:
+    async def answer(size: int, request_id: str) -> _Chunks:
+        return status, content_type, iter([body])
+
+    return answer
+
+
+def _in_chunks(body: bytes) -> Iterator[bytes]:
+    for offset in range(0, len(body), DEFAULT_CHUNK_SIZE):
+        yield body[offset : offset + DEFAULT_CHUNK_SIZE]
+
+
+_DEEP = b"[" * 200_000 + b"]" * 200_000
+# Each: (size, request id) -> (status, content type, body chunks). "redirect loop" and "huge
+# message" are answered in FakeDashScope._misbehave itself.
+MISBEHAVIOURS: dict[str, Callable[[int, str], Any]] = {
+    "gzip bomb": _bomb,
+    "huge json": _huge_json,
+    "redirect loop": _fixed(307, None, b""),
+    "huge message": _fixed(400, None, b""),
+    "200 html": _fixed(200, "text/html", b"<html><body>Service Unavailable</body></html>"),
+    "200 html as json": _fixed(200, "application/json", b"<html>gateway error</html>"),
+    "200 empty": _fixed(200, "application/json", b""),
+    "200 cut json": _fixed(200, "application/json", b'{"output": {"choices": [{"mess'),
+    "200 json list": _fixed(200, "application/json", b"[1, 2, 3]"),
+    "200 nested brackets": _fixed(200, "application/json", _DEEP),
+    "200 no content type": _fixed(200, None, b'{"output": {}}'),
+    "200 multipart": _fixed(200, "multipart/mixed; boundary=x", b"--x--\r\n"),
+    "200 event stream": _fixed(200, "text/event-stream", b'data: {"output": {}}\n\n'),
+    "200 bad charset": _fixed(200, "application/json; charset=utf-16", b'{"output": {}}'),
+    "200 not utf-8": _fixed(200, "application/json", b'{"output": "\xff\xfe"}'),
+    "200 without output": _fixed(200, "application/json", b'{"request_id": "r"}'),
+    "500 nested brackets": _fixed(500, "application/json", _DEEP),
+    "500 not utf-8": _fixed(500, "text/plain", b"\xff\xfe bad gateway"),
+}
 
 
 # ----- quota shapes: a counted window, a cap on work in progress, the stated quota ---------------
@@ -962,10 +1179,12 @@ class QuotaShapes:
         return {FLOW_CONTROL_HEADER: json.dumps(meta, separators=(",", ":"))}
 
 
-def _make_bucket(rate: float | None, burst: int | None) -> TokenBucket | None:
+def _make_bucket(
+    rate: float | None, burst: int | None, clock: Callable[[], float]
+) -> TokenBucket | None:
     if rate is None:
         return None
-    return TokenBucket(rate, burst if burst is not None else max(1, int(rate)))
+    return TokenBucket(rate, burst if burst is not None else max(1, int(rate)), clock)
 
 
 # ----- subprocess mode ---------------------------------------------------------------------------

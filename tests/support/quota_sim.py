@@ -6,7 +6,8 @@ flow-control header), a latency, a number of shots and imgbatch's options; gives
 the wall time, the ideal time (the first window's burst at once, then the quota's rate, plus one
 latency; for a cap, each slot's share of shots one latency after another), the requests sent
 and refused, and what the run found. The provider (`SimProvider`) is the only fake: the manifest,
-plan, executor, gate, estimator, journal and results are imgbatch's own. A 429 comes back after
+plan, executor, gate, estimator, journal and results are imgbatch's own. It is
+tests/support/fake_provider.py's, with the account's limits in front of it. A 429 comes back after
 one round trip (the gateway refuses before any work); a success after the latency.
 """
 
@@ -14,35 +15,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import io
 import math
 import tempfile
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 from unittest import mock
 
-from PIL import Image
-
-from imgbatch.errors import TransientError
+from imgbatch.errors import RateLimited
 from imgbatch.pacing.gate import Clock
-from imgbatch.pacing.quota import Quota
 from imgbatch.run.apply import ApplyOptions, ApplyReport, apply_async
 from imgbatch.shots.request import GeneratedImage, ImageRequest
+from imgbatch.units.quota import Quota
 from tests.support.fake_dashscope import TokenBucket
+from tests.support.fake_provider import FakeProvider
 from tests.support.virtual_time import run_virtual
-
-
-@functools.cache
-def _png(width: int, height: int) -> bytes:
-    buffer = io.BytesIO()
-    # One bit a pixel: decoded (verified) ten times faster than RGB, so big runs stay quick.
-    Image.new("1", (width, height)).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 class CountedWindow:
@@ -99,35 +88,26 @@ class Account:
         return ", ".join(parts)
 
 
-class SimProvider:
-    """A metered provider whose account is an `Account` on the running loop's clock."""
+class SimProvider(FakeProvider):
+    """The fake provider behind a simulated account, on the running loop's clock.
 
-    name = "dashscope"
-    metered = True
+    A request every limit admits takes a round trip and the latency; one refused comes back
+    after a round trip as the gateway's 429, and takes nothing from the other limits.
+    """
+
     quota_account = "sim-account@sim"
 
     def __init__(self, account: Account, latency: float, rtt: float, download: float) -> None:
+        super().__init__(latency=latency, download=download, stated_quota=account.stated)
         loop = asyncio.get_running_loop()
         self.account = account
-        self.latency, self.rtt, self.download = latency, rtt, download
+        self.rtt = rtt
         self._limits: list[CountedWindow | TokenBucket] = []
         if account.window:
             self._limits.append(CountedWindow(*account.window, clock=loop.time))
         if account.bucket:
             self._limits.append(TokenBucket(*account.bucket, clock=loop.time))
-        self.in_progress = 0
         self.requests = self.refused = 0
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        return None
 
     def describe_credentials(self) -> str:
         return "simulated"
@@ -137,33 +117,20 @@ class SimProvider:
         await asyncio.sleep(self.rtt / 2)
         cap = self.account.max_in_progress
         # Every limit must admit it; a refused request takes nothing from the others.
-        admitted = (cap is None or self.in_progress < cap) and all(
+        admitted = (cap is None or self.in_flight < cap) and all(
             limit.try_take() for limit in self._limits
         )
         if not admitted:
             self.refused += 1
             await asyncio.sleep(self.rtt / 2)
-            raise TransientError(
+            raise RateLimited(
                 "Requests rate limit exceeded",
-                status=429,
                 code="Throttling.RateQuota",
-                throttled=True,
                 stated_quota=self.account.stated,
             )
-        self.in_progress += 1
-        try:
-            await asyncio.sleep(self.latency)
-        finally:
-            self.in_progress -= 1
+        image = await super().generate(request, label=label)  # in flight for the latency
         await asyncio.sleep(self.rtt / 2)
-        width, height = request.dimensions
-        return GeneratedImage(
-            f"sim:{label}", width, height, request.seed, None, self.account.stated
-        )
-
-    async def fetch(self, image: GeneratedImage) -> bytes:
-        await asyncio.sleep(self.download)
-        return _png(image.width, image.height)
+        return image
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from imgbatch.errors import ManifestError
 from imgbatch.manifest import load_manifest, manifest_from_data, manifest_schema
 from imgbatch.manifest.expansion import auto_seed
 from imgbatch.run.apply import ApplyOptions, apply, expand_shots, make_plan
-from tests.conftest import write_manifest
 from tests.support.fake_dashscope import FakeDashScope
+from tests.support.files import write_manifest
 from tests.support.reference_images import PNG
 
 FIELDS = [

@@ -21,6 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from imgbatch.cli.main import main
+from tests.support import hostile_images
 from tests.support.fake_dashscope import FakeDashScope
 from tests.support.reference_images import PNG, image_bytes
 
@@ -142,6 +143,27 @@ def oversized(project: Path) -> Path:
     return path
 
 
+def output_at(make: Callable[[Path], str], extra: str = "") -> Callable[[Path], Path]:
+    """A valid one-shot manifest whose output.dir is what `make` prepares and returns."""
+
+    def setup(project: Path) -> Path:
+        text = f'version: 1\noutput:\n  dir: "{make(project)}"\n{extra}{SHOT}'
+        return manifest(text)(project)
+
+    return setup
+
+
+def link_outside(name: str) -> Callable[[Path], str]:
+    """A link in the project, `name`, to a folder beside the project."""
+
+    def make(project: Path) -> str:
+        (project.parent / "elsewhere").mkdir(exist_ok=True)
+        (project / name).symlink_to(project.parent / "elsewhere")
+        return name
+
+    return make
+
+
 def nested(depth: int) -> str:
     return "version: 1\n" + SHOT + "defaults: " + "{a: " * depth + "1" + "}" * depth + "\n"
 
@@ -174,6 +196,17 @@ CASES = [
          ("{manifest}:5:11", "field size", "'1328*1328\\n' is not valid")),
     Case("output-dir-nul", manifest(f'version: 1\noutput:\n  dir: "out\\0put"\n{SHOT}'),
          ("{manifest}:3:8", "field output.dir", "control characters")),
+    # --- output.dir: written only inside the manifest's folder tree unless trusted.
+    Case("output-dir-absolute", output_at(lambda project: str(project.parent / "elsewhere")),
+         ("{manifest}:3:8", "field output.dir", "outside the manifest's folder",
+          "'trust: {output_outside: true}'")),
+    Case("output-dir-dotdot", output_at(lambda project: "../elsewhere"),
+         ("{manifest}:3:8", "field output.dir", "outside the manifest's folder")),
+    Case("output-dir-link-outside", output_at(link_outside("renders")),
+         ("{manifest}:3:8", "field output.dir", "outside the manifest's folder")),
+    Case("output-dir-trusted-references-only",
+         output_at(lambda project: "../elsewhere", "trust:\n  references_outside: true\n"),
+         ("{manifest}:3:8", "field output.dir", "outside the manifest's folder")),
     # --- things that are not a manifest file.
     Case("dev-zero", real_file("/dev/zero"), ("/dev/zero", "not a regular file")),
     Case("fifo-manifest", a_fifo, ("{manifest}", "not a regular file"), command="validate"),
@@ -205,6 +238,11 @@ CASES = [
          ("{manifest}:5:22", "64x64 pixels", "from 384 to 3072")),
     Case("ref-other-format", with_reference(file_at("face.ppm", image_bytes("PPM"))),
          ("{manifest}:5:22", "PPM image", "accepted formats")),
+    # Opened in the documented formats only: Pillow left to guess runs Ghostscript on an EPS.
+    Case("ref-eps", with_reference(file_at("face.png", hostile_images.eps(1024, 1024))),
+         ("{manifest}:5:22", "is a PostScript (EPS) document; accepted formats: JPEG, PNG")),
+    Case("ref-dds", with_reference(file_at("face.png", hostile_images.dds_unknown_pixel_format())),
+         ("{manifest}:5:22", "is a DDS image; accepted formats")),
     Case("ref-defaults-outside",
          manifest(f'version: 1\ndefaults:\n  reference_image: "../outside/x.png"\n{SHOT}'),
          ("{manifest}:3:20", "field defaults.reference_image", "outside the manifest's folder")),
@@ -232,14 +270,20 @@ def tree(root: Path) -> dict[str, int]:
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_hostile_manifest_is_refused_cleanly(
-    case: Case, tmp_path: Path, api_env: dict[str, str], fake_server: FakeDashScope
+    case: Case,
+    tmp_path: Path,
+    api_env: dict[str, str],
+    fake_server: FakeDashScope,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     project = tmp_path / "project"
     project.mkdir()
     path = case.setup(project)
+    marker = hostile_images.fake_gs(tmp_path / "gs", monkeypatch)
     before = tree(tmp_path)
 
     result = CliRunner().invoke(main, [case.command, str(path), *case.args])
+    assert not marker.exists()  # nothing handed to Ghostscript, whatever the bytes
 
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and "unexpected" not in result.output
@@ -252,6 +296,21 @@ def test_hostile_manifest_is_refused_cleanly(
 
 
 # --- what a trusted reference may do, and what it may not --------------------------------------
+
+
+def test_an_output_folder_outside_is_written_when_the_shot_list_trusts_it(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    text = (
+        f"version: 1\nname: out\nprovider: placeholder\noutput:\n  dir: ../renders\n"
+        f"trust:\n  output_outside: true\n{SHOT}"
+    )
+    path = manifest(text)(project)
+
+    result = CliRunner().invoke(main, ["apply", str(path)])
+
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "renders" / "a.png").is_file()
 
 
 def test_a_reference_outside_is_sent_when_the_user_allows_it(
@@ -333,7 +392,7 @@ def drip() -> Iterator[DripServer]:
 def test_a_reference_url_dripping_its_body_is_cut_off_at_the_deadline(
     tmp_path: Path, drip: DripServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("imgbatch.shots.reference.REFERENCE_URL_DEADLINE", 1.0, raising=False)
+    monkeypatch.setattr("imgbatch.manifest.reference.REFERENCE_URL_DEADLINE", 1.0, raising=False)
     path = manifest(f'version: 1\n{SHOT}    reference_image: "{drip.url}"\n')(tmp_path)
 
     # Only apply (and generate) fetch it, to key it by its content; validate and plan never do.

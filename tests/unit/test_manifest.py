@@ -16,9 +16,9 @@ import yaml
 
 from imgbatch.errors import ManifestError, ManifestProblem
 from imgbatch.manifest import Limits, load_manifest, manifest_schema
+from imgbatch.manifest import reference as reference_module
 from imgbatch.manifest.catalogue import QWEN_IMAGE_SIZES, nearest_size
-from imgbatch.shots import reference as reference_module
-from tests.conftest import EXAMPLE, REPO, write_manifest
+from tests.support.files import EXAMPLE, REPO, write_manifest
 from tests.support.reference_images import PNG, PNG_OTHER
 
 SUPPORTED = "1664*928, 1472*1104, 1328*1328, 1104*1472, 928*1664"

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from imgbatch.pacing.gate import Clock, Gate, Pacer, RetryPolicy
-from imgbatch.pacing.quota import Quota, QuotaEstimator
+from imgbatch.pacing.quota import QuotaEstimator
 from imgbatch.run.apply import ApplyOptions
+from imgbatch.units.quota import Quota
+from tests.support.files import write_manifest
 from tests.support.quota_sim import Account, simulate
 from tests.support.virtual_time import run_virtual
 
@@ -217,6 +220,7 @@ def test_an_even_rate_without_burst_is_found() -> None:
     assert run.ratio >= 0.9
 
 
+@pytest.mark.slow  # a long simulated run
 def test_a_token_bucket_with_a_burst_is_found_and_held() -> None:
     run = simulate(Account(bucket=(25, 25)), 0.8, 600)
     assert run.share <= 0.05
@@ -241,3 +245,41 @@ def test_a_shot_fails_on_429s_only_after_the_service_refused_it_for_the_patience
     assert failed[0].error is not None and "the service refused it for" in failed[0].error
     # Failed at the first 429 after the patience, not before; the slowed gate spaces those out.
     assert 600 <= run.wall < 1500
+
+
+@pytest.mark.parametrize(
+    ("given", "limits", "expected"),
+    [
+        # --rps over a manifest's quota: the rate given is kept on average, as a rate is.
+        ({"rps": 4.0}, "  quota: 2/60s\n", (Quota.per_second(4.0), True)),
+        ({"quota": Quota(3, 1.0)}, "  rps: 4\n", (Quota(3, 1.0), False)),
+        ({}, "  quota: 2/60s\n  rps: 4\n", (Quota(2, 60.0), False)),
+        ({}, "  rps: 4\n", (Quota.per_second(4.0), True)),
+        ({"rps": 4.0, "quota": Quota(1, 2.0)}, "", (Quota(1, 2.0), False)),
+    ],
+)
+def test_the_pace_given_is_one_decision_a_rate_on_average_a_quota_strictly(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    given: dict[str, Any],
+    limits: str,
+    expected: tuple[Quota, bool],
+) -> None:
+    """`--rps` met a manifest's `limits.quota`: the rate won, but was then kept strictly, as a
+    quota, since two functions decided which pace was given and how to keep it."""
+    import imgbatch.run.apply as apply_module
+
+    seen: list[tuple[Quota | None, bool]] = []
+    real = apply_module.Pacer
+
+    def capture(**kwargs: Any) -> Pacer:
+        pacer = real(**kwargs)
+        seen.append((pacer.given, pacer.average))
+        return pacer
+
+    monkeypatch.setattr(apply_module, "Pacer", capture)
+    head = f"version: 1\nname: paced\n{'limits:' if limits else ''}\n{limits}"
+    manifest = write_manifest(tmp_path, head + "shots:\n  - id: a\n    prompt: a lighthouse\n")
+    options = ApplyOptions(**given, quota_store=False)
+    assert apply_module.apply(manifest, options, provider="placeholder").ok
+    assert seen == [expected]

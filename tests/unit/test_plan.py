@@ -7,15 +7,16 @@ from pathlib import Path
 
 import pytest
 
+from imgbatch.manifest.reference import ReferenceImage
 from imgbatch.plan.decide import Action, Plan, aside_path, make_plan
 from imgbatch.run.apply import ApplyOptions, apply
 from imgbatch.run.apply import make_plan as plan_manifest
 from imgbatch.shots.expand import Shot
-from imgbatch.shots.reference import ReferenceImage
 from imgbatch.shots.request import ImageRequest
 from imgbatch.state.cache import ImageCache
+from imgbatch.state.folder import OutputFolder
 from imgbatch.state.results import ResultEntry
-from tests.conftest import write_manifest
+from tests.support.files import write_manifest
 
 IMAGE = b"\x89PNG pretend image bytes"
 
@@ -58,7 +59,7 @@ def out(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def cache(out: Path) -> ImageCache:
-    return ImageCache(out)
+    return OutputFolder(out).cache
 
 
 def place(out: Path, made: Shot, data: bytes = IMAGE) -> None:

@@ -18,20 +18,12 @@ from pathlib import Path
 import pytest
 
 from imgbatch import ApplyOptions, ConfigError, CostLimitError, ImageRequest, apply, make_plan
-from imgbatch.plan.pricing import (
-    Cost,
-    CostLimit,
-    MaxCost,
-    Pricing,
-    cost,
-    format_money,
-    price_list,
-    region_of,
-)
-from imgbatch.run.bounds import Tally
+from imgbatch.plan.pricing import cost, price_list, region_of
+from imgbatch.run.bounds import MaxCost, Tally
+from imgbatch.units.money import Cost, CostLimit, Pricing, format_money
 from tests.cli.test_cli import assert_clean, run
-from tests.conftest import write_manifest
 from tests.support.fake_dashscope import FakeDashScope
+from tests.support.files import write_manifest
 
 INTL = "https://dashscope-intl.aliyuncs.com/api/v1"
 BEIJING = "https://dashscope.aliyuncs.com/api/v1"
@@ -251,8 +243,8 @@ def test_a_refused_request_costs_nothing_and_a_lost_answer_is_a_possible_extra(
 ) -> None:
     manifest = shots_manifest(tmp_path, 2, extra=PRICED + "\nlimits:\n  concurrency: 1")
     fake_server.enqueue_error(400, "InvalidParameter", "nope")
-    # Twice: the SDK sends a POST again once when its connection drops.
-    fake_server.enqueue_disconnect(2)
+    # One answer lost: the request is counted once (the SDK's own re-send is refused).
+    fake_server.enqueue_disconnect(1)
     # And a 200 without an image (asked again, simplified): no image, no bill.
     fake_server.no_image_next()
     result = run("apply", manifest, "--json", *FAST)
@@ -333,7 +325,7 @@ def test_max_cost_stops_sending_before_the_images_billed_could_exceed_it(
     # Estimated 0.75 USD, within the limit; but the first answer is lost (it may have been
     # billed) and its shot is sent again, so after two more images a third would pass 0.75.
     manifest = shots_manifest(tmp_path, 3, extra=PRICED + "\nlimits:\n  concurrency: 1")
-    fake_server.enqueue_disconnect(2)  # the SDK's own re-send is dropped too
+    fake_server.enqueue_disconnect(1)
     result = run("apply", manifest, "--json", "--max-cost", "0.75", *FAST)
     # Stopped at a bound with a shot remaining, as --max-requests does.
     assert result.exit_code == 3, result.output
@@ -342,8 +334,8 @@ def test_max_cost_stops_sending_before_the_images_billed_could_exceed_it(
     summary = document["summary"]
     assert (summary["generated"], summary["billed"], summary["cost"]) == (2, 2, 0.5)
     assert summary["possible_extra_cost"] == 0.25
-    # Two POSTs lost, two images: the third shot was never sent.
-    assert fake_server.generation_count == 4
+    # One POST lost, two images: the third shot was never sent.
+    assert fake_server.generation_count == 3
     assert fake_server.successes == 2
     statuses = {shot["id"]: shot["status"] for shot in document["shots"]}
     assert statuses["shot-2"] == "not_run"

@@ -25,13 +25,13 @@ import pytest
 from click.testing import CliRunner, Result
 
 from imgbatch.cli.main import main
-from imgbatch.errors import TransientError
+from imgbatch.errors import RateLimited, TransientError
 from imgbatch.review.console import Verbosity, console_for
+from imgbatch.review.events import Retrying
 from imgbatch.review.progress import Progress
-from imgbatch.run.executor import Retrying
 from imgbatch.state.results import ResultEntry
-from tests.conftest import FAKE_KEY, REPO, write_manifest
 from tests.support.fake_dashscope import FakeDashScope
+from tests.support.files import FAKE_KEY, REPO, write_manifest
 
 # Select Graphic Rendition: colour, bold, dim. Cursor movements of a live bar are not styling.
 SGR = re.compile(r"\x1b\[[0-9;]*m")
@@ -268,7 +268,7 @@ def test_the_plain_line_counts_any_status_429s_and_says_time_left() -> None:
         "[0/4] 0 generated, 0 failed, 0 retries, 0 throttled (429); 0.0 images/s, 0s elapsed, "
         "waiting for the first shot"
     )
-    throttled = TransientError("429 Throttling", throttled=True)
+    throttled = RateLimited("Throttling", code="Throttling")
     progress(Retrying("a", 1, 0.0, throttled))
     progress(Retrying("a", 2, 1.0, TransientError("503 busy")))
     now[0] = 110.0
@@ -348,7 +348,7 @@ def test_the_bar_shows_failures_retries_and_429s_once_there_are_any(
     stream = TerminalStream()
     with Progress(stream) as progress:
         progress.start(3)
-        progress(Retrying("a", 1, 0.0, TransientError("429 Throttling", throttled=True)))
+        progress(Retrying("a", 1, 0.0, RateLimited("Throttling", code="Throttling")))
         progress(Retrying("a", 2, 1.0, TransientError("503 busy")))
         progress(entry("a", "generated"))
         progress(entry("b", "failed", "400 InvalidParameter: bad size"))

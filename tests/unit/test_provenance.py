@@ -26,12 +26,13 @@ from PIL import Image
 
 from imgbatch.cli.main import main
 from imgbatch.pacing.gate import RetryPolicy
-from imgbatch.review.provenance import FIELDS, Provenance, embed, read_provenance
+from imgbatch.png import read_provenance
+from imgbatch.review.provenance import FIELDS, Provenance, embed
 from imgbatch.run.apply import ApplyOptions, apply
 from imgbatch.shots.request import ImageRequest
 from tests.cli.test_startup import loaded_after
-from tests.conftest import FAKE_KEY, write_manifest
 from tests.support.fake_dashscope import FakeDashScope, _encode_real_png
+from tests.support.files import FAKE_KEY, write_manifest
 from tests.support.reference_images import JPEG
 
 # Chinese, accents and an emoji: what a tEXt chunk (Latin-1) could not hold.
@@ -128,6 +129,7 @@ def test_bytes_that_are_not_a_png_are_written_unchanged() -> None:
     assert embed(JPEG, Provenance("s01", request, request.text, None)) == JPEG
 
 
+@pytest.mark.real_images  # stamped without re-encoding megabytes
 def test_apply_stamps_every_image_and_results_describe_the_file_as_written(
     api_env: dict[str, str], fake_server: FakeDashScope, tmp_path: Path
 ) -> None:

@@ -15,7 +15,8 @@ import pytest
 
 from imgbatch.errors import ManifestError
 from imgbatch.manifest import load_manifest
-from imgbatch.pacing.quota import Quota, QuotaEstimator, parse_quota
+from imgbatch.pacing.quota import QuotaEstimator
+from imgbatch.units.quota import Quota, parse_quota
 
 
 class Account:

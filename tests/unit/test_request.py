@@ -13,16 +13,15 @@ import pytest
 
 from imgbatch.errors import ManifestError, PermanentError
 from imgbatch.manifest import load_manifest
-from imgbatch.manifest.catalogue import DEFAULT_MODEL
+from imgbatch.manifest.catalogue import DEFAULT_MODEL, DEFAULT_SIZE
+from imgbatch.manifest.reference import ReferenceImage, load_local_reference
 from imgbatch.shots.expand import expand, output_dir_for
-from imgbatch.shots.reference import ReferenceImage, load_local_reference
 from imgbatch.shots.request import (
-    DEFAULT_SIZE,
     KEY_FORMAT_VERSION,
     ImageRequest,
     changed_fields,
 )
-from tests.conftest import write_manifest
+from tests.support.files import write_manifest
 from tests.support.reference_images import JPEG, PNG, PNG_OTHER, image_bytes
 
 PNG_BYTES = PNG
@@ -316,8 +315,8 @@ def test_output_dir_is_relative_to_the_manifest(tmp_path: Path) -> None:
     (tmp_path / "manifests").mkdir()
     path = write_manifest(
         tmp_path / "manifests",
-        "version: 1\nname: spot\noutput:\n  dir: ../renders/here\nshots:\n  - id: a\n"
-        "    prompt: p\n",
+        "version: 1\nname: spot\noutput:\n  dir: ../renders/here\ntrust:\n  output_outside: true\n"
+        "shots:\n  - id: a\n    prompt: p\n",
     )
     expansion = expand(load_manifest(path), provider="placeholder", environ={})
     assert expansion.output_dir == tmp_path / "manifests" / "../renders/here"

@@ -17,8 +17,8 @@ import pytest
 
 from imgbatch.review.step_summary import MAX_ROWS, apply_markdown, plan_markdown
 from tests.cli.test_cli import FAST, assert_clean, run
-from tests.conftest import write_manifest, write_many_shots
 from tests.support.fake_dashscope import FakeDashScope
+from tests.support.files import write_manifest, write_many_shots
 
 OFFLINE = ("--provider", "placeholder")
 EARLIER = "## An earlier step\n\nits own summary\n"

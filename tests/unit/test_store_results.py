@@ -18,18 +18,12 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from imgbatch.errors import CacheEntryDamaged, StoreError, StoreWriteError
+from imgbatch.errors import CacheEntryDamaged, ImageError, StoreError, StoreWriteError
 from imgbatch.state import cache as store
-from imgbatch.state.cache import TEMP_PREFIX, ImageCache, atomic_write, check_writable, verify_image
-from imgbatch.state.results import (
-    Journal,
-    ResultEntry,
-    journal_path,
-    load_state,
-    read_journal,
-    results_path,
-    write_results,
-)
+from imgbatch.state.cache import TEMP_PREFIX, atomic_write, check_writable, verify_image
+from imgbatch.state.folder import OutputFolder
+from imgbatch.state.record import Owner
+from imgbatch.state.results import Journal, ResultEntry, read_journal, write_results
 
 KEY = "ab" + "0123456789abcdef" * 3 + "0123456789abcd"
 RECOVER = (
@@ -48,12 +42,17 @@ def listing(folder: Path) -> list[str]:
     return sorted(path.name for path in folder.iterdir())
 
 
+def hex_key(text: str) -> str:
+    """A request key as imgbatch makes one (the SHA-256 of something, in hex)."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def result(shot_id: str, status: str = "generated", **changes: object) -> ResultEntry:
     entry = ResultEntry(
         id=shot_id,
         status=status,  # type: ignore[arg-type]
         file=f"{shot_id}.png",
-        key=f"{shot_id}-key",
+        key=hex_key(shot_id),
         width=1328,
         height=1328,
         seed=7,
@@ -144,8 +143,11 @@ def test_verify_image_rejects_truncated_bytes() -> None:
 
 
 def test_verify_image_rejects_garbage() -> None:
-    with pytest.raises(ValueError, match=r"^downloaded bytes are not a whole image \(cannot "):
+    with pytest.raises(ImageError) as caught:
         verify_image(b"<html>access denied</html>", 64, 32)
+    assert str(caught.value) == (
+        "downloaded bytes are HTML or XML text, not a PNG image (imgbatch reads PNG only)"
+    )
 
 
 def test_verify_image_rejects_empty_bytes() -> None:
@@ -188,7 +190,7 @@ def test_verify_image_rejects_a_huge_decompression_bomb_as_value_error() -> None
 
 
 def test_image_cache_put_has_restore(tmp_path: Path) -> None:
-    cache = ImageCache(tmp_path)
+    cache = OutputFolder(tmp_path).cache
     assert cache.path(KEY) == tmp_path / ".imgbatch" / "cache" / "ab" / f"{KEY}.png"
     assert not cache.has(KEY)
 
@@ -219,7 +221,7 @@ def test_image_cache_put_has_restore(tmp_path: Path) -> None:
 
 
 def test_image_cache_restore_of_a_missing_key_fails_without_leaving_files(tmp_path: Path) -> None:
-    cache = ImageCache(tmp_path)
+    cache = OutputFolder(tmp_path).cache
     target = tmp_path / "out" / "s01.png"
     target.parent.mkdir()
     with pytest.raises(CacheEntryDamaged, match="cannot be read"):
@@ -228,6 +230,24 @@ def test_image_cache_restore_of_a_missing_key_fails_without_leaving_files(tmp_pa
 
 
 # --- results.json and the journal -------------------------------------------------------------
+# Through their one owner, as apply reaches them; a results.json alone (no state record) is what
+# an earlier version left, imported as the state.
+
+
+def load_state(output_dir: Path) -> dict[str, ResultEntry]:
+    return dict(OutputFolder(output_dir).load().entries)
+
+
+def results_path(output_dir: Path) -> Path:
+    return OutputFolder(output_dir).results_path
+
+
+def journal_path(output_dir: Path) -> Path:
+    return OutputFolder(output_dir).journal_path
+
+
+def journal_of(output_dir: Path) -> Journal:
+    return OutputFolder(output_dir).journal()
 
 
 def test_write_results_then_load_state_round_trips(tmp_path: Path) -> None:
@@ -240,7 +260,7 @@ def test_write_results_then_load_state_round_trips(tmp_path: Path) -> None:
     orphan = result("s00-old")
     meta = {"manifest": "/x/shots.yaml", "provider": "placeholder", "key_format": 1}
 
-    path = write_results(tmp_path, entries, [orphan], meta)
+    path = write_results(results_path(tmp_path), entries, [orphan], meta)
 
     assert path == results_path(tmp_path) == tmp_path / "results.json"
     document = json.loads(path.read_text(encoding="utf-8"))
@@ -264,7 +284,7 @@ def test_an_unfetched_entry_round_trips_and_is_counted_only_when_there_is_one(
     billed = result(
         "s02", "unfetched", file=None, sha256=None, bytes=None, error="could not be downloaded"
     )
-    path = write_results(tmp_path, [result("s01"), billed], [], meta)
+    path = write_results(results_path(tmp_path), [result("s01"), billed], [], meta)
 
     document = json.loads(path.read_text(encoding="utf-8"))
     assert document["summary"] == {
@@ -281,7 +301,7 @@ def test_an_unfetched_entry_round_trips_and_is_counted_only_when_there_is_one(
 
     # None unfetched: the summary is as it was before the status existed, so a results file
     # written by the previous version stays byte for byte the same.
-    write_results(tmp_path, [result("s01")], [], meta)
+    write_results(results_path(tmp_path), [result("s01")], [], meta)
     assert json.loads(path.read_text(encoding="utf-8"))["summary"] == {
         "shots": 1,
         "generated": 1,
@@ -299,26 +319,28 @@ def test_a_failed_entry_with_an_image_url_from_the_previous_version_loads_as_unf
         result("s01", "failed", file=None, error="generated but could not be downloaded"),
         image_url="https://example.invalid/s01.png?Expires=4102444800",
     )
-    write_results(tmp_path, [legacy, result("s02", "failed", file=None)], [], meta)
+    write_results(results_path(tmp_path), [legacy, result("s02", "failed", file=None)], [], meta)
     assert '"status": "failed"' in results_path(tmp_path).read_text(encoding="utf-8")
 
     state = load_state(tmp_path)
     assert state["s01"] == replace(legacy, status="unfetched")
     assert state["s02"].status == "failed"  # no URL: a failure like any other
 
-    journal = Journal(tmp_path)
+    journal = journal_of(tmp_path)
     journal.record(replace(legacy, id="s03"))
     journal.close()
-    assert [entry.status for entry in read_journal(tmp_path)] == ["unfetched"]
+    assert [entry.status for entry in read_journal(journal_path(tmp_path))] == ["unfetched"]
 
 
 def test_results_json_holds_one_shot_per_line_so_a_git_diff_names_the_changed_shots(
     tmp_path: Path,
 ) -> None:
     meta = {"manifest": "shots.yaml", "provider": "placeholder", "key_format": 1}
-    write_results(tmp_path, [result("s01"), result("s02")], [], meta)
+    write_results(results_path(tmp_path), [result("s01"), result("s02")], [], meta)
     before = results_path(tmp_path).read_text(encoding="utf-8").splitlines()
-    write_results(tmp_path, [result("s01"), result("s02", prompt="a blue bicycle")], [], meta)
+    write_results(
+        results_path(tmp_path), [result("s01"), result("s02", prompt="a blue bicycle")], [], meta
+    )
     after = results_path(tmp_path).read_text(encoding="utf-8").splitlines()
 
     changed = [line for line in after if line not in before]
@@ -344,7 +366,7 @@ def test_a_results_file_rewritten_by_hand_still_loads(
 ) -> None:
     meta = {"manifest": "shots.yaml", "provider": "placeholder", "key_format": 1}
     entries = [result("s01"), result("s02", style="ink"), result("s03", "failed", file=None)]
-    path = write_results(tmp_path, entries, [], meta)
+    path = write_results(results_path(tmp_path), entries, [], meta)
     document = json.loads(path.read_text(encoding="utf-8"))
     path.write_text(rewrite(document), encoding="utf-8")
 
@@ -353,7 +375,7 @@ def test_a_results_file_rewritten_by_hand_still_loads(
 
 def test_loaded_entries_share_the_strings_that_repeat_from_shot_to_shot(tmp_path: Path) -> None:
     entries = [result(f"s{index:02d}", negative_prompt="blurry, low quality") for index in range(3)]
-    write_results(tmp_path, entries, [], {})
+    write_results(results_path(tmp_path), entries, [], {})
 
     first, second, _ = load_state(tmp_path).values()
     assert first.negative_prompt is second.negative_prompt
@@ -363,7 +385,7 @@ def test_loaded_entries_share_the_strings_that_repeat_from_shot_to_shot(tmp_path
 
 def test_load_state_of_an_empty_folder(tmp_path: Path) -> None:
     assert load_state(tmp_path / "never-made") == {}
-    assert read_journal(tmp_path) == []
+    assert read_journal(journal_path(tmp_path)) == []
 
 
 def test_from_json_ignores_unknown_fields() -> None:
@@ -372,22 +394,22 @@ def test_from_json_ignores_unknown_fields() -> None:
 
 
 def test_journal_is_replayed_over_an_older_results_file(tmp_path: Path) -> None:
-    write_results(tmp_path, [result("s01"), result("s02")], [], {})
-    newer_s01 = result("s01", key="s01-key-2", prompt="edited")
+    write_results(results_path(tmp_path), [result("s01"), result("s02")], [], {})
+    newer_s01 = result("s01", key=hex_key("s01, edited"), prompt="edited")
     s03 = result("s03", "failed", file=None, error="gave up")
 
-    journal = Journal(tmp_path)
+    journal = journal_of(tmp_path)
     journal.record(newer_s01)
     journal.record(s03)
     journal.close()
 
     assert journal.path == journal_path(tmp_path) == tmp_path / ".imgbatch" / "journal.jsonl"
-    assert read_journal(tmp_path) == [newer_s01, s03]
+    assert read_journal(journal_path(tmp_path)) == [newer_s01, s03]
     assert load_state(tmp_path) == {"s01": newer_s01, "s02": result("s02"), "s03": s03}
 
 
 def test_journal_without_results_file(tmp_path: Path) -> None:
-    journal = Journal(tmp_path)
+    journal = journal_of(tmp_path)
     journal.record(result("s01"))
     journal.record(result("s01", status="cached"))  # the later line wins
     journal.close()
@@ -395,7 +417,7 @@ def test_journal_without_results_file(tmp_path: Path) -> None:
 
 
 def test_torn_last_journal_line_is_ignored(tmp_path: Path) -> None:
-    journal = Journal(tmp_path)
+    journal = journal_of(tmp_path)
     journal.record(result("s01"))
     journal.close()
     full = json.dumps(result("s02").to_json())
@@ -406,7 +428,7 @@ def test_torn_last_journal_line_is_ignored(tmp_path: Path) -> None:
 
 
 def test_torn_journal_line_inside_a_multibyte_character_is_ignored(tmp_path: Path) -> None:
-    journal = Journal(tmp_path)
+    journal = journal_of(tmp_path)
     journal.record(result("s01"))
     journal.close()
     line = json.dumps(result("s02", prompt="一辆红色的自行车").to_json(), ensure_ascii=False)
@@ -424,24 +446,27 @@ def test_entry_journaled_after_a_torn_line_survives(tmp_path: Path) -> None:
     path.parent.mkdir(parents=True)
     path.write_text(full[:40], encoding="utf-8")  # the previous run was killed mid-append
 
-    journal = Journal(tmp_path)  # the next run, killed before write_results
+    journal = journal_of(tmp_path)  # the next run, killed before write_results
     journal.record(result("s02"))
     journal.close()
 
     assert load_state(tmp_path) == {"s02": result("s02")}
 
 
-def test_write_results_removes_the_journal(tmp_path: Path) -> None:
-    journal = Journal(tmp_path)
+def test_saving_the_state_removes_the_journal(tmp_path: Path) -> None:
+    folder = OutputFolder(tmp_path)
+    journal = journal_of(tmp_path)
     journal.record(result("s01"))
     journal.close()
     assert journal_path(tmp_path).is_file()
 
-    write_results(tmp_path, [result("s01")], [], {})
+    before = folder.load()
+    folder.save([result("s01")], [], [], {}, owner=Owner(None, "x"), before=before, now="now")
 
     assert not journal_path(tmp_path).exists()
     assert load_state(tmp_path) == {"s01": result("s01")}
     assert listing(tmp_path) == [".imgbatch", "results.json"]
+    assert listing(tmp_path / ".imgbatch") == ["state.json"]
 
 
 @pytest.mark.parametrize(
@@ -487,7 +512,7 @@ def test_corrupt_results_file_message_includes_the_parse_error(tmp_path: Path) -
 def test_a_journal_line_that_failed_to_write_loses_only_itself(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    journal = Journal(tmp_path)
+    journal = journal_of(tmp_path)
     journal.record(result("s01"))
     real = store._write_fd
 
@@ -503,7 +528,7 @@ def test_a_journal_line_that_failed_to_write_loses_only_itself(
     journal.record(result("s03"))
     journal.close()
 
-    assert read_journal(tmp_path) == [result("s01"), result("s03")]
+    assert read_journal(journal_path(tmp_path)) == [result("s01"), result("s03")]
 
 
 def test_the_journal_is_never_written_through_a_link(tmp_path: Path) -> None:
@@ -514,9 +539,9 @@ def test_the_journal_is_never_written_through_a_link(tmp_path: Path) -> None:
     path.symlink_to(elsewhere)
 
     with pytest.raises(StoreError, match=f"cannot open {path} for writing"):
-        Journal(tmp_path)
+        journal_of(tmp_path)
     with pytest.raises(StoreError, match=f"{path} is a symbolic link"):
-        read_journal(tmp_path)
+        read_journal(journal_path(tmp_path))
     assert elsewhere.read_text(encoding="utf-8") == "keep me\n"
 
 
@@ -553,7 +578,7 @@ def test_atomic_write_gives_the_mode_open_would(tmp_path: Path, umask: int, mode
 def test_restore_never_copies_through_a_link(tmp_path: Path) -> None:
     secret = tmp_path / "passwd"
     secret.write_bytes(png(64, 32))  # even a real image: a link is never followed
-    cache = ImageCache(tmp_path)
+    cache = OutputFolder(tmp_path).cache
     cache.path(KEY).parent.mkdir(parents=True)
     cache.path(KEY).symlink_to(secret)
     target = tmp_path / "s01.png"

@@ -29,7 +29,7 @@ from imgbatch.errors import ConfigError, ImgbatchError
 
 if TYPE_CHECKING:
     from imgbatch.plan.decide import Plan
-    from imgbatch.run.executor import RunEvent
+    from imgbatch.review.events import RunEvent
 
 SERVER_NAME = "imgbatch"
 INSTRUCTIONS = (
@@ -162,8 +162,8 @@ class _Bounds:
 
 def _bounds(max_requests: int | None, max_duration: str | None, max_cost: str | None) -> _Bounds:
     """The bounds as apply takes them; a value that cannot be read is the caller's error."""
-    from imgbatch.plan.pricing import CostLimit
     from imgbatch.run.bounds import parse_duration
+    from imgbatch.units.money import CostLimit
 
     if max_requests is not None and max_requests < 1:
         raise ConfigError(f"max_requests must be at least 1, not {max_requests}")
@@ -237,7 +237,7 @@ async def _tool_errors() -> AsyncIterator[None]:
     except ImgbatchError as exc:
         raise ToolError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - the boundary: no traceback reaches the agent
-        from imgbatch.cli.main import write_crash_log
+        from imgbatch.cli.common import write_crash_log
 
         log = write_crash_log()
         raise ToolError(f"unexpected {type(exc).__name__}; details in {log}") from None

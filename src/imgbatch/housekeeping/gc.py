@@ -5,22 +5,24 @@ none of those folders' results refer to, with its size, deleted only when asked.
 
 * every image key in results.json (its shots and its orphans) and in the journal of an
   unfinished run: a shot's current image, even a failed or orphaned shot's;
-* the previous key of each shot the last apply changed (`.imgbatch/last-run.json`): the image
-  the contact sheet shows beside a replaced one, so reverting that edit still costs nothing;
+* the previous key of each shot the last apply changed (the folder's last run): the image the
+  contact sheet shows beside a replaced one, so reverting that edit still costs nothing;
 * every file at a shot's place (`<id>.png` of a shot in the results or in the manifests: a failed
   replace leaves the previous image there), every local reference image of the manifests, and
-  every file imgbatch cannot prove it wrote.
+  every file imgbatch cannot prove it wrote: proof is its provenance chunk naming a key whose
+  cache entry holds the very same bytes, never what a results file says (it may be hand-edited).
 
-What is garbage: cache entries (`.imgbatch/cache/`) and thumbnails (`.imgbatch/thumbs/`) of any
+What is garbage: cache entries and thumbnails (in the folder's state, `OutputFolder`) of any
 other key, temporary files a killed run left, and a PNG in the output folder that no entry
-refers to and whose bytes are exactly those of a cache entry gc keeps (an image imgbatch wrote
-and nobody retouched, whose bytes stay in the cache: gc never deletes the last copy of an
-image). Results files are per output folder, so manifests sharing a folder share its results,
-and naming one of them never loses the other's images. A folder whose cache holds images but
-that has no results file at all is refused (a results file moved aside is how a damaged one is
-recovered: its images are in the cache).
+refers to, whose bytes are exactly those of a cache entry gc keeps and whose provenance names
+that entry's key (an image imgbatch wrote and nobody retouched, whose bytes stay in the cache:
+gc never deletes the last copy of an image). Results files are per output folder, so manifests
+sharing a folder share its results, and naming one of them never loses the other's images. A
+folder whose cache holds images but that has no state at all (no state record, no results file)
+is refused (a results file moved aside is how a damaged one is recovered: its images are in the
+cache).
 
-Deleting takes each folder's apply lock (`api.exclusive_output`), so it never runs beside an
+Deleting takes each folder's apply lock (`OutputFolder.lock`), so it never runs beside an
 apply, and lists again under the lock before deleting.
 """
 
@@ -35,12 +37,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from imgbatch.errors import StoreError
-from imgbatch.review.sheet import THUMBS_DIR, load_changes
-from imgbatch.run.apply import ManifestSource, exclusive_output, read_manifest
+from imgbatch.errors import ImgbatchError, StoreError
+from imgbatch.manifest.loader import ManifestSource, read_manifest
+from imgbatch.png import PREFIX, read_image_file, read_provenance
 from imgbatch.shots.expand import output_dir_for
-from imgbatch.state.cache import STATE_DIR, TEMP_PREFIX, ImageCache
-from imgbatch.state.results import load_state, results_path
+from imgbatch.state.folder import OutputFolder
+from imgbatch.state.last_run import load_changes
 
 _KEY = re.compile(r"[0-9a-f]{64}")
 _COMPARE_CHUNK = 1 << 20
@@ -97,8 +99,9 @@ def collect_garbage(
     with contextlib.ExitStack() as locks:
         for folder in folders:
             # No state folder, no apply to wait for (and nothing of imgbatch's to delete).
-            if (folder.output_dir / STATE_DIR).is_dir():
-                locks.enter_context(exclusive_output(folder.output_dir))
+            output = OutputFolder(folder.output_dir)
+            if output.is_made():
+                locks.enter_context(output.lock("gc"))
         items = _find_all(folders)
         for item in items:
             try:
@@ -108,7 +111,8 @@ def collect_garbage(
                     f"cannot delete {item.path} ({exc.strerror or exc}); the files listed "
                     "before it were deleted"
                 ) from None
-        _remove_empty_shards(folders)
+        for folder in folders:
+            OutputFolder(folder.output_dir).remove_empty_shards()
     return Collection(items, deleted=True)
 
 
@@ -149,14 +153,15 @@ def find_garbage(
     the manifests' shots and reference files, kept whatever the results say."""
     if not output_dir.is_dir():
         return []
-    state = load_state(output_dir)
-    cache = ImageCache(output_dir)
-    entries = {key: path for key, path in _keyed_files(cache.root, ".png")}
-    if not state and entries and not _exists(results_path(output_dir)):
+    folder = OutputFolder(output_dir)
+    loaded = folder.load()
+    state = loaded.entries
+    entries = {key: path for key, path in _keyed_files(folder.cache.root, ".png")}
+    if not loaded.known and entries:
         raise StoreError(
-            f"{output_dir} has {len(entries)} cached images but no {results_path(output_dir).name}"
+            f"{output_dir} has {len(entries)} cached images but no {folder.results_path.name}"
             ", so nothing says which are in use; run apply first (it restores its images from "
-            "the cache without a request), or delete the folder's .imgbatch/cache yourself"
+            f"the cache without a request), or delete {folder.cache.root} yourself"
         )
     keys = {entry.key for entry in state.values()}
     changes, _ = load_changes(output_dir)
@@ -164,16 +169,12 @@ def find_garbage(
     garbage = [
         Garbage(path, _size(path), Kind.CACHE) for key, path in entries.items() if key not in keys
     ]
-    thumbs = output_dir / STATE_DIR / THUMBS_DIR
     garbage += [
         Garbage(path, _size(path), Kind.THUMBNAIL)
-        for key, path in _keyed_files(thumbs, ".webp")
+        for key, path in _keyed_files(folder.thumbs_dir, ".webp")
         if key not in keys
     ]
-    garbage += [
-        Garbage(path, _size(path), Kind.TEMPORARY)
-        for path in _temporaries(output_dir, cache.root, thumbs)
-    ]
+    garbage += [Garbage(path, _size(path), Kind.TEMPORARY) for path in folder.temporaries()]
     placed = {f"{shot_id}.png" for shot_id in shot_ids}
     for entry in state.values():
         placed.add(f"{entry.id}.png")
@@ -190,7 +191,7 @@ def find_garbage(
     ]
     # Only against entries gc keeps: a file matching an entry it collects would be the last copy
     # of that image (a take the user saved under another name before changing the shot).
-    kept_entries = [path for key, path in entries.items() if key in keys]
+    kept_entries = {key: path for key, path in entries.items() if key in keys}
     garbage += [
         Garbage(path, _size(path), Kind.IMAGE) for path in _own_images(candidates, kept_entries)
     ]
@@ -214,32 +215,32 @@ def _keyed_files(root: Path, suffix: str) -> Iterator[tuple[str, Path]]:
                 yield key, path
 
 
-def _temporaries(output_dir: Path, cache_root: Path, thumbs: Path) -> Iterator[Path]:
-    folders = [output_dir, output_dir / STATE_DIR]
-    for root in (cache_root, thumbs):
-        folders += [shard for shard in _listing(root) if _is(shard, stat.S_ISDIR)]
-    for folder in folders:
-        for path in _listing(folder):
-            if (
-                path.name.startswith(TEMP_PREFIX)
-                and path.name.endswith(".tmp")
-                and _is(path, stat.S_ISREG)
-            ):
-                yield path
-
-
-def _own_images(candidates: Sequence[Path], entries: Iterable[Path]) -> Iterator[Path]:
-    """The `candidates` whose bytes are exactly a cache entry's. Only files no entry names are
-    candidates, so a folder of thousands of shots compares next to nothing."""
+def _own_images(candidates: Sequence[Path], entries: Mapping[str, Path]) -> Iterator[Path]:
+    """The `candidates` whose bytes are exactly a cache entry's, and whose provenance names that
+    entry's key: an image imgbatch wrote, never a user's file that a committed cache entry (or
+    results file) copies. Only files no entry names are candidates, so a folder of thousands of
+    shots compares next to nothing."""
     if not candidates:
         return
-    by_size: dict[int, list[Path]] = {}
-    for entry in entries:
+    by_size: dict[int, list[tuple[str, Path]]] = {}
+    for key, entry in entries.items():
         if _is(entry, stat.S_ISREG):
-            by_size.setdefault(_size(entry), []).append(entry)
+            by_size.setdefault(_size(entry), []).append((key, entry))
     for path in candidates:
-        if any(_same_bytes(path, entry) for entry in by_size.get(_size(path), ())):
+        if any(
+            _same_bytes(path, entry) and _made_for(path, key)
+            for key, entry in by_size.get(_size(path), ())
+        ):
             yield path
+
+
+def _made_for(path: Path, key: str) -> bool:
+    """Whether the PNG at `path` carries imgbatch's provenance naming request `key`."""
+    try:
+        found = read_provenance(read_image_file(path), name=str(path))
+    except (ImgbatchError, OSError):
+        return False
+    return found.get(PREFIX + "key") == key
 
 
 def _same_bytes(one: Path, other: Path) -> bool:
@@ -253,16 +254,6 @@ def _same_bytes(one: Path, other: Path) -> bool:
                     return True
     except OSError:
         return False
-
-
-def _remove_empty_shards(folders: Iterable[_Folder]) -> None:
-    for folder in folders:
-        state_dir = folder.output_dir / STATE_DIR
-        for root in (ImageCache(folder.output_dir).root, state_dir / THUMBS_DIR):
-            for shard in _listing(root):
-                if _is(shard, stat.S_ISDIR):
-                    with contextlib.suppress(OSError):  # not empty: something of someone's
-                        shard.rmdir()
 
 
 def _listing(folder: Path) -> list[Path]:
@@ -284,7 +275,3 @@ def _size(path: Path) -> int:
         return path.lstat().st_size
     except OSError:
         return 0
-
-
-def _exists(path: Path) -> bool:
-    return os.path.lexists(path)

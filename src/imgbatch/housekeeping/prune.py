@@ -5,12 +5,15 @@ the manifest's shots use; gives, for each orphan, a `Pruned`: whether its file w
 why not when it was kept, and the entries that stay in results.json's `orphans`. The cache is
 never touched (`imgbatch gc` collects it), so adding the shot back restores it without a request.
 
-A file is removed only if it is still what imgbatch wrote: a regular file in the output folder
-whose size and SHA-256 are its entry's. A file changed since (retouched by hand), a link, a
-folder, or one without a record to check against is kept with its entry, and the report says
-why: delete it yourself and the next `--prune` drops the entry. An orphan whose file is already
-gone, or that never had one (it failed), just leaves the results; one billed but not downloaded
-(`unfetched`) stays until its URL expires, since a shot with its request recovers it for free.
+A file is removed only if imgbatch can prove it wrote it and it is unchanged since: a regular
+file in the output folder whose size and SHA-256 are its entry's and whose provenance chunk
+names the entry's request key (a hand-edited results.json can name any file with its real size
+and SHA-256: README.md, the manifest). A file changed since (retouched by hand), a link, a
+folder, one without imgbatch's provenance or without a record to check against is kept with
+its entry, and the report says why: delete it yourself and the next `--prune` drops the entry.
+An orphan whose file is already gone, or that never had one (it failed), just leaves the
+results; one billed but not downloaded (`unfetched`) stays until its URL expires, since a shot
+with its request recovers it for free.
 """
 
 from __future__ import annotations
@@ -22,11 +25,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from imgbatch.errors import StoreError
-from imgbatch.plan.decide import url_expired_at
+from imgbatch.errors import ImageError, InspectError, StoreError
+from imgbatch.png import PREFIX, read_image_file, read_provenance
+from imgbatch.providers.image_url import url_expired_at
 from imgbatch.state.results import ResultEntry
-
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +82,11 @@ def _prune(output_dir: Path, entry: ResultEntry, used: set[str]) -> Pruned:
         return Pruned(entry.id, name, False, "it is not a regular file")
     if entry.sha256 is None or entry.bytes is None:
         return Pruned(entry.id, name, False, "no size and SHA-256 recorded to check it against")
-    if info.st_size != entry.bytes or _sha256(path) != entry.sha256:
+    if info.st_size != entry.bytes:
         return Pruned(entry.id, name, False, "changed since imgbatch wrote it")
+    unproven = _unproven(path, entry)
+    if unproven is not None:
+        return Pruned(entry.id, name, False, unproven)
     try:
         path.unlink()
     except FileNotFoundError:
@@ -91,12 +96,21 @@ def _prune(output_dir: Path, entry: ResultEntry, used: set[str]) -> Pruned:
     return Pruned(entry.id, name, True, "removed")
 
 
-def _sha256(path: Path) -> str | None:
-    digest = hashlib.sha256()
+def _unproven(path: Path, entry: ResultEntry) -> str | None:
+    """Why the file at `path` cannot be shown to be the image imgbatch wrote for `entry`, or None
+    when it can: its bytes are the recorded ones and its provenance names the entry's request.
+    A results file can be edited by hand to name any file with its real size and SHA-256; only
+    an image imgbatch stamped carries its request's key."""
     try:
-        with path.open("rb") as handle:
-            while piece := handle.read(_CHUNK):
-                digest.update(piece)
-    except OSError:
-        return None
-    return digest.hexdigest()
+        data = read_image_file(path)
+    except ImageError as exc:
+        return f"cannot be read ({exc})"
+    if hashlib.sha256(data).hexdigest() != entry.sha256:
+        return "changed since imgbatch wrote it"
+    try:
+        found = read_provenance(data, name=str(path))
+    except InspectError:
+        return "it carries no provenance of imgbatch's for this shot: not its own to remove"
+    if found.get(PREFIX + "key") != entry.key:
+        return "its provenance names another request: not its own to remove"
+    return None

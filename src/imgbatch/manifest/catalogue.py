@@ -39,6 +39,14 @@ MODELS: dict[str, ModelSpec] = {
     )
 }
 DEFAULT_MODEL = "qwen-image-max"
+DEFAULT_SIZE = "1664*928"
+
+
+def sent_text(prompt: str, style: str | None) -> str:
+    """The prompt as sent. The models have no style parameter, so a style is appended."""
+    if not style:
+        return prompt
+    return f"{prompt.rstrip()}\nStyle: {style}"
 
 
 def parse_size(size: str) -> tuple[int, int] | None:

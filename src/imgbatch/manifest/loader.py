@@ -22,12 +22,12 @@ from typing import Any
 from imgbatch.errors import ManifestError
 from imgbatch.manifest.catalogue import MIN_RPS
 from imgbatch.manifest.places import JsonPath
+from imgbatch.manifest.reference import ReferenceImage
 from imgbatch.manifest.rules import Checker
 from imgbatch.manifest.schema_messages import manifest_schema
 from imgbatch.manifest.yaml_load import Document, Positions, parse_yaml, read_manifest_text
-from imgbatch.pacing.quota import Quota, parse_quota
-from imgbatch.plan.pricing import CostLimit, Pricing
-from imgbatch.shots.reference import ReferenceImage
+from imgbatch.units.money import CostLimit, Pricing
+from imgbatch.units.quota import Quota, parse_quota
 
 __all__ = [
     "MIN_RPS",
@@ -96,7 +96,7 @@ def load_manifest(path: str | Path, *, allow_reference_outside: bool = False) ->
     """Parse, validate and merge a manifest; raise `ManifestError` with every problem found.
 
     `allow_reference_outside` lets local reference images lie outside the manifest's folder
-    tree (a trust decision; the manifest can also say so itself, see the README).
+    tree (a trust decision; the manifest can also say so itself, see docs/manifest.md).
     """
     path = Path(path)
     display = str(path)
@@ -170,3 +170,20 @@ def manifest_from_data(
     if problems:
         raise ManifestError(list(dict.fromkeys(problems)))
     return _build_manifest(base_dir / display, document, checker)
+
+
+ManifestSource = str | Path | Mapping[str, Any]
+"""A manifest file's path, or a manifest already parsed into a dict (relative paths in it are
+taken from the current folder)."""
+
+
+def read_manifest(source: ManifestSource, *, allow_reference_outside: bool = False) -> Manifest:
+    """`load_manifest` for a path, `manifest_from_data` for a dict; raises `ManifestError`."""
+    if isinstance(source, Mapping):
+        return manifest_from_data(
+            dict(source),
+            display="manifest",
+            base_dir=Path.cwd(),
+            allow_reference_outside=allow_reference_outside,
+        )
+    return load_manifest(source, allow_reference_outside=allow_reference_outside)

@@ -10,6 +10,11 @@ import json
 from typing import Any
 
 JsonPath = tuple[str | int, ...]
+# No field takes a number anywhere near this long. A longer one (a 5000-digit seed) stands in as
+# +-TOO_LONG, so the field's own check refuses it by name: Python will not even convert a number
+# of more than 4300 digits, and a million-digit one would take seconds.
+MAX_NUMBER_DIGITS = 40
+TOO_LONG: int = 10**MAX_NUMBER_DIGITS
 
 
 def describe(parent: JsonPath, field: str | int | None, shot_id: str | None) -> str:
@@ -37,4 +42,18 @@ def field_name(parent: JsonPath, field: str | int | None) -> str | None:
 def show(value: Any) -> str:
     if isinstance(value, str):
         return repr(value)
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= TOO_LONG:
+        return f"a number of more than {MAX_NUMBER_DIGITS} digits"
     return json.dumps(value, default=str)
+
+
+def bounded_int(digits: str) -> int:
+    """An integer as JSON wrote it (`json.loads(..., parse_int=bounded_int)`); one longer than
+    any field takes is +-TOO_LONG, refused by name where the field is checked.
+
+        >>> bounded_int("-12"), show(bounded_int("9" * 5000))
+        (-12, 'a number of more than 40 digits')
+    """
+    if len(digits.lstrip("+-").lstrip("0")) > MAX_NUMBER_DIGITS:
+        return -TOO_LONG if digits.startswith("-") else TOO_LONG
+    return int(digits)

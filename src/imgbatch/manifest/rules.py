@@ -17,13 +17,24 @@ from pathlib import Path
 from typing import Any
 
 from imgbatch.errors import ManifestProblem
-from imgbatch.manifest.catalogue import DEFAULT_MODEL, MIN_RPS, MODELS, nearest_size
+from imgbatch.manifest.catalogue import (
+    DEFAULT_MODEL,
+    DEFAULT_SIZE,
+    MIN_RPS,
+    MODELS,
+    nearest_size,
+    sent_text,
+)
 from imgbatch.manifest.expansion import ExpandedShot, expand_shots
-from imgbatch.manifest.places import JsonPath, describe, field_name, in_shot, show
+from imgbatch.manifest.places import TOO_LONG, JsonPath, describe, field_name, in_shot, show
+from imgbatch.manifest.reference import (
+    ReferenceImage,
+    ReferenceProblem,
+    load_local_reference,
+    shown,
+)
 from imgbatch.manifest.schema_messages import schema_problems
 from imgbatch.manifest.yaml_load import Document
-from imgbatch.shots.reference import ReferenceImage, ReferenceProblem, load_local_reference, shown
-from imgbatch.shots.request import DEFAULT_SIZE, ImageRequest
 
 # The schema lets `{name}` placeholders through; what they expand to must be a plain id.
 _ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
@@ -51,6 +62,7 @@ class Checker:
         self.allow_reference_outside = allow_reference_outside or (
             isinstance(trust, dict) and trust.get("references_outside") is True
         )
+        self.allow_output_outside = isinstance(trust, dict) and trust.get("output_outside") is True
         # Each distinct reference is checked and read once per load, across both passes.
         self.references = references
         shots = data.get("shots") if isinstance(data, dict) else None
@@ -61,8 +73,13 @@ class Checker:
         self.expanded, self._slips = expand_shots(data, manifest_name)
 
     def problems(self) -> Iterator[ManifestProblem]:
+        unreadable = list(self._value_problems())
+        if unreadable:  # the other checks could not even show these values
+            yield from unreadable
+            return
         yield from schema_problems(self.document.data, self._problem)
         yield from self._limits_problems()
+        yield from self._output_problems()
         yield from self._pricing_problems()
         for slip in self._slips:
             problem = self._located(slip.parent, slip.shot_id, slip.field, slip.message)
@@ -107,6 +124,33 @@ class Checker:
             field=field_name(parent, field),
         )
 
+    def _value_problems(self) -> Iterator[ManifestProblem]:
+        """Values no check can show: strings that are not text (a lone surrogate, from JSON's
+        "\\ud800" or a Python str, can be neither hashed, written nor sent) and, from Python,
+        integers longer than any field takes (Python will not print one of 4300 digits)."""
+        pending: list[tuple[JsonPath, Any]] = [((), self.document.data)]
+        while pending:  # a loop, not recursion: data from Python may be nested deep
+            path, value = pending.pop()
+            if isinstance(value, dict):
+                items = [(key, item) for key, item in value.items() if isinstance(key, str)]
+                for key, _ in items:
+                    yield from self._not_text(path, key, key)
+                pending.extend(((*path, key), item) for key, item in reversed(items))
+            elif isinstance(value, list):
+                pending.extend(((*path, i), item) for i, item in reversed(list(enumerate(value))))
+            elif isinstance(value, str) and path:
+                yield from self._not_text(path[:-1], path[-1], value)
+            elif isinstance(value, int) and abs(value) > TOO_LONG and path:
+                message = f"is {show(value)}; no field takes a number that long"
+                yield self._problem(path[:-1], path[-1], message)
+
+    def _not_text(self, parent: JsonPath, field: str | int, text: str) -> Iterator[ManifestProblem]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = ascii(text[exc.start])
+            yield self._problem(parent, field, f"holds {bad}, a lone surrogate, which is not text")
+
     def _limits_problems(self) -> Iterator[ManifestProblem]:
         # JSON Schema's minimum lets NaN through (every comparison with it is false) and has no
         # finite maximum to set: a NaN rate sends nothing, ever; an infinite one divides by zero.
@@ -120,6 +164,29 @@ class Checker:
         if isinstance(max_cost, float) and not math.isfinite(max_cost):
             message = f"must be a finite amount such as 5 or '5 USD', got {show(max_cost)}"
             yield self._problem(("limits",), "max_cost", message)
+
+    def _output_problems(self) -> Iterator[ManifestProblem]:
+        # A shot list can come from anyone: like a reference it reads, the folder it writes
+        # (results.json, images, its state, index.html) stays inside its folder tree unless it
+        # is trusted. OUTPUT_DIR replaces `output.dir` and is the user's own choice.
+        data = self.document.data
+        output = data.get("output") if isinstance(data, dict) else None
+        written = output.get("dir") if isinstance(output, dict) else None
+        if self.allow_output_outside or not isinstance(written, str) or _CONTROL.search(written):
+            return  # trusted, or the schema says what is wrong
+        root = self.base_dir.resolve()
+        try:
+            resolved = (self.base_dir / written).resolve()
+        except (OSError, RuntimeError, ValueError) as exc:  # RuntimeError: a link loop
+            yield self._problem(("output",), "dir", f"cannot be resolved: {exc}")
+            return
+        if not resolved.is_relative_to(root):
+            message = (
+                f"resolves to {resolved}, outside the manifest's folder {root}; a shot list can "
+                "come from anyone, so it writes only inside its folder unless it says "
+                "'trust: {output_outside: true}' (or leave output.dir out and set OUTPUT_DIR)"
+            )
+            yield self._problem(("output",), "dir", message)
 
     def _pricing_problems(self) -> Iterator[ManifestProblem]:
         # A misspelt model would price nothing and leave its cost unknown; say so now.
@@ -209,20 +276,10 @@ class Checker:
                 hint += f"; {_TEMPLATE_HINT}"
             origin = self._field_origin(index, shot, "size")
             yield self._located(origin, shot_id, "size", f"{show(size)} is not valid: {hint}")
-        for name in _TEXT_FIELDS:
-            text = merged.get(name)
-            control = _CONTROL.search(text) if isinstance(text, str) else None
-            if control is not None:
-                # A YAML or JSON escape can hide NUL or ESC in a prompt: sent, it is noise to
-                # the model; printed, it drives the terminal.
-                message = (
-                    f"{name} contains the control character U+{ord(control.group()):04X} at "
-                    f"position {control.start() + 1}; only tabs and line breaks are allowed"
-                )
-                yield self._located(self._field_origin(index, shot, name), shot_id, name, message)
+        yield from self._control_problems(expanded)
         prompt, style = merged.get("prompt"), merged.get("style")
         if isinstance(prompt, str):
-            sent = len(ImageRequest(prompt, style=style if isinstance(style, str) else None).text)
+            sent = len(sent_text(prompt, style if isinstance(style, str) else None))
             if sent > spec.max_prompt_chars:
                 with_style = " with its style appended" if isinstance(style, str) else ""
                 message = (
@@ -244,6 +301,21 @@ class Checker:
             if isinstance(checked, str):
                 origin = self._field_origin(index, shot, "reference_image")
                 yield self._located(origin, shot_id, "reference_image", checked)
+
+    def _control_problems(self, expanded: ExpandedShot) -> Iterator[ManifestProblem]:
+        """A control character in a text field: a YAML or JSON escape can hide NUL or ESC in a
+        prompt (sent, it is noise to the model; printed, it drives the terminal)."""
+        shot: dict[str, Any] = self.shots[expanded.index]
+        for name in _TEXT_FIELDS:
+            text = expanded.fields.get(name)
+            control = _CONTROL.search(text) if isinstance(text, str) else None
+            if control is not None:
+                message = (
+                    f"{name} contains the control character U+{ord(control.group()):04X} at "
+                    f"position {control.start() + 1}; only tabs and line breaks are allowed"
+                )
+                origin = self._field_origin(expanded.index, shot, name)
+                yield self._located(origin, expanded.id, name, message)
 
     def _reference(self, written: str) -> ReferenceImage | str:
         """The checked reference, or what is wrong with it; each file is read once per load."""

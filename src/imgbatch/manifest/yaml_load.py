@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from imgbatch.errors import ManifestError, ManifestProblem
-from imgbatch.manifest.places import JsonPath, describe
+from imgbatch.manifest.places import TOO_LONG, JsonPath, describe
 
 # A manifest is text a person or a script writes: far below these, and a file beyond them is a
 # mistake or an attack (`/dev/zero`, a YAML alias bomb, a mapping nested thousands deep).
@@ -155,7 +155,7 @@ class _Builder:
         result: Any
         height = 1
         if isinstance(event, yaml.ScalarEvent):
-            result = self._scalar(event)
+            result = self._scalar(event, path)
         elif isinstance(event, yaml.SequenceStartEvent):
             result = []
             while not self.loader.check_event(yaml.SequenceEndEvent):
@@ -196,10 +196,23 @@ class _Builder:
             return str(self.loader.resolve(yaml.ScalarNode, event.value, event.implicit))
         return str(event.tag)
 
-    def _scalar(self, event: Any) -> Any:
-        node = yaml.ScalarNode(self._tag(event), event.value, event.start_mark, event.end_mark)
-        value = self.loader.construct_object(node, deep=True)
-        self.loader.constructed_objects.pop(node, None)
+    def _scalar(self, event: Any, path: JsonPath) -> Any:
+        tag = self._tag(event)
+        node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark)
+        try:
+            value = self.loader.construct_object(node, deep=True)
+        except (ValueError, OverflowError) as exc:
+            # A number of 5000 digits (Python refuses to convert it), a date like 2024-13-45.
+            if tag == "tag:yaml.org,2002:int":
+                return -TOO_LONG if event.value.lstrip().startswith("-") else TOO_LONG
+            where = describe(path[:-1], path[-1], None) if path else "YAML"
+            kind = tag.rpartition(":")[2]
+            line, column = _position(event)
+            message = f"{event.value[:40]!r} reads as a {kind} that cannot be: {exc}; quote it"
+            problem = ManifestProblem(self.display, line, column, where, message)
+            raise ManifestError([problem]) from None
+        finally:
+            self.loader.constructed_objects.pop(node, None)
         return value
 
     def _mapping(self, path: JsonPath, depth: int) -> tuple[dict[str, Any], int]:

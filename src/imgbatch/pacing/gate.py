@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 
 from aiolimiter import AsyncLimiter
 
-from imgbatch.pacing.quota import EstimatorSettings, Quota, QuotaEstimator, Source
+from imgbatch.pacing.quota import EstimatorSettings, QuotaEstimator, Source
+from imgbatch.units.quota import Quota
 
 # Sends further back than this are never the K-th most recent of a window worth keeping.
 _MAX_LOG = 100_000

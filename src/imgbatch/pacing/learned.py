@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from imgbatch.pacing.gate import Finding
-from imgbatch.pacing.quota import Quota
 from imgbatch.state.cache import atomic_write
+from imgbatch.units.quota import Quota
 
 FILE_NAME = "quotas.json"
 

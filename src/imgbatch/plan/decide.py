@@ -34,18 +34,19 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
-from imgbatch.plan.pricing import Cost, PriceList, cost
+from imgbatch.manifest.reference import ReferenceImage
+from imgbatch.plan.pricing import PriceList, cost
+from imgbatch.providers import is_metered
+from imgbatch.providers.image_url import url_expired_at
 from imgbatch.shots.expand import Shot
-from imgbatch.shots.reference import ReferenceImage
 from imgbatch.shots.request import changed_fields
 from imgbatch.state.cache import ImageCache
 from imgbatch.state.results import ResultEntry
+from imgbatch.units.money import Cost
 
 
 class Action(StrEnum):
@@ -101,6 +102,9 @@ class Plan:
     provider: str
     # What an image costs on the endpoint this plan is for; None: not priced at all.
     prices: PriceList | None = None
+    # Whether the provider this plan is for spends quota and money: the provider object's own
+    # answer when the run has one, else what `imgbatch.providers.is_metered` says of its name.
+    metered: bool = True
 
     def count(self, action: Action) -> int:
         return sum(1 for item in (*self.shots, *self.orphans) if item.action is action)
@@ -159,7 +163,7 @@ def make_plan(
         for shot_id, entry in state.items()
         if shot_id not in wanted
     )
-    return Plan(output_dir, planned, orphans, provider)
+    return Plan(output_dir, planned, orphans, provider, metered=is_metered(provider))
 
 
 def _orphan_reason(entry: ResultEntry) -> str:
@@ -381,21 +385,3 @@ def _size(path: Path) -> int | None:
         return path.stat().st_size
     except OSError:
         return None
-
-
-def url_expired_at(url: str | None, now: float) -> str | None:
-    """When a signed image URL expired (its `Expires` query field), if it has; None while it
-    may still work, or when it does not say."""
-    if not url:
-        return None
-    try:
-        values = parse_qs(urlsplit(url).query).get("Expires")
-        expires = int(values[0]) if values else None
-    except ValueError:
-        return None
-    if expires is None or expires > now:
-        return None
-    try:
-        return datetime.fromtimestamp(expires, UTC).strftime("%Y-%m-%d %H:%M UTC")
-    except (OverflowError, OSError, ValueError):
-        return str(expires)

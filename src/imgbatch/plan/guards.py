@@ -12,8 +12,9 @@ from __future__ import annotations
 from imgbatch.errors import FrozenError, PaidImagesError
 from imgbatch.manifest import Manifest
 from imgbatch.plan.decide import WORK_ACTIONS, Plan
-from imgbatch.plan.pricing import CostLimit, check_estimate
+from imgbatch.plan.pricing import check_estimate
 from imgbatch.providers import is_metered
+from imgbatch.units.money import CostLimit
 
 
 def refuse_to_start(plan: Plan, frozen: bool, limit: CostLimit | None) -> None:
@@ -47,7 +48,7 @@ def may_replace_paid(provider: str, chosen: str | None) -> bool:
 def refuse_placeholder_over_paid(plan: Plan, chosen: str | None, manifest: Manifest) -> None:
     """PaidImagesError naming the shots whose image, made by a paid provider, an unmetered one
     not chosen by name (`auto` without a key, the manifest's `provider:`) would replace."""
-    if not may_replace_paid(plan.provider, chosen):
+    if plan.metered or chosen == plan.provider:
         return
     paid = [
         item

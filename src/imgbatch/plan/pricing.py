@@ -2,10 +2,11 @@
 
 Takes the provider's name, the base URL it calls and the manifest's `pricing:`; gives a
 `PriceList` (a currency and a price per image for each model it knows), the `Cost` of a list of
-billed images, and `MaxCost`, the bound that says, before each request, whether sending it could
-go past `--max-cost`. Only images the service delivers are billed; a refused request (429, 400, 5xx)
-costs nothing, and one whose answer was lost may have cost one image. A model or region with no
-known price has an unknown cost (None), never a guessed 0; the offline placeholder costs 0.
+billed images, and whether an estimate stays within `--max-cost` (the bound that checks it
+before each request is `imgbatch.run.bounds.MaxCost`; money itself is `imgbatch.units.money`).
+Only images the service delivers are billed; a refused request (429, 400, 5xx) costs nothing,
+and one whose answer was lost may have cost one image. A model or region with no known price
+has an unknown cost (None), never a guessed 0; the offline placeholder costs 0.
 
     >>> prices = price_list("dashscope", "https://dashscope-intl.aliyuncs.com/api/v1", None)
     >>> format_money(cost(["qwen-image-max"] * 3, prices))
@@ -14,19 +15,14 @@ known price has an unknown cost (None), never a guessed 0; the offline placehold
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass
+from decimal import Decimal
 from urllib.parse import urlsplit
 
 from imgbatch.errors import CostLimitError
 from imgbatch.providers import is_metered
-
-if TYPE_CHECKING:
-    from imgbatch.run.bounds import Tally
-    from imgbatch.shots.request import ImageRequest
+from imgbatch.units.money import Cost, CostLimit, Pricing, format_money
 
 # What the dashscope SDK calls when DASHSCOPE_HTTP_BASE_URL is not set (its own default).
 DEFAULT_BASE_URL = "https://dashscope.aliyuncs.com/api/v1"
@@ -71,21 +67,6 @@ PRICES_AS_OF = "reported in 2026, unverified"
 
 
 @dataclass(frozen=True)
-class Pricing:
-    """The manifest's `pricing:`: a currency and the price of one image for some models."""
-
-    currency: str
-    per_image: Mapping[str, Decimal]
-
-    @classmethod
-    def from_data(cls, data: Mapping[str, object]) -> Pricing:
-        """From a `pricing:` mapping the schema has checked."""
-        per_image = data["per_image"]
-        assert isinstance(per_image, Mapping)
-        return cls(str(data["currency"]), {str(m): to_decimal(p) for m, p in per_image.items()})
-
-
-@dataclass(frozen=True)
 class PriceList:
     """The price of one image for each model priced, in one currency; `source` says where the
     prices come from, for the summary."""
@@ -99,15 +80,6 @@ class PriceList:
         if self.free:
             return Decimal(0)
         return self.per_image.get(model)
-
-
-@dataclass(frozen=True)
-class Cost:
-    """An amount of money; None when some image in it has no known price (`unpriced`)."""
-
-    amount: Decimal | None
-    currency: str | None
-    unpriced: tuple[str, ...] = field(default=())
 
 
 def region_of(base_url: str) -> Region | None:
@@ -174,72 +146,7 @@ def cost(models: Iterable[str], prices: PriceList) -> Cost:
     return Cost(None if unpriced else total, prices.currency, tuple(unpriced))
 
 
-def to_decimal(value: object) -> Decimal:
-    """A price or amount as written (number or text) as an exact decimal; ValueError if not a
-    finite amount of at least 0."""
-    try:
-        # str() first: the float 0.075 becomes Decimal("0.075"), not its binary approximation.
-        number = Decimal(str(value).strip())
-    except InvalidOperation:
-        raise ValueError(f"not an amount: {value!r}") from None
-    if not number.is_finite() or number < 0:
-        raise ValueError(f"not a finite amount of at least 0: {value!r}")
-    return number
-
-
-def format_money(money: Cost | Decimal | None, currency: str | None = None) -> str:
-    """`1.5` -> "1.50 CNY", `0.225` -> "0.225 USD"; an unknown cost -> "unknown"."""
-    if isinstance(money, Cost):
-        return format_money(money.amount, money.currency)
-    if money is None:
-        return "unknown"
-    # At least cents, more only where the price has them (0.075 x 3 is 0.225).
-    whole, _, cents = format(money.normalize(), "f").partition(".")
-    text = f"{whole}.{cents:0<2}"
-    return f"{text} {currency}" if currency else text
-
-
-def as_json(money: Cost | Decimal | None) -> float | None:
-    """A cost for a JSON document: a number, or null when unknown."""
-    if isinstance(money, Cost):
-        money = money.amount
-    return None if money is None else float(money)
-
-
 # ----- --max-cost ----------------------------------------------------------------------------
-
-_LIMIT = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]{3})?\s*")
-
-
-@dataclass(frozen=True)
-class CostLimit:
-    """`--max-cost 5` or `--max-cost "5 USD"`: with a currency, prices in another one refuse
-    the run instead of comparing CNY with USD."""
-
-    amount: Decimal
-    currency: str | None = None
-    origin: str = field(default="--max-cost", compare=False)  # where it was set, for messages
-
-    @classmethod
-    def parse(cls, value: object, origin: str = "--max-cost") -> CostLimit:
-        """From a number or text such as `5`, `0.5 USD`, `12CNY`; ValueError if not one."""
-        if isinstance(value, CostLimit):
-            return value
-        if isinstance(value, bool):
-            raise ValueError(f"not an amount: {value!r}")
-        if isinstance(value, str):
-            match = _LIMIT.fullmatch(value)
-            if match is None:
-                raise ValueError(
-                    f"{value!r} is not an amount: write a number, optionally with its "
-                    "currency, such as 5 or '5 USD'"
-                )
-            amount, currency = match.groups()
-            return cls(to_decimal(amount), currency.upper() if currency else None, origin)
-        return cls(to_decimal(value), None, origin)
-
-    def __str__(self) -> str:
-        return format_money(self.amount, self.currency)
 
 
 def check_estimate(estimate: Cost, limit: CostLimit, *, prices: PriceList) -> None:
@@ -263,43 +170,4 @@ def check_estimate(estimate: Cost, limit: CostLimit, *, prices: PriceList) -> No
             f"the estimated cost {format_money(estimate)} exceeds {limit.origin} "
             f"{format_money(limit.amount, estimate.currency)}; nothing was sent or written (raise "
             "the limit, or apply part of the shot list)"
-        )
-
-
-@dataclass(frozen=True)
-class MaxCost:
-    """`--max-cost` during a run, as a `imgbatch.run.bounds.Bound`. A request is sent only if the
-    images already received, the requests whose answer was lost (each may have been billed),
-    the requests in flight and this one, each at its image's price, stay within the limit; so
-    the images actually billed can never exceed it, whatever answers come back."""
-
-    limit: CostLimit
-    prices: PriceList
-    name: ClassVar[str] = "max_cost"
-
-    def refuse(self, request: ImageRequest, tally: Tally) -> str | None:
-        model = request.model
-        price = self.prices.price(model)
-        currency = self.prices.currency
-        shown = format_money(self.limit.amount, self.limit.currency or currency)
-        limit = f"{self.limit.origin} {shown}"
-        if price is None:
-            return f"{limit}: no price is known for {model} ({self.prices.source})"
-        if price and self.limit.currency not in (None, currency):
-            return f"{limit}: prices are in {currency} ({self.prices.source})"
-        spent = self._total(tally.billed) + self._total(tally.maybe_billed)
-        in_flight = self._total(tally.in_flight)
-        if spent + in_flight + price <= self.limit.amount:
-            return None
-        return (
-            f"{limit} reached: {format_money(spent, currency)} billed or maybe billed and "
-            f"{format_money(in_flight, currency)} in flight, so one more {model} image "
-            f"({format_money(price, currency)}) could exceed it"
-        )
-
-    def _total(self, counts: Mapping[str, int]) -> Decimal:
-        # Every model counted here was sent under this bound, so its price is known.
-        return sum(
-            ((self.prices.price(model) or Decimal(0)) * count for model, count in counts.items()),
-            Decimal(0),
         )

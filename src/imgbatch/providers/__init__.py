@@ -4,7 +4,8 @@ Takes a provider name and the environment; gives an object with `generate(reques
 and `fetch(image)`. The executor knows nothing else about them, so tests pass fakes or point the
 real provider at a fake server. This package also answers, without importing any provider's
 SDK, what the rest of imgbatch asks about providers: which one `auto` means, whether one spends
-quota and money (`is_metered`), and which secrets a crash log must hide.
+quota and money (`is_metered`), which secrets a crash log must hide, and whether the endpoint
+configured can be called at all (`check_endpoint`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, Self
+from urllib.parse import urlsplit, urlunsplit
 
 from imgbatch.errors import ConfigError
 
@@ -73,6 +75,37 @@ def secrets_for_redaction(environ: Mapping[str, str], home: Path | None = None) 
 
     secret = configured_secret(environ, home)
     return (secret,) if secret else ()
+
+
+def checked_base_url(url: str, origin: str) -> str:
+    """`url` if API calls can go there: http(s), a host, a port that is a number, and no user
+    name or password (the key goes in a header; aiohttp would refuse both at every call, as a
+    "malformed answer"). Else `ConfigError` naming `origin`, never quoting the password."""
+    try:
+        parts = urlsplit(url.strip())
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError:
+        raise ConfigError(f"{origin} is not a URL imgbatch can call") from None
+    if parts.username is not None or parts.password is not None:
+        host = parts.netloc.rpartition("@")[2]
+        shown = urlunsplit(parts._replace(netloc=host))
+        raise ConfigError(
+            f"{origin} has a user name or password before the host of {shown}: remove them; "
+            "DashScope takes only the API key, which imgbatch sends in a header itself"
+        )
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"{origin} must be an http:// or https:// URL with a host, such as "
+            "https://dashscope-intl.aliyuncs.com/api/v1"
+        )
+    return url.strip()
+
+
+def check_endpoint(name: str, environ: Mapping[str, str]) -> None:
+    """Refuse, before anything is sent or written, an endpoint provider `name` cannot call."""
+    configured = environ.get("DASHSCOPE_HTTP_BASE_URL")
+    if name == "dashscope" and configured:
+        checked_base_url(configured, "DASHSCOPE_HTTP_BASE_URL")
 
 
 def create_provider(name: str, environ: Mapping[str, str], home: Path | None = None) -> Provider:

@@ -6,7 +6,9 @@ here; the SDK's habit of uploading any text item that names an existing local fi
 off, so no prompt is ever mistaken for a file. The key (found by `dashscope_credentials`) goes
 into the Authorization header of API calls only, never to the image host, and never into a
 message or log line. The base URL is read from `DASHSCOPE_HTTP_BASE_URL` at each call, so setting
-it after import works too.
+it after import works too (one with a login in it is refused). Every API answer passes
+`dashscope_wire`'s guard before the SDK reads it (bounded, never redirected, one POST per call),
+and everything the service says passes its `ServiceText` (redacted, bounded) before it is kept.
 """
 
 from __future__ import annotations
@@ -17,8 +19,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
-from types import SimpleNamespace, TracebackType
+from types import TracebackType
 from typing import Any, Self
 
 import aiohttp
@@ -30,11 +31,22 @@ from imgbatch.errors import (
     NoImageError,
     PermanentError,
     ProviderError,
+    RateLimited,
     TransientError,
 )
-from imgbatch.pacing.quota import Quota
+from imgbatch.providers import checked_base_url, is_metered
 from imgbatch.providers.dashscope_credentials import ApiKey
+from imgbatch.providers.dashscope_wire import (
+    MAX_ANSWER_BYTES,
+    CallRecord,
+    Refused,
+    ServiceText,
+    WireGuard,
+    WireStats,
+    retry_after,
+)
 from imgbatch.shots.request import GeneratedImage, ImageRequest
+from imgbatch.units.quota import Quota
 
 # The SDK logs failed requests with logger.exception; with no handler configured Python would
 # print those tracebacks to stderr. imgbatch reports the error itself.
@@ -60,17 +72,9 @@ class _TextOnlyImageGeneration(AioImageGeneration):
         return False
 
 
-@dataclass
-class WireStats:
-    """What actually crossed the wire, counted by aiohttp itself (SDK re-sends included)."""
-
-    posts_sent: int = 0
-    dropped_after_send: int = 0
-
-
 class DashScopeProvider:
     name = "dashscope"
-    metered = True
+    metered = is_metered(name)  # the one table: imgbatch.providers.METERED
 
     def __init__(
         self,
@@ -81,6 +85,7 @@ class DashScopeProvider:
         request_timeout: float = REQUEST_TIMEOUT_SECONDS,
         download_timeout: float = DOWNLOAD_TIMEOUT_SECONDS,
         max_image_bytes: int = MAX_IMAGE_BYTES,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
     ) -> None:
         self._key = api_key
         self._environ = os.environ if environ is None else environ
@@ -90,6 +95,9 @@ class DashScopeProvider:
         self._max_image_bytes = max_image_bytes
         self._session: aiohttp.ClientSession | None = None
         self.wire = WireStats()
+        self._guard = WireGuard(self.wire, max_answer_bytes)
+        self._shown = ServiceText(api_key.value)
+        self.base_url  # noqa: B018 (checked now: refused before anything is sent or written)
 
     def describe_credentials(self) -> str:
         return f"API key from {self._key.source}"
@@ -103,18 +111,29 @@ class DashScopeProvider:
 
     @property
     def base_url(self) -> str:
-        configured = self._base_url or self._environ.get("DASHSCOPE_HTTP_BASE_URL")
-        return configured or str(dashscope.base_http_api_url)
+        """Where API calls go; `ConfigError` for one that cannot be (see `checked_base_url`)."""
+        if self._base_url:
+            return checked_base_url(self._base_url, "the provider's base_url")
+        configured = self._environ.get("DASHSCOPE_HTTP_BASE_URL")
+        if configured:
+            return checked_base_url(configured, "DASHSCOPE_HTTP_BASE_URL")
+        return str(dashscope.base_http_api_url)
 
     async def __aenter__(self) -> Self:
+        self.base_url  # noqa: B018 (set after the provider was made: checked before a request)
         # Made inside the running loop (aiohttp sessions are loop-bound), shared by the API
         # calls and the downloads; it carries no default headers, so the key is only ever in the
-        # per-request headers the SDK sets on API calls.
-        trace = aiohttp.TraceConfig()
-        trace.on_request_start.append(self._on_request_start)
-        trace.on_request_exception.append(self._on_request_exception)
+        # per-request headers the SDK sets on API calls. Nothing ambient goes with a request
+        # either: the image URL is the service's to choose, so no ~/.netrc login, no proxy from
+        # the environment (trust_env off), and no cookie carried from one host to another.
+        # Every API answer passes the guard before the SDK reads it (dashscope_wire).
         connector = aiohttp.TCPConnector(limit=0)
-        self._session = aiohttp.ClientSession(connector=connector, trace_configs=[trace])
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            middlewares=(self._guard.middleware,),
+            trust_env=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
         return self
 
     async def __aexit__(
@@ -127,29 +146,23 @@ class DashScopeProvider:
             await self._session.close()
             self._session = None
 
-    async def _on_request_start(
-        self, session: aiohttp.ClientSession, context: SimpleNamespace, params: Any
-    ) -> None:
-        if params.method == "POST":
-            self.wire.posts_sent += 1
-
-    async def _on_request_exception(
-        self, session: aiohttp.ClientSession, context: SimpleNamespace, params: Any
-    ) -> None:
-        if params.method == "POST" and not isinstance(
-            params.exception, aiohttp.ClientConnectorError
-        ):
-            self.wire.dropped_after_send += 1
-
     async def generate(self, request: ImageRequest, *, label: str) -> GeneratedImage:
         content: list[dict[str, str]] = [{"text": request.text}]
         if request.reference is not None:
             # Before the text, as the seed skill maps it.
             content.insert(0, {"image": await asyncio.to_thread(request.reference.message_value)})
+        with self.wire.call() as record:
+            response = await self._call(request, content, record)
+        return self._parse(request, response)
+
+    async def _call(
+        self, request: ImageRequest, content: list[dict[str, str]], record: CallRecord
+    ) -> Any:
+        """The SDK's call, its failures as `ProviderError`s; `record` is what the wire saw."""
         try:
-            # A deadline on the whole call: the SDK's own timeout does not cover its re-send.
+            # A deadline on the whole call, reading the answer included.
             async with asyncio.timeout(self._request_timeout):
-                response = await _TextOnlyImageGeneration.call(
+                return await _TextOnlyImageGeneration.call(
                     model=request.model,
                     api_key=self._key.value,
                     messages=[{"role": "user", "content": content}],  # type: ignore[list-item]
@@ -158,6 +171,8 @@ class DashScopeProvider:
                     request_timeout=self._request_timeout,
                     **request.parameters(),
                 )
+        except Refused as exc:
+            raise self._refused(exc) from None
         except aiohttp.ClientConnectorError as exc:
             # Never reached the service: nothing was billed.
             raise TransientError(
@@ -178,15 +193,39 @@ class DashScopeProvider:
                 maybe_billed=True,
             ) from None
         except (TypeError, KeyError, ValueError) as exc:
-            # The SDK raises TypeError on a 200 without `output`.
+            # The SDK raises TypeError on a 200 without `output`. A 200 is an image made, and
+            # billed, whether or not its answer can be read.
+            billed = record.status == 200
             raise TransientError(
-                f"malformed answer from DashScope ({self._redact(str(exc))})"
+                f"malformed answer from DashScope ({self._shown(str(exc))})"
+                + ("; DashScope may have billed it" if billed else ""),
+                maybe_billed=billed,
             ) from None
-        return self._parse(request, response)
+
+    def _refused(self, refused: Refused) -> ProviderError:
+        """What a `Refused` answer means for this try (one place for every such answer)."""
+        if refused.status is None:
+            return TransientError(
+                "connection dropped after the request was sent; DashScope may have billed it "
+                "(imgbatch does not let the SDK send it again)",
+                code="ConnectionDropped",
+                maybe_billed=True,
+            )
+        reason = self._shown(refused.reason)
+        if refused.status == 200:
+            return TransientError(
+                f"DashScope answered 200 with {reason}; it may have billed it",
+                code="Unreadable",
+                maybe_billed=True,
+            )
+        return self._failure(
+            refused.status, f"DashScope answered with {reason}", "Unreadable", None, refused.headers
+        )
 
     def _parse(self, request: ImageRequest, response: Any) -> GeneratedImage:
-        # Everything the service says is redacted here, at the boundary: a service (or a proxy)
-        # that echoes the key back must not get it into results.json, the journal or stderr.
+        # Everything the service says is redacted and bounded here, at the boundary: a service
+        # (or a proxy) that echoes the key back, or sends megabytes of message, must not get it
+        # into results.json, the journal, the sheet or stderr.
         status = int(response.status_code)
         request_id = self._redact_optional(response.request_id)
         if status == 200:
@@ -201,32 +240,44 @@ class DashScopeProvider:
             width, height = request.dimensions
             try:
                 width, height = int(response.usage["width"]), int(response.usage["height"])
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: 1e999
                 pass
             stated = _stated_quota(response.headers)
+            # Redacted, not shortened: a URL cut short would not fetch the image paid for.
             return GeneratedImage(
-                self._redact(str(url)), width, height, request.seed, request_id, stated
+                self._shown.redact(str(url)), width, height, request.seed, request_id, stated
             )
         code = self._redact_optional(response.code)
         message = self._redact(str(response.message or "no message"))
+        raise self._failure(status, message, code, request_id, response.headers)
+
+    def _failure(
+        self,
+        status: int,
+        message: str,
+        code: str | None,
+        request_id: str | None,
+        headers: Mapping[str, str] | None,
+    ) -> ProviderError:
+        """The error an answer of `status` means: which class decides what the executor does."""
         if status in (401, 403):
-            raise AuthError(
+            return AuthError(
                 f"{message} (using the {self.describe_credentials()})",
                 status=status,
                 code=code,
                 request_id=request_id,
             )
         if status == 429 or status == 408 or status >= 500:
-            raise TransientError(
+            transient = RateLimited if status == 429 else TransientError
+            return transient(
                 message,
                 status=status,
                 code=code,
                 request_id=request_id,
-                retry_after=_retry_after(response.headers),
-                throttled=status == 429,
-                stated_quota=_stated_quota(response.headers),
+                retry_after=retry_after(headers),
+                stated_quota=_stated_quota(headers),
             )
-        raise PermanentError(message, status=status, code=code, request_id=request_id)
+        return PermanentError(message, status=status, code=code, request_id=request_id)
 
     async def fetch(self, image: GeneratedImage) -> bytes:
         """Download the signed URL with a bare GET (no key, no SDK headers), whole or not at all:
@@ -260,6 +311,10 @@ class DashScopeProvider:
         cap = self._max_image_bytes
         too_large = PermanentError(f"the image is larger than {cap / 2**20:g} MiB", code="TooLarge")
         declared = response.content_length
+        if response.headers.get("Content-Encoding", "identity").lower() not in ("", "identity"):
+            # Decoded as it is read (gzip, deflate...): the length declared is the encoded one,
+            # and the cap counts the decoded bytes.
+            declared = None
         if declared is not None and declared > cap:
             raise too_large
         body = bytearray()
@@ -279,12 +334,7 @@ class DashScopeProvider:
         return self._session
 
     def _redact(self, text: str) -> str:
-        text = text.replace(self._key.value, "***") if self._key.value else text
-        # Shown, not obeyed: an escape or line break from the service (or a proxy) would
-        # otherwise clear the user's terminal or forge a line of the summary.
-        return "".join(
-            c if c.isprintable() else " " if c.isspace() else ascii(c)[1:-1] for c in text
-        )
+        return self._shown(text)
 
     def _redact_optional(self, text: object) -> str | None:
         return self._redact(str(text)) if text else None
@@ -310,18 +360,7 @@ def _stated_quota(headers: Mapping[str, str] | None) -> Quota | None:
             if isinstance(count, bool) or not isinstance(count, int):
                 return None
             return Quota(count, float(period))
-        except (ValueError, TypeError, KeyError):
+        # RecursionError: a header nested deeper than json can follow.
+        except (ValueError, TypeError, KeyError, RecursionError):
             return None
-    return None
-
-
-def _retry_after(headers: Mapping[str, str] | None) -> float | None:
-    if not headers:
-        return None
-    for name, value in headers.items():
-        if name.lower() == "retry-after":
-            try:
-                return max(0.0, float(value))
-            except ValueError:
-                return None  # an HTTP date: rare enough to fall back to our own backoff
     return None

@@ -15,12 +15,13 @@ from typing import Self
 from PIL import Image, ImageDraw, ImageFont
 
 from imgbatch.errors import TransientError
+from imgbatch.providers import is_metered
 from imgbatch.shots.request import GeneratedImage, ImageRequest
 
 
 class PlaceholderProvider:
     name = "placeholder"
-    metered = False
+    metered = is_metered(name)  # the one table: imgbatch.providers.METERED
 
     def __init__(self) -> None:
         self._rendered: dict[str, bytes] = {}

@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, TextIO
 
 from rich.text import Text
 
-from imgbatch.errors import NoImageError, TransientError
+from imgbatch.errors import NoImageError, RateLimited
 from imgbatch.review.console import Verbosity, console_for, styled
-from imgbatch.run.executor import Notice, Retrying, RunEvent, Stopping
+from imgbatch.review.events import Notice, Retrying, RunEvent, Stopping
 from imgbatch.state.results import ResultEntry
 
 if TYPE_CHECKING:
@@ -143,7 +143,7 @@ class Progress:
             )
             return
         self.retries += 1
-        if isinstance(event.error, TransientError) and event.error.throttled:
+        if isinstance(event.error, RateLimited):
             self.throttled += 1
 
     def _say(self, text: Text, *, always: bool = False) -> None:

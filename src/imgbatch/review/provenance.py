@@ -15,7 +15,8 @@ zlib (bench/provenance.py). Bytes that are not a PNG are given back unchanged.
     >>> read_provenance(stamped)["imgbatch:seed"], stamped.endswith(drawn[33:])
     ('7', True)
 
-Reading needs no image library: `read_provenance` walks the chunks and returns the
+Reading needs no image library: `read_provenance` (in `imgbatch.png`, below every layer that
+reads it: prune and gc prove with it that they wrote a file) walks the chunks and returns the
 `imgbatch:` text chunks (iTXt, tEXt or zTXt) by keyword. The API key is never a field.
 """
 
@@ -23,19 +24,18 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imgbatch.errors import InspectError
+from imgbatch.png import PREFIX, TEXT_CHUNKS, chunks, read_provenance, text_keyword
 
 if TYPE_CHECKING:
     from imgbatch.shots.request import ImageRequest
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-PREFIX = "imgbatch:"
 # In the order `inspect` prints them; a field with no value (no seed, no style) is left out.
 FIELDS = (
     "shot",
@@ -56,9 +56,6 @@ FIELDS = (
 )
 _INT_FIELDS = frozenset({"seed"})
 _BOOL_FIELDS = frozenset({"prompt_extend", "watermark"})
-_TEXT_CHUNKS = frozenset({b"iTXt", b"tEXt", b"zTXt"})
-# A text chunk inflating past this is not provenance imgbatch wrote (prompts are short).
-_MAX_TEXT_BYTES = 1 << 20
 # An image over this is not one imgbatch wrote (MAX_CACHED_BYTES in store.py is 64 MiB).
 _MAX_INSPECT_BYTES = 256 * 1024 * 1024
 
@@ -108,7 +105,7 @@ def imgbatch_version() -> str:
 def embed(data: bytes, provenance: Provenance) -> bytes:
     """`data` with `provenance` as iTXt chunks after IHDR, replacing any `imgbatch:` text
     chunks it had (a service cannot plant its own); `data` itself if it is not a PNG."""
-    spans = list(_chunks(data))
+    spans = list(chunks(data))
     if not spans or spans[0][0] != b"IHDR":
         return data
     ours = b"".join(_itxt(PREFIX + name, text) for name, text in provenance.fields().items())
@@ -116,38 +113,11 @@ def embed(data: bytes, provenance: Provenance) -> bytes:
     pieces = [data[:header_end], ours]
     position = header_end
     for kind, start, end in spans[1:]:
-        if kind in _TEXT_CHUNKS and _keyword(data, start).startswith(PREFIX.encode()):
+        if kind in TEXT_CHUNKS and text_keyword(data, start).startswith(PREFIX.encode()):
             pieces.append(data[position:start])
             position = end
     pieces.append(data[position:])
     return b"".join(pieces)
-
-
-def read_provenance(data: bytes, *, name: str = "the image") -> dict[str, str]:
-    """The `imgbatch:` text chunks of the PNG `data`, keyword to text (prefix kept).
-
-    Raises `InspectError` naming `name` when `data` is not a PNG, a chunk is damaged, or there
-    is no provenance."""
-    if not data.startswith(PNG_SIGNATURE):
-        raise InspectError(f"{name} is not a PNG image; imgbatch keeps provenance only in PNGs")
-    found: dict[str, str] = {}
-    for kind, start, end in _chunks(data, strict=name):
-        if kind not in _TEXT_CHUNKS or not _keyword(data, start).startswith(PREFIX.encode()):
-            continue
-        body = data[start + 8 : end - 4]
-        if zlib.crc32(data[start + 4 : end - 4]) != struct.unpack(">I", data[end - 4 : end])[0]:
-            raise InspectError(f"{name} is a damaged PNG: its {kind.decode()} chunk fails its CRC")
-        try:
-            keyword, text = _decode_text(kind, body)
-        except (ValueError, zlib.error) as exc:
-            raise InspectError(f"{name} has a damaged {kind.decode()} chunk: {exc}") from None
-        found.setdefault(keyword, text)  # the first wins, as in Pillow
-    if not found:
-        raise InspectError(
-            f"{name} has no imgbatch provenance (not written by imgbatch, written before "
-            "provenance existed, or re-saved by a tool that drops text chunks)"
-        )
-    return found
 
 
 def inspect_image(path: str | Path) -> dict[str, str]:
@@ -221,50 +191,3 @@ def _itxt(keyword: str, text: str) -> bytes:
     body = keyword.encode("latin-1") + b"\0\0\0\0\0" + text.encode("utf-8")
     kind = b"iTXt"
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def _chunks(data: bytes, *, strict: str | None = None) -> Iterator[tuple[bytes, int, int]]:
-    """Each chunk's type, start and end (length field to CRC, inclusive) up to IEND. Stops at
-    the first chunk that does not fit; with `strict` (the image's name) raises instead."""
-    if not data.startswith(PNG_SIGNATURE):
-        return
-    position = len(PNG_SIGNATURE)
-    while position + 12 <= len(data):
-        length, kind = struct.unpack(">I4s", data[position : position + 8])
-        end = position + 12 + length
-        if end > len(data):
-            break
-        yield kind, position, end
-        if kind == b"IEND":
-            return
-        position = end
-    if strict is not None:
-        raise InspectError(f"{strict} is a damaged PNG: it is cut short before its end")
-
-
-def _keyword(data: bytes, start: int) -> bytes:
-    body = data[start + 8 : start + 8 + 80]
-    return body.split(b"\0", 1)[0]
-
-
-def _decode_text(kind: bytes, body: bytes) -> tuple[str, str]:
-    keyword, _, rest = body.partition(b"\0")
-    name = keyword.decode("latin-1")
-    if kind == b"tEXt":
-        return name, rest.decode("latin-1")
-    if kind == b"zTXt":
-        return name, _inflate(rest[1:]).decode("latin-1")
-    if len(rest) < 2:
-        raise ValueError("it is cut short")
-    compressed = rest[0] == 1
-    _language, _, rest = rest[2:].partition(b"\0")
-    _translated, _, text = rest.partition(b"\0")
-    return name, (_inflate(text) if compressed else text).decode("utf-8")
-
-
-def _inflate(data: bytes) -> bytes:
-    inflater = zlib.decompressobj()
-    out = inflater.decompress(data, _MAX_TEXT_BYTES)
-    if inflater.unconsumed_tail:
-        raise ValueError(f"its text inflates past {_MAX_TEXT_BYTES} bytes")
-    return out

@@ -7,20 +7,17 @@ rendered differently by another front end.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
 
 from imgbatch.plan.decide import WORK_ACTIONS, Action, Plan, PlannedShot
-from imgbatch.plan.pricing import Cost, as_json, format_money
-from imgbatch.providers import is_metered
 from imgbatch.review.console import WORD_STYLES
 from imgbatch.shots.request import changed_fields
+from imgbatch.units.money import Cost, as_json, format_money
 
 if TYPE_CHECKING:
-    from imgbatch.run.apply import ApplyReport
+    from imgbatch.review.outcome import ApplyReport
 
 
 def plan_table(plan: Plan, *, verbose: bool = False) -> Text:
@@ -53,14 +50,14 @@ def plan_summary(plan: Plan) -> str:
         f"{plan.count(action)} {action.value}" for action in Action if plan.count(action)
     )
     paid = plan.paid_requests
-    kind = "paid" if is_metered(plan.provider) else "offline"
+    kind = "paid" if plan.metered else "offline"
     return f"Plan: {counts}. {paid} {kind} request{'s' if paid != 1 else ''}."
 
 
 def estimate_line(plan: Plan) -> str | None:
     """The plan's estimated cost and where its prices come from; None when it sends no paid
     request (nothing to estimate)."""
-    if not plan.paid_requests or not is_metered(plan.provider) or plan.prices is None:
+    if not plan.paid_requests or not plan.metered or plan.prices is None:
         return None
     return f"Estimated cost: {_priced(plan.estimated_cost, plan)}."
 
@@ -122,51 +119,29 @@ def apply_json(report: ApplyReport) -> dict[str, Any]:
     stopped before, else its entry's status; `moved_aside`: where an edited file went before a
     new image took its place), the counts, whether a bound stopped it and how many shots
     remain, and where results.json is."""
-    left = {
-        item.id: item.action.value
-        for item in report.plan.shots
-        if item.action in (Action.UNCHANGED, Action.DRIFT)
-    }
-    by_id = {entry.id: entry for entry in report.entries}
-    shots: list[dict[str, Any]] = []
-    for item in report.plan.shots:
-        entry = by_id.get(item.id)
-        reason = report.not_run.get(item.id)
-        if reason is not None:
-            # Its file (if it has one from before) is still there, untouched.
-            shots.append(
-                {
-                    "id": item.id,
-                    "status": "not_run",
-                    "file": entry.file if entry else None,
-                    "error": reason,
-                    "error_code": None,
-                    "request_id": None,
-                    "moved_aside": None,
-                }
-            )
-            continue
-        if entry is None:
-            continue  # left alone, with no entry to show (a drift that never had one)
-        shots.append(
-            {
-                "id": entry.id,
-                "status": left.get(entry.id, entry.status),
-                "file": entry.file,
-                "error": entry.error,
-                "error_code": entry.error_code,
-                "request_id": entry.request_id,
-                "moved_aside": report.moved_aside.get(entry.id),
-            }
-        )
+    shots = [
+        {
+            "id": shot.id,
+            "status": shot.status,
+            # A shot not run: its file (if it has one from before) is still there, untouched.
+            "file": shot.file,
+            "error": shot.error,
+            "error_code": shot.error_code,
+            "request_id": shot.request_id,
+            "moved_aside": shot.moved_aside,
+        }
+        for shot in report.shots
+        # Left alone with no entry to show (a drift that never had one): not listed.
+        if shot.entry is not None or shot.status == "not_run"
+    ]
     summary = {
         "generated": report.count("generated"),
         "cached": report.count("cached"),
         "failed": report.count("failed"),
         "unfetched": report.count("unfetched"),
-        "not_run": len(report.not_run),
+        "not_run": report.count("not_run"),
         "unchanged": report.unchanged,
-        "drift": report.plan.count(Action.DRIFT),
+        "drift": report.count("drift"),
         "requests": report.requests,
         "billed": report.billed,
         "throttled": report.throttled,
@@ -225,36 +200,16 @@ def store_line(report: ApplyReport) -> str | None:
     return "\n".join([line, *(f"  {shot_id}: {message}" for shot_id, message in use.notices)])
 
 
-def apply_summary(report: ApplyReport) -> str:
-    parts = [
-        f"{report.count('generated')} generated",
-        f"{report.count('cached')} cached",
-        f"{report.count('failed')} failed",
-        f"{report.unchanged} unchanged",
-    ]
-    unfetched = report.count("unfetched")
-    if unfetched:
-        parts.insert(3, f"{unfetched} billed but not downloaded (the next apply fetches them)")
-    drift = report.plan.count(Action.DRIFT)
-    if drift:
-        parts.append(f"{drift} edited by hand and kept (--overwrite-edited puts them back)")
-    if report.not_run:
-        parts.append(f"{len(report.not_run)} not run")
-    if not is_metered(report.plan.provider):
-        sent = f"{report.requests} offline request{'s' if report.requests != 1 else ''}"
-    else:
-        # Only images are billed: refusals, errors and unreachable servers cost nothing.
-        sent = (
-            f"{report.requests} request{'s' if report.requests != 1 else ''} sent, "
-            f"{report.billed} image{'s' if report.billed != 1 else ''} billed"
-        )
-        if report.maybe_billed:
-            sent += f" (+{report.maybe_billed} whose answer was lost, maybe billed)"
-    lines = [
-        f"Done in {report.elapsed:.1f} s: {', '.join(parts)}; {sent}, {report.retries} retries, "
-        f"{report.throttled} throttled (429)."
-    ]
-    if is_metered(report.plan.provider):
+def apply_summary(report: ApplyReport, *, quiet: bool = False) -> str:
+    """The end-of-run summary. `quiet` (`apply --quiet`): its first line (counts, requests,
+    429s) and, if the run stopped, why and how many shots it left (a bounded CI job's log needs
+    that)."""
+    head = _counts_line(report)
+    stopped = _stop_lines(report)
+    if quiet:
+        return "\n".join([head, *stopped])
+    lines = [head]
+    if report.plan.metered:
         lines.append(cost_line(report))
     shared = store_line(report)
     if shared:
@@ -265,8 +220,50 @@ def apply_summary(report: ApplyReport) -> str:
     )
     lines.extend(quota_lines(report))
     lines.extend(prune_lines(report))
-    if report.stopped:
-        lines.append(f"Stopped: {report.stopped}")
+    lines.extend(stopped)
+    lines.append(f"Results: {report.results_path}")
+    return "\n".join(lines)
+
+
+def quiet_summary(report: ApplyReport) -> str:
+    """`apply --quiet`'s summary: see `apply_summary`."""
+    return apply_summary(report, quiet=True)
+
+
+def _counts_line(report: ApplyReport) -> str:
+    parts = [
+        f"{report.count('generated')} generated",
+        f"{report.count('cached')} cached",
+        f"{report.count('failed')} failed",
+        f"{report.unchanged} unchanged",
+    ]
+    unfetched = report.count("unfetched")
+    if unfetched:
+        parts.insert(3, f"{unfetched} billed but not downloaded (the next apply fetches them)")
+    drift = report.count("drift")
+    if drift:
+        parts.append(f"{drift} edited by hand and kept (--overwrite-edited puts them back)")
+    if report.count("not_run"):
+        parts.append(f"{report.count('not_run')} not run")
+    if not report.plan.metered:
+        sent = f"{report.requests} offline request{'s' if report.requests != 1 else ''}"
+    else:
+        # Only images are billed: refusals, errors and unreachable servers cost nothing.
+        sent = (
+            f"{report.requests} request{'s' if report.requests != 1 else ''} sent, "
+            f"{report.billed} image{'s' if report.billed != 1 else ''} billed"
+        )
+        if report.maybe_billed:
+            sent += f" (+{report.maybe_billed} whose answer was lost, maybe billed)"
+    return (
+        f"Done in {report.elapsed:.1f} s: {', '.join(parts)}; {sent}, {report.retries} retries, "
+        f"{report.throttled} throttled (429)."
+    )
+
+
+def _stop_lines(report: ApplyReport) -> list[str]:
+    """Why the run stopped, and the shots it left for the next apply."""
+    lines = [f"Stopped: {report.stopped}"] if report.stopped else []
     if report.remaining:
         count = report.remaining
         if report.bounded:
@@ -275,18 +272,16 @@ def apply_summary(report: ApplyReport) -> str:
                 "run again to continue."
             )
         else:
-            lines.extend(_not_run_lines(report.not_run))
-    lines.append(f"Results: {report.results_path}")
-    return "\n".join(lines)
+            lines.extend(_not_run_lines(report))
+    return lines
 
 
-def _not_run_lines(not_run: Mapping[str, str]) -> list[str]:
+def _not_run_lines(report: ApplyReport) -> list[str]:
     """Shots never sent apart from those sent and abandoned (or whose earlier try lost its
     answer): saying of those that nothing was sent would hide what may have been billed."""
-    # The executor's reasons say "may have ... billed" of exactly those.
-    sent = [shot_id for shot_id, reason in not_run.items() if "may have" in reason]
+    sent = [shot_id for shot_id in report.not_run if shot_id in report.maybe_billed_not_run]
     lines = []
-    untouched = len(not_run) - len(sent)
+    untouched = len(report.not_run) - len(sent)
     if untouched:
         lines.append(
             f"{untouched} shot{'s' if untouched != 1 else ''} not run: nothing of theirs was "
@@ -335,17 +330,6 @@ def prune_lines(report: ApplyReport) -> list[str]:
         for item in kept
     )
     return lines
-
-
-def quiet_summary(summary: str) -> str:
-    """`apply --quiet`: the summary's first line (counts, requests, 429s) and, if the run
-    stopped, why and how many shots it left (a bounded CI job's log needs that line)."""
-    lines = summary.splitlines()
-    kept = [line for line in lines[1:] if line.startswith("Stopped:") or _LEFT.match(line)]
-    return "\n".join(lines[:1] + kept)
-
-
-_LEFT = re.compile(r"\d+ shots? (remains?;|not run:|sent and not answered)")
 
 
 def quota_lines(report: ApplyReport) -> list[str]:

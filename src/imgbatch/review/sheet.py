@@ -6,11 +6,14 @@ network, works from `file://`) with a card per shot: thumbnail, id, prompt and t
 negative prompt, size, seed, model, status and error, a mark on the shots the last apply
 changed, and for a replaced shot its previous image (still in the cache) to compare with.
 
-Thumbnails are small WebP files under `<output>/.imgbatch/thumbs/`, one per image key, made
-once and never again (a key names one image forever). What an apply changed is kept in
-`<output>/.imgbatch/last-run.json`, so `imgbatch sheet` can draw the same marks later; an apply
+Thumbnails are small WebP files in the output folder's state (`OutputFolder.thumb_path`), one
+per image key, made once and never again (a key names one image forever). What an apply changed
+is kept as the folder's last run, so `imgbatch sheet` can draw the same marks later; an apply
 that changes no shot keeps them. The page is rendered by Jinja2 with autoescaping (prompts are
-user text) and allows, by its Content-Security-Policy, no script but its own.
+user text) and allows, by its Content-Security-Policy, no script but its own. It replaces only
+a page it drew itself (its generator tag and digest): any other `index.html` is left as it is,
+and drawing the sheet is refused with a message saying how to proceed. Thumbnails are made from
+the images read as PNG only (`imgbatch.png`), never handed to another program.
 """
 
 from __future__ import annotations
@@ -18,13 +21,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import json
 import os
 import re
-import warnings
+import stat
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
@@ -34,29 +35,30 @@ from urllib.parse import quote
 import jinja2
 from PIL import Image
 
-from imgbatch.errors import StoreError
+from imgbatch.errors import ImageError, StoreError
 from imgbatch.manifest import load_manifest
 from imgbatch.plan.decide import WORK_ACTIONS, Action, Plan
-from imgbatch.run.executor import Listener, RunEvent
+from imgbatch.png import decode_png, read_image_file
+from imgbatch.review.events import Listener, RunEvent
 from imgbatch.shots.expand import output_dir_for
-from imgbatch.state.cache import STATE_DIR, TEMP_PREFIX, ImageCache, atomic_write
-from imgbatch.state.results import STATUSES, ResultEntry, load_state, results_path
+from imgbatch.state.cache import ImageCache, atomic_write
+from imgbatch.state.folder import OutputFolder
+from imgbatch.state.last_run import Change, load_changes, save_changes, thumb_path
+from imgbatch.state.results import STATUSES, ResultEntry
 
 SHEET_FILE = "index.html"
-LAST_RUN_FILE = "last-run.json"
-THUMBS_DIR = "thumbs"
 # Bounding box of a thumbnail: a 16:9 image becomes 320*178, a WebP of a few to a few tens of KB.
 THUMB_BOX = (320, 320)
 THUMB_QUALITY = 80
-_LAST_RUN_VERSION = 1
 _STATUS_ORDER = (*STATUSES, "pending")
 # What a card shows of its shot's entry; none of it for a shot not applied yet.
 _DETAILS = tuple(
     "prompt text text_extra simplified negative_prompt size seed model provider style error"
     " error_code error_message request_id attempts key".split()
 )
-_ERROR = re.compile(r"(?:(?P<status>\d{3}) )?(?P<code>\S+): (?P<message>.*)", re.DOTALL)
 _DIGEST = re.compile(r'<meta name="imgbatch-sheet" content="([0-9a-f]{64})">')
+# With the digest, how a page is known to be imgbatch's own (it replaces no other index.html).
+_GENERATOR = '<meta name="generator" content="imgbatch">'
 _CHANGE_LABELS: dict[str, str] = {
     Action.REPLACE: "replaced",
     Action.RESTORE: "restored",
@@ -64,29 +66,13 @@ _CHANGE_LABELS: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
-    """What the last apply did to one shot, and the entry it had before."""
-
-    action: str  # create, replace, restore or recover
-    reason: str
-    previous: ResultEntry | None
-
-    @property
-    def label(self) -> str:
-        if self.action != Action.CREATE:
-            return _CHANGE_LABELS.get(self.action, self.action)
-        if self.previous is None:
-            return "new"
-        return "regenerated" if self.previous.has_image else "retried"
-
-
-def thumb_path(output_dir: Path, key: str) -> Path:
-    return output_dir / STATE_DIR / THUMBS_DIR / key[:2] / f"{key}.webp"
-
-
-def last_run_path(output_dir: Path) -> Path:
-    return output_dir / STATE_DIR / LAST_RUN_FILE
+def change_label(change: Change) -> str:
+    """The word on a changed shot's card: new, regenerated, retried, replaced, restored..."""
+    if change.action != Action.CREATE:
+        return _CHANGE_LABELS.get(change.action, change.action)
+    if change.previous is None:
+        return "new"
+    return "regenerated" if change.previous.has_image else "retried"
 
 
 def changes_of(plan: Plan) -> dict[str, Change]:
@@ -97,44 +83,6 @@ def changes_of(plan: Plan) -> dict[str, Change]:
         for item in plan.shots
         if item.action in WORK_ACTIONS
     }
-
-
-def save_changes(output_dir: Path, changes: Mapping[str, Change], when: datetime) -> None:
-    document = {
-        "version": _LAST_RUN_VERSION,
-        "finished_at": when.isoformat(timespec="seconds"),
-        "changes": {
-            shot_id: {
-                "action": change.action,
-                "reason": change.reason,
-                "previous": change.previous.to_json() if change.previous else None,
-            }
-            for shot_id, change in changes.items()
-        },
-    }
-    data = json.dumps(document, ensure_ascii=False, indent=1) + "\n"
-    atomic_write(last_run_path(output_dir), data.encode("utf-8"))
-
-
-def load_changes(output_dir: Path) -> tuple[dict[str, Change], datetime | None]:
-    """What the last apply changed, and when it finished; nothing if it is unknown or unreadable.
-
-    The record only decorates the sheet, so a damaged one is ignored rather than reported.
-    """
-    try:
-        document = json.loads(last_run_path(output_dir).read_text(encoding="utf-8"))
-        changes = {
-            shot_id: Change(
-                str(raw["action"]),
-                str(raw["reason"]),
-                ResultEntry.from_json(raw["previous"]) if raw.get("previous") else None,
-            )
-            for shot_id, raw in document["changes"].items()
-        }
-        finished = datetime.fromisoformat(document["finished_at"])
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return {}, None
-    return changes, finished
 
 
 def update_after_apply(
@@ -162,7 +110,6 @@ def update_after_apply(
             return sheet, None
         else:  # shots removed or moved, or the page is missing or from another imgbatch
             changes, finished = load_changes(output_dir)
-        _remove_stale_thumb_temporaries(output_dir)
         path = render_sheet(
             output_dir,
             title=title,
@@ -190,10 +137,11 @@ def write_sheet(
     """
     manifest = load_manifest(manifest_path, allow_reference_outside=allow_reference_outside)
     output_dir = output_dir_for(manifest, environ)
-    state = load_state(output_dir)
+    folder = OutputFolder(output_dir)
+    state = folder.load().entries
     if not state:
         raise StoreError(
-            f"no results in {output_dir} ({results_path(output_dir).name} is missing): "
+            f"no results in {output_dir} ({folder.results_path.name} is missing): "
             f"run `imgbatch apply {manifest_path}` first"
         )
     changes, finished = load_changes(output_dir)
@@ -221,7 +169,9 @@ def render_sheet(
     finished_at: str | None,
 ) -> Path:
     """Make the missing thumbnails, then write `index.html` atomically; gives its path."""
-    cache = ImageCache(output_dir)
+    folder = OutputFolder(output_dir)
+    folder.refuse_links()  # thumbnails are written under it
+    cache = folder.cache
     changes = {shot_id: change for shot_id, change in changes.items() if shot_id in entries}
     wanted: dict[str, Path] = {}
     for shot_id in order:
@@ -252,8 +202,28 @@ def render_sheet(
     }
     template = _environment().get_template("sheet.html.j2")
     path = output_dir / SHEET_FILE
+    check_own_sheet(path)
     atomic_write(path, _encoded(template.generate(context)))
     return path
+
+
+def check_own_sheet(path: Path) -> None:
+    """Raise `StoreError` naming `path` unless it is absent or a page imgbatch drew: a regular
+    file whose head has the generator tag and the sheet's digest (a user's own index.html in an
+    output folder set to `.` is never replaced)."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StoreError(f"cannot read {path} ({exc.strerror or exc})") from None
+    if stat.S_ISREG(info.st_mode) and drawn_digest(path) and _GENERATOR in _head(path):
+        return
+    raise StoreError(
+        f"{path} is not a contact sheet imgbatch drew, so it is left as it is: move it aside "
+        "(or delete it) and run `imgbatch sheet` again, or give the shot list an output "
+        "folder of its own (output.dir)"
+    )
 
 
 def sheet_digest(title: str, order: Sequence[str], entries: Mapping[str, ResultEntry]) -> str:
@@ -268,13 +238,23 @@ def sheet_digest(title: str, order: Sequence[str], entries: Mapping[str, ResultE
 
 def drawn_digest(sheet: Path) -> str | None:
     """The digest a page was drawn with (in its first lines), or None."""
-    try:
-        with sheet.open("rb") as handle:
-            head = handle.read(2048).decode("utf-8", "replace")
-    except OSError:
-        return None
-    match = _DIGEST.search(head)
+    match = _DIGEST.search(_head(sheet))
     return match.group(1) if match else None
+
+
+def _head(sheet: Path) -> str:
+    """The first 2 KiB of the page at `sheet` (never through a link, never a FIFO), or ""."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(sheet, flags)
+    except OSError:
+        return ""
+    try:
+        return os.read(fd, 2048).decode("utf-8", "replace")
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
 
 
 class Thumbnailer:
@@ -287,7 +267,7 @@ class Thumbnailer:
 
     def __init__(self, output_dir: Path, listener: Listener | None = None) -> None:
         self.output_dir = output_dir
-        self.cache = ImageCache(output_dir)
+        self.cache = OutputFolder(output_dir).cache
         self.listener = listener
         self._pool: ThreadPoolExecutor | None = None
 
@@ -333,30 +313,19 @@ def make_thumbnails(output_dir: Path, sources: Mapping[str, Path]) -> set[str]:
 
 
 def _make_thumbnail(output_dir: Path, key: str, source: Path) -> bool:
+    # The source may be a file a pull request committed: read as a PNG only (never handed to
+    # another program), its size checked in its header before it is decoded.
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as image:
-                # Box-reduced to about the size, then Lanczos: a fraction of a full Lanczos.
-                image.thumbnail(THUMB_BOX, Image.Resampling.LANCZOS, reducing_gap=1.0)
-                converted = image.convert("RGBA" if image.has_transparency_data else "RGB")
+        with decode_png(read_image_file(source), f"the bytes of {source}") as image:
+            # Box-reduced to about the size, then Lanczos: a fraction of a full Lanczos.
+            image.thumbnail(THUMB_BOX, Image.Resampling.LANCZOS, reducing_gap=1.0)
+            converted = image.convert("RGBA" if image.has_transparency_data else "RGB")
         buffer = io.BytesIO()
         converted.save(buffer, format="WEBP", quality=THUMB_QUALITY, method=0)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning):
+    except (ImageError, OSError, ValueError):
         return False
     atomic_write(thumb_path(output_dir, key), buffer.getvalue())
     return True
-
-
-def _remove_stale_thumb_temporaries(output_dir: Path) -> None:
-    # Only called under the apply lock: another process's temp file is never in flight then.
-    root = output_dir / STATE_DIR / THUMBS_DIR
-    if not root.is_dir():
-        return
-    for folder in root.iterdir():
-        if folder.is_dir() and not folder.is_symlink():  # never reach out of the folder
-            for temp in folder.glob(f"{TEMP_PREFIX}*.tmp"):
-                temp.unlink(missing_ok=True)
 
 
 def _image_source(output_dir: Path, cache: ImageCache, entry: ResultEntry) -> Path:
@@ -390,36 +359,14 @@ def _card(
     card: dict[str, Any] = {
         "id": shot_id,
         "status": entry.status if entry else "pending",
-        "change": {"label": change.label, "reason": change.reason} if change else None,
+        "change": {"label": change_label(change), "reason": change.reason} if change else None,
         "image": None,
         "previous": None,
         **dict.fromkeys(_DETAILS),
     }
     if entry is None:
         return card
-    request = entry.request
-    # What was sent: the simplified prompt after a 200 without an image, else the request's text.
-    text = entry.prompt_sent or request.get("text")
-    if not isinstance(text, str) or text == entry.prompt:
-        text = None
-    card.update(
-        prompt=entry.prompt,
-        text=text,
-        simplified=entry.simplified,
-        text_extra=_appended(entry.prompt, text),
-        negative_prompt=entry.negative_prompt,
-        size=entry.size.replace("*", "×"),
-        seed=entry.seed,
-        model=entry.model,
-        provider=request.get("provider"),
-        style=entry.style,
-        error=entry.error,
-        error_code=_error_code(entry),
-        error_message=_error_message(entry),
-        request_id=entry.request_id,
-        attempts=entry.attempts,
-        key=entry.key,
-    )
+    card.update(_details(entry))
     if entry.has_image and entry.file:
         card["image"] = {
             "href": _url(output_dir, output_dir / entry.file),
@@ -440,6 +387,33 @@ def _card(
     return card
 
 
+def _details(entry: ResultEntry) -> dict[str, Any]:
+    """What the card says of the request and its answer."""
+    request = entry.request
+    # What was sent: the simplified prompt after a 200 without an image, else the request's text.
+    text = entry.prompt_sent or request.get("text")
+    if not isinstance(text, str) or text == entry.prompt:
+        text = None
+    return dict(
+        prompt=entry.prompt,
+        text=text,
+        simplified=entry.simplified,
+        text_extra=_appended(entry.prompt, text),
+        negative_prompt=entry.negative_prompt,
+        size=entry.size.replace("*", "×"),
+        seed=entry.seed,
+        model=entry.model,
+        provider=request.get("provider"),
+        style=entry.style,
+        error=entry.error,
+        error_code=_error_code(entry),
+        error_message=_error_message(entry),
+        request_id=entry.request_id,
+        attempts=entry.attempts,
+        key=entry.key,
+    )
+
+
 def _appended(prompt: str, text: str | None) -> str | None:
     """What was added to the prompt to make the text sent (the style), shown on its own."""
     if text is None or not text.startswith(prompt):
@@ -451,24 +425,15 @@ def _csp_hash(script: str) -> str:
     return "sha256-" + base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode()
 
 
-def _error_parts(entry: ResultEntry) -> re.Match[str] | None:
-    """A provider error's message reads "<HTTP status> <code>: <message>"."""
-    if not entry.error or not entry.error_code:
-        return None
-    match = _ERROR.match(entry.error)
-    return match if match and match["code"] == entry.error_code else None
-
-
 def _error_code(entry: ResultEntry) -> str | None:
-    match = _error_parts(entry)
-    if match is None:
-        return entry.error_code
-    return f"{match['status']} {match['code']}" if match["status"] else match["code"]
+    """The card's badge: the service's HTTP status and code, as the entry holds them."""
+    shown = [str(part) for part in (entry.error_status, entry.error_code) if part]
+    return " ".join(shown) or None
 
 
 def _error_message(entry: ResultEntry) -> str | None:
-    match = _error_parts(entry)
-    return match["message"] if match else entry.error
+    """The service's own words beside the badge, or the whole error when the run said more."""
+    return entry.error_message or entry.error
 
 
 def _thumb_size(width: int | None, height: int | None) -> dict[str, int | None]:

@@ -17,44 +17,46 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import filelock
-
 from imgbatch.errors import (
     ConfigError,
-    LockedError,
     StoreError,
     StoreWriteError,
 )
 from imgbatch.housekeeping.prune import Pruned, prune_orphans
-from imgbatch.manifest import Manifest, load_manifest, manifest_from_data
+from imgbatch.manifest import Limits, Manifest
 from imgbatch.manifest.catalogue import MIN_RPS
-from imgbatch.pacing.gate import Clock, Finding, Pacer, RetryPolicy
-from imgbatch.pacing.learned import QuotaStore, default_store_path
-from imgbatch.pacing.quota import Quota
+from imgbatch.manifest.loader import ManifestSource, read_manifest
+from imgbatch.pacing.gate import Clock, Pacer, RetryPolicy
+from imgbatch.pacing.learned import Learned, QuotaStore, default_store_path
 from imgbatch.plan.decide import WORK_ACTIONS, Action, Plan, PlannedShot
 from imgbatch.plan.decide import make_plan as plan_shots
 from imgbatch.plan.guards import may_replace_paid, refuse_placeholder_over_paid, refuse_to_start
-from imgbatch.plan.pricing import Cost, CostLimit, MaxCost, PriceList, cost, price_list
+from imgbatch.plan.pricing import PriceList, cost, price_list
 from imgbatch.providers import Provider, create_provider, resolve_provider_name
+from imgbatch.review.events import Listener
+from imgbatch.review.outcome import ApplyReport, QuotaNote, ShotOutcome
 from imgbatch.review.sheet import Thumbnailer
 from imgbatch.review.sheet import update_after_apply as update_sheet
-from imgbatch.run.bounds import Bound, MaxDuration, MaxRequests
+from imgbatch.run.bounds import Bound, MaxCost, MaxDuration, MaxRequests
 from imgbatch.run.entries import abandoned_download
-from imgbatch.run.executor import Executor, Listener, Phase, RunOutcome
+from imgbatch.run.executor import Executor, Phase, RunOutcome
 from imgbatch.run.interrupts import Interrupts, interrupt_at_once, signal_handler
-from imgbatch.run.sharing import StoreUse, Unsent, open_sharing, planned_with_store
+from imgbatch.run.sharing import SharedRun, Unsent, open_sharing, planned_with_store
 from imgbatch.shots.expand import Expansion, expand, fetch_references, shot_list
 from imgbatch.shots.request import KEY_FORMAT_VERSION
 from imgbatch.shots.selection import in_shard, select_shots
-from imgbatch.state.cache import STATE_DIR, ImageCache, check_writable, remove_stale_temporaries
-from imgbatch.state.results import Journal, ResultEntry, load_state, write_results
+from imgbatch.state.folder import OutputFolder, owner_of
+from imgbatch.state.record import FolderState, Owner
+from imgbatch.state.results import ResultEntry
+from imgbatch.units.money import CostLimit
+from imgbatch.units.quota import Quota
 
 DEFAULT_PROVIDER = "dashscope"
 
@@ -94,11 +96,13 @@ class ApplyOptions:
     prune: bool = False
     # Act on these shots only (ids or fnmatch globs); every other shot's entry is kept as it is.
     only: tuple[str, ...] = ()
+    # Apply into an output folder another manifest owns (its shots are kept apart, untouched).
+    force: bool = False
     # A shared store (s3://, oss://, a folder); None: IMGBATCH_STORE, else the manifest's
     # output.store. Read-only restores from it and never writes it (untrusted jobs).
     store: str | None = None
     store_read_only: bool = False
-    # (K, N): only the shots whose request key falls in shard K of N (sharding.py).
+    # (K, N): only the shots whose request key falls in shard K of N (`in_shard`).
     shard: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
@@ -139,78 +143,6 @@ class ApplyOptions:
         return tuple(found)
 
 
-@dataclass(frozen=True)
-class QuotaNote:
-    """What a run knew of one model's quota: how it began and what it ended with."""
-
-    finding: Finding
-    learned_before: bool  # the run started from a quota an earlier run learned
-    saved: bool  # what this run found is kept for the next one
-
-
-@dataclass(frozen=True)
-class ApplyReport:
-    plan: Plan
-    results_path: Path
-    # results.json's shot entries: a shot this run did not run keeps its previous entry, or
-    # has none if it never had one.
-    entries: tuple[ResultEntry, ...]
-    stopped: str | None
-    interrupted: bool
-    requests: int
-    # Images the service made (billed), and requests sent whose answer was lost (may have been).
-    billed: int
-    maybe_billed: int
-    throttled: int
-    retries: int
-    quotas: tuple[QuotaNote, ...]
-    elapsed: float
-    # The images billed at their price, and what the requests whose answer was lost may add.
-    cost: Cost = Cost(None, None)
-    possible_extra_cost: Cost = Cost(None, None)
-    # The contact sheet (index.html), or why it could not be drawn: a warning, never a failure.
-    sheet: Path | None = None
-    sheet_problem: str | None = None
-    # Shots with something to do that this run did not do (stopped or interrupted first), and
-    # why: nothing of theirs changed, and the next apply does them.
-    not_run: Mapping[str, str] = field(default_factory=dict)
-    # The bound that stopped the run (`Bound.name`: max_requests, max_duration), if one did.
-    bounded: str | None = None
-    # Hand-edited files renamed aside before a new image took their place: shot id -> new name
-    # (relative to the output folder).
-    moved_aside: Mapping[str, str] = field(default_factory=dict)
-    # With `prune`: each orphan, and whether its file and entry are gone.
-    pruned: tuple[Pruned, ...] = ()
-    # With a shared store: its URL, the requests sent to it by operation, the images restored
-    # from it and published to it, and what was wrong with records found damaged.
-    store: StoreUse | None = None
-
-    def count(self, status: str) -> int:
-        """Shots this run made `status` (generated, cached: restored from the cache, failed,
-        unfetched: billed but not downloaded); a shot it left alone (unchanged, or edited by
-        hand and kept) or did not run keeps its entry, whatever its status, and is not counted
-        here."""
-        acted = {
-            item.id
-            for item in self.plan.shots
-            if item.action in WORK_ACTIONS and item.id not in self.not_run
-        }
-        return sum(1 for entry in self.entries if entry.status == status and entry.id in acted)
-
-    @property
-    def unchanged(self) -> int:
-        return self.plan.count(Action.UNCHANGED)
-
-    @property
-    def remaining(self) -> int:
-        """Shots left for the next apply because this one stopped before them."""
-        return len(self.not_run)
-
-    @property
-    def ok(self) -> bool:
-        return self.stopped is None and self.count("failed") == self.count("unfetched") == 0
-
-
 def provider_name(
     manifest: Manifest,
     override: str | None,
@@ -220,22 +152,6 @@ def provider_name(
     """The provider to use: the override, else the manifest's, else dashscope; `auto` resolved."""
     name = override or manifest.provider or DEFAULT_PROVIDER
     return resolve_provider_name(name, os.environ if environ is None else environ, home)
-
-
-ManifestSource = str | Path | Mapping[str, Any]
-"""A manifest file's path, or a manifest already parsed into a dict (relative paths in it are
-taken from the current folder)."""
-
-
-def read_manifest(source: ManifestSource, *, allow_reference_outside: bool = False) -> Manifest:
-    if isinstance(source, Mapping):
-        return manifest_from_data(
-            dict(source),
-            display="manifest",
-            base_dir=Path.cwd(),
-            allow_reference_outside=allow_reference_outside,
-        )
-    return load_manifest(source, allow_reference_outside=allow_reference_outside)
 
 
 def load_and_expand(
@@ -275,6 +191,7 @@ def make_plan(
     allow_reference_outside: bool = False,
     overwrite_edited: bool = False,
     only: Sequence[str] = (),
+    force: bool = False,
     store: str | None = None,
 ) -> Plan:
     """What `apply` would do for each shot, reading the output folder but changing nothing and
@@ -284,13 +201,15 @@ def make_plan(
     explicitly, would replace images a paid provider made.
 
     With `only` (shot ids or fnmatch globs), the plan has those shots alone and no orphans.
+    Raises `FolderOwnedError`, as apply would, when another manifest owns the output folder
+    (unless `force`).
     """
     environ = os.environ if environ is None else environ
     manifest, expansion = load_and_expand(
         path, provider, environ, home, allow_reference_outside=allow_reference_outside
     )
     selected = _narrowed(expansion, only)
-    state = load_state(expansion.output_dir)
+    state = _owned_state(path, manifest, expansion, force=force).mine
     prices = _prices(manifest, expansion, environ)
     planned = _plan(selected, state, overwrite_edited, only=bool(only), prices=prices)
     refuse_placeholder_over_paid(planned, provider, manifest)
@@ -311,7 +230,7 @@ def _plan(
         output_dir,
         expansion.shots,
         state,
-        ImageCache(output_dir),
+        OutputFolder(output_dir).cache,
         provider=expansion.provider,
         overwrite_edited=overwrite_edited,
     )
@@ -393,10 +312,75 @@ async def _apply(
     on_plan: Callable[[Plan], None] | None,
     clock: Clock | None,
 ) -> ApplyReport:
-    options = options or ApplyOptions()
+    """The phases: prepare, then under the lock preflight (the plan, then the guards), execute
+    and settle (results.json, prune, the sheet), then the report."""
+    prep = await _prepare(path, options or ApplyOptions(), provider, stack)
+    started = time.monotonic()
+    with OutputFolder(prep.expansion.output_dir).lock():
+        plan, held = _preflight(prep, on_plan)
+        pacing = _pacing(prep, plan, clock)
+        interrupts = Interrupts(prep.options.grace_seconds)
+        # From the first request until results.json and the sheet are written: a Ctrl-C while
+        # they are written waits for them (they are what the run leaves behind).
+        with signal_handler(asyncio.get_running_loop(), interrupts):
+            outcome, journal = await _execute(prep, plan, pacing.pacer, listener, clock, interrupts)
+            settled = _settle_run(prep, plan, held, outcome, journal)
+    return ApplyReport(
+        plan=plan,
+        results_path=settled.results,
+        shots=settled.shots,
+        stopped=outcome.stopped,
+        interrupted=interrupts.count > 0,
+        requests=outcome.requests,
+        billed=outcome.billed,
+        maybe_billed=outcome.maybe_billed,
+        throttled=outcome.throttled,
+        retries=outcome.retries,
+        quotas=pacing.remember(outcome),
+        elapsed=time.monotonic() - started,
+        cost=cost(outcome.billed_models.elements(), prep.prices),
+        possible_extra_cost=cost(outcome.maybe_billed_models.elements(), prep.prices),
+        sheet=settled.sheet,
+        sheet_problem=settled.sheet_problem,
+        bounded=outcome.bounded,
+        pruned=settled.pruned,
+        store=prep.sharing.use() if prep.sharing is not None else None,
+    )
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """What preparing gives: the manifest, its shots (every one, and those selected, their
+    references fetched), and the provider chosen, with its prices."""
+
+    path: ManifestSource
+    options: ApplyOptions
+    manifest: Manifest
+    everything: Expansion
+    expansion: Expansion
+    limit: CostLimit | None
+    provider: Provider
+    prices: PriceList
+    # The shared store, if one is named; whether only some shots are acted on (--only, --shard).
+    sharing: SharedRun | None = None
+    partial: bool = False
+
+
+async def _prepare(
+    path: ManifestSource,
+    options: ApplyOptions,
+    provider: Provider | str | None,
+    stack: contextlib.AsyncExitStack,
+) -> _Prepared:
+    """Load, expand, fetch the references and choose the provider; the refusals that need no
+    lock come first, so a refused run connects to nothing and writes nothing at all."""
     if isinstance(provider, str):
         # A name, as on the command line; an object is used as it is.
         options, provider = replace(options, provider=provider), None
+    elif provider is not None:
+        # An object is chosen by name as surely as --provider is, and its images are keyed
+        # under its own name: keys come from the provider actually used.
+        options = replace(options, provider=provider.name)
     environ = os.environ if options.environ is None else options.environ
     manifest, expansion = load_and_expand(
         path,
@@ -408,30 +392,38 @@ async def _apply(
     # Before anything is fetched or written: a pattern matching no shot is refused.
     everything, expansion = expansion, _narrowed(expansion, options.only)
     only = bool(options.only)
+    # The plans made here only refuse; the plan made under the lock (`_preflight`) is the only
+    # one that decides what is sent. One plan before the lock would not be safe: another apply
+    # may change the folder until the lock is held, and the lock cannot come first, because
+    # taking it writes into the folder and a refused run must write nothing at all. A refusal
+    # from a state that then changes is only a refusal too soon (the guards run again).
+    # Before anything is fetched: a folder another manifest owns (its record's head says).
+    OutputFolder(everything.output_dir).claim(
+        None, _owner(path, manifest, everything.output_dir), shown=_shown(path), force=options.force
+    )
     if may_replace_paid(expansion.provider, options.provider):
-        # Before anything is fetched, before credentials and before the lock: a refused run
-        # connects to nothing and writes nothing at all.
-        state = load_state(expansion.output_dir)
+        # Before anything is fetched, before credentials and before the lock.
+        state = _owned_state(path, manifest, everything, force=options.force).mine
         early = _plan(expansion, state, options.overwrite_edited, only=only)
         refuse_placeholder_over_paid(early, options.provider, manifest)
-    # Each reference URL once, keyed by its content, so that the plan below knows every key
-    # (a frozen run pays nothing for a URL whose content did not change).
+    # Each reference URL once, keyed by its content, so that the plan knows every key (a
+    # frozen run pays nothing for a URL whose content did not change).
     expansion = await fetch_references(expansion)
-    output_dir = expansion.output_dir
     if options.shard is not None:
         # By request key, known only now (a reference URL's content is part of it).
         expansion, only = replace(expansion, shots=in_shard(expansion.shots, options.shard)), True
     sharing = await open_sharing(
-        stack, options.store, options.store_read_only, manifest, environ, output_dir
+        stack, options.store, options.store_read_only, manifest, environ, expansion.output_dir
     )
     if sharing is not None:
         # Before any plan: what any process made is restored like a locally cached image.
-        early = _plan(expansion, load_state(output_dir), options.overwrite_edited, only=only)
+        state = _owned_state(path, manifest, everything, force=options.force).mine
+        early = _plan(expansion, state, options.overwrite_edited, only=only)
         await sharing.hydrate(item.shot for item in early.shots if item.shot and item.paid)
     limit = _cost_limit(options, manifest)
     if options.frozen or limit is not None:
         # Before credentials and before the lock: a refused run writes nothing at all.
-        state = load_state(output_dir)
+        state = _owned_state(path, manifest, everything, force=options.force).mine
         prices = _prices(manifest, expansion, environ)
         early = _plan(expansion, state, options.overwrite_edited, only=only, prices=prices)
         refuse_to_start(early, options.frozen, limit)
@@ -443,135 +435,174 @@ async def _apply(
             raise
         provider = Unsent(expansion.provider)  # assembling from the store: no key needed
     prices = _prices(manifest, expansion, environ, provider)
-    started = time.monotonic()
-    with exclusive_output(output_dir):
-        cache = ImageCache(output_dir)
-        # Before the first request: a folder that cannot be written would waste every image.
-        check_writable(output_dir)
-        check_writable(output_dir / STATE_DIR)
-        if cache.root.exists():
-            check_writable(cache.root)
-        remove_stale_temporaries(output_dir)
-        state = load_state(output_dir)
-        plan = _plan(expansion, state, options.overwrite_edited, only=only, prices=prices)
-        # Again: another run may have changed the folder meanwhile.
-        refuse_placeholder_over_paid(plan, options.provider, manifest)
-        refuse_to_start(plan, options.frozen, limit)
-        if on_plan:
-            on_plan(plan)
-        given = _given_quota(options, manifest)
-        models = sorted({item.shot.request.model for item in plan.shots if item.shot})
-        account: str | None = getattr(provider, "quota_account", None)
-        store = _quota_store(options) if provider.metered and account else None
-        learned = store.load(account, models) if store and account and given is None else {}
-        pacer = Pacer(
-            given=given,
-            # A rate (--rps, limits.rps) is kept on average; a quota K/P strictly.
-            average=options.quota is None
-            and (options.rps or manifest.limits.rps) is not None
-            and manifest.limits.quota is None,
-            learned={model: (found.window, found.cap) for model, found in learned.items()},
-            unlimited=not provider.metered,
-            clock=clock,
+    return _Prepared(
+        path, options, manifest, everything, expansion, limit, provider, prices, sharing, only
+    )
+
+
+def _preflight(prep: _Prepared, on_plan: Callable[[Plan], None] | None) -> tuple[Plan, _Held]:
+    """Under the lock: the folder checked writable, the plan, then the guards again (another
+    run may have changed the folder meanwhile); gives the plan and the state it was made from."""
+    options = prep.options
+    # Before the first request: a folder that cannot be written would waste every image.
+    OutputFolder(prep.expansion.output_dir).prepare()
+    held = _owned_state(prep.path, prep.manifest, prep.everything, force=options.force)
+    plan = _plan(
+        prep.expansion,
+        held.mine,
+        options.overwrite_edited,
+        only=prep.partial,
+        prices=prep.prices,
+    )
+    # The provider object answers for itself (one of the caller's own may be free).
+    plan = replace(plan, metered=prep.provider.metered)
+    refuse_placeholder_over_paid(plan, options.provider, prep.manifest)
+    refuse_to_start(plan, options.frozen, prep.limit)
+    if on_plan:
+        on_plan(plan)
+    return plan, held
+
+
+@dataclass(frozen=True)
+class _Pacing:
+    """The run's pacer, and where what it learns of the quotas is kept."""
+
+    pacer: Pacer
+    store: QuotaStore | None
+    account: str | None
+    learned: Mapping[str, Learned]
+
+    def remember(self, outcome: RunOutcome) -> tuple[QuotaNote, ...]:
+        """Keep what the run found for the next one; say what it knew and kept."""
+        saved: list[str] = []
+        if self.store is not None and self.account is not None:
+            with contextlib.suppress(OSError):  # a head start for next time, not worth failing
+                saved = self.store.save(self.account, outcome.quotas)
+        return tuple(
+            QuotaNote(finding, finding.model in self.learned, finding.model in saved)
+            for finding in outcome.quotas
         )
-        journal = Journal(output_dir)
-        thumbnails = Thumbnailer(output_dir, listener)  # the contact sheet's, made as shots land
-        interrupts = Interrupts(options.grace_seconds)
-        # From the first request until results.json and the sheet are written: a Ctrl-C while
-        # they are written waits for them (they are what the run leaves behind).
-        with signal_handler(asyncio.get_running_loop(), interrupts):
-            try:
-                async with provider:
-                    executor = Executor(
-                        provider,
-                        cache,
-                        journal.record,
-                        pacer=pacer,
-                        concurrency=options.concurrency
-                        or manifest.limits.concurrency
-                        or _local_concurrency(provider),
-                        retry=options.retry,
-                        clock=clock,
-                        listener=thumbnails,
-                        simplify=options.simplify and manifest.simplify,
-                        frozen=options.frozen,
-                        bounds=(
-                            *options.bounds(),
-                            *([MaxCost(limit, prices)] if limit is not None else []),
-                        ),
-                        shared=sharing,
-                    )
-                    outcome = await interrupts.run(executor, plan)
-            finally:
-                journal.close()
-                thumbnails.close()
-            entries, not_run = _settle(plan, outcome, provider.metered)
-            orphans = [item.previous for item in plan.orphans if item.previous is not None]
-            pruned: tuple[Pruned, ...] = ()
-            if options.prune:
-                in_use = {shot.file for shot in expansion.shots}
-                pruned, kept = prune_orphans(output_dir, orphans, in_use)
-                orphans = list(kept)
-            # The sheet marks what changed: a shot not run changed nothing.
-            touched = tuple(
-                replace(item, action=Action.UNCHANGED) if item.id in not_run else item
-                for item in plan.shots
+
+
+def _pacing(prep: _Prepared, plan: Plan, clock: Clock | None) -> _Pacing:
+    pace = given_pace(prep.options, prep.manifest.limits)
+    given = pace.quota if pace else None
+    provider = prep.provider
+    models = sorted({item.shot.request.model for item in plan.shots if item.shot})
+    account: str | None = getattr(provider, "quota_account", None)
+    store = _quota_store(prep.options) if provider.metered and account else None
+    learned = store.load(account, models) if store and account and given is None else {}
+    pacer = Pacer(
+        given=given,
+        average=pace.average if pace else False,
+        learned={model: (found.window, found.cap) for model, found in learned.items()},
+        unlimited=not provider.metered,
+        clock=clock,
+    )
+    return _Pacing(pacer, store, account, learned)
+
+
+async def _execute(
+    prep: _Prepared,
+    plan: Plan,
+    pacer: Pacer,
+    listener: Listener | None,
+    clock: Clock | None,
+    interrupts: Interrupts,
+) -> tuple[RunOutcome, Path]:
+    """Carry out the plan; gives what happened and the journal it was recorded in."""
+    options, manifest, provider = prep.options, prep.manifest, prep.provider
+    output_dir = prep.expansion.output_dir
+    folder = OutputFolder(output_dir)
+    journal = folder.journal()
+    thumbnails = Thumbnailer(output_dir, listener)  # the contact sheet's, made as shots land
+    try:
+        async with provider:
+            executor = Executor(
+                provider,
+                folder.cache,
+                journal.record,
+                pacer=pacer,
+                concurrency=options.concurrency
+                or manifest.limits.concurrency
+                or _local_concurrency(provider),
+                retry=options.retry,
+                clock=clock,
+                listener=thumbnails,
+                simplify=options.simplify and manifest.simplify,
+                frozen=options.frozen,
+                bounds=(
+                    *options.bounds(),
+                    *([MaxCost(prep.limit, prep.prices)] if prep.limit is not None else []),
+                ),
+                shared=prep.sharing,
             )
-            written, sheet_plan = entries, replace(plan, shots=touched)
-            if only:
-                written, orphans, sheet_plan = _with_unselected(
-                    everything, state, sheet_plan, entries
-                )
-            meta = {
-                # Relative, so an output folder can be moved or committed with its manifest.
-                "manifest": None
-                if isinstance(path, Mapping)
-                else os.path.relpath(Path(path).resolve(), output_dir.resolve()),
-                "provider": provider.name,
-                "key_format": KEY_FORMAT_VERSION,
-            }
-            try:
-                results = write_results(
-                    output_dir,
-                    written,
-                    orphans,
-                    meta,
-                    updated_at=datetime.now(UTC).isoformat(timespec="seconds"),
-                )
-            except StoreWriteError as exc:
-                raise StoreError(_unwritten_results(exc, outcome, journal.path)) from None
-            sheet, sheet_problem = update_sheet(output_dir, manifest.name, sheet_plan, written)
-    saved: list[str] = []
-    if store is not None and account is not None:
-        with contextlib.suppress(OSError):  # a head start for next time, not worth failing for
-            saved = store.save(account, outcome.quotas)
-    quotas = tuple(
-        QuotaNote(finding, finding.model in learned, finding.model in saved)
-        for finding in outcome.quotas
+            return await interrupts.run(executor, plan), journal.path
+    finally:
+        journal.close()
+        thumbnails.close()
+
+
+@dataclass(frozen=True)
+class _Settled:
+    shots: tuple[ShotOutcome, ...]
+    pruned: tuple[Pruned, ...]
+    results: Path
+    sheet: Path | None
+    sheet_problem: str | None
+
+
+def _settle_run(
+    prep: _Prepared,
+    plan: Plan,
+    held: _Held,
+    outcome: RunOutcome,
+    journal: Path,
+) -> _Settled:
+    """Each shot's outcome; then results.json, the orphans pruned, and the contact sheet."""
+    output_dir = prep.expansion.output_dir
+    shots = _settle(plan, outcome, prep.provider.metered)
+    entries = tuple(shot.entry for shot in shots if shot.entry is not None)
+    orphans = [item.previous for item in plan.orphans if item.previous is not None]
+    pruned: tuple[Pruned, ...] = ()
+    if prep.options.prune:
+        in_use = {shot.file for shot in prep.expansion.shots}
+        pruned, kept = prune_orphans(output_dir, orphans, in_use)
+        orphans = list(kept)
+    # The sheet marks what changed: a shot not run changed nothing.
+    touched = tuple(
+        replace(item, action=Action.UNCHANGED) if shot.status == "not_run" else item
+        for item, shot in zip(plan.shots, shots, strict=True)
     )
-    return ApplyReport(
-        plan=plan,
-        results_path=results,
-        entries=entries,
-        stopped=outcome.stopped,
-        interrupted=interrupts.count > 0,
-        requests=outcome.requests,
-        billed=outcome.billed,
-        maybe_billed=outcome.maybe_billed,
-        throttled=outcome.throttled,
-        retries=outcome.retries,
-        quotas=quotas,
-        elapsed=time.monotonic() - started,
-        cost=cost(outcome.billed_models.elements(), prices),
-        possible_extra_cost=cost(outcome.maybe_billed_models.elements(), prices),
-        sheet=sheet,
-        sheet_problem=sheet_problem,
-        not_run=not_run,
-        bounded=outcome.bounded,
-        moved_aside=dict(outcome.moved_aside),
-        pruned=pruned,
-        store=sharing.use() if sharing is not None else None,
-    )
+    written, sheet_plan = entries, replace(plan, shots=touched)
+    if prep.partial:
+        written, orphans, sheet_plan = _with_unselected(
+            prep.everything, held.mine, sheet_plan, entries
+        )
+    owner = _owner(prep.path, prep.manifest, output_dir)
+    try:
+        results = OutputFolder(output_dir).save(
+            written,
+            orphans,
+            list(held.others.values()),
+            _results_meta(prep, owner),
+            owner=owner,
+            before=held.before,
+            now=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+    except StoreWriteError as exc:
+        raise StoreError(_unwritten_results(exc, outcome, journal)) from None
+    sheet, sheet_problem = update_sheet(output_dir, prep.manifest.name, sheet_plan, written)
+    return _Settled(shots, pruned, results, sheet, sheet_problem)
+
+
+def _results_meta(prep: _Prepared, owner: Owner) -> dict[str, Any]:
+    return {
+        # Relative, so an output folder can be moved or committed with its manifest.
+        "manifest": owner.manifest,
+        "provider": prep.provider.name,
+        "key_format": KEY_FORMAT_VERSION,
+    }
 
 
 def _with_unselected(
@@ -608,16 +639,22 @@ def _local_concurrency(provider: Provider) -> int | None:
     return None if provider.metered else min(32, (os.cpu_count() or 1) + 4)
 
 
-def _given_quota(options: ApplyOptions, manifest: Manifest) -> Quota | None:
-    """The quota the user gave: options first, then the manifest; a quota wins over a rate."""
-    if options.quota is not None:
-        return options.quota
-    if options.rps is not None:
-        return Quota.per_second(options.rps)
-    if manifest.limits.quota is not None:
-        return manifest.limits.quota
-    if manifest.limits.rps is not None:
-        return Quota.per_second(manifest.limits.rps)
+@dataclass(frozen=True)
+class Pace:
+    """The pace the user gave: a quota (K/P) is kept strictly, a rate (--rps) on average."""
+
+    quota: Quota
+    average: bool
+
+
+def given_pace(options: ApplyOptions, limits: Limits) -> Pace | None:
+    """The one place the given pace is decided: the options first, then the manifest's limits;
+    at each, a quota wins over a rate. None: nothing given (learned, stated or probed)."""
+    for quota, rps in ((options.quota, options.rps), (limits.quota, limits.rps)):
+        if quota is not None:
+            return Pace(quota, average=False)
+        if rps is not None:
+            return Pace(Quota.per_second(rps), average=True)
     return None
 
 
@@ -640,32 +677,49 @@ def _unwritten_results(error: StoreWriteError, outcome: RunOutcome, journal: Pat
     return "\n".join(lines)
 
 
-def _settle(
-    plan: Plan, outcome: RunOutcome, metered: bool
-) -> tuple[tuple[ResultEntry, ...], dict[str, str]]:
-    """results.json's shot entries, and the shots not run with why. A shot not run keeps its
-    previous entry (nothing of it changed), and a new one gets none."""
-    entries: list[ResultEntry] = []
-    not_run: dict[str, str] = {}
-    for item in plan.shots:
-        found = _final_entry(item, outcome, metered)
-        if isinstance(found, str):
-            not_run[item.id] = found
-            if item.previous is not None:
-                entries.append(item.previous)
-        else:
-            entries.append(found)
-    return tuple(entries), not_run
+def _settle(plan: Plan, outcome: RunOutcome, metered: bool) -> tuple[ShotOutcome, ...]:
+    """Each planned shot's one final outcome: what every report reads, and results.json's
+    entries. A shot not run keeps its previous entry (nothing of it changed), and a new one gets
+    none."""
+    return tuple(_outcome(item, outcome, metered) for item in plan.shots)
 
 
-def _final_entry(item: PlannedShot, outcome: RunOutcome, metered: bool) -> ResultEntry | str:
+def _outcome(item: PlannedShot, outcome: RunOutcome, metered: bool) -> ShotOutcome:
+    found = _final_entry(item, outcome, metered)
+    if isinstance(found, _NotRun):
+        return ShotOutcome(
+            item.id,
+            item.action,
+            "not_run",
+            item.previous,
+            why_not_run=found.reason,
+            maybe_billed=found.maybe_billed,
+        )
+    left_alone = item.action in (Action.UNCHANGED, Action.DRIFT)
+    return ShotOutcome(
+        item.id,
+        item.action,
+        item.action.value if left_alone else found.status,  # type: ignore[arg-type]
+        found,
+        billed=item.id in outcome.billed_shots,
+        moved_aside=outcome.moved_aside.get(item.id),
+    )
+
+
+@dataclass(frozen=True)
+class _NotRun:
+    reason: str
+    maybe_billed: bool = False  # sent, and its answer lost: the service may have billed it
+
+
+def _final_entry(item: PlannedShot, outcome: RunOutcome, metered: bool) -> ResultEntry | _NotRun:
     """The shot's entry after the run, or why it was not run."""
     entry = outcome.entries.get(item.id)
     if entry is not None:
         return entry
     reason = outcome.not_run.get(item.id)
     if reason is not None:
-        return reason
+        return _NotRun(reason, item.id in outcome.maybe_billed_not_run)
     if item.action not in WORK_ACTIONS and item.previous is not None:
         return item.previous  # cancelled before the run even began: nothing to do for it anyway
     # The run was cancelled outright (a third Ctrl-C, or from Python) with this shot unfinished.
@@ -673,42 +727,36 @@ def _final_entry(item: PlannedShot, outcome: RunOutcome, metered: bool) -> Resul
     if downloading is not None:
         return abandoned_download(downloading)
     if metered and outcome.in_flight.get(item.id) == Phase.SENDING:
-        return "abandoned in flight when interrupted; DashScope may have billed it"
-    return f"not run: {outcome.stopped or 'interrupted'}"
+        return _NotRun("abandoned in flight when interrupted; DashScope may have billed it", True)
+    return _NotRun(f"not run: {outcome.stopped or 'interrupted'}")
 
 
-@contextlib.contextmanager
-def exclusive_output(output_dir: Path) -> Iterator[None]:
-    """One apply (or generate) per output folder at a time; the second is refused, never
-    interleaved."""
-    for folder in (output_dir / STATE_DIR, output_dir / STATE_DIR / "cache"):
-        if folder.is_symlink():
-            # A shot list can come from a pull request: a link committed in place of the state
-            # folder would have imgbatch write its cache and lock wherever the link points.
-            raise StoreError(
-                f"{folder} is a symbolic link; imgbatch keeps its state only in a real folder "
-                "(replace the link by a folder); nothing was sent or written"
-            )
-    try:
-        (output_dir / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StoreError(f"cannot create the output folder {output_dir}: {exc}") from None
-    path = output_dir / STATE_DIR / "lock"
-    lock = filelock.FileLock(str(path), timeout=0)
-    try:
-        lock.acquire()
-    except filelock.Timeout:
-        raise LockedError(
-            f"another imgbatch apply is writing to {output_dir}; wait for it to finish "
-            "(the lock is released when that process exits, even if it crashed)"
-        ) from None
-    except OSError as exc:
-        # A folder or a symbolic link in its place (filelock never follows a link).
-        raise StoreError(
-            f"cannot take the lock {path} ({exc.strerror or exc}); move it aside and run apply "
-            "again"
-        ) from None
-    try:
-        yield
-    finally:
-        lock.release()
+@dataclass(frozen=True)
+class _Held:
+    """The output folder's state as loaded (`before`), the part that is this manifest's (what
+    it plans from), and the rest: another manifest's entries, kept as they are."""
+
+    before: FolderState
+    mine: dict[str, ResultEntry]
+    others: dict[str, ResultEntry]
+
+
+def _owner(path: ManifestSource, manifest: Manifest, output_dir: Path) -> Owner:
+    return owner_of(None if isinstance(path, Mapping) else Path(path), manifest.name, output_dir)
+
+
+def _shown(path: ManifestSource) -> str:
+    return "this manifest" if isinstance(path, Mapping) else str(path)
+
+
+def _owned_state(
+    path: ManifestSource, manifest: Manifest, expansion: Expansion, *, force: bool
+) -> _Held:
+    """The output folder's state, refused when another manifest owns the folder (unless
+    `force`), split into this manifest's part and the others'."""
+    folder = OutputFolder(expansion.output_dir)
+    owner = _owner(path, manifest, expansion.output_dir)
+    state = folder.load()
+    folder.claim(state, owner, shown=_shown(path), force=force)
+    mine, others = state.split(owner, {shot.id for shot in expansion.shots})
+    return _Held(state, mine, others)

@@ -7,7 +7,7 @@ finish, every shot finished is written, and the shots not run keep their previou
 the next apply carries on where this one stopped (`apply` exits 3: shots remain).
 
 A bound only reads the `Tally` it is given, so a new one is one small class with a `name` and
-`refuse`: `imgbatch.plan.pricing.MaxCost` (`--max-cost`) prices what is billed, may have been billed
+`refuse`: `MaxCost` (`--max-cost`) prices what is billed, may have been billed
 and is in flight.
 """
 
@@ -17,7 +17,11 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import TYPE_CHECKING, ClassVar, Protocol
+
+from imgbatch.plan.pricing import PriceList
+from imgbatch.units.money import CostLimit, format_money
 
 if TYPE_CHECKING:
     from imgbatch.shots.request import ImageRequest
@@ -105,3 +109,42 @@ def format_duration(seconds: float) -> str:
         f"{value}{unit}" for value, unit in ((hours, "h"), (minutes, "m"), (secs, "s")) if value
     )
     return text or "0s"
+
+
+@dataclass(frozen=True)
+class MaxCost:
+    """`--max-cost` during a run, as a `Bound`. A request is sent only if the
+    images already received, the requests whose answer was lost (each may have been billed),
+    the requests in flight and this one, each at its image's price, stay within the limit; so
+    the images actually billed can never exceed it, whatever answers come back."""
+
+    limit: CostLimit
+    prices: PriceList
+    name: ClassVar[str] = "max_cost"
+
+    def refuse(self, request: ImageRequest, tally: Tally) -> str | None:
+        model = request.model
+        price = self.prices.price(model)
+        currency = self.prices.currency
+        shown = format_money(self.limit.amount, self.limit.currency or currency)
+        limit = f"{self.limit.origin} {shown}"
+        if price is None:
+            return f"{limit}: no price is known for {model} ({self.prices.source})"
+        if price and self.limit.currency not in (None, currency):
+            return f"{limit}: prices are in {currency} ({self.prices.source})"
+        spent = self._total(tally.billed) + self._total(tally.maybe_billed)
+        in_flight = self._total(tally.in_flight)
+        if spent + in_flight + price <= self.limit.amount:
+            return None
+        return (
+            f"{limit} reached: {format_money(spent, currency)} billed or maybe billed and "
+            f"{format_money(in_flight, currency)} in flight, so one more {model} image "
+            f"({format_money(price, currency)}) could exceed it"
+        )
+
+    def _total(self, counts: Mapping[str, int]) -> Decimal:
+        # Every model counted here was sent under this bound, so its price is known.
+        return sum(
+            ((self.prices.price(model) or Decimal(0)) * count for model, count in counts.items()),
+            Decimal(0),
+        )

@@ -9,6 +9,7 @@ generated or cached), `failed_entry`, `unfetched_entry` (billed, not downloaded:
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 from imgbatch.errors import ProviderError
 from imgbatch.shots.expand import Shot
@@ -91,8 +92,7 @@ def failed_entry(
     entry = shot_entry(shot, "failed", None, None, None, None, None, attempts=attempts, sent=sent)
     return replace(
         entry,
-        error=message,
-        error_code=error.code if error else None,
+        **_error_fields(message, error),
         request_id=error.request_id if error else None,
     )
 
@@ -114,9 +114,20 @@ def unfetched_entry(
     )
     return replace(
         entry,
-        error=message,
-        error_code=error.code if error else None,
+        **_error_fields(message, error),
         # The generation's request id is the one a billing query or a support ticket needs.
         request_id=image.request_id or (error.request_id if error else None),
         image_url=image.image_url,
     )
+
+
+def _error_fields(message: str, error: ProviderError | None) -> dict[str, Any]:
+    """`message` as the entry's error, and the provider's error as data: its code and HTTP
+    status, and its own words when `message` is its answer as such (not wrapped in what the run
+    adds, such as "gave up after 6 tries: ")."""
+    return {
+        "error": message,
+        "error_code": error.code if error else None,
+        "error_status": error.status if error else None,
+        "error_message": error.detail if error is not None and message == str(error) else None,
+    }

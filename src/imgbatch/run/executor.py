@@ -5,7 +5,8 @@ Takes a `Plan`, a provider, the image cache and a journal; gives a `RunOutcome` 
 paid requests wait for their model's `Gate`; a 429 sends the shot back to the gate (it uses up no
 try, and fails the shot only after `RetryPolicy.throttle_patience` of refusals), other transient
 failures are retried with backoff, a 400 fails that
-shot only, a 401/403 stops the run: nothing new is sent, requests in flight finish. Every image is
+shot only, a 401/403 stops the run: nothing new is sent, requests in flight finish, and the
+shots it answered are not run (a refused key says nothing about them). Every image is
 downloaded right after it is generated (its URL expires), verified to decode at the reported
 size, put in the cache and copied into place before its entry is journaled, so a crash loses only
 shots in flight; its URL is journaled before the download (an `unfetched` entry), so that a shot
@@ -50,6 +51,7 @@ from imgbatch.errors import (
     NoImageError,
     PermanentError,
     ProviderError,
+    RateLimited,
     SharedStoreError,
     StoreWriteError,
     TransientError,
@@ -57,6 +59,7 @@ from imgbatch.errors import (
 from imgbatch.pacing.gate import Clock, Finding, Pacer, RetryPolicy
 from imgbatch.plan.decide import WORK_ACTIONS, Action, Plan, PlannedShot, aside_path
 from imgbatch.providers import Provider
+from imgbatch.review.events import Listener, Notice, Retrying, Stopping
 from imgbatch.review.provenance import Provenance, embed
 from imgbatch.run.bounds import Bound, Tally
 from imgbatch.run.entries import (
@@ -91,14 +94,6 @@ MAX_LOST_ANSWERS = 3
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class Retrying:
-    shot_id: str
-    attempt: int
-    delay: float
-    error: ProviderError
-
-
 class Phase:
     """Where a shot in flight stands; says what an interrupted shot may have cost."""
 
@@ -114,6 +109,8 @@ class RunOutcome:
     entries: dict[str, ResultEntry] = field(default_factory=dict)
     # Shots this run did not finish and that changed nothing: why, by shot id.
     not_run: dict[str, str] = field(default_factory=dict)
+    # Those of them sent with no answer (now, or on an earlier try): each may have been billed.
+    maybe_billed_not_run: set[str] = field(default_factory=set)
     # Shots generated (and billed) whose download has not finished yet.
     downloading: dict[str, ResultEntry] = field(default_factory=dict)
     # Shots started and not finished, by `Phase`.
@@ -129,6 +126,8 @@ class RunOutcome:
     maybe_billed: int = 0
     # The same by model, to price them.
     billed_models: Counter[str] = field(default_factory=Counter)
+    # The shots whose image the service made (and billed) in this run.
+    billed_shots: set[str] = field(default_factory=set)
     maybe_billed_models: Counter[str] = field(default_factory=Counter)
     throttled: int = 0
     retries: int = 0
@@ -136,38 +135,6 @@ class RunOutcome:
     # Hand-edited files renamed aside before a new image took their place: shot id -> the new
     # name, relative to the output folder.
     moved_aside: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Notice:
-    """Something the user should know about a shot that is not its result (a damaged cache
-    entry, discarded)."""
-
-    shot_id: str
-    message: str
-
-
-@dataclass(frozen=True)
-class Stopping:
-    """The run sends nothing new: why, and what is still in flight. `grace`: how long it is
-    waited for before being abandoned (None: until it finishes); `abandoning`: it is being
-    abandoned now."""
-
-    reason: str
-    in_flight: int
-    # Some of them are paid requests still awaiting the service's answer, which it may bill;
-    # a download of an image already billed (a recover) is not.
-    metered: bool
-    grace: float | None = None
-    abandoning: bool = False
-    # Images received and being written: abandoning does not drop them.
-    writing: int = 0
-    # What abandons the requests in flight sooner: the interrupt again.
-    again: str = "Ctrl-C"
-
-
-RunEvent = ResultEntry | Retrying | Notice | Stopping
-Listener = Callable[[RunEvent], None]
 
 
 class _Cut(Exception):
@@ -319,10 +286,19 @@ class Executor:
                 return True
         return False
 
-    def _skip(self, shot_id: str, reason: str) -> None:
-        """`shot_id` is not run: no entry, nothing journaled; its previous state stands."""
+    def _billed(self, shot_id: str, model: str) -> None:
+        """The service made (and billed) an image of `model` for the shot."""
+        self.outcome.billed += 1
+        self.outcome.billed_models[model] += 1
+        self.outcome.billed_shots.add(shot_id)
+
+    def _skip(self, shot_id: str, reason: str, *, maybe_billed: bool = False) -> None:
+        """`shot_id` is not run: no entry, nothing journaled; its previous state stands.
+        `maybe_billed`: it was sent and its answer lost, so the service may have billed it."""
         self.outcome.in_flight.pop(shot_id, None)
         self.outcome.not_run[shot_id] = reason
+        if maybe_billed:
+            self.outcome.maybe_billed_not_run.add(shot_id)
 
     async def run(self, plan: Plan) -> RunOutcome:
         work = [item for item in plan.shots if item.action in WORK_ACTIONS]
@@ -520,7 +496,7 @@ class Executor:
         claimed = self.shared is None
         while True:
             if self.stop_requested.is_set() or self._refused(sent):
-                self._skip(shot.id, self._not_run(phase.get(shot.id), lost))
+                self._skip(shot.id, self._not_run(phase.get(shot.id), lost), maybe_billed=lost > 0)
                 return
             phase[shot.id] = Phase.WAITING
             try:
@@ -561,7 +537,7 @@ class Executor:
                     reason = "abandoned in flight when interrupted; DashScope may have billed it"
                 else:
                     reason = "not run: abandoned in flight when interrupted"
-                self._skip(shot.id, reason)
+                self._skip(shot.id, reason, maybe_billed=self.provider.metered)
                 return
             except NoImageError as exc:
                 if gate:
@@ -581,7 +557,7 @@ class Executor:
                     self.listener(Retrying(shot.id, attempt, 0.0, exc))
                 continue
             except TransientError as exc:
-                if exc.throttled:
+                if isinstance(exc, RateLimited):
                     if gate:
                         gate.refused(ticket, exc.retry_after, exc.stated_quota)
                 elif gate:
@@ -598,7 +574,7 @@ class Executor:
                     )
                     self._skip(shot.id, f"not run: {exc}")
                     return
-                if exc.throttled:
+                if isinstance(exc, RateLimited):
                     now = self.clock.now()
                     refused_since = now if refused_since is None else refused_since
                     if now - refused_since >= self.retry.throttle_patience:
@@ -633,15 +609,14 @@ class Executor:
                 if gate:
                     gate.answered(ticket)
                 if isinstance(exc, AuthError):
-                    self.stop(f"the service refused the credentials: {exc}")
+                    return self._refused_key(shot.id, exc, lost)
                 self._finish(failed_entry(shot, str(exc), exc, attempt))
                 return
             if gate:
                 gate.answered(ticket, image.stated_quota)
             self._answered[model] += 1
             if self.provider.metered:
-                self.outcome.billed += 1
-                self.outcome.billed_models[model] += 1
+                self._billed(shot.id, model)
                 # Journaled before the download, so that a run killed while downloading leaves
                 # the paid image's URL for the next apply to fetch instead of paying again.
                 downloading = unfetched_entry(
@@ -713,6 +688,13 @@ class Executor:
             entry = shot_entry(shot, "cached", None, width, height, digest, size, attempts=0)
         self._finish(with_reference_url(entry, shot))
         return True
+
+    def _refused_key(self, shot_id: str, error: AuthError, lost: int) -> None:
+        """Stop the run: the key is refused. That is the run's stop reason, not this shot's
+        outcome: its earlier entry (a real error, or its image) stands, like that of every shot
+        the stop leaves."""
+        self.stop(f"the service refused the credentials: {error}")
+        self._skip(shot_id, self._not_run(None, lost))
 
     def _not_run(self, phase: str | None, lost: int) -> str:
         """Why a shot stopped before it was sent (again), and what earlier tries may have cost."""

@@ -13,12 +13,12 @@ the same executor (pacing, retries, download, verification) and image cache as `
 
 Where the image and the cache go:
 
-* with no `output`, the image is `<folder>/images/<key>.png` and the cache `<folder>/.imgbatch/`,
-  where `<folder>` is `output/ai-image-qwen-image` in the current directory, or
-  `$OUTPUT_DIR/ai-image-qwen-image` when `OUTPUT_DIR` is set (the skill's layout);
+* with no `output`, the image is `<folder>/images/<key>.png` and the cache that folder's
+  (`OutputFolder`), where `<folder>` is `output/ai-image-qwen-image` in the current directory,
+  or `$OUTPUT_DIR/ai-image-qwen-image` when `OUTPUT_DIR` is set (the skill's layout);
 * with `output`, the image goes there, and the cache is that of the nearest folder above it that
-  an `apply` wrote (it has `.imgbatch/`), so a request an apply already paid for is free; when
-  there is none, the default folder's cache.
+  an `apply` wrote (`OutputFolder.is_made`), so a request an apply already paid for is free;
+  when there is none, the default folder's cache.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import stat
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -41,7 +42,8 @@ from imgbatch.errors import (
 )
 from imgbatch.manifest import Manifest, manifest_from_data
 from imgbatch.manifest.expansion import EXPANSION_FIELDS
-from imgbatch.state.cache import STATE_DIR, ImageCache
+from imgbatch.state.cache import ImageCache
+from imgbatch.state.folder import OutputFolder
 
 if TYPE_CHECKING:
     from imgbatch.shots.expand import Shot
@@ -176,6 +178,7 @@ class GenerateSession:
     async def _generate(
         self, request: Mapping[str, Any], output: str | Path | None
     ) -> dict[str, Any]:
+        from imgbatch.providers import check_endpoint
         from imgbatch.run.apply import provider_name
         from imgbatch.shots.expand import expand, fetch_references
 
@@ -188,11 +191,14 @@ class GenerateSession:
             if chosen is not None
             else provider_name(manifest, self._choice, self._environ, self._home)
         )
+        if chosen is None:
+            check_endpoint(name, self._environ)  # before the lock is taken: nothing written
         # A reference URL is fetched now and the request keyed by its content; one that cannot
         # be fetched fails in the executor, naming the field, with nothing sent.
         expansion = expand(manifest, provider=name, environ=self._environ)
         (shot,) = (await fetch_references(expansion)).shots
         state_folder, target = _places(shot.request.key, output, self._environ)
+        _check_replaceable(target.resolve())
         async with self._holding(state_folder), self._one_request(state_folder, shot.request.key):
             return await self._made(shot, name, state_folder, target.resolve())
 
@@ -206,8 +212,8 @@ class GenerateSession:
 
         key = shot.request.key
         width, height = shot.request.dimensions
-        cache = ImageCache(state_folder)
-        sharing = await self._sharing(state_folder)
+        cache = OutputFolder(state_folder).cache
+        sharing = await self._sharing(cache)
         if sharing is not None and not cache.has(key):
             await sharing.hydrate([shot])  # made by anyone sharing the store: restored
         if cache.has(key) and await _restored(cache, key, target, (width, height)):
@@ -230,8 +236,8 @@ class GenerateSession:
             entry.image_url, width, height, seed, target, entry.request_id, cached=False
         )
 
-    async def _sharing(self, state_folder: Path) -> Any:
-        """The shared store's view for `state_folder`'s cache (None without a store)."""
+    async def _sharing(self, cache: ImageCache) -> Any:
+        """The shared store's view over the output folder's `cache` (None without a store)."""
         from imgbatch.run.sharing import SharedRun
         from imgbatch.state.store import choose_store, open_shared, read_only_from
 
@@ -245,7 +251,7 @@ class GenerateSession:
                     chosen[0], self._environ, read_only=read_only_from(read_only, self._environ)
                 )
             )
-        return SharedRun(self._shared, ImageCache(state_folder))
+        return SharedRun(self._shared, cache)
 
     async def _provider(self, name: str) -> tuple[Any, Any]:
         """The open provider called `name` and its pacer, made on first use."""
@@ -263,13 +269,11 @@ class GenerateSession:
     async def _holding(self, folder: Path) -> AsyncIterator[None]:
         """The output folder's lock, taken by the first call that needs it and kept while any
         call of this session uses it: one process's calls share it, another process is refused."""
-        from imgbatch.run.apply import exclusive_output
-
         async with self._folder_guard:
             hold = self._holds.get(folder)
             if hold is None:
                 stack = contextlib.ExitStack()
-                stack.enter_context(exclusive_output(folder))
+                stack.enter_context(OutputFolder(folder).lock("generate"))
                 hold = self._holds[folder] = [0, stack]
             hold[0] += 1
         try:
@@ -287,6 +291,32 @@ class GenerateSession:
         lock = self._requests.setdefault((folder, key), asyncio.Lock())
         async with lock:
             yield
+
+
+def _check_replaceable(target: Path) -> None:
+    """Raise `ConfigError` unless `target` is absent or an image imgbatch wrote (its provenance
+    says so): a device node, a folder or a user's own file is never replaced."""
+    from imgbatch.png import read_image_file, read_provenance
+
+    try:
+        info = target.stat()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"output {target} cannot be read: {exc.strerror or exc}") from None
+    if stat.S_ISREG(info.st_mode):
+        try:
+            read_provenance(read_image_file(target), name=str(target))
+            return
+        except ImgbatchError:
+            what = "a file imgbatch did not write"
+    else:
+        special = "not a regular file (a device or a pipe)"
+        what = "a folder" if stat.S_ISDIR(info.st_mode) else special
+    raise ConfigError(
+        f"output {target} is {what}, so it is not replaced: remove it or choose another path; "
+        "nothing was sent"
+    )
 
 
 async def _restored(cache: ImageCache, key: str, target: Path, size: tuple[int, int]) -> bool:
@@ -338,7 +368,7 @@ def _places(key: str, output: str | Path | None, environ: Mapping[str, str]) -> 
     if target.is_dir():
         raise ConfigError(f"--output {target} is a folder; give the image file's path")
     for folder in target.resolve().parents:
-        if (folder / STATE_DIR).is_dir():
+        if OutputFolder(folder).is_made():
             return folder, target
     return default_folder, target
 

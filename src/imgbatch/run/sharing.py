@@ -32,6 +32,7 @@ from imgbatch.errors import AuthError, SharedEntryDamaged, SharedStoreError, Tra
 from imgbatch.manifest import Manifest
 from imgbatch.plan.decide import Action, Plan
 from imgbatch.providers import is_metered
+from imgbatch.review.outcome import StoreUse
 from imgbatch.shots.expand import Shot
 from imgbatch.shots.request import GeneratedImage, ImageRequest
 from imgbatch.state.cache import ImageCache
@@ -59,22 +60,6 @@ class Inherited:
 
     image_url: str
     request_id: str | None
-
-
-@dataclass(frozen=True)
-class StoreUse:
-    """What a run did with a shared store (never a credential or a signed URL)."""
-
-    url: str
-    read_only: bool
-    requests: Mapping[str, int]
-    restored: int
-    published: int
-    notices: tuple[tuple[str, str], ...] = ()
-
-    @property
-    def total_requests(self) -> int:
-        return sum(self.requests.values())
 
 
 async def open_sharing(

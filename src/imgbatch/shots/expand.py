@@ -18,15 +18,15 @@ from typing import Any
 
 from imgbatch.errors import ManifestError, ManifestProblem
 from imgbatch.manifest import Manifest, ShotSpec
-from imgbatch.manifest.catalogue import DEFAULT_MODEL
-from imgbatch.shots.reference import (
+from imgbatch.manifest.catalogue import DEFAULT_MODEL, DEFAULT_SIZE
+from imgbatch.manifest.reference import (
     ReferenceImage,
     fetch_urls,
     is_url,
     load_local_reference,
     shown,
 )
-from imgbatch.shots.request import DEFAULT_SIZE, ImageRequest
+from imgbatch.shots.request import ImageRequest
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,13 +23,12 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 
-from imgbatch.manifest.catalogue import DEFAULT_MODEL, parse_size
-from imgbatch.pacing.quota import Quota
-from imgbatch.shots.reference import ReferenceImage
+from imgbatch.manifest.catalogue import DEFAULT_MODEL, DEFAULT_SIZE, parse_size, sent_text
+from imgbatch.manifest.reference import ReferenceImage
+from imgbatch.units.quota import Quota
 
 # Bump when the canonical form changes meaning: every key changes, every shot regenerates.
 KEY_FORMAT_VERSION = 1
-DEFAULT_SIZE = "1664*928"
 
 
 @dataclass(frozen=True)
@@ -51,10 +50,8 @@ class ImageRequest:
 
     @property
     def text(self) -> str:
-        """The prompt as sent. The models have no style parameter, so a style is appended."""
-        if not self.style:
-            return self.prompt
-        return f"{self.prompt.rstrip()}\nStyle: {self.style}"
+        """The prompt as sent (`imgbatch.manifest.catalogue.sent_text`)."""
+        return sent_text(self.prompt, self.style)
 
     @property
     def dimensions(self) -> tuple[int, int]:

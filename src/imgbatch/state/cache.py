@@ -7,12 +7,12 @@ renamed over the target, so a reader (or a crash) never sees half an image. File
 0666 minus the umask, as `open()` would. A write that fails raises `StoreWriteError` naming the
 file (`disk_full` when the filesystem is out of space).
 
-The cache keeps one PNG per request key under `<output>/.imgbatch/cache/ab/<key>.png`. Its
+The cache keeps one PNG per request key under its root, as `ab/<key>.png`. Its
 entries are read without following symbolic links, and every restore checks the bytes against
-what was recorded for that key (size and SHA-256), or, without a record, that they decode as an
-image of the shot's size: a damaged entry raises `CacheEntryDamaged` and is discarded, never
-copied into place. The executor never learns where bytes live beyond this interface, so an
-object-store cache can replace it.
+what was recorded for that key (size and SHA-256), or, without a record, that they decode as a
+PNG of the shot's size (`imgbatch.png`: PNG only, its size read from its header first): a damaged
+entry raises `CacheEntryDamaged` and is discarded, never copied into place. The executor never
+learns where bytes live beyond this interface, so an object-store cache can replace it.
 
 An image is in the cache and in the output folder, but its bytes are stored once where the file
 system can share them safely: a restore (and `place`, after a new image is cached) makes the
@@ -30,21 +30,17 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import os
 import stat
 import sys
 import tempfile
-import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
-from PIL import Image
+from imgbatch.errors import CacheEntryDamaged, ImageError, StoreError, StoreWriteError
+from imgbatch.png import check_png, png_dimensions
 
-from imgbatch.errors import CacheEntryDamaged, StoreError, StoreWriteError
-
-STATE_DIR = ".imgbatch"
 TEMP_PREFIX = ".imgbatch-tmp-"
 # A cache entry larger than any image the service makes is not one (and is never read whole).
 MAX_CACHED_BYTES = 64 * 1024 * 1024
@@ -136,13 +132,10 @@ def check_writable(folder: Path) -> None:
         ) from None
 
 
-def remove_stale_temporaries(output_dir: Path) -> int:
-    """Delete temp files a killed run left behind; call only while holding the output lock."""
+def remove_temporaries(folders: Iterable[Path]) -> int:
+    """Delete the temp files a killed run left in `folders` (never their subfolders); call
+    only while holding the output lock (another run's temp file is never in flight then)."""
     removed = 0
-    folders = [output_dir, output_dir / STATE_DIR]
-    cache_root = output_dir / STATE_DIR / "cache"
-    if cache_root.is_dir():
-        folders += [path for path in cache_root.iterdir() if _is_real_folder(path)]
     for folder in folders:
         for temp in folder.glob(f"{TEMP_PREFIX}*.tmp"):
             temp.unlink(missing_ok=True)
@@ -150,33 +143,19 @@ def remove_stale_temporaries(output_dir: Path) -> int:
     return removed
 
 
-def verify_image(data: bytes, width: int, height: int) -> None:
-    """Raise ValueError unless `data` decodes fully as an image of `width` x `height` (the size
-    the request asked for: what the service reports about it is not evidence)."""
-    size = _decoded_size(data, "downloaded bytes")
-    if size != (width, height):
-        raise ValueError(
-            f"downloaded image is {size[0]}*{size[1]}, not the {width}*{height} asked for"
-        )
-
-
-def _decoded_size(data: bytes, what: str) -> tuple[int, int]:
+def real_subfolders(root: Path) -> list[Path]:
+    """The folders directly in `root` that are real ones (a link to a folder is not followed)."""
     try:
-        with warnings.catch_warnings():
-            # A truncated or bomb-sized image is an error here, never a warning.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                size = image.size
-                image.load()
-    except (
-        OSError,
-        SyntaxError,
-        ValueError,
-        Image.DecompressionBombWarning,
-        Image.DecompressionBombError,
-    ) as exc:
-        raise ValueError(f"{what} are not a whole image ({exc})") from None
-    return size
+        return sorted(path for path in root.iterdir() if _is_real_folder(path))
+    except OSError:
+        return []
+
+
+def verify_image(data: bytes, width: int, height: int) -> None:
+    """Raise `ImageError` (a ValueError) unless `data` decodes fully as a PNG of `width` x
+    `height` (the size the request asked for: what the service reports about it is not
+    evidence). The size is read from the PNG header before a pixel is decoded."""
+    check_png(data, "downloaded bytes", (width, height))
 
 
 class AppendLog:
@@ -216,10 +195,14 @@ class AppendLog:
 
 
 class ImageCache:
-    """One verified PNG per request key, never overwritten once written."""
+    """One verified PNG per request key under `root`, never overwritten once written.
 
-    def __init__(self, output_dir: Path) -> None:
-        self.root = output_dir / STATE_DIR / "cache"
+    Its operations are `has`, `put`, `restore` (checked against the key's record), `place`
+    and `discard`; nothing outside it knows how entries are laid out beyond `path`.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.png"
@@ -235,7 +218,7 @@ class ImageCache:
     def put(self, key: str, data: bytes) -> None:
         shard = self.path(key).parent
         if shard.is_symlink():
-            # Never write through a link inside .imgbatch/: make the folder a real one.
+            # Never write through a link inside the cache: make the folder a real one.
             shard.unlink()
         atomic_write(self.path(key), data)
 
@@ -320,7 +303,7 @@ class ImageCache:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise CacheEntryDamaged(
                     f"cache entry {path} is a symbolic link; imgbatch never follows links in "
-                    f"{STATE_DIR}/"
+                    "its cache"
                 ) from None
             raise CacheEntryDamaged(f"cache entry {path} cannot be read ({exc})") from None
         try:
@@ -370,8 +353,10 @@ def _check_entry(
             )
         return digest
     try:
-        found = _decoded_size(data, "its bytes")
-    except ValueError as exc:
+        found = png_dimensions(data, "its bytes")
+        if found == dimensions:
+            check_png(data, "its bytes", dimensions)
+    except ImageError as exc:
         raise CacheEntryDamaged(f"cache entry {path} is damaged: {exc}") from None
     if found != dimensions:
         raise CacheEntryDamaged(

@@ -1,29 +1,27 @@
-"""The results manifest and the crash-safe journal behind it.
+"""Results entries, the results file they render to, and the journal: the formats, not places.
 
-Takes finished shots as `ResultEntry`s; gives `<output>/results.json` (the **contract**: one entry
-per shot in manifest order) and reads it back as the state the next plan compares against.
-
-Each finished shot is appended to `<output>/.imgbatch/journal.jsonl` and fsynced the moment it
-finishes, after its image is in the cache and in place (and a generated image's URL before its
-download starts); `results.json` is rewritten atomically at the end of a run (only if it
-changed: it describes the output folder, not the run) and the journal then emptied. A run
-killed at any point therefore loses only the shots in flight: the next load replays the
-journal over the last results file, a later line for a shot winning over an earlier one. A line
-that is not an entry (a torn last line: the kill came mid-append) is skipped; a results file or
-journal that cannot be read at all, or has a folder in its place, is a `StoreError` naming it.
+Takes finished shots as `ResultEntry`s; gives the bytes of `results.json` (the **contract**: one
+entry per shot in manifest order, one per line), reads such a file back (only to import one this
+version did not write: see `imgbatch.state.folder`), and appends entries to a journal, each line
+fsynced before `record` returns. A journal line that is not an entry (a torn last line: a run was
+killed mid-append) is skipped; a results file or journal that cannot be read at all, or has a
+folder in its place, is a `StoreError` naming it. Where these files live, and when they are
+written, is decided by their one owner, `OutputFolder`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 from imgbatch.errors import StoreError
-from imgbatch.state.cache import STATE_DIR, AppendLog, atomic_write
+from imgbatch.state.cache import AppendLog, atomic_write
 
 RESULTS_FILE = "results.json"
 RESULTS_FORMAT_VERSION = 1
@@ -67,6 +65,11 @@ class ResultEntry:
     # The reference URL the image was made from (its content hash is `request`'s
     # reference_sha256): a plan, which downloads nothing, compares it to the manifest's.
     reference_url: str | None = None
+    # A provider error as data, where the entry is made: the HTTP status the service answered,
+    # and its own words when `error` is its answer as such ("<status> <code>: <words>"), so
+    # that nothing reads them back out of `error`.
+    error_status: int | None = None
+    error_message: str | None = None
 
     @property
     def has_image(self) -> bool:
@@ -78,10 +81,12 @@ class ResultEntry:
         # every entry was a third of a 10,000-shot no-op apply.
         data = {name: getattr(self, name) for name in _FIELD_NAMES}
         data["request"] = dict(self.request)
-        if self.reference_url is None:
-            # Only URL-referenced shots have it: every other line stays as older versions wrote
-            # it, so upgrading does not rewrite a committed results.json.
-            del data["reference_url"]
+        for name in _WRITTEN_WHEN_SET:
+            if data[name] is None:
+                # Only some entries have them (a URL-referenced shot, a provider's error): every
+                # other line stays as older versions wrote it, so upgrading does not rewrite a
+                # committed results.json.
+                del data[name]
         return data
 
     @classmethod
@@ -112,42 +117,101 @@ class ResultEntry:
 
 
 def _check_types(entry: ResultEntry) -> None:
-    # Only the fields imgbatch computes with: a wrong type there would fail far from the file.
-    # One expression: this runs for every entry of a 100,000-shot state.
+    # A hand edit must fail here, naming the file and the entry, never as a traceback far from
+    # it (the sheet formats every field). The key and the file name paths (the cache entry, the
+    # thumbnail, the file prune removes): a `../../outside/x` must never reach one. One
+    # expression: this runs for every entry of a 100,000-shot state.
     if (
         type(entry.id) is str
         and type(entry.key) is str
+        and _KEY.fullmatch(entry.key)
         and entry.status in _STATUSES
-        and (entry.file is None or type(entry.file) is str)
-        and (entry.image_url is None or type(entry.image_url) is str)
-        and (entry.reference_url is None or type(entry.reference_url) is str)
-        and (entry.sha256 is None or type(entry.sha256) is str)
-        and (entry.bytes is None or type(entry.bytes) is int)
+        and (
+            entry.file is None
+            or (type(entry.file) is str and "/" not in entry.file and _plain_name(entry.file))
+        )
+        and type(entry.model) is str
+        and type(entry.size) is str
+        and type(entry.prompt) is str
+        and type(entry.attempts) is int
+        and type(entry.simplified) is bool
         and type(entry.request) is dict
+        and type(entry.width) in _INT_OR_NONE
+        and type(entry.height) in _INT_OR_NONE
+        and type(entry.seed) in _INT_OR_NONE
+        and type(entry.bytes) in _INT_OR_NONE
+        and type(entry.image_url) in _STR_OR_NONE
+        and type(entry.request_id) in _STR_OR_NONE
+        and type(entry.error) in _STR_OR_NONE
+        and type(entry.error_code) in _STR_OR_NONE
+        and type(entry.negative_prompt) in _STR_OR_NONE
+        and type(entry.style) in _STR_OR_NONE
+        and type(entry.sha256) in _STR_OR_NONE
+        and type(entry.prompt_sent) in _STR_OR_NONE
+        and type(entry.reference_url) in _STR_OR_NONE
     ):
         return
-    allowed = {
-        "id": str,
-        "key": str,
-        "file": str,
-        "image_url": str,
-        "reference_url": str,
-        "sha256": str,
-        "bytes": int,
-    }
     bad = [
-        name
-        for name, kind in allowed.items()
-        if not (getattr(entry, name) is None and name not in ("id", "key"))
-        and type(getattr(entry, name)) is not kind
+        f"{name} ({expected}, not {_shown(getattr(entry, name))})"
+        for name, (kinds, expected) in _TYPES.items()
+        if type(getattr(entry, name)) not in kinds
     ]
-    bad += [] if entry.status in _STATUSES else ["status"]
-    bad += [] if type(entry.request) is dict else ["request"]
-    raise ValueError(f"entry {entry.id!r} has a bad {', '.join(bad)}")
+    if entry.status not in _STATUSES:
+        bad.append(f"status ({', '.join(STATUSES)}, not {_shown(entry.status)})")
+    if type(entry.key) is str and not _KEY.fullmatch(entry.key):
+        bad.append(f"key {entry.key[:80]!r} (a request key is 64 hex digits)")
+    if type(entry.file) is str and not _plain_name(entry.file):
+        bad.append(f"file {entry.file[:80]!r} (a file name in the output folder, no folders)")
+    raise ValueError(f"entry {_shown(entry.id)} has a bad {', '.join(bad)}")
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+_NONE: type = type(None)
+_INT_OR_NONE: frozenset[type] = frozenset({int, _NONE})
+_STR_OR_NONE: frozenset[type] = frozenset({str, _NONE})
+_TEXT, _OPTIONAL_TEXT = (frozenset({str}), "text"), (_STR_OR_NONE, "text or null")
+_OPTIONAL_NUMBER = (_INT_OR_NONE, "a whole number or null")
+# Each field's JSON types, for the message that names what a hand edit got wrong.
+_TYPES: dict[str, tuple[frozenset[type], str]] = {
+    "id": _TEXT,
+    "key": _TEXT,
+    "model": _TEXT,
+    "size": _TEXT,
+    "prompt": _TEXT,
+    "file": _OPTIONAL_TEXT,
+    "image_url": _OPTIONAL_TEXT,
+    "request_id": _OPTIONAL_TEXT,
+    "error": _OPTIONAL_TEXT,
+    "error_code": _OPTIONAL_TEXT,
+    "negative_prompt": _OPTIONAL_TEXT,
+    "style": _OPTIONAL_TEXT,
+    "sha256": _OPTIONAL_TEXT,
+    "prompt_sent": _OPTIONAL_TEXT,
+    "reference_url": _OPTIONAL_TEXT,
+    "width": _OPTIONAL_NUMBER,
+    "height": _OPTIONAL_NUMBER,
+    "seed": _OPTIONAL_NUMBER,
+    "bytes": _OPTIONAL_NUMBER,
+    "attempts": (frozenset({int}), "a whole number"),
+    "simplified": (frozenset({bool}), "true or false"),
+    "request": (frozenset({dict}), "an object"),
+}
+
+
+def _plain_name(name: str) -> bool:
+    """A file name with no folder in it: never absolute, never `..`, never a separator."""
+    return name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
 
 
 _STATUSES = frozenset(STATUSES)
+# A request key as `ImageRequest.key` makes it: the SHA-256 of the request, in hex.
+_KEY = re.compile(r"[0-9a-f]{64}")
 _FIELD_NAMES = tuple(item.name for item in fields(ResultEntry))
+_WRITTEN_WHEN_SET = ("reference_url", "error_status", "error_message")
 # Fields whose few values repeat across thousands of shots (defaults, mostly): loaded entries
 # share one string each instead of holding a copy apiece (a 100,000-shot state is held whole).
 _REPEATING = frozenset(
@@ -159,33 +223,22 @@ def _shared(name: str, value: Any) -> Any:
     return sys.intern(value) if name in _REPEATING and isinstance(value, str) else value
 
 
-def results_path(output_dir: Path) -> Path:
-    return output_dir / RESULTS_FILE
+def read_results(path: Path) -> tuple[list[ResultEntry], dict[str, Any]]:
+    """The entries of the results file at `path` (shots, then orphans) and its other top-level
+    fields (`manifest`, `updated_at`...); nothing if there is none. Raises `StoreError` naming
+    the file when it cannot be read."""
+    if not exists_as_file(path):
+        return [], {}
+    try:
+        return read_entry_document(path, ("shots", "orphans"))
+    except (OSError, ValueError, TypeError, AttributeError, RecursionError) as exc:
+        raise StoreError(
+            f"{path} cannot be read ({exc}); move it aside and run apply again: "
+            "images already in the cache are restored without new requests"
+        ) from None
 
 
-def journal_path(output_dir: Path) -> Path:
-    return output_dir / STATE_DIR / "journal.jsonl"
-
-
-def load_state(output_dir: Path) -> dict[str, ResultEntry]:
-    """Every shot's last known result: results.json, then the journal of an unfinished run."""
-    state: dict[str, ResultEntry] = {}
-    path = results_path(output_dir)
-    if _exists_as_file(path):
-        try:
-            for entry in _read_entries(path):
-                state[entry.id] = entry
-        except (OSError, ValueError, TypeError, AttributeError, RecursionError) as exc:
-            raise StoreError(
-                f"{path} cannot be read ({exc}); move it aside and run apply again: "
-                "images already in the cache are restored without new requests"
-            ) from None
-    for entry in read_journal(output_dir):
-        state[entry.id] = entry
-    return state
-
-
-def _exists_as_file(path: Path) -> bool:
+def exists_as_file(path: Path) -> bool:
     """False if absent; raise StoreError naming `path` when something else is in its place."""
     try:
         path.stat()
@@ -198,14 +251,18 @@ def _exists_as_file(path: Path) -> bool:
     return True
 
 
-def _read_entries(path: Path) -> list[ResultEntry]:
-    """The shot and orphan entries of a results file.
+def read_entry_document(
+    path: Path, lists: tuple[str, ...]
+) -> tuple[list[ResultEntry], dict[str, Any]]:
+    """The entries in the JSON document at `path`'s lists named `lists` (in that order), and
+    its other top-level fields.
 
-    A file as `write_results` writes it is read a line at a time, each entry parsed on its own,
-    so a 100,000-shot file is never in memory whole as text and as objects at once. The lines
-    that are not entries must still parse as the JSON document around them, with the entries'
-    places in its `shots` and `orphans`; anything else (a file edited or pretty-printed by hand)
-    is parsed whole.
+    A file as `write_results` (or the state record) writes it is read a line at a time, each
+    entry parsed on its own, so a 100,000-shot file is never in memory whole as text and as
+    objects at once. The lines that are not entries must still parse as the JSON document
+    around them, with the entries' places in its lists; anything else (a file edited or
+    pretty-printed by hand) is parsed whole. Raises ValueError (or OSError) when it is not such a
+    document.
     """
     entries: list[ResultEntry] = []
     skeleton: list[str] = []
@@ -223,26 +280,31 @@ def _read_entries(path: Path) -> list[ResultEntry]:
         else:
             try:
                 document = json.loads("".join(skeleton))
-                places = [*document["shots"], *document["orphans"]]
+                places = [item for name in lists for item in document[name]]
             except (ValueError, KeyError, TypeError):
                 places = None
             if places == [0] * len(entries):
-                return entries
+                return entries, _head(document, lists)
     del entries, skeleton
     document = json.loads(path.read_text(encoding="utf-8"))
-    raws = [*document.get("shots", []), *document.get("orphans", [])]
-    return [ResultEntry.from_json(raw) for raw in raws]
+    if not isinstance(document, dict):
+        raise ValueError(f"a JSON {type(document).__name__}, not an object")
+    raws = [raw for name in lists for raw in document.get(name, [])]
+    return [ResultEntry.from_json(raw) for raw in raws], _head(document, lists)
 
 
-def read_journal(output_dir: Path) -> list[ResultEntry]:
+def _head(document: dict[str, Any], lists: tuple[str, ...]) -> dict[str, Any]:
+    return {name: value for name, value in document.items() if name not in lists}
+
+
+def read_journal(path: Path) -> list[ResultEntry]:
     """The journal's entries; a line that is not one (a torn last line) is skipped."""
-    path = journal_path(output_dir)
     if path.is_symlink():
         raise StoreError(
-            f"{path} is a symbolic link; imgbatch never follows links in {STATE_DIR}/: "
+            f"{path} is a symbolic link; imgbatch never follows links in {path.parent.name}/: "
             "move it aside and run apply again"
         )
-    if not _exists_as_file(path):
+    if not exists_as_file(path):
         return []
     entries = []
     try:
@@ -262,8 +324,8 @@ def read_journal(output_dir: Path) -> list[ResultEntry]:
 class Journal:
     """Append-only record of shots finished by the current run, durable line by line."""
 
-    def __init__(self, output_dir: Path) -> None:
-        self.path = journal_path(output_dir)
+    def __init__(self, path: Path) -> None:
+        self.path = path
         self._log = AppendLog(self.path)
 
     def record(self, entry: ResultEntry) -> None:
@@ -276,38 +338,64 @@ class Journal:
 
 
 def write_results(
-    output_dir: Path,
+    path: Path,
     entries: Sequence[ResultEntry],
     orphans: Sequence[ResultEntry],
     meta: Mapping[str, Any],
-    *,
-    updated_at: str | None = None,
 ) -> Path:
-    """Write results.json atomically unless it already says exactly this; drop the journal.
+    """Write the results file at `path` atomically; gives `path`. `meta` (with its
+    `updated_at`) goes at the top, before the summary; see `render_results`."""
+    atomic_write(path, render_results(entries, orphans, meta))
+    return path
 
-    With `updated_at`, the file describes the output folder rather than the run: its
-    `updated_at` is the previous file's as long as nothing else in it changes, and a file that
-    would come out byte for byte the same is not written at all, so a no-op apply leaves it
-    untouched (same bytes, same mtime) and a committed results file only shows a diff when an
-    image or an error changed.
+
+def render_results(
+    entries: Sequence[ResultEntry], orphans: Sequence[ResultEntry], meta: Mapping[str, Any]
+) -> Iterator[bytes]:
+    """results.json's bytes, in pieces as they are made (a 100,000-shot file is never held in
+    memory whole).
 
     One shot per line: a re-run's diff in git shows exactly the shots that changed. The lines
     go through json's C encoder (an indented dump is pure Python, and was the slowest part of a
-    10,000-shot no-op apply) and are written as they are made, so a 100,000-shot file is never
-    held in memory whole.
+    10,000-shot no-op apply).
     """
-    path = results_path(output_dir)
-    if updated_at is not None:
-        previous = _previous_updated_at(path)
-        if previous is not None and _same_bytes(
-            path, _results_pieces(entries, orphans, {**meta, "updated_at": previous})
-        ):
-            journal_path(output_dir).unlink(missing_ok=True)
-            return path
-        meta = {**meta, "updated_at": updated_at}
-    atomic_write(path, _results_pieces(entries, orphans, meta))
-    journal_path(output_dir).unlink(missing_ok=True)
-    return path
+    return _results_pieces(entries, orphans, meta)
+
+
+def compare_and_hash(path: Path, pieces: Iterable[bytes]) -> tuple[bool, str]:
+    """Whether the file at `path` holds exactly the concatenation of `pieces`, and that
+    concatenation's SHA-256; the pieces are read as they come, the file alongside them."""
+    digest = hashlib.sha256()
+    same = True
+    try:
+        handle: BinaryIO | None = path.open("rb")
+    except OSError:
+        handle, same = None, False
+    try:
+        for piece in pieces:
+            digest.update(piece)
+            if same and handle is not None and handle.read(len(piece)) != piece:
+                same = False
+        if same and handle is not None:
+            same = handle.read(1) == b""
+    except OSError:
+        same = False
+    finally:
+        if handle is not None:
+            handle.close()
+    return same, digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str | None:
+    """The SHA-256 of the file at `path`, None if it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as handle:
+            while piece := handle.read(1 << 20):
+                digest.update(piece)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def _results_pieces(
@@ -329,46 +417,17 @@ def _results_pieces(
     for name, value in head.items():
         yield f"  {_compact(name)}: {_compact(value)},\n".encode()
     yield b'  "shots": '
-    yield from _json_lines(entries)
+    yield from json_lines(entries)
     yield b',\n  "orphans": '
-    yield from _json_lines(orphans)
+    yield from json_lines(orphans)
     yield b"\n}\n"
-
-
-def _previous_updated_at(path: Path) -> str | None:
-    """The `updated_at` of the results file at `path` as `write_results` wrote it, else None."""
-    try:
-        with path.open(encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith('  "shots"'):
-                    break
-                name, _, value = line.strip().partition(": ")
-                if name == '"updated_at"':
-                    stamp = json.loads(value.removesuffix(","))
-                    return stamp if isinstance(stamp, str) else None
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def _same_bytes(path: Path, pieces: Iterator[bytes]) -> bool:
-    """Whether the file at `path` holds exactly the concatenation of `pieces`, read as they
-    come (never the whole file in memory)."""
-    try:
-        with path.open("rb") as handle:
-            for piece in pieces:
-                if handle.read(len(piece)) != piece:
-                    return False
-            return handle.read(1) == b""
-    except OSError:
-        return False
 
 
 def _compact(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def _json_lines(entries: Sequence[ResultEntry]) -> Iterator[bytes]:
+def json_lines(entries: Sequence[ResultEntry]) -> Iterator[bytes]:
     """A JSON list with one compact entry per line."""
     if not entries:
         yield b"[]"

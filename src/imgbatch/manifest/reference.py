@@ -9,6 +9,9 @@ so a URL's reference starts *unfetched* (`sha256` None). Only `apply` and `gener
 `fetch_urls`, which fetches each distinct URL once, a few at a time, within a deadline and a
 size cap, and gives it keyed by its content, or unfetched with the `problem` that fails its shots.
 
+A URL is fetched with nothing of the user's: no ~/.netrc login, no proxy from the environment,
+no cookies, at most `REFERENCE_MAX_REDIRECTS` redirects (each to a host the list did not name).
+
 A shot list can come from a pull request, so a local reference is read only when it resolves
 (after following links) to a regular file inside the manifest's folder tree, unless the user
 allows more; `/proc/self/environ` or `/etc/shadow` are refused before a byte is read. Then it
@@ -37,6 +40,7 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from imgbatch.errors import PermanentError
+from imgbatch.png import image_kind, pillow_format
 
 if TYPE_CHECKING:
     import aiohttp
@@ -47,6 +51,7 @@ REFERENCE_URL_DEADLINE = 30.0
 # Reference URLs fetched at once: enough to overlap slow servers, few enough that the bodies held
 # while they are checked stay under 100 MiB.
 REFERENCE_URL_CONCURRENCY = 8
+REFERENCE_MAX_REDIRECTS = 5
 REFERENCE_MIN_SIDE = 384
 REFERENCE_MAX_SIDE = 3072
 MEDIA_TYPES = {
@@ -150,7 +155,13 @@ async def fetch_urls(
     gate = asyncio.Semaphore(concurrency or REFERENCE_URL_CONCURRENCY)
     deadline = REFERENCE_URL_DEADLINE
     timeout = aiohttp.ClientTimeout(total=None, connect=deadline)
-    async with aiohttp.ClientSession(timeout=timeout, trust_env=True) as session:
+    # The shot list chooses these hosts, so nothing of the user's goes with the request: no
+    # ~/.netrc login and no proxy from the environment (trust_env off; a proxy's login would go
+    # with every request, and an http:// URL sends it in clear), no cookies from one host to the
+    # next. The API calls and image downloads go direct too (providers/dashscope.py).
+    async with aiohttp.ClientSession(
+        timeout=timeout, trust_env=False, cookie_jar=aiohttp.DummyCookieJar()
+    ) as session:
 
         async def one(url: str) -> ReferenceImage:
             async with gate:
@@ -176,7 +187,9 @@ async def _fetch(session: aiohttp.ClientSession, url: str, deadline: float) -> b
     try:
         async with (
             asyncio.timeout(deadline),
-            session.get(url, headers={"User-Agent": "imgbatch"}) as response,
+            session.get(
+                url, headers={"User-Agent": "imgbatch"}, max_redirects=REFERENCE_MAX_REDIRECTS
+            ) as response,
         ):
             if response.status != 200:
                 raise ReferenceProblem(f"cannot be fetched: HTTP {response.status}")
@@ -264,17 +277,20 @@ def describe_image(data: bytes) -> str:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
+            # Only the documented formats: Pillow left to guess opens EPS too, and runs
+            # Ghostscript on it.
+            with Image.open(io.BytesIO(data), formats=list(MEDIA_TYPES)) as image:
                 kind, (width, height) = image.format, image.size
                 image.verify()
     # Pillow's decoders raise many exception types on hostile bytes; any of them means "not an
     # image we can vouch for".
     except Exception as exc:  # noqa: BLE001
+        detected = pillow_format(data)
+        if detected is not None and detected not in MEDIA_TYPES:
+            accepted = ", ".join(MEDIA_TYPES)
+            raise ReferenceProblem(f"is {image_kind(data)}; accepted formats: {accepted}") from None
         raise ReferenceProblem(f"is not a readable image ({_reason(exc)})") from None
-    media_type = MEDIA_TYPES.get(kind or "")
-    if media_type is None:
-        accepted = ", ".join(MEDIA_TYPES)
-        raise ReferenceProblem(f"is a {kind} image; accepted formats: {accepted}")
+    media_type = MEDIA_TYPES[kind or ""]  # one of `formats`
     low, high = REFERENCE_MIN_SIDE, REFERENCE_MAX_SIDE
     if not (low <= width <= high and low <= height <= high):
         raise ReferenceProblem(

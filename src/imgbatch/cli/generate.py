@@ -1,0 +1,107 @@
+"""`imgbatch generate`: one request, from flags or a JSON request."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from imgbatch.cli.common import (
+    EXIT_OK,
+    allow_outside_option,
+    error_boundary,
+    provider_option,
+    store_option,
+    store_read_only_option,
+)
+from imgbatch.errors import ConfigError, ImgbatchError
+
+if TYPE_CHECKING:
+    pass
+
+
+@click.command("generate")
+@click.option(
+    "--request",
+    "request_text",
+    required=True,
+    help="The normalized request: JSON, @file.json, or - to read it from stdin.",
+)
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The image file to write (default: output/ai-image-qwen-image/images/<key>.png).",
+)
+@click.option(
+    "--print-response",
+    is_flag=True,
+    help="Print the normalized response as one JSON object on stdout.",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='As --print-response, and on a failure print {"error": {...}} on stdout instead.',
+)
+@provider_option
+@allow_outside_option
+@store_option
+@store_read_only_option
+@error_boundary
+def generate_command(
+    request_text: str,
+    output: Path | None,
+    print_response: bool,
+    as_json: bool,
+    provider: str | None,
+    allow_reference_outside: bool,
+    store: str | None,
+    store_read_only: bool,
+) -> int:
+    """Make one image from one request, as the seed skill's helper script does."""
+    from imgbatch.run.generate import error_json, generate
+
+    try:
+        response = generate(
+            _read_request(request_text),
+            output=output,
+            provider=provider,
+            allow_reference_outside=allow_reference_outside,
+            store=store,
+            store_read_only=store_read_only,
+        )
+    except ImgbatchError as exc:
+        if as_json:
+            click.echo(json.dumps(error_json(exc), ensure_ascii=False))
+        raise  # the message on stderr and the exit code, as without --json
+    where = "from the cache, nothing sent" if response["cached"] else "generated"
+    click.echo(f"{response['file']} ({where})", err=True)
+    if print_response or as_json:
+        click.echo(json.dumps(response, ensure_ascii=False))
+    return EXIT_OK
+
+
+def _read_request(text: str) -> Any:
+    """`--request` as JSON, `@file.json` or `-` (stdin)."""
+    source = "--request"
+    if text == "-":
+        text, source = sys.stdin.read(), "the request on stdin"
+    elif text.startswith("@"):
+        path = Path(text[1:])
+        try:
+            text, source = path.read_text(encoding="utf-8"), str(path)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read the request file {path}: {exc}") from None
+    from imgbatch.manifest.places import bounded_int
+
+    try:
+        # bounded_int: a 5000-digit seed is refused by the field's own check, by name.
+        return json.loads(text, parse_int=bounded_int)
+    except ValueError as exc:
+        raise ConfigError(f"{source} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{source} is nested too deeply to be a request") from None
