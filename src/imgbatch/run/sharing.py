@@ -36,6 +36,7 @@ from imgbatch.review.outcome import StoreUse
 from imgbatch.shots.expand import Shot
 from imgbatch.shots.request import GeneratedImage, ImageRequest
 from imgbatch.state.cache import ImageCache
+from imgbatch.state.folder import OutputFolder
 from imgbatch.state.results import ResultEntry
 from imgbatch.state.store import Record, SharedCache, choose_store, open_shared, read_only_from
 from imgbatch.state.store.claims import Claim, ClaimInfo
@@ -82,7 +83,7 @@ async def open_sharing(
     shared = await stack.enter_async_context(
         open_shared(url, environ, read_only=read_only, base=base)
     )
-    return SharedRun(shared, ImageCache(output_dir))
+    return SharedRun(shared, OutputFolder(output_dir).cache)
 
 
 class Unsent:
