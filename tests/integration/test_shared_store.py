@@ -170,6 +170,7 @@ def test_claims_pay_once_renew_and_take_over_a_stale_one(opener) -> None:
     run(scenario())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["folder", "seaweed"])
 def test_racing_creates_and_takeovers_have_one_winner(
     backend: str, request: pytest.FixtureRequest, tmp_path: Path
@@ -197,9 +198,11 @@ def test_racing_creates_and_takeovers_have_one_winner(
                 assert all(isinstance(r, (str, Exists)) for r in results)
             holder = await caches[0].claims.acquire("stale")
             assert isinstance(holder, Claim)
-            await asyncio.sleep(1.1)
+            # Stale for the takers (older than their lease of 1 s; S3 ages are whole seconds),
+            # while the claim one of them writes stays fresh for the others.
+            await asyncio.sleep(2.1)
             for cache in caches[1:]:
-                cache.claims.claims.lease = 0.01
+                cache.claims.claims.lease = 1.0
             taken = await asyncio.gather(*(cache.claims.acquire("stale") for cache in caches[1:]))
             assert sum(isinstance(found, Claim) for found in taken) == 1
 

@@ -96,6 +96,7 @@ def test_a_second_machine_restores_everything_and_pays_nothing(
     assert third.store is not None and third.store.total_requests == 0
 
 
+@pytest.mark.slow
 def test_shards_cover_every_shot_once_and_the_assembling_run_is_identical(
     tmp_path: Path, store_env: dict[str, str], fake_server: FakeDashScope
 ) -> None:

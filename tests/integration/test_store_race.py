@@ -54,6 +54,7 @@ def _complete(folder: Path) -> bool:
     return len(shots) == SHOTS and all(entry["status"] == "generated" for entry in shots)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2])
 def test_four_processes_with_one_killed_pay_once_per_key(
     tmp_path: Path, seaweed_endpoint: str, seed: int

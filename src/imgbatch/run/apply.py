@@ -412,14 +412,7 @@ async def _prepare(
     if options.shard is not None:
         # By request key, known only now (a reference URL's content is part of it).
         expansion, only = replace(expansion, shots=in_shard(expansion.shots, options.shard)), True
-    sharing = await open_sharing(
-        stack, options.store, options.store_read_only, manifest, environ, expansion.output_dir
-    )
-    if sharing is not None:
-        # Before any plan: what any process made is restored like a locally cached image.
-        state = _owned_state(path, manifest, everything, force=options.force).mine
-        early = _plan(expansion, state, options.overwrite_edited, only=only)
-        await sharing.hydrate(item.shot for item in early.shots if item.shot and item.paid)
+    sharing = await _sharing(stack, path, options, manifest, everything, expansion, environ)
     limit = _cost_limit(options, manifest)
     if options.frozen or limit is not None:
         # Before credentials and before the lock: a refused run writes nothing at all.
@@ -428,16 +421,45 @@ async def _prepare(
         early = _plan(expansion, state, options.overwrite_edited, only=only, prices=prices)
         refuse_to_start(early, options.frozen, limit)
     # Credentials are checked before anything is written.
-    try:
-        provider = provider or create_provider(expansion.provider, environ, options.home)
-    except ConfigError:
-        if not (options.frozen and sharing is not None):
-            raise
-        provider = Unsent(expansion.provider)  # assembling from the store: no key needed
+    provider = provider or _provider(expansion.provider, options, environ, sharing)
     prices = _prices(manifest, expansion, environ, provider)
     return _Prepared(
         path, options, manifest, everything, expansion, limit, provider, prices, sharing, only
     )
+
+
+def _provider(
+    name: str, options: ApplyOptions, environ: Mapping[str, str], sharing: SharedRun | None
+) -> Provider:
+    """The provider called `name`, its credentials checked; an assembling run (--frozen with a
+    shared store) needs none: it sends nothing."""
+    try:
+        return create_provider(name, environ, options.home)
+    except ConfigError:
+        if not (options.frozen and sharing is not None):
+            raise
+        return Unsent(name)
+
+
+async def _sharing(
+    stack: contextlib.AsyncExitStack,
+    path: ManifestSource,
+    options: ApplyOptions,
+    manifest: Manifest,
+    everything: Expansion,
+    expansion: Expansion,
+    environ: Mapping[str, str],
+) -> SharedRun | None:
+    """The shared store, open until `stack` closes, with what any process made for the shots
+    to be paid for restored into the local cache (so every plan restores them)."""
+    sharing = await open_sharing(
+        stack, options.store, options.store_read_only, manifest, environ, expansion.output_dir
+    )
+    if sharing is not None:
+        state = _owned_state(path, manifest, everything, force=options.force).mine
+        early = _plan(expansion, state, options.overwrite_edited, only=True)
+        await sharing.hydrate(item.shot for item in early.shots if item.shot and item.paid)
+    return sharing
 
 
 def _preflight(prep: _Prepared, on_plan: Callable[[Plan], None] | None) -> tuple[Plan, _Held]:

@@ -491,9 +491,7 @@ class Executor:
         sent = shot.request  # the simplified request, after a 200 without an image
         imageless: list[str] = []  # request ids of the answers without an image
         model = shot.request.model
-        # With a shared store: whether this process holds the key's claim (taken once its turn
-        # has come, so that only the requests about to be sent are claimed).
-        claimed = self.shared is None
+        claimed = self.shared is None  # a shared store's claim: taken when the turn comes
         while True:
             if self.stop_requested.is_set() or self._refused(sent):
                 self._skip(shot.id, self._not_run(phase.get(shot.id), lost), maybe_billed=lost > 0)
@@ -509,15 +507,11 @@ class Executor:
                     gate.release(ticket)
                 continue
             if not claimed:
-                found = await self._try_claim(shot)
-                if not isinstance(found, Claim):
-                    if gate:
-                        gate.release(ticket)  # not sent: the turn goes to another shot at once
-                    if found is None or await self._settle(output_dir, shot, found):
-                        return
-                    claimed = True  # after waiting, or its URL failed: a turn again, then pay
+                turn, claimed = await self._claim_turn(output_dir, shot, gate, ticket), True
+                if turn == "done":
+                    return
+                if turn == "again":
                     continue
-                claimed = True
             attempt += 1
             self.outcome.requests += 1
             self._sending[model] += 1
@@ -614,22 +608,45 @@ class Executor:
                 return
             if gate:
                 gate.answered(ticket, image.stated_quota)
-            self._answered[model] += 1
-            if self.provider.metered:
-                self._billed(shot.id, model)
-                # Journaled before the download, so that a run killed while downloading leaves
-                # the paid image's URL for the next apply to fetch instead of paying again.
-                downloading = unfetched_entry(
-                    shot, "generated; its download had not finished", image, attempt, sent=sent
-                )
-                self.record(downloading)
-                self.outcome.downloading[shot.id] = downloading
-            if self.shared is not None and self.provider.metered:
-                await self.shared.answered(shot.request.key, image.image_url, image.request_id)
+            await self._answer_kept(shot, image, attempt, sent)
             phase[shot.id] = Phase.DOWNLOADING
             await self._keep(output_dir, shot, image, attempt, sent)
             self.outcome.downloading.pop(shot.id, None)
             return
+
+    async def _answer_kept(
+        self, shot: Shot, image: GeneratedImage, attempt: int, sent: ImageRequest
+    ) -> None:
+        """The service made `shot`'s image: count it, and keep its URL before the download
+        (journaled, and in the shared store's claim), so that a run killed while downloading
+        leaves the paid image for the next apply, or another process, to fetch instead of
+        paying again."""
+        self._answered[shot.request.model] += 1
+        if not self.provider.metered:
+            return
+        self._billed(shot.id, shot.request.model)
+        downloading = unfetched_entry(
+            shot, "generated; its download had not finished", image, attempt, sent=sent
+        )
+        self.record(downloading)
+        self.outcome.downloading[shot.id] = downloading
+        if self.shared is not None:
+            await self.shared.answered(shot.request.key, image.image_url, image.request_id)
+
+    async def _claim_turn(self, output_dir: Path, shot: Shot, gate: Any, ticket: int) -> str:
+        """With a shared store, as `shot`'s turn to be sent has come: "send" (this process
+        holds the key's claim), "done" (settled without paying: another process made it, or
+        paid for it before it died), or "again" (claimed after waiting on another process, or
+        the paid image's URL failed: wait for a turn again, then pay). A turn not used is given
+        back at once, to another shot."""
+        found = await self._try_claim(shot)
+        if isinstance(found, Claim):
+            return "send"
+        if gate:
+            gate.release(ticket)
+        if found is None or await self._settle(output_dir, shot, found):
+            return "done"
+        return "again"
 
     async def _try_claim(self, shot: Shot) -> Claim | Record | Inherited | ClaimInfo | None:
         """Claim `shot`'s key in the shared store as its turn to be sent has come (see
