@@ -37,6 +37,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.per_image import per_image_row  # noqa: E402
 from imgbatch.review.sheet import render_sheet  # noqa: E402
 from imgbatch.run.apply import ApplyOptions, ApplyReport, apply_async, load_and_expand  # noqa: E402
 from imgbatch.run.entries import shot_entry as executor_entry  # noqa: E402
@@ -48,6 +49,9 @@ KEY = "sk-bench-fake-key-0123456789"
 MODEL = "qwen-image-max"
 SIZE = "1664*928"
 SERVER_SCRIPT = Path(__file__).with_name("fake_server.py")
+# Images, concurrency (None: the default) of the CPU-and-memory-per-image rows.
+PER_IMAGE_CASES = ((200, None), (200, 8), (2000, None), (2000, 8))
+PER_IMAGE_QUICK = ((20, None),)
 
 # The headline scenario of the issue.
 QUOTA = 25.0
@@ -412,6 +416,23 @@ async def run_all(args: argparse.Namespace, work: Path, log: Callable[[str], Non
     rows.append(await asyncio.to_thread(plan_case, args.plan_shots, work / "plan"))
     log("big re-apply ...")
     rows.append(await asyncio.to_thread(big_reapply_case, args.plan_shots, work / "big"))
+    rows += await per_image_rows(args.quick, work / "per-image", log)
+    return rows
+
+
+async def per_image_rows(quick: bool, work: Path, log: Callable[[str], None]) -> list[Row]:
+    """CPU and peak memory per real-sized image, with the floor measured alongside
+    (bench/per_image.py); the server always in a process of its own, so it is not counted."""
+    cases = PER_IMAGE_QUICK if quick else PER_IMAGE_CASES
+    rows: list[Row] = []
+    async with FakeServer("subprocess") as server:
+        for index, (count, concurrency) in enumerate(cases):
+            log(f"per image: {count} images, concurrency {concurrency or 'default'} ...")
+            folder = work / str(index)
+            measured = await asyncio.to_thread(
+                per_image_row, server.base_url, KEY, folder, count, concurrency
+            )
+            rows.append(Row(*measured))
     return rows
 
 

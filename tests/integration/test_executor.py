@@ -27,6 +27,7 @@ from PIL import Image
 from imgbatch.errors import TransientError
 from imgbatch.pacing.gate import Clock, Pacer, RetryPolicy
 from imgbatch.plan.decide import Action
+from imgbatch.providers import Sink
 from imgbatch.review.events import Notice
 from imgbatch.run.apply import ApplyOptions, ApplyReport, _settle, apply, apply_async, make_plan
 from imgbatch.run.executor import Executor
@@ -450,7 +451,7 @@ class Killed(BaseException):
 
 
 class KilledWhileDownloading(FakeProvider):
-    async def fetch(self, image: GeneratedImage) -> bytes:
+    async def fetch(self, image: GeneratedImage, sink: Sink) -> None:
         raise Killed
 
 
@@ -474,7 +475,7 @@ def test_a_run_killed_while_downloading_leaves_the_paid_image_to_the_next_apply(
 class InterruptedWhileDownloading(FakeProvider):
     """Ctrl-C arrives during the download, which then hangs until abandoned."""
 
-    async def fetch(self, image: GeneratedImage) -> bytes:
+    async def fetch(self, image: GeneratedImage, sink: Sink) -> None:
         os.kill(os.getpid(), signal.SIGINT)
         await asyncio.Event().wait()
         raise AssertionError("abandoned downloads never finish")

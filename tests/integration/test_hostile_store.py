@@ -286,6 +286,7 @@ class Disk:
         # On a file system with reflinks an image placed from the cache shares its bytes rather
         # than being written: copy instead, so every byte goes through the faulty write path.
         monkeypatch.setattr(store, "clone", lambda source_fd, target_fd: False)
+        monkeypatch.setattr(store, "_copy_in_kernel", lambda source, target, size: 0)
 
 
 def _cache_writes(path: Path) -> bool:
@@ -293,13 +294,15 @@ def _cache_writes(path: Path) -> bool:
 
 
 def _cache_writes_from_the_second(*, sticky: bool) -> Callable[[Path, Disk], bool]:
-    """Refuse the second cache write (one at a time: the second shot's image), and every
-    cache write after it when `sticky` (full for an image; a journal line still fits)."""
+    """Refuse the first write of the second cache entry (the second shot's image, written in
+    pieces as it downloads), and every cache write after it when `sticky` (full for an image;
+    a journal line still fits)."""
 
     def refuses(path: Path, disk: Disk) -> bool:
         if not _cache_writes(path):
             return False
-        if sum(map(_cache_writes, disk.writes)) == 2:
+        entries = list(dict.fromkeys(filter(_cache_writes, disk.writes)))
+        if len(entries) == 2 and path == entries[1] and not disk.full:
             disk.full = True
             return True
         return disk.full and sticky

@@ -148,7 +148,7 @@ def test_generate_sends_the_sdk_body_text_only_and_parses_the_answer(
     async def scenario(provider: DashScopeProvider) -> tuple[Any, ...]:
         first = await provider.generate(plain, label="plain")
         second = await provider.generate(styled, label="styled")
-        data = await provider.fetch(first)
+        data = await provider.fetch_bytes(first)
         return first, second, data
 
     (first, second, data), cassette = replay("dashscope_generate", scenario)
@@ -318,7 +318,7 @@ def test_live_key_only_in_the_api_calls_authorization_header(
         provider = DashScopeProvider(resolve_api_key(os.environ), environ=os.environ)
         async with provider:
             image = await provider.generate(request, label="live")
-            return image, await provider.fetch(image)
+            return image, await provider.fetch_bytes(image)
 
     with cassette_vcr("once").use_cassette(str(cassette_path)):
         image, data = asyncio.run(scenario())
@@ -332,7 +332,7 @@ def test_live_key_only_in_the_api_calls_authorization_header(
         {"role": "user", "content": [{"text": str(existing)}]}
     ]
     assert api_call.body["parameters"]["seed"] == 3
-    (download,) = fake_server.downloads
+    (download,) = fake_server.downloads_when_done(1)
     assert "authorization" not in download.headers
     assert download.headers["host"].startswith("localhost:")
     assert download.status == 200
@@ -384,7 +384,7 @@ def test_expired_download_is_a_transient_error(fake_server: FakeDashScope) -> No
         async with provider:
             image = await provider.generate(ImageRequest(prompt="soon gone"), label="x")
             fake_server.forget_images()
-            return await catch(provider.fetch(image))
+            return await catch(provider.fetch_bytes(image))
 
     error = asyncio.run(scenario())
     assert type(error) is TransientError

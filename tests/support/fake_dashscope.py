@@ -346,6 +346,14 @@ class FakeDashScope:
         """Generations answered 200, i.e. images that would have been billed."""
         return self.status_counts[200]
 
+    def downloads_when_done(self, count: int, timeout: float = 10.0) -> list[RecordedRequest]:
+        """The downloads, once `count` are recorded: a download is recorded when its handler
+        ends, which may be just after the client has read the last byte."""
+        deadline = time.monotonic() + timeout
+        while len(self.downloads) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return list(self.downloads)
+
     def reset(self) -> None:
         """Forget records and pending scripted faults (not the quota, rng or images)."""
         with self._lock:

@@ -22,6 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 from PIL import Image
 
 from imgbatch.pacing.quota import Quota
+from imgbatch.providers import Sink
 from imgbatch.shots.request import GeneratedImage, ImageRequest
 
 Hook = Callable[[], Awaitable[object]]
@@ -117,7 +118,7 @@ class FakeProvider:
         width, height = request.dimensions
         return GeneratedImage(url, width, height, request.seed, request_id, self.stated_quota)
 
-    async def fetch(self, image: GeneratedImage) -> bytes:
+    async def fetch(self, image: GeneratedImage, sink: Sink) -> None:
         self.fetched.append(image)
         hook = self.on_fetch.get(shot_of(image.image_url))
         if hook is not None:
@@ -125,8 +126,9 @@ class FakeProvider:
         if self.download:
             await asyncio.sleep(self.download)
         if not self.fetches:
-            return small_png(image.width, image.height)
+            sink(small_png(image.width, image.height))
+            return
         outcome = self.fetches[min(len(self.fetched), len(self.fetches)) - 1]
         if isinstance(outcome, Exception):
             raise outcome
-        return outcome
+        sink(outcome)

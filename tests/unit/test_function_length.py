@@ -15,8 +15,6 @@ LIMIT = 60
 LONGER = {
     ("imgbatch/cli/plan_apply.py", "apply_command"): 185,
     ("imgbatch/run/executor.py", "_generate"): 137,
-    ("imgbatch/plan/decide.py", "_plan_shot"): 89,
-    ("imgbatch/cli/agent_server.py", "build_server"): 82,
     ("imgbatch/cli/plan_apply.py", "plan"): 70,
 }
 

@@ -27,7 +27,7 @@ from PIL import Image
 from imgbatch.cli.main import main
 from imgbatch.pacing.gate import RetryPolicy
 from imgbatch.png import read_provenance
-from imgbatch.review.provenance import FIELDS, Provenance, embed
+from imgbatch.review.provenance import FIELDS, Provenance, Stamper, embed
 from imgbatch.run.apply import ApplyOptions, apply
 from imgbatch.shots.request import ImageRequest
 from tests.cli.test_startup import loaded_after
@@ -127,6 +127,38 @@ def test_stamping_again_replaces_the_fields_and_a_planted_field_does_not_survive
 def test_bytes_that_are_not_a_png_are_written_unchanged() -> None:
     request = ImageRequest(prompt="a helmet", size="1328*1328")
     assert embed(JPEG, Provenance("s01", request, request.text, None)) == JPEG
+
+
+def stamped_in_pieces(data: bytes, provenance: Provenance, size: int) -> bytes:
+    stamper = Stamper(provenance)
+    out: list[bytes] = []
+    for start in range(0, len(data), size):
+        out += (bytes(piece) for piece in stamper.feed(data[start : start + size]))
+    return b"".join(out) + stamper.end()
+
+
+def text_chunk(kind: bytes, body: bytes) -> bytes:
+    crc = struct.pack(">I", zlib.crc32(kind + body))
+    return struct.pack(">I", len(body)) + kind + body + crc
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 33, 41, 4096, 1 << 20])
+def test_a_download_stamped_piece_by_piece_is_what_embed_makes_of_the_whole(size: int) -> None:
+    """The executor stamps an image as it arrives, in pieces cut anywhere (in a chunk header,
+    a planted field's keyword, the CRC): the file is byte for byte what `embed` makes."""
+    original = _encode_real_png(96, 64, (10, 20, 30))
+    planted = (
+        original[:33]
+        + text_chunk(b"tEXt", b"imgbatch:shot\0forged")
+        + text_chunk(b"iTXt", b"Comment\0\0\0\0\0kept")
+        + text_chunk(b"tEXt", b"")
+        + original[33:]
+        + b"after IEND"
+    )
+    provenance = Provenance("s01", REQUEST, REQUEST.text, "req-7d2c")
+    for data in (original, planted, JPEG, b"", original[:20], original[:-6]):
+        assert stamped_in_pieces(data, provenance, size) == embed(data, provenance)
+    assert b"forged" not in stamped_in_pieces(planted, provenance, size)
 
 
 @pytest.mark.real_images  # stamped without re-encoding megabytes

@@ -54,8 +54,14 @@ def build_server(settings: ServerSettings, session: Any) -> MCPServer:
     """The MCP server with imgbatch's tools; `session` is the `GenerateSession` they share."""
     # Warnings only on stderr: the SDK logs every failed call at INFO, which the result says.
     server = MCPServer(SERVER_NAME, instructions=INSTRUCTIONS, log_level="WARNING")
-    applying = asyncio.Lock()
+    _add_generate(server, session)
+    _add_manifest_tools(server, settings)
+    _add_apply(server, settings)
+    _add_inspect(server)
+    return server
 
+
+def _add_generate(server: MCPServer, session: Any) -> None:
     @server.tool(description=_GENERATE_DOC)
     async def generate(
         prompt: str,
@@ -80,6 +86,8 @@ def build_server(settings: ServerSettings, session: Any) -> MCPServer:
         async with _tool_errors():
             return dict(await session.generate(request, output=output))
 
+
+def _add_manifest_tools(server: MCPServer, settings: ServerSettings) -> None:
     @server.tool(description="Check shot lists (YAML manifests, by path) against the schema and "
                  "the model rules; gives the verdict and every problem with file, line, shot "
                  "and field, as `imgbatch validate --json`.")  # fmt: skip
@@ -110,6 +118,10 @@ def build_server(settings: ServerSettings, session: Any) -> MCPServer:
             )
             return plan_json(made)
 
+
+def _add_apply(server: MCPServer, settings: ServerSettings) -> None:
+    applying = asyncio.Lock()
+
     @server.tool(description=_APPLY_DOC)
     async def apply(
         manifest: str,
@@ -123,6 +135,8 @@ def build_server(settings: ServerSettings, session: Any) -> MCPServer:
             bounds = _bounds(max_requests, max_duration, max_cost)
             return await _apply(Path(manifest), settings, tuple(only or ()), bounds, ctx)
 
+
+def _add_inspect(server: MCPServer) -> None:
     @server.tool(description="The provenance an imgbatch PNG carries (prompt sent, seed, model, "
                  "request key, request id), as `imgbatch inspect --json`.")  # fmt: skip
     async def inspect(image: str) -> dict[str, Any]:
@@ -130,8 +144,6 @@ def build_server(settings: ServerSettings, session: Any) -> MCPServer:
 
         async with _tool_errors():
             return as_json(await asyncio.to_thread(inspect_image, Path(image)))
-
-    return server
 
 
 _GENERATE_DOC = (

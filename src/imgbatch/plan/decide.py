@@ -230,6 +230,17 @@ def _has_record(entry: ResultEntry) -> bool:
     return entry.has_image and entry.sha256 is not None and entry.bytes is not None
 
 
+@dataclass(frozen=True)
+class _Found:
+    """What a shot's file and its previous image say, for one plan decision."""
+
+    made: ResultEntry | None  # the previous entry, if it has an image
+    on_disk: int | None  # the file's size, if it has one
+    edited: bool  # the file's size is not the one imgbatch wrote
+    aside: bool  # an edited file is moved aside before a new image takes its place
+    note: str  # what the reason adds about that move
+
+
 def _plan_shot(
     output_dir: Path,
     shot: Shot,
@@ -244,67 +255,104 @@ def _plan_shot(
         return _plan_unknown_content(
             output_dir, shot, reference, previous, cache, records, overwrite_edited, now
         )
-    key = shot.request.key
+    found = _found(output_dir, shot, previous, overwrite_edited)
+    return (
+        _kept(shot, previous, found, overwrite_edited)
+        or _restored(shot, previous, found, cache, records)
+        or _recovered(shot, previous, found, records, now)
+        or _made_anew(shot, previous, found)
+    )
+
+
+def _found(
+    output_dir: Path, shot: Shot, previous: ResultEntry | None, overwrite_edited: bool
+) -> _Found:
     made = previous if previous is not None and previous.has_image else None
     on_disk = _size(output_dir / shot.file) if made is not None else None
     # Size, not a hash: a no-op plan must not read every image, and an edit by hand (saved
     # again by an image editor) all but always changes a PNG's size.
     recorded = made.bytes if made is not None else None
     edited = recorded is not None and on_disk is not None and on_disk != recorded
-    if made is not None and made.key == key:
-        if on_disk is not None and on_disk == made.bytes:
-            return PlannedShot(shot.id, Action.UNCHANGED, "image matches", shot, previous)
-        if edited and not overwrite_edited:
-            reason = (
-                f"{shot.file} was edited since imgbatch wrote it ({on_disk} bytes, not "
-                f"{made.bytes}): kept as it is (--overwrite-edited puts imgbatch's image back)"
-            )
-            return PlannedShot(shot.id, Action.DRIFT, reason, shot, previous)
     aside = edited and not overwrite_edited
     note = f"; edited {shot.file} is moved aside to {aside_path(output_dir / shot.file).name}"
-    note = note if aside else ""
-    if cache.has(key):
-        if previous is not None and previous.key == key and edited:
-            reason = "edited by hand; imgbatch's image is put back from the cache"
-        elif previous is not None and previous.key == key and made is not None:
-            reason = "file missing; restored from the cache"
-        else:
-            reason = "this exact request was made before; restored from the cache"
+    return _Found(made, on_disk, edited, aside, note if aside else "")
+
+
+def _kept(
+    shot: Shot, previous: ResultEntry | None, found: _Found, overwrite_edited: bool
+) -> PlannedShot | None:
+    """Unchanged, or drift: the file keeps the shot's current image (or an edit of it)."""
+    made = found.made
+    if made is None or made.key != shot.request.key:
+        return None
+    if found.on_disk is not None and found.on_disk == made.bytes:
+        return PlannedShot(shot.id, Action.UNCHANGED, "image matches", shot, previous)
+    if found.edited and not overwrite_edited:
+        reason = (
+            f"{shot.file} was edited since imgbatch wrote it ({found.on_disk} bytes, not "
+            f"{made.bytes}): kept as it is (--overwrite-edited puts imgbatch's image back)"
+        )
+        return PlannedShot(shot.id, Action.DRIFT, reason, shot, previous)
+    return None
+
+
+def _restored(
+    shot: Shot, previous: ResultEntry | None, found: _Found, cache: ImageCache, records: _Records
+) -> PlannedShot | None:
+    """Restore: the request's image is in the cache."""
+    key = shot.request.key
+    if not cache.has(key):
+        return None
+    if previous is not None and previous.key == key and found.edited:
+        reason = "edited by hand; imgbatch's image is put back from the cache"
+    elif previous is not None and previous.key == key and found.made is not None:
+        reason = "file missing; restored from the cache"
+    else:
+        reason = "this exact request was made before; restored from the cache"
+    record = records.get(key, previous)
+    return PlannedShot(
+        shot.id, Action.RESTORE, reason + found.note, shot, previous, record, move_aside=found.aside
+    )
+
+
+def _recovered(
+    shot: Shot, previous: ResultEntry | None, found: _Found, records: _Records, now: float
+) -> PlannedShot | None:
+    """Recover: the request's image was billed and not downloaded, and its URL still works
+    (a create when this shot's own URL expired)."""
+    billed = records.unfetched(shot.request.key, previous)
+    if billed is None:
+        return None
+    expired = url_expired_at(billed.image_url, now)
+    # Renamed since: the image billed for its old id is the same request's.
+    by = "" if billed is previous else f" (as shot {billed.id})"
+    if expired is None:
+        reason = (
+            f"billed last time{by} but not downloaded: its URL is fetched (if it no longer "
+            "works, one paid request)"
+        )
         return PlannedShot(
             shot.id,
-            Action.RESTORE,
-            reason + note,
+            Action.RECOVER,
+            reason + found.note,
             shot,
             previous,
-            records.get(key, previous),
-            move_aside=aside,
+            move_aside=found.aside,
+            billed=billed,
         )
-    billed = records.unfetched(key, previous)
-    if billed is not None:
-        expired = url_expired_at(billed.image_url, now)
-        # Renamed since: the image billed for its old id is the same request's.
-        by = "" if billed is previous else f" (as shot {billed.id})"
-        if expired is None:
-            reason = (
-                f"billed last time{by} but not downloaded: its URL is fetched (if it no longer "
-                "works, one paid request)"
-            )
-            return PlannedShot(
-                shot.id,
-                Action.RECOVER,
-                reason + note,
-                shot,
-                previous,
-                move_aside=aside,
-                billed=billed,
-            )
-        if billed is previous:
-            reason = (
-                f"billed last time but not downloaded, and its URL expired at {expired}: "
-                "one paid request"
-            )
-            return PlannedShot(shot.id, Action.CREATE, reason, shot, previous)
-    if made is not None and made.key != key and made.request:
+    if billed is previous:
+        reason = (
+            f"billed last time but not downloaded, and its URL expired at {expired}: "
+            "one paid request"
+        )
+        return PlannedShot(shot.id, Action.CREATE, reason, shot, previous)
+    return None
+
+
+def _made_anew(shot: Shot, previous: ResultEntry | None, found: _Found) -> PlannedShot:
+    """Replace (the shot had another request's image) or create, with why."""
+    made, note, aside = found.made, found.note, found.aside
+    if made is not None and made.key != shot.request.key and made.request:
         changed = changed_fields(dict(made.request), shot.request.canonical())
         reason = f"changed: {', '.join(changed)}" if changed else "request format changed"
         return PlannedShot(shot.id, Action.REPLACE, reason + note, shot, previous, move_aside=aside)
@@ -314,7 +362,7 @@ def _plan_shot(
         reason = "changed since its image was billed but not downloaded"
     elif previous.status == "failed":
         reason = f"failed last time: {previous.error or 'unknown error'}"
-    elif edited:
+    elif found.edited:
         reason = "edited by hand, and imgbatch's image is not in the cache: made again"
     else:
         reason = "image missing from disk and cache"

@@ -1,16 +1,17 @@
 """Image providers: where requests go and where image bytes come from.
 
 Takes a provider name and the environment; gives an object with `generate(request, label=...)`
-and `fetch(image)`. The executor knows nothing else about them, so tests pass fakes or point the
-real provider at a fake server. This package also answers, without importing any provider's
-SDK, what the rest of imgbatch asks about providers: which one `auto` means, whether one spends
-quota and money (`is_metered`), which secrets a crash log must hide, and whether the endpoint
-configured can be called at all (`check_endpoint`).
+and `fetch(image, sink)` (the image's bytes, handed to `sink` piece by piece as they arrive).
+The executor knows nothing else about them, so tests pass fakes or point the real provider at a
+fake server. This package also answers, without importing any provider's SDK, what the rest of
+imgbatch asks about providers: which one `auto` means, whether one spends quota and money
+(`is_metered`), which secrets a crash log must hide, and whether the endpoint configured can be
+called at all (`check_endpoint`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, Self
@@ -21,6 +22,9 @@ from imgbatch.errors import ConfigError
 if TYPE_CHECKING:
     from imgbatch.shots.request import GeneratedImage, ImageRequest
 
+# Takes the pieces of an image's bytes, in order, as they arrive; on the event loop, so it only
+# hashes and writes them.
+Sink = Callable[[bytes], None]
 # Whether each provider spends quota (and money): the placeholder draws its images locally.
 METERED = {"dashscope": True, "placeholder": False}
 PROVIDERS = tuple(METERED)
@@ -46,8 +50,10 @@ class Provider(Protocol):
         """Make one image; raise a `ProviderError` subclass on failure."""
         ...
 
-    async def fetch(self, image: GeneratedImage) -> bytes:
-        """The image's bytes; raise `TransientError` when they cannot be had right now."""
+    async def fetch(self, image: GeneratedImage, sink: Sink) -> None:
+        """Hand the image's bytes to `sink`, in order, as they arrive (an image is never held
+        whole: the executor writes them to disk); raise `TransientError` when they cannot be
+        had right now (the pieces given so far are then worth nothing)."""
         ...
 
     def describe_credentials(self) -> str:

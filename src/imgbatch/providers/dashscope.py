@@ -34,7 +34,7 @@ from imgbatch.errors import (
     RateLimited,
     TransientError,
 )
-from imgbatch.providers import checked_base_url, is_metered
+from imgbatch.providers import Sink, checked_base_url, is_metered
 from imgbatch.providers.dashscope_credentials import ApiKey
 from imgbatch.providers.dashscope_wire import (
     MAX_ANSWER_BYTES,
@@ -279,9 +279,10 @@ class DashScopeProvider:
             )
         return PermanentError(message, status=status, code=code, request_id=request_id)
 
-    async def fetch(self, image: GeneratedImage) -> bytes:
-        """Download the signed URL with a bare GET (no key, no SDK headers), whole or not at all:
-        streamed, capped at `max_image_bytes`, within one deadline for the whole body."""
+    async def fetch(self, image: GeneratedImage, sink: Sink) -> None:
+        """Download the signed URL with a bare GET (no key, no SDK headers) into `sink`, piece by
+        piece as it arrives, whole or not at all (a body cut short raises `TransientError`):
+        capped at `max_image_bytes`, within one deadline for the whole body."""
         try:
             async with asyncio.timeout(self._download_timeout):
                 async with self._require_session().get(
@@ -292,7 +293,7 @@ class DashScopeProvider:
                             f"image download answered HTTP {response.status}",
                             status=response.status,
                         )
-                    return await self._read_body(response)
+                    await self._read_body(response, sink)
         except TimeoutError:
             raise TransientError(
                 f"image download did not finish within {self._download_timeout:g} s",
@@ -307,7 +308,13 @@ class DashScopeProvider:
         except (aiohttp.ClientError, ConnectionError) as exc:
             raise TransientError(f"image download failed ({type(exc).__name__})") from None
 
-    async def _read_body(self, response: aiohttp.ClientResponse) -> bytes:
+    async def fetch_bytes(self, image: GeneratedImage) -> bytes:
+        """The image's bytes, whole (`fetch` into a list: for one image, never a batch)."""
+        pieces: list[bytes] = []
+        await self.fetch(image, pieces.append)
+        return b"".join(pieces)
+
+    async def _read_body(self, response: aiohttp.ClientResponse, sink: Sink) -> None:
         cap = self._max_image_bytes
         too_large = PermanentError(f"the image is larger than {cap / 2**20:g} MiB", code="TooLarge")
         declared = response.content_length
@@ -317,16 +324,16 @@ class DashScopeProvider:
             declared = None
         if declared is not None and declared > cap:
             raise too_large
-        body = bytearray()
+        received = 0
         async for chunk in response.content.iter_chunked(_READ_CHUNK):
-            body += chunk
-            if len(body) > cap:
+            received += len(chunk)
+            if received > cap:
                 raise too_large
-        if declared is not None and len(body) != declared:
+            sink(chunk)  # written to disk as it comes: an image is never held whole
+        if declared is not None and received != declared:
             raise TransientError(
-                f"image download was cut short ({len(body)} of {declared} bytes)", code="CutShort"
+                f"image download was cut short ({received} of {declared} bytes)", code="CutShort"
             )
-        return bytes(body)
 
     def _require_session(self) -> aiohttp.ClientSession:
         if self._session is None:

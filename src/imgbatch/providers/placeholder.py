@@ -15,7 +15,7 @@ from typing import Self
 from PIL import Image, ImageDraw, ImageFont
 
 from imgbatch.errors import TransientError
-from imgbatch.providers import is_metered
+from imgbatch.providers import Sink, is_metered
 from imgbatch.shots.request import GeneratedImage, ImageRequest
 
 
@@ -47,11 +47,12 @@ class PlaceholderProvider:
         self._rendered[url] = data
         return GeneratedImage(url, width, height, request.seed, None)
 
-    async def fetch(self, image: GeneratedImage) -> bytes:
+    async def fetch(self, image: GeneratedImage, sink: Sink) -> None:
         try:
-            return self._rendered.pop(image.image_url)
+            data = self._rendered.pop(image.image_url)
         except KeyError:
             raise TransientError(f"placeholder image {image.image_url} was not rendered") from None
+        sink(data)
 
 
 def render_placeholder(request: ImageRequest, label: str) -> bytes:

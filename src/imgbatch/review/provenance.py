@@ -15,6 +15,10 @@ zlib (bench/provenance.py). Bytes that are not a PNG are given back unchanged.
     >>> read_provenance(stamped)["imgbatch:seed"], stamped.endswith(drawn[33:])
     ('7', True)
 
+`Stamper` does the same to bytes as they arrive (a download written to disk as it comes): the
+same output as `embed`, piece by piece, holding back at most a chunk header and a text chunk's
+keyword, never the image.
+
 Reading needs no image library: `read_provenance` (in `imgbatch.png`, below every layer that
 reads it: prune and gc prove with it that they wrote a file) walks the chunks and returns the
 `imgbatch:` text chunks (iTXt, tEXt or zTXt) by keyword. The API key is never a field.
@@ -31,7 +35,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imgbatch.errors import InspectError
-from imgbatch.png import PREFIX, TEXT_CHUNKS, chunks, read_provenance, text_keyword
+from imgbatch.png import (
+    PNG_SIGNATURE,
+    PREFIX,
+    TEXT_CHUNKS,
+    chunks,
+    read_provenance,
+    text_keyword,
+)
 
 if TYPE_CHECKING:
     from imgbatch.shots.request import ImageRequest
@@ -118,6 +129,98 @@ def embed(data: bytes, provenance: Provenance) -> bytes:
             position = end
     pieces.append(data[position:])
     return b"".join(pieces)
+
+
+class Stamper:
+    """`embed` for bytes that arrive in pieces: `feed` each piece, then `end`; the pieces given
+    back, written in order, are what `embed` gives for the whole (for any PNG, and for bytes
+    that are not one: those pass unchanged). Slices of the pieces fed, not copies."""
+
+    def __init__(self, provenance: Provenance) -> None:
+        self._ours = b"".join(_itxt(PREFIX + n, t) for n, t in provenance.fields().items())
+        self._held = bytearray()  # the start of a chunk, until it is known what to do with it
+        self._copy = 0  # bytes to pass on before the next chunk starts
+        self._skip = 0  # bytes to drop (an `imgbatch:` text chunk the bytes came with)
+        self._after: bytes | None = None  # to emit once `_copy` is done (ours, after IHDR)
+        self._first = True
+        self._through = False  # not a PNG, or past IEND: everything passes as it is
+
+    def feed(self, data: bytes) -> list[memoryview | bytes]:
+        out: list[memoryview | bytes] = []
+        view = memoryview(data)
+        while view:
+            if self._through:
+                out.append(view)
+                break
+            if self._skip or self._copy:
+                view = self._pass(view, out)
+                continue
+            view = self._take_start(view, out)
+        return out
+
+    def end(self) -> bytes:
+        """What is held back when the bytes end (a chunk cut short: passed on as it was)."""
+        held, self._held = bytes(self._held), bytearray()
+        return held
+
+    def _pass(self, view: memoryview, out: list[memoryview | bytes]) -> memoryview:
+        if self._skip:
+            taken = min(self._skip, len(view))
+            self._skip -= taken
+            return view[taken:]
+        taken = min(self._copy, len(view))
+        out.append(view[:taken])
+        self._copy -= taken
+        if not self._copy and self._after is not None:
+            out.append(self._after)
+            self._after = None
+        return view[taken:]
+
+    def _take_start(self, view: memoryview, out: list[memoryview | bytes]) -> memoryview:
+        """Hold the start of the next chunk until its header (and, for a text chunk, its
+        keyword) is in; then decide to pass it on, drop it, or pass everything."""
+        header = 8 + (len(PNG_SIGNATURE) if self._first else 0)
+        while True:
+            need = self._needed(header)
+            taken = min(need - len(self._held), len(view))
+            self._held += view[:taken]
+            view = view[taken:]
+            if len(self._held) < need:
+                return view
+            if self._needed(header) == need:
+                self._decide(header, out)
+                return view
+
+    def _needed(self, header: int) -> int:
+        """Bytes of the chunk's start to hold: its header, then a text chunk's keyword."""
+        if len(self._held) < header or self._first:
+            return header
+        length, kind = struct.unpack(">I4s", self._held[header - 8 : header])
+        return header + min(length, 80) if kind in TEXT_CHUNKS else header
+
+    def _decide(self, header: int, out: list[memoryview | bytes]) -> None:
+        held, self._held = bytes(self._held), bytearray()
+        length, kind = struct.unpack(">I4s", held[header - 8 : header])
+        rest = length + 4 - (len(held) - header)  # of the chunk, its CRC included
+        if self._first:
+            self._first = False
+            if not held.startswith(PNG_SIGNATURE) or kind != b"IHDR":
+                self._through = True
+                out.append(held)
+                return
+            self._after = self._ours
+        elif kind in TEXT_CHUNKS and held[header:].split(b"\0", 1)[0].startswith(PREFIX.encode()):
+            self._skip = rest
+            return
+        elif kind == b"IEND":
+            self._through = True
+            out.append(held)
+            return
+        out.append(held)
+        self._copy = rest
+        if not rest and self._after is not None:
+            out.append(self._after)
+            self._after = None
 
 
 def inspect_image(path: str | Path) -> dict[str, str]:

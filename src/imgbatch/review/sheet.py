@@ -260,9 +260,10 @@ def _head(sheet: Path) -> str:
 class Thumbnailer:
     """Makes an apply's thumbnails in the background as its shots finish; wraps its listener.
 
-    Each image is decoded a second time for its thumbnail: done while the run waits on the
-    network, that costs the run nothing, where at the end it would hold the run up (150 images
-    of DashScope's weight took seconds). One worker, so the run's own work keeps a core.
+    A new image's thumbnail is made by the executor from the decode that verifies it
+    (`write_thumbnail`), before its shot finishes, so it is found here and skipped; an image
+    restored from the cache is decoded here, while the run waits on the network (at the end it
+    would hold the run up). One worker, so the run's own work keeps a core.
     """
 
     def __init__(self, output_dir: Path, listener: Listener | None = None) -> None:
@@ -317,14 +318,27 @@ def _make_thumbnail(output_dir: Path, key: str, source: Path) -> bool:
     # another program), its size checked in its header before it is decoded.
     try:
         with decode_png(read_image_file(source), f"the bytes of {source}") as image:
-            # Box-reduced to about the size, then Lanczos: a fraction of a full Lanczos.
-            image.thumbnail(THUMB_BOX, Image.Resampling.LANCZOS, reducing_gap=1.0)
-            converted = image.convert("RGBA" if image.has_transparency_data else "RGB")
-        buffer = io.BytesIO()
-        converted.save(buffer, format="WEBP", quality=THUMB_QUALITY, method=0)
+            return write_thumbnail(output_dir, key, image)
     except (ImageError, OSError, ValueError):
         return False
-    atomic_write(thumb_path(output_dir, key), buffer.getvalue())
+
+
+def write_thumbnail(output_dir: Path, key: str, image: Image.Image) -> bool:
+    """Write the thumbnail of `image` (decoded already, as a PNG: an apply gives the one it
+    decoded to verify a new image) as `key`'s; False when it cannot be made. `image` is
+    reduced in place."""
+    try:
+        # Box-reduced to about the size, then Lanczos: a fraction of a full Lanczos.
+        image.thumbnail(THUMB_BOX, Image.Resampling.LANCZOS, reducing_gap=1.0)
+        converted = image.convert("RGBA" if image.has_transparency_data else "RGB")
+        buffer = io.BytesIO()
+        converted.save(buffer, format="WEBP", quality=THUMB_QUALITY, method=0)
+    except (OSError, ValueError):
+        return False
+    try:
+        atomic_write(thumb_path(output_dir, key), buffer.getvalue())
+    except StoreError:
+        return False  # a thumbnail is not worth a shot: the sheet makes it again, or says so
     return True
 
 

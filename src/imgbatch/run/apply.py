@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import os
 import time
@@ -42,7 +43,7 @@ from imgbatch.plan.pricing import PriceList, cost, price_list
 from imgbatch.providers import Provider, create_provider, resolve_provider_name
 from imgbatch.review.events import Listener
 from imgbatch.review.outcome import ApplyReport, QuotaNote, ShotOutcome
-from imgbatch.review.sheet import Thumbnailer
+from imgbatch.review.sheet import Thumbnailer, write_thumbnail
 from imgbatch.review.sheet import update_after_apply as update_sheet
 from imgbatch.run.bounds import Bound, MaxCost, MaxDuration, MaxRequests
 from imgbatch.run.entries import abandoned_download
@@ -553,6 +554,7 @@ async def _execute(
                 listener=thumbnails,
                 simplify=options.simplify and manifest.simplify,
                 frozen=options.frozen,
+                thumbnail=functools.partial(write_thumbnail, output_dir),
                 bounds=(
                     *options.bounds(),
                     *([MaxCost(prep.limit, prep.prices)] if prep.limit is not None else []),

@@ -14,6 +14,13 @@ paid for but not yet downloaded is planned as a `recover` by the next apply, whi
 instead of paying again (and, if the URL no longer works, pays again and says so). Every PNG
 written carries its provenance (`provenance.py`); the cache holds it as written.
 
+An image is never held whole while it downloads: each piece, as it arrives, has the provenance
+spliced in (`Stamper`), is hashed and written to the cache entry's temporary file (on the event
+loop: a write to the page cache, no fsync). It is then decoded once, in a pool of one thread per
+core, which both verifies it and gives the contact sheet its thumbnail; only then is it fsynced
+and renamed into the cache, and copied (or reflinked) to the shot's file from the same open
+file. The journal is written by a thread of its own, so its fsyncs never block the loop.
+
 A file that cannot be written fails its shot only, naming the path (a paid image stays in the
 cache, or its URL in an `unfetched` entry); a full disk, or a journal that cannot be written,
 also stops the run like a 401. A restore checks the cache entry first: a damaged one is
@@ -35,15 +42,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
+import os
 import random
 import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from imgbatch.errors import (
     AuthError,
@@ -60,7 +68,7 @@ from imgbatch.pacing.gate import Clock, Finding, Pacer, RetryPolicy
 from imgbatch.plan.decide import WORK_ACTIONS, Action, Plan, PlannedShot, aside_path
 from imgbatch.providers import Provider
 from imgbatch.review.events import Listener, Notice, Retrying, Stopping
-from imgbatch.review.provenance import Provenance, embed
+from imgbatch.review.provenance import Provenance, Stamper
 from imgbatch.run.bounds import Bound, Tally
 from imgbatch.run.entries import (
     abandoned_download,
@@ -72,10 +80,13 @@ from imgbatch.run.entries import (
 from imgbatch.run.sharing import Inherited, Restored, SharedRun
 from imgbatch.shots.expand import Shot
 from imgbatch.shots.request import GeneratedImage, ImageRequest, simplified
-from imgbatch.state.cache import ImageCache, verify_image, write_error
+from imgbatch.state.cache import ImageCache, Incoming, verify_image, write_error
 from imgbatch.state.results import ResultEntry
 from imgbatch.state.store import Record
 from imgbatch.state.store.claims import Claim, ClaimInfo
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 # Requests in flight when the user sets no cap. The rate is what limits a run; this only has to
 # be more than rate x latency (25 requests/s at a 15 s generation is 375 in flight), and stay
@@ -157,11 +168,21 @@ class Executor:
         simplify: bool = True,
         frozen: bool = False,
         bounds: Sequence[Bound] = (),
+        thumbnail: Callable[[str, Image.Image], object] | None = None,
         shared: SharedRun | None = None,
     ) -> None:
         self.provider = provider
         # A shared store (`--store`): claim before paying, publish what is made (sharing.py).
         self.shared = shared
+        # Given each new image once it is decoded to verify it (by key): the contact sheet's
+        # thumbnail comes from that one decode.
+        self.thumbnail = thumbnail
+        # Decodes run here, one per core: the pixels decoded are the one whole copy of an image
+        # in memory, so peak memory follows the cores, never the requests in flight (and only
+        # these threads' malloc arenas ever hold an image's worth).
+        self._decoder = ThreadPoolExecutor(
+            os.cpu_count() or 1, thread_name_prefix="imgbatch-decode"
+        )
         # `apply --frozen`: never ask for a new image, even when a restore finds the cache entry
         # damaged; fetching one already paid for is allowed.
         self.frozen = frozen
@@ -186,6 +207,10 @@ class Executor:
         self._sending: Counter[str] = Counter()  # requests sent and not answered, by model
         self.outcome = RunOutcome()
         self._aside: frozenset[str] = frozenset()
+        # The journal's writer: one thread, so lines keep their order and fsyncs leave the loop.
+        self._journal_pool: ThreadPoolExecutor | None = None
+        self._journaling: set[asyncio.Future[StoreWriteError | None]] = set()
+        self._journal_failure: BaseException | None = None
 
     def stop(
         self,
@@ -331,6 +356,8 @@ class Executor:
             # Also when the run is abandoned: an interrupted run reports its 429s too.
             self.outcome.throttled = self.pacer.throttled_count
             self.outcome.quotas = self.pacer.findings()
+            self._decoder.shutdown(wait=True)
+            await self._drain_journal()
         return self.outcome
 
     async def _worker(self, output_dir: Path, pending: Iterator[PlannedShot]) -> None:
@@ -386,12 +413,43 @@ class Executor:
                 await asyncio.shield(self.shared.finished(shot.request.key, entry))
 
     def record(self, entry: ResultEntry) -> None:
-        """Journal `entry`; a journal that cannot be written stops the run (the entry stays in
-        the outcome, for results.json)."""
+        """Journal `entry`: lines are appended (each fsynced) in order by one worker thread,
+        never on the event loop; a journal that cannot be written stops the run (the entry
+        stays in the outcome, for results.json). `run` returns once every line is written."""
+        if self._journal_pool is None:
+            self._journal_pool = ThreadPoolExecutor(1, thread_name_prefix="imgbatch-journal")
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._journal_pool, self._append, entry)
+        self._journaling.add(future)
+        future.add_done_callback(self._journaled)
+
+    def _append(self, entry: ResultEntry) -> StoreWriteError | None:
         try:
             self.journal(entry)
         except StoreWriteError as exc:
-            self._stop_for_write(exc)
+            return exc
+        return None
+
+    def _journaled(self, future: asyncio.Future[StoreWriteError | None]) -> None:
+        self._journaling.discard(future)
+        if future.cancelled():
+            return
+        if future.exception() is not None:
+            self._journal_failure = self._journal_failure or future.exception()
+        elif (failure := future.result()) is not None:
+            self._stop_for_write(failure)
+
+    async def _drain_journal(self) -> None:
+        """Wait for every line on its way to the journal; then no thread writes to it."""
+        try:
+            while self._journaling:
+                await asyncio.wait(tuple(self._journaling))
+        finally:
+            if self._journal_pool is not None:
+                self._journal_pool.shutdown(wait=True)
+                self._journal_pool = None
+        if self._journal_failure is not None:
+            raise self._journal_failure
 
     def _stop_for_write(self, error: StoreWriteError) -> None:
         if error.disk_full:
@@ -625,6 +683,8 @@ class Executor:
         if not self.provider.metered:
             return
         self._billed(shot.id, shot.request.model)
+        # Journaled (queued first; a kill before the line is on disk loses it, download begun
+        # or not) so that a run killed while downloading leaves the URL paid for.
         downloading = unfetched_entry(
             shot, "generated; its download had not finished", image, attempt, sent=sent
         )
@@ -744,43 +804,87 @@ class Executor:
 
     async def _fetch_billed(self, output_dir: Path, shot: Shot, source: ResultEntry) -> str | None:
         """Keep the image at `source.image_url` (billed by an earlier run; it works for about
-        24 hours) as this shot's: None when done without a new request, else why not."""
+        24 hours) as this shot's: None when done without a new request (or when it cannot be
+        written: the shot fails, its URL kept), else why not."""
         if not source.image_url:
             return "no image URL was recorded"
         width, height = shot.request.dimensions
         seed = shot.request.seed
         image = GeneratedImage(source.image_url, width, height, seed, source.request_id)
-        try:
-            # One try: an expired URL stays expired, and a new request is the way out.
-            data = await self._fetch_verified(image, tries=1, shot_id=shot.id)
-        except (ProviderError, ValueError) as exc:
-            return str(exc)
         # The text sent is part of what the image is: a simplified request stays one.
         sent = simplified(shot.request) if source.simplified else None
-        await self._place(output_dir, shot, image, data, attempts=0, sent=sent)
+        try:
+            # One try: an expired URL stays expired, and a new request is the way out.
+            incoming = await self._fetch_verified(shot, image, sent, tries=1)
+        except (ProviderError, ValueError) as exc:
+            return str(exc)
+        except StoreWriteError as exc:
+            kept = "its URL is kept: the next apply downloads it instead of paying again"
+            self._write_failed(shot, exc, 0, kept=kept, unfetched=image, sent=sent)
+            return None
+        try:
+            await self._place(output_dir, shot, image, incoming, attempts=0, sent=sent)
+        finally:
+            incoming.close()
         return None
 
     async def _fetch_verified(
-        self, image: GeneratedImage, *, tries: int, shot_id: str | None = None
-    ) -> bytes:
-        """The image's bytes, verified to decode at the size the request asked for (what the
-        service reports may be wrong); the last failure if not. A `PermanentError` (an image
-        over the size cap) is not tried again."""
+        self, shot: Shot, image: GeneratedImage, sent: ImageRequest | None, *, tries: int
+    ) -> Incoming:
+        """The image received into a new cache entry (not yet committed: the caller commits or
+        closes it), stamped with its provenance as it arrives, then verified to decode at the
+        size the request asked for (what the service reports may be wrong); the last failure if
+        not. A `PermanentError` (an image over the size cap) is not tried again; a
+        `StoreWriteError` (the entry cannot be written) neither."""
+        provenance = Provenance(
+            shot.id, shot.request, (sent or shot.request).text, image.request_id
+        )
         for attempt in range(1, tries + 1):
+            # On the loop, as the pieces' writes are: creating a file costs microseconds.
+            incoming = self.cache.receive(shot.request.key)
             try:
-                phase = self.outcome.in_flight
-                if shot_id is not None:
-                    phase[shot_id] = Phase.DOWNLOADING
-                data = await self._unless(True, self.provider.fetch(image))
-                if shot_id is not None:
-                    phase[shot_id] = Phase.WRITING
-                await asyncio.to_thread(verify_image, data, image.width, image.height)
-                return data
+                await self._download(shot.id, image, provenance, incoming)
+                return incoming
             except (TransientError, ValueError):
+                incoming.close()
                 if attempt == tries:
                     raise
                 await self._unless(True, self.clock.sleep(self.retry.backoff(attempt)))
+            except BaseException:
+                incoming.close()
+                raise
         raise AssertionError("unreachable: tries >= 1")
+
+    async def _download(
+        self, shot_id: str, image: GeneratedImage, provenance: Provenance, incoming: Incoming
+    ) -> None:
+        """Stream the image into `incoming` (provenance spliced in, hashed and written as each
+        piece arrives: no image is held whole while it downloads), then decode it once, in a
+        worker thread, both to verify it and to make its thumbnail."""
+        phase = self.outcome.in_flight
+        phase[shot_id] = Phase.DOWNLOADING
+        stamper = Stamper(provenance)
+
+        def sink(chunk: bytes) -> None:
+            for piece in stamper.feed(chunk):
+                incoming.write(piece)
+
+        await self._unless(True, self.provider.fetch(image, sink))
+        incoming.write(stamper.end())
+        phase[shot_id] = Phase.WRITING
+        key = provenance.request.key
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._decoder, self._verify, incoming, image, key)
+
+    def _verify(self, incoming: Incoming, image: GeneratedImage, key: str) -> None:
+        """Decode the bytes received once: that checks them, and makes the thumbnail."""
+        thumbnail = self.thumbnail
+        verify_image(
+            incoming.read(),
+            image.width,
+            image.height,
+            then=None if thumbnail is None else lambda decoded: thumbnail(key, decoded),
+        )
 
     async def _keep(
         self,
@@ -797,14 +901,18 @@ class Executor:
             # a wrong-sized image pass, nor a right one fail.
             image = replace(image, width=width, height=height)
         try:
-            data = await self._fetch_verified(
-                image, tries=self.retry.download_attempts, shot_id=shot.id
+            incoming = await self._fetch_verified(
+                shot, image, sent, tries=self.retry.download_attempts
             )
         except _Cut:
             downloading = self.outcome.downloading.get(shot.id)
             if downloading is None:  # offline: nothing was paid for
                 raise
             self._finish(abandoned_download(downloading))
+            return
+        except StoreWriteError as exc:
+            kept = "its URL is kept: the next apply downloads it instead of paying again"
+            self._write_failed(shot, exc, attempts, kept=kept, unfetched=image, sent=sent)
             return
         except (ProviderError, ValueError) as failure:
             message = (
@@ -814,35 +922,33 @@ class Executor:
             error = failure if isinstance(failure, ProviderError) else None
             self._finish(unfetched_entry(shot, message, image, attempts, error, sent=sent))
             return
-        await self._place(output_dir, shot, image, data, attempts=attempts, sent=sent)
+        try:
+            await self._place(output_dir, shot, image, incoming, attempts=attempts, sent=sent)
+        finally:
+            incoming.close()
 
     async def _place(
         self,
         output_dir: Path,
         shot: Shot,
         image: GeneratedImage,
-        data: bytes,
+        incoming: Incoming,
         *,
         attempts: int,
         sent: ImageRequest | None = None,
     ) -> None:
-        """Stamp verified bytes with their provenance, put them in the cache and at the shot's
-        file, then record the shot. The cache keeps the bytes as written, so that a restore puts
-        back the very file (the same SHA-256 as recorded), provenance and all."""
-        key = shot.request.key
-        provenance = Provenance(
-            shot.id, shot.request, (sent or shot.request).text, image.request_id
-        )
-        data, digest = await asyncio.to_thread(_stamp, data, provenance)
+        """Make the verified, stamped bytes received the cache entry, put them at the shot's
+        file, then record the shot. The cache keeps the bytes as written, so that a restore
+        puts back the very file (the same SHA-256 as recorded), provenance and all."""
         try:
-            await asyncio.to_thread(self.cache.put, key, data)
+            await asyncio.to_thread(incoming.commit)
         except StoreWriteError as exc:
             kept = "its URL is kept: the next apply downloads it instead of paying again"
             self._write_failed(shot, exc, attempts, kept=kept, unfetched=image, sent=sent)
             return
         try:
             await self._move_aside(output_dir, shot)
-            await asyncio.to_thread(self.cache.place, key, output_dir / shot.file, data)
+            await asyncio.to_thread(incoming.place, output_dir / shot.file)
         except StoreWriteError as exc:
             kept = "its image is in the cache: the next apply puts it in place without paying"
             self._write_failed(shot, exc, attempts, kept=kept, sent=sent)
@@ -853,12 +959,13 @@ class Executor:
             image,
             image.width,
             image.height,
-            digest,
-            len(data),
+            incoming.sha256,
+            incoming.size,
             attempts=attempts,
             sent=sent,
         )
         if self.shared is not None:
+            data = await asyncio.to_thread(incoming.read)  # the bytes as the cache keeps them
             entry = await asyncio.shield(self.shared.made(shot, data, entry))
         self._finish(entry)
 
@@ -880,12 +987,6 @@ class Executor:
         self.outcome.moved_aside[shot.id] = name
         if self.listener:
             self.listener(Notice(shot.id, f"{shot.file} was edited by hand: moved aside to {name}"))
-
-
-def _stamp(data: bytes, provenance: Provenance) -> tuple[bytes, str]:
-    """The bytes to write and their SHA-256 (off the event loop: a few ms for 3.5 MB)."""
-    stamped = embed(data, provenance)
-    return stamped, hashlib.sha256(stamped).hexdigest()
 
 
 def fit_to_open_files(concurrency: int) -> int:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -104,7 +104,7 @@ class Unsent:
     async def generate(self, request: ImageRequest, *, label: str) -> GeneratedImage:
         raise AuthError(f"{label}: no key: an assembling run sends no request")
 
-    async def fetch(self, image: GeneratedImage) -> bytes:
+    async def fetch(self, image: GeneratedImage, sink: Callable[[bytes], None]) -> None:
         raise TransientError("no key: an assembling run downloads nothing from the service")
 
     def describe_credentials(self) -> str:

@@ -21,9 +21,13 @@ NFS 4.2 with server-side clone). A reflink is copy-on-write: a tool that edits t
 place changes its own copy, never the cache entry. Elsewhere (ext4, tmpfs) the bytes are copied.
 Never a hard link: image editors and `open(path, "wb")` rewrite a file in place, which through a
 hard link would rewrite the cache entry too (the SHA-256 check would catch it, but the image would
-be lost). `os.copy_file_range` is not used: the bytes are read to verify them anyway, so an
-in-kernel copy saves nothing where there is no reflink, and where there is, FICLONE shares them
-and says so.
+be lost). A restore reads the bytes to verify them anyway, so it copies what it read.
+
+A new image is written into the cache as it arrives (`ImageCache.receive` gives an `Incoming`):
+each piece is hashed and written to a temporary file in the entry's shard as it comes, so no
+image is held in memory whole while it downloads; it becomes the entry (fsynced, then renamed)
+only once `commit`ted, and is put at the shot's file from that same open file, in the kernel
+(`os.copy_file_range`) where it is not a reflink.
 """
 
 from __future__ import annotations
@@ -36,10 +40,13 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from imgbatch.errors import CacheEntryDamaged, ImageError, StoreError, StoreWriteError
-from imgbatch.png import check_png, png_dimensions
+from imgbatch.png import check_png, decode_png, png_dimensions
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 TEMP_PREFIX = ".imgbatch-tmp-"
 # A cache entry larger than any image the service makes is not one (and is never read whole).
@@ -151,11 +158,16 @@ def real_subfolders(root: Path) -> list[Path]:
         return []
 
 
-def verify_image(data: bytes, width: int, height: int) -> None:
+def verify_image(
+    data: bytes, width: int, height: int, *, then: Callable[[Image.Image], object] | None = None
+) -> None:
     """Raise `ImageError` (a ValueError) unless `data` decodes fully as a PNG of `width` x
     `height` (the size the request asked for: what the service reports about it is not
-    evidence). The size is read from the PNG header before a pixel is decoded."""
-    check_png(data, "downloaded bytes", (width, height))
+    evidence). The size is read from the PNG header before a pixel is decoded. `then` is given
+    the decoded image (to make a thumbnail from the one decode), only once it has passed."""
+    with decode_png(data, "downloaded bytes", size=(width, height)) as image:
+        if then is not None:
+            then(image)
 
 
 class AppendLog:
@@ -216,11 +228,20 @@ class ImageCache:
         return stat.S_ISREG(mode) or stat.S_ISLNK(mode)
 
     def put(self, key: str, data: bytes) -> None:
+        self._real_shard(key)
+        atomic_write(self.path(key), data)
+
+    def receive(self, key: str) -> Incoming:
+        """A new entry for `key`, written as its bytes arrive (see `Incoming`). Raises
+        `StoreWriteError` when its temporary file cannot be made."""
+        self._real_shard(key)
+        return Incoming(self.path(key))
+
+    def _real_shard(self, key: str) -> None:
         shard = self.path(key).parent
         if shard.is_symlink():
             # Never write through a link inside the cache: make the folder a real one.
             shard.unlink()
-        atomic_write(self.path(key), data)
 
     def restore(
         self,
@@ -318,6 +339,100 @@ class ImageCache:
         return fd
 
 
+class Incoming:
+    """A cache entry being received: `write` its pieces in order (each hashed and written to a
+    temporary file beside the entry as it comes, nothing kept in memory), `read` them back to
+    check them, `commit` to make it the entry, `place` to put it at a shot's file too, and
+    always `close`. Until committed, the entry is untouched; a closed, uncommitted file is gone.
+    A write that fails raises `StoreWriteError` naming the entry.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd, self._temp = _create_temp(path.parent)
+        except OSError as exc:
+            raise write_error(path, exc) from None
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self._committed = False
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def write(self, piece: bytes | memoryview) -> None:
+        self._hash.update(piece)
+        try:
+            _write_fd(self._fd, piece, self.path)
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
+        self.size += len(piece)
+
+    def read(self) -> bytes:
+        """The bytes written so far, to check them (in a decode thread: one image per core)."""
+        try:
+            return _read_fd(self._fd, self.path)
+        except CacheEntryDamaged as exc:
+            error = OSError(str(exc))
+            raise StoreWriteError(str(self.path), error, _mount_point(self.path)) from None
+
+    def commit(self) -> None:
+        """Make the bytes written the entry: on disk first (fsync), then renamed into place."""
+        try:
+            os.fchmod(self._fd, 0o666 & ~_umask())
+            os.fsync(self._fd)
+            os.replace(self._temp, self.path)
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
+        self._committed = True
+
+    def place(self, target: Path) -> None:
+        """Put the committed entry at `target`, atomically: a reflink where the file system
+        allows it, else a copy made in the kernel. Raises `StoreWriteError` naming `target`."""
+
+        def fill(fd: int) -> None:
+            if not clone(self._fd, fd):
+                _copy_fd(self._fd, fd, self.size, target)
+
+        _atomic(target, fill)
+
+    def close(self) -> None:
+        os.close(self._fd)
+        if not self._committed:
+            Path(self._temp).unlink(missing_ok=True)
+
+
+def _copy_fd(source: int, target: int, size: int, path: Path) -> None:
+    """Copy the first `size` bytes of `source` to the empty `target` (open on a temporary file
+    beside `path`): in the kernel where it can, the rest through a 1 MiB buffer."""
+    offset = _copy_in_kernel(source, target, size)
+    os.lseek(target, offset, os.SEEK_SET)
+    while offset < size:
+        piece = os.pread(source, min(1 << 20, size - offset), offset)
+        if not piece:
+            raise OSError(errno.EIO, f"{path}: the cache entry ended after {offset} bytes")
+        _write_fd(target, piece, path)
+        offset += len(piece)
+
+
+def _copy_in_kernel(source: int, target: int, size: int) -> int:
+    """How many of the first `size` bytes of `source` `os.copy_file_range` copied to `target`
+    (none where the kernel or file system cannot; a test seam, like `_write_fd`)."""
+    offset = 0
+    try:
+        while offset < size:
+            copied = os.copy_file_range(source, target, size - offset, offset, offset)
+            if not copied:
+                break
+            offset += copied
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    return offset
+
+
 def _read_fd(fd: int, path: Path) -> bytes:
     """The bytes of the file open as `fd` (a cache entry, or a reflink of one), from the start;
     a read that fails, or more than an image can be, makes the entry at `path` damaged."""
@@ -376,7 +491,7 @@ def _create_temp(folder: Path) -> tuple[int, str]:
     return tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=".tmp")
 
 
-def _write_fd(fd: int, data: bytes, path: Path) -> None:
+def _write_fd(fd: int, data: bytes | memoryview, path: Path) -> None:
     """Write all of `data` to `fd`, open on `path` (or on a temporary file beside it).
 
     The one place imgbatch's bytes go to disk: tests fill the disk here.
