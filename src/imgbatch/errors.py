@@ -15,7 +15,10 @@
     │                             download, a cache entry, a file in the output folder)
     ├── StoreError                the output folder or cache cannot be read or written (exit 1)
     │   ├── StoreWriteError       one file could not be written (disk full, a folder in its place)
-    │   └── CacheEntryDamaged     a cache entry that is not its image: discarded, made again
+    │   ├── CacheEntryDamaged     a cache entry that is not its image: discarded, made again
+    │   └── SharedStoreError      a shared store (--store) cannot be used: unreachable, refused,
+    │       │                     or it does not refuse a second create
+    │       └── SharedEntryDamaged  a shared record whose blob is missing or not its image
     └── ProviderError             the image service refused or failed a request
         ├── TransientError        408, 5xx, dropped connections: retried with backoff
         │   └── RateLimited       429: the pacer slows the model down; not a try used up
@@ -243,6 +246,16 @@ class StoreWriteError(StoreError):
 
 class CacheEntryDamaged(StoreError):
     """A cache entry that is not the image it should be; it is discarded, never restored."""
+
+
+class SharedStoreError(StoreError):
+    """A shared store (`--store`) that cannot be used as one: unreachable, credentials refused,
+    or it does not refuse a second create (so it cannot coordinate processes)."""
+
+
+class SharedEntryDamaged(SharedStoreError):
+    """A record in a shared store whose blob is missing, or is not the image it names: reported
+    apart from a miss, and never copied into place."""
 
 
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})

@@ -149,6 +149,39 @@ only_option = click.option(
     "repeatable. Every other shot's entry in results.json is kept as it is, and orphans are "
     "left alone. A pattern that matches no shot is an error.",
 )
+store_option = click.option(
+    "--store",
+    metavar="URL",
+    default=None,
+    help="A shared store of images for every machine, job and account: s3://BUCKET/PREFIX, "
+    "oss://BUCKET/PREFIX or a folder (default: IMGBATCH_STORE, else the manifest's "
+    "output.store). Each distinct request is paid once across everything sharing it.",
+)
+store_read_only_option = click.option(
+    "--store-read-only",
+    is_flag=True,
+    help="Restore from the store, but never write it (also IMGBATCH_STORE_READ_ONLY=1): for "
+    "untrusted jobs, such as pull requests from forks.",
+)
+
+
+def _shard_option(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    index, _, count = value.partition("/")
+    if not (index.isdigit() and count.isdigit() and 1 <= int(index) <= int(count)):
+        raise click.BadParameter(f"write K/N with K from 1 to N, such as 1/4; got {value!r}")
+    return int(index), int(count)
+
+
+shard_option = click.option(
+    "--shard",
+    metavar="K/N",
+    default=None,
+    callback=lambda _context, _parameter, value: _shard_option(value),
+    help="Only the shots whose request key falls in shard K of N (1/4 ... 4/4): stable under "
+    "renames and reordering, twins together. Other shots are left as they are.",
+)
 force_option = click.option(
     "--force",
     is_flag=True,

@@ -14,6 +14,8 @@ from imgbatch.cli.common import (
     EXIT_OK,
     _verbosity,
     error_boundary,
+    store_option,
+    store_read_only_option,
 )
 from imgbatch.errors import ConfigError, ImgbatchError
 from imgbatch.providers import PROVIDER_CHOICES
@@ -71,6 +73,8 @@ def generate_options(function: Callable[..., Any]) -> Callable[..., Any]:
     help='As --print-response, and on a failure print {"error": {...}} on stdout instead.',
 )
 @generate_options
+@store_option
+@store_read_only_option
 @error_boundary
 def generate_command(
     request_text: str,
@@ -80,6 +84,8 @@ def generate_command(
     provider: str | None,
     allow_reference_outside: bool,
     verbosity: str | None,
+    store: str | None,
+    store_read_only: bool,
 ) -> int:
     """Make one image from one request, as the seed skill's helper script does. While the
     request is awaited, a spinner (on a terminal) or a line when it is sent and when it is
@@ -95,6 +101,8 @@ def generate_command(
                 provider=provider,
                 allow_reference_outside=allow_reference_outside,
                 on_phase=waiting,
+                store=store,
+                store_read_only=store_read_only,
             )
     except ImgbatchError as exc:
         if as_json:

@@ -49,6 +49,7 @@ from imgbatch.cli import (  # noqa: E402
     plan_apply,
     quota,
     review,
+    store,
 )
 from imgbatch.cli.common import (  # noqa: E402
     EXIT_CHANGES,
@@ -198,6 +199,7 @@ for command in (
     agent.mcp_command,
     generate.generate_command,
     quota.quota_group,
+    store.store_group,
 ):
     main.add_command(command)
 

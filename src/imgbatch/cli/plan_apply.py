@@ -30,6 +30,9 @@ from imgbatch.cli.common import (
     only_option,
     overwrite_edited_option,
     provider_option,
+    shard_option,
+    store_option,
+    store_read_only_option,
     verbosity_options,
 )
 from imgbatch.errors import EXIT_FAILED, ConfigError, ImgbatchError
@@ -76,6 +79,7 @@ class _UsageErrorExit1(click.UsageError):
 )
 @only_option
 @force_option
+@store_option
 @verbosity_options
 @error_boundary
 def plan(
@@ -87,6 +91,7 @@ def plan(
     as_json: bool,
     only: tuple[str, ...],
     force: bool,
+    store: str | None,
     verbosity: str | None,
 ) -> int:
     """Show the shots apply would change, and why (-v: every shot); nothing is sent or
@@ -105,6 +110,7 @@ def plan(
             overwrite_edited=overwrite_edited,
             only=only,
             force=force,
+            store=store,
         )
     except ImgbatchError as exc:
         if not detailed_exitcode or exc.exit_code != EXIT_CHANGES:
@@ -246,6 +252,9 @@ def _plan_documents(result: Plan, title: str, as_json: bool) -> None:
 )
 @only_option
 @force_option
+@store_option
+@store_read_only_option
+@shard_option
 @verbosity_options
 @error_boundary
 def apply_command(
@@ -265,6 +274,9 @@ def apply_command(
     as_json: bool,
     only: tuple[str, ...],
     force: bool,
+    store: str | None,
+    store_read_only: bool,
+    shard: tuple[int, int] | None,
     verbosity: str | None,
 ) -> int:
     """Generate the shots whose request changed; write images and results.json."""
@@ -320,6 +332,9 @@ def apply_command(
                 prune=prune,
                 only=only,
                 force=force,
+                store=store,
+                store_read_only=store_read_only,
+                shard=shard,
             ),
             listener=progress,
             on_plan=announce,

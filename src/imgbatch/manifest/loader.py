@@ -85,6 +85,8 @@ class Manifest:
     # `pick:`: the take chosen among a shot's variants, by the id they share (poster: poster-2);
     # apply also writes it as <that id>.png.
     picks: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # `output.store:`: a shared store (s3://, oss://, or a folder relative to the manifest).
+    store: str | None = None
 
     @property
     def base_dir(self) -> Path:
@@ -145,6 +147,7 @@ def _build_manifest(path: Path, document: Document, checker: Checker) -> Manifes
         name=_name(data, path),
         provider=data.get("provider"),
         output_dir=data.get("output", {}).get("dir"),
+        store=data.get("output", {}).get("store"),
         limits=Limits(
             limits.get("concurrency"),
             limits.get("rps"),

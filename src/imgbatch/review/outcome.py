@@ -20,6 +20,24 @@ from imgbatch.units.money import Cost
 
 
 @dataclass(frozen=True)
+class StoreUse:
+    """What a run did with a shared store (never a credential or a signed URL): the requests it
+    sent it by operation, the images restored from it and published to it, and what was wrong
+    with records found damaged (shot id, message)."""
+
+    url: str
+    read_only: bool
+    requests: Mapping[str, int]
+    restored: int
+    published: int
+    notices: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def total_requests(self) -> int:
+        return sum(self.requests.values())
+
+
+@dataclass(frozen=True)
 class QuotaNote:
     """What a run knew of one model's quota: how it began and what it ended with."""
 
@@ -105,6 +123,8 @@ class ApplyReport:
     pruned: tuple[Pruned, ...] = ()
     # Chosen takes (`pick:`) copied to <shot>.png by this run: the file names.
     picked: tuple[str, ...] = ()
+    # With a shared store (--store): what the run did with it.
+    store: StoreUse | None = None
 
     @property
     def entries(self) -> tuple[ResultEntry, ...]:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
 
-from imgbatch.plan.decide import Action, Plan, PlannedShot
+from imgbatch.plan.decide import WORK_ACTIONS, Action, Plan, PlannedShot
 from imgbatch.review.console import WORD_STYLES, counted
 from imgbatch.shots.request import changed_fields
 from imgbatch.units.money import Cost, as_json, format_money
@@ -158,12 +158,47 @@ def apply_json(report: ApplyReport) -> dict[str, Any]:
         {"id": item.id, "file": item.file, "removed": item.removed, "reason": item.reason}
         for item in report.pruned
     ]
-    return {
+    document: dict[str, Any] = {
         "shots": shots,
         "summary": summary,
         "pruned": pruned,
         "results": str(report.results_path),
     }
+    if report.store is not None:
+        document["store"] = store_json(report)
+    return document
+
+
+def store_json(report: ApplyReport) -> dict[str, Any]:
+    """A run's use of its shared store: the requests it sent it, by operation and per image."""
+    use = report.store
+    assert use is not None
+    images = max(1, sum(1 for item in report.plan.shots if item.action in WORK_ACTIONS))
+    return {
+        "url": use.url,
+        "read_only": use.read_only,
+        "requests": dict(sorted(use.requests.items())),
+        "requests_per_image": round(use.total_requests / images, 2),
+        "restored": use.restored,
+        "published": use.published,
+        "damaged": [{"id": shot_id, "message": message} for shot_id, message in use.notices],
+    }
+
+
+def store_line(report: ApplyReport) -> str | None:
+    """`Store s3://...: N requests (...), R restored, P published.`, with a store."""
+    use = report.store
+    if use is None:
+        return None
+    ops = ", ".join(f"{count} {op}" for op, count in sorted(use.requests.items()))
+    mode = " (read-only)" if use.read_only else ""
+    line = (
+        f"Store {use.url}{mode}: {use.total_requests} request"
+        f"{'s' if use.total_requests != 1 else ''}{f' ({ops})' if ops else ''}, "
+        f"{use.restored} image{'s' if use.restored != 1 else ''} restored, "
+        f"{use.published} published."
+    )
+    return "\n".join([line, *(f"  {shot_id}: {message}" for shot_id, message in use.notices)])
 
 
 def apply_summary(report: ApplyReport, *, quiet: bool = False) -> str:
@@ -177,6 +212,9 @@ def apply_summary(report: ApplyReport, *, quiet: bool = False) -> str:
     lines = [head]
     if report.plan.metered:
         lines.append(cost_line(report))
+    shared = store_line(report)
+    if shared:
+        lines.append(shared)
     lines.extend(
         f"Edited by hand, moved aside: {shot_id} -> {name}"
         for shot_id, name in report.moved_aside.items()

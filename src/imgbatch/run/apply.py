@@ -50,9 +50,10 @@ from imgbatch.run.entries import abandoned_download
 from imgbatch.run.executor import Executor, Phase, RunOutcome
 from imgbatch.run.interrupts import Interrupts, interrupt_at_once, signal_handler
 from imgbatch.run.picks import place_picks
+from imgbatch.run.sharing import SharedRun, Unsent, open_sharing, planned_with_store
 from imgbatch.shots.expand import Expansion, expand, fetch_references, shot_list
 from imgbatch.shots.request import KEY_FORMAT_VERSION
-from imgbatch.shots.selection import select_shots
+from imgbatch.shots.selection import in_shard, select_shots
 from imgbatch.state.folder import OutputFolder, owner_of
 from imgbatch.state.record import FolderState, Owner
 from imgbatch.state.results import ResultEntry
@@ -99,6 +100,12 @@ class ApplyOptions:
     only: tuple[str, ...] = ()
     # Apply into an output folder another manifest owns (its shots are kept apart, untouched).
     force: bool = False
+    # A shared store (s3://, oss://, a folder); None: IMGBATCH_STORE, else the manifest's
+    # output.store. Read-only restores from it and never writes it (untrusted jobs).
+    store: str | None = None
+    store_read_only: bool = False
+    # (K, N): only the shots whose request key falls in shard K of N (`in_shard`).
+    shard: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.only, str):  # only="s01" means one pattern, not three letters
@@ -187,6 +194,7 @@ def make_plan(
     overwrite_edited: bool = False,
     only: Sequence[str] = (),
     force: bool = False,
+    store: str | None = None,
 ) -> Plan:
     """What `apply` would do for each shot, reading the output folder but changing nothing and
     downloading nothing: see `imgbatch.plan.decide` for what that means for a reference URL.
@@ -207,7 +215,8 @@ def make_plan(
     prices = _prices(manifest, expansion, environ)
     planned = _plan(selected, state, overwrite_edited, only=bool(only), prices=prices)
     refuse_placeholder_over_paid(planned, provider, manifest)
-    return planned
+    # With a shared store (--store, IMGBATCH_STORE, output.store): what another run made.
+    return planned_with_store(planned, store, manifest, environ)
 
 
 def _plan(
@@ -292,10 +301,12 @@ async def apply_async(
     run is sending, see `Interrupts` (the report says `interrupted`).
     """
     with interrupt_at_once():
-        return await _apply(path, options, provider, listener, on_plan, clock)
+        async with contextlib.AsyncExitStack() as stack:  # a shared store, open for the run
+            return await _apply(stack, path, options, provider, listener, on_plan, clock)
 
 
 async def _apply(
+    stack: contextlib.AsyncExitStack,
     path: ManifestSource,
     options: ApplyOptions | None,
     provider: Provider | str | None,
@@ -305,7 +316,7 @@ async def _apply(
 ) -> ApplyReport:
     """The phases: prepare, then under the lock preflight (the plan, then the guards), execute
     and settle (results.json, prune, the sheet), then the report."""
-    prep = await _prepare(path, options or ApplyOptions(), provider)
+    prep = await _prepare(path, options or ApplyOptions(), provider, stack)
     started = time.monotonic()
     with OutputFolder(prep.expansion.output_dir).lock():
         plan, held = _preflight(prep, on_plan)
@@ -336,6 +347,7 @@ async def _apply(
         bounded=outcome.bounded,
         pruned=settled.pruned,
         picked=settled.picked,
+        store=prep.sharing.use() if prep.sharing is not None else None,
     )
 
 
@@ -352,10 +364,16 @@ class _Prepared:
     limit: CostLimit | None
     provider: Provider
     prices: PriceList
+    # The shared store, if one is named; whether only some shots are acted on (--only, --shard).
+    sharing: SharedRun | None = None
+    partial: bool = False
 
 
 async def _prepare(
-    path: ManifestSource, options: ApplyOptions, provider: Provider | str | None
+    path: ManifestSource,
+    options: ApplyOptions,
+    provider: Provider | str | None,
+    stack: contextlib.AsyncExitStack,
 ) -> _Prepared:
     """Load, expand, fetch the references and choose the provider; the refusals that need no
     lock come first, so a refused run connects to nothing and writes nothing at all."""
@@ -394,6 +412,10 @@ async def _prepare(
     # Each reference URL once, keyed by its content, so that the plan knows every key (a
     # frozen run pays nothing for a URL whose content did not change).
     expansion = await fetch_references(expansion)
+    if options.shard is not None:
+        # By request key, known only now (a reference URL's content is part of it).
+        expansion, only = replace(expansion, shots=in_shard(expansion.shots, options.shard)), True
+    sharing = await _sharing(stack, path, options, manifest, everything, expansion, environ)
     limit = _cost_limit(options, manifest)
     if options.frozen or limit is not None:
         # Before credentials and before the lock: a refused run writes nothing at all.
@@ -402,9 +424,45 @@ async def _prepare(
         early = _plan(expansion, state, options.overwrite_edited, only=only, prices=prices)
         refuse_to_start(early, options.frozen, limit)
     # Credentials are checked before anything is written.
-    provider = provider or create_provider(expansion.provider, environ, options.home)
+    provider = provider or _provider(expansion.provider, options, environ, sharing)
     prices = _prices(manifest, expansion, environ, provider)
-    return _Prepared(path, options, manifest, everything, expansion, limit, provider, prices)
+    return _Prepared(
+        path, options, manifest, everything, expansion, limit, provider, prices, sharing, only
+    )
+
+
+def _provider(
+    name: str, options: ApplyOptions, environ: Mapping[str, str], sharing: SharedRun | None
+) -> Provider:
+    """The provider called `name`, its credentials checked; an assembling run (--frozen with a
+    shared store) needs none: it sends nothing."""
+    try:
+        return create_provider(name, environ, options.home)
+    except ConfigError:
+        if not (options.frozen and sharing is not None):
+            raise
+        return Unsent(name)
+
+
+async def _sharing(
+    stack: contextlib.AsyncExitStack,
+    path: ManifestSource,
+    options: ApplyOptions,
+    manifest: Manifest,
+    everything: Expansion,
+    expansion: Expansion,
+    environ: Mapping[str, str],
+) -> SharedRun | None:
+    """The shared store, open until `stack` closes, with what any process made for the shots
+    to be paid for restored into the local cache (so every plan restores them)."""
+    sharing = await open_sharing(
+        stack, options.store, options.store_read_only, manifest, environ, expansion.output_dir
+    )
+    if sharing is not None:
+        state = _owned_state(path, manifest, everything, force=options.force).mine
+        early = _plan(expansion, state, options.overwrite_edited, only=True)
+        await sharing.hydrate(item.shot for item in early.shots if item.shot and item.paid)
+    return sharing
 
 
 def _preflight(prep: _Prepared, on_plan: Callable[[Plan], None] | None) -> tuple[Plan, _Held]:
@@ -418,7 +476,7 @@ def _preflight(prep: _Prepared, on_plan: Callable[[Plan], None] | None) -> tuple
         prep.expansion,
         held.mine,
         options.overwrite_edited,
-        only=bool(options.only),
+        only=prep.partial,
         prices=prep.prices,
     )
     # The provider object answers for itself (one of the caller's own may be free).
@@ -503,6 +561,7 @@ async def _execute(
                     *options.bounds(),
                     *([MaxCost(prep.limit, prep.prices)] if prep.limit is not None else []),
                 ),
+                shared=prep.sharing,
             )
             return await interrupts.run(executor, plan), journal.path
     finally:
@@ -543,7 +602,7 @@ def _settle_run(
         for item, shot in zip(plan.shots, shots, strict=True)
     )
     written, sheet_plan = entries, replace(plan, shots=touched)
-    if prep.options.only:
+    if prep.partial:
         written, orphans, sheet_plan = _with_unselected(
             prep.everything, held.mine, sheet_plan, entries
         )

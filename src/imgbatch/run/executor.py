@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -59,6 +60,7 @@ from imgbatch.errors import (
     PermanentError,
     ProviderError,
     RateLimited,
+    SharedStoreError,
     StoreWriteError,
     TransientError,
 )
@@ -75,10 +77,13 @@ from imgbatch.run.entries import (
     unfetched_entry,
     with_reference_url,
 )
+from imgbatch.run.sharing import Inherited, Restored, SharedRun
 from imgbatch.shots.expand import Shot
 from imgbatch.shots.request import GeneratedImage, ImageRequest, simplified
 from imgbatch.state.cache import ImageCache, Incoming, verify_image, write_error
 from imgbatch.state.results import ResultEntry
+from imgbatch.state.store import Record
+from imgbatch.state.store.claims import Claim, ClaimInfo
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -164,8 +169,11 @@ class Executor:
         frozen: bool = False,
         bounds: Sequence[Bound] = (),
         thumbnail: Callable[[str, Image.Image], object] | None = None,
+        shared: SharedRun | None = None,
     ) -> None:
         self.provider = provider
+        # A shared store (`--store`): claim before paying, publish what is made (sharing.py).
+        self.shared = shared
         # Given each new image once it is decoded to verify it (by key): the contact sheet's
         # thumbnail comes from that one decode.
         self.thumbnail = thumbnail
@@ -339,6 +347,10 @@ class Executor:
 
     async def run(self, plan: Plan) -> RunOutcome:
         work = [item for item in plan.shots if item.action in WORK_ACTIONS]
+        if self.shared is not None:
+            # Processes sharing a store each take the shots in an order of their own, so that
+            # they rarely reach the same shot at once: one makes it, the others restore it.
+            random.shuffle(work)
         # Twins last: a twin waits for a shot already taken, which may come later in the list
         # (a recover is the one made wherever it stands), and a worker must never wait for a
         # shot it has yet to take itself.
@@ -415,6 +427,10 @@ class Executor:
             # A download abandoned that paid for nothing new (offline, or the image an earlier
             # run paid for, whose URL stays in its unfetched entry).
             self._skip(item.id, "not run: abandoned in flight when interrupted")
+        finally:
+            if self.shared is not None:
+                entry = self.outcome.entries.get(item.id)
+                await asyncio.shield(self.shared.finished(shot.request.key, entry))
 
     def record(self, entry: ResultEntry) -> None:
         """Journal `entry`: lines are appended (each fsynced) in order by one worker thread,
@@ -520,6 +536,11 @@ class Executor:
         except StoreWriteError as exc:
             self._write_failed(shot, exc, 0, kept="its image stays in the cache for the next apply")
             return
+        shared = self.shared.entry_for(shot, digest, size) if self.shared else None
+        if shared is not None and not (previous is not None and previous.key == key):
+            # Made by another process sharing the store: its maker's provenance, as this shot.
+            self._finish(with_reference_url(shared, shot))
+            return
         if previous is not None and previous.key == key and previous.has_image:
             # Same request as before: keep its provenance (URL, request id) from the results.
             self._finish(
@@ -548,6 +569,7 @@ class Executor:
         sent = shot.request  # the simplified request, after a 200 without an image
         imageless: list[str] = []  # request ids of the answers without an image
         model = shot.request.model
+        claimed = self.shared is None  # a shared store's claim: taken when the turn comes
         while True:
             if self.stop_requested.is_set() or self._refused(sent):
                 self._skip(shot.id, self._not_run(phase.get(shot.id), lost), maybe_billed=lost > 0)
@@ -562,6 +584,12 @@ class Executor:
                 if gate:
                     gate.release(ticket)
                 continue
+            if not claimed:
+                turn, claimed = await self._claim_turn(output_dir, shot, gate, ticket), True
+                if turn == "done":
+                    return
+                if turn == "again":
+                    continue
             attempt += 1
             self.outcome.requests += 1
             self._sending[model] += 1
@@ -658,20 +686,105 @@ class Executor:
                 return
             if gate:
                 gate.answered(ticket, image.stated_quota)
-            self._answered[model] += 1
-            if self.provider.metered:
-                self._billed(shot.id, model)
-                # Journaled (queued first; a kill before the line is on disk loses it, download
-                # begun or not) so that a run killed while downloading leaves the URL paid for.
-                downloading = unfetched_entry(
-                    shot, "generated; its download had not finished", image, attempt, sent=sent
-                )
-                self.record(downloading)
-                self.outcome.downloading[shot.id] = downloading
+            await self._answer_kept(shot, image, attempt, sent)
             phase[shot.id] = Phase.DOWNLOADING
             await self._keep(output_dir, shot, image, attempt, sent)
             self.outcome.downloading.pop(shot.id, None)
             return
+
+    async def _answer_kept(
+        self, shot: Shot, image: GeneratedImage, attempt: int, sent: ImageRequest
+    ) -> None:
+        """The service made `shot`'s image: count it, and keep its URL before the download
+        (journaled, and in the shared store's claim), so that a run killed while downloading
+        leaves the paid image for the next apply, or another process, to fetch instead of
+        paying again."""
+        self._answered[shot.request.model] += 1
+        if not self.provider.metered:
+            return
+        self._billed(shot.id, shot.request.model)
+        # Journaled (queued first; a kill before the line is on disk loses it, download begun
+        # or not) so that a run killed while downloading leaves the URL paid for.
+        downloading = unfetched_entry(
+            shot, "generated; its download had not finished", image, attempt, sent=sent
+        )
+        self.record(downloading)
+        self.outcome.downloading[shot.id] = downloading
+        if self.shared is not None:
+            await self.shared.answered(shot.request.key, image.image_url, image.request_id)
+
+    async def _claim_turn(self, output_dir: Path, shot: Shot, gate: Any, ticket: int) -> str:
+        """With a shared store, as `shot`'s turn to be sent has come: "send" (this process
+        holds the key's claim), "done" (settled without paying: another process made it, or
+        paid for it before it died), or "again" (claimed after waiting on another process, or
+        the paid image's URL failed: wait for a turn again, then pay). A turn not used is given
+        back at once, to another shot."""
+        found = await self._try_claim(shot)
+        if isinstance(found, Claim):
+            return "send"
+        if gate:
+            gate.release(ticket)
+        if found is None or await self._settle(output_dir, shot, found):
+            return "done"
+        return "again"
+
+    async def _try_claim(self, shot: Shot) -> Claim | Record | Inherited | ClaimInfo | None:
+        """Claim `shot`'s key in the shared store as its turn to be sent has come (see
+        `SharedRun.try_claim`); None when the store failed (the run stops)."""
+        assert self.shared is not None
+        try:
+            return await self.shared.try_claim(shot)
+        except SharedStoreError as exc:
+            self.stop(f"the shared store failed: {exc}")
+            self._skip(shot.id, f"not run: {exc}")
+            return None
+
+    async def _settle(
+        self, output_dir: Path, shot: Shot, found: Record | Inherited | ClaimInfo | Claim
+    ) -> bool:
+        """True when `shot` was settled without paying: another process made it (restored), or
+        paid for it before it died (fetched from the URL its claim kept). False: this process
+        holds the claim now and pays (after waiting on another process's claim, when the
+        store's image proved damaged, or when the paid image's URL no longer works)."""
+        assert self.shared is not None
+        try:
+            while not isinstance(found, Claim):
+                if isinstance(found, Record):
+                    restored = await self.shared.fetch(shot, found)
+                    if restored is not None:
+                        return await self._place_shared(output_dir, shot, restored)
+                    found = await self.shared.try_claim(shot, look=False)
+                elif isinstance(found, ClaimInfo):
+                    self.outcome.in_flight[shot.id] = Phase.WAITING
+                    found = await self._unless(False, self.shared.settle(shot))
+                else:
+                    image = GeneratedImage(found.image_url, 0, 0, None, found.request_id)
+                    billed = unfetched_entry(shot, "paid by a process that stopped", image, 0)
+                    return await self._fetch_billed(output_dir, shot, billed) is None
+        except SharedStoreError as exc:
+            self.stop(f"the shared store failed: {exc}")
+            self._skip(shot.id, f"not run: {exc}")
+            return True
+        return False
+
+    async def _place_shared(self, output_dir: Path, shot: Shot, found: Restored) -> bool:
+        """Put the image another process made (checked) in the cache and at the shot's file."""
+        assert self.shared is not None
+        key = shot.request.key
+        try:
+            await asyncio.to_thread(self.cache.put, key, found.data)
+            await self._move_aside(output_dir, shot)
+            await asyncio.to_thread(self.cache.place, key, output_dir / shot.file, found.data)
+        except StoreWriteError as exc:
+            self._write_failed(shot, exc, 0, kept="its image stays in the shared store")
+            return True
+        entry = self.shared.entry_for(shot, found.record.sha256, found.record.size)
+        if entry is None:
+            width, height = shot.request.dimensions
+            digest, size = found.record.sha256, found.record.size
+            entry = shot_entry(shot, "cached", None, width, height, digest, size, attempts=0)
+        self._finish(with_reference_url(entry, shot))
+        return True
 
     def _refused_key(self, shot_id: str, error: AuthError, lost: int) -> None:
         """Stop the run: the key is refused. That is the run's stop reason, not this shot's
@@ -871,6 +984,9 @@ class Executor:
             attempts=attempts,
             sent=sent,
         )
+        if self.shared is not None:
+            data = await asyncio.to_thread(incoming.read)  # the bytes as the cache keeps them
+            entry = await asyncio.shield(self.shared.made(shot, data, entry))
         self._finish(entry)
 
     async def _move_aside(self, output_dir: Path, shot: Shot) -> None:

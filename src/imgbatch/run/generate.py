@@ -63,8 +63,12 @@ def generate(
     home: Path | None = None,
     allow_reference_outside: bool = False,
     on_phase: PhaseListener | None = None,
+    store: str | None = None,
+    store_read_only: bool = False,
 ) -> dict[str, Any]:
     """Make (or take from the cache) the image for one normalized request; see the module doc.
+
+    `store` (else `IMGBATCH_STORE`): a shared store, as for `apply --store`.
 
     `provider` is a name (`"dashscope"`, `"placeholder"`, `"auto"`) or a provider object.
     `on_phase` hears what the request waits for as it changes (`run.executor.Phase`: its turn,
@@ -82,6 +86,8 @@ def generate(
             home=home,
             allow_reference_outside=allow_reference_outside,
             on_phase=on_phase,
+            store=store,
+            store_read_only=store_read_only,
         )
     )
 
@@ -95,6 +101,8 @@ async def agenerate(
     home: Path | None = None,
     allow_reference_outside: bool = False,
     on_phase: PhaseListener | None = None,
+    store: str | None = None,
+    store_read_only: bool = False,
 ) -> dict[str, Any]:
     """`generate` for callers already inside an event loop."""
     session = GenerateSession(
@@ -103,6 +111,8 @@ async def agenerate(
         home=home,
         allow_reference_outside=allow_reference_outside,
         on_phase=on_phase,
+        store=store,
+        store_read_only=store_read_only,
     )
     async with session:
         return await session.generate(request, output=output)
@@ -134,9 +144,14 @@ class GenerateSession:
         home: Path | None = None,
         allow_reference_outside: bool = False,
         on_phase: PhaseListener | None = None,
+        store: str | None = None,
+        store_read_only: bool = False,
     ) -> None:
         self._on_phase = on_phase
         self._choice = provider
+        # A shared store (`store`, else IMGBATCH_STORE): opened on first use, one per session.
+        self._store = (store, store_read_only)
+        self._shared: Any = None
         self._environ = os.environ if environ is None else environ
         self._home = home
         self._allow_outside = allow_reference_outside
@@ -209,13 +224,16 @@ class GenerateSession:
         key = shot.request.key
         width, height = shot.request.dimensions
         cache = OutputFolder(state_folder).cache
+        sharing = await self._sharing(cache)
+        if sharing is not None and not cache.has(key):
+            await sharing.hydrate([shot])  # made by anyone sharing the store: restored
         if cache.has(key) and await _restored(cache, key, target, (width, height)):
             return _response(None, width, height, shot.request.seed, target, None, cached=True)
         provider, pacer = await self._provider(name)
         placed = Shot(shot.id, shot.request, str(target))
         planned = PlannedShot(shot.id, Action.CREATE, "new request", placed, None)
         plan = Plan(state_folder, (planned,), (), name)
-        executor = Executor(provider, cache, lambda entry: None, pacer=pacer)
+        executor = Executor(provider, cache, lambda entry: None, pacer=pacer, shared=sharing)
         on_phase = self._on_phase
         watch = (
             asyncio.ensure_future(_watch(executor.outcome.in_flight, shot.id, on_phase))
@@ -239,6 +257,23 @@ class GenerateSession:
         return _response(
             entry.image_url, width, height, seed, target, entry.request_id, cached=False
         )
+
+    async def _sharing(self, cache: ImageCache) -> Any:
+        """The shared store's view over the output folder's `cache` (None without a store)."""
+        from imgbatch.run.sharing import SharedRun
+        from imgbatch.state.store import choose_store, open_shared, read_only_from
+
+        flag, read_only = self._store
+        chosen = choose_store(flag, self._environ, None)
+        if chosen is None:
+            return None
+        if self._shared is None:
+            self._shared = await self._stack.enter_async_context(
+                open_shared(
+                    chosen[0], self._environ, read_only=read_only_from(read_only, self._environ)
+                )
+            )
+        return SharedRun(self._shared, cache)
 
     async def _provider(self, name: str) -> tuple[Any, Any]:
         """The open provider called `name` and its pacer, made on first use."""

@@ -13,7 +13,7 @@ shot (a typo must not silently act on nothing):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from fnmatch import fnmatchcase
 
 from imgbatch.errors import ConfigError
@@ -40,3 +40,16 @@ def select_shots(shots: tuple[Shot, ...], patterns: Iterable[str]) -> tuple[Shot
             f"shot{'s' if len(shots) != 1 else ''}; `imgbatch expand` lists them)"
         )
     return tuple(chosen)
+
+
+def in_shard(shots: Sequence[Shot], shard: tuple[int, int]) -> tuple[Shot, ...]:
+    """The shots whose request key falls in shard K of N (`shard` = (K, N), K from 1): stable
+    under renames and reordering, and twins (one request) always in the same shard.
+
+    >>> from types import SimpleNamespace as S
+    >>> shots = [S(request=S(key=f"{n:02x}" + "0" * 62)) for n in range(6)]
+    >>> [len(in_shard(shots, (k, 3))) for k in (1, 2, 3)]
+    [2, 2, 2]
+    """
+    index, count = shard
+    return tuple(shot for shot in shots if int(shot.request.key[:16], 16) % count == index - 1)

@@ -1,0 +1,102 @@
+"""Shared stores: one cache of images for every process, machine, job and account using it.
+
+Takes a store's URL (`--store`, else `IMGBATCH_STORE`, else the manifest's `output.store`) and
+the environment; gives an open `SharedCache` (`layout.py`: blobs and records) with its claims
+(`claims.py`). URL forms: `s3://BUCKET/PREFIX` (any S3-compatible service), `oss://BUCKET/PREFIX`
+(Alibaba Cloud OSS) and a local folder (a path, or `file://`). The S3 client library is imported
+only here, when a store is opened: a run without a store never loads it.
+
+    >>> location("s3://team-images/storyboards", Path("."))
+    ('s3', 'team-images', 'storyboards')
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from imgbatch.errors import ConfigError
+from imgbatch.state.store.claims import lease_from
+from imgbatch.state.store.layout import Record, SharedCache
+from imgbatch.state.store.local import FolderStore
+from imgbatch.state.store.objects import ObjectStore
+
+__all__ = ["Record", "SharedCache", "choose_store", "location", "open_shared", "read_only_from"]
+
+STORE_VARIABLE = "IMGBATCH_STORE"
+READ_ONLY_VARIABLE = "IMGBATCH_STORE_READ_ONLY"
+BUCKET_SCHEMES = ("s3", "oss")
+
+
+def choose_store(
+    flag: str | None, environ: Mapping[str, str], manifest: str | None
+) -> tuple[str, str] | None:
+    """The store to use and where it was named (flag, environment, manifest), first wins."""
+    for value, origin in (
+        (flag, "--store"),
+        (environ.get(STORE_VARIABLE), STORE_VARIABLE),
+        (manifest, "output.store"),
+    ):
+        if value:
+            return value, origin
+    return None
+
+
+def read_only_from(flag: bool, environ: Mapping[str, str]) -> bool:
+    """`--store-read-only`, or `IMGBATCH_STORE_READ_ONLY=1` (true, yes)."""
+    return flag or environ.get(READ_ONLY_VARIABLE, "").strip().lower() in ("1", "true", "yes")
+
+
+def location(url: str, base: Path) -> tuple[str, str, str] | Path:
+    """(scheme, bucket, prefix) for a bucket URL; the folder for a path or `file://` URL
+    (relative to `base`). `ConfigError` for anything else."""
+    parts = urlsplit(url)
+    if parts.scheme in BUCKET_SCHEMES:
+        if not parts.netloc or parts.query or parts.fragment or "@" in parts.netloc:
+            raise ConfigError(
+                f"store {url!r}: write {parts.scheme}://BUCKET/PREFIX (no credentials, query or "
+                "fragment: those come from the environment)"
+            )
+        return parts.scheme, parts.netloc, parts.path.strip("/")
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise ConfigError(f"store {url!r}: a file:// URL names a folder on this machine")
+        return Path(unquote(parts.path))
+    if parts.scheme and len(parts.scheme) > 1:  # a Windows drive letter is a path
+        raise ConfigError(
+            f"store {url!r}: use s3://BUCKET/PREFIX, oss://BUCKET/PREFIX, or a folder"
+        )
+    return base / Path(url).expanduser()
+
+
+def _objects(url: str, base: Path, environ: Mapping[str, str]) -> ObjectStore:
+    where = location(url, base)
+    if isinstance(where, Path):
+        return FolderStore(where)
+    try:
+        from imgbatch.state.store.s3 import BucketStore  # the client library: only now
+    except ImportError:
+        raise ConfigError(
+            f"store {url!r} needs the S3 client: pip install 'imgbatch[s3]' (aiobotocore)"
+        ) from None
+
+    return BucketStore(*where, environ)
+
+
+@contextlib.asynccontextmanager
+async def open_shared(
+    url: str, environ: Mapping[str, str], *, read_only: bool = False, base: Path = Path(".")
+) -> AsyncIterator[SharedCache]:
+    """The shared cache at `url`, open for the duration (its client made in this event loop)."""
+    objects = _objects(url, base, environ)
+    opener = getattr(objects, "open", None)
+    if opener is not None:
+        await opener()
+    cache = SharedCache(objects, read_only=read_only, lease=lease_from(environ))
+    try:
+        yield cache
+    finally:
+        await cache.claims.close()
+        await objects.close()
