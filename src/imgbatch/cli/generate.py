@@ -14,7 +14,6 @@ from imgbatch.cli.common import (
     EXIT_OK,
     _verbosity,
     error_boundary,
-    store_option,
     store_read_only_option,
 )
 from imgbatch.errors import ConfigError, ImgbatchError
@@ -73,7 +72,14 @@ def generate_options(function: Callable[..., Any]) -> Callable[..., Any]:
     help='As --print-response, and on a failure print {"error": {...}} on stdout instead.',
 )
 @generate_options
-@store_option
+@click.option(
+    "--store",
+    metavar="URL",
+    default=None,
+    help="A shared store of images for every machine, job and account: s3://BUCKET/PREFIX, "
+    "oss://BUCKET/PREFIX or a folder (default: IMGBATCH_STORE). A request anyone sharing it "
+    "made is restored from it, not paid again.",
+)
 @store_read_only_option
 @error_boundary
 def generate_command(
