@@ -96,8 +96,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shots", type=int, default=1000)
     parser.add_argument("--store", choices=("seaweed", "folder"), default="seaweed")
+    parser.add_argument("--quick", action="store_true", help="16 shots (CI runs this)")
     args = parser.parse_args()
-    shots = args.shots
+    shots = 16 if args.quick else args.shots
     rows = []
     with contextlib.ExitStack() as stack:
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="imgbatch-store-")))

@@ -47,6 +47,17 @@ def generate_options(function: Callable[..., Any]) -> Callable[..., Any]:
     )(function)
 
 
+# Worded for one request (generate --help speaks of no manifest).
+_store_option = click.option(
+    "--store",
+    metavar="URL",
+    default=None,
+    help="A shared store of images for every machine, job and account: s3://BUCKET/PREFIX, "
+    "oss://BUCKET/PREFIX or a folder (default: IMGBATCH_STORE). A request anyone sharing it "
+    "made is restored from it, not paid again.",
+)
+
+
 @click.command("generate")
 @click.option(
     "--request",
@@ -72,14 +83,7 @@ def generate_options(function: Callable[..., Any]) -> Callable[..., Any]:
     help='As --print-response, and on a failure print {"error": {...}} on stdout instead.',
 )
 @generate_options
-@click.option(
-    "--store",
-    metavar="URL",
-    default=None,
-    help="A shared store of images for every machine, job and account: s3://BUCKET/PREFIX, "
-    "oss://BUCKET/PREFIX or a folder (default: IMGBATCH_STORE). A request anyone sharing it "
-    "made is restored from it, not paid again.",
-)
+@_store_option
 @store_read_only_option
 @error_boundary
 def generate_command(
