@@ -23,8 +23,27 @@ if TYPE_CHECKING:
     pass
 
 
+# Worded for one request (generate --help speaks of no manifest).
+_store_option = click.option(
+    "--store",
+    metavar="URL",
+    default=None,
+    help="A shared store of images for every machine, job and account: s3://BUCKET/PREFIX, "
+    "oss://BUCKET/PREFIX or a folder (default: IMGBATCH_STORE). A request anyone sharing it "
+    "made is restored from it, not paid again.",
+)
+
+
 def generate_options(function: Callable[..., Any]) -> Callable[..., Any]:
-    """`generate`'s --provider, --allow-reference-outside and -q, worded for one request."""
+    """`generate`'s --json, --provider, --allow-reference-outside, --store, --store-read-only
+    and -q, worded for one request."""
+    function = store_read_only_option(_store_option(function))
+    function = click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        help='As --print-response, and on a failure print {"error": {...}} on stdout instead.',
+    )(function)
     function = click.option(
         "-q",
         "--quiet",
@@ -47,17 +66,6 @@ def generate_options(function: Callable[..., Any]) -> Callable[..., Any]:
     )(function)
 
 
-# Worded for one request (generate --help speaks of no manifest).
-_store_option = click.option(
-    "--store",
-    metavar="URL",
-    default=None,
-    help="A shared store of images for every machine, job and account: s3://BUCKET/PREFIX, "
-    "oss://BUCKET/PREFIX or a folder (default: IMGBATCH_STORE). A request anyone sharing it "
-    "made is restored from it, not paid again.",
-)
-
-
 @click.command("generate")
 @click.option(
     "--request",
@@ -76,15 +84,7 @@ _store_option = click.option(
     is_flag=True,
     help="Print the normalized response as one JSON object on stdout.",
 )
-@click.option(
-    "--json",
-    "as_json",
-    is_flag=True,
-    help='As --print-response, and on a failure print {"error": {...}} on stdout instead.',
-)
 @generate_options
-@_store_option
-@store_read_only_option
 @error_boundary
 def generate_command(
     request_text: str,
