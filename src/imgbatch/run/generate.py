@@ -148,7 +148,9 @@ class GenerateSession:
         store_read_only: bool = False,
     ) -> None:
         self._on_phase = on_phase
-        self._choice = provider
+        # A provider object given is used as it is; a name (or None) is resolved per request.
+        self._given = provider if not isinstance(provider, str | None) else None
+        self._choice = provider if self._given is None else None
         # A shared store (`store`, else IMGBATCH_STORE): opened on first use, one per session.
         self._store = (store, store_read_only)
         self._shared: Any = None
@@ -196,7 +198,7 @@ class GenerateSession:
         if not isinstance(request, Mapping):
             raise ConfigError("the request must be a JSON object of image.generate fields")
         manifest = _as_manifest(request, self._allow_outside)
-        chosen = self._choice if not isinstance(self._choice, str | None) else None
+        chosen = self._given
         name = (
             chosen.name
             if chosen is not None
@@ -281,8 +283,7 @@ class GenerateSession:
         from imgbatch.providers import create_provider
 
         if name not in self._providers:
-            chosen = self._choice if not isinstance(self._choice, str | None) else None
-            provider = chosen or create_provider(name, self._environ, self._home)
+            provider = self._given or create_provider(name, self._environ, self._home)
             await self._stack.enter_async_context(provider)
             self._providers[name] = (provider, Pacer(unlimited=not provider.metered))
         return self._providers[name]
