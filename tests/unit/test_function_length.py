@@ -14,7 +14,6 @@ LIMIT = 60
 # Still to be split, with their lengths when the check came in: a ceiling, never a target.
 LONGER = {
     ("imgbatch/cli/plan_apply.py", "apply_command"): 185,
-    ("imgbatch/run/executor.py", "_generate"): 137,
     ("imgbatch/cli/plan_apply.py", "plan"): 70,
 }
 
