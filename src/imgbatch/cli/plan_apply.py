@@ -31,6 +31,7 @@ from imgbatch.cli.common import (
     overwrite_edited_option,
     provider_option,
     shard_option,
+    no_local_copy_option,
     store_option,
     store_read_only_option,
     verbosity_options,
@@ -80,6 +81,7 @@ class _UsageErrorExit1(click.UsageError):
 @only_option
 @force_option
 @store_option
+@no_local_copy_option
 @verbosity_options
 @error_boundary
 def plan(
@@ -92,6 +94,7 @@ def plan(
     only: tuple[str, ...],
     force: bool,
     store: str | None,
+    no_local_copy: bool,
     verbosity: str | None,
 ) -> int:
     """Show the shots apply would change, and why (-v: every shot); nothing is sent or
@@ -111,6 +114,7 @@ def plan(
             only=only,
             force=force,
             store=store,
+            no_local_copy=no_local_copy,
         )
     except ImgbatchError as exc:
         if not detailed_exitcode or exc.exit_code != EXIT_CHANGES:
@@ -254,6 +258,7 @@ def _plan_documents(result: Plan, title: str, as_json: bool) -> None:
 @force_option
 @store_option
 @store_read_only_option
+@no_local_copy_option
 @shard_option
 @verbosity_options
 @error_boundary
@@ -276,6 +281,7 @@ def apply_command(
     force: bool,
     store: str | None,
     store_read_only: bool,
+    no_local_copy: bool,
     shard: tuple[int, int] | None,
     verbosity: str | None,
 ) -> int:
@@ -335,6 +341,7 @@ def apply_command(
                 store=store,
                 store_read_only=store_read_only,
                 shard=shard,
+                no_local_copy=no_local_copy,
             ),
             listener=progress,
             on_plan=announce,

@@ -22,7 +22,7 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +95,19 @@ class SharedCache:
     def blob_url(self, sha256: str) -> str:
         """The blob's URL in the store's own scheme (results.json's `image_url`)."""
         return self.objects.object_url(f"cas/{sha256}")
+
+    async def view_links(self, sha256s: Sequence[str], seconds: int) -> tuple[dict[str, str], bool]:
+        """A URL a browser opens each blob by, by SHA-256, and whether they are signed (valid
+        for `seconds`) rather than a folder's `file://` URLs. Signing is local: no request.
+        A signed URL is a credential while it lasts: only the contact sheet holds one."""
+        urls: dict[str, str] = {}
+        signed = False
+        for sha256 in sha256s:
+            name = f"cas/{sha256}"
+            url = await self.objects.signed_url(name, seconds)
+            signed = signed or url is not None
+            urls[sha256] = url if url is not None else self.objects.object_url(name)
+        return urls, signed
 
     async def lookup(self, key: str) -> Record | None:
         """The record for `key`, None on a miss; `SharedEntryDamaged` for one that is not."""

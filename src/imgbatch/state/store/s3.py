@@ -71,6 +71,9 @@ class BucketStore:
         }
         config = AioConfig(
             s3={"addressing_style": _addressing(endpoint, self.oss)},
+            # Also for presigned URLs (the contact sheet's), which botocore would otherwise
+            # sign with the deprecated SigV2 for some endpoints.
+            signature_version="s3v4",
             retries={"mode": "standard", "max_attempts": 4},
             connect_timeout=10,
             read_timeout=60,
