@@ -15,7 +15,6 @@ LIMIT = 60
 LONGER = {
     ("imgbatch/cli/plan_apply.py", "apply_command"): 185,
     ("imgbatch/run/executor.py", "_generate"): 137,
-    ("imgbatch/cli/plan_apply.py", "plan"): 70,
 }
 
 

@@ -27,11 +27,11 @@ from imgbatch.cli.common import (
     error_boundary,
     force_option,
     manifest_argument,
+    no_local_copy_option,
     only_option,
     overwrite_edited_option,
     provider_option,
     shard_option,
-    no_local_copy_option,
     store_option,
     store_read_only_option,
     verbosity_options,
@@ -99,11 +99,7 @@ def plan(
 ) -> int:
     """Show the shots apply would change, and why (-v: every shot); nothing is sent or
     downloaded."""
-    from imgbatch.review.console import Verbosity, console_for
-    from imgbatch.review.report import estimate_line, plan_summary, plan_table
     from imgbatch.run.apply import make_plan
-
-    level = _verbosity(verbosity)
 
     try:
         result = make_plan(
@@ -122,6 +118,19 @@ def plan(
         # 2 means "changes pending" here: an invalid shot list is an error like any other.
         click.echo(f"error: {exc}", err=True)
         return EXIT_FAILED
+    _print_plan(result, verbosity, as_json)
+    _plan_documents(result, _title("plan", manifest, only), as_json)
+    if detailed_exitcode and result.has_work:
+        return EXIT_CHANGES
+    return EXIT_OK
+
+
+def _print_plan(result: Plan, verbosity: str | None, as_json: bool) -> None:
+    """The plan's table (-v: every shot), summary and estimate, for people."""
+    from imgbatch.review.console import Verbosity, console_for
+    from imgbatch.review.report import estimate_line, plan_summary, plan_table
+
+    level = _verbosity(verbosity)
     # With --json, stdout is the document alone; the human text goes to stderr.
     out = console_for(sys.stderr if as_json else sys.stdout)
     _note_missing_key(out, result)
@@ -132,10 +141,6 @@ def plan(
     estimate = estimate_line(result)
     if estimate and level is not Verbosity.QUIET:
         out.print(estimate)
-    _plan_documents(result, _title("plan", manifest, only), as_json)
-    if detailed_exitcode and result.has_work:
-        return EXIT_CHANGES
-    return EXIT_OK
 
 
 def _note_missing_key(out: Any, result: Plan) -> None:

@@ -279,15 +279,7 @@ def render_sheet(
     folder.refuse_links()  # thumbnails are written under it
     cache = folder.cache
     changes = {shot_id: change for shot_id, change in changes.items() if shot_id in entries}
-    wanted: dict[str, Path] = {}
-    for shot_id in order:
-        entry = entries.get(shot_id)
-        if entry is not None and entry.has_image:
-            wanted[entry.key] = _image_source(output_dir, cache, entry)
-        previous = _shown_previous(changes.get(shot_id), entry)
-        if previous is not None:
-            wanted[previous.key] = cache.path(previous.key)
-    thumbs = make_thumbnails(output_dir, wanted)
+    thumbs = make_thumbnails(output_dir, _thumbnail_sources(output_dir, order, entries, changes))
     cards = [
         _card(output_dir, cache, shot_id, entries, changes, thumbs, links) for shot_id in order
     ]
@@ -324,6 +316,25 @@ def render_sheet(
     check_own_sheet(path)
     atomic_write(path, page.encode("utf-8"))
     return path
+
+
+def _thumbnail_sources(
+    output_dir: Path,
+    order: Sequence[str],
+    entries: Mapping[str, ResultEntry],
+    changes: Mapping[str, Change],
+) -> dict[str, Path]:
+    """Where each image the page shows is read from for its thumbnail, by key."""
+    cache = OutputFolder(output_dir).cache
+    wanted: dict[str, Path] = {}
+    for shot_id in order:
+        entry = entries.get(shot_id)
+        if entry is not None and entry.has_image:
+            wanted[entry.key] = _image_source(output_dir, cache, entry)
+        previous = _shown_previous(changes.get(shot_id), entry)
+        if previous is not None:
+            wanted[previous.key] = cache.path(previous.key)
+    return wanted
 
 
 def check_own_sheet(path: Path) -> None:

@@ -442,23 +442,32 @@ async def _prepare(
     limit = _cost_limit(options, manifest)
     if options.frozen or limit is not None:
         # Before credentials and before the lock: a refused run writes nothing at all.
-        state = _owned_state(path, manifest, everything, force=options.force).mine
-        prices = _prices(manifest, expansion, environ)
-        early = _plan(
-            expansion,
-            state,
-            options.overwrite_edited,
-            only=only,
-            prices=prices,
-            local=options.local,
-        )
-        refuse_to_start(early, options.frozen, limit)
+        _refuse_early(path, options, manifest, everything, expansion, environ, only, limit)
     # Credentials are checked before anything is written.
     provider = provider or _provider(expansion.provider, options, environ, sharing)
     prices = _prices(manifest, expansion, environ, provider)
     return _Prepared(
         path, options, manifest, everything, expansion, limit, provider, prices, sharing, only
     )
+
+
+def _refuse_early(
+    path: ManifestSource,
+    options: ApplyOptions,
+    manifest: Manifest,
+    everything: Expansion,
+    expansion: Expansion,
+    environ: Mapping[str, str],
+    only: bool,
+    limit: CostLimit | None,
+) -> None:
+    """`FrozenError` or `CostLimitError` from a plan made before the lock, if it needs one."""
+    state = _owned_state(path, manifest, everything, force=options.force).mine
+    prices = _prices(manifest, expansion, environ)
+    early = _plan(
+        expansion, state, options.overwrite_edited, only=only, prices=prices, local=options.local
+    )
+    refuse_to_start(early, options.frozen, limit)
 
 
 def _provider(

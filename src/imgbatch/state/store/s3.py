@@ -31,7 +31,7 @@ import botocore.exceptions
 from aiobotocore.config import AioConfig
 
 from imgbatch.errors import SharedStoreError
-from imgbatch.state.store.objects import MAX_OBJECT_BYTES, Conflict, Exists, Stored
+from imgbatch.state.store.objects import MAX_OBJECT_BYTES, Conflict, Exists, Listed, Stored
 
 # Set while an OSS create is being sent: the request gets `x-oss-forbid-overwrite`.
 _CREATING: contextvars.ContextVar[bool] = contextvars.ContextVar("creating", default=False)
@@ -178,6 +178,31 @@ class BucketStore:
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
             raise self._failed("list", prefix, exc) from None
 
+    async def listing(self, prefix: str) -> list[Listed]:
+        found: list[Listed] = []
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        token: dict[str, str] = {}
+        try:
+            while True:
+                self.requests["list"] += 1
+                page = await self._client.list_objects_v2(
+                    Bucket=self.bucket, Prefix=self._key(prefix), **token
+                )
+                now = _now(page)
+                found += [
+                    Listed(
+                        item["Key"][strip:],
+                        int(item.get("Size", 0)),
+                        max(0.0, now - float(item["LastModified"].timestamp())),
+                    )
+                    for item in page.get("Contents", [])
+                ]
+                if not page.get("IsTruncated"):
+                    return sorted(found, key=lambda item: item.name)
+                token = {"ContinuationToken": page["NextContinuationToken"]}
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise self._failed("list", prefix, exc) from None
+
     async def signed_url(self, name: str, expires: int) -> str | None:
         url: str = await self._client.generate_presigned_url(
             "get_object",
@@ -220,12 +245,16 @@ def _age(answer: Mapping[str, Any]) -> float:
     modified = answer.get("LastModified")
     if modified is None:
         return 0.0
+    return max(0.0, _now(answer) - float(modified.timestamp()))
+
+
+def _now(answer: Mapping[str, Any]) -> float:
+    """The store's time when it answered (its Date header), else this machine's."""
     headers = answer.get("ResponseMetadata", {}).get("HTTPHeaders", {})
     try:
-        now = parsedate_to_datetime(headers["date"]).timestamp()
+        return parsedate_to_datetime(headers["date"]).timestamp()
     except (KeyError, TypeError, ValueError):
-        now = time.time()
-    return max(0.0, now - float(modified.timestamp()))
+        return time.time()
 
 
 def _addressing(endpoint: str | None, oss: bool) -> str:
