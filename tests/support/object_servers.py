@@ -163,6 +163,11 @@ def _wait_for_bucket(endpoint: str, seconds: float) -> None:
             time.sleep(0.2)
 
 
+def _iso(when: float) -> str:
+    """A listing's LastModified, as S3 and OSS write it."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(when))
+
+
 class FakeOss:
     """See the module docstring; use as a context manager, `endpoint` while running."""
 
@@ -252,7 +257,7 @@ class FakeOss:
                 names = sorted(name for name in fake.objects if name.startswith(prefix))
                 items = "".join(
                     f"<Contents><Key>{escape(name)}</Key><Size>{len(fake.objects[name][0])}"
-                    "</Size></Contents>"
+                    f"</Size><LastModified>{_iso(fake.objects[name][1])}</LastModified></Contents>"
                     for name in names
                 )
                 body = (

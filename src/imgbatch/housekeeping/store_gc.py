@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imgbatch.errors import ConfigError
+from imgbatch.manifest.loader import ManifestSource, read_manifest
 from imgbatch.providers.image_url import url_expired_at
 from imgbatch.state.store import choose_store, open_shared, read_only_from
 from imgbatch.state.store.claims import Claim, ClaimInfo, Claims, lease_from
@@ -97,12 +98,17 @@ class StoreCollection:
 
 
 def store_for_gc(
-    flag: str | None, environ: Mapping[str, str], manifests: Iterable[tuple[str | None, Path]]
+    flag: str | None,
+    environ: Mapping[str, str],
+    manifests: Iterable[ManifestSource],
+    *,
+    allow_reference_outside: bool = False,
 ) -> tuple[str, Path] | None:
     """The store to collect and the folder a relative one is in: `flag`, else IMGBATCH_STORE,
-    else the manifests' `output.store` (`(store, base_dir)` each); None when none is named.
-    `ConfigError` when the manifests name different stores and nothing else chooses."""
-    named = {(store, base) for store, base in manifests if store}
+    else the manifests' `output.store`; None when none is named. `ConfigError` when the
+    manifests name different stores and nothing else chooses."""
+    loaded = [read_manifest(m, allow_reference_outside=allow_reference_outside) for m in manifests]
+    named = {(m.store, m.base_dir) for m in loaded if m.store}
     stores = {str((base / store) if "://" not in store else store) for store, base in named}
     if len(stores) > 1 and choose_store(flag, environ, None) is None:
         raise ConfigError(

@@ -190,11 +190,7 @@ class BucketStore:
                 )
                 now = _now(page)
                 found += [
-                    Listed(
-                        item["Key"][strip:],
-                        int(item.get("Size", 0)),
-                        max(0.0, now - float(item["LastModified"].timestamp())),
-                    )
+                    Listed(item["Key"][strip:], int(item.get("Size", 0)), _listed_age(item, now))
                     for item in page.get("Contents", [])
                 ]
                 if not page.get("IsTruncated"):
@@ -246,6 +242,13 @@ def _age(answer: Mapping[str, Any]) -> float:
     if modified is None:
         return 0.0
     return max(0.0, _now(answer) - float(modified.timestamp()))
+
+
+def _listed_age(item: Mapping[str, Any], now: float) -> float:
+    """A listed object's age; 0 (as young as can be: nothing is collected for it) when the
+    listing does not say when it was written."""
+    modified = item.get("LastModified")
+    return max(0.0, now - float(modified.timestamp())) if modified is not None else 0.0
 
 
 def _now(answer: Mapping[str, Any]) -> float:
