@@ -198,3 +198,27 @@ def test_no_local_copy_without_a_store_is_a_usage_error(
         )
     assert fake_server.requests == []
     assert not (tmp_path / "output").exists()
+
+
+def test_images_already_in_the_folder_move_to_the_store(
+    tmp_path: Path, store_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    manifest = write_many_shots(tmp_path, "nolocal", SHOTS)
+    output = tmp_path / "output" / "nolocal"
+    local_only = {key: value for key, value in store_env.items() if key != "IMGBATCH_STORE"}
+    apply_json(local_only, manifest)  # made before the team had a store: in the folder only
+    assert len(pngs(output)) == SHOTS * 2  # each image and its cache entry
+    _, document = apply_json(store_env, manifest, "--no-local-copy")
+    assert fake_server.successes == SHOTS  # nothing made again
+    assert document["store"]["published"] == SHOTS
+    assert pngs(output) == []
+    for entry in entries(output).values():
+        assert entry["local_copy"] is False
+        assert entry["image_url"] == f"{store_env['IMGBATCH_STORE']}/cas/{entry['sha256']}"
+    for card in read_data(output):
+        with urllib.request.urlopen(card["file"], timeout=10) as answer:
+            image = answer.read()
+        assert hashlib.sha256(image).hexdigest() == entries(output)[card["id"]]["sha256"]
+    # The next one asks the store nothing: results.json says where every image is.
+    _, again = apply_json(store_env, manifest, "--no-local-copy")
+    assert again["store"]["requests"] == {}

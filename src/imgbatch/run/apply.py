@@ -54,8 +54,9 @@ from imgbatch.run.sharing import SharedRun, Unsent, open_sharing, planned_with_s
 from imgbatch.run.store_only import (
     drop_local_copies,
     kept_in_store,
-    newly_stored,
+    moved_to_store,
     require_store,
+    stored_only,
 )
 from imgbatch.shots.expand import Expansion, expand, fetch_references, shot_list
 from imgbatch.shots.request import KEY_FORMAT_VERSION
@@ -631,6 +632,8 @@ async def _settle_run(
     output_dir = prep.expansion.output_dir
     shots = _settle(plan, outcome, prep.provider.metered)
     shots = kept_in_store(shots, prep.sharing, prep.options.no_local_copy)
+    if prep.options.no_local_copy:
+        shots = await moved_to_store(prep.sharing, output_dir, shots)
     entries = tuple(shot.entry for shot in shots if shot.entry is not None)
     orphans = [item.previous for item in plan.orphans if item.previous is not None]
     pruned: tuple[Pruned, ...] = ()
@@ -668,7 +671,7 @@ async def _settle_run(
     sheet, sheet_problem = update_sheet(
         output_dir, prep.manifest.name, sheet_plan, written, prep.manifest, links
     )
-    drop_local_copies(output_dir, newly_stored(shots))
+    drop_local_copies(output_dir, stored_only(shots))
     return _Settled(shots, pruned, results, sheet, sheet_problem, picked)
 
 

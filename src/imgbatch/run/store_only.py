@@ -15,18 +15,20 @@ the state, a log or `--json`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from imgbatch.errors import ConfigError
+from imgbatch.errors import ConfigError, SharedEntryDamaged, SharedStoreError
 from imgbatch.manifest import Manifest
 from imgbatch.review.outcome import ShotOutcome
-from imgbatch.run.sharing import SharedRun
+from imgbatch.run.sharing import LOOKUPS_IN_FLIGHT, SharedRun
 from imgbatch.state.folder import OutputFolder
 from imgbatch.state.results import ResultEntry
-from imgbatch.state.store import choose_store
+from imgbatch.state.store import Record, choose_store
 
 _LEFT_ALONE = frozenset({"unchanged", "drift", "not_run"})
 
@@ -60,20 +62,68 @@ def kept_in_store(
     return tuple(marked)
 
 
-def newly_stored(shots: Iterable[ShotOutcome]) -> list[ResultEntry]:
-    """The entries of `shots` (marked by `kept_in_store`) whose local copies this run drops."""
+async def moved_to_store(
+    sharing: SharedRun | None, output_dir: Path, shots: Sequence[ShotOutcome]
+) -> tuple[ShotOutcome, ...]:
+    """`shots` with each unchanged image still in the folder marked as kept in the store
+    only, once the store holds it: its record looked up (one request; none for a shot already
+    in the store only) and, where the store has none, the image published (unless read-only),
+    after checking the file is the one recorded. An image the store holds another image for
+    (under the same key) stays in the folder."""
+    limit = asyncio.Semaphore(LOOKUPS_IN_FLIGHT)
+
+    async def one(shot: ShotOutcome) -> ShotOutcome:
+        entry = shot.entry
+        if sharing is None or entry is None or shot.status != "unchanged":
+            return shot
+        if not entry.has_image or entry.local_copy is False or not entry.file:
+            return shot
+        async with limit:
+            record = await _stored(sharing, output_dir, entry)
+        if record is None or record.sha256 != entry.sha256:
+            return shot
+        blob = sharing.shared.blob_url(record.sha256)
+        return replace(shot, entry=replace(entry, local_copy=False, image_url=blob))
+
+    return tuple(await asyncio.gather(*map(one, shots)))
+
+
+async def _stored(sharing: SharedRun, output_dir: Path, entry: ResultEntry) -> Record | None:
+    """The store's record of `entry`'s key, publishing the file first where it has none."""
+    try:
+        record = await sharing.shared.lookup(entry.key)
+    except SharedEntryDamaged:
+        return None
+    if record is not None or sharing.shared.read_only or entry.file is None:
+        return record
+    try:
+        data = await asyncio.to_thread((output_dir / entry.file).read_bytes)
+    except OSError:
+        return None
+    if len(data) != entry.bytes or hashlib.sha256(data).hexdigest() != entry.sha256:
+        return None  # not the image recorded (edited since): it stays where it is
+    published = replace(entry, image_url=sharing.shared.blob_url(entry.sha256 or ""))
+    try:
+        record = await sharing.shared.publish(entry.key, data, published.to_json())
+    except SharedStoreError:
+        return None
+    sharing.records[entry.key] = record
+    sharing.published += 1
+    return record
+
+
+def stored_only(shots: Iterable[ShotOutcome]) -> list[ResultEntry]:
+    """The entries of `shots` kept in the store only: their local copies, if any, go."""
     return [
         shot.entry
         for shot in shots
-        if shot.status not in _LEFT_ALONE
-        and shot.entry is not None
-        and shot.entry.local_copy is False
+        if shot.entry is not None and shot.entry.has_image and shot.entry.local_copy is False
     ]
 
 
 def drop_local_copies(output_dir: Path, entries: Iterable[ResultEntry]) -> None:
-    """Remove each entry's file (the size this run wrote, else it is not the one: kept) and its
-    cache entry. Called after results.json and the sheet are written: a run killed before this
+    """Remove each entry's file (if it has the size recorded, else it is not the one: kept) and
+    its cache entry. Called after results.json and the sheet are written: a run killed before this
     leaves the files, which the next plan finds unchanged."""
     cache = OutputFolder(output_dir).cache
     for entry in entries:
