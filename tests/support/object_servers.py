@@ -253,6 +253,15 @@ class FakeOss:
                     },
                 )
 
+            def do_HEAD(self) -> None:
+                key, _ = self._key()
+                with fake._lock:
+                    fake.log.append(("HEAD", key))
+                    found = fake.objects.get(key)
+                if found is None:
+                    return self._send(404)
+                self._send(200, found[0], {"ETag": f'"{hashlib.md5(found[0]).hexdigest()}"'})
+
             def _list(self, prefix: str) -> None:
                 names = sorted(name for name in fake.objects if name.startswith(prefix))
                 items = "".join(

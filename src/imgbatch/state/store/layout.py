@@ -18,6 +18,7 @@ stale entity tag. A read-only cache never writes at all (an untrusted job could 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import re
@@ -155,14 +156,22 @@ class SharedCache:
         if self.read_only:
             return record
         await self.probe()
+        blob = f"cas/{digest}"
         try:
-            await self.objects.create(f"cas/{digest}", data)
+            await self.objects.create(blob, data)
+            found = False
         except Exists:
-            pass  # the same bytes (named by them), or damage a restore finds and says
+            found = True  # the same bytes (named by them), or damage a restore finds and says
         try:
             await self.objects.create(f"ac/{key}", record.to_bytes())
         except Exists:
             pass
+        if found and not await self.objects.exists(blob):
+            # A blob found already there may be an orphan `gc --store` deleted since: put it
+            # back, so the record just written never names a missing blob. (gc, for its part,
+            # removes the records written while it ran that name a blob it deleted.)
+            with contextlib.suppress(Exists):
+                await self.objects.create(blob, data)
         return record
 
     async def probe(self) -> None:

@@ -93,6 +93,10 @@ class FolderStore:
             atomic_write(path, data)
         return hashlib.sha256(data).hexdigest()
 
+    async def exists(self, name: str) -> bool:
+        self.requests["head"] += 1
+        return await asyncio.to_thread(os.path.lexists, self._path(name))
+
     async def delete(self, name: str) -> None:
         self.requests["delete"] += 1
         await asyncio.to_thread(self._delete, name)

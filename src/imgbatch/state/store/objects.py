@@ -71,6 +71,10 @@ class ObjectStore(Protocol):
         False); give the new entity tag; `Conflict` if it changed or is gone."""
         ...
 
+    async def exists(self, name: str) -> bool:
+        """Whether there is an object by that name (a HEAD: its bytes are not read)."""
+        ...
+
     async def delete(self, name: str) -> None:
         """Remove the object (nothing when there is none)."""
         ...

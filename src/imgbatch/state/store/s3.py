@@ -155,6 +155,18 @@ class BucketStore:
             raise self._failed("write", name, exc) from None
         return str(answer["ETag"])
 
+    async def exists(self, name: str) -> bool:
+        self.requests["head"] += 1
+        try:
+            await self._client.head_object(Bucket=self.bucket, Key=self._key(name))
+        except botocore.exceptions.ClientError as exc:
+            if _code(exc) in ("NoSuchKey", "404", "NotFound"):
+                return False
+            raise self._failed("read", name, exc) from None
+        except (botocore.exceptions.BotoCoreError, OSError) as exc:
+            raise self._failed("read", name, exc) from None
+        return True
+
     async def delete(self, name: str) -> None:
         self.requests["delete"] += 1
         try:
