@@ -222,3 +222,19 @@ def test_images_already_in_the_folder_move_to_the_store(
     # The next one asks the store nothing: results.json says where every image is.
     _, again = apply_json(store_env, manifest, "--no-local-copy")
     assert again["store"]["requests"] == {}
+
+
+def test_an_image_restored_from_the_local_cache_goes_to_the_store_only_too(
+    tmp_path: Path, store_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    manifest = write_many_shots(tmp_path, "nolocal", SHOTS)
+    output = tmp_path / "output" / "nolocal"
+    apply_json(store_env, manifest)  # published, and kept in the folder as usual
+    for entry in entries(output).values():
+        (output / entry["file"]).unlink()  # the cache still has them: a local restore
+    _, document = apply_json(store_env, manifest, "--no-local-copy")
+    assert fake_server.successes == SHOTS
+    assert pngs(output) == []
+    assert all(entry["local_copy"] is False for entry in entries(output).values())
+    # One lookup of each record, no blob read (the store already had them all).
+    assert document["store"]["requests"] == {"get": SHOTS}

@@ -31,6 +31,8 @@ from imgbatch.state.results import ResultEntry
 from imgbatch.state.store import Record, choose_store
 
 _LEFT_ALONE = frozenset({"unchanged", "drift", "not_run"})
+# The outcomes whose image is in the output folder as imgbatch wrote it.
+_IN_FOLDER = frozenset({"unchanged", "generated", "cached"})
 
 
 def require_store(flag: str | None, environ: Mapping[str, str], manifest: Manifest) -> None:
@@ -65,16 +67,17 @@ def kept_in_store(
 async def moved_to_store(
     sharing: SharedRun | None, output_dir: Path, shots: Sequence[ShotOutcome]
 ) -> tuple[ShotOutcome, ...]:
-    """`shots` with each unchanged image still in the folder marked as kept in the store
-    only, once the store holds it: its record looked up (one request; none for a shot already
-    in the store only) and, where the store has none, the image published (unless read-only),
-    after checking the file is the one recorded. An image the store holds another image for
-    (under the same key) stays in the folder."""
+    """`shots` with each image still in the folder (unchanged, or placed by this run without
+    the store being known to hold it: restored from the local cache, or a publish that failed)
+    marked as kept in the store only, once the store holds it: its record looked up (one
+    request; none for a shot already in the store only) and, where the store has none, the
+    image published (unless read-only), after checking the file is the one recorded. An image
+    the store holds another image for (under the same key) stays in the folder."""
     limit = asyncio.Semaphore(LOOKUPS_IN_FLIGHT)
 
     async def one(shot: ShotOutcome) -> ShotOutcome:
         entry = shot.entry
-        if sharing is None or entry is None or shot.status != "unchanged":
+        if sharing is None or entry is None or shot.status not in _IN_FOLDER:
             return shot
         if not entry.has_image or entry.local_copy is False or not entry.file:
             return shot
