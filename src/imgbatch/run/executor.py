@@ -511,6 +511,12 @@ class Executor:
         assert shot is not None
         key = shot.request.key
         target = output_dir / shot.file
+        # What the entry must be: as recorded, else as this run fetched it from the shared store
+        # (checked and decoded then: checked by its SHA-256 now, not decoded a second time).
+        checked = self.shared.records.get(key) if self.shared and record is None else None
+        sha256, size = (record.sha256, record.bytes) if record else (None, None)
+        if checked is not None:
+            sha256, size = checked.sha256, checked.size
         try:
             # The edit goes aside first, and stays there should the cache entry prove damaged
             # (the image is then fetched or made again, and written in its place all the same).
@@ -519,8 +525,8 @@ class Executor:
                 self.cache.restore,
                 key,
                 target,
-                sha256=record.sha256 if record else None,
-                size=record.bytes if record else None,
+                sha256=sha256,
+                size=size,
                 dimensions=shot.request.dimensions,
             )
         except CacheEntryDamaged as damaged:
