@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,45 @@ def test_shards_cover_every_shot_once_and_the_assembling_run_is_identical(
         assert (tmp_path / "all" / "store" / file).read_bytes() == (
             shard / "store" / file
         ).read_bytes()
+
+
+def every_file(folder: Path) -> dict[str, bytes]:
+    """Every file of an output folder by its path in it, but the state of the machine it is on
+    (`.imgbatch/`: cache, state record, last run, lock) other than the contact sheet's
+    thumbnails."""
+    return {
+        path.relative_to(folder).as_posix(): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+        and (
+            path.relative_to(folder).parts[0] != ".imgbatch"
+            or path.relative_to(folder).parts[1] == "thumbs"
+        )
+    }
+
+
+def test_the_assembling_run_writes_what_a_plain_apply_writes_byte_for_byte(
+    tmp_path: Path, store_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    manifest = write_many_shots(tmp_path, "store", 8)
+    for index in (1, 2, 3, 4):
+        apply(manifest, machine(store_env, tmp_path / f"shard{index}", shard=(index, 4)))
+    assert fake_server.successes == 8
+    assembled = apply(manifest, machine(store_env, tmp_path / "assembled", frozen=True))
+    assert assembled.ok and assembled.requests == 0
+    time.sleep(1.1)  # a run's time, were it in results.json, would differ by a second at least
+    plain = apply(manifest, machine(store_env, tmp_path / "plain"))
+    assert plain.ok and plain.requests == 0 and fake_server.successes == 8
+    files = every_file(tmp_path / "assembled" / "store")
+    assert {"results.json", "index.html", "shot-000.png"} <= files.keys()
+    assert sum(name.startswith(".imgbatch/thumbs/") for name in files) == 8
+    assert files == every_file(tmp_path / "plain" / "store")
+    # results.json's time is the newest image's, as its maker received it: not a run's.
+    document = results(tmp_path / "assembled")
+    assert document["updated_at"] == max(entry["made_at"] for entry in document["shots"])
+    # A no-op re-apply of either leaves every file as it was.
+    apply(manifest, machine(store_env, tmp_path / "plain"))
+    assert every_file(tmp_path / "plain" / "store") == files
 
 
 def test_the_assembling_run_names_the_shots_no_job_made(
