@@ -34,8 +34,8 @@ from imgbatch.errors import AuthError, SharedEntryDamaged, SharedStoreError, Tra
 from imgbatch.manifest import Manifest
 from imgbatch.plan.decide import Action, Plan
 from imgbatch.providers import is_metered
-from imgbatch.review.sheet import write_thumbnail
 from imgbatch.review.outcome import StoreUse
+from imgbatch.review.sheet import write_thumbnail
 from imgbatch.shots.expand import Shot
 from imgbatch.shots.request import GeneratedImage, ImageRequest
 from imgbatch.state.cache import ImageCache
