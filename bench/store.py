@@ -162,6 +162,7 @@ class Row:
     wall: float
     ideal: float
     paid: int
+    throttled: int  # 429s the accounts answered
     per_image: float
     applies_cpu: float  # the imgbatch processes' CPU seconds
     servers_cpu: float  # the store server's and the fake accounts' (this process)
@@ -198,8 +199,10 @@ def run_case(
         assembling = (time.monotonic() - started, assembling_cpu)
     ideal = shots / (accounts * QUOTA) + LATENCY
     per_image = store_requests(documents) / shots
+    throttled = sum(int(document["summary"]["throttled"]) for document in documents)  # type: ignore[index]
     return Row(
-        name, wall, ideal, paid(), per_image, applies_cpu, servers_cpu, busy, assembling
+        name, wall, ideal, paid(), throttled, per_image, applies_cpu, servers_cpu, busy,
+        assembling,
     )  # fmt: skip
 
 
@@ -210,16 +213,16 @@ def print_table(rows: Sequence[Row], shots: int, store: str) -> None:
         f"{' '.join(open('/proc/loadavg').read().split()[:3])}\n"
     )
     print(
-        "| run | wall (s) | ideal (s) | ideal/wall | images paid | distinct keys "
+        "| run | wall (s) | ideal (s) | ideal/wall | images paid | distinct keys | 429s "
         "| store requests/image | CPU: imgbatch + servers (s) | CPU floor (s) "
         "| machine busy (core-s) | assembling run (s) |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
         shown = "-" if row.assembling is None else "{:.1f} (CPU {:.1f})".format(*row.assembling)
         print(
             f"| {row.name} | {row.wall:.1f} | {row.ideal:.1f} | {row.ideal / row.wall:.2f} "
-            f"| {row.paid} | {shots} | {row.per_image:.1f} "
+            f"| {row.paid} | {shots} | {row.throttled} | {row.per_image:.1f} "
             f"| {row.applies_cpu:.0f} + {row.servers_cpu:.0f} | {row.floor:.0f} "
             f"| {row.machine_busy:.0f} | {shown} |"
         )
