@@ -42,7 +42,7 @@ from imgbatch.plan.guards import may_replace_paid, refuse_placeholder_over_paid,
 from imgbatch.plan.pricing import PriceList, cost, price_list
 from imgbatch.providers import Provider, create_provider, resolve_provider_name
 from imgbatch.review.events import Listener
-from imgbatch.review.outcome import ApplyReport, QuotaNote, ShotOutcome
+from imgbatch.review.outcome import ApplyReport, OutcomeStatus, QuotaNote, ShotOutcome
 from imgbatch.review.sheet import Thumbnailer, signed_links, write_thumbnail
 from imgbatch.review.sheet import update_after_apply as update_sheet
 from imgbatch.run.bounds import Bound, MaxCost, MaxDuration, MaxRequests
@@ -729,9 +729,14 @@ async def _settle_run(
         in_use = {shot.file for shot in prep.expansion.shots}
         pruned, kept = prune_orphans(output_dir, orphans, in_use)
         orphans = list(kept)
-    # The sheet marks what changed: a shot not run changed nothing.
+    # The sheet marks what changed: a shot not run changed nothing; one restored from the store
+    # was restored (whatever its plan: another run made it meanwhile), not made.
     touched = tuple(
-        replace(item, action=Action.UNCHANGED) if shot.status == "not_run" else item
+        replace(item, action=Action.UNCHANGED)
+        if shot.status == "not_run"
+        else replace(item, action=Action.RESTORE, reason=FROM_STORE)
+        if shot.status == "from_store"
+        else item
         for item, shot in zip(plan.shots, shots, strict=True)
     )
     written, sheet_plan = entries, replace(plan, shots=touched)
@@ -761,6 +766,9 @@ async def _settle_run(
     )
     drop_local_copies(output_dir, stored_only(shots))
     return _Settled(shots, pruned, results, sheet, sheet_problem, picked)
+
+
+FROM_STORE = "made by another run sharing the store; restored from it, no request"
 
 
 def _results_meta(prep: _Prepared, owner: Owner) -> dict[str, Any]:
@@ -863,10 +871,15 @@ def _outcome(item: PlannedShot, outcome: RunOutcome, metered: bool) -> ShotOutco
             maybe_billed=found.maybe_billed,
         )
     left_alone = item.action in (Action.UNCHANGED, Action.DRIFT)
+    status: OutcomeStatus = found.status
+    if left_alone:
+        status = item.action.value  # type: ignore[assignment]
+    elif item.id in outcome.from_store and found.has_image:
+        status = "from_store"  # its entry is its maker's: `generated`, by another run
     return ShotOutcome(
         item.id,
         item.action,
-        item.action.value if left_alone else found.status,  # type: ignore[arg-type]
+        status,
         found,
         billed=item.id in outcome.billed_shots,
         moved_aside=outcome.moved_aside.get(item.id),

@@ -140,6 +140,9 @@ class RunOutcome:
     billed_models: Counter[str] = field(default_factory=Counter)
     # The shots whose image the service made (and billed) in this run.
     billed_shots: set[str] = field(default_factory=set)
+    # The shots whose image this run restored from the shared store: made, and paid for, by
+    # another run (its entry is its maker's, status and all; the run's report says from_store).
+    from_store: set[str] = field(default_factory=set)
     maybe_billed_models: Counter[str] = field(default_factory=Counter)
     throttled: int = 0
     retries: int = 0
@@ -548,6 +551,12 @@ class Executor:
         assert shot is not None
         key = shot.request.key
         target = output_dir / shot.file
+        # What the entry must be: as recorded, else as this run fetched it from the shared store
+        # (checked and decoded then: checked by its SHA-256 now, not decoded a second time).
+        checked = self.shared.records.get(key) if self.shared and record is None else None
+        sha256, length = (record.sha256, record.bytes) if record else (None, None)
+        if checked is not None:
+            sha256, length = checked.sha256, checked.size
         try:
             # The edit goes aside first, and stays there should the cache entry prove damaged
             # (the image is then fetched or made again, and written in its place all the same).
@@ -556,8 +565,8 @@ class Executor:
                 self.cache.restore,
                 key,
                 target,
-                sha256=record.sha256 if record else None,
-                size=record.bytes if record else None,
+                sha256=sha256,
+                size=length,
                 dimensions=shot.request.dimensions,
             )
         except CacheEntryDamaged as damaged:
@@ -573,6 +582,8 @@ class Executor:
         except StoreWriteError as exc:
             self._write_failed(shot, exc, 0, kept="its image stays in the cache for the next apply")
             return
+        if checked is not None:
+            self.outcome.from_store.add(shot.id)  # its bytes came from the store, this run
         shared = self.shared.entry_for(shot, digest, size) if self.shared else None
         if shared is not None and not (previous is not None and previous.key == key):
             # Made by another process sharing the store: its maker's provenance, as this shot.
@@ -876,6 +887,7 @@ class Executor:
         except StoreWriteError as exc:
             self._write_failed(shot, exc, 0, kept="its image stays in the shared store")
             return True
+        self.outcome.from_store.add(shot.id)
         entry = self.shared.entry_for(shot, found.record.sha256, found.record.size)
         if entry is None:
             width, height = shot.request.dimensions

@@ -294,8 +294,9 @@ class OutputFolder:
     ) -> Path:
         """Write the state after a run: `entries` (the manifest's shots, in its order), its
         `orphans`, and the entries of other manifests `kept` as they are; gives results.json's
-        path. `meta` heads results.json; its `updated_at` is `now` only when something in it
-        changed since `before` was rendered."""
+        path. `meta` heads results.json; its `updated_at` is the newest entry's `made_at` (for
+        entries older than `made_at`: `now`, when something in it changed since `before` was
+        rendered)."""
         folder_owner = owner.fill(before.owner)
         guests = {e.id: before.guests[e.id] for e in kept if e.id in before.guests}
         if not owner.same(folder_owner):
@@ -317,7 +318,14 @@ class OutputFolder:
         last: Rendered,
         now: str,
     ) -> Rendered:
-        """Write results.json unless it already holds these bytes; gives what it now holds."""
+        """Write results.json unless it already holds these bytes; gives what it now holds.
+        Its `updated_at` is the newest entry's `made_at`: a time of the data, so that two runs
+        that end with the same entries (an assembling run, a plain apply) write the same bytes.
+        Only entries older than `made_at` leave `now` (the run's time) as the time of a change."""
+        newest = max(
+            (entry.made_at for entry in (*entries, *orphans) if entry.made_at), default=None
+        )
+        now = newest or now
         if last.updated_at is not None:
             pieces = render_results(entries, orphans, {**meta, "updated_at": last.updated_at})
             same, digest = compare_and_hash(self.results_path, pieces)
