@@ -10,6 +10,7 @@ fails without its fix. (Hostile manifests and hostile output folders have their 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -33,6 +34,7 @@ from imgbatch.run.apply import ApplyOptions, ApplyReport, apply
 from tests.support import hostile_images
 from tests.support.fake_dashscope import FakeDashScope
 from tests.support.files import FAKE_KEY, write_manifest, write_many_shots
+from tests.support.virtual_time import VirtualServer
 
 FAST_RETRY = RetryPolicy(base_delay=0.001, max_delay=0.01)
 SIZE = (1328, 1328)
@@ -158,14 +160,20 @@ def test_a_body_over_the_cap_fails_once_and_keeps_the_url(
 def test_a_stalled_download_is_cut_at_its_deadline_and_tried_again(
     manifest: Path, tmp_path: Path
 ) -> None:
-    with FakeDashScope(api_key=FAKE_KEY, image_profile="real") as server:
+    # On virtual time, the server in the run's own loop: the deadline is kept exactly, and the
+    # second try's 3.7 MB take no time on it however loaded the machine.
+    server = FakeDashScope(api_key=FAKE_KEY, image_profile="real")
+    with VirtualServer(server) as virtual, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(asyncio, "run", virtual.run)
         server.stall_next_download()
-        # Long enough for the second try to bring 3.7 MB on a loaded machine.
         report = run_apply(manifest, server, tmp_path, download_timeout=2.0)
-        generations = server.generation_count
     assert report.ok
-    assert generations == 1
+    assert server.generation_count == 1
     assert_whole_image(manifest)
+    # The stalled try (never finished: no status) was cut at 2 s; the next began at once.
+    stalled, whole = sorted(server.downloads, key=lambda download: download.received_at)
+    assert (stalled.status, whole.status) == (None, 200)
+    assert 2.0 <= whole.received_at - stalled.received_at < 2.1
 
 
 def test_an_image_host_that_trickles_fails_at_the_deadline_not_per_read(
