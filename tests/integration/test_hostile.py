@@ -180,18 +180,20 @@ def test_an_image_host_that_trickles_fails_at_the_deadline_not_per_read(
     manifest: Path, tmp_path: Path
 ) -> None:
     # Each chunk comes well within any per-read timeout; the whole body never could in time.
-    with FakeDashScope(
-        api_key=FAKE_KEY, image_profile="real", chunk_size=4096, chunk_delay=0.05
-    ) as server:
-        started = time.monotonic()
+    # On virtual time (the server in the run's own loop), so the time taken is the deadlines'.
+    server = FakeDashScope(api_key=FAKE_KEY, image_profile="real", chunk_size=4096, chunk_delay=0.05)
+    with VirtualServer(server) as virtual, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(asyncio, "run", virtual.run)
         report = run_apply(manifest, server, tmp_path, download_timeout=0.3)
-        elapsed = time.monotonic() - started
+        elapsed = virtual.loop.time()
     entry = only(report)
     assert entry.status == "unfetched"
     assert "did not finish within 0.3 s" in entry.error
     assert entry.image_url
-    # Four tries of 0.3 s, not the 900 chunks x 0.05 s a per-read timeout would wait.
-    assert elapsed < 20
+    # Four tries of 0.3 s (and their short backoffs), not the 900 chunks x 0.05 s a per-read
+    # timeout would wait.
+    assert len(server.downloads) == 4
+    assert 4 * 0.3 <= elapsed < 4 * 0.3 + 0.2
 
 
 # ----- hostile image bytes: PNG only, nothing run, the size read before a pixel -----------------
