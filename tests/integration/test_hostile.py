@@ -241,6 +241,7 @@ def test_an_image_that_is_not_a_png_fails_its_shot_keeps_its_url_and_runs_nothin
         server.serve_next_image(case.body(), content_type=case.content_type)
         report = run_apply(manifest, server, tmp_path)
         generations = server.generation_count
+        downloads = server.downloads_when_done(2)
     assert not marker.exists(), marker.read_text()
     by_id = {entry.id: entry for entry in report.entries}
     entry = by_id["first"]
@@ -248,6 +249,9 @@ def test_an_image_that_is_not_a_png_fails_its_shot_keeps_its_url_and_runs_nothin
     assert case.message in (entry.error or "")
     assert entry.image_url  # paid for: its URL is kept
     assert generations == 2  # one each: the bad image was not paid for twice
+    # Another format (or size) is not damage on the way: the same URL would serve it again, so
+    # it is not downloaded again (one download each).
+    assert len(downloads) == 2
     assert by_id["second"].status == "generated"  # the run went on
     folder = manifest.parent / "output" / "hostile"
     assert not (folder / "first.png").exists()
