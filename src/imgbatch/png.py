@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from imgbatch.errors import ImageError, InspectError, WrongImageError, without_reprs
+from imgbatch.units.bounded import read_at_most
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -158,7 +159,7 @@ def read_image_file(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
         if info.st_size > limit:
             raise ImageError(f"{path} is {info.st_size} bytes, too large to be an image")
         with os.fdopen(fd, "rb", closefd=False) as handle:
-            data = handle.read(limit + 1)
+            data = read_at_most(handle, limit, info.st_size)
     except OSError as exc:
         raise ImageError(f"{path} cannot be read ({exc.strerror or exc})") from None
     finally:

@@ -181,7 +181,9 @@ def test_an_image_host_that_trickles_fails_at_the_deadline_not_per_read(
 ) -> None:
     # Each chunk comes well within any per-read timeout; the whole body never could in time.
     # On virtual time (the server in the run's own loop), so the time taken is the deadlines'.
-    server = FakeDashScope(api_key=FAKE_KEY, image_profile="real", chunk_size=4096, chunk_delay=0.05)
+    server = FakeDashScope(
+        api_key=FAKE_KEY, image_profile="real", chunk_size=4096, chunk_delay=0.05
+    )
     with VirtualServer(server) as virtual, pytest.MonkeyPatch.context() as patch:
         patch.setattr(asyncio, "run", virtual.run)
         report = run_apply(manifest, server, tmp_path, download_timeout=0.3)

@@ -58,13 +58,13 @@ from imgbatch.errors import (
     AuthError,
     CacheEntryDamaged,
     NoImageError,
-    WrongImageError,
     PermanentError,
     ProviderError,
     RateLimited,
     SharedStoreError,
     StoreWriteError,
     TransientError,
+    WrongImageError,
 )
 from imgbatch.pacing.gate import Clock, Finding, Gate, Pacer, RetryPolicy
 from imgbatch.plan.decide import WORK_ACTIONS, Action, Plan, PlannedShot, aside_path
