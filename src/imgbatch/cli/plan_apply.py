@@ -29,6 +29,7 @@ from imgbatch.cli.common import (
     error_boundary,
     force_option,
     manifest_argument,
+    no_local_copy_option,
     only_option,
     overwrite_edited_option,
     provider_option,
@@ -89,6 +90,7 @@ planning_options = _options(
     only_option,
     force_option,
     store_option,
+    no_local_copy_option,
 )
 
 
