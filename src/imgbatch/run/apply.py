@@ -43,7 +43,7 @@ from imgbatch.plan.pricing import PriceList, cost, price_list
 from imgbatch.providers import Provider, create_provider, resolve_provider_name
 from imgbatch.review.events import Listener
 from imgbatch.review.outcome import ApplyReport, QuotaNote, ShotOutcome
-from imgbatch.review.sheet import Thumbnailer, write_thumbnail
+from imgbatch.review.sheet import Thumbnailer, signed_links, write_thumbnail
 from imgbatch.review.sheet import update_after_apply as update_sheet
 from imgbatch.run.bounds import Bound, MaxCost, MaxDuration, MaxRequests
 from imgbatch.run.entries import abandoned_download
@@ -51,6 +51,13 @@ from imgbatch.run.executor import Executor, Phase, RunOutcome
 from imgbatch.run.interrupts import Interrupts, interrupt_at_once, signal_handler
 from imgbatch.run.picks import place_picks
 from imgbatch.run.sharing import SharedRun, Unsent, open_sharing, planned_with_store
+from imgbatch.run.store_only import (
+    drop_local_copies,
+    kept_in_store,
+    moved_to_store,
+    require_store,
+    stored_only,
+)
 from imgbatch.shots.expand import Expansion, expand, fetch_references, shot_list
 from imgbatch.shots.request import KEY_FORMAT_VERSION
 from imgbatch.shots.selection import in_shard, select_shots
@@ -106,6 +113,9 @@ class ApplyOptions:
     store_read_only: bool = False
     # (K, N): only the shots whose request key falls in shard K of N (`in_shard`).
     shard: tuple[int, int] | None = None
+    # Keep the images in the shared store only: none in the output folder (thumbnails aside),
+    # and a shot whose image is in the store only is not fetched again (`run.store_only`).
+    no_local_copy: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.only, str):  # only="s01" means one pattern, not three letters
@@ -134,6 +144,11 @@ class ApplyOptions:
                 CostLimit.parse(self.max_cost)
             except ValueError as exc:
                 raise ConfigError(f"max_cost: {exc}") from None
+
+    @property
+    def local(self) -> bool:
+        """Whether the run keeps its images in the output folder (not `no_local_copy`)."""
+        return not self.no_local_copy
 
     def bounds(self) -> tuple[Bound, ...]:
         """What may stop this run before its shots are all done (see `imgbatch.run.bounds`)."""
@@ -195,6 +210,7 @@ def make_plan(
     only: Sequence[str] = (),
     force: bool = False,
     store: str | None = None,
+    no_local_copy: bool = False,
 ) -> Plan:
     """What `apply` would do for each shot, reading the output folder but changing nothing and
     downloading nothing: see `imgbatch.plan.decide` for what that means for a reference URL.
@@ -204,16 +220,20 @@ def make_plan(
 
     With `only` (shot ids or fnmatch globs), the plan has those shots alone and no orphans.
     Raises `FolderOwnedError`, as apply would, when another manifest owns the output folder
-    (unless `force`).
+    (unless `force`); `ConfigError` for `no_local_copy` without a store.
     """
     environ = os.environ if environ is None else environ
     manifest, expansion = load_and_expand(
         path, provider, environ, home, allow_reference_outside=allow_reference_outside
     )
+    if no_local_copy:
+        require_store(store, environ, manifest)
     selected = _narrowed(expansion, only)
     state = _owned_state(path, manifest, expansion, force=force).mine
     prices = _prices(manifest, expansion, environ)
-    planned = _plan(selected, state, overwrite_edited, only=bool(only), prices=prices)
+    planned = _plan(
+        selected, state, overwrite_edited, only=bool(only), prices=prices, local=not no_local_copy
+    )
     refuse_placeholder_over_paid(planned, provider, manifest)
     # With a shared store (--store, IMGBATCH_STORE, output.store): what another run made.
     return planned_with_store(planned, store, manifest, environ)
@@ -226,6 +246,7 @@ def _plan(
     *,
     only: bool = False,
     prices: PriceList | None = None,
+    local: bool = True,
 ) -> Plan:
     output_dir = expansion.output_dir
     plan = plan_shots(
@@ -235,6 +256,7 @@ def _plan(
         OutputFolder(output_dir).cache,
         provider=expansion.provider,
         overwrite_edited=overwrite_edited,
+        local_copies=local,
     )
     # Under --only the shots left out are not orphans: nothing is said or done about orphans.
     return replace(plan, orphans=() if only else plan.orphans, prices=prices)
@@ -326,7 +348,7 @@ async def _apply(
         # they are written waits for them (they are what the run leaves behind).
         with signal_handler(asyncio.get_running_loop(), interrupts):
             outcome, journal = await _execute(prep, plan, pacing.pacer, listener, clock, interrupts)
-            settled = _settle_run(prep, plan, held, outcome, journal)
+            settled = await _settle_run(prep, plan, held, outcome, journal)
     return ApplyReport(
         plan=plan,
         results_path=settled.results,
@@ -392,6 +414,8 @@ async def _prepare(
         options.home,
         allow_reference_outside=options.allow_reference_outside,
     )
+    if options.no_local_copy:
+        require_store(options.store, environ, manifest)
     # Before anything is fetched or written: a pattern matching no shot is refused.
     everything, expansion = expansion, _narrowed(expansion, options.only)
     only = bool(options.only)
@@ -407,7 +431,7 @@ async def _prepare(
     if may_replace_paid(expansion.provider, options.provider):
         # Before anything is fetched, before credentials and before the lock.
         state = _owned_state(path, manifest, everything, force=options.force).mine
-        early = _plan(expansion, state, options.overwrite_edited, only=only)
+        early = _plan(expansion, state, options.overwrite_edited, only=only, local=options.local)
         refuse_placeholder_over_paid(early, options.provider, manifest)
     # Each reference URL once, keyed by its content, so that the plan knows every key (a
     # frozen run pays nothing for a URL whose content did not change).
@@ -419,16 +443,32 @@ async def _prepare(
     limit = _cost_limit(options, manifest)
     if options.frozen or limit is not None:
         # Before credentials and before the lock: a refused run writes nothing at all.
-        state = _owned_state(path, manifest, everything, force=options.force).mine
-        prices = _prices(manifest, expansion, environ)
-        early = _plan(expansion, state, options.overwrite_edited, only=only, prices=prices)
-        refuse_to_start(early, options.frozen, limit)
+        _refuse_early(path, options, manifest, everything, expansion, environ, only, limit)
     # Credentials are checked before anything is written.
     provider = provider or _provider(expansion.provider, options, environ, sharing)
     prices = _prices(manifest, expansion, environ, provider)
     return _Prepared(
         path, options, manifest, everything, expansion, limit, provider, prices, sharing, only
     )
+
+
+def _refuse_early(
+    path: ManifestSource,
+    options: ApplyOptions,
+    manifest: Manifest,
+    everything: Expansion,
+    expansion: Expansion,
+    environ: Mapping[str, str],
+    only: bool,
+    limit: CostLimit | None,
+) -> None:
+    """`FrozenError` or `CostLimitError` from a plan made before the lock, if it needs one."""
+    state = _owned_state(path, manifest, everything, force=options.force).mine
+    prices = _prices(manifest, expansion, environ)
+    early = _plan(
+        expansion, state, options.overwrite_edited, only=only, prices=prices, local=options.local
+    )
+    refuse_to_start(early, options.frozen, limit)
 
 
 def _provider(
@@ -460,7 +500,7 @@ async def _sharing(
     )
     if sharing is not None:
         state = _owned_state(path, manifest, everything, force=options.force).mine
-        early = _plan(expansion, state, options.overwrite_edited, only=True)
+        early = _plan(expansion, state, options.overwrite_edited, only=True, local=options.local)
         await sharing.hydrate(item.shot for item in early.shots if item.shot and item.paid)
     return sharing
 
@@ -478,6 +518,7 @@ def _preflight(prep: _Prepared, on_plan: Callable[[Plan], None] | None) -> tuple
         options.overwrite_edited,
         only=prep.partial,
         prices=prep.prices,
+        local=options.local,
     )
     # The provider object answers for itself (one of the caller's own may be free).
     plan = replace(plan, metered=prep.provider.metered)
@@ -579,16 +620,20 @@ class _Settled:
     picked: tuple[str, ...] = ()
 
 
-def _settle_run(
+async def _settle_run(
     prep: _Prepared,
     plan: Plan,
     held: _Held,
     outcome: RunOutcome,
     journal: Path,
 ) -> _Settled:
-    """Each shot's outcome; then results.json, the orphans pruned, and the contact sheet."""
+    """Each shot's outcome; then results.json, the orphans pruned, and the contact sheet;
+    with --no-local-copy, then the local copies of what the store holds are dropped."""
     output_dir = prep.expansion.output_dir
     shots = _settle(plan, outcome, prep.provider.metered)
+    shots = kept_in_store(shots, prep.sharing, prep.options.no_local_copy)
+    if prep.options.no_local_copy:
+        shots = await moved_to_store(prep.sharing, output_dir, shots)
     entries = tuple(shot.entry for shot in shots if shot.entry is not None)
     orphans = [item.previous for item in plan.orphans if item.previous is not None]
     pruned: tuple[Pruned, ...] = ()
@@ -619,10 +664,14 @@ def _settle_run(
         )
     except StoreWriteError as exc:
         raise StoreError(_unwritten_results(exc, outcome, journal)) from None
-    picked = place_picks(output_dir, prep.manifest.picks, written)
+    local = [entry for entry in written if entry.local_copy is not False]
+    picked = place_picks(output_dir, prep.manifest.picks, local)
+    shared = prep.sharing.shared if prep.sharing is not None else None
+    links = await signed_links(shared, written)
     sheet, sheet_problem = update_sheet(
-        output_dir, prep.manifest.name, sheet_plan, written, prep.manifest
+        output_dir, prep.manifest.name, sheet_plan, written, prep.manifest, links
     )
+    drop_local_copies(output_dir, stored_only(shots))
     return _Settled(shots, pruned, results, sheet, sheet_problem, picked)
 
 

@@ -71,6 +71,9 @@ class ResultEntry:
     # that nothing reads them back out of `error`.
     error_status: int | None = None
     error_message: str | None = None
+    # False: the image is kept only in the shared store, at `image_url` (`apply
+    # --no-local-copy`), not at `file`; None (not written): it is at `file`.
+    local_copy: bool | None = None
 
     @property
     def has_image(self) -> bool:
@@ -157,6 +160,7 @@ def _check_types(entry: ResultEntry) -> None:
         and type(entry.sha256) in _STR_OR_NONE
         and type(entry.prompt_sent) in _STR_OR_NONE
         and type(entry.reference_url) in _STR_OR_NONE
+        and type(entry.local_copy) in _BOOL_OR_NONE
     ):
         return
     bad = [
@@ -181,6 +185,7 @@ def _shown(value: Any) -> str:
 _NONE: type = type(None)
 _INT_OR_NONE: frozenset[type] = frozenset({int, _NONE})
 _STR_OR_NONE: frozenset[type] = frozenset({str, _NONE})
+_BOOL_OR_NONE: frozenset[type] = frozenset({bool, _NONE})
 _TEXT, _OPTIONAL_TEXT = (frozenset({str}), "text"), (_STR_OR_NONE, "text or null")
 _OPTIONAL_NUMBER = (_INT_OR_NONE, "a whole number or null")
 # Each field's JSON types, for the message that names what a hand edit got wrong.
@@ -206,6 +211,7 @@ _TYPES: dict[str, tuple[frozenset[type], str]] = {
     "bytes": _OPTIONAL_NUMBER,
     "attempts": (frozenset({int}), "a whole number"),
     "simplified": (frozenset({bool}), "true or false"),
+    "local_copy": (_BOOL_OR_NONE, "true, false or null"),
     "request": (frozenset({dict}), "an object"),
 }
 
@@ -219,7 +225,7 @@ _STATUSES = frozenset(STATUSES)
 # A request key as `ImageRequest.key` makes it: the SHA-256 of the request, in hex.
 _KEY = re.compile(r"[0-9a-f]{64}")
 _FIELD_NAMES = tuple(item.name for item in fields(ResultEntry))
-_WRITTEN_WHEN_SET = ("reference_url", "error_status", "error_message")
+_WRITTEN_WHEN_SET = ("reference_url", "error_status", "error_message", "local_copy")
 # Fields whose few values repeat across thousands of shots (defaults, mostly): loaded entries
 # share one string each instead of holding a copy apiece (a 100,000-shot state is held whole),
 # and so do their requests' (whose keys the JSON parser already shares within one parse).

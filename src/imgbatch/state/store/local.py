@@ -22,7 +22,7 @@ from pathlib import Path
 
 from imgbatch.errors import SharedStoreError
 from imgbatch.state.cache import TEMP_PREFIX, atomic_write
-from imgbatch.state.store.objects import MAX_OBJECT_BYTES, Conflict, Exists, Stored
+from imgbatch.state.store.objects import MAX_OBJECT_BYTES, Conflict, Exists, Listed, Stored
 
 _LOCK = ".imgbatch-lock"
 
@@ -93,6 +93,10 @@ class FolderStore:
             atomic_write(path, data)
         return hashlib.sha256(data).hexdigest()
 
+    async def exists(self, name: str) -> bool:
+        self.requests["head"] += 1
+        return await asyncio.to_thread(os.path.lexists, self._path(name))
+
     async def delete(self, name: str) -> None:
         self.requests["delete"] += 1
         await asyncio.to_thread(self._delete, name)
@@ -111,6 +115,25 @@ class FolderStore:
         except FileNotFoundError:
             return []
         return sorted(f"{prefix.rstrip('/')}/{name}" for name in found)
+
+    async def listing(self, prefix: str) -> list[Listed]:
+        self.requests["list"] += 1
+        return await asyncio.to_thread(self._listing, prefix.rstrip("/"))
+
+    def _listing(self, prefix: str) -> list[Listed]:
+        now = time.time()
+        found = []
+        try:
+            with os.scandir(self._path(prefix)) as entries:
+                for entry in entries:
+                    if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
+                        continue
+                    info = entry.stat(follow_symlinks=False)
+                    age = max(0.0, now - info.st_mtime)
+                    found.append(Listed(f"{prefix}/{entry.name}", info.st_size, age))
+        except FileNotFoundError:
+            return []
+        return sorted(found, key=lambda item: item.name)
 
     def object_url(self, name: str) -> str:
         return self._path(name).as_uri()
