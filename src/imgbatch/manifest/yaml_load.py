@@ -123,6 +123,8 @@ def parse_yaml(
 
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_STR_TAG = "tag:yaml.org,2002:str"
+_QUOTED = frozenset({"'", '"'})
 
 
 class _Builder:
@@ -153,7 +155,10 @@ class _Builder:
     def _node(self, path: JsonPath, depth: int) -> tuple[Any, int]:
         """The value at `path` and its height (1 for a scalar)."""
         event: Any = self.loader.get_event()
-        self.document.values[path] = _position(event)
+        values = self.document.values
+        # (Checked here, not only in Positions: a call per value was a tenth of the parse.)
+        if values.tracking or (path and path[-1] == "reference_image"):
+            values[path] = _position(event)
         if isinstance(event, yaml.AliasEvent):
             return self._alias(event, depth)
         if depth > MAX_DEPTH:
@@ -204,7 +209,11 @@ class _Builder:
         return str(event.tag)
 
     def _scalar(self, event: Any, path: JsonPath) -> Any:
+        if event.style in _QUOTED and event.tag is None:
+            return event.value  # a quoted string is its text: nothing to resolve or construct
         tag = self._tag(event)
+        if tag == _STR_TAG:
+            return event.value  # what SafeConstructor.construct_yaml_str gives
         node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark)
         try:
             value = self.loader.construct_object(node, deep=True)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import io
 import os
@@ -186,7 +187,7 @@ def update_after_apply(
     order = [item.id for item in plan.shots]
     by_id = {entry.id: entry for entry in entries}
     infos = shot_infos(manifest) if manifest is not None else {}
-    command_path = _command_path(manifest)
+    command_path = manifest_command_path(manifest)
     try:
         finished: datetime | None
         if any(item.action in WORK_ACTIONS for item in plan.shots):
@@ -251,7 +252,7 @@ def write_sheet(
             changes=changes,
             finished_at=finished_at,
             infos=shot_infos(manifest),
-            command_path=_command_path(manifest),
+            command_path=manifest_command_path(manifest),
             links=links,
         )
     except OSError as exc:
@@ -372,8 +373,13 @@ def sheet_digest(
     for shot_id in order:
         entry = entries.get(shot_id)
         info = infos.get(shot_id)
-        digest.update(f"\n{shot_id} {entry.key if entry else '-'} {info!r}".encode())
+        # A tuple's repr, not the dataclass's: this runs for every shot of every no-op apply.
+        shown = None if info is None else tuple(getattr(info, name) for name in _INFO_FIELDS)
+        digest.update(f"\n{shot_id} {entry.key if entry else '-'} {shown!r}".encode())
     return digest.hexdigest()
+
+
+_INFO_FIELDS = tuple(field.name for field in dataclasses.fields(ShotInfo))
 
 
 def drawn_digest(sheet: Path) -> str | None:
@@ -605,8 +611,9 @@ def _url(output_dir: Path, path: Path) -> str:
     return quote(path.relative_to(output_dir).as_posix())
 
 
-def _command_path(manifest: Manifest | None) -> str | None:
-    """The shot list as the commands the page builds name it: as it was given, normalised."""
+def manifest_command_path(manifest: Manifest | None) -> str | None:
+    """The shot list as the commands the page builds name it: as it was given, normalised
+    (`render_sheet`'s `command_path` for a manifest)."""
     if manifest is None:
         return None
     return os.path.normpath(manifest.path).replace(os.sep, "/")

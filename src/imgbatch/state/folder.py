@@ -32,6 +32,7 @@ manifest plans, lists or prunes the other's shots.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -66,10 +67,13 @@ from imgbatch.state.results import (
     ResultEntry,
     compare_and_hash,
     exists_as_file,
+    file_identity,
     file_sha256,
+    hashed_file,
     read_journal,
     read_results,
     render_results,
+    results_head,
 )
 
 STATE_DIR = ".imgbatch"
@@ -209,9 +213,13 @@ class OutputFolder:
     def load(self) -> FolderState:
         """Every shot's last known entry, and who owns the folder (see the module doc)."""
         record = read_record(self.record_path)
-        digest = file_sha256(self.results_path) if exists_as_file(self.results_path) else None
-        if record is not None and (digest is None or digest == record.rendered.sha256):
+        digest, identity = (
+            hashed_file(self.results_path) if exists_as_file(self.results_path) else (None, None)
+        )
+        if record is not None and digest is None:
             state = record
+        elif record is not None and digest == record.rendered.sha256:
+            state = dataclasses.replace(record, results_file=identity)
         elif exists_as_file(self.results_path):
             state = self._imported(record)
         else:
@@ -302,7 +310,7 @@ class OutputFolder:
         if not owner.same(folder_owner):
             guests.update({entry.id: owner for entry in (*entries, *orphans)})
         listed = [*orphans, *kept]
-        rendered = self._render(entries, listed, meta, before.rendered, now)
+        rendered = self._render(entries, listed, meta, before, now)
         everything = {entry.id: entry for entry in (*entries, *listed)}
         after = FolderState(everything, folder_owner, guests, rendered, synced=True, known=True)
         if not (before.synced and before.same_record(after)):
@@ -315,7 +323,7 @@ class OutputFolder:
         entries: Sequence[ResultEntry],
         orphans: Sequence[ResultEntry],
         meta: Mapping[str, Any],
-        last: Rendered,
+        before: FolderState,
         now: str,
     ) -> Rendered:
         """Write results.json unless it already holds these bytes; gives what it now holds.
@@ -326,14 +334,37 @@ class OutputFolder:
             (entry.made_at for entry in (*entries, *orphans) if entry.made_at), default=None
         )
         now = newest or now
+        last = before.rendered
         if last.updated_at is not None:
-            pieces = render_results(entries, orphans, {**meta, "updated_at": last.updated_at})
-            same, digest = compare_and_hash(self.results_path, pieces)
+            kept_meta = {**meta, "updated_at": last.updated_at}
+            head = hashlib.sha256(results_head(entries, kept_meta)).hexdigest()
+            if self._holds(before, head, [*entries, *orphans]):
+                return last  # nothing changed since, and the file is the one rendered then
+            same, digest = compare_and_hash(
+                self.results_path, render_results(entries, orphans, kept_meta)
+            )
             if digest == last.sha256:  # nothing changed since: the file keeps its updated_at
                 if not same:  # deleted or edited by hand: put back as it was
-                    self._write_results(entries, orphans, {**meta, "updated_at": last.updated_at})
-                return last
-        return Rendered(now, self._write_results(entries, orphans, {**meta, "updated_at": now}))
+                    self._write_results(entries, orphans, kept_meta)
+                return Rendered(last.updated_at, last.sha256, head)
+        meta = {**meta, "updated_at": now}
+        head = hashlib.sha256(results_head(entries, meta)).hexdigest()
+        return Rendered(now, self._write_results(entries, orphans, meta), head)
+
+    def _holds(self, before: FolderState, head: str, entries: Sequence[ResultEntry]) -> bool:
+        """Whether results.json holds what rendering `entries` (shots, then orphans) under the
+        head whose SHA-256 is `head` would write, known without rendering it: the file is the
+        one the record rendered (unchanged since `load` checked it), from these entries in this
+        order (the record's), under this head. Rendering 100,000 entries to compare them was a
+        fifth of a no-op apply."""
+        return (
+            before.synced
+            and before.results_file is not None
+            and before.rendered.head == head
+            and len(before.entries) == len(entries)
+            and all(a is b or a == b for a, b in zip(before.entries.values(), entries, strict=True))
+            and file_identity(self.results_path) == before.results_file
+        )
 
     def _write_results(
         self,
