@@ -129,6 +129,8 @@ def test_the_contact_sheet_works_in_a_real_browser(
 
     # Every shot, in manifest order, one tile each.
     assert visible_ids(page) == ORDER
+    # When the last apply finished, from the data file (the page itself holds no run's time).
+    assert page.inner_text("#finished").startswith("· last apply 20")
 
     # Every thumbnail loads, and it is a thumbnail, never the full PNG.
     page.click("#view")  # the detailed cards: the replaced shot shows before and after

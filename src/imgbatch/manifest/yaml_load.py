@@ -18,6 +18,7 @@ import yaml
 
 from imgbatch.errors import ManifestError, ManifestProblem
 from imgbatch.manifest.places import TOO_LONG, JsonPath, describe
+from imgbatch.units.bounded import read_at_most
 
 # A manifest is text a person or a script writes: far below these, and a file beyond them is a
 # mistake or an attack (`/dev/zero`, a YAML alias bomb, a mapping nested thousands deep).
@@ -46,7 +47,7 @@ def read_manifest_text(path: Path, display: str) -> str:
         with os.fdopen(handle, "rb") as stream:
             if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
                 raise problem("is not a regular file (a FIFO, device or socket); it was not read")
-            data = stream.read(MAX_MANIFEST_BYTES + 1)
+            data = read_at_most(stream, MAX_MANIFEST_BYTES, info.st_size)
     except FileNotFoundError:
         raise problem("no such file") from None
     except (OSError, ValueError) as exc:  # ValueError: a NUL in the path

@@ -291,7 +291,9 @@ def render_sheet(
     for card in cards:
         counts[card["status"]] += 1
     digest = sheet_digest(title, order, entries, infos, command_path)
-    meta = {"title": title, "manifest": command_path, "page": digest}
+    # When the last apply finished is this machine's, not the folder's: it goes in the data file
+    # (the folder's state), so that two runs that end with the same shots draw the same page.
+    meta = {"title": title, "manifest": command_path, "page": digest, "finished_at": finished_at}
     key = "0" * 64  # any key: its place in the thumbnail's path is what is wanted
     template = _url(output_dir, thumb_path(output_dir, key))
     template = template.replace(key, "{key}").replace(f"/{key[:2]}/", "/{k2}/")
@@ -306,7 +308,6 @@ def render_sheet(
         "changed": sum(1 for card in cards if card["change"]),
         "variants": any(info.base for info in infos.values()),
         "variables": variables,
-        "finished_at": finished_at,
         "links_until": _readable(links.expires) if links.expires and links.urls else None,
         "link_origins": links.origins(),
         "data_url": page_url(output_dir),

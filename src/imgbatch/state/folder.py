@@ -9,6 +9,7 @@ Takes an output folder's path; gives `OutputFolder`, the only code that knows wh
     <root>/.imgbatch/thumbs/           the contact sheet's thumbnails, one per key
     <root>/.imgbatch/last-run.json     what the last apply changed (the sheet's marks)
     <root>/.imgbatch/lock              held by apply, generate and `gc --yes`
+    <root>/.imgbatch/changed           rewritten by `gc --yes` when it deletes (see `version`)
 
 `load` gives the state: the record with the journal of an unfinished run replayed over it (a
 later line for a shot winning). results.json is never read back to decide anything, with one
@@ -18,6 +19,10 @@ its place, so nothing paid for is paid again and nothing committed is overruled 
 record. `save` writes results.json (only if its bytes change: a no-op apply leaves it as it
 was, `updated_at` included), then the record, then drops the journal: a run killed between two
 of these loses nothing (the record that did not render the results.json on disk imports it).
+
+`version` is a digest of what a plan reads of the state (the record, the journal, results.json,
+and the mark `gc --yes` leaves when it deletes from the cache): apply plans before it takes the
+lock, and plans again under the lock only if the version changed meanwhile.
 
 The folder records the manifest that owns it: `claim` refuses another one (`FolderOwnedError`)
 unless forced, and a forced one's entries are kept apart (`FolderState.split`), so neither
@@ -32,6 +37,7 @@ import hashlib
 import json
 import os
 import stat
+import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -77,6 +83,7 @@ LAST_RUN_FILE = "last-run.json"
 LOCK_FILE = "lock"
 LOCK_HOLDER_FILE = "lock.holder"
 LOCK_HOLDERS = ("apply", "generate", "gc")
+CHANGED_FILE = "changed"
 CACHE_DIR = "cache"
 THUMBS_DIR = "thumbs"
 
@@ -240,6 +247,27 @@ class OutputFolder:
         )
         return FolderState(by_id, owner, guests, rendered, known=True)
 
+    def version(self) -> str:
+        """Where the folder's state stands, cheaply: a digest of the record, the journal and
+        results.json as they are on disk, and of the mark `mark_changed` leaves. Another run
+        that changes what a plan is made from changes it: an apply journals what it makes and
+        then writes the record and results.json (an apply that leaves them as they were only
+        put back what they already said), a killed one leaves its journal, `gc --yes` marks its
+        deletions. Read before the state a plan is made from, so a change after it shows."""
+        digest = hashlib.sha256()
+        for path in (self.record_path, self.journal_path, self.results_path, self._changed_path):
+            digest.update(f"{path.name} {file_sha256(path) or '-'}\n".encode())
+        return digest.hexdigest()
+
+    def mark_changed(self) -> None:
+        """Under the lock, after deleting from the cache or the folder (`gc --yes`): change the
+        `version`, so that an apply that planned before taking the lock plans again."""
+        atomic_write(self._changed_path, f"{uuid.uuid4().hex}\n".encode())
+
+    @property
+    def _changed_path(self) -> Path:
+        return self.state_dir / CHANGED_FILE
+
     def journal(self) -> Journal:
         """The journal a run appends each finished shot to (`Journal.record`)."""
         return Journal(self.journal_path)
@@ -274,8 +302,9 @@ class OutputFolder:
     ) -> Path:
         """Write the state after a run: `entries` (the manifest's shots, in its order), its
         `orphans`, and the entries of other manifests `kept` as they are; gives results.json's
-        path. `meta` heads results.json; its `updated_at` is `now` only when something in it
-        changed since `before` was rendered."""
+        path. `meta` heads results.json; its `updated_at` is the newest entry's `made_at` (for
+        entries older than `made_at`: `now`, when something in it changed since `before` was
+        rendered)."""
         folder_owner = owner.fill(before.owner)
         guests = {e.id: before.guests[e.id] for e in kept if e.id in before.guests}
         if not owner.same(folder_owner):
@@ -297,7 +326,14 @@ class OutputFolder:
         before: FolderState,
         now: str,
     ) -> Rendered:
-        """Write results.json unless it already holds these bytes; gives what it now holds."""
+        """Write results.json unless it already holds these bytes; gives what it now holds.
+        Its `updated_at` is the newest entry's `made_at`: a time of the data, so that two runs
+        that end with the same entries (an assembling run, a plain apply) write the same bytes.
+        Only entries older than `made_at` leave `now` (the run's time) as the time of a change."""
+        newest = max(
+            (entry.made_at for entry in (*entries, *orphans) if entry.made_at), default=None
+        )
+        now = newest or now
         last = before.rendered
         if last.updated_at is not None:
             kept_meta = {**meta, "updated_at": last.updated_at}

@@ -74,6 +74,10 @@ class ResultEntry:
     # False: the image is kept only in the shared store, at `image_url` (`apply
     # --no-local-copy`), not at `file`; None (not written): it is at `file`.
     local_copy: bool | None = None
+    # When this entry's outcome came (UTC, ISO 8601, seconds): its image received, or its
+    # failure. It travels with the entry (a shot restored from a shared store keeps its maker's),
+    # and results.json's `updated_at` is the newest of them: a time of the data, not of a run.
+    made_at: str | None = None
 
     @property
     def has_image(self) -> bool:
@@ -161,6 +165,7 @@ def _check_types(entry: ResultEntry) -> None:
         and type(entry.prompt_sent) in _STR_OR_NONE
         and type(entry.reference_url) in _STR_OR_NONE
         and type(entry.local_copy) in _BOOL_OR_NONE
+        and type(entry.made_at) in _STR_OR_NONE
     ):
         return
     bad = [
@@ -205,6 +210,7 @@ _TYPES: dict[str, tuple[frozenset[type], str]] = {
     "sha256": _OPTIONAL_TEXT,
     "prompt_sent": _OPTIONAL_TEXT,
     "reference_url": _OPTIONAL_TEXT,
+    "made_at": _OPTIONAL_TEXT,
     "width": _OPTIONAL_NUMBER,
     "height": _OPTIONAL_NUMBER,
     "seed": _OPTIONAL_NUMBER,
@@ -225,7 +231,7 @@ _STATUSES = frozenset(STATUSES)
 # A request key as `ImageRequest.key` makes it: the SHA-256 of the request, in hex.
 _KEY = re.compile(r"[0-9a-f]{64}")
 _FIELD_NAMES = tuple(item.name for item in fields(ResultEntry))
-_WRITTEN_WHEN_SET = ("reference_url", "error_status", "error_message", "local_copy")
+_WRITTEN_WHEN_SET = ("reference_url", "error_status", "error_message", "local_copy", "made_at")
 # Fields whose few values repeat across thousands of shots (defaults, mostly): loaded entries
 # share one string each instead of holding a copy apiece (a 100,000-shot state is held whole),
 # and so do their requests' (whose keys the JSON parser already shares within one parse).

@@ -23,14 +23,17 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imgbatch.errors import SharedEntryDamaged, SharedStoreError
 from imgbatch.state.cache import verify_image
 from imgbatch.state.store.claims import DEFAULT_LEASE, Claims, HeldClaims
 from imgbatch.state.store.objects import Conflict, Exists, ObjectStore
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 RECORD_VERSION = 1
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -121,9 +124,15 @@ class SharedCache:
             where = self.objects.object_url(f"ac/{key}")
             raise SharedEntryDamaged(f"{where} is not a record: {exc}") from None
 
-    async def fetch(self, record: Record, dimensions: tuple[int, int]) -> bytes:
+    async def fetch(
+        self,
+        record: Record,
+        dimensions: tuple[int, int],
+        then: Callable[[Image.Image], object] | None = None,
+    ) -> bytes:
         """The record's blob, checked against it and decoded at `dimensions` (the shot's size);
-        `SharedEntryDamaged` naming what is wrong otherwise."""
+        `SharedEntryDamaged` naming what is wrong otherwise. `then` is given the decoded image
+        once it has passed (the contact sheet's thumbnail, from the one decode)."""
         where = self.blob_url(record.sha256)
         stored = await self.objects.get(f"cas/{record.sha256}")
         if stored is None:
@@ -141,7 +150,7 @@ class SharedCache:
                 f"is {dimensions[0]}*{dimensions[1]}"
             )
         try:
-            await asyncio.to_thread(verify_image, data, *dimensions)
+            await asyncio.to_thread(verify_image, data, *dimensions, then=then)
         except ValueError as exc:
             raise SharedEntryDamaged(f"{where}: {exc}") from None
         return data
