@@ -190,6 +190,7 @@ __all__ = [
     "write_crash_log",
 ]
 
+
 def run() -> None:
     """The `imgbatch` command as a process (`python -m imgbatch` and the installed script):
     `main`, then out. Once the command is done and nothing else runs, the process ends without
