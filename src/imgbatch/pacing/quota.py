@@ -196,6 +196,7 @@ class QuotaEstimator:
         self._settling = False  # a changed quota's count is being found
         self._narrowed = False  # a narrower period was tried and admitted
         self._opening_refused = False  # the first 429 came within the gentle opening
+        self._hint_from = 0  # the first request sent under the stated or learned window
 
     @property
     def found(self) -> bool:
@@ -254,7 +255,11 @@ class QuotaEstimator:
         probe = self._probe
         if probe is not None and probe.send_id == send_id:
             self._accept_probe(probe, send, at)
-        elif self.source in ("stated", "learned") and self._too_slow(send):
+        elif (
+            self.source in ("stated", "learned")
+            and send_id >= self._hint_from
+            and self._too_slow(send)
+        ):
             # Admitted where the hint would have refused it: the run's own evidence outranks it.
             self._hint_wrong, self._disproved = True, self.window
             self._restart_ramp(at)
@@ -355,8 +360,10 @@ class QuotaEstimator:
         would have let it, with fewer in flight than were refused. Refused, the window is fitted
         again (the gentle opening refused twice: a few a minute)."""
         fitted = self._fit_once()
-        if fitted is None or fitted.count < 2 or not _shorter(fitted.period, _MINUTE):
-            return  # (a spacing too fast is `_cap_refusal`'s to slow down)
+        admitted = self._times()[1].count(False)
+        if fitted is None or fitted.count != admitted or not _shorter(fitted.period, _MINUTE):
+            # (Not when a faster window or spacing fits: it is tried first, by `_cap_refusal`.)
+            return
         # (The others wait for the probe's answer, which a 429 gives at once.)
         held = Quota(fitted.count, _MINUTE)
         self._probe = _Probe(held, fitted, raising=False, refit=True)
@@ -367,18 +374,22 @@ class QuotaEstimator:
         """The service stated its quota (a hint: enforced until a 429 it does not explain, and
         only while it is plausible and no request was admitted faster than it allows; stated
         with a 429, it explains the 429, and earlier admissions are of a quota since changed)."""
+        # (A statement with a 429, or one other than the service stated before, is a changed
+        # quota: what was admitted before it says nothing against it. The one shown wrong
+        # stays wrong.)
+        changed = with_429 or (self.stated_quota is not None and quota != self.stated_quota)
         self.stated_quota = quota
-        # (A new statement with a 429 is a changed quota; the one shown wrong stays wrong.)
-        renewed = with_429 and quota != self._disproved
+        renewed = changed and quota != self._disproved
         if self.given is not None or (self._hint_wrong and not renewed) or self.window == quota:
             return
-        if not plausible(quota) or (not with_429 and self._contradicted(quota)):
+        if not plausible(quota) or (not changed and self._contradicted(quota)):
             self._hint_wrong, self._disproved = True, quota
             return
         self.window, self.source = quota, "stated"
         self._ramping = False
         self._probe = None
         self._hint_wrong = False
+        self._hint_from = self._sent_total  # (requests sent before it went by another quota)
 
     @property
     def may_probe(self) -> bool:
