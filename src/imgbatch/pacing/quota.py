@@ -689,8 +689,7 @@ def _windows(
         elif previous is not None and _shorter(lower, previous):
             found.append(Quota(count, previous))
         elif opening_span is None or lower >= _MINUTE:
-            # Half as long again as the span refused (a 429 there grows it as much again).
-            found.append(Quota(count, _round_above(1.5 * lower)))
+            found.append(Quota(count, _guess_above(lower)))
         elif lower <= opening_span * 1.05:
             # The gentle opening was refused: twice its span, where a window of a few seconds
             # has let the first request go again, is tried with one request.
@@ -700,6 +699,14 @@ def _windows(
             # few a minute.
             found.append(Quota(count, _MINUTE))
     return found
+
+
+def _guess_above(lower: float) -> float:
+    """A period to try after a span of `lower` seconds was refused: the longest round period
+    up to twice as long (a 429 there grows the span that much again, so a few 429s find any
+    period; one admitted is narrowed down), else the next round one half as long again."""
+    within = [p for p in ROUND_PERIODS if 1.2 * lower < p <= 2 * lower]
+    return float(within[-1]) if within else _round_above(1.5 * lower)
 
 
 def _round_above(period: float) -> float:
