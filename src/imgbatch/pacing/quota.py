@@ -197,6 +197,7 @@ class QuotaEstimator:
         self._narrowed = False  # a narrower period was tried and admitted
         self._opening_refused = False  # the first 429 came within the gentle opening
         self._hint_from = 0  # the first request sent under the stated or learned window
+        self._cap_gap = math.inf  # the gap before the request of the last 429 a cap may explain
 
     @property
     def found(self) -> bool:
@@ -242,6 +243,7 @@ class QuotaEstimator:
         if send is None:
             return
         send.answered = True
+        self._admit_pending(at)  # (before the cap grows: how many were admitted together)
         self._max_admitted_in_flight = max(self._max_admitted_in_flight, send.in_flight)
         if self.cap_confirmed and self._cap_measured is not None:
             # A cap tried one higher and admitted: it has grown.
@@ -512,9 +514,13 @@ class QuotaEstimator:
         spacing = _spacing_bounds(times, refused)
         # Refused after a shorter gap than any admitted: the rate was raised too far.
         raised = spacing is not None and _shorter(spacing[0], spacing[1])
-        if not raised or send.in_flight == self._cap_measured:
-            # Sent at a rate admitted before (only the work in progress had grown), or at a new
-            # rate but with as many in flight as at the last 429: a cap.
+        previous, gap = self._cap_gap, self._gap_before(send)
+        self._cap_gap = gap
+        same = send.in_flight == self._cap_measured and gap >= previous / 1.05
+        if not raised or same:
+            # Sent at a rate admitted before (only the work in progress had grown), or refused
+            # at the same count as the last 429 and sent no faster: a cap. (Faster, it may be
+            # the rate: a token bucket refuses at any count.)
             self._set_cap(send.in_flight, at, confirm=True)
             return True
         if spacing is not None and _SHORTEST_PERIOD <= spacing[1] < math.inf:
@@ -527,6 +533,11 @@ class QuotaEstimator:
             return True
         self._set_cap(send.in_flight, at, confirm=False)
         return False
+
+    def _gap_before(self, send: _Send) -> float:
+        """Seconds since the latest request admitted before `send` (inf if none)."""
+        before = (s.at for s in reversed(self._sends) if s.at < send.at and not s.refused)
+        return send.at - next(before, -math.inf)
 
     def _fit(self) -> Quota | None:
         """The fastest window that explains every 429 the cap does not, fitted over the latest
@@ -610,7 +621,9 @@ class QuotaEstimator:
     def _admit_pending(self, now: float) -> None:
         """Requests still in flight long after a 429 would have come back were admitted."""
         wait = self._refusal_wait()
-        for send in self._sends:
+        # (The latest few hundred: older ones were answered long since.)
+        for index in range(len(self._sends) - 1, max(len(self._sends) - 256, 0) - 1, -1):
+            send = self._sends[index]
             if not send.refused and not send.answered and now - send.at > wait:
                 self._max_admitted_in_flight = max(self._max_admitted_in_flight, send.in_flight)
 
