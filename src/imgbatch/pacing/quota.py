@@ -522,6 +522,11 @@ class QuotaEstimator:
             # at the same count as the last 429 and sent no faster: a cap. (Faster, it may be
             # the rate: a token bucket refuses at any count.)
             self._set_cap(send.in_flight, at, confirm=True)
+            if self._ramping and not self.cap_confirmed:
+                # A cap not confirmed may be the rate as well: the ramp stops at what fits.
+                fitted = self._fit_once()
+                if fitted is not None:
+                    self.window, self.source, self._ramping = fitted, "probed", False
             return True
         if spacing is not None and _SHORTEST_PERIOD <= spacing[1] < math.inf:
             # Too many in progress or too fast: back to the fastest spacing admitted. The count
@@ -577,12 +582,15 @@ class QuotaEstimator:
                 candidates.append(Quota(1, period))
         first = refused.index(True)
         if self.source == "probing" and self.refusals == 1:
-            # The first 429: a token bucket, full at the start with a second of its rate saved
-            # up, would explain it too; its rate, evenly spaced.
+            # The first 429, the rate doubling: a token bucket, full at the start with a second
+            # of its rate saved up, explains it; its rate, evenly spaced, or the whole count
+            # admitted in a window. (The faster windows that fit are the doubling's own pattern:
+            # each tried would be a 429.)
             bucket = _bucket_rate(times[: first + 1])
             if bucket is not None and first > self.settings.opening_sends:
                 # (Not when the opening itself was refused: a window of a few a minute is.)
-                candidates.append(Quota.per_second(bucket * _MARGIN))
+                whole = [quota for quota in candidates if quota.count == first]
+                candidates = [Quota.per_second(bucket * _MARGIN), *whole]
         measured = _dry_to_dry_rate(times, refused)
         if measured is not None and self.cap is None:
             # (With a cap, what was admitted may have been held back by it, not by the rate.)
