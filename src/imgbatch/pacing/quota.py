@@ -248,10 +248,10 @@ class QuotaEstimator:
         if self.cap_confirmed and self._cap_measured is not None:
             # A cap tried one higher and admitted: it has grown.
             self._cap_measured = max(self._cap_measured, send.in_flight + 1)
-        if self.cap is not None and not self.cap_confirmed:
-            # Slow start (doubling per round trip while nothing is refused), but one request
-            # at a time beyond the most ever admitted together: two tried at once are two 429s.
-            self.cap = min(self.cap + 1, self._max_admitted_in_flight + 2)
+        if self.cap is not None and not self.cap_confirmed and 2 * (send.in_flight + 1) > self.cap:
+            # Slow start: doubling per round trip while nothing is refused, counting only
+            # requests sent with the cap half full or more (others say nothing of it).
+            self.cap += 1
         if self._held_since is not None and send.at >= self._held_since:
             self._proven, self._settling = True, False
         probe = self._probe
@@ -522,11 +522,15 @@ class QuotaEstimator:
             # at the same count as the last 429 and sent no faster: a cap. (Faster, it may be
             # the rate: a token bucket refuses at any count.)
             self._set_cap(send.in_flight, at, confirm=True)
-            if self._ramping and not self.cap_confirmed:
+            fitted = self._fit_once() if self._ramping and not self.cap_confirmed else None
+            if fitted is not None:
                 # A cap not confirmed may be the rate as well: the ramp stops at what fits.
-                fitted = self._fit_once()
-                if fitted is not None:
-                    self.window, self.source, self._ramping = fitted, "probed", False
+                self.window, self.source, self._ramping = fitted, "probed", False
+                if send.in_flight > self.settings.opening_sends:
+                    # Waiting for fewer in flight would cost a whole generation; the count is
+                    # noted, not enforced (the rate slowed explains the 429 too): if it was a
+                    # cap, its next 429 comes at the same count and confirms it.
+                    self.cap = None
             return True
         if spacing is not None and _SHORTEST_PERIOD <= spacing[1] < math.inf:
             # Too many in progress or too fast: back to the fastest spacing admitted. The count
