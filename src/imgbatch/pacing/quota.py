@@ -575,15 +575,6 @@ class QuotaEstimator:
         previous = self.window.period if self.source != "probing" else None
         opening = self.settings.opening_span if self._opening_refused else None
         candidates = _windows(times, refused, previous, opening)
-        spacing = _spacing_bounds(times, refused)
-        if spacing is not None and _shorter(*spacing):
-            longest_refused, shortest_admitted = spacing
-            if math.isinf(shortest_admitted):
-                candidates.append(Quota(1, longest_refused * 2))
-            else:
-                # Halfway in log scale: a wrong guess is refused and halves the range.
-                period = math.sqrt(max(longest_refused, 1e-3) * shortest_admitted)
-                candidates.append(Quota(1, period))
         first = refused.index(True)
         if self.source == "probing" and self.refusals == 1:
             # The first 429, the rate doubling: a token bucket, full at the start with a second
@@ -595,6 +586,15 @@ class QuotaEstimator:
                 # (Not when the opening itself was refused: a window of a few a minute is.)
                 whole = [quota for quota in candidates if quota.count == first]
                 candidates = [Quota.per_second(bucket * _MARGIN), *whole]
+        spacing = _spacing_bounds(times, refused)
+        if spacing is not None and _shorter(*spacing):
+            longest_refused, shortest_admitted = spacing
+            if math.isinf(shortest_admitted):
+                candidates.append(Quota(1, longest_refused * 2))
+            else:
+                # Halfway in log scale: a wrong guess is refused and halves the range.
+                period = math.sqrt(max(longest_refused, 1e-3) * shortest_admitted)
+                candidates.append(Quota(1, period))
         measured = _dry_to_dry_rate(times, refused)
         if measured is not None and self.cap is None:
             # (With a cap, what was admitted may have been held back by it, not by the rate.)
