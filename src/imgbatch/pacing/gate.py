@@ -206,7 +206,7 @@ class Gate:
         return self._spacing
 
     def _window_delay(self, now: float) -> float:
-        window = self.estimator.window
+        window = self.estimator.pace
         if self._spaced:
             return 0.0
         period = _margin(window)

@@ -94,7 +94,7 @@ _SPARE = 4
 # No window is shorter (a span shorter than this is requests sent at once).
 _SHORTEST_PERIOD = 0.01
 # A remembered window nothing has refused yet is narrowed after holding this long at most.
-_HOLD_UNTESTED = 10.0
+_HOLD_UNTESTED = 3.0
 # Probing a narrowed period stops when the gap left is this small a share of it.
 _CLOSE_ENOUGH = 0.08
 
@@ -205,6 +205,17 @@ class QuotaEstimator:
         return self.source != "probing"
 
     @property
+    def pace(self) -> Quota:
+        """The window the gate keeps: `window`, except that a remembered window's first count
+        goes no faster than the gentle opening until one is admitted after it (remembered too
+        fast, its whole count sent at once would be its whole count less the real one in 429s;
+        spaced, the first 429 stops the rest)."""
+        window, opening = self.window, self.settings.opening
+        if self.source == "learned" and not self.refusals and self._sent_total < window.count:
+            return Quota(1, min(opening.period / opening.count, window.period / window.count))
+        return window
+
+    @property
     def probing_up(self) -> bool:
         """A faster window is being tried (or the rate raised until a 429 says where it ends)."""
         return self._probe is not None or self._ramping
@@ -269,15 +280,23 @@ class QuotaEstimator:
     def _accept_probe(self, probe: _Probe, send: _Send, at: float) -> None:
         """The request that tests `probe` was admitted."""
         self._probe = None
-        # (Counted over a little less than the period: sent where the service's window may
-        # already have let it, it proves nothing.)
-        if self._admitted_before(send, probe.before) < probe.before.count:
-            return  # the window before would have admitted it too: it proves nothing
+        # The span it was admitted in: from the request `count` before it (of those admitted).
+        count = probe.before.count
+        earlier = [s.at for s in self._sends if s is not send and not s.refused and s.at <= send.at]
+        span = send.at - earlier[-count] if len(earlier) >= count else math.inf
+        if span >= probe.before.period / 1.05:
+            # (A little less than the period: sent where the service's window may already
+            # have let it, it proves nothing.)
+            return
         # Admitted where the window before would have held it back: the faster window is
-        # the window now (and the next raise bigger, up to doubling the count).
-        self._step = min(self._step * 2, max(probe.before.count, 4)) if probe.raising else 1
+        # the window now (and the next raise bigger, up to doubling the count), but a period
+        # no shorter than the span it proved.
+        self._step = min(self._step * 2, max(count, 4)) if probe.raising else 1
         self._narrowed |= not (probe.raising or probe.refit)
-        self.window = probe.target
+        target = probe.target
+        # (Sent when the target let it, the span is the target's period as the gate keeps it.)
+        proved = probe.raising or span <= _slack(target.period)
+        self.window = target if proved else Quota(count, span)
         if self.source == "learned":
             self.source = "probed"  # the run learned better than it remembered
         self._held_since = at
