@@ -444,7 +444,11 @@ class QuotaEstimator:
         held = at - (at if self._held_since is None else self._held_since)
         untested = lower == 0 and not self._narrowed
         hold = min(2 * window.period, _HOLD_UNTESTED)
-        if (raising and held < max(hold, self._raise_every())) or (untested and held < hold):
+        if raising and self._step > 1:
+            hold = 0.0  # the last raise was admitted: the quota grew, and may have grown more
+        elif raising:
+            hold = max(hold, self._raise_every())
+        if (raising or untested) and held < hold:
             # (A remembered window nothing in this run has refused yet is tested too, but
             # after it held for a while.)
             return False
@@ -452,7 +456,8 @@ class QuotaEstimator:
             if window.count == 1:
                 faster = Quota(1, window.period / (1 + 0.05 * self._step))
             else:
-                faster = Quota(window.count + self._step, window.period)
+                # (One more: the one request that tries it proves no more than that.)
+                faster = Quota(window.count + 1, window.period)
         self._probe = _Probe(window, faster, raising)
         self.window = faster
         self._held_since = at
