@@ -540,12 +540,12 @@ class QuotaEstimator:
         raised = spacing is not None and _shorter(spacing[0], spacing[1])
         previous, gap = self._cap_gap, self._gap_before(send)
         self._cap_gap = gap
-        same = send.in_flight == self._cap_measured and gap >= previous / 1.05
-        if not raised or same:
+        no_faster = gap >= previous / 1.05
+        if not raised or (send.in_flight == self._cap_measured and no_faster):
             # Sent at a rate admitted before (only the work in progress had grown), or refused
-            # at the same count as the last 429 and sent no faster: a cap. (Faster, it may be
-            # the rate: a token bucket refuses at any count.)
-            self._set_cap(send.in_flight, at, confirm=True)
+            # at the same count as the last 429: a cap, confirmed when sent no faster than then.
+            # (Faster, it may be the rate: a token bucket refuses at any count.)
+            self._set_cap(send.in_flight, at, confirm=no_faster)
             fitted = self._fit_once() if self._ramping and not self.cap_confirmed else None
             if fitted is not None:
                 # A cap not confirmed may be the rate as well: the ramp stops at what fits.
