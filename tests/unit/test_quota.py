@@ -280,7 +280,7 @@ def test_a_limits_quota_not_written_k_over_p_is_a_manifest_error_naming_it(tmp_p
         load_manifest(path)
 
 
-# ----- beliefs tested, not kept (issue 20, the pacer's rows) ---------------------------------------
+# ----- beliefs tested, not kept (issue 20, the pacer's rows) -------------------------------------
 
 
 def test_the_gentle_openings_429_is_followed_by_one_request_where_a_short_window_resets() -> None:
