@@ -26,28 +26,43 @@ How a quota is found when nothing is known (no `--quota`/`--rps`, no stated or l
   request had K others admitted in the P seconds before it, and every refused one had: for each
   K, P lies between the longest span refused and the shortest span admitted, whatever its
   length. The fastest K that fits is enforced at the shortest admitted span; a K no admitted
-  span bounds yet is guessed (the period believed before, a minute when the gentle opening
-  itself was refused, else the next round period a fifth above the span refused): a wrong guess
-  is refused at once, costing a 429 and no time.
+  span bounds yet is guessed (the period believed before, else the longest round period up to
+  twice the span refused): a wrong guess is refused at once, costing a 429 and no time. The
+  first 429 of the doubling rate is fitted as a token bucket full at the start with a second of
+  its rate saved up, or as the whole count admitted in a window: the faster windows that fit
+  there are the doubling's own pattern, and each tried would be a 429.
+* **One request tells two beliefs apart.** The gentle opening's third refused with two in
+  flight is a cap of 2, or 2 per some period: the next request goes alone, with fewer in flight,
+  when a window of twice the opening (3 s) would have let it. Admitted, the window is that short
+  (the span it was admitted in, which is all one request proves); refused, it is a few a minute.
+  (A cap of 2 with generations shorter than the window is not told from that window then: both
+  explain all that is seen, and telling them apart costs a 429 either way.)
 * **Beliefs are tested, not kept.** While requests wait on the window, a period not narrowed
   down yet is tried shorter (a round period halfway, one request: kept if admitted, dropped if
-  refused), and a window that held two periods without a 429 is tried one higher (then two,
-  four...), within the run's budget of 429s (`REFUSAL_BUDGET`). A window that held and is
-  refused means the quota changed: the count the service just admitted is the count now, and
-  older evidence is set aside. A remembered (learned) window is where a run starts and is
-  tested the same way.
+  refused), and a window that held a while without a 429 is tried one higher, again at once
+  while raises are admitted. A probe's request not refused within a round trip was admitted
+  (its answer is a whole generation away). All of it within the run's budget of 429s
+  (`REFUSAL_BUDGET` of the requests the run means to send, `expected`), raises spread over the
+  time the run has left (a quota may be raised at any time). A window that held and is refused
+  means the quota changed: the count the service just admitted is the count now, and older
+  evidence is set aside. A remembered (learned) window is where a run starts and is tested the
+  same way; its first count goes no faster than the gentle opening.
 * **Cap or rate.** A 429 with n in flight fits a cap of n when no request was ever admitted with
   n or more in flight. If a window fits too, the cap is believed first, tentatively, and raised
-  by one per answer (doubling per round trip, as TCP's slow start): a cap is confirmed when the
-  raised cap is refused at the same count; a rate limit shows itself by a 429 with fewer in
-  flight than has been admitted before, and the window is fitted then.
+  by one per answer of a request sent with it half full (doubling per round trip, as TCP's slow
+  start): a cap is confirmed when refused again at the same count, sent no faster than the first
+  time (a token bucket refuses at any count, faster); a rate limit shows itself by a 429 with
+  fewer in flight than has been admitted before, and the window is fitted then. A cap of more
+  than the opening's count, while the rate slowed explains the 429 too, is only noted: waiting
+  for fewer in flight would cost a whole generation.
 * **Nothing fits** (a token bucket's saved-up burst makes early admissions look like a larger
   window): the admissions before the first 429 are set aside; failing that, even spacing at what
   was admitted between the first and last 429.
 
 A stated quota is a hint: enforced until a 429 it does not explain (with no cap to explain
 it either), and only while it is plausible (`plausible`) and no request was admitted faster than
-it allows. A given quota is never changed by a 429.
+it allows (since it was stated: a new statement is a changed quota). A given quota is never
+changed by a 429.
 """
 
 from __future__ import annotations
@@ -190,7 +205,7 @@ class QuotaEstimator:
         # Evidence sent before this is set aside: the quota changed since.
         self._epoch = -math.inf
         self._probe: _Probe | None = None
-        self._step = 1  # the next additive increase; doubles while increases are admitted
+        self._step = 1  # doubles while raises are admitted (1: the last was refused, or none)
         self._held_since: float | None = None  # the window in force, with no 429, since then
         self._proven = False  # a request sent since then was admitted
         self._settling = False  # a changed quota's count is being found
@@ -289,8 +304,8 @@ class QuotaEstimator:
             # have let it, it proves nothing.)
             return
         # Admitted where the window before would have held it back: the faster window is
-        # the window now (and the next raise bigger, up to doubling the count), but a period
-        # no shorter than the span it proved.
+        # the window now, but a period no shorter than the span it proved. (A raise admitted
+        # makes the next one sooner, and a spacing's next step bigger.)
         self._step = min(self._step * 2, max(count, 4)) if probe.raising else 1
         self._narrowed |= not (probe.raising or probe.refit)
         target = probe.target
