@@ -238,3 +238,20 @@ def test_an_image_restored_from_the_local_cache_goes_to_the_store_only_too(
     assert all(entry["local_copy"] is False for entry in entries(output).values())
     # One lookup of each record, no blob read (the store already had them all).
     assert document["store"]["requests"] == {"get": SHOTS}
+
+
+def test_the_sheet_never_links_a_store_that_does_not_hold_the_image(
+    tmp_path: Path, api_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    # Applied with --no-local-copy into one store, then with another: results.json still (and
+    # rightly) names the first store's blobs, but the sheet linked the second store's names,
+    # where nothing is: every full image link was dead.
+    manifest = write_many_shots(tmp_path, "nolocal", 2)
+    output = tmp_path / "output" / "nolocal"
+    first, second = tmp_path / "first-store", tmp_path / "second-store"
+    apply_json({**api_env, "IMGBATCH_STORE": str(first)}, manifest, "--no-local-copy")
+    apply_json({**api_env, "IMGBATCH_STORE": str(second)}, manifest, "--no-local-copy")
+    assert len(read_data(output)) == 2
+    assert not [card for card in read_data(output) if str(second.as_uri()) in str(card["file"])]
+    assert run({**api_env, "IMGBATCH_STORE": str(second)}, "sheet", manifest).exit_code == 0
+    assert not [card for card in read_data(output) if str(second.as_uri()) in str(card["file"])]
