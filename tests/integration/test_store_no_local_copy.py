@@ -254,8 +254,8 @@ def test_gc_and_prune_have_nothing_local_to_delete_and_keep_the_thumbnails(
     assert sorted((output / ".imgbatch" / "thumbs").rglob("*.webp")) == thumbs
     # A shot dropped from the list: --prune drops its entry (no file to remove), the store
     # keeps its image (gc --store collects it by its own rules).
-    text = manifest.read_text().replace('  - id: shot-003\n    prompt: "a lighthouse, take 3"\n', "")
-    manifest.write_text(text)
+    dropped = '  - id: shot-003\n    prompt: "a lighthouse, take 3"\n'
+    manifest.write_text(manifest.read_text().replace(dropped, ""))
     _, pruned = apply_json(store_env, manifest, "--no-local-copy", "--prune")
     assert "shot-003" not in entries(output)
     assert [item["reason"] for item in pruned["pruned"]] == ["its file was already gone"]
