@@ -291,6 +291,12 @@ def apply_command(manifest: Path, as_json: bool, verbosity: str | None, **option
     level = _verbosity(verbosity)
     quiet = level is Verbosity.QUIET
     report = _run_apply(manifest, options, level)
+    if report.replanned and level is Verbosity.VERBOSE:
+        click.echo(
+            "note: another process changed the output folder between the plan and the lock; "
+            "planned again under the lock",
+            err=True,
+        )
     console_for(sys.stderr if as_json else sys.stdout).print(
         quiet_summary(report) if quiet else apply_summary(report)
     )

@@ -127,6 +127,11 @@ class ApplyReport:
     picked: tuple[str, ...] = ()
     # With a shared store (--store): what the run did with it.
     store: StoreUse | None = None
+    # Plans made: 1, and 1 more when another process changed the output folder between the
+    # plan and the lock (`replanned`: made again under the lock), or one was needed before the
+    # references were fetched or a store opened, or to know what to fetch from a store.
+    plans: int = 1
+    replanned: bool = False
 
     @property
     def entries(self) -> tuple[ResultEntry, ...]:

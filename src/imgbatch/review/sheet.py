@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import io
 import os
@@ -37,11 +38,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
-
-import jinja2
-from PIL import Image
 
 from imgbatch.errors import ImageError, SharedStoreError, StoreError
 from imgbatch.manifest import Manifest, load_manifest
@@ -55,6 +53,12 @@ from imgbatch.state.folder import OutputFolder
 from imgbatch.state.last_run import Change, load_changes, save_changes, thumb_path
 from imgbatch.state.results import STATUSES, ResultEntry
 from imgbatch.state.store import SharedCache, choose_store, open_shared
+
+# Jinja2 and Pillow are imported where they are used: an apply needs neither before its first
+# request (the sheet is drawn at the end; images are decoded as they come).
+if TYPE_CHECKING:
+    import jinja2
+    from PIL import Image
 
 SHEET_FILE = "index.html"
 # Bounding box of a thumbnail: a 16:9 image becomes 320*178, a WebP of a few to a few tens of KB.
@@ -186,7 +190,7 @@ def update_after_apply(
     order = [item.id for item in plan.shots]
     by_id = {entry.id: entry for entry in entries}
     infos = shot_infos(manifest) if manifest is not None else {}
-    command_path = _command_path(manifest)
+    command_path = manifest_command_path(manifest)
     try:
         finished: datetime | None
         if any(item.action in WORK_ACTIONS for item in plan.shots):
@@ -251,7 +255,7 @@ def write_sheet(
             changes=changes,
             finished_at=finished_at,
             infos=shot_infos(manifest),
-            command_path=_command_path(manifest),
+            command_path=manifest_command_path(manifest),
             links=links,
         )
     except OSError as exc:
@@ -372,8 +376,13 @@ def sheet_digest(
     for shot_id in order:
         entry = entries.get(shot_id)
         info = infos.get(shot_id)
-        digest.update(f"\n{shot_id} {entry.key if entry else '-'} {info!r}".encode())
+        # A tuple's repr, not the dataclass's: this runs for every shot of every no-op apply.
+        shown = None if info is None else tuple(getattr(info, name) for name in _INFO_FIELDS)
+        digest.update(f"\n{shot_id} {entry.key if entry else '-'} {shown!r}".encode())
     return digest.hexdigest()
+
+
+_INFO_FIELDS = tuple(field.name for field in dataclasses.fields(ShotInfo))
 
 
 def drawn_digest(sheet: Path) -> str | None:
@@ -467,6 +476,8 @@ def write_thumbnail(output_dir: Path, key: str, image: Image.Image) -> bool:
     """Write the thumbnail of `image` (decoded already, as a PNG: an apply gives the one it
     decoded to verify a new image) as `key`'s; False when it cannot be made. `image` is
     reduced in place."""
+    from PIL import Image
+
     try:
         # Box-reduced to about the size, then Lanczos: a fraction of a full Lanczos.
         image.thumbnail(THUMB_BOX, Image.Resampling.LANCZOS, reducing_gap=1.0)
@@ -605,8 +616,9 @@ def _url(output_dir: Path, path: Path) -> str:
     return quote(path.relative_to(output_dir).as_posix())
 
 
-def _command_path(manifest: Manifest | None) -> str | None:
-    """The shot list as the commands the page builds name it: as it was given, normalised."""
+def manifest_command_path(manifest: Manifest | None) -> str | None:
+    """The shot list as the commands the page builds name it: as it was given, normalised
+    (`render_sheet`'s `command_path` for a manifest)."""
     if manifest is None:
         return None
     return os.path.normpath(manifest.path).replace(os.sep, "/")
@@ -614,6 +626,8 @@ def _command_path(manifest: Manifest | None) -> str | None:
 
 @cache
 def _environment() -> jinja2.Environment:
+    import jinja2
+
     return jinja2.Environment(
         loader=jinja2.PackageLoader("imgbatch.review", "templates"),
         autoescape=True,

@@ -18,6 +18,7 @@ import functools
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -58,12 +59,19 @@ from imgbatch.run.store_only import (
     require_store,
     stored_only,
 )
-from imgbatch.shots.expand import Expansion, expand, fetch_references, shot_list
+from imgbatch.shots.expand import (
+    Expansion,
+    expand,
+    fetch_references,
+    references_to_fetch,
+    shot_list,
+)
 from imgbatch.shots.request import KEY_FORMAT_VERSION
 from imgbatch.shots.selection import in_shard, select_shots
 from imgbatch.state.folder import OutputFolder, owner_of
 from imgbatch.state.record import FolderState, Owner
-from imgbatch.state.results import ResultEntry
+from imgbatch.state.results import FileIdentity, ResultEntry
+from imgbatch.state.store import choose_store
 from imgbatch.units.money import CostLimit
 from imgbatch.units.quota import Quota
 
@@ -336,19 +344,21 @@ async def _apply(
     on_plan: Callable[[Plan], None] | None,
     clock: Clock | None,
 ) -> ApplyReport:
-    """The phases: prepare, then under the lock preflight (the plan, then the guards), execute
-    and settle (results.json, prune, the sheet), then the report."""
+    """The phases: prepare (the plan, made before the lock, and the guards), then under the
+    lock preflight (the plan stands unless the folder changed meanwhile), execute and settle
+    (results.json, prune, the sheet), then the report."""
     prep = await _prepare(path, options or ApplyOptions(), provider, stack)
     started = time.monotonic()
     with OutputFolder(prep.expansion.output_dir).lock():
-        plan, held = _preflight(prep, on_plan)
+        planned = _preflight(prep, on_plan)
+        plan = planned.plan
         pacing = _pacing(prep, plan, clock)
         interrupts = Interrupts(prep.options.grace_seconds)
         # From the first request until results.json and the sheet are written: a Ctrl-C while
         # they are written waits for them (they are what the run leaves behind).
         with signal_handler(asyncio.get_running_loop(), interrupts):
             outcome, journal = await _execute(prep, plan, pacing.pacer, listener, clock, interrupts)
-            settled = await _settle_run(prep, plan, held, outcome, journal)
+            settled = await _settle_run(prep, plan, planned.held, outcome, journal)
     return ApplyReport(
         plan=plan,
         results_path=settled.results,
@@ -370,13 +380,29 @@ async def _apply(
         pruned=settled.pruned,
         picked=settled.picked,
         store=prep.sharing.use() if prep.sharing is not None else None,
+        plans=planned.plans,
+        replanned=planned.replanned,
     )
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """A plan, the output folder's state it was made from (`held`), and the folder's `version`
+    read just before that state; `plans`: how many plans the run has made (see `_prepare`)."""
+
+    plan: Plan
+    held: _Held
+    version: tuple[FileIdentity | None, ...]
+    plans: int
+    # Made again under the lock: another process changed the folder after the first plan.
+    replanned: bool = False
 
 
 @dataclass(frozen=True)
 class _Prepared:
     """What preparing gives: the manifest, its shots (every one, and those selected, their
-    references fetched), and the provider chosen, with its prices."""
+    references fetched), the plan made before the lock, and the provider chosen, with its
+    prices."""
 
     path: ManifestSource
     options: ApplyOptions
@@ -386,6 +412,7 @@ class _Prepared:
     limit: CostLimit | None
     provider: Provider
     prices: PriceList
+    planned: _Planned
     # The shared store, if one is named; whether only some shots are acted on (--only, --shard).
     sharing: SharedRun | None = None
     partial: bool = False
@@ -397,15 +424,11 @@ async def _prepare(
     provider: Provider | str | None,
     stack: contextlib.AsyncExitStack,
 ) -> _Prepared:
-    """Load, expand, fetch the references and choose the provider; the refusals that need no
-    lock come first, so a refused run connects to nothing and writes nothing at all."""
-    if isinstance(provider, str):
-        # A name, as on the command line; an object is used as it is.
-        options, provider = replace(options, provider=provider), None
-    elif provider is not None:
-        # An object is chosen by name as surely as --provider is, and its images are keyed
-        # under its own name: keys come from the provider actually used.
-        options = replace(options, provider=provider.name)
+    """Load, expand, fetch the references, make the plan (`_plan_at_version`: the one plan,
+    unless the folder changes before the lock) and run the guards, then choose the provider:
+    every refusal comes before the lock, so a refused run writes nothing at all (and those that
+    can, before anything is fetched or connected to)."""
+    options, provider = _named(options, provider)
     environ = os.environ if options.environ is None else options.environ
     manifest, expansion = load_and_expand(
         path,
@@ -419,20 +442,11 @@ async def _prepare(
     # Before anything is fetched or written: a pattern matching no shot is refused.
     everything, expansion = expansion, _narrowed(expansion, options.only)
     only = bool(options.only)
-    # The plans made here only refuse; the plan made under the lock (`_preflight`) is the only
-    # one that decides what is sent. One plan before the lock would not be safe: another apply
-    # may change the folder until the lock is held, and the lock cannot come first, because
-    # taking it writes into the folder and a refused run must write nothing at all. A refusal
-    # from a state that then changes is only a refusal too soon (the guards run again).
     # Before anything is fetched: a folder another manifest owns (its record's head says).
     OutputFolder(everything.output_dir).claim(
         None, _owner(path, manifest, everything.output_dir), shown=_shown(path), force=options.force
     )
-    if may_replace_paid(expansion.provider, options.provider):
-        # Before anything is fetched, before credentials and before the lock.
-        state = _owned_state(path, manifest, everything, force=options.force).mine
-        early = _plan(expansion, state, options.overwrite_edited, only=only, local=options.local)
-        refuse_placeholder_over_paid(early, options.provider, manifest)
+    plans = _refuse_before_fetching(path, options, manifest, everything, expansion, environ)
     # Each reference URL once, keyed by its content, so that the plan knows every key (a
     # frozen run pays nothing for a URL whose content did not change).
     expansion = await fetch_references(expansion)
@@ -440,35 +454,103 @@ async def _prepare(
         # By request key, known only now (a reference URL's content is part of it).
         expansion, only = replace(expansion, shots=in_shard(expansion.shots, options.shard)), True
     sharing = await _sharing(stack, path, options, manifest, everything, expansion, environ)
+    prices = _prices(manifest, expansion, environ)
+    plans += 1 if sharing is None else 2  # with a store, `_sharing` made one more
+    planned = _plan_at_version(path, options, manifest, everything, expansion, only, prices, plans)
     limit = _cost_limit(options, manifest)
-    if options.frozen or limit is not None:
-        # Before credentials and before the lock: a refused run writes nothing at all.
-        _refuse_early(path, options, manifest, everything, expansion, environ, only, limit)
+    # Before credentials and before the lock: a refused run writes nothing at all.
+    refuse_placeholder_over_paid(planned.plan, options.provider, manifest)
+    refuse_to_start(planned.plan, options.frozen, limit)
     # Credentials are checked before anything is written.
     provider = provider or _provider(expansion.provider, options, environ, sharing)
     prices = _prices(manifest, expansion, environ, provider)
     return _Prepared(
-        path, options, manifest, everything, expansion, limit, provider, prices, sharing, only
+        path,
+        options,
+        manifest,
+        everything,
+        expansion,
+        limit,
+        provider,
+        prices,
+        planned,
+        sharing,
+        only,
     )
 
 
-def _refuse_early(
+def _named(
+    options: ApplyOptions, provider: Provider | str | None
+) -> tuple[ApplyOptions, Provider | None]:
+    """The options naming the provider the run uses, and the provider object given, if any."""
+    if isinstance(provider, str):
+        # A name, as on the command line; an object is used as it is.
+        return replace(options, provider=provider), None
+    if provider is not None:
+        # An object is chosen by name as surely as --provider is, and its images are keyed
+        # under its own name: keys come from the provider actually used.
+        return replace(options, provider=provider.name), provider
+    return options, None
+
+
+def _refuse_before_fetching(
     path: ManifestSource,
     options: ApplyOptions,
     manifest: Manifest,
     everything: Expansion,
     expansion: Expansion,
     environ: Mapping[str, str],
-    only: bool,
-    limit: CostLimit | None,
-) -> None:
-    """`FrozenError` or `CostLimitError` from a plan made before the lock, if it needs one."""
+) -> int:
+    """Refuse the placeholder over paid images before any reference is fetched or any store
+    connected to, when there is one or the other and the placeholder was not chosen by name;
+    gives the plans made for it (0 or 1)."""
+    if not may_replace_paid(expansion.provider, options.provider):
+        return 0
+    if not references_to_fetch(expansion) and not choose_store(
+        options.store, environ, manifest.store
+    ):
+        return 0  # the plan that decides refuses it as soon
     state = _owned_state(path, manifest, everything, force=options.force).mine
-    prices = _prices(manifest, expansion, environ)
     early = _plan(
-        expansion, state, options.overwrite_edited, only=only, prices=prices, local=options.local
+        expansion, state, options.overwrite_edited, only=bool(options.only), local=options.local
     )
-    refuse_to_start(early, options.frozen, limit)
+    refuse_placeholder_over_paid(early, options.provider, manifest)
+    return 1
+
+
+def _plan_at_version(
+    path: ManifestSource,
+    options: ApplyOptions,
+    manifest: Manifest,
+    everything: Expansion,
+    expansion: Expansion,
+    only: bool,
+    prices: PriceList,
+    plans: int,
+) -> _Planned:
+    """The plan, from the output folder's state as loaded just after its `version` is read (so
+    that a change after the read changes the version).
+
+    One plan decides, made before the lock: taking the lock writes into the folder (a refused
+    run must write nothing), so the lock cannot come first. Another apply may change the folder
+    until the lock is held, so under the lock (`_preflight`) only the version is read again,
+    and the plan is made again only if it changed. Two more plans are made, only to refuse or
+    to fetch, when they must come before something this plan needs: with the placeholder not
+    chosen by name and references to fetch or a store to open, one refuses a placeholder over
+    paid images before anything is fetched or connected to (`_refuse_before_fetching`); with a
+    store, one says what to fetch from it (`_sharing`: this plan then restores what it
+    fetched)."""
+    version = OutputFolder(expansion.output_dir).version()
+    held = _owned_state(path, manifest, everything, force=options.force)
+    plan = _plan(
+        expansion,
+        held.mine,
+        options.overwrite_edited,
+        only=only,
+        prices=prices,
+        local=options.local,
+    )
+    return _Planned(plan, held, version, plans)
 
 
 def _provider(
@@ -505,28 +587,35 @@ async def _sharing(
     return sharing
 
 
-def _preflight(prep: _Prepared, on_plan: Callable[[Plan], None] | None) -> tuple[Plan, _Held]:
-    """Under the lock: the folder checked writable, the plan, then the guards again (another
-    run may have changed the folder meanwhile); gives the plan and the state it was made from."""
+def _preflight(prep: _Prepared, on_plan: Callable[[Plan], None] | None) -> _Planned:
+    """Under the lock: the folder checked writable; the plan made before the lock, which stands
+    unless the folder's version changed since (another process changed it: the plan is made
+    again, from the state as it is now); the provider's own prices and metering; then the
+    guards again (a plan made again may need refusing)."""
     options = prep.options
+    folder = OutputFolder(prep.expansion.output_dir)
     # Before the first request: a folder that cannot be written would waste every image.
-    OutputFolder(prep.expansion.output_dir).prepare()
-    held = _owned_state(prep.path, prep.manifest, prep.everything, force=options.force)
-    plan = _plan(
-        prep.expansion,
-        held.mine,
-        options.overwrite_edited,
-        only=prep.partial,
-        prices=prep.prices,
-        local=options.local,
-    )
+    folder.prepare()
+    planned = prep.planned
+    if folder.version() != planned.version:
+        again = _plan_at_version(
+            prep.path,
+            options,
+            prep.manifest,
+            prep.everything,
+            prep.expansion,
+            prep.partial,
+            prep.prices,
+            planned.plans + 1,
+        )
+        planned = replace(again, replanned=True)
     # The provider object answers for itself (one of the caller's own may be free).
-    plan = replace(plan, metered=prep.provider.metered)
+    plan = replace(planned.plan, prices=prep.prices, metered=prep.provider.metered)
     refuse_placeholder_over_paid(plan, options.provider, prep.manifest)
     refuse_to_start(plan, options.frozen, prep.limit)
     if on_plan:
         on_plan(plan)
-    return plan, held
+    return replace(planned, plan=plan)
 
 
 @dataclass(frozen=True)
@@ -558,12 +647,14 @@ def _pacing(prep: _Prepared, plan: Plan, clock: Clock | None) -> _Pacing:
     account: str | None = getattr(provider, "quota_account", None)
     store = _quota_store(prep.options) if provider.metered and account else None
     learned = store.load(account, models) if store and account and given is None else {}
+    paid = Counter(item.shot.request.model for item in plan.shots if item.paid and item.shot)
     pacer = Pacer(
         given=given,
         average=pace.average if pace else False,
         learned={model: (found.window, found.cap) for model, found in learned.items()},
         unlimited=not provider.metered,
         clock=clock,
+        expected=paid,
     )
     return _Pacing(pacer, store, account, learned)
 

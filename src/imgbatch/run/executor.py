@@ -64,6 +64,7 @@ from imgbatch.errors import (
     SharedStoreError,
     StoreWriteError,
     TransientError,
+    WrongImageError,
 )
 from imgbatch.pacing.gate import Clock, Finding, Gate, Pacer, RetryPolicy
 from imgbatch.plan.decide import WORK_ACTIONS, Action, Plan, PlannedShot, aside_path
@@ -964,8 +965,9 @@ class Executor:
         """The image received into a new cache entry (not yet committed: the caller commits or
         closes it), stamped with its provenance as it arrives, then verified to decode at the
         size the request asked for (what the service reports may be wrong); the last failure if
-        not. A `PermanentError` (an image over the size cap) is not tried again; a
-        `StoreWriteError` (the entry cannot be written) neither."""
+        not. A `PermanentError` (an image over the size cap) is not tried again; nor a
+        `WrongImageError` (another format, or another size: the URL would serve it again), nor a
+        `StoreWriteError` (the entry cannot be written)."""
         provenance = Provenance(
             shot.id, shot.request, (sent or shot.request).text, image.request_id
         )
@@ -975,9 +977,9 @@ class Executor:
             try:
                 await self._download(shot.id, image, provenance, incoming)
                 return incoming
-            except (TransientError, ValueError):
+            except (TransientError, ValueError) as exc:
                 incoming.close()
-                if attempt == tries:
+                if attempt == tries or isinstance(exc, WrongImageError):
                     raise
                 await self._unless(True, self.clock.sleep(self.retry.backoff(attempt)))
             except BaseException:

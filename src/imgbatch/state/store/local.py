@@ -23,6 +23,7 @@ from pathlib import Path
 from imgbatch.errors import SharedStoreError
 from imgbatch.state.cache import TEMP_PREFIX, atomic_write
 from imgbatch.state.store.objects import MAX_OBJECT_BYTES, Conflict, Exists, Listed, Stored
+from imgbatch.units.bounded import read_at_most
 
 _LOCK = ".imgbatch-lock"
 
@@ -57,7 +58,7 @@ class FolderStore:
             raise SharedStoreError(f"cannot read {path}: {exc.strerror or exc}") from None
         with os.fdopen(fd, "rb") as handle:
             info = os.fstat(handle.fileno())
-            data = handle.read(MAX_OBJECT_BYTES + 1)
+            data = read_at_most(handle, MAX_OBJECT_BYTES, info.st_size)
         etag = hashlib.sha256(data).hexdigest()
         return Stored(data, etag, max(0.0, time.time() - info.st_mtime))
 
