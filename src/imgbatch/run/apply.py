@@ -70,7 +70,7 @@ from imgbatch.shots.request import KEY_FORMAT_VERSION
 from imgbatch.shots.selection import in_shard, select_shots
 from imgbatch.state.folder import OutputFolder, owner_of
 from imgbatch.state.record import FolderState, Owner
-from imgbatch.state.results import ResultEntry
+from imgbatch.state.results import FileIdentity, ResultEntry
 from imgbatch.state.store import choose_store
 from imgbatch.units.money import CostLimit
 from imgbatch.units.quota import Quota
@@ -392,7 +392,7 @@ class _Planned:
 
     plan: Plan
     held: _Held
-    version: str
+    version: tuple[FileIdentity | None, ...]
     plans: int
     # Made again under the lock: another process changed the folder after the first plan.
     replanned: bool = False
