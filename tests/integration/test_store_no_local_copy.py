@@ -277,3 +277,26 @@ def test_gc_and_prune_have_nothing_local_to_delete_and_keep_the_thumbnails(
     assert "shot-003" not in entries(output)
     assert [item["reason"] for item in pruned["pruned"]] == ["its file was already gone"]
     assert pngs(output) == []
+
+
+def test_without_credentials_the_sheet_has_no_links_and_nothing_crashes(
+    tmp_path: Path, store_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    # A folder whose images are all in the store asks the store nothing on a no-op apply, so
+    # missing credentials showed first when the links were signed: NoCredentialsError, as an
+    # unexpected crash, of apply and of `imgbatch sheet`.
+    manifest = write_many_shots(tmp_path, "nolocal", 2)
+    output = tmp_path / "output" / "nolocal"
+    apply_json(store_env, manifest, "--no-local-copy")
+    keyless = {
+        **store_env,
+        "AWS_ACCESS_KEY_ID": "",
+        "AWS_SECRET_ACCESS_KEY": "",
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+    }
+    for args in (("apply", manifest, "--no-local-copy", "--rps", "1000"), ("sheet", manifest)):
+        result = run(keyless, *args)
+        assert result.exit_code == 0, result.output
+        assert "unexpected" not in result.output
+        assert "links valid until" not in (output / "index.html").read_text()
