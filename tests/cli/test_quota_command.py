@@ -93,3 +93,12 @@ def test_a_hostile_quota_store_is_a_head_start_lost_never_a_crash(
     assert result.exit_code == 0, result.output
     assert "qwen-image-plus  2/60s" in result.output
     assert "unexpected" not in result.output
+
+
+def test_show_prints_no_control_character_the_file_holds(store: QuotaStore) -> None:
+    records = json.loads(store.path.read_text())
+    records[f"{ACCOUNT} qwen-image-max"]["source"] = "\x1b]52;c;cm0gLXJmIH4=\x07probed"
+    store.path.write_text(json.dumps(records))
+    result = run("quota", "show")
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "\x07" not in result.output

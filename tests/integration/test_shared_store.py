@@ -300,3 +300,39 @@ def test_store_claims_lists_and_store_unlock_releases(tmp_path: Path) -> None:
         assert empty.output == f"No claims in {url}.\n"
         bad = runner.invoke(main, ["store", "unlock", "../x", "--store", url])
         assert bad.exit_code == 2 and "is not a request key" in bad.output
+
+
+def test_what_a_store_says_reaches_the_terminal_without_control_characters(
+    tmp_path: Path,
+) -> None:
+    # Anyone who can write the store writes claims and probes: a holder or an object name
+    # with ESC and BEL in it was printed as it was (an OSC sequence sets the terminal's title,
+    # writes its clipboard, or hides a line), by `store claims` and `gc --store`.
+    import json
+    import os
+    import time
+
+    from click.testing import CliRunner
+
+    from imgbatch.cli.main import main
+
+    store = tmp_path / "store"
+    hostile = "\x1b]0;pwned\x07\x1b[2Khost"
+    (store / "claims").mkdir(parents=True)
+    claim = {"holder": hostile, "request_id": hostile, "image_url": "https://x.example/y.png"}
+    (store / "claims" / ("b" * 64)).write_text(json.dumps(claim))
+    (store / "probes").mkdir()
+    probe = store / "probes" / f"{hostile}-probe"
+    probe.write_bytes(b"x")
+    old = time.time() - 3 * 86400
+    os.utime(probe, (old, old))
+    (tmp_path / "shots.yaml").write_text(
+        'version: 1\nname: n\nshots:\n  - id: a\n    prompt: "a"\n', encoding="utf-8"
+    )
+    runner = CliRunner()
+    listed = runner.invoke(main, ["store", "claims", "--store", str(store)])
+    collected = runner.invoke(main, ["gc", str(tmp_path / "shots.yaml"), "--store", str(store)])
+    for result in (listed, collected):
+        assert result.exit_code == 0, result.output
+        assert "\x1b" not in result.output and "\x07" not in result.output
+        assert "pwned" in result.output  # shown, escaped: \x1b]0;pwned\x07

@@ -85,6 +85,16 @@ def hide_secrets(text: str) -> str:
     return text
 
 
+def printable(text: str) -> str:
+    """`text` safe to print: each control character (ESC, BEL, a line break...) shown escaped,
+    as `\\x1b`. For what another party wrote (a shared store's claims and object names, the
+    quota file): an escape sequence printed as it is sets the terminal's title or clipboard,
+    or hides a line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def write_crash_log() -> str:
     import tempfile
     import traceback

@@ -13,6 +13,7 @@ from imgbatch.cli.common import (
     EXIT_OK,
     allow_outside_option,
     error_boundary,
+    printable,
     store_read_only_option,
 )
 from imgbatch.errors import ConfigError
@@ -136,11 +137,13 @@ def _say_folders(collection: Collection) -> None:
 
 def _say_store(found: StoreCollection) -> None:
     """The store's objects that go (or would), their total, the claims kept and the requests."""
+    # Object names and a claim's holder are what anyone who can write the store wrote.
     for item in found.items:
         where = f"{found.url}/{item.name}"
-        click.echo(f"{where}  {_size_text(item.size)}  {_age_text(item.age)} old  {item.why}")
+        line = f"{where}  {_size_text(item.size)}  {_age_text(item.age)} old  {item.why}"
+        click.echo(printable(line))
     for name, why in found.kept:
-        click.echo(f"kept {found.url}/{name}: {why}")
+        click.echo(printable(f"kept {found.url}/{name}: {why}"))
     count = len(found.items)
     what = f"{count} object{'s' if count != 1 else ''}, {_size_text(found.total)}"
     sent = ", ".join(

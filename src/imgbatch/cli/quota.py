@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 import click
 
-from imgbatch.cli.common import EXIT_OK, error_boundary
+from imgbatch.cli.common import EXIT_OK, error_boundary, printable
 
 _SOURCES = {"probed": "found from 429s", "stated": "stated by the service"}
 
@@ -44,9 +44,12 @@ def show() -> int:
             else "unknown"
         )
         source = _SOURCES.get(item.source, item.source)
+        # Printable: the file is text anyone with the user's account (or a tool) may have edited.
         click.echo(
-            f"{item.account}  {item.endpoint}  {item.model}  {', '.join(limits)}  "
-            f"({source}, {when})"
+            printable(
+                f"{item.account}  {item.endpoint}  {item.model}  {', '.join(limits)}  "
+                f"({source}, {when})"
+            )
         )
     return EXIT_OK
 

@@ -6,7 +6,7 @@ import os
 
 import click
 
-from imgbatch.cli.common import EXIT_OK, error_boundary, store_option
+from imgbatch.cli.common import EXIT_OK, error_boundary, printable, store_option
 from imgbatch.errors import EXIT_FAILED
 
 
@@ -27,7 +27,8 @@ def store_claims_command(store: str | None) -> int:
     for claim in claims:
         state = "stale" if claim.stale else "live"
         paid = f"  paid: request {claim.request_id or 'unknown'}" if claim.image_url else ""
-        click.echo(f"{claim.key}  {state}  {claim.age:.0f} s  {claim.holder}{paid}")
+        # The holder and request id are what anyone who can write the store wrote.
+        click.echo(printable(f"{claim.key}  {state}  {claim.age:.0f} s  {claim.holder}{paid}"))
     if not claims:
         click.echo(f"No claims in {url}.")
     return EXIT_OK
