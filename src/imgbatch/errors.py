@@ -125,6 +125,11 @@ class PaidImagesError(ConfigError):
     written."""
 
 
+class StoreOnlyError(ConfigError):
+    """A run without a shared store would pay again for images results.json keeps in one only
+    (`apply --no-local-copy`); nothing was sent or written."""
+
+
 class FolderOwnedError(ConfigError):
     """The output folder holds another manifest's shots (two manifests with one `name:`, or one
     `output.dir`); nothing was sent or written. `--force` shares it, keeping each manifest's

@@ -300,3 +300,24 @@ def test_without_credentials_the_sheet_has_no_links_and_nothing_crashes(
         assert result.exit_code == 0, result.output
         assert "unexpected" not in result.output
         assert "links valid until" not in (output / "index.html").read_text()
+
+
+def test_without_the_store_named_images_kept_in_it_are_not_paid_for_again(
+    tmp_path: Path, store_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    # A new shell without IMGBATCH_STORE, a clone of the repository with results.json, a CI job
+    # that forgot --store: every image results.json keeps in the store only was planned as a
+    # create, and paid for again.
+    manifest = write_many_shots(tmp_path, "nolocal", 2)
+    output = tmp_path / "output" / "nolocal"
+    apply_json(store_env, manifest, "--no-local-copy")
+    before = (output / "results.json").read_bytes()
+    paid = fake_server.generation_count
+    unnamed = {name: value for name, value in store_env.items() if name != "IMGBATCH_STORE"}
+    result = run(unnamed, "apply", manifest, "--rps", "1000")
+    assert result.exit_code == 2, result.output
+    assert "kept in a shared store only" in result.output
+    assert store_env["IMGBATCH_STORE"] in result.output  # the store to name, from results.json
+    assert fake_server.generation_count == paid
+    assert (output / "results.json").read_bytes() == before
+    assert pngs(output) == []

@@ -4,12 +4,12 @@ Takes a `Plan` (and what the user chose: `--frozen`, a cost limit, the provider 
 nothing, or raises the error that names the shots and says how to proceed: `FrozenError` when a
 shot would need a paid request under `--frozen`, `CostLimitError` when the estimate exceeds
 `--max-cost`, `PaidImagesError` when placeholders not chosen by name would replace images a paid
-provider made.
+provider made, `StoreOnlyError` when a run without a store would pay for images kept in one.
 """
 
 from __future__ import annotations
 
-from imgbatch.errors import FrozenError, PaidImagesError
+from imgbatch.errors import FrozenError, PaidImagesError, StoreOnlyError
 from imgbatch.manifest import Manifest
 from imgbatch.plan.decide import WORK_ACTIONS, Plan
 from imgbatch.plan.pricing import check_estimate
@@ -76,3 +76,41 @@ def refuse_placeholder_over_paid(plan: Plan, chosen: str | None, manifest: Manif
         "sent or written. Configure the API key (see Credentials in the README) to keep "
         f"using {made_by[0]}, or pass --provider {plan.provider} to replace them on purpose"
     )
+
+
+def refuse_paying_for_store_only(plan: Plan, store_named: bool) -> None:
+    """StoreOnlyError naming the shots a run without a store (`store_named` False) would pay
+    for again although results.json keeps their image, for this very request, in a shared
+    store only (`apply --no-local-copy`): the store was forgotten (a new shell, a clone, a CI
+    job without IMGBATCH_STORE), not the image."""
+    if store_named:
+        return
+    kept = [
+        item
+        for item in plan.shots
+        if item.paid
+        and item.previous is not None
+        and item.previous.local_copy is False
+        and item.shot is not None
+        and item.previous.key == item.shot.request.key
+    ]
+    if not kept:
+        return
+    stores = sorted({_store_of(item.previous.image_url) for item in kept if item.previous})
+    shown = ", ".join(item.id for item in kept[:20]) + (
+        f", and {len(kept) - 20} more" if len(kept) > 20 else ""
+    )
+    raise StoreOnlyError(
+        f"{len(kept)} shot{'s' if len(kept) != 1 else ''} ({shown}) would be paid for again: "
+        f"results.json says their images are kept in a shared store only ({', '.join(stores)}); "
+        "name it (--store URL or IMGBATCH_STORE) to restore them, with or without "
+        "--no-local-copy. Nothing was sent or written (if that store is gone, move "
+        "results.json aside: apply then makes every image again)"
+    )
+
+
+def _store_of(image_url: str | None) -> str:
+    """The store a blob's URL (`<store>/cas/<sha256>`) is in."""
+    if not image_url or "/cas/" not in image_url:
+        return "a store results.json does not name"
+    return image_url.rpartition("/cas/")[0]

@@ -39,7 +39,12 @@ from imgbatch.pacing.gate import Clock, Pacer, RetryPolicy
 from imgbatch.pacing.learned import Learned, QuotaStore, default_store_path
 from imgbatch.plan.decide import WORK_ACTIONS, Action, Plan, PlannedShot
 from imgbatch.plan.decide import make_plan as plan_shots
-from imgbatch.plan.guards import may_replace_paid, refuse_placeholder_over_paid, refuse_to_start
+from imgbatch.plan.guards import (
+    may_replace_paid,
+    refuse_paying_for_store_only,
+    refuse_placeholder_over_paid,
+    refuse_to_start,
+)
 from imgbatch.plan.pricing import PriceList, cost, price_list
 from imgbatch.providers import Provider, create_provider, resolve_provider_name
 from imgbatch.review.events import Listener
@@ -461,6 +466,7 @@ async def _prepare(
     # Before credentials and before the lock: a refused run writes nothing at all.
     refuse_placeholder_over_paid(planned.plan, options.provider, manifest)
     refuse_to_start(planned.plan, options.frozen, limit)
+    refuse_paying_for_store_only(planned.plan, sharing is not None)
     # Credentials are checked before anything is written.
     provider = provider or _provider(expansion.provider, options, environ, sharing)
     prices = _prices(manifest, expansion, environ, provider)
@@ -613,6 +619,7 @@ def _preflight(prep: _Prepared, on_plan: Callable[[Plan], None] | None) -> _Plan
     plan = replace(planned.plan, prices=prep.prices, metered=prep.provider.metered)
     refuse_placeholder_over_paid(plan, options.provider, prep.manifest)
     refuse_to_start(plan, options.frozen, prep.limit)
+    refuse_paying_for_store_only(plan, prep.sharing is not None)
     if on_plan:
         on_plan(plan)
     return replace(planned, plan=plan)
