@@ -321,3 +321,18 @@ def test_without_the_store_named_images_kept_in_it_are_not_paid_for_again(
     assert fake_server.generation_count == paid
     assert (output / "results.json").read_bytes() == before
     assert pngs(output) == []
+
+
+def test_another_store_named_pays_for_no_image_kept_in_the_first(
+    tmp_path: Path, api_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    # The same with another store named (a typo in the prefix, a new bucket): it lacks the
+    # images, so each was paid for again although results.json names where they are.
+    manifest = write_many_shots(tmp_path, "nolocal", 2)
+    first, second = tmp_path / "first-store", tmp_path / "second-store"
+    apply_json({**api_env, "IMGBATCH_STORE": str(first)}, manifest, "--no-local-copy")
+    paid = fake_server.generation_count
+    result = run({**api_env, "IMGBATCH_STORE": str(second)}, "apply", manifest, "--rps", "1000")
+    assert result.exit_code == 2, result.output
+    assert first.as_uri() in result.output
+    assert fake_server.generation_count == paid

@@ -78,13 +78,12 @@ def refuse_placeholder_over_paid(plan: Plan, chosen: str | None, manifest: Manif
     )
 
 
-def refuse_paying_for_store_only(plan: Plan, store_named: bool) -> None:
-    """StoreOnlyError naming the shots a run without a store (`store_named` False) would pay
-    for again although results.json keeps their image, for this very request, in a shared
-    store only (`apply --no-local-copy`): the store was forgotten (a new shell, a clone, a CI
-    job without IMGBATCH_STORE), not the image."""
-    if store_named:
-        return
+def refuse_paying_for_store_only(plan: Plan, store: str | None) -> None:
+    """StoreOnlyError naming the shots a run would pay for again although results.json keeps
+    their image, for this very request, in a shared store only (`apply --no-local-copy`), when
+    the run names no store or another one (`store`: its URL): the store was forgotten (a new
+    shell, a clone, a CI job without IMGBATCH_STORE) or mistyped, not the image. Through the
+    store that holds them, a shot still to pay for is one that store lost: made again."""
     kept = [
         item
         for item in plan.shots
@@ -93,6 +92,7 @@ def refuse_paying_for_store_only(plan: Plan, store_named: bool) -> None:
         and item.previous.local_copy is False
         and item.shot is not None
         and item.previous.key == item.shot.request.key
+        and _store_of(item.previous.image_url) != store
     ]
     if not kept:
         return
@@ -102,10 +102,11 @@ def refuse_paying_for_store_only(plan: Plan, store_named: bool) -> None:
     )
     raise StoreOnlyError(
         f"{len(kept)} shot{'s' if len(kept) != 1 else ''} ({shown}) would be paid for again: "
-        f"results.json says their images are kept in a shared store only ({', '.join(stores)}); "
-        "name it (--store URL or IMGBATCH_STORE) to restore them, with or without "
-        "--no-local-copy. Nothing was sent or written (if that store is gone, move "
-        "results.json aside: apply then makes every image again)"
+        f"results.json says their images are kept in a shared store only ({', '.join(stores)}), "
+        f"{'not in ' + store if store else 'which this run does not name'}; name it (--store "
+        "URL or IMGBATCH_STORE) to restore them, with or without --no-local-copy. Nothing was "
+        "sent or written (if that store is gone, move results.json aside: apply then makes "
+        "every image again)"
     )
 
 

@@ -466,7 +466,7 @@ async def _prepare(
     # Before credentials and before the lock: a refused run writes nothing at all.
     refuse_placeholder_over_paid(planned.plan, options.provider, manifest)
     refuse_to_start(planned.plan, options.frozen, limit)
-    refuse_paying_for_store_only(planned.plan, sharing is not None)
+    refuse_paying_for_store_only(planned.plan, sharing.shared.url if sharing else None)
     # Credentials are checked before anything is written.
     provider = provider or _provider(expansion.provider, options, environ, sharing)
     prices = _prices(manifest, expansion, environ, provider)
@@ -619,7 +619,7 @@ def _preflight(prep: _Prepared, on_plan: Callable[[Plan], None] | None) -> _Plan
     plan = replace(planned.plan, prices=prep.prices, metered=prep.provider.metered)
     refuse_placeholder_over_paid(plan, options.provider, prep.manifest)
     refuse_to_start(plan, options.frozen, prep.limit)
-    refuse_paying_for_store_only(plan, prep.sharing is not None)
+    refuse_paying_for_store_only(plan, prep.sharing.shared.url if prep.sharing else None)
     if on_plan:
         on_plan(plan)
     return replace(planned, plan=plan)
