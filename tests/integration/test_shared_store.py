@@ -336,3 +336,24 @@ def test_what_a_store_says_reaches_the_terminal_without_control_characters(
         assert result.exit_code == 0, result.output
         assert "\x1b" not in result.output and "\x07" not in result.output
         assert "pwned" in result.output  # shown, escaped: \x1b]0;pwned\x07
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "s3://AKIAEXAMPLE:wJalrXUtnFEMIsecret@team-images/imgbatch",
+        "s3://team-images/imgbatch?X-Amz-Signature=wJalrXUtnFEMIsecret",
+        "oss://team-images/imgbatch#wJalrXUtnFEMIsecret",
+        "https://AKIAEXAMPLE:wJalrXUtnFEMIsecret@team-images.example/imgbatch",
+        "file://AKIAEXAMPLE:wJalrXUtnFEMIsecret@host/imgbatch",
+    ],
+)
+def test_a_store_url_refused_for_its_credentials_does_not_print_them(
+    tmp_path: Path, url: str
+) -> None:
+    # Refused, rightly, but quoted whole: the secret went to the terminal and the CI log.
+    with pytest.raises(ConfigError) as refused:
+        location(url, tmp_path)
+    assert "wJalrXUtnFEMIsecret" not in str(refused.value)
+    assert "AKIAEXAMPLE" not in str(refused.value)
+    assert "team-images" in str(refused.value) or "host" in str(refused.value)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from imgbatch.errors import ConfigError
 from imgbatch.state.store.claims import lease_from
@@ -51,24 +51,44 @@ def read_only_from(flag: bool, environ: Mapping[str, str]) -> bool:
 
 def location(url: str, base: Path) -> tuple[str, str, str] | Path:
     """(scheme, bucket, prefix) for a bucket URL; the folder for a path or `file://` URL
-    (relative to `base`). `ConfigError` for anything else."""
+    (relative to `base`). `ConfigError` for anything else, quoting the URL without what may be
+    a secret (`_shown`)."""
     parts = urlsplit(url)
     if parts.scheme in BUCKET_SCHEMES:
         if not parts.netloc or parts.query or parts.fragment or "@" in parts.netloc:
             raise ConfigError(
-                f"store {url!r}: write {parts.scheme}://BUCKET/PREFIX (no credentials, query or "
-                "fragment: those come from the environment)"
+                f"store {_shown(url)!r}: write {parts.scheme}://BUCKET/PREFIX (no credentials, "
+                "query or fragment: those come from the environment)"
             )
         return parts.scheme, parts.netloc, parts.path.strip("/")
     if parts.scheme == "file":
         if parts.netloc not in ("", "localhost"):
-            raise ConfigError(f"store {url!r}: a file:// URL names a folder on this machine")
+            raise ConfigError(
+                f"store {_shown(url)!r}: a file:// URL names a folder on this machine"
+            )
         return Path(unquote(parts.path))
     if parts.scheme and len(parts.scheme) > 1:  # a Windows drive letter is a path
         raise ConfigError(
-            f"store {url!r}: use s3://BUCKET/PREFIX, oss://BUCKET/PREFIX, or a folder"
+            f"store {_shown(url)!r}: use s3://BUCKET/PREFIX, oss://BUCKET/PREFIX, or a folder"
         )
     return base / Path(url).expanduser()
+
+
+def _shown(url: str) -> str:
+    """`url` as an error message may quote it: without a user name and password, a query or a
+    fragment (a key pair or a signature pasted into the URL), each replaced by `***`."""
+    parts = urlsplit(url)
+    user, at, host = parts.netloc.rpartition("@")
+    netloc = f"***@{host}" if at else host
+    return urlunsplit(
+        (
+            parts.scheme,
+            netloc,
+            parts.path,
+            "***" if parts.query else "",
+            "***" if parts.fragment else "",
+        )
+    )
 
 
 def _objects(url: str, base: Path, environ: Mapping[str, str]) -> ObjectStore:
