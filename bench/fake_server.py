@@ -30,6 +30,9 @@ def main() -> int:
     parser.add_argument("--quota-rps", type=float, default=None)
     parser.add_argument("--quota-burst", type=int, default=None)
     parser.add_argument("--retry-after", type=float, default=None)
+    # The real service's weight by default: what the bench measures; tiny images measure what
+    # a shot costs apart from its image's bytes.
+    parser.add_argument("--image-profile", choices=("real", "tiny"), default="real")
     args = parser.parse_args()
     server = FakeDashScope(
         api_key=args.api_key,
@@ -37,7 +40,7 @@ def main() -> int:
         quota_rps=args.quota_rps,
         quota_burst=args.quota_burst,
         retry_after=args.retry_after,
-        image_profile="real",  # the real service's weight: what the bench measures
+        image_profile=args.image_profile,
     )
     with server:
         print(json.dumps({"base_url": server.base_url}), flush=True)

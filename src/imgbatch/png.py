@@ -36,7 +36,7 @@ import struct
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from imgbatch.errors import ImageError, InspectError, without_reprs
 
@@ -103,17 +103,20 @@ def png_dimensions(data: bytes, what: str) -> tuple[int, int]:
 
 
 def decode_png(
-    data: bytes,
+    data: bytes | IO[bytes],
     what: str,
     *,
     size: tuple[int, int] | None = None,
     max_pixels: int = MAX_PIXELS,
 ) -> Image.Image:
-    """`data` decoded whole as a PNG, once its header says it is one of `size` (when given;
-    else of at most `max_pixels`): the dimensions are checked before a pixel is decoded.
+    """`data` (bytes, or a binary file open at its start) decoded whole as a PNG, once its
+    header says it is one of `size` (when given; else of at most `max_pixels`): the dimensions
+    are checked before a pixel is decoded. A file is read in Pillow's small blocks, so no second
+    copy of its bytes is made (nor are they held whole); the caller closes it.
 
     Raises `ImageError` only: the size, naming both, when it is not the one asked for."""
-    found = png_dimensions(data, what)
+    head = data if isinstance(data, bytes) else _peek(data)
+    found = png_dimensions(head, what)
     if size is not None and found != size:
         raise ImageError(
             f"{_singular(what)} is {found[0]}*{found[1]}, not the {size[0]}*{size[1]} asked for"
@@ -126,8 +129,9 @@ def decode_png(
     try:
         from PIL import Image  # here: `inspect`, which reads only text chunks, stays light
 
-        image = Image.open(io.BytesIO(data), formats=["PNG"])
-        image.load()  # the pixels are the image's now; the buffer is not needed again
+        source = io.BytesIO(data) if isinstance(data, bytes) else data
+        image = Image.open(source, formats=["PNG"])
+        image.load()  # the pixels are the image's now; the source is not needed again
         if image.size != found:  # never, for Pillow's PNG reader: checked all the same
             raise ValueError(f"decoded at {image.size[0]}*{image.size[1]}")
         return image
@@ -135,6 +139,13 @@ def decode_png(
     # image we can vouch for", and must fail this one image, never the run.
     except Exception as exc:  # noqa: BLE001
         raise ImageError(f"{what} are not a whole image ({_reason(exc)})") from None
+
+
+def _peek(source: IO[bytes]) -> bytes:
+    """The first bytes of the file `source` (enough to say what it is), then back to its start."""
+    head = source.read(64)
+    source.seek(0)
+    return head
 
 
 def check_png(data: bytes, what: str, size: tuple[int, int]) -> None:

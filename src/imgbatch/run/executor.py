@@ -899,12 +899,13 @@ class Executor:
     def _verify(self, incoming: Incoming, image: GeneratedImage, key: str) -> None:
         """Decode the bytes received once: that checks them, and makes the thumbnail."""
         thumbnail = self.thumbnail
-        verify_image(
-            incoming.read(),
-            image.width,
-            image.height,
-            then=None if thumbnail is None else lambda decoded: thumbnail(key, decoded),
-        )
+        with incoming.reader() as source:
+            verify_image(
+                source,
+                image.width,
+                image.height,
+                then=None if thumbnail is None else lambda decoded: thumbnail(key, decoded),
+            )
 
     async def _keep(
         self,
