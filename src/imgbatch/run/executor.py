@@ -49,6 +49,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -151,6 +152,42 @@ class RunOutcome:
 class _Cut(Exception):
     """A wait or a call the run no longer waits for (it stopped, or abandoned what is in
     flight)."""
+
+
+class _Next(Enum):
+    """What a generated shot's loop does when its turn did not end in a request."""
+
+    AGAIN = "wait for a turn again (or see that the run stopped)"
+    DONE = "settled without sending"
+
+
+@dataclass
+class _Tries:
+    """One shot's paid requests so far, carried round its loop in `Executor._generate`."""
+
+    shot: Shot
+    gate: Gate | None
+    # A shared store's claim: taken when the first turn comes (True with no shared store).
+    claimed: bool
+    # Requests sent (what an entry's `attempts` says), and the failed tries among them that
+    # count against `RetryPolicy.max_attempts` (a 429 or an answer without an image does not).
+    attempt: int = 0
+    failed: int = 0
+    # Tries whose answer was lost after sending: each may have been billed.
+    lost: int = 0
+    # When the service began refusing this shot with 429s (None while it is not).
+    refused_since: float | None = None
+    # Request ids of the answers without an image.
+    imageless: list[str] = field(default_factory=list)
+    # What is sent: the shot's request, or its simplified prompt after an answer without image.
+    sent: ImageRequest = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sent = self.shot.request
+
+    @property
+    def model(self) -> str:
+        return self.shot.request.model
 
 
 class Executor:
@@ -557,140 +594,201 @@ class Executor:
         self._finish(shot_entry(shot, "cached", None, width, height, digest, size, attempts=0))
 
     async def _generate(self, output_dir: Path, shot: Shot) -> None:
+        """Make `shot`'s image with paid requests: wait for its turn, send, and handle the
+        answer (an image is downloaded and placed; a 429, a transient failure or an answer
+        without an image sends it round again; a refusal settles it) until it is settled or the
+        run stops."""
         if self.frozen:
             message = "not generated: --frozen sends no paid request"
             self._finish(failed_entry(shot, message, None, 0))
             return
-        gate = self.pacer.gate(shot.request.model)
-        attempt = tries = lost = 0
-        # When the service began refusing this shot with 429s (None while it is not).
-        refused_since: float | None = None
-        phase = self.outcome.in_flight
-        sent = shot.request  # the simplified request, after a 200 without an image
-        imageless: list[str] = []  # request ids of the answers without an image
-        model = shot.request.model
-        claimed = self.shared is None  # a shared store's claim: taken when the turn comes
+        tries = _Tries(shot, self.pacer.gate(shot.request.model), claimed=self.shared is None)
         while True:
-            if self.stop_requested.is_set() or self._refused(sent):
-                self._skip(shot.id, self._not_run(phase.get(shot.id), lost), maybe_billed=lost > 0)
+            if self.stop_requested.is_set() or self._refused(tries.sent):
+                phase = self.outcome.in_flight.get(shot.id)
+                lost = tries.lost
+                self._skip(shot.id, self._not_run(phase, lost), maybe_billed=lost > 0)
                 return
-            phase[shot.id] = Phase.WAITING
-            try:
-                ticket = await self._turn(model, gate)
-            except _Cut:
-                continue
-            # Asked again after the wait: a turn may come after the bound (a duration).
-            if self.stop_requested.is_set() or self._refused(sent):
-                if gate:
-                    gate.release(ticket)
-                continue
-            if not claimed:
-                turn, claimed = await self._claim_turn(output_dir, shot, gate, ticket), True
-                if turn == "done":
-                    return
-                if turn == "again":
-                    continue
-            attempt += 1
-            self.outcome.requests += 1
-            self._sending[model] += 1
-            phase[shot.id] = Phase.SENDING
-            try:
-                try:
-                    image = await self._unless(True, self.provider.generate(sent, label=shot.id))
-                finally:
-                    self._sending[model] -= 1
-            except _Cut:
-                if gate:
-                    gate.release(ticket)
-                if self.provider.metered:
-                    # Sent and never answered: billed if the service went on to make it.
-                    self.outcome.maybe_billed += 1
-                    self.outcome.maybe_billed_models[model] += 1
-                    reason = "abandoned in flight when interrupted; DashScope may have billed it"
-                else:
-                    reason = "not run: abandoned in flight when interrupted"
-                self._skip(shot.id, reason, maybe_billed=self.provider.metered)
+            turn = await self._turn_to_send(output_dir, tries)
+            if turn is _Next.DONE:
                 return
+            if turn is _Next.AGAIN:
+                continue
+            ticket = turn
+            try:
+                image = await self._send(tries)
+            except _Cut:
+                return self._abandoned_sent(tries, ticket)
             except NoImageError as exc:
-                if gate:
-                    gate.answered(ticket)  # admitted (and answered), only without an image
-                imageless.append(exc.request_id or "unknown")
-                simpler = simplified(sent) if self.simplify and sent is shot.request else None
-                if simpler is None:
-                    message = (
-                        f"the service answered without an image (request {', '.join(imageless)})"
-                    )
-                    if len(imageless) > 1:
-                        message += ", also when asked again with a simplified prompt"
-                    self._finish(failed_entry(shot, message, exc, attempt))
-                    return
-                sent = simpler
-                if self.listener:
-                    self.listener(Retrying(shot.id, attempt, 0.0, exc))
-                continue
+                again = self._imageless(tries, ticket, exc)
             except TransientError as exc:
-                if isinstance(exc, RateLimited):
-                    if gate:
-                        gate.refused(ticket, exc.retry_after, exc.stated_quota)
-                elif gate:
-                    gate.answered(ticket)
-                if exc.maybe_billed:
-                    self.outcome.maybe_billed += 1
-                    self.outcome.maybe_billed_models[model] += 1
-                    lost += 1
-                if exc.retry_after is not None and exc.retry_after > MAX_RETRY_AFTER_SECONDS:
-                    self.stop(
-                        f"the service asked to wait {exc.retry_after:g} s before the next request "
-                        f"(Retry-After), longer than imgbatch waits ({MAX_RETRY_AFTER_SECONDS:g} "
-                        "s); run apply again later"
-                    )
-                    self._skip(shot.id, f"not run: {exc}")
-                    return
-                if isinstance(exc, RateLimited):
-                    now = self.clock.now()
-                    refused_since = now if refused_since is None else refused_since
-                    if now - refused_since >= self.retry.throttle_patience:
-                        message = (
-                            f"the service refused it for {now - refused_since:.0f} s "
-                            f"({attempt} tries): {exc}"
-                        )
-                        self._finish(failed_entry(shot, message, exc, attempt))
-                        return
-                    # Not a failed try: the gate has slowed down, and this shot waits its turn.
-                    self.outcome.retries += 1
-                    if self.listener:
-                        self.listener(Retrying(shot.id, attempt, 0.0, exc))
-                    continue
-                refused_since = None
-                tries += 1
-                if tries >= self.retry.max_attempts or lost >= MAX_LOST_ANSWERS:
-                    message = f"gave up after {attempt} tries: {exc}"
-                    if lost:
-                        message += f" ({lost} of them lost their answer and may have been billed)"
-                    self._finish(failed_entry(shot, message, exc, attempt))
-                    return
-                delay = self.retry.backoff(tries, exc.retry_after)
-                self.outcome.retries += 1
-                if self.listener:
-                    self.listener(Retrying(shot.id, attempt, delay, exc))
-                phase[shot.id] = Phase.BACKOFF
-                with contextlib.suppress(_Cut):  # stopped: the loop says so
-                    await self._unless(False, self.clock.sleep(delay))
-                continue
+                again = await self._transient(tries, ticket, exc)
             except (AuthError, PermanentError) as exc:
-                if gate:
-                    gate.answered(ticket)
-                if isinstance(exc, AuthError):
-                    return self._refused_key(shot.id, exc, lost)
-                self._finish(failed_entry(shot, str(exc), exc, attempt))
+                return self._refused_outright(tries, ticket, exc)
+            else:
+                return await self._received(output_dir, tries, ticket, image)
+            if not again:
                 return
-            if gate:
-                gate.answered(ticket, image.stated_quota)
-            await self._answer_kept(shot, image, attempt, sent)
-            phase[shot.id] = Phase.DOWNLOADING
-            await self._keep(output_dir, shot, image, attempt, sent)
-            self.outcome.downloading.pop(shot.id, None)
+
+    async def _turn_to_send(self, output_dir: Path, tries: _Tries) -> int | _Next:
+        """Wait for the shot's turn to be sent: its gate's ticket (0 unpaced) once it may be
+        sent; AGAIN when the wait was cut, the run stopped or a bound refused meanwhile (the
+        loop says so), or a shared store's claim makes it wait for a turn again; DONE when
+        another process settled it (a shared store's claim is taken on the first turn)."""
+        self.outcome.in_flight[tries.shot.id] = Phase.WAITING
+        try:
+            ticket = await self._turn(tries.model, tries.gate)
+        except _Cut:
+            return _Next.AGAIN
+        # Asked again after the wait: a turn may come after the bound (a duration).
+        if self.stop_requested.is_set() or self._refused(tries.sent):
+            if tries.gate:
+                tries.gate.release(ticket)
+            return _Next.AGAIN
+        if not tries.claimed:
+            turn = await self._claim_turn(output_dir, tries.shot, tries.gate, ticket)
+            tries.claimed = True
+            if turn == "done":
+                return _Next.DONE
+            if turn == "again":
+                return _Next.AGAIN
+        return ticket
+
+    async def _send(self, tries: _Tries) -> GeneratedImage:
+        """Send the shot's request once (one more attempt, counted as a request in flight for
+        the bounds while it waits for its answer): the image, or the provider's error; `_Cut`
+        when the run abandons it."""
+        shot, model = tries.shot, tries.model
+        tries.attempt += 1
+        self.outcome.requests += 1
+        self._sending[model] += 1
+        self.outcome.in_flight[shot.id] = Phase.SENDING
+        try:
+            return await self._unless(True, self.provider.generate(tries.sent, label=shot.id))
+        finally:
+            self._sending[model] -= 1
+
+    def _abandoned_sent(self, tries: _Tries, ticket: int) -> None:
+        """The run abandoned the request after it was sent: the shot is not run, and on a
+        metered provider it may have been billed (if the service went on to make it)."""
+        if tries.gate:
+            tries.gate.release(ticket)
+        if self.provider.metered:
+            self._maybe_billed(tries.model)
+            reason = "abandoned in flight when interrupted; DashScope may have billed it"
+        else:
+            reason = "not run: abandoned in flight when interrupted"
+        self._skip(tries.shot.id, reason, maybe_billed=self.provider.metered)
+
+    def _imageless(self, tries: _Tries, ticket: int, exc: NoImageError) -> bool:
+        """An answer without an image: True to ask once more with a simplified prompt (the
+        seed's rule), False when the shot failed (asked again already, or not simplifying)."""
+        if tries.gate:
+            tries.gate.answered(ticket)  # admitted (and answered), only without an image
+        shot = tries.shot
+        tries.imageless.append(exc.request_id or "unknown")
+        simpler = simplified(tries.sent) if self.simplify and tries.sent is shot.request else None
+        if simpler is None:
+            message = (
+                f"the service answered without an image (request {', '.join(tries.imageless)})"
+            )
+            if len(tries.imageless) > 1:
+                message += ", also when asked again with a simplified prompt"
+            self._finish(failed_entry(shot, message, exc, tries.attempt))
+            return False
+        tries.sent = simpler
+        if self.listener:
+            self.listener(Retrying(shot.id, tries.attempt, 0.0, exc))
+        return True
+
+    async def _transient(self, tries: _Tries, ticket: int, exc: TransientError) -> bool:
+        """A 429 or another transient failure: the gate hears of it and a lost answer is
+        counted (it may have been billed); True to try again, False when the shot is settled
+        (failed, or not run because the service asked for a longer wait than imgbatch
+        makes: the run stops)."""
+        if isinstance(exc, RateLimited):
+            if tries.gate:
+                tries.gate.refused(ticket, exc.retry_after, exc.stated_quota)
+        elif tries.gate:
+            tries.gate.answered(ticket)
+        if exc.maybe_billed:
+            self._maybe_billed(tries.model)
+            tries.lost += 1
+        if exc.retry_after is not None and exc.retry_after > MAX_RETRY_AFTER_SECONDS:
+            self.stop(
+                f"the service asked to wait {exc.retry_after:g} s before the next request "
+                f"(Retry-After), longer than imgbatch waits ({MAX_RETRY_AFTER_SECONDS:g} "
+                "s); run apply again later"
+            )
+            self._skip(tries.shot.id, f"not run: {exc}")
+            return False
+        if isinstance(exc, RateLimited):
+            return self._throttled(tries, exc)
+        return await self._back_off(tries, exc)
+
+    def _throttled(self, tries: _Tries, exc: RateLimited) -> bool:
+        """A 429 is not a failed try: the gate has slowed down, and the shot waits its turn
+        again (True), until the service has refused it for `throttle_patience` (it fails)."""
+        now = self.clock.now()
+        since = tries.refused_since = now if tries.refused_since is None else tries.refused_since
+        if now - since >= self.retry.throttle_patience:
+            message = (
+                f"the service refused it for {now - since:.0f} s ({tries.attempt} tries): {exc}"
+            )
+            self._finish(failed_entry(tries.shot, message, exc, tries.attempt))
+            return False
+        self.outcome.retries += 1
+        if self.listener:
+            self.listener(Retrying(tries.shot.id, tries.attempt, 0.0, exc))
+        return True
+
+    async def _back_off(self, tries: _Tries, exc: TransientError) -> bool:
+        """A failed try (not a 429): wait the backoff, then True to try again; False when the
+        shot failed (out of tries, or too many answers lost)."""
+        tries.refused_since = None
+        tries.failed += 1
+        if tries.failed >= self.retry.max_attempts or tries.lost >= MAX_LOST_ANSWERS:
+            message = f"gave up after {tries.attempt} tries: {exc}"
+            if tries.lost:
+                message += f" ({tries.lost} of them lost their answer and may have been billed)"
+            self._finish(failed_entry(tries.shot, message, exc, tries.attempt))
+            return False
+        delay = self.retry.backoff(tries.failed, exc.retry_after)
+        self.outcome.retries += 1
+        if self.listener:
+            self.listener(Retrying(tries.shot.id, tries.attempt, delay, exc))
+        self.outcome.in_flight[tries.shot.id] = Phase.BACKOFF
+        with contextlib.suppress(_Cut):  # stopped: the loop says so
+            await self._unless(False, self.clock.sleep(delay))
+        return True
+
+    def _refused_outright(
+        self, tries: _Tries, ticket: int, exc: AuthError | PermanentError
+    ) -> None:
+        """A 401/403 stops the run (the shot is not run); any other 4xx fails this shot."""
+        if tries.gate:
+            tries.gate.answered(ticket)
+        if isinstance(exc, AuthError):
+            self._refused_key(tries.shot.id, exc, tries.lost)
             return
+        self._finish(failed_entry(tries.shot, str(exc), exc, tries.attempt))
+
+    async def _received(
+        self, output_dir: Path, tries: _Tries, ticket: int, image: GeneratedImage
+    ) -> None:
+        """The service made the image: keep its URL, then download, verify and place it."""
+        if tries.gate:
+            tries.gate.answered(ticket, image.stated_quota)
+        shot = tries.shot
+        await self._answer_kept(shot, image, tries.attempt, tries.sent)
+        self.outcome.in_flight[shot.id] = Phase.DOWNLOADING
+        await self._keep(output_dir, shot, image, tries.attempt, tries.sent)
+        self.outcome.downloading.pop(shot.id, None)
+
+    def _maybe_billed(self, model: str) -> None:
+        """A request of `model` was sent and its answer lost: the service may have billed it."""
+        self.outcome.maybe_billed += 1
+        self.outcome.maybe_billed_models[model] += 1
 
     async def _answer_kept(
         self, shot: Shot, image: GeneratedImage, attempt: int, sent: ImageRequest
