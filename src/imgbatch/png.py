@@ -36,7 +36,7 @@ import struct
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, cast
 
 from imgbatch.errors import ImageError, InspectError, without_reprs
 
@@ -129,7 +129,7 @@ def decode_png(
     try:
         from PIL import Image  # here: `inspect`, which reads only text chunks, stays light
 
-        source = io.BytesIO(data) if isinstance(data, bytes) else data
+        source = io.BytesIO(data) if isinstance(data, bytes) else cast(IO[bytes], _Unnamed(data))
         image = Image.open(source, formats=["PNG"])
         image.load()  # the pixels are the image's now; the source is not needed again
         if image.size != found:  # never, for Pillow's PNG reader: checked all the same
@@ -139,6 +139,24 @@ def decode_png(
     # image we can vouch for", and must fail this one image, never the run.
     except Exception as exc:  # noqa: BLE001
         raise ImageError(f"{what} are not a whole image ({_reason(exc)})") from None
+
+
+class _Unnamed:
+    """A binary file as Pillow reads it (read, seek, tell) under no name: Pillow's messages quote
+    the file object, and this one's repr, unlike a file's (its path), is one `without_reprs`
+    takes out, so a file's error reads as the same bytes' would."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
+
+    def read(self, size: int = -1) -> bytes:
+        return self._file.read(size)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
 
 
 def _peek(source: IO[bytes]) -> bytes:
