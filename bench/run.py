@@ -38,7 +38,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "src"), str(REPO)]
 
 from bench.per_image import per_image_row  # noqa: E402
-from imgbatch.review.sheet import render_sheet  # noqa: E402
+from imgbatch.review.sheet import manifest_command_path, render_sheet  # noqa: E402
+from imgbatch.review.sheet_data import shot_infos  # noqa: E402
 from imgbatch.run.apply import ApplyOptions, ApplyReport, apply_async, load_and_expand  # noqa: E402
 from imgbatch.run.entries import shot_entry  # noqa: E402
 from imgbatch.shots.request import GeneratedImage  # noqa: E402
@@ -300,7 +301,8 @@ def seed_state(manifest: Path) -> int:
     owner = owner_of(manifest, loaded.name, output_dir)
     meta = {"manifest": owner.manifest, "provider": "dashscope", "key_format": 1}
     folder.save(entries, [], [], meta, owner=owner, before=folder.load(), now="2026-01-01T00:00:00")
-    # And the contact sheet the apply drew (its thumbnails are linked above, like the images).
+    # And the contact sheet the apply drew (its thumbnails are linked above, like the images),
+    # drawn from what apply draws it from, so that the re-apply finds it up to date.
     render_sheet(
         output_dir,
         title=loaded.name,
@@ -308,6 +310,8 @@ def seed_state(manifest: Path) -> int:
         entries={entry.id: entry for entry in entries},
         changes={},
         finished_at=None,
+        infos=shot_infos(loaded),
+        command_path=manifest_command_path(loaded),
     )
     return len(entries)
 

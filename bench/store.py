@@ -13,8 +13,13 @@ S3 server (SeaweedFS, `weed mini`, on 127.0.0.1; `--store folder` for a local fo
 3. four shards (`--shard K/4`), one key each, then an assembling run (`apply --frozen`).
 
 For each: wall time against the ideal (shots / (accounts x 2/s) + latency), images paid (must be
-the distinct keys), store requests per image, and the assembling run's time. Prints ONE markdown
-table. Nothing but 127.0.0.1 is contacted.
+the distinct keys), store requests per image, and the assembling run's time. And what bounds a
+row that misses its ideal, measured rather than guessed: the CPU seconds of its `imgbatch`
+processes (each one's user + system time from the kernel, `wait4`), of the store server and of
+the fake accounts (this process), the CPU floor those make on this machine (their sum over its
+cores: no schedule of that work can be faster here), and how busy the whole machine was
+meanwhile (`/proc/stat`: other work on it counts too). Prints ONE markdown table. Nothing but
+127.0.0.1 is contacted.
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,19 +66,60 @@ def start(
     command = [sys.executable, "-m", "imgbatch", "apply", str(path), "--json"]
     if server is not None:
         command += ["--provider", "dashscope", "--quota", f"{QUOTA:g}/s"]
-    return subprocess.Popen(
+    return Measured(
         [*command, *extra], env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 
-def finish(processes: Sequence[subprocess.Popen[str]]) -> list[dict[str, object]]:
-    documents = []
+def finish(processes: Sequence[subprocess.Popen[str]]) -> tuple[list[dict[str, object]], float]:
+    """Each apply's --json, and the CPU seconds (user + system) all of them used."""
+    documents, cpu = [], 0.0
     for process in processes:
         out, err = process.communicate()
         if process.returncode != 0:
             raise SystemExit(f"apply exited {process.returncode}: {err[-2000:]}")
         documents.append(json.loads(out))
-    return documents
+        cpu += getattr(process, "cpu", 0.0)
+    return documents, cpu
+
+
+class Measured(subprocess.Popen[str]):
+    """A child whose CPU time is kept when it is reaped (`wait4`, not `waitpid`)."""
+
+    cpu = 0.0
+
+    def _try_wait(self, wait_flags: int) -> tuple[int, int]:
+        try:
+            pid, status, usage = os.wait4(self.pid, wait_flags)
+        except ChildProcessError:
+            return self.pid, 0
+        if pid == self.pid:
+            self.cpu = usage.ru_utime + usage.ru_stime
+        return pid, status
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, every core (`/proc/stat`)."""
+    with open("/proc/stat") as stat:
+        fields = [int(value) for value in stat.readline().split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields) - idle) / tick, sum(fields) / tick
+
+
+def child_cpu(pid: int) -> float:
+    """CPU seconds a live process (the store server) used so far; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def store_requests(documents: Sequence[dict[str, object]]) -> int:
@@ -92,13 +140,103 @@ def a_store(kind: str, folder: Path) -> Iterator[dict[str, str]]:
         yield {**s3_environ(endpoint), "IMGBATCH_STORE": f"s3://{BUCKET}/bench"}
 
 
+def store_server_cpu() -> float:
+    """CPU seconds the store server (`weed`, a child of this process) used so far."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat.rsplit(")", 1)[1]
+        if name == "weed" and int(rest.split()[1]) == os.getpid():
+            total += child_cpu(int(entry.name))
+    return total
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    wall: float
+    ideal: float
+    paid: int
+    throttled: int  # 429s the accounts answered
+    per_image: float
+    applies_cpu: float  # the imgbatch processes' CPU seconds
+    servers_cpu: float  # the store server's and the fake accounts' (this process)
+    machine_busy: float  # every process on the machine, ours and others'
+    assembling: tuple[float, float] | None  # the assembling run's wall time and CPU seconds
+
+    @property
+    def floor(self) -> float:
+        """The CPU floor on this machine: the row's CPU over its cores."""
+        return (self.applies_cpu + self.servers_cpu) / (os.cpu_count() or 1)
+
+
+def run_case(
+    name: str,
+    processes: Callable[[], list[subprocess.Popen[str]]],
+    assemble: Callable[[], list[subprocess.Popen[str]]] | None,
+    *,
+    shots: int,
+    accounts: int,
+    paid: Callable[[], int],
+) -> Row:
+    """Run one row: its processes at once, then its assembling run, if any; measured."""
+    busy, cpu, store_cpu = machine_busy()[0], own_cpu(), store_server_cpu()
+    started = time.monotonic()
+    documents, applies_cpu = finish(processes())
+    wall = time.monotonic() - started
+    servers_cpu = own_cpu() - cpu + store_server_cpu() - store_cpu
+    busy = machine_busy()[0] - busy
+    assembling = None
+    if assemble is not None:
+        started = time.monotonic()
+        more, assembling_cpu = finish(assemble())
+        documents += more
+        assembling = (time.monotonic() - started, assembling_cpu)
+    ideal = shots / (accounts * QUOTA) + LATENCY
+    per_image = store_requests(documents) / shots
+    throttled = sum(int(document["summary"]["throttled"]) for document in documents)  # type: ignore[index]
+    return Row(
+        name, wall, ideal, paid(), throttled, per_image, applies_cpu, servers_cpu, busy,
+        assembling,
+    )  # fmt: skip
+
+
+def print_table(rows: Sequence[Row], shots: int, store: str) -> None:
+    print(
+        f"{shots} shots, quota {QUOTA:g}/s per account, {LATENCY:g} s per generation, "
+        f"store: {store}, {os.cpu_count()} cores; load average at the end: "
+        f"{' '.join(open('/proc/loadavg').read().split()[:3])}\n"
+    )
+    print(
+        "| run | wall (s) | ideal (s) | ideal/wall | images paid | distinct keys | 429s "
+        "| store requests/image | CPU: imgbatch + servers (s) | CPU floor (s) "
+        "| machine busy (core-s) | assembling run (s) |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for row in rows:
+        shown = "-" if row.assembling is None else "{:.1f} (CPU {:.1f})".format(*row.assembling)
+        print(
+            f"| {row.name} | {row.wall:.1f} | {row.ideal:.1f} | {row.ideal / row.wall:.2f} "
+            f"| {row.paid} | {shots} | {row.throttled} | {row.per_image:.1f} "
+            f"| {row.applies_cpu:.0f} + {row.servers_cpu:.0f} | {row.floor:.0f} "
+            f"| {row.machine_busy:.0f} | {shown} |"
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shots", type=int, default=1000)
     parser.add_argument("--store", choices=("seaweed", "folder"), default="seaweed")
     parser.add_argument("--quick", action="store_true", help="16 shots (CI runs this)")
+    parser.add_argument("--rows", default="1,2,3", help="which rows to run (1,2,3)")
     args = parser.parse_args()
     shots = 16 if args.quick else args.shots
+    wanted = {int(number) for number in args.rows.split(",")}
     rows = []
     with contextlib.ExitStack() as stack:
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="imgbatch-store-")))
@@ -117,58 +255,46 @@ def main() -> int:
         path = manifest(root, shots)
         env = {**os.environ, "HOME": str(root), "XDG_CACHE_HOME": str(root / "xdg")}
         env.pop("OUTPUT_DIR", None)
-
-        def paid() -> int:
-            return sum(server.successes for server in servers)
-
         cases = (
-            ("1 process, 1 key", 1, ()),
-            ("4 processes, 4 keys, one store", ACCOUNTS, ()),
-            ("4 shards, 4 keys, one store", ACCOUNTS, ("--shard",)),
+            ("1 process, 1 key", 1, False),
+            ("4 processes, 4 keys, one store", ACCOUNTS, False),
+            ("4 shards, 4 keys, one store", ACCOUNTS, True),
         )
-        for number, (name, accounts, extra) in enumerate(cases):
+        for number, (name, accounts, sharded) in enumerate(cases, start=1):
+            if number not in wanted:
+                continue
             folder = root / f"case{number}"
             folder.mkdir()
-            store = stack.enter_context(a_store(args.store, folder))
+            store = {**env, **stack.enter_context(a_store(args.store, folder))}
             for server in servers:
                 server.reset()
-            started = time.monotonic()
-            processes = [
-                start(
-                    path,
-                    folder / f"out{index}",
-                    {**env, **store},
-                    servers[index],
-                    *((*extra, f"{index + 1}/{accounts}") if extra else ()),
+
+            def processes(
+                store: dict[str, str] = store, folder: Path = folder, accounts: int = accounts,
+                sharded: bool = sharded,
+            ) -> list[subprocess.Popen[str]]:  # fmt: skip
+                shard = lambda index: ("--shard", f"{index + 1}/{accounts}") if sharded else ()  # noqa: E731
+                return [
+                    start(path, folder / f"out{index}", store, servers[index], *shard(index))
+                    for index in range(accounts)
+                ]
+
+            def assemble(
+                store: dict[str, str] = store, folder: Path = folder
+            ) -> list[subprocess.Popen[str]]:
+                return [start(path, folder / "all", store, None, "--frozen")]
+
+            rows.append(
+                run_case(
+                    name,
+                    processes,
+                    assemble if sharded else None,
+                    shots=shots,
+                    accounts=accounts,
+                    paid=lambda: sum(server.successes for server in servers),
                 )
-                for index in range(accounts)
-            ]
-            documents = finish(processes)
-            wall = time.monotonic() - started
-            ideal = shots / (accounts * QUOTA) + LATENCY
-            assembling = None
-            if extra:
-                started = time.monotonic()
-                documents += finish(
-                    [start(path, folder / "all", {**env, **store}, None, "--frozen")]
-                )
-                assembling = time.monotonic() - started
-            rows.append((name, wall, ideal, paid(), store_requests(documents) / shots, assembling))
-    print(
-        f"{shots} shots, quota {QUOTA:g}/s per account, {LATENCY:g} s per generation, "
-        f"store: {args.store}\n"
-    )
-    print(
-        "| run | wall (s) | ideal (s) | ideal/wall | images paid | distinct keys "
-        "| store requests/image | assembling run (s) |"
-    )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name, wall, ideal, paid_images, per_image, assembling in rows:
-        shown = f"{assembling:.1f}" if assembling is not None else "-"
-        print(
-            f"| {name} | {wall:.1f} | {ideal:.1f} | {ideal / wall:.2f} | {paid_images} | {shots} "
-            f"| {per_image:.1f} | {shown} |"
-        )
+            )
+    print_table(rows, shots, args.store)
     return 0
 
 

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
         StoreError,
         StoreWriteError,
         TransientError,
+        WrongImageError,
     )
     from imgbatch.manifest import Manifest, load_manifest
     from imgbatch.plan.decide import Action, Plan, PlannedShot
@@ -85,6 +86,7 @@ _EXPORTS = {
     "NoImageError": "imgbatch.errors",
     "StoreError": "imgbatch.errors",
     "StoreWriteError": "imgbatch.errors",
+    "WrongImageError": "imgbatch.errors",
     "Action": "imgbatch.plan.decide",
     "Plan": "imgbatch.plan.decide",
     "PlannedShot": "imgbatch.plan.decide",
@@ -130,6 +132,7 @@ __all__ = [
     "StoreError",
     "StoreWriteError",
     "TransientError",
+    "WrongImageError",
     "agenerate",
     "apply",
     "expand_shots",

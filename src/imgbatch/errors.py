@@ -158,6 +158,12 @@ class ImageError(ImgbatchError, ValueError):
     that fails a shot on a ValueError keeps doing so."""
 
 
+class WrongImageError(ImageError):
+    """Whole bytes that are not the image asked for: another format (a JPEG, an EPS, an HTML
+    page) or a PNG of another size. Not damage on the way (that fails a checksum, or cuts the
+    bytes short): the same URL serves the same again, so a download of them is not tried again."""
+
+
 class StoreError(ImgbatchError):
     """The output folder, the cache or the results file could not be read or written."""
 

@@ -38,7 +38,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, cast
 
-from imgbatch.errors import ImageError, InspectError, without_reprs
+from imgbatch.errors import ImageError, InspectError, WrongImageError, without_reprs
+from imgbatch.units.bounded import read_at_most
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -89,7 +90,7 @@ def png_dimensions(data: bytes, what: str) -> tuple[int, int]:
         if PNG_SIGNATURE.startswith(data):
             raise ImageError(f"{what} are not a whole image (cut short in its signature)")
         kind = image_kind(data)
-        raise ImageError(f"{what} are {kind}, not a PNG image (imgbatch reads PNG only)")
+        raise WrongImageError(f"{what} are {kind}, not a PNG image (imgbatch reads PNG only)")
     if len(data) < _HEADER_BYTES:
         raise ImageError(f"{what} are not a whole image (cut short in its header)")
     start = len(PNG_SIGNATURE)
@@ -118,7 +119,7 @@ def decode_png(
     head = data if isinstance(data, bytes) else _peek(data)
     found = png_dimensions(head, what)
     if size is not None and found != size:
-        raise ImageError(
+        raise WrongImageError(
             f"{_singular(what)} is {found[0]}*{found[1]}, not the {size[0]}*{size[1]} asked for"
         )
     if size is None and found[0] * found[1] > max_pixels:
@@ -187,7 +188,7 @@ def read_image_file(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
         if info.st_size > limit:
             raise ImageError(f"{path} is {info.st_size} bytes, too large to be an image")
         with os.fdopen(fd, "rb", closefd=False) as handle:
-            data = handle.read(limit + 1)
+            data = read_at_most(handle, limit, info.st_size)
     except OSError as exc:
         raise ImageError(f"{path} cannot be read ({exc.strerror or exc})") from None
     finally:

@@ -294,6 +294,7 @@ def test_apply_json_reports_what_the_run_did(
     assert document["summary"] == {
         "generated": 8,
         "cached": 0,
+        "from_store": 0,
         "failed": 0,
         "unfetched": 0,
         "not_run": 0,

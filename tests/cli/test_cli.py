@@ -9,6 +9,7 @@ the cache: a repeated, reverted or renamed shot never costs a request.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -24,6 +25,7 @@ from PIL import Image
 from imgbatch.cli.main import main
 from tests.support.fake_dashscope import GENERATION_PATH, FakeDashScope
 from tests.support.files import FAKE_KEY, write_manifest, write_many_shots
+from tests.support.virtual_time import VirtualServer
 
 # The example pins limits.rps: 2; tests lift it so eight shots take milliseconds, not seconds.
 FAST = ("--rps", "500")
@@ -584,9 +586,11 @@ def test_with_no_quota_apply_finds_it_says_so_and_remembers_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     manifest = write_many_shots(tmp_path, "quota", 16)
-    # Tiny images: this measures the pacing, and megabytes of PNG to verify per shot would make
-    # what it measures depend on this machine's CPU.
-    with FakeDashScope(api_key=FAKE_KEY, quota_window=(5, 1.0), image_profile="tiny") as server:
+    # What is found comes from when the 429s came: on virtual time, the server in the command's
+    # own event loop (its asyncio.run), so a loaded machine's late wake-ups cannot change it.
+    server = FakeDashScope(api_key=FAKE_KEY, quota_window=(5, 1.0), image_profile="tiny")
+    with VirtualServer(server) as virtual, monkeypatch.context() as patch:
+        patch.setattr(asyncio, "run", virtual.run)
         monkeypatch.setenv("HOME", str(tmp_path))
         monkeypatch.setenv("DASHSCOPE_API_KEY", FAKE_KEY)
         monkeypatch.setenv("DASHSCOPE_HTTP_BASE_URL", server.base_url)
@@ -608,15 +612,17 @@ def test_a_quota_given_on_the_command_line_is_used_and_not_remembered(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     manifest = write_many_shots(tmp_path, "given", 6)
-    with FakeDashScope(api_key=FAKE_KEY, quota_window=(3, 1.0), image_profile="tiny") as server:
+    # The server's own window, given exactly: on virtual time (the server in the command's event
+    # loop), no late wake-up of a loaded machine can bunch two windows' requests into one.
+    server = FakeDashScope(api_key=FAKE_KEY, quota_window=(3, 1.0), image_profile="tiny")
+    with VirtualServer(server) as virtual, monkeypatch.context() as patch:
+        patch.setattr(asyncio, "run", virtual.run)
         monkeypatch.setenv("HOME", str(tmp_path))
         monkeypatch.setenv("DASHSCOPE_API_KEY", FAKE_KEY)
         monkeypatch.setenv("DASHSCOPE_HTTP_BASE_URL", server.base_url)
         monkeypatch.delenv("OUTPUT_DIR", raising=False)
-        # Stricter than the server's 3/s: half a second of slack, so a loaded machine's late
-        # timers cannot bunch two windows' requests into one of the server's.
-        result = run("apply", manifest, "--quota", "3/1.5s")
+        result = run("apply", manifest, "--quota", "3/1s")
         throttled = server.status_counts[429]
     assert result.exit_code == 0, result.output
     assert throttled == 0
-    assert "Quota for qwen-image-max: 3 requests per 1.5 s (as given)." in result.stdout
+    assert "Quota for qwen-image-max: 3 requests per 1 s (as given)." in result.stdout

@@ -167,6 +167,43 @@ def test_an_invalid_request_exits_2_names_the_field_and_sends_nothing(
     assert not (in_tmp / "output").exists()
 
 
+@pytest.mark.parametrize("output", [None, "elsewhere/headphones.png"], ids=["default", "--output"])
+def test_a_call_without_a_key_exits_2_and_writes_nothing(
+    in_tmp: Path, monkeypatch: pytest.MonkeyPatch, output: str | None
+) -> None:
+    """Refused before anything is sent, it leaves no folder behind: not the image's, and not
+    the default folder's lock in the current directory (where the cache would have been)."""
+    monkeypatch.setenv("HOME", str(in_tmp / "home"))
+    monkeypatch.delenv("DASHSCOPE_API_KEY", raising=False)
+    monkeypatch.delenv("OUTPUT_DIR", raising=False)
+    where = ("--output", output) if output else ()
+    result = run("generate", "--request", json.dumps(REQUEST), "--provider", "dashscope", *where)
+    assert result.exit_code == 2, result.output
+    assert "No DashScope API key" in result.stderr
+    assert sorted(path.name for path in in_tmp.iterdir()) == []
+
+
+def test_a_cached_request_needs_no_key(
+    api_env: dict[str, str],
+    fake_server: FakeDashScope,
+    in_tmp: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The key is checked early only when a request must be sent: the cache serves without."""
+    target = in_tmp / "elsewhere" / "headphones.png"
+    first = run("generate", "--request", json.dumps(REQUEST), "--output", str(target))
+    assert first.exit_code == 0, first.output
+    monkeypatch.delenv("DASHSCOPE_API_KEY")
+    again = run(
+        "generate", "--request", json.dumps(REQUEST), "--provider", "dashscope",
+        "--output", str(target), "--print-response",
+    )  # fmt: skip
+    assert response_of(again)["cached"] is True
+    assert fake_server.generation_count == 1
+    # Outside any apply folder, the cache is the default folder's, as documented.
+    assert (in_tmp / "output" / "ai-image-qwen-image" / ".imgbatch" / "cache").is_dir()
+
+
 def test_a_refused_request_exits_1_with_the_service_message(
     api_env: dict[str, str], fake_server: FakeDashScope, in_tmp: Path
 ) -> None:

@@ -54,9 +54,11 @@ def test_every_command_on_the_page_runs(
         done = runner.invoke(main, words[1:], env=env)
         assert done.exit_code == 0, (line, done.output)
         ran += 1
-    assert ran == 7
+    assert ran == 10
     results = root / "output" / "cyclist-spot" / "results.json"
     assert "s3://team-images/imgbatch/cas/" in results.read_text()
+    assert '"local_copy": false' in results.read_text()  # --no-local-copy: in the store only
+    assert not list(results.parent.rglob("*.png"))
 
 
 def test_actionlint_finds_nothing_wrong_with_the_shard_workflow() -> None:

@@ -10,6 +10,7 @@ fails without its fix. (Hostile manifests and hostile output folders have their 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -33,6 +34,7 @@ from imgbatch.run.apply import ApplyOptions, ApplyReport, apply
 from tests.support import hostile_images
 from tests.support.fake_dashscope import FakeDashScope
 from tests.support.files import FAKE_KEY, write_manifest, write_many_shots
+from tests.support.virtual_time import VirtualServer
 
 FAST_RETRY = RetryPolicy(base_delay=0.001, max_delay=0.01)
 SIZE = (1328, 1328)
@@ -158,32 +160,42 @@ def test_a_body_over_the_cap_fails_once_and_keeps_the_url(
 def test_a_stalled_download_is_cut_at_its_deadline_and_tried_again(
     manifest: Path, tmp_path: Path
 ) -> None:
-    with FakeDashScope(api_key=FAKE_KEY, image_profile="real") as server:
+    # On virtual time, the server in the run's own loop: the deadline is kept exactly, and the
+    # second try's 3.7 MB take no time on it however loaded the machine.
+    server = FakeDashScope(api_key=FAKE_KEY, image_profile="real")
+    with VirtualServer(server) as virtual, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(asyncio, "run", virtual.run)
         server.stall_next_download()
-        # Long enough for the second try to bring 3.7 MB on a loaded machine.
         report = run_apply(manifest, server, tmp_path, download_timeout=2.0)
-        generations = server.generation_count
     assert report.ok
-    assert generations == 1
+    assert server.generation_count == 1
     assert_whole_image(manifest)
+    # The stalled try (never finished: no status) was cut at 2 s; the next began at once.
+    stalled, whole = sorted(server.downloads, key=lambda download: download.received_at)
+    assert (stalled.status, whole.status) == (None, 200)
+    assert 2.0 <= whole.received_at - stalled.received_at < 2.1
 
 
 def test_an_image_host_that_trickles_fails_at_the_deadline_not_per_read(
     manifest: Path, tmp_path: Path
 ) -> None:
     # Each chunk comes well within any per-read timeout; the whole body never could in time.
-    with FakeDashScope(
+    # On virtual time (the server in the run's own loop), so the time taken is the deadlines'.
+    server = FakeDashScope(
         api_key=FAKE_KEY, image_profile="real", chunk_size=4096, chunk_delay=0.05
-    ) as server:
-        started = time.monotonic()
+    )
+    with VirtualServer(server) as virtual, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(asyncio, "run", virtual.run)
         report = run_apply(manifest, server, tmp_path, download_timeout=0.3)
-        elapsed = time.monotonic() - started
+        elapsed = virtual.loop.time()
     entry = only(report)
     assert entry.status == "unfetched"
     assert "did not finish within 0.3 s" in entry.error
     assert entry.image_url
-    # Four tries of 0.3 s, not the 900 chunks x 0.05 s a per-read timeout would wait.
-    assert elapsed < 20
+    # Four tries of 0.3 s (and their short backoffs), not the 900 chunks x 0.05 s a per-read
+    # timeout would wait.
+    assert len(server.downloads) == 4
+    assert 4 * 0.3 <= elapsed < 4 * 0.3 + 0.2
 
 
 # ----- hostile image bytes: PNG only, nothing run, the size read before a pixel -----------------
@@ -231,6 +243,7 @@ def test_an_image_that_is_not_a_png_fails_its_shot_keeps_its_url_and_runs_nothin
         server.serve_next_image(case.body(), content_type=case.content_type)
         report = run_apply(manifest, server, tmp_path)
         generations = server.generation_count
+        downloads = server.downloads_when_done(2)
     assert not marker.exists(), marker.read_text()
     by_id = {entry.id: entry for entry in report.entries}
     entry = by_id["first"]
@@ -238,6 +251,9 @@ def test_an_image_that_is_not_a_png_fails_its_shot_keeps_its_url_and_runs_nothin
     assert case.message in (entry.error or "")
     assert entry.image_url  # paid for: its URL is kept
     assert generations == 2  # one each: the bad image was not paid for twice
+    # Another format (or size) is not damage on the way: the same URL would serve it again, so
+    # it is not downloaded again (one download each).
+    assert len(downloads) == 2
     assert by_id["second"].status == "generated"  # the run went on
     folder = manifest.parent / "output" / "hostile"
     assert not (folder / "first.png").exists()

@@ -22,6 +22,7 @@ from click.testing import CliRunner, Result
 from imgbatch.cli.main import main
 from imgbatch.errors import FolderOwnedError
 from imgbatch.run.apply import apply, make_plan
+from imgbatch.state import folder as folder_module
 from imgbatch.state import results as results_module
 from tests.support.fake_dashscope import FakeDashScope
 from tests.support.files import FAKE_KEY
@@ -100,6 +101,39 @@ def test_the_plan_decides_from_the_state_record_never_reading_results_json_back(
     assert again.exit_code == 0, again.output
     assert "2 unchanged" in again.output
     assert (out / "results.json").read_bytes() == before
+
+
+def test_a_no_op_apply_knows_results_json_is_unchanged_without_rendering_it_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record says what it rendered results.json from (its head's digest) and `load` saw
+    the file it rendered: a no-op apply writes and even renders nothing (rendering 100,000
+    entries to compare them with the file was a fifth of such an apply). A file deleted since
+    is still put back as it was."""
+    prompts = {"s1": "a red kite", "s2": "a blue kite", "s3": "a green kite"}
+    manifest = write_shots(tmp_path, prompts, name="kites")
+    out = tmp_path / "output" / "kites"
+    assert run("apply", manifest).exit_code == 0
+    rendered: list[int] = []
+    real = folder_module.render_results
+
+    def counted(*args: Any) -> Any:
+        rendered.append(len(args[0]))
+        return real(*args)
+
+    monkeypatch.setattr(folder_module, "render_results", counted)
+    paths = (out / "results.json", out / STATE / "state.json")
+    before = [(path.read_bytes(), path.stat().st_mtime_ns) for path in paths]
+    again = run("apply", manifest)
+    assert again.exit_code == 0 and "3 unchanged" in again.output, again.output
+    assert rendered == []
+    assert [(path.read_bytes(), path.stat().st_mtime_ns) for path in paths] == before
+
+    # Deleted since: rendered again to see, and put back as it was.
+    (out / "results.json").unlink()
+    assert run("apply", manifest).exit_code == 0
+    assert rendered == [3, 3]  # once to compare, once to write
+    assert (out / "results.json").read_bytes() == before[0][0]
 
 
 def test_a_results_json_changed_since_it_was_rendered_is_taken_as_the_state(

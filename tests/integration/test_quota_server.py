@@ -5,24 +5,26 @@ Takes the fake server's counted window (`quota_window`), cap on work in progress
 quota given, stated, unknown or learned; gives evidence that a given window is used in full and
 no faster, that the stated quota is read from the header, that a cap and an unknown window are
 found, that what was found is kept (by a fingerprint, never the key) for the next run, and that
-429s do not use up a shot's tries. Time scaled down: a window of a second, not a minute.
+429s do not use up a shot's tries. Time scaled down: a window of a second, not a minute. What
+depends on timing runs on virtual time (`VirtualServer`: the server in the run's own event loop),
+so it is exact and the same on a loaded machine.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from imgbatch.pacing.gate import RetryPolicy
 from imgbatch.review.report import apply_summary
-from imgbatch.run.apply import ApplyOptions, ApplyReport, apply
+from imgbatch.run.apply import ApplyOptions, apply, apply_async
 from imgbatch.units.quota import Quota
 from tests.support.fake_dashscope import FakeDashScope
 from tests.support.files import FAKE_KEY, write_many_shots
+from tests.support.virtual_time import VirtualServer
 
 FAST_RETRY = RetryPolicy(base_delay=0.001, max_delay=0.01)
 
@@ -41,26 +43,29 @@ def options(tmp_path: Path, server: FakeDashScope, **overrides: object) -> Apply
 
 
 def test_a_given_window_is_used_in_full_and_no_faster(tmp_path: Path) -> None:
+    """On virtual time, the server in the run's own loop: the arrivals are the pacer's own
+    timing, exact, whatever else the machine is doing."""
     manifest = write_many_shots(tmp_path, "given", 9)
-    with FakeDashScope(api_key=FAKE_KEY, quota_window=(3, 1.0)) as server:
-        report = apply(manifest, options(tmp_path, server, quota=Quota(3, 1.0)))
+    server = FakeDashScope(api_key=FAKE_KEY, quota_window=(3, 1.0))
+    with VirtualServer(server) as virtual:
+        report = virtual.run(apply_async(manifest, options(tmp_path, server, quota=Quota(3, 1.0))))
     assert report.count("generated") == 9
     assert server.status_counts[429] == 0
-    # Three at once, three a second later, three more a second after that.
+    # Three at once, three a window later, three more a window after that: the window's margin
+    # for the network's jitter (a few hundredths of it), no more.
     arrived = [r.received_at - server.requests[0].received_at for r in server.requests]
-    assert max(arrived[:3]) < 0.3
-    assert 1.0 <= min(arrived[3:6]) <= max(arrived[3:6]) < 1.5
-    assert 2.0 <= min(arrived[6:]) < 2.7
+    assert max(arrived[:3]) < 0.01
+    assert 1.0 <= min(arrived[3:6]) <= max(arrived[3:6]) < 1.1
+    assert 2.0 <= min(arrived[6:]) <= max(arrived[6:]) < 2.2
     finding = report.quotas[0].finding
     assert finding.source == "given" and not report.quotas[0].saved
 
 
 def test_the_quota_stated_in_the_flow_control_header_is_used(tmp_path: Path) -> None:
     manifest = write_many_shots(tmp_path, "stated", 6)
-    with FakeDashScope(
-        api_key=FAKE_KEY, quota_window=(2, 1.0), state_quota=True, latency=0.2
-    ) as server:
-        report = apply(manifest, options(tmp_path, server))
+    server = FakeDashScope(api_key=FAKE_KEY, quota_window=(2, 1.0), state_quota=True, latency=0.2)
+    with VirtualServer(server) as virtual:
+        report = virtual.run(apply_async(manifest, options(tmp_path, server)))
     assert report.count("generated") == 6
     assert server.status_counts[429] <= 1
     finding = report.quotas[0].finding
@@ -69,22 +74,22 @@ def test_the_quota_stated_in_the_flow_control_header_is_used(tmp_path: Path) -> 
     assert "2 requests per 1 s (as the service stated it)" in apply_summary(report)
 
 
-@pytest.mark.slow  # real-time probing
 def test_an_unknown_window_is_found_kept_and_where_the_next_run_starts(tmp_path: Path) -> None:
     (tmp_path / "first").mkdir()
     (tmp_path / "second").mkdir()
     first = write_many_shots(tmp_path / "first", "first", 12)
     second = write_many_shots(tmp_path / "second", "second", 8)
-    with FakeDashScope(api_key=FAKE_KEY, quota_window=(4, 1.0), latency=0.05) as server:
-        report = apply(first, options(tmp_path, server))
+    server = FakeDashScope(api_key=FAKE_KEY, quota_window=(4, 1.0), latency=0.05)
+    with VirtualServer(server) as virtual:
+        report = virtual.run(apply_async(first, options(tmp_path, server)))
         assert report.count("generated") == 12
         assert server.status_counts[429] >= 1
         assert report.quotas[0].saved
         summary = apply_summary(report)
         assert "remembered for the next run" in summary
         server.reset()
-        time.sleep(1.1)  # the first run's requests leave the window
-        again = apply(second, options(tmp_path, server))
+        virtual.run(asyncio.sleep(1.1))  # the first run's requests leave the window
+        again = virtual.run(apply_async(second, options(tmp_path, server)))
     assert again.count("generated") == 8
     assert server.status_counts[429] == 0
     assert again.quotas[0].learned_before
@@ -106,13 +111,13 @@ def test_a_given_quota_overrides_the_learned_one(tmp_path: Path) -> None:
     assert report.quotas[0].finding.source == "given"
 
 
-@pytest.mark.slow  # real-time probing
 def test_a_cap_on_work_in_progress_is_found(tmp_path: Path) -> None:
     """Two in progress, each 1.5 s: the third request, sent at the rate the first two were
     admitted at, is refused with two in flight; that happens again, and the cap is confirmed."""
     manifest = write_many_shots(tmp_path, "cap", 8)
-    with FakeDashScope(api_key=FAKE_KEY, max_in_progress=2, latency=1.5) as server:
-        report = apply(manifest, options(tmp_path, server))
+    server = FakeDashScope(api_key=FAKE_KEY, max_in_progress=2, latency=1.5)
+    with VirtualServer(server) as virtual:
+        report = virtual.run(apply_async(manifest, options(tmp_path, server)))
     assert report.count("generated") == 8
     assert server.status_counts[429] <= 3
     finding = report.quotas[0].finding
@@ -142,17 +147,6 @@ def test_a_malformed_flow_control_header_is_ignored(header: str) -> None:
     assert _stated_quota({"X-DashScope-Inner-Flow-Control-Meta": recorded}) == Quota(2, 60)
 
 
-def run_with_deadline(manifest: Path, apply_options: ApplyOptions, seconds: float) -> ApplyReport:
-    """`apply` in a thread: a run that stalls fails the test instead of hanging it."""
-    reports: list[ApplyReport] = []
-    worker = threading.Thread(target=lambda: reports.append(apply(manifest, apply_options)))
-    worker.daemon = True
-    worker.start()
-    worker.join(seconds)
-    assert reports, f"the run did not finish in {seconds:g} s"
-    return reports[0]
-
-
 @pytest.mark.parametrize("stated", [(1, 1e9), (1, 3600.0)])
 def test_a_flow_control_header_stating_an_implausible_quota_stalls_nothing(
     tmp_path: Path, stated: tuple[int, float]
@@ -163,8 +157,11 @@ def test_a_flow_control_header_stating_an_implausible_quota_stalls_nothing(
     for run in ("first", "second"):
         (tmp_path / run).mkdir()
         manifest = write_many_shots(tmp_path / run, run, 5)
-        with FakeDashScope(api_key=FAKE_KEY, state_quota=stated, latency=0.05) as server:
-            report = run_with_deadline(manifest, options(tmp_path, server), 60)
+        server = FakeDashScope(api_key=FAKE_KEY, state_quota=stated, latency=0.05)
+        with VirtualServer(server) as virtual:
+            # A minute of virtual time: a run that waits on the stated hour fails at once.
+            run_in_a_minute = asyncio.wait_for(apply_async(manifest, options(tmp_path, server)), 60)
+            report = virtual.run(run_in_a_minute)
         assert report.count("generated") == 5
         finding = report.quotas[0].finding
         assert finding.stated == Quota(*stated)

@@ -310,6 +310,29 @@ def test_a_simplified_prompt_is_shown_as_what_was_sent_and_a_lost_image_breaks_n
     assert shot["file"] == "s01.png" and shot["thumb"] is None  # the image is gone: no preview
 
 
+def test_the_page_holds_no_run_time_so_the_same_shots_draw_the_same_page(tmp_path: Path) -> None:
+    entry = ResultEntry(
+        id="s01", status="failed", file=None, key="ab" * 32, width=None, height=None, seed=None,
+        model="qwen-image-max", size="1664*928", prompt="a red bicycle", image_url=None,
+        request_id=None, error="400 DataInspectionFailed: no",
+    )  # fmt: skip
+    pages = []
+    for folder, finished in (("a", "2026-12-06 10:00 UTC"), ("b", "2026-12-07 11:30 UTC")):
+        (tmp_path / folder).mkdir()
+        page = render_sheet(
+            tmp_path / folder,
+            title="t",
+            order=["s01"],
+            entries={"s01": entry},
+            changes={},
+            finished_at=finished,
+        )
+        pages.append(page.read_bytes())
+        # The time of the last apply is this machine's: in the data file, in the folder's state.
+        assert finished in data_path(tmp_path / folder).read_text(encoding="utf-8")
+    assert pages[0] == pages[1]
+
+
 def test_a_shot_billed_but_not_downloaded_has_its_own_status_and_filter(tmp_path: Path) -> None:
     made = ResultEntry(
         id="s01",

@@ -129,6 +129,8 @@ def test_the_contact_sheet_works_in_a_real_browser(
 
     # Every shot, in manifest order, one tile each.
     assert visible_ids(page) == ORDER
+    # When the last apply finished, from the data file (the page itself holds no run's time).
+    assert page.inner_text("#finished").startswith("· last apply 20")
 
     # Every thumbnail loads, and it is a thumbnail, never the full PNG.
     page.click("#view")  # the detailed cards: the replaced shot shows before and after
@@ -536,3 +538,45 @@ def test_mark_in_the_page_run_the_command_apply_and_only_those_shots_are_paid(
         assert sent == ["a lighthouse at night, take 10", "a lighthouse at night, take 150"]
         out = tmp_path / "output" / "many"
         assert (out / "poster.png").read_bytes() == (out / "poster-2.png").read_bytes()
+
+
+@pytest.fixture
+def stored_sheet(
+    tmp_path: Path, api_env: dict[str, str], fake_server: FakeDashScope
+) -> Iterator[tuple[Path, str]]:
+    """A sheet applied with --no-local-copy against moto's S3 server (kept running): the
+    output folder and the server's endpoint."""
+    from tests.support.files import write_many_shots
+    from tests.support.object_servers import BUCKET, moto_server, s3_environ
+
+    manifest = write_many_shots(tmp_path, "stored", 2)
+    with moto_server() as endpoint:
+        environ = {**api_env, **s3_environ(endpoint), "IMGBATCH_STORE": f"s3://{BUCKET}/sheet"}
+        options = ApplyOptions(
+            environ=environ,
+            home=Path(api_env["HOME"]),
+            rps=1000.0,
+            quota_store=False,
+            no_local_copy=True,
+        )
+        assert apply(manifest, options).ok
+        yield tmp_path / "output" / "stored", endpoint
+
+
+def test_full_images_kept_in_a_store_only_open_through_their_signed_links(
+    stored_sheet: tuple[Path, str], browser: Browser
+) -> None:
+    output, endpoint = stored_sheet
+    assert not list(output.rglob("*.png"))
+    page, watched = new_page(browser)
+    page.goto((output / "index.html").as_uri())
+    assert "full images: links valid until" in page.inner_text("header")
+    page.locator(".tile").first.click()
+    page.wait_for_function(
+        "() => { const img = document.getElementById('v-after');"
+        " return img.complete && img.naturalWidth > 0; }"
+    )
+    src = page.eval_on_selector("#v-after", "img => img.currentSrc")
+    assert src.startswith(endpoint) and "X-Amz-Signature=" in src
+    assert page.eval_on_selector("#v-after", "img => img.naturalWidth") == 1328
+    assert watched.errors == []  # no load refused by the page's policy

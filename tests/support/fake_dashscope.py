@@ -24,7 +24,8 @@ Three ways to run it:
 
 * ``with FakeDashScope() as server:`` runs both listeners in a background thread with its own
   event loop (for sync tests);
-* ``async with FakeDashScope() as server:`` runs them in the current event loop;
+* ``async with FakeDashScope() as server:`` runs them in the current event loop (on virtual
+  time, `tests/support/virtual_time.py`'s `VirtualServer`, for timing a test asserts);
 * ``python tests/support/fake_dashscope.py --port 0 --latency 0.5`` prints one JSON line with
   ``base_url`` and ``image_base_url`` once listening, then serves until SIGTERM or SIGINT.
 
@@ -118,7 +119,7 @@ class RecordedRequest:
     body: Any
     status: int | None
     query: str = ""
-    received_at: float = 0.0  # time.monotonic() on arrival
+    received_at: float = 0.0  # on arrival, by the server's clock (its event loop's, by default)
 
 
 class ApiError(Exception):
@@ -204,24 +205,32 @@ class _StoredImage:
     served: _Served | None = None
 
 
+def loop_clock() -> float:
+    """The running event loop's time (time.monotonic outside one, as a real loop's is)."""
+    try:
+        return asyncio.get_running_loop().time()
+    except RuntimeError:
+        return time.monotonic()
+
+
 class TokenBucket:
     """A rate quota: ``rate`` tokens per second, holding at most ``burst``, full at the start.
 
-    The fake server's quota on the real clock; the pacer's simulations pass the virtual one.
+    On the server's clock (its loop's by default); the pacer's simulations pass the virtual one.
     """
 
-    def __init__(
-        self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = loop_clock) -> None:
         self._rate = rate
         self._burst = float(burst)
         self._tokens = float(burst)
         self._clock = clock
-        self._last = clock()
+        # Read at the first request, in the loop that serves it (full until then anyway).
+        self._last: float | None = None
 
     def try_take(self) -> bool:
         now = self._clock()
-        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        last = now if self._last is None else self._last
+        self._tokens = min(self._burst, self._tokens + (now - last) * self._rate)
         self._last = now
         if self._tokens < 1.0:
             return False
@@ -256,7 +265,7 @@ class FakeDashScope:
         quota_window: tuple[int, float] | None = None,
         max_in_progress: int | None = None,
         state_quota: bool | tuple[int, float] = False,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         if image_profile not in IMAGE_PROFILES:
             raise ValueError(f"image_profile must be one of {', '.join(IMAGE_PROFILES)}")
@@ -289,8 +298,12 @@ class FakeDashScope:
         self.downloads: list[RecordedRequest] = []
         # API requests received and not yet answered (or dropped), and the most at once.
         self.in_flight = self.most_in_flight = 0
-        self._quota = _make_bucket(quota_rps, quota_burst, clock)
-        self.shapes = QuotaShapes(quota_window, max_in_progress, state_quota)
+        # Every time the server keeps (arrivals, quotas, the answer's cost time) is on one clock:
+        # by default its event loop's, which is time.monotonic on a real loop and virtual on a
+        # virtual-time one, so a test on virtual time sees the server's timing exactly.
+        self._clock = clock or loop_clock
+        self._quota = _make_bucket(quota_rps, quota_burst, self._clock)
+        self.shapes = QuotaShapes(quota_window, max_in_progress, state_quota, self._clock)
         self._rng = random.Random(seed)
         self._port = port
         self._image_port = image_port
@@ -574,7 +587,7 @@ class FakeDashScope:
         return app
 
     async def _handle_api(self, request: web.Request) -> web.StreamResponse:
-        received_at = time.monotonic()
+        received_at = self._clock()
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         raw = await request.read()
@@ -634,7 +647,7 @@ class FakeDashScope:
         self._moderate(generation.prompt)
         # Draw at arrival, so a sequential client sees the same outcomes for the same seed.
         fails = self._rng.random() < self.error_rate
-        started = time.monotonic()
+        started = self._clock()
         await asyncio.sleep(self.latency)
         if fails:
             raise ApiError(500, "InternalError", INTERNAL_ERROR_MESSAGE)
@@ -645,7 +658,7 @@ class FakeDashScope:
                 text = {"text": "I cannot draw that."}
                 body["output"]["choices"][0]["message"]["content"] = [text]
             poison = self._consume_toggle("poison")
-        headers = _answer_headers(body["request_id"], time.monotonic() - started)
+        headers = _answer_headers(body["request_id"], self._clock() - started)
         headers.update(self.shapes.headers())
         if poison:
             body["usage"].update(width=float("inf"), height=float("-inf"))
@@ -749,7 +762,7 @@ class FakeDashScope:
         return app
 
     async def _handle_image(self, request: web.Request) -> web.StreamResponse:
-        received_at = time.monotonic()
+        received_at = self._clock()
         status: int | None = None
         try:
             response = await self._answer_image(request)
@@ -1136,7 +1149,7 @@ class QuotaShapes:
         window: tuple[int, float] | None,
         max_in_progress: int | None,
         state: bool | tuple[int, float],
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = loop_clock,
     ) -> None:
         if window is not None and (window[0] < 1 or window[1] <= 0):
             raise ValueError("quota_window needs K >= 1 requests per P > 0 seconds")

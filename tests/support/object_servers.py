@@ -163,6 +163,11 @@ def _wait_for_bucket(endpoint: str, seconds: float) -> None:
             time.sleep(0.2)
 
 
+def _iso(when: float) -> str:
+    """A listing's LastModified, as S3 and OSS write it."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(when))
+
+
 class FakeOss:
     """See the module docstring; use as a context manager, `endpoint` while running."""
 
@@ -248,11 +253,20 @@ class FakeOss:
                     },
                 )
 
+            def do_HEAD(self) -> None:
+                key, _ = self._key()
+                with fake._lock:
+                    fake.log.append(("HEAD", key))
+                    found = fake.objects.get(key)
+                if found is None:
+                    return self._send(404)
+                self._send(200, found[0], {"ETag": f'"{hashlib.md5(found[0]).hexdigest()}"'})
+
             def _list(self, prefix: str) -> None:
                 names = sorted(name for name in fake.objects if name.startswith(prefix))
                 items = "".join(
                     f"<Contents><Key>{escape(name)}</Key><Size>{len(fake.objects[name][0])}"
-                    "</Size></Contents>"
+                    f"</Size><LastModified>{_iso(fake.objects[name][1])}</LastModified></Contents>"
                     for name in names
                 )
                 body = (

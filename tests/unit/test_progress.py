@@ -320,13 +320,22 @@ def test_user_text_is_printed_as_it_is_never_as_markup_nor_wrapped(
     assert SGR.sub("", stream.getvalue()) == summary + "\n"
 
 
+def wait_for_lines(stream: io.StringIO, count: int) -> None:
+    """Until `stream` has `count` lines (the ticker thread's), or fail after a minute."""
+    deadline = time.monotonic() + 60
+    while stream.getvalue().count("\n") < count:
+        assert time.monotonic() < deadline, stream.getvalue()
+        time.sleep(0.005)
+
+
 def test_a_log_says_once_that_every_shot_is_done() -> None:
     stream = io.StringIO()
     with Progress(stream, interval=0.01) as progress:
         progress.start(1)
-        time.sleep(0.1)
+        wait_for_lines(stream, 1)  # a tick before the shot, however late a loaded machine is
         progress(entry("a", "generated"))
-        time.sleep(0.1)  # results being written: no more lines, the count has not moved
+        wait_for_lines(stream, 2)
+        time.sleep(0.1)  # results being written: ticks go on, the count has not moved
     lines = stream.getvalue().splitlines()
     assert [line[:5] for line in lines].count("[1/1]") == 1
     assert lines[-1].startswith("[1/1] 1 generated, 0 failed")

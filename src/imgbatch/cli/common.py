@@ -164,6 +164,14 @@ store_read_only_option = click.option(
     "untrusted jobs, such as pull requests from forks.",
 )
 
+no_local_copy_option = click.option(
+    "--no-local-copy",
+    is_flag=True,
+    help="Keep the images in the shared store only (a store is needed): none in the output "
+    "folder but the contact sheet's thumbnails; the sheet opens full images through links "
+    "signed when it is drawn. An image already in the store only is not fetched again.",
+)
+
 
 def _shard_option(value: str | None) -> tuple[int, int] | None:
     if value is None:

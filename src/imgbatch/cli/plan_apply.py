@@ -29,6 +29,7 @@ from imgbatch.cli.common import (
     error_boundary,
     force_option,
     manifest_argument,
+    no_local_copy_option,
     only_option,
     overwrite_edited_option,
     provider_option,
@@ -89,6 +90,7 @@ planning_options = _options(
     only_option,
     force_option,
     store_option,
+    no_local_copy_option,
 )
 
 
@@ -289,6 +291,12 @@ def apply_command(manifest: Path, as_json: bool, verbosity: str | None, **option
     level = _verbosity(verbosity)
     quiet = level is Verbosity.QUIET
     report = _run_apply(manifest, options, level)
+    if report.replanned and level is Verbosity.VERBOSE:
+        click.echo(
+            "note: another process changed the output folder between the plan and the lock; "
+            "planned again under the lock",
+            err=True,
+        )
     console_for(sys.stderr if as_json else sys.stdout).print(
         quiet_summary(report) if quiet else apply_summary(report)
     )

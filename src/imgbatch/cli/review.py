@@ -13,6 +13,7 @@ from imgbatch.cli.common import (
     allow_outside_option,
     error_boundary,
     manifest_argument,
+    store_option,
 )
 
 if TYPE_CHECKING:
@@ -22,13 +23,15 @@ if TYPE_CHECKING:
 @click.command()
 @manifest_argument
 @allow_outside_option
+@store_option
 @error_boundary
-def sheet(manifest: Path, allow_reference_outside: bool) -> int:
-    """Draw the contact sheet (index.html in the output folder) from the last results."""
+def sheet(manifest: Path, allow_reference_outside: bool, store: str | None) -> int:
+    """Draw the contact sheet (index.html in the output folder) from the last results; full
+    images kept in a store only (apply --no-local-copy) are linked through URLs signed now."""
     from imgbatch.review.report import shown_path
     from imgbatch.review.sheet import write_sheet
 
-    path = write_sheet(manifest, allow_reference_outside=allow_reference_outside)
+    path = write_sheet(manifest, allow_reference_outside=allow_reference_outside, store=store)
     click.echo(f"Contact sheet: {shown_path(path)}")
     return EXIT_OK
 

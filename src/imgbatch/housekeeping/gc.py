@@ -104,6 +104,7 @@ def collect_garbage(
             if output.is_made():
                 locks.enter_context(output.lock("gc"))
         items = _find_all(folders)
+        _mark_changed(folders, items)
         for item in items:
             try:
                 item.path.unlink(missing_ok=True)
@@ -115,6 +116,16 @@ def collect_garbage(
         for folder in folders:
             OutputFolder(folder.output_dir).remove_empty_shards()
     return Collection(items, deleted=True)
+
+
+def _mark_changed(folders: Sequence[_Folder], items: Sequence[Garbage]) -> None:
+    """Before deleting, under the locks: each folder that loses something is marked changed,
+    so that an apply that planned before taking its lock plans again (`OutputFolder.version`).
+    """
+    for folder in folders:
+        output = OutputFolder(folder.output_dir)
+        if output.is_made() and any(item.path.is_relative_to(folder.output_dir) for item in items):
+            output.mark_changed()
 
 
 def _folders(

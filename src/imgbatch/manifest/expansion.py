@@ -25,6 +25,7 @@ import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from imgbatch.manifest.catalogue import SEED_MAX
@@ -40,6 +41,16 @@ EXPANSION_FIELDS = ("matrix", "variants", "pick")
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
+# The matrix values of a shot made by no matrix: one empty mapping shared by all of them (an
+# empty dict apiece was 64 bytes a shot of a 100,000-shot list).
+NO_VALUES: Mapping[str, Any] = MappingProxyType({})
+
+
+def no_values() -> Mapping[str, Any]:
+    """`NO_VALUES` (a dataclass takes no shared default that is not hashable)."""
+    return NO_VALUES
+
+
 @dataclass(frozen=True, slots=True)
 class ExpandedShot:
     id: str
@@ -50,7 +61,7 @@ class ExpandedShot:
     variant: int | None = None
     base_id: str | None = None
     # Made by `matrix:`: this combination's values, by variable.
-    values: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    values: Mapping[str, Any] = dataclasses.field(default_factory=no_values)
 
 
 @dataclass(frozen=True, slots=True)

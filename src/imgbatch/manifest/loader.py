@@ -21,6 +21,7 @@ from typing import Any
 
 from imgbatch.errors import ManifestError
 from imgbatch.manifest.catalogue import MIN_RPS
+from imgbatch.manifest.expansion import no_values
 from imgbatch.manifest.places import JsonPath
 from imgbatch.manifest.reference import ReferenceImage
 from imgbatch.manifest.rules import Checker
@@ -62,7 +63,7 @@ class ShotSpec:
     variant: int | None = None
     base_id: str | None = None
     # Made by `matrix:`: this combination's values, by variable.
-    values: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    values: Mapping[str, Any] = dataclasses.field(default_factory=no_values)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from PIL import Image
 
 from imgbatch.errors import PermanentError, without_reprs
 from imgbatch.png import image_kind, pillow_format
+from imgbatch.units.bounded import read_at_most
 
 if TYPE_CHECKING:
     import aiohttp
@@ -316,9 +317,10 @@ def _read_regular(path: Path, limit: int) -> bytes:
     """At most `limit` bytes of a regular file, checked on the open handle; else an error."""
     handle = os.open(path, _OPEN_FLAGS)
     try:
-        _check_stat(os.fstat(handle))
+        info = os.fstat(handle)
+        _check_stat(info)
         with os.fdopen(handle, "rb", closefd=False) as stream:
-            data = stream.read(limit + 1)
+            data = read_at_most(stream, limit, info.st_size)
     finally:
         os.close(handle)
     if len(data) > limit:

@@ -18,6 +18,7 @@ import yaml
 
 from imgbatch.errors import ManifestError, ManifestProblem
 from imgbatch.manifest.places import TOO_LONG, JsonPath, describe
+from imgbatch.units.bounded import read_at_most
 
 # A manifest is text a person or a script writes: far below these, and a file beyond them is a
 # mistake or an attack (`/dev/zero`, a YAML alias bomb, a mapping nested thousands deep).
@@ -46,7 +47,7 @@ def read_manifest_text(path: Path, display: str) -> str:
         with os.fdopen(handle, "rb") as stream:
             if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
                 raise problem("is not a regular file (a FIFO, device or socket); it was not read")
-            data = stream.read(MAX_MANIFEST_BYTES + 1)
+            data = read_at_most(stream, MAX_MANIFEST_BYTES, info.st_size)
     except FileNotFoundError:
         raise problem("no such file") from None
     except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
@@ -122,6 +123,8 @@ def parse_yaml(
 
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_STR_TAG = "tag:yaml.org,2002:str"
+_QUOTED = frozenset({"'", '"'})
 
 
 class _Builder:
@@ -152,7 +155,10 @@ class _Builder:
     def _node(self, path: JsonPath, depth: int) -> tuple[Any, int]:
         """The value at `path` and its height (1 for a scalar)."""
         event: Any = self.loader.get_event()
-        self.document.values[path] = _position(event)
+        values = self.document.values
+        # (Checked here, not only in Positions: a call per value was a tenth of the parse.)
+        if values.tracking or (path and path[-1] == "reference_image"):
+            values[path] = _position(event)
         if isinstance(event, yaml.AliasEvent):
             return self._alias(event, depth)
         if depth > MAX_DEPTH:
@@ -203,7 +209,11 @@ class _Builder:
         return str(event.tag)
 
     def _scalar(self, event: Any, path: JsonPath) -> Any:
+        if event.style in _QUOTED and event.tag is None:
+            return event.value  # a quoted string is its text: nothing to resolve or construct
         tag = self._tag(event)
+        if tag == _STR_TAG:
+            return event.value  # what SafeConstructor.construct_yaml_str gives
         node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark)
         try:
             value = self.loader.construct_object(node, deep=True)

@@ -42,11 +42,21 @@ _SPACING_DEPTH = 2
 _PROBE_POLL = 1.0
 
 
+def loop_time() -> float:
+    """The running event loop's clock (time.monotonic outside one): the clock `asyncio.sleep`,
+    `asyncio.timeout` and aiolimiter keep, so a wait and the time it is measured on never
+    disagree, and a loop on virtual time (the tests') moves all of them together."""
+    try:
+        return asyncio.get_running_loop().time()
+    except RuntimeError:
+        return time.monotonic()
+
+
 @dataclass(frozen=True)
 class Clock:
     """Sleeping as the executor's retries see it; tests pass a fake one instead of sleeping."""
 
-    now: Callable[[], float] = time.monotonic
+    now: Callable[[], float] = loop_time
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
 

@@ -47,9 +47,11 @@ class QuotaNote:
 
 
 # What became of a shot: generated, cached, failed or unfetched (its entry, made by this run);
-# unchanged or drift (left alone, its entry as it was); not_run (stopped before it).
+# from_store (its image restored from a shared store: made, and paid for, by another run; its
+# entry is its maker's, `generated` in results.json); unchanged or drift (left alone, its entry
+# as it was); not_run (stopped before it).
 OutcomeStatus = Literal[
-    "generated", "cached", "failed", "unfetched", "unchanged", "drift", "not_run"
+    "generated", "cached", "from_store", "failed", "unfetched", "unchanged", "drift", "not_run"
 ]
 
 
@@ -125,6 +127,11 @@ class ApplyReport:
     picked: tuple[str, ...] = ()
     # With a shared store (--store): what the run did with it.
     store: StoreUse | None = None
+    # Plans made: 1, and 1 more when another process changed the output folder between the
+    # plan and the lock (`replanned`: made again under the lock), or one was needed before the
+    # references were fetched or a store opened, or to know what to fetch from a store.
+    plans: int = 1
+    replanned: bool = False
 
     @property
     def entries(self) -> tuple[ResultEntry, ...]:
@@ -153,8 +160,9 @@ class ApplyReport:
         return {shot.id: shot.moved_aside for shot in self.shots if shot.moved_aside}
 
     def count(self, status: OutcomeStatus) -> int:
-        """Shots this run made `status` (generated, cached: restored from the cache, failed,
-        unfetched: billed but not downloaded), or left `unchanged`, `drift`, `not_run`."""
+        """Shots this run made `status` (generated, cached: restored from the cache,
+        from_store: restored from a shared store, made by another run, failed, unfetched: billed
+        but not downloaded), or left `unchanged`, `drift`, `not_run`."""
         return sum(1 for shot in self.shots if shot.status == status)
 
     @property

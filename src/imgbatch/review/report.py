@@ -138,6 +138,7 @@ def apply_json(report: ApplyReport) -> dict[str, Any]:
     summary = {
         "generated": report.count("generated"),
         "cached": report.count("cached"),
+        "from_store": report.count("from_store"),
         "failed": report.count("failed"),
         "unfetched": report.count("unfetched"),
         "not_run": report.count("not_run"),
@@ -238,6 +239,10 @@ def _counts_line(report: ApplyReport) -> str:
         f"{report.count('failed')} failed",
         f"{report.unchanged} unchanged",
     ]
+    from_store = report.count("from_store")
+    if from_store or report.store is not None:
+        # Made, and paid for, by another run sharing the store: not this run's.
+        parts.insert(2, f"{from_store} from the store")
     unfetched = report.count("unfetched")
     if unfetched:
         parts.insert(3, f"{unfetched} billed but not downloaded (the next apply fetches them)")

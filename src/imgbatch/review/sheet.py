@@ -24,24 +24,27 @@ the images read as PNG only (`imgbatch.png`), never handed to another program.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import dataclasses
 import hashlib
 import io
 import os
 import re
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import jinja2
 from PIL import Image
 
-from imgbatch.errors import ImageError, StoreError
+from imgbatch.errors import ImageError, SharedStoreError, StoreError
 from imgbatch.manifest import Manifest, load_manifest
 from imgbatch.plan.decide import WORK_ACTIONS, Action, Plan
 from imgbatch.png import decode_png, read_image_file
@@ -52,11 +55,15 @@ from imgbatch.state.cache import ImageCache, atomic_write
 from imgbatch.state.folder import OutputFolder
 from imgbatch.state.last_run import Change, load_changes, save_changes, thumb_path
 from imgbatch.state.results import STATUSES, ResultEntry
+from imgbatch.state.store import SharedCache, choose_store, open_shared
 
 SHEET_FILE = "index.html"
 # Bounding box of a thumbnail: a 16:9 image becomes 320*178, a WebP of a few to a few tens of KB.
 THUMB_BOX = (320, 320)
 THUMB_QUALITY = 80
+# How long the sheet's signed links to full images kept in a store only work: a week, the
+# longest an S3 signature (SigV4) may last. Links signed with temporary credentials stop sooner.
+LINK_SECONDS = 7 * 24 * 3600
 _STATUS_ORDER = (*STATUSES, "pending")
 # What a card shows of its shot's entry; none of it for a shot not applied yet.
 _DETAILS = tuple(
@@ -66,11 +73,76 @@ _DETAILS = tuple(
 _DIGEST = re.compile(r'<meta name="imgbatch-sheet" content="([0-9a-f]{64})">')
 # With the digest, how a page is known to be imgbatch's own (it replaces no other index.html).
 _GENERATOR = '<meta name="generator" content="imgbatch">'
+# A host (and port) as it may stand in the page's Content-Security-Policy, nothing else.
+_ORIGIN_HOST = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]+)?|\[[0-9A-Fa-f:.]+\](:[0-9]+)?")
 _CHANGE_LABELS: dict[str, str] = {
     Action.REPLACE: "replaced",
     Action.RESTORE: "restored",
     Action.RECOVER: "recovered",
 }
+
+
+@dataclass(frozen=True)
+class SheetLinks:
+    """How the sheet opens the full images kept only in a shared store (`apply
+    --no-local-copy`): a URL per image, by its SHA-256 (signed when the sheet is drawn, or a
+    folder store's `file://` URL), and when the signed ones stop working (None: they do not).
+    They are written into the sheet alone: it is drawn again, and they signed again, by every
+    apply and by `imgbatch sheet`."""
+
+    urls: Mapping[str, str] = field(default_factory=dict)
+    expires: datetime | None = None
+
+    def origins(self) -> list[str]:
+        """The web origins of the links, which the page's policy must let it load images from."""
+        found = {urlsplit(url) for url in self.urls.values()}
+        return sorted(
+            {
+                f"{part.scheme}://{part.netloc}"
+                for part in found
+                if part.scheme in ("http", "https") and _ORIGIN_HOST.fullmatch(part.netloc)
+            }
+        )
+
+
+async def signed_links(
+    shared: SharedCache | None, entries: Iterable[ResultEntry], seconds: int = LINK_SECONDS
+) -> SheetLinks | None:
+    """The links the sheet opens the full images of `entries` kept in the store only through:
+    URLs signed now for `seconds` (a folder store: its files' `file://` URLs, which do not
+    expire). None without a store or such an entry; none at all if the store cannot sign."""
+    wanted = {e.sha256 for e in entries if e.local_copy is False and e.has_image and e.sha256}
+    if shared is None or not wanted:
+        return None
+    expires = datetime.now(UTC) + timedelta(seconds=seconds)
+    try:
+        urls, signed = await shared.view_links(sorted(wanted), seconds)
+    except SharedStoreError:
+        return SheetLinks()
+    return SheetLinks(urls, expires if signed else None)
+
+
+def store_links(
+    manifest: Manifest,
+    entries: Iterable[ResultEntry],
+    flag: str | None,
+    environ: Mapping[str, str] | None,
+) -> SheetLinks | None:
+    """`signed_links` for `imgbatch sheet`, through the store `flag`, else IMGBATCH_STORE,
+    else the manifest's `output.store` (None when none is named or nothing needs one)."""
+    environ = os.environ if environ is None else environ
+    entries = [entry for entry in entries if entry.local_copy is False]
+    chosen = choose_store(flag, environ, manifest.store)
+    if chosen is None or not entries:
+        return None
+    url, origin = chosen
+    base = manifest.base_dir if origin == "output.store" else Path.cwd()
+
+    async def sign() -> SheetLinks | None:
+        async with open_shared(url, environ, read_only=True, base=base) as shared:
+            return await signed_links(shared, entries)
+
+    return asyncio.run(sign())
 
 
 def change_label(change: Change) -> str:
@@ -98,8 +170,11 @@ def update_after_apply(
     plan: Plan,
     entries: Sequence[ResultEntry],
     manifest: Manifest | None = None,
+    links: SheetLinks | None = None,
 ) -> tuple[Path | None, str | None]:
     """Record what this apply changed and redraw the sheet; gives (sheet path, problem).
+    `links`: how full images kept in the store only are opened (the page is then always
+    drawn again, so its links are signed anew).
 
     Never raises: the images and results.json are what an apply is for, and a sheet that cannot
     be drawn must not fail the run; the problem is handed back to show as a warning.
@@ -112,14 +187,16 @@ def update_after_apply(
     order = [item.id for item in plan.shots]
     by_id = {entry.id: entry for entry in entries}
     infos = shot_infos(manifest) if manifest is not None else {}
-    command_path = _command_path(manifest)
+    command_path = manifest_command_path(manifest)
     try:
         finished: datetime | None
         if any(item.action in WORK_ACTIONS for item in plan.shots):
             finished = datetime.now(UTC)
             changes = changes_of(plan)
             save_changes(output_dir, changes, finished)
-        elif drawn_digest(sheet) == sheet_digest(title, order, by_id, infos, command_path):
+        elif not links and drawn_digest(sheet) == sheet_digest(
+            title, order, by_id, infos, command_path
+        ):
             return sheet, None
         else:  # shots removed or moved, or the page is missing or from another imgbatch
             changes, finished = load_changes(output_dir)
@@ -132,6 +209,7 @@ def update_after_apply(
             finished_at=_readable(finished) if finished else None,
             infos=infos,
             command_path=command_path,
+            links=links,
         )
     except Exception as exc:  # noqa: BLE001 - the images and results.json are already safe
         return None, f"the contact sheet {sheet} was not written: {type(exc).__name__}: {exc}"
@@ -143,12 +221,15 @@ def write_sheet(
     environ: Mapping[str, str] | None = None,
     *,
     allow_reference_outside: bool = False,
+    store: str | None = None,
 ) -> Path:
     """Draw `index.html` for a manifest's output folder from its results, without applying.
 
     Shots in the manifest that have no result yet show as pending. Raises `StoreError` when the
     folder has no results at all. The manifest is checked as `apply` checks it (references
     included, under the same trust rule), so the sheet never shows a list apply would refuse.
+    Images kept in the shared store only are linked through URLs signed now (the store:
+    `store`, else IMGBATCH_STORE, else the manifest's `output.store`).
     """
     manifest = load_manifest(manifest_path, allow_reference_outside=allow_reference_outside)
     output_dir = output_dir_for(manifest, environ)
@@ -161,6 +242,7 @@ def write_sheet(
         )
     changes, finished = load_changes(output_dir)
     finished_at = _readable(finished) if finished else None
+    links = store_links(manifest, state.values(), store, environ)
     try:
         return render_sheet(
             output_dir,
@@ -170,7 +252,8 @@ def write_sheet(
             changes=changes,
             finished_at=finished_at,
             infos=shot_infos(manifest),
-            command_path=_command_path(manifest),
+            command_path=manifest_command_path(manifest),
+            links=links,
         )
     except OSError as exc:
         raise StoreError(f"cannot write the contact sheet in {output_dir}: {exc}") from None
@@ -186,29 +269,28 @@ def render_sheet(
     finished_at: str | None,
     infos: Mapping[str, ShotInfo] | None = None,
     command_path: str | None = None,
+    links: SheetLinks | None = None,
 ) -> Path:
     """Make the missing thumbnails, write the cards' data files, then `index.html` (each
-    atomically, the page last); gives the page's path."""
+    atomically, the page last); gives the page's path. `links` opens the full images kept in
+    the store only (without one, such a card shows its thumbnail alone)."""
+    links = links or SheetLinks()
     infos = infos or {}
     folder = OutputFolder(output_dir)
     folder.refuse_links()  # thumbnails are written under it
     cache = folder.cache
     changes = {shot_id: change for shot_id, change in changes.items() if shot_id in entries}
-    wanted: dict[str, Path] = {}
-    for shot_id in order:
-        entry = entries.get(shot_id)
-        if entry is not None and entry.has_image:
-            wanted[entry.key] = _image_source(output_dir, cache, entry)
-        previous = _shown_previous(changes.get(shot_id), entry)
-        if previous is not None:
-            wanted[previous.key] = cache.path(previous.key)
-    thumbs = make_thumbnails(output_dir, wanted)
-    cards = [_card(output_dir, cache, shot_id, entries, changes, thumbs) for shot_id in order]
+    thumbs = make_thumbnails(output_dir, _thumbnail_sources(output_dir, order, entries, changes))
+    cards = [
+        _card(output_dir, cache, shot_id, entries, changes, thumbs, links) for shot_id in order
+    ]
     counts = {status: 0 for status in _STATUS_ORDER}
     for card in cards:
         counts[card["status"]] += 1
     digest = sheet_digest(title, order, entries, infos, command_path)
-    meta = {"title": title, "manifest": command_path, "page": digest}
+    # When the last apply finished is this machine's, not the folder's: it goes in the data file
+    # (the folder's state), so that two runs that end with the same shots draw the same page.
+    meta = {"title": title, "manifest": command_path, "page": digest, "finished_at": finished_at}
     key = "0" * 64  # any key: its place in the thumbnail's path is what is wanted
     template = _url(output_dir, thumb_path(output_dir, key))
     template = template.replace(key, "{key}").replace(f"/{key[:2]}/", "/{k2}/")
@@ -223,7 +305,8 @@ def render_sheet(
         "changed": sum(1 for card in cards if card["change"]),
         "variants": any(info.base for info in infos.values()),
         "variables": variables,
-        "finished_at": finished_at,
+        "links_until": _readable(links.expires) if links.expires and links.urls else None,
+        "link_origins": links.origins(),
         "data_url": page_url(output_dir),
         "css": _asset("sheet.css"),
         "script": script,
@@ -235,6 +318,25 @@ def render_sheet(
     check_own_sheet(path)
     atomic_write(path, page.encode("utf-8"))
     return path
+
+
+def _thumbnail_sources(
+    output_dir: Path,
+    order: Sequence[str],
+    entries: Mapping[str, ResultEntry],
+    changes: Mapping[str, Change],
+) -> dict[str, Path]:
+    """Where each image the page shows is read from for its thumbnail, by key."""
+    cache = OutputFolder(output_dir).cache
+    wanted: dict[str, Path] = {}
+    for shot_id in order:
+        entry = entries.get(shot_id)
+        if entry is not None and entry.has_image:
+            wanted[entry.key] = _image_source(output_dir, cache, entry)
+        previous = _shown_previous(changes.get(shot_id), entry)
+        if previous is not None:
+            wanted[previous.key] = cache.path(previous.key)
+    return wanted
 
 
 def check_own_sheet(path: Path) -> None:
@@ -271,8 +373,13 @@ def sheet_digest(
     for shot_id in order:
         entry = entries.get(shot_id)
         info = infos.get(shot_id)
-        digest.update(f"\n{shot_id} {entry.key if entry else '-'} {info!r}".encode())
+        # A tuple's repr, not the dataclass's: this runs for every shot of every no-op apply.
+        shown = None if info is None else tuple(getattr(info, name) for name in _INFO_FIELDS)
+        digest.update(f"\n{shot_id} {entry.key if entry else '-'} {shown!r}".encode())
     return digest.hexdigest()
+
+
+_INFO_FIELDS = tuple(field.name for field in dataclasses.fields(ShotInfo))
 
 
 def drawn_digest(sheet: Path) -> str | None:
@@ -407,6 +514,7 @@ def _card(
     entries: Mapping[str, ResultEntry],
     changes: Mapping[str, Change],
     thumbs: set[str],
+    links: SheetLinks,
 ) -> dict[str, Any]:
     entry = entries.get(shot_id)
     change = changes.get(shot_id)
@@ -423,13 +531,11 @@ def _card(
         return card
     card.update(_details(entry))
     if entry.has_image and entry.file:
-        card["image"] = {
-            "href": _url(output_dir, output_dir / entry.file),
-            "thumb": _url(output_dir, thumb_path(output_dir, entry.key))
-            if entry.key in thumbs
-            else None,
-            **_thumb_size(entry.width, entry.height),
-        }
+        thumb = _url(output_dir, thumb_path(output_dir, entry.key)) if entry.key in thumbs else None
+        href: str | None = _url(output_dir, output_dir / entry.file)
+        if entry.local_copy is False:  # in the store only: its link, else the thumbnail alone
+            href = links.urls.get(entry.sha256 or "") or thumb
+        card["image"] = {"href": href, "thumb": thumb, **_thumb_size(entry.width, entry.height)}
     if previous is not None:
         card["previous"] = {
             "href": _url(output_dir, cache.path(previous.key)),
@@ -507,8 +613,9 @@ def _url(output_dir: Path, path: Path) -> str:
     return quote(path.relative_to(output_dir).as_posix())
 
 
-def _command_path(manifest: Manifest | None) -> str | None:
-    """The shot list as the commands the page builds name it: as it was given, normalised."""
+def manifest_command_path(manifest: Manifest | None) -> str | None:
+    """The shot list as the commands the page builds name it: as it was given, normalised
+    (`render_sheet`'s `command_path` for a manifest)."""
     if manifest is None:
         return None
     return os.path.normpath(manifest.path).replace(os.sep, "/")

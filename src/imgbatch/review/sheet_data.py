@@ -42,7 +42,7 @@ _INTERNED = frozenset(
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ShotInfo:
     """What the shot list says about one shot, for grouping and for the marks' commands."""
 

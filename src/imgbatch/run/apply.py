@@ -42,8 +42,8 @@ from imgbatch.plan.guards import may_replace_paid, refuse_placeholder_over_paid,
 from imgbatch.plan.pricing import PriceList, cost, price_list
 from imgbatch.providers import Provider, create_provider, resolve_provider_name
 from imgbatch.review.events import Listener
-from imgbatch.review.outcome import ApplyReport, QuotaNote, ShotOutcome
-from imgbatch.review.sheet import Thumbnailer, write_thumbnail
+from imgbatch.review.outcome import ApplyReport, OutcomeStatus, QuotaNote, ShotOutcome
+from imgbatch.review.sheet import Thumbnailer, signed_links, write_thumbnail
 from imgbatch.review.sheet import update_after_apply as update_sheet
 from imgbatch.run.bounds import Bound, MaxCost, MaxDuration, MaxRequests
 from imgbatch.run.entries import abandoned_download
@@ -51,12 +51,26 @@ from imgbatch.run.executor import Executor, Phase, RunOutcome
 from imgbatch.run.interrupts import Interrupts, interrupt_at_once, signal_handler
 from imgbatch.run.picks import place_picks
 from imgbatch.run.sharing import SharedRun, Unsent, open_sharing, planned_with_store
-from imgbatch.shots.expand import Expansion, expand, fetch_references, shot_list
+from imgbatch.run.store_only import (
+    drop_local_copies,
+    kept_in_store,
+    moved_to_store,
+    require_store,
+    stored_only,
+)
+from imgbatch.shots.expand import (
+    Expansion,
+    expand,
+    fetch_references,
+    references_to_fetch,
+    shot_list,
+)
 from imgbatch.shots.request import KEY_FORMAT_VERSION
 from imgbatch.shots.selection import in_shard, select_shots
 from imgbatch.state.folder import OutputFolder, owner_of
 from imgbatch.state.record import FolderState, Owner
 from imgbatch.state.results import ResultEntry
+from imgbatch.state.store import choose_store
 from imgbatch.units.money import CostLimit
 from imgbatch.units.quota import Quota
 
@@ -106,6 +120,9 @@ class ApplyOptions:
     store_read_only: bool = False
     # (K, N): only the shots whose request key falls in shard K of N (`in_shard`).
     shard: tuple[int, int] | None = None
+    # Keep the images in the shared store only: none in the output folder (thumbnails aside),
+    # and a shot whose image is in the store only is not fetched again (`run.store_only`).
+    no_local_copy: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.only, str):  # only="s01" means one pattern, not three letters
@@ -134,6 +151,11 @@ class ApplyOptions:
                 CostLimit.parse(self.max_cost)
             except ValueError as exc:
                 raise ConfigError(f"max_cost: {exc}") from None
+
+    @property
+    def local(self) -> bool:
+        """Whether the run keeps its images in the output folder (not `no_local_copy`)."""
+        return not self.no_local_copy
 
     def bounds(self) -> tuple[Bound, ...]:
         """What may stop this run before its shots are all done (see `imgbatch.run.bounds`)."""
@@ -195,6 +217,7 @@ def make_plan(
     only: Sequence[str] = (),
     force: bool = False,
     store: str | None = None,
+    no_local_copy: bool = False,
 ) -> Plan:
     """What `apply` would do for each shot, reading the output folder but changing nothing and
     downloading nothing: see `imgbatch.plan.decide` for what that means for a reference URL.
@@ -204,16 +227,20 @@ def make_plan(
 
     With `only` (shot ids or fnmatch globs), the plan has those shots alone and no orphans.
     Raises `FolderOwnedError`, as apply would, when another manifest owns the output folder
-    (unless `force`).
+    (unless `force`); `ConfigError` for `no_local_copy` without a store.
     """
     environ = os.environ if environ is None else environ
     manifest, expansion = load_and_expand(
         path, provider, environ, home, allow_reference_outside=allow_reference_outside
     )
+    if no_local_copy:
+        require_store(store, environ, manifest)
     selected = _narrowed(expansion, only)
     state = _owned_state(path, manifest, expansion, force=force).mine
     prices = _prices(manifest, expansion, environ)
-    planned = _plan(selected, state, overwrite_edited, only=bool(only), prices=prices)
+    planned = _plan(
+        selected, state, overwrite_edited, only=bool(only), prices=prices, local=not no_local_copy
+    )
     refuse_placeholder_over_paid(planned, provider, manifest)
     # With a shared store (--store, IMGBATCH_STORE, output.store): what another run made.
     return planned_with_store(planned, store, manifest, environ)
@@ -226,6 +253,7 @@ def _plan(
     *,
     only: bool = False,
     prices: PriceList | None = None,
+    local: bool = True,
 ) -> Plan:
     output_dir = expansion.output_dir
     plan = plan_shots(
@@ -235,6 +263,7 @@ def _plan(
         OutputFolder(output_dir).cache,
         provider=expansion.provider,
         overwrite_edited=overwrite_edited,
+        local_copies=local,
     )
     # Under --only the shots left out are not orphans: nothing is said or done about orphans.
     return replace(plan, orphans=() if only else plan.orphans, prices=prices)
@@ -314,19 +343,21 @@ async def _apply(
     on_plan: Callable[[Plan], None] | None,
     clock: Clock | None,
 ) -> ApplyReport:
-    """The phases: prepare, then under the lock preflight (the plan, then the guards), execute
-    and settle (results.json, prune, the sheet), then the report."""
+    """The phases: prepare (the plan, made before the lock, and the guards), then under the
+    lock preflight (the plan stands unless the folder changed meanwhile), execute and settle
+    (results.json, prune, the sheet), then the report."""
     prep = await _prepare(path, options or ApplyOptions(), provider, stack)
     started = time.monotonic()
     with OutputFolder(prep.expansion.output_dir).lock():
-        plan, held = _preflight(prep, on_plan)
+        planned = _preflight(prep, on_plan)
+        plan = planned.plan
         pacing = _pacing(prep, plan, clock)
         interrupts = Interrupts(prep.options.grace_seconds)
         # From the first request until results.json and the sheet are written: a Ctrl-C while
         # they are written waits for them (they are what the run leaves behind).
         with signal_handler(asyncio.get_running_loop(), interrupts):
             outcome, journal = await _execute(prep, plan, pacing.pacer, listener, clock, interrupts)
-            settled = _settle_run(prep, plan, held, outcome, journal)
+            settled = await _settle_run(prep, plan, planned.held, outcome, journal)
     return ApplyReport(
         plan=plan,
         results_path=settled.results,
@@ -348,13 +379,29 @@ async def _apply(
         pruned=settled.pruned,
         picked=settled.picked,
         store=prep.sharing.use() if prep.sharing is not None else None,
+        plans=planned.plans,
+        replanned=planned.replanned,
     )
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """A plan, the output folder's state it was made from (`held`), and the folder's `version`
+    read just before that state; `plans`: how many plans the run has made (see `_prepare`)."""
+
+    plan: Plan
+    held: _Held
+    version: str
+    plans: int
+    # Made again under the lock: another process changed the folder after the first plan.
+    replanned: bool = False
 
 
 @dataclass(frozen=True)
 class _Prepared:
     """What preparing gives: the manifest, its shots (every one, and those selected, their
-    references fetched), and the provider chosen, with its prices."""
+    references fetched), the plan made before the lock, and the provider chosen, with its
+    prices."""
 
     path: ManifestSource
     options: ApplyOptions
@@ -364,6 +411,7 @@ class _Prepared:
     limit: CostLimit | None
     provider: Provider
     prices: PriceList
+    planned: _Planned
     # The shared store, if one is named; whether only some shots are acted on (--only, --shard).
     sharing: SharedRun | None = None
     partial: bool = False
@@ -375,15 +423,11 @@ async def _prepare(
     provider: Provider | str | None,
     stack: contextlib.AsyncExitStack,
 ) -> _Prepared:
-    """Load, expand, fetch the references and choose the provider; the refusals that need no
-    lock come first, so a refused run connects to nothing and writes nothing at all."""
-    if isinstance(provider, str):
-        # A name, as on the command line; an object is used as it is.
-        options, provider = replace(options, provider=provider), None
-    elif provider is not None:
-        # An object is chosen by name as surely as --provider is, and its images are keyed
-        # under its own name: keys come from the provider actually used.
-        options = replace(options, provider=provider.name)
+    """Load, expand, fetch the references, make the plan (`_plan_at_version`: the one plan,
+    unless the folder changes before the lock) and run the guards, then choose the provider:
+    every refusal comes before the lock, so a refused run writes nothing at all (and those that
+    can, before anything is fetched or connected to)."""
+    options, provider = _named(options, provider)
     environ = os.environ if options.environ is None else options.environ
     manifest, expansion = load_and_expand(
         path,
@@ -392,23 +436,16 @@ async def _prepare(
         options.home,
         allow_reference_outside=options.allow_reference_outside,
     )
+    if options.no_local_copy:
+        require_store(options.store, environ, manifest)
     # Before anything is fetched or written: a pattern matching no shot is refused.
     everything, expansion = expansion, _narrowed(expansion, options.only)
     only = bool(options.only)
-    # The plans made here only refuse; the plan made under the lock (`_preflight`) is the only
-    # one that decides what is sent. One plan before the lock would not be safe: another apply
-    # may change the folder until the lock is held, and the lock cannot come first, because
-    # taking it writes into the folder and a refused run must write nothing at all. A refusal
-    # from a state that then changes is only a refusal too soon (the guards run again).
     # Before anything is fetched: a folder another manifest owns (its record's head says).
     OutputFolder(everything.output_dir).claim(
         None, _owner(path, manifest, everything.output_dir), shown=_shown(path), force=options.force
     )
-    if may_replace_paid(expansion.provider, options.provider):
-        # Before anything is fetched, before credentials and before the lock.
-        state = _owned_state(path, manifest, everything, force=options.force).mine
-        early = _plan(expansion, state, options.overwrite_edited, only=only)
-        refuse_placeholder_over_paid(early, options.provider, manifest)
+    plans = _refuse_before_fetching(path, options, manifest, everything, expansion, environ)
     # Each reference URL once, keyed by its content, so that the plan knows every key (a
     # frozen run pays nothing for a URL whose content did not change).
     expansion = await fetch_references(expansion)
@@ -416,19 +453,103 @@ async def _prepare(
         # By request key, known only now (a reference URL's content is part of it).
         expansion, only = replace(expansion, shots=in_shard(expansion.shots, options.shard)), True
     sharing = await _sharing(stack, path, options, manifest, everything, expansion, environ)
+    prices = _prices(manifest, expansion, environ)
+    plans += 1 if sharing is None else 2  # with a store, `_sharing` made one more
+    planned = _plan_at_version(path, options, manifest, everything, expansion, only, prices, plans)
     limit = _cost_limit(options, manifest)
-    if options.frozen or limit is not None:
-        # Before credentials and before the lock: a refused run writes nothing at all.
-        state = _owned_state(path, manifest, everything, force=options.force).mine
-        prices = _prices(manifest, expansion, environ)
-        early = _plan(expansion, state, options.overwrite_edited, only=only, prices=prices)
-        refuse_to_start(early, options.frozen, limit)
+    # Before credentials and before the lock: a refused run writes nothing at all.
+    refuse_placeholder_over_paid(planned.plan, options.provider, manifest)
+    refuse_to_start(planned.plan, options.frozen, limit)
     # Credentials are checked before anything is written.
     provider = provider or _provider(expansion.provider, options, environ, sharing)
     prices = _prices(manifest, expansion, environ, provider)
     return _Prepared(
-        path, options, manifest, everything, expansion, limit, provider, prices, sharing, only
+        path,
+        options,
+        manifest,
+        everything,
+        expansion,
+        limit,
+        provider,
+        prices,
+        planned,
+        sharing,
+        only,
     )
+
+
+def _named(
+    options: ApplyOptions, provider: Provider | str | None
+) -> tuple[ApplyOptions, Provider | None]:
+    """The options naming the provider the run uses, and the provider object given, if any."""
+    if isinstance(provider, str):
+        # A name, as on the command line; an object is used as it is.
+        return replace(options, provider=provider), None
+    if provider is not None:
+        # An object is chosen by name as surely as --provider is, and its images are keyed
+        # under its own name: keys come from the provider actually used.
+        return replace(options, provider=provider.name), provider
+    return options, None
+
+
+def _refuse_before_fetching(
+    path: ManifestSource,
+    options: ApplyOptions,
+    manifest: Manifest,
+    everything: Expansion,
+    expansion: Expansion,
+    environ: Mapping[str, str],
+) -> int:
+    """Refuse the placeholder over paid images before any reference is fetched or any store
+    connected to, when there is one or the other and the placeholder was not chosen by name;
+    gives the plans made for it (0 or 1)."""
+    if not may_replace_paid(expansion.provider, options.provider):
+        return 0
+    if not references_to_fetch(expansion) and not choose_store(
+        options.store, environ, manifest.store
+    ):
+        return 0  # the plan that decides refuses it as soon
+    state = _owned_state(path, manifest, everything, force=options.force).mine
+    early = _plan(
+        expansion, state, options.overwrite_edited, only=bool(options.only), local=options.local
+    )
+    refuse_placeholder_over_paid(early, options.provider, manifest)
+    return 1
+
+
+def _plan_at_version(
+    path: ManifestSource,
+    options: ApplyOptions,
+    manifest: Manifest,
+    everything: Expansion,
+    expansion: Expansion,
+    only: bool,
+    prices: PriceList,
+    plans: int,
+) -> _Planned:
+    """The plan, from the output folder's state as loaded just after its `version` is read (so
+    that a change after the read changes the version).
+
+    One plan decides, made before the lock: taking the lock writes into the folder (a refused
+    run must write nothing), so the lock cannot come first. Another apply may change the folder
+    until the lock is held, so under the lock (`_preflight`) only the version is read again,
+    and the plan is made again only if it changed. Two more plans are made, only to refuse or
+    to fetch, when they must come before something this plan needs: with the placeholder not
+    chosen by name and references to fetch or a store to open, one refuses a placeholder over
+    paid images before anything is fetched or connected to (`_refuse_before_fetching`); with a
+    store, one says what to fetch from it (`_sharing`: this plan then restores what it
+    fetched)."""
+    version = OutputFolder(expansion.output_dir).version()
+    held = _owned_state(path, manifest, everything, force=options.force)
+    plan = _plan(
+        expansion,
+        held.mine,
+        options.overwrite_edited,
+        only=only,
+        prices=prices,
+        local=options.local,
+    )
+    return _Planned(plan, held, version, plans)
 
 
 def _provider(
@@ -460,32 +581,40 @@ async def _sharing(
     )
     if sharing is not None:
         state = _owned_state(path, manifest, everything, force=options.force).mine
-        early = _plan(expansion, state, options.overwrite_edited, only=True)
+        early = _plan(expansion, state, options.overwrite_edited, only=True, local=options.local)
         await sharing.hydrate(item.shot for item in early.shots if item.shot and item.paid)
     return sharing
 
 
-def _preflight(prep: _Prepared, on_plan: Callable[[Plan], None] | None) -> tuple[Plan, _Held]:
-    """Under the lock: the folder checked writable, the plan, then the guards again (another
-    run may have changed the folder meanwhile); gives the plan and the state it was made from."""
+def _preflight(prep: _Prepared, on_plan: Callable[[Plan], None] | None) -> _Planned:
+    """Under the lock: the folder checked writable; the plan made before the lock, which stands
+    unless the folder's version changed since (another process changed it: the plan is made
+    again, from the state as it is now); the provider's own prices and metering; then the
+    guards again (a plan made again may need refusing)."""
     options = prep.options
+    folder = OutputFolder(prep.expansion.output_dir)
     # Before the first request: a folder that cannot be written would waste every image.
-    OutputFolder(prep.expansion.output_dir).prepare()
-    held = _owned_state(prep.path, prep.manifest, prep.everything, force=options.force)
-    plan = _plan(
-        prep.expansion,
-        held.mine,
-        options.overwrite_edited,
-        only=prep.partial,
-        prices=prep.prices,
-    )
+    folder.prepare()
+    planned = prep.planned
+    if folder.version() != planned.version:
+        again = _plan_at_version(
+            prep.path,
+            options,
+            prep.manifest,
+            prep.everything,
+            prep.expansion,
+            prep.partial,
+            prep.prices,
+            planned.plans + 1,
+        )
+        planned = replace(again, replanned=True)
     # The provider object answers for itself (one of the caller's own may be free).
-    plan = replace(plan, metered=prep.provider.metered)
+    plan = replace(planned.plan, prices=prep.prices, metered=prep.provider.metered)
     refuse_placeholder_over_paid(plan, options.provider, prep.manifest)
     refuse_to_start(plan, options.frozen, prep.limit)
     if on_plan:
         on_plan(plan)
-    return plan, held
+    return replace(planned, plan=plan)
 
 
 @dataclass(frozen=True)
@@ -579,16 +708,20 @@ class _Settled:
     picked: tuple[str, ...] = ()
 
 
-def _settle_run(
+async def _settle_run(
     prep: _Prepared,
     plan: Plan,
     held: _Held,
     outcome: RunOutcome,
     journal: Path,
 ) -> _Settled:
-    """Each shot's outcome; then results.json, the orphans pruned, and the contact sheet."""
+    """Each shot's outcome; then results.json, the orphans pruned, and the contact sheet;
+    with --no-local-copy, then the local copies of what the store holds are dropped."""
     output_dir = prep.expansion.output_dir
     shots = _settle(plan, outcome, prep.provider.metered)
+    shots = kept_in_store(shots, prep.sharing, prep.options.no_local_copy)
+    if prep.options.no_local_copy:
+        shots = await moved_to_store(prep.sharing, output_dir, shots)
     entries = tuple(shot.entry for shot in shots if shot.entry is not None)
     orphans = [item.previous for item in plan.orphans if item.previous is not None]
     pruned: tuple[Pruned, ...] = ()
@@ -596,9 +729,14 @@ def _settle_run(
         in_use = {shot.file for shot in prep.expansion.shots}
         pruned, kept = prune_orphans(output_dir, orphans, in_use)
         orphans = list(kept)
-    # The sheet marks what changed: a shot not run changed nothing.
+    # The sheet marks what changed: a shot not run changed nothing; one restored from the store
+    # was restored (whatever its plan: another run made it meanwhile), not made.
     touched = tuple(
-        replace(item, action=Action.UNCHANGED) if shot.status == "not_run" else item
+        replace(item, action=Action.UNCHANGED)
+        if shot.status == "not_run"
+        else replace(item, action=Action.RESTORE, reason=FROM_STORE)
+        if shot.status == "from_store"
+        else item
         for item, shot in zip(plan.shots, shots, strict=True)
     )
     written, sheet_plan = entries, replace(plan, shots=touched)
@@ -619,11 +757,18 @@ def _settle_run(
         )
     except StoreWriteError as exc:
         raise StoreError(_unwritten_results(exc, outcome, journal)) from None
-    picked = place_picks(output_dir, prep.manifest.picks, written)
+    local = [entry for entry in written if entry.local_copy is not False]
+    picked = place_picks(output_dir, prep.manifest.picks, local)
+    shared = prep.sharing.shared if prep.sharing is not None else None
+    links = await signed_links(shared, written)
     sheet, sheet_problem = update_sheet(
-        output_dir, prep.manifest.name, sheet_plan, written, prep.manifest
+        output_dir, prep.manifest.name, sheet_plan, written, prep.manifest, links
     )
+    drop_local_copies(output_dir, stored_only(shots))
     return _Settled(shots, pruned, results, sheet, sheet_problem, picked)
+
+
+FROM_STORE = "made by another run sharing the store; restored from it, no request"
 
 
 def _results_meta(prep: _Prepared, owner: Owner) -> dict[str, Any]:
@@ -726,10 +871,15 @@ def _outcome(item: PlannedShot, outcome: RunOutcome, metered: bool) -> ShotOutco
             maybe_billed=found.maybe_billed,
         )
     left_alone = item.action in (Action.UNCHANGED, Action.DRIFT)
+    status: OutcomeStatus = found.status
+    if left_alone:
+        status = item.action.value  # type: ignore[assignment]
+    elif item.id in outcome.from_store and found.has_image:
+        status = "from_store"  # its entry is its maker's: `generated`, by another run
     return ShotOutcome(
         item.id,
         item.action,
-        item.action.value if left_alone else found.status,  # type: ignore[arg-type]
+        status,
         found,
         billed=item.id in outcome.billed_shots,
         moved_aside=outcome.moved_aside.get(item.id),

@@ -3,12 +3,14 @@
 Takes a `Shot` and what became of it (the `GeneratedImage`, the error, the request actually
 sent); gives the `ResultEntry` for results.json and the journal: made (`shot_entry` with status
 generated or cached), `failed_entry`, `unfetched_entry` (billed, not downloaded: its URL kept),
-`abandoned_download`, and `with_reference_url` for an entry kept from an earlier run.
+`abandoned_download`, and `with_reference_url` for an entry kept from an earlier run. Each new
+outcome (an image received, a failure, a billed answer) is stamped with its time (`made_at`).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 from imgbatch.errors import ProviderError
@@ -55,7 +57,14 @@ def shot_entry(
         reference_url=request.reference.source
         if request.reference is not None and request.reference.is_url
         else None,
+        # A cached image's time is not known here: it keeps its earlier entry's, where it has one.
+        made_at=None if status == "cached" else made_now(),
     )
+
+
+def made_now() -> str:
+    """The time an entry's outcome comes (`ResultEntry.made_at`): UTC, to the second."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def with_reference_url(entry: ResultEntry, shot: Shot | None) -> ResultEntry:

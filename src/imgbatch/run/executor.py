@@ -64,6 +64,7 @@ from imgbatch.errors import (
     SharedStoreError,
     StoreWriteError,
     TransientError,
+    WrongImageError,
 )
 from imgbatch.pacing.gate import Clock, Finding, Gate, Pacer, RetryPolicy
 from imgbatch.plan.decide import WORK_ACTIONS, Action, Plan, PlannedShot, aside_path
@@ -146,6 +147,9 @@ class RunOutcome:
     billed_models: Counter[str] = field(default_factory=Counter)
     # The shots whose image the service made (and billed) in this run.
     billed_shots: set[str] = field(default_factory=set)
+    # The shots whose image this run restored from the shared store: made, and paid for, by
+    # another run (its entry is its maker's, status and all; the run's report says from_store).
+    from_store: set[str] = field(default_factory=set)
     maybe_billed_models: Counter[str] = field(default_factory=Counter)
     throttled: int = 0
     retries: int = 0
@@ -556,6 +560,12 @@ class Executor:
         assert shot is not None
         key = shot.request.key
         target = output_dir / shot.file
+        # What the entry must be: as recorded, else as this run fetched it from the shared store
+        # (checked and decoded then: checked by its SHA-256 now, not decoded a second time).
+        checked = self.shared.records.get(key) if self.shared and record is None else None
+        sha256, length = (record.sha256, record.bytes) if record else (None, None)
+        if checked is not None:
+            sha256, length = checked.sha256, checked.size
         try:
             # The edit goes aside first, and stays there should the cache entry prove damaged
             # (the image is then fetched or made again, and written in its place all the same).
@@ -564,8 +574,8 @@ class Executor:
                 self.cache.restore,
                 key,
                 target,
-                sha256=record.sha256 if record else None,
-                size=record.bytes if record else None,
+                sha256=sha256,
+                size=length,
                 dimensions=shot.request.dimensions,
             )
         except CacheEntryDamaged as damaged:
@@ -581,6 +591,8 @@ class Executor:
         except StoreWriteError as exc:
             self._write_failed(shot, exc, 0, kept="its image stays in the cache for the next apply")
             return
+        if checked is not None:
+            self.outcome.from_store.add(shot.id)  # its bytes came from the store, this run
         shared = self.shared.entry_for(shot, digest, size) if self.shared else None
         if shared is not None and not (previous is not None and previous.key == key):
             # Made by another process sharing the store: its maker's provenance, as this shot.
@@ -884,6 +896,7 @@ class Executor:
         except StoreWriteError as exc:
             self._write_failed(shot, exc, 0, kept="its image stays in the shared store")
             return True
+        self.outcome.from_store.add(shot.id)
         entry = self.shared.entry_for(shot, found.record.sha256, found.record.size)
         if entry is None:
             width, height = shot.request.dimensions
@@ -960,8 +973,9 @@ class Executor:
         """The image received into a new cache entry (not yet committed: the caller commits or
         closes it), stamped with its provenance as it arrives, then verified to decode at the
         size the request asked for (what the service reports may be wrong); the last failure if
-        not. A `PermanentError` (an image over the size cap) is not tried again; a
-        `StoreWriteError` (the entry cannot be written) neither."""
+        not. A `PermanentError` (an image over the size cap) is not tried again; nor a
+        `WrongImageError` (another format, or another size: the URL would serve it again), nor a
+        `StoreWriteError` (the entry cannot be written)."""
         provenance = Provenance(
             shot.id, shot.request, (sent or shot.request).text, image.request_id
         )
@@ -971,9 +985,9 @@ class Executor:
             try:
                 await self._download(shot.id, image, provenance, incoming)
                 return incoming
-            except (TransientError, ValueError):
+            except (TransientError, ValueError) as exc:
                 incoming.close()
-                if attempt == tries:
+                if attempt == tries or isinstance(exc, WrongImageError):
                     raise
                 await self._unless(True, self.clock.sleep(self.retry.backoff(attempt)))
             except BaseException:

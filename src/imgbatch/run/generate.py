@@ -18,7 +18,11 @@ Where the image and the cache go:
   or `$OUTPUT_DIR/ai-image-qwen-image` when `OUTPUT_DIR` is set (the skill's layout);
 * with `output`, the image goes there, and the cache is that of the nearest folder above it that
   an `apply` wrote (`OutputFolder.is_made`), so a request an apply already paid for is free;
-  when there is none, the default folder's cache.
+  when there is none, the default folder's cache (one cache per project, whatever file the
+  image is written to).
+
+Nothing is written before the request is known to be answerable: a request that must be sent
+has its provider (its key) made before the folder's lock is taken.
 """
 
 from __future__ import annotations
@@ -212,6 +216,10 @@ class GenerateSession:
         (shot,) = (await fetch_references(expansion)).shots
         state_folder, target = _places(shot.request.key, output, self._environ)
         _check_replaceable(target.resolve())
+        if self._must_send(state_folder, shot.request.key):
+            # The key is checked before the lock is taken: a call refused for want of one writes
+            # nothing, not even the default folder's lock in the current directory.
+            await self._provider(name)
         async with self._holding(state_folder), self._one_request(state_folder, shot.request.key):
             return await self._made(shot, name, state_folder, target.resolve())
 
@@ -259,6 +267,15 @@ class GenerateSession:
         return _response(
             entry.image_url, width, height, seed, target, entry.request_id, cached=False
         )
+
+    def _must_send(self, folder: Path, key: str) -> bool:
+        """Whether only the service can give this request's image: not in `folder`'s cache, and
+        no shared store that may hold it (either serves it with no key at all)."""
+        from imgbatch.state.store import choose_store
+
+        if choose_store(self._store[0], self._environ, None) is not None:
+            return False
+        return not OutputFolder(folder).cache.has(key)
 
     async def _sharing(self, cache: ImageCache) -> Any:
         """The shared store's view over the output folder's `cache` (None without a store)."""

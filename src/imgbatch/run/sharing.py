@@ -23,16 +23,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from imgbatch.errors import AuthError, SharedEntryDamaged, SharedStoreError, TransientError
 from imgbatch.manifest import Manifest
 from imgbatch.plan.decide import Action, Plan
 from imgbatch.providers import is_metered
 from imgbatch.review.outcome import StoreUse
+from imgbatch.review.sheet import write_thumbnail
 from imgbatch.shots.expand import Shot
 from imgbatch.shots.request import GeneratedImage, ImageRequest
 from imgbatch.state.cache import ImageCache
@@ -40,6 +43,9 @@ from imgbatch.state.folder import OutputFolder
 from imgbatch.state.results import ResultEntry
 from imgbatch.state.store import Record, SharedCache, choose_store, open_shared, read_only_from
 from imgbatch.state.store.claims import Claim, ClaimInfo
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 # Lookups of a warm store in flight at once (a plan of 10,000 misses is not 10,000 sockets).
 LOOKUPS_IN_FLIGHT = 32
@@ -83,7 +89,8 @@ async def open_sharing(
     shared = await stack.enter_async_context(
         open_shared(url, environ, read_only=read_only, base=base)
     )
-    return SharedRun(shared, OutputFolder(output_dir).cache)
+    thumbnail = functools.partial(write_thumbnail, output_dir)
+    return SharedRun(shared, OutputFolder(output_dir).cache, thumbnail)
 
 
 class Unsent:
@@ -149,11 +156,19 @@ def planned_with_store(
 
 
 class SharedRun:
-    """One run's view of the shared store `shared`, over the local cache `local`."""
+    """One run's view of the shared store `shared`, over the local cache `local`; `thumbnail`
+    (key, decoded image) makes the contact sheet's thumbnail of each image restored from the
+    decode that checks it (a second decode would double the CPU of a restore)."""
 
-    def __init__(self, shared: SharedCache, local: ImageCache) -> None:
+    def __init__(
+        self,
+        shared: SharedCache,
+        local: ImageCache,
+        thumbnail: Callable[[str, Image.Image], object] | None = None,
+    ) -> None:
         self.shared = shared
         self.local = local
+        self.thumbnail = thumbnail
         self.records: dict[str, Record] = {}
         self.notices: list[tuple[str, str]] = []  # (shot id, what was wrong)
         self.restored = 0
@@ -202,8 +217,10 @@ class SharedRun:
     async def fetch(self, shot: Shot, record: Record) -> Restored | None:
         """`record`'s blob, checked against it and decoded at `shot`'s size; None if damaged
         (said: the shot is then made as if the store had nothing)."""
+        thumbnail, key = self.thumbnail, record.key
+        then = None if thumbnail is None else lambda decoded: thumbnail(key, decoded)
         try:
-            data = await self.shared.fetch(record, shot.request.dimensions)
+            data = await self.shared.fetch(record, shot.request.dimensions, then)
         except SharedEntryDamaged as damaged:
             self.notices.append((shot.id, f"{damaged}; not used"))
             return None

@@ -71,15 +71,20 @@ def expand(
     return Expansion(output_dir_for(manifest, environ), tuple(shots), provider)
 
 
-async def fetch_references(expansion: Expansion) -> Expansion:
-    """`expansion` with every reference URL fetched (once, however many shots name it) and its
-    shots keyed by the content; a URL that could not be fetched stays unfetched, with its
-    `problem`, and the executor fails its shots (naming the field) without sending them."""
-    urls = [
+def references_to_fetch(expansion: Expansion) -> list[str]:
+    """The reference URLs `fetch_references` would fetch (one per shot that names one)."""
+    return [
         shot.request.reference.source
         for shot in expansion.shots
         if shot.request.reference is not None and not shot.request.reference.fetched
     ]
+
+
+async def fetch_references(expansion: Expansion) -> Expansion:
+    """`expansion` with every reference URL fetched (once, however many shots name it) and its
+    shots keyed by the content; a URL that could not be fetched stays unfetched, with its
+    `problem`, and the executor fails its shots (naming the field) without sending them."""
+    urls = references_to_fetch(expansion)
     if not urls:
         return expansion
     fetched = await fetch_urls(urls)

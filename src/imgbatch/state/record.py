@@ -22,6 +22,7 @@ from typing import Any
 from imgbatch.errors import StoreError
 from imgbatch.state.cache import atomic_write
 from imgbatch.state.results import (
+    FileIdentity,
     ResultEntry,
     exists_as_file,
     json_lines,
@@ -77,10 +78,13 @@ class Owner:
 
 @dataclass(frozen=True, slots=True)
 class Rendered:
-    """results.json as the state last rendered it: its `updated_at` and its bytes' SHA-256."""
+    """results.json as the state last rendered it: its `updated_at`, its bytes' SHA-256, and
+    the SHA-256 of its head (`imgbatch.state.results.results_head`: what it says besides the
+    entries; None in a record written before it was kept)."""
 
     updated_at: str | None = None
     sha256: str | None = None
+    head: str | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,9 @@ class FolderState:
     synced: bool = False
     # The folder has a state record or a results file (an empty state is still a state).
     known: bool = False
+    # The results file as loaded, when it held what `rendered` says (its `FileIdentity`): if
+    # it is still that file, what it holds is known without reading it again.
+    results_file: FileIdentity | None = field(default=None, compare=False)
 
     def owner_of(self, shot_id: str) -> Owner | None:
         return self.guests.get(shot_id, self.owner)
@@ -142,7 +149,11 @@ def read_record(path: Path) -> FolderState | None:
         owner = Owner.from_json(head["owner"]) if head.get("owner") is not None else None
         guests = {str(shot): Owner.from_json(by) for shot, by in dict(head["guests"]).items()}
         results = dict(head["results"])
-        rendered = Rendered(_text(results.get("updated_at")), _text(results.get("sha256")))
+        rendered = Rendered(
+            _text(results.get("updated_at")),
+            _text(results.get("sha256")),
+            _text(results.get("head")),
+        )
     except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
         raise StoreError(
             f"{path} cannot be read ({exc}); move it aside and run apply again: the state is "
@@ -178,7 +189,11 @@ def _pieces(state: FolderState) -> Iterator[bytes]:
     head: dict[str, Any] = {
         "version": RECORD_VERSION,
         "owner": state.owner.to_json() if state.owner else None,
-        "results": {"updated_at": state.rendered.updated_at, "sha256": state.rendered.sha256},
+        "results": {
+            "updated_at": state.rendered.updated_at,
+            "sha256": state.rendered.sha256,
+            **({"head": state.rendered.head} if state.rendered.head is not None else {}),
+        },
         "guests": {shot_id: by.to_json() for shot_id, by in state.guests.items()},
     }
     yield b"{\n"
@@ -190,7 +205,7 @@ def _pieces(state: FolderState) -> Iterator[bytes]:
 
 
 def _compact(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)
+    return json.dumps(value, ensure_ascii=False)  # a few head lines: no need to be quick
 
 
 def _text(value: Any) -> str | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -70,6 +71,13 @@ class ResultEntry:
     # that nothing reads them back out of `error`.
     error_status: int | None = None
     error_message: str | None = None
+    # False: the image is kept only in the shared store, at `image_url` (`apply
+    # --no-local-copy`), not at `file`; None (not written): it is at `file`.
+    local_copy: bool | None = None
+    # When this entry's outcome came (UTC, ISO 8601, seconds): its image received, or its
+    # failure. It travels with the entry (a shot restored from a shared store keeps its maker's),
+    # and results.json's `updated_at` is the newest of them: a time of the data, not of a run.
+    made_at: str | None = None
 
     @property
     def has_image(self) -> bool:
@@ -94,23 +102,30 @@ class ResultEntry:
         """The entry `data` holds; ValueError if it is not one (a hand edit, a damaged file)."""
         if not isinstance(data, dict):
             raise ValueError(f"an entry is a JSON {type(data).__name__}, not an object")
-        known = cls.__dataclass_fields__
-        values = {name: _shared(name, value) for name, value in data.items() if name in known}
+        values = {name: value for name, value in data.items() if name in _FIELD_SET}
+        # A 100,000-shot state is held whole while it is planned: the few strings and numbers
+        # that repeat from entry to entry are kept once, not once an entry.
+        for name in _REPEATING_FIELDS:
+            if type(value := values.get(name)) is str:
+                values[name] = sys.intern(value)
+        for name in ("width", "height"):
+            if type(value := values.get(name)) is int:
+                values[name] = _SIZES.setdefault(value, value) if len(_SIZES) < 4096 else value
+        prompt = values.get("prompt")
+        if "prompt_sent" in values and values["prompt_sent"] == prompt:
+            values["prompt_sent"] = prompt  # one string for both, as for the request's text
         if values.get("status") == "failed" and values.get("image_url"):
             # Written before `unfetched` existed: a failed entry with an image URL was billed
             # but not downloaded (this version writes no failed entry with a URL).
             values["status"] = "unfetched"
         request = values.get("request")
-        if isinstance(request, dict):
-            # Entries are parsed one by one: without sharing, every entry's request would hold
-            # its own copies of the same few key strings, and of its prompt.
-            prompt = values.get("prompt")
-            values["request"] = {
-                sys.intern(name): prompt
-                if name == "text" and value == prompt
-                else _shared(name, value)
-                for name, value in request.items()
-            }
+        if type(request) is dict:
+            values["request"] = request = dict(request)
+            for name in _REPEATING_REQUEST:
+                if type(value := request.get(name)) is str:
+                    request[name] = sys.intern(value)
+            if request.get("text") == prompt:
+                request["text"] = prompt
         entry = cls(**values)
         _check_types(entry)
         return entry
@@ -149,6 +164,8 @@ def _check_types(entry: ResultEntry) -> None:
         and type(entry.sha256) in _STR_OR_NONE
         and type(entry.prompt_sent) in _STR_OR_NONE
         and type(entry.reference_url) in _STR_OR_NONE
+        and type(entry.local_copy) in _BOOL_OR_NONE
+        and type(entry.made_at) in _STR_OR_NONE
     ):
         return
     bad = [
@@ -173,6 +190,7 @@ def _shown(value: Any) -> str:
 _NONE: type = type(None)
 _INT_OR_NONE: frozenset[type] = frozenset({int, _NONE})
 _STR_OR_NONE: frozenset[type] = frozenset({str, _NONE})
+_BOOL_OR_NONE: frozenset[type] = frozenset({bool, _NONE})
 _TEXT, _OPTIONAL_TEXT = (frozenset({str}), "text"), (_STR_OR_NONE, "text or null")
 _OPTIONAL_NUMBER = (_INT_OR_NONE, "a whole number or null")
 # Each field's JSON types, for the message that names what a hand edit got wrong.
@@ -192,12 +210,14 @@ _TYPES: dict[str, tuple[frozenset[type], str]] = {
     "sha256": _OPTIONAL_TEXT,
     "prompt_sent": _OPTIONAL_TEXT,
     "reference_url": _OPTIONAL_TEXT,
+    "made_at": _OPTIONAL_TEXT,
     "width": _OPTIONAL_NUMBER,
     "height": _OPTIONAL_NUMBER,
     "seed": _OPTIONAL_NUMBER,
     "bytes": _OPTIONAL_NUMBER,
     "attempts": (frozenset({int}), "a whole number"),
     "simplified": (frozenset({bool}), "true or false"),
+    "local_copy": (_BOOL_OR_NONE, "true, false or null"),
     "request": (frozenset({dict}), "an object"),
 }
 
@@ -211,16 +231,15 @@ _STATUSES = frozenset(STATUSES)
 # A request key as `ImageRequest.key` makes it: the SHA-256 of the request, in hex.
 _KEY = re.compile(r"[0-9a-f]{64}")
 _FIELD_NAMES = tuple(item.name for item in fields(ResultEntry))
-_WRITTEN_WHEN_SET = ("reference_url", "error_status", "error_message")
+_WRITTEN_WHEN_SET = ("reference_url", "error_status", "error_message", "local_copy", "made_at")
 # Fields whose few values repeat across thousands of shots (defaults, mostly): loaded entries
-# share one string each instead of holding a copy apiece (a 100,000-shot state is held whole).
-_REPEATING = frozenset(
-    {"status", "model", "size", "negative_prompt", "style", "error_code", "provider"}
-)
-
-
-def _shared(name: str, value: Any) -> Any:
-    return sys.intern(value) if name in _REPEATING and isinstance(value, str) else value
+# share one string each instead of holding a copy apiece (a 100,000-shot state is held whole),
+# and so do their requests' (whose keys the JSON parser already shares within one parse).
+_REPEATING_FIELDS = ("status", "model", "size", "negative_prompt", "style", "error_code")
+_REPEATING_REQUEST = ("provider", "model", "size", "negative_prompt")
+_FIELD_SET = frozenset(_FIELD_NAMES)
+# Widths and heights, each kept once (a few distinct ones; bounded against a hostile file).
+_SIZES: dict[int, int] = {}
 
 
 def read_results(path: Path) -> tuple[list[ResultEntry], dict[str, Any]]:
@@ -264,33 +283,62 @@ def read_entry_document(
     pretty-printed by hand) is parsed whole. Raises ValueError (or OSError) when it is not such a
     document.
     """
+    by_lines = _read_by_lines(path, lists)
+    if by_lines is not None:
+        return by_lines
+    document = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(document, dict):
+        raise ValueError(f"a JSON {type(document).__name__}, not an object")
+    raws = [raw for name in lists for raw in document.get(name, [])]
+    return [ResultEntry.from_json(raw) for raw in raws], _head(document, lists)
+
+
+# Entry lines parsed in one json.loads call: a call per line was a fifth of loading a state.
+_BATCH = 1000
+
+
+def _read_by_lines(
+    path: Path, lists: tuple[str, ...]
+) -> tuple[list[ResultEntry], dict[str, Any]] | None:
+    """`read_entry_document` a line at a time, for a file laid out as this module writes it;
+    None when it is not (each entry must be one line, the rest the document around them)."""
     entries: list[ResultEntry] = []
     skeleton: list[str] = []
+    batch: list[str] = []
     with path.open(encoding="utf-8") as handle:
         for line in handle:
             if not line.startswith("    {"):
                 skeleton.append(line)
                 continue
             text = line.rstrip()
-            try:
-                entries.append(ResultEntry.from_json(json.loads(text.removesuffix(","))))
-            except (ValueError, TypeError, AttributeError):
-                break
+            batch.append(text.removesuffix(","))
             skeleton.append("0," if text.endswith(",") else "0")
-        else:
-            try:
-                document = json.loads("".join(skeleton))
-                places = [item for name in lists for item in document[name]]
-            except (ValueError, KeyError, TypeError):
-                places = None
-            if places == [0] * len(entries):
-                return entries, _head(document, lists)
-    del entries, skeleton
-    document = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(document, dict):
-        raise ValueError(f"a JSON {type(document).__name__}, not an object")
-    raws = [raw for name in lists for raw in document.get(name, [])]
-    return [ResultEntry.from_json(raw) for raw in raws], _head(document, lists)
+            if len(batch) == _BATCH:
+                if not _parsed(batch, entries):
+                    return None
+                batch.clear()
+    if not _parsed(batch, entries):
+        return None
+    try:
+        document = json.loads("".join(skeleton))
+        places = [item for name in lists for item in document[name]]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return (entries, _head(document, lists)) if places == [0] * len(entries) else None
+
+
+def _parsed(lines: list[str], entries: list[ResultEntry]) -> bool:
+    """Add the entries `lines` hold, one each, to `entries`; False if they are not that."""
+    if not lines:
+        return True
+    try:
+        raws = json.loads(f"[{','.join(lines)}]")
+        if len(raws) != len(lines):
+            return False
+        entries.extend(ResultEntry.from_json(raw) for raw in raws)
+    except (ValueError, TypeError, AttributeError):
+        return False
+    return True
 
 
 def _head(document: dict[str, Any], lists: tuple[str, ...]) -> dict[str, Any]:
@@ -388,19 +436,52 @@ def compare_and_hash(path: Path, pieces: Iterable[bytes]) -> tuple[bool, str]:
 
 def file_sha256(path: Path) -> str | None:
     """The SHA-256 of the file at `path`, None if it cannot be read."""
+    return hashed_file(path)[0]
+
+
+FileIdentity = tuple[int, int, int, int]
+"""A file's inode, size, and modification and change times (ns): an atomic write (a new file
+renamed into place) or any edit changes it."""
+
+
+def file_identity(path: Path) -> FileIdentity | None:
+    """The identity of the file at `path` now; None if there is none."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+
+def hashed_file(path: Path) -> tuple[str | None, FileIdentity | None]:
+    """The SHA-256 of the file at `path` and the identity of the file so hashed (None if it
+    changed while it was read); (None, None) if it cannot be read."""
     digest = hashlib.sha256()
     try:
         with path.open("rb") as handle:
+            info = os.fstat(handle.fileno())
             while piece := handle.read(1 << 20):
                 digest.update(piece)
     except OSError:
-        return None
-    return digest.hexdigest()
+        return None, None
+    identity = (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    return digest.hexdigest(), identity if file_identity(path) == identity else None
 
 
 def _results_pieces(
     entries: Sequence[ResultEntry], orphans: Sequence[ResultEntry], meta: Mapping[str, Any]
 ) -> Iterator[bytes]:
+    yield results_head(entries, meta)
+    yield from json_lines(entries)
+    yield b',\n  "orphans": '
+    yield from json_lines(orphans)
+    yield b"\n}\n"
+
+
+def results_head(entries: Sequence[ResultEntry], meta: Mapping[str, Any]) -> bytes:
+    """results.json's bytes before its first entry: `meta`, then the summary of `entries`
+    (how many, by status). With the entries and the orphans, they make the whole file: two
+    results files with the same head and the same entries in the same order are the same."""
     counts = dict.fromkeys(STATUSES, 0)
     for entry in entries:
         counts[entry.status] += 1
@@ -413,18 +494,16 @@ def _results_pieces(
         **meta,
         "summary": {"shots": len(entries), **counts},
     }
-    yield b"{\n"
-    for name, value in head.items():
-        yield f"  {_compact(name)}: {_compact(value)},\n".encode()
-    yield b'  "shots": '
-    yield from json_lines(entries)
-    yield b',\n  "orphans": '
-    yield from json_lines(orphans)
-    yield b"\n}\n"
+    lines = [f"  {_compact(name)}: {_compact(value)},\n" for name, value in head.items()]
+    return ("{\n" + "".join(lines) + '  "shots": ').encode()
 
 
 def _compact(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)
+    return _COMPACT.encode(value)
+
+
+# json.dumps with an option builds an encoder per call: one for every line of a big file.
+_COMPACT = json.JSONEncoder(ensure_ascii=False)
 
 
 def json_lines(entries: Sequence[ResultEntry]) -> Iterator[bytes]:

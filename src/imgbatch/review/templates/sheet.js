@@ -11,6 +11,8 @@
     return;
   }
   if (data.page !== document.body.dataset.page) $("stale").hidden = false;
+  // When the last apply finished is this machine's state: the page itself holds no run's time.
+  if (data.finished_at) $("finished").textContent = `· last apply ${data.finished_at}`;
 
   const F = Object.create(null);
   data.fields.forEach((name, index) => { F[name] = index; });

@@ -157,6 +157,11 @@ class Claims:
                 found.append(self._info(name.removeprefix("claims/"), stored.data, stored.age))
         return found
 
+    async def read(self, key: str) -> ClaimInfo | None:
+        """`key`'s claim as it stands (one GET), or None when there is none."""
+        stored = await self.objects.get(f"claims/{key}")
+        return None if stored is None else self._info(key, stored.data, stored.age)
+
     async def unlock(self, key: str) -> bool:
         """Release `key`'s claim whoever holds it (`imgbatch store unlock`); False if none."""
         name = f"claims/{key}"

@@ -18,18 +18,22 @@ stale entity tag. A read-only cache never writes at all (an untrusted job could 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imgbatch.errors import SharedEntryDamaged, SharedStoreError
 from imgbatch.state.cache import verify_image
 from imgbatch.state.store.claims import DEFAULT_LEASE, Claims, HeldClaims
 from imgbatch.state.store.objects import Conflict, Exists, ObjectStore
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 RECORD_VERSION = 1
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -96,6 +100,19 @@ class SharedCache:
         """The blob's URL in the store's own scheme (results.json's `image_url`)."""
         return self.objects.object_url(f"cas/{sha256}")
 
+    async def view_links(self, sha256s: Sequence[str], seconds: int) -> tuple[dict[str, str], bool]:
+        """A URL a browser opens each blob by, by SHA-256, and whether they are signed (valid
+        for `seconds`) rather than a folder's `file://` URLs. Signing is local: no request.
+        A signed URL is a credential while it lasts: only the contact sheet holds one."""
+        urls: dict[str, str] = {}
+        signed = False
+        for sha256 in sha256s:
+            name = f"cas/{sha256}"
+            url = await self.objects.signed_url(name, seconds)
+            signed = signed or url is not None
+            urls[sha256] = url if url is not None else self.objects.object_url(name)
+        return urls, signed
+
     async def lookup(self, key: str) -> Record | None:
         """The record for `key`, None on a miss; `SharedEntryDamaged` for one that is not."""
         stored = await self.objects.get(f"ac/{key}")
@@ -107,9 +124,15 @@ class SharedCache:
             where = self.objects.object_url(f"ac/{key}")
             raise SharedEntryDamaged(f"{where} is not a record: {exc}") from None
 
-    async def fetch(self, record: Record, dimensions: tuple[int, int]) -> bytes:
+    async def fetch(
+        self,
+        record: Record,
+        dimensions: tuple[int, int],
+        then: Callable[[Image.Image], object] | None = None,
+    ) -> bytes:
         """The record's blob, checked against it and decoded at `dimensions` (the shot's size);
-        `SharedEntryDamaged` naming what is wrong otherwise."""
+        `SharedEntryDamaged` naming what is wrong otherwise. `then` is given the decoded image
+        once it has passed (the contact sheet's thumbnail, from the one decode)."""
         where = self.blob_url(record.sha256)
         stored = await self.objects.get(f"cas/{record.sha256}")
         if stored is None:
@@ -127,7 +150,7 @@ class SharedCache:
                 f"is {dimensions[0]}*{dimensions[1]}"
             )
         try:
-            await asyncio.to_thread(verify_image, data, *dimensions)
+            await asyncio.to_thread(verify_image, data, *dimensions, then=then)
         except ValueError as exc:
             raise SharedEntryDamaged(f"{where}: {exc}") from None
         return data
@@ -142,14 +165,22 @@ class SharedCache:
         if self.read_only:
             return record
         await self.probe()
+        blob = f"cas/{digest}"
         try:
-            await self.objects.create(f"cas/{digest}", data)
+            await self.objects.create(blob, data)
+            found = False
         except Exists:
-            pass  # the same bytes (named by them), or damage a restore finds and says
+            found = True  # the same bytes (named by them), or damage a restore finds and says
         try:
             await self.objects.create(f"ac/{key}", record.to_bytes())
         except Exists:
             pass
+        if found and not await self.objects.exists(blob):
+            # A blob found already there may be an orphan `gc --store` deleted since: put it
+            # back, so the record just written never names a missing blob. (gc, for its part,
+            # removes the records written while it ran that name a blob it deleted.)
+            with contextlib.suppress(Exists):
+                await self.objects.create(blob, data)
         return record
 
     async def probe(self) -> None:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from imgbatch.errors import SharedStoreError
 from imgbatch.state.cache import TEMP_PREFIX, atomic_write
-from imgbatch.state.store.objects import MAX_OBJECT_BYTES, Conflict, Exists, Stored
+from imgbatch.state.store.objects import MAX_OBJECT_BYTES, Conflict, Exists, Listed, Stored
+from imgbatch.units.bounded import read_at_most
 
 _LOCK = ".imgbatch-lock"
 
@@ -57,7 +58,7 @@ class FolderStore:
             raise SharedStoreError(f"cannot read {path}: {exc.strerror or exc}") from None
         with os.fdopen(fd, "rb") as handle:
             info = os.fstat(handle.fileno())
-            data = handle.read(MAX_OBJECT_BYTES + 1)
+            data = read_at_most(handle, MAX_OBJECT_BYTES, info.st_size)
         etag = hashlib.sha256(data).hexdigest()
         return Stored(data, etag, max(0.0, time.time() - info.st_mtime))
 
@@ -93,6 +94,10 @@ class FolderStore:
             atomic_write(path, data)
         return hashlib.sha256(data).hexdigest()
 
+    async def exists(self, name: str) -> bool:
+        self.requests["head"] += 1
+        return await asyncio.to_thread(os.path.lexists, self._path(name))
+
     async def delete(self, name: str) -> None:
         self.requests["delete"] += 1
         await asyncio.to_thread(self._delete, name)
@@ -111,6 +116,25 @@ class FolderStore:
         except FileNotFoundError:
             return []
         return sorted(f"{prefix.rstrip('/')}/{name}" for name in found)
+
+    async def listing(self, prefix: str) -> list[Listed]:
+        self.requests["list"] += 1
+        return await asyncio.to_thread(self._listing, prefix.rstrip("/"))
+
+    def _listing(self, prefix: str) -> list[Listed]:
+        now = time.time()
+        found = []
+        try:
+            with os.scandir(self._path(prefix)) as entries:
+                for entry in entries:
+                    if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
+                        continue
+                    info = entry.stat(follow_symlinks=False)
+                    age = max(0.0, now - info.st_mtime)
+                    found.append(Listed(f"{prefix}/{entry.name}", info.st_size, age))
+        except FileNotFoundError:
+            return []
+        return sorted(found, key=lambda item: item.name)
 
     def object_url(self, name: str) -> str:
         return self._path(name).as_uri()

@@ -38,6 +38,16 @@ class Stored:
     age: float
 
 
+@dataclass(frozen=True)
+class Listed:
+    """An object as a listing gives it, without reading it: its name, its size in bytes, and
+    its age in seconds by the store's clock (since it was last written)."""
+
+    name: str
+    size: int
+    age: float
+
+
 class ObjectStore(Protocol):
     """A prefix in a bucket or a folder; see the module docstring."""
 
@@ -61,12 +71,21 @@ class ObjectStore(Protocol):
         False); give the new entity tag; `Conflict` if it changed or is gone."""
         ...
 
+    async def exists(self, name: str) -> bool:
+        """Whether there is an object by that name (a HEAD: its bytes are not read)."""
+        ...
+
     async def delete(self, name: str) -> None:
         """Remove the object (nothing when there is none)."""
         ...
 
     async def names(self, prefix: str) -> list[str]:
         """The names under `prefix` (a folder of the layout, e.g. `claims/`), sorted."""
+        ...
+
+    async def listing(self, prefix: str) -> list[Listed]:
+        """The objects under `prefix` with their sizes and ages, sorted by name: a paginated
+        LIST, never a request per object (`imgbatch gc --store`)."""
         ...
 
     def object_url(self, name: str) -> str:

@@ -31,7 +31,7 @@ import botocore.exceptions
 from aiobotocore.config import AioConfig
 
 from imgbatch.errors import SharedStoreError
-from imgbatch.state.store.objects import MAX_OBJECT_BYTES, Conflict, Exists, Stored
+from imgbatch.state.store.objects import MAX_OBJECT_BYTES, Conflict, Exists, Listed, Stored
 
 # Set while an OSS create is being sent: the request gets `x-oss-forbid-overwrite`.
 _CREATING: contextvars.ContextVar[bool] = contextvars.ContextVar("creating", default=False)
@@ -71,6 +71,9 @@ class BucketStore:
         }
         config = AioConfig(
             s3={"addressing_style": _addressing(endpoint, self.oss)},
+            # Also for presigned URLs (the contact sheet's), which botocore would otherwise
+            # sign with the deprecated SigV2 for some endpoints.
+            signature_version="s3v4",
             retries={"mode": "standard", "max_attempts": 4},
             connect_timeout=10,
             read_timeout=60,
@@ -152,6 +155,18 @@ class BucketStore:
             raise self._failed("write", name, exc) from None
         return str(answer["ETag"])
 
+    async def exists(self, name: str) -> bool:
+        self.requests["head"] += 1
+        try:
+            await self._client.head_object(Bucket=self.bucket, Key=self._key(name))
+        except botocore.exceptions.ClientError as exc:
+            if _code(exc) in ("NoSuchKey", "404", "NotFound"):
+                return False
+            raise self._failed("read", name, exc) from None
+        except (botocore.exceptions.BotoCoreError, OSError) as exc:
+            raise self._failed("read", name, exc) from None
+        return True
+
     async def delete(self, name: str) -> None:
         self.requests["delete"] += 1
         try:
@@ -171,6 +186,27 @@ class BucketStore:
                 found += [item["Key"][strip:] for item in page.get("Contents", [])]
                 if not page.get("IsTruncated"):
                     return sorted(found)
+                token = {"ContinuationToken": page["NextContinuationToken"]}
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise self._failed("list", prefix, exc) from None
+
+    async def listing(self, prefix: str) -> list[Listed]:
+        found: list[Listed] = []
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        token: dict[str, str] = {}
+        try:
+            while True:
+                self.requests["list"] += 1
+                page = await self._client.list_objects_v2(
+                    Bucket=self.bucket, Prefix=self._key(prefix), **token
+                )
+                now = _now(page)
+                found += [
+                    Listed(item["Key"][strip:], int(item.get("Size", 0)), _listed_age(item, now))
+                    for item in page.get("Contents", [])
+                ]
+                if not page.get("IsTruncated"):
+                    return sorted(found, key=lambda item: item.name)
                 token = {"ContinuationToken": page["NextContinuationToken"]}
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
             raise self._failed("list", prefix, exc) from None
@@ -217,12 +253,23 @@ def _age(answer: Mapping[str, Any]) -> float:
     modified = answer.get("LastModified")
     if modified is None:
         return 0.0
+    return max(0.0, _now(answer) - float(modified.timestamp()))
+
+
+def _listed_age(item: Mapping[str, Any], now: float) -> float:
+    """A listed object's age; 0 (as young as can be: nothing is collected for it) when the
+    listing does not say when it was written."""
+    modified = item.get("LastModified")
+    return max(0.0, now - float(modified.timestamp())) if modified is not None else 0.0
+
+
+def _now(answer: Mapping[str, Any]) -> float:
+    """The store's time when it answered (its Date header), else this machine's."""
     headers = answer.get("ResponseMetadata", {}).get("HTTPHeaders", {})
     try:
-        now = parsedate_to_datetime(headers["date"]).timestamp()
+        return parsedate_to_datetime(headers["date"]).timestamp()
     except (KeyError, TypeError, ValueError):
-        now = time.time()
-    return max(0.0, now - float(modified.timestamp()))
+        return time.time()
 
 
 def _addressing(endpoint: str | None, oss: bool) -> str:

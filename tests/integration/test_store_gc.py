@@ -1,0 +1,308 @@
+"""`imgbatch gc --store`: a shared store collected safely, against moto's S3 server (and the
+fake OSS, for a store without If-Match).
+
+Two shot lists share one store. gc, run for one of them, never deletes what the other's records
+name; a blob written without its record yet (a writer in flight) stays; records go only with
+--older-than; stale claims go, live ones and paid ones stay; nothing is deleted without --yes or
+through a read-only store; and it lists, never HEADs each object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from imgbatch.cli.main import main
+from imgbatch.housekeeping.store_gc import StorePolicy, collect_store, parse_age
+from imgbatch.pacing.gate import RetryPolicy
+from imgbatch.run.apply import ApplyOptions, apply
+from imgbatch.state.store import open_shared
+from imgbatch.state.store.claims import Claims
+from tests.conftest import write_manifest
+from tests.support.fake_dashscope import FakeDashScope
+from tests.support.object_servers import BUCKET, FakeOss, moto_server, s3_environ
+
+FAST_RETRY = RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.05)
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint() -> Iterator[str]:
+    with moto_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def store_env(
+    moto_endpoint: str, api_env: dict[str, str], request: pytest.FixtureRequest
+) -> dict[str, str]:
+    prefix = request.node.name[:40]
+    return {**api_env, **s3_environ(moto_endpoint), "IMGBATCH_STORE": f"s3://{BUCKET}/{prefix}"}
+
+
+def shot_list(directory: Path, name: str, subject: str, count: int = 2) -> Path:
+    """A shot list of its own requests (its own keys): `count` shots of `subject`."""
+    lines = ["version: 1", f"name: {name}", "defaults:", '  size: "1328*1328"', "shots:"]
+    for index in range(count):
+        lines += [f"  - id: {name}-{index}", f'    prompt: "{subject}, take {index}"']
+    (directory / name).mkdir()
+    return write_manifest(directory / name, "\n".join(lines) + "\n")
+
+
+def apply_into(environ: dict[str, str], manifest: Path, folder: Path) -> None:
+    options = ApplyOptions(
+        retry=FAST_RETRY,
+        environ={**environ, "OUTPUT_DIR": str(folder)},
+        home=Path(environ["HOME"]),
+        rps=1000.0,
+        quota_store=False,
+    )
+    assert apply(manifest, options).ok
+
+
+def gc(environ: dict[str, str], *args: str | Path) -> Result:
+    return CliRunner().invoke(main, ["gc", *map(str, args)], env=environ)
+
+
+def names(environ: dict[str, str]) -> dict[str, int]:
+    """Every object under the store's prefix, by name under it, with its size."""
+
+    async def run() -> dict[str, int]:
+        async with open_shared(environ["IMGBATCH_STORE"], environ) as shared:
+            found: dict[str, int] = {}
+            for folder in ("ac/", "cas/", "claims/", "probes/"):
+                found.update({i.name: i.size for i in await shared.objects.listing(folder)})
+            return found
+
+    return asyncio.run(run())
+
+
+def put(environ: dict[str, str], name: str, data: bytes) -> None:
+    async def run() -> None:
+        async with open_shared(environ["IMGBATCH_STORE"], environ) as shared:
+            await shared.objects.create(name, data)
+
+    asyncio.run(run())
+
+
+def record_keys(environ: dict[str, str]) -> set[str]:
+    return {name for name in names(environ) if name.startswith("ac/")}
+
+
+def orphan(environ: dict[str, str], seed: bytes) -> str:
+    """A blob no record names (a writer killed between its blob and its record)."""
+    data = b"\x89PNG not really " + seed
+    name = f"cas/{hashlib.sha256(data).hexdigest()}"
+    put(environ, name, data)
+    return name
+
+
+def two_lists(tmp_path: Path, environ: dict[str, str]) -> tuple[Path, Path]:
+    lighthouse = shot_list(tmp_path, "lighthouse", "a lighthouse")
+    harbour = shot_list(tmp_path, "harbour", "a harbour")
+    apply_into(environ, lighthouse, tmp_path / "out-lighthouse")
+    apply_into(environ, harbour, tmp_path / "out-harbour")
+    return lighthouse, harbour
+
+
+def test_gc_never_deletes_what_a_record_names_whatever_the_manifest(
+    tmp_path: Path, store_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    lighthouse, _ = two_lists(tmp_path, store_env)
+    before = names(store_env)
+    assert len([name for name in before if name.startswith("ac/")]) == 4
+    stray = orphan(store_env, b"killed writer")
+    time.sleep(2.1)  # the store's clock counts whole seconds: the orphan is past a 1s grace
+    result = gc(store_env, lighthouse, "--yes", "--grace", "1s")
+    assert result.exit_code == 0, result.output
+    after = names(store_env)
+    assert after == before  # the harbour's records and blobs too: only the orphan went
+    assert f"{store_env['IMGBATCH_STORE']}/{stray}" in result.output
+    assert "blob no record names" in result.output
+    assert f"Store {store_env['IMGBATCH_STORE']}: deleted 1 object" in result.output
+
+
+def test_a_blob_whose_record_is_not_written_yet_is_not_deleted(
+    tmp_path: Path, store_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    lighthouse, _ = two_lists(tmp_path, store_env)
+    in_flight = orphan(store_env, b"its record comes next")
+    result = gc(store_env, lighthouse, "--yes")  # the default grace: a day
+    assert result.exit_code == 0, result.output
+    assert in_flight in names(store_env)
+    assert "nothing to collect" in result.output
+
+
+@pytest.mark.slow  # waits for the first list's records to age by the store's clock
+def test_older_than_deletes_only_records_older_than_it_and_then_their_blobs(
+    tmp_path: Path, store_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    lighthouse = shot_list(tmp_path, "lighthouse", "a lighthouse")
+    harbour = shot_list(tmp_path, "harbour", "a harbour")
+    apply_into(store_env, lighthouse, tmp_path / "out-lighthouse")
+    old = names(store_env)
+    # Margins of seconds either side of the bound: the store's clock counts whole seconds, and
+    # a loaded machine takes a while to apply the second list and run gc.
+    time.sleep(6.1)
+    apply_into(store_env, harbour, tmp_path / "out-harbour")
+    young = set(names(store_env)) - set(old)
+    listed = gc(store_env, harbour, "--older-than", "5s", "--grace", "5s")  # a dry run
+    assert listed.exit_code == 0, listed.output
+    assert set(names(store_env)) == set(old) | young
+    assert "run again with --yes" in listed.output
+    result = gc(store_env, harbour, "--older-than", "5s", "--grace", "5s", "--yes")
+    assert result.exit_code == 0, result.output
+    assert set(names(store_env)) == young  # the lighthouse's records and blobs went
+    for name in old:  # each listed with its size and age before it went
+        assert re.search(rf"{re.escape(name)}  [\d.]+ (bytes|KB|MB)  \d+ s old", listed.output)
+    # Without --older-than no record ever goes, however old.
+    again = gc(store_env, harbour, "--yes", "--grace", "0s")
+    assert again.exit_code == 0 and set(names(store_env)) == young
+
+
+def test_stale_claims_go_live_and_paid_ones_stay(
+    tmp_path: Path, store_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    lighthouse = shot_list(tmp_path, "lighthouse", "a lighthouse")
+    stale, live, paid = "a" * 64, "b" * 64, "c" * 64
+    later = int(time.time()) + 3600
+    url = f"https://dashscope-result.example/x.png?Expires={later}&Signature=abc"
+
+    async def claim() -> None:
+        async with open_shared(store_env["IMGBATCH_STORE"], store_env) as shared:
+            await Claims(shared.objects, lease=1).acquire(stale)
+            taken = await Claims(shared.objects, lease=1).acquire(paid)
+            await Claims(shared.objects, lease=1).note_answer(taken, url, "req-1")  # type: ignore[arg-type]
+            await Claims(shared.objects).acquire(live)
+
+    asyncio.run(claim())
+    time.sleep(2.1)
+    result = gc(store_env, lighthouse, "--yes")
+    assert result.exit_code == 0, result.output
+    left = {name for name in names(store_env) if name.startswith("claims/")}
+    assert left == {f"claims/{live}", f"claims/{paid}"}
+    assert f"kept {store_env['IMGBATCH_STORE']}/claims/{paid}: holds a paid image's URL" in (
+        result.output
+    )
+    assert "stale claim" in result.output
+
+
+def test_on_oss_a_stale_claim_is_listed_for_unlock_never_deleted(
+    tmp_path: Path, api_env: dict[str, str]
+) -> None:
+    lighthouse = shot_list(tmp_path, "lighthouse", "a lighthouse")
+    key = "d" * 64
+    with FakeOss() as oss:
+        environ = {**api_env, **s3_environ(oss.endpoint), "IMGBATCH_STORE": f"oss://{BUCKET}/t"}
+
+        async def claim() -> None:
+            async with open_shared(environ["IMGBATCH_STORE"], environ) as shared:
+                await Claims(shared.objects, lease=1).acquire(key)
+
+        asyncio.run(claim())
+        time.sleep(2.1)  # the store says ages in whole seconds: past the 1 s lease
+        result = gc(environ, lighthouse, "--yes")
+        assert result.exit_code == 0, result.output
+        assert f"t/claims/{key}" in oss.objects
+        assert f"imgbatch store unlock {key}" in result.output
+        assert not [entry for entry in oss.log if entry[0] == "DELETE" and "claims/" in entry[1]]
+
+
+def test_a_read_only_store_is_not_collected(
+    tmp_path: Path, store_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    lighthouse, _ = two_lists(tmp_path, store_env)
+    orphan(store_env, b"old")
+    before = names(store_env)
+    for flags, environ in (
+        (("--store-read-only",), store_env),
+        ((), {**store_env, "IMGBATCH_STORE_READ_ONLY": "1"}),
+    ):
+        result = gc(environ, lighthouse, "--yes", "--grace", "0s", *flags)
+        assert result.exit_code == 2, result.output
+        assert "is read-only here" in result.output
+    assert names(store_env) == before
+    assert gc(store_env, lighthouse, "--yes", "--dry-run").exit_code == 2
+
+
+def test_gc_lists_the_store_and_reads_only_records_and_claims(
+    tmp_path: Path, store_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    two_lists(tmp_path, store_env)
+    orphan(store_env, b"old")
+    time.sleep(1.1)
+    found = collect_store(store_env["IMGBATCH_STORE"], store_env, StorePolicy(grace=0.0))
+    requests: dict[str, Any] = dict(found.requests)
+    # One LIST per folder of the layout and one GET per record: no HEAD, no blob read.
+    assert requests == {"list": 4, "get": 4}
+    assert [item.why for item in found.items] == ["blob no record names"]
+    assert not found.deleted
+
+
+def test_ages_are_read_as_written() -> None:
+    assert parse_age("30d") == 30 * 86400
+    assert parse_age("1d12h") == 36 * 3600
+    assert parse_age("90m") == 5400 and parse_age("0s") == 0
+    with pytest.raises(ValueError, match="is not an age"):
+        parse_age("soon")
+
+
+@pytest.fixture(scope="module")
+def seaweed_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from tests.support.object_servers import seaweed_server
+
+    with seaweed_server(tmp_path_factory.mktemp("weed")) as endpoint:
+        yield endpoint
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_writer_racing_gc_never_leaves_a_record_without_its_blob(
+    seaweed_endpoint: str, seed: int
+) -> None:
+    """Old orphan blobs get records again (the same bytes published under new keys) while gc
+    deletes them, on a server whose conditional writes hold: whoever wins, no record is left
+    naming a missing blob (the writer puts a blob gc took back; gc removes a record it
+    orphaned)."""
+    import random
+
+    environ = {**s3_environ(seaweed_endpoint), "IMGBATCH_STORE": f"s3://{BUCKET}/gc-race-{seed}"}
+    blobs = [b"\x89PNG race " + bytes([seed, index]) for index in range(6)]
+    for data in blobs:
+        put(environ, f"cas/{hashlib.sha256(data).hexdigest()}", data)
+    time.sleep(2.1)
+    chance = random.Random(seed)
+
+    async def race() -> None:
+        async with open_shared(environ["IMGBATCH_STORE"], environ) as shared:
+
+            async def writer(index: int, data: bytes) -> None:
+                await asyncio.sleep(chance.uniform(0, 0.4))
+                key = hashlib.sha256(b"key %d %d" % (seed, index)).hexdigest()
+                await shared.publish(key, data, {"width": 1, "height": 1})
+
+            policy = StorePolicy(grace=1.0)
+            collector = asyncio.to_thread(
+                collect_store, environ["IMGBATCH_STORE"], environ, policy, delete=True
+            )
+            await asyncio.gather(collector, *(writer(i, d) for i, d in enumerate(blobs)))
+
+    asyncio.run(race())
+    stored = names(environ)
+    for name in (name for name in stored if name.startswith("ac/")):
+
+        async def named(record: str = name) -> str:
+            async with open_shared(environ["IMGBATCH_STORE"], environ) as shared:
+                found = await shared.objects.get(record)
+                assert found is not None
+                return str(json.loads(found.data)["sha256"])
+
+        assert f"cas/{asyncio.run(named())}" in stored, name

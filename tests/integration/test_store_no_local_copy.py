@@ -1,0 +1,240 @@
+"""`apply --no-local-copy`: images in the store only, against moto's S3 server.
+
+The output folder keeps no image (thumbnails are WebP), results.json names each blob by its
+`s3://` URL and SHA-256, and the contact sheet opens every full image through a URL signed when
+it was drawn, which really fetches the image from the server, with the links' expiry on the
+page. No signature and no credential anywhere but the sheet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from imgbatch.cli.main import main
+from imgbatch.plan.decide import Action
+from imgbatch.review.sheet_data import read_data
+from imgbatch.run.apply import make_plan
+from tests.conftest import write_many_shots
+from tests.support.fake_dashscope import FakeDashScope
+from tests.support.object_servers import BUCKET, moto_server, s3_environ
+
+SHOTS = 4
+# What must never leave the sheet: a signature, a credential, the secret itself.
+SECRETS = (
+    "X-Amz-Signature",
+    "X-Amz-Credential",
+    "AWSAccessKeyId",
+    "Signature=",
+    "test-secret",
+    "test-key-id",
+)
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint() -> Iterator[str]:
+    with moto_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def store_env(
+    moto_endpoint: str, api_env: dict[str, str], request: pytest.FixtureRequest
+) -> dict[str, str]:
+    prefix = request.node.name[:40]
+    return {**api_env, **s3_environ(moto_endpoint), "IMGBATCH_STORE": f"s3://{BUCKET}/{prefix}"}
+
+
+def run(environ: dict[str, str], *args: str | Path) -> Result:
+    return CliRunner().invoke(main, [str(arg) for arg in args], env=environ)
+
+
+def apply_json(environ: dict[str, str], manifest: Path, *flags: str) -> tuple[Result, Any]:
+    result = run(environ, "apply", manifest, "--rps", "1000", "--json", *flags)
+    assert result.exit_code == 0, result.output
+    return result, json.loads(result.stdout)
+
+
+def entries(output: Path) -> dict[str, dict[str, Any]]:
+    document = json.loads((output / "results.json").read_text())
+    return {entry["id"]: entry for entry in document["shots"]}
+
+
+def pngs(output: Path) -> list[Path]:
+    return sorted(path for path in output.rglob("*") if path.suffix.lower() == ".png")
+
+
+def test_no_local_copy_keeps_images_in_the_store_and_the_sheet_links_them(
+    tmp_path: Path, store_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    manifest = write_many_shots(tmp_path, "nolocal", SHOTS)
+    output = tmp_path / "output" / "nolocal"
+    before = datetime.now(UTC)
+    result, document = apply_json(store_env, manifest, "--no-local-copy", "-v")
+    after = datetime.now(UTC)
+    assert fake_server.successes == SHOTS
+    assert pngs(output) == []  # not in the folder, not in the cache: thumbnails are WebP
+    assert len(list((output / ".imgbatch" / "thumbs").rglob("*.webp"))) == SHOTS
+    made = entries(output)
+    prefix = store_env["IMGBATCH_STORE"]
+    for entry in made.values():
+        assert entry["local_copy"] is False
+        assert entry["image_url"] == f"{prefix}/cas/{entry['sha256']}"
+    cards = {card["id"]: card for card in read_data(output)}
+    for shot_id, entry in made.items():
+        link = cards[shot_id]["file"]
+        assert link.startswith(store_env["AWS_ENDPOINT_URL"]) and "X-Amz-Signature=" in link
+        with urllib.request.urlopen(link, timeout=10) as answer:  # the moto server, 127.0.0.1
+            image = answer.read()
+        assert hashlib.sha256(image).hexdigest() == entry["sha256"]
+        assert len(image) == entry["bytes"]
+    page = (output / "index.html").read_text()
+    shown = re.search(r"full images: links valid until (\d{4}-\d\d-\d\d \d\d:\d\d) UTC", page)
+    assert shown is not None
+    until = datetime.strptime(shown.group(1), "%Y-%m-%d %H:%M").replace(tzinfo=UTC)
+    week = timedelta(days=7)
+    assert before + week - timedelta(minutes=1) <= until <= after + week
+    assert f"img-src 'self' file: data: {store_env['AWS_ENDPOINT_URL']};" in page
+    # Nowhere but the sheet: not results.json, the state, --json or what the run printed.
+    said = [
+        (output / "results.json").read_text(),
+        (output / ".imgbatch" / "state.json").read_text(),
+        json.dumps(document),
+        result.output,
+        result.stderr,
+    ]
+    for text in said:
+        assert not [secret for secret in SECRETS if secret in text]
+
+
+def test_a_second_apply_with_the_flag_fetches_nothing_and_signs_the_links_again(
+    tmp_path: Path, store_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    manifest = write_many_shots(tmp_path, "nolocal", SHOTS)
+    output = tmp_path / "output" / "nolocal"
+    apply_json(store_env, manifest, "--no-local-copy")
+    first = {card["id"]: card["file"] for card in read_data(output)}
+    planned = make_plan(manifest, environ=store_env, no_local_copy=True)
+    assert {item.action for item in planned.shots} == {Action.UNCHANGED}
+    assert "kept in the store only" in planned.shots[0].reason
+    _, document = apply_json(store_env, manifest, "--no-local-copy")
+    assert fake_server.successes == SHOTS
+    # No request to the store at all: results.json answers for every shot.
+    assert document["store"]["requests"] == {}
+    assert pngs(output) == []
+    again = {card["id"]: card["file"] for card in read_data(output)}
+    assert again.keys() == first.keys() and all("X-Amz-Signature=" in url for url in again.values())
+
+
+def test_a_later_apply_without_the_flag_puts_the_images_back(
+    tmp_path: Path, store_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    manifest = write_many_shots(tmp_path, "nolocal", SHOTS)
+    output = tmp_path / "output" / "nolocal"
+    apply_json(store_env, manifest, "--no-local-copy")
+    _, document = apply_json(store_env, manifest)
+    assert fake_server.successes == SHOTS  # restored from the store, nothing paid
+    restored = entries(output)
+    for entry in restored.values():
+        assert "local_copy" not in entry
+        image = (output / entry["file"]).read_bytes()
+        assert hashlib.sha256(image).hexdigest() == entry["sha256"]
+    cards = {card["id"]: card for card in read_data(output)}
+    assert all(card["file"] == f"{card['id']}.png" for card in cards.values())
+    assert "links valid until" not in (output / "index.html").read_text()
+    assert document["store"]["restored"] == SHOTS
+
+
+def test_sheet_signs_the_links_again_when_it_is_drawn(
+    tmp_path: Path, store_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    manifest = write_many_shots(tmp_path, "nolocal", SHOTS)
+    output = tmp_path / "output" / "nolocal"
+    apply_json(store_env, manifest, "--no-local-copy")
+    (output / "index.html").unlink()
+    result = run(store_env, "sheet", manifest)
+    assert result.exit_code == 0, result.output
+    assert "links valid until" in (output / "index.html").read_text()
+    card = read_data(output)[0]
+    with urllib.request.urlopen(card["file"], timeout=10) as answer:
+        image = answer.read()
+    assert hashlib.sha256(image).hexdigest() == entries(output)[card["id"]]["sha256"]
+    assert not [secret for secret in SECRETS if secret in result.output]
+
+
+def test_a_folder_store_links_its_files_and_nothing_expires(
+    tmp_path: Path, api_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    manifest = write_many_shots(tmp_path, "nolocal", 2)
+    output = tmp_path / "output" / "nolocal"
+    store = tmp_path / "team-store"
+    environ = {**api_env, "IMGBATCH_STORE": str(store)}
+    apply_json(environ, manifest, "--no-local-copy")
+    assert pngs(output) == []
+    for card in read_data(output):
+        sha = entries(output)[card["id"]]["sha256"]
+        assert card["file"] == (store / "cas" / sha).as_uri()
+    assert "links valid until" not in (output / "index.html").read_text()
+
+
+def test_no_local_copy_without_a_store_is_a_usage_error(
+    tmp_path: Path, api_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    manifest = write_many_shots(tmp_path, "nolocal", 2)
+    for command in ("apply", "plan"):
+        result = run(api_env, command, manifest, "--no-local-copy")
+        assert result.exit_code == 2, result.output
+        assert "--no-local-copy keeps images only in a shared store, and none is named" in (
+            result.stderr
+        )
+    assert fake_server.requests == []
+    assert not (tmp_path / "output").exists()
+
+
+def test_images_already_in_the_folder_move_to_the_store(
+    tmp_path: Path, store_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    manifest = write_many_shots(tmp_path, "nolocal", SHOTS)
+    output = tmp_path / "output" / "nolocal"
+    local_only = {key: value for key, value in store_env.items() if key != "IMGBATCH_STORE"}
+    apply_json(local_only, manifest)  # made before the team had a store: in the folder only
+    assert len(pngs(output)) == SHOTS * 2  # each image and its cache entry
+    _, document = apply_json(store_env, manifest, "--no-local-copy")
+    assert fake_server.successes == SHOTS  # nothing made again
+    assert document["store"]["published"] == SHOTS
+    assert pngs(output) == []
+    for entry in entries(output).values():
+        assert entry["local_copy"] is False
+        assert entry["image_url"] == f"{store_env['IMGBATCH_STORE']}/cas/{entry['sha256']}"
+    for card in read_data(output):
+        with urllib.request.urlopen(card["file"], timeout=10) as answer:
+            image = answer.read()
+        assert hashlib.sha256(image).hexdigest() == entries(output)[card["id"]]["sha256"]
+    # The next one asks the store nothing: results.json says where every image is.
+    _, again = apply_json(store_env, manifest, "--no-local-copy")
+    assert again["store"]["requests"] == {}
+
+
+def test_an_image_restored_from_the_local_cache_goes_to_the_store_only_too(
+    tmp_path: Path, store_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    manifest = write_many_shots(tmp_path, "nolocal", SHOTS)
+    output = tmp_path / "output" / "nolocal"
+    apply_json(store_env, manifest)  # published, and kept in the folder as usual
+    for entry in entries(output).values():
+        (output / entry["file"]).unlink()  # the cache still has them: a local restore
+    _, document = apply_json(store_env, manifest, "--no-local-copy")
+    assert fake_server.successes == SHOTS
+    assert pngs(output) == []
+    assert all(entry["local_copy"] is False for entry in entries(output).values())
+    # One lookup of each record, no blob read (the store already had them all).
+    assert document["store"]["requests"] == {"get": SHOTS}
