@@ -16,8 +16,10 @@ written carries its provenance (`provenance.py`); the cache holds it as written.
 
 An image is never held whole while it downloads: each piece, as it arrives, has the provenance
 spliced in (`Stamper`), is hashed and written to the cache entry's temporary file (on the event
-loop: a write to the page cache, no fsync). It is then decoded once, in a pool of one thread per
-core, which both verifies it and gives the contact sheet its thumbnail; only then is it fsynced
+loop: a write to the page cache, no fsync); at most `MAX_DOWNLOADS` download at once, whatever
+the requests in flight. It is then decoded once, from that file in small blocks, in a pool of
+one thread per core, which both verifies it and gives the contact sheet its thumbnail (the
+thumbnail needs every pixel decoded anyway, so the decode is the check); only then is it fsynced
 and renamed into the cache, and copied (or reflinked) to the shot's file from the same open
 file. The journal is written by a thread of its own, so its fsyncs never block the loop.
 
