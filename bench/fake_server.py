@@ -3,7 +3,9 @@
 Takes the FakeDashScope options on the command line; prints one JSON line with ``base_url`` once
 listening, then answers each line read on stdin:
 
-    stats   one JSON line: generation_count, successes, status_counts, downloads
+    stats   one JSON line: generation_count, successes, status_counts, downloads, and when
+            the first and last generation request and the last download arrived
+    reset   forget every request so far
     quit    (or end of input) stop and exit
 
 A separate process keeps the server's CPU off the benchmarked client's event loop; the stdin
@@ -30,8 +32,8 @@ def main() -> int:
     parser.add_argument("--quota-rps", type=float, default=None)
     parser.add_argument("--quota-burst", type=int, default=None)
     parser.add_argument("--retry-after", type=float, default=None)
-    # The real service's weight by default: what the bench measures; tiny images measure what
-    # a shot costs apart from its image's bytes.
+    # "real": the real service's weight (what the bench measures); "tiny": start-up and pacing
+    # only (the whole-process row), no PNG decoding to speak of.
     parser.add_argument("--image-profile", choices=("real", "tiny"), default="real")
     args = parser.parse_args()
     server = FakeDashScope(
@@ -53,11 +55,25 @@ def main() -> int:
                     "successes": server.successes,
                     "status_counts": counts,
                     "downloads": len(server.downloads),
+                    # time.monotonic() (one clock for every process on the machine): when the
+                    # first and last generation request and the last download arrived.
+                    **_arrivals(server),
                 }
                 print(json.dumps(stats), flush=True)
+            elif command == "reset":  # forget the requests so far (one line back: "ok")
+                server.reset()
+                print('"ok"', flush=True)
             elif command == "quit":
                 break
     return 0
+
+
+def _arrivals(server: FakeDashScope) -> dict[str, float]:
+    posts = sorted(r.received_at for r in list(server.requests) if r.method == "POST")
+    downloads = sorted(r.received_at for r in list(server.downloads))
+    if not posts or not downloads:
+        return {}
+    return {"first_post": posts[0], "last_post": posts[-1], "last_download": downloads[-1]}
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """`python -m imgbatch` is the `imgbatch` command (and says so in its usage and version)."""
 
-from imgbatch.cli.main import main
+from imgbatch.cli.main import run
 
-main(prog_name="imgbatch")
+run()

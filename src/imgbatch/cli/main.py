@@ -35,7 +35,10 @@ else:
     except ValueError:  # imported outside the main thread
         _handler_before = None
 
-import contextlib  # noqa: E402 - after the handler, on purpose
+import atexit  # noqa: E402 - after the handler, on purpose
+import contextlib  # noqa: E402
+import os  # noqa: E402
+import threading  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -183,8 +186,36 @@ __all__ = [
     "FiniteFloatRange",
     "error_boundary",
     "main",
+    "run",
     "write_crash_log",
 ]
+
+
+def run() -> None:
+    """The `imgbatch` command as a process (`python -m imgbatch` and the installed script):
+    `main`, then out. Once the command is done and nothing else runs, the process ends without
+    tearing the interpreter down (freeing every module of aiohttp, the SDK and the rest was a
+    seventh of a second of CPU after the last image of an apply); the exit handlers still run.
+    An exit code that is not a number, or another thread still running, takes the ordinary way
+    out."""
+    try:
+        main(prog_name="imgbatch")
+    except SystemExit as exc:
+        code = exc.code
+    else:
+        code = None
+    if code is None:
+        code = EXIT_OK
+    if not isinstance(code, int) or threading.active_count() > 1:
+        raise SystemExit(code)
+    atexit._run_exitfuncs()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):  # a closed pipe: Python's own exit says nothing more either
+        pass
+    os._exit(code)
+
 
 for command in (
     manifest.validate,

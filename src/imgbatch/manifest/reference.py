@@ -37,8 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from PIL import Image
-
 from imgbatch.errors import PermanentError, without_reprs
 from imgbatch.png import image_kind, pillow_format
 from imgbatch.units.bounded import read_at_most
@@ -275,6 +273,9 @@ def describe_image(data: bytes) -> str:
         raise ReferenceProblem("is empty")
     if len(data) > REFERENCE_MAX_BYTES:
         raise ReferenceProblem(f"is {_mib(len(data))}; the limit is {_mib(REFERENCE_MAX_BYTES)}")
+    # Pillow only here: a shot list without local references is checked without it.
+    from PIL import Image
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

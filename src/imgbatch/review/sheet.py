@@ -38,11 +38,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
-
-import jinja2
-from PIL import Image
 
 from imgbatch.errors import ImageError, SharedStoreError, StoreError
 from imgbatch.manifest import Manifest, load_manifest
@@ -56,6 +53,12 @@ from imgbatch.state.folder import OutputFolder
 from imgbatch.state.last_run import Change, load_changes, save_changes, thumb_path
 from imgbatch.state.results import STATUSES, ResultEntry
 from imgbatch.state.store import SharedCache, choose_store, open_shared
+
+# Jinja2 and Pillow are imported where they are used: an apply needs neither before its first
+# request (the sheet is drawn at the end; images are decoded as they come).
+if TYPE_CHECKING:
+    import jinja2
+    from PIL import Image
 
 SHEET_FILE = "index.html"
 # Bounding box of a thumbnail: a 16:9 image becomes 320*178, a WebP of a few to a few tens of KB.
@@ -473,6 +476,8 @@ def write_thumbnail(output_dir: Path, key: str, image: Image.Image) -> bool:
     """Write the thumbnail of `image` (decoded already, as a PNG: an apply gives the one it
     decoded to verify a new image) as `key`'s; False when it cannot be made. `image` is
     reduced in place."""
+    from PIL import Image
+
     try:
         # Box-reduced (`reduce`, a whole factor) to just above the size, then bilinear for what
         # is left: after the box average, Lanczos' wider window changes nothing visible at
@@ -623,6 +628,8 @@ def manifest_command_path(manifest: Manifest | None) -> str | None:
 
 @cache
 def _environment() -> jinja2.Environment:
+    import jinja2
+
     return jinja2.Environment(
         loader=jinja2.PackageLoader("imgbatch.review", "templates"),
         autoescape=True,
