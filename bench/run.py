@@ -115,7 +115,8 @@ class FakeServer:
         self._process.stdin.write("stats\n")
         self._process.stdin.flush()
         data = json.loads(await asyncio.to_thread(self._process.stdout.readline))
-        arrivals = {name: data[name] for name in ("first_post", "last_post", "last_download")}
+        names = ("first_post", "last_post", "last_download")
+        arrivals = {name: data[name] for name in names if name in data}  # none: no request
         return ServerStats(data["generation_count"], data["status_counts"], arrivals)
 
     async def reset(self) -> None:
