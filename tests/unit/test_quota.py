@@ -278,3 +278,112 @@ def test_a_limits_quota_not_written_k_over_p_is_a_manifest_error_naming_it(tmp_p
     path.write_text("version: 1\nlimits:\n  quota: 2 a minute\nshots:\n  - id: a\n    prompt: x\n")
     with pytest.raises(ManifestError, match=r"shots.yaml:3:\d+: .*limits.quota"):
         load_manifest(path)
+
+
+# ----- beliefs tested, not kept (issue 20, the pacer's rows) -------------------------------------
+
+
+def test_the_gentle_openings_429_is_followed_by_one_request_where_a_short_window_resets() -> None:
+    """2 admitted, the third refused: a cap of 2, 2 a minute or 2 per 3 s. One request, sent
+    when a 3-second window has let the first go again, tells them apart (it was 2 a minute)."""
+    estimator = QuotaEstimator()
+    account = Account(estimator)
+    account.send(0.0, refused=False, latency=2.0)
+    account.send(0.55, refused=False, latency=2.0)
+    account.send(1.1, refused=True, latency=2.0)
+    assert estimator.window == Quota(2, 3)
+    account.send(3.05, refused=False, latency=2.0)  # admitted: 2 per 3 s, not a minute
+    assert estimator.waiting(3.4) or estimator.window == Quota(2, 3)
+    assert estimator.window == Quota(2, 3) and estimator.refusals == 1
+
+
+def test_the_openings_probe_refused_means_a_few_a_minute() -> None:
+    estimator = QuotaEstimator()
+    account = Account(estimator)
+    account.send(0.0, refused=False, latency=2.0)
+    account.send(0.55, refused=False, latency=2.0)
+    account.send(1.1, refused=True, latency=2.0)
+    account.send(3.05, refused=True, latency=2.0)
+    assert estimator.window == Quota(2, 60)
+
+
+def test_a_probe_proves_the_span_it_was_admitted_in_not_its_target() -> None:
+    """3 per 60 s remembered, tried at 3 per 0.5 s by a request sent 4.7 s after the third
+    latest: admitted, it shows 3 in 4.7 s at most, not 3 in 0.5 s."""
+    estimator = QuotaEstimator(learned=Quota(3, 5))
+    account = Account(estimator)
+    for at in (0.0, 0.55, 1.1):
+        account.send(at, refused=False, latency=2.0)
+    estimator.window = Quota(3, 5)
+    account.send(5.1, refused=False, latency=2.0)
+    account.send(5.2, refused=False, latency=2.0)
+    assert estimator.waiting(5.3)  # narrowing 5 s down: tried with one request
+    target = estimator.window
+    assert target.period < 3
+    account.send(5.8, refused=False, latency=2.0)  # 3 admitted in 5.8 - 1.1 = 4.7 s
+    estimator.waiting(6.1)  # not refused by now: admitted
+    assert estimator.window.count == 3
+    assert estimator.window.period == pytest.approx(4.7, abs=0.01)
+
+
+def test_a_429_at_the_same_count_but_sent_faster_does_not_confirm_a_cap() -> None:
+    """A token bucket refuses at any count: nine in flight refused twice, the second sent far
+    faster than the first, is the rate, not a cap of nine."""
+    estimator = QuotaEstimator()
+    t = 0.0
+    for index in range(9):
+        estimator.sent(t, index)
+        t += 0.069
+    refused = estimator.sent(t, 9)
+    estimator.refused(refused, t + 0.004)
+    estimator.answered(0, t + 0.02)
+    estimator.sent(t + 0.05, 8)
+    again = estimator.sent(t + 0.06, 9)  # 0.01 s after the last admitted, not 0.069
+    estimator.refused(again, t + 0.064)
+    assert not estimator.cap_confirmed
+
+
+def test_the_first_429_of_the_doubling_rate_is_a_token_buckets_rate_not_its_pattern() -> None:
+    """4 a second holding 4, the rate doubling: 9 admitted in 2.4 s, the tenth refused. The
+    windows the doubling itself fits (3 per 0.28 s) would each be a 429; the bucket's rate is
+    about 4 a second, and a cap of nine is not enforced (waiting for fewer in flight would cost
+    a whole generation)."""
+    estimator = QuotaEstimator()
+    times = [0.0, 0.5516, 1.103, 1.655, 1.931, 2.07, 2.208, 2.2776, 2.347]
+    for index, at in enumerate(times):
+        estimator.sent(at, index)
+    refused = estimator.sent(2.4165, 9)
+    estimator.refused(refused, 2.4205)
+    assert 3.3 < estimator.window.rate < 4.2
+    assert estimator.cap is None
+
+
+def test_a_new_statement_is_believed_over_what_the_old_quota_admitted() -> None:
+    """6 per 3 s stated, then 2 per 3 s: the requests admitted at 6 per 3 s before it do not
+    show the new statement wrong."""
+    estimator = QuotaEstimator()
+    account = Account(estimator)
+    estimator.stated(Quota(6, 3))
+    for index in range(6):
+        account.send(index * 0.1, refused=False, latency=0.01)
+    estimator.stated(Quota(2, 3))
+    assert estimator.window == Quota(2, 3) and estimator.source == "stated"
+    account.send(3.1, refused=False, latency=0.01)
+    assert estimator.window == Quota(2, 3) and estimator.source == "stated"
+
+
+def test_the_budget_of_429s_is_a_share_of_the_requests_the_run_means_to_send() -> None:
+    """Told 30 requests are coming, a run that spent one 429 tries nothing that may cost a
+    second (2 of 31 is over 5%); told 100, it narrows a period down at once."""
+    for expected, narrows in ((30, False), (100, True)):
+        estimator = QuotaEstimator(learned=Quota(3, 5), expected=expected)
+        account = Account(estimator)
+        for at in (0.0, 0.55, 1.1):
+            account.send(at, refused=False, latency=2.0)
+        account.send(1.6, refused=True, latency=2.0)
+        estimator.window, estimator.source = Quota(3, 5), "probed"
+        for at in (5.1, 5.2, 5.3):
+            account.send(at, refused=False, latency=2.0)
+        for send_id in list(account.in_flight):
+            estimator.answered(send_id, 7.4)
+        assert estimator.waiting(7.5) is narrows

@@ -39,7 +39,7 @@ _MAX_LOG = 100_000
 # never more than two requests start back to back.
 _SPACING_DEPTH = 2
 # How often a gate waiting on its window asks the estimator whether to try a faster one.
-_PROBE_POLL = 1.0
+_PROBE_POLL = 0.25
 
 
 def loop_time() -> float:
@@ -216,7 +216,7 @@ class Gate:
         return self._spacing
 
     def _window_delay(self, now: float) -> float:
-        window = self.estimator.window
+        window = self.estimator.pace
         if self._spaced:
             return 0.0
         period = _margin(window)
@@ -251,8 +251,11 @@ class Pacer:
         unlimited: bool = False,
         settings: EstimatorSettings | None = None,
         clock: Clock | None = None,
+        expected: Mapping[str, int] | None = None,
     ) -> None:
         self.clock = clock or Clock()
+        # Requests the run means to send, by model: a run's budget of 429s is a share of them.
+        self.expected = dict(expected or {})
         self.given = given
         self.average = average and given is not None and given.count == 1
         self.learned = dict(learned or {})
@@ -268,7 +271,11 @@ class Pacer:
         if gate is None:
             window, cap = self.learned.get(model, (None, None))
             estimator = QuotaEstimator(
-                given=self.given, learned=window, learned_cap=cap, settings=self.settings
+                given=self.given,
+                learned=window,
+                learned_cap=cap,
+                settings=self.settings,
+                expected=self.expected.get(model),
             )
             gate = self._gates[model] = Gate(estimator, self.clock, average=self.average)
         return gate

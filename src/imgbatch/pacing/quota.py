@@ -26,28 +26,43 @@ How a quota is found when nothing is known (no `--quota`/`--rps`, no stated or l
   request had K others admitted in the P seconds before it, and every refused one had: for each
   K, P lies between the longest span refused and the shortest span admitted, whatever its
   length. The fastest K that fits is enforced at the shortest admitted span; a K no admitted
-  span bounds yet is guessed (the period believed before, a minute when the gentle opening
-  itself was refused, else the next round period a fifth above the span refused): a wrong guess
-  is refused at once, costing a 429 and no time.
+  span bounds yet is guessed (the period believed before, else the longest round period up to
+  twice the span refused): a wrong guess is refused at once, costing a 429 and no time. The
+  first 429 of the doubling rate is fitted as a token bucket full at the start with a second of
+  its rate saved up, or as the whole count admitted in a window: the faster windows that fit
+  there are the doubling's own pattern, and each tried would be a 429.
+* **One request tells two beliefs apart.** The gentle opening's third refused with two in
+  flight is a cap of 2, or 2 per some period: the next request goes alone, with fewer in flight,
+  when a window of twice the opening (3 s) would have let it. Admitted, the window is that short
+  (the span it was admitted in, which is all one request proves); refused, it is a few a minute.
+  (A cap of 2 with generations shorter than the window is not told from that window then: both
+  explain all that is seen, and telling them apart costs a 429 either way.)
 * **Beliefs are tested, not kept.** While requests wait on the window, a period not narrowed
   down yet is tried shorter (a round period halfway, one request: kept if admitted, dropped if
-  refused), and a window that held two periods without a 429 is tried one higher (then two,
-  four...), within the run's budget of 429s (`REFUSAL_BUDGET`). A window that held and is
-  refused means the quota changed: the count the service just admitted is the count now, and
-  older evidence is set aside. A remembered (learned) window is where a run starts and is
-  tested the same way.
+  refused), and a window that held a while without a 429 is tried one higher, again at once
+  while raises are admitted. A probe's request not refused within a round trip was admitted
+  (its answer is a whole generation away). All of it within the run's budget of 429s
+  (`REFUSAL_BUDGET` of the requests the run means to send, `expected`), raises spread over the
+  time the run has left (a quota may be raised at any time). A window that held and is refused
+  means the quota changed: the count the service just admitted is the count now, and older
+  evidence is set aside. A remembered (learned) window is where a run starts and is tested the
+  same way; its first count goes no faster than the gentle opening.
 * **Cap or rate.** A 429 with n in flight fits a cap of n when no request was ever admitted with
   n or more in flight. If a window fits too, the cap is believed first, tentatively, and raised
-  by one per answer (doubling per round trip, as TCP's slow start): a cap is confirmed when the
-  raised cap is refused at the same count; a rate limit shows itself by a 429 with fewer in
-  flight than has been admitted before, and the window is fitted then.
+  by one per answer of a request sent with it half full (doubling per round trip, as TCP's slow
+  start): a cap is confirmed when refused again at the same count, sent no faster than the first
+  time (a token bucket refuses at any count, faster); a rate limit shows itself by a 429 with
+  fewer in flight than has been admitted before, and the window is fitted then. A cap of more
+  than the opening's count, while the rate slowed explains the 429 too, is only noted: waiting
+  for fewer in flight would cost a whole generation.
 * **Nothing fits** (a token bucket's saved-up burst makes early admissions look like a larger
   window): the admissions before the first 429 are set aside; failing that, even spacing at what
   was admitted between the first and last 429.
 
 A stated quota is a hint: enforced until a 429 it does not explain (with no cap to explain
 it either), and only while it is plausible (`plausible`) and no request was admitted faster than
-it allows. A given quota is never changed by a 429.
+it allows (since it was stated: a new statement is a changed quota). A given quota is never
+changed by a 429.
 """
 
 from __future__ import annotations
@@ -94,7 +109,7 @@ _SPARE = 4
 # No window is shorter (a span shorter than this is requests sent at once).
 _SHORTEST_PERIOD = 0.01
 # A remembered window nothing has refused yet is narrowed after holding this long at most.
-_HOLD_UNTESTED = 10.0
+_HOLD_UNTESTED = 3.0
 # Probing a narrowed period stops when the gap left is this small a share of it.
 _CLOSE_ENOUGH = 0.08
 
@@ -120,6 +135,11 @@ class EstimatorSettings:
     max_rate: float = 1000.0
     cap_probe_after: float = 900.0  # a confirmed cap is tried one higher after this long
 
+    @property
+    def opening_span(self) -> float:
+        """From the first request of the gentle opening to its last."""
+        return self.opening.period / self.opening.count * (self.opening_sends - 1)
+
 
 def plausible(quota: Quota) -> bool:
     """Could a service mean it? See `PLAUSIBLE_PERIOD`."""
@@ -139,6 +159,7 @@ class _Probe:
     target: Quota  # the faster window
     raising: bool  # the count raised (additive increase), not the period narrowed
     send_id: int | None = None  # the request that tests it, once sent
+    refit: bool = False  # refused, the window is fitted again (not the one before kept)
 
 
 class QuotaEstimator:
@@ -155,9 +176,11 @@ class QuotaEstimator:
         learned: Quota | None = None,
         learned_cap: int | None = None,
         settings: EstimatorSettings | None = None,
+        expected: int | None = None,
     ) -> None:
         self.settings = settings or EstimatorSettings()
         self.given = given
+        self.expected = expected  # requests the run means to send, when it knows
         self.source: Source
         self.window: Quota
         if given is not None:
@@ -182,17 +205,30 @@ class QuotaEstimator:
         # Evidence sent before this is set aside: the quota changed since.
         self._epoch = -math.inf
         self._probe: _Probe | None = None
-        self._step = 1  # the next additive increase; doubles while increases are admitted
+        self._step = 1  # doubles while raises are admitted (1: the last was refused, or none)
         self._held_since: float | None = None  # the window in force, with no 429, since then
         self._proven = False  # a request sent since then was admitted
         self._settling = False  # a changed quota's count is being found
         self._narrowed = False  # a narrower period was tried and admitted
         self._opening_refused = False  # the first 429 came within the gentle opening
+        self._hint_from = 0  # the first request sent under the stated or learned window
+        self._cap_gap = math.inf  # the gap before the request of the last 429 a cap may explain
 
     @property
     def found(self) -> bool:
         """True once the window is more than a probe: given, stated, learned or fitted."""
         return self.source != "probing"
+
+    @property
+    def pace(self) -> Quota:
+        """The window the gate keeps: `window`, except that a remembered window's first count
+        goes no faster than the gentle opening until one is admitted after it (remembered too
+        fast, its whole count sent at once would be its whole count less the real one in 429s;
+        spaced, the first 429 stops the rest)."""
+        window, opening = self.window, self.settings.opening
+        if self.source == "learned" and not self.refusals and self._sent_total < window.count:
+            return Quota(1, min(opening.period / opening.count, window.period / window.count))
+        return window
 
     @property
     def probing_up(self) -> bool:
@@ -233,32 +269,64 @@ class QuotaEstimator:
         if send is None:
             return
         send.answered = True
+        self._admit_pending(at)  # (before the cap grows: how many were admitted together)
         self._max_admitted_in_flight = max(self._max_admitted_in_flight, send.in_flight)
         if self.cap_confirmed and self._cap_measured is not None:
             # A cap tried one higher and admitted: it has grown.
             self._cap_measured = max(self._cap_measured, send.in_flight + 1)
-        if self.cap is not None and not self.cap_confirmed:
-            self.cap += 1  # slow start: doubles per round trip while nothing is refused
+        if self.cap is not None and not self.cap_confirmed and 2 * (send.in_flight + 1) > self.cap:
+            # Slow start: doubling per round trip while nothing is refused, counting only
+            # requests sent with the cap half full or more (others say nothing of it).
+            self.cap += 1
         if self._held_since is not None and send.at >= self._held_since:
             self._proven, self._settling = True, False
         probe = self._probe
         if probe is not None and probe.send_id == send_id:
-            self._probe = None
-            # (Counted over the period as the gate keeps it, a little longer than stated.)
-            if self._admitted_before(send, probe.before, slack=1 / 1.03) < probe.before.count:
-                return  # the window before would have admitted it too: it proves nothing
-            # Admitted where the window before would have held it back: the faster window is
-            # the window now (and the next raise bigger, up to doubling the count).
-            self._step = min(self._step * 2, max(probe.before.count, 4)) if probe.raising else 1
-            self._narrowed |= not probe.raising
-            self.window = probe.target
-            if self.source == "learned":
-                self.source = "probed"  # the run learned better than it remembered
-            self._held_since = at
-        elif self.source in ("stated", "learned") and self._too_slow(send):
+            self._accept_probe(probe, send, at)
+        elif (
+            self.source in ("stated", "learned")
+            and send_id >= self._hint_from
+            and self._too_slow(send)
+        ):
             # Admitted where the hint would have refused it: the run's own evidence outranks it.
             self._hint_wrong, self._disproved = True, self.window
             self._restart_ramp(at)
+
+    def _accept_probe(self, probe: _Probe, send: _Send, at: float) -> None:
+        """The request that tests `probe` was admitted."""
+        self._probe = None
+        # The span it was admitted in: from the request `count` before it (of those admitted).
+        count = probe.before.count
+        earlier = [s.at for s in self._sends if s is not send and not s.refused and s.at <= send.at]
+        span = send.at - earlier[-count] if len(earlier) >= count else math.inf
+        if span >= probe.before.period / 1.05:
+            # (A little less than the period: sent where the service's window may already
+            # have let it, it proves nothing.)
+            return
+        # Admitted where the window before would have held it back: the faster window is
+        # the window now, but a period no shorter than the span it proved. (A raise admitted
+        # makes the next one sooner, and a spacing's next step bigger.)
+        self._step = min(self._step * 2, max(count, 4)) if probe.raising else 1
+        self._narrowed |= not (probe.raising or probe.refit)
+        target = probe.target
+        # (Sent when the target let it, the span is the target's period as the gate keeps it.)
+        proved = probe.raising or span <= _slack(target.period)
+        self.window = target if proved else Quota(count, span)
+        if self.source == "learned":
+            self.source = "probed"  # the run learned better than it remembered
+        self._held_since = at
+
+    def _probe_unrefused(self, at: float) -> bool:
+        """The probe's request was not refused by the time a 429 would have come back: it was
+        admitted (its answer, a whole generation away, need not be waited for). True when
+        the window changed."""
+        probe = self._probe
+        send = None if probe is None or probe.send_id is None else self._find(probe.send_id)
+        if probe is None or send is None or send.refused or at - send.at <= self._refusal_wait():
+            return False
+        before = self.window
+        self._accept_probe(probe, send, at)
+        return self.window != before
 
     def refused(self, send_id: int, at: float) -> None:
         """The request `send_id` was refused with a 429."""
@@ -284,14 +352,18 @@ class QuotaEstimator:
         if probe is not None and probe.send_id == send_id:
             # The faster window was one too far: back to the one that held.
             self._step = 1
-            self.window = probe.before
-            return
+            if not probe.refit:
+                self.window = probe.before
+                return
+            self.window = probe.target  # (what the cap or the fit below leaves of it)
         if self.source == "stated" and self._explains(send):
             return  # another client of the account used the window up: the quota is right
         self._admit_pending(at)
         hinted = self.source in ("stated", "learned")
         # (A hint refused is a window too fast, not a cap: it let its whole count go at once.)
         if not hinted and self._cap_refusal(send, at):
+            if self.refusals == 1 and not self.cap_confirmed:
+                self._probe_window_or_cap()
             return
         if (proven or self._settling or self.source == "learned") and self.source in (
             "probed",
@@ -317,22 +389,43 @@ class QuotaEstimator:
         self._ramping = False
         self.window, self.source = self._fit() or self._fallback(), "probed"
 
+    def _probe_window_or_cap(self) -> None:
+        """The first 429 came with as many in flight as were ever admitted plus one: a cap of
+        that many, or a window of the count admitted per a period longer than the span refused.
+        One request tells them apart: sent when a short window (twice the span, a round period)
+        would have let it, with fewer in flight than were refused. Refused, the window is fitted
+        again (the gentle opening refused twice: a few a minute)."""
+        fitted = self._fit_once()
+        admitted = self._times()[1].count(False)
+        if fitted is None or fitted.count != admitted or not _shorter(fitted.period, _MINUTE):
+            # (Not when a faster window or spacing fits: it is tried first, by `_cap_refusal`.)
+            return
+        # (The others wait for the probe's answer, which a 429 gives at once.)
+        held = Quota(fitted.count, _MINUTE)
+        self._probe = _Probe(held, fitted, raising=False, refit=True)
+        self.window, self.source = fitted, "probed"
+        self._ramping = False
+
     def stated(self, quota: Quota, *, with_429: bool = False) -> None:
         """The service stated its quota (a hint: enforced until a 429 it does not explain, and
         only while it is plausible and no request was admitted faster than it allows; stated
         with a 429, it explains the 429, and earlier admissions are of a quota since changed)."""
+        # (A statement with a 429, or one other than the service stated before, is a changed
+        # quota: what was admitted before it says nothing against it. The one shown wrong
+        # stays wrong.)
+        changed = with_429 or (self.stated_quota is not None and quota != self.stated_quota)
         self.stated_quota = quota
-        # (A new statement with a 429 is a changed quota; the one shown wrong stays wrong.)
-        renewed = with_429 and quota != self._disproved
+        renewed = changed and quota != self._disproved
         if self.given is not None or (self._hint_wrong and not renewed) or self.window == quota:
             return
-        if not plausible(quota) or (not with_429 and self._contradicted(quota)):
+        if not plausible(quota) or (not changed and self._contradicted(quota)):
             self._hint_wrong, self._disproved = True, quota
             return
         self.window, self.source = quota, "stated"
         self._ramping = False
         self._probe = None
         self._hint_wrong = False
+        self._hint_from = self._sent_total  # (requests sent before it went by another quota)
 
     @property
     def may_probe(self) -> bool:
@@ -351,24 +444,26 @@ class QuotaEstimator:
         """Requests wait and no 429 came for a while: try a faster window (see `waiting`)."""
         window = self.window
         if self._probe is not None:
-            return False
+            return self._probe_unrefused(at)
         # A period not narrowed down yet is narrowed as soon as it was admitted once (the
-        # requests wait on it), with a few 429s to spare beyond the run's budget, unless the
-        # gentle opening was refused (a few a minute, most likely: guessed right, and narrowed
-        # only within the budget). A count is raised after two windows without a 429, within
-        # the budget.
+        # requests wait on it); a count is raised after two windows without a 429; both within
+        # the run's budget of 429s.
         if not self._proven:
             return False  # a guess not admitted yet: it may be refused itself
         lower = self._period_refused(window.count)
         narrower = _narrower(lower, window.period)
         faster = None if narrower is None else Quota(window.count, narrower)
         raising = faster is None
-        spare = _SPARE if not raising and window.count >= self.settings.opening_sends else 0
-        if self.refusals + 1 > REFUSAL_BUDGET * self._sent_total + spare:
+        if not self._may_refuse(narrowing=not raising):
             return False
         held = at - (at if self._held_since is None else self._held_since)
         untested = lower == 0 and not self._narrowed
-        if (raising or untested) and held < min(2 * window.period, _HOLD_UNTESTED):
+        hold = min(2 * window.period, _HOLD_UNTESTED)
+        if raising and self._step > 1:
+            hold = 0.0  # the last raise was admitted: the quota grew, and may have grown more
+        elif raising:
+            hold = max(hold, self._raise_every())
+        if (raising or untested) and held < hold:
             # (A remembered window nothing in this run has refused yet is tested too, but
             # after it held for a while.)
             return False
@@ -376,11 +471,31 @@ class QuotaEstimator:
             if window.count == 1:
                 faster = Quota(1, window.period / (1 + 0.05 * self._step))
             else:
-                faster = Quota(window.count + self._step, window.period)
+                # (One more: the one request that tries it proves no more than that.)
+                faster = Quota(window.count + 1, window.period)
         self._probe = _Probe(window, faster, raising)
         self.window = faster
         self._held_since = at
         return True
+
+    def _raise_every(self) -> float:
+        """How often a window that holds is tried one higher: the 429s the run's budget has
+        left, spread evenly over the time its requests left take at this window (a quota may
+        be raised at any time, late in the run as early)."""
+        if self.expected is None:
+            return 0.0
+        left = self.expected - (self._sent_total - self.refusals)
+        tries = REFUSAL_BUDGET * self.expected - self.refusals
+        return max(left, 0) / self.window.rate / max(tries + 1, 1)
+
+    def _may_refuse(self, *, narrowing: bool) -> bool:
+        """Would one more 429 keep the run within its budget: `REFUSAL_BUDGET` of the requests
+        it expects to send (of those sent so far when it was not told, with a few spare to
+        narrow a period down before many were sent)?"""
+        allowed = REFUSAL_BUDGET * max(self._sent_total, self.expected or 0)
+        if self.expected is None and narrowing and not self._narrowed:
+            allowed += _SPARE
+        return self.refusals + 1 <= allowed
 
     def _period_refused(self, count: int) -> float:
         """The longest span refused with `count` admitted in it (a window of `count` is longer)."""
@@ -430,16 +545,31 @@ class QuotaEstimator:
 
     def _cap_refusal(self, send: _Send, at: float) -> bool:
         """Is the 429 a cap on work in progress (kept, or tried)? True when it was taken so."""
+        if self.cap_confirmed and self.cap is not None and send.in_flight >= self.cap:
+            return True  # sent before the cap was confirmed, with more in flight than it allows
         if not self._cap_fits(send.in_flight):
             return False
         times, refused = self._times()
         spacing = _spacing_bounds(times, refused)
         # Refused after a shorter gap than any admitted: the rate was raised too far.
         raised = spacing is not None and _shorter(spacing[0], spacing[1])
-        if not raised or send.in_flight == self._cap_measured:
-            # Sent at a rate admitted before (only the work in progress had grown), or at a new
-            # rate but with as many in flight as at the last 429: a cap.
-            self._set_cap(send.in_flight, at, confirm=True)
+        previous, gap = self._cap_gap, self._gap_before(send)
+        self._cap_gap = gap
+        no_faster = gap >= previous / 1.05
+        if not raised or (send.in_flight == self._cap_measured and no_faster):
+            # Sent at a rate admitted before (only the work in progress had grown), or refused
+            # at the same count as the last 429: a cap, confirmed when sent no faster than then.
+            # (Faster, it may be the rate: a token bucket refuses at any count.)
+            self._set_cap(send.in_flight, at, confirm=no_faster)
+            fitted = self._fit_once() if self._ramping and not self.cap_confirmed else None
+            if fitted is not None:
+                # A cap not confirmed may be the rate as well: the ramp stops at what fits.
+                self.window, self.source, self._ramping = fitted, "probed", False
+                if send.in_flight > self.settings.opening_sends:
+                    # Waiting for fewer in flight would cost a whole generation; the count is
+                    # noted, not enforced (the rate slowed explains the 429 too): if it was a
+                    # cap, its next 429 comes at the same count and confirms it.
+                    self.cap = None
             return True
         if spacing is not None and _SHORTEST_PERIOD <= spacing[1] < math.inf:
             # Too many in progress or too fast: back to the fastest spacing admitted. The count
@@ -451,6 +581,11 @@ class QuotaEstimator:
             return True
         self._set_cap(send.in_flight, at, confirm=False)
         return False
+
+    def _gap_before(self, send: _Send) -> float:
+        """Seconds since the latest request admitted before `send` (inf if none)."""
+        before = (s.at for s in reversed(self._sends) if s.at < send.at and not s.refused)
+        return send.at - next(before, -math.inf)
 
     def _fit(self) -> Quota | None:
         """The fastest window that explains every 429 the cap does not, fitted over the latest
@@ -477,7 +612,19 @@ class QuotaEstimator:
         if not any(refused):
             return None
         previous = self.window.period if self.source != "probing" else None
-        candidates = _windows(times, refused, previous, self._opening_refused)
+        opening = self.settings.opening_span if self._opening_refused else None
+        candidates = _windows(times, refused, previous, opening)
+        first = refused.index(True)
+        if self.source == "probing" and self.refusals == 1:
+            # The first 429, the rate doubling: a token bucket, full at the start with a second
+            # of its rate saved up, explains it; its rate, evenly spaced, or the whole count
+            # admitted in a window. (The faster windows that fit are the doubling's own pattern:
+            # each tried would be a 429.)
+            bucket = _bucket_rate(times[: first + 1])
+            if bucket is not None and first > self.settings.opening_sends:
+                # (Not when the opening itself was refused: a window of a few a minute is.)
+                whole = [quota for quota in candidates if quota.count == first]
+                candidates = [Quota.per_second(bucket * _MARGIN), *whole]
         spacing = _spacing_bounds(times, refused)
         if spacing is not None and _shorter(*spacing):
             longest_refused, shortest_admitted = spacing
@@ -487,14 +634,6 @@ class QuotaEstimator:
                 # Halfway in log scale: a wrong guess is refused and halves the range.
                 period = math.sqrt(max(longest_refused, 1e-3) * shortest_admitted)
                 candidates.append(Quota(1, period))
-        first = refused.index(True)
-        if self.source == "probing" and self.refusals == 1:
-            # The first 429: a token bucket, full at the start with a second of its rate saved
-            # up, would explain it too; its rate, evenly spaced.
-            bucket = _bucket_rate(times[: first + 1])
-            if bucket is not None and first > self.settings.opening_sends:
-                # (Not when the opening itself was refused: a window of a few a minute is.)
-                candidates.append(Quota.per_second(bucket * _MARGIN))
         measured = _dry_to_dry_rate(times, refused)
         if measured is not None and self.cap is None:
             # (With a cap, what was admitted may have been held back by it, not by the rate.)
@@ -532,13 +671,20 @@ class QuotaEstimator:
 
     def _admit_pending(self, now: float) -> None:
         """Requests still in flight long after a 429 would have come back were admitted."""
+        wait = self._refusal_wait()
+        # (The latest few hundred: older ones were answered long since.)
+        for index in range(len(self._sends) - 1, max(len(self._sends) - 256, 0) - 1, -1):
+            send = self._sends[index]
+            if not send.refused and not send.answered and now - send.at > wait:
+                self._max_admitted_in_flight = max(self._max_admitted_in_flight, send.in_flight)
+
+    def _refusal_wait(self) -> float:
+        """How long after a request its 429 would have come back (twice the slowest seen)."""
         refusal_time = max(
             (s.answered_at - s.at for s in self._sends if s.refused and s.answered_at),
             default=0.0,
         )
-        for send in self._sends:
-            if not send.refused and not send.answered and now - send.at > 2 * refusal_time + 0.1:
-                self._max_admitted_in_flight = max(self._max_admitted_in_flight, send.in_flight)
+        return 2 * refusal_time + 0.1
 
     def _evidence(self) -> list[_Send]:
         """The latest sends since the quota last changed, oldest first."""
@@ -576,13 +722,14 @@ class QuotaEstimator:
 
 
 def _windows(
-    times: list[float], refused: list[bool], previous: float | None, opening_refused: bool
+    times: list[float], refused: list[bool], previous: float | None, opening_span: float | None
 ) -> list[Quota]:
     """Every count K that some period explains (no admitted send had K admitted in the P
     seconds before it, every refused one had), each at the period to enforce: the shortest
     admitted span when one bounds it, else a guess above the longest refused span (the period
-    the run believed before when it fits, else a minute when the gentle opening itself was
-    refused, else the next round period a fifth longer), which a 429 rules out or an admission
+    the run believed before when it fits, else the next round period twice as long, else a
+    minute when the gentle opening (`opening_span` seconds, None when it was admitted whole) was
+    refused and so was a short window tried after it), which a 429 rules out or an admission
     confirms."""
     admitted: list[float] = []
     refusals: list[tuple[float, int]] = []  # when, and how many were admitted before it
@@ -605,12 +752,25 @@ def _windows(
             found.append(Quota(count, upper))
         elif previous is not None and _shorter(lower, previous):
             found.append(Quota(count, previous))
-        elif opening_refused and _shorter(lower, _MINUTE):
-            # The gentle opening was refused: a few a minute.
-            found.append(Quota(count, _MINUTE))
+        elif opening_span is None or lower >= _MINUTE:
+            found.append(Quota(count, _guess_above(lower)))
+        elif lower <= opening_span * 1.05:
+            # The gentle opening was refused: twice its span, where a window of a few seconds
+            # has let the first request go again, is tried with one request.
+            found.append(Quota(count, _round_above(2 * lower)))
         else:
-            found.append(Quota(count, _round_above(1.2 * lower)))
+            # The gentle opening was refused and so was the short window tried after it: a
+            # few a minute.
+            found.append(Quota(count, _MINUTE))
     return found
+
+
+def _guess_above(lower: float) -> float:
+    """A period to try after a span of `lower` seconds was refused: the longest round period
+    up to twice as long (a 429 there grows the span that much again, so a few 429s find any
+    period; one admitted is narrowed down), else the next round one half as long again."""
+    within = [p for p in ROUND_PERIODS if 1.2 * lower < p <= 2 * lower]
+    return float(within[-1]) if within else _round_above(1.5 * lower)
 
 
 def _round_above(period: float) -> float:

@@ -19,6 +19,7 @@ import gc
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -70,7 +71,7 @@ from imgbatch.shots.request import KEY_FORMAT_VERSION
 from imgbatch.shots.selection import in_shard, select_shots
 from imgbatch.state.folder import OutputFolder, owner_of
 from imgbatch.state.record import FolderState, Owner
-from imgbatch.state.results import ResultEntry
+from imgbatch.state.results import FileIdentity, ResultEntry
 from imgbatch.state.store import choose_store
 from imgbatch.units.money import CostLimit
 from imgbatch.units.quota import Quota
@@ -401,7 +402,7 @@ class _Planned:
 
     plan: Plan
     held: _Held
-    version: str
+    version: tuple[FileIdentity | None, ...]
     plans: int
     # Made again under the lock: another process changed the folder after the first plan.
     replanned: bool = False
@@ -673,12 +674,14 @@ def _pacing(prep: _Prepared, plan: Plan, clock: Clock | None) -> _Pacing:
     account: str | None = getattr(provider, "quota_account", None)
     store = _quota_store(prep.options) if provider.metered and account else None
     learned = store.load(account, models) if store and account and given is None else {}
+    paid = Counter(item.shot.request.model for item in plan.shots if item.paid and item.shot)
     pacer = Pacer(
         given=given,
         average=pace.average if pace else False,
         learned={model: (found.window, found.cap) for model, found in learned.items()},
         unlimited=not provider.metered,
         clock=clock,
+        expected=paid,
     )
     return _Pacing(pacer, store, account, learned)
 

@@ -20,9 +20,9 @@ record. `save` writes results.json (only if its bytes change: a no-op apply leav
 was, `updated_at` included), then the record, then drops the journal: a run killed between two
 of these loses nothing (the record that did not render the results.json on disk imports it).
 
-`version` is a digest of what a plan reads of the state (the record, the journal, results.json,
-and the mark `gc --yes` leaves when it deletes from the cache): apply plans before it takes the
-lock, and plans again under the lock only if the version changed meanwhile.
+`version` is the identity of the files a plan reads the state from (the record, the journal,
+results.json, and the mark `gc --yes` leaves when it deletes from the cache): apply plans before
+it takes the lock, and plans again under the lock only if the version changed meanwhile.
 
 The folder records the manifest that owns it: `claim` refuses another one (`FolderOwnedError`)
 unless forced, and a forced one's entries are kept apart (`FolderState.split`), so neither
@@ -63,6 +63,7 @@ from imgbatch.state.record import (
 )
 from imgbatch.state.results import (
     RESULTS_FILE,
+    FileIdentity,
     Journal,
     ResultEntry,
     compare_and_hash,
@@ -247,17 +248,16 @@ class OutputFolder:
         )
         return FolderState(by_id, owner, guests, rendered, known=True)
 
-    def version(self) -> str:
-        """Where the folder's state stands, cheaply: a digest of the record, the journal and
-        results.json as they are on disk, and of the mark `mark_changed` leaves. Another run
-        that changes what a plan is made from changes it: an apply journals what it makes and
-        then writes the record and results.json (an apply that leaves them as they were only
-        put back what they already said), a killed one leaves its journal, `gc --yes` marks its
-        deletions. Read before the state a plan is made from, so a change after it shows."""
-        digest = hashlib.sha256()
-        for path in (self.record_path, self.journal_path, self.results_path, self._changed_path):
-            digest.update(f"{path.name} {file_sha256(path) or '-'}\n".encode())
-        return digest.hexdigest()
+    def version(self) -> tuple[FileIdentity | None, ...]:
+        """Where the folder's state stands, cheaply (four stats, nothing read): the identity of
+        the record, the journal and results.json (`FileIdentity`: an atomic write or any edit
+        changes it), and of the mark `mark_changed` leaves. Another run that changes what a
+        plan is made from changes it: an apply journals what it makes, then writes the record
+        and results.json (an apply that leaves them as they were only put back what they
+        already said), a killed one leaves its journal, `gc --yes` marks its deletions. Read
+        before the state a plan is made from, so that a change after it shows."""
+        paths = (self.record_path, self.journal_path, self.results_path, self._changed_path)
+        return tuple(file_identity(path) for path in paths)
 
     def mark_changed(self) -> None:
         """Under the lock, after deleting from the cache or the folder (`gc --yes`): change the
