@@ -188,9 +188,11 @@ def load_and_expand(
     *,
     allow_reference_outside: bool = False,
 ) -> tuple[Manifest, Expansion]:
-    manifest = read_manifest(path, allow_reference_outside=allow_reference_outside)
-    name = provider_name(manifest, provider, environ, home)
-    return manifest, expand(manifest, provider=name, environ=environ)
+    """The manifest read and its shots expanded (the cyclic collector paused meanwhile)."""
+    with collector_paused():
+        manifest = read_manifest(path, allow_reference_outside=allow_reference_outside)
+        name = provider_name(manifest, provider, environ, home)
+        return manifest, expand(manifest, provider=name, environ=environ)
 
 
 def expand_shots(
@@ -354,8 +356,7 @@ async def _apply(
     """The phases: prepare (the plan, made before the lock, and the guards), then under the
     lock preflight (the plan stands unless the folder changed meanwhile), execute and settle
     (results.json, prune, the sheet), then the report."""
-    with collector_paused():
-        prep = await _prepare(path, options or ApplyOptions(), provider, stack)
+    prep = await _prepare(path, options or ApplyOptions(), provider, stack)
     started = time.monotonic()
     with OutputFolder(prep.expansion.output_dir).lock():
         with collector_paused():
@@ -367,7 +368,9 @@ async def _apply(
         # they are written waits for them (they are what the run leaves behind).
         with signal_handler(asyncio.get_running_loop(), interrupts):
             outcome, journal = await _execute(prep, plan, pacing.pacer, listener, clock, interrupts)
-            with collector_paused():
+            # With a shared store, settling uploads and signs over the network: the collector
+            # stays on for what that leaves behind.
+            with collector_paused() if prep.sharing is None else contextlib.nullcontext():
                 settled = await _settle_run(prep, plan, planned.held, outcome, journal)
     return ApplyReport(
         plan=plan,
@@ -568,15 +571,16 @@ def _plan_at_version(
     store, one says what to fetch from it (`_sharing`: this plan then restores what it
     fetched)."""
     version = OutputFolder(expansion.output_dir).version()
-    held = _owned_state(path, manifest, everything, force=options.force)
-    plan = _plan(
-        expansion,
-        held.mine,
-        options.overwrite_edited,
-        only=only,
-        prices=prices,
-        local=options.local,
-    )
+    with collector_paused():
+        held = _owned_state(path, manifest, everything, force=options.force)
+        plan = _plan(
+            expansion,
+            held.mine,
+            options.overwrite_edited,
+            only=only,
+            prices=prices,
+            local=options.local,
+        )
     return _Planned(plan, held, version, plans)
 
 
