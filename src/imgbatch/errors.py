@@ -6,6 +6,7 @@
     │                             file:line:col, shot id and field (exit code 2)
     ├── ConfigError               bad options or environment: missing key, unknown provider (exit 2)
     │   ├── PaidImagesError       placeholders would replace images a paid provider made
+    │   ├── StoreOnlyError        images kept in a store only, which the run does not name
     │   └── FolderOwnedError      the output folder is another manifest's (--force to share it)
     ├── CostLimitError            the estimated cost exceeds --max-cost: nothing sent (exit 1)
     ├── InspectError              `inspect` of a missing file, a non-PNG or a PNG without

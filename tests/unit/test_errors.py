@@ -17,7 +17,14 @@ from imgbatch.errors import (
 )
 
 # The exit codes the docs list: 2 for input that cannot be run, 1 for everything else.
-USAGE = {"ManifestError", "ConfigError", "PaidImagesError", "InspectError", "FolderOwnedError"}
+USAGE = {
+    "ManifestError",
+    "ConfigError",
+    "PaidImagesError",
+    "InspectError",
+    "FolderOwnedError",
+    "StoreOnlyError",
+}
 
 
 def _all_errors() -> list[type[ImgbatchError]]:
