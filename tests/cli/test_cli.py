@@ -23,6 +23,7 @@ from click.testing import CliRunner, Result
 from PIL import Image
 
 from imgbatch.cli.main import main
+from imgbatch.pacing.learned import QuotaStore
 from tests.support.fake_dashscope import GENERATION_PATH, FakeDashScope
 from tests.support.files import FAKE_KEY, write_manifest, write_many_shots
 from tests.support.virtual_time import VirtualServer
@@ -583,8 +584,11 @@ def test_usage_errors_exit_2_and_send_nothing(
 
 
 def test_with_no_quota_apply_finds_it_says_so_and_remembers_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, user_cache: Path
 ) -> None:
+    """What the pacer settles on for a short run is its own decision (tests/unit/test_pacing.py
+    simulates it): here, that a quota is found from the 429s, no faster than the account's and
+    a fair share of it, said with the pace it found, and remembered as that pace."""
     manifest = write_many_shots(tmp_path, "quota", 16)
     # What is found comes from when the 429s came: on virtual time, the server in the command's
     # own event loop (its asyncio.run), so a loaded machine's late wake-ups cannot change it.
@@ -601,9 +605,18 @@ def test_with_no_quota_apply_finds_it_says_so_and_remembers_it(
     assert_clean(result)
     assert result.exit_code == 0, result.output
     assert throttled >= 1  # the ramp did reach the quota
+    (remembered,) = QuotaStore(user_cache / "imgbatch" / "quotas.json").remembered()
+    found = remembered.learned.window
+    assert remembered.source == "probed" and found is not None
+    assert 0.5 * 5 <= found.rate <= 5  # within the server's 5 a second, and most of it
+    # Said as the pace remembered: a spacing as a rate, a window as its count and period.
+    if found.count == 1 and found.period < 1:
+        pace = f"{1 / found.period:.3g} requests a second, evenly spaced"
+    else:
+        pace = f"{found.count} requests per {found.period:g} s"
     assert (
-        "Quota for qwen-image-max: 5 requests per 1 s (found from the 429s); remembered for the "
-        "next run (--quota overrides it)." in result.stdout
+        f"Quota for qwen-image-max: {pace} (found from the 429s); remembered for the next run "
+        "(--quota overrides it)." in result.stdout
     ), result.stdout
     assert f"{throttled} throttled (429)" in result.stdout
 
