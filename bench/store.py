@@ -32,6 +32,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -71,16 +72,52 @@ def start(
     )
 
 
-def finish(processes: Sequence[subprocess.Popen[str]]) -> tuple[list[dict[str, object]], float]:
-    """Each apply's --json, and the CPU seconds (user + system) all of them used."""
+def finish(
+    processes: Sequence[subprocess.Popen[str]],
+) -> tuple[list[dict[str, object]], float, float]:
+    """Each apply's --json, the CPU seconds (user + system) all of them used, and the seconds
+    each one's event loop spent ready to run with no core free (the kernel's run-queue delay of
+    its main thread; the mean over them)."""
     documents, cpu = [], 0.0
-    for process in processes:
-        out, err = process.communicate()
-        if process.returncode != 0:
-            raise SystemExit(f"apply exited {process.returncode}: {err[-2000:]}")
-        documents.append(json.loads(out))
-        cpu += getattr(process, "cpu", 0.0)
-    return documents, cpu
+    with RunQueueDelay([process.pid for process in processes]) as delay:
+        for process in processes:
+            out, err = process.communicate()
+            if process.returncode != 0:
+                raise SystemExit(f"apply exited {process.returncode}: {err[-2000:]}")
+            documents.append(json.loads(out))
+            cpu += getattr(process, "cpu", 0.0)
+    return documents, cpu, delay.seconds
+
+
+class RunQueueDelay:
+    """Samples `/proc/PID/schedstat` of running processes (a thread, every 0.2 s): how long each
+    one's main thread, its event loop, was ready to run and had no core. `seconds`: the mean over
+    the processes (up to 0.2 s of each one's end is missed)."""
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.pids = pids
+        self.waited: dict[int, float] = {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> RunQueueDelay:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.waited.values()) / max(1, len(self.pids))
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.2):
+            for pid in self.pids:
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    fields = Path(f"/proc/{pid}/schedstat").read_text().split()
+                    self.waited[pid] = int(fields[1]) / 1e9
 
 
 class Measured(subprocess.Popen[str]):
@@ -120,6 +157,12 @@ def child_cpu(pid: int) -> float:
 def own_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def summary(document: dict[str, object]) -> dict[str, int]:
+    found = document["summary"]
+    assert isinstance(found, dict)
+    return found
 
 
 def store_requests(documents: Sequence[dict[str, object]]) -> int:
@@ -165,6 +208,7 @@ class Row:
     throttled: int  # 429s the accounts answered
     per_image: float
     applies_cpu: float  # the imgbatch processes' CPU seconds
+    waited: float  # the seconds each one's event loop was ready to run and had no core (mean)
     servers_cpu: float  # the store server's and the fake accounts' (this process)
     machine_busy: float  # every process on the machine, ours and others'
     assembling: tuple[float, float] | None  # the assembling run's wall time and CPU seconds
@@ -187,21 +231,21 @@ def run_case(
     """Run one row: its processes at once, then its assembling run, if any; measured."""
     busy, cpu, store_cpu = machine_busy()[0], own_cpu(), store_server_cpu()
     started = time.monotonic()
-    documents, applies_cpu = finish(processes())
+    documents, applies_cpu, waited = finish(processes())
     wall = time.monotonic() - started
     servers_cpu = own_cpu() - cpu + store_server_cpu() - store_cpu
     busy = machine_busy()[0] - busy
     assembling = None
     if assemble is not None:
         started = time.monotonic()
-        more, assembling_cpu = finish(assemble())
+        more, assembling_cpu, _ = finish(assemble())
         documents += more
         assembling = (time.monotonic() - started, assembling_cpu)
     ideal = shots / (accounts * QUOTA) + LATENCY
     per_image = store_requests(documents) / shots
-    throttled = sum(int(document["summary"]["throttled"]) for document in documents)  # type: ignore[index]
+    throttled = sum(summary(document)["throttled"] for document in documents)
     return Row(
-        name, wall, ideal, paid(), throttled, per_image, applies_cpu, servers_cpu, busy,
+        name, wall, ideal, paid(), throttled, per_image, applies_cpu, waited, servers_cpu, busy,
         assembling,
     )  # fmt: skip
 
@@ -215,16 +259,16 @@ def print_table(rows: Sequence[Row], shots: int, store: str) -> None:
     print(
         "| run | wall (s) | ideal (s) | ideal/wall | images paid | distinct keys | 429s "
         "| store requests/image | CPU: imgbatch + servers (s) | CPU floor (s) "
-        "| machine busy (core-s) | assembling run (s) |"
+        "| machine busy (core-s) | event loop waiting for a core (s, each) | assembling run (s) |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- |" + " ---: |" * 12)
     for row in rows:
         shown = "-" if row.assembling is None else "{:.1f} (CPU {:.1f})".format(*row.assembling)
         print(
             f"| {row.name} | {row.wall:.1f} | {row.ideal:.1f} | {row.ideal / row.wall:.2f} "
             f"| {row.paid} | {shots} | {row.throttled} | {row.per_image:.1f} "
             f"| {row.applies_cpu:.0f} + {row.servers_cpu:.0f} | {row.floor:.0f} "
-            f"| {row.machine_busy:.0f} | {shown} |"
+            f"| {row.machine_busy:.0f} | {row.waited:.0f} | {shown} |"
         )
 
 
@@ -273,7 +317,9 @@ def main() -> int:
                 store: dict[str, str] = store, folder: Path = folder, accounts: int = accounts,
                 sharded: bool = sharded,
             ) -> list[subprocess.Popen[str]]:  # fmt: skip
-                shard = lambda index: ("--shard", f"{index + 1}/{accounts}") if sharded else ()  # noqa: E731
+                def shard(index: int) -> tuple[str, ...]:
+                    return ("--shard", f"{index + 1}/{accounts}") if sharded else ()
+
                 return [
                     start(path, folder / f"out{index}", store, servers[index], *shard(index))
                     for index in range(accounts)

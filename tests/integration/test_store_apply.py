@@ -21,9 +21,11 @@ import pytest
 from imgbatch.errors import FrozenError
 from imgbatch.pacing.gate import RetryPolicy
 from imgbatch.plan.decide import Action
+from imgbatch.review import sheet as sheet_module
 from imgbatch.review.report import apply_json, apply_summary
 from imgbatch.review.step_summary import apply_markdown
 from imgbatch.run.apply import ApplyOptions, apply, make_plan
+from imgbatch.state import cache as cache_module
 from imgbatch.state.last_run import load_changes
 from tests.conftest import FAKE_KEY, write_many_shots
 from tests.support.fake_dashscope import FakeDashScope
@@ -133,6 +135,38 @@ def test_shards_cover_every_shot_once_and_the_assembling_run_is_identical(
         assert (tmp_path / "all" / "store" / file).read_bytes() == (
             shard / "store" / file
         ).read_bytes()
+
+
+def test_a_restore_from_the_store_decodes_each_image_once(
+    tmp_path: Path,
+    store_env: dict[str, str],
+    fake_server: FakeDashScope,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    manifest = write_many_shots(tmp_path, "store", 4)
+    apply(manifest, machine(store_env, tmp_path / "a"))
+    # Counted, not replaced: the real decoders run. A full decode checks an image (and makes its
+    # thumbnail); check_png inflates one to check it without decoding.
+    calls: list[str] = []
+
+    def counted(module: Any, name: str) -> None:
+        real = getattr(module, name)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    counted(cache_module, "decode_png")
+    counted(cache_module, "check_png")
+    counted(sheet_module, "decode_png")
+    second = apply(manifest, machine(store_env, tmp_path / "b"))
+    assert second.count("from_store") == 4
+    # One decode an image: it checks the blob, and the thumbnail comes from it (a CPU-bound
+    # machine restoring thousands of images pays for each decode).
+    assert sorted(calls) == ["decode_png"] * 4
+    assert len(list((tmp_path / "b" / "store" / ".imgbatch" / "thumbs").rglob("*.webp"))) == 4
 
 
 def test_what_another_run_paid_for_is_from_the_store_not_generated(
