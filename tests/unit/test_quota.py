@@ -141,22 +141,6 @@ def test_ten_a_minute_is_recognised_once_the_shorter_periods_are_refused() -> No
     assert len(tried) <= 10  # 429s that cost no time: each tried before the minute had passed
 
 
-def test_a_span_of_15_to_50_s_refused_is_guessed_a_minute_not_twice_its_length() -> None:
-    """Ten a minute at 16.5 s generations (bench: 10 per 60 s): ten admitted in 2.4 s, two 429s
-    with ten in flight (a cap of 10, or the rate), one more refused when the first answer freed a
-    slot at 16.5 s. Twice that span, 30 s, was tried next and refused too (4 of 64 refused,
-    over the 5% budget); a few requests per a span that long are most often a minute's."""
-    estimator = QuotaEstimator()
-    account = Account(estimator)
-    first = [0.0, 0.552, 1.103, 1.655, 1.931, 2.07, 2.208, 2.278, 2.347, 2.417]
-    for at in first:
-        account.send(at, refused=False)
-    account.send(2.486, refused=True)
-    account.send(2.736, refused=True)
-    account.send(16.504, refused=True)  # nine in flight: not the cap of 10
-    assert estimator.window == Quota(10, 60.0)
-
-
 def test_even_spacing_is_narrowed_between_the_gap_refused_and_the_gap_admitted() -> None:
     """A token bucket of 2 a second without a burst: 0.55 s gaps admitted, 0.275 s refused."""
     estimator = QuotaEstimator()

@@ -778,10 +778,6 @@ def _guess_above(lower: float) -> float:
     """A period to try after a span of `lower` seconds was refused: the longest round period
     up to twice as long (a 429 there grows the span that much again, so a few 429s find any
     period; one admitted is narrowed down), else the next round one half as long again."""
-    if 1.2 * lower < _MINUTE <= 4 * lower:
-        # (Quotas of a few requests are most often a minute's: a span refused of 15 to 50 s
-        # guessed at twice its length, 30 s, is refused once more on the way to it.)
-        return _MINUTE
     within = [p for p in ROUND_PERIODS if 1.2 * lower < p <= 2 * lower]
     return float(within[-1]) if within else _round_above(1.5 * lower)
 
