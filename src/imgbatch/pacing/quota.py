@@ -27,9 +27,9 @@ How a quota is found when nothing is known (no `--quota`/`--rps`, no stated or l
   K, P lies between the longest span refused and the shortest span admitted, whatever its
   length. The fastest K that fits is enforced at the shortest admitted span; a K no admitted
   span bounds yet is guessed (the period believed before, else the longest round period up to
-  twice the span refused, or a minute for a span of 15 to 50 s): a wrong guess is refused at
-  once, costing a 429 and no time. A 429 of a request sent before the last 429 came back is
-  of the same overshoot, and changes nothing (TCP slows down once per window of losses). The
+  twice the span refused): a wrong guess is refused at once, costing a 429 and no time. A 429
+  of a request sent before the last 429 came back is of the same overshoot, and changes
+  nothing (TCP slows down once per window of losses). The
   first 429 of the doubling rate is fitted as a token bucket full at the start with a second of
   its rate saved up, or as the whole count admitted in a window: the faster windows that fit
   there are the doubling's own pattern, and each tried would be a 429.
