@@ -29,10 +29,10 @@ How a quota is found when nothing is known (no `--quota`/`--rps`, no stated or l
   span bounds yet is guessed (the period believed before, else the longest round period up to
   twice the span refused): a wrong guess is refused at once, costing a 429 and no time. A 429
   of a request sent before the last 429 came back is of the same overshoot, and changes
-  nothing (TCP slows down once per window of losses). The
-  first 429 of the doubling rate is fitted as a token bucket full at the start with a second of
-  its rate saved up, or as the whole count admitted in a window: the faster windows that fit
-  there are the doubling's own pattern, and each tried would be a 429.
+  nothing (TCP slows down once per window of losses). The first 429 of the doubling rate is
+  fitted as a token bucket full at the start with a second of its rate saved up, or as the
+  whole count admitted in a window: the faster windows that fit there are the doubling's own
+  pattern, and each tried would be a 429.
 * **One request tells two beliefs apart.** The gentle opening's third refused with two in
   flight is a cap of 2, or 2 per some period: the next request goes alone, with fewer in flight,
   when a window of twice the opening (3 s) would have let it. Admitted, the window is that short
