@@ -126,14 +126,17 @@ def test_ten_a_minute_is_recognised_once_the_shorter_periods_are_refused() -> No
     for at in first:
         account.send(at, refused=False, latency=0.5)
     account.send(2.6, refused=True, latency=0.5)  # none in flight: not a cap
-    tried = []
+    tried, now = [], 2.604
     for _ in range(12):
         window = estimator.window
         tried.append(window.period)
         at = first[-window.count] + window.period if window.count <= 10 else 2.6 + window.period
         if window.count == 10 and window.period >= 60:
             break
+        # (Never before the last 429 came back: the gate's clock goes forward.)
+        at = max(at, now)
         account.send(at, refused=True, latency=0.5)
+        now = at + 0.004
     assert estimator.window == Quota(10, 60.0)
     assert len(tried) <= 10  # 429s that cost no time: each tried before the minute had passed
 
@@ -356,6 +359,27 @@ def test_the_first_429_of_the_doubling_rate_is_a_token_buckets_rate_not_its_patt
     estimator.refused(refused, 2.4205)
     assert 3.3 < estimator.window.rate < 4.2
     assert estimator.cap is None
+
+
+def test_429s_of_requests_sent_before_the_first_came_back_slow_down_once() -> None:
+    """A bucket of 100 a second passed at 900 a second (bench: 100/s burst 100 with a faster
+    ramp): the requests already on their way when the first 429 came back are refused too,
+    by the same overshoot. Each used to be taken as a new 429 under the rate just fitted, and
+    halved it again: 12 429s took 100 a second down to 1.66 a second. As TCP's congestion
+    control halves once per window of losses, they change nothing."""
+    estimator = QuotaEstimator()
+    times = [0.0, 0.5516, 1.103] + [1.2 + index / 900 for index in range(150)]
+    for index, at in enumerate(times):
+        estimator.sent(at, min(index, 40))
+    first = estimator.sent(1.37, 40)
+    estimator.refused(first, 1.374)
+    fitted = estimator.window
+    assert fitted.rate > 50
+    for offset in (0.001, 0.002, 0.003):  # sent before 1.374, refused after it
+        late = estimator.sent(1.37 + offset, 40)
+        estimator.refused(late, 1.374 + offset)
+    assert estimator.window == fitted
+    assert estimator.refusals == 4  # (each still counts against the run's budget of 429s)
 
 
 def test_a_new_statement_is_believed_over_what_the_old_quota_admitted() -> None:

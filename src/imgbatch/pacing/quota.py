@@ -27,10 +27,12 @@ How a quota is found when nothing is known (no `--quota`/`--rps`, no stated or l
   K, P lies between the longest span refused and the shortest span admitted, whatever its
   length. The fastest K that fits is enforced at the shortest admitted span; a K no admitted
   span bounds yet is guessed (the period believed before, else the longest round period up to
-  twice the span refused): a wrong guess is refused at once, costing a 429 and no time. The
-  first 429 of the doubling rate is fitted as a token bucket full at the start with a second of
-  its rate saved up, or as the whole count admitted in a window: the faster windows that fit
-  there are the doubling's own pattern, and each tried would be a 429.
+  twice the span refused): a wrong guess is refused at once, costing a 429 and no time. A 429
+  of a request sent before the last 429 came back is of the same overshoot, and changes
+  nothing (TCP slows down once per window of losses). The first 429 of the doubling rate is
+  fitted as a token bucket full at the start with a second of its rate saved up, or as the
+  whole count admitted in a window: the faster windows that fit there are the doubling's own
+  pattern, and each tried would be a 429.
 * **One request tells two beliefs apart.** The gentle opening's third refused with two in
   flight is a cap of 2, or 2 per some period: the next request goes alone, with fewer in flight,
   when a window of twice the opening (3 s) would have let it. Admitted, the window is that short
@@ -213,6 +215,7 @@ class QuotaEstimator:
         self._hint_from = 0  # the first request sent under the stated or learned window
         self._cap_gap = math.inf  # the gap before the request of the last 429 a cap may explain
         self._refusal_time = 0.0  # the longest a 429 took to come back
+        self._answered_429_at = -math.inf  # when the last 429 acted on came back
 
     @property
     def found(self) -> bool:
@@ -348,6 +351,11 @@ class QuotaEstimator:
                 self._set_cap(send.in_flight, at, confirm=True)
             return
         probe = self._probe
+        if send.at < self._answered_429_at and (probe is None or probe.send_id != send_id):
+            # Sent before the last 429 came back: refused by the same overshoot, which that
+            # 429 has already slowed down for (as TCP halves once per window of losses).
+            return
+        self._answered_429_at = at
         self._probe = None
         if probe is not None and probe.send_id == send_id:
             # The faster window was one too far: back to the one that held.
@@ -365,29 +373,32 @@ class QuotaEstimator:
             if self.refusals == 1 and not self.cap_confirmed:
                 self._probe_window_or_cap()
             return
-        if (proven or self._settling or self.source == "learned") and self.source in (
-            "probed",
-            "learned",
-        ):
-            # A window that held was refused: the quota changed (or another client shares it).
-            # What the service just admitted in one period is the count now; what came before
-            # is set aside.
-            window = self.window
-            admitted = self._admitted_before(send, window, slack=1.0)
-            if admitted >= window.count and since is not None and send.at < since:
-                return  # sent before the window was narrowed to what refuses it
-            if 1 <= admitted < window.count:
-                # (Halved at the first 429: the count just admitted includes what came before.)
-                count = admitted if self._settling else min(admitted, max(1, window.count // 2))
-                self.window, self.source = Quota(count, window.period), "probed"
-                self._epoch = max(self._epoch, send.at - window.period)
-                self._settling = True  # until a request under the new count is admitted
-                return
+        if (proven or self._settling or self.source == "learned") and self._changed(send, since):
+            return
         self._settling = False
         if hinted:
             self._hint_wrong, self._disproved = True, self.window
         self._ramping = False
         self.window, self.source = self._fit() or self._fallback(), "probed"
+
+    def _changed(self, send: _Send, since: float | None) -> bool:
+        """A window that held (since `since`) was refused by `send`: the quota changed (or
+        another client shares it). What the service just admitted in one period is the count
+        now; what came before is set aside. True when that settled the 429."""
+        if self.source not in ("probed", "learned"):
+            return False
+        window = self.window
+        admitted = self._admitted_before(send, window, slack=1.0)
+        if admitted >= window.count and since is not None and send.at < since:
+            return True  # sent before the window was narrowed to what refuses it
+        if not 1 <= admitted < window.count:
+            return False
+        # (Halved at the first 429: the count just admitted includes what came before.)
+        count = admitted if self._settling else min(admitted, max(1, window.count // 2))
+        self.window, self.source = Quota(count, window.period), "probed"
+        self._epoch = max(self._epoch, send.at - window.period)
+        self._settling = True  # until a request under the new count is admitted
+        return True
 
     def _probe_window_or_cap(self) -> None:
         """The first 429 came with as many in flight as were ever admitted plus one: a cap of
