@@ -1,7 +1,8 @@
 """Reading untrusted image bytes as PNG, and only as PNG (and the provenance chunks in them).
 
 Takes bytes (or a file) that a server sent, a pull request committed or a cache holds; gives the
-decoded image, or raises `ImageError` saying what the bytes are instead (a JPEG, an EPS, HTML...).
+decoded image, or raises `ImageError` saying what the bytes are instead (a JPEG, an EPS, HTML...:
+`WrongImageError`, as is a PNG of another size than asked for: whole bytes, not damaged ones).
 
 Pillow, left to guess, opens any format it knows, and some of them hand the bytes to another
 program: an EPS makes it run Ghostscript. So nothing here lets it guess: the PNG signature and
@@ -24,7 +25,7 @@ prove with it that a file is one imgbatch wrote before they delete or replace it
     >>> png_dimensions(b"%!PS-Adobe-3.0 EPSF-3.0", "downloaded bytes")
     Traceback (most recent call last):
     ...
-    imgbatch.errors.ImageError: downloaded bytes are a PostScript (EPS) document, not a PNG image...
+    imgbatch.errors.WrongImageError: downloaded bytes are a PostScript (EPS) document, not a PNG...
 """
 
 from __future__ import annotations

@@ -356,3 +356,27 @@ def test_results_keep_updated_at_and_the_file_while_nothing_else_changes(
     # An orphan is a change: the time moves.
     save([result("old")], "2026-03-03T00:00:00+00:00")
     assert json.loads(path.read_text())["updated_at"] == "2026-03-03T00:00:00+00:00"
+
+
+@pytest.mark.parametrize("stamp", ["zzz, edited by hand", "9999-12-31T00:00:00+00:00"])
+def test_a_hand_edited_made_at_never_becomes_updated_at(
+    stamp: str, api_env: dict[str, str], fake_server: FakeDashScope, example_manifest: Path
+) -> None:
+    # results.json edited by hand (or a teammate's commit) is imported: a made_at that is no
+    # time imgbatch writes, or one far in the future, must not head the file as its updated_at
+    # (it was the newest by string order, and stayed so for good).
+    assert run("apply", example_manifest, *FAST).exit_code == 0
+    path = results_file(example_manifest)
+    document = json.loads(path.read_text(encoding="utf-8"))
+    document["shots"][0]["made_at"] = stamp
+    path.write_text(json.dumps(document, indent=2), encoding="utf-8")
+
+    def reprompt(doc: dict[str, Any]) -> None:
+        doc["shots"][2]["prompt"] += ", seen from above"
+
+    edit_manifest(example_manifest, reprompt)
+    result = run("apply", example_manifest, *FAST)
+    assert result.exit_code == 0, result.output
+    after = json.loads(path.read_text(encoding="utf-8"))
+    assert after["updated_at"] == after["shots"][2]["made_at"]
+    assert after["updated_at"] != stamp

@@ -66,3 +66,30 @@ def test_a_remembered_quota_no_service_would_mean_is_not_where_a_run_starts(
     store.path.write_text(json.dumps(records))
     assert store.load(ACCOUNT, ["qwen-image-max"]) == {}
     assert "qwen-image-max" not in run("quota", "show").output
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"count": "Infinity", "period": 60},
+        {"cap": "Infinity"},
+        {"count": 5, "period": 60, "saved_at": 10**17},
+        {"count": 5, "period": 60, "saved_at": -(10**17)},
+    ],
+    ids=["infinite count", "infinite cap", "saved in year 3e9", "saved before year 1"],
+)
+def test_a_hostile_quota_store_is_a_head_start_lost_never_a_crash(
+    fields: dict[str, object], store: QuotaStore
+) -> None:
+    # quotas.json is JSON as Python reads it: `Infinity` parses, and int() of it overflowed,
+    # crashing every apply of that account (and `quota show`), as did a saved_at no date has.
+    records = json.loads(store.path.read_text())
+    records[f"{ACCOUNT} qwen-image-max"] = {"source": "probed", **fields}
+    text = json.dumps(records).replace('"Infinity"', "Infinity")
+    store.path.write_text(text)
+    learned = store.load(ACCOUNT, ["qwen-image-max", "qwen-image-plus"])
+    assert "qwen-image-plus" in learned  # the other record still counts
+    result = run("quota", "show")
+    assert result.exit_code == 0, result.output
+    assert "qwen-image-plus  2/60s" in result.output
+    assert "unexpected" not in result.output

@@ -10,6 +10,7 @@ through a read-only store; and it lists, never HEADs each object.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import re
@@ -306,3 +307,37 @@ def test_a_writer_racing_gc_never_leaves_a_record_without_its_blob(
                 return str(json.loads(found.data)["sha256"])
 
         assert f"cas/{asyncio.run(named())}" in stored, name
+
+
+def test_older_than_never_deletes_an_image_kept_only_in_the_store(
+    tmp_path: Path, store_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    # A folder applied with --no-local-copy has its images in the store only: gc for that very
+    # manifest must not delete their records and blobs, however old (the images would be lost,
+    # the sheet's links dead, and the next apply would pay for each of them again).
+    lighthouse = shot_list(tmp_path, "lighthouse", "a lighthouse")
+    folder = tmp_path / "out-lighthouse"
+    options = ApplyOptions(
+        retry=FAST_RETRY,
+        environ={**store_env, "OUTPUT_DIR": str(folder)},
+        home=Path(store_env["HOME"]),
+        rps=1000.0,
+        quota_store=False,
+        no_local_copy=True,
+    )
+    assert apply(lighthouse, options).ok
+    assert (folder / "lighthouse" / "results.json").is_file()
+    assert not list((folder / "lighthouse").glob("*.png"))
+    before = names(store_env)
+    time.sleep(1.1)  # the store's clock counts whole seconds: past --older-than 0s
+    environ = {**store_env, "OUTPUT_DIR": str(folder)}
+    result = gc(environ, lighthouse, "--older-than", "0s", "--grace", "0s", "--yes")
+    assert result.exit_code == 0, result.output
+    assert {n for n in names(store_env) if n.startswith(("ac/", "cas/"))} == {
+        n for n in before if n.startswith(("ac/", "cas/"))
+    }
+    paid = fake_server.generation_count
+    back = apply(lighthouse, dataclasses.replace(options, no_local_copy=False))
+    assert back.ok, back  # the images come back from the store, unpaid
+    assert fake_server.generation_count == paid
+    assert len(list((folder / "lighthouse").glob("*.png"))) == 2

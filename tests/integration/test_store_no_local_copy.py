@@ -238,3 +238,25 @@ def test_an_image_restored_from_the_local_cache_goes_to_the_store_only_too(
     assert all(entry["local_copy"] is False for entry in entries(output).values())
     # One lookup of each record, no blob read (the store already had them all).
     assert document["store"]["requests"] == {"get": SHOTS}
+
+
+def test_gc_and_prune_have_nothing_local_to_delete_and_keep_the_thumbnails(
+    tmp_path: Path, store_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    manifest = write_many_shots(tmp_path, "nolocal", SHOTS)
+    output = tmp_path / "output" / "nolocal"
+    apply_json(store_env, manifest, "--no-local-copy")
+    thumbs = sorted((output / ".imgbatch" / "thumbs").rglob("*.webp"))
+    collected = run(store_env, "gc", manifest, "--yes")
+    assert collected.exit_code == 0, collected.output
+    assert "Nothing to collect: every file is referred to by the results." in collected.output
+    assert f"Store {store_env['IMGBATCH_STORE']}: nothing to collect" in collected.output
+    assert sorted((output / ".imgbatch" / "thumbs").rglob("*.webp")) == thumbs
+    # A shot dropped from the list: --prune drops its entry (no file to remove), the store
+    # keeps its image (gc --store collects it by its own rules).
+    dropped = '  - id: shot-003\n    prompt: "a lighthouse, take 3"\n'
+    manifest.write_text(manifest.read_text().replace(dropped, ""))
+    _, pruned = apply_json(store_env, manifest, "--no-local-copy", "--prune")
+    assert "shot-003" not in entries(output)
+    assert [item["reason"] for item in pruned["pruned"]] == ["its file was already gone"]
+    assert pngs(output) == []

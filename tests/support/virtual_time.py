@@ -10,9 +10,10 @@ exact to a microsecond, however loaded the machine. The same idea as aiolimiter'
 `MockLoopTime`, for a whole run.
 
 Real I/O takes no virtual time: the clock moves only when nothing is ready to read or write.
-Between two processes' sockets on 127.0.0.1 the kernel hands bytes over within the sending
-call, so "nothing ready" means everyone waits on a timer; `settle` (real seconds) is how long
-the loop still listens before it believes that, in case the kernel handed something over late.
+Between two sockets on 127.0.0.1 (the server's and the client's, in this one loop) the kernel
+hands bytes over within the sending call, so "nothing ready" means everyone waits on a timer;
+`settle` (real seconds) is how long the loop still listens before it believes that, in case the
+kernel handed something over late.
 """
 
 from __future__ import annotations

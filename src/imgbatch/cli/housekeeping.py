@@ -85,7 +85,7 @@ def gc_command(
     """List the cached images, thumbnails and files in the manifests' output folders that no
     results refer to, with their total size, and with a store what its policy lets go; --yes
     deletes them."""
-    from imgbatch.housekeeping.gc import collect_garbage
+    from imgbatch.housekeeping.gc import collect_garbage, kept_in_store_only
     from imgbatch.housekeeping.store_gc import StorePolicy, collect_store, store_for_gc
 
     if yes and dry_run:
@@ -95,7 +95,15 @@ def gc_command(
         store, os.environ, manifests, allow_reference_outside=allow_reference_outside
     )
     # The store first: a store refused (read-only, unreachable) leaves the folders as they are.
-    policy = StorePolicy(older_than=older_than, grace=grace)
+    # An image a folder keeps in the store only (--no-local-copy) has no other copy: it stays.
+    keep = (
+        kept_in_store_only(manifests, os.environ, allow_reference_outside)
+        if target is not None
+        else (frozenset(), frozenset())
+    )
+    policy = StorePolicy(
+        older_than=older_than, grace=grace, keep_records=keep[0], keep_blobs=keep[1]
+    )
     shared = (
         collect_store(
             target[0], os.environ, policy, delete=delete, read_only=store_read_only, base=target[1]

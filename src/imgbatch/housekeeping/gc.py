@@ -118,6 +118,27 @@ def collect_garbage(
     return Collection(items, deleted=True)
 
 
+def kept_in_store_only(
+    manifests: Sequence[ManifestSource],
+    environ: Mapping[str, str] | None = None,
+    allow_reference_outside: bool = False,
+) -> tuple[frozenset[str], frozenset[str]]:
+    """The request keys and the SHA-256s of the images the manifests' folders keep in a store
+    only (`apply --no-local-copy`: an entry whose `local_copy` is false): `gc --store` keeps
+    their records and blobs whatever their age, since the store holds their only copy."""
+    keys: set[str] = set()
+    blobs: set[str] = set()
+    for folder in _folders(manifests, environ, allow_reference_outside):
+        if not folder.output_dir.is_dir():
+            continue
+        for entry in OutputFolder(folder.output_dir).load().entries.values():
+            if entry.local_copy is False:
+                keys.add(entry.key)
+                if entry.sha256:
+                    blobs.add(entry.sha256)
+    return frozenset(keys), frozenset(blobs)
+
+
 def _mark_changed(folders: Sequence[_Folder], items: Sequence[Garbage]) -> None:
     """Before deleting, under the locks: each folder that loses something is marked changed,
     so that an apply that planned before taking its lock plans again (`OutputFolder.version`).

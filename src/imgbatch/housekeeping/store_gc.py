@@ -12,6 +12,8 @@ manifest does not name is never a reason to delete anything. The policy:
 * a record (`ac/<key>`) goes only on request: `older_than`, by the record's last write (the
   store's clock). Its blob then goes with it when no other record names it and the blob is past
   the grace period, else at a later gc;
+* never, whatever its age, the record or blob of an image the manifests' folders keep in the
+  store only (`apply --no-local-copy`): the store holds its only copy;
 * a claim goes once it is stale (not renewed within its lease), taken over first with If-Match
   so that a holder renewing it at that moment keeps it, then removed. A stale claim that holds
   a paid image's URL stays until that URL expires (whoever takes it over fetches the image
@@ -66,11 +68,14 @@ def parse_age(text: str) -> float:
 class StorePolicy:
     """What `gc --store` may delete: records older than `older_than` (None: none at all),
     orphan blobs and probes older than `grace`, claims stale after their lease (at most
-    `lease`)."""
+    `lease`). Never the records of `keep_records` (request keys) nor the blobs of `keep_blobs`
+    (SHA-256s): the images the manifests' folders keep in the store only."""
 
     older_than: float | None = None
     grace: float = DEFAULT_GRACE
     lease: float | None = None
+    keep_records: frozenset[str] = frozenset()
+    keep_blobs: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,12 +171,20 @@ async def _find(objects: ObjectStore, policy: StorePolicy, lease: float) -> Stor
     )
     records = [item for item in records if _HEX64.fullmatch(item.name.removeprefix("ac/"))]
     old = policy.older_than
-    doomed = [item for item in records if old is not None and item.age > old]
+    doomed = [
+        item
+        for item in records
+        if old is not None
+        and item.age > old
+        and item.name.removeprefix("ac/") not in policy.keep_records
+    ]
     items = [StoreGarbage(r.name, r.size, r.age, "record older than --older-than") for r in doomed]
     candidates = [
         item
         for item in blobs
-        if _HEX64.fullmatch(item.name.removeprefix("cas/")) and item.age > policy.grace
+        if _HEX64.fullmatch(sha := item.name.removeprefix("cas/"))
+        and item.age > policy.grace
+        and sha not in policy.keep_blobs
     ]
     if candidates:
         gone = {item.name for item in doomed}

@@ -107,7 +107,7 @@ class QuotaStore:
                     model,
                     learned,
                     str(record.get("source", "probed")),
-                    saved_at if isinstance(saved_at, int) else None,
+                    saved_at if _a_date(saved_at) else None,
                 )
             )
         return found
@@ -136,6 +136,16 @@ class QuotaStore:
         return data if isinstance(data, dict) else {}
 
 
+def _a_date(saved_at: Any) -> bool:
+    """Whether `saved_at` is seconds since the epoch that a date can show (year 1970 to 9999):
+    a hand-edited one is shown as unknown, not a crash."""
+    return type(saved_at) is int and 0 <= saved_at < _YEAR_10000
+
+
+# 10000-01-01T00:00:00Z, in seconds since the epoch.
+_YEAR_10000 = 253_402_300_800
+
+
 def _key(account: str, model: str) -> str:
     return f"{account} {model}"
 
@@ -150,6 +160,6 @@ def _parse(record: Mapping[str, Any]) -> Learned | None:
             # version) is not where a run starts.
             window = window if plausible(window) else None
         cap = int(cap) if cap is not None and int(cap) >= 1 else None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: JSON's Infinity, as int
         return None
     return Learned(window, cap) if window is not None or cap is not None else None

@@ -122,7 +122,6 @@ class _Send:
     in_flight: int  # others in flight when it was sent
     refused: bool = False
     answered: bool = False
-    answered_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -213,6 +212,7 @@ class QuotaEstimator:
         self._opening_refused = False  # the first 429 came within the gentle opening
         self._hint_from = 0  # the first request sent under the stated or learned window
         self._cap_gap = math.inf  # the gap before the request of the last 429 a cap may explain
+        self._refusal_time = 0.0  # the longest a 429 took to come back
 
     @property
     def found(self) -> bool:
@@ -340,7 +340,7 @@ class QuotaEstimator:
         if send is None:
             return
         send.refused = True
-        send.answered_at = at
+        self._refusal_time = max(self._refusal_time, at - send.at)
         if self.given is not None:
             # The window is right (or shared with other clients of the account): only a cap
             # can be new.
@@ -671,6 +671,8 @@ class QuotaEstimator:
 
     def _admit_pending(self, now: float) -> None:
         """Requests still in flight long after a 429 would have come back were admitted."""
+        if self._max_admitted_in_flight > MAX_CAP:
+            return  # (no cap is fitted past MAX_CAP: more admitted together changes nothing)
         wait = self._refusal_wait()
         # (The latest few hundred: older ones were answered long since.)
         for index in range(len(self._sends) - 1, max(len(self._sends) - 256, 0) - 1, -1):
@@ -680,11 +682,7 @@ class QuotaEstimator:
 
     def _refusal_wait(self) -> float:
         """How long after a request its 429 would have come back (twice the slowest seen)."""
-        refusal_time = max(
-            (s.answered_at - s.at for s in self._sends if s.refused and s.answered_at),
-            default=0.0,
-        )
-        return 2 * refusal_time + 0.1
+        return 2 * self._refusal_time + 0.1
 
     def _evidence(self) -> list[_Send]:
         """The latest sends since the quota last changed, oldest first."""

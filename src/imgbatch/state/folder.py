@@ -36,9 +36,11 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import stat
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -330,10 +332,7 @@ class OutputFolder:
         Its `updated_at` is the newest entry's `made_at`: a time of the data, so that two runs
         that end with the same entries (an assembling run, a plain apply) write the same bytes.
         Only entries older than `made_at` leave `now` (the run's time) as the time of a change."""
-        newest = max(
-            (entry.made_at for entry in (*entries, *orphans) if entry.made_at), default=None
-        )
-        now = newest or now
+        now = newest_made_at((*entries, *orphans), now) or now
         last = before.rendered
         if last.updated_at is not None:
             kept_meta = {**meta, "updated_at": last.updated_at}
@@ -433,4 +432,32 @@ def _regular(path: Path) -> bool:
     try:
         return stat.S_ISREG(path.lstat().st_mode)
     except OSError:
+        return False
+
+
+# A time as imgbatch stamps `made_at` (`run.entries.made_now`): UTC, to the second, so that
+# string order is time order.
+_MADE_AT = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00")
+# Machines' clocks differ: a made_at up to this far after the run's time is believed.
+_SKEW = timedelta(days=1)
+
+
+def newest_made_at(entries: Iterable[ResultEntry], now: str) -> str | None:
+    """The newest `made_at` of `entries` that is a time as imgbatch writes it and no more than
+    a day after `now` (the run's time, as `made_at` is written), or None. A hand-edited one
+    (any text, a year 9999) is left out: by string order it headed results.json as its
+    `updated_at`, and stayed there for good."""
+    stamps = {entry.made_at for entry in entries if entry.made_at}
+    newest = max(stamps, default=None)
+    if newest is None or _believable(newest, now):
+        return newest  # the usual case: one max over the entries, no time parsed but one
+    return max((stamp for stamp in stamps if _believable(stamp, now)), default=None)
+
+
+def _believable(stamp: str, now: str) -> bool:
+    if type(stamp) is not str or not _MADE_AT.fullmatch(stamp):
+        return False
+    try:
+        return datetime.fromisoformat(stamp) <= datetime.fromisoformat(now) + _SKEW
+    except ValueError:  # 2026-02-30 and the like
         return False
