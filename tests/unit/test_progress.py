@@ -27,7 +27,7 @@ from click.testing import CliRunner, Result
 from imgbatch.cli.main import main
 from imgbatch.errors import RateLimited, TransientError
 from imgbatch.review.console import Verbosity, console_for
-from imgbatch.review.events import Retrying
+from imgbatch.review.events import FromStore, Retrying
 from imgbatch.review.progress import Progress, bar_counts
 from imgbatch.state.results import ResultEntry
 from tests.support.fake_dashscope import FakeDashScope
@@ -282,6 +282,15 @@ def test_the_plain_line_counts_any_status_429s_and_says_time_left() -> None:
     assert stream.getvalue() == "failed c: 400 InvalidParameter: bad size\n"
     progress.close()
     assert stream.getvalue().splitlines()[-1].startswith("[3/4] 1 generated, 1 not_run, 1 failed")
+
+
+def test_another_runs_image_restored_from_the_store_counts_as_from_store() -> None:
+    progress = Progress(io.StringIO(), interval=3600)
+    progress.start(2)
+    progress(FromStore("a"))
+    progress(entry("a", "generated"))  # its maker's entry: generated, by another run
+    progress(entry("b", "generated"))
+    assert progress.status().startswith("[2/2] 1 generated, 1 from_store, 0 failed")
 
 
 def test_quiet_shows_no_progress_line_even_at_the_end() -> None:

@@ -64,5 +64,13 @@ class Pacing:
     cap: int | None  # requests in progress at most, once confirmed
 
 
-RunEvent = ResultEntry | Retrying | Notice | Stopping | Pacing
+@dataclass(frozen=True)
+class FromStore:
+    """The shot's result, which comes next, is an image restored from the shared store: made,
+    and paid for, by another run (its entry is its maker's, `generated`)."""
+
+    shot_id: str
+
+
+RunEvent = ResultEntry | Retrying | Notice | Stopping | Pacing | FromStore
 Listener = Callable[[RunEvent], None]

@@ -33,7 +33,7 @@ from rich.text import Text
 
 from imgbatch.errors import NoImageError, RateLimited
 from imgbatch.review.console import Verbosity, console_for, counted, styled
-from imgbatch.review.events import Notice, Pacing, Retrying, RunEvent, Stopping
+from imgbatch.review.events import FromStore, Notice, Pacing, Retrying, RunEvent, Stopping
 from imgbatch.state.results import ResultEntry
 
 if TYPE_CHECKING:
@@ -74,6 +74,7 @@ class Progress:
         self.live = _isatty(self.stream) and self.console.is_interactive
         self.total = 0
         self.statuses: Counter[str] = Counter()
+        self._from_store: set[str] = set()  # shots whose result is another run's image
         self.retries = self.throttled = 0
         self.pacing: dict[str, str] = {}  # by model: the quota in force and where it came from
         self.started: float | None = None
@@ -116,20 +117,24 @@ class Progress:
                 self.pacing[event.model] = pacing_text(event)
                 if self.verbosity is Verbosity.VERBOSE:
                     self._say(Text(f"{event.model}: {self.pacing[event.model]}", style="dim"))
+            elif isinstance(event, FromStore):
+                self._from_store.add(event.shot_id)
             elif isinstance(event, Stopping):
                 # Said at once and at every verbosity: the user is waiting for an answer.
                 self._say(Text(stopping_line(event), style="yellow"), always=True)
             self._update_bar()
 
     def _finished(self, entry: ResultEntry) -> None:
-        self.statuses[entry.status] += 1
+        # Another run's image, restored from the store: as the run's report counts it.
+        status = "from_store" if entry.id in self._from_store else entry.status
+        self.statuses[status] += 1
         if entry.status in ("failed", "unfetched"):
             # Errors are shown at every verbosity: --quiet means "only what went wrong". An
             # image billed but not downloaded is one too (its URL is kept for the next apply).
             failure = f"{entry.status} {entry.id}: {entry.error}"
             self._say(Text(failure, style="red"), always=True)
         elif self.verbosity is Verbosity.VERBOSE:
-            line = styled(entry.status, f"{entry.status:<9}")
+            line = styled(status, f"{status:<9}")
             line.append(f" {entry.id}")
             if entry.file:
                 line.append(f"  {entry.file}", style="dim")

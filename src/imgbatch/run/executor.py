@@ -71,7 +71,7 @@ from imgbatch.errors import (
 from imgbatch.pacing.gate import Clock, Finding, Gate, Pacer, RetryPolicy
 from imgbatch.plan.decide import WORK_ACTIONS, Action, Plan, PlannedShot, aside_path
 from imgbatch.providers import Provider, Sink
-from imgbatch.review.events import Listener, Notice, Pacing, Retrying, Stopping
+from imgbatch.review.events import FromStore, Listener, Notice, Pacing, Retrying, Stopping
 from imgbatch.review.provenance import Provenance, Stamper
 from imgbatch.run.bounds import Bound, Tally
 from imgbatch.run.entries import (
@@ -388,6 +388,12 @@ class Executor:
         self.outcome.billed_models[model] += 1
         self.outcome.billed_shots.add(shot_id)
 
+    def _from_store(self, shot_id: str) -> None:
+        """The shot's image, about to be recorded, is another run's, restored from the store."""
+        self.outcome.from_store.add(shot_id)
+        if self.listener:
+            self.listener(FromStore(shot_id))
+
     def _skip(self, shot_id: str, reason: str, *, maybe_billed: bool = False) -> None:
         """`shot_id` is not run: no entry, nothing journaled; its previous state stands.
         `maybe_billed`: it was sent and its answer lost, so the service may have billed it."""
@@ -594,7 +600,7 @@ class Executor:
             self._write_failed(shot, exc, 0, kept="its image stays in the cache for the next apply")
             return
         if checked is not None:
-            self.outcome.from_store.add(shot.id)  # its bytes came from the store, this run
+            self._from_store(shot.id)  # its bytes came from the store, this run
         shared = self.shared.entry_for(shot, digest, size) if self.shared else None
         if shared is not None and not (previous is not None and previous.key == key):
             # Made by another process sharing the store: its maker's provenance, as this shot.
@@ -898,7 +904,7 @@ class Executor:
         except StoreWriteError as exc:
             self._write_failed(shot, exc, 0, kept="its image stays in the shared store")
             return True
-        self.outcome.from_store.add(shot.id)
+        self._from_store(shot.id)
         entry = self.shared.entry_for(shot, found.record.sha256, found.record.size)
         if entry is None:
             width, height = shot.request.dimensions
