@@ -2,6 +2,7 @@
 
     python bench/sim_pacer.py            # every shape, quota unknown, given and stated
     python bench/sim_pacer.py --quick    # the new shapes only, not the 1,500-shot rows
+    python bench/sim_pacer.py --only "bucket 25/s"   # the rows whose account reads so
 
 The simulation is `tests/support/quota_sim.py`: imgbatch's own `apply_async` (manifest, plan,
 executor, gate, estimator, journal) with a fake provider whose account is a counted window, a token
@@ -97,8 +98,10 @@ def remembered(folder: Path, quota: Quota) -> Path:
     return path
 
 
-def shape_rows(rows: list[tuple[Account, float, int]]) -> None:
+def shape_rows(rows: list[tuple[Account, float, int]], only: str) -> None:
     for account, latency, shots in rows:
+        if only not in account.describe():
+            continue
         runs: list[tuple[str, Account, ApplyOptions | None]] = [("unknown", account, None)]
         options = given(account)
         if options is not None:
@@ -111,9 +114,11 @@ def shape_rows(rows: list[tuple[Account, float, int]]) -> None:
             print(row(account, latency, shots, how, result), flush=True)
 
 
-def changed_rows() -> None:
+def changed_rows(only: str) -> None:
     for account, latency, shots, raised in CHANGED:
         assert account.change is not None
+        if only not in account.describe():
+            continue
         for how, simulated in (("unknown", account), ("stated", replace(account, states=True))):
             result = simulate(simulated, latency, shots)
             lag = result.followed_in(account.change, raised=raised)
@@ -122,8 +127,10 @@ def changed_rows() -> None:
             print(row(account, latency, shots, how, result)[:-2] + f"; {note} |", flush=True)
 
 
-def remembered_rows() -> None:
+def remembered_rows(only: str) -> None:
     for account, latency, shots, quota in REMEMBERED:
+        if only not in account.describe():
+            continue
         with tempfile.TemporaryDirectory(prefix="imgbatch-sim-") as temp:
             store = remembered(Path(temp), quota)
             options = ApplyOptions(quota_store=store)
@@ -134,14 +141,15 @@ def remembered_rows() -> None:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="the issue's new shapes only")
+    parser.add_argument("--only", default="", help="rows whose account's description has this")
     args = parser.parse_args()
     print("| account | latency | shots | quota | wall s | ideal s | ideal/actual | 429s | found |")
     print("|---|---|---|---|---|---|---|---|---|")
-    shape_rows(ODD)
-    changed_rows()
-    remembered_rows()
+    shape_rows(ODD, args.only)
+    changed_rows(args.only)
+    remembered_rows(args.only)
     if not args.quick:
-        shape_rows(SHAPES + BUCKETS)
+        shape_rows(SHAPES + BUCKETS, args.only)
     return 0
 
 
