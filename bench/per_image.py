@@ -2,6 +2,7 @@
 
     python bench/per_image.py                 # 200 and 2,000 images, default and --concurrency 8
     python bench/per_image.py --quick         # 20 images, default concurrency
+    python bench/per_image.py --images 2000 --concurrency 8   # one row (each option repeats)
 
 Takes the base URL of a fake DashScope serving real-sized images (3.3 to 3.7 MB) in a process of
 its own, so that its CPU and memory are not counted. Each row runs `imgbatch apply` in a process
@@ -28,7 +29,9 @@ FLOOR_SCRIPT = r"""
 import asyncio, hashlib, json, os, resource, sys
 import aiohttp
 
-urls, out, concurrency = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+with open(sys.argv[1], encoding="utf-8") as listing:  # a file: 2,000 URLs exceed argv's limit
+    urls = json.load(listing)
+out, concurrency = sys.argv[2], int(sys.argv[3])
 
 async def one(session, index, url, gate):
     async with gate, session.get(url) as response:
@@ -100,8 +103,10 @@ def floor_cpu(work: Path, concurrency: int) -> float:
     urls = [shot["image_url"] for shot in results["shots"]]
     out = work / "floor"
     out.mkdir()
+    listing = work / "floor-urls.json"
+    listing.write_text(json.dumps(urls), encoding="utf-8")
     answer = subprocess.run(
-        [sys.executable, "-c", FLOOR_SCRIPT, json.dumps(urls), str(out), str(concurrency)],
+        [sys.executable, "-c", FLOOR_SCRIPT, str(listing), str(out), str(concurrency)],
         capture_output=True,
         text=True,
         check=True,
@@ -138,8 +143,19 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="20 images, default concurrency")
+    parser.add_argument(
+        "--images", type=int, action="append", help="images in a row (repeat: 200 and 2000)"
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        action="append",
+        help="apply's --concurrency in a row, 0 for its default (repeat: 0 and 8)",
+    )
     args = parser.parse_args()
-    cases = [(20, None)] if args.quick else [(200, None), (200, 8), (2000, None), (2000, 8)]
+    counts = args.images or ([20] if args.quick else [200, 2000])
+    levels = args.concurrency or ([0] if args.quick else [0, 8])
+    cases = [(count, level or None) for count in counts for level in levels]
 
     import asyncio
 

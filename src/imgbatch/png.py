@@ -37,7 +37,7 @@ import struct
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, cast
 
 from imgbatch.errors import ImageError, InspectError, WrongImageError, without_reprs
 from imgbatch.units.bounded import read_at_most
@@ -105,17 +105,20 @@ def png_dimensions(data: bytes, what: str) -> tuple[int, int]:
 
 
 def decode_png(
-    data: bytes,
+    data: bytes | IO[bytes],
     what: str,
     *,
     size: tuple[int, int] | None = None,
     max_pixels: int = MAX_PIXELS,
 ) -> Image.Image:
-    """`data` decoded whole as a PNG, once its header says it is one of `size` (when given;
-    else of at most `max_pixels`): the dimensions are checked before a pixel is decoded.
+    """`data` (bytes, or a binary file open at its start) decoded whole as a PNG, once its
+    header says it is one of `size` (when given; else of at most `max_pixels`): the dimensions
+    are checked before a pixel is decoded. A file is read in Pillow's small blocks, so no second
+    copy of its bytes is made (nor are they held whole); the caller closes it.
 
     Raises `ImageError` only: the size, naming both, when it is not the one asked for."""
-    found = png_dimensions(data, what)
+    head = data if isinstance(data, bytes) else _peek(data)
+    found = png_dimensions(head, what)
     if size is not None and found != size:
         raise WrongImageError(
             f"{_singular(what)} is {found[0]}*{found[1]}, not the {size[0]}*{size[1]} asked for"
@@ -128,8 +131,9 @@ def decode_png(
     try:
         from PIL import Image  # here: `inspect`, which reads only text chunks, stays light
 
-        image = Image.open(io.BytesIO(data), formats=["PNG"])
-        image.load()  # the pixels are the image's now; the buffer is not needed again
+        source = io.BytesIO(data) if isinstance(data, bytes) else cast(IO[bytes], _Unnamed(data))
+        image = Image.open(source, formats=["PNG"])
+        image.load()  # the pixels are the image's now; the source is not needed again
         if image.size != found:  # never, for Pillow's PNG reader: checked all the same
             raise ValueError(f"decoded at {image.size[0]}*{image.size[1]}")
         return image
@@ -137,6 +141,31 @@ def decode_png(
     # image we can vouch for", and must fail this one image, never the run.
     except Exception as exc:  # noqa: BLE001
         raise ImageError(f"{what} are not a whole image ({_reason(exc)})") from None
+
+
+class _Unnamed:
+    """A binary file as Pillow reads it (read, seek, tell) under no name: Pillow's messages quote
+    the file object, and this one's repr, unlike a file's (its path), is one `without_reprs`
+    takes out, so a file's error reads as the same bytes' would."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
+
+    def read(self, size: int = -1) -> bytes:
+        return self._file.read(size)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+
+def _peek(source: IO[bytes]) -> bytes:
+    """The first bytes of the file `source` (enough to say what it is), then back to its start."""
+    head = source.read(64)
+    source.seek(0)
+    return head
 
 
 def check_png(data: bytes, what: str, size: tuple[int, int]) -> None:

@@ -572,3 +572,47 @@ def test_backoff_is_reproducible_with_a_seeded_rng() -> None:
     first = RetryPolicy(rng=random.Random(42))
     second = RetryPolicy(rng=random.Random(42))
     assert [first.backoff(n) for n in range(1, 7)] == [second.backoff(n) for n in range(1, 7)]
+
+
+# ----- downloads at once -------------------------------------------------------------------------
+
+
+def test_downloads_wait_for_one_of_a_few_slots_whatever_the_requests_in_flight(
+    tmp_path: Path,
+) -> None:
+    # Each download holds aiohttp's buffers while the loop is busy: the slots, not the requests
+    # in flight, bound that memory (executor.MAX_DOWNLOADS).
+    manifest = write_many_shots(tmp_path, "slots", 12)
+    plan = make_plan(manifest, provider="dashscope", environ={}, home=tmp_path)
+    release, holding = asyncio.Event(), []
+
+    async def hold() -> None:
+        holding.append(1)
+        await release.wait()
+        holding.pop()
+
+    provider = FakeProvider(on_fetch={shot.id: hold for shot in plan.shots})
+    cache = OutputFolder(manifest.parent / "output" / "slots").cache
+    executor = Executor(
+        provider,
+        cache,
+        lambda entry: None,
+        pacer=Pacer(unlimited=True),
+        concurrency=12,
+        downloads=3,
+    )
+
+    async def scenario() -> dict[str, Any]:
+        run = asyncio.create_task(executor.run(plan))
+        while len(provider.generated) < 12:  # every shot answered, so every one may download
+            await asyncio.sleep(0)
+        for _ in range(100):  # turns of the loop, not time: each shot's chance to start one
+            await asyncio.sleep(0)
+        held = {"downloading": len(holding), "started": len(provider.fetched)}
+        release.set()
+        outcome = await run
+        return {**held, "generated": sorted(e.status for e in outcome.entries.values())}
+
+    seen = asyncio.run(scenario())
+
+    assert seen == {"downloading": 3, "started": 3, "generated": ["generated"] * 12}

@@ -11,6 +11,7 @@ fails without its fix. (Hostile manifests and hostile output folders have their 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -83,6 +84,15 @@ def run_apply(manifest: Path, server: Any, tmp_path: Path, **provider_options: A
         ApplyOptions(provider="dashscope", rps=1000, retry=FAST_RETRY, environ=environ),
         provider=provider,
     )
+
+
+@contextlib.contextmanager
+def on_virtual_time(server: FakeDashScope) -> Iterator[VirtualServer]:
+    """`server` serving in a virtual-time loop that `apply` (its asyncio.run) runs in too: the
+    deadlines, backoffs and the server's delays are exact, and take no real time."""
+    with VirtualServer(server) as virtual, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(asyncio, "run", virtual.run)
+        yield virtual
 
 
 def only(report: ApplyReport) -> Any:
@@ -163,8 +173,7 @@ def test_a_stalled_download_is_cut_at_its_deadline_and_tried_again(
     # On virtual time, the server in the run's own loop: the deadline is kept exactly, and the
     # second try's 3.7 MB take no time on it however loaded the machine.
     server = FakeDashScope(api_key=FAKE_KEY, image_profile="real")
-    with VirtualServer(server) as virtual, pytest.MonkeyPatch.context() as patch:
-        patch.setattr(asyncio, "run", virtual.run)
+    with on_virtual_time(server):
         server.stall_next_download()
         report = run_apply(manifest, server, tmp_path, download_timeout=2.0)
     assert report.ok
@@ -184,8 +193,7 @@ def test_an_image_host_that_trickles_fails_at_the_deadline_not_per_read(
     server = FakeDashScope(
         api_key=FAKE_KEY, image_profile="real", chunk_size=4096, chunk_delay=0.05
     )
-    with VirtualServer(server) as virtual, pytest.MonkeyPatch.context() as patch:
-        patch.setattr(asyncio, "run", virtual.run)
+    with on_virtual_time(server) as virtual:
         report = run_apply(manifest, server, tmp_path, download_timeout=0.3)
         elapsed = virtual.loop.time()
     entry = only(report)
@@ -290,7 +298,10 @@ def test_a_gzip_encoded_image_is_capped_at_its_decoded_size(manifest: Path, tmp_
 def test_a_generation_that_never_answers_is_given_up_after_few_possibly_billed_tries(
     manifest: Path, tmp_path: Path
 ) -> None:
-    with FakeDashScope(api_key=FAKE_KEY) as server:
+    # On virtual time: every try reaches the server before its 0.2 s are up, however loaded the
+    # machine (a real clock could run the deadline out before the request was even received).
+    server = FakeDashScope(api_key=FAKE_KEY)
+    with on_virtual_time(server):
         server.stall_next_generation(times=10)
         report = run_apply(manifest, server, tmp_path, request_timeout=0.2)
     generations = server.generation_count  # stalled requests are recorded when the server stops

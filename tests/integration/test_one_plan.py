@@ -29,6 +29,7 @@ from imgbatch.housekeeping.gc import collect_garbage
 from imgbatch.plan.decide import Action
 from imgbatch.state.folder import OutputFolder
 from imgbatch.state.results import file_sha256
+from tests.support.fake_dashscope import FakeDashScope
 from tests.support.files import write_manifest
 
 SHOTS = """\
@@ -210,3 +211,40 @@ def test_with_a_store_one_more_plan_says_what_to_fetch_from_it(
 
     assert report.ok
     assert len(planned) == report.plans == 2
+
+
+def test_an_image_generate_put_in_the_cache_between_the_plan_and_the_lock_is_not_paid_again(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    api_env: dict[str, str],
+    fake_server: FakeDashScope,
+) -> None:
+    # `imgbatch generate --output` into the folder keeps its image in the folder's cache (under
+    # the folder's lock) and changes nothing the folder's version sees: an apply that planned
+    # the same request as a create before taking the lock sent it again, and paid twice.
+    manifest = shots(tmp_path, "a harbour", "a lighthouse", provider="dashscope")
+    options = ApplyOptions(environ=api_env, home=tmp_path, rps=1000.0, quota_store=False)
+    assert apply(manifest, options).ok
+    manifest = shots(tmp_path, "a harbour", "a black cherry", provider="dashscope")
+    request = '{"prompt": "a black cherry", "model": "qwen-image-max", "size": "1664*928"}'
+    other = ("generate", "--request", request, "--output", tmp_path / "out" / "extra.png")
+
+    def generate() -> None:
+        done = subprocess.run(
+            [sys.executable, "-m", "imgbatch", *map(str, other)],
+            env={**os.environ, **api_env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        assert OutputFolder(tmp_path / "out").cache.has(planned_now.shot.request.key)
+
+    planned_now = make_plan(manifest, environ=api_env, home=tmp_path).shots[1]
+    assert planned_now.action is Action.REPLACE
+    assert planned_now.shot.request.size == "1664*928"
+    with before_the_lock(monkeypatch, generate) as seen:
+        paid = fake_server.generation_count
+        report = apply(manifest, options)
+        assert seen and report.ok
+    assert fake_server.generation_count == paid + 1  # generate's; apply restored it

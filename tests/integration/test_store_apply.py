@@ -327,3 +327,37 @@ def test_generate_shares_the_store_with_apply(
     second = generate(request, environ={**store_env, "OUTPUT_DIR": str(tmp_path / "b")})
     assert second["cached"] and fake_server.successes == 1
     assert Path(first["file"]).read_bytes() == Path(second["file"]).read_bytes()
+
+
+def test_a_record_whose_entry_lies_gives_the_shot_its_own_request(
+    tmp_path: Path, api_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    # "Checked, never trusted": a record's blob is checked, but its maker's entry was copied
+    # into results.json as it was. A record written (or edited) to say another key, prompt,
+    # status and URL put them in the restorer's results.json: a shot with someone else's
+    # prompt, an image marked billed-not-downloaded at an attacker's URL, a key not its own.
+    manifest = write_many_shots(tmp_path, "store", 2)
+    store = tmp_path / "team-store"
+    environ = {**api_env, "IMGBATCH_STORE": str(store)}
+    assert apply(manifest, machine(environ, tmp_path / "a")).ok
+    honest = {entry["id"]: entry for entry in results(tmp_path / "a")["shots"]}
+    for path in (store / "ac").iterdir():
+        record = json.loads(path.read_text())
+        record["entry"].update(
+            key="0" * 64,
+            status="failed",
+            prompt="not the shot's prompt",
+            image_url="https://attacker.example/x.png",
+            error="poisoned",
+            request={"text": "poisoned"},
+        )
+        os.chmod(path, 0o644)
+        path.write_text(json.dumps(record))
+    paid = fake_server.generation_count
+    assert apply(manifest, machine(environ, tmp_path / "b")).ok
+    assert fake_server.generation_count == paid
+    for entry in results(tmp_path / "b")["shots"]:
+        mine = honest[entry["id"]]
+        assert entry["status"] == "generated"
+        for field in ("key", "prompt", "request", "image_url", "sha256", "error"):
+            assert entry[field] == mine[field], field

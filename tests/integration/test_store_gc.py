@@ -341,3 +341,17 @@ def test_older_than_never_deletes_an_image_kept_only_in_the_store(
     assert back.ok, back  # the images come back from the store, unpaid
     assert fake_server.generation_count == paid
     assert len(list((folder / "lighthouse").glob("*.png"))) == 2
+
+
+@pytest.mark.parametrize("age", ["9" * 400 + "d", "9" * 5000 + "s"])
+def test_an_age_too_long_to_mean_anything_is_an_error_naming_the_option(
+    tmp_path: Path, age: str
+) -> None:
+    # 400 digits overflowed float() (a traceback); 5000 hit Python's limit on converting
+    # digits (a message about sys.set_int_max_str_digits).
+    lighthouse = shot_list(tmp_path, "lighthouse", "a lighthouse")
+    for option in ("--older-than", "--grace"):
+        result = gc({"HOME": str(tmp_path)}, lighthouse, option, age)
+        assert result.exit_code == 2, result.output
+        assert f"Invalid value for '{option}'" in result.output
+        assert "is not an age" in result.output

@@ -240,6 +240,23 @@ def test_an_image_restored_from_the_local_cache_goes_to_the_store_only_too(
     assert document["store"]["requests"] == {"get": SHOTS}
 
 
+def test_the_sheet_never_links_a_store_that_does_not_hold_the_image(
+    tmp_path: Path, api_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    # Applied with --no-local-copy into one store, then with another: results.json still (and
+    # rightly) names the first store's blobs, but the sheet linked the second store's names,
+    # where nothing is: every full image link was dead.
+    manifest = write_many_shots(tmp_path, "nolocal", 2)
+    output = tmp_path / "output" / "nolocal"
+    first, second = tmp_path / "first-store", tmp_path / "second-store"
+    apply_json({**api_env, "IMGBATCH_STORE": str(first)}, manifest, "--no-local-copy")
+    apply_json({**api_env, "IMGBATCH_STORE": str(second)}, manifest, "--no-local-copy")
+    assert len(read_data(output)) == 2
+    assert not [card for card in read_data(output) if str(second.as_uri()) in str(card["file"])]
+    assert run({**api_env, "IMGBATCH_STORE": str(second)}, "sheet", manifest).exit_code == 0
+    assert not [card for card in read_data(output) if str(second.as_uri()) in str(card["file"])]
+
+
 def test_gc_and_prune_have_nothing_local_to_delete_and_keep_the_thumbnails(
     tmp_path: Path, store_env: dict[str, str], fake_server: FakeDashScope
 ) -> None:
@@ -260,3 +277,26 @@ def test_gc_and_prune_have_nothing_local_to_delete_and_keep_the_thumbnails(
     assert "shot-003" not in entries(output)
     assert [item["reason"] for item in pruned["pruned"]] == ["its file was already gone"]
     assert pngs(output) == []
+
+
+def test_without_credentials_the_sheet_has_no_links_and_nothing_crashes(
+    tmp_path: Path, store_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    # A folder whose images are all in the store asks the store nothing on a no-op apply, so
+    # missing credentials showed first when the links were signed: NoCredentialsError, as an
+    # unexpected crash, of apply and of `imgbatch sheet`.
+    manifest = write_many_shots(tmp_path, "nolocal", 2)
+    output = tmp_path / "output" / "nolocal"
+    apply_json(store_env, manifest, "--no-local-copy")
+    keyless = {
+        **store_env,
+        "AWS_ACCESS_KEY_ID": "",
+        "AWS_SECRET_ACCESS_KEY": "",
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+    }
+    for args in (("apply", manifest, "--no-local-copy", "--rps", "1000"), ("sheet", manifest)):
+        result = run(keyless, *args)
+        assert result.exit_code == 0, result.output
+        assert "unexpected" not in result.output
+        assert "links valid until" not in (output / "index.html").read_text()

@@ -50,7 +50,8 @@ DEFAULT_GRACE = 24 * 3600.0
 # Records read at once (a store of 100,000 records is not 100,000 sockets).
 READS_IN_FLIGHT = 32
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_AGE = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+# At most 12 digits a unit (30,000 centuries of days): more is no age, and overflowed float().
+_AGE = re.compile(r"(?:(\d{1,12})d)?(?:(\d{1,12})h)?(?:(\d{1,12})m)?(?:(\d{1,12})s)?")
 
 
 def parse_age(text: str) -> float:

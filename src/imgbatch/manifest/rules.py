@@ -64,6 +64,9 @@ def _all_plain(data: Any) -> bool:
     return _LONG_DIGITS.search(text) is None
 
 
+# W*H: compiled once (looked up in re's cache for each of 100,000 shots, it was a tenth of
+# the rules' time).
+_SIZE = re.compile(r"[0-9]+\*[0-9]+")
 _LONG_DIGITS = re.compile(f"[0-9]{{{MAX_NUMBER_DIGITS + 1}}}")
 
 
@@ -323,7 +326,7 @@ class Checker:
             yield self._located(origin, shot_id, "model", f"unknown model '{model}'; {hint}")
             return
         size = merged.get("size", DEFAULT_SIZE)
-        if isinstance(size, str) and re.fullmatch(r"[0-9]+\*[0-9]+", size):
+        if isinstance(size, str) and _SIZE.fullmatch(size):
             if size not in spec.sizes:
                 message = (
                     f"size '{size}' is not supported by {model}; supported: "

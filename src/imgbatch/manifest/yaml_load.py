@@ -208,6 +208,13 @@ class _Builder:
             return str(self.loader.resolve(yaml.ScalarNode, event.value, event.implicit))
         return str(event.tag)
 
+    def _merges(self, key_event: Any) -> bool:
+        """Whether a key is the merge key: only a plain `<<` resolves to it, or a key tagged
+        so (every other key is not resolved twice: once here, once as the key)."""
+        if key_event.value != "<<" and key_event.tag is None:
+            return False
+        return self._tag(key_event) == _MERGE_TAG
+
     def _scalar(self, event: Any, path: JsonPath) -> Any:
         if event.style in _QUOTED and event.tag is None:
             return event.value  # a quoted string is its text: nothing to resolve or construct
@@ -237,7 +244,7 @@ class _Builder:
         height = 1
         while not self.loader.check_event(yaml.MappingEndEvent):
             key_event = self.loader.peek_event()
-            if isinstance(key_event, yaml.ScalarEvent) and self._tag(key_event) == _MERGE_TAG:
+            if isinstance(key_event, yaml.ScalarEvent) and self._merges(key_event):
                 self.loader.get_event()
                 merged, merged_height = self._node((*path, "<<"), depth + 1)
                 height = max(height, merged_height)

@@ -113,9 +113,21 @@ async def signed_links(
 ) -> SheetLinks | None:
     """The links the sheet opens the full images of `entries` kept in the store only through:
     URLs signed now for `seconds` (a folder store: its files' `file://` URLs, which do not
-    expire). None without a store or such an entry; none at all if the store cannot sign."""
-    wanted = {e.sha256 for e in entries if e.local_copy is False and e.has_image and e.sha256}
-    if shared is None or not wanted:
+    expire). None without a store or such an entry; none at all if the store cannot sign. An
+    entry whose `image_url` is in another store gets none (its card shows its thumbnail)."""
+    if shared is None:
+        return None
+    # Only where this store holds the image: results.json names the store each was moved to,
+    # and a link into another store (applied with another --store since) opens nothing.
+    wanted = {
+        e.sha256
+        for e in entries
+        if e.local_copy is False
+        and e.has_image
+        and e.sha256
+        and e.image_url == shared.blob_url(e.sha256)
+    }
+    if not wanted:
         return None
     expires = datetime.now(UTC) + timedelta(seconds=seconds)
     try:
@@ -479,8 +491,10 @@ def write_thumbnail(output_dir: Path, key: str, image: Image.Image) -> bool:
     from PIL import Image
 
     try:
-        # Box-reduced to about the size, then Lanczos: a fraction of a full Lanczos.
-        image.thumbnail(THUMB_BOX, Image.Resampling.LANCZOS, reducing_gap=1.0)
+        # Box-reduced (`reduce`, a whole factor) to just above the size, then bilinear for what
+        # is left: after the box average, Lanczos' wider window changes nothing visible at
+        # this size and costs 0.6 ms more an image (2.0 against 1.4 ms for 1664*928).
+        image.thumbnail(THUMB_BOX, Image.Resampling.BILINEAR, reducing_gap=1.0)
         converted = image.convert("RGBA" if image.has_transparency_data else "RGB")
         buffer = io.BytesIO()
         converted.save(buffer, format="WEBP", quality=THUMB_QUALITY, method=0)

@@ -15,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import math
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -187,9 +188,11 @@ def load_and_expand(
     *,
     allow_reference_outside: bool = False,
 ) -> tuple[Manifest, Expansion]:
-    manifest = read_manifest(path, allow_reference_outside=allow_reference_outside)
-    name = provider_name(manifest, provider, environ, home)
-    return manifest, expand(manifest, provider=name, environ=environ)
+    """The manifest read and its shots expanded (the cyclic collector paused meanwhile)."""
+    with collector_paused():
+        manifest = read_manifest(path, allow_reference_outside=allow_reference_outside)
+        name = provider_name(manifest, provider, environ, home)
+        return manifest, expand(manifest, provider=name, environ=environ)
 
 
 def expand_shots(
@@ -231,17 +234,23 @@ def make_plan(
     (unless `force`); `ConfigError` for `no_local_copy` without a store.
     """
     environ = os.environ if environ is None else environ
-    manifest, expansion = load_and_expand(
-        path, provider, environ, home, allow_reference_outside=allow_reference_outside
-    )
-    if no_local_copy:
-        require_store(store, environ, manifest)
-    selected = _narrowed(expansion, only)
-    state = _owned_state(path, manifest, expansion, force=force).mine
-    prices = _prices(manifest, expansion, environ)
-    planned = _plan(
-        selected, state, overwrite_edited, only=bool(only), prices=prices, local=not no_local_copy
-    )
+    with collector_paused():
+        manifest, expansion = load_and_expand(
+            path, provider, environ, home, allow_reference_outside=allow_reference_outside
+        )
+        if no_local_copy:
+            require_store(store, environ, manifest)
+        selected = _narrowed(expansion, only)
+        state = _owned_state(path, manifest, expansion, force=force).mine
+        prices = _prices(manifest, expansion, environ)
+        planned = _plan(
+            selected,
+            state,
+            overwrite_edited,
+            only=bool(only),
+            prices=prices,
+            local=not no_local_copy,
+        )
     refuse_placeholder_over_paid(planned, provider, manifest)
     # With a shared store (--store, IMGBATCH_STORE, output.store): what another run made.
     return planned_with_store(planned, store, manifest, environ)
@@ -350,7 +359,8 @@ async def _apply(
     prep = await _prepare(path, options or ApplyOptions(), provider, stack)
     started = time.monotonic()
     with OutputFolder(prep.expansion.output_dir).lock():
-        planned = _preflight(prep, on_plan)
+        with collector_paused():
+            planned = _preflight(prep, on_plan)
         plan = planned.plan
         pacing = _pacing(prep, plan, clock)
         interrupts = Interrupts(prep.options.grace_seconds)
@@ -358,7 +368,10 @@ async def _apply(
         # they are written waits for them (they are what the run leaves behind).
         with signal_handler(asyncio.get_running_loop(), interrupts):
             outcome, journal = await _execute(prep, plan, pacing.pacer, listener, clock, interrupts)
-            settled = await _settle_run(prep, plan, planned.held, outcome, journal)
+            # With a shared store, settling uploads and signs over the network: the collector
+            # stays on for what that leaves behind.
+            with collector_paused() if prep.sharing is None else contextlib.nullcontext():
+                settled = await _settle_run(prep, plan, planned.held, outcome, journal)
     return ApplyReport(
         plan=plan,
         results_path=settled.results,
@@ -396,6 +409,23 @@ class _Planned:
     plans: int
     # Made again under the lock: another process changed the folder after the first plan.
     replanned: bool = False
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector paused for a phase that makes objects by the hundred
+    thousand (loading, planning, settling a big shot list): none of them is garbage in a cycle,
+    and the collector's passes over them all, again and again as they accumulate, were a fifth
+    of the CPU of a 100,000-shot no-op apply. Reference counting still frees what is dropped;
+    a cycle made meanwhile is collected after, not lost."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 @dataclass(frozen=True)
@@ -541,15 +571,16 @@ def _plan_at_version(
     store, one says what to fetch from it (`_sharing`: this plan then restores what it
     fetched)."""
     version = OutputFolder(expansion.output_dir).version()
-    held = _owned_state(path, manifest, everything, force=options.force)
-    plan = _plan(
-        expansion,
-        held.mine,
-        options.overwrite_edited,
-        only=only,
-        prices=prices,
-        local=options.local,
-    )
+    with collector_paused():
+        held = _owned_state(path, manifest, everything, force=options.force)
+        plan = _plan(
+            expansion,
+            held.mine,
+            options.overwrite_edited,
+            only=only,
+            prices=prices,
+            local=options.local,
+        )
     return _Planned(plan, held, version, plans)
 
 

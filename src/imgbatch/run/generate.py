@@ -221,7 +221,16 @@ class GenerateSession:
             # nothing, not even the default folder's lock in the current directory.
             await self._provider(name)
         async with self._holding(state_folder), self._one_request(state_folder, shot.request.key):
-            return await self._made(shot, name, state_folder, target.resolve())
+            folder = OutputFolder(state_folder)
+            had = folder.cache.has(shot.request.key)
+            try:
+                return await self._made(shot, name, state_folder, target.resolve())
+            finally:
+                if not had and folder.cache.has(shot.request.key):
+                    # Under the lock: an apply of this folder that planned this request as one
+                    # to pay for before taking its lock sees the change, plans again, and
+                    # restores the image instead of paying for it twice.
+                    folder.mark_changed()
 
     async def _made(
         self, shot: Shot, name: str, state_folder: Path, target: Path

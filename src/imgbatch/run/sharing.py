@@ -36,6 +36,7 @@ from imgbatch.plan.decide import Action, Plan
 from imgbatch.providers import is_metered
 from imgbatch.review.outcome import StoreUse
 from imgbatch.review.sheet import write_thumbnail
+from imgbatch.run.entries import shot_entry
 from imgbatch.shots.expand import Shot
 from imgbatch.shots.request import GeneratedImage, ImageRequest
 from imgbatch.state.cache import ImageCache
@@ -229,16 +230,31 @@ class SharedRun:
         return Restored(data, record)
 
     def entry_for(self, shot: Shot, sha256: str, size: int) -> ResultEntry | None:
-        """The results entry of `shot` restored from the store: its maker's (provenance, status,
-        URL), as this shot (id, file); None when the store did not give it."""
+        """The results entry of `shot` restored from the store: the shot's own (id, file, key,
+        request, prompt, the blob's URL in this store) with its maker's provenance (request id,
+        attempts, prompt sent, made_at); None when the store did not give it or its maker's
+        entry cannot be read. Nothing else a record says is believed: whoever can
+        write the store writes records, and results.json is reviewed as the shot list's."""
         record = self.records.get(shot.request.key)
         if record is None or record.sha256 != sha256:
             return None
         try:
-            entry = ResultEntry.from_json({**record.entry, "id": shot.id, "file": shot.file})
+            made = ResultEntry.from_json({**record.entry, "id": shot.id, "file": shot.file})
         except (ValueError, TypeError):
             return None
-        return replace(entry, sha256=sha256, bytes=size)
+        # Generated, whatever the record says: its blob is this request's image, checked.
+        width, height = shot.request.dimensions
+        own = shot_entry(
+            shot, "generated", None, width, height, sha256, size, attempts=made.attempts
+        )
+        return replace(
+            own,
+            image_url=self.shared.blob_url(sha256),
+            request_id=made.request_id,
+            prompt_sent=made.prompt_sent,
+            simplified=made.simplified,
+            made_at=made.made_at,
+        )
 
     async def try_claim(
         self, shot: Shot, *, look: bool = True

@@ -40,7 +40,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import IO, TYPE_CHECKING, TypeVar
 
 from imgbatch.errors import CacheEntryDamaged, ImageError, StoreError, StoreWriteError
 from imgbatch.png import check_png, decode_png, png_dimensions
@@ -159,9 +159,14 @@ def real_subfolders(root: Path) -> list[Path]:
 
 
 def verify_image(
-    data: bytes, width: int, height: int, *, then: Callable[[Image.Image], object] | None = None
+    data: bytes | IO[bytes],
+    width: int,
+    height: int,
+    *,
+    then: Callable[[Image.Image], object] | None = None,
 ) -> None:
-    """Raise `ImageError` (a ValueError) unless `data` decodes fully as a PNG of `width` x
+    """Raise `ImageError` (a ValueError) unless `data` (bytes, or a binary file open at its
+    start) decodes fully as a PNG of `width` x
     `height` (the size the request asked for: what the service reports about it is not
     evidence). The size is read from the PNG header before a pixel is decoded. `then` is given
     the decoded image (to make a thumbnail from the one decode), only once it has passed."""
@@ -370,8 +375,18 @@ class Incoming:
             raise write_error(self.path, exc) from None
         self.size += len(piece)
 
+    def reader(self) -> IO[bytes]:
+        """The bytes written so far, as a file of their own open at the start (to decode them in
+        a decode thread, one image per core, without a copy of them in memory); the caller
+        closes it. `StoreWriteError` when it cannot be opened."""
+        try:
+            fd = os.open(self._temp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
+        return os.fdopen(fd, "rb")
+
     def read(self) -> bytes:
-        """The bytes written so far, to check them (in a decode thread: one image per core)."""
+        """The bytes written so far, whole (for the shared store, which sends them on)."""
         try:
             return _read_fd(self._fd, self.path)
         except CacheEntryDamaged as exc:

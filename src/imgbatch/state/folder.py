@@ -256,7 +256,8 @@ class OutputFolder:
         changes it), and of the mark `mark_changed` leaves. Another run that changes what a
         plan is made from changes it: an apply journals what it makes, then writes the record
         and results.json (an apply that leaves them as they were only put back what they
-        already said), a killed one leaves its journal, `gc --yes` marks its deletions. Read
+        already said), a killed one leaves its journal, `gc --yes` marks its deletions and
+        `generate` an image it adds to the cache. Read
         before the state a plan is made from, so that a change after it shows."""
         paths = (self.record_path, self.journal_path, self.results_path, self._changed_path)
         return tuple(file_identity(path) for path in paths)

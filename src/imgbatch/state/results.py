@@ -102,7 +102,10 @@ class ResultEntry:
         """The entry `data` holds; ValueError if it is not one (a hand edit, a damaged file)."""
         if not isinstance(data, dict):
             raise ValueError(f"an entry is a JSON {type(data).__name__}, not an object")
-        values = {name: value for name, value in data.items() if name in _FIELD_SET}
+        if data.keys() <= _FIELD_SET:  # as this module writes it: copied in C
+            values = dict(data)
+        else:  # fields from a later version, or a hand edit: only those this one knows
+            values = {name: value for name, value in data.items() if name in _FIELD_SET}
         # A 100,000-shot state is held whole while it is planned: the few strings and numbers
         # that repeat from entry to entry are kept once, not once an entry.
         for name in _REPEATING_FIELDS:

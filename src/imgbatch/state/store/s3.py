@@ -212,11 +212,16 @@ class BucketStore:
             raise self._failed("list", prefix, exc) from None
 
     async def signed_url(self, name: str, expires: int) -> str | None:
-        url: str = await self._client.generate_presigned_url(
-            "get_object",
-            Params={"Bucket": self.bucket, "Key": self._key(name)},
-            ExpiresIn=expires,
-        )
+        try:
+            url: str = await self._client.generate_presigned_url(
+                "get_object",
+                Params={"Bucket": self.bucket, "Key": self._key(name)},
+                ExpiresIn=expires,
+            )
+        except botocore.exceptions.BotoCoreError as exc:
+            # No credentials, above all: signing is local, so this is the first a run that
+            # asked the store nothing (a no-op apply, `imgbatch sheet`) hears of it.
+            raise self._failed("sign a URL for", name, exc) from None
         return url
 
     def _failed(self, action: str, name: str, error: Exception) -> SharedStoreError:
