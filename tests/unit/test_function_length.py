@@ -1,4 +1,4 @@
-"""No function in src/ is longer than 60 lines (decorators and docstring included)."""
+"""Every function in src/ is under 60 lines (decorators and docstring included): issue 17."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[2] / "src"
-LIMIT = 60
+LIMIT = 59  # at most: "under 60 lines"
 
 
 def function_lengths() -> dict[tuple[str, str], int]:

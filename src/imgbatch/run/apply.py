@@ -494,9 +494,7 @@ async def _prepare(
     planned = _plan_at_version(path, options, manifest, everything, expansion, only, prices, plans)
     limit = _cost_limit(options, manifest)
     # Before credentials and before the lock: a refused run writes nothing at all.
-    refuse_placeholder_over_paid(planned.plan, options.provider, manifest)
-    refuse_to_start(planned.plan, options.frozen, limit)
-    refuse_paying_for_store_only(planned.plan, sharing.shared.url if sharing else None)
+    _refuse_the_plan(planned.plan, options, manifest, limit, sharing)
     # Credentials are checked before anything is written.
     provider = provider or _provider(expansion.provider, options, environ, sharing)
     prices = _prices(manifest, expansion, environ, provider)
@@ -513,6 +511,19 @@ async def _prepare(
         sharing,
         only,
     )
+
+
+def _refuse_the_plan(
+    plan: Plan,
+    options: ApplyOptions,
+    manifest: Manifest,
+    limit: CostLimit | None,
+    sharing: SharedRun | None,
+) -> None:
+    """The guards on the one plan: raises the refusal, before credentials and the lock."""
+    refuse_placeholder_over_paid(plan, options.provider, manifest)
+    refuse_to_start(plan, options.frozen, limit)
+    refuse_paying_for_store_only(plan, sharing.shared.url if sharing else None)
 
 
 def _named(

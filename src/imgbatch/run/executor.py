@@ -259,6 +259,9 @@ class Executor:
         self._sending: Counter[str] = Counter()  # requests sent and not answered, by model
         self.outcome = RunOutcome()
         self._aside: frozenset[str] = frozenset()
+        self._init_journal_writer()
+
+    def _init_journal_writer(self) -> None:
         # The journal's writer: one thread, so lines keep their order and fsyncs leave the loop.
         self._journal_pool: ThreadPoolExecutor | None = None
         self._journaling: set[asyncio.Future[StoreWriteError | None]] = set()
