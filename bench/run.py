@@ -355,7 +355,9 @@ def seed_state(manifest: Path) -> int:
         )
     owner = owner_of(manifest, loaded.name, output_dir)
     meta = {"manifest": owner.manifest, "provider": "dashscope", "key_format": 1}
-    folder.save(entries, [], [], meta, owner=owner, before=folder.load(), now="2026-01-01T00:00:00")
+    folder.save(
+        entries, [], [], meta, owner=owner, before=folder.load(), now="2026-01-01T00:00:00+00:00"
+    )
     # And the contact sheet the apply drew (its thumbnails are linked above, like the images),
     # drawn from what apply draws it from, so that the re-apply finds it up to date.
     render_sheet(
