@@ -237,7 +237,7 @@ class GenerateSession:
     ) -> dict[str, Any]:
         """The image for `shot` at `target`: restored from the cache, else generated."""
         from imgbatch.plan.decide import Action, Plan, PlannedShot
-        from imgbatch.run.executor import Executor
+        from imgbatch.run.executor import Executor, Phase
         from imgbatch.shots.expand import Shot
 
         key = shot.request.key
@@ -254,13 +254,19 @@ class GenerateSession:
         plan = Plan(state_folder, (planned,), (), name)
         executor = Executor(provider, cache, lambda entry: None, pacer=pacer, shared=sharing)
         on_phase = self._on_phase
+        told: list[str] = []
         watch = (
-            asyncio.ensure_future(_watch(executor.outcome.in_flight, shot.id, on_phase))
+            asyncio.ensure_future(_watch(executor.outcome.in_flight, shot.id, on_phase, told))
             if on_phase is not None
             else None
         )
         try:
             outcome = await executor.run(plan)
+            if on_phase is not None and told[-1:] == [Phase.SENDING]:
+                # Answered, downloaded and written between two looks (a small image): said all
+                # the same, or the answer would go unsaid.
+                if outcome.entries[shot.id].has_image:
+                    on_phase(Phase.WRITING)
         finally:
             if watch is not None and on_phase is not None:
                 watch.cancel()
@@ -343,14 +349,20 @@ class GenerateSession:
 
 
 async def _watch(
-    in_flight: Mapping[str, str], shot_id: str, on_phase: PhaseListener, every: float = 0.05
+    in_flight: Mapping[str, str],
+    shot_id: str,
+    on_phase: PhaseListener,
+    told: list[str],
+    every: float = 0.05,
 ) -> None:
-    """Tell `on_phase` each new phase of `shot_id` (the executor's record, read as it runs)."""
+    """Tell `on_phase` each new phase of `shot_id` (the executor's record, read as it runs),
+    and keep in `told` what it was told."""
     last: str | None = None
     while True:
         phase = in_flight.get(shot_id)
         if phase is not None and phase != last:
             on_phase(phase)
+            told.append(phase)
             last = phase
         await asyncio.sleep(every)
 
