@@ -287,10 +287,13 @@ class SharedRun:
         its shot's turn; nothing when it is not there (that turn looks again)."""
         async with limit:
             shot = self._wanted.get(key)
-            record = None if shot is None else await self._lookup(shot)
-            if shot is None or record is None or key not in self._wanted:
-                return
-            data = await self._checked(shot, record)
+            try:
+                record = None if shot is None else await self.shared.lookup(key)
+                if shot is None or record is None or key not in self._wanted:
+                    return
+                data = await self._checked(shot, record, say=False)
+            except SharedEntryDamaged:
+                return  # said when the shot's turn finds it
             if data is None:
                 return
             await asyncio.to_thread(self.local.put, key, data)
@@ -321,7 +324,7 @@ class SharedRun:
         """`record`'s blob, checked against it and decoded at `shot`'s size; None if damaged
         (said: the shot is then made as if the store had nothing). One restored in the
         background already (checked then) is read from the local cache: no request, no decode."""
-        data = self._kept(record)
+        data = await asyncio.to_thread(self._kept, record)
         if data is None:
             data = await self._checked(shot, record)
         if data is None:
@@ -330,14 +333,16 @@ class SharedRun:
         self.restored += 1
         return Restored(data, record)
 
-    async def _checked(self, shot: Shot, record: Record) -> bytes | None:
+    async def _checked(self, shot: Shot, record: Record, *, say: bool = True) -> bytes | None:
         """`record`'s blob from the store, checked and decoded once (its thumbnail made from
-        that decode); None if damaged (said)."""
+        that decode); None if damaged (said, unless `say` is False: then `SharedEntryDamaged`)."""
         thumbnail, key = self.thumbnail, record.key
         then = None if thumbnail is None else lambda decoded: thumbnail(key, decoded)
         try:
             return await self.shared.fetch(record, shot.request.dimensions, then)
         except SharedEntryDamaged as damaged:
+            if not say:
+                raise
             self.notices.append((shot.id, f"{damaged}; not used"))
             return None
 
