@@ -166,3 +166,42 @@ def test_meeting_a_live_claim_costs_two_requests(moto_endpoint: str, tmp_path: P
             assert (spent["get"], spent["put"], spent.get("delete", 0)) == (2, 1, 0)
 
     asyncio.run(scenario())
+
+
+def test_a_turn_meeting_a_claim_the_last_listing_showed_waits_without_a_request(
+    moto_endpoint: str, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        async with two_processes(moto_endpoint, tmp_path) as (run, theirs):
+            (shot,) = shots(1)
+            assert isinstance(await theirs.claims.acquire(shot.request.key), Claim)
+            await run.hydrate([shot])  # a miss: this run lists the claims at once
+            await asyncio.sleep(0.5)
+            await run.shared.probe()
+            before = sum(run.shared.objects.requests.values())
+            found = await run.try_claim(shot)
+            assert isinstance(found, ClaimInfo) and not found.stale
+            assert sum(run.shared.objects.requests.values()) == before
+            # And it is settled as any wait on a claim: the record, once the claim goes.
+            waiting = asyncio.ensure_future(run.settle(shot))
+            await make(theirs, shot, "red")
+            assert isinstance(await asyncio.wait_for(waiting, 4), Record)
+
+    asyncio.run(scenario())
+
+
+def test_a_stale_claim_in_the_listing_is_taken_over_at_the_turn(
+    moto_endpoint: str, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        async with two_processes(moto_endpoint, tmp_path) as (run, theirs):
+            (shot,) = shots(1)
+            assert isinstance(await theirs.claims.acquire(shot.request.key), Claim)
+            await asyncio.sleep(2.1)  # ages have a resolution of a second on S3
+            run.shared.claims.claims.lease = 1.0  # its holder died a lease ago
+            await run.hydrate([shot])
+            await asyncio.sleep(0.5)  # listed, with its age
+            found = await run.try_claim(shot)
+            assert isinstance(found, Claim) and found.inherited is not None
+
+    asyncio.run(scenario())

@@ -203,6 +203,8 @@ class SharedRun:
         self._ahead: dict[str, Record] = {}
         # Shots waiting on another's claim, by key: set when `_follow` finds the claim gone.
         self._waiting: dict[str, asyncio.Event] = {}
+        # Wanted keys another process held a live claim on at the last listing.
+        self._others: set[str] = set()
         self._follower: asyncio.Task[None] | None = None
         self._poke = asyncio.Event()
 
@@ -248,7 +250,9 @@ class SharedRun:
     async def _follow(self) -> None:
         """Restore, as they are published, the images other processes make for the keys this
         run will need, and wake the shots waiting on another's claim when it goes: list
-        `claims/` (one request: only the keys being paid for now, by anyone) every second, and
+        `claims/` (one request: only the keys being paid for now, by anyone, with their ages:
+        a shot whose turn comes while another's claim on its key is live waits for it without
+        a request) every second, and
         look up the record of each wanted key whose claim went since the last listing (its
         holder releases it after publishing). Restores are so spread over the run, not left to
         each shot's turn (which comes, in a random order, mostly near the end, when most keys
@@ -260,15 +264,20 @@ class SharedRun:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._poke.wait(), period)
             self._poke.clear()
-            mine = self.shared.claims.held
+            mine, lease = self.shared.claims.held, self.shared.claims.claims.lease
             try:
-                names = await self.shared.objects.names("claims/")
-                claimed = {name.removeprefix("claims/") for name in names} - mine.keys()
+                ages = {
+                    item.name.removeprefix("claims/"): item.age
+                    for item in await self.shared.objects.listing("claims/")
+                }
+                claimed = ages.keys() - mine.keys()
                 for key, gone in list(self._waiting.items()):
                     if key not in claimed:
                         gone.set()
                 released = [key for key in listed - claimed if key in self._wanted]
                 listed = claimed & self._wanted.keys()
+                # Live by the store's clock, with a second to spare: a turn meeting one waits.
+                self._others = {key for key in listed if ages[key] + 1 < lease}
                 # Concurrently, a few at a time: others publish up to their quotas together.
                 limit = asyncio.Semaphore(RESTORES_AHEAD)
                 done = await asyncio.gather(
@@ -397,6 +406,10 @@ class SharedRun:
         ahead = self._ahead.get(key)
         if ahead is not None:
             return ahead  # restored in the background: no request
+        if look and key in self._others:
+            # Being paid for by another process a second ago: wait for it (`settle`, woken
+            # when its claim goes) without the three requests that would say so again.
+            return ClaimInfo(key, "another process", None, None, 0.0, False)
         record = await self._lookup(shot) if look else None
         if record is not None or self.shared.read_only:
             return record if record is not None else Claim(key, "read-only", etag="")
