@@ -10,6 +10,10 @@ executor four steps, each a few store requests per image at most:
   record appears (then restored) or it goes stale (then taken over). A key whose record appeared
   meanwhile is restored instead of paid; a stale claim whose holder had been answered gives its
   image URL, fetched instead of paying again.
+- Meanwhile (an apply's `open_sharing`), the run follows the others: it lists `claims/` about
+  once a second and restores each image another process publishes for one of its keys as the
+  claim goes, in the background, so that shot's turn finds it in place with no request; the
+  same listing wakes the shots waiting on a claim.
 - `answered(key, image)`: the service made it: its URL goes into the claim.
 - `made(shot, data, entry)`: the image is in place: published (blob, then record) and the claim
   released. The entry's `image_url` becomes the blob's URL in the store (`s3://.../cas/<sha>`:
