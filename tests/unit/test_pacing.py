@@ -288,10 +288,15 @@ def test_a_raised_quota_is_followed() -> None:
 
 
 def test_a_lowered_quota_settles_after_a_few_429s() -> None:
+    """Within the run's budget: 6 per 3 s found from the doubling's first 429 as the whole count
+    admitted (the bucket's rate read from it, 2.23/s, was a second 429 and left the run 6 of
+    106 refused, 0.872 of ideal), then two 429s to settle after the change."""
     change = (30.0, (2, 3.0))
     run = simulate(Account(window=(6, 3), change=change), 2.0, 100)
     assert run.refused_after(change[0]) <= 3
     assert run.report.quotas[0].finding.window == Quota(2, 3)
+    assert run.share <= 0.05
+    assert run.ratio >= 0.9
 
 
 @pytest.mark.parametrize("remembered", [Quota(3, 60), Quota(10, 3)])

@@ -635,7 +635,14 @@ class QuotaEstimator:
             if bucket is not None and first > self.settings.opening_sends:
                 # (Not when the opening itself was refused: a window of a few a minute is.)
                 whole = [quota for quota in candidates if quota.count == first]
-                candidates = [Quota.per_second(bucket * _MARGIN), *whole]
+                rate = bucket * _MARGIN
+                if whole and whole[0].rate * (first + 1) / first >= rate:
+                    # The whole count is less than one raise (K + 1 per the same period)
+                    # slower: a bucket's rate would be reached by a raise it admits (no 429),
+                    # while a window's would refuse the bucket's rate at once (a 429).
+                    candidates = whole
+                else:
+                    candidates = [Quota.per_second(rate), *whole]
         spacing = _spacing_bounds(times, refused)
         if spacing is not None and _shorter(*spacing):
             longest_refused, shortest_admitted = spacing
