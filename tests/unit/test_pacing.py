@@ -277,6 +277,18 @@ def test_a_window_of_any_period_is_found_not_one_of_a_second_or_a_minute(
     assert run.report.quotas[0].finding.window == Quota(*window)
 
 
+def test_a_spacing_narrowed_and_refused_is_fitted_again_as_a_window() -> None:
+    """5 per 1 s (the CLI test's account) over 100 shots: the bucket's rate read from the first
+    429 (3.15/s) was narrowed to 0.2 s, refused, and kept at 0.25 s for good (4/s, 0.740 of
+    ideal), though 5 per 1.014 s fitted everything seen; a spacing's raise by 5% never proves
+    itself, so nothing ever found the window."""
+    run = simulate(Account(window=(5, 1)), 0.0, 100)
+    found = run.report.quotas[0].finding.window
+    assert found.count == 5 and 1.0 <= found.period <= 1.05
+    assert run.share <= 0.05
+    assert run.ratio >= 0.85
+
+
 def test_a_raised_quota_is_followed() -> None:
     """A window that held is tried one higher now and then, within the run's budget of 429s,
     and again at once while the raises are admitted."""

@@ -484,7 +484,10 @@ class QuotaEstimator:
             else:
                 # (One more: the one request that tries it proves no more than that.)
                 faster = Quota(window.count + 1, window.period)
-        self._probe = _Probe(window, faster, raising)
+        # (A spacing narrowed and refused is fitted again: a window of more than one may
+        # explain what the spacing cannot.)
+        refit = not raising and window.count == 1
+        self._probe = _Probe(window, faster, raising, refit=refit)
         self.window = faster
         self._held_since = at
         return True
