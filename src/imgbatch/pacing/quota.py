@@ -32,7 +32,9 @@ How a quota is found when nothing is known (no `--quota`/`--rps`, no stated or l
   nothing (TCP slows down once per window of losses). The first 429 of the doubling rate is
   fitted as a token bucket full at the start with a second of its rate saved up, or as the
   whole count admitted in a window: the faster windows that fit there are the doubling's own
-  pattern, and each tried would be a 429.
+  pattern, and each tried would be a 429. The whole count wins when it is less than one raise
+  (K + 1 per its period) slower than the bucket's rate: a bucket admits that raise (no 429),
+  where a window refuses the bucket's rate at once.
 * **One request tells two beliefs apart.** The gentle opening's third refused with two in
   flight is a cap of 2, or 2 per some period: the next request goes alone, with fewer in flight,
   when a window of twice the opening (3 s) would have let it. Admitted, the window is that short
@@ -41,7 +43,8 @@ How a quota is found when nothing is known (no `--quota`/`--rps`, no stated or l
   explain all that is seen, and telling them apart costs a 429 either way.)
 * **Beliefs are tested, not kept.** While requests wait on the window, a period not narrowed
   down yet is tried shorter (a round period halfway, one request: kept if admitted, dropped if
-  refused), and a window that held a while without a 429 is tried one higher, again at once
+  refused; a spacing refused so is fitted again, as a window of more than one may explain what
+  no spacing does), and a window that held a while without a 429 is tried one higher, again at once
   while raises are admitted. A probe's request not refused within a round trip was admitted
   (its answer is a whole generation away). All of it within the run's budget of 429s
   (`REFUSAL_BUDGET` of the requests the run means to send, `expected`), raises spread over the
