@@ -41,6 +41,9 @@ SHAPES: list[tuple[Account, float, int]] = [
     (Account(max_in_progress=2), 16.5, 30),
     (Account(max_in_progress=4), 16.5, 30),
     (Account(max_in_progress=4, bucket=(2, 1)), 16.5, 30),
+    # The CLI test's account (tests/cli/test_cli.py: 16 shots, answers at once), and longer.
+    (Account(window=(5, 1)), 0.0, 16),
+    (Account(window=(5, 1)), 0.0, 100),
 ]
 # Issue 20: windows of odd periods, the quota not given.
 ODD: list[tuple[Account, float, int]] = [
@@ -50,9 +53,6 @@ ODD: list[tuple[Account, float, int]] = [
     (Account(window=(5, 10)), 2, 100),
     (Account(window=(20, 300)), 16.5, 200),
     (Account(window=(2, 60)), 16.5, 30),
-    # The CLI test's account (tests/cli/test_cli.py: 16 shots, answers at once), and longer.
-    (Account(window=(5, 1)), 0.0, 16),
-    (Account(window=(5, 1)), 0.0, 100),
 ]
 # A quota raised or lowered midway: (account, latency, shots, raised).
 CHANGED: list[tuple[Account, float, int, bool]] = [
