@@ -241,6 +241,15 @@ def test_a_token_bucket_with_a_burst_is_found_and_held() -> None:
     assert run.report.quotas[0].finding.window.rate >= 25 * 0.9
 
 
+def test_a_bucket_that_saved_up_more_than_a_second_is_read_again_not_as_the_doubling() -> None:
+    """25/s with a burst of 50: the first 429 read as a bucket holding a second of its rate
+    (37.9/s) was refused, then four windows of the doubling's own pattern were tried (65 per
+    0.69 s, 67 per 0.76 s...), a 429 each: 7 of 157 refused, 0.647 of ideal."""
+    run = simulate(Account(bucket=(25, 50)), 0.8, 150)
+    assert run.refused <= 4
+    assert run.ratio >= 0.68
+
+
 def test_429s_do_not_use_up_a_shots_tries() -> None:
     """Two a minute with a single try per shot: every shot still made, none failed."""
     run = simulate(TWO_A_MINUTE, 16.5, 8, options=ApplyOptions(retry=RetryPolicy(max_attempts=1)))
