@@ -59,8 +59,9 @@ How a quota is found when nothing is known (no `--quota`/`--rps`, no stated or l
   credit its account's runs earned (`credit`: 5% of the requests each sent, less its 429s,
   between 0 and `CREDIT_CAP`), which a run adds to its own budget; `credit_left` is what it
   hands on to the next run. So a series of short runs affords, every few runs, the one probe
-  none of them could alone, and over the series no more than 5% of its requests are refused
-  beyond the first run's finding.
+  none of them could alone. A probe is started on credit only when its worst case fits (two
+  429s for a spacing narrowed: a window admits it until full, and the fit after may be wrong);
+  the credit bounds the probes, not the 429s of a quota changed under the run.
 * **Cap or rate.** A 429 with n in flight fits a cap of n when no request was ever admitted with
   n or more in flight. If a window fits too, the cap is believed first, tentatively, and raised
   by one per answer of a request sent with it half full (doubling per round trip, as TCP's slow
@@ -119,9 +120,9 @@ _FIT_COUNT = 256
 # Share of requests a run may have refused (its probes' included).
 REFUSAL_BUDGET = 0.05
 # The most 429s' worth of credit a remembered quota carries over to later runs (see
-# docs/apply.md): enough to test a belief upward once (a raise, or a spacing narrowed then fitted
-# again, one 429 each) with one to spare, and no more, so that a quota remembered right and
-# re-tested after a long quiet spell costs at most that many 429s in one run.
+# docs/apply.md): enough for the worst case of one test upward (a raise: one 429; a spacing
+# narrowed, then fitted again: two) with one to spare, and no more, so that a quota remembered
+# right and re-tested after a long quiet spell costs at most that many 429s beyond the run's own.
 CREDIT_CAP = 3.0
 # 429s a run may spend beyond its budget to narrow a period down (finding one costs a few).
 _SPARE = 4
