@@ -30,23 +30,9 @@ from imgbatch.state.store import open_shared
 from imgbatch.state.store.claims import Claims
 from tests.conftest import write_manifest
 from tests.support.fake_dashscope import FakeDashScope
-from tests.support.object_servers import BUCKET, FakeOss, moto_server, s3_environ
+from tests.support.object_servers import BUCKET, FakeOss, s3_environ
 
 FAST_RETRY = RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.05)
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    with moto_server() as endpoint:
-        yield endpoint
-
-
-@pytest.fixture
-def store_env(
-    moto_endpoint: str, api_env: dict[str, str], request: pytest.FixtureRequest
-) -> dict[str, str]:
-    prefix = request.node.name[:40]
-    return {**api_env, **s3_environ(moto_endpoint), "IMGBATCH_STORE": f"s3://{BUCKET}/{prefix}"}
 
 
 def shot_list(directory: Path, name: str, subject: str, count: int = 2) -> Path:

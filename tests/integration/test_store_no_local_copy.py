@@ -12,12 +12,10 @@ import hashlib
 import json
 import re
 import urllib.request
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pytest
 from click.testing import CliRunner, Result
 
 from imgbatch.cli.main import main
@@ -26,7 +24,6 @@ from imgbatch.review.sheet_data import read_data
 from imgbatch.run.apply import make_plan
 from tests.conftest import write_many_shots
 from tests.support.fake_dashscope import FakeDashScope
-from tests.support.object_servers import BUCKET, moto_server, s3_environ
 
 SHOTS = 4
 # What must never leave the sheet: a signature, a credential, the secret itself.
@@ -38,20 +35,6 @@ SECRETS = (
     "test-secret",
     "test-key-id",
 )
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    with moto_server() as endpoint:
-        yield endpoint
-
-
-@pytest.fixture
-def store_env(
-    moto_endpoint: str, api_env: dict[str, str], request: pytest.FixtureRequest
-) -> dict[str, str]:
-    prefix = request.node.name[:40]
-    return {**api_env, **s3_environ(moto_endpoint), "IMGBATCH_STORE": f"s3://{BUCKET}/{prefix}"}
 
 
 def run(environ: dict[str, str], *args: str | Path) -> Result:

@@ -28,7 +28,7 @@ from imgbatch.review.outcome import ShotOutcome
 from imgbatch.run.sharing import LOOKUPS_IN_FLIGHT, SharedRun
 from imgbatch.state.folder import OutputFolder
 from imgbatch.state.results import ResultEntry
-from imgbatch.state.store import Record, choose_store
+from imgbatch.state.store import Record, choose_store, store_url
 
 _LEFT_ALONE = frozenset({"unchanged", "drift", "not_run"})
 # The outcomes whose image is in the output folder as imgbatch wrote it.
@@ -42,6 +42,17 @@ def require_store(flag: str | None, environ: Mapping[str, str], manifest: Manife
             "--no-local-copy keeps images only in a shared store, and none is named: give "
             "--store URL, set IMGBATCH_STORE, or set output.store in the shot list"
         )
+
+
+def named_store(flag: str | None, environ: Mapping[str, str], manifest: Manifest) -> str | None:
+    """The URL of the store the run names (`choose_store`: a folder in `output.store` is
+    relative to the manifest), as the store gives it (`store_url`): what the plan compares
+    results.json's `image_url`s with. None when none is named; `ConfigError` for a bad URL."""
+    chosen = choose_store(flag, environ, manifest.store)
+    if chosen is None:
+        return None
+    url, origin = chosen
+    return store_url(url, manifest.base_dir if origin == "output.store" else Path.cwd())
 
 
 def kept_in_store(
