@@ -1,10 +1,10 @@
-"""Fixtures of the store's integration tests: one moto S3 server per test module, and an
-environment pointing a run at a fresh prefix of it.
+"""Fixtures of the store's integration tests: S3 servers on 127.0.0.1, started once per test
+module (a server takes a second to start), and an environment pointing a run at a fresh prefix.
 
 Takes `api_env` (tests/conftest.py: a key and the fake DashScope server); gives `moto_endpoint`
-(the server's URL on 127.0.0.1, started once per module: a server takes a second to start) and
-`store_env` (the environment of a machine with a key and the store's credentials, with
-`IMGBATCH_STORE` naming a prefix of the test's own, so tests sharing the server never meet).
+and `seaweed_endpoint` (each server's URL; SeaweedFS is the race-tested one) and `store_env`
+(the environment of a machine with a key and the store's credentials, with `IMGBATCH_STORE`
+naming a prefix of the test's own, so tests sharing the server never meet).
 """
 
 from __future__ import annotations
@@ -13,12 +13,18 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.object_servers import BUCKET, moto_server, s3_environ
+from tests.support.object_servers import BUCKET, moto_server, s3_environ, seaweed_server
 
 
 @pytest.fixture(scope="module")
 def moto_endpoint() -> Iterator[str]:
     with moto_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="module")
+def seaweed_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with seaweed_server(tmp_path_factory.mktemp("weed")) as endpoint:
         yield endpoint
 
 

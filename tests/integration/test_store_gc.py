@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import json
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from imgbatch.cli.main import main
-from imgbatch.housekeeping.store_gc import StorePolicy, collect_store, parse_age
+from imgbatch.housekeeping.gc import kept_in_store_only
+from imgbatch.housekeeping.store_gc import MARKERS, StorePolicy, collect_store, parse_age
 from imgbatch.pacing.gate import RetryPolicy
 from imgbatch.run.apply import ApplyOptions, apply
 from imgbatch.state.store import open_shared
@@ -44,13 +45,16 @@ def shot_list(directory: Path, name: str, subject: str, count: int = 2) -> Path:
     return write_manifest(directory / name, "\n".join(lines) + "\n")
 
 
-def apply_into(environ: dict[str, str], manifest: Path, folder: Path) -> None:
+def apply_into(
+    environ: dict[str, str], manifest: Path, folder: Path, *, no_local_copy: bool = False
+) -> None:
     options = ApplyOptions(
         retry=FAST_RETRY,
         environ={**environ, "OUTPUT_DIR": str(folder)},
         home=Path(environ["HOME"]),
         rps=1000.0,
         quota_store=False,
+        no_local_copy=no_local_copy,
     )
     assert apply(manifest, options).ok
 
@@ -242,14 +246,6 @@ def test_ages_are_read_as_written() -> None:
         parse_age("soon")
 
 
-@pytest.fixture(scope="module")
-def seaweed_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from tests.support.object_servers import seaweed_server
-
-    with seaweed_server(tmp_path_factory.mktemp("weed")) as endpoint:
-        yield endpoint
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_a_writer_racing_gc_never_leaves_a_record_without_its_blob(
@@ -341,3 +337,55 @@ def test_an_age_too_long_to_mean_anything_is_an_error_naming_the_option(
         assert result.exit_code == 2, result.output
         assert f"Invalid value for '{option}'" in result.output
         assert "is not an age" in result.output
+
+
+def test_gc_that_read_the_folders_before_an_apply_moved_their_images_spares_them(
+    tmp_path: Path, store_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    # gc read the folders (nothing kept in the store only yet); an apply --no-local-copy then
+    # moved their images into the store and dropped its copies; gc deleted by age: the images
+    # were gone. gc now reads the folders again once its marker is in the store.
+    lighthouse = shot_list(tmp_path, "lighthouse", "a lighthouse")
+    folder = tmp_path / "out"
+    apply_into(store_env, lighthouse, folder)
+    environ = {**store_env, "OUTPUT_DIR": str(folder)}
+    read_first = kept_in_store_only([lighthouse], environ)
+    assert read_first == (frozenset(), frozenset())
+    apply_into(store_env, lighthouse, folder, no_local_copy=True)
+    assert not list((folder / "lighthouse").glob("*.png"))
+    time.sleep(1.1)  # the store's clock counts whole seconds: past --older-than 0s
+    policy = StorePolicy(
+        older_than=0.0,
+        grace=0.0,
+        keep_records=read_first[0],
+        keep_blobs=read_first[1],
+        recheck=functools.partial(kept_in_store_only, [lighthouse], environ),
+    )
+    found = collect_store(store_env["IMGBATCH_STORE"], store_env, policy, delete=True)
+    assert not [item for item in found.items if item.name.startswith(("ac/", "cas/"))]
+    assert len([name for name, why in found.kept if "since gc began" in why]) == 4
+    assert not [name for name in names(store_env) if name.startswith(MARKERS)]
+    paid = fake_server.generation_count
+    apply_into(store_env, lighthouse, folder)  # back from the store, unpaid
+    assert fake_server.generation_count == paid
+    assert len(list((folder / "lighthouse").glob("*.png"))) == 2
+
+
+def test_an_apply_keeps_its_local_copies_while_a_gc_is_deleting(
+    tmp_path: Path, store_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    # gc's marker is live (renewed within the lease): whatever it read, it may delete what
+    # this apply looked up a moment ago, so the local copies stay, for the next apply to drop.
+    environ = {**store_env, "IMGBATCH_CLAIM_LEASE": "1"}
+    lighthouse = shot_list(tmp_path, "lighthouse", "a lighthouse")
+    folder = tmp_path / "out"
+    apply_into(environ, lighthouse, folder)
+    put(environ, f"{MARKERS}0123456789abcdef", b'{"host": "ci-runner-7", "pid": 4242}')
+    apply_into(environ, lighthouse, folder, no_local_copy=True)
+    results = json.loads((folder / "lighthouse" / "results.json").read_text())
+    assert [entry["local_copy"] for entry in results["shots"]] == [False, False]
+    assert len(list((folder / "lighthouse").glob("*.png"))) == 2
+    time.sleep(2.1)  # not renewed within its lease: that gc is gone
+    apply_into(environ, lighthouse, folder, no_local_copy=True)
+    assert not list((folder / "lighthouse").glob("*.png"))
+    assert fake_server.generation_count == 2

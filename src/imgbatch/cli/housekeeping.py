@@ -3,6 +3,7 @@ objects its policy lets go (`imgbatch.housekeeping.store_gc`)."""
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -103,7 +104,14 @@ def gc_command(
         else (frozenset(), frozenset())
     )
     policy = StorePolicy(
-        older_than=older_than, grace=grace, keep_records=keep[0], keep_blobs=keep[1]
+        older_than=older_than,
+        grace=grace,
+        keep_records=keep[0],
+        keep_blobs=keep[1],
+        # Read again once gc's marker is in the store: an apply moving images there meanwhile.
+        recheck=functools.partial(
+            kept_in_store_only, manifests, os.environ, allow_reference_outside
+        ),
     )
     shared = (
         collect_store(

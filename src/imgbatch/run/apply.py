@@ -59,6 +59,7 @@ from imgbatch.run.interrupts import Interrupts, interrupt_at_once, signal_handle
 from imgbatch.run.picks import fetch_picked, place_picks
 from imgbatch.run.sharing import SharedRun, Unsent, open_sharing, planned_with_store
 from imgbatch.run.store_only import (
+    confirmed,
     drop_local_copies,
     kept_in_store,
     moved_to_store,
@@ -830,7 +831,8 @@ async def _settle_run(
     sheet, sheet_problem = update_sheet(
         output_dir, prep.manifest.name, sheet_plan, written, prep.manifest, links
     )
-    drop_local_copies(output_dir, stored_only(shots))
+    # Last, once results.json says where they are: only those the store still holds.
+    drop_local_copies(output_dir, await confirmed(prep.sharing, output_dir, stored_only(shots)))
     return _Settled(shots, pruned, results, sheet, sheet_problem, picked)
 
 

@@ -8,7 +8,9 @@ and the links signed for it (`imgbatch.review.sheet.signed_links`), are written:
 still passes through this machine, where it is checked and its thumbnail made.
 
 An image the store cannot be shown to hold (a read-only store, a publish that failed, an image
-restored from the local cache alone) stays in the folder as usual. A signed URL is a
+restored from the local cache alone) stays in the folder as usual. So does every image while a
+`gc --store` is deleting in the store, and one a gc deleted since the run looked it up
+(`confirmed`): the store must still hold it when its last local copy goes. A signed URL is a
 credential for as long as it lasts: it goes into the contact sheet alone, never results.json,
 the state, a log or `--json`.
 """
@@ -23,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from imgbatch.errors import ConfigError, SharedEntryDamaged, SharedStoreError
+from imgbatch.housekeeping.store_gc import collecting
 from imgbatch.manifest import Manifest
 from imgbatch.review.outcome import ShotOutcome
 from imgbatch.run.sharing import LOOKUPS_IN_FLIGHT, SharedRun
@@ -108,22 +111,79 @@ async def _stored(sharing: SharedRun, output_dir: Path, entry: ResultEntry) -> R
         record = await sharing.shared.lookup(entry.key)
     except SharedEntryDamaged:
         return None
-    if record is not None or sharing.shared.read_only or entry.file is None:
+    if record is not None:
         return record
+    return await _published(sharing, output_dir, entry)
+
+
+async def _published(sharing: SharedRun, output_dir: Path, entry: ResultEntry) -> Record | None:
+    """`entry`'s image published from its local copy (its file, else its cache entry), after
+    checking it is the image recorded; None when it cannot be (read-only, edited, gone)."""
+    if sharing.shared.read_only or not entry.sha256:
+        return None
     try:
-        data = await asyncio.to_thread((output_dir / entry.file).read_bytes)
+        data = await asyncio.to_thread(_local_copy(output_dir, entry).read_bytes)
     except OSError:
         return None
     if len(data) != entry.bytes or hashlib.sha256(data).hexdigest() != entry.sha256:
         return None  # not the image recorded (edited since): it stays where it is
-    published = replace(entry, image_url=sharing.shared.blob_url(entry.sha256 or ""))
+    made = replace(entry, image_url=sharing.shared.blob_url(entry.sha256), local_copy=None)
     try:
-        record = await sharing.shared.publish(entry.key, data, published.to_json())
+        record = await sharing.shared.publish(entry.key, data, made.to_json())
     except SharedStoreError:
         return None
     sharing.records[entry.key] = record
     sharing.published += 1
     return record
+
+
+def _local_copy(output_dir: Path, entry: ResultEntry) -> Path:
+    """Where `entry`'s image is on this machine: its file, else its cache entry."""
+    if entry.file and (output_dir / entry.file).is_file():
+        return output_dir / entry.file
+    return OutputFolder(output_dir).cache.path(entry.key)
+
+
+async def confirmed(
+    sharing: SharedRun | None, output_dir: Path, entries: Sequence[ResultEntry]
+) -> list[ResultEntry]:
+    """Of `entries` (kept in the store only, as results.json says by now), those whose local
+    copies may go: each with one is checked to be in the store still (its blob and its
+    record, two HEADs; published again from the local copy where either went), then none at
+    all while a `gc --store` is deleting (`collecting`, one LIST). The order is the point:
+    results.json first, then the looks; gc's marker first, then its second read of the
+    folders. Either gc sees this folder keeps them, or this run sees gc at work (see
+    `housekeeping.store_gc`). An entry not confirmed keeps its local copy for the next apply."""
+    if sharing is None:
+        return []
+    here = [entry for entry in entries if _local_copy(output_dir, entry).is_file()]
+    if not here:
+        return []
+    limit = asyncio.Semaphore(LOOKUPS_IN_FLIGHT)
+
+    async def one(entry: ResultEntry) -> bool:
+        async with limit:
+            return await _still_stored(sharing, output_dir, entry)
+
+    held = await asyncio.gather(*map(one, here))
+    try:
+        if await collecting(sharing.shared.objects, sharing.shared.claims.claims.lease):
+            return []
+    except SharedStoreError:
+        return []
+    return [entry for entry, stored in zip(here, held, strict=True) if stored]
+
+
+async def _still_stored(sharing: SharedRun, output_dir: Path, entry: ResultEntry) -> bool:
+    """Whether the store holds `entry`'s blob and its key's record, now, or again once
+    published from the local copy."""
+    objects = sharing.shared.objects
+    try:
+        if await objects.exists(f"cas/{entry.sha256}") and await objects.exists(f"ac/{entry.key}"):
+            return True
+    except SharedStoreError:
+        return False
+    return await _published(sharing, output_dir, entry) is not None
 
 
 def stored_only(shots: Iterable[ShotOutcome]) -> list[ResultEntry]:
@@ -137,8 +197,9 @@ def stored_only(shots: Iterable[ShotOutcome]) -> list[ResultEntry]:
 
 def drop_local_copies(output_dir: Path, entries: Iterable[ResultEntry]) -> None:
     """Remove each entry's file (if it has the size recorded, else it is not the one: kept) and
-    its cache entry. Called after results.json and the sheet are written: a run killed before this
-    leaves the files, which the next plan finds unchanged."""
+    its cache entry. Called after results.json and the sheet are written, for the entries
+    `confirmed` gives: a run killed before this leaves the files, which the next plan finds
+    unchanged, and the next apply drops."""
     cache = OutputFolder(output_dir).cache
     for entry in entries:
         if entry.file:
