@@ -48,6 +48,18 @@ def apply_json(environ: dict[str, str], manifest: Path, *flags: str) -> tuple[Re
     return result, json.loads(result.stdout)
 
 
+def kept_in_a_folder(
+    tmp_path: Path, api_env: dict[str, str], name: str
+) -> tuple[Path, Path, Path, dict[str, str]]:
+    """Two shots applied with --no-local-copy into the folder store `name`: the shot list, the
+    output folder, the store and the environment naming it."""
+    manifest = write_many_shots(tmp_path, "nolocal", 2)
+    store = tmp_path / name
+    environ = {**api_env, "IMGBATCH_STORE": str(store)}
+    apply_json(environ, manifest, "--no-local-copy")
+    return manifest, tmp_path / "output" / "nolocal", store, environ
+
+
 def entries(output: Path) -> dict[str, dict[str, Any]]:
     document = json.loads((output / "results.json").read_text())
     return {entry["id"]: entry for entry in document["shots"]}
@@ -158,11 +170,7 @@ def test_sheet_signs_the_links_again_when_it_is_drawn(
 def test_a_folder_store_links_its_files_and_nothing_expires(
     tmp_path: Path, api_env: dict[str, str], fake_server: FakeDashScope
 ) -> None:
-    manifest = write_many_shots(tmp_path, "nolocal", 2)
-    output = tmp_path / "output" / "nolocal"
-    store = tmp_path / "team-store"
-    environ = {**api_env, "IMGBATCH_STORE": str(store)}
-    apply_json(environ, manifest, "--no-local-copy")
+    manifest, output, store, environ = kept_in_a_folder(tmp_path, api_env, "team-store")
     assert pngs(output) == []
     for card in read_data(output):
         sha = entries(output)[card["id"]]["sha256"]
@@ -220,8 +228,9 @@ def test_an_image_restored_from_the_local_cache_goes_to_the_store_only_too(
     assert fake_server.successes == SHOTS
     assert pngs(output) == []
     assert all(entry["local_copy"] is False for entry in entries(output).values())
-    # One lookup of each record, no blob read (the store already had them all).
-    assert document["store"]["requests"] == {"get": SHOTS}
+    # One lookup of each record, no blob read (the store already had them all), and one LIST
+    # of gc's markers before the local copies go (no gc at work: they go).
+    assert document["store"]["requests"] == {"get": SHOTS, "list": 1}
 
 
 def test_the_sheet_never_links_a_store_that_does_not_hold_the_image(
@@ -386,11 +395,7 @@ def test_a_results_file_from_before_canonical_folders_still_names_its_store(
 ) -> None:
     # An older imgbatch wrote `--store p/../store` as it was given: its entries still name the
     # store they are in (the sheet links them, nothing is refused or paid again).
-    manifest = write_many_shots(tmp_path, "nolocal", 2)
-    output = tmp_path / "output" / "nolocal"
-    store = tmp_path / "store"
-    environ = {**api_env, "IMGBATCH_STORE": str(store)}
-    apply_json(environ, manifest, "--no-local-copy")
+    manifest, output, store, environ = kept_in_a_folder(tmp_path, api_env, "store")
     path = output / "results.json"
     spelled = f"file://{tmp_path}/p/../store/cas/"
     path.write_text(path.read_text().replace(f"{store.as_uri()}/cas/", spelled))

@@ -25,12 +25,13 @@ manifest does not name is never a reason to delete anything. The policy:
 
 Racing an apply that moves images into the store only (`apply --no-local-copy`, into a folder
 of the given manifests): before deleting anything, gc creates its marker (`gc/<id>`, renewed
-every third of the lease while it deletes), then reads the folders' results again
-(`StorePolicy.recheck`) and spares what they keep in the store only by now. The apply, once its
-results.json says so, checks each image is still in the store and drops its local copies only
-when no gc's marker is live (`collecting`). Either gc's second read sees the apply's results
-(the apply wrote them before gc's marker existed), or the apply sees gc's marker: no image loses
-its last copy, whatever the interleaving (Dekker's: each side writes, then reads the other's).
+every third of the lease while it deletes and written once more when it is done, then left for
+a later gc to collect), then reads the folders' results again (`StorePolicy.recheck`) and
+spares what they keep in the store only by now. The apply, once its results.json says so, drops
+its local copies only if no marker was written since it opened the store (`collecting`: one
+LIST). Either gc's second read sees the apply's results (written before gc's marker existed),
+or the apply sees a marker written after it looked its images up: no image loses its last
+copy, whatever the interleaving (Dekker's: each side writes, then reads the other's).
 
 Listings are paginated LISTs of each folder of the layout, never a request per blob. After
 deleting, the records written meanwhile are listed and read: one naming a blob this gc deleted
@@ -234,27 +235,32 @@ async def _find(objects: ObjectStore, policy: StorePolicy, lease: float) -> Stor
     return StoreCollection(objects.url, tuple(items), False, kept)
 
 
-async def collecting(objects: ObjectStore, lease: float) -> bool:
-    """Whether a gc is deleting in the store now: the marker of one, renewed within `lease`
-    (one LIST of the markers' folder, a few objects at most)."""
-    return any(item.age <= lease for item in await objects.listing(MARKERS))
+async def collecting(objects: ObjectStore, seconds: float) -> bool:
+    """Whether a gc may have deleted something in the store in the last `seconds`: the marker
+    of one written since (one LIST of the markers' folder, a few objects). A gc writes its
+    marker every third of its lease while it deletes and once more after, so one killed midway
+    shows it within a lease: give the time since the store was first read, plus a lease."""
+    # A store's clock counts whole seconds: one more, so that an age rounded up still counts.
+    return any(item.age <= seconds + 1.0 for item in await objects.listing(MARKERS))
 
 
 @contextlib.asynccontextmanager
 async def _marked(objects: ObjectStore, lease: float) -> AsyncIterator[None]:
-    """This gc's marker in the store while the block runs: created first, renewed every third
-    of `lease` (a gc paused longer than its lease is taken for dead, as a claim's holder is),
-    removed after."""
+    """This gc's marker in the store while the block runs: created first, written again every
+    third of `lease` and once after the block (a gc paused longer than its lease is taken for
+    dead, as a claim's holder is), then left: a later gc collects it after the grace."""
     name = f"{MARKERS}{uuid.uuid4().hex}"
     body = json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode()
-    etag = await objects.create(name, body)
+    etag = [await objects.create(name, body)]  # the latest, for the next If-Match
+
+    async def write() -> None:
+        with contextlib.suppress(Conflict):  # another's hand on it: a later gc collected it
+            etag[0] = await objects.replace(name, body, etag[0])
 
     async def renew() -> None:
-        current = etag
         while True:
             await asyncio.sleep(lease / 3)
-            with contextlib.suppress(Conflict):
-                current = await objects.replace(name, body, current)
+            await write()
 
     renewing = asyncio.ensure_future(renew())
     try:
@@ -263,7 +269,9 @@ async def _marked(objects: ObjectStore, lease: float) -> AsyncIterator[None]:
         renewing.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await renewing
-        await objects.delete(name)
+        # Written after the last delete, never removed meanwhile: an apply that looked its
+        # images up before any of them sees the marker younger than its run, and keeps them.
+        await write()
 
 
 async def _spared(found: StoreCollection, policy: StorePolicy) -> StoreCollection:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -147,43 +148,24 @@ def _local_copy(output_dir: Path, entry: ResultEntry) -> Path:
 async def confirmed(
     sharing: SharedRun | None, output_dir: Path, entries: Sequence[ResultEntry]
 ) -> list[ResultEntry]:
-    """Of `entries` (kept in the store only, as results.json says by now), those whose local
-    copies may go: each with one is checked to be in the store still (its blob and its
-    record, two HEADs; published again from the local copy where either went), then none at
-    all while a `gc --store` is deleting (`collecting`, one LIST). The order is the point:
-    results.json first, then the looks; gc's marker first, then its second read of the
-    folders. Either gc sees this folder keeps them, or this run sees gc at work (see
-    `housekeeping.store_gc`). An entry not confirmed keeps its local copy for the next apply."""
+    """`entries` (kept in the store only, as results.json says by now), or none at all when a
+    `gc --store` may have deleted something since this run opened the store (`collecting`: one
+    LIST, and only when some entry has a local copy to drop). The order is the point:
+    results.json first, then the look; gc's marker first, then its second read of the
+    folders. Either gc sees this folder keeps them, or this run sees gc was at work after it
+    looked them up (see `housekeeping.store_gc`). Entries not dropped keep their local copies
+    for the next apply to drop."""
     if sharing is None:
         return []
-    here = [entry for entry in entries if _local_copy(output_dir, entry).is_file()]
-    if not here:
+    if not any(_local_copy(output_dir, entry).is_file() for entry in entries):
         return []
-    limit = asyncio.Semaphore(LOOKUPS_IN_FLIGHT)
-
-    async def one(entry: ResultEntry) -> bool:
-        async with limit:
-            return await _still_stored(sharing, output_dir, entry)
-
-    held = await asyncio.gather(*map(one, here))
+    since = time.monotonic() - sharing.opened + sharing.shared.claims.claims.lease
     try:
-        if await collecting(sharing.shared.objects, sharing.shared.claims.claims.lease):
+        if await collecting(sharing.shared.objects, since):
             return []
     except SharedStoreError:
         return []
-    return [entry for entry, stored in zip(here, held, strict=True) if stored]
-
-
-async def _still_stored(sharing: SharedRun, output_dir: Path, entry: ResultEntry) -> bool:
-    """Whether the store holds `entry`'s blob and its key's record, now, or again once
-    published from the local copy."""
-    objects = sharing.shared.objects
-    try:
-        if await objects.exists(f"cas/{entry.sha256}") and await objects.exists(f"ac/{entry.key}"):
-            return True
-    except SharedStoreError:
-        return False
-    return await _published(sharing, output_dir, entry) is not None
+    return list(entries)
 
 
 def stored_only(shots: Iterable[ShotOutcome]) -> list[ResultEntry]:
