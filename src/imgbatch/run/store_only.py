@@ -8,9 +8,9 @@ and the links signed for it (`imgbatch.review.sheet.signed_links`), are written:
 still passes through this machine, where it is checked and its thumbnail made.
 
 An image the store cannot be shown to hold (a read-only store, a publish that failed, an image
-restored from the local cache alone) stays in the folder as usual. So does every image while a
-`gc --store` is deleting in the store, and one a gc deleted since the run looked it up
-(`confirmed`): the store must still hold it when its last local copy goes. A signed URL is a
+restored from the local cache alone) stays in the folder as usual. So does every image of a
+run during which a `gc --store` wrote its marker (`confirmed`): that gc may have deleted what
+the run looked up, and the store must still hold an image when its last local copy goes. A signed URL is a
 credential for as long as it lasts: it goes into the contact sheet alone, never results.json,
 the state, a log or `--json`.
 """
