@@ -45,10 +45,11 @@ def shot_list(directory: Path, name: str, subject: str, count: int = 2) -> Path:
     return write_manifest(directory / name, "\n".join(lines) + "\n")
 
 
-def apply_into(
-    environ: dict[str, str], manifest: Path, folder: Path, *, no_local_copy: bool = False
-) -> None:
-    options = ApplyOptions(
+def options_into(
+    environ: dict[str, str], folder: Path, *, no_local_copy: bool = False
+) -> ApplyOptions:
+    """An apply's options on a machine with `environ`, its output under `folder`."""
+    return ApplyOptions(
         retry=FAST_RETRY,
         environ={**environ, "OUTPUT_DIR": str(folder)},
         home=Path(environ["HOME"]),
@@ -56,7 +57,12 @@ def apply_into(
         quota_store=False,
         no_local_copy=no_local_copy,
     )
-    assert apply(manifest, options).ok
+
+
+def apply_into(
+    environ: dict[str, str], manifest: Path, folder: Path, *, no_local_copy: bool = False
+) -> None:
+    assert apply(manifest, options_into(environ, folder, no_local_copy=no_local_copy)).ok
 
 
 def gc(environ: dict[str, str], *args: str | Path) -> Result:
@@ -310,14 +316,7 @@ def test_older_than_never_deletes_an_image_kept_only_in_the_store(
     # the sheet's links dead, and the next apply would pay for each of them again).
     lighthouse = shot_list(tmp_path, "lighthouse", "a lighthouse")
     folder = tmp_path / "out-lighthouse"
-    options = ApplyOptions(
-        retry=FAST_RETRY,
-        environ={**store_env, "OUTPUT_DIR": str(folder)},
-        home=Path(store_env["HOME"]),
-        rps=1000.0,
-        quota_store=False,
-        no_local_copy=True,
-    )
+    options = options_into(store_env, folder, no_local_copy=True)
     assert apply(lighthouse, options).ok
     assert (folder / "lighthouse" / "results.json").is_file()
     assert not list((folder / "lighthouse").glob("*.png"))

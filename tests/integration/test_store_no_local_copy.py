@@ -48,16 +48,22 @@ def apply_json(environ: dict[str, str], manifest: Path, *flags: str) -> tuple[Re
     return result, json.loads(result.stdout)
 
 
+def applied_store_only(tmp_path: Path, environ: dict[str, str]) -> tuple[Path, Path]:
+    """Two shots applied with --no-local-copy into the store `environ` names: the shot list
+    and the output folder."""
+    manifest = write_many_shots(tmp_path, "nolocal", 2)
+    apply_json(environ, manifest, "--no-local-copy")
+    return manifest, tmp_path / "output" / "nolocal"
+
+
 def kept_in_a_folder(
     tmp_path: Path, api_env: dict[str, str], name: str
 ) -> tuple[Path, Path, Path, dict[str, str]]:
-    """Two shots applied with --no-local-copy into the folder store `name`: the shot list, the
-    output folder, the store and the environment naming it."""
-    manifest = write_many_shots(tmp_path, "nolocal", 2)
+    """`applied_store_only` into the folder store `name`: the shot list, the output folder, the
+    store and the environment naming it."""
     store = tmp_path / name
     environ = {**api_env, "IMGBATCH_STORE": str(store)}
-    apply_json(environ, manifest, "--no-local-copy")
-    return manifest, tmp_path / "output" / "nolocal", store, environ
+    return (*applied_store_only(tmp_path, environ), store, environ)
 
 
 def entries(output: Path) -> dict[str, dict[str, Any]]:
@@ -278,9 +284,7 @@ def test_without_credentials_the_sheet_has_no_links_and_nothing_crashes(
     # A folder whose images are all in the store asks the store nothing on a no-op apply, so
     # missing credentials showed first when the links were signed: NoCredentialsError, as an
     # unexpected crash, of apply and of `imgbatch sheet`.
-    manifest = write_many_shots(tmp_path, "nolocal", 2)
-    output = tmp_path / "output" / "nolocal"
-    apply_json(store_env, manifest, "--no-local-copy")
+    manifest, output = applied_store_only(tmp_path, store_env)
     keyless = {
         **store_env,
         "AWS_ACCESS_KEY_ID": "",
@@ -301,9 +305,7 @@ def test_without_the_store_named_images_kept_in_it_are_not_paid_for_again(
     # A new shell without IMGBATCH_STORE, a clone of the repository with results.json, a CI job
     # that forgot --store: every image results.json keeps in the store only was planned as a
     # create, and paid for again.
-    manifest = write_many_shots(tmp_path, "nolocal", 2)
-    output = tmp_path / "output" / "nolocal"
-    apply_json(store_env, manifest, "--no-local-copy")
+    manifest, output = applied_store_only(tmp_path, store_env)
     before = (output / "results.json").read_bytes()
     paid = fake_server.generation_count
     unnamed = {name: value for name, value in store_env.items() if name != "IMGBATCH_STORE"}

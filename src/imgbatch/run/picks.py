@@ -21,9 +21,9 @@ from pathlib import Path
 
 from imgbatch.errors import SharedEntryDamaged
 from imgbatch.run.sharing import SharedRun
+from imgbatch.run.store_only import local_image
 from imgbatch.shots.expand import Shot
 from imgbatch.state.cache import atomic_write
-from imgbatch.state.folder import OutputFolder
 from imgbatch.state.results import ResultEntry
 
 
@@ -32,14 +32,13 @@ def place_picks(
 ) -> tuple[str, ...]:
     """Write each chosen take as `<shot>.png`; gives the names of the files written."""
     by_id = {entry.id: entry for entry in entries}
-    folder = OutputFolder(output_dir)
     written = []
     for shot, take in picks.items():
         entry = by_id.get(take)
         if entry is None or not entry.has_image:
             continue
         try:
-            data = _source(folder, entry).read_bytes()
+            data = local_image(output_dir, entry).read_bytes()
         except OSError:
             continue  # the take itself is missing: the next apply restores it, then this
         target = output_dir / f"{shot}.png"
@@ -65,12 +64,11 @@ async def fetch_picked(
     leaves the picked file as it was."""
     by_id = {entry.id: entry for entry in entries}
     by_shot = {shot.id: shot for shot in shots}
-    folder = OutputFolder(output_dir)
     for take in picks.values():
         entry, shot = by_id.get(take), by_shot.get(take)
         if entry is None or shot is None or entry.local_copy is not False:
             continue
-        if not entry.has_image or _source(folder, entry).is_file():
+        if not entry.has_image or local_image(output_dir, entry).is_file():
             continue
         try:
             record = await sharing.shared.lookup(entry.key)
@@ -81,15 +79,6 @@ async def fetch_picked(
         restored = await sharing.fetch(shot, record)
         if restored is not None:
             await asyncio.to_thread(sharing.local.put, entry.key, restored.data)
-
-
-def _source(folder: OutputFolder, entry: ResultEntry) -> Path:
-    """Where the take's image is on this machine: its file as apply left it, else the cache."""
-    if entry.file:
-        path = folder.root / entry.file
-        if path.is_file():
-            return path
-    return folder.cache.path(entry.key)
 
 
 def _holds(path: Path, data: bytes) -> bool:

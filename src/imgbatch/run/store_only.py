@@ -10,9 +10,10 @@ still passes through this machine, where it is checked and its thumbnail made.
 An image the store cannot be shown to hold (a read-only store, a publish that failed, an image
 restored from the local cache alone) stays in the folder as usual. So does every image of a
 run during which a `gc --store` wrote its marker (`confirmed`): that gc may have deleted what
-the run looked up, and the store must still hold an image when its last local copy goes. A signed URL is a
-credential for as long as it lasts: it goes into the contact sheet alone, never results.json,
-the state, a log or `--json`.
+the run looked up, and the store must still hold an image when its last local copy goes.
+
+A signed URL is a credential for as long as it lasts: it goes into the contact sheet alone,
+never results.json, the state, a log or `--json`.
 """
 
 from __future__ import annotations
@@ -112,25 +113,17 @@ async def _stored(sharing: SharedRun, output_dir: Path, entry: ResultEntry) -> R
         record = await sharing.shared.lookup(entry.key)
     except SharedEntryDamaged:
         return None
-    if record is not None:
+    if record is not None or sharing.shared.read_only or entry.file is None:
         return record
-    return await _published(sharing, output_dir, entry)
-
-
-async def _published(sharing: SharedRun, output_dir: Path, entry: ResultEntry) -> Record | None:
-    """`entry`'s image published from its local copy (its file, else its cache entry), after
-    checking it is the image recorded; None when it cannot be (read-only, edited, gone)."""
-    if sharing.shared.read_only or not entry.sha256:
-        return None
     try:
-        data = await asyncio.to_thread(_local_copy(output_dir, entry).read_bytes)
+        data = await asyncio.to_thread((output_dir / entry.file).read_bytes)
     except OSError:
         return None
     if len(data) != entry.bytes or hashlib.sha256(data).hexdigest() != entry.sha256:
         return None  # not the image recorded (edited since): it stays where it is
-    made = replace(entry, image_url=sharing.shared.blob_url(entry.sha256), local_copy=None)
+    published = replace(entry, image_url=sharing.shared.blob_url(entry.sha256 or ""))
     try:
-        record = await sharing.shared.publish(entry.key, data, made.to_json())
+        record = await sharing.shared.publish(entry.key, data, published.to_json())
     except SharedStoreError:
         return None
     sharing.records[entry.key] = record
@@ -138,8 +131,9 @@ async def _published(sharing: SharedRun, output_dir: Path, entry: ResultEntry) -
     return record
 
 
-def _local_copy(output_dir: Path, entry: ResultEntry) -> Path:
-    """Where `entry`'s image is on this machine: its file, else its cache entry."""
+def local_image(output_dir: Path, entry: ResultEntry) -> Path:
+    """Where `entry`'s image is on this machine: its file in `output_dir` as apply left it,
+    else its cache entry (which may be missing too)."""
     if entry.file and (output_dir / entry.file).is_file():
         return output_dir / entry.file
     return OutputFolder(output_dir).cache.path(entry.key)
@@ -157,7 +151,7 @@ async def confirmed(
     for the next apply to drop."""
     if sharing is None:
         return []
-    if not any(_local_copy(output_dir, entry).is_file() for entry in entries):
+    if not any(local_image(output_dir, entry).is_file() for entry in entries):
         return []
     since = time.monotonic() - sharing.opened + sharing.shared.claims.claims.lease
     try:
