@@ -24,10 +24,16 @@ from click.testing import CliRunner, Result
 
 from imgbatch.cli.main import main
 from imgbatch.housekeeping.gc import kept_in_store_only
-from imgbatch.housekeeping.store_gc import MARKERS, StorePolicy, collect_store, parse_age
+from imgbatch.housekeeping.store_gc import (
+    MARKERS,
+    StorePolicy,
+    collect_store,
+    parse_age,
+    store_for_gc,
+)
 from imgbatch.pacing.gate import RetryPolicy
 from imgbatch.run.apply import ApplyOptions, apply
-from imgbatch.state.store import open_shared
+from imgbatch.state.store import open_shared, store_url
 from imgbatch.state.store.claims import Claims
 from tests.conftest import write_manifest
 from tests.support.fake_dashscope import FakeDashScope
@@ -401,3 +407,16 @@ def test_an_apply_keeps_its_local_copies_while_a_gc_is_deleting(
     apply_into(environ, lighthouse, folder, no_local_copy=True)
     assert not list((folder / "lighthouse").glob("*.png"))
     assert fake_server.generation_count == 2
+
+
+def test_manifests_naming_one_folder_store_two_ways_name_one_store(tmp_path: Path) -> None:
+    # `cache` and `x/../cache/` beside the manifests are one folder: not "2 different stores".
+    first = write_manifest(tmp_path, "version: 1\nname: a\noutput:\n  store: cache\n", "a.yaml")
+    text = "version: 1\nname: b\noutput:\n  store: x/../cache/\n"
+    second = write_manifest(tmp_path, text, "b.yaml")
+    for manifest in (first, second):
+        with manifest.open("a", encoding="utf-8") as handle:
+            handle.write('shots:\n  - id: s\n    prompt: "p"\n')
+    chosen = store_for_gc(None, {}, [first, second])
+    assert chosen is not None
+    assert store_url(*chosen) == (tmp_path / "cache").as_uri()

@@ -56,7 +56,7 @@ from pathlib import Path
 from imgbatch.errors import ConfigError
 from imgbatch.manifest.loader import ManifestSource, read_manifest
 from imgbatch.providers.image_url import url_expired_at
-from imgbatch.state.store import choose_store, open_shared, read_only_from
+from imgbatch.state.store import choose_store, open_shared, read_only_from, store_url
 from imgbatch.state.store.claims import Claim, ClaimInfo, Claims, lease_from
 from imgbatch.state.store.objects import Conflict, Listed, ObjectStore
 
@@ -137,7 +137,7 @@ def store_for_gc(
     manifests name different stores and nothing else chooses."""
     loaded = [read_manifest(m, allow_reference_outside=allow_reference_outside) for m in manifests]
     named = {(m.store, m.base_dir) for m in loaded if m.store}
-    stores = {str((base / store) if "://" not in store else store) for store, base in named}
+    stores = {store_url(store, base) for store, base in named}  # one folder, however written
     if len(stores) > 1 and choose_store(flag, environ, None) is None:
         raise ConfigError(
             f"the manifests name {len(stores)} different stores ({', '.join(sorted(stores))}): "
