@@ -211,6 +211,9 @@ class SharedRun:
         self._others: set[str] = set()
         self._follower: asyncio.Task[None] | None = None
         self._poke = asyncio.Event()
+        # When this run first read the store: a `gc --store` marker written since means the
+        # store may have lost what the run looked up (`run.store_only.confirmed`).
+        self.opened = time.monotonic()
 
     def use(self) -> StoreUse:
         """What this run did with the store, for its report."""
