@@ -50,7 +50,7 @@ class Limits:
     max_cost: CostLimit | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ShotSpec:
     """One shot to make: `defaults` merged under its own fields, variables filled in, its seed
     resolved. `index` is the shot as written (`shots[index]`), which a matrix or variants can

@@ -988,7 +988,9 @@ def _owned_state(
     `force`), split into this manifest's part and the others'."""
     folder = OutputFolder(expansion.output_dir)
     owner = _owner(path, manifest, expansion.output_dir)
-    state = folder.load()
+    # By id: the loaded entries share the shots' strings (the plan holds both whole).
+    shots = {shot.id: shot for shot in expansion.shots}
+    state = folder.load(shots)
     folder.claim(state, owner, shown=_shown(path), force=force)
-    mine, others = state.split(owner, {shot.id for shot in expansion.shots})
+    mine, others = state.split(owner, shots)
     return _Held(state, mine, others)

@@ -24,6 +24,7 @@ from imgbatch.state.cache import atomic_write
 from imgbatch.state.results import (
     FileIdentity,
     ResultEntry,
+    Shared,
     exists_as_file,
     json_lines,
     read_entry_document,
@@ -133,8 +134,9 @@ class FolderState:
         )
 
 
-def read_record(path: Path) -> FolderState | None:
-    """The record at `path`, None if there is none; `StoreError` naming it when unreadable."""
+def read_record(path: Path, shared: Shared | None = None) -> FolderState | None:
+    """The record at `path`, None if there is none; `StoreError` naming it when unreadable.
+    `shared`: strings its entries share (`imgbatch.state.results.Shared`)."""
     if path.is_symlink():
         raise StoreError(
             f"{path} is a symbolic link; imgbatch never follows links in {path.parent.name}/: "
@@ -143,7 +145,7 @@ def read_record(path: Path) -> FolderState | None:
     if not exists_as_file(path):
         return None
     try:
-        entries, head = read_entry_document(path, (_ENTRIES,))
+        entries, head = read_entry_document(path, (_ENTRIES,), shared)
         if head.get("version") != RECORD_VERSION:
             raise ValueError(f"version {head.get('version')!r}, not {RECORD_VERSION}")
         owner = Owner.from_json(head["owner"]) if head.get("owner") is not None else None

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, Protocol
 
 from imgbatch.errors import StoreError
 from imgbatch.state.cache import AppendLog, atomic_write
@@ -98,14 +98,17 @@ class ResultEntry:
         return data
 
     @classmethod
-    def from_json(cls, data: Any) -> ResultEntry:
-        """The entry `data` holds; ValueError if it is not one (a hand edit, a damaged file)."""
+    def from_json(cls, data: Any, shared: Shared | None = None) -> ResultEntry:
+        """The entry `data` holds; ValueError if it is not one (a hand edit, a damaged file).
+        `shared`: strings it keeps as the caller's own objects when equal (see `Shared`)."""
         if not isinstance(data, dict):
             raise ValueError(f"an entry is a JSON {type(data).__name__}, not an object")
         if data.keys() <= _FIELD_SET:  # as this module writes it: copied in C
             values = dict(data)
         else:  # fields from a later version, or a hand edit: only those this one knows
             values = {name: value for name, value in data.items() if name in _FIELD_SET}
+        if shared is not None:
+            shared.share(values)
         # A 100,000-shot state is held whole while it is planned: the few strings and numbers
         # that repeat from entry to entry are kept once, not once an entry.
         for name in _REPEATING_FIELDS:
@@ -132,6 +135,52 @@ class ResultEntry:
         entry = cls(**values)
         _check_types(entry)
         return entry
+
+
+class KnownShot(Protocol):
+    """A shot the caller holds (the shot list's): the strings its entry repeats."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def file(self) -> str: ...
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def prompt(self) -> str: ...
+
+
+class Shared:
+    """What the entries of one read share instead of holding equal copies: the id, file, key
+    and prompt of the shot each is for, as the caller already holds them (`known`, by shot
+    id: a plan holds both sides whole, and 100,000 entries kept their own copies of these, a
+    third of the state's memory), and `made_at`, which shots finished in the same second
+    repeat. Only equal strings are shared: what an entry says never changes."""
+
+    def __init__(self, known: Mapping[str, KnownShot] | None = None) -> None:
+        self.known: Mapping[str, KnownShot] = known or {}
+        self._stamps: dict[str, str] = {}
+
+    def share(self, values: dict[str, Any]) -> None:
+        """Replace, in an entry's `values`, each string equal to a shared one by that one."""
+        made_at = values.get("made_at")
+        if type(made_at) is str:
+            values["made_at"] = self._stamps.setdefault(made_at, made_at)
+        shot_id = values.get("id")
+        shot = self.known.get(shot_id) if type(shot_id) is str else None
+        if shot is None:
+            return
+        for name, mine in (
+            ("id", shot.id),
+            ("file", shot.file),
+            ("key", shot.key),
+            ("prompt", shot.prompt),
+        ):
+            if values.get(name) == mine:
+                values[name] = mine
 
 
 def _check_types(entry: ResultEntry) -> None:
@@ -245,14 +294,16 @@ _FIELD_SET = frozenset(_FIELD_NAMES)
 _SIZES: dict[int, int] = {}
 
 
-def read_results(path: Path) -> tuple[list[ResultEntry], dict[str, Any]]:
+def read_results(
+    path: Path, shared: Shared | None = None
+) -> tuple[list[ResultEntry], dict[str, Any]]:
     """The entries of the results file at `path` (shots, then orphans) and its other top-level
     fields (`manifest`, `updated_at`...); nothing if there is none. Raises `StoreError` naming
-    the file when it cannot be read."""
+    the file when it cannot be read. `shared`: see `Shared`."""
     if not exists_as_file(path):
         return [], {}
     try:
-        return read_entry_document(path, ("shots", "orphans"))
+        return read_entry_document(path, ("shots", "orphans"), shared)
     except (OSError, ValueError, TypeError, AttributeError, RecursionError) as exc:
         raise StoreError(
             f"{path} cannot be read ({exc}); move it aside and run apply again: "
@@ -274,7 +325,7 @@ def exists_as_file(path: Path) -> bool:
 
 
 def read_entry_document(
-    path: Path, lists: tuple[str, ...]
+    path: Path, lists: tuple[str, ...], shared: Shared | None = None
 ) -> tuple[list[ResultEntry], dict[str, Any]]:
     """The entries in the JSON document at `path`'s lists named `lists` (in that order), and
     its other top-level fields.
@@ -286,14 +337,14 @@ def read_entry_document(
     pretty-printed by hand) is parsed whole. Raises ValueError (or OSError) when it is not such a
     document.
     """
-    by_lines = _read_by_lines(path, lists)
+    by_lines = _read_by_lines(path, lists, shared)
     if by_lines is not None:
         return by_lines
     document = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(document, dict):
         raise ValueError(f"a JSON {type(document).__name__}, not an object")
     raws = [raw for name in lists for raw in document.get(name, [])]
-    return [ResultEntry.from_json(raw) for raw in raws], _head(document, lists)
+    return [ResultEntry.from_json(raw, shared) for raw in raws], _head(document, lists)
 
 
 # Entry lines parsed in one json.loads call: a call per line was a fifth of loading a state.
@@ -301,7 +352,7 @@ _BATCH = 1000
 
 
 def _read_by_lines(
-    path: Path, lists: tuple[str, ...]
+    path: Path, lists: tuple[str, ...], shared: Shared | None
 ) -> tuple[list[ResultEntry], dict[str, Any]] | None:
     """`read_entry_document` a line at a time, for a file laid out as this module writes it;
     None when it is not (each entry must be one line, the rest the document around them)."""
@@ -317,10 +368,10 @@ def _read_by_lines(
             batch.append(text.removesuffix(","))
             skeleton.append("0," if text.endswith(",") else "0")
             if len(batch) == _BATCH:
-                if not _parsed(batch, entries):
+                if not _parsed(batch, entries, shared):
                     return None
                 batch.clear()
-    if not _parsed(batch, entries):
+    if not _parsed(batch, entries, shared):
         return None
     try:
         document = json.loads("".join(skeleton))
@@ -330,7 +381,7 @@ def _read_by_lines(
     return (entries, _head(document, lists)) if places == [0] * len(entries) else None
 
 
-def _parsed(lines: list[str], entries: list[ResultEntry]) -> bool:
+def _parsed(lines: list[str], entries: list[ResultEntry], shared: Shared | None) -> bool:
     """Add the entries `lines` hold, one each, to `entries`; False if they are not that."""
     if not lines:
         return True
@@ -338,7 +389,7 @@ def _parsed(lines: list[str], entries: list[ResultEntry]) -> bool:
         raws = json.loads(f"[{','.join(lines)}]")
         if len(raws) != len(lines):
             return False
-        entries.extend(ResultEntry.from_json(raw) for raw in raws)
+        entries.extend(ResultEntry.from_json(raw, shared) for raw in raws)
     except (ValueError, TypeError, AttributeError):
         return False
     return True
