@@ -193,11 +193,13 @@ def load_and_expand(
     *,
     allow_reference_outside: bool = False,
 ) -> tuple[Manifest, Expansion]:
-    """The manifest read and its shots expanded (the cyclic collector paused meanwhile)."""
+    """The manifest read and its shots expanded (the cyclic collector paused meanwhile); the
+    manifest without its shots' fields (`Manifest.without_fields`): the expansion has them."""
     with collector_paused():
         manifest = read_manifest(path, allow_reference_outside=allow_reference_outside)
         name = provider_name(manifest, provider, environ, home)
-        return manifest, expand(manifest, provider=name, environ=environ)
+        expansion = expand(manifest, provider=name, environ=environ)
+        return manifest.without_fields(), expansion
 
 
 def expand_shots(
@@ -969,7 +971,7 @@ class _Held:
     it plans from), and the rest: another manifest's entries, kept as they are."""
 
     before: FolderState
-    mine: dict[str, ResultEntry]
+    mine: Mapping[str, ResultEntry]
     others: dict[str, ResultEntry]
 
 

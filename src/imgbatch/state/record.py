@@ -110,9 +110,12 @@ class FolderState:
 
     def split(
         self, owner: Owner, ids: Collection[str]
-    ) -> tuple[dict[str, ResultEntry], dict[str, ResultEntry]]:
+    ) -> tuple[Mapping[str, ResultEntry], dict[str, ResultEntry]]:
         """The entries that are `owner`'s (its shots' ids, and the ones it made), and the
         others: another manifest's, which `owner`'s apply neither plans, lists nor prunes."""
+        if not self.guests and (self.owner is None or self.owner.same(owner)):
+            # All of them (the usual case): the entries as they are, not a copy of 100,000.
+            return self.entries, {}
         mine: dict[str, ResultEntry] = {}
         others: dict[str, ResultEntry] = {}
         for shot_id, entry in self.entries.items():
