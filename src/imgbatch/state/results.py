@@ -149,18 +149,16 @@ class Recorded(Mapping[str, Any]):
     def of(cls, request: dict[str, Any], prompt: Any) -> Recorded:
         """`request` as read from a file; its text, when it is the entry's `prompt`, is that
         string, and the values that repeat from entry to entry are each kept once."""
-        values = []
-        for name, value in request.items():
-            if type(value) is str:
-                if name in _REPEATING_REQUEST:
-                    value = sys.intern(value)
-                elif name == "text" and value == prompt:
-                    value = prompt
-            values.append(value)
+        request = dict(request)  # the caller's is left as it is
+        for name in _REPEATING_REQUEST:
+            if type(value := request.get(name)) is str:
+                request[name] = sys.intern(value)
+        if request.get("text") == prompt:
+            request["text"] = prompt
         names = tuple(request)
         if len(_NAMES) < 4096:  # bounded against a hostile file
             names = _NAMES.setdefault(names, names)
-        return cls(names, tuple(values))
+        return cls(names, tuple(request.values()))
 
     def as_dict(self) -> dict[str, Any]:
         return dict(zip(self._names, self._values, strict=True))
