@@ -241,6 +241,15 @@ def test_a_token_bucket_with_a_burst_is_found_and_held() -> None:
     assert run.report.quotas[0].finding.window.rate >= 25 * 0.9
 
 
+def test_a_bucket_that_saved_up_more_than_a_second_is_read_again_not_as_the_doubling() -> None:
+    """25/s with a burst of 50: the first 429 read as a bucket holding a second of its rate
+    (37.9/s) was refused, then four windows of the doubling's own pattern were tried (65 per
+    0.69 s, 67 per 0.76 s...), a 429 each: 7 of 157 refused, 0.647 of ideal."""
+    run = simulate(Account(bucket=(25, 50)), 0.8, 150)
+    assert run.refused <= 4
+    assert run.ratio >= 0.68
+
+
 def test_429s_do_not_use_up_a_shots_tries() -> None:
     """Two a minute with a single try per shot: every shot still made, none failed."""
     run = simulate(TWO_A_MINUTE, 16.5, 8, options=ApplyOptions(retry=RetryPolicy(max_attempts=1)))
@@ -277,6 +286,18 @@ def test_a_window_of_any_period_is_found_not_one_of_a_second_or_a_minute(
     assert run.report.quotas[0].finding.window == Quota(*window)
 
 
+def test_a_spacing_narrowed_and_refused_is_fitted_again_as_a_window() -> None:
+    """5 per 1 s (the CLI test's account) over 100 shots: the bucket's rate read from the first
+    429 (3.15/s) was narrowed to 0.2 s, refused, and kept at 0.25 s for good (4/s, 0.740 of
+    ideal), though 5 per 1.014 s fitted everything seen; a spacing's raise by 5% never proves
+    itself, so nothing ever found the window."""
+    run = simulate(Account(window=(5, 1)), 0.0, 100)
+    found = run.report.quotas[0].finding.window
+    assert found.count == 5 and 1.0 <= found.period <= 1.05
+    assert run.share <= 0.05
+    assert run.ratio >= 0.85
+
+
 def test_a_raised_quota_is_followed() -> None:
     """A window that held is tried one higher now and then, within the run's budget of 429s,
     and again at once while the raises are admitted."""
@@ -288,10 +309,15 @@ def test_a_raised_quota_is_followed() -> None:
 
 
 def test_a_lowered_quota_settles_after_a_few_429s() -> None:
+    """Within the run's budget: 6 per 3 s found from the doubling's first 429 as the whole count
+    admitted (the bucket's rate read from it, 2.23/s, was a second 429 and left the run 6 of
+    106 refused, 0.872 of ideal), then two 429s to settle after the change."""
     change = (30.0, (2, 3.0))
     run = simulate(Account(window=(6, 3), change=change), 2.0, 100)
     assert run.refused_after(change[0]) <= 3
     assert run.report.quotas[0].finding.window == Quota(2, 3)
+    assert run.share <= 0.05
+    assert run.ratio >= 0.9
 
 
 @pytest.mark.parametrize("remembered", [Quota(3, 60), Quota(10, 3)])

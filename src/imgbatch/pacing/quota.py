@@ -32,7 +32,11 @@ How a quota is found when nothing is known (no `--quota`/`--rps`, no stated or l
   nothing (TCP slows down once per window of losses). The first 429 of the doubling rate is
   fitted as a token bucket full at the start with a second of its rate saved up, or as the
   whole count admitted in a window: the faster windows that fit there are the doubling's own
-  pattern, and each tried would be a 429.
+  pattern, and each tried would be a 429. The whole count wins when it is less than one raise
+  (K + 1 per its period) slower than the bucket's rate: a bucket admits that raise (no 429),
+  where a window refuses the bucket's rate at once. The bucket's rate refused in turn after it
+  admitted a request or more (a bucket refills; a window refuses at once) is read again with two
+  seconds of it saved up.
 * **One request tells two beliefs apart.** The gentle opening's third refused with two in
   flight is a cap of 2, or 2 per some period: the next request goes alone, with fewer in flight,
   when a window of twice the opening (3 s) would have let it. Admitted, the window is that short
@@ -41,7 +45,8 @@ How a quota is found when nothing is known (no `--quota`/`--rps`, no stated or l
   explain all that is seen, and telling them apart costs a 429 either way.)
 * **Beliefs are tested, not kept.** While requests wait on the window, a period not narrowed
   down yet is tried shorter (a round period halfway, one request: kept if admitted, dropped if
-  refused), and a window that held a while without a 429 is tried one higher, again at once
+  refused; a spacing refused so is fitted again, as a window of more than one may explain what
+  no spacing does), and a window that held a while without a 429 is tried one higher, again at once
   while raises are admitted. A probe's request not refused within a round trip was admitted
   (its answer is a whole generation away). All of it within the run's budget of 429s
   (`REFUSAL_BUDGET` of the requests the run means to send, `expected`), raises spread over the
@@ -216,6 +221,7 @@ class QuotaEstimator:
         self._cap_gap = math.inf  # the gap before the request of the last 429 a cap may explain
         self._refusal_time = 0.0  # the longest a 429 took to come back
         self._answered_429_at = -math.inf  # when the last 429 acted on came back
+        self._first_read: Quota | None = None  # the window read from the first 429
 
     @property
     def found(self) -> bool:
@@ -380,6 +386,8 @@ class QuotaEstimator:
             self._hint_wrong, self._disproved = True, self.window
         self._ramping = False
         self.window, self.source = self._fit() or self._fallback(), "probed"
+        if self.refusals == 1:
+            self._first_read = self.window
 
     def _changed(self, send: _Send, since: float | None) -> bool:
         """A window that held (since `since`) was refused by `send`: the quota changed (or
@@ -484,7 +492,10 @@ class QuotaEstimator:
             else:
                 # (One more: the one request that tries it proves no more than that.)
                 faster = Quota(window.count + 1, window.period)
-        self._probe = _Probe(window, faster, raising)
+        # (A spacing narrowed and refused is fitted again: a window of more than one may
+        # explain what the spacing cannot.)
+        refit = not raising and window.count == 1
+        self._probe = _Probe(window, faster, raising, refit=refit)
         self.window = faster
         self._held_since = at
         return True
@@ -625,17 +636,7 @@ class QuotaEstimator:
         previous = self.window.period if self.source != "probing" else None
         opening = self.settings.opening_span if self._opening_refused else None
         candidates = _windows(times, refused, previous, opening)
-        first = refused.index(True)
-        if self.source == "probing" and self.refusals == 1:
-            # The first 429, the rate doubling: a token bucket, full at the start with a second
-            # of its rate saved up, explains it; its rate, evenly spaced, or the whole count
-            # admitted in a window. (The faster windows that fit are the doubling's own pattern:
-            # each tried would be a 429.)
-            bucket = _bucket_rate(times[: first + 1])
-            if bucket is not None and first > self.settings.opening_sends:
-                # (Not when the opening itself was refused: a window of a few a minute is.)
-                whole = [quota for quota in candidates if quota.count == first]
-                candidates = [Quota.per_second(bucket * _MARGIN), *whole]
+        candidates = self._read_overshoot(times, refused, candidates)
         spacing = _spacing_bounds(times, refused)
         if spacing is not None and _shorter(*spacing):
             longest_refused, shortest_admitted = spacing
@@ -650,6 +651,43 @@ class QuotaEstimator:
             # (With a cap, what was admitted may have been held back by it, not by the rate.)
             candidates.append(Quota.per_second(measured * _MARGIN))
         return max(candidates, key=lambda quota: quota.rate, default=None)
+
+    def _read_overshoot(
+        self, times: list[float], refused: list[bool], candidates: list[Quota]
+    ) -> list[Quota]:
+        """The windows to choose from at the doubling's first 429, and at a second one that
+        refused the bucket's rate read from the first; `candidates` otherwise."""
+        first = refused.index(True)
+        if first <= self.settings.opening_sends:
+            return candidates  # (the opening itself refused: a window of a few a minute is)
+        if self.source == "probing" and self.refusals == 1:
+            # The first 429, the rate doubling: a token bucket, full at the start with a second
+            # of its rate saved up, explains it; its rate, evenly spaced, or the whole count
+            # admitted in a window. (The faster windows that fit are the doubling's own pattern:
+            # each tried would be a 429.)
+            bucket = _bucket_rate(times[: first + 1])
+            if bucket is None:
+                return candidates
+            whole = [quota for quota in candidates if quota.count == first]
+            rate = bucket * _MARGIN
+            if whole and whole[0].rate * (first + 1) / first >= rate:
+                # The whole count is less than one raise (K + 1 per the same period) slower: a
+                # bucket's rate would be reached by a raise it admits (no 429), while a
+                # window's would refuse the bucket's rate at once (a 429).
+                return whole
+            return [Quota.per_second(rate), *whole]
+        second = refused.index(True, first + 1) if True in refused[first + 1 :] else first
+        refilled = False in refused[first + 1 : second]
+        read = self.window == self._first_read and self.window.count == 1
+        if self.refusals == 2 and read and refilled:
+            # The bucket's rate read from the first 429 admitted a request or more, then was
+            # refused: a bucket (refilling, where a window refuses at once) that had saved up
+            # more than a second of its rate. Read again with two seconds saved (a slower
+            # rate), not as the doubling's pattern, each window of which is a 429.
+            bucket = _bucket_rate(times[: first + 1], burst_seconds=2.0)
+            if bucket is not None:
+                return [Quota.per_second(bucket * _MARGIN)]
+        return candidates
 
     def _fallback(self) -> Quota:
         """Half the rate: nothing fits (another client of the account, or a shape not modelled)."""
