@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -181,6 +182,36 @@ def test_apply_reports_progress_and_returns_the_json_document(project: Path) -> 
     assert (project / "output" / "shots" / "s2.png").is_file()
     assert notes[-1][:2] == (3, 3)
     assert {message for _, _, message in notes} >= {"s0: generated", "s2: generated"}
+
+
+def test_apply_progress_says_from_store_for_images_restored_from_the_store(
+    project: Path,
+) -> None:
+    # The server said `generated` for each shot restored from the store (its entry is its
+    # maker's), while the CLI's progress, summary and --json said `from_store`.
+    manifest = shot_list(project, 2, provider="placeholder")
+    text = manifest.read_text(encoding="utf-8")
+    manifest.write_text(text.replace("defaults:", "output:\n  store: store\ndefaults:"))
+    notes: list[str | None] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        notes.append(message)
+
+    async def scenario() -> Any:
+        async with connected(project, None) as session:
+            first = await session.call_tool("apply", {"manifest": str(manifest)})
+            # Another machine's output folder, the same store: every image comes from it.
+            shutil.rmtree(project / "output")
+            again = await session.call_tool(
+                "apply", {"manifest": str(manifest)}, progress_callback=on_progress
+            )
+            return first, again
+
+    first, again = run(scenario)
+    assert not first.is_error and not again.is_error, again.content
+    assert [shot["status"] for shot in again.structured_content["shots"]] == ["from_store"] * 2
+    assert set(notes) >= {"s0: from_store", "s1: from_store"}
+    assert not [note for note in notes if note and note.endswith(": generated")]
 
 
 def test_apply_honours_max_requests(project: Path) -> None:

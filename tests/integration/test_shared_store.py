@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -21,19 +21,7 @@ from imgbatch.state.store import choose_store, location, open_shared, read_only_
 from imgbatch.state.store.claims import Claim, ClaimInfo, Claims
 from imgbatch.state.store.layout import SharedCache
 from imgbatch.state.store.objects import Conflict, Exists
-from tests.support.object_servers import BUCKET, FakeOss, moto_server, s3_environ, seaweed_server
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    with moto_server() as endpoint:
-        yield endpoint
-
-
-@pytest.fixture(scope="module")
-def seaweed_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with seaweed_server(tmp_path_factory.mktemp("weed")) as endpoint:
-        yield endpoint
+from tests.support.object_servers import BUCKET, FakeOss, s3_environ
 
 
 @pytest.fixture(params=["folder", "moto", "seaweed"])

@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,23 +30,10 @@ from imgbatch.state import cache as cache_module
 from imgbatch.state.last_run import load_changes
 from tests.conftest import FAKE_KEY, write_many_shots
 from tests.support.fake_dashscope import FakeDashScope
-from tests.support.object_servers import BUCKET, FakeOss, moto_server, s3_environ
+from tests.support.object_servers import BUCKET, FakeOss, s3_environ
 
 SHOTS = 12
 FAST_RETRY = RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.05)
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    with moto_server() as endpoint:
-        yield endpoint
-
-
-@pytest.fixture
-def store_env(moto_endpoint: str, api_env: dict[str, str], request: pytest.FixtureRequest):
-    """The environment of a machine with a key and the store's credentials; a fresh prefix."""
-    prefix = request.node.name.replace("[", "-").replace("]", "")[:40]
-    return {**api_env, **s3_environ(moto_endpoint), "IMGBATCH_STORE": f"s3://{BUCKET}/{prefix}"}
 
 
 def machine(environ: dict[str, str], folder: Path, **overrides: Any) -> ApplyOptions:

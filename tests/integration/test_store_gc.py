@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import json
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,30 +23,23 @@ import pytest
 from click.testing import CliRunner, Result
 
 from imgbatch.cli.main import main
-from imgbatch.housekeeping.store_gc import StorePolicy, collect_store, parse_age
+from imgbatch.housekeeping.gc import kept_in_store_only
+from imgbatch.housekeeping.store_gc import (
+    MARKERS,
+    StorePolicy,
+    collect_store,
+    parse_age,
+    store_for_gc,
+)
 from imgbatch.pacing.gate import RetryPolicy
 from imgbatch.run.apply import ApplyOptions, apply
-from imgbatch.state.store import open_shared
+from imgbatch.state.store import open_shared, store_url
 from imgbatch.state.store.claims import Claims
 from tests.conftest import write_manifest
 from tests.support.fake_dashscope import FakeDashScope
-from tests.support.object_servers import BUCKET, FakeOss, moto_server, s3_environ
+from tests.support.object_servers import BUCKET, FakeOss, s3_environ
 
 FAST_RETRY = RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.05)
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    with moto_server() as endpoint:
-        yield endpoint
-
-
-@pytest.fixture
-def store_env(
-    moto_endpoint: str, api_env: dict[str, str], request: pytest.FixtureRequest
-) -> dict[str, str]:
-    prefix = request.node.name[:40]
-    return {**api_env, **s3_environ(moto_endpoint), "IMGBATCH_STORE": f"s3://{BUCKET}/{prefix}"}
 
 
 def shot_list(directory: Path, name: str, subject: str, count: int = 2) -> Path:
@@ -58,15 +51,24 @@ def shot_list(directory: Path, name: str, subject: str, count: int = 2) -> Path:
     return write_manifest(directory / name, "\n".join(lines) + "\n")
 
 
-def apply_into(environ: dict[str, str], manifest: Path, folder: Path) -> None:
-    options = ApplyOptions(
+def options_into(
+    environ: dict[str, str], folder: Path, *, no_local_copy: bool = False
+) -> ApplyOptions:
+    """An apply's options on a machine with `environ`, its output under `folder`."""
+    return ApplyOptions(
         retry=FAST_RETRY,
         environ={**environ, "OUTPUT_DIR": str(folder)},
         home=Path(environ["HOME"]),
         rps=1000.0,
         quota_store=False,
+        no_local_copy=no_local_copy,
     )
-    assert apply(manifest, options).ok
+
+
+def apply_into(
+    environ: dict[str, str], manifest: Path, folder: Path, *, no_local_copy: bool = False
+) -> None:
+    assert apply(manifest, options_into(environ, folder, no_local_copy=no_local_copy)).ok
 
 
 def gc(environ: dict[str, str], *args: str | Path) -> Result:
@@ -92,6 +94,16 @@ def put(environ: dict[str, str], name: str, data: bytes) -> None:
             await shared.objects.create(name, data)
 
     asyncio.run(run())
+
+
+def markers(environ: dict[str, str]) -> list[str]:
+    """The names of gc's markers in the store (`gc/<id>`)."""
+
+    async def run() -> list[str]:
+        async with open_shared(environ["IMGBATCH_STORE"], environ) as shared:
+            return [item.name for item in await shared.objects.listing(MARKERS)]
+
+    return asyncio.run(run())
 
 
 def record_keys(environ: dict[str, str]) -> set[str]:
@@ -242,8 +254,9 @@ def test_gc_lists_the_store_and_reads_only_records_and_claims(
     time.sleep(1.1)
     found = collect_store(store_env["IMGBATCH_STORE"], store_env, StorePolicy(grace=0.0))
     requests: dict[str, Any] = dict(found.requests)
-    # One LIST per folder of the layout and one GET per record: no HEAD, no blob read.
-    assert requests == {"list": 4, "get": 4}
+    # One LIST per folder of the layout (gc's markers' too) and one GET per record: no HEAD, no
+    # blob read.
+    assert requests == {"list": 5, "get": 4}
     assert [item.why for item in found.items] == ["blob no record names"]
     assert not found.deleted
 
@@ -254,14 +267,6 @@ def test_ages_are_read_as_written() -> None:
     assert parse_age("90m") == 5400 and parse_age("0s") == 0
     with pytest.raises(ValueError, match="is not an age"):
         parse_age("soon")
-
-
-@pytest.fixture(scope="module")
-def seaweed_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from tests.support.object_servers import seaweed_server
-
-    with seaweed_server(tmp_path_factory.mktemp("weed")) as endpoint:
-        yield endpoint
 
 
 @pytest.mark.slow
@@ -317,14 +322,7 @@ def test_older_than_never_deletes_an_image_kept_only_in_the_store(
     # the sheet's links dead, and the next apply would pay for each of them again).
     lighthouse = shot_list(tmp_path, "lighthouse", "a lighthouse")
     folder = tmp_path / "out-lighthouse"
-    options = ApplyOptions(
-        retry=FAST_RETRY,
-        environ={**store_env, "OUTPUT_DIR": str(folder)},
-        home=Path(store_env["HOME"]),
-        rps=1000.0,
-        quota_store=False,
-        no_local_copy=True,
-    )
+    options = options_into(store_env, folder, no_local_copy=True)
     assert apply(lighthouse, options).ok
     assert (folder / "lighthouse" / "results.json").is_file()
     assert not list((folder / "lighthouse").glob("*.png"))
@@ -355,3 +353,70 @@ def test_an_age_too_long_to_mean_anything_is_an_error_naming_the_option(
         assert result.exit_code == 2, result.output
         assert f"Invalid value for '{option}'" in result.output
         assert "is not an age" in result.output
+
+
+def test_gc_that_read_the_folders_before_an_apply_moved_their_images_spares_them(
+    tmp_path: Path, store_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    # gc read the folders (nothing kept in the store only yet); an apply --no-local-copy then
+    # moved their images into the store and dropped its copies; gc deleted by age: the images
+    # were gone. gc now reads the folders again once its marker is in the store.
+    lighthouse = shot_list(tmp_path, "lighthouse", "a lighthouse")
+    folder = tmp_path / "out"
+    apply_into(store_env, lighthouse, folder)
+    environ = {**store_env, "OUTPUT_DIR": str(folder)}
+    read_first = kept_in_store_only([lighthouse], environ)
+    assert read_first == (frozenset(), frozenset())
+    apply_into(store_env, lighthouse, folder, no_local_copy=True)
+    assert not list((folder / "lighthouse").glob("*.png"))
+    time.sleep(1.1)  # the store's clock counts whole seconds: past --older-than 0s
+    policy = StorePolicy(
+        older_than=0.0,
+        grace=0.0,
+        keep_records=read_first[0],
+        keep_blobs=read_first[1],
+        recheck=functools.partial(kept_in_store_only, [lighthouse], environ),
+    )
+    found = collect_store(store_env["IMGBATCH_STORE"], store_env, policy, delete=True)
+    assert not [item for item in found.items if item.name.startswith(("ac/", "cas/"))]
+    assert len([name for name, why in found.kept if "since gc began" in why]) == 4
+    # Its marker stays, written after its last delete: an apply that looked its images up
+    # before sees it (a later gc collects it after the grace).
+    assert len(markers(store_env)) == 1
+    paid = fake_server.generation_count
+    apply_into(store_env, lighthouse, folder)  # back from the store, unpaid
+    assert fake_server.generation_count == paid
+    assert len(list((folder / "lighthouse").glob("*.png"))) == 2
+
+
+def test_an_apply_keeps_its_local_copies_while_a_gc_is_deleting(
+    tmp_path: Path, store_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    # gc's marker is live (written since this apply opened the store, or within a lease): it
+    # may have deleted what this apply looked up, so the local copies stay, for the next apply.
+    environ = {**store_env, "IMGBATCH_CLAIM_LEASE": "1"}
+    lighthouse = shot_list(tmp_path, "lighthouse", "a lighthouse")
+    folder = tmp_path / "out"
+    apply_into(environ, lighthouse, folder)
+    put(environ, f"{MARKERS}0123456789abcdef", b'{"host": "ci-runner-7", "pid": 4242}')
+    apply_into(environ, lighthouse, folder, no_local_copy=True)
+    results = json.loads((folder / "lighthouse" / "results.json").read_text())
+    assert [entry["local_copy"] for entry in results["shots"]] == [False, False]
+    assert len(list((folder / "lighthouse").glob("*.png"))) == 2
+    time.sleep(3.1)  # older than the lease, plus a second of the store's clock: that gc is done
+    apply_into(environ, lighthouse, folder, no_local_copy=True)
+    assert not list((folder / "lighthouse").glob("*.png"))
+    assert fake_server.generation_count == 2
+
+
+def test_manifests_naming_one_folder_store_two_ways_name_one_store(tmp_path: Path) -> None:
+    # `cache` and `x/../cache/` beside the manifests are one folder: not "2 different stores".
+    first = write_manifest(tmp_path, "version: 1\nname: a\noutput:\n  store: cache\n", "a.yaml")
+    text = "version: 1\nname: b\noutput:\n  store: x/../cache/\n"
+    second = write_manifest(tmp_path, text, "b.yaml")
+    for manifest in (first, second):
+        with manifest.open("a", encoding="utf-8") as handle:
+            handle.write('shots:\n  - id: s\n    prompt: "p"\n')
+    chosen = store_for_gc(None, {}, [first, second])
+    assert chosen is not None
+    assert store_url(*chosen) == (tmp_path / "cache").as_uri()

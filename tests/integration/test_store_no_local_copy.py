@@ -12,7 +12,6 @@ import hashlib
 import json
 import re
 import urllib.request
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,9 +23,8 @@ from imgbatch.cli.main import main
 from imgbatch.plan.decide import Action
 from imgbatch.review.sheet_data import read_data
 from imgbatch.run.apply import make_plan
-from tests.conftest import write_many_shots
+from tests.conftest import write_manifest, write_many_shots
 from tests.support.fake_dashscope import FakeDashScope
-from tests.support.object_servers import BUCKET, moto_server, s3_environ
 
 SHOTS = 4
 # What must never leave the sheet: a signature, a credential, the secret itself.
@@ -40,20 +38,6 @@ SECRETS = (
 )
 
 
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    with moto_server() as endpoint:
-        yield endpoint
-
-
-@pytest.fixture
-def store_env(
-    moto_endpoint: str, api_env: dict[str, str], request: pytest.FixtureRequest
-) -> dict[str, str]:
-    prefix = request.node.name[:40]
-    return {**api_env, **s3_environ(moto_endpoint), "IMGBATCH_STORE": f"s3://{BUCKET}/{prefix}"}
-
-
 def run(environ: dict[str, str], *args: str | Path) -> Result:
     return CliRunner().invoke(main, [str(arg) for arg in args], env=environ)
 
@@ -62,6 +46,24 @@ def apply_json(environ: dict[str, str], manifest: Path, *flags: str) -> tuple[Re
     result = run(environ, "apply", manifest, "--rps", "1000", "--json", *flags)
     assert result.exit_code == 0, result.output
     return result, json.loads(result.stdout)
+
+
+def applied_store_only(tmp_path: Path, environ: dict[str, str]) -> tuple[Path, Path]:
+    """Two shots applied with --no-local-copy into the store `environ` names: the shot list
+    and the output folder."""
+    manifest = write_many_shots(tmp_path, "nolocal", 2)
+    apply_json(environ, manifest, "--no-local-copy")
+    return manifest, tmp_path / "output" / "nolocal"
+
+
+def kept_in_a_folder(
+    tmp_path: Path, api_env: dict[str, str], name: str
+) -> tuple[Path, Path, Path, dict[str, str]]:
+    """`applied_store_only` into the folder store `name`: the shot list, the output folder, the
+    store and the environment naming it."""
+    store = tmp_path / name
+    environ = {**api_env, "IMGBATCH_STORE": str(store)}
+    return (*applied_store_only(tmp_path, environ), store, environ)
 
 
 def entries(output: Path) -> dict[str, dict[str, Any]]:
@@ -174,11 +176,7 @@ def test_sheet_signs_the_links_again_when_it_is_drawn(
 def test_a_folder_store_links_its_files_and_nothing_expires(
     tmp_path: Path, api_env: dict[str, str], fake_server: FakeDashScope
 ) -> None:
-    manifest = write_many_shots(tmp_path, "nolocal", 2)
-    output = tmp_path / "output" / "nolocal"
-    store = tmp_path / "team-store"
-    environ = {**api_env, "IMGBATCH_STORE": str(store)}
-    apply_json(environ, manifest, "--no-local-copy")
+    manifest, output, store, environ = kept_in_a_folder(tmp_path, api_env, "team-store")
     assert pngs(output) == []
     for card in read_data(output):
         sha = entries(output)[card["id"]]["sha256"]
@@ -236,8 +234,9 @@ def test_an_image_restored_from_the_local_cache_goes_to_the_store_only_too(
     assert fake_server.successes == SHOTS
     assert pngs(output) == []
     assert all(entry["local_copy"] is False for entry in entries(output).values())
-    # One lookup of each record, no blob read (the store already had them all).
-    assert document["store"]["requests"] == {"get": SHOTS}
+    # One lookup of each record, no blob read (the store already had them all), and one LIST
+    # of gc's markers before the local copies go (no gc at work: they go).
+    assert document["store"]["requests"] == {"get": SHOTS, "list": 1}
 
 
 def test_the_sheet_never_links_a_store_that_does_not_hold_the_image(
@@ -285,9 +284,7 @@ def test_without_credentials_the_sheet_has_no_links_and_nothing_crashes(
     # A folder whose images are all in the store asks the store nothing on a no-op apply, so
     # missing credentials showed first when the links were signed: NoCredentialsError, as an
     # unexpected crash, of apply and of `imgbatch sheet`.
-    manifest = write_many_shots(tmp_path, "nolocal", 2)
-    output = tmp_path / "output" / "nolocal"
-    apply_json(store_env, manifest, "--no-local-copy")
+    manifest, output = applied_store_only(tmp_path, store_env)
     keyless = {
         **store_env,
         "AWS_ACCESS_KEY_ID": "",
@@ -308,9 +305,7 @@ def test_without_the_store_named_images_kept_in_it_are_not_paid_for_again(
     # A new shell without IMGBATCH_STORE, a clone of the repository with results.json, a CI job
     # that forgot --store: every image results.json keeps in the store only was planned as a
     # create, and paid for again.
-    manifest = write_many_shots(tmp_path, "nolocal", 2)
-    output = tmp_path / "output" / "nolocal"
-    apply_json(store_env, manifest, "--no-local-copy")
+    manifest, output = applied_store_only(tmp_path, store_env)
     before = (output / "results.json").read_bytes()
     paid = fake_server.generation_count
     unnamed = {name: value for name, value in store_env.items() if name != "IMGBATCH_STORE"}
@@ -336,3 +331,120 @@ def test_another_store_named_pays_for_no_image_kept_in_the_first(
     assert result.exit_code == 2, result.output
     assert first.as_uri() in result.output
     assert fake_server.generation_count == paid
+
+
+@pytest.mark.parametrize("named", ["no store", "another store"])
+def test_the_plan_refuses_as_apply_does_to_pay_for_images_kept_in_a_store(
+    tmp_path: Path, api_env: dict[str, str], fake_server: FakeDashScope, named: str
+) -> None:
+    # The plan showed every image results.json keeps in the store only as a paid create while
+    # apply refused them: the plan says what apply will do, from the one decision the plan
+    # carries (`PlannedShot.kept_in`).
+    manifest = write_many_shots(tmp_path, "nolocal", 2)
+    first = tmp_path / "first-store"
+    apply_json({**api_env, "IMGBATCH_STORE": str(first)}, manifest, "--no-local-copy")
+    paid = fake_server.generation_count
+    environ = dict(api_env)
+    if named == "another store":
+        environ["IMGBATCH_STORE"] = str(tmp_path / "second-store")
+    planned = run(environ, "plan", manifest)
+    applied = run(environ, "apply", manifest, "--rps", "1000")
+    assert (planned.exit_code, applied.exit_code) == (2, 2), planned.output
+    assert "kept in a shared store only" in planned.stderr
+    assert first.as_uri() in planned.stderr
+    assert planned.stderr == applied.stderr  # one decision, said once, in the same words
+    assert run(environ, "plan", manifest, "--json").exit_code == 2
+    assert run(environ, "plan", manifest, "--detailed-exitcode").exit_code == 1  # an error
+    assert fake_server.generation_count == paid
+    # Through the store that holds them, the plan restores them, as apply does.
+    through = run({**api_env, "IMGBATCH_STORE": str(first)}, "plan", manifest, "--json")
+    assert through.exit_code == 0, through.output
+    assert [shot["action"] for shot in json.loads(through.stdout)["shots"]] == ["restore"] * 2
+
+
+def test_every_spelling_of_a_folder_is_one_store(
+    tmp_path: Path,
+    api_env: dict[str, str],
+    fake_server: FakeDashScope,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # `a/../b` and a link to `b` were stores of their own: another image_url in results.json,
+    # and the sheet of a run naming `b` linked none of the images `a/../b` had kept.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "b")
+    manifest = write_many_shots(tmp_path, "nolocal", 2)
+    output = tmp_path / "output" / "nolocal"
+    apply_json({**api_env, "IMGBATCH_STORE": "a/../b"}, manifest, "--no-local-copy")
+    canonical = (tmp_path / "b").resolve().as_uri()
+    for entry in entries(output).values():
+        assert entry["image_url"] == f"{canonical}/cas/{entry['sha256']}"
+    results = (output / "results.json").read_bytes()
+    spellings = ["b", "./b", "b/", "link", "link/", "a/../link", f"{tmp_path}/b/"]
+    spellings += [f"file://{tmp_path}/./b/", f"file://localhost{tmp_path}/link"]
+    for spelling in spellings:
+        environ = {**api_env, "IMGBATCH_STORE": spelling}
+        apply_json(environ, manifest, "--no-local-copy")
+        assert (output / "results.json").read_bytes() == results, spelling
+        links = {card["file"] for card in read_data(output)}
+        assert links == {f"{canonical}/cas/{e['sha256']}" for e in entries(output).values()}
+    assert fake_server.generation_count == 2
+
+
+def test_a_results_file_from_before_canonical_folders_still_names_its_store(
+    tmp_path: Path, api_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    # An older imgbatch wrote `--store p/../store` as it was given: its entries still name the
+    # store they are in (the sheet links them, nothing is refused or paid again).
+    manifest, output, store, environ = kept_in_a_folder(tmp_path, api_env, "store")
+    path = output / "results.json"
+    spelled = f"file://{tmp_path}/p/../store/cas/"
+    path.write_text(path.read_text().replace(f"{store.as_uri()}/cas/", spelled))
+    apply_json(environ, manifest, "--no-local-copy")
+    assert spelled in path.read_text()  # left as it was: results.json stays stable
+    links = {card["file"] for card in read_data(output)}
+    assert links == {(store / "cas" / e["sha256"]).as_uri() for e in entries(output).values()}
+    # Lost from the store, such an image is made again (the store named is its store), not
+    # refused as if kept in another.
+    for blob in (store / "ac").rglob("*"):
+        if blob.is_file():
+            blob.unlink()
+    result = run(environ, "apply", manifest, "--rps", "1000")
+    assert result.exit_code == 0, result.output
+    assert fake_server.generation_count == 4
+
+
+PICKS = """version: 1
+name: picks
+defaults:
+  size: "1328*1328"
+shots:
+  - id: poster
+    prompt: "a minimalist poster of a cyclist"
+    seed: 40
+    variants: 2
+    pick: 2
+"""
+
+
+def test_a_picked_take_kept_in_the_store_only_is_still_written_as_the_shot_file(
+    tmp_path: Path, api_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    # `<shot>.png` is what a pipeline reads: --no-local-copy left it unwritten.
+    manifest = write_manifest(tmp_path, PICKS)
+    output = tmp_path / "output" / "picks"
+    environ = {**api_env, "IMGBATCH_STORE": str(tmp_path / "store")}
+    _, document = apply_json(environ, manifest, "--no-local-copy")
+    made = entries(output)
+    assert pngs(output) == [output / "poster.png"]  # the pick, and no take
+    picked = (output / "poster.png").read_bytes()
+    assert hashlib.sha256(picked).hexdigest() == made["poster-2"]["sha256"]
+    assert made["poster-2"]["local_copy"] is False
+    # Picked again after the takes went to the store: the take is fetched from it, checked.
+    manifest.write_text(PICKS.replace("pick: 2", "pick: 1"))
+    apply_json(environ, manifest, "--no-local-copy")
+    assert pngs(output) == [output / "poster.png"]
+    picked = (output / "poster.png").read_bytes()
+    assert hashlib.sha256(picked).hexdigest() == made["poster-1"]["sha256"]
+    assert fake_server.generation_count == 2

@@ -11,29 +11,23 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import FAKE_KEY, write_many_shots
 from tests.support.fake_dashscope import FakeDashScope
-from tests.support.object_servers import BUCKET, s3_environ, seaweed_server
+from tests.support.object_servers import BUCKET, s3_environ
 
 SHOTS = 16
 PROCESSES = 4
 LATENCY = 0.5
-
-
-@pytest.fixture(scope="module")
-def seaweed_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with seaweed_server(tmp_path_factory.mktemp("weed")) as endpoint:
-        yield endpoint
 
 
 def _start(manifest: Path, folder: Path, env: dict[str, str]) -> subprocess.Popen[str]:
@@ -108,3 +102,66 @@ def test_four_processes_with_one_killed_pay_once_per_key(
     for index in range(SHOTS):
         name = f"race/shot-{index:03d}.png"
         assert len({(folder / name).read_bytes() for folder in folders}) == 1
+
+
+MOVES = 8  # images an apply moves into the store only, each round
+ROUNDS = 10
+
+
+def _cli(env: dict[str, str], *args: str | Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "imgbatch", *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _finished(process: subprocess.Popen[str], *, busy_ok: bool = False) -> None:
+    """`process` ended well; with `busy_ok`, or refused the output folder another holds (gc
+    collects the store before it takes the folder's lock; an apply refused did nothing)."""
+    out, err = process.communicate(timeout=120)
+    busy = busy_ok and re.search(r"another imgbatch \w+ is writing", err) is not None
+    assert process.returncode == 0 or busy, out + err
+
+
+@pytest.mark.slow
+def test_gc_racing_an_apply_that_moves_images_into_the_store_loses_none(
+    tmp_path: Path, seaweed_endpoint: str
+) -> None:
+    """`gc --store --older-than 0s --grace 0s --yes` and `apply --no-local-copy` on one folder,
+    started together with a random skew, round after round: gc could read the folder before
+    the apply marked its images as kept in the store only, and delete their records and blobs
+    after the apply had dropped its copies. After each round a plain apply pays for nothing:
+    every image is in the folder, or in the store."""
+    chance = random.Random(11)
+    with FakeDashScope(api_key=FAKE_KEY, image_profile="tiny") as server:
+        for round_ in range(ROUNDS):
+            lines = ["version: 1", "name: move", "defaults:", '  size: "1328*1328"', "shots:"]
+            for index in range(MOVES):
+                lines += [f"  - id: move-{index}", f'    prompt: "round {round_}, take {index}"']
+            (tmp_path / f"r{round_}").mkdir()
+            manifest = tmp_path / f"r{round_}" / "move.yaml"
+            manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+            env = {
+                **os.environ,
+                **s3_environ(seaweed_endpoint),
+                "DASHSCOPE_API_KEY": FAKE_KEY,
+                "DASHSCOPE_HTTP_BASE_URL": server.base_url,
+                "HOME": str(tmp_path),
+                "IMGBATCH_STORE": f"s3://{BUCKET}/gc-move-{round_}",
+                "OUTPUT_DIR": str(tmp_path / f"out{round_}"),
+            }
+            _finished(_cli(env, "apply", manifest, "--rps", "1000"))
+            paid = server.generation_count
+            time.sleep(1.1)  # the store's clock counts whole seconds: past --older-than 0s
+            # gc starts 0.3 to 1.6 s after the apply: it reads the folder within a second of its
+            # start, and an apply looks its images up a second or two after its own.
+            applying = _cli(env, "apply", manifest, "--no-local-copy", "--rps", "1000")
+            time.sleep(chance.uniform(0.3, 1.6))
+            gc_args = ("gc", manifest, "--older-than", "0s", "--grace", "0s", "--yes")
+            _finished(_cli(env, *gc_args), busy_ok=True)
+            _finished(applying, busy_ok=True)
+            _finished(_cli(env, "apply", manifest, "--rps", "1000"))
+            assert server.generation_count == paid, f"round {round_}: an image was lost"

@@ -233,7 +233,11 @@ class _ProgressNotes:
     a long run is never silent to the agent."""
 
     def __init__(self, ctx: Context) -> None:
+        from imgbatch.review.events import RunStatuses
+
         self._ctx = ctx
+        # As the CLI's progress says it: a shot restored from the store is `from_store`.
+        self._statuses = RunStatuses()
         self._total = 0
         self._done = 0
         self._sent: list[asyncio.Task[None]] = []
@@ -247,9 +251,10 @@ class _ProgressNotes:
     def __call__(self, event: RunEvent) -> None:
         from imgbatch.state.results import ResultEntry
 
-        if isinstance(event, ResultEntry):
+        status = self._statuses.finished(event)
+        if isinstance(event, ResultEntry) and status is not None:
             self._done += 1
-            self._notify(f"{event.id}: {event.status}")
+            self._notify(f"{event.id}: {status}")
 
     def _notify(self, message: str) -> None:
         report = self._ctx.report_progress(self._done, self._total or None, message)

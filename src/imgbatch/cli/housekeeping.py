@@ -3,6 +3,7 @@ objects its policy lets go (`imgbatch.housekeeping.store_gc`)."""
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +21,7 @@ from imgbatch.errors import ConfigError
 
 if TYPE_CHECKING:
     from imgbatch.housekeeping.gc import Collection
-    from imgbatch.housekeeping.store_gc import StoreCollection
+    from imgbatch.housekeeping.store_gc import StoreCollection, StorePolicy
 
 
 def _age_option(value: str | None) -> float | None:
@@ -61,6 +62,23 @@ _grace_option = click.option(
 )
 
 
+def _store_policy(
+    manifests: tuple[Path, ...],
+    older_than: float | None,
+    grace: float,
+    allow_reference_outside: bool,
+) -> StorePolicy:
+    """gc's rules for the store: an image a folder keeps in the store only (--no-local-copy)
+    has no other copy, so it stays, as the folders say now and again once gc's marker is in
+    the store (an apply moving images there meanwhile)."""
+    from imgbatch.housekeeping.gc import kept_in_store_only
+    from imgbatch.housekeeping.store_gc import StorePolicy
+
+    kept = functools.partial(kept_in_store_only, manifests, os.environ, allow_reference_outside)
+    records, blobs = kept()
+    return StorePolicy(older_than, grace, keep_records=records, keep_blobs=blobs, recheck=kept)
+
+
 @click.command("gc")
 @click.argument(
     "manifests", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path)
@@ -86,8 +104,8 @@ def gc_command(
     """List the cached images, thumbnails and files in the manifests' output folders that no
     results refer to, with their total size, and with a store what its policy lets go; --yes
     deletes them."""
-    from imgbatch.housekeeping.gc import collect_garbage, kept_in_store_only
-    from imgbatch.housekeeping.store_gc import StorePolicy, collect_store, store_for_gc
+    from imgbatch.housekeeping.gc import collect_garbage
+    from imgbatch.housekeeping.store_gc import collect_store, store_for_gc
 
     if yes and dry_run:
         raise ConfigError("--yes deletes and --dry-run does not: give one of them")
@@ -96,18 +114,14 @@ def gc_command(
         store, os.environ, manifests, allow_reference_outside=allow_reference_outside
     )
     # The store first: a store refused (read-only, unreachable) leaves the folders as they are.
-    # An image a folder keeps in the store only (--no-local-copy) has no other copy: it stays.
-    keep = (
-        kept_in_store_only(manifests, os.environ, allow_reference_outside)
-        if target is not None
-        else (frozenset(), frozenset())
-    )
-    policy = StorePolicy(
-        older_than=older_than, grace=grace, keep_records=keep[0], keep_blobs=keep[1]
-    )
     shared = (
         collect_store(
-            target[0], os.environ, policy, delete=delete, read_only=store_read_only, base=target[1]
+            target[0],
+            os.environ,
+            _store_policy(manifests, older_than, grace, allow_reference_outside),
+            delete=delete,
+            read_only=store_read_only,
+            base=target[1],
         )
         if target is not None
         else None

@@ -19,8 +19,19 @@ manifest does not name is never a reason to delete anything. The policy:
   a paid image's URL stays until that URL expires (whoever takes it over fetches the image
   instead of paying again). On OSS (no If-Match) no claim is ever removed: they are listed,
   for `imgbatch store unlock`;
-* a probe (`probes/…`) a killed run left goes after the grace period. Nothing else under the
-  prefix is imgbatch's, and nothing else is touched.
+* a probe (`probes/…`) a killed run left goes after the grace period, and so does the marker
+  (`gc/…`) of a killed gc. Nothing else under the prefix is imgbatch's, and nothing else is
+  touched.
+
+Racing an apply that moves images into the store only (`apply --no-local-copy`, into a folder
+of the given manifests): before deleting anything, gc creates its marker (`gc/<id>`, renewed
+every third of the lease while it deletes and written once more when it is done, then left for
+a later gc to collect), then reads the folders' results again (`StorePolicy.recheck`) and
+spares what they keep in the store only by now. The apply, once its results.json says so, drops
+its local copies only if no marker was written since it opened the store (`collecting`: one
+LIST). Either gc's second read sees the apply's results (written before gc's marker existed),
+or the apply sees a marker written after it looked its images up: no image loses its last
+copy, whatever the interleaving (Dekker's: each side writes, then reads the other's).
 
 Listings are paginated LISTs of each folder of the layout, never a request per blob. After
 deleting, the records written meanwhile are listed and read: one naming a blob this gc deleted
@@ -31,25 +42,32 @@ too, so its key is a plain miss (made again once) rather than damage.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import re
+import socket
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from imgbatch.errors import ConfigError
 from imgbatch.manifest.loader import ManifestSource, read_manifest
 from imgbatch.providers.image_url import url_expired_at
-from imgbatch.state.store import choose_store, open_shared, read_only_from
+from imgbatch.state.store import choose_store, open_shared, read_only_from, store_url
 from imgbatch.state.store.claims import Claim, ClaimInfo, Claims, lease_from
-from imgbatch.state.store.objects import Listed, ObjectStore
+from imgbatch.state.store.objects import Conflict, Listed, ObjectStore
 
 # An orphan blob or a probe younger than this is left: it may be a write in flight.
 DEFAULT_GRACE = 24 * 3600.0
 # Records read at once (a store of 100,000 records is not 100,000 sockets).
 READS_IN_FLIGHT = 32
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+# Where a gc that deletes says so, one marker each (`gc/<id>`), renewed every third of the lease
+# while it deletes: an apply moving images into the store only keeps its local copies meanwhile.
+MARKERS = "gc/"
 # At most 12 digits a unit (30,000 centuries of days): more is no age, and overflowed float().
 _AGE = re.compile(r"(?:(\d{1,12})d)?(?:(\d{1,12})h)?(?:(\d{1,12})m)?(?:(\d{1,12})s)?")
 
@@ -77,11 +95,15 @@ class StorePolicy:
     lease: float | None = None
     keep_records: frozenset[str] = frozenset()
     keep_blobs: frozenset[str] = frozenset()
+    # Reads `keep_records` and `keep_blobs` again, as they are now: called once gc's marker is
+    # in the store and before anything is deleted (see the module doc). None: not read again.
+    recheck: Callable[[], tuple[frozenset[str], frozenset[str]]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class StoreGarbage:
-    name: str  # under the store's prefix: ac/<key>, cas/<sha256>, claims/<key>, probes/<id>
+    # Under the store's prefix: ac/<key>, cas/<sha256>, claims/<key>, probes/<id>, gc/<id>.
+    name: str
     size: int
     age: float
     why: str
@@ -115,7 +137,7 @@ def store_for_gc(
     manifests name different stores and nothing else chooses."""
     loaded = [read_manifest(m, allow_reference_outside=allow_reference_outside) for m in manifests]
     named = {(m.store, m.base_dir) for m in loaded if m.store}
-    stores = {str((base / store) if "://" not in store else store) for store, base in named}
+    stores = {store_url(store, base) for store, base in named}  # one folder, however written
     if len(stores) > 1 and choose_store(flag, environ, None) is None:
         raise ConfigError(
             f"the manifests name {len(stores)} different stores ({', '.join(sorted(stores))}): "
@@ -154,7 +176,9 @@ def collect_store(
             if delete and found.items:
                 if any(item.name.startswith("claims/") for item in found.items):
                     await shared.probe()  # If-Match must really hold before a takeover
-                extra = await _delete(objects, found.items, lease, started)
+                async with _marked(objects, lease):
+                    found = await _spared(found, policy)
+                    extra = await _delete(objects, found.items, lease, started)
                 found = StoreCollection(found.url, found.items + extra, True, found.kept)
             return StoreCollection(
                 found.url, found.items, delete, found.kept, dict(objects.requests)
@@ -164,11 +188,12 @@ def collect_store(
 
 
 async def _find(objects: ObjectStore, policy: StorePolicy, lease: float) -> StoreCollection:
-    records, blobs, claims, probes = await asyncio.gather(
+    records, blobs, claims, probes, markers = await asyncio.gather(
         objects.listing("ac/"),
         objects.listing("cas/"),
         objects.listing("claims/"),
         objects.listing("probes/"),
+        objects.listing(MARKERS),
     )
     records = [item for item in records if _HEX64.fullmatch(item.name.removeprefix("ac/"))]
     old = policy.older_than
@@ -202,7 +227,68 @@ async def _find(objects: ObjectStore, policy: StorePolicy, lease: float) -> Stor
         for p in probes
         if p.age > policy.grace
     ]
+    items += [  # not renewed within its lease either: its gc is gone
+        StoreGarbage(m.name, m.size, m.age, "marker a killed gc left")
+        for m in markers
+        if m.age > max(policy.grace, lease)
+    ]
     return StoreCollection(objects.url, tuple(items), False, kept)
+
+
+async def collecting(objects: ObjectStore, seconds: float) -> bool:
+    """Whether a gc may have deleted something in the store in the last `seconds`: the marker
+    of one written since (one LIST of the markers' folder, a few objects). A gc writes its
+    marker every third of its lease while it deletes and once more after, so one killed midway
+    shows it within a lease: give the time since the store was first read, plus a lease."""
+    # A store's clock counts whole seconds: one more, so that an age rounded up still counts.
+    return any(item.age <= seconds + 1.0 for item in await objects.listing(MARKERS))
+
+
+@contextlib.asynccontextmanager
+async def _marked(objects: ObjectStore, lease: float) -> AsyncIterator[None]:
+    """This gc's marker in the store while the block runs: created first, written again every
+    third of `lease` and once after the block (a gc paused longer than its lease is taken for
+    dead, as a claim's holder is), then left: a later gc collects it after the grace."""
+    name = f"{MARKERS}{uuid.uuid4().hex}"
+    body = json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode()
+    etag = [await objects.create(name, body)]  # the latest, for the next If-Match
+
+    async def write() -> None:
+        with contextlib.suppress(Conflict):  # another's hand on it: a later gc collected it
+            etag[0] = await objects.replace(name, body, etag[0])
+
+    async def renew() -> None:
+        while True:
+            await asyncio.sleep(lease / 3)
+            await write()
+
+    renewing = asyncio.ensure_future(renew())
+    try:
+        yield
+    finally:
+        renewing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await renewing
+        # Written after the last delete, never removed meanwhile: an apply that looked its
+        # images up before any of them sees the marker younger than its run, and keeps them.
+        await write()
+
+
+async def _spared(found: StoreCollection, policy: StorePolicy) -> StoreCollection:
+    """`found` without the records and blobs the folders keep in the store only now
+    (`policy.recheck`, read once gc's marker is in the store), each said in `kept`."""
+    if policy.recheck is None:
+        return found
+    keys, blobs = await asyncio.to_thread(policy.recheck)
+    why = "kept in the store only by a folder since gc began (apply --no-local-copy)"
+    items, kept = [], list(found.kept)
+    for item in found.items:
+        folder, _, name = item.name.partition("/")
+        if (folder == "ac" and name in keys) or (folder == "cas" and name in blobs):
+            kept.append((item.name, why))
+        else:
+            items.append(item)
+    return replace(found, items=tuple(items), kept=tuple(kept))
 
 
 async def _named_blobs(objects: ObjectStore, records: Iterable[Listed]) -> set[str]:
@@ -271,7 +357,7 @@ async def _delete(
         async with limit:
             await objects.delete(name)
 
-    order = ("ac/", "cas/", "probes/")
+    order = ("ac/", "cas/", "probes/", MARKERS)
     for folder in order:
         await asyncio.gather(*(remove(i.name) for i in items if i.name.startswith(folder)))
     claims = Claims(objects, lease)

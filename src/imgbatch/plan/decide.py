@@ -19,6 +19,9 @@ no-op plan of thousands of shots stays fast.
 A shot whose image is kept only in the shared store (its entry's `local_copy` is false: `apply
 --no-local-copy`) is unchanged while `local_copies` is False: its missing file is not a reason
 to fetch it. With `local_copies` it is planned as any missing file (restored: the store has it).
+Such a shot that would be paid for although the run names another store, or none (`store`), is
+marked `kept_in` that store: apply refuses to pay for it again (`guards.refuse_paying_for_store_
+only`), and so does the plan that shows what apply would do.
     orphan     in the results but no longer in the manifest: left on disk, listed
 
 Whether this plan decides a shot is the only place it is decided: the executor does what the
@@ -51,6 +54,7 @@ from imgbatch.shots.expand import Shot
 from imgbatch.shots.request import changed_fields
 from imgbatch.state.cache import ImageCache
 from imgbatch.state.results import ResultEntry
+from imgbatch.state.store import store_holding
 from imgbatch.units.money import Cost
 
 
@@ -90,6 +94,10 @@ class PlannedShot:
     # For a recover: the entry whose billed image is fetched, the shot's own or, for a shot
     # renamed since, the one its old id left behind.
     billed: ResultEntry | None = None
+    # A shot to pay for whose image results.json keeps, for this very request, in a shared
+    # store only (`apply --no-local-copy`): that store's URL, when the run names another store
+    # or none. Apply refuses to pay for it again (`guards.refuse_paying_for_store_only`).
+    kept_in: str | None = None
 
     @property
     def paid(self) -> bool:
@@ -110,6 +118,8 @@ class Plan:
     # Whether the provider this plan is for spends quota and money: the provider object's own
     # answer when the run has one, else what `imgbatch.providers.is_metered` says of its name.
     metered: bool = True
+    # The shared store the run names (its URL, as `state.store.store_url` gives it), if any.
+    store: str | None = None
 
     def count(self, action: Action) -> int:
         return sum(1 for item in (*self.shots, *self.orphans) if item.action is action)
@@ -154,10 +164,12 @@ def make_plan(
     overwrite_edited: bool = False,
     now: float | None = None,
     local_copies: bool = True,
+    store: str | None = None,
 ) -> Plan:
     """`overwrite_edited`: a file edited by hand is put back (restored or made again) instead
     of kept; `now` (seconds since the epoch) decides whether a recorded image URL has expired;
-    `local_copies` False: an image kept only in the store stays there (`--no-local-copy`)."""
+    `local_copies` False: an image kept only in the store stays there (`--no-local-copy`);
+    `store`: the URL of the shared store the run names (`store_url`), None for none."""
     records = _Records(state)
     clock = time.time() if now is None else now
     planned = _pay_once(
@@ -173,13 +185,34 @@ def make_plan(
         )
         for shot in shots
     )
+    planned = tuple(_kept_elsewhere(item, store) for item in planned)
     wanted = {shot.id for shot in shots}
     orphans = tuple(
         PlannedShot(entry.id, Action.ORPHAN, _orphan_reason(entry), None, entry)
         for shot_id, entry in state.items()
         if shot_id not in wanted
     )
-    return Plan(output_dir, planned, orphans, provider, metered=is_metered(provider))
+    return Plan(output_dir, planned, orphans, provider, metered=is_metered(provider), store=store)
+
+
+def _kept_elsewhere(item: PlannedShot, store: str | None) -> PlannedShot:
+    """`item` marked `kept_in` the store holding its image, if it is to be paid for although
+    results.json keeps that image, for this very request, in a store only, and the run names
+    another store or none (`store`): that store was forgotten (a new shell, a clone) or
+    mistyped, not the image. Through the store that holds it, a shot to pay for is one that
+    store lost: made again."""
+    previous = item.previous
+    if previous is None or previous.local_copy is not False or not item.paid:
+        return item
+    if item.shot is None or previous.key != item.shot.request.key:
+        return item
+    holder = store_holding(previous.image_url)
+    if holder is not None and holder == store:
+        return item
+    where = holder or "a store results.json does not name"
+    named = f"not in {store}" if store else "which this run does not name"
+    reason = f"its image is kept only in {where} (--no-local-copy), {named}: name that store"
+    return replace(item, reason=reason, kept_in=where)
 
 
 def _orphan_reason(entry: ResultEntry) -> str:

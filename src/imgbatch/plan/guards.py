@@ -78,28 +78,18 @@ def refuse_placeholder_over_paid(plan: Plan, chosen: str | None, manifest: Manif
     )
 
 
-def refuse_paying_for_store_only(plan: Plan, store: str | None) -> None:
-    """StoreOnlyError naming the shots a run would pay for again although results.json keeps
-    their image, for this very request, in a shared store only (`apply --no-local-copy`), when
-    the run names no store or another one (`store`: its URL): the store was forgotten (a new
-    shell, a clone, a CI job without IMGBATCH_STORE) or mistyped, not the image. Through the
-    store that holds them, a shot still to pay for is one that store lost: made again."""
-    kept = [
-        item
-        for item in plan.shots
-        if item.paid
-        and item.previous is not None
-        and item.previous.local_copy is False
-        and item.shot is not None
-        and item.previous.key == item.shot.request.key
-        and _store_of(item.previous.image_url) != store
-    ]
+def refuse_paying_for_store_only(plan: Plan) -> None:
+    """StoreOnlyError naming the shots the plan would pay for again although results.json
+    keeps their image in a shared store only, one the run does not name (`kept_in`: decided
+    when the plan is made, `decide._kept_elsewhere`)."""
+    kept = [item for item in plan.shots if item.paid and item.kept_in is not None]
     if not kept:
         return
-    stores = sorted({_store_of(item.previous.image_url) for item in kept if item.previous})
+    stores = sorted({item.kept_in for item in kept if item.kept_in is not None})
     shown = ", ".join(item.id for item in kept[:20]) + (
         f", and {len(kept) - 20} more" if len(kept) > 20 else ""
     )
+    store = plan.store
     raise StoreOnlyError(
         f"{len(kept)} shot{'s' if len(kept) != 1 else ''} ({shown}) would be paid for again: "
         f"results.json says their images are kept in a shared store only ({', '.join(stores)}), "
@@ -108,10 +98,3 @@ def refuse_paying_for_store_only(plan: Plan, store: str | None) -> None:
         "sent or written (if that store is gone, move results.json aside: apply then makes "
         "every image again)"
     )
-
-
-def _store_of(image_url: str | None) -> str:
-    """The store a blob's URL (`<store>/cas/<sha256>`) is in."""
-    if not image_url or "/cas/" not in image_url:
-        return "a store results.json does not name"
-    return image_url.rpartition("/cas/")[0]

@@ -74,3 +74,22 @@ class FromStore:
 
 RunEvent = ResultEntry | Retrying | Notice | Stopping | Pacing | FromStore
 Listener = Callable[[RunEvent], None]
+
+
+class RunStatuses:
+    """Each finished shot's status as the run reports it (its summary, `--json`, the progress
+    of the CLI and of the MCP server alike): a shot announced by `FromStore` is `from_store`
+    (its entry is its maker's, `generated`), any other its entry's status. Takes the run's
+    events in the order they come; gives the status of each shot an event finishes."""
+
+    def __init__(self) -> None:
+        self._from_store: set[str] = set()
+
+    def finished(self, event: RunEvent) -> str | None:
+        """The status of the shot `event` finishes (a `ResultEntry`); None for any other."""
+        if isinstance(event, FromStore):
+            self._from_store.add(event.shot_id)
+            return None
+        if isinstance(event, ResultEntry):
+            return "from_store" if event.id in self._from_store else event.status
+        return None

@@ -33,7 +33,15 @@ from rich.text import Text
 
 from imgbatch.errors import NoImageError, RateLimited
 from imgbatch.review.console import Verbosity, console_for, counted, styled
-from imgbatch.review.events import FromStore, Notice, Pacing, Retrying, RunEvent, Stopping
+from imgbatch.review.events import (
+    FromStore,
+    Notice,
+    Pacing,
+    Retrying,
+    RunEvent,
+    RunStatuses,
+    Stopping,
+)
 from imgbatch.state.results import ResultEntry
 
 if TYPE_CHECKING:
@@ -74,7 +82,7 @@ class Progress:
         self.live = _isatty(self.stream) and self.console.is_interactive
         self.total = 0
         self.statuses: Counter[str] = Counter()
-        self._from_store: set[str] = set()  # shots whose result is another run's image
+        self._statuses = RunStatuses()  # a shot restored from the store is `from_store`
         self.retries = self.throttled = 0
         self.pacing: dict[str, str] = {}  # by model: the quota in force and where it came from
         self.started: float | None = None
@@ -118,7 +126,7 @@ class Progress:
                 if self.verbosity is Verbosity.VERBOSE:
                     self._say(Text(f"{event.model}: {self.pacing[event.model]}", style="dim"))
             elif isinstance(event, FromStore):
-                self._from_store.add(event.shot_id)
+                self._statuses.finished(event)
             elif isinstance(event, Stopping):
                 # Said at once and at every verbosity: the user is waiting for an answer.
                 self._say(Text(stopping_line(event), style="yellow"), always=True)
@@ -126,7 +134,7 @@ class Progress:
 
     def _finished(self, entry: ResultEntry) -> None:
         # Another run's image, restored from the store: as the run's report counts it.
-        status = "from_store" if entry.id in self._from_store else entry.status
+        status = self._statuses.finished(entry) or entry.status
         self.statuses[status] += 1
         if entry.status in ("failed", "unfetched"):
             # Errors are shown at every verbosity: --quiet means "only what went wrong". An

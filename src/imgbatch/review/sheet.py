@@ -52,7 +52,7 @@ from imgbatch.state.cache import ImageCache, atomic_write
 from imgbatch.state.folder import OutputFolder
 from imgbatch.state.last_run import Change, load_changes, save_changes, thumb_path
 from imgbatch.state.results import STATUSES, ResultEntry
-from imgbatch.state.store import SharedCache, choose_store, open_shared
+from imgbatch.state.store import SharedCache, choose_store, open_shared, store_holding
 
 # Jinja2 and Pillow are imported where they are used: an apply needs neither before its first
 # request (the sheet is drawn at the end; images are decoded as they come).
@@ -118,14 +118,18 @@ async def signed_links(
     if shared is None:
         return None
     # Only where this store holds the image: results.json names the store each was moved to,
-    # and a link into another store (applied with another --store since) opens nothing.
+    # and a link into another store (applied with another --store since) opens nothing. The
+    # store compared as `store_holding` gives it: a folder's, written before folder stores were
+    # canonical (`.../p/../cache/cas/...`), is still this one.
     wanted = {
         e.sha256
         for e in entries
         if e.local_copy is False
         and e.has_image
         and e.sha256
-        and e.image_url == shared.blob_url(e.sha256)
+        and e.image_url
+        and e.image_url.endswith(f"/cas/{e.sha256}")
+        and store_holding(e.image_url) == shared.url
     }
     if not wanted:
         return None

@@ -57,12 +57,14 @@ from imgbatch.run.bounds import Bound, MaxCost, MaxDuration, MaxRequests
 from imgbatch.run.entries import abandoned_download
 from imgbatch.run.executor import Executor, Phase, RunOutcome
 from imgbatch.run.interrupts import Interrupts, interrupt_at_once, signal_handler
-from imgbatch.run.picks import place_picks
+from imgbatch.run.picks import fetch_picked, place_picks
 from imgbatch.run.sharing import SharedRun, Unsent, open_sharing, planned_with_store
 from imgbatch.run.store_only import (
+    confirmed,
     drop_local_copies,
     kept_in_store,
     moved_to_store,
+    named_store,
     require_store,
     stored_only,
 )
@@ -78,7 +80,6 @@ from imgbatch.shots.selection import in_shard, select_shots
 from imgbatch.state.folder import OutputFolder, owner_of
 from imgbatch.state.record import FolderState, Owner
 from imgbatch.state.results import FileIdentity, ResultEntry
-from imgbatch.state.store import choose_store
 from imgbatch.units.money import CostLimit
 from imgbatch.units.quota import Quota
 
@@ -239,7 +240,9 @@ def make_plan(
 
     With `only` (shot ids or fnmatch globs), the plan has those shots alone and no orphans.
     Raises `FolderOwnedError`, as apply would, when another manifest owns the output folder
-    (unless `force`); `ConfigError` for `no_local_copy` without a store.
+    (unless `force`); `ConfigError` for `no_local_copy` without a store; `StoreOnlyError`, as
+    apply would, when it would pay again for images results.json keeps in a store only, one
+    this plan does not name.
     """
     environ = os.environ if environ is None else environ
     with collector_paused():
@@ -248,6 +251,7 @@ def make_plan(
         )
         if no_local_copy:
             require_store(store, environ, manifest)
+        named = named_store(store, environ, manifest)
         selected = _narrowed(expansion, only)
         state = _owned_state(path, manifest, expansion, force=force).mine
         prices = _prices(manifest, expansion, environ)
@@ -258,10 +262,13 @@ def make_plan(
             only=bool(only),
             prices=prices,
             local=not no_local_copy,
+            store=named,
         )
     refuse_placeholder_over_paid(planned, provider, manifest)
     # With a shared store (--store, IMGBATCH_STORE, output.store): what another run made.
-    return planned_with_store(planned, store, manifest, environ)
+    planned = planned_with_store(planned, store, manifest, environ)
+    refuse_paying_for_store_only(planned)
+    return planned
 
 
 def _plan(
@@ -272,6 +279,7 @@ def _plan(
     only: bool = False,
     prices: PriceList | None = None,
     local: bool = True,
+    store: str | None = None,
 ) -> Plan:
     output_dir = expansion.output_dir
     plan = plan_shots(
@@ -282,6 +290,7 @@ def _plan(
         provider=expansion.provider,
         overwrite_edited=overwrite_edited,
         local_copies=local,
+        store=store,
     )
     # Under --only the shots left out are not orphans: nothing is said or done about orphans.
     return replace(plan, orphans=() if only else plan.orphans, prices=prices)
@@ -462,15 +471,49 @@ def long_lived() -> Iterator[None]:
 
 
 @dataclass(frozen=True)
-class _Prepared:
-    """What preparing gives: the manifest, its shots (every one, and those selected, their
-    references fetched), the plan made before the lock, and the provider chosen, with its
-    prices."""
+class _Loaded:
+    """What preparing reads before anything is fetched or connected to, and every plan of the
+    run is made from: the manifest, its shots (every one, and those selected), the environment,
+    and the store named (its canonical URL, `named_store`), if any."""
 
     path: ManifestSource
     options: ApplyOptions
     manifest: Manifest
     everything: Expansion
+    expansion: Expansion
+    environ: Mapping[str, str]
+    store: str | None
+
+    def held(self) -> _Held:
+        """The output folder's state, as `_owned_state` gives it."""
+        return _owned_state(self.path, self.manifest, self.everything, force=self.options.force)
+
+    def plan(
+        self,
+        expansion: Expansion,
+        state: Mapping[str, ResultEntry],
+        *,
+        only: bool,
+        prices: PriceList | None = None,
+    ) -> Plan:
+        """The plan of `expansion`'s shots from `state`, as the options and the store say."""
+        return _plan(
+            expansion,
+            state,
+            self.options.overwrite_edited,
+            only=only,
+            prices=prices,
+            local=self.options.local,
+            store=self.store,
+        )
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """What preparing gives: what was loaded, the shots selected (their references fetched,
+    `expansion`), the plan made before the lock, and the provider chosen, with its prices."""
+
+    loaded: _Loaded
     expansion: Expansion
     limit: CostLimit | None
     provider: Provider
@@ -479,6 +522,22 @@ class _Prepared:
     # The shared store, if one is named; whether only some shots are acted on (--only, --shard).
     sharing: SharedRun | None = None
     partial: bool = False
+
+    @property
+    def path(self) -> ManifestSource:
+        return self.loaded.path
+
+    @property
+    def options(self) -> ApplyOptions:
+        return self.loaded.options
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.loaded.manifest
+
+    @property
+    def everything(self) -> Expansion:
+        return self.loaded.everything
 
 
 async def _prepare(
@@ -509,36 +568,26 @@ async def _prepare(
     OutputFolder(everything.output_dir).claim(
         None, _owner(path, manifest, everything.output_dir), shown=_shown(path), force=options.force
     )
-    plans = _refuse_before_fetching(path, options, manifest, everything, expansion, environ)
+    store = named_store(options.store, environ, manifest)  # its URL as results.json has it
+    loaded = _Loaded(path, options, manifest, everything, expansion, environ, store)
+    plans = _refuse_before_fetching(loaded)
     # Each reference URL once, keyed by its content, so that the plan knows every key (a
     # frozen run pays nothing for a URL whose content did not change).
     expansion = await fetch_references(expansion)
     if options.shard is not None:
         # By request key, known only now (a reference URL's content is part of it).
         expansion, only = replace(expansion, shots=in_shard(expansion.shots, options.shard)), True
-    sharing = await _sharing(stack, path, options, manifest, everything, expansion, environ)
+    sharing = await _sharing(stack, loaded, expansion)
     prices = _prices(manifest, expansion, environ)
     plans += 1 if sharing is None else 2  # with a store, `_sharing` made one more
-    planned = _plan_at_version(path, options, manifest, everything, expansion, only, prices, plans)
+    planned = _plan_at_version(loaded, expansion, only, prices, plans)
     limit = _cost_limit(options, manifest)
     # Before credentials and before the lock: a refused run writes nothing at all.
-    _refuse_the_plan(planned.plan, options, manifest, limit, sharing)
+    _refuse_the_plan(planned.plan, options, manifest, limit)
     # Credentials are checked before anything is written.
     provider = provider or _provider(expansion.provider, options, environ, sharing)
     prices = _prices(manifest, expansion, environ, provider)
-    return _Prepared(
-        path,
-        options,
-        manifest,
-        everything,
-        expansion,
-        limit,
-        provider,
-        prices,
-        planned,
-        sharing,
-        only,
-    )
+    return _Prepared(loaded, expansion, limit, provider, prices, planned, sharing, only)
 
 
 def _refuse_the_plan(
@@ -546,12 +595,11 @@ def _refuse_the_plan(
     options: ApplyOptions,
     manifest: Manifest,
     limit: CostLimit | None,
-    sharing: SharedRun | None,
 ) -> None:
     """The guards on the one plan: raises the refusal, before credentials and the lock."""
     refuse_placeholder_over_paid(plan, options.provider, manifest)
     refuse_to_start(plan, options.frozen, limit)
-    refuse_paying_for_store_only(plan, sharing.shared.url if sharing else None)
+    refuse_paying_for_store_only(plan)
 
 
 def _named(
@@ -568,40 +616,22 @@ def _named(
     return options, None
 
 
-def _refuse_before_fetching(
-    path: ManifestSource,
-    options: ApplyOptions,
-    manifest: Manifest,
-    everything: Expansion,
-    expansion: Expansion,
-    environ: Mapping[str, str],
-) -> int:
+def _refuse_before_fetching(loaded: _Loaded) -> int:
     """Refuse the placeholder over paid images before any reference is fetched or any store
     connected to, when there is one or the other and the placeholder was not chosen by name;
     gives the plans made for it (0 or 1)."""
+    options, expansion = loaded.options, loaded.expansion
     if not may_replace_paid(expansion.provider, options.provider):
         return 0
-    if not references_to_fetch(expansion) and not choose_store(
-        options.store, environ, manifest.store
-    ):
+    if not references_to_fetch(expansion) and loaded.store is None:
         return 0  # the plan that decides refuses it as soon
-    state = _owned_state(path, manifest, everything, force=options.force).mine
-    early = _plan(
-        expansion, state, options.overwrite_edited, only=bool(options.only), local=options.local
-    )
-    refuse_placeholder_over_paid(early, options.provider, manifest)
+    early = loaded.plan(expansion, loaded.held().mine, only=bool(options.only))
+    refuse_placeholder_over_paid(early, options.provider, loaded.manifest)
     return 1
 
 
 def _plan_at_version(
-    path: ManifestSource,
-    options: ApplyOptions,
-    manifest: Manifest,
-    everything: Expansion,
-    expansion: Expansion,
-    only: bool,
-    prices: PriceList,
-    plans: int,
+    loaded: _Loaded, expansion: Expansion, only: bool, prices: PriceList, plans: int
 ) -> _Planned:
     """The plan, from the output folder's state as loaded just after its `version` is read (so
     that a change after the read changes the version).
@@ -617,15 +647,8 @@ def _plan_at_version(
     fetched)."""
     version = OutputFolder(expansion.output_dir).version()
     with collector_paused():
-        held = _owned_state(path, manifest, everything, force=options.force)
-        plan = _plan(
-            expansion,
-            held.mine,
-            options.overwrite_edited,
-            only=only,
-            prices=prices,
-            local=options.local,
-        )
+        held = loaded.held()
+        plan = loaded.plan(expansion, held.mine, only=only, prices=prices)
     return _Planned(plan, held, version, plans)
 
 
@@ -643,22 +666,22 @@ def _provider(
 
 
 async def _sharing(
-    stack: contextlib.AsyncExitStack,
-    path: ManifestSource,
-    options: ApplyOptions,
-    manifest: Manifest,
-    everything: Expansion,
-    expansion: Expansion,
-    environ: Mapping[str, str],
+    stack: contextlib.AsyncExitStack, loaded: _Loaded, expansion: Expansion
 ) -> SharedRun | None:
     """The shared store, open until `stack` closes, with what any process made for the shots
-    to be paid for restored into the local cache (so every plan restores them)."""
+    of `expansion` (those selected, their references fetched) to be paid for restored into the
+    local cache (so every plan restores them)."""
+    options = loaded.options
     sharing = await open_sharing(
-        stack, options.store, options.store_read_only, manifest, environ, expansion.output_dir
+        stack,
+        options.store,
+        options.store_read_only,
+        loaded.manifest,
+        loaded.environ,
+        expansion.output_dir,
     )
     if sharing is not None:
-        state = _owned_state(path, manifest, everything, force=options.force).mine
-        early = _plan(expansion, state, options.overwrite_edited, only=True, local=options.local)
+        early = loaded.plan(expansion, loaded.held().mine, only=True)
         await sharing.hydrate(item.shot for item in early.shots if item.shot and item.paid)
     return sharing
 
@@ -675,21 +698,14 @@ def _preflight(prep: _Prepared, on_plan: Callable[[Plan], None] | None) -> _Plan
     planned = prep.planned
     if folder.version() != planned.version:
         again = _plan_at_version(
-            prep.path,
-            options,
-            prep.manifest,
-            prep.everything,
-            prep.expansion,
-            prep.partial,
-            prep.prices,
-            planned.plans + 1,
+            prep.loaded, prep.expansion, prep.partial, prep.prices, planned.plans + 1
         )
         planned = replace(again, replanned=True)
     # The provider object answers for itself (one of the caller's own may be free).
     plan = replace(planned.plan, prices=prep.prices, metered=prep.provider.metered)
     refuse_placeholder_over_paid(plan, options.provider, prep.manifest)
     refuse_to_start(plan, options.frozen, prep.limit)
-    refuse_paying_for_store_only(plan, prep.sharing.shared.url if prep.sharing else None)
+    refuse_paying_for_store_only(plan)
     if on_plan:
         on_plan(plan)
     return replace(planned, plan=plan)
@@ -837,18 +853,27 @@ async def _settle_run(
         )
     except StoreWriteError as exc:
         raise StoreError(_unwritten_results(exc, outcome, journal)) from None
-    local = [entry for entry in written if entry.local_copy is not False]
-    picked = place_picks(output_dir, prep.manifest.picks, local)
+    picked = await _picks(prep, written)
     shared = prep.sharing.shared if prep.sharing is not None else None
     links = await signed_links(shared, written)
     sheet, sheet_problem = update_sheet(
         output_dir, prep.manifest.name, sheet_plan, written, prep.manifest, links
     )
-    drop_local_copies(output_dir, stored_only(shots))
+    # Last, once results.json says where they are: only those the store still holds.
+    drop_local_copies(output_dir, await confirmed(prep.sharing, output_dir, stored_only(shots)))
     return _Settled(shots, pruned, results, sheet, sheet_problem, picked)
 
 
 FROM_STORE = "made by another run sharing the store; restored from it, no request"
+
+
+async def _picks(prep: _Prepared, entries: Sequence[ResultEntry]) -> tuple[str, ...]:
+    """The picked takes written as `<shot>.png`, from the run's `entries`: one kept in the
+    store only (`--no-local-copy`) too, fetched from the store first if it is not here."""
+    output_dir, picks = prep.expansion.output_dir, prep.manifest.picks
+    if prep.sharing is not None and picks:
+        await fetch_picked(prep.sharing, output_dir, picks, entries, prep.everything.shots)
+    return place_picks(output_dir, picks, entries)
 
 
 def _results_meta(prep: _Prepared, owner: Owner) -> dict[str, Any]:

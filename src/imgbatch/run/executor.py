@@ -1017,8 +1017,7 @@ class Executor:
         stamper = Stamper(provenance)
 
         def sink(chunk: bytes) -> None:
-            for piece in stamper.feed(chunk):
-                incoming.write(piece)
+            incoming.write(stamper.feed(chunk))  # its pieces, in one system call
 
         await self._unless(True, self._fetch(image, sink))
         incoming.write(stamper.end())

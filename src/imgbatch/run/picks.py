@@ -5,15 +5,25 @@ take's id) and the run's results entries; gives the files it wrote. The copy is 
 image file as apply left it (provenance included), made only when it differs from what is there,
 so a re-apply that changes nothing writes nothing. A take with no image yet (failed, or not
 made) is skipped: its file appears with the apply that makes it.
+
+With `--no-local-copy` the takes are kept in the store only, and the picked `<shot>.png` is
+written all the same: it is the one file per shot a pipeline reads, and the user asked for it
+by name. A take this run placed is copied before its local copy goes; one not on this machine
+(picked after the run that moved it to the store) is first fetched from the store
+(`fetch_picked`), checked as every restore is.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from imgbatch.errors import SharedEntryDamaged
+from imgbatch.run.sharing import SharedRun
+from imgbatch.run.store_only import local_image
+from imgbatch.shots.expand import Shot
 from imgbatch.state.cache import atomic_write
-from imgbatch.state.folder import OutputFolder
 from imgbatch.state.results import ResultEntry
 
 
@@ -22,17 +32,13 @@ def place_picks(
 ) -> tuple[str, ...]:
     """Write each chosen take as `<shot>.png`; gives the names of the files written."""
     by_id = {entry.id: entry for entry in entries}
-    cache = OutputFolder(output_dir).cache
     written = []
     for shot, take in picks.items():
         entry = by_id.get(take)
         if entry is None or not entry.has_image:
             continue
-        source = output_dir / entry.file if entry.file else cache.path(entry.key)
-        if not source.is_file():
-            source = cache.path(entry.key)
         try:
-            data = source.read_bytes()
+            data = local_image(output_dir, entry).read_bytes()
         except OSError:
             continue  # the take itself is missing: the next apply restores it, then this
         target = output_dir / f"{shot}.png"
@@ -41,6 +47,38 @@ def place_picks(
         atomic_write(target, data)
         written.append(target.name)
     return tuple(written)
+
+
+async def fetch_picked(
+    sharing: SharedRun,
+    output_dir: Path,
+    picks: Mapping[str, str],
+    entries: Sequence[ResultEntry],
+    shots: Sequence[Shot],
+) -> None:
+    """Put in the local cache each picked take kept in the store only (`local_copy` false)
+    whose image is neither in the output folder nor the cache: its record looked up and its
+    blob fetched, checked against the record and decoded at the take's size (two requests),
+    and only if the record is of the image the take's entry names. `place_picks` then copies
+    it; the cache entry goes with the run's other store-only copies. A store that lacks it
+    leaves the picked file as it was."""
+    by_id = {entry.id: entry for entry in entries}
+    by_shot = {shot.id: shot for shot in shots}
+    for take in picks.values():
+        entry, shot = by_id.get(take), by_shot.get(take)
+        if entry is None or shot is None or entry.local_copy is not False:
+            continue
+        if not entry.has_image or local_image(output_dir, entry).is_file():
+            continue
+        try:
+            record = await sharing.shared.lookup(entry.key)
+        except SharedEntryDamaged:
+            continue
+        if record is None or record.sha256 != entry.sha256:
+            continue
+        restored = await sharing.fetch(shot, record)
+        if restored is not None:
+            await asyncio.to_thread(sharing.local.put, entry.key, restored.data)
 
 
 def _holds(path: Path, data: bytes) -> bool:

@@ -174,6 +174,9 @@ class SharedRun:
         self.notices: list[tuple[str, str]] = []  # (shot id, what was wrong)
         self.restored = 0
         self.published = 0
+        # When this run first read the store: a `gc --store` marker written since means the
+        # store may have lost what the run looked up (`run.store_only.confirmed`).
+        self.opened = time.monotonic()
 
     def use(self) -> StoreUse:
         """What this run did with the store, for its report."""

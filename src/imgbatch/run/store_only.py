@@ -8,9 +8,12 @@ and the links signed for it (`imgbatch.review.sheet.signed_links`), are written:
 still passes through this machine, where it is checked and its thumbnail made.
 
 An image the store cannot be shown to hold (a read-only store, a publish that failed, an image
-restored from the local cache alone) stays in the folder as usual. A signed URL is a
-credential for as long as it lasts: it goes into the contact sheet alone, never results.json,
-the state, a log or `--json`.
+restored from the local cache alone) stays in the folder as usual. So does every image of a
+run during which a `gc --store` wrote its marker (`confirmed`): that gc may have deleted what
+the run looked up, and the store must still hold an image when its last local copy goes.
+
+A signed URL is a credential for as long as it lasts: it goes into the contact sheet alone,
+never results.json, the state, a log or `--json`.
 """
 
 from __future__ import annotations
@@ -18,17 +21,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 from imgbatch.errors import ConfigError, SharedEntryDamaged, SharedStoreError
+from imgbatch.housekeeping.store_gc import collecting
 from imgbatch.manifest import Manifest
 from imgbatch.review.outcome import ShotOutcome
 from imgbatch.run.sharing import LOOKUPS_IN_FLIGHT, SharedRun
 from imgbatch.state.folder import OutputFolder
 from imgbatch.state.results import ResultEntry
-from imgbatch.state.store import Record, choose_store
+from imgbatch.state.store import Record, choose_store, store_url
 
 _LEFT_ALONE = frozenset({"unchanged", "drift", "not_run"})
 # The outcomes whose image is in the output folder as imgbatch wrote it.
@@ -42,6 +47,17 @@ def require_store(flag: str | None, environ: Mapping[str, str], manifest: Manife
             "--no-local-copy keeps images only in a shared store, and none is named: give "
             "--store URL, set IMGBATCH_STORE, or set output.store in the shot list"
         )
+
+
+def named_store(flag: str | None, environ: Mapping[str, str], manifest: Manifest) -> str | None:
+    """The URL of the store the run names (`choose_store`: a folder in `output.store` is
+    relative to the manifest), as the store gives it (`store_url`): what the plan compares
+    results.json's `image_url`s with. None when none is named; `ConfigError` for a bad URL."""
+    chosen = choose_store(flag, environ, manifest.store)
+    if chosen is None:
+        return None
+    url, origin = chosen
+    return store_url(url, manifest.base_dir if origin == "output.store" else Path.cwd())
 
 
 def kept_in_store(
@@ -115,6 +131,37 @@ async def _stored(sharing: SharedRun, output_dir: Path, entry: ResultEntry) -> R
     return record
 
 
+def local_image(output_dir: Path, entry: ResultEntry) -> Path:
+    """Where `entry`'s image is on this machine: its file in `output_dir` as apply left it,
+    else its cache entry (which may be missing too)."""
+    if entry.file and (output_dir / entry.file).is_file():
+        return output_dir / entry.file
+    return OutputFolder(output_dir).cache.path(entry.key)
+
+
+async def confirmed(
+    sharing: SharedRun | None, output_dir: Path, entries: Sequence[ResultEntry]
+) -> list[ResultEntry]:
+    """`entries` (kept in the store only, as results.json says by now), or none at all when a
+    `gc --store` may have deleted something since this run opened the store (`collecting`: one
+    LIST, and only when some entry has a local copy to drop). The order is the point:
+    results.json first, then the look; gc's marker first, then its second read of the
+    folders. Either gc sees this folder keeps them, or this run sees gc was at work after it
+    looked them up (see `housekeeping.store_gc`). Entries not dropped keep their local copies
+    for the next apply to drop."""
+    if sharing is None:
+        return []
+    if not any(local_image(output_dir, entry).is_file() for entry in entries):
+        return []
+    since = time.monotonic() - sharing.opened + sharing.shared.claims.claims.lease
+    try:
+        if await collecting(sharing.shared.objects, since):
+            return []
+    except SharedStoreError:
+        return []
+    return list(entries)
+
+
 def stored_only(shots: Iterable[ShotOutcome]) -> list[ResultEntry]:
     """The entries of `shots` kept in the store only: their local copies, if any, go."""
     return [
@@ -126,8 +173,9 @@ def stored_only(shots: Iterable[ShotOutcome]) -> list[ResultEntry]:
 
 def drop_local_copies(output_dir: Path, entries: Iterable[ResultEntry]) -> None:
     """Remove each entry's file (if it has the size recorded, else it is not the one: kept) and
-    its cache entry. Called after results.json and the sheet are written: a run killed before this
-    leaves the files, which the next plan finds unchanged."""
+    its cache entry. Called after results.json and the sheet are written, for the entries
+    `confirmed` gives: a run killed before this leaves the files, which the next plan finds
+    unchanged, and the next apply drops."""
     cache = OutputFolder(output_dir).cache
     for entry in entries:
         if entry.file:

