@@ -12,11 +12,10 @@ import asyncio
 import io
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from imgbatch.run.sharing import Restored, SharedRun
@@ -26,15 +25,9 @@ from imgbatch.state.cache import ImageCache
 from imgbatch.state.store import open_shared
 from imgbatch.state.store.claims import Claim, ClaimInfo
 from imgbatch.state.store.layout import Record, SharedCache
-from tests.support.object_servers import BUCKET, moto_server, s3_environ
+from tests.support.object_servers import BUCKET, s3_environ
 
 SIZE = 64
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    with moto_server() as endpoint:
-        yield endpoint
 
 
 def png(colour: str) -> bytes:
