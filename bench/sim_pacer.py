@@ -65,6 +65,7 @@ CHANGED: list[tuple[Account, float, int, bool]] = [
 REMEMBERED: list[tuple[Account, float, int, Quota]] = [
     (Account(window=(3, 3)), 2, 100, Quota(3, 60)),
     (Account(window=(3, 3)), 2, 100, Quota(10, 3)),
+    (Account(window=(6, 3)), 2, 100, Quota(3, 3)),
 ]
 # A series of short runs of one account, each starting from what the last remembered (and the
 # credit of 429s it saved up): (account, latency, shots a run, runs).
