@@ -69,7 +69,10 @@ How a quota is found when nothing is known (no `--quota`/`--rps`, no stated or l
   time (a token bucket refuses at any count, faster); a rate limit shows itself by a 429 with
   fewer in flight than has been admitted before, and the window is fitted then. A cap of more
   than the opening's count, while the rate slowed explains the 429 too, is only noted: waiting
-  for fewer in flight would cost a whole generation.
+  for fewer in flight would cost a whole generation. A request let go only by a window's period
+  narrowed at a fixed count (the window before would have held it back) is the narrowing's
+  evidence: a window sends its whole count at once, so narrowing it puts more in flight than
+  ever admitted, and its 429 is fitted as a window, not taken for a cap.
 * **Nothing fits** (a token bucket's saved-up burst makes early admissions look like a larger
   window): the admissions before the first 429 are set aside; failing that, even spacing at what
   was admitted between the first and last 429.
