@@ -88,3 +88,31 @@ def test_adding_or_removing_m_shots_moves_at_most_m_keys_across_each_boundary(se
         # A key crosses boundary B when it was in shards 1..B and is now past it, or back.
         crossed = sum((before[key] <= boundary) != (after[key] <= boundary) for key in kept)
         assert crossed <= m, (boundary, crossed, m)
+
+
+@pytest.mark.parametrize("shard", [(0, 4), (-1, 4), (5, 4), (1, 0), (0, 0), (True, 1), (1.0, 2)])
+def test_a_shard_out_of_range_is_refused_not_sliced_from_the_end(shard: tuple[int, int]) -> None:
+    """(-1, 4) sliced the keys from their end (a quarter of the shots, no shard's), (1, 0)
+    divided by zero, (5, 4) acted on nothing: the library refuses them as the CLI does."""
+    from imgbatch.errors import ConfigError
+    from imgbatch.run.apply import ApplyOptions
+
+    with pytest.raises(ConfigError, match="shard"):
+        ApplyOptions(shard=shard)
+    with pytest.raises(ConfigError, match="shard"):
+        in_shard(shots_of([f"p{n}" for n in range(8)]), shard)
+
+
+@pytest.mark.parametrize("value", ["²/4", "1/²", "١/٤", "0/4", "5/4", "1/0", "1/4/2", " 1/4"])
+def test_the_cli_refuses_a_shard_not_written_in_ascii_digits_without_a_traceback(
+    value: str,
+) -> None:
+    """'²'.isdigit() is True but int('²') raises: a ValueError traceback instead of a usage
+    error (exit 2)."""
+    from click.testing import CliRunner
+
+    from imgbatch.cli.main import main
+
+    result = CliRunner().invoke(main, ["apply", "manifests/matrix.yaml", "--shard", value])
+    assert result.exit_code == 2, result.output
+    assert "K/N" in result.output

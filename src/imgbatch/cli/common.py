@@ -9,6 +9,7 @@ import contextlib
 import functools
 import math
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ import click
 
 from imgbatch.errors import EXIT_FAILED, ConfigError, ImgbatchError, ManifestError, without_reprs
 from imgbatch.providers import PROVIDER_CHOICES, secrets_for_redaction
+from imgbatch.shots.selection import shard_problem
 from imgbatch.units.quota import Quota, parse_quota
 
 if TYPE_CHECKING:
@@ -186,10 +188,12 @@ no_local_copy_option = click.option(
 def _shard_option(value: str | None) -> tuple[int, int] | None:
     if value is None:
         return None
-    index, _, count = value.partition("/")
-    if not (index.isdigit() and count.isdigit() and 1 <= int(index) <= int(count)):
+    # ASCII digits only: str.isdigit() also takes '²', which int() refuses (a traceback).
+    matched = re.fullmatch(r"([0-9]+)/([0-9]+)", value)
+    shard = (int(matched[1]), int(matched[2])) if matched else None
+    if shard is None or shard_problem(shard) is not None:
         raise click.BadParameter(f"write K/N with K from 1 to N, such as 1/4; got {value!r}")
-    return int(index), int(count)
+    return shard
 
 
 shard_option = click.option(

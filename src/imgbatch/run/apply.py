@@ -76,7 +76,7 @@ from imgbatch.shots.expand import (
     shot_list,
 )
 from imgbatch.shots.request import KEY_FORMAT_VERSION
-from imgbatch.shots.selection import in_shard, select_shots
+from imgbatch.shots.selection import in_shard, select_shots, shard_problem
 from imgbatch.state.folder import OutputFolder, owner_of
 from imgbatch.state.record import FolderState, Owner
 from imgbatch.state.results import FileIdentity, ResultEntry
@@ -155,6 +155,8 @@ class ApplyOptions:
             raise ConfigError(
                 f"max_duration must be a finite number of seconds above 0, got {self.max_duration}"
             )
+        if self.shard is not None and (problem := shard_problem(self.shard)) is not None:
+            raise ConfigError(f"shard: {problem}")
         if self.max_cost is not None:
             try:
                 CostLimit.parse(self.max_cost)

@@ -42,6 +42,18 @@ def select_shots(shots: tuple[Shot, ...], patterns: Iterable[str]) -> tuple[Shot
     return tuple(chosen)
 
 
+def shard_problem(shard: tuple[int, int]) -> str | None:
+    """What is wrong with `shard` = (K, N) as a shard K of N, or None when it is one: both whole
+    numbers (not bools), N at least 1 and K from 1 to N. A (-1, 4) would otherwise slice from the
+    end of the keys (other shots than any shard's) and (1, 0) divide by zero."""
+    index, count = shard
+    if any(isinstance(part, bool) or not isinstance(part, int) for part in shard):
+        return f"a shard is two whole numbers K/N, got {shard!r}"
+    if not 1 <= index <= count:
+        return f"a shard K/N has K from 1 to N, such as 1/4; got {index}/{count}"
+    return None
+
+
 def in_shard(shots: Sequence[Shot], shard: tuple[int, int]) -> tuple[Shot, ...]:
     """The shots whose request key falls in shard K of N (`shard` = (K, N), K from 1), in their
     order. The distinct keys of `shots`, sorted (a key is a hash, so by its value), are cut into
@@ -55,6 +67,9 @@ def in_shard(shots: Sequence[Shot], shard: tuple[int, int]) -> tuple[Shot, ...]:
     >>> [[shot.request.key[:2] for shot in in_shard(shots, (k, 3))] for k in (1, 2, 3)]
     [['00', '01'], ['03', '02', '03'], ['05', '04']]
     """
+    problem = shard_problem(shard)
+    if problem is not None:
+        raise ConfigError(problem)
     index, count = shard
     keys = sorted({shot.request.key for shot in shots})
     # A split by hash modulo N would keep every other key in place after an edit, but its shards
