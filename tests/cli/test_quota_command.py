@@ -63,7 +63,17 @@ def test_a_file_written_before_the_credit_was_kept_loads_with_none(store: QuotaS
 
 @pytest.mark.parametrize(
     ("credit", "loaded"),
-    [("NaN", 0.0), ("Infinity", 0.0), ('"lots"', 0.0), (True, 0.0), (-2, 0.0), (1e9, CREDIT_CAP)],
+    [
+        ("NaN", 0.0),
+        ("Infinity", 0.0),
+        ('"lots"', 0.0),
+        (True, 0.0),
+        (-2, 0.0),
+        (1e9, CREDIT_CAP),
+        # An int too large for a float: OverflowError in math.isfinite.
+        pytest.param(10**400, CREDIT_CAP, id="400-digits"),
+        pytest.param(-(10**400), 0.0, id="minus-400-digits"),
+    ],
 )
 def test_a_hand_edited_credit_is_never_more_than_the_cap(
     store: QuotaStore, credit: object, loaded: float

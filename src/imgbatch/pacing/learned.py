@@ -178,6 +178,10 @@ def _credit(record: Mapping[str, Any]) -> float:
     """The credit a record carries: 0 when it has none (an older file) or none that makes sense
     (hand-edited: not a number, infinite, negative), at most `CREDIT_CAP`."""
     credit = record.get("credit", 0.0)
+    if type(credit) is int:
+        # Clamped first: math.isfinite raises OverflowError on an int too large for a float
+        # (a 400-digit credit crashed every apply and `quota show`).
+        credit = min(max(credit, 0), CREDIT_CAP)
     if type(credit) not in (int, float) or not math.isfinite(credit):
         return 0.0
     return float(min(max(credit, 0.0), CREDIT_CAP))
