@@ -148,3 +148,33 @@ def test_show_prints_no_control_character_the_file_holds(store: QuotaStore) -> N
     result = run("quota", "show")
     assert result.exit_code == 0, result.output
     assert "\x1b" not in result.output and "\x07" not in result.output
+
+
+def test_two_runs_saving_together_keep_both_quotas(
+    store: QuotaStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs ending together (a matrix's shards, one model each): the second saves between
+    the first's read of quotas.json and its rename. Without a lock the first renamed its stale
+    copy over the second's, and the second's quota was lost."""
+    import threading
+
+    from imgbatch.pacing import learned
+
+    real_write = learned.atomic_write
+    other = threading.Thread(
+        target=QuotaStore(store.path).save,
+        args=(ACCOUNT, [Finding("qwen-image-edit", Quota(5, 1), "probed", None, False, None, 9)]),
+    )
+
+    def write_after_the_other_run(path: Path, data: bytes) -> None:
+        if not other.is_alive() and other.ident is None:
+            other.start()
+            other.join(timeout=1.0)  # it finishes here without a lock; with one, it waits
+        real_write(path, data)
+
+    monkeypatch.setattr(learned, "atomic_write", write_after_the_other_run)
+    store.save(ACCOUNT, [Finding("qwen-image", Quota(2, 1), "probed", None, False, None, 9)])
+    other.join(timeout=10)
+    assert not other.is_alive()
+    models = {item.model for item in store.remembered()}
+    assert models == {"qwen-image-max", "qwen-image-plus", "qwen-image", "qwen-image-edit"}

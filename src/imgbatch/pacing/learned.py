@@ -10,10 +10,13 @@ without a `credit` (written before it was kept) has none.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
+import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +78,10 @@ class QuotaStore:
 
         Raises OSError when the cache directory cannot be written.
         """
+        with self._locked():
+            return self._save(account, findings)
+
+    def _save(self, account: str, findings: Iterable[Finding]) -> list[str]:
         records = self._read()
         kept, changed = [], False
         for finding in findings:
@@ -88,7 +95,6 @@ class QuotaStore:
                 records[key] = {**records[key], "credit": _credit_field(finding.credit)}
                 changed = True
         if changed:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             text = json.dumps(records, indent=1, sort_keys=True) + "\n"
             atomic_write(self.path, text.encode("utf-8"))
         return kept
@@ -121,6 +127,12 @@ class QuotaStore:
 
         Raises OSError when the file cannot be rewritten.
         """
+        if not self.path.exists():
+            return 0  # (nothing to forget: no cache directory made for the lock)
+        with self._locked():
+            return self._forget(model)
+
+    def _forget(self, model: str | None) -> int:
         records = self._read()
         kept = {
             key: record
@@ -131,6 +143,20 @@ class QuotaStore:
             text = json.dumps(kept, indent=1, sort_keys=True) + "\n"
             atomic_write(self.path, text.encode("utf-8"))
         return len(records) - len(kept)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """An exclusive advisory lock (`flock`) on a file beside `quotas.json`, held while it is
+        read, changed and rewritten: two runs ending together (each shard of a matrix, one model
+        each) both read the file, and the one renaming last dropped what the other kept."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock = self.path.with_name(f".{self.path.name}.lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # (releases the lock)
 
     def _read(self) -> dict[str, Any]:
         try:
