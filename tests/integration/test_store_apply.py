@@ -347,3 +347,45 @@ def test_a_record_whose_entry_lies_gives_the_shot_its_own_request(
         assert entry["status"] == "generated"
         for field in ("key", "prompt", "request", "image_url", "sha256", "error"):
             assert entry[field] == mine[field], field
+
+
+@pytest.mark.parametrize("lies", [False, True])
+def test_a_blob_too_large_is_damage(  # (short: the prefix is 40 characters)
+    tmp_path: Path, store_env: dict[str, str], fake_server: FakeDashScope, lies: bool
+) -> None:
+    """Whoever can write the store can write a record naming a 65 MB blob (its SHA-256 and
+    size true): S3's get refused it as too large (`SharedStoreError`), which neither the restore
+    before the plan nor the background one took for damage, so the run failed instead of
+    paying for the shot as the local folder store does (it reads at most 64 MB, a mismatch).
+    A record that `lies` about the size (1,000 bytes) has its blob read no further than that.
+    """
+    import hashlib
+
+    import botocore.session
+
+    from imgbatch.run.apply import load_and_expand
+    from imgbatch.state.store.objects import MAX_OBJECT_BYTES
+
+    manifest = write_many_shots(tmp_path, "store", 2)
+    _, expansion = load_and_expand(manifest, "dashscope", store_env)
+    key = expansion.shots[0].request.key
+    data = b"\0" * (MAX_OBJECT_BYTES + 1)
+    sha = hashlib.sha256(data).hexdigest()
+    prefix = store_env["IMGBATCH_STORE"].removeprefix(f"s3://{BUCKET}/")
+    client = botocore.session.get_session().create_client(
+        "s3",
+        endpoint_url=store_env["AWS_ENDPOINT_URL"],
+        region_name="us-east-1",
+        aws_access_key_id=store_env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=store_env["AWS_SECRET_ACCESS_KEY"],
+    )
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/cas/{sha}", Body=data)
+    size = 1000 if lies else len(data)
+    record = {"key": key, "sha256": sha, "bytes": size, "width": 1328, "height": 1328}
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/ac/{key}", Body=json.dumps(record).encode())
+    report = apply(manifest, machine(store_env, tmp_path / "a"))
+    assert report.ok
+    assert fake_server.generation_count == 2, [(s.id, s.status, s.action) for s in report.shots]
+    assert report.store is not None
+    said = "does not match its record" if lies else "larger than imgbatch writes"
+    assert any(said in notice for _, notice in report.store.notices), report.store.notices

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from imgbatch.errors import SharedEntryDamaged, SharedStoreError
 from imgbatch.state.cache import verify_image
 from imgbatch.state.store.claims import DEFAULT_LEASE, Claims, HeldClaims
-from imgbatch.state.store.objects import Conflict, Exists, ObjectStore
+from imgbatch.state.store.objects import MAX_OBJECT_BYTES, Conflict, Exists, ObjectStore
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -134,6 +134,11 @@ class SharedCache:
         `SharedEntryDamaged` naming what is wrong otherwise. `then` is given the decoded image
         once it has passed (the contact sheet's thumbnail, from the one decode)."""
         where = self.blob_url(record.sha256)
+        if record.size > MAX_OBJECT_BYTES:
+            # Not fetched at all: no image imgbatch writes is that large.
+            raise SharedEntryDamaged(
+                f"ac/{record.key} names a blob of {record.size} bytes, larger than imgbatch writes"
+            )
         stored = await self.objects.get(f"cas/{record.sha256}")
         if stored is None:
             raise SharedEntryDamaged(f"{where} is missing, though ac/{record.key} names it")
