@@ -345,3 +345,36 @@ def test_a_store_url_refused_for_its_credentials_does_not_print_them(
     assert "wJalrXUtnFEMIsecret" not in str(refused.value)
     assert "AKIAEXAMPLE" not in str(refused.value)
     assert "team-images" in str(refused.value) or "host" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("claim", "stale"),
+    [
+        # json.loads: RecursionError, not ValueError. Not a claim imgbatch wrote: stale at once.
+        pytest.param("[" * 100_000, True, id="nested"),
+        # float(): OverflowError. A claim with no holder, live for the store's own lease.
+        pytest.param('{"lease": 1' + "0" * 400 + "}", False, id="lease-400-digits"),
+    ],
+)
+def test_a_record_or_claim_nested_or_huge_is_damage_not_a_crash(
+    tmp_path: Path, claim: str, stale: bool
+) -> None:
+    # Whoever can write the store writes records and claims: a record of 100,000 "[" raised
+    # RecursionError out of every apply that looked its key up, and a claim of either kind out
+    # of every apply that met it (and `store claims`).
+    store, key = tmp_path / "store", "c" * 64
+    (store / "ac").mkdir(parents=True)
+    (store / "ac" / key).write_text("[" * 100_000)
+    (store / "claims").mkdir()
+    (store / "claims" / key).write_text(claim)
+
+    async def scenario() -> None:
+        async with open_shared(str(store), {}) as cache:
+            with pytest.raises(SharedEntryDamaged, match="is not a record"):
+                await cache.lookup(key)
+            info = await cache.claims.claims.read(key)
+            assert info is not None and info.stale == stale and info.holder == "unknown"
+            acquired = await cache.claims.acquire(key)
+            assert isinstance(acquired, Claim if stale else ClaimInfo)  # taken over, or waited on
+
+    run(scenario())

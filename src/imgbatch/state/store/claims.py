@@ -173,13 +173,15 @@ class Claims:
     def _info(self, key: str, data: bytes, age: float) -> ClaimInfo:
         try:
             body: Any = json.loads(data.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # (nested too deep: "[[[[...")
             body = None
         if not isinstance(body, dict):
             # Not a claim imgbatch wrote: stale at once, so it blocks no one for long.
             return ClaimInfo(key, "unknown", None, None, age, True)
-        lease = body.get("lease")
-        lease = float(lease) if isinstance(lease, (int, float)) and lease > 0 else self.lease
+        stated, lease = body.get("lease"), self.lease
+        if isinstance(stated, (int, float)) and stated > 0:
+            # Bounded before float(), which raises OverflowError on an int of 400 digits.
+            lease = float(min(stated, self.lease))
         url, request_id = body.get("image_url"), body.get("request_id")
         return ClaimInfo(
             key,

@@ -120,7 +120,8 @@ class SharedCache:
             return None
         try:
             return Record.parse(key, stored.data)
-        except (ValueError, UnicodeDecodeError) as exc:
+        # (RecursionError: JSON nested deeper than the parser goes, "[[[[...", not a ValueError.)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             where = self.objects.object_url(f"ac/{key}")
             raise SharedEntryDamaged(f"{where} is not a record: {exc}") from None
 
