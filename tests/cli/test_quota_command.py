@@ -178,3 +178,12 @@ def test_two_runs_saving_together_keep_both_quotas(
     assert not other.is_alive()
     models = {item.model for item in store.remembered()}
     assert models == {"qwen-image-max", "qwen-image-plus", "qwen-image", "qwen-image-edit"}
+
+
+def test_a_quotas_file_nested_too_deep_is_read_as_empty(store: QuotaStore) -> None:
+    """json.loads raises RecursionError, not a ValueError, on 100,000 "[": every apply and
+    `quota show` failed on such a file, which is only a head start."""
+    store.path.write_text("[" * 100_000)
+    assert store.load(ACCOUNT, ["qwen-image-max"]) == {}
+    result = run("quota", "show")
+    assert result.exit_code == 0 and "No quota remembered" in result.output

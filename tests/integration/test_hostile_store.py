@@ -948,3 +948,22 @@ def test_the_sheet_replaces_a_page_it_drew_itself(tmp_path: Path) -> None:
 
     assert result.exit_code == 0, result.output
     assert page.read_text(encoding="utf-8") == drawn
+
+
+@pytest.mark.parametrize("damaged", ["last-run.json", "state.json"])
+def test_state_nested_too_deep_is_unreadable_not_a_crash(tmp_path: Path, damaged: str) -> None:
+    """json.loads raises RecursionError, not a ValueError, on JSON nested past its depth: a
+    last-run.json (it only decorates the sheet) or a state.json owner line of 100,000 "[" was
+    "unexpected RecursionError" from `sheet` and `apply` instead of unreadable state."""
+    manifest = write_manifest(tmp_path, IN_PLACE)
+    assert apply(manifest).exit_code == 0
+    path = tmp_path / STATE_DIR / damaged
+    if damaged == "last-run.json":
+        path.write_text("[" * 100_000)
+    else:
+        lines = path.read_text().splitlines()
+        lines = [f'  "owner": {"[" * 100_000},' if '"owner"' in line else line for line in lines]
+        path.write_text("\n".join(lines) + "\n")
+    for command in ("sheet", "apply"):
+        result = run(command, manifest)
+        assert "Traceback" not in result.output and "unexpected" not in result.output, result.output

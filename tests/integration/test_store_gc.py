@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -420,3 +421,20 @@ def test_manifests_naming_one_folder_store_two_ways_name_one_store(tmp_path: Pat
     chosen = store_for_gc(None, {}, [first, second])
     assert chosen is not None
     assert store_url(*chosen) == (tmp_path / "cache").as_uri()
+
+
+def test_a_record_nested_too_deep_is_not_a_crash_of_gc(tmp_path: Path) -> None:
+    """A store's record of 100,000 "[" raised RecursionError out of `gc --store` (json.loads
+    raises that, not a ValueError, for JSON nested past its depth); it is read as no record."""
+    store = tmp_path / "store"
+    (store / "ac").mkdir(parents=True)
+    (store / "ac" / ("d" * 64)).write_text("[" * 100_000)
+    (store / "cas").mkdir()
+    blob = store / "cas" / ("e" * 64)  # past its grace: gc reads the records to see who names it
+    blob.write_bytes(b"orphan")
+    old = time.time() - 3 * 86400
+    os.utime(blob, (old, old))
+    manifest = shot_list(tmp_path, "nested", "a kite")
+    result = CliRunner().invoke(main, ["gc", str(manifest), "--store", str(store)])
+    assert result.exit_code == 0, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)

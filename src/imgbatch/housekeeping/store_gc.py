@@ -303,7 +303,7 @@ async def _named_blobs(objects: ObjectStore, records: Iterable[Listed]) -> set[s
             return None
         try:
             body = json.loads(stored.data.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # (nested too deep)
             return None
         sha = body.get("sha256") if isinstance(body, dict) else None
         return sha if isinstance(sha, str) else None

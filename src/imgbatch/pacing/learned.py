@@ -161,7 +161,7 @@ class QuotaStore:
     def _read(self) -> dict[str, Any]:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # (nested too deep: "[[[[...")
             return {}
         return data if isinstance(data, dict) else {}
 

@@ -392,7 +392,7 @@ class OutputFolder:
         decorates the contact sheet)."""
         try:
             return json.loads(self.last_run_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # (nested too deep: "[[[[...")
             return None
 
     def write_last_run(self, document: Mapping[str, Any]) -> None:

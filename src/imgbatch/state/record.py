@@ -180,7 +180,7 @@ def read_owner(path: Path) -> Owner | None:
                 if name == '"owner"':
                     data = json.loads(value.removesuffix(","))
                     return None if data is None else Owner.from_json(data)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # (nested too deep: "[[[[...")
         pass
     return None
 
