@@ -547,3 +547,16 @@ def test_a_two_a_minute_account_pays_only_its_budget_for_the_retests(tmp_path: P
         assert within_credit(result, 10, credit)
         assert result.ratio >= 0.98
         assert remembered is not None and remembered.window == Quota(2, 60)
+
+
+def test_a_quotas_file_that_cannot_be_written_is_not_a_failed_run(tmp_path: Path) -> None:
+    """Remembering is a head start, not worth failing a run over (`_Pacing.remember`), but only
+    OSError was let go, and a write that fails raises `StoreWriteError`: a quotas.json that is
+    a folder failed the run at its end, its shots done and paid."""
+    store = tmp_path / "quotas.json"
+    store.mkdir()
+    options = ApplyOptions(quota_store=store)
+    run = simulate(Account(window=(3, 3)), 2.0, 30, folder=tmp_path / "run", options=options)
+    assert run.report.ok
+    (note,) = run.report.quotas
+    assert note.finding.window is not None and not note.saved

@@ -76,7 +76,8 @@ class QuotaStore:
         models whose quota was kept. A run that kept to the quota it remembered (tested and
         refused, or not tested) keeps that quota, and only its credit changes.
 
-        Raises OSError when the cache directory cannot be written.
+        Raises OSError when the cache directory cannot be written (its lock), `StoreWriteError`
+        when quotas.json cannot be.
         """
         with self._locked():
             return self._save(account, findings)

@@ -726,7 +726,9 @@ class _Pacing:
         """Keep what the run found for the next one; say what it knew and kept."""
         saved: list[str] = []
         if self.store is not None and self.account is not None:
-            with contextlib.suppress(OSError):  # a head start for next time, not worth failing
+            # A head start for next time, not worth failing a run whose shots are done (a
+            # failed write of quotas.json is a StoreWriteError, not an OSError).
+            with contextlib.suppress(OSError, StoreError):
                 saved = self.store.save(self.account, outcome.quotas)
         return tuple(
             QuotaNote(finding, finding.model in self.learned, finding.model in saved)
