@@ -378,3 +378,47 @@ def test_a_record_or_claim_nested_or_huge_is_damage_not_a_crash(
             assert isinstance(acquired, Claim if stale else ClaimInfo)  # taken over, or waited on
 
     run(scenario())
+
+
+def test_a_folder_listing_is_whole_while_another_process_removes_files(tmp_path: Path) -> None:
+    # A file removed between the folder's read and its stat (a claim released, many times a
+    # second in a busy store) raised FileNotFoundError, which the listing took for a missing
+    # folder: it gave nothing, one listing in ten here. A run following claims then saw every
+    # claim go at once; a gc listing `ac/` while another deleted old records saw no record,
+    # and so no blob named.
+    import subprocess
+    import sys
+    import time
+
+    store = tmp_path / "store"
+    (store / "claims").mkdir(parents=True)
+    for index in range(20):
+        (store / "claims" / f"{index:064x}").write_bytes(b"{}")
+    flapping = store / "claims" / ("f" * 64)
+    flapper = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, sys\nwhile True:\n    open(sys.argv[1], 'wb').close()\n"
+            "    os.unlink(sys.argv[1])\n",
+            str(flapping),
+        ]
+    )
+
+    started = time.monotonic()
+    while not flapping.exists():  # the other process is removing files by now
+        assert time.monotonic() - started < 10, "the other process did not start"
+
+    async def scenario() -> int:
+        short = 0
+        async with open_shared(str(store), {}) as cache:
+            for _ in range(1000):
+                listed = await cache.objects.listing("claims/")
+                short += len([item for item in listed if not item.name.endswith("f" * 64)]) < 20
+        return short
+
+    try:
+        assert run(scenario()) == 0
+    finally:
+        flapper.kill()
+        flapper.wait()

@@ -129,7 +129,13 @@ class FolderStore:
                 for entry in entries:
                     if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
                         continue
-                    info = entry.stat(follow_symlinks=False)
+                    try:
+                        info = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        # Removed since the folder was read (a claim released): that one is
+                        # gone, not the whole folder. (Caught outside, it made the listing
+                        # empty: every claim gone at once, or every record, to a gc.)
+                        continue
                     age = max(0.0, now - info.st_mtime)
                     found.append(Listed(f"{prefix}/{entry.name}", info.st_size, age))
         except FileNotFoundError:
