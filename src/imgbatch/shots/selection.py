@@ -13,6 +13,7 @@ shot (a typo must not silently act on nothing):
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Sequence
 from fnmatch import fnmatchcase
 
@@ -46,8 +47,10 @@ def shard_problem(shard: tuple[int, int]) -> str | None:
     """What is wrong with `shard` = (K, N) as a shard K of N, or None when it is one: both whole
     numbers (not bools), N at least 1 and K from 1 to N. A (-1, 4) would otherwise slice from the
     end of the keys (other shots than any shard's) and (1, 0) divide by zero."""
-    index, count = shard
-    if any(isinstance(part, bool) or not isinstance(part, int) for part in shard):
+    try:
+        # Any whole number (a NumPy integer too), but not a bool nor a float.
+        index, count = (operator.index(part) for part in shard if not isinstance(part, bool))
+    except (TypeError, ValueError):
         return f"a shard is two whole numbers K/N, got {shard!r}"
     if not 1 <= index <= count:
         return f"a shard K/N has K from 1 to N, such as 1/4; got {index}/{count}"
