@@ -422,3 +422,37 @@ def test_a_folder_listing_is_whole_while_another_process_removes_files(tmp_path:
     finally:
         flapper.kill()
         flapper.wait()
+
+
+_PAGE = (
+    '<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>b</Name>{}</ListBucketResult>'
+)
+
+
+@pytest.mark.parametrize(
+    "page",
+    [
+        pytest.param(
+            "<IsTruncated>false</IsTruncated><Contents><Size>3</Size></Contents>", id="no-key"
+        ),
+        pytest.param("<IsTruncated>true</IsTruncated>", id="no-token"),
+        pytest.param(
+            "<IsTruncated>true</IsTruncated><NextContinuationToken>t</NextContinuationToken>",
+            id="the-same-token-forever",
+        ),
+    ],
+)
+def test_a_listing_that_is_not_one_is_a_store_error(page: str) -> None:
+    # A server answering a LIST with an object without a key, or "truncated" without a token,
+    # raised KeyError (out of `gc --store`, and out of the run following claims, at its end);
+    # one giving the same token forever was asked for the next page forever.
+    with FakeOss() as server:
+        server.listing = _PAGE.format(page).encode()
+
+        async def scenario() -> None:
+            async with open_shared(f"s3://{BUCKET}/p", s3_environ(server.endpoint)) as cache:
+                with pytest.raises(SharedStoreError, match="cannot list"):
+                    await asyncio.wait_for(cache.objects.listing("claims/"), 10)
+
+        run(scenario())
+        assert len(server.log) <= 3

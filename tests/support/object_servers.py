@@ -173,6 +173,8 @@ class FakeOss:
 
     def __init__(self, *, ignore_conditions: bool = False) -> None:
         self.ignore_conditions = ignore_conditions
+        # A hostile server's listing: this body answers every LIST instead of the objects.
+        self.listing: bytes | None = None
         self.objects: dict[str, tuple[bytes, float]] = {}
         self.log: list[tuple[str, str]] = []
         self._lock = threading.Lock()
@@ -263,6 +265,8 @@ class FakeOss:
                 self._send(200, found[0], {"ETag": f'"{hashlib.md5(found[0]).hexdigest()}"'})
 
             def _list(self, prefix: str) -> None:
+                if fake.listing is not None:
+                    return self._send(200, fake.listing, {"Content-Type": "application/xml"})
                 names = sorted(name for name in fake.objects if name.startswith(prefix))
                 items = "".join(
                     f"<Contents><Key>{escape(name)}</Key><Size>{len(fake.objects[name][0])}"

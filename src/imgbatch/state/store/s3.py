@@ -192,6 +192,7 @@ class BucketStore:
         found: list[Listed] = []
         strip = len(self.prefix) + 1 if self.prefix else 0
         token: dict[str, str] = {}
+        tokens: set[str] = set()
         try:
             while True:
                 self.requests["list"] += 1
@@ -206,8 +207,20 @@ class BucketStore:
                 if not page.get("IsTruncated"):
                     return sorted(found, key=lambda item: item.name)
                 token = {"ContinuationToken": page["NextContinuationToken"]}
+                if token["ContinuationToken"] in tokens:
+                    # A page asked for already: asking again would never end.
+                    raise ValueError("its pages go round in a circle")
+                tokens.add(token["ContinuationToken"])
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
             raise self._failed("list", prefix, exc) from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            # A server's answer that is not a listing (an object without a key, "truncated"
+            # without a token): the store's failure, said, never a KeyError out of gc or out
+            # of a run following claims.
+            raise SharedStoreError(
+                f"cannot list {self.object_url(prefix)}: the answer is not a listing "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
 
     async def signed_url(self, name: str, expires: int) -> str | None:
         try:
