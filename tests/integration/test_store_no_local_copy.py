@@ -448,3 +448,32 @@ def test_a_picked_take_kept_in_the_store_only_is_still_written_as_the_shot_file(
     picked = (output / "poster.png").read_bytes()
     assert hashlib.sha256(picked).hexdigest() == made["poster-1"]["sha256"]
     assert fake_server.generation_count == 2
+
+
+def test_a_shot_renamed_since_its_image_went_to_the_store_only_is_not_paid_for_again(
+    tmp_path: Path, api_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    # A rename costs nothing, and an apply that forgets the store is refused: both together
+    # paid, since the refusal looked at the entry under the shot's own id alone (the renamed
+    # shot has none; its image is its old id's, an orphan's, kept in the store only).
+    manifest = write_many_shots(tmp_path, "nolocal", 2)
+    output = tmp_path / "output" / "nolocal"
+    store = tmp_path / "store"
+    apply_json(api_env, manifest, "--store", str(store))
+    apply_json(api_env, manifest, "--store", str(store), "--no-local-copy", "--only", "shot-001")
+    kept = entries(output)["shot-001"]
+    assert kept["local_copy"] is False
+    manifest.write_text(manifest.read_text().replace("shot-001", "renamed"))
+    before = (output / "results.json").read_bytes()
+    for result in (
+        run(api_env, "plan", manifest),
+        run(api_env, "apply", manifest, "--rps", "1000"),
+    ):
+        assert result.exit_code == 2, result.output
+        assert "renamed" in result.stderr and store.as_uri() in result.stderr
+    assert fake_server.generation_count == 2
+    assert (output / "results.json").read_bytes() == before
+    # Through the store that holds it, the renamed shot is restored from it.
+    apply_json(api_env, manifest, "--store", str(store))
+    assert entries(output)["renamed"]["sha256"] == kept["sha256"]
+    assert fake_server.generation_count == 2
