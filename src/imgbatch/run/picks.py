@@ -2,8 +2,9 @@
 
 Takes the output folder, the manifest's picks (the id a shot's variants share -> the chosen
 take's id) and the run's results entries; gives the files it wrote. The copy is of the take's
-image file as apply left it (provenance included), made only when it differs from what is there,
-so a re-apply that changes nothing writes nothing. A take with no image yet (failed, or not
+image file as apply left it (provenance included; read never through a symbolic link, and only
+if it is a PNG, else the take's image from the cache), made only when it differs from what is
+there, so a re-apply that changes nothing writes nothing. A take with no image yet (failed, or not
 made) is skipped: its file appears with the apply that makes it.
 
 With `--no-local-copy` the takes are kept in the store only, and the picked `<shot>.png` is
@@ -19,11 +20,13 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from imgbatch.errors import SharedEntryDamaged
+from imgbatch.errors import ImageError, SharedEntryDamaged
+from imgbatch.png import PNG_SIGNATURE, read_image_file
 from imgbatch.run.sharing import SharedRun
 from imgbatch.run.store_only import local_image
 from imgbatch.shots.expand import Shot
 from imgbatch.state.cache import atomic_write
+from imgbatch.state.folder import OutputFolder
 from imgbatch.state.results import ResultEntry
 
 
@@ -37,9 +40,8 @@ def place_picks(
         entry = by_id.get(take)
         if entry is None or not entry.has_image:
             continue
-        try:
-            data = local_image(output_dir, entry).read_bytes()
-        except OSError:
+        data = _take(output_dir, entry)
+        if data is None:
             continue  # the take itself is missing: the next apply restores it, then this
         target = output_dir / f"{shot}.png"
         if _holds(target, data):
@@ -79,6 +81,25 @@ async def fetch_picked(
         restored = await sharing.fetch(shot, record)
         if restored is not None:
             await asyncio.to_thread(sharing.local.put, entry.key, restored.data)
+
+
+def _take(output_dir: Path, entry: ResultEntry) -> bytes | None:
+    """The take's image: its file in the output folder as it is (a hand edit too), else its
+    cache entry; None when neither is there. Each is read as an image file is (`png.
+    read_image_file`: never through a symbolic link) and taken only if it is a PNG: a take
+    committed as a link to a secret, or any file put in its place, is never copied into
+    `<shot>.png`, the file a pipeline publishes."""
+    cache = OutputFolder(output_dir).cache.path(entry.key)
+    for path in (output_dir / entry.file if entry.file else None, cache):
+        if path is None:
+            continue
+        try:
+            data = read_image_file(path)
+        except ImageError:
+            continue
+        if data.startswith(PNG_SIGNATURE):
+            return data
+    return None
 
 
 def _holds(path: Path, data: bytes) -> bool:
