@@ -42,18 +42,7 @@ def error_boundary(command: F) -> F:
         try:
             code = command(*args, **kwargs)
         except ImgbatchError as exc:
-            named = kwargs.get("manifest")
-            if (
-                isinstance(exc, ManifestError)
-                and named is not None
-                and exc.subject == "the manifest"
-            ):
-                # Named by its file, as `validate` names it: every command words it alike.
-                exc = ManifestError(exc.problems, subject=str(named))
-            message = hide_secrets(without_reprs(str(exc)))
-            click.echo(f"error: {message}", err=True)
-            code = exc.exit_code  # the error says which (errors.py), not a table here
-            _summarize_error(message, code)
+            code = say_error(exc, kwargs.get("manifest"))
         except Exception as exc:  # noqa: BLE001 - the boundary: nothing escapes as a traceback
             log = write_crash_log()
             click.echo(f"error: unexpected {type(exc).__name__}; details in {log}", err=True)
@@ -61,6 +50,20 @@ def error_boundary(command: F) -> F:
         sys.exit(code)
 
     return wrapper  # type: ignore[return-value]
+
+
+def say_error(exc: ImgbatchError, named: Path | None, code: int | None = None) -> int:
+    """Print `exc` as every command words an error (the manifest named by its file, the API
+    key as ***, into the job summary too); gives its exit code, `code` if given (`plan
+    --detailed-exitcode` makes every error 1), else the error's own (errors.py says which)."""
+    if isinstance(exc, ManifestError) and named is not None and exc.subject == "the manifest":
+        # Named by its file, as `validate` names it: every command words it alike.
+        exc = ManifestError(exc.problems, subject=str(named))
+    message = hide_secrets(without_reprs(str(exc)))
+    click.echo(f"error: {message}", err=True)
+    code = exc.exit_code if code is None else code
+    _summarize_error(message, code)
+    return code
 
 
 @contextlib.contextmanager
