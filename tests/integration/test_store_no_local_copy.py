@@ -477,3 +477,24 @@ def test_a_shot_renamed_since_its_image_went_to_the_store_only_is_not_paid_for_a
     apply_json(api_env, manifest, "--store", str(store))
     assert entries(output)["renamed"]["sha256"] == kept["sha256"]
     assert fake_server.generation_count == 2
+
+
+def test_what_a_committed_results_file_says_reaches_the_terminal_escaped(
+    tmp_path: Path, api_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    # results.json comes with a pull: a store URL or a shot id with ESC and BEL in it was
+    # printed as it was by the refusal to pay again and by the plan's table (an OSC sequence
+    # sets the terminal's title or writes its clipboard).
+    manifest, output, store, environ = kept_in_a_folder(tmp_path, api_env, "store")
+    path = output / "results.json"
+    original = path.read_text()
+    hostile = "\\u001b]0;pwned\\u0007"
+    path.write_text(original.replace(store.as_uri(), f"s3://team{hostile}images/p"))
+    refused = run(api_env, "plan", manifest)
+    path.write_text(original.replace('"id": "shot-001"', f'"id": "gone{hostile}"'))
+    table = run(environ, "plan", manifest, "--no-local-copy")
+    assert (refused.exit_code, table.exit_code) == (2, 0), refused.output + table.output
+    for result in (refused, table):
+        assert "\x1b" not in result.output and "\x07" not in result.output
+        assert "pwned" in result.output  # shown, escaped: \x1b]0;pwned\x07
+    assert fake_server.generation_count == 2

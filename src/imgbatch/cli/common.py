@@ -20,6 +20,7 @@ import click
 from imgbatch.errors import EXIT_FAILED, ConfigError, ImgbatchError, ManifestError, without_reprs
 from imgbatch.providers import PROVIDER_CHOICES, secrets_for_redaction
 from imgbatch.units.quota import Quota, parse_quota
+from imgbatch.units.text import printable
 
 if TYPE_CHECKING:
     from imgbatch.review.console import Verbosity
@@ -59,7 +60,9 @@ def say_error(exc: ImgbatchError, named: Path | None, code: int | None = None) -
     if isinstance(exc, ManifestError) and named is not None and exc.subject == "the manifest":
         # Named by its file, as `validate` names it: every command words it alike.
         exc = ManifestError(exc.problems, subject=str(named))
-    message = hide_secrets(without_reprs(str(exc)))
+    # Escaped: a message may quote what another party wrote (a committed results.json's
+    # shot id or store URL).
+    message = printable(hide_secrets(without_reprs(str(exc))), lines=True)
     click.echo(f"error: {message}", err=True)
     code = exc.exit_code if code is None else code
     _summarize_error(message, code)
@@ -86,16 +89,6 @@ def hide_secrets(text: str) -> str:
     for secret in secrets_for_redaction(os.environ):
         text = text.replace(secret, "***")
     return text
-
-
-def printable(text: str) -> str:
-    """`text` safe to print: each control character (ESC, BEL, a line break...) shown escaped,
-    as `\\x1b`. For what another party wrote (a shared store's claims and object names, the
-    quota file): an escape sequence printed as it is sets the terminal's title or clipboard,
-    or hides a line."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def write_crash_log() -> str:

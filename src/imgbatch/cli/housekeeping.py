@@ -14,10 +14,10 @@ from imgbatch.cli.common import (
     EXIT_OK,
     allow_outside_option,
     error_boundary,
-    printable,
     store_read_only_option,
 )
 from imgbatch.errors import ConfigError
+from imgbatch.units.text import printable
 
 if TYPE_CHECKING:
     from imgbatch.housekeeping.gc import Collection

@@ -16,6 +16,7 @@ from imgbatch.plan.decide import WORK_ACTIONS, Action, Plan, PlannedShot
 from imgbatch.review.console import WORD_STYLES, counted
 from imgbatch.shots.request import changed_fields
 from imgbatch.units.money import Cost, as_json, format_money
+from imgbatch.units.text import printable
 
 if TYPE_CHECKING:
     from imgbatch.review.outcome import ApplyReport
@@ -33,12 +34,14 @@ def plan_table(plan: Plan, *, verbose: bool = False) -> Text:
     hidden = 0 if verbose else plan.count(Action.UNCHANGED)
     table = Text()
     if rows:
-        width = max([len("shot"), *(len(item.id) for item in rows)])
+        # Escaped: an orphan's id and a reason may be what a committed results.json says.
+        ids = {item.id: printable(item.id) for item in rows}
+        width = max([len("shot"), *(len(shown) for shown in ids.values())])
         table.append(f"{'shot'.ljust(width)}  {'action':<9}  why", style="bold")
         for item in rows:
-            table.append(f"\n{item.id.ljust(width)}  ")
+            table.append(f"\n{ids[item.id].ljust(width)}  ")
             table.append(f"{item.action.value:<9}", style=WORD_STYLES.get(item.action.value, ""))
-            table.append(f"  {item.reason}")
+            table.append(f"  {printable(item.reason)}")
     if hidden:
         noun = "shot" if hidden == 1 else "shots"
         lead = "\n" if rows else ""
