@@ -2,6 +2,7 @@
 
     python bench/sim_pacer.py            # every shape, quota unknown, given and stated
     python bench/sim_pacer.py --quick    # the issue's new shapes only, not the 1,500-shot rows
+    python bench/sim_pacer.py --only "5 per 1 s"     # e.g. a series of short runs of 5 per 1 s
     python bench/sim_pacer.py --only "bucket 25/s"   # the rows whose account reads so
 
 The simulation is `tests/support/quota_sim.py`: imgbatch's own `apply_async` (manifest, plan,
@@ -10,7 +11,8 @@ bucket, a cap on requests in progress, or several; a sleep jumps virtual time fo
 fifteen-minute run takes a second. Each shape runs three ways: the quota unknown (found from the
 429s), given (`--quota`, or `--rps` for a bucket without burst), and stated by the service in
 its flow-control header. Ideal = the first window's burst at once, then the quota's rate, plus
-one latency (a cap: each slot's share of the shots, one latency after another).
+one latency (a cap: each slot's share of the shots, one latency after another). A series of short
+runs shares one quotas.json, each run starting from what the one before remembered.
 """
 
 from __future__ import annotations
@@ -63,6 +65,13 @@ CHANGED: list[tuple[Account, float, int, bool]] = [
 REMEMBERED: list[tuple[Account, float, int, Quota]] = [
     (Account(window=(3, 3)), 2, 100, Quota(3, 60)),
     (Account(window=(3, 3)), 2, 100, Quota(10, 3)),
+]
+# A series of short runs of one account, each starting from what the last remembered (and the
+# credit of 429s it saved up): (account, latency, shots a run, runs).
+SERIES: list[tuple[Account, float, int, int]] = [
+    (Account(window=(5, 1)), 0.0, 16, 6),
+    (Account(window=(3, 3)), 2, 16, 5),
+    (Account(window=(2, 60)), 16.5, 10, 5),
 ]
 BUCKETS: list[tuple[Account, float, int]] = [
     (Account(bucket=(25, 25)), 0.8, 150),
@@ -193,6 +202,27 @@ def remembered_rows(only: str) -> None:
         print(row(account, latency, shots, f"remembered {quota}", result), flush=True)
 
 
+def series_rows(only: str) -> None:
+    """Each run of a series as a row: the quota it started from, with the credit it was handed."""
+    for account, latency, shots, runs in SERIES:
+        if only not in account.describe():
+            continue
+        with tempfile.TemporaryDirectory(prefix="imgbatch-sim-") as temp:
+            store = Path(temp) / "quotas.json"
+            for index in range(runs):
+                before = QuotaStore(store).load(SimProvider.quota_account, [DEFAULT_MODEL])
+                learned = before.get(DEFAULT_MODEL)
+                how = (
+                    f"run {index + 1}: remembered {learned.window}, credit {learned.credit:g}"
+                    if learned is not None
+                    else f"run {index + 1}: unknown"
+                )
+                options = ApplyOptions(quota_store=store)
+                folder = Path(temp) / f"run{index}"
+                result = simulate(account, latency, shots, options=options, folder=folder)
+                print(row(account, latency, shots, how, result), flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="the issue's new shapes only")
@@ -203,6 +233,7 @@ def main() -> int:
     shape_rows(ODD, args.only)
     changed_rows(args.only)
     remembered_rows(args.only)
+    series_rows(args.only)
     if not args.quick:
         shape_rows(SHAPES + BUCKETS, args.only)
     if MISSES:

@@ -591,7 +591,8 @@ def test_with_no_quota_apply_finds_it_says_so_and_remembers_it(
     a fair share of it, said with the pace it found, and remembered as that pace. (16 shots
     settle on 3.15/s: at the first 429 a bucket of 3.1 to 3.5/s and 5 per 1 s both fit, and
     the 429 that would tell them apart is beyond a 16-shot run's budget; bench/README.md,
-    "5 per 1 s, quota unknown".)"""
+    "5 per 1 s, quota unknown". Later runs, with the credit the account's runs saved up, do
+    tell them apart: the next test.)"""
     manifest = write_many_shots(tmp_path, "quota", 16)
     # What is found comes from when the 429s came: on virtual time, the server in the command's
     # own event loop (its asyncio.run), so a loaded machine's late wake-ups cannot change it.
@@ -622,6 +623,36 @@ def test_with_no_quota_apply_finds_it_says_so_and_remembers_it(
         "(--quota overrides it)." in result.stdout
     ), result.stdout
     assert f"{throttled} throttled (429)" in result.stdout
+
+
+def test_a_series_of_short_runs_finds_the_quota_no_single_one_can_afford(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, user_cache: Path
+) -> None:
+    """The test above's account in five 16-shot runs: the quota the first remembered (a bucket's
+    rate, under the account's) is where the next starts, never a ceiling; the credit the runs
+    save up in quotas.json pays for the 429s that test it upward, and `quota show` says it."""
+    server = FakeDashScope(api_key=FAKE_KEY, quota_window=(5, 1.0), image_profile="tiny")
+    with VirtualServer(server) as virtual, monkeypatch.context() as patch:
+        patch.setattr(asyncio, "run", virtual.run)
+        monkeypatch.setenv("HOME", str(tmp_path))
+        monkeypatch.setenv("DASHSCOPE_API_KEY", FAKE_KEY)
+        monkeypatch.setenv("DASHSCOPE_HTTP_BASE_URL", server.base_url)
+        monkeypatch.delenv("OUTPUT_DIR", raising=False)
+        for index in range(5):
+            folder = tmp_path / f"run{index}"
+            folder.mkdir()
+            result = run("apply", write_many_shots(folder, "quota", 16))
+            assert result.exit_code == 0, result.output
+            virtual.run(asyncio.sleep(1.1))  # (this run's requests leave the window)
+        shown = run("quota", "show")
+
+    assert_clean(shown)
+    (remembered,) = QuotaStore(user_cache / "imgbatch" / "quotas.json").remembered()
+    found = remembered.learned.window
+    assert found is not None and found.count == 5 and 1.0 <= found.period <= 1.05
+    assert f"probe credit: {remembered.learned.credit:g} 429s" in shown.output
+    # Every run within 5% of what it sent and the credit it was handed (0 at the start).
+    assert server.status_counts[429] <= 0.05 * server.generation_count + 1  # (+1: the first run's)
 
 
 def test_a_quota_given_on_the_command_line_is_used_and_not_remembered(

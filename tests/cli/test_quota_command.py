@@ -2,8 +2,9 @@
 
 Takes a quota store in a temporary user cache directory (XDG_CACHE_HOME), written as a run
 writes it; gives evidence that show lists account fingerprint, endpoint, model, quota, source
-and when (never the key), that forget drops one model's or every one, and that a remembered
-quota no service would mean (a poisoned header's) is neither listed nor where a run starts.
+and when (never the key) and the credit of 429s saved up to test it, that forget drops one
+model's or every one, that a remembered quota no service would mean (a poisoned header's) is
+neither listed nor where a run starts, and that a file written before the credit was kept loads.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 
 from imgbatch.pacing.gate import Finding
 from imgbatch.pacing.learned import QuotaStore, default_store_path
+from imgbatch.pacing.quota import CREDIT_CAP
 from imgbatch.units.quota import Quota
 from tests.cli.test_cli import assert_clean, run
 
@@ -28,7 +30,7 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> QuotaStore:
     quotas.save(
         ACCOUNT,
         [
-            Finding("qwen-image-max", Quota(3, 3), "probed", None, False, None, 2),
+            Finding("qwen-image-max", Quota(3, 3), "probed", None, False, None, 2, 1.25),
             Finding("qwen-image-plus", Quota(2, 60), "stated", 1, True, Quota(2, 60), 0),
         ],
     )
@@ -45,6 +47,40 @@ def test_show_lists_each_remembered_quota_where_it_came_from_and_when(store: Quo
     assert max_line.startswith("0123456789abcdef  https://dashscope-intl.aliyuncs.com/api/v1  ")
     assert "qwen-image-max  3/3s  (found from 429s, 20" in max_line
     assert "qwen-image-plus  2/60s, 1 in progress  (stated by the service, 20" in plus_line
+    assert max_line.endswith(")  probe credit: 1.25 429s")
+    assert plus_line.endswith(")  probe credit: 0 429s")
+
+
+def test_a_file_written_before_the_credit_was_kept_loads_with_none(store: QuotaStore) -> None:
+    records = json.loads(store.path.read_text())
+    for record in records.values():
+        del record["credit"]
+    store.path.write_text(json.dumps(records))
+    learned = store.load(ACCOUNT, ["qwen-image-max"])["qwen-image-max"]
+    assert learned.window == Quota(3, 3) and learned.credit == 0.0
+    assert "3/3s  (found from 429s, 20" in run("quota", "show").output
+
+
+@pytest.mark.parametrize(
+    ("credit", "loaded"),
+    [("NaN", 0.0), ("Infinity", 0.0), ('"lots"', 0.0), (True, 0.0), (-2, 0.0), (1e9, CREDIT_CAP)],
+)
+def test_a_hand_edited_credit_is_never_more_than_the_cap(
+    store: QuotaStore, credit: object, loaded: float
+) -> None:
+    """A credit is 429s a run may spend: one no run could have earned is not spent."""
+    text = store.path.read_text().replace('"credit": 1.25', f'"credit": {json.dumps(credit)}')
+    store.path.write_text(text.replace('"NaN"', "NaN").replace('"Infinity"', "Infinity"))
+    assert store.load(ACCOUNT, ["qwen-image-max"])["qwen-image-max"].credit == loaded
+    assert run("quota", "show").exit_code == 0
+
+
+def test_a_run_that_kept_its_remembered_quota_changes_only_the_credit(store: QuotaStore) -> None:
+    before = json.loads(store.path.read_text())[f"{ACCOUNT} qwen-image-max"]
+    kept = Finding("qwen-image-max", Quota(3, 3), "learned", None, False, None, 1, 0.4)
+    assert store.save(ACCOUNT, [kept]) == []  # (no quota newly kept: the summary says so)
+    after = json.loads(store.path.read_text())[f"{ACCOUNT} qwen-image-max"]
+    assert after == {**before, "credit": 0.4}
 
 
 def test_forget_drops_one_models_quota_or_every_one(store: QuotaStore) -> None:

@@ -17,14 +17,14 @@ import pytest
 
 from imgbatch.manifest.catalogue import DEFAULT_MODEL
 from imgbatch.pacing.gate import Clock, Finding, Gate, Pacer, RetryPolicy
-from imgbatch.pacing.learned import QuotaStore
-from imgbatch.pacing.quota import QuotaEstimator
+from imgbatch.pacing.learned import Learned, QuotaStore
+from imgbatch.pacing.quota import CREDIT_CAP, REFUSAL_BUDGET, QuotaEstimator
 from imgbatch.review.events import Pacing
 from imgbatch.review.progress import Progress, pacing_text
 from imgbatch.run.apply import ApplyOptions
 from imgbatch.units.quota import Quota
 from tests.support.files import write_manifest
-from tests.support.quota_sim import Account, SimProvider, simulate
+from tests.support.quota_sim import Account, SimProvider, SimResult, simulate
 from tests.support.virtual_time import run_virtual
 
 
@@ -456,3 +456,78 @@ def test_a_token_bucket_with_long_generations_is_not_taken_for_a_cap(
     assert run.share <= 0.05
     assert run.ratio >= 0.9
     assert run.report.quotas[0].finding.cap is None
+
+
+# ----- a budget of 429s counted across runs (issue 20: a remembered quota is never a ceiling) ----
+
+
+def run_series(
+    account: Account, latency: float, shots: int, runs: int, store: Path, folder: Path
+) -> list[tuple[SimResult, float, Learned | None]]:
+    """`runs` runs of `shots` one after another against `account`, sharing the quota store
+    `store`: each run's result, the credit it started with, and what was remembered after it."""
+    series = []
+    for index in range(runs):
+        before = QuotaStore(store).load(SimProvider.quota_account, [DEFAULT_MODEL])
+        credit = before[DEFAULT_MODEL].credit if DEFAULT_MODEL in before else 0.0
+        options = ApplyOptions(quota_store=store)
+        result = simulate(account, latency, shots, folder=folder / f"run{index}", options=options)
+        after = QuotaStore(store).load(SimProvider.quota_account, [DEFAULT_MODEL])
+        series.append((result, credit, after.get(DEFAULT_MODEL)))
+    return series
+
+
+def within_credit(result: SimResult, shots: int, credit: float) -> bool:
+    """A run starting from a remembered quota had no more 429s than its own budget and the
+    credit it was handed allow."""
+    return result.refused <= REFUSAL_BUDGET * max(result.requests, shots) + credit
+
+
+def test_a_series_of_short_runs_probes_the_remembered_quota_up(tmp_path: Path) -> None:
+    """5 per 1 s in 16-shot runs (the CLI test's account): the first settles on 3.15/s (a
+    bucket's rate read from its one 429) and every later run started there with a budget of 0.8
+    of a 429, so none could ever test it: 3.15/s for good, 0.62 of ideal."""
+    store = tmp_path / "quotas.json"
+    series = run_series(Account(window=(5, 1)), 0.0, 16, 5, store, tmp_path)
+    first, _, remembered = series[0]
+    assert first.refused == 1 and remembered is not None and remembered.window is not None
+    assert remembered.window.rate < 4  # (what a single short run can afford to find)
+    for result, credit, _ in series[1:]:
+        assert within_credit(result, 16, credit)
+    last, _, remembered = series[-1]
+    assert remembered is not None and remembered.window is not None
+    assert remembered.window.count == 5 and 1.0 <= remembered.window.period <= 1.05
+    assert last.ratio >= 0.9
+
+
+def test_a_remembered_quota_that_is_right_is_retested_and_kept(tmp_path: Path) -> None:
+    """Remembered right (3 per 3 s) with the most credit: later 16-shot runs test it upward
+    within their credit, are refused, and keep it; none paces slower for it."""
+    store = tmp_path / "quotas.json"
+    finding = Finding(DEFAULT_MODEL, Quota(3, 3), "probed", None, False, None, 0, CREDIT_CAP)
+    QuotaStore(store).save(SimProvider.quota_account, [finding])
+    series = run_series(Account(window=(3, 3)), 2.0, 16, 4, store, tmp_path)
+    assert sum(result.refused for result, _, _ in series) >= 1  # tested, not kept on trust
+    for result, credit, remembered in series:
+        assert within_credit(result, 16, credit)
+        assert result.ratio >= 0.98
+        assert remembered is not None and remembered.window == Quota(3, 3)
+
+
+def test_a_two_a_minute_account_pays_only_its_budget_for_the_retests(tmp_path: Path) -> None:
+    """Two a minute in 10-shot runs: the first pays the two 429s finding it costs; the later
+    ones test it (every other run, one 429, 10 minutes each) and refuse no more than 5% of
+    what they send between them, keeping 2 per 60 s."""
+    store = tmp_path / "quotas.json"
+    series = run_series(TWO_A_MINUTE, 16.5, 10, 5, store, tmp_path)
+    first, _, _ = series[0]
+    assert first.refused == 2
+    later = series[1:]
+    assert 1 <= sum(result.refused for result, _, _ in later)
+    assert sum(r.refused for r, _, _ in later) <= REFUSAL_BUDGET * sum(
+        r.requests for r, _, _ in later
+    )
+    for result, credit, remembered in later:
+        assert within_credit(result, 10, credit)
+        assert result.ratio >= 0.98
+        assert remembered is not None and remembered.window == Quota(2, 60)

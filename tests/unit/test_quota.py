@@ -411,3 +411,34 @@ def test_the_budget_of_429s_is_a_share_of_the_requests_the_run_means_to_send() -
         for send_id in list(account.in_flight):
             estimator.answered(send_id, 7.4)
         assert estimator.waiting(7.5) is narrows
+
+
+# ----- a budget of 429s counted across runs -------------------------------------------------------
+
+
+@pytest.mark.parametrize(("credit", "tries"), [(0.0, False), (0.8, False), (1.2, True)])
+def test_a_remembered_spacing_is_narrowed_on_credit_only_when_its_worst_case_fits(
+    credit: float, tries: bool
+) -> None:
+    """16 requests (a budget of 0.8) from a remembered 3.15/s: narrowing a spacing may cost two
+    429s (a window admits it until full, then the fit after may be wrong), so 0.8 of credit
+    (1.6 in all) does not start it and 1.2 (2.0) does."""
+    estimator = QuotaEstimator(learned=Quota(1, 0.318), expected=16, credit=credit)
+    account = Account(estimator)
+    for index in range(4):
+        account.send(index * 0.32, refused=False, latency=0.0)
+    assert estimator.waiting(1.3) is tries
+    assert estimator.window == (Quota(1, 0.2) if tries else Quota(1, 0.318))
+
+
+def test_the_credit_handed_on_is_what_was_given_plus_earned_less_429s() -> None:
+    estimator = QuotaEstimator(learned=Quota(3, 3), expected=20, credit=1.0)
+    account = Account(estimator)
+    for index in range(19):
+        account.send(index * 1.1, refused=False, latency=2.0)
+    account.send(21.0, refused=True, latency=2.0)
+    assert estimator.credit_left == pytest.approx(1.0 + 0.05 * 20 - 1)
+    assert QuotaEstimator(learned=Quota(3, 3), credit=99).credit == 3.0  # (CREDIT_CAP)
+    # Spent only with the remembered window it came with: nothing remembered, or a quota given.
+    assert QuotaEstimator(credit=2.0).credit == 0.0
+    assert QuotaEstimator(given=Quota(3, 3), learned=Quota(3, 3), credit=2.0).credit == 0.0

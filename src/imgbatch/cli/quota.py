@@ -1,8 +1,9 @@
 """`imgbatch quota show` and `imgbatch quota forget`: the quotas earlier runs remembered.
 
 Takes the user's quota store (`quotas.json` in the user's cache directory); gives one line per
-remembered quota (account fingerprint, endpoint, model, quota, where it came from, when), or
-drops them. A remembered quota is only where the next run starts: it is tested like any other.
+remembered quota (account fingerprint, endpoint, model, quota, where it came from, when, and the
+credit of 429s the account's runs saved up to test it), or drops them. A remembered quota is only
+where the next run starts: it is tested like any other.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def quota_group() -> None:
 @quota_group.command("show")
 @error_boundary
 def show() -> int:
-    """List the remembered quotas: account, endpoint, model, quota, source and when."""
+    """List the remembered quotas: account, endpoint, model, quota, source, when and the
+    credit of 429s saved up to test it."""
     from imgbatch.pacing.learned import QuotaStore, default_store_path
 
     store = QuotaStore(default_store_path())
@@ -49,7 +51,7 @@ def show() -> int:
         click.echo(
             printable(
                 f"{item.account}  {item.endpoint}  {item.model}  {', '.join(limits)}  "
-                f"({source}, {when})"
+                f"({source}, {when})  probe credit: {item.learned.credit:g} 429s"
             )
         )
     return EXIT_OK

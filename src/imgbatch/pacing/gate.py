@@ -237,6 +237,9 @@ class Finding:
     cap_confirmed: bool
     stated: Quota | None
     refused: int
+    # 429s' worth of probing the next run of the account may spend beyond its own budget
+    # (`QuotaEstimator.credit_left`).
+    credit: float = 0.0
 
 
 class Pacer:
@@ -252,6 +255,7 @@ class Pacer:
         settings: EstimatorSettings | None = None,
         clock: Clock | None = None,
         expected: Mapping[str, int] | None = None,
+        credit: Mapping[str, float] | None = None,
     ) -> None:
         self.clock = clock or Clock()
         # Requests the run means to send, by model: a run's budget of 429s is a share of them.
@@ -259,6 +263,8 @@ class Pacer:
         self.given = given
         self.average = average and given is not None and given.count == 1
         self.learned = dict(learned or {})
+        # 429s earlier runs saved up, by model, spent only with the learned window.
+        self.credit = dict(credit or {})
         self.unlimited = unlimited
         self.settings = settings
         self._gates: dict[str, Gate] = {}
@@ -276,6 +282,7 @@ class Pacer:
                 learned_cap=cap,
                 settings=self.settings,
                 expected=self.expected.get(model),
+                credit=self.credit.get(model, 0.0),
             )
             gate = self._gates[model] = Gate(estimator, self.clock, average=self.average)
         return gate
@@ -294,6 +301,7 @@ class Pacer:
                 gate.estimator.cap_confirmed,
                 gate.estimator.stated_quota,
                 gate.throttled,
+                gate.estimator.credit_left,
             )
             for model, gate in self._gates.items()
         ]

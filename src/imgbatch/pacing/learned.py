@@ -1,14 +1,17 @@
 """Quotas learned by earlier runs, kept in the user's cache directory for the next run to start at.
 
 Takes an account (a provider's fingerprint of its key and endpoint, never the key), a model and
-what a run found; gives the window and cap to start the next run with. One JSON file,
-`quotas.json` in `platformdirs.user_cache_dir("imgbatch")` (`$XDG_CACHE_HOME/imgbatch` on Linux),
-rewritten atomically. A file that cannot be read is treated as empty: it is only a head start.
+what a run found; gives the window and cap to start the next run with, and the credit of 429s
+the account's runs saved up to test it (`QuotaEstimator.credit`). One JSON file, `quotas.json`
+in `platformdirs.user_cache_dir("imgbatch")` (`$XDG_CACHE_HOME/imgbatch` on Linux), rewritten
+atomically. A file that cannot be read is treated as empty: it is only a head start. A record
+without a `credit` (written before it was kept) has none.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -16,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from imgbatch.pacing.gate import Finding
-from imgbatch.pacing.quota import plausible
+from imgbatch.pacing.quota import CREDIT_CAP, plausible
 from imgbatch.state.cache import atomic_write
 from imgbatch.units.quota import Quota
 
@@ -34,6 +37,7 @@ def default_store_path() -> Path:
 class Learned:
     window: Quota | None
     cap: int | None
+    credit: float = 0.0  # 429s' worth a run may spend testing it, beyond its own budget
 
 
 @dataclass(frozen=True)
@@ -65,25 +69,25 @@ class QuotaStore:
         return found
 
     def save(self, account: str, findings: Iterable[Finding]) -> list[str]:
-        """Keep what the run found out (not what it was given); the models whose quota was kept.
+        """Keep what the run found out (not what it was given) with the credit it hands on; the
+        models whose quota was kept. A run that kept to the quota it remembered (tested and
+        refused, or not tested) keeps that quota, and only its credit changes.
 
         Raises OSError when the cache directory cannot be written.
         """
         records = self._read()
-        kept = []
+        kept, changed = [], False
         for finding in findings:
-            window = finding.window if finding.source in ("probed", "stated") else None
-            cap = finding.cap if finding.cap_confirmed else None
-            if window is None and cap is None:
-                continue
-            record: dict[str, Any] = {"saved_at": int(time.time()), "source": finding.source}
-            if window is not None:
-                record["count"], record["period"] = window.count, window.period
-            if cap is not None:
-                record["cap"] = cap
-            records[_key(account, finding.model)] = record
-            kept.append(finding.model)
-        if kept:
+            key = _key(account, finding.model)
+            record = _record(finding)
+            if record is not None:
+                records[key] = record
+                kept.append(finding.model)
+                changed = True
+            elif finding.source == "learned" and isinstance(records.get(key), dict):
+                records[key] = {**records[key], "credit": _credit_field(finding.credit)}
+                changed = True
+        if changed:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             text = json.dumps(records, indent=1, sort_keys=True) + "\n"
             atomic_write(self.path, text.encode("utf-8"))
@@ -150,6 +154,35 @@ def _key(account: str, model: str) -> str:
     return f"{account} {model}"
 
 
+def _record(finding: Finding) -> dict[str, Any] | None:
+    """What `quotas.json` keeps of what a run found; None when it found nothing to keep."""
+    window = finding.window if finding.source in ("probed", "stated") else None
+    cap = finding.cap if finding.cap_confirmed else None
+    if window is None and cap is None:
+        return None
+    record: dict[str, Any] = {"saved_at": int(time.time()), "source": finding.source}
+    if window is not None:
+        record["count"], record["period"] = window.count, window.period
+    if cap is not None:
+        record["cap"] = cap
+    record["credit"] = _credit_field(finding.credit)
+    return record
+
+
+def _credit_field(credit: float) -> float:
+    # (Rounded: the file is read by people too, `imgbatch quota show` prints it.)
+    return round(min(max(credit, 0.0), CREDIT_CAP), 3)
+
+
+def _credit(record: Mapping[str, Any]) -> float:
+    """The credit a record carries: 0 when it has none (an older file) or none that makes sense
+    (hand-edited: not a number, infinite, negative), at most `CREDIT_CAP`."""
+    credit = record.get("credit", 0.0)
+    if type(credit) not in (int, float) or not math.isfinite(credit):
+        return 0.0
+    return float(min(max(credit, 0.0), CREDIT_CAP))
+
+
 def _parse(record: Mapping[str, Any]) -> Learned | None:
     window = None
     count, period, cap = record.get("count"), record.get("period"), record.get("cap")
@@ -162,4 +195,6 @@ def _parse(record: Mapping[str, Any]) -> Learned | None:
         cap = int(cap) if cap is not None and int(cap) >= 1 else None
     except (TypeError, ValueError, OverflowError):  # OverflowError: JSON's Infinity, as int
         return None
-    return Learned(window, cap) if window is not None or cap is not None else None
+    if window is None and cap is None:
+        return None
+    return Learned(window, cap, _credit(record))

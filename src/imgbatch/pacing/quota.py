@@ -54,6 +54,14 @@ How a quota is found when nothing is known (no `--quota`/`--rps`, no stated or l
   means the quota changed: the count the service just admitted is the count now, and older
   evidence is set aside. A remembered (learned) window is where a run starts and is tested the
   same way; its first count goes no faster than the gentle opening.
+* **A budget counted across runs.** A short run's own budget is less than one 429 (16 requests:
+  0.8), so it could never test a remembered window upward. The remembered window carries the
+  credit its account's runs earned (`credit`: 5% of the requests each sent, less its 429s,
+  between 0 and `CREDIT_CAP`), which a run adds to its own budget; `credit_left` is what it
+  hands on to the next run. So a series of short runs affords, every few runs, the one probe
+  none of them could alone. A probe is started on credit only when its worst case fits (two
+  429s for a spacing narrowed: a window admits it until full, and the fit after may be wrong);
+  the credit bounds the probes, not the 429s of a quota changed under the run.
 * **Cap or rate.** A 429 with n in flight fits a cap of n when no request was ever admitted with
   n or more in flight. If a window fits too, the cap is believed first, tentatively, and raised
   by one per answer of a request sent with it half full (doubling per round trip, as TCP's slow
@@ -111,6 +119,11 @@ _FIT_EVENTS = 2048
 _FIT_COUNT = 256
 # Share of requests a run may have refused (its probes' included).
 REFUSAL_BUDGET = 0.05
+# The most 429s' worth of credit a remembered quota carries over to later runs (see
+# docs/apply.md): enough for the worst case of one test upward (a raise: one 429; a spacing
+# narrowed, then fitted again: two) with one to spare, and no more, so that a quota remembered
+# right and re-tested after a long quiet spell costs at most that many 429s beyond the run's own.
+CREDIT_CAP = 3.0
 # 429s a run may spend beyond its budget to narrow a period down (finding one costs a few).
 _SPARE = 4
 # No window is shorter (a span shorter than this is requests sent at once).
@@ -183,6 +196,7 @@ class QuotaEstimator:
         learned_cap: int | None = None,
         settings: EstimatorSettings | None = None,
         expected: int | None = None,
+        credit: float = 0.0,
     ) -> None:
         self.settings = settings or EstimatorSettings()
         self.given = given
@@ -196,6 +210,10 @@ class QuotaEstimator:
         else:
             self.window, self.source = self.settings.opening, "probing"
         self._ramping = self.source == "probing"
+        # 429s earlier runs of the account saved up (see the module docstring): spent only with
+        # the remembered window they came with.
+        learning = self.source == "learned"
+        self.credit = min(max(credit, 0.0), CREDIT_CAP) if learning else 0.0
         self.cap: int | None = learned_cap if learned_cap and learned_cap <= MAX_CAP else None
         self.cap_confirmed = self.cap is not None
         self._cap_measured: int | None = self.cap
@@ -238,6 +256,13 @@ class QuotaEstimator:
         if self.source == "learned" and not self.refusals and self._sent_total < window.count:
             return Quota(1, min(opening.period / opening.count, window.period / window.count))
         return window
+
+    @property
+    def credit_left(self) -> float:
+        """The credit handed on to the next run: what this one was given, plus its own budget
+        of the requests it sent, less the 429s it had (between 0 and `CREDIT_CAP`)."""
+        earned = REFUSAL_BUDGET * self._sent_total - self.refusals
+        return min(max(self.credit + earned, 0.0), CREDIT_CAP)
 
     @property
     def probing_up(self) -> bool:
@@ -473,7 +498,10 @@ class QuotaEstimator:
         narrower = _narrower(lower, window.period)
         faster = None if narrower is None else Quota(window.count, narrower)
         raising = faster is None
-        if not self._may_refuse(narrowing=not raising):
+        # (A spacing narrowed and refused is fitted again: a window of more than one may
+        # explain what the spacing cannot.)
+        refit = not raising and window.count == 1
+        if not self._may_refuse(narrowing=not raising, refit=refit):
             return False
         held = at - (at if self._held_since is None else self._held_since)
         untested = lower == 0 and not self._narrowed
@@ -492,9 +520,6 @@ class QuotaEstimator:
             else:
                 # (One more: the one request that tries it proves no more than that.)
                 faster = Quota(window.count + 1, window.period)
-        # (A spacing narrowed and refused is fitted again: a window of more than one may
-        # explain what the spacing cannot.)
-        refit = not raising and window.count == 1
         self._probe = _Probe(window, faster, raising, refit=refit)
         self.window = faster
         self._held_since = at
@@ -507,17 +532,22 @@ class QuotaEstimator:
         if self.expected is None:
             return 0.0
         left = self.expected - (self._sent_total - self.refusals)
-        tries = REFUSAL_BUDGET * self.expected - self.refusals
+        tries = REFUSAL_BUDGET * self.expected + self.credit - self.refusals
         return max(left, 0) / self.window.rate / max(tries + 1, 1)
 
-    def _may_refuse(self, *, narrowing: bool) -> bool:
-        """Would one more 429 keep the run within its budget: `REFUSAL_BUDGET` of the requests
-        it expects to send (of those sent so far when it was not told, with a few spare to
-        narrow a period down before many were sent)?"""
+    def _may_refuse(self, *, narrowing: bool, refit: bool = False) -> bool:
+        """Would a probe keep the run within its budget: one more 429 within `REFUSAL_BUDGET`
+        of the requests it expects to send (of those sent so far when it was not told, with a
+        few spare to narrow a period down before many were sent), or its worst case within that
+        and the credit earlier runs saved up (`refit`: a spacing narrowed, which a window admits
+        until it is full, then refused, and the fit after it refused too: two 429s)?"""
         allowed = REFUSAL_BUDGET * max(self._sent_total, self.expected or 0)
         if self.expected is None and narrowing and not self._narrowed:
             allowed += _SPARE
-        return self.refusals + 1 <= allowed
+        if self.refusals + 1 <= allowed:
+            return True
+        # (The credit is a whole series of runs' saving: a probe is never let overdraw it.)
+        return self.refusals + (2 if refit else 1) <= allowed + self.credit
 
     def _period_refused(self, count: int) -> float:
         """The longest span refused with `count` admitted in it (a window of `count` is longer)."""

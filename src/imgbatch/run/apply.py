@@ -717,6 +717,7 @@ def _pacing(prep: _Prepared, plan: Plan, clock: Clock | None) -> _Pacing:
         given=given,
         average=pace.average if pace else False,
         learned={model: (found.window, found.cap) for model, found in learned.items()},
+        credit={model: found.credit for model, found in learned.items()},
         unlimited=not provider.metered,
         clock=clock,
         expected=paid,
