@@ -155,7 +155,7 @@ async def confirmed(
         return []
     since = time.monotonic() - sharing.opened + sharing.shared.claims.claims.lease
     try:
-        if await collecting(sharing.shared.objects, since):
+        if await collecting(sharing.shared.objects, since, sharing.shared.claims.claims.lease):
             return []
     except SharedStoreError:
         return []
