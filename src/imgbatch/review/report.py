@@ -53,6 +53,7 @@ def plan_summary(plan: Plan) -> str:
     counts = ", ".join(
         f"{plan.count(action)} {action.value}" for action in Action if plan.count(action)
     )
+    counts = counts or "no shot in this run"  # an empty shard (--shard K/N)
     paid = plan.paid_requests
     kind = "paid" if plan.metered else "offline"
     return f"Plan: {counts}. {paid} {kind} request{'s' if paid != 1 else ''}."
