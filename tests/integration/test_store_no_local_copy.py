@@ -498,3 +498,23 @@ def test_what_a_committed_results_file_says_reaches_the_terminal_escaped(
         assert "\x1b" not in result.output and "\x07" not in result.output
         assert "pwned" in result.output  # shown, escaped: \x1b]0;pwned\x07
     assert fake_server.generation_count == 2
+
+
+def test_a_file_edited_in_place_to_the_same_size_is_not_deleted_as_a_local_copy(
+    tmp_path: Path, api_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    # Moving images to the store only deleted each file of the size imgbatch wrote, whatever
+    # its bytes: an edit that kept the size (a retouch saved uncompressed, a text chunk
+    # changed in place) was deleted although the store holds imgbatch's image, not the edit.
+    manifest = write_many_shots(tmp_path, "nolocal", 2)
+    output = tmp_path / "output" / "nolocal"
+    environ = {**api_env, "IMGBATCH_STORE": str(tmp_path / "store")}
+    apply_json(environ, manifest)
+    edited = output / "shot-000.png"
+    data = bytearray(edited.read_bytes())
+    data[-20] ^= 0xFF  # same size, other bytes
+    edited.write_bytes(bytes(data))
+    apply_json(environ, manifest, "--no-local-copy")
+    assert edited.read_bytes() == bytes(data)
+    assert not (output / "shot-001.png").exists()  # imgbatch's own copy went
+    assert fake_server.generation_count == 2
