@@ -880,3 +880,23 @@ def test_duplicate_key_is_reported_together_with_other_problems(tmp_path: Path) 
         (5, "shots[0], field prompt"),
         (8, "shot b, field seed"),
     ]
+
+
+def test_a_big_shot_list_holds_each_field_name_once_and_its_fields_only_until_expanded(
+    tmp_path: Path,
+) -> None:
+    """Every shot's mapping repeats the same field names: one string each, not one a shot
+    (200,000 copies of "id" and "prompt" in a 100,000-shot list). Once expanded, the manifest
+    an apply holds drops its shots' merged fields (the expansion has them) and keeps what the
+    contact sheet and housekeeping read."""
+    from imgbatch.run.apply import load_and_expand
+    from tests.support.files import write_many_shots
+
+    path = write_many_shots(tmp_path, "many", 3)
+    first, second = load_manifest(path).shots[:2]
+    assert [name for name in first.fields] == [name for name in second.fields]
+    assert all(a is b for a, b in zip(first.fields, second.fields, strict=True))
+    manifest, expansion = load_and_expand(path, "placeholder")
+    assert [spec.id for spec in manifest.shots] == [shot.id for shot in expansion.shots]
+    assert all(not spec.fields for spec in manifest.shots)
+    assert expansion.shots[2].request.prompt == "a lighthouse, take 2"

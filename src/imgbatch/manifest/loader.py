@@ -17,6 +17,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from imgbatch.errors import ManifestError
@@ -50,7 +51,7 @@ class Limits:
     max_cost: CostLimit | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ShotSpec:
     """One shot to make: `defaults` merged under its own fields, variables filled in, its seed
     resolved. `index` is the shot as written (`shots[index]`), which a matrix or variants can
@@ -64,6 +65,10 @@ class ShotSpec:
     base_id: str | None = None
     # Made by `matrix:`: this combination's values, by variable.
     values: Mapping[str, Any] = dataclasses.field(default_factory=no_values)
+
+
+# The fields of a shot already expanded (`Manifest.without_fields`): none.
+_EXPANDED: Mapping[str, Any] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,17 @@ class Manifest:
     @property
     def base_dir(self) -> Path:
         return self.path.parent
+
+    def without_fields(self) -> Manifest:
+        """This manifest once its shots are expanded (`imgbatch.shots.expand`): its shots
+        without their merged `fields`, which only expansion reads (ids, variants, matrix
+        values and picks stay, for the contact sheet and housekeeping). An apply holds its
+        manifest to the end, and a 100,000-shot list's fields were 18 MB of it."""
+        shots = tuple(
+            ShotSpec(spec.id, spec.index, _EXPANDED, spec.variant, spec.base_id, spec.values)
+            for spec in self.shots
+        )
+        return replace(self, shots=shots)
 
     def position_of(self, shot: ShotSpec, name: str) -> tuple[int, int]:
         """Where `name` was written for `shot` (on the shot or under defaults); else (1, 1)."""

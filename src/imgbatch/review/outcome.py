@@ -55,7 +55,7 @@ OutcomeStatus = Literal[
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ShotOutcome:
     """One shot's final outcome after an apply, decided once when the run settles."""
 

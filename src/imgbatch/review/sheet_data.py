@@ -56,9 +56,12 @@ class ShotInfo:
 
 def shot_infos(manifest: Manifest) -> dict[str, ShotInfo]:
     """Each shot's `ShotInfo`, by id."""
+    # How many shots each written one made, for those a matrix or variants made (a count for
+    # every shot of a 100,000-shot list was the peak of a no-op apply's memory).
     takes: dict[int, int] = {}
     for spec in manifest.shots:
-        takes[spec.index] = takes.get(spec.index, 0) + 1
+        if spec.values or spec.base_id is not None:
+            takes[spec.index] = takes.get(spec.index, 0) + 1
     picked = set(manifest.picks.values())
     infos = {}
     for spec in manifest.shots:

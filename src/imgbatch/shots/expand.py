@@ -35,6 +35,16 @@ class Shot:
     request: ImageRequest
     file: str  # relative to the output folder
 
+    # What its results entry repeats (`imgbatch.state.results.KnownShot`): a loaded state
+    # shares these strings with the shot list instead of holding copies.
+    @property
+    def key(self) -> str:
+        return self.request.key
+
+    @property
+    def prompt(self) -> str:
+        return self.request.prompt
+
 
 @dataclass(frozen=True)
 class Expansion:

@@ -146,8 +146,19 @@ def remove_temporaries(folders: Iterable[Path]) -> int:
     only while holding the output lock (another run's temp file is never in flight then)."""
     removed = 0
     for folder in folders:
-        for temp in folder.glob(f"{TEMP_PREFIX}*.tmp"):
-            temp.unlink(missing_ok=True)
+        # Names looked at one at a time: `Path.glob` lists the whole folder first, and an
+        # output folder of 100,000 images made that list the peak of a no-op apply's memory.
+        try:
+            with os.scandir(folder) as listing:
+                names = [
+                    item.name
+                    for item in listing
+                    if item.name.startswith(TEMP_PREFIX) and item.name.endswith(".tmp")
+                ]
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue  # as glob: nothing there to remove
+        for name in names:
+            (folder / name).unlink(missing_ok=True)
             removed += 1
     return removed
 

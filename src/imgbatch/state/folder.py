@@ -67,7 +67,9 @@ from imgbatch.state.results import (
     RESULTS_FILE,
     FileIdentity,
     Journal,
+    KnownShot,
     ResultEntry,
+    Shared,
     compare_and_hash,
     exists_as_file,
     file_identity,
@@ -213,9 +215,12 @@ class OutputFolder:
             if path.name.startswith(TEMP_PREFIX) and path.name.endswith(".tmp") and _regular(path)
         ]
 
-    def load(self) -> FolderState:
-        """Every shot's last known entry, and who owns the folder (see the module doc)."""
-        record = read_record(self.record_path)
+    def load(self, known: Mapping[str, KnownShot] | None = None) -> FolderState:
+        """Every shot's last known entry, and who owns the folder (see the module doc).
+        `known`: the shots the caller holds, by id, whose strings their entries share
+        (`imgbatch.state.results.Shared`: what they say is the same)."""
+        shared = Shared(known)
+        record = read_record(self.record_path, shared)
         digest, identity = (
             hashed_file(self.results_path) if exists_as_file(self.results_path) else (None, None)
         )
@@ -224,7 +229,7 @@ class OutputFolder:
         elif record is not None and digest == record.rendered.sha256:
             state = dataclasses.replace(record, results_file=identity)
         elif exists_as_file(self.results_path):
-            state = self._imported(record)
+            state = self._imported(record, shared)
         else:
             state = FolderState()
         journal = read_journal(self.journal_path)
@@ -235,9 +240,9 @@ class OutputFolder:
             entries[entry.id] = entry
         return FolderState(entries, state.owner, state.guests, state.rendered, known=True)
 
-    def _imported(self, record: FolderState | None) -> FolderState:
+    def _imported(self, record: FolderState | None, shared: Shared) -> FolderState:
         """The state read from a results.json the record did not render (see the module doc)."""
-        entries, head = read_results(self.results_path)
+        entries, head = read_results(self.results_path, shared)
         manifest = head.get("manifest")
         owner = record.owner if record is not None else None
         if owner is None and isinstance(manifest, str):

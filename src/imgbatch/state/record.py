@@ -24,6 +24,7 @@ from imgbatch.state.cache import atomic_write
 from imgbatch.state.results import (
     FileIdentity,
     ResultEntry,
+    Shared,
     exists_as_file,
     json_lines,
     read_entry_document,
@@ -109,9 +110,12 @@ class FolderState:
 
     def split(
         self, owner: Owner, ids: Collection[str]
-    ) -> tuple[dict[str, ResultEntry], dict[str, ResultEntry]]:
+    ) -> tuple[Mapping[str, ResultEntry], dict[str, ResultEntry]]:
         """The entries that are `owner`'s (its shots' ids, and the ones it made), and the
         others: another manifest's, which `owner`'s apply neither plans, lists nor prunes."""
+        if not self.guests and (self.owner is None or self.owner.same(owner)):
+            # All of them (the usual case): the entries as they are, not a copy of 100,000.
+            return self.entries, {}
         mine: dict[str, ResultEntry] = {}
         others: dict[str, ResultEntry] = {}
         for shot_id, entry in self.entries.items():
@@ -133,8 +137,9 @@ class FolderState:
         )
 
 
-def read_record(path: Path) -> FolderState | None:
-    """The record at `path`, None if there is none; `StoreError` naming it when unreadable."""
+def read_record(path: Path, shared: Shared | None = None) -> FolderState | None:
+    """The record at `path`, None if there is none; `StoreError` naming it when unreadable.
+    `shared`: strings its entries share (`imgbatch.state.results.Shared`)."""
     if path.is_symlink():
         raise StoreError(
             f"{path} is a symbolic link; imgbatch never follows links in {path.parent.name}/: "
@@ -143,7 +148,7 @@ def read_record(path: Path) -> FolderState | None:
     if not exists_as_file(path):
         return None
     try:
-        entries, head = read_entry_document(path, (_ENTRIES,))
+        entries, head = read_entry_document(path, (_ENTRIES,), shared)
         if head.get("version") != RECORD_VERSION:
             raise ValueError(f"version {head.get('version')!r}, not {RECORD_VERSION}")
         owner = Owner.from_json(head["owner"]) if head.get("owner") is not None else None

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, Protocol
 
 from imgbatch.errors import StoreError
 from imgbatch.state.cache import AppendLog, atomic_write
@@ -88,7 +88,9 @@ class ResultEntry:
         # Shallow on purpose: `request` is a flat mapping, and dataclasses.asdict's deep copy of
         # every entry was a third of a 10,000-shot no-op apply.
         data = {name: getattr(self, name) for name in _FIELD_NAMES}
-        data["request"] = dict(self.request)
+        request = self.request
+        # A loaded one's pairs zipped back (a lookup a name was 0.15 s a 100,000-shot file).
+        data["request"] = request.as_dict() if type(request) is Recorded else dict(request)
         for name in _WRITTEN_WHEN_SET:
             if data[name] is None:
                 # Only some entries have them (a URL-referenced shot, a provider's error): every
@@ -98,14 +100,17 @@ class ResultEntry:
         return data
 
     @classmethod
-    def from_json(cls, data: Any) -> ResultEntry:
-        """The entry `data` holds; ValueError if it is not one (a hand edit, a damaged file)."""
+    def from_json(cls, data: Any, shared: Shared | None = None) -> ResultEntry:
+        """The entry `data` holds; ValueError if it is not one (a hand edit, a damaged file).
+        `shared`: strings it keeps as the caller's own objects when equal (see `Shared`)."""
         if not isinstance(data, dict):
             raise ValueError(f"an entry is a JSON {type(data).__name__}, not an object")
         if data.keys() <= _FIELD_SET:  # as this module writes it: copied in C
             values = dict(data)
         else:  # fields from a later version, or a hand edit: only those this one knows
             values = {name: value for name, value in data.items() if name in _FIELD_SET}
+        if shared is not None:
+            shared.share(values)
         # A 100,000-shot state is held whole while it is planned: the few strings and numbers
         # that repeat from entry to entry are kept once, not once an entry.
         for name in _REPEATING_FIELDS:
@@ -123,15 +128,108 @@ class ResultEntry:
             values["status"] = "unfetched"
         request = values.get("request")
         if type(request) is dict:
-            values["request"] = request = dict(request)
-            for name in _REPEATING_REQUEST:
-                if type(value := request.get(name)) is str:
-                    request[name] = sys.intern(value)
-            if request.get("text") == prompt:
-                request["text"] = prompt
+            values["request"] = Recorded.of(request, prompt)
         entry = cls(**values)
         _check_types(entry)
         return entry
+
+
+class Recorded(Mapping[str, Any]):
+    """A loaded entry's `request`: a read-only mapping of its canonical fields, the values in
+    a tuple under names shared by every request that names the same ones (a 100,000-shot state
+    is held whole, and a dict apiece was a fifth of it). Equal to a dict of the same items."""
+
+    __slots__ = ("_names", "_values")
+
+    def __init__(self, names: tuple[str, ...], values: tuple[Any, ...]) -> None:
+        self._names = names
+        self._values = values
+
+    @classmethod
+    def of(cls, request: dict[str, Any], prompt: Any) -> Recorded:
+        """`request` as read from a file; its text, when it is the entry's `prompt`, is that
+        string, and the values that repeat from entry to entry are each kept once."""
+        request = dict(request)  # the caller's is left as it is
+        for name in _REPEATING_REQUEST:
+            if type(value := request.get(name)) is str:
+                request[name] = sys.intern(value)
+        if request.get("text") == prompt:
+            request["text"] = prompt
+        names = tuple(request)
+        if len(_NAMES) < 4096:  # bounded against a hostile file
+            names = _NAMES.setdefault(names, names)
+        return cls(names, tuple(request.values()))
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(zip(self._names, self._values, strict=True))
+
+    def __getitem__(self, name: str) -> Any:
+        try:
+            return self._values[self._names.index(name)]
+        except ValueError:
+            raise KeyError(name) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Recorded) and other._names is self._names:
+            return other._values == self._values
+        return isinstance(other, Mapping) and dict(self.items()) == dict(other.items())
+
+    __hash__ = None  # type: ignore[assignment]  # equal to a dict, which is not hashable
+
+    def __repr__(self) -> str:
+        return repr(dict(self.items()))
+
+
+class KnownShot(Protocol):
+    """A shot the caller holds (the shot list's): the strings its entry repeats."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def file(self) -> str: ...
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def prompt(self) -> str: ...
+
+
+class Shared:
+    """What the entries of one read share instead of holding equal copies: the id, file, key
+    and prompt of the shot each is for, as the caller already holds them (`known`, by shot
+    id: a plan holds both sides whole, and 100,000 entries kept their own copies of these, a
+    third of the state's memory), and `made_at`, which shots finished in the same second
+    repeat. Only equal strings are shared: what an entry says never changes."""
+
+    def __init__(self, known: Mapping[str, KnownShot] | None = None) -> None:
+        self.known: Mapping[str, KnownShot] = known or {}
+        self._stamps: dict[str, str] = {}
+
+    def share(self, values: dict[str, Any]) -> None:
+        """Replace, in an entry's `values`, each string equal to a shared one by that one."""
+        made_at = values.get("made_at")
+        if type(made_at) is str:
+            values["made_at"] = self._stamps.setdefault(made_at, made_at)
+        shot_id = values.get("id")
+        shot = self.known.get(shot_id) if type(shot_id) is str else None
+        if shot is None:
+            return
+        for name, mine in (
+            ("id", shot.id),
+            ("file", shot.file),
+            ("key", shot.key),
+            ("prompt", shot.prompt),
+        ):
+            if values.get(name) == mine:
+                values[name] = mine
 
 
 def _check_types(entry: ResultEntry) -> None:
@@ -153,7 +251,7 @@ def _check_types(entry: ResultEntry) -> None:
         and type(entry.prompt) is str
         and type(entry.attempts) is int
         and type(entry.simplified) is bool
-        and type(entry.request) is dict
+        and type(entry.request) in _REQUEST_TYPES
         and type(entry.width) in _INT_OR_NONE
         and type(entry.height) in _INT_OR_NONE
         and type(entry.seed) in _INT_OR_NONE
@@ -194,6 +292,7 @@ _NONE: type = type(None)
 _INT_OR_NONE: frozenset[type] = frozenset({int, _NONE})
 _STR_OR_NONE: frozenset[type] = frozenset({str, _NONE})
 _BOOL_OR_NONE: frozenset[type] = frozenset({bool, _NONE})
+_REQUEST_TYPES: frozenset[type] = frozenset({dict, Recorded})
 _TEXT, _OPTIONAL_TEXT = (frozenset({str}), "text"), (_STR_OR_NONE, "text or null")
 _OPTIONAL_NUMBER = (_INT_OR_NONE, "a whole number or null")
 # Each field's JSON types, for the message that names what a hand edit got wrong.
@@ -221,7 +320,7 @@ _TYPES: dict[str, tuple[frozenset[type], str]] = {
     "attempts": (frozenset({int}), "a whole number"),
     "simplified": (frozenset({bool}), "true or false"),
     "local_copy": (_BOOL_OR_NONE, "true, false or null"),
-    "request": (frozenset({dict}), "an object"),
+    "request": (_REQUEST_TYPES, "an object"),
 }
 
 
@@ -243,16 +342,20 @@ _REPEATING_REQUEST = ("provider", "model", "size", "negative_prompt")
 _FIELD_SET = frozenset(_FIELD_NAMES)
 # Widths and heights, each kept once (a few distinct ones; bounded against a hostile file).
 _SIZES: dict[int, int] = {}
+# The names of recorded requests, each tuple kept once (`Recorded`).
+_NAMES: dict[tuple[str, ...], tuple[str, ...]] = {}
 
 
-def read_results(path: Path) -> tuple[list[ResultEntry], dict[str, Any]]:
+def read_results(
+    path: Path, shared: Shared | None = None
+) -> tuple[list[ResultEntry], dict[str, Any]]:
     """The entries of the results file at `path` (shots, then orphans) and its other top-level
     fields (`manifest`, `updated_at`...); nothing if there is none. Raises `StoreError` naming
-    the file when it cannot be read."""
+    the file when it cannot be read. `shared`: see `Shared`."""
     if not exists_as_file(path):
         return [], {}
     try:
-        return read_entry_document(path, ("shots", "orphans"))
+        return read_entry_document(path, ("shots", "orphans"), shared)
     except (OSError, ValueError, TypeError, AttributeError, RecursionError) as exc:
         raise StoreError(
             f"{path} cannot be read ({exc}); move it aside and run apply again: "
@@ -274,7 +377,7 @@ def exists_as_file(path: Path) -> bool:
 
 
 def read_entry_document(
-    path: Path, lists: tuple[str, ...]
+    path: Path, lists: tuple[str, ...], shared: Shared | None = None
 ) -> tuple[list[ResultEntry], dict[str, Any]]:
     """The entries in the JSON document at `path`'s lists named `lists` (in that order), and
     its other top-level fields.
@@ -286,14 +389,14 @@ def read_entry_document(
     pretty-printed by hand) is parsed whole. Raises ValueError (or OSError) when it is not such a
     document.
     """
-    by_lines = _read_by_lines(path, lists)
+    by_lines = _read_by_lines(path, lists, shared)
     if by_lines is not None:
         return by_lines
     document = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(document, dict):
         raise ValueError(f"a JSON {type(document).__name__}, not an object")
     raws = [raw for name in lists for raw in document.get(name, [])]
-    return [ResultEntry.from_json(raw) for raw in raws], _head(document, lists)
+    return [ResultEntry.from_json(raw, shared) for raw in raws], _head(document, lists)
 
 
 # Entry lines parsed in one json.loads call: a call per line was a fifth of loading a state.
@@ -301,7 +404,7 @@ _BATCH = 1000
 
 
 def _read_by_lines(
-    path: Path, lists: tuple[str, ...]
+    path: Path, lists: tuple[str, ...], shared: Shared | None
 ) -> tuple[list[ResultEntry], dict[str, Any]] | None:
     """`read_entry_document` a line at a time, for a file laid out as this module writes it;
     None when it is not (each entry must be one line, the rest the document around them)."""
@@ -317,10 +420,10 @@ def _read_by_lines(
             batch.append(text.removesuffix(","))
             skeleton.append("0," if text.endswith(",") else "0")
             if len(batch) == _BATCH:
-                if not _parsed(batch, entries):
+                if not _parsed(batch, entries, shared):
                     return None
                 batch.clear()
-    if not _parsed(batch, entries):
+    if not _parsed(batch, entries, shared):
         return None
     try:
         document = json.loads("".join(skeleton))
@@ -330,7 +433,7 @@ def _read_by_lines(
     return (entries, _head(document, lists)) if places == [0] * len(entries) else None
 
 
-def _parsed(lines: list[str], entries: list[ResultEntry]) -> bool:
+def _parsed(lines: list[str], entries: list[ResultEntry], shared: Shared | None) -> bool:
     """Add the entries `lines` hold, one each, to `entries`; False if they are not that."""
     if not lines:
         return True
@@ -338,7 +441,7 @@ def _parsed(lines: list[str], entries: list[ResultEntry]) -> bool:
         raws = json.loads(f"[{','.join(lines)}]")
         if len(raws) != len(lines):
             return False
-        entries.extend(ResultEntry.from_json(raw) for raw in raws)
+        entries.extend(ResultEntry.from_json(raw, shared) for raw in raws)
     except (ValueError, TypeError, AttributeError):
         return False
     return True
