@@ -518,3 +518,27 @@ def test_a_file_edited_in_place_to_the_same_size_is_not_deleted_as_a_local_copy(
     assert edited.read_bytes() == bytes(data)
     assert not (output / "shot-001.png").exists()  # imgbatch's own copy went
     assert fake_server.generation_count == 2
+
+
+def test_a_no_op_apply_with_a_picked_take_in_the_store_only_asks_the_store_nothing(
+    tmp_path: Path, api_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    # The picked take, kept in the store only, was fetched again by every apply (a lookup, a
+    # download, a decode and a LIST of gc's markers; "1 image restored") although `<shot>.png`
+    # already held it: a no-op apply asks the store nothing.
+    manifest = write_manifest(tmp_path, PICKS)
+    output = tmp_path / "output" / "picks"
+    environ = {**api_env, "IMGBATCH_STORE": str(tmp_path / "store")}
+    apply_json(environ, manifest, "--no-local-copy")
+    picked = (output / "poster.png").read_bytes()
+    for _ in range(2):
+        _, document = apply_json(environ, manifest, "--no-local-copy")
+        assert document["store"]["requests"] == {}, document["store"]
+        assert document["store"]["restored"] == 0
+        assert (output / "poster.png").read_bytes() == picked
+        assert pngs(output) == [output / "poster.png"]
+    # The file lost or replaced, the take is fetched again to write it.
+    (output / "poster.png").write_bytes(b"not the take")
+    apply_json(environ, manifest, "--no-local-copy")
+    assert (output / "poster.png").read_bytes() == picked
+    assert fake_server.generation_count == 2

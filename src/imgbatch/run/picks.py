@@ -17,6 +17,8 @@ by name. A take this run placed is copied before its local copy goes; one not on
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -63,15 +65,18 @@ async def fetch_picked(
     blob fetched, checked against the record and decoded at the take's size (two requests),
     and only if the record is of the image the take's entry names. `place_picks` then copies
     it; the cache entry goes with the run's other store-only copies. A store that lacks it
-    leaves the picked file as it was."""
+    leaves the picked file as it was. A take whose `<shot>.png` already holds it (an earlier
+    apply wrote it) is not fetched: a no-op apply asks the store nothing."""
     by_id = {entry.id: entry for entry in entries}
     by_shot = {shot.id: shot for shot in shots}
-    for take in picks.values():
+    for picked, take in picks.items():
         entry, shot = by_id.get(take), by_shot.get(take)
         if entry is None or shot is None or entry.local_copy is not False:
             continue
         if not entry.has_image or local_image(output_dir, entry).is_file():
             continue
+        if _is_copy_of(output_dir / f"{picked}.png", entry):
+            continue  # written by an earlier apply: nothing to fetch (a no-op asks nothing)
         try:
             record = await sharing.shared.lookup(entry.key)
         except SharedEntryDamaged:
@@ -100,6 +105,19 @@ def _take(output_dir: Path, entry: ResultEntry) -> bytes | None:
         if data.startswith(PNG_SIGNATURE):
             return data
     return None
+
+
+def _is_copy_of(path: Path, entry: ResultEntry) -> bool:
+    """Whether the file at `path` (not through a link) holds `entry`'s image: its size, then
+    its SHA-256 (read only when the size is the image's)."""
+    try:
+        info = path.lstat()
+        if not stat.S_ISREG(info.st_mode) or info.st_size != entry.bytes:
+            return False
+        with path.open("rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest() == entry.sha256
+    except OSError:
+        return False
 
 
 def _holds(path: Path, data: bytes) -> bool:
