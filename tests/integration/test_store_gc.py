@@ -454,3 +454,22 @@ def test_a_marker_dated_in_the_future_keeps_no_copy_for_good_and_is_collected(
     assert "gc/0123456789abcdef" in result.output and "in the future" in result.output
     assert not bogus.exists()
     assert fake_server.generation_count == 2
+
+
+def test_an_apply_that_keeps_its_local_copies_for_a_gc_says_so(
+    tmp_path: Path, api_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    # The copies stayed, results.json said `"local_copy": false`, and the run said nothing.
+    environ = {**api_env, "IMGBATCH_STORE": str(tmp_path / "store")}
+    lighthouse = shot_list(tmp_path, "lighthouse", "a lighthouse")
+    folder = tmp_path / "out"
+    apply_into(environ, lighthouse, folder)
+    put(environ, f"{MARKERS}0123456789abcdef", b'{"host": "ci-runner-7", "pid": 4242}')
+    environ["OUTPUT_DIR"] = str(folder)
+    args = ["apply", str(lighthouse), "--no-local-copy", "--rps", "1000"]
+    text = CliRunner().invoke(main, args, env=environ)
+    document = json.loads(CliRunner().invoke(main, [*args, "--json"], env=environ).stdout)
+    assert text.exit_code == 0, text.output
+    assert "2 local copies kept: a gc of the store is at work" in text.output
+    assert document["store"]["kept_local"] == 2
+    assert len(list((folder / "lighthouse").glob("*.png"))) == 2

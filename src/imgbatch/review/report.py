@@ -187,6 +187,7 @@ def store_json(report: ApplyReport) -> dict[str, Any]:
         "restored": use.restored,
         "published": use.published,
         "damaged": [{"id": shot_id, "message": message} for shot_id, message in use.notices],
+        "kept_local": use.kept_local,
     }
 
 
@@ -203,6 +204,12 @@ def store_line(report: ApplyReport) -> str | None:
         f"{use.restored} image{'s' if use.restored != 1 else ''} restored, "
         f"{use.published} published."
     )
+    if use.kept_local:
+        copies = "copy" if use.kept_local == 1 else "copies"
+        line += (
+            f" {use.kept_local} local {copies} kept: a gc of the store is at work, or may be "
+            "(gc/ in the store); the next apply drops them."
+        )
     return "\n".join([line, *(f"  {shot_id}: {message}" for shot_id, message in use.notices)])
 
 

@@ -174,6 +174,7 @@ class SharedRun:
         self.notices: list[tuple[str, str]] = []  # (shot id, what was wrong)
         self.restored = 0
         self.published = 0
+        self.kept_local = 0  # local copies kept for a gc at work (`run.store_only.confirmed`)
         # When this run first read the store: a `gc --store` marker written since means the
         # store may have lost what the run looked up (`run.store_only.confirmed`).
         self.opened = time.monotonic()
@@ -187,6 +188,7 @@ class SharedRun:
             self.restored,
             self.published,
             tuple(self.notices),
+            self.kept_local,
         )
 
     async def hydrate(self, shots: Iterable[Shot]) -> None:

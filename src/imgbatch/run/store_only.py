@@ -153,13 +153,18 @@ async def confirmed(
     for the next apply to drop."""
     if sharing is None:
         return []
-    if not any(local_image(output_dir, entry).is_file() for entry in entries):
+    here = [entry for entry in entries if local_image(output_dir, entry).is_file()]
+    if not here:
         return []
     since = time.monotonic() - sharing.opened + sharing.shared.claims.claims.lease
     try:
-        if await collecting(sharing.shared.objects, since, sharing.shared.claims.claims.lease):
-            return []
+        at_work = await collecting(
+            sharing.shared.objects, since, sharing.shared.claims.claims.lease
+        )
     except SharedStoreError:
+        at_work = True  # unknown: kept, as for a gc at work
+    if at_work:
+        sharing.kept_local = len(here)  # said in the run's report (`StoreUse.kept_local`)
         return []
     return list(entries)
 
