@@ -65,13 +65,15 @@ CHANGED: list[tuple[Account, float, int, bool]] = [
 REMEMBERED: list[tuple[Account, float, int, Quota]] = [
     (Account(window=(3, 3)), 2, 100, Quota(3, 60)),
     (Account(window=(3, 3)), 2, 100, Quota(10, 3)),
+    (Account(window=(6, 3)), 2, 100, Quota(3, 3)),
 ]
 # A series of short runs of one account, each starting from what the last remembered (and the
-# credit of 429s it saved up): (account, latency, shots a run, runs).
-SERIES: list[tuple[Account, float, int, int]] = [
-    (Account(window=(5, 1)), 0.0, 16, 6),
-    (Account(window=(3, 3)), 2, 16, 5),
-    (Account(window=(2, 60)), 16.5, 10, 5),
+# credit of 429s it saved up): (account, latency, shots a run, runs, remembered before the first).
+SERIES: list[tuple[Account, float, int, int, Quota | None]] = [
+    (Account(window=(5, 1)), 0.0, 16, 6, None),
+    (Account(window=(3, 3)), 2, 16, 5, None),
+    (Account(window=(2, 60)), 16.5, 10, 5, None),
+    (Account(window=(6, 3)), 2, 16, 5, Quota(3, 3)),
 ]
 BUCKETS: list[tuple[Account, float, int]] = [
     (Account(bucket=(25, 25)), 0.8, 150),
@@ -204,11 +206,13 @@ def remembered_rows(only: str) -> None:
 
 def series_rows(only: str) -> None:
     """Each run of a series as a row: the quota it started from, with the credit it was handed."""
-    for account, latency, shots, runs in SERIES:
+    for account, latency, shots, runs, start in SERIES:
         if only not in account.describe():
             continue
         with tempfile.TemporaryDirectory(prefix="imgbatch-sim-") as temp:
             store = Path(temp) / "quotas.json"
+            if start is not None:
+                remembered(Path(temp), start)
             for index in range(runs):
                 before = QuotaStore(store).load(SimProvider.quota_account, [DEFAULT_MODEL])
                 learned = before.get(DEFAULT_MODEL)

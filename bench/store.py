@@ -165,12 +165,14 @@ def summary(document: dict[str, object]) -> dict[str, int]:
     return found
 
 
-def store_requests(documents: Sequence[dict[str, object]]) -> int:
-    total = 0
+def store_requests(documents: Sequence[dict[str, object]]) -> dict[str, int]:
+    """Every process's store requests, by operation (get, put, head, delete, list)."""
+    total: dict[str, int] = {}
     for document in documents:
         store = document.get("store")
         if isinstance(store, dict):
-            total += sum(store["requests"].values())
+            for operation, count in store["requests"].items():
+                total[operation] = total.get(operation, 0) + count
     return total
 
 
@@ -207,6 +209,7 @@ class Row:
     paid: int
     throttled: int  # 429s the accounts answered
     per_image: float
+    by_operation: dict[str, float]  # store requests per image, by operation
     applies_cpu: float  # the imgbatch processes' CPU seconds
     waited: float  # the seconds each one's event loop was ready to run and had no core (mean)
     servers_cpu: float  # the store server's and the fake accounts' (this process)
@@ -242,11 +245,13 @@ def run_case(
         documents += more
         assembling = (time.monotonic() - started, assembling_cpu)
     ideal = shots / (accounts * QUOTA) + LATENCY
-    per_image = store_requests(documents) / shots
+    requests = store_requests(documents)
+    per_image = sum(requests.values()) / shots
+    by_operation = {operation: count / shots for operation, count in sorted(requests.items())}
     throttled = sum(summary(document)["throttled"] for document in documents)
     return Row(
-        name, wall, ideal, paid(), throttled, per_image, applies_cpu, waited, servers_cpu, busy,
-        assembling,
+        name, wall, ideal, paid(), throttled, per_image, by_operation, applies_cpu, waited,
+        servers_cpu, busy, assembling,
     )  # fmt: skip
 
 
@@ -270,6 +275,10 @@ def print_table(rows: Sequence[Row], shots: int, store: str) -> None:
             f"| {row.applies_cpu:.0f} + {row.servers_cpu:.0f} | {row.floor:.0f} "
             f"| {row.machine_busy:.0f} | {row.waited:.0f} | {shown} |"
         )
+    print()
+    for row in rows:
+        shown = ", ".join(f"{op} {count:.2f}" for op, count in row.by_operation.items())
+        print(f"- {row.name}: store requests per image by operation: {shown}")
 
 
 def main() -> int:

@@ -438,6 +438,22 @@ def test_a_remembered_quota_too_fast_does_not_send_its_whole_count_into_429s(
     assert run.ratio >= 0.9
 
 
+def test_a_remembered_count_too_low_is_raised_not_read_as_a_cap(tmp_path: Path) -> None:
+    """3 per 3 s remembered, 6 per 3 s allowed: 3 per 0.5 s was admitted in the larger window's
+    burst, and the next request, refused with 5 others in flight (more than any admitted), was
+    read as a cap of 5, then the rate halved to 1.5/s: 0.733 of ideal. The 429 is the narrowed
+    period's, and the window fitted from it is the account's."""
+    store = tmp_path / "quotas.json"
+    finding = Finding(DEFAULT_MODEL, Quota(3, 3), "probed", None, False, None, 0)
+    QuotaStore(store).save(SimProvider.quota_account, [finding])
+    options = ApplyOptions(quota_store=store)
+    run = simulate(Account(window=(6, 3)), 2.0, 100, folder=tmp_path / "run", options=options)
+    assert run.share <= 0.05
+    assert run.ratio >= 0.9
+    found = run.report.quotas[0].finding
+    assert found.cap is None and found.window is not None and found.window.count == 6
+
+
 def test_three_per_3_s_in_a_short_run_is_found_within_its_budget_of_429s() -> None:
     run = simulate(Account(window=(3, 3)), 2.0, 30)
     assert run.share <= 0.05

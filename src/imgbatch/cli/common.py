@@ -193,8 +193,10 @@ shard_option = click.option(
     metavar="K/N",
     default=None,
     callback=lambda _context, _parameter, value: _shard_option(value),
-    help="Only the shots whose request key falls in shard K of N (1/4 ... 4/4): stable under "
-    "renames and reordering, twins together. Other shots are left as they are.",
+    help="Only the shots whose request key falls in shard K of N (1/4 ... 4/4): the sorted keys "
+    "cut into N equal ranges, stable under renames and reordering, twins together; adding m shots "
+    "moves at most m keys into another shard (with --store, nothing is paid again). Other shots "
+    "are left as they are.",
 )
 force_option = click.option(
     "--force",

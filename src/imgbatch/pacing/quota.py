@@ -69,7 +69,10 @@ How a quota is found when nothing is known (no `--quota`/`--rps`, no stated or l
   time (a token bucket refuses at any count, faster); a rate limit shows itself by a 429 with
   fewer in flight than has been admitted before, and the window is fitted then. A cap of more
   than the opening's count, while the rate slowed explains the 429 too, is only noted: waiting
-  for fewer in flight would cost a whole generation.
+  for fewer in flight would cost a whole generation. A request let go only by a window's period
+  narrowed at a fixed count (the window before would have held it back) is the narrowing's
+  evidence: a window sends its whole count at once, so narrowing it puts more in flight than
+  ever admitted, and its 429 is fitted as a window, not taken for a cap.
 * **Nothing fits** (a token bucket's saved-up burst makes early admissions look like a larger
   window): the admissions before the first 429 are set aside; failing that, even spacing at what
   was admitted between the first and last 429.
@@ -234,6 +237,9 @@ class QuotaEstimator:
         self._proven = False  # a request sent since then was admitted
         self._settling = False  # a changed quota's count is being found
         self._narrowed = False  # a narrower period was tried and admitted
+        # The window before a period was narrowed at a count of more than one (see
+        # `_narrowing_refused`), until a 429 is fitted.
+        self._wider: Quota | None = None
         self._opening_refused = False  # the first 429 came within the gentle opening
         self._hint_from = 0  # the first request sent under the stated or learned window
         self._cap_gap = math.inf  # the gap before the request of the last 429 a cap may explain
@@ -342,6 +348,8 @@ class QuotaEstimator:
         # makes the next one sooner, and a spacing's next step bigger.)
         self._step = min(self._step * 2, max(count, 4)) if probe.raising else 1
         self._narrowed |= not (probe.raising or probe.refit)
+        if not (probe.raising or probe.refit) and count > 1:
+            self._wider = probe.before
         target = probe.target
         # (Sent when the target let it, the span is the target's period as the gate keeps it.)
         proved = probe.raising or span <= _slack(target.period)
@@ -411,6 +419,7 @@ class QuotaEstimator:
             self._hint_wrong, self._disproved = True, self.window
         self._ramping = False
         self.window, self.source = self._fit() or self._fallback(), "probed"
+        self._wider = None  # (the narrowing's 429 is fitted)
         if self.refusals == 1:
             self._first_read = self.window
 
@@ -599,7 +608,7 @@ class QuotaEstimator:
         """Is the 429 a cap on work in progress (kept, or tried)? True when it was taken so."""
         if self.cap_confirmed and self.cap is not None and send.in_flight >= self.cap:
             return True  # sent before the cap was confirmed, with more in flight than it allows
-        if not self._cap_fits(send.in_flight):
+        if not self._cap_fits(send.in_flight) or self._narrowing_refused(send):
             return False
         times, refused = self._times()
         spacing = _spacing_bounds(times, refused)
@@ -633,6 +642,16 @@ class QuotaEstimator:
             return True
         self._set_cap(send.in_flight, at, confirm=False)
         return False
+
+    def _narrowing_refused(self, send: _Send) -> bool:
+        """Was `send` let go only by a period narrowed at a fixed count (the window before would
+        have held it back)? Then more were in flight than ever admitted because the rate was
+        raised: a window's whole count goes at once, so narrowing its period sends more
+        together. The 429 is the narrowing's, fitted as a window, not taken for a cap (3 per
+        3 s remembered on an account of 6 per 3 s: 3 per 0.5 s admitted in the larger window,
+        the next refused with 5 others in flight, read as a cap of 5, then halved to 1.5/s)."""
+        wider = self._wider
+        return wider is not None and self._admitted_before(send, wider) >= wider.count
 
     def _gap_before(self, send: _Send) -> float:
         """Seconds since the latest request admitted before `send` (inf if none)."""

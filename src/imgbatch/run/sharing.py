@@ -10,6 +10,10 @@ executor four steps, each a few store requests per image at most:
   record appears (then restored) or it goes stale (then taken over). A key whose record appeared
   meanwhile is restored instead of paid; a stale claim whose holder had been answered gives its
   image URL, fetched instead of paying again.
+- Meanwhile (an apply's `open_sharing`), the run follows the others: it lists `claims/` about
+  once a second and restores each image another process publishes for one of its keys as the
+  claim goes, in the background, so that shot's turn finds it in place with no request; the
+  same listing wakes the shots waiting on a claim.
 - `answered(key, image)`: the service made it: its URL goes into the claim.
 - `made(shot, data, entry)`: the image is in place: published (blob, then record) and the claim
   released. The entry's `image_url` becomes the blob's URL in the store (`s3://.../cas/<sha>`:
@@ -24,13 +28,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from imgbatch.errors import AuthError, SharedEntryDamaged, SharedStoreError, TransientError
+from imgbatch.errors import (
+    AuthError,
+    SharedEntryDamaged,
+    SharedStoreError,
+    StoreError,
+    TransientError,
+)
 from imgbatch.manifest import Manifest
 from imgbatch.plan.decide import Action, Plan
 from imgbatch.providers import is_metered
@@ -50,8 +61,17 @@ if TYPE_CHECKING:
 
 # Lookups of a warm store in flight at once (a plan of 10,000 misses is not 10,000 sockets).
 LOOKUPS_IN_FLIGHT = 32
-# How often a process waiting on another's claim looks for its record, at most.
-MAX_POLL_SECONDS = 1.0
+# A process waiting on another's claim looks for its record after FIRST_POLL_SECONDS, then
+# half as long again each time, at most every MAX_POLL_SECONDS: a record comes when the service
+# has answered (seconds to a minute), and each look is a request.
+FIRST_POLL_SECONDS = 0.5
+MAX_POLL_SECONDS = 5.0
+# How often a process lists the claims others hold on the keys it will need (`_follow`): every
+# FOLLOW_SECONDS while it finds some, backing off to MAX_FOLLOW_SECONDS while it finds none.
+FOLLOW_SECONDS = 1.0
+MAX_FOLLOW_SECONDS = 8.0
+# Images it restores at once, found so.
+RESTORES_AHEAD = 4
 
 
 @dataclass(frozen=True)
@@ -91,7 +111,9 @@ async def open_sharing(
         open_shared(url, environ, read_only=read_only, base=base)
     )
     thumbnail = functools.partial(write_thumbnail, output_dir)
-    return SharedRun(shared, OutputFolder(output_dir).cache, thumbnail)
+    run = SharedRun(shared, OutputFolder(output_dir).cache, thumbnail, follow=True)
+    stack.push_async_callback(run.close)
+    return run
 
 
 class Unsent:
@@ -159,22 +181,37 @@ def planned_with_store(
 class SharedRun:
     """One run's view of the shared store `shared`, over the local cache `local`; `thumbnail`
     (key, decoded image) makes the contact sheet's thumbnail of each image restored from the
-    decode that checks it (a second decode would double the CPU of a restore)."""
+    decode that checks it (a second decode would double the CPU of a restore). With `follow`,
+    the images others make for this run's keys are restored as they are published, in the
+    background (`_follow`), rather than when each shot's turn comes; `close` stops that."""
 
     def __init__(
         self,
         shared: SharedCache,
         local: ImageCache,
         thumbnail: Callable[[str, Image.Image], object] | None = None,
+        *,
+        follow: bool = False,
     ) -> None:
         self.shared = shared
         self.local = local
         self.thumbnail = thumbnail
+        self.follow = follow
         self.records: dict[str, Record] = {}
         self.notices: list[tuple[str, str]] = []  # (shot id, what was wrong)
         self.restored = 0
         self.published = 0
         self.kept_local = 0  # local copies kept for a gc at work (`run.store_only.confirmed`)
+        # Keys the store missed that no shot's turn has reached yet, and those of them restored
+        # since in the background (checked, in the local cache), with their records.
+        self._wanted: dict[str, Shot] = {}
+        self._ahead: dict[str, Record] = {}
+        # Shots waiting on another's claim, by key: set when `_follow` finds the claim gone.
+        self._waiting: dict[str, asyncio.Event] = {}
+        # Wanted keys another process held a live claim on at the last listing.
+        self._others: set[str] = set()
+        self._follower: asyncio.Task[None] | None = None
+        self._poke = asyncio.Event()
         # When this run first read the store: a `gc --store` marker written since means the
         # store may have lost what the run looked up (`run.store_only.confirmed`).
         self.opened = time.monotonic()
@@ -204,8 +241,89 @@ class SharedRun:
                 found = await self._restore(shot)
             if found is not None:
                 await asyncio.to_thread(self.local.put, shot.request.key, found.data)
+            else:
+                self._wanted[shot.request.key] = shot
 
         await asyncio.gather(*(one(shot) for shot in first.values()))
+        if self._wanted:
+            self._start_following()
+
+    def _start_following(self) -> None:
+        """Have `_follow` list the claims now (started again if it had stopped)."""
+        if not self.follow:
+            return
+        if self._follower is None or self._follower.done():
+            self._follower = asyncio.ensure_future(self._follow())
+        self._poke.set()
+
+    async def _follow(self) -> None:
+        """Restore, as they are published, the images other processes make for the keys this
+        run will need, and wake the shots waiting on another's claim when it goes: list
+        `claims/` (one request: only the keys being paid for now, by anyone, with their ages:
+        a shot whose turn comes while another's claim on its key is live waits for it without
+        a request) every second, and
+        look up the record of each wanted key whose claim went since the last listing (its
+        holder releases it after publishing). Restores are so spread over the run, not left to
+        each shot's turn (which comes, in a random order, mostly near the end, when most keys
+        are made: a burst of decodes that held four processes up on two cores), and a waiting
+        shot looks for its record once, when it is there, rather than polling. A key missed
+        here is restored at its turn as before; nothing here pays or claims."""
+        period, listed = FOLLOW_SECONDS, set[str]()
+        while self._wanted or self._waiting:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._poke.wait(), period)
+            self._poke.clear()
+            mine, lease = self.shared.claims.held, self.shared.claims.claims.lease
+            try:
+                ages = {
+                    item.name.removeprefix("claims/"): item.age
+                    for item in await self.shared.objects.listing("claims/")
+                }
+                claimed = ages.keys() - mine.keys()
+                for key, gone in list(self._waiting.items()):
+                    if key not in claimed:
+                        gone.set()
+                released = [key for key in listed - claimed if key in self._wanted]
+                listed = claimed & self._wanted.keys()
+                # Live by the store's clock, with a second to spare: a turn meeting one waits.
+                self._others = {key for key in listed if ages[key] + 1 < lease}
+                # Concurrently, a few at a time: others publish up to their quotas together.
+                limit = asyncio.Semaphore(RESTORES_AHEAD)
+                done = await asyncio.gather(
+                    *(self._restore_ahead(key, limit) for key in released), return_exceptions=True
+                )
+                for failed in done:
+                    if isinstance(failed, BaseException):
+                        raise failed
+            except (StoreError, OSError):
+                return  # each shot's turn looks for itself, and says what fails
+            busy = listed or released or self._waiting
+            period = FOLLOW_SECONDS if busy else min(period * 2, MAX_FOLLOW_SECONDS)
+
+    async def _restore_ahead(self, key: str, limit: asyncio.Semaphore) -> None:
+        """`key`'s image, just published by another process, checked into the local cache for
+        its shot's turn; nothing when it is not there (that turn looks again)."""
+        async with limit:
+            shot = self._wanted.get(key)
+            try:
+                record = None if shot is None else await self.shared.lookup(key)
+                if shot is None or record is None or key not in self._wanted:
+                    return
+                data = await self._checked(shot, record, say=False)
+            except SharedEntryDamaged:
+                return  # said when the shot's turn finds it
+            if data is None:
+                return
+            await asyncio.to_thread(self.local.put, key, data)
+            self._ahead[key] = record
+            self._wanted.pop(key, None)
+
+    async def close(self) -> None:
+        """Stop restoring in the background (the run is over)."""
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
 
     async def _restore(self, shot: Shot) -> Restored | None:
         """The store's image for `shot`'s key, checked; None on a miss or damage (said)."""
@@ -222,17 +340,40 @@ class SharedRun:
 
     async def fetch(self, shot: Shot, record: Record) -> Restored | None:
         """`record`'s blob, checked against it and decoded at `shot`'s size; None if damaged
-        (said: the shot is then made as if the store had nothing)."""
-        thumbnail, key = self.thumbnail, record.key
-        then = None if thumbnail is None else lambda decoded: thumbnail(key, decoded)
-        try:
-            data = await self.shared.fetch(record, shot.request.dimensions, then)
-        except SharedEntryDamaged as damaged:
-            self.notices.append((shot.id, f"{damaged}; not used"))
+        (said: the shot is then made as if the store had nothing). One restored in the
+        background already (checked then) is read from the local cache: no request, no decode."""
+        data = await asyncio.to_thread(self._kept, record)
+        if data is None:
+            data = await self._checked(shot, record)
+        if data is None:
             return None
         self.records[record.key] = record
         self.restored += 1
         return Restored(data, record)
+
+    async def _checked(self, shot: Shot, record: Record, *, say: bool = True) -> bytes | None:
+        """`record`'s blob from the store, checked and decoded once (its thumbnail made from
+        that decode); None if damaged (said, unless `say` is False: then `SharedEntryDamaged`)."""
+        thumbnail, key = self.thumbnail, record.key
+        then = None if thumbnail is None else lambda decoded: thumbnail(key, decoded)
+        try:
+            return await self.shared.fetch(record, shot.request.dimensions, then)
+        except SharedEntryDamaged as damaged:
+            if not say:
+                raise
+            self.notices.append((shot.id, f"{damaged}; not used"))
+            return None
+
+    def _kept(self, record: Record) -> bytes | None:
+        """The bytes `_follow` restored for `record` into the local cache, if they are still
+        exactly those (by SHA-256); None otherwise (then fetched again)."""
+        if self._ahead.get(record.key) != record:
+            return None
+        try:
+            data = self.local.path(record.key).read_bytes()
+        except OSError:
+            return None
+        return data if hashlib.sha256(data).hexdigest() == record.sha256 else None
 
     def entry_for(self, shot: Shot, sha256: str, size: int) -> ResultEntry | None:
         """The results entry of `shot` restored from the store: the shot's own (id, file, key,
@@ -270,11 +411,21 @@ class SharedRun:
         (fetch it), or another process's live claim (wait: `settle`). `look=False` claims
         without looking for a record first (the one found was damaged)."""
         key = shot.request.key
+        self._wanted.pop(key, None)  # its turn has come: `_follow` leaves it to this
+        ahead = self._ahead.get(key)
+        if ahead is not None:
+            return ahead  # restored in the background: no request
+        if look and key in self._others:
+            # Being paid for by another process a second ago: wait for it (`settle`, woken
+            # when its claim goes) without the three requests that would say so again.
+            return ClaimInfo(key, "another process", None, None, 0.0, False)
         record = await self._lookup(shot) if look else None
         if record is not None or self.shared.read_only:
             return record if record is not None else Claim(key, "read-only", etag="")
         await self.shared.probe()  # before the first claim: a store must refuse a second create
         claim = await self.shared.claims.acquire(key)
+        if isinstance(claim, ClaimInfo):
+            return claim  # another's: `settle` looks for its record (no look now, a request)
         # Published between the look and the claim: never pay for it twice.
         record = await self._lookup(shot) if look else None
         if record is not None:
@@ -287,22 +438,33 @@ class SharedRun:
 
     async def settle(self, shot: Shot) -> Claim | Record | Inherited:
         """Wait on another process's claim on `shot`'s key until its record appears or the
-        claim goes stale (taken over). The record is polled (one request), the claim read again
-        only every half lease. The executor cuts the wait when the run stops."""
-        wait, lease = 0.2, self.shared.claims.claims.lease
+        claim goes stale (taken over). With `follow`, the key is looked at when `_follow` finds
+        the claim gone (its record, else claimed: its holder gave up), and its record polled
+        only every MAX_POLL_SECONDS besides; else the record is polled after FIRST_POLL_SECONDS,
+        then half as long again each time, up to MAX_POLL_SECONDS. The claim is read again
+        every half lease. The executor cuts the wait when the run stops."""
+        key, lease = shot.request.key, self.shared.claims.claims.lease
+        gone = self._waiting.setdefault(key, asyncio.Event())
+        self._start_following()
+        wait = min(MAX_POLL_SECONDS if self.follow else FIRST_POLL_SECONDS, lease / 4)
         checked = time.monotonic()
-        while True:
-            await asyncio.sleep(wait)
-            wait = min(wait * 1.5, MAX_POLL_SECONDS, lease / 4)
-            if time.monotonic() - checked >= lease / 2:
-                checked = time.monotonic()
-                found = await self.try_claim(shot)
-                if not isinstance(found, ClaimInfo):
-                    return found
-                continue
-            record = await self._lookup(shot)
-            if record is not None:
-                return record
+        try:
+            while True:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(gone.wait(), wait)
+                wait = min(wait * 1.5, MAX_POLL_SECONDS, lease / 4)
+                if gone.is_set() or time.monotonic() - checked >= lease / 2:
+                    gone.clear()
+                    checked = time.monotonic()
+                    found = await self.try_claim(shot)
+                    if not isinstance(found, ClaimInfo):
+                        return found
+                    continue
+                record = await self._lookup(shot)
+                if record is not None:
+                    return record
+        finally:
+            self._waiting.pop(key, None)
 
     async def answered(self, key: str, image_url: str, request_id: str | None) -> None:
         if not self.shared.read_only:

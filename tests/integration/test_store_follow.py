@@ -1,0 +1,200 @@
+"""A run sharing a store follows the claims others hold on the keys it needs (`SharedRun`):
+it restores their images as they are published rather than at each shot's turn, and a shot
+waiting on another's claim looks for the record once, when the claim goes, instead of polling.
+
+Against moto's S3 server on 127.0.0.1: one `SharedRun` (this process) and a second store
+client standing for another process; the store's own request counts are the evidence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from PIL import Image
+
+from imgbatch.run.sharing import Restored, SharedRun
+from imgbatch.shots.expand import Shot
+from imgbatch.shots.request import ImageRequest
+from imgbatch.state.cache import ImageCache
+from imgbatch.state.store import open_shared
+from imgbatch.state.store.claims import Claim, ClaimInfo
+from imgbatch.state.store.layout import Record, SharedCache
+from tests.support.object_servers import BUCKET, s3_environ
+
+SIZE = 64
+
+
+def png(colour: str) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (SIZE, SIZE), colour).save(out, "PNG")
+    return out.getvalue()
+
+
+def shots(count: int) -> list[Shot]:
+    return [
+        Shot(
+            f"s{index}",
+            ImageRequest(prompt=f"take {index}", size=f"{SIZE}*{SIZE}"),
+            f"s{index}.png",
+        )
+        for index in range(count)
+    ]
+
+
+@asynccontextmanager
+async def two_processes(
+    endpoint: str, tmp_path: Path, *, follow: bool = True
+) -> AsyncIterator[tuple[SharedRun, SharedCache]]:
+    """This process's run (following, unless told not to) and another process's store client,
+    on one fresh prefix."""
+    url, environ = f"s3://{BUCKET}/{uuid.uuid4().hex[:12]}", s3_environ(endpoint)
+    async with open_shared(url, environ) as mine, open_shared(url, environ) as theirs:
+        run = SharedRun(mine, ImageCache(tmp_path / "cache"), follow=follow)
+        try:
+            yield run, theirs
+        finally:
+            await run.close()
+
+
+async def make(theirs: SharedCache, shot: Shot, colour: str) -> None:
+    """The other process publishes `shot`'s image and releases its claim, as a run does."""
+    entry = {"width": SIZE, "height": SIZE, "id": shot.id}
+    await theirs.publish(shot.request.key, png(colour), entry)
+    await theirs.claims.release(shot.request.key)
+
+
+def test_images_others_publish_are_restored_before_their_turn_comes(
+    moto_endpoint: str, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        async with two_processes(moto_endpoint, tmp_path) as (run, theirs):
+            wanted = shots(3)
+            for shot in wanted:  # the other process is paying for them
+                assert isinstance(await theirs.claims.acquire(shot.request.key), Claim)
+            await run.hydrate(wanted)  # all misses: not made yet
+            await asyncio.sleep(0.5)  # this run lists the claims meanwhile
+            for shot, colour in zip(wanted, ("red", "green", "blue"), strict=True):
+                await make(theirs, shot, colour)
+            deadline = time.monotonic() + 6
+            while not all(run.local.has(shot.request.key) for shot in wanted):
+                assert time.monotonic() < deadline, "not restored in the background"
+                await asyncio.sleep(0.1)
+            # Each shot's turn: its record and image are already here, checked: no request.
+            before = sum(run.shared.objects.requests.values())
+            for shot, colour in zip(wanted, ("red", "green", "blue"), strict=True):
+                record = await run.try_claim(shot)
+                assert isinstance(record, Record)
+                restored = await run.fetch(shot, record)
+                assert isinstance(restored, Restored) and restored.data == png(colour)
+            assert sum(run.shared.objects.requests.values()) == before
+            assert run.restored == 3
+
+    asyncio.run(scenario())
+
+
+def test_a_shot_waiting_on_a_claim_looks_for_the_record_once_the_claim_goes(
+    moto_endpoint: str, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        async with two_processes(moto_endpoint, tmp_path) as (run, theirs):
+            (shot,) = shots(1)
+            await run.hydrate([shot])
+            assert isinstance(await theirs.claims.acquire(shot.request.key), Claim)
+            assert isinstance(await run.try_claim(shot), ClaimInfo)  # its turn: another's claim
+            gets = run.shared.objects.requests["get"]
+            waiting = asyncio.ensure_future(run.settle(shot))
+            await asyncio.sleep(3.0)  # the service answering the other process
+            # While it was paid for, no look at the record at all (polling made 5 in 3 s)...
+            assert run.shared.objects.requests["get"] == gets
+            await make(theirs, shot, "red")
+            found = await asyncio.wait_for(waiting, 4)
+            assert isinstance(found, Record)
+            # ...then one, once the claim had gone.
+            assert run.shared.objects.requests["get"] == gets + 1
+
+    asyncio.run(scenario())
+
+
+def test_a_claim_given_up_without_an_image_is_taken_at_once(
+    moto_endpoint: str, tmp_path: Path
+) -> None:
+    """Its holder released it without publishing (the service refused it, say): the waiting
+    shot claims the key when the claim goes, not a half lease (minutes) later."""
+
+    async def scenario() -> None:
+        async with two_processes(moto_endpoint, tmp_path) as (run, theirs):
+            (shot,) = shots(1)
+            await run.hydrate([shot])
+            assert isinstance(await theirs.claims.acquire(shot.request.key), Claim)
+            assert isinstance(await run.try_claim(shot), ClaimInfo)
+            waiting = asyncio.ensure_future(run.settle(shot))
+            await asyncio.sleep(1.0)
+            await theirs.claims.release(shot.request.key)
+            found = await asyncio.wait_for(waiting, 5)
+            assert isinstance(found, Claim) and found.holder == run.shared.claims.claims.holder
+
+    asyncio.run(scenario())
+
+
+def test_meeting_a_live_claim_costs_two_requests(moto_endpoint: str, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with two_processes(moto_endpoint, tmp_path, follow=False) as (run, theirs):
+            (shot,) = shots(1)
+            assert isinstance(await theirs.claims.acquire(shot.request.key), Claim)
+            await run.shared.probe()  # once per run, before its first claim
+            before = dict(run.shared.objects.requests)
+            found = await run.try_claim(shot)
+            assert isinstance(found, ClaimInfo)
+            spent = {
+                op: count - before.get(op, 0) for op, count in run.shared.objects.requests.items()
+            }
+            # The record (a miss), the create-only claim (refused) and the claim read: the
+            # record is looked for again only by the wait that follows.
+            assert (spent["get"], spent["put"], spent.get("delete", 0)) == (2, 1, 0)
+
+    asyncio.run(scenario())
+
+
+def test_a_turn_meeting_a_claim_the_last_listing_showed_waits_without_a_request(
+    moto_endpoint: str, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        async with two_processes(moto_endpoint, tmp_path) as (run, theirs):
+            (shot,) = shots(1)
+            assert isinstance(await theirs.claims.acquire(shot.request.key), Claim)
+            await run.hydrate([shot])  # a miss: this run lists the claims at once
+            await asyncio.sleep(0.5)
+            await run.shared.probe()
+            before = sum(run.shared.objects.requests.values())
+            found = await run.try_claim(shot)
+            assert isinstance(found, ClaimInfo) and not found.stale
+            assert sum(run.shared.objects.requests.values()) == before
+            # And it is settled as any wait on a claim: the record, once the claim goes.
+            waiting = asyncio.ensure_future(run.settle(shot))
+            await make(theirs, shot, "red")
+            assert isinstance(await asyncio.wait_for(waiting, 4), Record)
+
+    asyncio.run(scenario())
+
+
+def test_a_stale_claim_in_the_listing_is_taken_over_at_the_turn(
+    moto_endpoint: str, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        async with two_processes(moto_endpoint, tmp_path) as (run, theirs):
+            (shot,) = shots(1)
+            assert isinstance(await theirs.claims.acquire(shot.request.key), Claim)
+            await asyncio.sleep(2.1)  # ages have a resolution of a second on S3
+            run.shared.claims.claims.lease = 1.0  # its holder died a lease ago
+            await run.hydrate([shot])
+            await asyncio.sleep(0.5)  # listed, with its age
+            found = await run.try_claim(shot)
+            assert isinstance(found, Claim) and found.inherited is not None
+
+    asyncio.run(scenario())
