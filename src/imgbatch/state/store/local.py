@@ -136,7 +136,7 @@ class FolderStore:
                         # gone, not the whole folder. (Caught outside, it made the listing
                         # empty: every claim gone at once, or every record, to a gc.)
                         continue
-                    age = max(0.0, now - info.st_mtime)
+                    age = now - info.st_mtime  # negative: dated ahead (a writer's clock)
                     found.append(Listed(f"{prefix}/{entry.name}", info.st_size, age))
         except FileNotFoundError:
             return []
