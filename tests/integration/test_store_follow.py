@@ -17,8 +17,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
+from imgbatch.run.apply import ApplyOptions, ApplyReport, apply, make_plan
 from imgbatch.run.sharing import Restored, SharedRun
 from imgbatch.shots.expand import Shot
 from imgbatch.shots.request import ImageRequest
@@ -26,14 +28,16 @@ from imgbatch.state.cache import ImageCache
 from imgbatch.state.store import open_shared
 from imgbatch.state.store.claims import Claim, ClaimInfo
 from imgbatch.state.store.layout import Record, SharedCache
+from tests.support.fake_dashscope import FakeDashScope
+from tests.support.files import write_many_shots
 from tests.support.object_servers import BUCKET, s3_environ
 
 SIZE = 64
 
 
-def png(colour: str) -> bytes:
+def png(colour: str, size: int = SIZE) -> bytes:
     out = io.BytesIO()
-    Image.new("RGB", (SIZE, SIZE), colour).save(out, "PNG")
+    Image.new("RGB", (size, size), colour).save(out, "PNG")
     return out.getvalue()
 
 
@@ -242,3 +246,51 @@ def test_a_turn_that_comes_while_its_image_is_restored_in_the_background_joins_i
         asyncio.run(scenario())
     finally:
         go.set()
+
+
+def test_an_image_restored_in_the_background_is_not_written_again_at_its_turn(
+    tmp_path: Path,
+    store_env: dict[str, str],
+    fake_server: FakeDashScope,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A whole apply: the cache entry the background restore wrote (and the turn read back and
+    checked by SHA-256) is the one the shot's file is placed from: each key's image is written
+    into the local cache once (each write an fsync)."""
+    manifest = write_many_shots(tmp_path, "store", 4)
+    environ = {**store_env, "OUTPUT_DIR": str(tmp_path / "b"), "HOME": str(tmp_path)}
+    keys = [
+        item.shot.request.key for item in make_plan(manifest, environ=environ).shots if item.shot
+    ]
+    # Counted, not replaced: the real writes happen.
+    writes: list[str] = []
+    real_put = ImageCache.put
+
+    def put(cache: ImageCache, key: str, data: bytes) -> None:
+        writes.append(key)
+        real_put(cache, key, data)
+
+    monkeypatch.setattr(ImageCache, "put", put)
+    planned = threading.Event()
+    options = ApplyOptions(environ=environ, home=tmp_path, rps=1.0, quota_store=False)
+
+    async def scenario() -> ApplyReport:
+        url = store_env["IMGBATCH_STORE"]
+        async with open_shared(url, store_env) as theirs:
+            for key in keys:  # the other process is paying for them all
+                assert isinstance(await theirs.claims.acquire(key), Claim)
+            run = asyncio.ensure_future(
+                asyncio.to_thread(apply, manifest, options, on_plan=lambda plan: planned.set())
+            )
+            assert await asyncio.to_thread(planned.wait, 30)  # looked up: all misses
+            await asyncio.sleep(0.3)
+            for index, key in enumerate(keys):  # made
+                entry = {"width": 1328, "height": 1328, "id": f"shot-{index:03d}"}
+                colour = ("red", "green", "blue", "white")[index]
+                await theirs.publish(key, png(colour, 1328), entry)
+                await theirs.claims.release(key)
+            return await asyncio.wait_for(run, 30)
+
+    report = asyncio.run(scenario())
+    assert report.count("from_store") == 4 and fake_server.successes == 0
+    assert sorted(writes) == sorted(keys)  # each once: none written again at its turn
