@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from imgbatch.run.apply import ApplyOptions, ApplyReport, apply, make_plan
+from imgbatch.review.outcome import ApplyReport
+from imgbatch.run.apply import ApplyOptions, apply, make_plan
 from imgbatch.run.sharing import Restored, SharedRun
 from imgbatch.shots.expand import Shot
 from imgbatch.shots.request import ImageRequest
