@@ -380,3 +380,20 @@ def test_a_hand_edited_made_at_never_becomes_updated_at(
     after = json.loads(path.read_text(encoding="utf-8"))
     assert after["updated_at"] == after["shots"][2]["made_at"]
     assert after["updated_at"] != stamp
+
+
+def test_plan_detailed_exitcode_words_an_error_as_every_command_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its own echo of the error skipped the boundary's: a shot list that is a link to the .env
+    # beside it printed the API key it quotes (every other command shows ***), and named the
+    # file "the manifest".
+    key = "sk-detailedexitcode0123456789"
+    monkeypatch.setenv("DASHSCOPE_API_KEY", key)
+    (tmp_path / ".env").write_text(f"DASHSCOPE_API_KEY={key}\n")
+    (tmp_path / "shots.yaml").symlink_to(tmp_path / ".env")
+    plain = run("plan", tmp_path / "shots.yaml")
+    detailed = run("plan", tmp_path / "shots.yaml", "--detailed-exitcode")
+    assert (plain.exit_code, detailed.exit_code) == (2, 1)
+    assert key not in detailed.output and "***" in detailed.stderr
+    assert detailed.stderr == plain.stderr

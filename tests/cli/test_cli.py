@@ -673,3 +673,15 @@ def test_a_quota_given_on_the_command_line_is_used_and_not_remembered(
     assert result.exit_code == 0, result.output
     assert throttled == 0
     assert "Quota for qwen-image-max: 3 requests per 1 s (as given)." in result.stdout
+
+
+def test_a_shard_with_no_shot_says_so(tmp_path: Path) -> None:
+    # One shot falls in one shard of two; the other shard's apply said "Plan: ."
+    manifest = write_many_shots(tmp_path, "one", 1)
+    summaries = []
+    for shard in ("1/2", "2/2"):
+        result = run("apply", manifest, "--provider", "placeholder", "--shard", shard)
+        assert result.exit_code == 0, result.output
+        summaries += [line for line in result.output.splitlines() if line.startswith("Plan:")]
+    assert "Plan: ." not in summaries
+    assert summaries.count("Plan: no shot in this run. 0 offline requests.") == 1, summaries

@@ -153,3 +153,33 @@ def test_gc_keeps_the_picked_take_s_copy(tmp_path: Path, monkeypatch: pytest.Mon
     assert result.exit_code == 0, result.output
     assert "poster.png" not in result.output
     assert picked.is_file()
+
+
+def test_a_picked_take_that_is_a_link_or_no_png_is_never_copied_into_the_shot_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A take committed as a link to a secret (a pull request's `poster-2.png ->
+    # ~/.aws/credentials`) was read through the link and copied into `poster.png`, the file a
+    # pipeline publishes; so was any file put in the take's place. The take is read as every
+    # image is: never through a link, a PNG only; else its image from the cache.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    manifest = write_manifest(
+        tmp_path, LIST.replace("version: 1\n", "version: 1\nprovider: placeholder\n")
+    )
+    assert run("pick", manifest, "poster-2").exit_code == 0
+    assert run("apply", manifest).exit_code == 0
+    out = tmp_path / "output" / "review"
+    made = (out / "poster-2.png").read_bytes()
+    secret = tmp_path / "credentials"
+    secret.write_text("aws_secret_access_key = hunter2\n")
+    for hostile in ("link", "text"):
+        (out / "poster.png").unlink()
+        (out / "poster-2.png").unlink()
+        if hostile == "link":
+            (out / "poster-2.png").symlink_to(secret)
+        else:
+            (out / "poster-2.png").write_bytes(secret.read_bytes())
+        result = run("apply", manifest)
+        assert result.exit_code == 0, result.output
+        assert b"hunter2" not in (out / "poster.png").read_bytes(), hostile
+        assert (out / "poster.png").read_bytes() == made, hostile

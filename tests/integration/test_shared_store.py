@@ -345,3 +345,64 @@ def test_a_store_url_refused_for_its_credentials_does_not_print_them(
     assert "wJalrXUtnFEMIsecret" not in str(refused.value)
     assert "AKIAEXAMPLE" not in str(refused.value)
     assert "team-images" in str(refused.value) or "host" in str(refused.value)
+
+
+def test_a_store_no_folder_or_url_can_name_is_a_usage_error_not_a_crash(tmp_path: Path) -> None:
+    # A link loop, an unknown user's home and an unbalanced bracket ended in "unexpected
+    # RuntimeError/ValueError" (exit 1, a crash log) from making a folder canonical or reading
+    # the URL; the same text as a results.json `image_url` crashed every plan of the folder.
+    from click.testing import CliRunner
+
+    from imgbatch.cli.main import main
+
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    manifest = tmp_path / "shots.yaml"
+    manifest.write_text('version: 1\nname: n\nshots:\n  - id: a\n    prompt: "a"\n')
+    spellings = [
+        str(tmp_path / "loop1" / "store"),
+        f"file://{tmp_path}/loop1",
+        "~no-such-user-imgbatch/store",
+        "s3://team]images/p",
+        "s3://[::1/p",
+        "file:///tmp/a\0b",
+    ]
+    for url in spellings:
+        with pytest.raises(ConfigError) as refused:
+            location(url, tmp_path)
+        assert "store" in str(refused.value)
+        result = CliRunner().invoke(
+            main, ["plan", str(manifest), "--provider", "placeholder", "--store", url]
+        )
+        assert result.exit_code == 2, (url, result.output)
+        assert result.stderr.startswith("error: store "), result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loop1", "loop2", "shots.yaml"]
+
+
+def test_a_results_file_naming_a_store_no_folder_can_be_still_plans(tmp_path: Path) -> None:
+    # What results.json says is data: an entry kept in a store whose URL cannot be made
+    # canonical is kept in that store, as written (the plan refuses to pay for it, naming it).
+    from click.testing import CliRunner
+
+    from imgbatch.cli.main import main
+
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    manifest = tmp_path / "shots.yaml"
+    manifest.write_text('version: 1\nname: n\nshots:\n  - id: a\n    prompt: "a"\n')
+    runner = CliRunner(env={"HOME": str(tmp_path)})
+    store = ["--store", str(tmp_path / "store")]
+    made = runner.invoke(main, ["apply", str(manifest), "--provider", "placeholder", *store])
+    assert made.exit_code == 0, made.output
+    gone = runner.invoke(
+        main, ["apply", str(manifest), "--provider", "placeholder", "--no-local-copy", *store]
+    )
+    assert gone.exit_code == 0, gone.output
+    results = tmp_path / "output" / "n" / "results.json"
+    for odd in (f"file://{tmp_path}/loop1", "file:///a%00b", "s3://team]images/p"):
+        text = results.read_text().replace((tmp_path / "store").as_uri(), odd)
+        results.write_text(text)
+        planned = runner.invoke(main, ["plan", str(manifest), "--provider", "placeholder"])
+        assert planned.exit_code == 2, (odd, planned.output)
+        assert "kept in a shared store only" in planned.stderr
+        results.write_text(text.replace(odd, (tmp_path / "store").as_uri()))

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -420,3 +421,55 @@ def test_manifests_naming_one_folder_store_two_ways_name_one_store(tmp_path: Pat
     chosen = store_for_gc(None, {}, [first, second])
     assert chosen is not None
     assert store_url(*chosen) == (tmp_path / "cache").as_uri()
+
+
+def test_a_marker_dated_in_the_future_keeps_no_copy_for_good_and_is_collected(
+    tmp_path: Path, api_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    # A folder store's marker is dated by its writer's clock: one dated a day ahead (a skewed
+    # clock, or anyone who can write the store) was "written since this apply opened the
+    # store" to every apply, which kept its local copies for good, silently, and gc never
+    # collected it (its age was 0, never past the grace).
+    store = tmp_path / "store"
+    environ = {**api_env, "IMGBATCH_STORE": str(store)}
+    lighthouse = shot_list(tmp_path, "lighthouse", "a lighthouse")
+    folder = tmp_path / "out"
+    apply_into(environ, lighthouse, folder)
+    bogus = store / "gc" / "0123456789abcdef"
+    bogus.parent.mkdir(parents=True, exist_ok=True)
+    bogus.write_text('{"host": "skewed", "pid": 1}')
+    ahead = time.time() + 86400 * 2
+    os.utime(bogus, (ahead, ahead))
+    # A marker a little ahead (a clock a few seconds off) is still a gc at work: kept safe.
+    near = store / "gc" / "fedcba9876543210"
+    near.write_text('{"host": "near", "pid": 2}')
+    os.utime(near, (time.time() + 10, time.time() + 10))
+    apply_into(environ, lighthouse, folder, no_local_copy=True)
+    assert len(list((folder / "lighthouse").glob("*.png"))) == 2
+    near.unlink()
+    apply_into(environ, lighthouse, folder, no_local_copy=True)
+    assert not list((folder / "lighthouse").glob("*.png"))
+    result = gc(environ, lighthouse, "--yes")
+    assert result.exit_code == 0, result.output
+    assert "gc/0123456789abcdef" in result.output and "in the future" in result.output
+    assert not bogus.exists()
+    assert fake_server.generation_count == 2
+
+
+def test_an_apply_that_keeps_its_local_copies_for_a_gc_says_so(
+    tmp_path: Path, api_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    # The copies stayed, results.json said `"local_copy": false`, and the run said nothing.
+    environ = {**api_env, "IMGBATCH_STORE": str(tmp_path / "store")}
+    lighthouse = shot_list(tmp_path, "lighthouse", "a lighthouse")
+    folder = tmp_path / "out"
+    apply_into(environ, lighthouse, folder)
+    put(environ, f"{MARKERS}0123456789abcdef", b'{"host": "ci-runner-7", "pid": 4242}')
+    environ["OUTPUT_DIR"] = str(folder)
+    args = ["apply", str(lighthouse), "--no-local-copy", "--rps", "1000"]
+    text = CliRunner().invoke(main, args, env=environ)
+    document = json.loads(CliRunner().invoke(main, [*args, "--json"], env=environ).stdout)
+    assert text.exit_code == 0, text.output
+    assert "2 local copies kept: a gc of the store is at work" in text.output
+    assert document["store"]["kept_local"] == 2
+    assert len(list((folder / "lighthouse").glob("*.png"))) == 2

@@ -448,3 +448,97 @@ def test_a_picked_take_kept_in_the_store_only_is_still_written_as_the_shot_file(
     picked = (output / "poster.png").read_bytes()
     assert hashlib.sha256(picked).hexdigest() == made["poster-1"]["sha256"]
     assert fake_server.generation_count == 2
+
+
+def test_a_shot_renamed_since_its_image_went_to_the_store_only_is_not_paid_for_again(
+    tmp_path: Path, api_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    # A rename costs nothing, and an apply that forgets the store is refused: both together
+    # paid, since the refusal looked at the entry under the shot's own id alone (the renamed
+    # shot has none; its image is its old id's, an orphan's, kept in the store only).
+    manifest = write_many_shots(tmp_path, "nolocal", 2)
+    output = tmp_path / "output" / "nolocal"
+    store = tmp_path / "store"
+    apply_json(api_env, manifest, "--store", str(store))
+    apply_json(api_env, manifest, "--store", str(store), "--no-local-copy", "--only", "shot-001")
+    kept = entries(output)["shot-001"]
+    assert kept["local_copy"] is False
+    manifest.write_text(manifest.read_text().replace("shot-001", "renamed"))
+    before = (output / "results.json").read_bytes()
+    for result in (
+        run(api_env, "plan", manifest),
+        run(api_env, "apply", manifest, "--rps", "1000"),
+    ):
+        assert result.exit_code == 2, result.output
+        assert "renamed" in result.stderr and store.as_uri() in result.stderr
+    assert fake_server.generation_count == 2
+    assert (output / "results.json").read_bytes() == before
+    # Through the store that holds it, the renamed shot is restored from it.
+    apply_json(api_env, manifest, "--store", str(store))
+    assert entries(output)["renamed"]["sha256"] == kept["sha256"]
+    assert fake_server.generation_count == 2
+
+
+def test_what_a_committed_results_file_says_reaches_the_terminal_escaped(
+    tmp_path: Path, api_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    # results.json comes with a pull: a store URL or a shot id with ESC and BEL in it was
+    # printed as it was by the refusal to pay again and by the plan's table (an OSC sequence
+    # sets the terminal's title or writes its clipboard).
+    manifest, output, store, environ = kept_in_a_folder(tmp_path, api_env, "store")
+    path = output / "results.json"
+    original = path.read_text()
+    hostile = "\\u001b]0;pwned\\u0007"
+    path.write_text(original.replace(store.as_uri(), f"s3://team{hostile}images/p"))
+    refused = run(api_env, "plan", manifest)
+    path.write_text(original.replace('"id": "shot-001"', f'"id": "gone{hostile}"'))
+    table = run(environ, "plan", manifest, "--no-local-copy")
+    assert (refused.exit_code, table.exit_code) == (2, 0), refused.output + table.output
+    for result in (refused, table):
+        assert "\x1b" not in result.output and "\x07" not in result.output
+        assert "pwned" in result.output  # shown, escaped: \x1b]0;pwned\x07
+    assert fake_server.generation_count == 2
+
+
+def test_a_file_edited_in_place_to_the_same_size_is_not_deleted_as_a_local_copy(
+    tmp_path: Path, api_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    # Moving images to the store only deleted each file of the size imgbatch wrote, whatever
+    # its bytes: an edit that kept the size (a retouch saved uncompressed, a text chunk
+    # changed in place) was deleted although the store holds imgbatch's image, not the edit.
+    manifest = write_many_shots(tmp_path, "nolocal", 2)
+    output = tmp_path / "output" / "nolocal"
+    environ = {**api_env, "IMGBATCH_STORE": str(tmp_path / "store")}
+    apply_json(environ, manifest)
+    edited = output / "shot-000.png"
+    data = bytearray(edited.read_bytes())
+    data[-20] ^= 0xFF  # same size, other bytes
+    edited.write_bytes(bytes(data))
+    apply_json(environ, manifest, "--no-local-copy")
+    assert edited.read_bytes() == bytes(data)
+    assert not (output / "shot-001.png").exists()  # imgbatch's own copy went
+    assert fake_server.generation_count == 2
+
+
+def test_a_no_op_apply_with_a_picked_take_in_the_store_only_asks_the_store_nothing(
+    tmp_path: Path, api_env: dict[str, str], fake_server: FakeDashScope
+) -> None:
+    # The picked take, kept in the store only, was fetched again by every apply (a lookup, a
+    # download, a decode and a LIST of gc's markers; "1 image restored") although `<shot>.png`
+    # already held it: a no-op apply asks the store nothing.
+    manifest = write_manifest(tmp_path, PICKS)
+    output = tmp_path / "output" / "picks"
+    environ = {**api_env, "IMGBATCH_STORE": str(tmp_path / "store")}
+    apply_json(environ, manifest, "--no-local-copy")
+    picked = (output / "poster.png").read_bytes()
+    for _ in range(2):
+        _, document = apply_json(environ, manifest, "--no-local-copy")
+        assert document["store"]["requests"] == {}, document["store"]
+        assert document["store"]["restored"] == 0
+        assert (output / "poster.png").read_bytes() == picked
+        assert pngs(output) == [output / "poster.png"]
+    # The file lost or replaced, the take is fetched again to write it.
+    (output / "poster.png").write_bytes(b"not the take")
+    apply_json(environ, manifest, "--no-local-copy")
+    assert (output / "poster.png").read_bytes() == picked
+    assert fake_server.generation_count == 2

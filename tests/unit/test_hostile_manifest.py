@@ -153,6 +153,16 @@ def output_at(make: Callable[[Path], str], extra: str = "") -> Callable[[Path], 
     return setup
 
 
+def store_at(make: Callable[[Path], str]) -> Callable[[Path], Path]:
+    """A valid one-shot manifest whose output.store is what `make` prepares and returns."""
+
+    def setup(project: Path) -> Path:
+        text = f'version: 1\noutput:\n  store: "{make(project)}"\n{SHOT}'
+        return manifest(text)(project)
+
+    return setup
+
+
 def link_outside(name: str) -> Callable[[Path], str]:
     """A link in the project, `name`, to a folder beside the project."""
 
@@ -226,6 +236,17 @@ CASES = [
     Case("output-dir-trusted-references-only",
          output_at(lambda project: "../elsewhere", "trust:\n  references_outside: true\n"),
          ("{manifest}:3:8", "field output.dir", "outside the manifest's folder")),
+    # --- output.store, a folder: written (blobs, records, claims) as the output folder is, so
+    # held to the same rule; it was written anywhere a shot list said (`../..`, `~/.ssh`).
+    Case("output-store-dotdot", store_at(lambda project: "../shared-cache"),
+         ("{manifest}:3:10", "field output.store", "outside the manifest's folder",
+          "'trust: {output_outside: true}'", "--store")),
+    Case("output-store-file-url", store_at(lambda project: f"file://{project.parent}/x"),
+         ("{manifest}:3:10", "field output.store", "outside the manifest's folder")),
+    Case("output-store-home", store_at(lambda project: "~/cache"),
+         ("{manifest}:3:10", "field output.store", "outside the manifest's folder")),
+    Case("output-store-link-outside", store_at(link_outside("cache")),
+         ("{manifest}:3:10", "field output.store", "outside the manifest's folder")),
     # --- things that are not a manifest file.
     Case("dev-zero", real_file("/dev/zero"), ("/dev/zero", "not a regular file")),
     Case("fifo-manifest", a_fifo, ("{manifest}", "not a regular file"), command="validate"),
@@ -330,6 +351,21 @@ def test_an_output_folder_outside_is_written_when_the_shot_list_trusts_it(tmp_pa
 
     assert result.exit_code == 0, result.output
     assert (tmp_path / "renders" / "a.png").is_file()
+
+
+def test_a_folder_store_outside_is_used_when_the_shot_list_trusts_it(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    text = (
+        f"version: 1\nname: out\nprovider: placeholder\noutput:\n  store: ../shared-cache\n"
+        f"trust:\n  output_outside: true\n{SHOT}"
+    )
+    path = manifest(text)(project)
+
+    result = CliRunner().invoke(main, ["apply", str(path)])
+
+    assert result.exit_code == 0, result.output
+    assert list((tmp_path / "shared-cache" / "cas").iterdir())
 
 
 def test_a_reference_outside_is_sent_when_the_user_allows_it(

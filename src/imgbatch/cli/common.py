@@ -20,6 +20,7 @@ import click
 from imgbatch.errors import EXIT_FAILED, ConfigError, ImgbatchError, ManifestError, without_reprs
 from imgbatch.providers import PROVIDER_CHOICES, secrets_for_redaction
 from imgbatch.units.quota import Quota, parse_quota
+from imgbatch.units.text import printable
 
 if TYPE_CHECKING:
     from imgbatch.review.console import Verbosity
@@ -42,18 +43,7 @@ def error_boundary(command: F) -> F:
         try:
             code = command(*args, **kwargs)
         except ImgbatchError as exc:
-            named = kwargs.get("manifest")
-            if (
-                isinstance(exc, ManifestError)
-                and named is not None
-                and exc.subject == "the manifest"
-            ):
-                # Named by its file, as `validate` names it: every command words it alike.
-                exc = ManifestError(exc.problems, subject=str(named))
-            message = hide_secrets(without_reprs(str(exc)))
-            click.echo(f"error: {message}", err=True)
-            code = exc.exit_code  # the error says which (errors.py), not a table here
-            _summarize_error(message, code)
+            code = say_error(exc, kwargs.get("manifest"))
         except Exception as exc:  # noqa: BLE001 - the boundary: nothing escapes as a traceback
             log = write_crash_log()
             click.echo(f"error: unexpected {type(exc).__name__}; details in {log}", err=True)
@@ -61,6 +51,22 @@ def error_boundary(command: F) -> F:
         sys.exit(code)
 
     return wrapper  # type: ignore[return-value]
+
+
+def say_error(exc: ImgbatchError, named: Path | None, code: int | None = None) -> int:
+    """Print `exc` as every command words an error (the manifest named by its file, the API
+    key as ***, into the job summary too); gives its exit code, `code` if given (`plan
+    --detailed-exitcode` makes every error 1), else the error's own (errors.py says which)."""
+    if isinstance(exc, ManifestError) and named is not None and exc.subject == "the manifest":
+        # Named by its file, as `validate` names it: every command words it alike.
+        exc = ManifestError(exc.problems, subject=str(named))
+    # Escaped: a message may quote what another party wrote (a committed results.json's
+    # shot id or store URL).
+    message = printable(hide_secrets(without_reprs(str(exc))), lines=True)
+    click.echo(f"error: {message}", err=True)
+    code = exc.exit_code if code is None else code
+    _summarize_error(message, code)
+    return code
 
 
 @contextlib.contextmanager
@@ -83,16 +89,6 @@ def hide_secrets(text: str) -> str:
     for secret in secrets_for_redaction(os.environ):
         text = text.replace(secret, "***")
     return text
-
-
-def printable(text: str) -> str:
-    """`text` safe to print: each control character (ESC, BEL, a line break...) shown escaped,
-    as `\\x1b`. For what another party wrote (a shared store's claims and object names, the
-    quota file): an escape sequence printed as it is sets the terminal's title or clipboard,
-    or hides a line."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def write_crash_log() -> str:

@@ -14,10 +14,10 @@ from imgbatch.cli.common import (
     EXIT_OK,
     allow_outside_option,
     error_boundary,
-    printable,
     store_read_only_option,
 )
 from imgbatch.errors import ConfigError
+from imgbatch.units.text import printable
 
 if TYPE_CHECKING:
     from imgbatch.housekeeping.gc import Collection
@@ -154,7 +154,8 @@ def _say_store(found: StoreCollection) -> None:
     # Object names and a claim's holder are what anyone who can write the store wrote.
     for item in found.items:
         where = f"{found.url}/{item.name}"
-        line = f"{where}  {_size_text(item.size)}  {_age_text(item.age)} old  {item.why}"
+        age = f"{_age_text(item.age)} old" if item.age >= 0 else f"{_age_text(-item.age)} ahead"
+        line = f"{where}  {_size_text(item.size)}  {age}  {item.why}"
         click.echo(printable(line))
     for name, why in found.kept:
         click.echo(printable(f"kept {found.url}/{name}: {why}"))

@@ -33,6 +33,7 @@ from imgbatch.cli.common import (
     only_option,
     overwrite_edited_option,
     provider_option,
+    say_error,
     shard_option,
     store_option,
     store_read_only_option,
@@ -121,8 +122,7 @@ def plan(
         if not detailed_exitcode or exc.exit_code != EXIT_CHANGES:
             raise
         # 2 means "changes pending" here: an invalid shot list is an error like any other.
-        click.echo(f"error: {exc}", err=True)
-        return EXIT_FAILED
+        return say_error(exc, manifest, EXIT_FAILED)
     _show_plan(result, level, as_json)
     _plan_documents(result, _title("plan", manifest, options["only"]), as_json)
     if detailed_exitcode and result.has_work:

@@ -12,7 +12,8 @@ from datetime import UTC, datetime
 
 import click
 
-from imgbatch.cli.common import EXIT_OK, error_boundary, printable
+from imgbatch.cli.common import EXIT_OK, error_boundary
+from imgbatch.units.text import printable
 
 _SOURCES = {"probed": "found from 429s", "stated": "stated by the service"}
 

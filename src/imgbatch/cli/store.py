@@ -6,8 +6,9 @@ import os
 
 import click
 
-from imgbatch.cli.common import EXIT_OK, error_boundary, printable, store_option
+from imgbatch.cli.common import EXIT_OK, error_boundary, store_option
 from imgbatch.errors import EXIT_FAILED
+from imgbatch.units.text import printable
 
 
 @click.group("store")

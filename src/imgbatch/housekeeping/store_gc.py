@@ -232,16 +232,34 @@ async def _find(objects: ObjectStore, policy: StorePolicy, lease: float) -> Stor
         for m in markers
         if m.age > max(policy.grace, lease)
     ]
+    items += [
+        StoreGarbage(m.name, m.size, m.age, "marker dated in the future: no gc's at work")
+        for m in markers
+        if _ahead(m, lease)
+    ]
     return StoreCollection(objects.url, tuple(items), False, kept)
 
 
-async def collecting(objects: ObjectStore, seconds: float) -> bool:
+async def collecting(objects: ObjectStore, seconds: float, lease: float) -> bool:
     """Whether a gc may have deleted something in the store in the last `seconds`: the marker
     of one written since (one LIST of the markers' folder, a few objects). A gc writes its
-    marker every third of its lease while it deletes and once more after, so one killed midway
-    shows it within a lease: give the time since the store was first read, plus a lease."""
+    marker every third of its `lease` while it deletes and once more after, so one killed
+    midway shows it within a lease: give the time since the store was first read, plus a
+    lease. A marker dated more than a lease ahead is no gc's at work (`_ahead`)."""
     # A store's clock counts whole seconds: one more, so that an age rounded up still counts.
-    return any(item.age <= seconds + 1.0 for item in await objects.listing(MARKERS))
+    return any(
+        item.age <= seconds + 1.0 and not _ahead(item, lease)
+        for item in await objects.listing(MARKERS)
+    )
+
+
+def _ahead(item: Listed, lease: float) -> bool:
+    """Whether `item` is dated more than a lease ahead of the store's clock: a folder store's
+    objects are dated by their writers' clocks, and every clock sharing one store is taken to
+    be within a lease of the others (a claim's staleness assumes it too). A gc's marker so
+    dated is a skewed clock's or anyone's who can write the store: taken for one at work, it
+    kept every apply's local copies for good, and was never old enough to collect."""
+    return item.age < -lease
 
 
 @contextlib.asynccontextmanager

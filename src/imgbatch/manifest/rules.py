@@ -16,6 +16,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from imgbatch.errors import ManifestProblem
 from imgbatch.manifest.catalogue import (
@@ -109,6 +110,7 @@ class Checker:
         yield from schema_problems(self.document.data, self._problem)
         yield from self._limits_problems()
         yield from self._output_problems()
+        yield from self._store_problems()
         yield from self._pricing_problems()
         for slip in self._slips:
             problem = self._located(slip.parent, slip.shot_id, slip.field, slip.message)
@@ -228,6 +230,33 @@ class Checker:
                 )
             )
             yield self._problem(*place, message)
+
+    def _store_problems(self) -> Iterator[ManifestProblem]:
+        # A folder store is written (blobs, records, claims, probes) as the output folder is:
+        # named by a shot list, it stays inside the list's folder tree unless trusted, as
+        # `output.dir` does. A store the user names (--store, IMGBATCH_STORE) is their choice.
+        data = self.document.data
+        output = data.get("output") if isinstance(data, dict) else None
+        written = output.get("store") if isinstance(output, dict) else None
+        if self.allow_output_outside or not isinstance(written, str) or _CONTROL.search(written):
+            return  # trusted, or the schema says what is wrong
+        folder = _store_folder(written)
+        if folder is None:
+            return  # a bucket
+        root = self.base_dir.resolve()
+        try:
+            resolved = (self.base_dir / Path(folder).expanduser()).resolve()
+        except (OSError, RuntimeError, ValueError) as exc:  # RuntimeError: a link loop
+            yield self._problem(("output",), "store", f"cannot be resolved: {exc}")
+            return
+        if not resolved.is_relative_to(root):
+            message = (
+                f"the folder store resolves to {resolved}, outside the manifest's folder "
+                f"{root}; a shot list can come from anyone, so it writes only inside its "
+                "folder unless it says 'trust: {output_outside: true}' (or leave output.store "
+                "out and name the store with --store or IMGBATCH_STORE)"
+            )
+            yield self._problem(("output",), "store", message)
 
     def _pricing_problems(self) -> Iterator[ManifestProblem]:
         # A misspelt model would price nothing and leave its cost unknown; say so now.
@@ -433,3 +462,16 @@ _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 def _is_url(value: str) -> bool:
     return value.startswith(("http://", "https://"))
+
+
+def _store_folder(written: str) -> str | None:
+    """The folder `output.store` names, as a path (`file://` unquoted; relative to the
+    manifest), or None for a bucket (`s3://`, `oss://`: the store's URL rules,
+    `imgbatch.state.store.location`, say the rest)."""
+    try:
+        parts = urlsplit(written)
+    except ValueError:  # not a URL (`s3://a]b`): the store's rules refuse it, naming it
+        return written
+    if parts.scheme in ("s3", "oss"):
+        return None
+    return unquote(parts.path) if parts.scheme == "file" else written

@@ -185,7 +185,7 @@ def make_plan(
         )
         for shot in shots
     )
-    planned = tuple(_kept_elsewhere(item, store) for item in planned)
+    planned = tuple(_kept_elsewhere(item, store, records) for item in planned)
     wanted = {shot.id for shot in shots}
     orphans = tuple(
         PlannedShot(entry.id, Action.ORPHAN, _orphan_reason(entry), None, entry)
@@ -195,18 +195,18 @@ def make_plan(
     return Plan(output_dir, planned, orphans, provider, metered=is_metered(provider), store=store)
 
 
-def _kept_elsewhere(item: PlannedShot, store: str | None) -> PlannedShot:
+def _kept_elsewhere(item: PlannedShot, store: str | None, records: _Records) -> PlannedShot:
     """`item` marked `kept_in` the store holding its image, if it is to be paid for although
-    results.json keeps that image, for this very request, in a store only, and the run names
-    another store or none (`store`): that store was forgotten (a new shell, a clone) or
-    mistyped, not the image. Through the store that holds it, a shot to pay for is one that
-    store lost: made again."""
-    previous = item.previous
-    if previous is None or previous.local_copy is not False or not item.paid:
+    results.json keeps that image, for this very request, in a store only (under the shot's
+    id, or another's: renamed since, or a twin), and the run names another store or none
+    (`store`): that store was forgotten (a new shell, a clone) or mistyped, not the image.
+    Through the store that holds it, a shot to pay for is one that store lost: made again."""
+    if not item.paid or item.shot is None:
         return item
-    if item.shot is None or previous.key != item.shot.request.key:
+    kept = records.store_only(item.shot.request.key, item.previous)
+    if kept is None:
         return item
-    holder = store_holding(previous.image_url)
+    holder = store_holding(kept.image_url)
     if holder is not None and holder == store:
         return item
     where = holder or "a store results.json does not name"
@@ -255,6 +255,7 @@ class _Records:
         self._state = state
         self._by_key: dict[str, ResultEntry] | None = None
         self._unfetched: dict[str, ResultEntry] | None = None
+        self._store_only: dict[str, ResultEntry] | None = None
 
     def unfetched(self, key: str, previous: ResultEntry | None) -> ResultEntry | None:
         """The entry of an image billed for `key` but not downloaded: `previous`, else another
@@ -266,6 +267,17 @@ class _Records:
                 e.key: e for e in self._state.values() if e.status == "unfetched" and e.image_url
             }
         return self._unfetched.get(key)
+
+    def store_only(self, key: str, previous: ResultEntry | None) -> ResultEntry | None:
+        """The entry of an image made for `key` and kept in a shared store only (`local_copy`
+        false): `previous`, else another id's (renamed since, or a twin)."""
+        if previous is not None and previous.local_copy is False and previous.key == key:
+            return previous
+        if self._store_only is None:
+            self._store_only = {
+                e.key: e for e in self._state.values() if e.has_image and e.local_copy is False
+            }
+        return self._store_only.get(key)
 
     def get(self, key: str, previous: ResultEntry | None) -> ResultEntry | None:
         if previous is not None and previous.key == key and _has_record(previous):

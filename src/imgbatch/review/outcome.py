@@ -22,8 +22,9 @@ from imgbatch.units.money import Cost
 @dataclass(frozen=True)
 class StoreUse:
     """What a run did with a shared store (never a credential or a signed URL): the requests it
-    sent it by operation, the images restored from it and published to it, and what was wrong
-    with records found damaged (shot id, message)."""
+    sent it by operation, the images restored from it and published to it, what was wrong
+    with records found damaged (shot id, message), and the local copies `--no-local-copy`
+    kept because a `gc --store` was at work (the next apply drops them)."""
 
     url: str
     read_only: bool
@@ -31,6 +32,7 @@ class StoreUse:
     restored: int
     published: int
     notices: tuple[tuple[str, str], ...] = ()
+    kept_local: int = 0
 
     @property
     def total_requests(self) -> int:

@@ -16,6 +16,7 @@ from imgbatch.plan.decide import WORK_ACTIONS, Action, Plan, PlannedShot
 from imgbatch.review.console import WORD_STYLES, counted
 from imgbatch.shots.request import changed_fields
 from imgbatch.units.money import Cost, as_json, format_money
+from imgbatch.units.text import printable
 
 if TYPE_CHECKING:
     from imgbatch.review.outcome import ApplyReport
@@ -33,12 +34,14 @@ def plan_table(plan: Plan, *, verbose: bool = False) -> Text:
     hidden = 0 if verbose else plan.count(Action.UNCHANGED)
     table = Text()
     if rows:
-        width = max([len("shot"), *(len(item.id) for item in rows)])
+        # Escaped: an orphan's id and a reason may be what a committed results.json says.
+        ids = {item.id: printable(item.id) for item in rows}
+        width = max([len("shot"), *(len(shown) for shown in ids.values())])
         table.append(f"{'shot'.ljust(width)}  {'action':<9}  why", style="bold")
         for item in rows:
-            table.append(f"\n{item.id.ljust(width)}  ")
+            table.append(f"\n{ids[item.id].ljust(width)}  ")
             table.append(f"{item.action.value:<9}", style=WORD_STYLES.get(item.action.value, ""))
-            table.append(f"  {item.reason}")
+            table.append(f"  {printable(item.reason)}")
     if hidden:
         noun = "shot" if hidden == 1 else "shots"
         lead = "\n" if rows else ""
@@ -50,6 +53,7 @@ def plan_summary(plan: Plan) -> str:
     counts = ", ".join(
         f"{plan.count(action)} {action.value}" for action in Action if plan.count(action)
     )
+    counts = counts or "no shot in this run"  # an empty shard (--shard K/N)
     paid = plan.paid_requests
     kind = "paid" if plan.metered else "offline"
     return f"Plan: {counts}. {paid} {kind} request{'s' if paid != 1 else ''}."
@@ -183,6 +187,7 @@ def store_json(report: ApplyReport) -> dict[str, Any]:
         "restored": use.restored,
         "published": use.published,
         "damaged": [{"id": shot_id, "message": message} for shot_id, message in use.notices],
+        "kept_local": use.kept_local,
     }
 
 
@@ -199,6 +204,12 @@ def store_line(report: ApplyReport) -> str | None:
         f"{use.restored} image{'s' if use.restored != 1 else ''} restored, "
         f"{use.published} published."
     )
+    if use.kept_local:
+        copies = "copy" if use.kept_local == 1 else "copies"
+        line += (
+            f" {use.kept_local} local {copies} kept: a gc of the store is at work, or may be "
+            "(gc/ in the store); the next apply drops them."
+        )
     return "\n".join([line, *(f"  {shot_id}: {message}" for shot_id, message in use.notices)])
 
 

@@ -2,8 +2,9 @@
 
 Takes the output folder, the manifest's picks (the id a shot's variants share -> the chosen
 take's id) and the run's results entries; gives the files it wrote. The copy is of the take's
-image file as apply left it (provenance included), made only when it differs from what is there,
-so a re-apply that changes nothing writes nothing. A take with no image yet (failed, or not
+image file as apply left it (provenance included; read never through a symbolic link, and only
+if it is a PNG, else the take's image from the cache), made only when it differs from what is
+there, so a re-apply that changes nothing writes nothing. A take with no image yet (failed, or not
 made) is skipped: its file appears with the apply that makes it.
 
 With `--no-local-copy` the takes are kept in the store only, and the picked `<shot>.png` is
@@ -16,14 +17,18 @@ by name. A take this run placed is copied before its local copy goes; one not on
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from imgbatch.errors import SharedEntryDamaged
+from imgbatch.errors import ImageError, SharedEntryDamaged
+from imgbatch.png import PNG_SIGNATURE, read_image_file
 from imgbatch.run.sharing import SharedRun
 from imgbatch.run.store_only import local_image
 from imgbatch.shots.expand import Shot
 from imgbatch.state.cache import atomic_write
+from imgbatch.state.folder import OutputFolder
 from imgbatch.state.results import ResultEntry
 
 
@@ -37,9 +42,8 @@ def place_picks(
         entry = by_id.get(take)
         if entry is None or not entry.has_image:
             continue
-        try:
-            data = local_image(output_dir, entry).read_bytes()
-        except OSError:
+        data = _take(output_dir, entry)
+        if data is None:
             continue  # the take itself is missing: the next apply restores it, then this
         target = output_dir / f"{shot}.png"
         if _holds(target, data):
@@ -61,15 +65,18 @@ async def fetch_picked(
     blob fetched, checked against the record and decoded at the take's size (two requests),
     and only if the record is of the image the take's entry names. `place_picks` then copies
     it; the cache entry goes with the run's other store-only copies. A store that lacks it
-    leaves the picked file as it was."""
+    leaves the picked file as it was. A take whose `<shot>.png` already holds it (an earlier
+    apply wrote it) is not fetched: a no-op apply asks the store nothing."""
     by_id = {entry.id: entry for entry in entries}
     by_shot = {shot.id: shot for shot in shots}
-    for take in picks.values():
+    for picked, take in picks.items():
         entry, shot = by_id.get(take), by_shot.get(take)
         if entry is None or shot is None or entry.local_copy is not False:
             continue
         if not entry.has_image or local_image(output_dir, entry).is_file():
             continue
+        if _is_copy_of(output_dir / f"{picked}.png", entry):
+            continue  # written by an earlier apply: nothing to fetch (a no-op asks nothing)
         try:
             record = await sharing.shared.lookup(entry.key)
         except SharedEntryDamaged:
@@ -79,6 +86,38 @@ async def fetch_picked(
         restored = await sharing.fetch(shot, record)
         if restored is not None:
             await asyncio.to_thread(sharing.local.put, entry.key, restored.data)
+
+
+def _take(output_dir: Path, entry: ResultEntry) -> bytes | None:
+    """The take's image: its file in the output folder as it is (a hand edit too), else its
+    cache entry; None when neither is there. Each is read as an image file is (`png.
+    read_image_file`: never through a symbolic link) and taken only if it is a PNG: a take
+    committed as a link to a secret, or any file put in its place, is never copied into
+    `<shot>.png`, the file a pipeline publishes."""
+    cache = OutputFolder(output_dir).cache.path(entry.key)
+    for path in (output_dir / entry.file if entry.file else None, cache):
+        if path is None:
+            continue
+        try:
+            data = read_image_file(path)
+        except ImageError:
+            continue
+        if data.startswith(PNG_SIGNATURE):
+            return data
+    return None
+
+
+def _is_copy_of(path: Path, entry: ResultEntry) -> bool:
+    """Whether the file at `path` (not through a link) holds `entry`'s image: its size, then
+    its SHA-256 (read only when the size is the image's)."""
+    try:
+        info = path.lstat()
+        if not stat.S_ISREG(info.st_mode) or info.st_size != entry.bytes:
+            return False
+        with path.open("rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest() == entry.sha256
+    except OSError:
+        return False
 
 
 def _holds(path: Path, data: bytes) -> bool:

@@ -204,6 +204,7 @@ class SharedRun:
         self.notices: list[tuple[str, str]] = []  # (shot id, what was wrong)
         self.restored = 0
         self.published = 0
+        self.kept_local = 0  # local copies kept for a gc at work (`run.store_only.confirmed`)
         # Keys the store missed that no shot's turn has reached yet, and those of them restored
         # since in the background (checked, in the local cache), with their records.
         self._wanted: dict[str, Shot] = {}
@@ -230,6 +231,7 @@ class SharedRun:
             self.restored,
             self.published,
             tuple(self.notices),
+            self.kept_local,
         )
 
     async def hydrate(self, shots: Iterable[Shot]) -> None:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
+import stat
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -151,13 +153,18 @@ async def confirmed(
     for the next apply to drop."""
     if sharing is None:
         return []
-    if not any(local_image(output_dir, entry).is_file() for entry in entries):
+    here = [entry for entry in entries if local_image(output_dir, entry).is_file()]
+    if not here:
         return []
     since = time.monotonic() - sharing.opened + sharing.shared.claims.claims.lease
     try:
-        if await collecting(sharing.shared.objects, since):
-            return []
+        at_work = await collecting(
+            sharing.shared.objects, since, sharing.shared.claims.claims.lease
+        )
     except SharedStoreError:
+        at_work = True  # unknown: kept, as for a gc at work
+    if at_work:
+        sharing.kept_local = len(here)  # said in the run's report (`StoreUse.kept_local`)
         return []
     return list(entries)
 
@@ -172,7 +179,7 @@ def stored_only(shots: Iterable[ShotOutcome]) -> list[ResultEntry]:
 
 
 def drop_local_copies(output_dir: Path, entries: Iterable[ResultEntry]) -> None:
-    """Remove each entry's file (if it has the size recorded, else it is not the one: kept) and
+    """Remove each entry's file (if it is the image recorded, else it is not the one: kept) and
     its cache entry. Called after results.json and the sheet are written, for the entries
     `confirmed` gives: a run killed before this leaves the files, which the next plan finds
     unchanged, and the next apply drops."""
@@ -181,6 +188,23 @@ def drop_local_copies(output_dir: Path, entries: Iterable[ResultEntry]) -> None:
         if entry.file:
             path = output_dir / entry.file
             with contextlib.suppress(OSError):
-                if path.lstat().st_size == entry.bytes and path.is_file():
+                if _is_recorded(path, entry):
                     path.unlink()
         cache.discard(entry.key)
+
+
+def _is_recorded(path: Path, entry: ResultEntry) -> bool:
+    """Whether the regular file at `path` (not a link) holds `entry`'s image: its size, then
+    its SHA-256 (a hand edit that kept the size is the user's, and the store holds imgbatch's
+    image, not it). `OSError` when it cannot be read."""
+    if entry.sha256 is None or entry.bytes is None:
+        return False
+    with open(path, "rb", opener=_no_links) as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size != entry.bytes:
+            return False
+        return hashlib.file_digest(handle, "sha256").hexdigest() == entry.sha256
+
+
+def _no_links(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)

@@ -16,7 +16,7 @@ import contextlib
 import functools
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
 from imgbatch.errors import ConfigError
 from imgbatch.state.store.claims import lease_from
@@ -67,15 +67,24 @@ def location(url: str, base: Path) -> tuple[str, str, str] | Path:
     link means the link's target's parent to the system, so only a resolved path names the
     folder the user means, and two processes reaching one shared disk by two paths share one
     store. `ConfigError` for anything else, quoting the URL without what may be a secret
-    (`_shown`)."""
-    parts = urlsplit(url)
-    if parts.scheme in BUCKET_SCHEMES:
-        if not parts.netloc or parts.query or parts.fragment or "@" in parts.netloc:
-            raise ConfigError(
-                f"store {_shown(url)!r}: write {parts.scheme}://BUCKET/PREFIX (no credentials, "
-                "query or fragment: those come from the environment)"
-            )
-        return parts.scheme, parts.netloc, parts.path.strip("/")
+    (`_shown`): a folder no path can name (a link loop, `~nobody/...`, a NUL) and a URL that
+    does not parse (`s3://a]b`) are such, not crashes."""
+    try:
+        parts = urlsplit(url)
+        if parts.scheme not in BUCKET_SCHEMES:
+            return _folder(url, parts, base)
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise ConfigError(f"store {_shown(url)!r}: no store can be named so ({exc})") from None
+    if not parts.netloc or parts.query or parts.fragment or "@" in parts.netloc:
+        raise ConfigError(
+            f"store {_shown(url)!r}: write {parts.scheme}://BUCKET/PREFIX (no credentials, "
+            "query or fragment: those come from the environment)"
+        )
+    return parts.scheme, parts.netloc, parts.path.strip("/")
+
+
+def _folder(url: str, parts: SplitResult, base: Path) -> Path:
+    """`location` of a path or `file://` URL (`parts`, split from `url`)."""
     if parts.scheme == "file":
         if parts.netloc not in ("", "localhost"):
             raise ConfigError(
@@ -122,8 +131,13 @@ def _canonical(url: str) -> str:
 
 def _shown(url: str) -> str:
     """`url` as an error message may quote it: without a user name and password, a query or a
-    fragment (a key pair or a signature pasted into the URL), each replaced by `***`."""
-    parts = urlsplit(url)
+    fragment (a key pair or a signature pasted into the URL), each replaced by `***`; one that
+    does not parse as a URL, with anything after its scheme's `//` replaced so."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        scheme, slashes, _ = url.partition("://")
+        return f"{scheme}://***" if slashes else "***"
     user, at, host = parts.netloc.rpartition("@")
     netloc = f"***@{host}" if at else host
     return urlunsplit(

@@ -130,7 +130,7 @@ class FolderStore:
                     if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
                         continue
                     info = entry.stat(follow_symlinks=False)
-                    age = max(0.0, now - info.st_mtime)
+                    age = now - info.st_mtime  # negative: dated ahead (a writer's clock)
                     found.append(Listed(f"{prefix}/{entry.name}", info.st_size, age))
         except FileNotFoundError:
             return []

@@ -41,7 +41,8 @@ class Stored:
 @dataclass(frozen=True)
 class Listed:
     """An object as a listing gives it, without reading it: its name, its size in bytes, and
-    its age in seconds by the store's clock (since it was last written)."""
+    its age in seconds by the store's clock (since it was last written; negative when dated
+    ahead of that clock, as a folder store's object written by a machine whose clock is)."""
 
     name: str
     size: int

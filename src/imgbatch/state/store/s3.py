@@ -262,10 +262,10 @@ def _age(answer: Mapping[str, Any]) -> float:
 
 
 def _listed_age(item: Mapping[str, Any], now: float) -> float:
-    """A listed object's age; 0 (as young as can be: nothing is collected for it) when the
-    listing does not say when it was written."""
+    """A listed object's age (negative: dated ahead of the store's clock); 0 (as young as can
+    be: nothing is collected for it) when the listing does not say when it was written."""
     modified = item.get("LastModified")
-    return max(0.0, now - float(modified.timestamp())) if modified is not None else 0.0
+    return now - float(modified.timestamp()) if modified is not None else 0.0
 
 
 def _now(answer: Mapping[str, Any]) -> float:
