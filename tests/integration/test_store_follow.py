@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
+from imgbatch.review.outcome import ApplyReport
+from imgbatch.run.apply import ApplyOptions, apply, make_plan
 from imgbatch.run.sharing import Restored, SharedRun
 from imgbatch.shots.expand import Shot
 from imgbatch.shots.request import ImageRequest
@@ -25,14 +29,16 @@ from imgbatch.state.cache import ImageCache
 from imgbatch.state.store import open_shared
 from imgbatch.state.store.claims import Claim, ClaimInfo
 from imgbatch.state.store.layout import Record, SharedCache
+from tests.support.fake_dashscope import FakeDashScope
+from tests.support.files import write_many_shots
 from tests.support.object_servers import BUCKET, s3_environ
 
 SIZE = 64
 
 
-def png(colour: str) -> bytes:
+def png(colour: str, size: int = SIZE) -> bytes:
     out = io.BytesIO()
-    Image.new("RGB", (SIZE, SIZE), colour).save(out, "PNG")
+    Image.new("RGB", (size, size), colour).save(out, "PNG")
     return out.getvalue()
 
 
@@ -198,3 +204,94 @@ def test_a_stale_claim_in_the_listing_is_taken_over_at_the_turn(
             assert isinstance(found, Claim) and found.inherited is not None
 
     asyncio.run(scenario())
+
+
+def test_a_turn_that_comes_while_its_image_is_restored_in_the_background_joins_it(
+    moto_endpoint: str, tmp_path: Path
+) -> None:
+    """One restore of a key at a time: the turn waits for the background one rather than
+    fetching and decoding the image again (10 images in 200 were, on the bench)."""
+    decoding, go = threading.Event(), threading.Event()
+    decodes: list[str] = []
+
+    def thumbnail(key: str, image: Image.Image) -> None:
+        # The contact sheet's thumbnail, made from the restore's one decode: held here until
+        # the turn has come, as a decode on a busy machine takes its time.
+        decodes.append(key)
+        decoding.set()
+        go.wait(10)
+
+    async def scenario() -> None:
+        async with two_processes(moto_endpoint, tmp_path) as (run, theirs):
+            run.thumbnail = thumbnail
+            (shot,) = shots(1)
+            assert isinstance(await theirs.claims.acquire(shot.request.key), Claim)
+            await run.hydrate([shot])
+            await asyncio.sleep(0.5)  # listed: being paid for
+            await make(theirs, shot, "red")
+            assert await asyncio.to_thread(decoding.wait, 6), "not restored in the background"
+            gets = run.shared.objects.requests["get"]
+            record = await run.try_claim(shot)  # the turn: the record is published
+            assert isinstance(record, Record)
+            joining = asyncio.ensure_future(run.fetch(shot, record))
+            await asyncio.sleep(0.3)
+            go.set()
+            restored = await asyncio.wait_for(joining, 5)
+            assert isinstance(restored, Restored) and restored.data == png("red")
+            # The turn's look at the record, and no second GET of the blob nor decode.
+            assert run.shared.objects.requests["get"] == gets + 1
+            assert decodes == [shot.request.key]
+            assert restored.cached  # in the local cache, checked: the executor writes it no more
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        go.set()
+
+
+def test_an_image_restored_in_the_background_is_not_written_again_at_its_turn(
+    tmp_path: Path,
+    store_env: dict[str, str],
+    fake_server: FakeDashScope,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A whole apply: the cache entry the background restore wrote (and the turn read back and
+    checked by SHA-256) is the one the shot's file is placed from: each key's image is written
+    into the local cache once (each write an fsync)."""
+    manifest = write_many_shots(tmp_path, "store", 4)
+    environ = {**store_env, "OUTPUT_DIR": str(tmp_path / "b"), "HOME": str(tmp_path)}
+    keys = [
+        item.shot.request.key for item in make_plan(manifest, environ=environ).shots if item.shot
+    ]
+    # Counted, not replaced: the real writes happen.
+    writes: list[str] = []
+    real_put = ImageCache.put
+
+    def put(cache: ImageCache, key: str, data: bytes) -> None:
+        writes.append(key)
+        real_put(cache, key, data)
+
+    monkeypatch.setattr(ImageCache, "put", put)
+    planned = threading.Event()
+    options = ApplyOptions(environ=environ, home=tmp_path, rps=1.0, quota_store=False)
+
+    async def scenario() -> ApplyReport:
+        url = store_env["IMGBATCH_STORE"]
+        async with open_shared(url, store_env) as theirs:
+            for key in keys:  # the other process is paying for them all
+                assert isinstance(await theirs.claims.acquire(key), Claim)
+            run = asyncio.ensure_future(
+                asyncio.to_thread(apply, manifest, options, on_plan=lambda plan: planned.set())
+            )
+            assert await asyncio.to_thread(planned.wait, 30)  # looked up: all misses
+            await asyncio.sleep(0.3)
+            for index, key in enumerate(keys):  # made
+                entry = {"width": 1328, "height": 1328, "id": f"shot-{index:03d}"}
+                colour = ("red", "green", "blue", "white")[index]
+                await theirs.publish(key, png(colour, 1328), entry)
+                await theirs.claims.release(key)
+            return await asyncio.wait_for(run, 30)
+
+    report = asyncio.run(scenario())
+    assert report.count("from_store") == 4 and fake_server.successes == 0
+    assert sorted(writes) == sorted(keys)  # each once: none written again at its turn

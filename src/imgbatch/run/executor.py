@@ -897,11 +897,14 @@ class Executor:
         return False
 
     async def _place_shared(self, output_dir: Path, shot: Shot, found: Restored) -> bool:
-        """Put the image another process made (checked) in the cache and at the shot's file."""
+        """Put the image another process made (checked) in the cache and at the shot's file.
+        An image restored in the background is in the cache already, checked by SHA-256 as it
+        was read back: not written again (a write is an fsync)."""
         assert self.shared is not None
         key = shot.request.key
         try:
-            await asyncio.to_thread(self.cache.put, key, found.data)
+            if not found.cached:
+                await asyncio.to_thread(self.cache.put, key, found.data)
             await self._move_aside(output_dir, shot)
             await asyncio.to_thread(self.cache.place, key, output_dir / shot.file, found.data)
         except StoreWriteError as exc:

@@ -76,10 +76,13 @@ RESTORES_AHEAD = 4
 
 @dataclass(frozen=True)
 class Restored:
-    """The key's image, made by another process: its checked bytes and its record."""
+    """The key's image, made by another process: its checked bytes and its record; `cached`
+    when the bytes are the local cache's entry already, read back and checked by SHA-256 (the
+    background restore put them there: no need to write them again)."""
 
     data: bytes
     record: Record
+    cached: bool = False
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,9 @@ class SharedRun:
         # since in the background (checked, in the local cache), with their records.
         self._wanted: dict[str, Shot] = {}
         self._ahead: dict[str, Record] = {}
+        # Keys `_follow` is restoring now, each set when done: a turn that finds its key's
+        # record meanwhile waits for it rather than fetching and decoding the image again.
+        self._restoring: dict[str, asyncio.Event] = {}
         # Shots waiting on another's claim, by key: set when `_follow` finds the claim gone.
         self._waiting: dict[str, asyncio.Event] = {}
         # Wanted keys another process held a live claim on at the last listing.
@@ -305,18 +311,29 @@ class SharedRun:
         its shot's turn; nothing when it is not there (that turn looks again)."""
         async with limit:
             shot = self._wanted.get(key)
-            try:
-                record = None if shot is None else await self.shared.lookup(key)
-                if shot is None or record is None or key not in self._wanted:
-                    return
-                data = await self._checked(shot, record, say=False)
-            except SharedEntryDamaged:
-                return  # said when the shot's turn finds it
-            if data is None:
+            if shot is None or key in self._restoring:
                 return
-            await asyncio.to_thread(self.local.put, key, data)
-            self._ahead[key] = record
-            self._wanted.pop(key, None)
+            self._restoring[key] = done = asyncio.Event()
+            try:
+                await self._restore_into_cache(shot, key)
+            finally:
+                del self._restoring[key]
+                done.set()
+
+    async def _restore_into_cache(self, shot: Shot, key: str) -> None:
+        """`_restore_ahead`'s work, once it holds the key."""
+        try:
+            record = await self.shared.lookup(key)
+            if record is None or key not in self._wanted:
+                return  # a turn that came meanwhile looks for itself
+            data = await self._checked(shot, record, say=False)
+        except SharedEntryDamaged:
+            return  # said when the shot's turn finds it
+        if data is None:
+            return
+        await asyncio.to_thread(self.local.put, key, data)
+        self._ahead[key] = record
+        self._wanted.pop(key, None)
 
     async def close(self) -> None:
         """Stop restoring in the background (the run is over)."""
@@ -341,15 +358,20 @@ class SharedRun:
     async def fetch(self, shot: Shot, record: Record) -> Restored | None:
         """`record`'s blob, checked against it and decoded at `shot`'s size; None if damaged
         (said: the shot is then made as if the store had nothing). One restored in the
-        background already (checked then) is read from the local cache: no request, no decode."""
+        background already (checked then) is read from the local cache: no request, no decode;
+        one being restored so now is waited for (a key's image is fetched once at a time)."""
+        restoring = self._restoring.get(record.key)
+        if restoring is not None:
+            await restoring.wait()
         data = await asyncio.to_thread(self._kept, record)
+        cached = data is not None
         if data is None:
             data = await self._checked(shot, record)
         if data is None:
             return None
         self.records[record.key] = record
         self.restored += 1
-        return Restored(data, record)
+        return Restored(data, record, cached)
 
     async def _checked(self, shot: Shot, record: Record, *, say: bool = True) -> bytes | None:
         """`record`'s blob from the store, checked and decoded once (its thumbnail made from
