@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from imgbatch.errors import SharedStoreError
 from imgbatch.review.outcome import ApplyReport
 from imgbatch.run.apply import ApplyOptions, apply, make_plan
 from imgbatch.run.sharing import Restored, SharedRun
@@ -295,3 +296,64 @@ def test_an_image_restored_in_the_background_is_not_written_again_at_its_turn(
     report = asyncio.run(scenario())
     assert report.count("from_store") == 4 and fake_server.successes == 0
     assert sorted(writes) == sorted(keys)  # each once: none written again at its turn
+
+
+def test_a_listing_that_fails_leaves_no_claim_taken_for_live(
+    moto_endpoint: str, tmp_path: Path
+) -> None:
+    """Once listing `claims/` fails, following stops: what the last listing said of others'
+    claims must then not keep a shot's turn from taking over a claim that has gone stale."""
+
+    async def scenario() -> None:
+        async with two_processes(moto_endpoint, tmp_path) as (run, theirs):
+            (shot,) = shots(1)
+            assert isinstance(await theirs.claims.acquire(shot.request.key), Claim)
+            run.shared.claims.claims.lease = 4.0
+            await run.hydrate([shot])
+            await asyncio.sleep(0.5)  # listed live: the turn would wait without a request
+            real = run.shared.objects.listing
+
+            async def failing(prefix: str) -> list[object]:
+                raise SharedStoreError("the store refused the listing")
+
+            run.shared.objects.listing = failing  # type: ignore[method-assign]
+            run._start_following()
+            await asyncio.sleep(0.3)
+            run.shared.objects.listing = real  # type: ignore[method-assign]
+            await asyncio.sleep(5.2)  # its holder died: the claim is a lease old
+            found = await run.try_claim(shot)
+            assert isinstance(found, Claim) and found.inherited is not None
+
+    asyncio.run(scenario())
+
+
+def test_closing_waits_for_the_restores_under_way(moto_endpoint: str, tmp_path: Path) -> None:
+    """A background restore's thread writes into the output folder (the cache entry, the
+    thumbnail): `close`, which the apply calls before letting go of the folder's lock, waits
+    for it, so nothing is written there after the run."""
+    decoding, go = threading.Event(), threading.Event()
+
+    def thumbnail(key: str, image: Image.Image) -> None:
+        decoding.set()
+        go.wait(10)
+
+    async def scenario() -> None:
+        async with two_processes(moto_endpoint, tmp_path) as (run, theirs):
+            run.thumbnail = thumbnail
+            (shot,) = shots(1)
+            assert isinstance(await theirs.claims.acquire(shot.request.key), Claim)
+            await run.hydrate([shot])
+            await asyncio.sleep(0.5)
+            await make(theirs, shot, "red")
+            assert await asyncio.to_thread(decoding.wait, 6), "not restored in the background"
+            closing = asyncio.ensure_future(run.close())
+            await asyncio.sleep(0.5)
+            assert not closing.done(), "closed while a restore was still writing"
+            go.set()
+            await asyncio.wait_for(closing, 5)
+            assert run.local.path(shot.request.key).read_bytes() == png("red")
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        go.set()

@@ -387,6 +387,8 @@ async def _apply(
         # they are written waits for them (they are what the run leaves behind).
         with signal_handler(asyncio.get_running_loop(), interrupts):
             outcome, journal = await _execute(prep, plan, pacing.pacer, listener, clock, interrupts)
+            if prep.sharing is not None:
+                await prep.sharing.close()  # its restores write into the folder: under the lock
             # With a shared store, settling uploads and signs over the network: the collector
             # stays on for what that leaves behind.
             with collector_paused() if prep.sharing is None else contextlib.nullcontext():

@@ -72,6 +72,8 @@ FOLLOW_SECONDS = 1.0
 MAX_FOLLOW_SECONDS = 8.0
 # Images it restores at once, found so.
 RESTORES_AHEAD = 4
+# The longest `close` waits for the restores under way (a GET and a decode each).
+CLOSE_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -217,6 +219,7 @@ class SharedRun:
         # Wanted keys another process held a live claim on at the last listing.
         self._others: set[str] = set()
         self._follower: asyncio.Task[None] | None = None
+        self._closing = False
         self._poke = asyncio.Event()
         # When this run first read the store: a `gc --store` marker written since means the
         # store may have lost what the run looked up (`run.store_only.confirmed`).
@@ -256,7 +259,7 @@ class SharedRun:
 
     def _start_following(self) -> None:
         """Have `_follow` list the claims now (started again if it had stopped)."""
-        if not self.follow:
+        if not self.follow or self._closing:
             return
         if self._follower is None or self._follower.done():
             self._follower = asyncio.ensure_future(self._follow())
@@ -275,7 +278,7 @@ class SharedRun:
         shot looks for its record once, when it is there, rather than polling. A key missed
         here is restored at its turn as before; nothing here pays or claims."""
         period, listed = FOLLOW_SECONDS, set[str]()
-        while self._wanted or self._waiting:
+        while (self._wanted or self._waiting) and not self._closing:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._poke.wait(), period)
             self._poke.clear()
@@ -302,7 +305,10 @@ class SharedRun:
                     if isinstance(failed, BaseException):
                         raise failed
             except (StoreError, OSError):
-                return  # each shot's turn looks for itself, and says what fails
+                # Each shot's turn looks for itself, and says what fails; a claim listed live
+                # must not keep a waiting shot from taking it over once it goes stale.
+                self._others = set()
+                return
             busy = listed or released or self._waiting
             period = FOLLOW_SECONDS if busy else min(period * 2, MAX_FOLLOW_SECONDS)
 
@@ -311,7 +317,7 @@ class SharedRun:
         its shot's turn; nothing when it is not there (that turn looks again)."""
         async with limit:
             shot = self._wanted.get(key)
-            if shot is None or key in self._restoring:
+            if shot is None or key in self._restoring or self._closing:
                 return
             self._restoring[key] = done = asyncio.Event()
             try:
@@ -336,11 +342,19 @@ class SharedRun:
         self._wanted.pop(key, None)
 
     async def close(self) -> None:
-        """Stop restoring in the background (the run is over)."""
-        if self._follower is not None:
-            self._follower.cancel()
+        """Stop restoring in the background (the run is over): no restore starts any more, and
+        those under way are waited for (up to CLOSE_SECONDS), because their threads write into
+        the output folder, which must not change once the run has let go of its lock."""
+        follower, self._closing = self._follower, True
+        if follower is None or follower.done():
+            return
+        self._poke.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(follower), CLOSE_SECONDS)
+        except TimeoutError:
+            follower.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._follower
+                await follower
 
     async def _restore(self, shot: Shot) -> Restored | None:
         """The store's image for `shot`'s key, checked; None on a miss or damage (said)."""
