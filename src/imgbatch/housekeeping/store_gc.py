@@ -56,7 +56,7 @@ from pathlib import Path
 from imgbatch.errors import ConfigError
 from imgbatch.manifest.loader import ManifestSource, read_manifest
 from imgbatch.providers.image_url import url_expired_at
-from imgbatch.state.store import choose_store, open_shared, read_only_from, store_url
+from imgbatch.state.store import choose_store, chosen_store, open_shared, read_only_from, store_url
 from imgbatch.state.store.claims import Claim, ClaimInfo, Claims, lease_from
 from imgbatch.state.store.objects import Conflict, Listed, ObjectStore
 
@@ -144,10 +144,7 @@ def store_for_gc(
             "give --store URL to say which to collect"
         )
     first = next(iter(sorted(named)), (None, Path.cwd()))
-    chosen = choose_store(flag, environ, first[0])
-    if chosen is None:
-        return None
-    return chosen[0], first[1] if chosen[1] == "output.store" else Path.cwd()
+    return chosen_store(flag, environ, *first)
 
 
 def collect_store(

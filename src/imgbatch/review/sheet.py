@@ -52,7 +52,7 @@ from imgbatch.state.cache import ImageCache, atomic_write
 from imgbatch.state.folder import OutputFolder
 from imgbatch.state.last_run import Change, load_changes, save_changes, thumb_path
 from imgbatch.state.results import STATUSES, ResultEntry
-from imgbatch.state.store import SharedCache, choose_store, open_shared, store_holding
+from imgbatch.state.store import SharedCache, chosen_store, open_shared, store_holding
 
 # Jinja2 and Pillow are imported where they are used: an apply needs neither before its first
 # request (the sheet is drawn at the end; images are decoded as they come).
@@ -151,11 +151,10 @@ def store_links(
     else the manifest's `output.store` (None when none is named or nothing needs one)."""
     environ = os.environ if environ is None else environ
     entries = [entry for entry in entries if entry.local_copy is False]
-    chosen = choose_store(flag, environ, manifest.store)
+    chosen = chosen_store(flag, environ, manifest.store, manifest.base_dir)
     if chosen is None or not entries:
         return None
-    url, origin = chosen
-    base = manifest.base_dir if origin == "output.store" else Path.cwd()
+    url, base = chosen
 
     async def sign() -> SheetLinks | None:
         async with open_shared(url, environ, read_only=True, base=base) as shared:

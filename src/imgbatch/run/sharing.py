@@ -53,7 +53,7 @@ from imgbatch.shots.request import GeneratedImage, ImageRequest
 from imgbatch.state.cache import ImageCache
 from imgbatch.state.folder import OutputFolder
 from imgbatch.state.results import ResultEntry
-from imgbatch.state.store import Record, SharedCache, choose_store, open_shared, read_only_from
+from imgbatch.state.store import Record, SharedCache, chosen_store, open_shared, read_only_from
 from imgbatch.state.store.claims import Claim, ClaimInfo
 
 if TYPE_CHECKING:
@@ -106,11 +106,10 @@ async def open_sharing(
     """The run's shared store: `flag`, else `IMGBATCH_STORE`, else the manifest's
     `output.store` (a folder there is relative to the manifest); None when none is named.
     Open until `stack` closes."""
-    chosen = choose_store(flag, environ, manifest.store)
+    chosen = chosen_store(flag, environ, manifest.store, manifest.base_dir)
     if chosen is None:
         return None
-    url, origin = chosen
-    base = manifest.base_dir if origin == "output.store" else Path.cwd()
+    url, base = chosen
     read_only = read_only_from(read_only, environ)
     shared = await stack.enter_async_context(
         open_shared(url, environ, read_only=read_only, base=base)
@@ -151,12 +150,11 @@ def planned_with_store(
 ) -> Plan:
     """`plan` with each paid shot whose key the store has a record for planned as a restore
     (nothing is written or downloaded: one lookup per such key, concurrently)."""
-    chosen = choose_store(flag, environ, manifest.store)
+    chosen = chosen_store(flag, environ, manifest.store, manifest.base_dir)
     paid = [item for item in plan.shots if item.paid and item.shot is not None]
     if chosen is None or not paid:
         return plan
-    url, origin = chosen
-    base = manifest.base_dir if origin == "output.store" else Path.cwd()
+    url, base = chosen
 
     async def lookups() -> set[str]:
         limit = asyncio.Semaphore(LOOKUPS_IN_FLIGHT)

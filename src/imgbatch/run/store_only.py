@@ -35,7 +35,7 @@ from imgbatch.review.outcome import ShotOutcome
 from imgbatch.run.sharing import LOOKUPS_IN_FLIGHT, SharedRun
 from imgbatch.state.folder import OutputFolder
 from imgbatch.state.results import ResultEntry
-from imgbatch.state.store import Record, choose_store, store_url
+from imgbatch.state.store import Record, choose_store, chosen_store, store_url
 
 _LEFT_ALONE = frozenset({"unchanged", "drift", "not_run"})
 # The outcomes whose image is in the output folder as imgbatch wrote it.
@@ -52,14 +52,11 @@ def require_store(flag: str | None, environ: Mapping[str, str], manifest: Manife
 
 
 def named_store(flag: str | None, environ: Mapping[str, str], manifest: Manifest) -> str | None:
-    """The URL of the store the run names (`choose_store`: a folder in `output.store` is
+    """The URL of the store the run names (`chosen_store`: a folder in `output.store` is
     relative to the manifest), as the store gives it (`store_url`): what the plan compares
     results.json's `image_url`s with. None when none is named; `ConfigError` for a bad URL."""
-    chosen = choose_store(flag, environ, manifest.store)
-    if chosen is None:
-        return None
-    url, origin = chosen
-    return store_url(url, manifest.base_dir if origin == "output.store" else Path.cwd())
+    chosen = chosen_store(flag, environ, manifest.store, manifest.base_dir)
+    return None if chosen is None else store_url(*chosen)
 
 
 def kept_in_store(

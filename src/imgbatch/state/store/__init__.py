@@ -28,6 +28,7 @@ __all__ = [
     "Record",
     "SharedCache",
     "choose_store",
+    "chosen_store",
     "location",
     "open_shared",
     "read_only_from",
@@ -52,6 +53,20 @@ def choose_store(
         if value:
             return value, origin
     return None
+
+
+def chosen_store(
+    flag: str | None, environ: Mapping[str, str], manifest: str | None, manifest_dir: Path
+) -> tuple[str, Path] | None:
+    """The store to use (`choose_store`) and the folder a store named by a relative path is
+    in: the shot list's folder (`manifest_dir`) for its `output.store`, else the working
+    directory (a flag or a variable is the user's, typed where they stand). None when none is
+    named."""
+    chosen = choose_store(flag, environ, manifest)
+    if chosen is None:
+        return None
+    url, origin = chosen
+    return url, manifest_dir if origin == "output.store" else Path.cwd()
 
 
 def read_only_from(flag: bool, environ: Mapping[str, str]) -> bool:
