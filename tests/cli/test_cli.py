@@ -13,7 +13,8 @@ import asyncio
 import hashlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -583,6 +584,21 @@ def test_usage_errors_exit_2_and_send_nothing(
     assert not output_dir(example_manifest).exists()
 
 
+@contextmanager
+def on_virtual_time(
+    server: FakeDashScope, monkeypatch: pytest.MonkeyPatch, home: Path
+) -> Iterator[VirtualServer]:
+    """The commands run in the block talk to `server` with its key (HOME at `home`), on
+    virtual time: the server in each command's own event loop (its `asyncio.run`)."""
+    with VirtualServer(server) as virtual, monkeypatch.context() as patch:
+        patch.setattr(asyncio, "run", virtual.run)
+        monkeypatch.setenv("HOME", str(home))
+        monkeypatch.setenv("DASHSCOPE_API_KEY", FAKE_KEY)
+        monkeypatch.setenv("DASHSCOPE_HTTP_BASE_URL", server.base_url)
+        monkeypatch.delenv("OUTPUT_DIR", raising=False)
+        yield virtual
+
+
 def test_with_no_quota_apply_finds_it_says_so_and_remembers_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, user_cache: Path
 ) -> None:
@@ -597,12 +613,7 @@ def test_with_no_quota_apply_finds_it_says_so_and_remembers_it(
     # What is found comes from when the 429s came: on virtual time, the server in the command's
     # own event loop (its asyncio.run), so a loaded machine's late wake-ups cannot change it.
     server = FakeDashScope(api_key=FAKE_KEY, quota_window=(5, 1.0), image_profile="tiny")
-    with VirtualServer(server) as virtual, monkeypatch.context() as patch:
-        patch.setattr(asyncio, "run", virtual.run)
-        monkeypatch.setenv("HOME", str(tmp_path))
-        monkeypatch.setenv("DASHSCOPE_API_KEY", FAKE_KEY)
-        monkeypatch.setenv("DASHSCOPE_HTTP_BASE_URL", server.base_url)
-        monkeypatch.delenv("OUTPUT_DIR", raising=False)
+    with on_virtual_time(server, monkeypatch, tmp_path):
         result = run("apply", manifest)
         throttled = server.status_counts[429]
 
@@ -632,12 +643,7 @@ def test_a_series_of_short_runs_finds_the_quota_no_single_one_can_afford(
     rate, under the account's) is where the next starts, never a ceiling; the credit the runs
     save up in quotas.json pays for the 429s that test it upward, and `quota show` says it."""
     server = FakeDashScope(api_key=FAKE_KEY, quota_window=(5, 1.0), image_profile="tiny")
-    with VirtualServer(server) as virtual, monkeypatch.context() as patch:
-        patch.setattr(asyncio, "run", virtual.run)
-        monkeypatch.setenv("HOME", str(tmp_path))
-        monkeypatch.setenv("DASHSCOPE_API_KEY", FAKE_KEY)
-        monkeypatch.setenv("DASHSCOPE_HTTP_BASE_URL", server.base_url)
-        monkeypatch.delenv("OUTPUT_DIR", raising=False)
+    with on_virtual_time(server, monkeypatch, tmp_path) as virtual:
         for index in range(5):
             folder = tmp_path / f"run{index}"
             folder.mkdir()
@@ -662,12 +668,7 @@ def test_a_quota_given_on_the_command_line_is_used_and_not_remembered(
     # The server's own window, given exactly: on virtual time (the server in the command's event
     # loop), no late wake-up of a loaded machine can bunch two windows' requests into one.
     server = FakeDashScope(api_key=FAKE_KEY, quota_window=(3, 1.0), image_profile="tiny")
-    with VirtualServer(server) as virtual, monkeypatch.context() as patch:
-        patch.setattr(asyncio, "run", virtual.run)
-        monkeypatch.setenv("HOME", str(tmp_path))
-        monkeypatch.setenv("DASHSCOPE_API_KEY", FAKE_KEY)
-        monkeypatch.setenv("DASHSCOPE_HTTP_BASE_URL", server.base_url)
-        monkeypatch.delenv("OUTPUT_DIR", raising=False)
+    with on_virtual_time(server, monkeypatch, tmp_path):
         result = run("apply", manifest, "--quota", "3/1s")
         throttled = server.status_counts[429]
     assert result.exit_code == 0, result.output

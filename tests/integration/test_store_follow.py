@@ -76,6 +76,13 @@ async def make(theirs: SharedCache, shot: Shot, colour: str) -> None:
     await theirs.claims.release(shot.request.key)
 
 
+async def claimed_by_them(theirs: SharedCache) -> Shot:
+    """A shot whose key the other process has claimed: it is paying for it."""
+    (shot,) = shots(1)
+    assert isinstance(await theirs.claims.acquire(shot.request.key), Claim)
+    return shot
+
+
 def test_images_others_publish_are_restored_before_their_turn_comes(
     moto_endpoint: str, tmp_path: Path
 ) -> None:
@@ -152,8 +159,7 @@ def test_a_claim_given_up_without_an_image_is_taken_at_once(
 def test_meeting_a_live_claim_costs_two_requests(moto_endpoint: str, tmp_path: Path) -> None:
     async def scenario() -> None:
         async with two_processes(moto_endpoint, tmp_path, follow=False) as (run, theirs):
-            (shot,) = shots(1)
-            assert isinstance(await theirs.claims.acquire(shot.request.key), Claim)
+            shot = await claimed_by_them(theirs)
             await run.shared.probe()  # once per run, before its first claim
             before = dict(run.shared.objects.requests)
             found = await run.try_claim(shot)
@@ -173,8 +179,7 @@ def test_a_turn_meeting_a_claim_the_last_listing_showed_waits_without_a_request(
 ) -> None:
     async def scenario() -> None:
         async with two_processes(moto_endpoint, tmp_path) as (run, theirs):
-            (shot,) = shots(1)
-            assert isinstance(await theirs.claims.acquire(shot.request.key), Claim)
+            shot = await claimed_by_them(theirs)
             await run.hydrate([shot])  # a miss: this run lists the claims at once
             await asyncio.sleep(0.5)
             await run.shared.probe()
@@ -195,8 +200,7 @@ def test_a_stale_claim_in_the_listing_is_taken_over_at_the_turn(
 ) -> None:
     async def scenario() -> None:
         async with two_processes(moto_endpoint, tmp_path) as (run, theirs):
-            (shot,) = shots(1)
-            assert isinstance(await theirs.claims.acquire(shot.request.key), Claim)
+            shot = await claimed_by_them(theirs)
             await asyncio.sleep(2.1)  # ages have a resolution of a second on S3
             run.shared.claims.claims.lease = 1.0  # its holder died a lease ago
             await run.hydrate([shot])
@@ -225,8 +229,7 @@ def test_a_turn_that_comes_while_its_image_is_restored_in_the_background_joins_i
     async def scenario() -> None:
         async with two_processes(moto_endpoint, tmp_path) as (run, theirs):
             run.thumbnail = thumbnail
-            (shot,) = shots(1)
-            assert isinstance(await theirs.claims.acquire(shot.request.key), Claim)
+            shot = await claimed_by_them(theirs)
             await run.hydrate([shot])
             await asyncio.sleep(0.5)  # listed: being paid for
             await make(theirs, shot, "red")
@@ -306,8 +309,7 @@ def test_a_listing_that_fails_leaves_no_claim_taken_for_live(
 
     async def scenario() -> None:
         async with two_processes(moto_endpoint, tmp_path) as (run, theirs):
-            (shot,) = shots(1)
-            assert isinstance(await theirs.claims.acquire(shot.request.key), Claim)
+            shot = await claimed_by_them(theirs)
             run.shared.claims.claims.lease = 4.0
             await run.hydrate([shot])
             await asyncio.sleep(0.5)  # listed live: the turn would wait without a request
@@ -340,8 +342,7 @@ def test_closing_waits_for_the_restores_under_way(moto_endpoint: str, tmp_path: 
     async def scenario() -> None:
         async with two_processes(moto_endpoint, tmp_path) as (run, theirs):
             run.thumbnail = thumbnail
-            (shot,) = shots(1)
-            assert isinstance(await theirs.claims.acquire(shot.request.key), Claim)
+            shot = await claimed_by_them(theirs)
             await run.hydrate([shot])
             await asyncio.sleep(0.5)
             await make(theirs, shot, "red")
